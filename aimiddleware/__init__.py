@@ -1,0 +1,82 @@
+"""aimiddleware: the production patterns of AI APIs as embeddable ASGI middleware."""
+
+from aimiddleware.context import RequestContext, RequestIdFilter, current, report_usage
+from aimiddleware.context_middleware import RequestContextMiddleware
+from aimiddleware.error_middleware import ErrorMiddleware, register_exception_handlers
+from aimiddleware.errors import (
+    AIError,
+    AuthenticationFailed,
+    Conflict,
+    ContentFiltered,
+    ExceptionMapper,
+    HTTPStatusError,
+    IdempotencyKeyReused,
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    ModelRetired,
+    NotFound,
+    OutputSchemaInvalid,
+    Overloaded,
+    PermissionDenied,
+    PolicyRefusal,
+    PromptInjectionDetected,
+    QuotaExceeded,
+    RateLimited,
+    RequestTooLarge,
+    StoreUnavailable,
+    Timeout,
+    UnsupportedApiVersion,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    ValidationFailed,
+)
+from aimiddleware.stack import StackConfig, install
+from aimiddleware.storage import Storage
+from aimiddleware.usage.models import Usage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AIError",
+    "AuthenticationFailed",
+    "Conflict",
+    "ContentFiltered",
+    "ErrorMiddleware",
+    "ExceptionMapper",
+    "HTTPStatusError",
+    "IdempotencyKeyReused",
+    "InternalError",
+    "InvalidRequest",
+    "MethodNotAllowed",
+    "ModelRetired",
+    "NotFound",
+    "OutputSchemaInvalid",
+    "Overloaded",
+    "PermissionDenied",
+    "PolicyRefusal",
+    "PromptInjectionDetected",
+    "QuotaExceeded",
+    "RateLimited",
+    "RequestContext",
+    "RequestContextMiddleware",
+    "RequestIdFilter",
+    "RequestTooLarge",
+    "StackConfig",
+    "Storage",
+    "StoreUnavailable",
+    "Timeout",
+    "UnsupportedApiVersion",
+    "UpstreamError",
+    "UpstreamRateLimited",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "Usage",
+    "ValidationFailed",
+    "current",
+    "install",
+    "register_exception_handlers",
+    "report_usage",
+]

@@ -1,0 +1,217 @@
+"""The per-request context every layer reads and writes, and the pure rules behind it.
+
+One :class:`RequestContext` per request, created by
+:class:`~aimiddleware.context_middleware.RequestContextMiddleware` (the outermost layer),
+reachable from ``scope["state"]["aimiddleware"]`` and from :func:`current` anywhere below it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from aimiddleware.usage.models import Usage
+
+if TYPE_CHECKING:
+    from aimiddleware.errors import AIError
+    from aimiddleware.types import Scope
+
+__all__ = [
+    "SCOPE_KEY",
+    "RequestContext",
+    "RequestIdFilter",
+    "TraceContext",
+    "current",
+    "current_or_none",
+    "default_principal",
+    "new_request_id",
+    "parse_traceparent",
+    "report_usage",
+    "valid_request_id",
+]
+
+SCOPE_KEY = "aimiddleware"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
+_UNPARSED: Any = object()
+
+_current: ContextVar[RequestContext | None] = ContextVar("aimiddleware_context", default=None)
+
+
+def valid_request_id(value: str) -> bool:
+    """An incoming request id is kept only if short (<=128) and of a safe charset."""
+    return bool(_REQUEST_ID.match(value))
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+@dataclass(frozen=True)
+class TraceContext:
+    """W3C Trace Context for this request: the caller's trace, our own span id."""
+
+    trace_id: str
+    span_id: str
+    parent_id: str | None
+    flags: str
+    tracestate: str | None = None
+
+    @property
+    def traceparent(self) -> str:
+        """The header value to send on outgoing calls made for this request."""
+        return f"00-{self.trace_id}-{self.span_id}-{self.flags}"
+
+
+def parse_traceparent(header: str | None, tracestate: str | None = None) -> TraceContext:
+    """Continue a valid incoming trace; start a new one for a missing or invalid header."""
+    span_id = secrets.token_hex(8)
+    if header:
+        m = _TRACEPARENT.match(header.strip().lower())
+        if m:
+            version, trace_id, parent_id, flags, rest = m.groups()
+            ok = (
+                version != "ff"
+                and trace_id != "0" * 32
+                and parent_id != "0" * 16
+                and (version != "00" or rest is None)
+            )
+            if ok:
+                return TraceContext(trace_id, span_id, parent_id, flags, tracestate)
+    return TraceContext(secrets.token_hex(16), span_id, None, "00")
+
+
+def default_principal(scope: Scope) -> str:
+    """Who is calling, by default: a hash of the API key, else the client address.
+
+    The bearer token or ``x-api-key`` is hashed (never stored or logged raw). This is only
+    as trustworthy as the app's authentication: pass a ``principal`` callable that returns
+    the authenticated tenant when keys are not validated before this layer.
+    """
+    token: bytes | None = None
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, cred = value.partition(b" ")
+            if scheme.lower() == b"bearer" and cred.strip():
+                token = cred.strip()
+                break
+        elif name == b"x-api-key" and value.strip():
+            token = value.strip()
+    if token is not None:
+        return "key_" + hashlib.sha256(token).hexdigest()[:32]
+    client = scope.get("client")
+    if client:
+        return f"ip_{client[0]}"
+    return "anonymous"
+
+
+@dataclass(eq=False)
+class RequestContext:
+    """Everything the layers share about one request.
+
+    Written by: the context layer (identity, body), versioning (``api_version``, model
+    names), rate limiting (``state``), the endpoint (usage via :func:`report_usage`, or an
+    Envelope / event stream), and the usage layer (cost, normalized finish_reason).
+    """
+
+    request_id: str
+    trace: TraceContext
+    principal: str
+    method: str
+    path: str
+    body: bytes = b""
+    started: float = field(default_factory=time.perf_counter)
+    started_at: float = field(default_factory=time.time)
+    model: str | None = None
+    model_version: str | None = None
+    api_version: str | None = None
+    usage: Usage | None = None
+    raw_finish_reason: str | None = None
+    finish_reason: str | None = None
+    estimated_cost: Decimal | None = None
+    streaming: bool = False
+    response_status: int | None = None
+    disconnected: bool = False
+    stream_error_writer: Callable[[AIError], Awaitable[None]] | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+    _json: Any = field(default=_UNPARSED, repr=False)
+
+    def json(self) -> Any:
+        """The body parsed as JSON once, or ``None`` when empty or not JSON."""
+        if self._json is _UNPARSED:
+            try:
+                self._json = json.loads(self.body) if self.body else None
+            except (ValueError, UnicodeDecodeError):
+                self._json = None
+        return self._json
+
+    @property
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000.0
+
+
+def current_or_none() -> RequestContext | None:
+    return _current.get()
+
+
+def current() -> RequestContext:
+    """The context of the request being served. Raises outside a request."""
+    ctx = _current.get()
+    if ctx is None:
+        raise RuntimeError(
+            "no aimiddleware request context: is RequestContextMiddleware (or install()) applied?"
+        )
+    return ctx
+
+
+def report_usage(
+    usage: Usage | Mapping[str, Any] | None = None,
+    *,
+    finish_reason: str | None = None,
+    model: str | None = None,
+    model_version: str | None = None,
+) -> None:
+    """Tell the stack what the model call used; call it from the endpoint.
+
+    ``usage`` is a :class:`Usage` or a mapping of its fields. ``finish_reason`` is the raw
+    provider value: the usage layer normalizes it and keeps the raw one.
+    """
+    ctx = current()
+    if usage is not None:
+        ctx.usage = usage if isinstance(usage, Usage) else Usage.model_validate(dict(usage))
+    if finish_reason is not None:
+        ctx.raw_finish_reason = finish_reason
+    if model is not None and ctx.model is None:
+        ctx.model = model
+    if model_version is not None:
+        ctx.model_version = model_version
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds ``record.request_id`` (``"-"`` outside a request) for log formats to use."""
+
+    def __init__(self, name: str = "", default: str = "-") -> None:
+        super().__init__(name)
+        self.default = default
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = _current.get()
+        record.request_id = ctx.request_id if ctx is not None else self.default
+        return True
+
+
+def _set_current(ctx: RequestContext | None) -> Any:
+    return _current.set(ctx)
+
+
+def _reset_current(token: Any) -> None:
+    _current.reset(token)

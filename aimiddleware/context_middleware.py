@@ -1,0 +1,183 @@
+"""``RequestContextMiddleware``: the outermost layer.
+
+Creates the :class:`~aimiddleware.context.RequestContext`: request id (kept from a valid
+``X-Request-ID``, else generated, echoed on every response), W3C trace context, the
+principal, and the body, read once under a size bound and replayed to the app.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from aimiddleware._asgi import is_async_callable, send_problem
+from aimiddleware.context import (
+    SCOPE_KEY,
+    RequestContext,
+    _reset_current,
+    _set_current,
+    default_principal,
+    new_request_id,
+    parse_traceparent,
+    valid_request_id,
+)
+from aimiddleware.errors import DEFAULT_TYPE_BASE, AIError, InternalError, InvalidRequest, RequestTooLarge
+from aimiddleware.types import ASGIApp, Message, PrincipalResolver, Receive, Scope, Send
+
+__all__ = ["RequestContextMiddleware"]
+
+logger = logging.getLogger("aimiddleware")
+
+DEFAULT_MAX_BODY = 8 * 1024 * 1024
+
+
+class _Disconnected(Exception):
+    pass
+
+
+class RequestContextMiddleware:
+    """Outermost layer: one :class:`RequestContext` per HTTP request.
+
+    ``max_body_size``: bytes; a larger body is a 413 without the rest being read
+    (``None`` disables the bound). ``principal``: sync or async ``(scope) -> str | None``
+    replacing the default (hash of the API key, else client address); it may raise an
+    :class:`~aimiddleware.errors.AIError` such as ``AuthenticationFailed``.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_size: int | None = DEFAULT_MAX_BODY,
+        request_id_header: str = "x-request-id",
+        trust_request_id: bool = True,
+        principal: PrincipalResolver | None = None,
+        error_type_base: str = DEFAULT_TYPE_BASE,
+    ) -> None:
+        if max_body_size is not None and max_body_size < 0:
+            raise ValueError("max_body_size must be >= 0 or None")
+        if not request_id_header or request_id_header.strip() != request_id_header:
+            raise ValueError("request_id_header must be a header name")
+        if principal is not None and not callable(principal):
+            raise TypeError("principal must be a callable (scope) -> str | None")
+        self.app = app
+        self.max_body_size = max_body_size
+        self.header = request_id_header.lower().encode("latin-1")
+        self.trust_request_id = trust_request_id
+        self.principal = principal
+        self.type_base = error_type_base
+        self._principal_async = principal is not None and is_async_callable(principal)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        incoming_id = traceparent = tracestate = None
+        content_length: int | None = None
+        for name, value in scope["headers"]:
+            if name == self.header:
+                incoming_id = value.decode("latin-1")
+            elif name == b"traceparent":
+                traceparent = value.decode("latin-1")
+            elif name == b"tracestate":
+                tracestate = value.decode("latin-1")
+            elif name == b"content-length":
+                content_length = int(value) if value.isdigit() else -1
+        if incoming_id is not None and self.trust_request_id and valid_request_id(incoming_id):
+            request_id = incoming_id
+        else:
+            request_id = new_request_id()
+
+        rid_header = (self.header, request_id.encode("latin-1"))
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                ctx.response_status = message["status"]
+                headers = list(message.get("headers", ()))
+                if not any(k.lower() == self.header for k, _ in headers):
+                    headers.append(rid_header)
+                message = {**message, "headers": headers}
+            await send(message)
+
+        ctx = RequestContext(
+            request_id=request_id,
+            trace=parse_traceparent(traceparent, tracestate),
+            principal="anonymous",
+            method=scope["method"],
+            path=scope["path"],
+        )
+        scope.setdefault("state", {})[SCOPE_KEY] = ctx
+        token = _set_current(ctx)
+        try:
+            try:
+                ctx.principal = await self._resolve_principal(scope)
+                if content_length == -1:
+                    raise InvalidRequest("Content-Length is not a valid integer.")
+                ctx.body = await self._read_body(receive, content_length)
+            except AIError as err:
+                await send_problem(send_with_id, err, request_id, type_base=self.type_base)
+                return
+            except _Disconnected:
+                ctx.disconnected = True
+                return
+
+            replayed = False
+
+            async def replay(body: bytes = ctx.body) -> Message:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    ctx.disconnected = True
+                return message
+
+            await self.app(scope, replay, send_with_id)
+        finally:
+            _reset_current(token)
+
+    async def _resolve_principal(self, scope: Scope) -> str:
+        if self.principal is not None:
+            try:
+                if self._principal_async:
+                    found: Any = await self.principal(scope)  # type: ignore[misc]
+                else:
+                    found = await run_in_threadpool(self.principal, scope)
+            except AIError:
+                raise
+            except Exception as exc:
+                logger.exception("principal resolver failed", exc_info=exc)
+                raise InternalError() from exc
+            if found is not None:
+                return str(found)
+        return default_principal(scope)
+
+    async def _read_body(self, receive: Receive, content_length: int | None) -> bytes:
+        limit = self.max_body_size
+        if limit is not None and content_length is not None and content_length > limit:
+            raise _too_large(limit)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if limit is not None and size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _too_large(limit: int) -> RequestTooLarge:
+    return RequestTooLarge(
+        f"The request body exceeds the limit of {limit} bytes.", extra={"max_bytes": limit}
+    )

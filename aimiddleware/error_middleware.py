@@ -1,0 +1,123 @@
+"""``ErrorMiddleware``: any exception below becomes a typed problem+json response.
+
+Before the response has started, the mapped :class:`~aimiddleware.errors.AIError` is
+rendered as ``application/problem+json``. After it has started, a status line can no longer
+change: an event stream gets the error in its own dialect (through the context's
+``stream_error_writer``, set by the SSE layer); any other response is aborted (the server
+closes the connection) and the error is logged with the request id.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aimiddleware._asgi import send_problem
+from aimiddleware.context import current_or_none
+from aimiddleware.errors import (
+    DEFAULT_TYPE_BASE,
+    AIError,
+    ExceptionMapper,
+    Mapper,
+    render_problem,
+)
+from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["ErrorMiddleware", "register_exception_handlers"]
+
+logger = logging.getLogger("aimiddleware")
+
+
+class ErrorMiddleware:
+    """Maps exceptions to the taxonomy. ``mappings`` adds ``{ExcType: fn(exc) -> AIError}``."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        mapper: ExceptionMapper | None = None,
+        mappings: Mapping[type[BaseException], Mapper] | None = None,
+        error_type_base: str = DEFAULT_TYPE_BASE,
+        on_error: Callable[[AIError, BaseException], Any] | None = None,
+    ) -> None:
+        if mapper is not None and mappings:
+            raise ValueError("pass either mapper or mappings, not both")
+        self.app = app
+        self.mapper = mapper or ExceptionMapper(mappings)
+        self.type_base = error_type_base
+        self.on_error = on_error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        started = False
+
+        async def watch_start(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch_start)
+        except Exception as exc:
+            err = self.mapper.map(exc)
+            ctx = current_or_none()
+            request_id = ctx.request_id if ctx is not None else None
+            if err.status >= 500 and not isinstance(exc, AIError):
+                logger.error(
+                    "unhandled %s on %s %s [request_id=%s]",
+                    type(exc).__name__,
+                    scope.get("method"),
+                    scope.get("path"),
+                    request_id,
+                    exc_info=exc,
+                )
+            if self.on_error is not None:
+                self.on_error(err, exc)
+            if not started:
+                await send_problem(send, err, request_id, type_base=self.type_base)
+            elif ctx is not None and ctx.stream_error_writer is not None:
+                await ctx.stream_error_writer(err)
+            else:
+                logger.error(
+                    "%s after the response started; closing the connection [request_id=%s]",
+                    err.code,
+                    request_id,
+                )
+                raise
+
+
+def register_exception_handlers(
+    app: Any, *, mapper: ExceptionMapper | None = None, error_type_base: str = DEFAULT_TYPE_BASE
+) -> None:
+    """Make a Starlette/FastAPI app's own handlers render the taxonomy.
+
+    Starlette and FastAPI handle ``HTTPException`` (and FastAPI request validation errors)
+    inside the router, before any middleware sees them; this replaces those handlers.
+    """
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    mapper = mapper or ExceptionMapper()
+
+    async def handler(request: Request, exc: Exception) -> Response:
+        ctx = current_or_none()
+        err = mapper.map(exc)
+        status, headers, body = render_problem(
+            err, request_id=ctx.request_id if ctx else None, type_base=error_type_base
+        )
+        response = Response(body, status_code=status)
+        response.raw_headers = headers
+        return response
+
+    app.add_exception_handler(HTTPException, handler)
+    try:
+        from fastapi.exceptions import RequestValidationError
+    except ImportError:  # pragma: no cover - FastAPI is optional
+        return
+    app.add_exception_handler(RequestValidationError, handler)

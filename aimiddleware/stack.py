@@ -1,0 +1,77 @@
+"""``install()``: the whole stack in the documented order, from one configuration object.
+
+Outer to inner::
+
+    Context → Errors → Versioning → Idempotency → RateLimit → Usage → app
+
+A layer whose configuration is ``None`` is left out. Every layer is also usable alone with
+``app.add_middleware``; ``install`` only fixes the order and shares one :class:`Storage`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aimiddleware.context_middleware import DEFAULT_MAX_BODY, RequestContextMiddleware
+from aimiddleware.error_middleware import ErrorMiddleware, register_exception_handlers
+from aimiddleware.errors import DEFAULT_TYPE_BASE, ExceptionMapper, Mapper
+from aimiddleware.storage import Storage
+from aimiddleware.types import ASGIApp, PrincipalResolver
+
+__all__ = ["StackConfig", "install"]
+
+
+@dataclass
+class StackConfig:
+    """Everything ``install()`` needs. Each capability has its own field; ``None`` = off."""
+
+    storage: Storage | str = "memory://"
+    max_body_size: int | None = DEFAULT_MAX_BODY
+    request_id_header: str = "x-request-id"
+    trust_request_id: bool = True
+    principal: PrincipalResolver | None = None
+    error_type_base: str = DEFAULT_TYPE_BASE
+    exception_mappings: Mapping[type[BaseException], Mapper] = field(default_factory=dict)
+
+
+def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
+    """Add the stack to ``app`` and return it.
+
+    A Starlette or FastAPI app is changed in place (its own ``HTTPException`` and validation
+    handlers are replaced so they render the taxonomy too) and returned; any other ASGI app
+    is returned wrapped. ``options`` override fields of ``config``.
+    """
+    if config is None:
+        config = StackConfig(**options)
+    elif options:
+        config = StackConfig(**{**config.__dict__, **options})
+    storage = Storage.coerce(config.storage)
+    mapper = ExceptionMapper(config.exception_mappings)
+
+    # (middleware class, options), outermost first.
+    layers: list[tuple[Any, dict[str, Any]]] = [
+        (
+            RequestContextMiddleware,
+            {
+                "max_body_size": config.max_body_size,
+                "request_id_header": config.request_id_header,
+                "trust_request_id": config.trust_request_id,
+                "principal": config.principal,
+                "error_type_base": config.error_type_base,
+            },
+        ),
+        (ErrorMiddleware, {"mapper": mapper, "error_type_base": config.error_type_base}),
+    ]
+    del storage  # shared with the stateful layers as they join the stack
+
+    if hasattr(app, "add_middleware") and hasattr(app, "add_exception_handler"):
+        register_exception_handlers(app, mapper=mapper, error_type_base=config.error_type_base)
+        for cls, kwargs in reversed(layers):  # Starlette: the last added is the outermost
+            app.add_middleware(cls, **kwargs)
+        return app
+    wrapped: ASGIApp = app
+    for cls, kwargs in reversed(layers):
+        wrapped = cls(wrapped, **kwargs)
+    return wrapped

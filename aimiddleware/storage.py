@@ -1,0 +1,125 @@
+"""One storage URL for all state: ``memory://`` (embedded default) or Redis/Valkey.
+
+``Storage("memory://")`` keeps everything in-process. ``redis://``, ``rediss://``,
+``valkey://``, ``valkeys://``, ``unix://`` and ``redis+cluster://host:port`` (Redis Cluster)
+share one redis-py asyncio client, created on first use, between every layer. Every feature
+hashes its keys per principal (``{principal}`` tags) so one operation touches one slot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
+
+from aimiddleware.errors import StoreUnavailable
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = ["Storage", "redis_errors"]
+
+_REDIS_SCHEMES = {"redis", "rediss", "valkey", "valkeys", "unix", "redis+cluster", "valkey+cluster"}
+
+
+class Storage:
+    """A parsed storage URL and, for Redis/Valkey, the shared client."""
+
+    def __init__(
+        self,
+        url: str = "memory://",
+        *,
+        key_prefix: str = "aimw",
+        client: Any | None = None,
+        socket_timeout: float = 2.0,
+    ) -> None:
+        scheme = urlsplit(url).scheme.lower()
+        if scheme == "memory":
+            self.kind: Literal["memory", "redis"] = "memory"
+        elif scheme in _REDIS_SCHEMES:
+            self.kind = "redis"
+        else:
+            raise ValueError(
+                f"unsupported storage URL scheme {scheme!r}: use memory://, redis://, rediss://, "
+                "valkey://, unix:// or redis+cluster://"
+            )
+        if not key_prefix or "{" in key_prefix or "}" in key_prefix:
+            raise ValueError("key_prefix must be non-empty and contain no braces")
+        self.url = url
+        self.key_prefix = key_prefix
+        self.socket_timeout = socket_timeout
+        self.cluster = scheme.endswith("+cluster")
+        self._client = client
+
+    @classmethod
+    def coerce(cls, value: Storage | str | None) -> Storage:
+        if value is None:
+            return cls()
+        if isinstance(value, Storage):
+            return value
+        return cls(value)
+
+    @property
+    def is_memory(self) -> bool:
+        return self.kind == "memory"
+
+    @property
+    def redis(self) -> Redis:
+        """The shared asyncio client (created lazily; needs the ``redis`` extra)."""
+        if self.kind != "redis":
+            raise RuntimeError("this Storage is in-memory; it has no Redis client")
+        if self._client is None:
+            self._client = self._connect()
+        return self._client  # type: ignore[no-any-return]
+
+    def key(self, namespace: str, principal: str, *parts: str) -> str:
+        """``prefix:namespace:{principal}:parts``: hash-tagged so a principal is one slot."""
+        tail = ":".join(parts)
+        base = f"{self.key_prefix}:{namespace}:{{{principal}}}"
+        return f"{base}:{tail}" if tail else base
+
+    def _connect(self) -> Any:
+        try:
+            import redis.asyncio as aioredis
+            from redis.asyncio.cluster import RedisCluster
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ImportError(
+                "a redis:// storage URL needs the redis extra: pip install 'aimiddleware[redis]'"
+            ) from exc
+        scheme, _, rest = self.url.partition("://")
+        scheme = scheme.lower()
+        timeouts = {
+            "socket_timeout": self.socket_timeout,
+            "socket_connect_timeout": self.socket_timeout,
+        }
+        if self.cluster:
+            real = "rediss" if scheme.startswith("valkeys") else "redis"
+            return RedisCluster.from_url(f"{real}://{rest}", **timeouts)
+        if scheme in ("valkey", "valkeys"):
+            scheme = "redis" if scheme == "valkey" else "rediss"
+        return aioredis.Redis.from_url(f"{scheme}://{rest}", **timeouts)
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def __repr__(self) -> str:
+        safe = urlsplit(self.url)
+        host = safe.hostname or ""
+        return f"Storage({safe.scheme}://{host}{':' + str(safe.port) if safe.port else ''})"
+
+
+@contextlib.asynccontextmanager
+async def redis_errors(what: str) -> AsyncIterator[None]:
+    """Turn a store that is down or timing out into a typed, retryable 503."""
+    try:
+        import redis.exceptions as rexc
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    try:
+        yield
+    except (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OSError) as exc:
+        raise StoreUnavailable(f"The {what} store is unavailable.", retry_after=1) from exc
