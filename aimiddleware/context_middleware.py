@@ -23,7 +23,13 @@ from aimiddleware.context import (
     parse_traceparent,
     valid_request_id,
 )
-from aimiddleware.errors import DEFAULT_TYPE_BASE, AIError, InternalError, InvalidRequest, RequestTooLarge
+from aimiddleware.errors import (
+    DEFAULT_TYPE_BASE,
+    AIError,
+    InternalError,
+    InvalidRequest,
+    RequestTooLarge,
+)
 from aimiddleware.types import ASGIApp, Message, PrincipalResolver, Receive, Scope, Send
 
 __all__ = ["RequestContextMiddleware"]

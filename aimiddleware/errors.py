@@ -4,7 +4,7 @@
 
     AIError                                  (500 internal root; never raised bare)
     ├── InvalidRequest              400  invalid_request
-    │   ├── ValidationFailed        422  validation_failed        (FastAPI/pydantic request validation)
+    │   ├── ValidationFailed        422  validation_failed        (request validation)
     │   ├── ContentFiltered         400  content_filtered
     │   ├── PolicyRefusal           400  policy_refusal
     │   ├── PromptInjectionDetected 400  prompt_injection_detected
@@ -18,8 +18,8 @@
     ├── RequestTooLarge             413  request_too_large
     ├── IdempotencyKeyReused        422  idempotency_key_reused
     ├── RateLimited                 429  rate_limited             (retryable; names the dimension)
-    ├── QuotaExceeded               429  quota_exceeded           (not retryable: budgets, cost caps)
-    ├── HTTPStatusError             4xx/5xx http_error            (a foreign HTTPException with no better class)
+    ├── QuotaExceeded               429  quota_exceeded           (not retryable: budgets)
+    ├── HTTPStatusError             4xx/5xx http_error            (other foreign statuses)
     ├── InternalError               500  internal
     ├── OutputSchemaInvalid         502  output_schema_invalid    (retryable: outputs vary)
     ├── UpstreamError               502  upstream_error
@@ -27,8 +27,8 @@
     │   ├── UpstreamTimeout         504  upstream_timeout         (retryable)
     │   └── UpstreamRateLimited     429  upstream_rate_limited    (retryable)
     ├── Overloaded                  503  overloaded               (retryable; 529 if configured)
-    ├── StoreUnavailable            503  store_unavailable        (retryable; a backing store is down)
-    └── Timeout                     504  timeout                  (retryable; a route's timeout tier)
+    ├── StoreUnavailable            503  store_unavailable        (retryable; a store is down)
+    └── Timeout                     504  timeout                  (retryable; a timeout tier)
 
 One body serves RFC 9457 clients and OpenAI SDK clients at once: the problem members
 (``type``, ``title``, ``status``, ``detail``, ``instance``) plus ``request_id``, ``retryable``
@@ -85,7 +85,7 @@ __all__ = [
 ]
 
 if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 DEFAULT_TYPE_BASE = "urn:aimiddleware:error:"
 PROBLEM_JSON = b"application/problem+json"

@@ -89,16 +89,17 @@ class Storage:
             ) from exc
         scheme, _, rest = self.url.partition("://")
         scheme = scheme.lower()
-        timeouts = {
-            "socket_timeout": self.socket_timeout,
-            "socket_connect_timeout": self.socket_timeout,
-        }
+        timeout = self.socket_timeout
         if self.cluster:
             real = "rediss" if scheme.startswith("valkeys") else "redis"
-            return RedisCluster.from_url(f"{real}://{rest}", **timeouts)
+            return RedisCluster.from_url(
+                f"{real}://{rest}", socket_timeout=timeout, socket_connect_timeout=timeout
+            )
         if scheme in ("valkey", "valkeys"):
             scheme = "redis" if scheme == "valkey" else "rediss"
-        return aioredis.Redis.from_url(f"{scheme}://{rest}", **timeouts)
+        return aioredis.Redis.from_url(
+            f"{scheme}://{rest}", socket_timeout=timeout, socket_connect_timeout=timeout
+        )
 
     async def aclose(self) -> None:
         if self._client is not None:

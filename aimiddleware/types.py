@@ -7,7 +7,7 @@ these names and nothing else.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 __all__ = [
     "ASGIApp",
@@ -31,4 +31,4 @@ class PrincipalResolver(Protocol):
     May be sync or async; ``None`` falls back to the default resolution.
     """
 
-    def __call__(self, scope: Scope) -> Union[str, None, Awaitable[Union[str, None]]]: ...
+    def __call__(self, scope: Scope) -> str | Awaitable[str | None] | None: ...

@@ -22,7 +22,8 @@ def main() -> None:
     parser.add_argument("names", nargs="*", help="run only these (e.g. context ratelimit)")
     parser.add_argument("--quick", action="store_true", help="fewer rounds, for a smoke run")
     args = parser.parse_args()
-    mods = sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__) if m.name.startswith("bench_"))
+    found = pkgutil.iter_modules(benchmarks.__path__)
+    mods = sorted(m.name for m in found if m.name.startswith("bench_"))
     if args.names:
         mods = [m for m in mods if m.removeprefix("bench_") in args.names]
     out_dir = Path(__file__).parent / "results"
