@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import secrets
 import time
@@ -53,7 +54,7 @@ def valid_request_id(value: str) -> bool:
 
 
 def new_request_id() -> str:
-    return "req_" + secrets.token_hex(12)
+    return "req_" + os.urandom(12).hex()
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,6 @@ class RequestContext:
     """
 
     request_id: str
-    trace: TraceContext
     principal: str
     method: str
     path: str
@@ -143,7 +143,17 @@ class RequestContext:
     disconnected: bool = False
     stream_error_writer: Callable[[AIError], Awaitable[None]] | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    traceparent_header: str | None = field(default=None, repr=False)
+    tracestate_header: str | None = field(default=None, repr=False)
     _json: Any = field(default=_UNPARSED, repr=False)
+    _trace: TraceContext | None = field(default=None, repr=False)
+
+    @property
+    def trace(self) -> TraceContext:
+        """W3C trace context, parsed from the incoming headers on first use."""
+        if self._trace is None:
+            self._trace = parse_traceparent(self.traceparent_header, self.tracestate_header)
+        return self._trace
 
     def json(self) -> Any:
         """The body parsed as JSON once, or ``None`` when empty or not JSON."""

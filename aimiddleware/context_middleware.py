@@ -20,7 +20,6 @@ from aimiddleware.context import (
     _set_current,
     default_principal,
     new_request_id,
-    parse_traceparent,
     valid_request_id,
 )
 from aimiddleware.errors import (
@@ -103,23 +102,30 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 ctx.response_status = message["status"]
                 headers = list(message.get("headers", ()))
-                if not any(k.lower() == self.header for k, _ in headers):
+                for k, _ in headers:
+                    if k.lower() == rid_header[0]:
+                        break
+                else:
                     headers.append(rid_header)
                 message = {**message, "headers": headers}
             await send(message)
 
         ctx = RequestContext(
             request_id=request_id,
-            trace=parse_traceparent(traceparent, tracestate),
             principal="anonymous",
             method=scope["method"],
             path=scope["path"],
+            traceparent_header=traceparent,
+            tracestate_header=tracestate,
         )
         scope.setdefault("state", {})[SCOPE_KEY] = ctx
         token = _set_current(ctx)
         try:
             try:
-                ctx.principal = await self._resolve_principal(scope)
+                if self.principal is None:
+                    ctx.principal = default_principal(scope)
+                else:
+                    ctx.principal = await self._resolve_principal(scope)
                 if content_length == -1:
                     raise InvalidRequest("Content-Length is not a valid integer.")
                 ctx.body = await self._read_body(receive, content_length)

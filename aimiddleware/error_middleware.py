@@ -9,6 +9,7 @@ closes the connection) and the error is logged with the request id.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -19,6 +20,7 @@ from aimiddleware.errors import (
     DEFAULT_TYPE_BASE,
     AIError,
     ExceptionMapper,
+    InvalidRequest,
     Mapper,
     render_problem,
 )
@@ -53,19 +55,26 @@ class ErrorMiddleware:
             await self.app(scope, receive, send)
             return
 
+        ctx = current_or_none()
         started = False
+        inner_send = send
+        if ctx is None:  # used without the context layer: watch the start ourselves
 
-        async def watch_start(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
+            async def inner_send(message: Message) -> None:
+                nonlocal started
+                if message["type"] == "http.response.start":
+                    started = True
+                await send(message)
 
         try:
-            await self.app(scope, receive, watch_start)
+            await self.app(scope, receive, inner_send)
         except Exception as exc:
+            if ctx is not None:
+                started = ctx.response_status is not None
             err = self.mapper.map(exc)
-            ctx = current_or_none()
+            if isinstance(exc, json.JSONDecodeError) and ctx and ctx.body and ctx.json() is None:
+                # The endpoint parsed the client's malformed body: that is the client's error.
+                err = InvalidRequest("The request body is not valid JSON.")
             request_id = ctx.request_id if ctx is not None else None
             if err.status >= 500 and not isinstance(exc, AIError):
                 logger.error(

@@ -28,8 +28,10 @@ def main() -> None:
         mods = [m for m in mods if m.removeprefix("bench_") in args.names]
     out_dir = Path(__file__).parent / "results"
     out_dir.mkdir(exist_ok=True)
-    report = [f"Machine: {platform.machine()}, {platform.python_implementation()} "
-              f"{platform.python_version()}, {platform.system()}"]
+    report = [
+        f"Machine: {platform.machine()}, {platform.python_implementation()} "
+        f"{platform.python_version()}, {platform.system()}"
+    ]
     figures: dict[str, object] = {}
     for name in mods:
         mod = importlib.import_module(f"benchmarks.{name}")

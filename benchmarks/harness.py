@@ -112,8 +112,12 @@ async def compare(
 
 def table(results: Mapping[str, Result], anchor: str, title: str) -> str:
     base = results[anchor].median_us
-    lines = [f"## {title}", "", "| contender | median µs/request | ratio to " + anchor + " |",
-             "|---|---:|---:|"]
+    lines = [
+        f"## {title}",
+        "",
+        "| contender | median µs/request | ratio to " + anchor + " |",
+        "|---|---:|---:|",
+    ]
     for name, res in results.items():
         lines.append(f"| {name} | {res.median_us:.1f} | {res.median_us / base:.2f}x |")
     return "\n".join(lines)

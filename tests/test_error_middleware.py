@@ -1,0 +1,282 @@
+"""ErrorMiddleware through real servers and real clients: the openai SDK, httpx."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.routing import Route
+
+import aimiddleware
+from aimiddleware import errors as E
+from aimiddleware.context import current
+from tests.live_server import live_server
+from tests.test_errors import all_error_classes, instantiate
+
+attempts: Counter[str] = Counter()
+
+
+class Chat(BaseModel):
+    model: str
+    max_tokens: int = 16
+
+
+def build_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request, body: Chat) -> dict[str, Any]:
+        kind = request.headers.get("x-raise", "")
+        attempts[kind] += 1
+        if kind == "rate_limited":
+            raise E.RateLimited(
+                "60/minute exceeded", retry_after=0.01, extra={"dimension": "requests"}
+            )
+        if kind == "quota":
+            raise E.QuotaExceeded("Daily cost budget exhausted.")
+        if kind == "invalid":
+            raise E.InvalidRequest("messages must not be empty", param="messages")
+        if kind == "crash":
+            raise RuntimeError("db password=hunter2 while handling 'my secret prompt'")
+        if kind == "http":
+            raise HTTPException(404, "no such model")
+        if kind.startswith("class:"):
+            cls = next(c for c in all_error_classes() if c.__name__ == kind[6:])
+            raise instantiate(cls)
+        return {
+            "id": "x",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": "hi"},
+                }
+            ],
+        }
+
+    @app.get("/broken-stream")
+    async def broken_stream() -> StreamingResponse:
+        async def gen() -> Any:
+            yield b"partial "
+            raise RuntimeError("boom")
+
+        return StreamingResponse(gen(), media_type="text/plain")
+
+    @app.get("/sse-error")
+    async def sse_error() -> StreamingResponse:
+        ctx = current()
+        written: list[bytes] = []
+        ctx.state["written"] = written
+
+        async def writer(err: E.AIError) -> None:
+            written.append(err.code.encode())
+
+        ctx.stream_error_writer = writer
+
+        async def gen() -> Any:
+            yield b"data: 1\n\n"
+            raise E.UpstreamTimeout()
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    aimiddleware.install(app)
+    return app
+
+
+@pytest.fixture(scope="module")
+def base_url() -> Iterator[str]:
+    with live_server(build_app()) as url:
+        yield url
+
+
+def sdk(base_url: str, max_retries: int = 2) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url + "/v1", api_key="sk-test", max_retries=max_retries)
+
+
+def call(client: openai.OpenAI, kind: str) -> Any:
+    return client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], extra_headers={"x-raise": kind}
+    )
+
+
+def test_success_passes_through(base_url: str) -> None:
+    out = call(sdk(base_url), "")
+    assert out.choices[0].message.content == "hi"
+
+
+def test_rate_limited_is_retried_then_raises_with_our_code_and_type(base_url: str) -> None:
+    attempts.clear()
+    with pytest.raises(openai.RateLimitError) as info:
+        call(sdk(base_url, max_retries=2), "rate_limited")
+    assert attempts["rate_limited"] == 3  # retryable: the SDK tried 1 + 2 times
+    assert info.value.code == "rate_limited" and info.value.type == "rate_limit_error"
+    assert info.value.response.headers["retry-after-ms"] == "10"
+    assert info.value.response.json()["dimension"] == "requests"
+
+
+def test_quota_exceeded_is_a_429_the_sdk_does_not_retry(base_url: str) -> None:
+    attempts.clear()
+    with pytest.raises(openai.RateLimitError) as info:
+        call(sdk(base_url, max_retries=2), "quota")
+    assert attempts["quota"] == 1
+    assert info.value.code == "quota_exceeded" and info.value.type == "insufficient_quota"
+    assert info.value.response.headers["x-should-retry"] == "false"
+
+
+def test_bad_request_error(base_url: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        call(sdk(base_url), "invalid")
+    assert info.value.code == "invalid_request" and info.value.param == "messages"
+
+
+def test_crash_is_internal_server_error_without_leaks(base_url: str) -> None:
+    attempts.clear()
+    with pytest.raises(openai.InternalServerError) as info:
+        call(sdk(base_url, max_retries=0), "crash")
+    text = info.value.response.text
+    assert "hunter2" not in text and "secret prompt" not in text and "Traceback" not in text
+    assert info.value.code == "internal"
+    rid = info.value.response.headers["x-request-id"]
+    assert info.value.response.json()["request_id"] == rid
+
+
+def test_fastapi_http_exception_renders_in_the_taxonomy(base_url: str) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        call(sdk(base_url), "http")
+    assert info.value.code == "not_found" and "no such model" in str(info.value.message)
+
+
+def test_fastapi_validation_error_renders_in_the_taxonomy(base_url: str) -> None:
+    r = httpx.post(base_url + "/v1/chat/completions", json={"model": "m", "max_tokens": "lots"})
+    assert r.status_code == 422
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["error"]["param"] == "max_tokens"
+    r = httpx.post(
+        base_url + "/v1/chat/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 422 and r.json()["error"]["code"] == "validation_failed"
+
+
+def test_unknown_route_and_method(base_url: str) -> None:
+    r = httpx.get(base_url + "/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = httpx.get(base_url + "/v1/chat/completions")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    assert r.headers["allow"] == "POST"
+
+
+EXPECTED_SDK_CLASS = {
+    400: openai.BadRequestError,
+    401: openai.AuthenticationError,
+    403: openai.PermissionDeniedError,
+    404: openai.NotFoundError,
+    409: openai.ConflictError,
+    422: openai.UnprocessableEntityError,
+    429: openai.RateLimitError,
+}
+
+
+@pytest.mark.parametrize("cls", all_error_classes(), ids=lambda c: c.__name__)
+def test_every_error_parses_as_problem_json_and_through_the_sdk(
+    base_url: str, cls: type[E.AIError]
+) -> None:
+    err = instantiate(cls)
+    r = httpx.post(
+        base_url + "/v1/chat/completions",
+        json={"model": "m"},
+        headers={"x-raise": f"class:{cls.__name__}"},
+    )
+    assert r.status_code == err.status
+    assert r.headers["content-type"] == "application/problem+json"
+    body = r.json()
+    assert body["status"] == err.status and body["error"]["code"] == err.code
+    with pytest.raises(openai.APIStatusError) as info:
+        call(sdk(base_url, max_retries=0), f"class:{cls.__name__}")
+    expected = EXPECTED_SDK_CLASS.get(
+        err.status, openai.InternalServerError if err.status >= 500 else openai.APIStatusError
+    )
+    assert isinstance(info.value, expected)
+    assert info.value.code == err.code and info.value.type == err.openai_type
+
+
+def test_error_after_start_closes_the_connection_and_logs(
+    base_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.ERROR, logger="aimiddleware"),
+        pytest.raises(httpx.RemoteProtocolError),
+    ):
+        httpx.get(base_url + "/broken-stream")
+    assert any("after the response started" in r.getMessage() for r in caplog.records)
+
+
+async def test_error_after_start_of_an_event_stream_goes_to_the_stream_writer() -> None:
+    app = build_app()
+    sent: list[dict[str, Any]] = []
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/sse-error",
+        "raw_path": b"/sse-error",
+        "query_string": b"",
+        "headers": [],
+        "client": ("127.0.0.1", 1),
+        "server": ("t", 80),
+        "scheme": "http",
+        "root_path": "",
+        "http_version": "1.1",
+    }
+    received = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        if not received:
+            received = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        import anyio
+
+        await anyio.sleep(10)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    state = scope["state"]["aimiddleware"].state  # type: ignore[index]
+    assert state["written"] == [b"upstream_timeout"]
+    assert sent[0]["status"] == 200
+
+
+async def test_starlette_app_with_middleware_added_directly() -> None:
+    async def boom(request: Request) -> Any:
+        raise E.Overloaded(status=529, retry_after=2)
+
+    app = Starlette(routes=[Route("/", boom)])
+    app.add_middleware(aimiddleware.ErrorMiddleware)
+    app.add_middleware(aimiddleware.RequestContextMiddleware)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        r = await c.get("/")
+    assert r.status_code == 529 and r.headers["retry-after"] == "2"
+    assert r.json()["request_id"] == r.headers["x-request-id"]
+
+
+def test_error_middleware_validates_its_options() -> None:
+    with pytest.raises(ValueError):
+        aimiddleware.ErrorMiddleware(
+            build_app(), mapper=E.ExceptionMapper(), mappings={KeyError: lambda e: None}
+        )
