@@ -17,6 +17,7 @@ from typing import Any
 from aimiddleware.context_middleware import DEFAULT_MAX_BODY, RequestContextMiddleware
 from aimiddleware.error_middleware import ErrorMiddleware, register_exception_handlers
 from aimiddleware.errors import DEFAULT_TYPE_BASE, ExceptionMapper, Mapper
+from aimiddleware.openapi import document_stack
 from aimiddleware.storage import Storage
 from aimiddleware.types import ASGIApp, PrincipalResolver
 
@@ -68,6 +69,8 @@ def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
 
     if hasattr(app, "add_middleware") and hasattr(app, "add_exception_handler"):
         register_exception_handlers(app, mapper=mapper, error_type_base=config.error_type_base)
+        if hasattr(app, "openapi") and hasattr(app, "openapi_schema"):  # FastAPI
+            document_stack(app, rate_limit_headers=False, idempotency_methods=())
         for cls, kwargs in reversed(layers):  # Starlette: the last added is the outermost
             app.add_middleware(cls, **kwargs)
         return app
