@@ -1,0 +1,100 @@
+"""Requests per second over real HTTP: uvicorn on 127.0.0.1 and ``wrk`` as the load generator.
+
+Each contender runs in its own uvicorn process (one worker); rounds are interleaved and the
+median requests/s is reported with its ratio to bare Starlette. Needs ``wrk`` on PATH
+(Debian: ``apt-get install wrk``); ``./dev bench`` installs it when it can.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from tests.redis_server import free_port
+
+CONTENDERS = {
+    "bare starlette": "benchmarks.http_apps:bare",
+    "slowapi (1 limit)": "benchmarks.http_apps:slowapi",
+    "aimiddleware full stack": "benchmarks.http_apps:stack",
+}
+
+
+def _serve(target: str, port: int) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            target,
+            "--port",
+            str(port),
+            "--log-level",
+            "error",
+            "--no-access-log",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    import socket
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"{target} did not start")
+
+
+def _wrk(port: int, seconds: int) -> float:
+    out = subprocess.run(
+        ["wrk", "-t1", "-c32", f"-d{seconds}s", f"http://127.0.0.1:{port}/"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not match:
+        raise RuntimeError(out)
+    return float(match.group(1))
+
+
+async def run(quick: bool) -> tuple[str, dict[str, Any]]:
+    if shutil.which("wrk") is None:
+        return "## HTTP requests/s\n\nwrk is not installed; skipped.", {}
+    rounds, seconds = (2, 2) if quick else (5, 4)
+    servers = {}
+    try:
+        for name, target in CONTENDERS.items():
+            port = free_port()
+            servers[name] = (_serve(target, port), port)
+        samples: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+        for _proc, port in servers.values():
+            _wrk(port, 1)  # warm-up
+        for _ in range(rounds):
+            for name, (_p, port) in servers.items():
+                samples[name].append(_wrk(port, seconds))
+    finally:
+        for proc, _port in servers.values():
+            proc.terminate()
+            proc.wait(10)
+    base = statistics.median(samples["bare starlette"])
+    lines = [
+        "## HTTP requests/s (uvicorn, 1 worker; wrk -t1 -c32)",
+        "",
+        "| contender | median req/s | ratio to bare starlette |",
+        "|---|---:|---:|",
+    ]
+    data = {}
+    for name, values in samples.items():
+        med = statistics.median(values)
+        lines.append(f"| {name} | {med:,.0f} | {med / base:.2f}x |")
+        data[name] = {"median_rps": med, "ratio": med / base, "samples": values}
+    return "\n".join(lines), data
