@@ -175,7 +175,7 @@ def _sentences(rng: random.Random, n: int) -> list[str]:
     since_stop = 0
     while len(out) < n:
         left = n - len(out)
-        if since_stop >= 4 and (left == 1 or rng.random() < 0.18):
+        if since_stop >= 4 and out[-1] != "," and (left == 1 or rng.random() < 0.18):
             out.append(".")
             capital, since_stop = True, 0
             continue
