@@ -36,6 +36,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 
 from aimiddleware._fake_plan import Plan, make_plan
 from aimiddleware.errors import UpstreamUnavailable
@@ -176,6 +177,17 @@ class FakeModel:
         self.counter = token_counter or TokenCounter(default_encoding="o200k_base")
         self.clock = clock
         self.stats = FakeModelStats()
+        self._warm = False
+
+    async def warm(self) -> None:
+        """Load the vocabulary (about 0.3 s, once per counter) in a worker thread.
+
+        :meth:`complete` and :meth:`stream` call it; call it yourself at startup, or before
+        using :meth:`generate` from async code, to keep the event loop free.
+        """
+        if not self._warm:
+            await anyio.to_thread.run_sync(self.counter.encoding, "o200k_base")
+            self._warm = True
 
     def count_tokens(self, text: str) -> int:
         return self.counter.count_text(text).tokens if text else 0
@@ -215,6 +227,7 @@ class FakeModel:
 
     async def complete(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """An OpenAI ``chat.completion`` dict."""
+        await self.warm()
         generation = self.generate(request)
         async for _ in generation:
             pass
@@ -241,6 +254,7 @@ class FakeModel:
 
     async def stream(self, request: Mapping[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """OpenAI ``chat.completion.chunk`` dicts; a final usage chunk if asked for."""
+        await self.warm()
         generation = self.generate(request)
         options = request.get("stream_options") or {}
         include_usage = isinstance(options, Mapping) and options.get("include_usage") is True

@@ -270,3 +270,14 @@ def test_config_is_validated() -> None:
         FakeModel(length=(5, 2))
     with pytest.raises(TypeError):
         FakeModel(content_filter="bomb")
+
+
+async def test_generation_iterates_once_and_counts_requests(model: FakeModel) -> None:
+    await model.warm()
+    generation = model.generate({"messages": PROMPT})
+    deltas = [d async for d in generation]
+    assert "".join(deltas) == generation.text and generation.finish_reason == "stop"
+    with pytest.raises(RuntimeError):
+        generation.__aiter__()
+    assert model.stats.requests == 1 and model.stats.completed == 1
+    assert model.stats.tokens_generated == generation.tokens_generated
