@@ -1,0 +1,282 @@
+"""An httpx transport that retries what the error taxonomy marks retryable, and nothing else.
+
+::
+
+    client = httpx.Client(transport=RetryTransport())
+    openai.OpenAI(http_client=client, max_retries=0)          # or AsyncRetryTransport + AsyncOpenAI
+
+Per logical request it adds an ``Idempotency-Key`` (POST and PATCH by default, unless the
+caller set one) and sends the same key on every attempt, so a server with idempotency
+middleware runs the operation at most once. What is retried, in order:
+
+1. a response whose ``x-should-retry`` is ``true`` (``false`` is never retried: a
+   ``quota_exceeded`` 429, a cost cap);
+2. otherwise a response whose status is in ``retry_statuses`` (408, 409, 429, 5xx incl. 529);
+3. connection errors and timeouts: always when the request never left (connect errors, pool
+   timeouts), else only for idempotent methods or requests carrying an Idempotency-Key.
+
+The wait is ``retry-after-ms``, then ``Retry-After`` (seconds or an HTTP-date), else
+``min(initial_delay * 2**n, max_delay)`` minus up to ``jitter`` of it. A server delay longer
+than ``max_retry_after`` is not waited for: the response goes back to the caller (as
+openai-python 3 does), or with ``over_max_retry_after="cap"`` the wait is capped instead.
+Request bodies are replayed from memory; a streaming body (a generator) is sent once and
+never retried. The response of a failed attempt is closed before the next one.
+
+Requires ``httpx`` (the ``client`` extra).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import random as _random
+import time
+import uuid
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+import httpx
+
+from aimiddleware.headers import parse_http_date
+
+__all__ = ["AsyncRetryTransport", "RetryPolicy", "RetryTransport"]
+
+# RFC 9110 9.2.2: repeating these has the same effect as sending them once.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+# The request never reached the server: safe to resend whatever the method.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# The request may have reached the server.
+_MAYBE_SENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+
+
+def _new_key() -> str:
+    return str(uuid.uuid4())
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When to retry and how long to wait. Pure: no I/O besides the injected callables."""
+
+    max_retries: int = 2
+    initial_delay: float = 0.5
+    max_delay: float = 8.0
+    jitter: float = 0.25
+    idempotency_header: str = "Idempotency-Key"
+    idempotency_methods: Collection[str] = frozenset({"POST", "PATCH"})
+    retry_statuses: Collection[int] = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+    max_retry_after: float = 60.0
+    over_max_retry_after: Literal["give_up", "cap"] = "give_up"
+    sleep: Callable[[float], Any] | None = None
+    random: Callable[[], float] = _random.random
+    clock: Callable[[], float] = time.time
+    key_factory: Callable[[], str] = field(default=_new_key)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ValueError("max_retries must be a non-negative int")
+        if self.initial_delay < 0 or self.max_delay < 0 or self.max_retry_after < 0:
+            raise ValueError("delays must be non-negative")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError("jitter must be between 0 and 1")
+        if self.over_max_retry_after not in ("give_up", "cap"):
+            raise ValueError("over_max_retry_after must be 'give_up' or 'cap'")
+        object.__setattr__(
+            self, "idempotency_methods", frozenset(m.upper() for m in self.idempotency_methods)
+        )
+        object.__setattr__(self, "retry_statuses", frozenset(self.retry_statuses))
+
+    # -- decisions ---------------------------------------------------------------------------
+
+    def backoff(self, retries_done: int) -> float:
+        """Exponential backoff with jitter for retry number ``retries_done + 1``."""
+        base = min(self.initial_delay * 2.0**retries_done, self.max_delay)
+        return base * (1.0 - self.jitter * self.random())
+
+    def server_delay(self, headers: httpx.Headers) -> float | None:
+        """The delay the server asked for, in seconds, or ``None`` if it gave none usable."""
+        raw_ms = headers.get("retry-after-ms")
+        if raw_ms is not None:
+            try:
+                ms = float(raw_ms)
+            except ValueError:
+                ms = math.nan
+            if math.isfinite(ms) and ms >= 0:
+                return ms / 1000.0
+        raw = headers.get("retry-after")
+        if raw is None:
+            return None
+        raw = raw.strip()
+        try:
+            seconds = float(raw)
+        except ValueError:
+            try:
+                seconds = parse_http_date(raw).timestamp() - self.clock()
+            except ValueError:
+                return None
+            return max(seconds, 0.0)
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+    def should_retry_response(self, response: httpx.Response) -> bool:
+        """``x-should-retry`` wins; otherwise the status set. Only error statuses qualify."""
+        if response.status_code < 400:
+            return False
+        signal = response.headers.get("x-should-retry", "").strip().lower()
+        if signal == "true":
+            return True
+        if signal == "false":
+            return False
+        return response.status_code in self.retry_statuses
+
+    def response_delay(self, response: httpx.Response, retries_done: int) -> float | None:
+        """Seconds to wait before retrying after ``response``; ``None``: do not retry."""
+        if retries_done >= self.max_retries or not self.should_retry_response(response):
+            return None
+        delay = self.server_delay(response.headers)
+        if delay is None:
+            return self.backoff(retries_done)
+        if delay > self.max_retry_after:
+            return self.max_retry_after if self.over_max_retry_after == "cap" else None
+        return delay
+
+    def error_delay(
+        self, exc: Exception, request: httpx.Request, retries_done: int
+    ) -> float | None:
+        """Seconds to wait before retrying after a transport error; ``None``: re-raise."""
+        if retries_done >= self.max_retries:
+            return None
+        if isinstance(exc, _NOT_SENT):
+            return self.backoff(retries_done)
+        if not isinstance(exc, _MAYBE_SENT):
+            return None
+        safe = request.method.upper() in IDEMPOTENT_METHODS or (
+            self.idempotency_header in request.headers
+        )
+        return self.backoff(retries_done) if safe else None
+
+    # -- request preparation -----------------------------------------------------------------
+
+    def add_idempotency_key(self, request: httpx.Request) -> None:
+        """Give a POST/PATCH its key once per logical request, unless the caller set one."""
+        if (
+            request.method.upper() in self.idempotency_methods
+            and self.idempotency_header not in request.headers
+        ):
+            request.headers[self.idempotency_header] = self.key_factory()
+
+
+def _buffer_kind(request: httpx.Request) -> Literal["replayable", "buffer", "once"]:
+    """How to make the body replayable: already bytes, read it once, or not at all."""
+    stream = request.stream
+    if isinstance(stream, httpx.ByteStream):
+        return "replayable"
+    # Multipart bodies are built from bytes or seekable files: finite, so read them once.
+    if type(stream).__name__ == "MultipartStream":
+        return "buffer"
+    return "once"  # a generator or iterator: it cannot be sent twice
+
+
+class RetryTransport(httpx.BaseTransport):
+    """Sync retrying transport around ``transport`` (default ``httpx.HTTPTransport()``).
+
+    Pass a :class:`RetryPolicy`, or its fields as keyword arguments.
+    """
+
+    def __init__(
+        self,
+        transport: httpx.BaseTransport | None = None,
+        *,
+        policy: RetryPolicy | None = None,
+        **options: Any,
+    ) -> None:
+        if policy is not None and options:
+            raise TypeError("pass either policy or RetryPolicy options, not both")
+        if transport is not None and not isinstance(transport, httpx.BaseTransport):
+            raise TypeError("transport must be an httpx.BaseTransport")
+        self.policy = policy if policy is not None else RetryPolicy(**options)
+        self._transport = transport if transport is not None else httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        policy = self.policy
+        policy.add_idempotency_key(request)
+        kind = _buffer_kind(request)
+        if kind == "buffer":
+            request.read()
+        elif kind == "once":
+            return self._transport.handle_request(request)
+        sleep = policy.sleep or time.sleep
+        retries = 0
+        while True:
+            try:
+                response = self._transport.handle_request(request)
+            except Exception as exc:
+                delay = policy.error_delay(exc, request, retries)
+                if delay is None:
+                    raise
+            else:
+                delay = policy.response_delay(response, retries)
+                if delay is None:
+                    return response
+                response.close()
+            sleep(delay)
+            retries += 1
+
+    def close(self) -> None:
+        self._transport.close()
+
+
+class AsyncRetryTransport(httpx.AsyncBaseTransport):
+    """Async retrying transport around ``transport`` (default ``httpx.AsyncHTTPTransport()``).
+
+    The waits are cancellable. An injected ``sleep`` may be sync or async.
+    """
+
+    def __init__(
+        self,
+        transport: httpx.AsyncBaseTransport | None = None,
+        *,
+        policy: RetryPolicy | None = None,
+        **options: Any,
+    ) -> None:
+        if policy is not None and options:
+            raise TypeError("pass either policy or RetryPolicy options, not both")
+        if transport is not None and not isinstance(transport, httpx.AsyncBaseTransport):
+            raise TypeError("transport must be an httpx.AsyncBaseTransport")
+        self.policy = policy if policy is not None else RetryPolicy(**options)
+        self._transport = transport if transport is not None else httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        policy = self.policy
+        policy.add_idempotency_key(request)
+        kind = _buffer_kind(request)
+        if kind == "buffer":
+            await request.aread()
+        elif kind == "once":
+            return await self._transport.handle_async_request(request)
+        retries = 0
+        while True:
+            try:
+                response = await self._transport.handle_async_request(request)
+            except Exception as exc:
+                delay = policy.error_delay(exc, request, retries)
+                if delay is None:
+                    raise
+            else:
+                delay = policy.response_delay(response, retries)
+                if delay is None:
+                    return response
+                await response.aclose()
+            await self._sleep(delay)
+            retries += 1
+
+    async def _sleep(self, delay: float) -> None:
+        if self.policy.sleep is None:
+            await anyio.sleep(delay)
+            return
+        result = self.policy.sleep(delay)
+        if inspect.isawaitable(result):
+            await result
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
