@@ -72,8 +72,7 @@ def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
             (
                 VersioningMiddleware,
                 {
-                    **config.versioning.options(),
-                    "storage": storage,
+                    **config.versioning.options(storage),
                     "error_type_base": config.error_type_base,
                 },
             )

@@ -7,7 +7,8 @@ from typing import Any
 
 from aimiddleware.versioning.api_versions import ApiVersions
 from aimiddleware.versioning.lifecycle import Clock
-from aimiddleware.versioning.monitor import DeprecationHook
+from aimiddleware.storage import Storage
+from aimiddleware.versioning.monitor import DeprecationHook, DeprecationMonitor
 from aimiddleware.versioning.registry import ModelRegistry
 
 __all__ = ["VersioningConfig"]
@@ -17,7 +18,9 @@ __all__ = ["VersioningConfig"]
 class VersioningConfig:
     """Options of :class:`~aimiddleware.versioning.VersioningMiddleware` (same names).
 
-    ``install`` passes the stack's shared storage, so deprecated-call counts are global.
+    ``install`` passes the stack's shared storage to the default monitor, so
+    deprecated-call counts are global. Pass your own ``monitor`` to read the counts
+    (``await monitor.counts(principal)``) from your code.
     """
 
     versions: ApiVersions | None = None
@@ -27,9 +30,19 @@ class VersioningConfig:
     model_echo_header: str | None = "x-model"
     model_version_header: str | None = "x-model-version"
     on_deprecated: DeprecationHook | None = None
+    monitor: DeprecationMonitor | None = None
     models_path: str | None = None
     migration_path: str | None = None
     clock: Clock | None = None
 
-    def options(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+    def options(self, storage: Storage | None = None) -> dict[str, Any]:
+        """Keyword arguments for the middleware; ``storage`` backs the default monitor."""
+        opts = dict(self.__dict__)
+        if self.monitor is None:
+            opts.pop("monitor")
+            opts["storage"] = storage
+        elif self.on_deprecated is not None:
+            raise ValueError("give the hook to your DeprecationMonitor, not on_deprecated")
+        else:
+            opts.pop("on_deprecated")
+        return opts

@@ -144,7 +144,7 @@ class VersioningMiddleware:
         if self._model_header_b is not None:
             for key, raw in scope["headers"]:
                 if key == self._model_header_b:
-                    named = raw.decode("latin-1").strip()
+                    named: str = raw.decode("latin-1").strip()
                     if named:
                         return named
         return None
