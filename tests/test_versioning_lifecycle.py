@@ -1,9 +1,11 @@
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 
 import http_sfv
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from aimiddleware.headers import parse_http_date
 from aimiddleware.versioning import Lifecycle, merge_headers
@@ -83,3 +85,18 @@ def test_merged_headers_keep_sunset_not_before_deprecation_and_parse() -> None:
 def test_sunset_only_lifecycle_signals_deprecation_at_sunset() -> None:
     headers = dict(Lifecycle.of(sunset="2026-07-01").headers())
     assert _sf_date(headers["deprecation"]) == parse_http_date(headers["sunset"])
+
+
+@given(
+    dep=st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(2999, 1, 1)),
+    gap=st.timedeltas(min_value=timedelta(0), max_value=timedelta(days=3650)),
+)
+def test_any_valid_lifecycle_yields_parseable_ordered_headers(
+    dep: datetime, gap: timedelta
+) -> None:
+    lc = Lifecycle(deprecated_at=dep, sunset_at=dep + gap, deprecation_link="https://d.example/x")
+    headers = dict(lc.headers())
+    d = _sf_date(headers["deprecation"])
+    s = parse_http_date(headers["sunset"])
+    assert s >= d  # whole seconds on both sides: flooring never reorders them
+    assert headers["link"] == '<https://d.example/x>; rel="deprecation"; type="text/html"'

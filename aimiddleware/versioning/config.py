@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from aimiddleware.storage import Storage
 from aimiddleware.versioning.api_versions import ApiVersions
 from aimiddleware.versioning.lifecycle import Clock
-from aimiddleware.storage import Storage
 from aimiddleware.versioning.monitor import DeprecationHook, DeprecationMonitor
 from aimiddleware.versioning.registry import ModelRegistry
 
