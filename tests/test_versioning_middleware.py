@@ -275,3 +275,14 @@ def test_openai_sdk_against_a_real_server() -> None:
         assert exc.value.status_code == 410
         assert isinstance(exc.value.body, dict)
         assert exc.value.body["code"] == "model_retired"
+
+
+async def test_path_prefix_under_a_root_path_and_vary() -> None:
+    app = build_app(FakeClock(at(NOW)), path_prefix=True)
+    transport = httpx.ASGITransport(app=app, root_path="/api")
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        who = await c.get("/api/v1/whoami")
+    assert who.status_code == 200 and who.json()["api_version"] == "v1"
+    async with client(build_app(FakeClock(at(NOW)))) as c:
+        r = await c.post("/chat", json={"model": NEW})
+    assert "x-api-version" in r.headers.get_list("vary")

@@ -115,12 +115,12 @@ class VersioningMiddleware:
             raise RuntimeError("VersioningMiddleware needs RequestContextMiddleware outside it")
         path = scope["path"]
         if self.models_path is not None and path == self.models_path:
-            if scope["method"] not in ("GET", "HEAD"):
-                raise MethodNotAllowed(headers=[("allow", "GET, HEAD")])
-            assert self.registry is not None
-            body = json.dumps(self.registry.as_openai_list(self.clock())).encode()
-            await send_json(send, 200, body if scope["method"] == "GET" else b"")
-            return
+            if scope["method"] != "GET":
+                raise MethodNotAllowed(headers=[("allow", "GET")])
+            if self.registry is not None:  # always true: checked in __init__
+                body = json.dumps(self.registry.as_openai_list(self.clock())).encode()
+                await send_json(send, 200, body)
+                return
         if self.migration_path is not None and path == self.migration_path:
             if scope["method"] != "POST":
                 raise MethodNotAllowed(headers=[("allow", "POST")])
@@ -155,11 +155,16 @@ class VersioningMiddleware:
         echo: list[tuple[str, str]] = []
         used: list[_Used] = []
         if self.versions is not None:
-            rv = await self.versions.resolve(scope["path"], scope["headers"], ctx.principal, now)
+            root = scope.get("root_path") or ""
+            path = scope["path"]
+            local = path[len(root):] if root and path.startswith(root) else path
+            rv = await self.versions.resolve(local, scope["headers"], ctx.principal, now)
             ctx.api_version = rv.name
             echo.append((self.versions.echo_header, rv.name))
+            if self.versions.header is not None:
+                echo.append(("vary", self.versions.header))
             if rv.path is not None:
-                scope = _with_path(scope, "/" + rv.name, rv.path)
+                scope = _with_path(scope, path[: len(path) - len(local)], "/" + rv.name, rv.path)
             if rv.version.lifecycle.signals:
                 used.append(_Used("api_version", rv.name, rv.version.lifecycle))
         if self.registry is not None:
@@ -191,7 +196,7 @@ class VersioningMiddleware:
                 present = {k.lower() for k, _ in message.get("headers", ())}
                 headers = list(message.get("headers", ()))
                 for key, value in raw:
-                    if key in present and key != b"link":
+                    if key in present and key not in (b"link", b"vary"):
                         continue  # the endpoint (say a @deprecated route) already set it
                     headers.append((key, value))
                 message = {**message, "headers": headers}
@@ -200,13 +205,14 @@ class VersioningMiddleware:
         await self.app(scope, receive, send_with_headers)
 
 
-def _with_path(scope: Scope, prefix: str, path: str) -> Scope:
-    """A copy of ``scope`` without the version ``prefix`` (``/v1``) in front of its path."""
+def _with_path(scope: Scope, root: str, prefix: str, rest: str) -> Scope:
+    """A copy of ``scope`` whose path lost the version ``prefix`` (``/v1``) after ``root``."""
     new = dict(scope)
     raw = scope.get("raw_path")
-    if isinstance(raw, bytes) and raw.startswith(prefix.encode("ascii")):
-        new["raw_path"] = raw[len(prefix):] or b"/"
-    new["path"] = path
+    head = (root + prefix).encode("utf-8")
+    if isinstance(raw, bytes) and raw.startswith(head):
+        new["raw_path"] = root.encode("utf-8") + (raw[len(head):] or b"/")
+    new["path"] = root + rest
     return new
 
 
