@@ -97,10 +97,16 @@ class VersioningMiddleware:
         self.monitor = monitor or DeprecationMonitor(storage, hook=on_deprecated)
         self.models_path = models_path
         self.migration_path = migration_path
-        self.clock: Clock = clock or (
-            registry.clock if registry else versions.clock if versions else utc_now
-        )
+        self.clock: Clock = clock or self._owner_clock
         self.type_base = error_type_base
+
+    def _owner_clock(self) -> datetime:
+        """The registry's clock, else the versions' (read per call, so either can be swapped)."""
+        if self.registry is not None:
+            return self.registry.clock()
+        if self.versions is not None:
+            return self.versions.clock()
+        return utc_now()
 
     async def deprecation_counts(self, principal: str) -> dict[str, int]:
         """Deprecated calls made by ``principal``, per ``kind:name``."""
