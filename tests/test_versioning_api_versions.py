@@ -112,3 +112,9 @@ async def test_retired_api_version_is_410_naming_the_replacement() -> None:
     assert exc.value.extra["replacement"] == "2026-06-01"
     assert exc.value.extra["retired_api_version"] == "2025-01-01"
     assert "2026-06-01" in exc.value.detail
+
+
+async def test_a_pin_naming_an_unknown_version_is_a_typed_400() -> None:
+    versions = make_versions(FakeClock(at("2026-03-01")), pins=lambda principal: "2020-01-01")
+    with pytest.raises(UnsupportedApiVersion, match="pinned for this caller"):
+        await versions.resolve("/x", [], "p")

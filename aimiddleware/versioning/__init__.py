@@ -10,9 +10,10 @@
 from aimiddleware.versioning.api_versions import ApiVersion, ApiVersions, ResolvedVersion
 from aimiddleware.versioning.config import VersioningConfig
 from aimiddleware.versioning.decorator import deprecated
+from aimiddleware.versioning.diff import compare
 from aimiddleware.versioning.lifecycle import Lifecycle, merge_headers
 from aimiddleware.versioning.middleware import VersioningMiddleware
-from aimiddleware.versioning.migration import MigrationRequest, MigrationSide, compare
+from aimiddleware.versioning.migration import MigrationRequest, MigrationSide
 from aimiddleware.versioning.monitor import DeprecatedCall, DeprecationMonitor
 from aimiddleware.versioning.registry import ModelRegistry, ResolvedModel, Snapshot
 

@@ -26,7 +26,14 @@ from aimiddleware.versioning.lifecycle import (
     utc_now,
 )
 
-__all__ = ["ApiVersion", "ApiVersions", "PinResolver", "ResolvedVersion", "well_formed"]
+__all__ = [
+    "ApiVersion",
+    "ApiVersions",
+    "PinResolver",
+    "ResolvedVersion",
+    "path_style",
+    "well_formed",
+]
 
 PinResolver = Mapping[str, str] | Callable[[str], str | Awaitable[str | None] | None]
 Source = Literal["path", "header", "pin", "default"]
@@ -34,6 +41,11 @@ Source = Literal["path", "header", "pin", "default"]
 _DATE_STYLE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})(?:[.\-][a-z0-9]{1,32})?$")
 _PATH_STYLE = re.compile(r"^v\d{1,4}(?:\.\d{1,4})?$")
 _PATH_PREFIX = re.compile(r"^/(v\d{1,4}(?:\.\d{1,4})?)(?=/|$)")
+
+
+def path_style(version: str) -> bool:
+    """``v1``, ``v2.1``: a version that can be a path prefix."""
+    return bool(_PATH_STYLE.match(version))
 
 
 def well_formed(version: str) -> bool:

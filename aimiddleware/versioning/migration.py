@@ -14,9 +14,7 @@ finish_reason and output. Sides run one after the other, never in parallel.
 
 from __future__ import annotations
 
-import difflib
 import json
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -26,20 +24,19 @@ from aimiddleware._asgi import send_json
 from aimiddleware.context import SCOPE_KEY, RequestContext, _reset_current, _set_current
 from aimiddleware.errors import AIError, ExceptionMapper, ValidationFailed, render_problem
 from aimiddleware.types import Message, Scope
-from aimiddleware.versioning.api_versions import _PATH_STYLE
+from aimiddleware.versioning.api_versions import path_style
+from aimiddleware.versioning.diff import (
+    compare,
+    finish_reason_from,
+    output_from,
+    usage_from,
+)
 
 if TYPE_CHECKING:
     from aimiddleware.versioning.middleware import VersioningMiddleware
 
-__all__ = ["MigrationRequest", "MigrationSide", "compare", "run_migration_check"]
+__all__ = ["MigrationRequest", "MigrationSide", "run_migration_check"]
 
-_USAGE_FIELDS = (
-    "input_tokens",
-    "output_tokens",
-    "total_tokens",
-    "cached_input_tokens",
-    "reasoning_tokens",
-)
 # Headers the caller's request keeps for both sides; identity is fixed by the outer request.
 _DROP = {
     b"content-length",
@@ -113,15 +110,15 @@ async def _run_side(
     if side.model is not None:
         if mw.model_field is not None and (isinstance(body, dict) or body is None):
             body = {**(body or {}), mw.model_field: side.model}
-        elif mw._model_header_b is not None:
-            overrides[mw._model_header_b] = side.model.encode("latin-1")
+        elif mw.model_header is not None:
+            overrides[mw.model_header.encode("latin-1")] = side.model.encode("latin-1")
         else:
             raise ValidationFailed("This endpoint's body cannot carry a model.", param="body")
     if side.api_version is not None:
         versions = mw.versions
         if versions is None:
             raise ValidationFailed("API versioning is not enabled.", param=f"{label}.api_version")
-        if versions.path_prefix and _PATH_STYLE.match(side.api_version):
+        if versions.path_prefix and path_style(side.api_version):
             path = _swap_prefix(path, side.api_version)
         elif versions.header is not None:
             overrides[versions.header.encode("latin-1")] = side.api_version.encode("latin-1")
@@ -205,7 +202,7 @@ def _envelope(
     except (ValueError, UnicodeDecodeError):
         body = raw.decode("utf-8", "replace")
     data = body if isinstance(body, dict) else {}
-    usage = sub.usage.model_dump() if sub.usage is not None else _usage_from(data.get("usage"))
+    usage = sub.usage.model_dump() if sub.usage is not None else usage_from(data.get("usage"))
     cost = sub.estimated_cost if sub.estimated_cost is not None else data.get("estimated_cost")
     return {
         "status": status,
@@ -214,107 +211,10 @@ def _envelope(
         "api_version": sub.api_version,
         "usage": usage,
         "estimated_cost": str(cost) if cost is not None else None,
-        "finish_reason": sub.finish_reason or sub.raw_finish_reason or _finish_from(data),
-        "output": _output_from(body),
+        "finish_reason": sub.finish_reason or sub.raw_finish_reason or finish_reason_from(data),
+        "output": output_from(body),
         "headers": {
             k.decode("latin-1"): v.decode("latin-1") for k, v in headers if k != b"set-cookie"
         },
         "body": body,
-    }
-
-
-def _usage_from(raw: Any) -> dict[str, int] | None:
-    """An OpenAI-shaped (prompt/completion) or Anthropic/our-shaped (input/output) usage."""
-    if not isinstance(raw, dict):
-        return None
-    inp = raw.get("input_tokens", raw.get("prompt_tokens"))
-    out = raw.get("output_tokens", raw.get("completion_tokens"))
-    if not isinstance(inp, int) or not isinstance(out, int):
-        return None
-    total = raw.get("total_tokens")
-    return {
-        "input_tokens": inp,
-        "output_tokens": out,
-        "total_tokens": total if isinstance(total, int) else inp + out,
-    }
-
-
-def _finish_from(data: dict[str, Any]) -> str | None:
-    choices = data.get("choices")
-    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-        value = choices[0].get("finish_reason")
-        if isinstance(value, str):
-            return value
-    for key in ("finish_reason", "stop_reason"):
-        if isinstance(data.get(key), str):
-            return str(data[key])
-    return None
-
-
-def _output_from(body: Any) -> str | None:
-    """The text output in the usual shapes (OpenAI chat/completions/responses, Anthropic)."""
-    if isinstance(body, str):
-        return body
-    if not isinstance(body, dict):
-        return None
-    choices = body.get("choices")
-    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-        first = choices[0]
-        message = first.get("message")
-        if isinstance(message, dict) and isinstance(message.get("content"), str):
-            return str(message["content"])
-        if isinstance(first.get("text"), str):
-            return str(first["text"])
-    content = body.get("content")
-    if isinstance(content, list):
-        texts = [b.get("text") for b in content if isinstance(b, dict)]
-        if texts and all(isinstance(t, str) for t in texts):
-            return "".join(str(t) for t in texts)
-    for key in ("output_text", "output", "text", "content"):
-        if isinstance(body.get(key), str):
-            return str(body[key])
-    return json.dumps(body, sort_keys=True, default=str)
-
-
-def _delta(a: Any, b: Any) -> Any:
-    if a is None or b is None:
-        return None
-    if isinstance(a, str) or isinstance(b, str):
-        return str(Decimal(str(b)) - Decimal(str(a)))
-    return b - a
-
-
-def compare(base: dict[str, Any], cand: dict[str, Any]) -> dict[str, Any]:
-    """Pure: the differences between two side envelopes."""
-    bu, cu = base.get("usage") or {}, cand.get("usage") or {}
-    usage = {
-        f: {"baseline": bu.get(f), "candidate": cu.get(f), "delta": _delta(bu.get(f), cu.get(f))}
-        for f in _USAGE_FIELDS
-        if f in bu or f in cu
-    }
-    bo, co = base.get("output"), cand.get("output")
-    lines = list(
-        difflib.unified_diff(
-            (bo or "").splitlines(), (co or "").splitlines(), "baseline", "candidate", lineterm=""
-        )
-    )
-    return {
-        "status": {"baseline": base["status"], "candidate": cand["status"],
-                   "changed": base["status"] != cand["status"]},
-        "usage": usage,
-        "estimated_cost": {
-            "baseline": base.get("estimated_cost"),
-            "candidate": cand.get("estimated_cost"),
-            "delta": _delta(base.get("estimated_cost"), cand.get("estimated_cost")),
-        },
-        "finish_reason": {
-            "baseline": base.get("finish_reason"),
-            "candidate": cand.get("finish_reason"),
-            "changed": base.get("finish_reason") != cand.get("finish_reason"),
-        },
-        "output": {
-            "changed": bo != co,
-            "similarity": round(difflib.SequenceMatcher(None, bo or "", co or "").ratio(), 4),
-            "diff": lines,
-        },
     }
