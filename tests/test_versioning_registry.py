@@ -38,6 +38,9 @@ def test_unknown_model_is_404() -> None:
     with pytest.raises(NotFound) as exc:
         registry.resolve("gpt-17")
     assert exc.value.status == 404 and exc.value.param == "model"
+    with pytest.raises(NotFound) as long:
+        registry.resolve("x" * 10_000)
+    assert len(long.value.detail) < 120  # the caller's input is not echoed unbounded
 
 
 def test_410_after_sunset_with_injectable_clock() -> None:

@@ -186,7 +186,8 @@ class ModelRegistry:
             return ResolvedModel(name, self._snapshots[name], via_alias=False)
         target = self._aliases.get(name)
         if target is None:
-            raise NotFound(f"The model {name!r} does not exist.", param="model")
+            shown = name if len(name) <= 64 else name[:64] + "..."
+            raise NotFound(f"The model {shown!r} does not exist.", param="model")
         return ResolvedModel(name, self._snapshots[target], via_alias=True)
 
     def resolve(self, name: str, now: datetime | None = None) -> ResolvedModel:
