@@ -91,6 +91,8 @@ async def test_410_after_sunset_names_the_replacement() -> None:
     assert NEW in body["detail"] and body["retryable"] is False
     assert r.headers["x-should-retry"] == "false"
     assert parse_http_date(r.headers["sunset"]) == at("2026-07-01")
+    assert sf_date(r.headers["deprecation"]) == at("2026-01-01")
+    assert r.links["successor-version"]["url"].endswith(NEW)
     assert still.status_code == 200 and still.headers["x-model-version"] == NEW
 
 
