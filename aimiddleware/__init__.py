@@ -36,21 +36,38 @@ from aimiddleware.errors import (
 from aimiddleware.stack import StackConfig, install
 from aimiddleware.storage import Storage
 from aimiddleware.usage.models import Usage
+from aimiddleware.versioning import (
+    ApiVersion,
+    ApiVersions,
+    DeprecatedCall,
+    DeprecationMonitor,
+    Lifecycle,
+    ModelRegistry,
+    VersioningConfig,
+    VersioningMiddleware,
+    deprecated,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AIError",
+    "ApiVersion",
+    "ApiVersions",
     "AuthenticationFailed",
     "Conflict",
     "ContentFiltered",
+    "DeprecatedCall",
+    "DeprecationMonitor",
     "ErrorMiddleware",
     "ExceptionMapper",
     "HTTPStatusError",
     "IdempotencyKeyReused",
     "InternalError",
     "InvalidRequest",
+    "Lifecycle",
     "MethodNotAllowed",
+    "ModelRegistry",
     "ModelRetired",
     "NotFound",
     "OutputSchemaInvalid",
@@ -75,7 +92,10 @@ __all__ = [
     "UpstreamUnavailable",
     "Usage",
     "ValidationFailed",
+    "VersioningConfig",
+    "VersioningMiddleware",
     "current",
+    "deprecated",
     "install",
     "register_exception_handlers",
     "report_usage",

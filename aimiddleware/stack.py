@@ -20,6 +20,8 @@ from aimiddleware.errors import DEFAULT_TYPE_BASE, ExceptionMapper, Mapper
 from aimiddleware.openapi import document_stack
 from aimiddleware.storage import Storage
 from aimiddleware.types import ASGIApp, PrincipalResolver
+from aimiddleware.versioning.config import VersioningConfig
+from aimiddleware.versioning.middleware import VersioningMiddleware
 
 __all__ = ["StackConfig", "install"]
 
@@ -35,6 +37,7 @@ class StackConfig:
     principal: PrincipalResolver | None = None
     error_type_base: str = DEFAULT_TYPE_BASE
     exception_mappings: Mapping[type[BaseException], Mapper] = field(default_factory=dict)
+    versioning: VersioningConfig | None = None
 
 
 def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
@@ -65,7 +68,16 @@ def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
         ),
         (ErrorMiddleware, {"mapper": mapper, "error_type_base": config.error_type_base}),
     ]
-    del storage  # shared with the stateful layers as they join the stack
+    if config.versioning is not None:
+        layers.append(
+            (
+                VersioningMiddleware,
+                {
+                    **config.versioning.options(storage),
+                    "error_type_base": config.error_type_base,
+                },
+            )
+        )
 
     if hasattr(app, "add_middleware") and hasattr(app, "add_exception_handler"):
         register_exception_handlers(app, mapper=mapper, error_type_base=config.error_type_base)

@@ -1,0 +1,236 @@
+"""``VersioningMiddleware``: API version, model alias to snapshot, deprecation headers, 410.
+
+Sits right inside the error layer. Per request it resolves the API version and the model
+(raising typed errors: 400 ``unsupported_api_version``, 404 for an unknown model, 410
+``model_retired`` after a sunset), writes ``ctx.api_version``, ``ctx.model`` (as requested)
+and ``ctx.model_version`` (as served), counts deprecated use per principal, and adds the
+echo and ``Deprecation``/``Sunset``/``Link`` headers to the response start. It can also
+answer two helper routes: a models list and a migration check (both off by default).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+
+from aimiddleware._asgi import send_json
+from aimiddleware.context import SCOPE_KEY, RequestContext
+from aimiddleware.errors import DEFAULT_TYPE_BASE, InvalidRequest, MethodNotAllowed
+from aimiddleware.storage import Storage
+from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
+from aimiddleware.versioning.api_versions import ApiVersions
+from aimiddleware.versioning.lifecycle import Clock, Lifecycle, merge_headers, utc_now
+from aimiddleware.versioning.monitor import (
+    DeprecatedCall,
+    DeprecationHook,
+    DeprecationMonitor,
+    Kind,
+)
+from aimiddleware.versioning.registry import ModelRegistry
+
+__all__ = ["VersioningMiddleware"]
+
+@dataclass
+class _Used:
+    kind: Kind
+    name: str
+    lifecycle: Lifecycle
+
+
+class VersioningMiddleware:
+    """API versions and model pinning for every route of an app.
+
+    ``versions``: an :class:`ApiVersions` policy (``None``: no API versioning).
+    ``registry``: a :class:`ModelRegistry` (``None``: no model resolution). The model is read
+    from the JSON body field ``model_field`` or else the request header ``model_header``;
+    the response echoes ``model_echo_header`` (as requested) and ``model_version_header``
+    (the snapshot). A request that names no model passes through untouched.
+    ``monitor`` (or ``storage`` + ``on_deprecated``): where deprecated calls are counted.
+    ``models_path`` (e.g. ``"/v1/models"``) and ``migration_path`` turn on the helper routes.
+    ``clock``: the current time (defaults to the registry's, then the versions', then UTC now).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        versions: ApiVersions | None = None,
+        registry: ModelRegistry | None = None,
+        model_field: str | None = "model",
+        model_header: str | None = "x-model",
+        model_echo_header: str | None = "x-model",
+        model_version_header: str | None = "x-model-version",
+        storage: Storage | str | None = None,
+        monitor: DeprecationMonitor | None = None,
+        on_deprecated: DeprecationHook | None = None,
+        models_path: str | None = None,
+        migration_path: str | None = None,
+        clock: Clock | None = None,
+        error_type_base: str = DEFAULT_TYPE_BASE,
+    ) -> None:
+        if versions is not None and not isinstance(versions, ApiVersions):
+            raise TypeError("versions must be an ApiVersions")
+        if registry is not None and not isinstance(registry, ModelRegistry):
+            raise TypeError("registry must be a ModelRegistry")
+        if versions is None and registry is None:
+            raise ValueError("VersioningMiddleware needs versions, a registry, or both")
+        if registry is not None and model_field is None and model_header is None:
+            raise ValueError("a registry needs model_field or model_header to find the model")
+        if monitor is not None and (storage is not None or on_deprecated is not None):
+            raise ValueError("pass either monitor, or storage/on_deprecated, not both")
+        for name, path in (("models_path", models_path), ("migration_path", migration_path)):
+            if path is not None and not path.startswith("/"):
+                raise ValueError(f"{name} must start with '/'")
+        if models_path is not None and models_path == migration_path:
+            raise ValueError("models_path and migration_path must differ")
+        if models_path is not None and registry is None:
+            raise ValueError("models_path needs a registry")
+        self.app = app
+        self.versions = versions
+        self.registry = registry
+        self.model_field = model_field
+        self.model_header = model_header.lower() if model_header else None
+        self._model_header_b = self.model_header.encode("latin-1") if self.model_header else None
+        self.model_echo_header = model_echo_header.lower() if model_echo_header else None
+        self.model_version_header = model_version_header.lower() if model_version_header else None
+        self.monitor = monitor or DeprecationMonitor(storage, hook=on_deprecated)
+        self.models_path = models_path
+        self.migration_path = migration_path
+        self.clock: Clock = clock or self._owner_clock
+        self.type_base = error_type_base
+
+    def _owner_clock(self) -> datetime:
+        """The registry's clock, else the versions' (read per call, so either can be swapped)."""
+        if self.registry is not None:
+            return self.registry.clock()
+        if self.versions is not None:
+            return self.versions.clock()
+        return utc_now()
+
+    async def deprecation_counts(self, principal: str) -> dict[str, int]:
+        """Deprecated calls made by ``principal``, per ``kind:name``."""
+        return await self.monitor.counts(principal)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx: RequestContext | None = scope.get("state", {}).get(SCOPE_KEY)
+        if ctx is None:
+            raise RuntimeError("VersioningMiddleware needs RequestContextMiddleware outside it")
+        path = scope["path"]
+        if self.models_path is not None and path == self.models_path:
+            if scope["method"] != "GET":
+                raise MethodNotAllowed(headers=[("allow", "GET")])
+            if self.registry is not None:  # always true: checked in __init__
+                body = json.dumps(self.registry.as_openai_list(self.clock())).encode()
+                await send_json(send, 200, body)
+                return
+        if self.migration_path is not None and path == self.migration_path:
+            if scope["method"] != "POST":
+                raise MethodNotAllowed(headers=[("allow", "POST")])
+            from aimiddleware.versioning.migration import run_migration_check
+
+            await run_migration_check(self, scope, ctx, send)
+            return
+        await self.serve(scope, receive, send, ctx)
+
+    def requested_model(self, scope: Scope, ctx: RequestContext) -> str | None:
+        """The model the request names: the JSON body field, else the model header."""
+        if self.model_field is not None:
+            data = ctx.json()
+            if isinstance(data, dict) and self.model_field in data:
+                value: object = data[self.model_field]
+                if not isinstance(value, str) or not value:
+                    raise InvalidRequest(
+                        f"'{self.model_field}' must be a non-empty string.", param=self.model_field
+                    )
+                return value
+        if self._model_header_b is not None:
+            for key, raw in scope["headers"]:
+                if key == self._model_header_b:
+                    named: str = raw.decode("latin-1").strip()
+                    if named:
+                        return named
+        return None
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send, ctx: RequestContext) -> None:
+        """Resolve, then call the app with the headers added (also used by the migration check)."""
+        now = self.clock()
+        echo: list[tuple[str, str]] = []
+        used: list[_Used] = []
+        if self.versions is not None:
+            root = scope.get("root_path") or ""
+            path = scope["path"]
+            local = path[len(root):] if root and path.startswith(root) else path
+            rv = await self.versions.resolve(local, scope["headers"], ctx.principal, now)
+            ctx.api_version = rv.name
+            echo.append((self.versions.echo_header, rv.name))
+            if self.versions.header is not None:
+                echo.append(("vary", self.versions.header))
+            if rv.path is not None:
+                scope = _with_path(scope, path[: len(path) - len(local)], "/" + rv.name, rv.path)
+            if rv.version.lifecycle.signals:
+                used.append(_Used("api_version", rv.name, rv.version.lifecycle))
+        if self.registry is not None:
+            name = self.requested_model(scope, ctx)
+            if name is not None:
+                rm = self.registry.resolve(name, now)
+                ctx.model = name
+                ctx.model_version = rm.version
+                if self.model_echo_header:
+                    echo.append((self.model_echo_header, name))  # registry names are ASCII
+                if self.model_version_header:
+                    echo.append((self.model_version_header, rm.version))
+                if rm.snapshot.lifecycle.signals:
+                    used.append(_Used("model", rm.version, rm.snapshot.lifecycle))
+        extra = echo + merge_headers(u.lifecycle for u in used)
+        if used:
+            ctx.state.setdefault("versioning", {})["deprecated"] = [
+                f"{u.kind}:{u.name}" for u in used
+            ]
+            for u in used:
+                await self.monitor.record(_call(ctx, u, now))
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra]
+        started = False
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start" and not started:
+                started = True
+                present = {k.lower() for k, _ in message.get("headers", ())}
+                headers = list(message.get("headers", ()))
+                for key, value in raw:
+                    if key in present and key not in (b"link", b"vary"):
+                        continue  # the endpoint (say a @deprecated route) already set it
+                    headers.append((key, value))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _with_path(scope: Scope, root: str, prefix: str, rest: str) -> Scope:
+    """A copy of ``scope`` whose path lost the version ``prefix`` (``/v1``) after ``root``."""
+    new = dict(scope)
+    raw = scope.get("raw_path")
+    head = (root + prefix).encode("utf-8")
+    if isinstance(raw, bytes) and raw.startswith(head):
+        new["raw_path"] = root.encode("utf-8") + (raw[len(head):] or b"/")
+    new["path"] = root + rest
+    return new
+
+
+def _call(ctx: RequestContext, used: _Used, now: datetime) -> DeprecatedCall:
+    lc = used.lifecycle
+    return DeprecatedCall(
+        principal=ctx.principal,
+        kind=used.kind,
+        name=used.name,
+        deprecated_at=lc.deprecated_at,
+        sunset_at=lc.sunset_at,
+        replacement=lc.replacement,
+        request_id=ctx.request_id,
+        at=now,
+    )

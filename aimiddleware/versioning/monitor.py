@@ -1,0 +1,106 @@
+"""Deprecated calls made visible to monitoring: a per-principal counter and a hook.
+
+Counts live in the shared :class:`~aimiddleware.storage.Storage` (a Redis hash per
+principal, or an in-process dict for ``memory://``), so with many workers the counts are
+global. Each deprecated call also goes to an optional hook (sync or async) as a
+:class:`DeprecatedCall`, for logs, metrics or alerts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from starlette.concurrency import run_in_threadpool
+
+from aimiddleware._asgi import is_async_callable
+from aimiddleware.storage import Storage, redis_errors
+
+__all__ = ["DeprecatedCall", "DeprecationHook", "DeprecationMonitor", "Kind"]
+
+logger = logging.getLogger("aimiddleware.versioning")
+
+Kind = Literal["model", "api_version", "route"]
+
+
+@dataclass(frozen=True)
+class DeprecatedCall:
+    """One call that used something deprecated."""
+
+    principal: str
+    kind: Kind
+    name: str
+    deprecated_at: datetime | None
+    sunset_at: datetime | None
+    replacement: str | None
+    request_id: str | None
+    at: datetime
+
+
+DeprecationHook = Callable[[DeprecatedCall], Awaitable[None] | None]
+
+
+class DeprecationMonitor:
+    """Counts deprecated calls per principal and forwards each to ``hook``.
+
+    Recording never fails the request: if the store is down the count is skipped and a
+    warning logged (the response still carries its Deprecation headers).
+    """
+
+    def __init__(
+        self,
+        storage: Storage | str | None = None,
+        *,
+        hook: DeprecationHook | None = None,
+        ttl_seconds: int | None = 90 * 86400,
+    ) -> None:
+        if hook is not None and not callable(hook):
+            raise TypeError("hook must be a callable taking a DeprecatedCall")
+        if ttl_seconds is not None and ttl_seconds <= 0:
+            raise ValueError("ttl_seconds must be positive or None")
+        self.storage = Storage.coerce(storage)
+        self.hook = hook
+        self.ttl_seconds = ttl_seconds
+        self._hook_async = hook is not None and is_async_callable(hook)
+        self._memory: dict[str, dict[str, int]] = {}
+
+    def _key(self, principal: str) -> str:
+        return self.storage.key("deprecations", principal)
+
+    async def record(self, call: DeprecatedCall) -> None:
+        field_name = f"{call.kind}:{call.name}"
+        try:
+            if self.storage.is_memory:
+                counts = self._memory.setdefault(call.principal, {})
+                counts[field_name] = counts.get(field_name, 0) + 1
+            else:
+                async with redis_errors("deprecation monitor"):
+                    key = self._key(call.principal)
+                    pipe = self.storage.redis.pipeline(transaction=True)
+                    pipe.hincrby(key, field_name, 1)
+                    if self.ttl_seconds is not None:
+                        pipe.expire(key, self.ttl_seconds)
+                    await pipe.execute()
+        except Exception:
+            logger.warning("could not count a deprecated call", exc_info=True)
+        if self.hook is not None:
+            try:
+                if self._hook_async:
+                    await self.hook(call)  # type: ignore[misc]
+                else:
+                    await run_in_threadpool(self.hook, call)
+            except Exception:
+                logger.exception("deprecation hook failed")
+
+    async def counts(self, principal: str) -> dict[str, int]:
+        """``{"model:my-model-2025-01-01": 3, "api_version:v1": 1, ...}`` for one caller."""
+        if self.storage.is_memory:
+            return dict(self._memory.get(principal, {}))
+        async with redis_errors("deprecation monitor"):
+            raw = await self.storage.redis.hgetall(self._key(principal))
+        return {
+            (k.decode() if isinstance(k, bytes) else str(k)): int(v) for k, v in raw.items()
+        }

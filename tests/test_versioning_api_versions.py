@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import pytest
+
+from aimiddleware.errors import ModelRetired, UnsupportedApiVersion
+from aimiddleware.versioning import ApiVersion, ApiVersions
+from aimiddleware.versioning.api_versions import well_formed
+from tests.versioning_app import FakeClock, at, make_versions
+
+
+def h(**headers: str) -> list[tuple[bytes, bytes]]:
+    return [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        ("2026-06-01", True),
+        ("2024-09-30.acacia", True),
+        ("2024-10-01-preview", True),
+        ("v1", True),
+        ("v2.1", True),
+        ("2026-02-30", False),
+        ("2026-6-1", False),
+        ("latest", False),
+        ("v", False),
+        ("", False),
+    ],
+)
+def test_well_formed(value: str, ok: bool) -> None:
+    assert well_formed(value) is ok
+
+
+def test_configuration_is_validated() -> None:
+    with pytest.raises(ValueError, match="malformed"):
+        ApiVersions(["June"])
+    with pytest.raises(ValueError, match="default"):
+        ApiVersions(["2026-06-01"], default="2026-01-01")
+    with pytest.raises(ValueError, match="twice"):
+        ApiVersions(["v1", "v1"], header=None, path_prefix=True)
+    with pytest.raises(ValueError, match="pin"):
+        ApiVersions(["v1"], pins={"tenant-a": "v9"})
+    with pytest.raises(ValueError, match="replacement"):
+        ApiVersions([ApiVersion.deprecated("v1", deprecated="2026-01-01", replacement="v3")])
+    with pytest.raises(ValueError, match="Sunset"):
+        ApiVersion.deprecated("v1", deprecated="2026-01-01", sunset="2025-01-01")
+    with pytest.raises(ValueError, match="header"):
+        ApiVersions(["v1"], header=None)
+
+
+async def test_header_then_pin_then_default() -> None:
+    clock = FakeClock(at("2026-03-01"))
+    versions = make_versions(clock, pins={"tenant-old": "2025-01-01"})
+    by_header = await versions.resolve("/chat", h(x_api_version="2025-01-01"), "tenant-new")
+    assert (by_header.name, by_header.source) == ("2025-01-01", "header")
+    pinned = await versions.resolve("/chat", [], "tenant-old")
+    assert (pinned.name, pinned.source) == ("2025-01-01", "pin")
+    # an explicit header beats the caller's pin
+    explicit = await versions.resolve("/chat", h(x_api_version="2026-06-01"), "tenant-old")
+    assert (explicit.name, explicit.source) == ("2026-06-01", "header")
+    default = await versions.resolve("/chat", [], "tenant-new")
+    assert (default.name, default.source) == ("2026-06-01", "default")
+
+
+async def test_callable_pins_sync_and_async() -> None:
+    clock = FakeClock(at("2026-03-01"))
+
+    async def async_pin(principal: str) -> str | None:
+        return "2025-01-01" if principal.startswith("legacy") else None
+
+    def sync_pin(principal: str) -> str | None:
+        return "2025-01-01" if principal.startswith("legacy") else None
+
+    for pins in (async_pin, sync_pin):
+        versions = make_versions(clock, pins=pins)
+        assert (await versions.resolve("/x", [], "legacy-1")).name == "2025-01-01"
+        assert (await versions.resolve("/x", [], "modern")).name == "2026-06-01"
+
+
+async def test_unknown_and_malformed_list_the_supported_versions() -> None:
+    versions = make_versions(FakeClock(at("2026-03-01")))
+    with pytest.raises(UnsupportedApiVersion) as unknown:
+        await versions.resolve("/x", h(x_api_version="2027-01-01"), "p")
+    assert "not supported" in unknown.value.detail
+    assert unknown.value.extra["supported_versions"] == ["2025-01-01", "2026-06-01"]
+    assert unknown.value.status == 400 and unknown.value.param == "x-api-version"
+    with pytest.raises(UnsupportedApiVersion) as malformed:
+        await versions.resolve("/x", h(x_api_version="yesterday"), "p")
+    assert "malformed" in malformed.value.detail
+
+
+async def test_path_prefix_is_stripped_and_unknown_prefix_rejected() -> None:
+    versions = make_versions(FakeClock(at("2026-03-01")), path_prefix=True)
+    v1 = await versions.resolve("/v1/chat", [], "p")
+    assert (v1.name, v1.source, v1.path) == ("v1", "path", "/chat")
+    root = await versions.resolve("/v2", [], "p")
+    assert root.path == "/"
+    unprefixed = await versions.resolve("/health", [], "p")
+    assert (unprefixed.name, unprefixed.source, unprefixed.path) == ("v2", "default", None)
+    with pytest.raises(UnsupportedApiVersion, match="v7"):
+        await versions.resolve("/v7/chat", [], "p")
+    # '/v1x' is not a version prefix
+    assert (await versions.resolve("/v1x", [], "p")).source == "default"
+
+
+async def test_retired_api_version_is_410_naming_the_replacement() -> None:
+    clock = FakeClock(at("2026-09-01"))
+    versions = make_versions(clock)
+    with pytest.raises(ModelRetired) as exc:
+        await versions.resolve("/x", h(x_api_version="2025-01-01"), "p")
+    assert exc.value.status == 410
+    assert exc.value.extra["replacement"] == "2026-06-01"
+    assert exc.value.extra["retired_api_version"] == "2025-01-01"
+    assert "2026-06-01" in exc.value.detail
+
+
+async def test_a_pin_naming_an_unknown_version_is_a_typed_400() -> None:
+    versions = make_versions(FakeClock(at("2026-03-01")), pins=lambda principal: "2020-01-01")
+    with pytest.raises(UnsupportedApiVersion, match="pinned for this caller"):
+        await versions.resolve("/x", [], "p")

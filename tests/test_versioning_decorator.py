@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timezone
+from typing import Any
+
+import http_sfv
+import httpx
+import pytest
+from fastapi import Depends, FastAPI
+from pydantic import BaseModel
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+
+from aimiddleware import DeprecationMonitor, Lifecycle, deprecated, install
+from aimiddleware.headers import parse_http_date
+from aimiddleware.storage import Storage
+from tests.versioning_app import NEW, OLD, FakeClock, at, make_registry
+
+POLICY = dict(
+    deprecated="2026-01-01",
+    sunset="2026-07-01",
+    replacement="/v2/summarize",
+    deprecation_link="https://docs.example/summarize",
+    successor_link="https://docs.example/v2/summarize",
+)
+
+
+def sf_date(value: str) -> datetime:
+    item = http_sfv.Item()
+    item.parse(value.encode())
+    assert isinstance(item.value, datetime)
+    return item.value.replace(tzinfo=timezone.utc)
+
+
+class Doc(BaseModel):
+    text: str
+
+
+def tenant() -> str:
+    return "acme"
+
+
+def fastapi_app(clock: FakeClock, monitor: DeprecationMonitor | None = None) -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/summarize/{doc_id}")
+    @deprecated(**POLICY, clock=clock, monitor=monitor)  # type: ignore[arg-type]
+    async def summarize(doc_id: int, doc: Doc, who: str = Depends(tenant)) -> dict[str, Any]:
+        return {"id": doc_id, "summary": doc.text[:5], "tenant": who}
+
+    @app.get("/legacy-sync")
+    @deprecated(deprecated="2026-01-01", clock=clock)
+    def legacy_sync(q: int = 1) -> dict[str, int]:
+        return {"q": q}
+
+    @app.get("/plain")
+    @deprecated(Lifecycle.of(deprecated="2026-02-01", sunset="2026-12-01"), clock=clock)
+    async def plain() -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    install(app)
+    return app
+
+
+async def test_fastapi_endpoint_of_any_signature_keeps_validation_and_gets_headers() -> None:
+    app = fastapi_app(FakeClock(at("2026-03-01")))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        r = await c.post("/summarize/7", json={"text": "hello world"})
+        invalid = await c.post("/summarize/x", json={"text": 1})
+        sync = await c.get("/legacy-sync", params={"q": 3})
+        plain = await c.get("/plain")
+        schema = (await c.get("/openapi.json")).json()
+    assert r.status_code == 200 and r.json() == {"id": 7, "summary": "hello", "tenant": "acme"}
+    assert sf_date(r.headers["deprecation"]) == at("2026-01-01")
+    assert parse_http_date(r.headers["sunset"]) == at("2026-07-01")
+    assert r.links["successor-version"]["url"] == "https://docs.example/v2/summarize"
+    assert r.links["deprecation"]["url"] == "https://docs.example/summarize"
+    assert invalid.status_code == 422  # FastAPI still validates the real parameters
+    assert sync.json() == {"q": 3} and sf_date(sync.headers["deprecation"]) == at("2026-01-01")
+    assert plain.text == "ok" and parse_http_date(plain.headers["sunset"]) == at("2026-12-01")
+    params = schema["paths"]["/summarize/{doc_id}"]["post"]["parameters"]
+    assert [p["name"] for p in params] == ["doc_id"]  # the hidden parameter is not exposed
+
+
+async def test_after_sunset_the_endpoint_is_410_and_not_called() -> None:
+    clock = FakeClock(at("2026-07-01"))
+    app = fastapi_app(clock)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        r = await c.post("/summarize/7", json={"text": "hello"})
+    assert r.status_code == 410
+    body = r.json()
+    assert body["error"]["code"] == "model_retired" and body["replacement"] == "/v2/summarize"
+    assert body["retired_route"] == "summarize"
+
+
+async def test_starlette_endpoint_and_the_registry_lifecycle(storage: Storage) -> None:
+    clock = FakeClock(at("2026-03-01"))
+    registry = make_registry(clock)
+    monitor = DeprecationMonitor(storage)
+
+    @deprecated(registry.snapshot(OLD).lifecycle, name="old-echo", clock=clock, monitor=monitor)
+    async def old_echo(request: Request) -> JSONResponse:
+        return JSONResponse({"path": request.url.path})
+
+    app = install(Starlette(routes=[Route("/old", old_echo)]))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t",
+        headers={"x-api-key": "k1"},
+    ) as c:
+        r = await c.get("/old")
+        r2 = await c.get("/old")
+        clock.now = at("2026-07-02")
+        gone = await c.get("/old")
+    assert r.json() == {"path": "/old"}
+    assert sf_date(r.headers["deprecation"]) == at("2026-01-01")
+    assert r.links["successor-version"]["url"].endswith(NEW)
+    assert r2.status_code == 200 and gone.status_code == 410 and gone.json()["replacement"] == NEW
+    principal = "key_" + hashlib.sha256(b"k1").hexdigest()[:32]
+    assert await monitor.counts(principal) == {"route:old-echo": 2}
+
+
+def test_decoration_time_errors() -> None:
+    with pytest.raises(ValueError, match="must not be earlier than Deprecation"):
+        deprecated(deprecated="2026-06-01", sunset="2026-01-01")
+    with pytest.raises(ValueError, match="needs a deprecation date"):
+        deprecated()
+    with pytest.raises(TypeError, match="not both"):
+        deprecated(Lifecycle.of(deprecated="2026-01-01"), sunset="2026-07-01")

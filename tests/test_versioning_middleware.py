@@ -1,0 +1,290 @@
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from typing import Any
+
+import http_sfv
+import httpx
+import openai
+import pytest
+from fastapi import FastAPI
+from starlette.responses import StreamingResponse
+
+from aimiddleware import (
+    DeprecatedCall,
+    DeprecationMonitor,
+    RequestContextMiddleware,
+    StackConfig,
+    VersioningConfig,
+    VersioningMiddleware,
+    current,
+    install,
+)
+from aimiddleware.headers import parse_http_date
+from aimiddleware.storage import Storage
+from aimiddleware.types import Message
+from tests.versioning_app import NEW, OLD, FakeClock, at, build_app, make_registry, serve
+
+NOW = "2026-03-01"
+
+
+def principal_of(key: str) -> str:
+    return "key_" + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def client(app: Any, key: str = "sk-test") -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://test",
+        headers={"authorization": f"Bearer {key}"},
+    )
+
+
+def sf_date(value: str) -> datetime:
+    item = http_sfv.Item()
+    item.parse(value.encode())
+    assert isinstance(item.value, datetime)
+    return item.value.replace(tzinfo=timezone.utc)
+
+
+async def test_alias_is_resolved_and_echoed_without_deprecation() -> None:
+    async with client(build_app(FakeClock(at(NOW)))) as c:
+        r = await c.post("/chat", json={"model": "my-model"})
+    assert r.status_code == 200
+    assert r.headers["x-model"] == "my-model"
+    assert r.headers["x-model-version"] == NEW
+    assert r.headers["x-api-version"] == "2026-06-01"
+    assert "deprecation" not in r.headers and "sunset" not in r.headers
+    body = r.json()
+    assert (body["model"], body["model_version"]) == ("my-model", NEW)
+
+
+async def test_deprecated_snapshot_headers_parse_as_structured_fields_and_dates() -> None:
+    async with client(build_app(FakeClock(at(NOW)))) as c:
+        r = await c.post("/chat", json={"model": OLD})
+    assert r.status_code == 200 and r.headers["x-model-version"] == OLD
+    deprecation = sf_date(r.headers["deprecation"])  # RFC 9745: an sf-date Item
+    sunset = parse_http_date(r.headers["sunset"])  # RFC 8594: an HTTP-date
+    assert deprecation == at("2026-01-01") and sunset == at("2026-07-01")
+    assert sunset >= deprecation
+    assert r.headers["sunset"] == "Wed, 01 Jul 2026 00:00:00 GMT"  # IMF-fixdate exactly
+    links = r.links
+    assert links["deprecation"]["url"].startswith("https://docs.example/deprecations")
+    assert links["sunset"]["url"] == "https://docs.example/sunset-policy"
+    assert links["successor-version"]["url"] == f"https://docs.example/models/{NEW}"
+
+
+async def test_410_after_sunset_names_the_replacement() -> None:
+    clock = FakeClock(at(NOW))
+    app = build_app(clock)
+    async with client(app) as c:
+        assert (await c.post("/chat", json={"model": OLD})).status_code == 200
+        clock.now = at("2026-07-01T00:00:01")
+        r = await c.post("/chat", json={"model": OLD})
+        still = await c.post("/chat", json={"model": "my-model"})
+    assert r.status_code == 410
+    assert r.headers["content-type"] == "application/problem+json"
+    body = r.json()
+    assert body["error"]["code"] == "model_retired" and body["replacement"] == NEW
+    assert NEW in body["detail"] and body["retryable"] is False
+    assert r.headers["x-should-retry"] == "false"
+    assert parse_http_date(r.headers["sunset"]) == at("2026-07-01")
+    assert sf_date(r.headers["deprecation"]) == at("2026-01-01")
+    assert r.links["successor-version"]["url"].endswith(NEW)
+    assert still.status_code == 200 and still.headers["x-model-version"] == NEW
+
+
+async def test_one_endpoint_two_schemas_by_api_version_header() -> None:
+    async with client(build_app(FakeClock(at(NOW)))) as c:
+        v1 = await c.post("/chat", json={"model": NEW}, headers={"x-api-version": "2025-01-01"})
+        v2 = await c.post("/chat", json={"model": NEW}, headers={"x-api-version": "2026-06-01"})
+    assert v1.json() == {"model": NEW, "text": f"Hello from {NEW}!", "tokens": 16}
+    assert "choices" in v2.json() and "text" not in v2.json()
+    assert v1.headers["x-api-version"] == "2025-01-01"
+    assert sf_date(v1.headers["deprecation"]) == at("2026-02-01")  # the version is deprecated
+    assert "deprecation" not in v2.headers
+
+
+@pytest.mark.parametrize("value", ["2027-01-01", "banana", "2026-13-01"])
+async def test_unknown_or_malformed_version_is_400_listing_supported(value: str) -> None:
+    async with client(build_app(FakeClock(at(NOW)))) as c:
+        r = await c.post("/chat", json={"model": NEW}, headers={"x-api-version": value})
+    assert r.status_code == 400
+    body = r.json()
+    assert body["error"]["code"] == "unsupported_api_version"
+    assert body["supported_versions"] == ["2025-01-01", "2026-06-01"]
+    assert "2025-01-01, 2026-06-01" in body["detail"]
+
+
+async def test_per_principal_default_pin() -> None:
+    legacy = principal_of("sk-legacy")
+    app = build_app(FakeClock(at(NOW)), pins={legacy: "2025-01-01"})
+    async with client(app, "sk-legacy") as old, client(app, "sk-new") as new:
+        pinned = await old.post("/chat", json={"model": NEW})
+        override = await old.post("/chat", json={"model": NEW},
+                                  headers={"x-api-version": "2026-06-01"})
+        default = await new.post("/chat", json={"model": NEW})
+    assert pinned.headers["x-api-version"] == "2025-01-01" and "text" in pinned.json()
+    assert override.headers["x-api-version"] == "2026-06-01"
+    assert default.headers["x-api-version"] == "2026-06-01" and "choices" in default.json()
+
+
+async def test_path_prefix_versions_share_one_endpoint() -> None:
+    app = build_app(FakeClock(at(NOW)), path_prefix=True)
+    async with client(app) as c:
+        v1 = await c.post("/v1/chat", json={"model": NEW})
+        v2 = await c.post("/v2/chat", json={"model": NEW})
+        bad = await c.post("/v9/chat", json={"model": NEW})
+        who = await c.get("/v1/whoami", headers={"x-model": "latest"})
+    assert "text" in v1.json() and "choices" in v2.json()
+    assert v1.headers["api-version"] == "v1" and v2.headers["api-version"] == "v2"
+    assert v1.links["successor-version"]["url"] == "https://docs.example/v2"
+    assert bad.status_code == 400 and bad.json()["supported_versions"] == ["v1", "v2"]
+    assert who.json() == {"api_version": "v1", "model": "latest", "path": "/v1/whoami"}
+    assert who.headers["x-model-version"] == NEW
+
+
+async def test_unknown_and_invalid_models() -> None:
+    async with client(build_app(FakeClock(at(NOW)))) as c:
+        unknown = await c.post("/chat", json={"model": "gpt-17"})
+        wrong_type = await c.post("/chat", json={"model": 42})
+        no_model = await c.get("/whoami")
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
+    assert wrong_type.status_code == 400 and wrong_type.json()["error"]["param"] == "model"
+    assert no_model.status_code == 200 and no_model.json()["model"] is None
+    assert "x-model-version" not in no_model.headers
+
+
+async def test_deprecated_calls_are_counted_per_principal_and_hooked(storage: Storage) -> None:
+    seen: list[DeprecatedCall] = []
+    monitor = DeprecationMonitor(storage, hook=seen.append)
+    app = build_app(FakeClock(at(NOW)), monitor=monitor)
+    async with client(app, "sk-a") as a, client(app, "sk-b") as b:
+        await a.post("/chat", json={"model": OLD})
+        await a.post("/chat", json={"model": OLD}, headers={"x-api-version": "2025-01-01"})
+        await a.post("/chat", json={"model": NEW})
+        await b.post("/chat", json={"model": "my-model"})
+    assert await monitor.counts(principal_of("sk-a")) == {
+        f"model:{OLD}": 2,
+        "api_version:2025-01-01": 1,
+    }
+    assert await monitor.counts(principal_of("sk-b")) == {}
+    assert [(c.kind, c.name) for c in seen] == [
+        ("model", OLD), ("api_version", "2025-01-01"), ("model", OLD),
+    ]
+    assert seen[0].replacement == NEW and seen[0].request_id
+
+
+async def test_models_route() -> None:
+    async with client(build_app(FakeClock(at(NOW)))) as c:
+        r = await c.get("/v1/models")
+        post = await c.post("/v1/models")
+    assert r.status_code == 200 and r.json()["object"] == "list"
+    by_id = {m["id"]: m for m in r.json()["data"]}
+    assert by_id[OLD]["shutdown_date"] == "2026-07-01"
+    assert by_id["latest"]["alias_for"] == NEW
+    assert post.status_code == 405
+
+
+async def test_streaming_response_gets_headers_on_the_single_start() -> None:
+    clock = FakeClock(at(NOW))
+    app = FastAPI()
+
+    @app.post("/stream")
+    async def stream() -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            for i in range(3):
+                yield f"data: {i}\n\n".encode()
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    wrapped = RequestContextMiddleware(
+        VersioningMiddleware(app, registry=make_registry(clock))
+    )
+    sent: list[Message] = []
+    body = b'{"model": "%s"}' % OLD.encode()
+    chunks = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> Message:
+        return chunks.pop(0) if chunks else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/stream", "raw_path": b"/stream", "query_string": b"",
+        "root_path": "", "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1), "server": ("test", 80),
+    }
+    await wrapped(scope, receive, send)
+    starts = [m for m in sent if m["type"] == "http.response.start"]
+    bodies = [m for m in sent if m["type"] == "http.response.body" and m.get("body")]
+    assert len(starts) == 1
+    headers = dict(starts[0]["headers"])
+    assert headers[b"x-model-version"] == OLD.encode() and headers[b"deprecation"]
+    assert len(bodies) == 3  # still streamed chunk by chunk
+
+
+def test_configuration_errors() -> None:
+    app = FastAPI()
+    with pytest.raises(ValueError, match="versions, a registry"):
+        VersioningMiddleware(app)
+    registry = make_registry(FakeClock(at(NOW)))
+    with pytest.raises(ValueError, match="start with"):
+        VersioningMiddleware(app, registry=registry, models_path="models")
+    with pytest.raises(ValueError, match="model_field or model_header"):
+        VersioningMiddleware(app, registry=registry, model_field=None, model_header=None)
+    with pytest.raises(TypeError):
+        VersioningMiddleware(app, registry="nope")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not both"):
+        VersioningMiddleware(app, registry=registry, monitor=DeprecationMonitor(),
+                             storage="memory://")
+
+
+def test_openai_sdk_against_a_real_server() -> None:
+    """The official SDK lists the models, sees the headers, and gets a 410 after sunset."""
+    clock = FakeClock(at(NOW))
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def completions(body: dict[str, Any]) -> dict[str, Any]:
+        ctx = current()
+        return {
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 0,
+            "model": ctx.model_version,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": "hi"}}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+        }
+
+    install(app, StackConfig(versioning=VersioningConfig(
+        registry=make_registry(clock), models_path="/v1/models")))
+    with serve(app) as url:
+        sdk = openai.OpenAI(base_url=url + "/v1", api_key="sk-test", max_retries=0)
+        ids = {m.id for m in sdk.models.list()}
+        assert ids == {OLD, NEW, "my-model", "latest"}
+        raw = sdk.chat.completions.with_raw_response.create(
+            model=OLD, messages=[{"role": "user", "content": "hi"}]
+        )
+        assert raw.parse().model == OLD
+        assert sf_date(raw.headers["deprecation"]) == at("2026-01-01")
+        clock.now = at("2026-08-01")
+        with pytest.raises(openai.APIStatusError) as exc:
+            sdk.chat.completions.create(model=OLD, messages=[{"role": "user", "content": "hi"}])
+        assert exc.value.status_code == 410
+        assert isinstance(exc.value.body, dict)
+        assert exc.value.body["code"] == "model_retired"
+
+
+async def test_path_prefix_under_a_root_path_and_vary() -> None:
+    app = build_app(FakeClock(at(NOW)), path_prefix=True)
+    transport = httpx.ASGITransport(app=app, root_path="/api")
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        who = await c.get("/api/v1/whoami")
+    assert who.status_code == 200 and who.json()["api_version"] == "v1"
+    async with client(build_app(FakeClock(at(NOW)))) as c:
+        r = await c.post("/chat", json={"model": NEW})
+    assert "x-api-version" in r.headers.get_list("vary")
