@@ -131,11 +131,11 @@ async def _run_side(
     headers.append((b"content-length", str(len(raw_body)).encode()))
     sub = RequestContext(
         request_id=f"{ctx.request_id}.{label}",
-        trace=ctx.trace,
         principal=ctx.principal,
         method=req.method,
         path=path,
         body=raw_body,
+        traceparent_header=ctx.trace.traceparent,
     )
     sub_scope: Scope = {
         **scope,
