@@ -19,6 +19,8 @@ from aimiddleware.error_middleware import ErrorMiddleware, register_exception_ha
 from aimiddleware.errors import DEFAULT_TYPE_BASE, ExceptionMapper, Mapper
 from aimiddleware.storage import Storage
 from aimiddleware.types import ASGIApp, PrincipalResolver
+from aimiddleware.usage.config import UsageConfig
+from aimiddleware.usage.middleware import UsageMiddleware
 
 __all__ = ["StackConfig", "install"]
 
@@ -34,6 +36,7 @@ class StackConfig:
     principal: PrincipalResolver | None = None
     error_type_base: str = DEFAULT_TYPE_BASE
     exception_mappings: Mapping[type[BaseException], Mapper] = field(default_factory=dict)
+    usage: UsageConfig | None = None
 
 
 def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
@@ -64,6 +67,9 @@ def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
         ),
         (ErrorMiddleware, {"mapper": mapper, "error_type_base": config.error_type_base}),
     ]
+    # Innermost: usage sits right before the app.
+    if config.usage is not None:
+        layers.append((UsageMiddleware, config.usage.middleware_options(storage)))
     del storage  # shared with the stateful layers as they join the stack
 
     if hasattr(app, "add_middleware") and hasattr(app, "add_exception_handler"):
