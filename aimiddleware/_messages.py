@@ -181,6 +181,11 @@ class Tally:
         gemini_system = body.get("systemInstruction", body.get("system_instruction"))
         if isinstance(gemini_system, Mapping):
             messages.append({"role": "system", "content": gemini_system.get("parts")})
+        if not any(k in body for k in ("messages", "input", "contents", "prompt")):
+            raise TypeError("the body has no messages, input, contents or prompt")
+        for key in ("messages", "contents"):
+            if key in body and not isinstance(body[key], list):
+                raise TypeError(f"{key} must be a list")
         if isinstance(body.get("messages"), list):
             messages.extend(body["messages"])
         elif "input" in body:
