@@ -326,3 +326,14 @@ def test_encodings_are_cached_per_instance() -> None:
     ea = a.encoding("cl100k_base")
     assert a.encoding("cl100k_base") is ea
     assert b.encoding("cl100k_base") is not ea
+
+
+def test_cache_keeps_digests_not_texts_and_changes_no_count() -> None:
+    cached, plain = TokenCounter(cache_min_chars=10), TokenCounter(cache_size=0)
+    for text in CORPUS * 2:
+        assert cached.count_text(text, "gpt-4o") == plain.count_text(text, "gpt-4o")
+    assert cached._cache is not None and len(cached._cache) > 0 and plain._cache is None
+    for name, digest in cached._cache:
+        assert name == "o200k_base" and isinstance(digest, bytes) and len(digest) == 16
+    with pytest.raises(ValueError):
+        TokenCounter(cache_size=-1)

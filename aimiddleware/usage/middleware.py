@@ -124,7 +124,11 @@ class UsageMiddleware:
         try:
             await self.app(scope, receive, responder.send)
         finally:
-            with anyio.CancelScope(shield=True):
+            ledger = self.settings.ledger
+            if ledger is not None and ledger.does_io:
+                with anyio.CancelScope(shield=True):  # record even a cancelled request
+                    await self.finish(ctx)
+            else:
                 await self.finish(ctx)
 
     # -- accounting -----------------------------------------------------------------------
