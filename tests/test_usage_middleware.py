@@ -380,3 +380,32 @@ async def test_without_the_context_layer_it_passes_through() -> None:
     scope, receive = scope_for("/x")
     await UsageMiddleware(app, record=False)(scope, receive, rec)
     assert rec.messages[0] == {"type": "http.response.start", "status": 204, "headers": []}
+
+
+async def test_install_uses_the_shared_storage_for_the_ledger(storage: Any) -> None:
+    from aimiddleware import UsageRoutes
+
+    app = Starlette(routes=[Route("/reported", reported, methods=["POST"]),
+                            *UsageRoutes().routes])
+    install(app, StackConfig(storage=storage, usage=UsageConfig(prices=PRICES)))
+    async with client(app) as c:
+        r = await c.post("/reported", headers={"authorization": "Bearer k"})
+        history = await c.get("/usage", headers={"authorization": "Bearer k"})
+    assert r.headers["x-usage-input-tokens"] == "40"
+    [row] = history.json()["data"]
+    assert (row["model"], row["input_tokens"], row["finish_reasons"]) == (
+        "claude-sonnet-4-5", 40, {"stop": 1})
+
+
+async def test_a_held_json_head_is_released_if_the_app_sends_no_final_body() -> None:
+    rec = Recorder()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b"{}", "more_body": True})
+
+    scope, receive = scope_for("/x")
+    await RequestContextMiddleware(UsageMiddleware(app, record=False))(scope, receive, rec)
+    assert [m["type"] for m in rec.messages] == ["http.response.start", "http.response.body"]
+    assert rec.messages[1]["body"] == b"{}"

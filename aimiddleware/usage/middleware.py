@@ -123,6 +123,7 @@ class UsageMiddleware:
         responder = _Responder(self, ctx, send)
         try:
             await self.app(scope, receive, responder.send)
+            await responder.release()
         finally:
             ledger = self.settings.ledger
             if ledger is not None and ledger.does_io:
@@ -257,6 +258,11 @@ class _Responder:
             self.mode = "pass"
             self.mw.settle(self.ctx)
             await self._send({**message, "headers": headers + self.mw.headers(self.ctx)})
+
+    async def release(self) -> None:
+        """The app returned while a JSON head was held (no final body): send what we have."""
+        if self.mode == "hold":
+            await self._on_held_body({"type": "http.response.body", "body": b""})
 
     async def _on_held_body(self, message: Message) -> None:
         body = message.get("body", b"")
