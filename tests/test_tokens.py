@@ -56,12 +56,11 @@ def _no_network(*args: Any, **kwargs: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict[str, Any]:
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """tiktoken's OWN constructors (pat_str, special tokens, hash check) fed from a seeded
     cache dir built from the bundled file, with tiktoken's downloader disabled."""
     mp = pytest.MonkeyPatch()
-    cache = Path(__file__).parent / ".tiktoken-ref-cache"
-    cache.mkdir(exist_ok=True)
+    cache = tmp_path_factory.mktemp("tiktoken-cache")
     try:
         mp.setenv("TIKTOKEN_CACHE_DIR", str(cache))
         mp.setattr(tiktoken.load, "read_file", _no_network)
@@ -76,9 +75,6 @@ def reference() -> dict[str, Any]:
         return encs
     finally:
         mp.undo()
-        for f in cache.iterdir():
-            f.unlink()
-        cache.rmdir()
 
 
 @pytest.mark.parametrize("name", ["cl100k_base", "o200k_base"])
