@@ -409,3 +409,28 @@ async def test_a_held_json_head_is_released_if_the_app_sends_no_final_body() -> 
     await RequestContextMiddleware(UsageMiddleware(app, record=False))(scope, receive, rec)
     assert [m["type"] for m in rec.messages] == ["http.response.start", "http.response.body"]
     assert rec.messages[1]["body"] == b"{}"
+
+
+async def test_non_http_scopes_pass_straight_through() -> None:
+    seen: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope["type"])
+
+    mw = UsageMiddleware(app, record=False)
+    await mw({"type": "lifespan"}, None, None)  # type: ignore[arg-type]
+    await mw({"type": "websocket"}, None, None)  # type: ignore[arg-type]
+    assert seen == ["lifespan", "websocket"]
+
+
+async def test_accounting_errors_never_fail_the_response(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Broken(MemoryLedger):
+        async def record(self, rec: Any) -> None:
+            raise RuntimeError("boom")
+
+    async with client(make_app(Broken())) as c:
+        r = await c.post("/openai", json={"model": "gpt-4o"})
+    assert r.status_code == 200 and r.headers["x-usage-total-tokens"] == "1163"
+    assert any("usage accounting failed" in rec.message for rec in caplog.records)

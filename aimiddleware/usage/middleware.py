@@ -186,6 +186,13 @@ class UsageMiddleware:
         return out
 
     async def finish(self, ctx: RequestContext) -> None:
+        """Settle and record; accounting never fails the response it accounts for."""
+        try:
+            await self._finish(ctx)
+        except Exception:
+            logger.exception("usage accounting failed for %s", ctx.request_id)
+
+    async def _finish(self, ctx: RequestContext) -> None:
         self.settle(ctx)
         ledger = self.settings.ledger
         if ledger is None or (ctx.usage is None and ctx.raw_finish_reason is None):
