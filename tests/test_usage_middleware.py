@@ -434,3 +434,19 @@ async def test_accounting_errors_never_fail_the_response(
         r = await c.post("/openai", json={"model": "gpt-4o"})
     assert r.status_code == 200 and r.headers["x-usage-total-tokens"] == "1163"
     assert any("usage accounting failed" in rec.message for rec in caplog.records)
+
+
+async def test_unknown_messages_while_holding_release_the_head_first() -> None:
+    rec = Recorder()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "trailers": True,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b'{"a":', "more_body": True})
+        await send({"type": "http.response.trailers", "headers": [], "more_trailers": False})
+
+    scope, receive = scope_for("/x")
+    await RequestContextMiddleware(UsageMiddleware(app, record=False))(scope, receive, rec)
+    assert [m["type"] for m in rec.messages] == [
+        "http.response.start", "http.response.body", "http.response.trailers"]
+    assert rec.messages[1] == {"type": "http.response.body", "body": b'{"a":', "more_body": True}

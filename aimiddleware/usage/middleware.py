@@ -244,6 +244,9 @@ class _Responder:
             await self._on_start(message)
         elif kind == "http.response.body" and self.mode == "hold":
             await self._on_held_body(message)
+        elif self.mode == "hold":  # trailers, pathsend...: release the head, then forward
+            await self._release_held(more=True)
+            await self._send(message)
         else:
             if kind == "http.response.body" and self.mode == "scan":
                 self._scan(message.get("body", b""), final=not message.get("more_body", False))
@@ -284,13 +287,17 @@ class _Responder:
             except (ValueError, UnicodeDecodeError):
                 parsed = None
             self.mw.absorb(self.ctx, from_response(parsed))
+        await self._release_held(more=more)
+
+    async def _release_held(self, *, more: bool) -> None:
         self.mw.settle(self.ctx)
-        assert self.start is not None
-        headers = list(self.start.get("headers", ())) + self.mw.headers(self.ctx)
-        await self._send({**self.start, "headers": headers})
-        self.mode = "pass"
+        start, self.start, self.mode = self.start, None, "pass"
+        if start is not None:
+            headers = list(start.get("headers", ())) + self.mw.headers(self.ctx)
+            await self._send({**start, "headers": headers})
         body, self.chunks = b"".join(self.chunks), []
-        await self._send({"type": "http.response.body", "body": body, "more_body": more})
+        if body or not more:
+            await self._send({"type": "http.response.body", "body": body, "more_body": more})
 
     def _scan(self, chunk: bytes, *, final: bool) -> None:
         """Read ``data:`` lines carrying usage as the stream passes; keep only a partial line."""
