@@ -33,9 +33,19 @@ from aimiddleware.errors import (
     UpstreamUnavailable,
     ValidationFailed,
 )
+from aimiddleware.finish_reason import FinishReason, normalize_finish_reason
+from aimiddleware.pricing import ModelPrice, PriceTable
 from aimiddleware.stack import StackConfig, install
 from aimiddleware.storage import Storage
-from aimiddleware.usage.models import Usage
+from aimiddleware.tokens import TokenCount, TokenCounter
+from aimiddleware.usage.config import UsageConfig
+from aimiddleware.usage.envelope import Completion, envelope
+from aimiddleware.usage.ledger import Ledger, MemoryLedger
+from aimiddleware.usage.ledger_redis import RedisLedger
+from aimiddleware.usage.ledger_sqlite import SQLiteLedger
+from aimiddleware.usage.middleware import UsageMiddleware
+from aimiddleware.usage.models import Envelope, Usage
+from aimiddleware.usage.routes import UsageRoutes
 from aimiddleware.versioning import (
     ApiVersion,
     ApiVersions,
@@ -55,18 +65,24 @@ __all__ = [
     "ApiVersion",
     "ApiVersions",
     "AuthenticationFailed",
+    "Completion",
     "Conflict",
     "ContentFiltered",
     "DeprecatedCall",
     "DeprecationMonitor",
+    "Envelope",
     "ErrorMiddleware",
     "ExceptionMapper",
+    "FinishReason",
     "HTTPStatusError",
     "IdempotencyKeyReused",
     "InternalError",
     "InvalidRequest",
+    "Ledger",
     "Lifecycle",
+    "MemoryLedger",
     "MethodNotAllowed",
+    "ModelPrice",
     "ModelRegistry",
     "ModelRetired",
     "NotFound",
@@ -74,29 +90,39 @@ __all__ = [
     "Overloaded",
     "PermissionDenied",
     "PolicyRefusal",
+    "PriceTable",
     "PromptInjectionDetected",
     "QuotaExceeded",
     "RateLimited",
+    "RedisLedger",
     "RequestContext",
     "RequestContextMiddleware",
     "RequestIdFilter",
     "RequestTooLarge",
+    "SQLiteLedger",
     "StackConfig",
     "Storage",
     "StoreUnavailable",
     "Timeout",
+    "TokenCount",
+    "TokenCounter",
     "UnsupportedApiVersion",
     "UpstreamError",
     "UpstreamRateLimited",
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "Usage",
+    "UsageConfig",
+    "UsageMiddleware",
+    "UsageRoutes",
     "ValidationFailed",
     "VersioningConfig",
     "VersioningMiddleware",
     "current",
     "deprecated",
+    "envelope",
     "install",
+    "normalize_finish_reason",
     "register_exception_handlers",
     "report_usage",
 ]

@@ -20,6 +20,8 @@ from aimiddleware.errors import DEFAULT_TYPE_BASE, ExceptionMapper, Mapper
 from aimiddleware.openapi import document_stack
 from aimiddleware.storage import Storage
 from aimiddleware.types import ASGIApp, PrincipalResolver
+from aimiddleware.usage.config import UsageConfig
+from aimiddleware.usage.middleware import UsageMiddleware
 from aimiddleware.versioning.config import VersioningConfig
 from aimiddleware.versioning.middleware import VersioningMiddleware
 
@@ -38,6 +40,7 @@ class StackConfig:
     error_type_base: str = DEFAULT_TYPE_BASE
     exception_mappings: Mapping[type[BaseException], Mapper] = field(default_factory=dict)
     versioning: VersioningConfig | None = None
+    usage: UsageConfig | None = None
 
 
 def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
@@ -78,6 +81,9 @@ def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
                 },
             )
         )
+    # Innermost: usage sits right before the app.
+    if config.usage is not None:
+        layers.append((UsageMiddleware, config.usage.middleware_options(storage)))
 
     if hasattr(app, "add_middleware") and hasattr(app, "add_exception_handler"):
         register_exception_handlers(app, mapper=mapper, error_type_base=config.error_type_base)
