@@ -33,6 +33,12 @@ from aimiddleware.errors import (
     UpstreamUnavailable,
     ValidationFailed,
 )
+from aimiddleware.idempotency import (
+    IdempotencyConfig,
+    IdempotencyMiddleware,
+    IdempotencyStore,
+    idempotent,
+)
 from aimiddleware.stack import StackConfig, install
 from aimiddleware.storage import Storage
 from aimiddleware.usage.models import Usage
@@ -47,7 +53,10 @@ __all__ = [
     "ErrorMiddleware",
     "ExceptionMapper",
     "HTTPStatusError",
+    "IdempotencyConfig",
     "IdempotencyKeyReused",
+    "IdempotencyMiddleware",
+    "IdempotencyStore",
     "InternalError",
     "InvalidRequest",
     "MethodNotAllowed",
@@ -76,6 +85,7 @@ __all__ = [
     "Usage",
     "ValidationFailed",
     "current",
+    "idempotent",
     "install",
     "register_exception_handlers",
     "report_usage",

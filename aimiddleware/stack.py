@@ -17,6 +17,8 @@ from typing import Any
 from aimiddleware.context_middleware import DEFAULT_MAX_BODY, RequestContextMiddleware
 from aimiddleware.error_middleware import ErrorMiddleware, register_exception_handlers
 from aimiddleware.errors import DEFAULT_TYPE_BASE, ExceptionMapper, Mapper
+from aimiddleware.idempotency.config import IdempotencyConfig
+from aimiddleware.idempotency.middleware import IdempotencyMiddleware
 from aimiddleware.storage import Storage
 from aimiddleware.types import ASGIApp, PrincipalResolver
 
@@ -34,6 +36,7 @@ class StackConfig:
     principal: PrincipalResolver | None = None
     error_type_base: str = DEFAULT_TYPE_BASE
     exception_mappings: Mapping[type[BaseException], Mapper] = field(default_factory=dict)
+    idempotency: IdempotencyConfig | None = None
 
 
 def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
@@ -64,7 +67,19 @@ def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
         ),
         (ErrorMiddleware, {"mapper": mapper, "error_type_base": config.error_type_base}),
     ]
-    del storage  # shared with the stateful layers as they join the stack
+    # Versioning joins here.
+    if config.idempotency is not None:  # outside rate limiting: a replay costs no quota
+        layers.append(
+            (
+                IdempotencyMiddleware,
+                {
+                    "storage": storage,
+                    "config": config.idempotency,
+                    "error_type_base": config.error_type_base,
+                },
+            )
+        )
+    # RateLimit and Usage join here, sharing ``storage``.
 
     if hasattr(app, "add_middleware") and hasattr(app, "add_exception_handler"):
         register_exception_handlers(app, mapper=mapper, error_type_base=config.error_type_base)

@@ -1,0 +1,33 @@
+"""The store protocol every idempotency backend implements (memory, Redis/Valkey).
+
+Every operation is atomic in its backend. ``complete``, ``release`` and ``heartbeat`` are
+compare-and-set on the owner token: a worker whose lease expired and was taken over can
+never overwrite or delete the new owner's record.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from aimiddleware.idempotency.models import Completed, Outcome
+
+__all__ = ["IdempotencyStore"]
+
+
+@runtime_checkable
+class IdempotencyStore(Protocol):
+    async def claim(self, key: str, fingerprint: str, owner: str, lease: float) -> Outcome:
+        """Take the lease if the key is free (-> ``Claimed``), else return the record held."""
+        ...
+
+    async def heartbeat(self, key: str, owner: str, lease: float) -> bool:
+        """Extend ``owner``'s lease; ``False`` if it no longer holds it."""
+        ...
+
+    async def complete(self, key: str, owner: str, record: Completed, retention: float) -> bool:
+        """Replace ``owner``'s lease by ``record`` for ``retention`` seconds."""
+        ...
+
+    async def release(self, key: str, owner: str) -> bool:
+        """Delete ``owner``'s lease so that a retry runs again."""
+        ...
