@@ -165,7 +165,9 @@ async def test_50_concurrent_identical_requests_run_once(storage: Storage) -> No
         await asyncio.sleep(0.05)
         late = await c.post("/chat?delay=0.3", content=b'{"q":1}', headers=KEY)
     assert counts["chat"] == 1
-    fresh = [r for r in responses if r.status_code == 201 and "idempotent-replayed" not in r.headers]
+    fresh = [
+        r for r in responses if r.status_code == 201 and "idempotent-replayed" not in r.headers
+    ]
     assert len(fresh) == 1
     for r in responses:
         if r.status_code == 409:
@@ -282,7 +284,7 @@ async def test_invalid_key_is_400_and_missing_required_key_is_400() -> None:
 
 
 async def test_no_key_passes_through_when_optional() -> None:
-    app, counts = build("memory://")
+    app, _ = build("memory://")
     async with client(app) as c:
         r1 = await c.post("/chat")
         r2 = await c.post("/chat")
@@ -378,7 +380,7 @@ async def serve(app: Any) -> AsyncIterator[str]:
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve)
         with anyio.fail_after(10):
-            while not server.started:
+            while not server.started:  # noqa: ASYNC110 - uvicorn offers no event
                 await anyio.sleep(0.01)
         try:
             yield f"http://127.0.0.1:{port}"
