@@ -33,10 +33,16 @@ def build(storage: Storage | str, **options: Any) -> tuple[FastAPI, Counter[str]
     async def chat(request: Request) -> Response:
         n = await count("chat")
         await asyncio.sleep(float(request.query_params.get("delay", "0")))
+        if n == 1 and request.query_params.get("hang_first"):
+            await asyncio.sleep(60)  # the SIGKILL test kills the worker meanwhile
         body = await request.body()
         return JSONResponse(
             {"run": n, "echo": body.decode()}, status_code=201, headers={"x-model": "fake-1"}
         )
+
+    @app.get("/pid")
+    async def pid() -> dict[str, int]:
+        return {"pid": os.getpid()}
 
     @app.post("/boom")
     async def boom() -> Response:
