@@ -138,22 +138,23 @@ class IdempotencyEngine:
     async def run(self, lease: Lease, call: Callable[[Send], Awaitable[None]], send: Send) -> None:
         """Run ``call(recording_send)`` under ``lease``; release it unless completed."""
         recording = _Recording(self, lease, send)
-        error: Exception | None = None
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._heartbeat, lease)
-            try:
-                await call(recording.send)
-            except Exception as exc:
-                error = exc
-            finally:
-                tg.cancel_scope.cancel()
+        try:
+            await self._with_heartbeat(lease, lambda: call(recording.send))
+        finally:
+            if not recording.done:
                 with anyio.CancelScope(shield=True):
                     await recording.close()
-        if error is not None:
-            raise error
 
     async def call_leased(self, lease: Lease, call: Callable[[], Awaitable[T]]) -> T:
         """``await call()`` while the lease is kept alive; an exception releases the key."""
+        try:
+            return await self._with_heartbeat(lease, call)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.release(lease)
+            raise
+
+    async def _with_heartbeat(self, lease: Lease, call: Callable[[], Awaitable[T]]) -> T:
         error: Exception | None = None
         result: T | None = None
         async with anyio.create_task_group() as tg:
@@ -162,8 +163,6 @@ class IdempotencyEngine:
                 result = await call()
             except Exception as exc:
                 error = exc
-                with anyio.CancelScope(shield=True):
-                    await self.release(lease)
             finally:
                 tg.cancel_scope.cancel()
         if error is not None:
@@ -171,6 +170,7 @@ class IdempotencyEngine:
         return result  # type: ignore[return-value]
 
     async def _heartbeat(self, lease: Lease) -> None:
+        """Extend the lease every ``heartbeat_interval`` while the request runs."""
         interval = self.config.heartbeat_interval
         while True:
             await anyio.sleep(interval)
