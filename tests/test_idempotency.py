@@ -27,7 +27,7 @@ from aimiddleware import (
     idempotent,
     install,
 )
-from aimiddleware.errors import InvalidRequest
+from aimiddleware.errors import Conflict, InvalidRequest
 from aimiddleware.idempotency import (
     Claimed,
     Completed,
@@ -533,3 +533,78 @@ async def test_decorator_on_starlette_endpoint_releases_on_error(storage: Storag
     assert failed.status_code == 500
     assert ok.json() == {"run": 2} and replay.json() == {"run": 2}
     assert replay.headers["idempotent-replayed"] == "true" and len(runs) == 2
+
+
+# -- following a live stream ---------------------------------------------------------------------
+
+
+async def test_duplicate_follows_the_live_stream_from_its_start(storage: Storage) -> None:
+    gate, a_first, b_first = anyio.Event(), anyio.Event(), anyio.Event()
+    app, log = live_app(storage, gate, follow_streams=True, poll_interval=0.01)
+    key = [(b"idempotency-key", b"follow-1")]
+    results: dict[str, list[dict[str, Any]]] = {}
+
+    def seen(event: anyio.Event) -> Any:
+        async def on_message(message: dict[str, Any]) -> None:
+            if message.get("body", b"").startswith(b"id: 0"):
+                event.set()
+
+        return on_message
+
+    async def original() -> None:
+        results["a"] = await call_raw(app, "/s", key, seen(a_first))
+
+    async def duplicate() -> None:
+        await a_first.wait()
+        results["b"] = await call_raw(app, "/s", key, seen(b_first))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(original)
+        tg.start_soon(duplicate)
+        with anyio.fail_after(5):
+            await b_first.wait()
+        assert results == {}  # the duplicate got event 0 while the original still streams
+        gate.set()
+    assert log == ["run", "waiting"]
+    bodies = [m["body"] for m in results["a"] if m.get("body")]
+    assert [m["body"] for m in results["b"] if m.get("body")] == bodies
+    assert len(bodies) == 2
+    assert (b"idempotent-replayed", b"true") in results["b"][0]["headers"]
+    assert results["b"][-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+
+
+async def test_followers_are_cut_when_the_original_breaks(storage: Storage) -> None:
+    gate, a_first = anyio.Event(), anyio.Event()
+    app, _ = live_app(storage, gate, follow_streams=True, poll_interval=0.01)
+    key = [(b"idempotency-key", b"follow-2")]
+    follower: list[dict[str, Any]] = []
+
+    async def on_a(message: dict[str, Any]) -> None:
+        if message.get("body", b"").startswith(b"id: 0"):
+            a_first.set()
+
+    async def original() -> None:
+        with anyio.CancelScope() as scope:
+            cancel["a"] = scope
+            await call_raw(app, "/s", key, on_a)
+
+    async def duplicate() -> None:
+        await a_first.wait()
+        with pytest.raises(Conflict):
+            await call_raw(app, "/s", key, on_message=lambda m: _append(follower, m))
+
+    cancel: dict[str, anyio.CancelScope] = {}
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(original)
+        tg.start_soon(duplicate)
+        with anyio.fail_after(5):
+            await a_first.wait()
+            while not follower:  # noqa: ASYNC110 - wait for the follower's start
+                await anyio.sleep(0.01)
+            cancel["a"].cancel()  # the original dies mid-stream: its lease is released
+    assert follower[0]["type"] == "http.response.start"
+    assert not any(m.get("more_body") is False for m in follower)  # never ended as complete
+
+
+async def _append(messages: list[dict[str, Any]], message: dict[str, Any]) -> None:
+    messages.append(message)

@@ -10,9 +10,9 @@ from aimiddleware.idempotency.fingerprint import Fingerprinter
 from aimiddleware.idempotency.key import MAX_KEY_LENGTH, parse_key
 from aimiddleware.idempotency.memory import MemoryIdempotencyStore
 from aimiddleware.idempotency.middleware import IdempotencyMiddleware
-from aimiddleware.idempotency.models import Claimed, Completed, InFlight
+from aimiddleware.idempotency.models import Claimed, Completed, InFlight, LiveStream
 from aimiddleware.idempotency.redis import RedisIdempotencyStore
-from aimiddleware.idempotency.store import IdempotencyStore
+from aimiddleware.idempotency.store import IdempotencyStore, StreamingStore
 
 __all__ = [
     "DEFAULT_UNSTORED_STATUSES",
@@ -24,8 +24,10 @@ __all__ = [
     "IdempotencyMiddleware",
     "IdempotencyStore",
     "InFlight",
+    "LiveStream",
     "MemoryIdempotencyStore",
     "RedisIdempotencyStore",
+    "StreamingStore",
     "idempotent",
     "parse_key",
 ]

@@ -24,6 +24,10 @@ class IdempotencyConfig:
     * ``retention_seconds``: how long completed responses are replayed (default 24 h).
     * ``on_conflict``: ``"reject"`` answers a duplicate in flight with 409 (retryable,
       ``Retry-After``); ``"wait"`` polls up to ``wait_seconds`` for the result (then 409).
+    * ``follow_streams``: a duplicate arriving while the original's event stream is going
+      out follows it live from its first event instead of a 409 (the store publishes every
+      chunk: one more store write per event). If the original breaks off, the followers'
+      streams are cut too.
     * ``store_server_errors``: also store 5xx answers (Stripe-style); default off, so 5xx,
       ``unstored_statuses`` (429, 409, 408, ...) and exceptions release the key.
     * ``max_record_bytes``: a larger response is passed through and not stored
@@ -45,6 +49,7 @@ class IdempotencyConfig:
     on_conflict: Literal["reject", "wait"] = "reject"
     wait_seconds: float = 10.0
     poll_interval: float = 0.05
+    follow_streams: bool = False
     store_server_errors: bool = False
     unstored_statuses: Collection[int] = field(default=DEFAULT_UNSTORED_STATUSES)
     max_record_bytes: int = 1024 * 1024

@@ -25,6 +25,7 @@ from aimiddleware.errors import DEFAULT_TYPE_BASE
 from aimiddleware.idempotency.config import IdempotencyConfig
 from aimiddleware.idempotency.engine import STORED, Begin, IdempotencyEngine, Lease, answer
 from aimiddleware.idempotency.middleware import context_of
+from aimiddleware.idempotency.models import LiveStream
 from aimiddleware.idempotency.store import IdempotencyStore
 from aimiddleware.storage import Storage
 from aimiddleware.types import Receive, Scope, Send
@@ -79,6 +80,8 @@ def idempotent(
             ctx = context_of(scope)
             begin = await engine.begin(ctx, scope["headers"], scope.get("query_string", b""))
             if begin.lease is None:
+                if begin.follow is not None:
+                    return _Follow(engine, *begin.follow)
                 if begin.replay is not None or begin.error is not None:
                     return _Answer(begin, ctx.request_id, error_type_base)
                 result = await call(args, kwargs)
@@ -158,6 +161,17 @@ class _Answer(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await answer(self.begin, send, self.request_id, self.type_base)
+
+
+class _Follow(Response):
+    def __init__(self, engine: IdempotencyEngine, key: str, live: LiveStream) -> None:
+        super().__init__(status_code=live.status)
+        self.engine = engine
+        self.key = key
+        self.live = live
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.engine.follow(self.key, self.live, send)
 
 
 class _Recorded(Response):

@@ -26,9 +26,9 @@ from aimiddleware.idempotency.config import IdempotencyConfig
 from aimiddleware.idempotency.fingerprint import Fingerprinter
 from aimiddleware.idempotency.key import find_key
 from aimiddleware.idempotency.memory import MemoryIdempotencyStore
-from aimiddleware.idempotency.models import Claimed, Completed, InFlight
+from aimiddleware.idempotency.models import Claimed, Completed, InFlight, LiveStream
 from aimiddleware.idempotency.redis import RedisIdempotencyStore
-from aimiddleware.idempotency.store import IdempotencyStore
+from aimiddleware.idempotency.store import IdempotencyStore, StreamingStore
 from aimiddleware.storage import Storage
 from aimiddleware.types import Message, Send
 
@@ -56,6 +56,7 @@ class Begin:
     lease: Lease | None = None
     replay: Completed | None = None
     error: AIError | None = None
+    follow: tuple[str, LiveStream] | None = None  # (record key, stream so far)
     unstored: bool = False  # passing through only because the store is down (fail open)
 
 
@@ -78,6 +79,11 @@ class IdempotencyEngine:
                 else RedisIdempotencyStore(self.storage)
             )
         self.store = store
+        self.streaming: StreamingStore | None = None
+        if config.follow_streams:
+            if not isinstance(store, StreamingStore):
+                raise ValueError("follow_streams needs a store implementing StreamingStore")
+            self.streaming = store
         self.fingerprint = Fingerprinter(config.secret)
         self.header = config.header.lower().encode("latin-1")
 
@@ -126,6 +132,15 @@ class IdempotencyEngine:
                 return Begin(error=IdempotencyKeyReused(param=self.config.header))
             if isinstance(found, Completed):
                 return Begin(replay=found)
+            if self.streaming is not None:
+                try:
+                    live = await self.streaming.stream_read(record_key, 0)
+                except StoreUnavailable as err:
+                    return Begin(error=err)
+                if isinstance(live, LiveStream):
+                    return Begin(follow=(record_key, live))
+                if isinstance(live, Completed):
+                    continue  # finished meanwhile: the claim above replays it
             if time.monotonic() >= deadline:
                 return Begin(error=_in_flight(found))
             await anyio.sleep(self.config.poll_interval)
@@ -182,6 +197,34 @@ class IdempotencyEngine:
             except Exception:  # the store may be down for a moment: try again next beat
                 logger.warning("idempotency heartbeat failed", exc_info=True)
 
+    async def follow(self, key: str, live: LiveStream, send: Send) -> None:
+        """Send another request's event stream from its start while it is going out."""
+        assert self.streaming is not None
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in live.headers]
+        await send({"type": "http.response.start", "status": live.status,
+                    "headers": [*headers, REPLAYED]})
+        offset = 0
+        current: LiveStream | InFlight | Completed | None = live
+        while True:
+            if isinstance(current, LiveStream):
+                for chunk in current.chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                offset += len(current.chunks)
+                if not current.chunks:
+                    await anyio.sleep(self.config.poll_interval)
+            elif isinstance(current, Completed) and current.chunks is not None:
+                for chunk in current.chunks[offset:]:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            else:  # released or taken over: the stream being followed broke off
+                raise Conflict(
+                    "The stream being followed ended early; retry with the same "
+                    "Idempotency-Key.",
+                    retry_after=1,
+                )
+            current = await self.streaming.stream_read(key, offset)
+
     async def release(self, lease: Lease) -> None:
         try:
             await self.store.release(lease.key, lease.owner)
@@ -218,6 +261,7 @@ class _Recording:
         self.stream = False
         self.chunks: list[bytes] = []
         self.size = 0
+        self.publish: StreamingStore | None = None  # set while followers may be reading
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
@@ -232,6 +276,8 @@ class _Recording:
                     await self._drop()
                 else:
                     self.chunks.append(bytes(body))
+                    if self.publish is not None:
+                        await self._publish(self.publish.stream_append, bytes(body))
             if self.recording and not message.get("more_body", False):
                 await self._complete()
         elif kind != "http.response.body" and self.recording:
@@ -256,7 +302,17 @@ class _Recording:
         self.status = status
         self.headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw)
         self.size = size
+        if self.stream and self.engine.streaming is not None:
+            self.publish = self.engine.streaming
+            await self._publish(self.publish.stream_start, status, self.headers)
         return message
+
+    async def _publish(self, method: Callable[..., Awaitable[bool]], *args: object) -> None:
+        try:
+            await method(self.lease.key, self.lease.owner, *args)
+        except Exception:
+            logger.warning("could not publish a live stream for followers", exc_info=True)
+            self.publish = None
 
     async def _complete(self) -> None:
         self.recording = False

@@ -18,7 +18,7 @@ from typing import Any
 
 from cachetools import TLRUCache
 
-from aimiddleware.idempotency.models import Claimed, Completed, InFlight, Outcome
+from aimiddleware.idempotency.models import Claimed, Completed, InFlight, LiveStream, Outcome
 
 __all__ = ["MemoryIdempotencyStore"]
 
@@ -41,6 +41,7 @@ class MemoryIdempotencyStore:
             maxsize=max_bytes, ttu=_ttu, timer=time.time, getsizeof=_size
         )
         self._leases: dict[str, InFlight] = {}
+        self._live: dict[str, tuple[str, int, tuple[tuple[str, str], ...], list[bytes]]] = {}
         self._lock = threading.Lock()
 
     def _lease(self, key: str, now: float) -> InFlight | None:
@@ -82,6 +83,7 @@ class MemoryIdempotencyStore:
             if held is None or held.owner != owner:
                 return False
             del self._leases[key]
+            self._live.pop(key, None)
             if record.size <= self._done.maxsize:
                 self._done[key] = (now + retention, record)
             return True
@@ -92,8 +94,46 @@ class MemoryIdempotencyStore:
             if held is None or held.owner != owner:
                 return False
             del self._leases[key]
+            self._live.pop(key, None)
             return True
+
+    async def stream_start(
+        self, key: str, owner: str, status: int, headers: tuple[tuple[str, str], ...]
+    ) -> bool:
+        with self._lock:
+            held = self._lease(key, time.time())
+            if held is None or held.owner != owner:
+                return False
+            self._live[key] = (owner, status, headers, [])
+            return True
+
+    async def stream_append(self, key: str, owner: str, chunk: bytes) -> bool:
+        with self._lock:
+            live = self._live.get(key)
+            if live is None or live[0] != owner:
+                return False
+            live[3].append(chunk)
+            return True
+
+    async def stream_read(
+        self, key: str, offset: int
+    ) -> LiveStream | InFlight | Completed | None:
+        now = time.time()
+        with self._lock:
+            held = self._lease(key, now)
+            if held is not None:
+                live = self._live.get(key)
+                if live is None or live[0] != held.owner:
+                    return held
+                _, status, headers, chunks = live
+                return LiveStream(
+                    status=status, headers=headers, chunks=tuple(chunks[offset:]), offset=offset
+                )
+            self._live.pop(key, None)
+            done = self._done.get(key)
+            return done[1] if done is not None else None
 
     def _purge(self, now: float) -> None:
         for key in [k for k, v in self._leases.items() if v.expires_at <= now]:
             del self._leases[key]
+            self._live.pop(key, None)

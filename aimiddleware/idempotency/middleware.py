@@ -66,6 +66,8 @@ class IdempotencyMiddleware:
             await self.engine.run(
                 begin.lease, lambda recording: self.app(scope, receive, recording), send
             )
+        elif begin.follow is not None:
+            await self.engine.follow(*begin.follow, send)
         elif begin.replay is not None or begin.error is not None:
             await answer(begin, send, ctx.request_id, self.type_base)
         elif begin.unstored:

@@ -10,7 +10,7 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Claimed", "Completed", "InFlight", "Outcome"]
+__all__ = ["Claimed", "Completed", "InFlight", "LiveStream", "Outcome"]
 
 _CONFIG = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
 
@@ -54,6 +54,17 @@ class Completed(BaseModel):
         if self.chunks is not None:
             n += sum(len(c) for c in self.chunks)
         return n + 64
+
+
+class LiveStream(BaseModel):
+    """An event stream still going out: its start and the chunks sent from ``offset`` on."""
+
+    model_config = _CONFIG
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    chunks: tuple[bytes, ...] = ()
+    offset: int = 0
 
 
 class Claimed(BaseModel):

@@ -4,7 +4,10 @@ A record is one string value under a key hash-tagged by principal (one cluster s
 
 * a lease: ``L:<owner>:<expires_at>:<fingerprint>``, expiring after the lease TTL (a worker
   that dies lets the key go by itself; the heartbeat extends it while the handler runs);
-* a completed response: ``C:`` + the record's JSON, expiring after the retention.
+* a completed response: ``C:`` + the record's JSON, expiring after the retention;
+* with ``follow_streams``, a live event stream beside the lease: ``<key>:meta`` (owner,
+  status, headers) and ``<key>:chunks`` (a list), living as long as the lease and deleted
+  with it, so a duplicate on any worker can follow the stream.
 
 ``claim`` is GET-or-SET in one script; ``complete``, ``release`` and ``heartbeat`` compare
 the owner token and write in the same script (compare-and-set / compare-and-delete). A
@@ -13,10 +16,11 @@ store that is down raises :class:`~aimiddleware.errors.StoreUnavailable` (typed 
 
 from __future__ import annotations
 
+import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from aimiddleware.idempotency.models import Claimed, Completed, InFlight, Outcome
+from aimiddleware.idempotency.models import Claimed, Completed, InFlight, LiveStream, Outcome
 from aimiddleware.storage import redis_errors
 
 if TYPE_CHECKING:
@@ -32,17 +36,19 @@ return false
 """
 
 # ARGV[1] = 'L:<owner>:' prefix; compare it with the held value before writing.
+# KEYS = record, meta, chunks for every script below.
 _COMPLETE = """
 local v = redis.call('GET', KEYS[1])
 if not v or string.sub(v, 1, #ARGV[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('DEL', KEYS[2], KEYS[3])
 return 1
 """
 
 _RELEASE = """
 local v = redis.call('GET', KEYS[1])
 if not v or string.sub(v, 1, #ARGV[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 return 1
 """
 
@@ -50,8 +56,39 @@ _HEARTBEAT = """
 local v = redis.call('GET', KEYS[1])
 if not v or string.sub(v, 1, #ARGV[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
 return 1
 """
+
+_STREAM_START = """
+local v = redis.call('GET', KEYS[1])
+if not v or string.sub(v, 1, #ARGV[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', redis.call('PTTL', KEYS[1]))
+redis.call('DEL', KEYS[3])
+return 1
+"""
+
+_STREAM_APPEND = """
+local v = redis.call('GET', KEYS[1])
+if not v or string.sub(v, 1, #ARGV[1]) ~= ARGV[1] then return 0 end
+redis.call('RPUSH', KEYS[3], ARGV[2])
+redis.call('PEXPIRE', KEYS[3], redis.call('PTTL', KEYS[1]))
+return 1
+"""
+
+# {0} gone | {1, record} | {2, lease, meta, chunk...}
+_STREAM_READ = """
+local v = redis.call('GET', KEYS[1])
+if not v then return {0} end
+if string.sub(v, 1, 2) == 'C:' then return {1, v} end
+local meta = redis.call('GET', KEYS[2])
+if not meta then return {1, v} end
+local out = {2, v, meta}
+for _, c in ipairs(redis.call('LRANGE', KEYS[3], ARGV[1], -1)) do out[#out + 1] = c end
+return out
+"""
+
 
 
 def _ms(seconds: float) -> int:
@@ -84,6 +121,10 @@ class RedisIdempotencyStore:
             script = self._scripts[name] = self.storage.redis.register_script(text)
         return script
 
+    @staticmethod
+    def _keys(key: str) -> list[str]:
+        return [key, key + ":meta", key + ":chunks"]
+
     async def claim(self, key: str, fingerprint: str, owner: str, lease: float) -> Outcome:
         value = _lease_value(owner, fingerprint, time.time() + lease)
         async with redis_errors("idempotency"):
@@ -97,7 +138,7 @@ class RedisIdempotencyStore:
         # TTL is what counts.
         async with redis_errors("idempotency"):
             done = await self._script("heartbeat", _HEARTBEAT)(
-                keys=[key], args=[f"L:{owner}:", _ms(lease)]
+                keys=self._keys(key), args=[f"L:{owner}:", _ms(lease)]
             )
         return bool(done)
 
@@ -105,11 +146,53 @@ class RedisIdempotencyStore:
         value = "C:" + record.model_dump_json()
         async with redis_errors("idempotency"):
             done = await self._script("complete", _COMPLETE)(
-                keys=[key], args=[f"L:{owner}:", value, _ms(retention)]
+                keys=self._keys(key), args=[f"L:{owner}:", value, _ms(retention)]
             )
         return bool(done)
 
     async def release(self, key: str, owner: str) -> bool:
         async with redis_errors("idempotency"):
-            done = await self._script("release", _RELEASE)(keys=[key], args=[f"L:{owner}:"])
+            done = await self._script("release", _RELEASE)(
+                keys=self._keys(key), args=[f"L:{owner}:"]
+            )
         return bool(done)
+
+    async def stream_start(
+        self, key: str, owner: str, status: int, headers: tuple[tuple[str, str], ...]
+    ) -> bool:
+        meta = owner + "\n" + json.dumps({"status": status, "headers": headers})
+        async with redis_errors("idempotency"):
+            done = await self._script("stream_start", _STREAM_START)(
+                keys=self._keys(key), args=[f"L:{owner}:", meta]
+            )
+        return bool(done)
+
+    async def stream_append(self, key: str, owner: str, chunk: bytes) -> bool:
+        async with redis_errors("idempotency"):
+            done = await self._script("stream_append", _STREAM_APPEND)(
+                keys=self._keys(key), args=[f"L:{owner}:", chunk]
+            )
+        return bool(done)
+
+    async def stream_read(
+        self, key: str, offset: int
+    ) -> LiveStream | InFlight | Completed | None:
+        async with redis_errors("idempotency"):
+            reply = await self._script("stream_read", _STREAM_READ)(
+                keys=self._keys(key), args=[offset]
+            )
+        if int(reply[0]) == 0:
+            return None
+        record = decode(reply[1])
+        if int(reply[0]) == 1 or not isinstance(record, InFlight):
+            return record
+        owner, _, meta_json = bytes(reply[2]).decode().partition("\n")
+        if owner != record.owner:
+            return record
+        meta = json.loads(meta_json)
+        return LiveStream(
+            status=meta["status"],
+            headers=tuple((k, v) for k, v in meta["headers"]),
+            chunks=tuple(bytes(c) for c in reply[3:]),
+            offset=offset,
+        )

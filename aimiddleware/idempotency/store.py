@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from aimiddleware.idempotency.models import Completed, Outcome
+from aimiddleware.idempotency.models import Completed, InFlight, LiveStream, Outcome
 
-__all__ = ["IdempotencyStore"]
+__all__ = ["IdempotencyStore", "StreamingStore"]
 
 
 @runtime_checkable
@@ -30,4 +30,25 @@ class IdempotencyStore(Protocol):
 
     async def release(self, key: str, owner: str) -> bool:
         """Delete ``owner``'s lease so that a retry runs again."""
+        ...
+
+
+@runtime_checkable
+class StreamingStore(IdempotencyStore, Protocol):
+    """A store that also publishes a live event stream, so duplicates can follow it."""
+
+    async def stream_start(
+        self, key: str, owner: str, status: int, headers: tuple[tuple[str, str], ...]
+    ) -> bool:
+        """Publish the start of ``owner``'s event stream."""
+        ...
+
+    async def stream_append(self, key: str, owner: str, chunk: bytes) -> bool:
+        """Publish one more chunk of ``owner``'s event stream, in order."""
+        ...
+
+    async def stream_read(
+        self, key: str, offset: int
+    ) -> LiveStream | InFlight | Completed | None:
+        """The live stream from chunk ``offset`` on; else the record held (``None``: gone)."""
         ...
