@@ -8,11 +8,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import http_sfv
 import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
 from httpx_sse import aconnect_sse
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -78,6 +81,16 @@ def test_key_rejects_malformed(raw: bytes) -> None:
         parse_key(raw)
     assert "Idempotency-Key" in info.value.detail
     assert info.value.status == 400
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1,
+               max_size=255))
+def test_key_round_trips_through_a_real_sf_serializer(value: str) -> None:
+    """Whatever an RFC 8941 implementation (http-sfv) serializes, we read back exactly."""
+    assert parse_key(str(http_sfv.Item(value)).encode()) == value
+    if all(ch not in ' "\\' for ch in value):
+        assert parse_key(value.encode()) == value  # the bare form of the same key
 
 
 def test_fingerprint_is_length_prefixed_keyed_and_query_order_free() -> None:

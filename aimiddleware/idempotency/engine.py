@@ -21,7 +21,13 @@ import anyio
 
 from aimiddleware._asgi import get_header, send_problem
 from aimiddleware.context import RequestContext
-from aimiddleware.errors import AIError, Conflict, IdempotencyKeyReused, StoreUnavailable
+from aimiddleware.errors import (
+    AIError,
+    Conflict,
+    IdempotencyKeyReused,
+    InvalidRequest,
+    StoreUnavailable,
+)
 from aimiddleware.idempotency.config import IdempotencyConfig
 from aimiddleware.idempotency.fingerprint import Fingerprinter
 from aimiddleware.idempotency.key import find_key
@@ -199,7 +205,8 @@ class IdempotencyEngine:
 
     async def follow(self, key: str, live: LiveStream, send: Send) -> None:
         """Send another request's event stream from its start while it is going out."""
-        assert self.streaming is not None
+        if self.streaming is None:
+            raise RuntimeError("follow() needs follow_streams=True")
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in live.headers]
         await send({"type": "http.response.start", "status": live.status,
                     "headers": [*headers, REPLAYED]})
@@ -234,8 +241,6 @@ class IdempotencyEngine:
 
 
 def _missing(header: str) -> AIError:
-    from aimiddleware.errors import InvalidRequest
-
     return InvalidRequest(f"This endpoint requires an {header} header.", param=header)
 
 
