@@ -513,19 +513,29 @@ async def test_decorator_on_fastapi_endpoint_without_request_param(storage: Stor
         runs.append(1)
         return {"run": len(runs)}
 
+    @app.post("/echo")
+    @idempotent(storage=storage)
+    async def echo(body: Answer, n: int = 0) -> Answer:  # string annotations (__future__)
+        runs.append(1)
+        return Answer(text=body.text * (n + 1), run=len(runs))
+
     install(app)
     async with client(app) as c:
+        e1 = await c.post("/echo?n=1", json={"text": "ab", "run": 0}, headers=KEY)
+        e2 = await c.post("/echo?n=1", json={"text": "ab", "run": 0}, headers=KEY)
         first = await c.post("/answer?prompt=hi", headers=KEY)
         second = await c.post("/answer?prompt=hi", headers=KEY)
         other = await c.post("/answer?prompt=ho", headers=KEY)
         missing = await c.post("/answer?prompt=hi")
         s1 = await c.post("/sync", headers=KEY)
         s2 = await c.post("/sync", headers=KEY)
-    assert first.status_code == 201 and first.json() == {"text": "HI", "run": 1}
+    assert first.status_code == 201 and first.json() == {"text": "HI", "run": 2}
     assert second.content == first.content and second.headers["idempotent-replayed"] == "true"
     assert other.status_code == 422 and missing.status_code == 400
-    assert s1.json() == s2.json() == {"run": 2} and s2.headers["idempotent-replayed"] == "true"
-    assert len(runs) == 2
+    assert s1.json() == s2.json() == {"run": 3} and s2.headers["idempotent-replayed"] == "true"
+    assert e1.json() == e2.json() == {"text": "abab", "run": 1}
+    assert e2.headers["idempotent-replayed"] == "true"
+    assert len(runs) == 3
 
 
 async def test_decorator_on_starlette_endpoint_releases_on_error(storage: Storage) -> None:

@@ -57,7 +57,7 @@ def idempotent(
     engine = IdempotencyEngine(config, storage, store)
 
     def decorate(func: F) -> F:
-        signature = inspect.signature(func)
+        signature = _signature(func)
         request_param = _request_param(signature)
         is_async = is_async_callable(func)
 
@@ -99,18 +99,27 @@ def idempotent(
                 raise
             return _Recorded(response, engine, lease)
 
+        params = list(signature.parameters.values())
         if request_param is None:
-            params = list(signature.parameters.values())
             extra = inspect.Parameter(_INJECTED, inspect.Parameter.KEYWORD_ONLY, annotation=Request)
             at = next(
                 (i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD),
                 len(params),
             )
             params.insert(at, extra)
-            wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        # Annotations evaluated in the endpoint's module: FastAPI would otherwise resolve
+        # string annotations (``from __future__ import annotations``) in this module.
+        wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def _signature(func: Callable[..., Any]) -> inspect.Signature:
+    try:
+        return inspect.signature(func, eval_str=True)
+    except (NameError, TypeError, SyntaxError):  # a name only imported under TYPE_CHECKING
+        return inspect.signature(func)
 
 
 def _request_param(signature: inspect.Signature) -> str | None:
