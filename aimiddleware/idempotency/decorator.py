@@ -23,9 +23,10 @@ from starlette.responses import JSONResponse, Response
 from aimiddleware._asgi import is_async_callable
 from aimiddleware.errors import DEFAULT_TYPE_BASE
 from aimiddleware.idempotency.config import IdempotencyConfig
-from aimiddleware.idempotency.engine import STORED, Begin, IdempotencyEngine, Lease, answer
+from aimiddleware.idempotency.engine import Begin, IdempotencyEngine, Lease, answer
 from aimiddleware.idempotency.middleware import context_of
 from aimiddleware.idempotency.models import LiveStream
+from aimiddleware.idempotency.replay import STORED
 from aimiddleware.idempotency.store import IdempotencyStore
 from aimiddleware.storage import Storage
 from aimiddleware.types import Receive, Scope, Send

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import anyio
 
-from aimiddleware._asgi import get_header, send_problem
+from aimiddleware._asgi import send_problem
 from aimiddleware.context import RequestContext
 from aimiddleware.errors import (
     AIError,
@@ -33,19 +33,18 @@ from aimiddleware.idempotency.fingerprint import Fingerprinter
 from aimiddleware.idempotency.key import find_key
 from aimiddleware.idempotency.memory import MemoryIdempotencyStore
 from aimiddleware.idempotency.models import Claimed, Completed, InFlight, LiveStream
+from aimiddleware.idempotency.recorder import Recording
 from aimiddleware.idempotency.redis import RedisIdempotencyStore
+from aimiddleware.idempotency.replay import follow, replay
 from aimiddleware.idempotency.store import IdempotencyStore, StreamingStore
 from aimiddleware.storage import Storage
-from aimiddleware.types import Message, Send
+from aimiddleware.types import Send
 
-__all__ = ["REPLAYED", "STORED", "Begin", "IdempotencyEngine", "Lease", "replay"]
+__all__ = ["Begin", "IdempotencyEngine", "Lease", "answer"]
 
 T = TypeVar("T")
 
 logger = logging.getLogger("aimiddleware.idempotency")
-
-REPLAYED = (b"idempotent-replayed", b"true")
-STORED = (b"idempotent-stored", b"false")
 
 
 @dataclass(frozen=True)
@@ -158,7 +157,7 @@ class IdempotencyEngine:
 
     async def run(self, lease: Lease, call: Callable[[Send], Awaitable[None]], send: Send) -> None:
         """Run ``call(recording_send)`` under ``lease``; release it unless completed."""
-        recording = _Recording(self, lease, send)
+        recording = Recording(self, lease, send)
         try:
             await self._with_heartbeat(lease, lambda: call(recording.send))
         finally:
@@ -207,30 +206,7 @@ class IdempotencyEngine:
         """Send another request's event stream from its start while it is going out."""
         if self.streaming is None:
             raise RuntimeError("follow() needs follow_streams=True")
-        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in live.headers]
-        await send({"type": "http.response.start", "status": live.status,
-                    "headers": [*headers, REPLAYED]})
-        offset = 0
-        current: LiveStream | InFlight | Completed | None = live
-        while True:
-            if isinstance(current, LiveStream):
-                for chunk in current.chunks:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                offset += len(current.chunks)
-                if not current.chunks:
-                    await anyio.sleep(self.config.poll_interval)
-            elif isinstance(current, Completed) and current.chunks is not None:
-                for chunk in current.chunks[offset:]:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                return
-            else:  # released or taken over: the stream being followed broke off
-                raise Conflict(
-                    "The stream being followed ended early; retry with the same "
-                    "Idempotency-Key.",
-                    retry_after=1,
-                )
-            current = await self.streaming.stream_read(key, offset)
+        await follow(self.streaming, key, live, send, self.config.poll_interval)
 
     async def release(self, lease: Lease) -> None:
         try:
@@ -250,122 +226,6 @@ def _in_flight(found: InFlight) -> Conflict:
         "A request with this Idempotency-Key is still in progress; retry after a moment.",
         retry_after=1,
     )
-
-
-class _Recording:
-    """The ``send`` wrapper: forwards every message at once and records it on the side."""
-
-    def __init__(self, engine: IdempotencyEngine, lease: Lease, send: Send) -> None:
-        self.engine = engine
-        self.lease = lease
-        self.downstream = send
-        self.recording = True  # still a candidate for storing
-        self.done = False  # completed or released
-        self.status = 0
-        self.headers: tuple[tuple[str, str], ...] = ()
-        self.stream = False
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.publish: StreamingStore | None = None  # set while followers may be reading
-
-    async def send(self, message: Message) -> None:
-        kind = message["type"]
-        if kind == "http.response.start":
-            message = await self._start(message)
-        elif kind == "http.response.body" and self.recording:
-            body = message.get("body", b"")
-            if body:
-                self.size += len(body)
-                if self.size > self.engine.config.max_record_bytes:
-                    logger.info("response above max_record_bytes: passed through, not stored")
-                    await self._drop()
-                else:
-                    self.chunks.append(bytes(body))
-                    if self.publish is not None:
-                        await self._publish(self.publish.stream_append, bytes(body))
-            if self.recording and not message.get("more_body", False):
-                await self._complete()
-        elif kind != "http.response.body" and self.recording:
-            await self._drop()  # trailers, pathsend...: not replayable byte for byte
-        await self.downstream(message)
-
-    async def _start(self, message: Message) -> Message:
-        status = int(message["status"])
-        raw = list(message.get("headers", ()))
-        if not self.engine.storable(status):
-            await self._drop()
-            return message
-        length = get_header(raw, b"content-length")
-        size = sum(len(k) + len(v) for k, v in raw)
-        if length is not None and length.isdigit():
-            size += int(length)
-        if size > self.engine.config.max_record_bytes:
-            await self._drop()
-            return {**message, "headers": [*raw, STORED]}
-        content_type = get_header(raw, b"content-type") or b""
-        self.stream = content_type.split(b";")[0].strip().lower() == b"text/event-stream"
-        self.status = status
-        self.headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw)
-        self.size = size
-        if self.stream and self.engine.streaming is not None:
-            self.publish = self.engine.streaming
-            await self._publish(self.publish.stream_start, status, self.headers)
-        return message
-
-    async def _publish(self, method: Callable[..., Awaitable[bool]], *args: object) -> None:
-        try:
-            await method(self.lease.key, self.lease.owner, *args)
-        except Exception:
-            logger.warning("could not publish a live stream for followers", exc_info=True)
-            self.publish = None
-
-    async def _complete(self) -> None:
-        self.recording = False
-        self.done = True
-        record = Completed(
-            status=self.status,
-            headers=self.headers,
-            body=None if self.stream else b"".join(self.chunks),
-            chunks=tuple(self.chunks) if self.stream else None,
-            fingerprint=self.lease.fingerprint,
-        )
-        self.chunks = []
-        try:
-            stored = await self.engine.store.complete(
-                self.lease.key, self.lease.owner, record, self.engine.config.retention_seconds
-            )
-        except Exception:
-            logger.warning("could not store an idempotent response", exc_info=True)
-            return
-        if not stored:
-            logger.warning("idempotency lease expired before the response completed; not stored")
-
-    async def _drop(self) -> None:
-        self.recording = False
-        self.chunks = []
-        if not self.done:
-            self.done = True
-            await self.engine.release(self.lease)
-
-    async def close(self) -> None:
-        """After the app returned or raised: a response that never ended frees the key."""
-        if not self.done:
-            self.recording = False
-            self.done = True
-            await self.engine.release(self.lease)
-
-
-async def replay(record: Completed, send: Send) -> None:
-    """Send a stored response again: same status, headers and bytes (chunks for streams)."""
-    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in record.headers]
-    headers.append(REPLAYED)
-    await send({"type": "http.response.start", "status": record.status, "headers": headers})
-    if record.chunks is not None:
-        for chunk in record.chunks:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-    else:
-        await send({"type": "http.response.body", "body": record.body or b"", "more_body": False})
 
 
 async def answer(begin: Begin, send: Send, request_id: str | None, type_base: str) -> None:

@@ -14,7 +14,8 @@ from typing import Any
 from aimiddleware.context import SCOPE_KEY, RequestContext
 from aimiddleware.errors import DEFAULT_TYPE_BASE
 from aimiddleware.idempotency.config import IdempotencyConfig
-from aimiddleware.idempotency.engine import STORED, IdempotencyEngine, answer
+from aimiddleware.idempotency.engine import IdempotencyEngine, answer
+from aimiddleware.idempotency.replay import STORED
 from aimiddleware.idempotency.store import IdempotencyStore
 from aimiddleware.storage import Storage
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
