@@ -631,3 +631,32 @@ async def test_followers_are_cut_when_the_original_breaks(storage: Storage) -> N
 
 async def _append(messages: list[dict[str, Any]], message: dict[str, Any]) -> None:
     messages.append(message)
+
+
+async def test_store_lost_mid_request_still_answers_and_a_retry_runs() -> None:
+    from tests.redis_server import RedisServer
+
+    server = RedisServer().start()
+    storage = Storage(server.url, socket_timeout=0.5)
+    runs: list[int] = []
+
+    async def endpoint(request: Request) -> Response:
+        runs.append(1)
+        if len(runs) == 1:
+            await anyio.to_thread.run_sync(server.stop)  # the store dies mid-request
+        return JSONResponse({"run": len(runs)})
+
+    app = install(Starlette(routes=[Route("/e", endpoint, methods=["POST"])]),
+                  storage=storage, idempotency=IdempotencyConfig())
+    try:
+        async with client(app) as c:
+            first = await c.post("/e", headers=KEY)  # completing fails: logged, not a 500
+            down = await c.post("/e", headers=KEY)
+            server.start()
+            retry = await c.post("/e", headers=KEY)
+    finally:
+        await storage.aclose()
+        server.stop()
+    assert first.status_code == 200 and first.json() == {"run": 1}
+    assert down.status_code == 503 and down.json()["error"]["code"] == "store_unavailable"
+    assert retry.status_code == 200 and retry.json() == {"run": 2}
