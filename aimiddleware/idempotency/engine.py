@@ -32,7 +32,7 @@ from aimiddleware.idempotency.config import IdempotencyConfig
 from aimiddleware.idempotency.fingerprint import Fingerprinter
 from aimiddleware.idempotency.key import find_key
 from aimiddleware.idempotency.memory import MemoryIdempotencyStore
-from aimiddleware.idempotency.models import Claimed, Completed, InFlight, LiveStream
+from aimiddleware.idempotency.models import Claimed, Completed, LiveStream
 from aimiddleware.idempotency.recorder import Recording
 from aimiddleware.idempotency.redis import RedisIdempotencyStore
 from aimiddleware.idempotency.replay import follow, replay
@@ -147,7 +147,7 @@ class IdempotencyEngine:
                 if isinstance(live, Completed):
                     continue  # finished meanwhile: the claim above replays it
             if time.monotonic() >= deadline:
-                return Begin(error=_in_flight(found))
+                return Begin(error=_in_flight())
             await anyio.sleep(self.config.poll_interval)
 
     def storable(self, status: int) -> bool:
@@ -220,8 +220,7 @@ def _missing(header: str) -> AIError:
     return InvalidRequest(f"This endpoint requires an {header} header.", param=header)
 
 
-def _in_flight(found: InFlight) -> Conflict:
-    del found
+def _in_flight() -> Conflict:
     return Conflict(
         "A request with this Idempotency-Key is still in progress; retry after a moment.",
         retry_after=1,
