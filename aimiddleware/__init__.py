@@ -34,6 +34,12 @@ from aimiddleware.errors import (
     ValidationFailed,
 )
 from aimiddleware.finish_reason import FinishReason, normalize_finish_reason
+from aimiddleware.idempotency import (
+    IdempotencyConfig,
+    IdempotencyMiddleware,
+    IdempotencyStore,
+    idempotent,
+)
 from aimiddleware.pricing import ModelPrice, PriceTable
 from aimiddleware.stack import StackConfig, install
 from aimiddleware.storage import Storage
@@ -75,7 +81,10 @@ __all__ = [
     "ExceptionMapper",
     "FinishReason",
     "HTTPStatusError",
+    "IdempotencyConfig",
     "IdempotencyKeyReused",
+    "IdempotencyMiddleware",
+    "IdempotencyStore",
     "InternalError",
     "InvalidRequest",
     "Ledger",
@@ -121,6 +130,7 @@ __all__ = [
     "current",
     "deprecated",
     "envelope",
+    "idempotent",
     "install",
     "normalize_finish_reason",
     "register_exception_handlers",

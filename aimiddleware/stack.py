@@ -17,6 +17,8 @@ from typing import Any
 from aimiddleware.context_middleware import DEFAULT_MAX_BODY, RequestContextMiddleware
 from aimiddleware.error_middleware import ErrorMiddleware, register_exception_handlers
 from aimiddleware.errors import DEFAULT_TYPE_BASE, ExceptionMapper, Mapper
+from aimiddleware.idempotency.config import IdempotencyConfig
+from aimiddleware.idempotency.middleware import IdempotencyMiddleware
 from aimiddleware.openapi import document_stack
 from aimiddleware.storage import Storage
 from aimiddleware.types import ASGIApp, PrincipalResolver
@@ -41,6 +43,7 @@ class StackConfig:
     exception_mappings: Mapping[type[BaseException], Mapper] = field(default_factory=dict)
     versioning: VersioningConfig | None = None
     usage: UsageConfig | None = None
+    idempotency: IdempotencyConfig | None = None
 
 
 def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
@@ -75,20 +78,28 @@ def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
         layers.append(
             (
                 VersioningMiddleware,
+                {**config.versioning.options(storage), "error_type_base": config.error_type_base},
+            )
+        )
+    if config.idempotency is not None:  # outside rate limiting: a replay costs no quota
+        layers.append(
+            (
+                IdempotencyMiddleware,
                 {
-                    **config.versioning.options(storage),
+                    "storage": storage,
+                    "config": config.idempotency,
                     "error_type_base": config.error_type_base,
                 },
             )
         )
-    # Innermost: usage sits right before the app.
-    if config.usage is not None:
+    if config.usage is not None:  # innermost: right before the app
         layers.append((UsageMiddleware, config.usage.middleware_options(storage)))
 
     if hasattr(app, "add_middleware") and hasattr(app, "add_exception_handler"):
         register_exception_handlers(app, mapper=mapper, error_type_base=config.error_type_base)
         if hasattr(app, "openapi") and hasattr(app, "openapi_schema"):  # FastAPI
-            document_stack(app, rate_limit_headers=False, idempotency_methods=())
+            methods = config.idempotency.methods if config.idempotency is not None else ()
+            document_stack(app, rate_limit_headers=False, idempotency_methods=methods)
         for cls, kwargs in reversed(layers):  # Starlette: the last added is the outermost
             app.add_middleware(cls, **kwargs)
         return app

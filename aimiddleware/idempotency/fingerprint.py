@@ -1,0 +1,62 @@
+"""Request fingerprints: HMAC-SHA256 over the length-prefixed request parts (pure).
+
+The same key with a different fingerprint is a 422 ``idempotency_key_reused``. Each part is
+prefixed by its length, so ``/orders/12`` + ``3`` and ``/orders/1`` + ``23`` differ, and the
+digest is keyed by a secret, so a 422 or a replay cannot be used to test guesses of another
+request's body.
+
+The secret defaults to a random one per :class:`Fingerprinter` (per store instance). That is
+right for one process; **a deployment with several workers or hosts must configure one
+shared secret** (``IdempotencyConfig(secret=...)``), or a retry landing on another worker
+will not match its own first attempt and get a 422.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from urllib.parse import parse_qsl
+
+__all__ = ["Fingerprinter", "canonical_query"]
+
+
+def _lp(part: bytes) -> bytes:
+    return len(part).to_bytes(8, "big") + part
+
+
+def canonical_query(query_string: bytes) -> bytes:
+    """The query as length-prefixed, sorted (name, value) pairs; order does not matter."""
+    pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+    return b"".join(
+        _lp(name.encode("utf-8", "surrogateescape")) + _lp(value.encode("utf-8", "surrogateescape"))
+        for name, value in sorted(pairs)
+    )
+
+
+class Fingerprinter:
+    """``fingerprint(method, path, query_string, body) -> hex digest``."""
+
+    def __init__(self, secret: bytes | str | None = None) -> None:
+        if secret is None:
+            secret = secrets.token_bytes(32)
+        elif isinstance(secret, str):
+            secret = secret.encode()
+        if not isinstance(secret, bytes) or len(secret) < 16:
+            raise ValueError("the idempotency fingerprint secret must be at least 16 bytes")
+        self._secret = secret
+
+    def __call__(self, method: str, path: str, query_string: bytes, body: bytes) -> str:
+        message = b"".join(
+            (
+                b"aimw-idem-v1",
+                _lp(method.upper().encode("ascii")),
+                _lp(path.encode("utf-8", "surrogateescape")),
+                _lp(canonical_query(query_string)),
+                _lp(hashlib.sha256(body).digest()),
+            )
+        )
+        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+
+    def __repr__(self) -> str:
+        return "Fingerprinter(secret=***)"

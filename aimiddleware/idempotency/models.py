@@ -1,0 +1,78 @@
+"""Idempotency records (frozen, pure): an in-flight lease and a completed response.
+
+Records serialize to compact JSON (bytes as base64) so the Redis store keeps them as one
+string value; the memory store keeps the objects themselves.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["Claimed", "Completed", "InFlight", "LiveStream", "Outcome"]
+
+_CONFIG = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+
+
+class InFlight(BaseModel):
+    """A lease: ``owner`` runs the request; only it may complete or release the record."""
+
+    model_config = _CONFIG
+
+    owner: str
+    fingerprint: str
+    expires_at: float
+
+
+class Completed(BaseModel):
+    """A finished response, replayed byte for byte.
+
+    ``headers`` are (name, value) pairs as latin-1 text, in order. A plain response keeps
+    its ``body``; an event stream keeps its ``chunks``, one per body message as sent.
+    """
+
+    model_config = _CONFIG
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes | None = None
+    chunks: tuple[bytes, ...] | None = None
+    fingerprint: str
+    stored_at: float = Field(default_factory=time.time)
+
+    @property
+    def stream(self) -> bool:
+        return self.chunks is not None
+
+    @property
+    def size(self) -> int:
+        """Approximate bytes held: headers plus body or chunks."""
+        n = sum(len(k) + len(v) for k, v in self.headers)
+        if self.body is not None:
+            n += len(self.body)
+        if self.chunks is not None:
+            n += sum(len(c) for c in self.chunks)
+        return n + 64
+
+
+class LiveStream(BaseModel):
+    """An event stream still going out: its start and the chunks sent from ``offset`` on."""
+
+    model_config = _CONFIG
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    chunks: tuple[bytes, ...] = ()
+    offset: int = 0
+
+
+class Claimed(BaseModel):
+    """The caller now holds the lease."""
+
+    model_config = _CONFIG
+
+    owner: str
+
+
+Outcome = Claimed | InFlight | Completed
