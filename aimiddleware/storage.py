@@ -33,6 +33,8 @@ class Storage:
         key_prefix: str = "aimw",
         client: Any | None = None,
         socket_timeout: float = 2.0,
+        max_connections: int = 64,
+        pool_timeout: float = 5.0,
     ) -> None:
         scheme = urlsplit(url).scheme.lower()
         if scheme == "memory":
@@ -48,7 +50,11 @@ class Storage:
             raise ValueError("key_prefix must be non-empty and contain no braces")
         self.url = url
         self.key_prefix = key_prefix
+        if max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
         self.socket_timeout = socket_timeout
+        self.max_connections = max_connections
+        self.pool_timeout = pool_timeout
         self.cluster = scheme.endswith("+cluster")
         self._client = client
 
@@ -97,9 +103,16 @@ class Storage:
             )
         if scheme in ("valkey", "valkeys"):
             scheme = "redis" if scheme == "valkey" else "rediss"
-        return aioredis.Redis.from_url(
-            f"{scheme}://{rest}", socket_timeout=timeout, socket_connect_timeout=timeout
+        # A blocking pool: a burst of concurrent requests waits for a free connection
+        # (up to ``pool_timeout``) instead of failing with MaxConnectionsError.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            f"{scheme}://{rest}",
+            max_connections=self.max_connections,
+            timeout=self.pool_timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
         )
+        return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
     async def aclose(self) -> None:
         if self._client is not None:
