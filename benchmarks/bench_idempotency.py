@@ -54,8 +54,11 @@ def replaying() -> Factory:
         "POST",
         "/v1/chat",
         b'{"q":"same"}',
-        [(b"content-type", b"application/json"), (b"authorization", b"Bearer b"),
-         (b"idempotency-key", b"replayed-key")],
+        [
+            (b"content-type", b"application/json"),
+            (b"authorization", b"Bearer b"),
+            (b"idempotency-key", b"replayed-key"),
+        ],
     )
 
 
@@ -80,8 +83,11 @@ async def run(quick: bool) -> tuple[str, dict[str, Any]]:
         redis_server = RedisServer().start()
         url = redis_server.url
     redis_storage = Storage(url)
-    sizes = {"requests": 200, "rounds": 3, "warmup": 20} if quick else {
-        "requests": 1000, "rounds": 7, "warmup": 100}
+    sizes = (
+        {"requests": 200, "rounds": 3, "warmup": 20}
+        if quick
+        else {"requests": 1000, "rounds": 7, "warmup": 100}
+    )
     try:
         mem, red, fi = ours(Storage("memory://")), ours(redis_storage), theirs()
         baseline = RequestContextMiddleware(base_app())

@@ -35,17 +35,34 @@ MEDIUM = (
     "我能吞下玻璃而不伤身体。 The quick brown fox jumps over the lazy dog. "
 ) * 12
 LONG = MEDIUM * 25
-TEXTS = {"short (45 chars)": SHORT, f"medium ({len(MEDIUM)} chars)": MEDIUM,
-         f"long ({len(LONG)} chars)": LONG}
+TEXTS = {
+    "short (45 chars)": SHORT,
+    f"medium ({len(MEDIUM)} chars)": MEDIUM,
+    f"long ({len(LONG)} chars)": LONG,
+}
 
-OPENAI_BODY = json.dumps({
-    "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o-2024-08-06",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello! " * 40},
-                 "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 120, "completion_tokens": 80, "total_tokens": 200,
-              "prompt_tokens_details": {"cached_tokens": 64},
-              "completion_tokens_details": {"reasoning_tokens": 0}},
-}).encode()
+OPENAI_BODY = json.dumps(
+    {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "gpt-4o-2024-08-06",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello! " * 40},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": 120,
+            "completion_tokens": 80,
+            "total_tokens": 200,
+            "prompt_tokens_details": {"cached_tokens": 64},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        },
+    }
+).encode()
 
 
 def _time(fn: Callable[[], Any], *, rounds: int, reps: int) -> float:
@@ -66,9 +83,13 @@ def bench_counting(quick: bool) -> tuple[str, dict[str, Any]]:
     assert enc is not None and cached.encoding("o200k_base") is not None
 
     rounds = 3 if quick else 7
-    lines = ["## Token counting (o200k_base, median µs per call)", "",
-             "| text | raw tiktoken | TokenCounter, no cache | ratio | TokenCounter, cached "
-             "(repeat) | ratio |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "## Token counting (o200k_base, median µs per call)",
+        "",
+        "| text | raw tiktoken | TokenCounter, no cache | ratio | TokenCounter, cached "
+        "(repeat) | ratio |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     figures: dict[str, Any] = {}
     for label, text in TEXTS.items():
         reps = max(5, int((200 if quick else 1000) * 45 / max(len(text), 45)) + 5)
@@ -78,10 +99,17 @@ def bench_counting(quick: bool) -> tuple[str, dict[str, Any]]:
         raw_us = _time(lambda t=text: len(enc.encode_ordinary(t)), rounds=rounds, reps=reps)
         ours_us = _time(lambda t=text: plain.count_text(t, "gpt-4o"), rounds=rounds, reps=reps)
         hit_us = _time(lambda t=text: cached.count_text(t, "gpt-4o"), rounds=rounds, reps=reps)
-        lines.append(f"| {label} | {raw_us:.1f} | {ours_us:.1f} | {ours_us / raw_us:.2f}x | "
-                     f"{hit_us:.1f} | {hit_us / raw_us:.3f}x |")
-        figures[label] = {"raw_us": raw_us, "counter_us": ours_us, "ratio": ours_us / raw_us,
-                          "cached_us": hit_us, "cached_ratio": hit_us / raw_us}
+        lines.append(
+            f"| {label} | {raw_us:.1f} | {ours_us:.1f} | {ours_us / raw_us:.2f}x | "
+            f"{hit_us:.1f} | {hit_us / raw_us:.3f}x |"
+        )
+        figures[label] = {
+            "raw_us": raw_us,
+            "counter_us": ours_us,
+            "ratio": ours_us / raw_us,
+            "cached_us": hit_us,
+            "cached_ratio": hit_us / raw_us,
+        }
 
     # A chat client re-sends its whole history every turn: count 12 turns as a gateway would.
     turns = [(MEDIUM[: 300 + 37 * i], SHORT + str(i)) for i in range(12)]
@@ -92,8 +120,9 @@ def bench_counting(quick: bool) -> tuple[str, dict[str, Any]]:
         for answer, question in turns:
             history.append({"role": "user", "content": question})
             if counter is None:
-                total += 3 + sum(3 + sum(len(enc.encode_ordinary(v)) for v in m.values())
-                                 for m in history)
+                total += 3 + sum(
+                    3 + sum(len(enc.encode_ordinary(v)) for v in m.values()) for m in history
+                )
             else:
                 total += counter.count_messages(history, "gpt-4o").tokens
             history.append({"role": "assistant", "content": answer})
@@ -106,11 +135,17 @@ def bench_counting(quick: bool) -> tuple[str, dict[str, Any]]:
     warm = TokenCounter()
     warm.preload("o200k_base")
     hit_us = _time(lambda: conversation(warm), rounds=rounds, reps=reps)
-    lines.append(f"| 12-turn chat, history re-counted each turn | {raw_us:.0f} | {ours_us:.0f} "
-                 f"| {ours_us / raw_us:.2f}x | {hit_us:.0f} | {hit_us / raw_us:.3f}x |")
-    figures["conversation"] = {"raw_us": raw_us, "counter_us": ours_us,
-                               "ratio": ours_us / raw_us, "cached_us": hit_us,
-                               "cached_ratio": hit_us / raw_us}
+    lines.append(
+        f"| 12-turn chat, history re-counted each turn | {raw_us:.0f} | {ours_us:.0f} "
+        f"| {ours_us / raw_us:.2f}x | {hit_us:.0f} | {hit_us / raw_us:.3f}x |"
+    )
+    figures["conversation"] = {
+        "raw_us": raw_us,
+        "counter_us": ours_us,
+        "ratio": ours_us / raw_us,
+        "cached_us": hit_us,
+        "cached_ratio": hit_us / raw_us,
+    }
     return "\n".join(lines), figures
 
 
@@ -126,9 +161,12 @@ async def run(quick: bool) -> tuple[str, dict[str, Any]]:
 
     prices = PriceTable({"gpt-4o": {"input": "2.5", "output": "10", "cached_input": "1.25"}})
     body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
-    factory = make_request("POST", "/v1/chat/completions", body.encode(),
-                           [(b"content-type", b"application/json"),
-                            (b"authorization", b"Bearer sk-bench")])
+    factory = make_request(
+        "POST",
+        "/v1/chat/completions",
+        body.encode(),
+        [(b"content-type", b"application/json"), (b"authorization", b"Bearer sk-bench")],
+    )
     ledger = MemoryLedger()
     contenders = {
         "bare Starlette": (app(), factory),
@@ -138,11 +176,20 @@ async def run(quick: bool) -> tuple[str, dict[str, Any]]:
             factory,
         ),
     }
-    results = await compare(contenders, requests=300 if quick else 2000,
-                            rounds=3 if quick else 7, warmup=50 if quick else 200)
+    results = await compare(
+        contenders,
+        requests=300 if quick else 2000,
+        rounds=3 if quick else 7,
+        warmup=50 if quick else 200,
+    )
     md = table(results, "bare Starlette", "UsageMiddleware on a JSON route")
     usage_cost = results["context + usage"].median_us - results["context layer"].median_us
     md += f"\n\nUsage layer alone: {usage_cost:.1f} µs/request (context+usage minus context)."
-    return (count_md + "\n\n" + md,
-            {"counting": count_fig, "middleware": as_json(results, "bare Starlette"),
-             "usage_layer_us": usage_cost})
+    return (
+        count_md + "\n\n" + md,
+        {
+            "counting": count_fig,
+            "middleware": as_json(results, "bare Starlette"),
+            "usage_layer_us": usage_cost,
+        },
+    )

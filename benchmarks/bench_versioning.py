@@ -23,22 +23,35 @@ from benchmarks.harness import as_json, compare, make_request, table
 async def endpoint(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await receive()
     body = b'{"output":"ok"}'
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
 def versioned() -> Any:
     registry = ModelRegistry()
     registry.add_snapshot("m-2026-06-01")
-    registry.add_snapshot("m-2025-01-15", deprecated="2026-01-01", sunset="2099-01-01",
-                          replacement="m-2026-06-01",
-                          deprecation_link="https://docs.example/deprecations")
+    registry.add_snapshot(
+        "m-2025-01-15",
+        deprecated="2026-01-01",
+        sunset="2099-01-01",
+        replacement="m-2026-06-01",
+        deprecation_link="https://docs.example/deprecations",
+    )
     registry.alias("m", "m-2026-06-01")
     versions = ApiVersions(
-        [ApiVersion.deprecated("2025-01-01", deprecated="2026-01-01", sunset="2099-01-01"),
-         "2026-06-01"],
+        [
+            ApiVersion.deprecated("2025-01-01", deprecated="2026-01-01", sunset="2099-01-01"),
+            "2026-06-01",
+        ],
         header="api-version",
     )
     return RequestContextMiddleware(
@@ -60,7 +73,9 @@ async def run(quick: bool) -> tuple[str, dict[str, Any]]:
         ),
     }
     results = await compare(
-        contenders, requests=300 if quick else 2000, rounds=3 if quick else 7,
+        contenders,
+        requests=300 if quick else 2000,
+        rounds=3 if quick else 7,
         warmup=50 if quick else 200,
     )
     return (

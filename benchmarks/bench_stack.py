@@ -1,0 +1,67 @@
+"""The whole stack on a JSON chat route, in-process, against bare Starlette.
+
+Goals (issue 9): at most 2x a bare Starlette request; on a chat route with a 1 KB prompt, at
+most 2x (bare Starlette + tiktoken counting that prompt once).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from aimiddleware import TokenCounter
+from benchmarks.harness import as_json, compare, make_request, table
+from benchmarks.stack_apps import PROMPT_1KB, bare, chat, chat_body, full
+
+JSON = [(b"content-type", b"application/json"), (b"authorization", b"Bearer sk-bench")]
+
+
+def counting_bare(counter: TokenCounter) -> Starlette:
+    """Bare Starlette that counts the prompt once with tiktoken: the floor for exact limits."""
+
+    async def endpoint(request: Request) -> JSONResponse:
+        body = json.loads(await request.body())
+        counter.count_request(body)
+        return await chat(request)
+
+    return Starlette(routes=[Route("/v1/chat/completions", endpoint, methods=["POST"])])
+
+
+async def run(quick: bool) -> tuple[str, dict[str, Any]]:
+    n, rounds = (300, 3) if quick else (2000, 7)
+    small = make_request("POST", "/v1/chat/completions", json.dumps(chat_body()).encode(), JSON)
+    big = make_request(
+        "POST", "/v1/chat/completions", json.dumps(chat_body(PROMPT_1KB)).encode(), JSON
+    )
+    raw_counter = TokenCounter(cache_size=0)
+    raw_counter.preload("o200k_base")
+    counter = TokenCounter(cache_size=0)
+    counter.preload("o200k_base")
+    small_res = await compare(
+        {"bare starlette": (bare(), small), "full stack (memory)": (full(counter), small)},
+        requests=n,
+        rounds=rounds,
+    )
+    big_res = await compare(
+        {
+            "bare starlette + tiktoken once": (counting_bare(raw_counter), big),
+            "full stack (memory), 1 KB prompt": (full(counter), big),
+        },
+        requests=n // 2,
+        rounds=rounds,
+    )
+    text = "\n\n".join(
+        [
+            table(small_res, "bare starlette", "full stack on a JSON route"),
+            table(big_res, "bare starlette + tiktoken once", "full stack, 1 KB chat prompt"),
+        ]
+    )
+    return text, {
+        "json_route": as_json(small_res, "bare starlette"),
+        "chat_1kb": as_json(big_res, "bare starlette + tiktoken once"),
+    }

@@ -1,0 +1,75 @@
+"""The apps the full-stack benchmarks drive: the same Starlette routes, bare and installed."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+import aimiddleware
+from aimiddleware import (
+    IdempotencyConfig,
+    ModelRegistry,
+    PriceTable,
+    StackConfig,
+    TokenCounter,
+    UsageConfig,
+    VersioningConfig,
+)
+
+PROMPT_1KB = ("Summarise the following support ticket in two sentences. " * 18)[:1024]
+
+
+def chat_body(prompt: str = "hello") -> dict[str, Any]:
+    return {"model": "demo", "max_tokens": 64, "messages": [{"role": "user", "content": prompt}]}
+
+
+async def chat(request: Request) -> JSONResponse:
+    await request.body()
+    return JSONResponse(
+        {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "model": "demo-2026-06-01",
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": "ok"},
+                }
+            ],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 13},
+        }
+    )
+
+
+def routes() -> list[Route]:
+    return [Route("/v1/chat/completions", chat, methods=["POST"])]
+
+
+def bare() -> Starlette:
+    return Starlette(routes=routes())
+
+
+def stack_config(counter: TokenCounter | None = None, storage: str = "memory://") -> StackConfig:
+    registry = ModelRegistry()
+    registry.add_snapshot("demo-2026-06-01")
+    registry.alias("demo", "demo-2026-06-01")
+    prices = PriceTable.from_dict(
+        {"demo-2026-06-01": {"input": Decimal("0.15"), "output": Decimal("0.60")}}
+    )
+    counter = counter or TokenCounter()
+    return StackConfig(
+        storage=storage,
+        versioning=VersioningConfig(registry=registry),
+        idempotency=IdempotencyConfig(),
+        usage=UsageConfig(prices=prices, counter=counter),
+    )
+
+
+def full(counter: TokenCounter | None = None, storage: str = "memory://") -> Starlette:
+    return aimiddleware.install(Starlette(routes=routes()), stack_config(counter, storage))  # type: ignore[no-any-return]
