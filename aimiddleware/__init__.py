@@ -33,6 +33,15 @@ from aimiddleware.errors import (
     UpstreamUnavailable,
     ValidationFailed,
 )
+from aimiddleware.sse import (
+    AnthropicDialect,
+    EventStreamResponse,
+    GenericDialect,
+    OpenAIChatDialect,
+    ReplayBuffer,
+    ServerSentEvent,
+    StreamResult,
+)
 from aimiddleware.stack import StackConfig, install
 from aimiddleware.storage import Storage
 from aimiddleware.usage.models import Usage
@@ -41,11 +50,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AIError",
+    "AnthropicDialect",
     "AuthenticationFailed",
     "Conflict",
     "ContentFiltered",
     "ErrorMiddleware",
+    "EventStreamResponse",
     "ExceptionMapper",
+    "GenericDialect",
     "HTTPStatusError",
     "IdempotencyKeyReused",
     "InternalError",
@@ -53,6 +65,7 @@ __all__ = [
     "MethodNotAllowed",
     "ModelRetired",
     "NotFound",
+    "OpenAIChatDialect",
     "OutputSchemaInvalid",
     "Overloaded",
     "PermissionDenied",
@@ -60,13 +73,16 @@ __all__ = [
     "PromptInjectionDetected",
     "QuotaExceeded",
     "RateLimited",
+    "ReplayBuffer",
     "RequestContext",
     "RequestContextMiddleware",
     "RequestIdFilter",
     "RequestTooLarge",
+    "ServerSentEvent",
     "StackConfig",
     "Storage",
     "StoreUnavailable",
+    "StreamResult",
     "Timeout",
     "UnsupportedApiVersion",
     "UpstreamError",

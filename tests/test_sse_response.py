@@ -1,0 +1,252 @@
+"""EventStreamResponse at the ASGI level: raw ``send`` messages are recorded one by one."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware.gzip import GZipMiddleware
+from starlette.requests import Request
+from starlette.routing import Route
+
+from aimiddleware import RequestContextMiddleware, Usage
+from aimiddleware.context import current
+from aimiddleware.errors import UpstreamUnavailable
+from aimiddleware.sse import (
+    AnthropicDialect,
+    EventStreamResponse,
+    OpenAIChatDialect,
+    ServerSentEvent,
+    StreamResult,
+)
+from tests.sse_spec import parse
+
+
+class Recorder:
+    """Drives one ASGI request and keeps every message sent, with its arrival time."""
+
+    def __init__(self, method: str = "GET", headers: list[tuple[bytes, bytes]] | None = None):
+        self.messages: list[dict[str, Any]] = []
+        self.times: list[float] = []
+        self.disconnect = anyio.Event()
+        self.scope = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1", "method": method, "scheme": "http", "path": "/",
+            "raw_path": b"/", "root_path": "", "query_string": b"",
+            "headers": [(b"host", b"t"), *(headers or [])], "client": ("127.0.0.1", 1),
+            "server": ("t", 80), "state": {},
+        }
+        self._body_sent = False
+
+    async def receive(self) -> dict[str, Any]:
+        if not self._body_sent:
+            self._body_sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await self.disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.messages.append(message)
+        self.times.append(time.monotonic())
+
+    async def run(self, app: Any) -> None:
+        await app(self.scope, self.receive, self.send)
+
+    @property
+    def headers(self) -> dict[bytes, bytes]:
+        return dict(self.messages[0]["headers"])
+
+    @property
+    def bodies(self) -> list[bytes]:
+        return [m["body"] for m in self.messages[1:] if m["type"] == "http.response.body"]
+
+    @property
+    def raw(self) -> bytes:
+        return b"".join(self.bodies)
+
+
+def endpoint_app(make: Any) -> Starlette:
+    async def handler(request: Request) -> EventStreamResponse:
+        return make()  # type: ignore[no-any-return]
+
+    return Starlette(routes=[Route("/", handler, methods=["GET", "HEAD"])])
+
+
+async def test_headers_first_then_events_usage_and_done() -> None:
+    async def gen() -> AsyncIterator[Any]:
+        yield "hel"
+        yield ServerSentEvent(data="raw", event="note")
+        yield {"data": {"k": 1}, "event": "obj"}
+        yield StreamResult(usage=Usage(input_tokens=3, output_tokens=2), finish_reason="length")
+
+    rec = Recorder()
+    app = RequestContextMiddleware(endpoint_app(lambda: EventStreamResponse(gen(), model="m1")))
+    await rec.run(app)
+    start = rec.messages[0]
+    assert start["type"] == "http.response.start" and start["status"] == 200
+    h = rec.headers
+    assert h[b"content-type"] == b"text/event-stream; charset=utf-8"
+    assert h[b"cache-control"] == b"no-store"
+    assert h[b"x-accel-buffering"] == b"no"
+    assert b"content-length" not in h
+    events = parse(rec.raw).events
+    assert [e.type for e in events] == ["delta", "note", "obj", "usage", "done"]
+    assert json.loads(events[0].data) == {"text": "hel"}
+    usage = json.loads(events[3].data)
+    assert usage["usage"]["total_tokens"] == 5
+    assert usage["finish_reason"] == "length"
+    assert usage["model"] == "m1"
+    assert usage["request_id"] == h[b"x-request-id"].decode()
+    assert usage["request_duration_ms"] > 0
+    assert events[4].data == "[DONE]"
+    assert rec.messages[-1]["more_body"] is False
+    # each event is its own body message: nothing is joined or held back
+    assert len(rec.bodies) == 4
+
+
+async def test_context_gets_usage_and_streaming_flag() -> None:
+    seen: dict[str, Any] = {}
+
+    async def gen() -> AsyncIterator[Any]:
+        yield "a"
+        yield Usage(input_tokens=1, output_tokens=1)
+        yield "b"
+        yield Usage(input_tokens=1, output_tokens=2)
+
+    async def handler(request: Request) -> EventStreamResponse:
+        seen["ctx"] = current()
+        return EventStreamResponse(gen())
+
+    app = RequestContextMiddleware(Starlette(routes=[Route("/", handler)]))
+    await Recorder().run(app)
+    ctx = seen["ctx"]
+    assert ctx.streaming is True
+    assert ctx.usage == Usage(input_tokens=1, output_tokens=2)
+    assert ctx.raw_finish_reason == "stop"
+    assert ctx.stream_error_writer is not None
+
+
+async def test_sync_iterator_and_head() -> None:
+    def gen() -> Iterator[str]:
+        yield "x"
+        yield "y"
+
+    rec = Recorder()
+    await rec.run(endpoint_app(lambda: EventStreamResponse(gen())))
+    assert [e.type for e in parse(rec.raw).events] == ["delta", "delta", "usage", "done"]
+
+    head = Recorder(method="HEAD")
+    await head.run(endpoint_app(lambda: EventStreamResponse(gen())))
+    assert head.messages[0]["status"] == 200
+    assert head.raw == b""
+
+
+async def test_heartbeats_during_silence_and_none_while_events_flow() -> None:
+    interval = 0.05
+
+    async def gen() -> AsyncIterator[str]:
+        for i in range(40):  # events every 5 ms for ~200 ms: no heartbeat due
+            yield f"fast{i}"
+            await anyio.sleep(0.005)
+        await anyio.sleep(interval * 6)  # silence of several intervals
+        yield "after"
+
+    rec = Recorder()
+    await rec.run(endpoint_app(lambda: EventStreamResponse(gen(), heartbeat=interval)))
+    bodies = rec.bodies
+    beats = [i for i, b in enumerate(bodies) if b == b": ping\n\n"]
+    first_after_fast = 40
+    assert all(i >= first_after_fast for i in beats), "a heartbeat was sent while events flowed"
+    assert 3 <= len(beats) <= 7, f"expected ~5 heartbeats in the silence, got {len(beats)}"
+    assert [e.data for e in parse(rec.raw).events][40] == '{"text":"after"}'
+
+
+async def test_gzip_middleware_passes_events_one_by_one() -> None:
+    async def gen() -> AsyncIterator[str]:
+        for i in range(5):
+            yield "x" * 300 + str(i)  # compressible and above GZip's minimum size
+            await anyio.sleep(0.01)
+
+    app = GZipMiddleware(endpoint_app(lambda: EventStreamResponse(gen())), minimum_size=10)
+    rec = Recorder(headers=[(b"accept-encoding", b"gzip")])
+    await rec.run(app)
+    assert b"content-encoding" not in rec.headers
+    bodies = rec.bodies
+    assert len(bodies) == 6  # five events, then usage + done
+    for i, body in enumerate(bodies[:5]):
+        assert parse(body).events[0].data.endswith(f'{i}"}}')
+    gaps = [b - a for a, b in zip(rec.times[1:5], rec.times[2:6], strict=False)]
+    assert min(gaps) > 0.005  # sent as produced, not at the end
+
+
+async def test_iterator_error_becomes_error_event_in_each_dialect() -> None:
+    async def gen() -> AsyncIterator[str]:
+        yield "partial"
+        raise UpstreamUnavailable()
+
+    rec = Recorder()
+    app = RequestContextMiddleware(endpoint_app(lambda: EventStreamResponse(gen())))
+    await rec.run(app)
+    events = parse(rec.raw).events
+    assert [e.type for e in events] == ["delta", "usage", "error", "done"]
+    body = json.loads(events[2].data)
+    assert body["error"]["code"] == "upstream_unavailable"
+    assert body["status"] == 503 and body["retryable"] is True
+    assert body["request_id"] == rec.headers[b"x-request-id"].decode()
+
+    rec = Recorder()
+    await rec.run(endpoint_app(lambda: EventStreamResponse(gen(), dialect=AnthropicDialect())))
+    events = parse(rec.raw).events
+    assert events[-1].type == "error"
+    assert json.loads(events[-1].data)["error"]["type"] == "overloaded_error"
+
+    rec = Recorder()
+    await rec.run(endpoint_app(lambda: EventStreamResponse(gen(), dialect=OpenAIChatDialect())))
+    events = parse(rec.raw).events
+    assert events[-1].data == "[DONE]"
+    assert json.loads(events[-2].data)["error"]["code"] == "upstream_unavailable"
+
+
+async def test_unexpected_exception_leaks_nothing() -> None:
+    async def gen() -> AsyncIterator[str]:
+        yield "a"
+        raise RuntimeError("secret prompt text")
+
+    rec = Recorder()
+    await rec.run(endpoint_app(lambda: EventStreamResponse(gen())))
+    assert b"secret" not in rec.raw
+    assert json.loads(parse(rec.raw).events[-2].data)["error"]["code"] == "internal"
+
+
+async def test_client_disconnect_cancels_the_iterator() -> None:
+    state: dict[str, Any] = {}
+    rec = Recorder()
+
+    async def gen() -> AsyncIterator[str]:
+        try:
+            yield "one"
+            rec.disconnect.set()
+            await anyio.sleep(10)
+            yield "never"
+        finally:
+            state["closed"] = True
+
+    with anyio.fail_after(2):
+        await rec.run(endpoint_app(lambda: EventStreamResponse(gen())))
+    assert state["closed"]
+    assert b"never" not in rec.raw
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"heartbeat": 0}, {"send_timeout": -1}, {"stream_id": "a:b"}]
+)
+def test_config_validation(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        EventStreamResponse(iter(()), **kwargs)
+    with pytest.raises(TypeError):
+        EventStreamResponse("not an iterator of events")
