@@ -1,5 +1,11 @@
 """aimiddleware: the production patterns of AI APIs as embeddable ASGI middleware."""
 
+from aimiddleware.cancellation import (
+    CancellationConfig,
+    CancellationMiddleware,
+    cleanup_scope,
+    on_cancel,
+)
 from aimiddleware.context import RequestContext, RequestIdFilter, current, report_usage
 from aimiddleware.context_middleware import RequestContextMiddleware
 from aimiddleware.error_middleware import ErrorMiddleware, register_exception_handlers
@@ -52,6 +58,8 @@ __all__ = [
     "AIError",
     "AnthropicDialect",
     "AuthenticationFailed",
+    "CancellationConfig",
+    "CancellationMiddleware",
     "Conflict",
     "ContentFiltered",
     "ErrorMiddleware",
@@ -91,8 +99,10 @@ __all__ = [
     "UpstreamUnavailable",
     "Usage",
     "ValidationFailed",
+    "cleanup_scope",
     "current",
     "install",
+    "on_cancel",
     "register_exception_handlers",
     "report_usage",
 ]

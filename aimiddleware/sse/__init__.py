@@ -21,10 +21,9 @@ from aimiddleware.sse.events import (
     split_lines,
 )
 from aimiddleware.sse.replay import ReplayBuffer, parse_event_id
-from aimiddleware.sse.response import CANCEL_ON_DISCONNECT, EventStreamResponse, StreamResult
+from aimiddleware.sse.response import EventStreamResponse, StreamResult
 
 __all__ = [
-    "CANCEL_ON_DISCONNECT",
     "AnthropicDialect",
     "Dialect",
     "EventStreamResponse",

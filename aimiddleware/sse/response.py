@@ -23,6 +23,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import iterate_in_threadpool
 from starlette.responses import Response
 
+from aimiddleware.cancellation import CANCEL_ON_DISCONNECT, cleanup_scope
 from aimiddleware.context import SCOPE_KEY, RequestContext
 from aimiddleware.errors import AIError, ExceptionMapper, problem_body
 from aimiddleware.sse.dialects import Dialect, StreamSummary
@@ -31,12 +32,9 @@ from aimiddleware.sse.replay import ReplayBuffer, parse_event_id
 from aimiddleware.types import Receive, Scope, Send
 from aimiddleware.usage.models import Usage
 
-__all__ = ["CANCEL_ON_DISCONNECT", "EventStreamResponse", "StreamResult"]
+__all__ = ["EventStreamResponse", "StreamResult"]
 
 logger = logging.getLogger("aimiddleware")
-
-CANCEL_ON_DISCONNECT = "cancel_on_disconnect"
-"""``ctx.state`` key: ``False`` tells the cancellation layer to let a detached stream run."""
 
 Pricer = Callable[[str | None, Usage], Decimal | None]
 
@@ -198,8 +196,7 @@ class _Stream:
             if not self.closed:
                 # Disconnect, send timeout or outer cancellation: record what we know.
                 self._record_context("cancelled")
-                with anyio.CancelScope(shield=True) as cleanup:
-                    cleanup.deadline = anyio.current_time() + resp.cleanup_timeout
+                with cleanup_scope(resp.cleanup_timeout):
                     await self._close_source(source)
                     if self.timed_out:
                         logger.warning("SSE send blocked > %ss: abandoned", resp.send_timeout)
