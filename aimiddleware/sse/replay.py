@@ -178,7 +178,8 @@ class ReplayBuffer:
                 yield frame
             if frames:
                 idle_since = time.monotonic()
-            elif done:
+                continue  # read again before waiting: more may have come, or the end
+            if done:
                 return
             if time.monotonic() - idle_since > idle_timeout:
                 from aimiddleware.errors import Timeout
