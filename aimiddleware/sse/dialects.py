@@ -68,8 +68,11 @@ class Dialect:
     def frame(self, item: Any) -> bytes:
         """Frame one item yielded by the endpoint (str = text delta, dict = native event)."""
         if isinstance(item, str):
-            return encode_data(json_data({"text": item}), "delta")
+            return b'event: delta\ndata: {"text":' + json_data(item).encode() + b"}\n\n"
         if isinstance(item, dict):
+            data = item.get("data")
+            if len(item) == 1 and type(data) is str:  # the common {"data": "..."}
+                return encode_data(data)
             return ServerSentEvent.from_dict(item).encode()
         raise TypeError(f"cannot frame a {type(item).__name__} as a server-sent event")
 
@@ -103,6 +106,11 @@ def _openai_usage(usage: Usage) -> dict[str, Any]:
     }
 
 
+_TEMPLATE_CHOICE = {
+    "index": 0, "delta": {"content": "@@aimw-delta@@"}, "logprobs": None, "finish_reason": None
+}
+
+
 class OpenAIChatDialect(Dialect):
     """OpenAI Chat Completions streaming. ``include_usage`` mirrors ``stream_options``."""
 
@@ -124,6 +132,7 @@ class OpenAIChatDialect(Dialect):
         self.fingerprint = system_fingerprint
         self._role_sent = False
         self._finished = False
+        self._delta_head = self._delta_tail = b""
 
     @classmethod
     def for_request(cls, body: Any, **kwargs: Any) -> OpenAIChatDialect:
@@ -152,9 +161,16 @@ class OpenAIChatDialect(Dialect):
 
     def frame(self, item: Any) -> bytes:
         if isinstance(item, str):
-            delta: dict[str, Any] = {"content": item}
-            if not self._role_sent:
+            if self._delta_head:  # same bytes as _chunk(), without building the dict each time
+                return self._delta_head + json_data(item).encode() + self._delta_tail
+            if self._role_sent:
+                delta: dict[str, Any] = {"content": item}
+            else:
                 self._role_sent = True
+                template = self._chunk([_TEMPLATE_CHOICE])
+                if template.count(b'"@@aimw-delta@@"') == 1:
+                    head, _, tail = template.partition(b'"@@aimw-delta@@"')
+                    self._delta_head, self._delta_tail = head, tail
                 delta = {"role": "assistant", "content": item}
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
             return self._chunk([choice])

@@ -63,9 +63,12 @@ def encode_data(data: str, event: str | None = None, id: str | None = None) -> b
     return f"{head}data: {data}\n\n".encode()
 
 
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
+
+
 def json_data(value: Any) -> str:
     """Compact JSON for a ``data`` field (one line: JSON strings escape their newlines)."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+    return _JSON.encode(value)
 
 
 @dataclass(frozen=True, slots=True)

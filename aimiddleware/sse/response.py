@@ -246,7 +246,10 @@ class _Stream:
         replay = None if tail else self.resp.replay
         try:
             async for item in source:
-                if isinstance(item, bytes):
+                kind = type(item)
+                if (kind is str or kind is dict) and not observes:
+                    data = frame(item)
+                elif kind is bytes:
                     data = item
                 elif isinstance(item, ServerSentEvent):
                     data = item.encode()
