@@ -202,3 +202,32 @@ def test_config_validation() -> None:
         CancellationMiddleware(app, default_timeout=-1)
     mw = CancellationMiddleware(app, timeouts=[("/a/*", 1), ("/a/b", 2)], default_timeout=3)
     assert mw.timeout_for("/a/b") == 1 and mw.timeout_for("/z") == 3
+
+
+def test_install_places_cancellation_just_inside_errors() -> None:
+    from starlette.applications import Starlette
+
+    from aimiddleware import ErrorMiddleware, RequestContextMiddleware
+
+    app = install(Starlette())
+    order = [m.cls for m in app.user_middleware]  # outermost first
+    assert order[:3] == [RequestContextMiddleware, ErrorMiddleware, CancellationMiddleware]
+    plain = install(Starlette(), cancellation=None)
+    assert CancellationMiddleware not in [m.cls for m in plain.user_middleware]
+
+
+async def test_disconnect_before_the_body_is_read_never_calls_the_app() -> None:
+    called = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        called.append(scope)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        raise AssertionError("nothing to send")
+
+    scope = {"type": "http", "path": "/", "method": "POST", "headers": [], "state": {}}
+    await CancellationMiddleware(app)(scope, receive, send)
+    assert called == []

@@ -177,3 +177,37 @@ async def test_last_event_id_resume_delivers_every_event_exactly_once(storage: S
     assert deltas == [f"tok{i}" for i in range(total)]
     assert [kind for _, kind, _ in events][-2:] == ["usage", "done"]
     assert len({i.rsplit(":", 1)[0] for i in ids}) == 1  # one stream id throughout
+
+
+async def test_send_timeout_abandons_a_client_that_stopped_reading() -> None:
+    record: dict[str, Any] = {}
+    app = FastAPI()
+
+    @app.get("/v1/flood")
+    async def flood() -> EventStreamResponse:
+        record["ctx"] = current()
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                chunk = "x" * 65536
+                for i in range(10_000):  # far more than the socket buffers hold
+                    record["sent"] = i
+                    yield chunk
+            finally:
+                record["closed_at"] = anyio.current_time()
+
+        return EventStreamResponse(events(), send_timeout=0.3, heartbeat=None)
+
+    async with serve(install(app)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        stream = await anyio.connect_tcp(host, int(port))
+        await stream.send(b"GET /v1/flood HTTP/1.1\r\nhost: x\r\n\r\n")
+        # never read: the server's writes fill the buffers and its send blocks
+        for _ in range(300):
+            if "closed_at" in record:
+                break
+            await anyio.sleep(0.02)
+        await stream.aclose()
+    assert "closed_at" in record, "the stream was never abandoned"
+    assert record["sent"] < 9_999
+    assert record["ctx"].raw_finish_reason == "cancelled"
