@@ -250,3 +250,78 @@ def test_config_validation(kwargs: dict[str, Any]) -> None:
         EventStreamResponse(iter(()), **kwargs)
     with pytest.raises(TypeError):
         EventStreamResponse("not an iterator of events")
+
+
+async def test_send_oserror_means_the_client_left() -> None:
+    state: dict[str, Any] = {}
+
+    class Closing(Recorder):
+        async def send(self, message: dict[str, Any]) -> None:
+            if len(self.messages) >= 3:
+                raise OSError("connection closed")  # what ASGI >= 2.4 servers do
+            await super().send(message)
+
+    async def gen() -> AsyncIterator[str]:
+        try:
+            for i in range(100):
+                yield f"t{i}"
+        finally:
+            state["closed"] = True
+
+    rec = Closing()
+    app = RequestContextMiddleware(endpoint_app(lambda: EventStreamResponse(gen())))
+    await rec.run(app)
+    assert state["closed"] and len(rec.messages) == 3
+
+
+async def test_pass_through_provider_events_report_usage() -> None:
+    seen: dict[str, Any] = {}
+    openai_chunks = [
+        {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-x",
+         "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]},
+        {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-x",
+         "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]},
+        {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-x", "choices": [],
+         "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12,
+                   "prompt_tokens_details": {"cached_tokens": 2}}},
+    ]
+
+    async def chunks() -> AsyncIterator[dict[str, Any]]:
+        for c in openai_chunks:
+            yield c
+
+    async def handler(request: Request) -> EventStreamResponse:
+        seen["ctx"] = current()
+        return EventStreamResponse(chunks(), dialect=OpenAIChatDialect("gpt-x"))
+
+    rec = Recorder()
+    await rec.run(RequestContextMiddleware(Starlette(routes=[Route("/", handler)])))
+    events = parse(rec.raw).events
+    assert [json.loads(e.data) for e in events[:3]] == openai_chunks  # passed through as is
+    assert events[-1].data == "[DONE]" and len(events) == 4  # no extra finish chunk
+    ctx = seen["ctx"]
+    assert ctx.usage == Usage(input_tokens=5, output_tokens=7, cached_input_tokens=2)
+    assert ctx.raw_finish_reason == "length"
+
+    anthropic_events = [
+        {"type": "message_start", "message": {"usage": {"input_tokens": 4, "output_tokens": 1}}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "x"}},
+        {"type": "message_delta", "delta": {"stop_reason": "max_tokens"},
+         "usage": {"output_tokens": 9}},
+        {"type": "message_stop"},
+    ]
+
+    async def events_() -> AsyncIterator[dict[str, Any]]:
+        for e in anthropic_events:
+            yield e
+
+    async def handler2(request: Request) -> EventStreamResponse:
+        seen["ctx"] = current()
+        return EventStreamResponse(events_(), dialect=AnthropicDialect())
+
+    rec = Recorder()
+    await rec.run(RequestContextMiddleware(Starlette(routes=[Route("/", handler2)])))
+    parsed = parse(rec.raw).events
+    assert [e.type for e in parsed] == [e["type"] for e in anthropic_events]
+    assert seen["ctx"].usage == Usage(input_tokens=4, output_tokens=9)
+    assert seen["ctx"].raw_finish_reason == "max_tokens"

@@ -275,7 +275,12 @@ class _Stream:
                     await self.hb_done.wait()
                 self.last = time.monotonic()
                 self.sending = True
-                await send({"type": "http.response.body", "body": data, "more_body": True})
+                try:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                except OSError:  # ASGI >= 2.4 servers report a closed connection this way
+                    self._client_left()
+                    if replay is None:
+                        break
                 self.sending = False
         except Exception as exc:
             err = self.resp.mapper.map(exc)
@@ -283,6 +288,8 @@ class _Stream:
                 logger.error("event stream iterator failed", exc_info=exc)
             await self.write_error(err)
             return
+        if self.client_gone and not self.producer:
+            return  # nobody to tell; run() records the partial usage
         if tail:
             await self._finish([])
         else:
@@ -340,8 +347,12 @@ class _Stream:
         if self.closed:
             return
         if self.producer and self.resp.replay is not None:
-            frames = [await self._store(f) for f in frames]
-            await self.resp.replay.finish(self.principal, self.sid)
+            try:
+                frames = [await self._store(f) for f in frames]
+                await self.resp.replay.finish(self.principal, self.sid)
+            except Exception:  # the live client still gets its end; a resume will 404
+                logger.exception("recording the end of a resumable stream failed")
+                self.producer = False
         if self.hb_done is not None:
             await self.hb_done.wait()
         self.closed = True
@@ -377,12 +388,15 @@ class _Stream:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                self.client_gone = True
-                if self.ctx is not None:
-                    self.ctx.disconnected = True
-                if self.resp.replay is None and self.tg_scope is not None:
+                self._client_left()
+                if not self.producer and self.tg_scope is not None:
                     self.tg_scope.cancel()
                 return
+
+    def _client_left(self) -> None:
+        self.client_gone = True
+        if self.ctx is not None:
+            self.ctx.disconnected = True
 
     async def _timer(self) -> None:
         beat = self.resp.heartbeat
