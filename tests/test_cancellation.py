@@ -18,6 +18,7 @@ from aimiddleware import (
     CancellationMiddleware,
     EventStreamResponse,
     Usage,
+    cleanup_scope,
     current,
     install,
     on_cancel,
@@ -85,7 +86,29 @@ def build_app(record: dict[str, Any]) -> FastAPI:
 
         return EventStreamResponse(events(), heartbeat=None)
 
+    app.add_middleware(LeaseProbe, record=record)  # added before install(): innermost
     return install(app)  # type: ignore[no-any-return]
+
+
+class LeaseProbe:
+    """Stands in for a layer inside Cancellation that holds a resource (a rate-limit lease):
+    its ``finally`` must still release it, with an await, after the endpoint is cancelled."""
+
+    def __init__(self, app: Any, record: dict[str, Any]) -> None:
+        self.app = app
+        self.record = record
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.record["lease"] = "held"
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            with cleanup_scope(2):
+                await anyio.sleep(0.01)  # e.g. a round trip to Redis
+                self.record["lease"] = "released"
 
 
 async def test_disconnect_mid_non_stream_cancels_the_model_call() -> None:
@@ -103,6 +126,7 @@ async def test_disconnect_mid_non_stream_cancels_the_model_call() -> None:
         await stream.aclose()
         cancelled_at = await wait_for(record, "cancelled_at")
         await wait_for(record, "released")
+        await anyio.sleep(0.05)
     latency_ms = (cancelled_at - closed_at) * 1000  # measured where the model runs
     print(f"\nnon-stream: model cancelled {latency_ms:.1f} ms after the client disconnected")
     assert 0 <= latency_ms < 1000
@@ -111,6 +135,7 @@ async def test_disconnect_mid_non_stream_cancels_the_model_call() -> None:
     assert ctx.raw_finish_reason == "cancelled"
     assert ctx.usage == Usage(input_tokens=12, output_tokens=3)  # partial usage recorded
     assert ctx.state["cancellation"]["reason"] == "disconnect"
+    assert record["lease"] == "released"
 
 
 async def test_disconnect_mid_stream_cancels_the_model_call() -> None:
@@ -136,6 +161,7 @@ async def test_disconnect_mid_stream_cancels_the_model_call() -> None:
     assert ctx.raw_finish_reason == "cancelled"
     assert ctx.usage is not None and ctx.usage.input_tokens == 12
     assert ctx.usage.output_tokens >= 5  # the partial count reached when the client left
+    assert record["lease"] == "released"
 
 
 def tiered_app() -> FastAPI:

@@ -9,6 +9,8 @@ from typing import Any
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
@@ -325,3 +327,31 @@ async def test_pass_through_provider_events_report_usage() -> None:
     assert [e.type for e in parsed] == [e["type"] for e in anthropic_events]
     assert seen["ctx"].usage == Usage(input_tokens=4, output_tokens=9)
     assert seen["ctx"].raw_finish_reason == "max_tokens"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.builds(
+            ServerSentEvent,
+            data=st.text(st.characters(exclude_categories=("Cs",)), max_size=30),
+            event=st.none() | st.text(st.characters(exclude_categories=("Cs",),
+                                                    exclude_characters="\r\n"), max_size=10),
+            id=st.none() | st.text(st.characters(exclude_categories=("Cs",),
+                                                 exclude_characters="\r\n\x00"), max_size=10),
+        ),
+        max_size=8,
+    )
+)
+def test_events_through_the_response_parse_back(events: list[ServerSentEvent]) -> None:
+    async def gen() -> AsyncIterator[ServerSentEvent]:
+        for ev in events:
+            yield ev
+
+    rec = Recorder()
+    anyio.run(rec.run, endpoint_app(lambda: EventStreamResponse(gen(), heartbeat=None)))
+    got = parse(rec.raw).events[: len(events)]
+    want = [(e.event or "message", e.data.replace("\r\n", "\n").replace("\r", "\n"))
+            for e in events]
+    assert [(g.type, g.data) for g in got] == want
+    assert [e.type for e in parse(rec.raw).events[len(events):]] == ["usage", "done"]
