@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -149,23 +150,25 @@ async def test_sync_iterator_and_head() -> None:
 
 
 async def test_heartbeats_during_silence_and_none_while_events_flow() -> None:
-    interval = 0.05
+    interval = 0.15
 
     async def gen() -> AsyncIterator[str]:
-        for i in range(40):  # events every 5 ms for ~200 ms: no heartbeat due
+        for i in range(60):  # an event every ~2 ms: a heartbeat is never due
             yield f"fast{i}"
-            await anyio.sleep(0.005)
-        await anyio.sleep(interval * 6)  # silence of several intervals
+            await anyio.sleep(0.002)
+        await anyio.sleep(interval * 5.5)  # a silence of several intervals
         yield "after"
 
     rec = Recorder()
     await rec.run(endpoint_app(lambda: EventStreamResponse(gen(), heartbeat=interval)))
     bodies = rec.bodies
     beats = [i for i, b in enumerate(bodies) if b == b": ping\n\n"]
-    first_after_fast = 40
-    assert all(i >= first_after_fast for i in beats), "a heartbeat was sent while events flowed"
-    assert 3 <= len(beats) <= 7, f"expected ~5 heartbeats in the silence, got {len(beats)}"
-    assert [e.data for e in parse(rec.raw).events][40] == '{"text":"after"}'
+    assert all(i >= 60 for i in beats), "a heartbeat was sent while events flowed"
+    assert 3 <= len(beats) <= 6, f"expected ~5 heartbeats in the silence, got {len(beats)}"
+    silence = [rec.times[i + 1] for i in beats]  # +1: messages[0] is the start
+    gaps = [b - a for a, b in itertools.pairwise(silence)]
+    assert all(g >= interval * 0.9 for g in gaps)  # one per interval of silence, not more
+    assert [e.data for e in parse(rec.raw).events][60] == '{"text":"after"}'
 
 
 async def test_gzip_middleware_passes_events_one_by_one() -> None:
