@@ -358,3 +358,24 @@ def test_events_through_the_response_parse_back(events: list[ServerSentEvent]) -
             for e in events]
     assert [(g.type, g.data) for g in got] == want
     assert [e.type for e in parse(rec.raw).events[len(events):]] == ["usage", "done"]
+
+
+async def test_headers_go_out_before_a_slow_first_event_and_cost_is_priced() -> None:
+    from decimal import Decimal
+
+    async def gen() -> AsyncIterator[Any]:
+        await anyio.sleep(0.5)  # a slow model: time to first token
+        yield "late"
+        yield Usage(input_tokens=1000, output_tokens=500)
+
+    def pricer(model: str | None, usage: Usage) -> Decimal:
+        assert model == "m"
+        return Decimal("0.000002") * usage.total_tokens
+
+    rec = Recorder()
+    t0 = time.monotonic()
+    await rec.run(endpoint_app(lambda: EventStreamResponse(gen(), model="m", pricer=pricer)))
+    assert rec.messages[0]["type"] == "http.response.start"
+    assert rec.times[0] - t0 < 0.25 < rec.times[1] - t0
+    usage = json.loads(parse(rec.raw).events[1].data)
+    assert usage["estimated_cost"] == "0.003000"
