@@ -161,6 +161,7 @@ async def test_disconnect_mid_stream_cancels_the_model_call() -> None:
     assert ctx.raw_finish_reason == "cancelled"
     assert ctx.usage is not None and ctx.usage.input_tokens == 12
     assert ctx.usage.output_tokens >= 5  # the partial count reached when the client left
+    assert "sse.completed" not in ctx.state
     assert record["lease"] == "released"
 
 

@@ -132,6 +132,7 @@ async def test_context_gets_usage_and_streaming_flag() -> None:
     assert ctx.usage == Usage(input_tokens=1, output_tokens=2)
     assert ctx.raw_finish_reason == "stop"
     assert ctx.stream_error_writer is not None
+    assert ctx.state["sse.completed"] is True
 
 
 async def test_sync_iterator_and_head() -> None:

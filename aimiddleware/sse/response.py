@@ -32,9 +32,12 @@ from aimiddleware.sse.replay import ReplayBuffer, parse_event_id
 from aimiddleware.types import Receive, Scope, Send
 from aimiddleware.usage.models import Usage
 
-__all__ = ["EventStreamResponse", "StreamResult"]
+__all__ = ["COMPLETED", "EventStreamResponse", "StreamResult"]
 
 logger = logging.getLogger("aimiddleware")
+
+COMPLETED = "sse.completed"
+"""``ctx.state`` key set to ``True`` once a stream sent its normal end (not an error, not cut)."""
 
 Pricer = Callable[[str | None, Usage], Decimal | None]
 
@@ -295,6 +298,8 @@ class _Stream:
         else:
             summary = self._record_context("stop")
             await self._finish(self.dialect.end(summary))
+        if self.ctx is not None:
+            self.ctx.state[COMPLETED] = True  # ended normally: idempotency may store it
 
     # -- end of stream -------------------------------------------------------------------
 
