@@ -258,3 +258,65 @@ async def test_disconnect_before_the_body_is_read_never_calls_the_app() -> None:
     scope = {"type": "http", "path": "/", "method": "POST", "headers": [], "state": {}}
     await CancellationMiddleware(app)(scope, receive, send)
     assert called == []
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_both_anyio_backends_cancel_on_disconnect_and_finish_cleanly(backend: str) -> None:
+    """The asyncio path uses a plain task, other backends a task group: both behave alike."""
+
+    async def main() -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        response_done = anyio.Event()
+        client_gone = anyio.Event()
+
+        async def slow(scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await anyio.sleep(10)
+            except anyio.get_cancelled_exc_class():
+                seen["cancelled"] = True
+                raise
+
+        async def fast(scope: Any, receive: Any, send: Any) -> None:
+            assert (await receive())["type"] == "http.request"
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        def server(gone: anyio.Event) -> tuple[Any, Any]:
+            first = True
+
+            async def receive() -> dict[str, Any]:
+                nonlocal first
+                if first:
+                    first = False
+                    return {"type": "http.request", "body": b"", "more_body": False}
+                with anyio.move_on_after(5):
+                    async with anyio.create_task_group() as tg:
+                        async def wait(ev: anyio.Event) -> None:
+                            await ev.wait()
+                            tg.cancel_scope.cancel()
+                        tg.start_soon(wait, gone)
+                        tg.start_soon(wait, response_done)
+                return {"type": "http.disconnect"}
+
+            async def send(message: dict[str, Any]) -> None:
+                seen.setdefault("sent", []).append(message["type"])
+                if message["type"] == "http.response.body":
+                    response_done.set()
+
+            return receive, send
+
+        scope = {"type": "http", "path": "/", "method": "POST", "headers": [], "state": {}}
+        receive, send = server(client_gone)
+        with anyio.fail_after(2):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(CancellationMiddleware(slow), scope, receive, send)
+                await anyio.sleep(0.05)
+                client_gone.set()
+        receive, send = server(anyio.Event())
+        with anyio.fail_after(2):
+            await CancellationMiddleware(fast)(dict(scope), receive, send)
+        return seen
+
+    seen = anyio.run(main, backend=backend)
+    assert seen["cancelled"] is True
+    assert seen["sent"] == ["http.response.start", "http.response.body"]
