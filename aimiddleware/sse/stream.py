@@ -261,6 +261,7 @@ class StreamSender:
     async def write_error(self, err: AIError) -> None:
         """The context's ``stream_error_writer``: an error event in the dialect, then the end."""
         if self.closed:
+            logger.warning("%s raised after the event stream had ended; not sent", err.code)
             return
         self.finish = "error"
         summary = self._record_context("error")
