@@ -282,9 +282,12 @@ class StreamSender:
             await self.hb_done.wait()
         self.closed = True
         self.sending = True
-        await self.send(
-            {"type": "http.response.body", "body": b"".join(frames), "more_body": False}
-        )
+        limit = self.resp.send_timeout
+        # Also bounded outside the timer task (an error written after the stream's own end).
+        with anyio.move_on_after(limit if limit is not None else float("inf")):
+            await self.send(
+                {"type": "http.response.body", "body": b"".join(frames), "more_body": False}
+            )
         self.sending = False
 
     async def _store(self, data: bytes) -> bytes:
