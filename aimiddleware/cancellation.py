@@ -242,6 +242,8 @@ class _Call:
                 self.disconnected.set()
         ctx = self.ctx
         if self.response_done:  # the server reports the end of a finished response
+            if ctx is not None:  # (the context layer's receive took it for a disconnect)
+                ctx.disconnected = False
             return
         if ctx is not None:
             ctx.disconnected = True

@@ -73,6 +73,12 @@ def build_app(record: dict[str, Any]) -> FastAPI:
             raise
         return {"text": "".join(out)}
 
+    @app.post("/v1/quick")
+    async def quick() -> dict[str, Any]:
+        record["ctx"] = current()
+        await anyio.sleep(0.02)
+        return {"text": "done"}
+
     @app.post("/v1/stream")
     async def stream() -> EventStreamResponse:
         record["ctx"] = current()
@@ -320,3 +326,15 @@ def test_both_anyio_backends_cancel_on_disconnect_and_finish_cleanly(backend: st
     seen = anyio.run(main, backend=backend)
     assert seen["cancelled"] is True
     assert seen["sent"] == ["http.response.start", "http.response.body"]
+
+
+async def test_a_completed_request_is_not_marked_disconnected() -> None:
+    record: dict[str, Any] = {}
+    async with serve(build_app(record)) as url, httpx.AsyncClient(base_url=url) as client:
+        r = await client.post("/v1/quick", json={})
+        assert r.status_code == 200 and r.json() == {"text": "done"}
+        await anyio.sleep(0.05)  # the server reports the finished response as a disconnect
+    ctx = record["ctx"]
+    assert ctx.disconnected is False
+    assert ctx.raw_finish_reason is None and "cancellation" not in ctx.state
+    assert record["lease"] == "released"
