@@ -3,7 +3,8 @@
 Deliberately independent of the code under test: decodes UTF-8, strips one leading BOM,
 splits lines at CRLF / LF / lone CR, ignores comments, strips one leading space from
 values, ignores ids containing NUL, accepts retry made only of ASCII digits, does not
-dispatch an event whose data buffer is empty, and discards a partial event at EOF.
+dispatch an event whose data buffer is empty, and discards a partial event at EOF. It parses
+a whole stream, so a CR at the end needs no lookahead.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_LINE = re.compile(r"([^\r\n]*)(\r\n|\r(?!$)|\n)")
+_LINE = re.compile(r"([^\r\n]*)(\r\n|\r|\n)")  # a whole stream: no chunk boundaries
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Server-sent events: spec-exact framing, the streaming response, dialects and resume.
 
 - :mod:`aimiddleware.sse.events`: :class:`ServerSentEvent` and the pure framing functions.
-- :mod:`aimiddleware.sse.response`: :class:`EventStreamResponse`.
+- :mod:`aimiddleware.sse.response`: :class:`EventStreamResponse` (its runtime in
+  :mod:`aimiddleware.sse.stream`).
 - :mod:`aimiddleware.sse.dialects`: generic, OpenAI Chat Completions and Anthropic Messages.
 - :mod:`aimiddleware.sse.replay`: :class:`ReplayBuffer` for ``Last-Event-ID`` resume.
 """
