@@ -1,5 +1,11 @@
 """aimiddleware: the production patterns of AI APIs as embeddable ASGI middleware."""
 
+from aimiddleware.cancellation import (
+    CancellationConfig,
+    CancellationMiddleware,
+    cleanup_scope,
+    on_cancel,
+)
 from aimiddleware.context import RequestContext, RequestIdFilter, current, report_usage
 from aimiddleware.context_middleware import RequestContextMiddleware
 from aimiddleware.error_middleware import ErrorMiddleware, register_exception_handlers
@@ -41,6 +47,15 @@ from aimiddleware.idempotency import (
     idempotent,
 )
 from aimiddleware.pricing import ModelPrice, PriceTable
+from aimiddleware.sse import (
+    AnthropicDialect,
+    EventStreamResponse,
+    GenericDialect,
+    OpenAIChatDialect,
+    ReplayBuffer,
+    ServerSentEvent,
+    StreamResult,
+)
 from aimiddleware.stack import StackConfig, install
 from aimiddleware.storage import Storage
 from aimiddleware.tokens import TokenCount, TokenCounter
@@ -68,9 +83,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AIError",
+    "AnthropicDialect",
     "ApiVersion",
     "ApiVersions",
     "AuthenticationFailed",
+    "CancellationConfig",
+    "CancellationMiddleware",
     "Completion",
     "Conflict",
     "ContentFiltered",
@@ -78,8 +96,10 @@ __all__ = [
     "DeprecationMonitor",
     "Envelope",
     "ErrorMiddleware",
+    "EventStreamResponse",
     "ExceptionMapper",
     "FinishReason",
+    "GenericDialect",
     "HTTPStatusError",
     "IdempotencyConfig",
     "IdempotencyKeyReused",
@@ -95,6 +115,7 @@ __all__ = [
     "ModelRegistry",
     "ModelRetired",
     "NotFound",
+    "OpenAIChatDialect",
     "OutputSchemaInvalid",
     "Overloaded",
     "PermissionDenied",
@@ -104,14 +125,17 @@ __all__ = [
     "QuotaExceeded",
     "RateLimited",
     "RedisLedger",
+    "ReplayBuffer",
     "RequestContext",
     "RequestContextMiddleware",
     "RequestIdFilter",
     "RequestTooLarge",
     "SQLiteLedger",
+    "ServerSentEvent",
     "StackConfig",
     "Storage",
     "StoreUnavailable",
+    "StreamResult",
     "Timeout",
     "TokenCount",
     "TokenCounter",
@@ -127,12 +151,14 @@ __all__ = [
     "ValidationFailed",
     "VersioningConfig",
     "VersioningMiddleware",
+    "cleanup_scope",
     "current",
     "deprecated",
     "envelope",
     "idempotent",
     "install",
     "normalize_finish_reason",
+    "on_cancel",
     "register_exception_handlers",
     "report_usage",
 ]

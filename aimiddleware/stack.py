@@ -2,7 +2,13 @@
 
 Outer to inner::
 
-    Context → Errors → Versioning → Idempotency → RateLimit → Usage → app
+    Context → Errors → Cancellation → Versioning → Idempotency → RateLimit → Usage → app
+
+Cancellation sits just inside Errors: the ``Timeout`` it raises is rendered by Errors (a
+504, or an error event once a stream has started), and it reads the body the Context layer
+already cached. It is outside every stateful layer, so when it cancels the endpoint their
+own ``finally`` blocks run on the way out: rate limiting releases its concurrency lease and
+reconciles, idempotency releases its key, usage records the partial usage.
 
 A layer whose configuration is ``None`` is left out. Every layer is also usable alone with
 ``app.add_middleware``; ``install`` only fixes the order and shares one :class:`Storage`.
@@ -14,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from aimiddleware.cancellation import CancellationConfig, CancellationMiddleware
 from aimiddleware.context_middleware import DEFAULT_MAX_BODY, RequestContextMiddleware
 from aimiddleware.error_middleware import ErrorMiddleware, register_exception_handlers
 from aimiddleware.errors import DEFAULT_TYPE_BASE, ExceptionMapper, Mapper
@@ -44,6 +51,8 @@ class StackConfig:
     versioning: VersioningConfig | None = None
     usage: UsageConfig | None = None
     idempotency: IdempotencyConfig | None = None
+    # On by default: a client that disconnects cancels the endpoint. Add timeout tiers here.
+    cancellation: CancellationConfig | None = field(default_factory=CancellationConfig)
 
 
 def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
@@ -74,6 +83,8 @@ def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
         ),
         (ErrorMiddleware, {"mapper": mapper, "error_type_base": config.error_type_base}),
     ]
+    if config.cancellation is not None:  # inside Errors, outside every stateful layer
+        layers.append((CancellationMiddleware, dict(config.cancellation.__dict__)))
     if config.versioning is not None:
         layers.append(
             (
