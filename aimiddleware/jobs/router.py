@@ -269,7 +269,9 @@ class JobsRouter(Router):
         prefix = rec.object
         quiet_since = time.monotonic()
         while True:
-            events = await self.store.read_events(rec.principal, rec.id, last, wait=1.0)
+            due = self.heartbeat_interval - (time.monotonic() - quiet_since)
+            wait = min(1.0, max(0.01, due))
+            events = await self.store.read_events(rec.principal, rec.id, last, wait=wait)
             for event_id, event, data in events:
                 yield sse_frame(data, event=event, id=event_id)
                 last = event_id
