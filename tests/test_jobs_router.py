@@ -69,8 +69,8 @@ def server(recorder: Recorder) -> Iterator[ThreadServer]:
 
 
 async def wait_status(client: httpx.AsyncClient, path: str, statuses: set[str],
-                      headers: dict[str, str] = A, timeout: float = 10) -> dict[str, Any]:
-    with anyio.fail_after(timeout):
+                      headers: dict[str, str] = A) -> dict[str, Any]:
+    with anyio.fail_after(10):
         while True:
             body: dict[str, Any] = (await client.get(path, headers=headers)).json()
             if body["status"] in statuses:
@@ -107,7 +107,8 @@ async def test_submit_poll_stream_resume(server: ThreadServer, recorder: Recorde
         assert len(ids) == len(set(ids))  # nothing replayed twice
         assert [int(i) for i in ids] == list(range(1, len(ids) + 1))  # nothing lost
         assert second[-1].event == "job.completed"
-        partials = [json.loads(e.data)["output"] for e in first + second if e.event == "job.partial"]
+        events = first + second
+        partials = [json.loads(e.data)["output"] for e in events if e.event == "job.partial"]
         assert partials == [f"chunk-{i}" for i in range(6)]
 
         final = (await client.get(f"/v1/jobs/{job_id}", headers=A)).json()
@@ -202,7 +203,8 @@ async def test_concurrent_identical_submits_start_one_job(
 
 async def test_other_principal_gets_404_everywhere(server: ThreadServer) -> None:
     async with httpx.AsyncClient(base_url=server.url) as client:
-        job_id = (await client.post("/v1/jobs", json={"input": {"steps": 2}}, headers=A)).json()["id"]
+        r = await client.post("/v1/jobs", json={"input": {"steps": 2}}, headers=A)
+        job_id = r.json()["id"]
         for method, path in [("GET", f"/v1/jobs/{job_id}"), ("GET", f"/v1/jobs/{job_id}/events"),
                              ("DELETE", f"/v1/jobs/{job_id}")]:
             r = await client.request(method, path, headers=B)
