@@ -60,7 +60,7 @@ def jobs_app(storage: str = "memory://", **options: Any) -> Starlette:
 
 async def wait_for(pred: Any, timeout_s: float = 10) -> None:
     with anyio.fail_after(timeout_s):
-        while not pred():
+        while not pred():  # noqa: ASYNC110 - polling a server in another thread
             await anyio.sleep(0.02)
 
 
