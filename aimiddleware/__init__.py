@@ -33,6 +33,7 @@ from aimiddleware.errors import (
     UpstreamUnavailable,
     ValidationFailed,
 )
+from aimiddleware.jobs import JobContext, JobsRouter
 from aimiddleware.stack import StackConfig, install
 from aimiddleware.storage import Storage
 from aimiddleware.usage.models import Usage
@@ -50,6 +51,8 @@ __all__ = [
     "IdempotencyKeyReused",
     "InternalError",
     "InvalidRequest",
+    "JobContext",
+    "JobsRouter",
     "MethodNotAllowed",
     "ModelRetired",
     "NotFound",

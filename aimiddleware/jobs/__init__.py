@@ -15,6 +15,7 @@ from aimiddleware.jobs.models import (
 from aimiddleware.jobs.router import JobsRouter
 from aimiddleware.jobs.runner import JobFunction, JobRunner
 from aimiddleware.jobs.store import JobStore, make_store
+from aimiddleware.jobs.taskiq_queue import TaskiqQueue
 from aimiddleware.jobs.webhooks import (
     DEFAULT_SCHEDULE,
     CallbackPolicy,
@@ -41,6 +42,7 @@ __all__ = [
     "JobStatus",
     "JobStore",
     "JobsRouter",
+    "TaskiqQueue",
     "WebhookDispatcher",
     "WebhookSigner",
     "make_store",

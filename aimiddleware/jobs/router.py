@@ -41,6 +41,7 @@ from aimiddleware.jobs.models import Batch, BatchCounts, BatchItem, Job, new_id
 from aimiddleware.jobs.runner import JobFunction, JobRunner
 from aimiddleware.jobs.sse import sse_frame
 from aimiddleware.jobs.store import JobStore, make_store
+from aimiddleware.jobs.taskiq_queue import TaskiqQueue
 from aimiddleware.jobs.webhooks import (
     DEFAULT_SCHEDULE,
     CallbackPolicy,
@@ -121,6 +122,7 @@ class JobsRouter(Router):
         shutdown_grace: float = 5.0,
         principal: Callable[[Request], str] | None = None,
         retention: float = 7 * 86400,
+        queue: TaskiqQueue | None = None,
     ) -> None:
         if heartbeat_interval <= 0 or cancel_wait < 0:
             raise ValueError("heartbeat_interval must be > 0 and cancel_wait >= 0")
@@ -140,6 +142,11 @@ class JobsRouter(Router):
             batch_concurrency=batch_concurrency, cancel_poll=cancel_poll,
             shutdown_grace=shutdown_grace,
         )
+        self.queue = queue
+        if queue is not None:
+            if self.storage.is_memory and store is None:
+                raise ValueError("a task queue needs a shared store: pass a redis:// storage")
+            queue.bind(self.runner)
         self.heartbeat_interval = heartbeat_interval
         self.cancel_wait = cancel_wait
         self.timeout = timeout
@@ -162,7 +169,14 @@ class JobsRouter(Router):
         """Runs jobs and delivers webhooks while the app lives; use as the app's lifespan."""
         try:
             async with self.runner.running():
-                yield
+                if self.queue is not None:
+                    await self.queue.startup()
+                try:
+                    yield
+                finally:
+                    if self.queue is not None:
+                        with anyio.CancelScope(shield=True):
+                            await self.queue.shutdown()
         finally:
             if self._owns_storage and not self.storage.is_memory:
                 with anyio.CancelScope(shield=True):
@@ -214,7 +228,10 @@ class JobsRouter(Router):
                 status_code=202,
                 headers={"location": f"{location}/{existing.id}", "idempotent-replayed": "true"},
             )
-        self.runner.submit(record)
+        if self.queue is not None:
+            await self.queue.submit(record)
+        else:
+            self.runner.submit(record)
         return JSONResponse({"id": record.id, "status": record.status, "object": record.object},
                             status_code=202, headers={"location": f"{location}/{record.id}"})
 

@@ -101,6 +101,11 @@ class JobRunner:
         self._running += 1
         self._tg.start_soon(self._execute, record)
 
+    async def execute(self, record: Job | Batch) -> None:
+        """Run a stored record to its end in the caller's task (used by a task-queue worker)."""
+        self._running += 1
+        await self._execute(record)
+
     def cancel_local(self, rec_id: str) -> None:
         """Fast path when the job runs here; the store flag reaches every other worker."""
         scope = self._scopes.get(rec_id)
