@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +16,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from aimiddleware import install
-from aimiddleware.jobs import JobContext, JobsRouter
+from aimiddleware.jobs import Job, JobContext, JobsRouter
 from tests.jobs_servers import ThreadServer
 
 A = {"authorization": "Bearer key-of-tenant-a"}
@@ -287,3 +288,28 @@ def test_runner_needs_lifespan(recorder: Recorder) -> None:
     with TestClient(app, raise_server_exceptions=False) as client:
         r = client.post("/v1/jobs", json={"input": {}})
         assert r.status_code == 500
+
+
+async def test_a_job_whose_worker_died_is_reported_failed(recorder: Recorder) -> None:
+    """In-process mode: a worker that crashes stops renewing the lease; readers see it."""
+    app, jobs = make_app(recorder, lease=0.5)
+    with ThreadServer(app) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            live = (await client.post("/v1/jobs", json={"input": {"steps": 12, "delay": 0.1}},
+                                      headers=A)).json()["id"]
+            await anyio.sleep(0.8)  # longer than the lease: a live worker keeps renewing it
+            assert (await client.get(f"/v1/jobs/{live}", headers=A)).json()["status"] in {
+                "in_progress", "completed"}
+            # A record some crashed worker left in_progress, with no lease behind it.
+            principal = next(p for (p, rid) in jobs.store._records if rid == live)  # type: ignore[attr-defined]
+            dead = Job(id="job_from_a_dead_worker", principal=principal, status="in_progress",
+                       started_at=time.time())
+            await jobs.store.put(principal, dead.id, dead.stored())
+            body = (await client.get(f"/v1/jobs/{dead.id}", headers=A)).json()
+            assert body["status"] == "failed" and body["error"]["code"] == "worker_lost"
+            assert body["error"]["retryable"] is True
+            async with aconnect_sse(client, "GET", f"/v1/jobs/{dead.id}/events",
+                                    headers=A) as es:
+                assert [e.event async for e in es.aiter_sse()] == ["job.failed"]
+            done = await wait_status(client, f"/v1/jobs/{live}", {"completed"})
+            assert done["result"]["steps"] == 12

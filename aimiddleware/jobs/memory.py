@@ -20,6 +20,7 @@ class MemoryJobStore:
         self._records: dict[tuple[str, str], str] = {}
         self._events: dict[tuple[str, str], list[Event]] = {}
         self._cancel: set[tuple[str, str]] = set()
+        self._beats: dict[tuple[str, str], float] = {}
         self._results: dict[tuple[str, str], list[str]] = {}
         self._idem: dict[tuple[str, str], str] = {}
         self._outbox: dict[str, str] = {}
@@ -66,6 +67,12 @@ class MemoryJobStore:
 
     async def cancel_requested(self, principal: str, rec_id: str) -> bool:
         return (principal, rec_id) in self._cancel
+
+    async def beat(self, principal: str, rec_id: str, ttl: float) -> None:
+        self._beats[(principal, rec_id)] = time.monotonic() + ttl
+
+    async def alive(self, principal: str, rec_id: str) -> bool:
+        return self._beats.get((principal, rec_id), 0.0) > time.monotonic()
 
     async def append_result(self, principal: str, rec_id: str, line: str) -> None:
         self._results.setdefault((principal, rec_id), []).append(line)

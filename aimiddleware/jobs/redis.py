@@ -1,10 +1,11 @@
 """Redis/Valkey :class:`~aimiddleware.jobs.store.JobStore`: shared by every worker.
 
-Keys (hash-tagged per principal): ``jobs:{p}:<id>`` the record, ``…:<id>:events`` a stream
-(its entry ids are the SSE ids, so ``Last-Event-ID`` maps to ``XREAD``), ``…:<id>:cancel``
-the cancel flag, ``…:<id>:results`` batch result lines, ``…:idem:<sha256(key)>`` the
-idempotency map. The webhook outbox is ``jobs:{outbox}:due`` (a sorted set by due time)
-and ``jobs:{outbox}:data`` (a hash of deliveries); claiming is one Lua script.
+Keys (hash-tagged per principal): ``jobs:{p}:<id>`` the record; ``…:<id>:events`` a
+stream (its entry ids are the SSE ids, so ``Last-Event-ID`` maps to ``XREAD``);
+``…:<id>:cancel`` the cancel flag; ``…:<id>:alive`` the running worker's lease;
+``…:<id>:results`` batch result lines; ``…:idem:<sha256(key)>`` the idempotency map.
+The webhook outbox is ``jobs:{outbox}:due`` (a sorted set by due time) and
+``jobs:{outbox}:data`` (a hash of deliveries); claiming is one Lua script.
 """
 
 from __future__ import annotations
@@ -108,6 +109,14 @@ class RedisJobStore:
     async def cancel_requested(self, principal: str, rec_id: str) -> bool:
         async with redis_errors("job"):
             return bool(await self._r.exists(self._key(principal, rec_id, "cancel")))
+
+    async def beat(self, principal: str, rec_id: str, ttl: float) -> None:
+        async with redis_errors("job"):
+            await self._r.set(self._key(principal, rec_id, "alive"), b"1", px=int(ttl * 1000))
+
+    async def alive(self, principal: str, rec_id: str) -> bool:
+        async with redis_errors("job"):
+            return bool(await self._r.exists(self._key(principal, rec_id, "alive")))
 
     async def append_result(self, principal: str, rec_id: str, line: str) -> None:
         key = self._key(principal, rec_id, "results")

@@ -37,7 +37,7 @@ from aimiddleware.errors import (
     render_problem,
 )
 from aimiddleware.jobs.batches import results_jsonl
-from aimiddleware.jobs.models import Batch, BatchCounts, BatchItem, Job, new_id
+from aimiddleware.jobs.models import Batch, BatchCounts, BatchItem, Job, JobError, new_id
 from aimiddleware.jobs.runner import JobFunction, JobRunner
 from aimiddleware.jobs.sse import sse_frame
 from aimiddleware.jobs.store import JobStore, make_store
@@ -121,6 +121,7 @@ class JobsRouter(Router):
         cancel_poll: float = 0.1,
         shutdown_grace: float = 5.0,
         principal: Callable[[Request], str] | None = None,
+        lease: float = 30.0,
         retention: float = 7 * 86400,
         queue: TaskiqQueue | None = None,
     ) -> None:
@@ -140,7 +141,7 @@ class JobsRouter(Router):
             fn, self.store, dispatcher=self.dispatcher, max_steps=max_steps, max_cost=max_cost,
             timeout=timeout, max_concurrent_jobs=max_concurrent_jobs,
             batch_concurrency=batch_concurrency, cancel_poll=cancel_poll,
-            shutdown_grace=shutdown_grace,
+            shutdown_grace=shutdown_grace, lease=lease,
         )
         self.queue = queue
         if queue is not None:
@@ -209,10 +210,24 @@ class JobsRouter(Router):
         raw = await self.store.get(principal, rec_id) if rec_id.startswith(prefix) else None
         if raw is None:
             raise NotFound(f"No {kind.__name__.lower()} with id {rec_id!r}.")
-        rec = kind.model_validate_json(raw)
+        rec = await self._reap(kind.model_validate_json(raw))
         if not rec.terminal and await self.store.cancel_requested(principal, rec.id):
             rec = rec.model_copy(update={"status": "cancelling"})
         return rec
+
+    async def _reap(self, rec: Job | Batch) -> Job | Batch:
+        """A record ``in_progress`` whose worker stopped renewing its lease: fail it, visibly."""
+        if rec.status != "in_progress" or await self.store.alive(rec.principal, rec.id):
+            return rec
+        err = JobError(code="worker_lost", retryable=True,
+                       message="The worker running this job stopped; submit it again.")
+        final = rec.model_copy(update={"status": "failed", "error": err,
+                                       "finished_at": time.time()})
+        await self.store.put(rec.principal, rec.id, final.stored())
+        await self.store.append_event(rec.principal, rec.id, f"{rec.object}.failed",
+                                      json.dumps(final.public()))
+        await self.runner.notify(final.callback_url, f"{rec.object}.failed", final.public())
+        return final
 
     async def _create(
         self, request: Request, record: Job | Batch, location: str
@@ -299,6 +314,10 @@ class JobsRouter(Router):
             elif time.monotonic() - quiet_since >= self.heartbeat_interval:
                 # "still working" while a long step runs; no id, so resuming is unaffected
                 raw = await self.store.get(rec.principal, rec.id)
+                if raw is not None:
+                    current = await self._reap(type(rec).model_validate_json(raw))
+                    if current.terminal:
+                        continue  # its final event is in the log now
                 status = json.loads(raw)["status"] if raw else "expired"
                 yield sse_frame(json.dumps({"status": status, "at": time.time()}),
                                 event=f"{prefix}.heartbeat")

@@ -56,6 +56,7 @@ class JobRunner:
         batch_concurrency: int = 8,
         cancel_poll: float = 0.1,
         shutdown_grace: float = 5.0,
+        lease: float = 30.0,
     ) -> None:
         if batch_concurrency < 1:
             raise ValueError("batch_concurrency must be >= 1")
@@ -70,6 +71,7 @@ class JobRunner:
         self.max_concurrent_jobs = max_concurrent_jobs
         self.batch_concurrency = batch_concurrency
         self.cancel_poll = cancel_poll
+        self.lease = lease
         self.shutdown_grace = shutdown_grace
         self._tg: anyio.abc.TaskGroup | None = None
         self._limiter: anyio.CapacityLimiter | None = None
@@ -137,6 +139,7 @@ class JobRunner:
                     tg.start_soon(self._watch_cancel, principal, rec_id, scope)
                     limiter = self._limiter or contextlib.nullcontext()
                     async with limiter:
+                        await self.store.beat(principal, rec_id, self.lease)  # before in_progress
                         await on_start()
                         try:
                             with anyio.fail_after(self.timeout):
@@ -151,10 +154,17 @@ class JobRunner:
         return "expired" if expired else "done"
 
     async def _watch_cancel(self, principal: str, rec_id: str, scope: anyio.CancelScope) -> None:
-        # The flag lives in the store so a DELETE on any worker reaches this one.
-        while not await self.store.cancel_requested(principal, rec_id):  # noqa: ASYNC110
+        """Poll the store's cancel flag (a DELETE on any worker) and renew the liveness lease."""
+        next_beat = 0.0
+        while True:
+            now = anyio.current_time()
+            if now >= next_beat:
+                await self.store.beat(principal, rec_id, self.lease)
+                next_beat = now + self.lease / 3
+            if await self.store.cancel_requested(principal, rec_id):
+                scope.cancel()
+                return
             await anyio.sleep(self.cancel_poll)
-        scope.cancel()
 
     async def _run_job(self, job: Job) -> None:
         state = {"job": job}
@@ -219,9 +229,9 @@ class JobRunner:
         final = job.model_copy(update={"status": status, "finished_at": time.time(), **update})
         await save(f"job.{status}", final.public(), status=status,
                    finished_at=final.finished_at, **update)
-        await self._notify(final.callback_url, f"job.{status}", final.public())
+        await self.notify(final.callback_url, f"job.{status}", final.public())
 
-    async def _notify(self, url: str | None, event: str, data: dict[str, Any]) -> None:
+    async def notify(self, url: str | None, event: str, data: dict[str, Any]) -> None:
         if url and self.dispatcher is not None:
             await self.dispatcher.enqueue(url, webhook_payload(event, data))
 
@@ -245,4 +255,4 @@ class JobRunner:
         else:
             await execution.finish("completed", "cancelled")
         final = execution.batch
-        await self._notify(final.callback_url, f"batch.{final.status}", final.public())
+        await self.notify(final.callback_url, f"batch.{final.status}", final.public())

@@ -2,7 +2,8 @@
 
 A store keeps, per principal and record id (a job or a batch): the record as JSON, an
 append-only event log (the SSE stream replays and resumes from it), a cancel flag (so a
-``DELETE`` served by any worker reaches the worker running the job), batch result lines,
+``DELETE`` served by any worker reaches the worker running the job), a liveness lease
+(so a job whose worker died is reported, not left running forever), batch result lines,
 and the idempotency map ``(principal, key) -> id``. Webhook deliveries sit in an outbox
 that any dispatcher can claim with a lease, so a restart loses none.
 """
@@ -44,6 +45,12 @@ class JobStore(Protocol):
     async def request_cancel(self, principal: str, rec_id: str) -> None: ...
 
     async def cancel_requested(self, principal: str, rec_id: str) -> bool: ...
+
+    async def beat(self, principal: str, rec_id: str, ttl: float) -> None:
+        """The worker running the record is alive for ``ttl`` more seconds."""
+
+    async def alive(self, principal: str, rec_id: str) -> bool:
+        """Whether a worker beat for the record within its last ``ttl``."""
 
     async def append_result(self, principal: str, rec_id: str, line: str) -> None: ...
 
