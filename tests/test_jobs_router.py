@@ -313,3 +313,19 @@ async def test_a_job_whose_worker_died_is_reported_failed(recorder: Recorder) ->
                 assert [e.event async for e in es.aiter_sse()] == ["job.failed"]
             done = await wait_status(client, f"/v1/jobs/{live}", {"completed"})
             assert done["result"]["steps"] == 12
+
+
+async def test_mounts_in_a_fastapi_app(recorder: Recorder) -> None:
+    from fastapi import FastAPI
+
+    jobs = JobsRouter(recorder.fn)
+    api = FastAPI(lifespan=jobs.lifespan_context)
+    api.mount("/api", jobs)
+    install(api)
+    with ThreadServer(api) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            r = await client.post("/api/jobs", json={"input": {"text": "f", "steps": 1}},
+                                  headers=A)
+            assert r.status_code == 202 and r.headers["location"].startswith("/api/jobs/job_")
+            done = await wait_status(client, r.headers["location"], {"completed"})
+            assert done["result"] == {"echo": "f", "steps": 1}

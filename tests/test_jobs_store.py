@@ -78,3 +78,21 @@ async def test_outbox_claims_due_deliveries_with_a_lease(storage: Storage) -> No
     assert [Delivery.model_validate_json(c).id for c in again] == ["msg_later"]
     record = await store.outbox_get("msg_due")
     assert record is not None and Delivery.model_validate_json(record).state == "succeeded"
+
+
+async def test_memory_store_forgets_records_after_ttl() -> None:
+    from aimiddleware.jobs.memory import MemoryJobStore
+
+    store = MemoryJobStore(ttl=0.2)
+    await store.create("p", "job_old", "{}", "key-1")
+    await store.append_event("p", "job_old", "job.status", "{}")
+    await store.request_cancel("p", "job_old")
+    await store.outbox_done("msg_old", "{}")
+    await anyio.sleep(0.3)
+    assert (await store.create("p", "job_new", "{}", "key-1"))[0] == "job_new"  # key freed
+    assert await store.get("p", "job_old") is None
+    assert await store.read_events("p", "job_old", None, wait=0) == []
+    assert not await store.cancel_requested("p", "job_old")
+    await store.outbox_done("msg_new", "{}")
+    assert await store.outbox_get("msg_old") is None
+    assert await store.outbox_get("msg_new") == "{}"

@@ -1,9 +1,14 @@
-"""In-process :class:`~aimiddleware.jobs.store.JobStore`: one worker, nothing to run."""
+"""In-process :class:`~aimiddleware.jobs.store.JobStore`: one worker, nothing to run.
+
+Records (with their events, flags, results and idempotency key) and finished webhook
+deliveries are dropped ``ttl`` seconds after creation, checked as new ones arrive.
+"""
 
 from __future__ import annotations
 
 import math
 import time
+from collections import deque
 
 import anyio
 
@@ -15,8 +20,13 @@ __all__ = ["MemoryJobStore"]
 class MemoryJobStore:
     """Dicts and lists; every operation completes between two awaits, so it is atomic."""
 
-    def __init__(self, poll_interval: float = 0.02) -> None:
+    def __init__(self, poll_interval: float = 0.02, *, ttl: float = 7 * 86400) -> None:
+        if ttl <= 0:
+            raise ValueError("ttl must be positive")
         self.poll_interval = poll_interval
+        self.ttl = ttl
+        self._expiry: deque[tuple[float, str, str, str | None]] = deque()
+        self._done_expiry: deque[tuple[float, str]] = deque()
         self._records: dict[tuple[str, str], str] = {}
         self._events: dict[tuple[str, str], list[Event]] = {}
         self._cancel: set[tuple[str, str]] = set()
@@ -29,13 +39,30 @@ class MemoryJobStore:
     async def create(
         self, principal: str, rec_id: str, data: str, idem_key: str | None
     ) -> tuple[str, str]:
+        self._prune()
         if idem_key is not None:
             owner = self._idem.get((principal, idem_key))
             if owner is not None and (principal, owner) in self._records:
                 return owner, self._records[(principal, owner)]
             self._idem[(principal, idem_key)] = rec_id
         self._records[(principal, rec_id)] = data
+        self._expiry.append((time.monotonic() + self.ttl, principal, rec_id, idem_key))
         return rec_id, data
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        while self._expiry and self._expiry[0][0] <= now:
+            _, principal, rec_id, idem_key = self._expiry.popleft()
+            key = (principal, rec_id)
+            for table in (self._records, self._events, self._beats, self._results):
+                table.pop(key, None)
+            self._cancel.discard(key)
+            if idem_key is not None and self._idem.get((principal, idem_key)) == rec_id:
+                del self._idem[(principal, idem_key)]
+        while self._done_expiry and self._done_expiry[0][0] <= now:
+            _, delivery_id = self._done_expiry.popleft()
+            if delivery_id not in self._due:
+                self._outbox.pop(delivery_id, None)
 
     async def get(self, principal: str, rec_id: str) -> str | None:
         return self._records.get((principal, rec_id))
@@ -85,8 +112,10 @@ class MemoryJobStore:
         self._due[delivery_id] = next_at
 
     async def outbox_done(self, delivery_id: str, data: str) -> None:
+        self._prune()
         self._outbox[delivery_id] = data
         self._due.pop(delivery_id, None)
+        self._done_expiry.append((time.monotonic() + self.ttl, delivery_id))
 
     async def outbox_claim(self, now: float, lease: float, limit: int) -> list[str]:
         due = sorted((at, d) for d, at in self._due.items() if at <= now)[:limit]

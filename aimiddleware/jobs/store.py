@@ -73,7 +73,7 @@ def make_store(storage: Storage, *, ttl: float = 7 * 86400) -> JobStore:
     if storage.is_memory:
         from aimiddleware.jobs.memory import MemoryJobStore
 
-        return MemoryJobStore()
+        return MemoryJobStore(ttl=ttl)
     from aimiddleware.jobs.redis import RedisJobStore
 
     return RedisJobStore(storage, ttl=ttl)
