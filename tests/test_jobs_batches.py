@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import httpx
+from httpx_sse import aconnect_sse
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
@@ -64,6 +65,12 @@ async def test_batch_of_100_with_failures() -> None:
             batch_id = r.json()["id"]
             assert batch_id.startswith("batch_")
             assert r.headers["location"] == f"/v1/batches/{batch_id}"
+            events = []
+            async with aconnect_sse(client, "GET", f"/v1/batches/{batch_id}/events") as es:
+                async for sse in es.aiter_sse():
+                    events.append(sse)
+            assert events[-1].event == "batch.completed"
+            assert sum(e.event == "batch.progress" for e in events) == 100
             batch = await wait_terminal(client, f"/v1/batches/{batch_id}")
             assert batch["status"] == "completed"  # failing items never fail the batch
             assert batch["counts"] == {"processing": 0, "succeeded": 80, "errored": 20,

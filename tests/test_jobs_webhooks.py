@@ -197,3 +197,22 @@ async def test_submit_rejects_a_private_callback_url() -> None:
                 r = await client.post("/v1/jobs", json={"input": {"q": 1}, "callback_url": url})
                 assert r.status_code == 400
                 assert r.json()["error"]["param"] == "callback_url"
+
+
+async def test_batch_webhook_carries_its_results(receiver_factory: Any) -> None:
+    rec, rsrv = receiver_factory([])
+    with ThreadServer(jobs_app()) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            items = [{"custom_id": f"i{n}", "input": {"q": n}} for n in range(5)]
+            items.append({"custom_id": "bad", "input": {}})
+            r = await client.post("/v1/batches", json={"items": items,
+                                                       "callback_url": f"{rsrv.url}/hook"})
+            assert r.status_code == 202
+            await wait_for(lambda: rec.successes())
+    headers, body, _ = rec.successes()[0]
+    payload = Webhook(SECRET).verify(body, headers)
+    assert payload["type"] == "batch.completed"
+    assert payload["data"]["counts"]["succeeded"] == 5
+    assert payload["data"]["counts"]["errored"] == 1
+    results = {x["custom_id"]: x for x in payload["data"]["results"]}
+    assert results["i4"]["output"] == {"answer": 8} and results["bad"]["type"] == "errored"

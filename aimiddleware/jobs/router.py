@@ -15,32 +15,31 @@ resumable with ``Last-Event-ID``), ``DELETE /jobs/{id}``; ``POST /batches``,
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from decimal import Decimal
 from typing import Any
 
 import anyio
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, Router
 
 from aimiddleware.context import current_or_none, default_principal
-from aimiddleware.errors import (
-    AIError,
-    IdempotencyKeyReused,
-    InvalidRequest,
-    NotFound,
-    render_problem,
-)
+from aimiddleware.errors import IdempotencyKeyReused, InvalidRequest, NotFound
 from aimiddleware.jobs.batches import results_jsonl
-from aimiddleware.jobs.models import Batch, BatchCounts, BatchItem, Job, JobError, new_id
+from aimiddleware.jobs.http import (
+    SubmitBatch,
+    SubmitJob,
+    idempotency_key,
+    parse_body,
+    typed_errors,
+)
+from aimiddleware.jobs.models import Batch, BatchCounts, Job, JobError, new_id
 from aimiddleware.jobs.runner import JobFunction, JobRunner
-from aimiddleware.jobs.sse import sse_frame
 from aimiddleware.jobs.store import JobStore, make_store
+from aimiddleware.jobs.stream import event_stream
 from aimiddleware.jobs.taskiq_queue import TaskiqQueue
 from aimiddleware.jobs.webhooks import (
     DEFAULT_SCHEDULE,
@@ -51,52 +50,6 @@ from aimiddleware.jobs.webhooks import (
 from aimiddleware.storage import Storage
 
 __all__ = ["JobsRouter"]
-
-_FINAL = {"completed", "failed", "cancelled", "expired"}
-
-
-class _SubmitJob(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    input: Any = None
-    callback_url: str | None = Field(default=None, max_length=2048)
-
-
-class _SubmitBatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    items: list[BatchItem] = Field(min_length=1, max_length=100_000)
-    callback_url: str | None = Field(default=None, max_length=2048)
-
-
-def _idempotency_key(request: Request) -> str | None:
-    raw = request.headers.get("idempotency-key")
-    if raw is None:
-        return None
-    key = raw.strip()
-    if len(key) >= 2 and key[0] == key[-1] == '"':  # RFC 8941 sf-string, or bare (Stripe)
-        key = key[1:-1]
-    if not 1 <= len(key) <= 255 or not key.isprintable():
-        raise InvalidRequest("Idempotency-Key must be 1-255 printable characters.",
-                             param="Idempotency-Key")
-    return key
-
-
-def _endpoint(
-    fn: Callable[[Request], Awaitable[Response]],
-) -> Callable[[Request], Awaitable[Response]]:
-    """Render typed errors here, so the router works with or without ErrorMiddleware."""
-
-    async def endpoint(request: Request) -> Response:
-        try:
-            return await fn(request)
-        except AIError as err:
-            ctx = current_or_none()
-            status, headers, body = render_problem(err, request_id=ctx.request_id if ctx else None)
-            resp = Response(body, status_code=status)
-            resp.raw_headers = headers
-            return resp
-
-    return endpoint
-
 
 class JobsRouter(Router):
     """Mount it anywhere; pass ``lifespan=router.lifespan_context`` to the app (it runs jobs)."""
@@ -153,15 +106,15 @@ class JobsRouter(Router):
         self.timeout = timeout
         self._principal = principal
         routes = [
-            Route("/jobs", _endpoint(self.submit_job), methods=["POST"]),
-            Route("/jobs/{id}", _endpoint(self.get_job), methods=["GET"]),
-            Route("/jobs/{id}", _endpoint(self.cancel_job), methods=["DELETE"]),
-            Route("/jobs/{id}/events", _endpoint(self.job_events), methods=["GET"]),
-            Route("/batches", _endpoint(self.submit_batch), methods=["POST"]),
-            Route("/batches/{id}", _endpoint(self.get_batch), methods=["GET"]),
-            Route("/batches/{id}", _endpoint(self.cancel_batch), methods=["DELETE"]),
-            Route("/batches/{id}/results", _endpoint(self.batch_results), methods=["GET"]),
-            Route("/batches/{id}/events", _endpoint(self.job_events), methods=["GET"]),
+            Route("/jobs", typed_errors(self.submit_job), methods=["POST"]),
+            Route("/jobs/{id}", typed_errors(self.get_job), methods=["GET"]),
+            Route("/jobs/{id}", typed_errors(self.cancel_job), methods=["DELETE"]),
+            Route("/jobs/{id}/events", typed_errors(self.job_events), methods=["GET"]),
+            Route("/batches", typed_errors(self.submit_batch), methods=["POST"]),
+            Route("/batches/{id}", typed_errors(self.get_batch), methods=["GET"]),
+            Route("/batches/{id}", typed_errors(self.cancel_batch), methods=["DELETE"]),
+            Route("/batches/{id}/results", typed_errors(self.batch_results), methods=["GET"]),
+            Route("/batches/{id}/events", typed_errors(self.batch_events), methods=["GET"]),
         ]
         super().__init__(routes=routes, lifespan=self._lifespan)
 
@@ -190,18 +143,6 @@ class JobsRouter(Router):
             return self._principal(request)
         ctx = current_or_none()
         return ctx.principal if ctx is not None else default_principal(request.scope)
-
-    async def _body(self, request: Request, model: type[BaseModel]) -> tuple[Any, str]:
-        raw = await request.body()
-        try:
-            parsed = model.model_validate_json(raw or b"{}")
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            param = ".".join(str(p) for p in first.get("loc", ())) or None
-            raise InvalidRequest(f"Invalid request body: {first.get('msg')}.", param=param) from exc
-        canonical = json.dumps(parsed.model_dump(mode="json"), sort_keys=True).encode()
-        fingerprint = hashlib.sha256(request.url.path.encode() + b"\0" + canonical).hexdigest()
-        return parsed, fingerprint
 
     async def _load(self, request: Request, kind: type[Job] | type[Batch]) -> Job | Batch:
         principal = self.principal_of(request)
@@ -232,7 +173,7 @@ class JobsRouter(Router):
     async def _create(
         self, request: Request, record: Job | Batch, location: str
     ) -> Response:
-        key = _idempotency_key(request)
+        key = idempotency_key(request)
         owner_id, raw = await self.store.create(record.principal, record.id, record.stored(), key)
         if owner_id != record.id:
             existing = type(record).model_validate_json(raw)
@@ -257,7 +198,7 @@ class JobsRouter(Router):
     # -- jobs ------------------------------------------------------------------------
 
     async def submit_job(self, request: Request) -> Response:
-        body, fingerprint = await self._body(request, _SubmitJob)
+        body, fingerprint = await parse_body(request, SubmitJob)
         if body.callback_url is not None:
             await self.policy.check(body.callback_url)
         now = time.time()
@@ -289,46 +230,25 @@ class JobsRouter(Router):
         return rec
 
     async def job_events(self, request: Request) -> Response:
-        kind: type[Job] | type[Batch] = Job if "/jobs/" in request.url.path else Batch
+        return await self._events(request, Job)
+
+    async def batch_events(self, request: Request) -> Response:
+        return await self._events(request, Batch)
+
+    async def _events(self, request: Request, kind: type[Job] | type[Batch]) -> Response:
         rec = await self._load(request, kind)
         last = request.headers.get("last-event-id") or request.query_params.get("after")
+        stream = event_stream(self.store, rec, last, heartbeat_interval=self.heartbeat_interval,
+                              reap=self._reap)
         return StreamingResponse(
-            self._stream(rec, last), media_type="text/event-stream",
+            stream, media_type="text/event-stream",
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
         )
-
-    async def _stream(self, rec: Job | Batch, last: str | None) -> AsyncIterator[bytes]:
-        prefix = rec.object
-        quiet_since = time.monotonic()
-        while True:
-            due = self.heartbeat_interval - (time.monotonic() - quiet_since)
-            wait = min(1.0, max(0.01, due))
-            events = await self.store.read_events(rec.principal, rec.id, last, wait=wait)
-            for event_id, event, data in events:
-                yield sse_frame(data, event=event, id=event_id)
-                last = event_id
-                if event.removeprefix(prefix + ".") in _FINAL:
-                    return
-            if events:
-                quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since >= self.heartbeat_interval:
-                # "still working" while a long step runs; no id, so resuming is unaffected
-                raw = await self.store.get(rec.principal, rec.id)
-                if raw is not None:
-                    current = await self._reap(type(rec).model_validate_json(raw))
-                    if current.terminal:
-                        continue  # its final event is in the log now
-                status = json.loads(raw)["status"] if raw else "expired"
-                yield sse_frame(json.dumps({"status": status, "at": time.time()}),
-                                event=f"{prefix}.heartbeat")
-                quiet_since = time.monotonic()
-                if raw is None:
-                    return
 
     # -- batches ---------------------------------------------------------------------
 
     async def submit_batch(self, request: Request) -> Response:
-        body, fingerprint = await self._body(request, _SubmitBatch)
+        body, fingerprint = await parse_body(request, SubmitBatch)
         ids = [i.custom_id for i in body.items]
         if len(set(ids)) != len(ids):
             raise InvalidRequest("custom_id values must be unique in a batch.", param="items")

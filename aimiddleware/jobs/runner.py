@@ -29,6 +29,8 @@ __all__ = ["JobFunction", "JobRunner", "job_error"]
 
 JobFunction = Callable[[JobContext, Any], Awaitable[Any]]
 Outcome = Literal["done", "cancelled", "expired"]
+INLINE_RESULTS = 1000
+"""A batch webhook carries its results when it has at most this many items."""
 
 
 def job_error(exc: BaseException) -> JobError:
@@ -255,4 +257,9 @@ class JobRunner:
         else:
             await execution.finish("completed", "cancelled")
         final = execution.batch
-        await self.notify(final.callback_url, f"batch.{final.status}", final.public())
+        if final.callback_url and self.dispatcher is not None:
+            data = final.public()
+            if final.total <= INLINE_RESULTS:  # self-contained: no call back for the results
+                lines = await self.store.results(final.principal, final.id)
+                data["results"] = [json.loads(line) for line in lines]
+            await self.notify(final.callback_url, f"batch.{final.status}", data)

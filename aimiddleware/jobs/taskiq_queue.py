@@ -64,7 +64,8 @@ class TaskiqQueue:
         await self._task.kiq(record.object, record.principal, record.id)
 
     async def _run(self, kind: str, principal: str, rec_id: str) -> None:
-        assert self._runner is not None
+        if self._runner is None:
+            raise RuntimeError("TaskiqQueue is not bound to a JobsRouter")
         raw = await self._runner.store.get(principal, rec_id)
         if raw is None:
             return
