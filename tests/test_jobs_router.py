@@ -329,3 +329,21 @@ async def test_mounts_in_a_fastapi_app(recorder: Recorder) -> None:
             assert r.status_code == 202 and r.headers["location"].startswith("/api/jobs/job_")
             done = await wait_status(client, r.headers["location"], {"completed"})
             assert done["result"] == {"echo": "f", "steps": 1}
+
+
+async def test_max_concurrent_jobs_keeps_the_rest_queued(recorder: Recorder) -> None:
+    app, _ = make_app(recorder, max_concurrent_jobs=1)
+    with ThreadServer(app) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            first = (await client.post("/v1/jobs", json={"input": {"steps": 4, "delay": 0.1}},
+                                       headers=A)).json()["id"]
+            second = (await client.post("/v1/jobs", json={"input": {"steps": 1}},
+                                        headers=A)).json()["id"]
+            await wait_status(client, f"/v1/jobs/{first}", {"in_progress"})
+            assert (await client.get(f"/v1/jobs/{second}", headers=A)).json()["status"] == "queued"
+            # a queued job can be cancelled before it ever starts
+            cancelled = (await client.delete(f"/v1/jobs/{second}", headers=A)).json()
+            assert cancelled["status"] == "cancelled" and cancelled["started_at"] is None
+            done = await wait_status(client, f"/v1/jobs/{first}", {"completed"})
+            assert done["result"]["steps"] == 4
+    assert len(recorder.calls) == 1

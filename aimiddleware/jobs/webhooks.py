@@ -174,6 +174,9 @@ class WebhookDispatcher:
 
     ``schedule``: delays between attempts (injectable so tests run in seconds); the message
     fails for good once it is exhausted. ``jitter``: +/- fraction added to each delay.
+    ``concurrency``: deliveries in flight at once from this dispatcher. A claimed delivery
+    is leased for ``timeout`` + 30 s, after which a dispatcher that crashed mid-attempt
+    loses it to another.
     """
 
     def __init__(
@@ -187,10 +190,14 @@ class WebhookDispatcher:
         timeout: float = 15.0,
         poll_interval: float = 0.25,
         max_retry_after: float = 86400.0,
+        concurrency: int = 16,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not 0 <= jitter < 1:
             raise ValueError("jitter must be in [0, 1)")
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        self.concurrency = concurrency
         self.store = store
         self.signer = signer
         self.policy = policy or CallbackPolicy()
@@ -215,14 +222,25 @@ class WebhookDispatcher:
         import httpx
 
         lease = self.timeout + 30.0
-        async with httpx.AsyncClient(timeout=self.timeout, follow_redirects=False) as client:
+        inflight = [0]
+
+        async def deliver(client: Any, delivery: Delivery) -> None:
+            try:
+                await self._deliver(client, delivery)
+            finally:
+                inflight[0] -= 1
+
+        async with (
+            httpx.AsyncClient(timeout=self.timeout, follow_redirects=False) as client,
+            anyio.create_task_group() as tg,
+        ):
             while True:
-                claimed = await self.store.outbox_claim(self.clock(), lease, 32)
-                if claimed:
-                    async with anyio.create_task_group() as tg:
-                        for raw in claimed:
-                            tg.start_soon(self._deliver, client, Delivery.model_validate_json(raw))
-                else:
+                free = self.concurrency - inflight[0]
+                claimed = await self.store.outbox_claim(self.clock(), lease, free) if free else []
+                for raw in claimed:  # a slow receiver never holds up the others
+                    inflight[0] += 1
+                    tg.start_soon(deliver, client, Delivery.model_validate_json(raw))
+                if not claimed:
                     await anyio.sleep(self.poll_interval)
 
     async def _deliver(self, client: Any, delivery: Delivery) -> None:
