@@ -13,7 +13,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 from aimiddleware import install
-from aimiddleware.jobs import JobContext, JobsRouter
+from aimiddleware.jobs import CallbackPolicy, JobContext, JobsRouter
 
 MARKERS = Path(os.environ["AIMW_JOBS_MARKERS"])
 WORKER = os.environ["AIMW_JOBS_WORKER"]
@@ -35,7 +35,12 @@ async def health(request: Request) -> PlainTextResponse:
     return PlainTextResponse(WORKER)
 
 
-jobs = JobsRouter(work, storage=os.environ["AIMW_JOBS_REDIS"], heartbeat_interval=0.5)
+jobs = JobsRouter(
+    work, storage=os.environ["AIMW_JOBS_REDIS"], heartbeat_interval=0.5,
+    webhook_secrets=os.environ.get("AIMW_JOBS_WHSEC"), webhook_schedule=(1.0, 0.2),
+    webhook_poll_interval=0.05,
+    callback_policy=CallbackPolicy(schemes=["http"], allow_hosts=["127.0.0.1"]),
+)
 app = Starlette(routes=[Route("/health", health), Mount("/v1", jobs)],
                 lifespan=jobs.lifespan_context)
 install(app)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -18,7 +19,7 @@ from starlette.routing import Mount, Route
 
 from aimiddleware.errors import InvalidRequest
 from aimiddleware.jobs import CallbackPolicy, JobContext, JobsRouter, WebhookSigner
-from tests.jobs_servers import ThreadServer
+from tests.jobs_servers import ProcessServer, ThreadServer
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 OLD_SECRET = WebhookSigner.generate_secret()
@@ -216,3 +217,46 @@ async def test_batch_webhook_carries_its_results(receiver_factory: Any) -> None:
     assert payload["data"]["counts"]["errored"] == 1
     results = {x["custom_id"]: x for x in payload["data"]["results"]}
     assert results["i4"]["output"] == {"answer": 8} and results["bad"]["type"] == "errored"
+
+
+async def test_a_killed_worker_mid_retry_loses_no_delivery(
+    redis_url: str, tmp_path: Path, receiver_factory: Any
+) -> None:
+    """SIGKILL, not a graceful stop: the pending retry is in Redis, the next worker sends it."""
+    from aimiddleware.jobs import Delivery, make_store
+    from aimiddleware.storage import Storage
+
+    rec, rsrv = receiver_factory([500])
+    env = {"AIMW_JOBS_REDIS": redis_url, "AIMW_JOBS_MARKERS": str(tmp_path),
+           "AIMW_JOBS_WHSEC": SECRET, "AIMW_JOBS_WORKER": "first"}
+    storage = Storage(redis_url)
+    store = make_store(storage)
+    try:
+        with ProcessServer("tests.jobs_worker_app:app", env) as first:
+            async with httpx.AsyncClient(base_url=first.url) as client:
+                r = await client.post("/v1/jobs", json={"input": {"steps": 1},
+                                                        "callback_url": f"{rsrv.url}/hook"})
+                job_id = r.json()["id"]
+                await wait_for(lambda: len(rec.received) == 1)
+                msg_id = rec.received[0][0]["webhook-id"]
+                with anyio.fail_after(5):  # the failed attempt is recorded in the store
+                    while True:
+                        raw = await store.outbox_get(msg_id)
+                        if raw and Delivery.model_validate_json(raw).attempts:
+                            break
+                        await anyio.sleep(0.02)
+            assert first.proc is not None
+            first.proc.kill()  # crash: no shutdown hooks run
+            first.proc.wait(5)
+        assert rec.successes() == []
+        with ProcessServer("tests.jobs_worker_app:app", {**env, "AIMW_JOBS_WORKER": "second"}):
+            await wait_for(lambda: rec.successes())
+            await anyio.sleep(0.4)
+        delivery = Delivery.model_validate_json(await store.outbox_get(msg_id) or "")
+    finally:
+        await storage.aclose()
+    assert [s for _, _, s in rec.received] == [500, 200]
+    assert {h["webhook-id"] for h, _, _ in rec.received} == {msg_id}
+    assert delivery.state == "succeeded" and [a.status for a in delivery.attempts] == [500, 200]
+    payload = Webhook(SECRET).verify(rec.successes()[0][1], rec.successes()[0][0])
+    assert payload["data"]["id"] == job_id and payload["data"]["status"] == "completed"
