@@ -287,7 +287,8 @@ def test_runner_needs_lifespan(recorder: Recorder) -> None:
 
     with TestClient(app, raise_server_exceptions=False) as client:
         r = client.post("/v1/jobs", json={"input": {}})
-        assert r.status_code == 500
+        assert r.status_code == 500  # a typed error, not a crash
+        assert r.json()["error"]["code"] == "internal"
 
 
 async def test_a_job_whose_worker_died_is_reported_failed(recorder: Recorder) -> None:

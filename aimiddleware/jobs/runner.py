@@ -19,7 +19,7 @@ from typing import Any, Literal
 import anyio
 import anyio.abc
 
-from aimiddleware.errors import AIError
+from aimiddleware.errors import AIError, InternalError
 from aimiddleware.jobs.context import JobContext, JobLimitExceeded
 from aimiddleware.jobs.models import Batch, Job, JobError
 from aimiddleware.jobs.store import JobStore
@@ -100,8 +100,8 @@ class JobRunner:
 
     def submit(self, record: Job | Batch) -> None:
         """Start a stored record now (in this process)."""
-        if self._tg is None:
-            raise RuntimeError("the job runner is not running: wire JobsRouter.lifespan in")
+        if self._tg is None:  # a deployment error: JobsRouter.lifespan_context is not wired in
+            raise InternalError("The job runner is not running.")
         self._running += 1
         self._tg.start_soon(self._execute, record)
 
