@@ -1,5 +1,11 @@
 """aimiddleware: the production patterns of AI APIs as embeddable ASGI middleware."""
 
+from aimiddleware.cancellation import (
+    CancellationConfig,
+    CancellationMiddleware,
+    cleanup_scope,
+    on_cancel,
+)
 from aimiddleware.context import RequestContext, RequestIdFilter, current, report_usage
 from aimiddleware.context_middleware import RequestContextMiddleware
 from aimiddleware.error_middleware import ErrorMiddleware, register_exception_handlers
@@ -34,6 +40,15 @@ from aimiddleware.errors import (
     ValidationFailed,
 )
 from aimiddleware.jobs import JobContext, JobsRouter
+from aimiddleware.sse import (
+    AnthropicDialect,
+    EventStreamResponse,
+    GenericDialect,
+    OpenAIChatDialect,
+    ReplayBuffer,
+    ServerSentEvent,
+    StreamResult,
+)
 from aimiddleware.stack import StackConfig, install
 from aimiddleware.storage import Storage
 from aimiddleware.usage.models import Usage
@@ -42,11 +57,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AIError",
+    "AnthropicDialect",
     "AuthenticationFailed",
+    "CancellationConfig",
+    "CancellationMiddleware",
     "Conflict",
     "ContentFiltered",
     "ErrorMiddleware",
+    "EventStreamResponse",
     "ExceptionMapper",
+    "GenericDialect",
     "HTTPStatusError",
     "IdempotencyKeyReused",
     "InternalError",
@@ -56,6 +76,7 @@ __all__ = [
     "MethodNotAllowed",
     "ModelRetired",
     "NotFound",
+    "OpenAIChatDialect",
     "OutputSchemaInvalid",
     "Overloaded",
     "PermissionDenied",
@@ -63,13 +84,16 @@ __all__ = [
     "PromptInjectionDetected",
     "QuotaExceeded",
     "RateLimited",
+    "ReplayBuffer",
     "RequestContext",
     "RequestContextMiddleware",
     "RequestIdFilter",
     "RequestTooLarge",
+    "ServerSentEvent",
     "StackConfig",
     "Storage",
     "StoreUnavailable",
+    "StreamResult",
     "Timeout",
     "UnsupportedApiVersion",
     "UpstreamError",
@@ -78,8 +102,10 @@ __all__ = [
     "UpstreamUnavailable",
     "Usage",
     "ValidationFailed",
+    "cleanup_scope",
     "current",
     "install",
+    "on_cancel",
     "register_exception_handlers",
     "report_usage",
 ]

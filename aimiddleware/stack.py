@@ -2,7 +2,13 @@
 
 Outer to inner::
 
-    Context → Errors → Versioning → Idempotency → RateLimit → Usage → app
+    Context → Errors → Cancellation → Versioning → Idempotency → RateLimit → Usage → app
+
+Cancellation sits just inside Errors: the ``Timeout`` it raises is rendered by Errors (a
+504, or an error event once a stream has started), and it reads the body the Context layer
+already cached. It is outside every stateful layer, so when it cancels the endpoint their
+own ``finally`` blocks run on the way out: rate limiting releases its concurrency lease and
+reconciles, idempotency releases its key, usage records the partial usage.
 
 A layer whose configuration is ``None`` is left out. Every layer is also usable alone with
 ``app.add_middleware``; ``install`` only fixes the order and shares one :class:`Storage`.
@@ -14,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from aimiddleware.cancellation import CancellationConfig, CancellationMiddleware
 from aimiddleware.context_middleware import DEFAULT_MAX_BODY, RequestContextMiddleware
 from aimiddleware.error_middleware import ErrorMiddleware, register_exception_handlers
 from aimiddleware.errors import DEFAULT_TYPE_BASE, ExceptionMapper, Mapper
@@ -34,6 +41,8 @@ class StackConfig:
     principal: PrincipalResolver | None = None
     error_type_base: str = DEFAULT_TYPE_BASE
     exception_mappings: Mapping[type[BaseException], Mapper] = field(default_factory=dict)
+    # On by default: a client that disconnects cancels the endpoint. Add timeout tiers here.
+    cancellation: CancellationConfig | None = field(default_factory=CancellationConfig)
 
 
 def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
@@ -64,6 +73,8 @@ def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
         ),
         (ErrorMiddleware, {"mapper": mapper, "error_type_base": config.error_type_base}),
     ]
+    if config.cancellation is not None:
+        layers.append((CancellationMiddleware, dict(config.cancellation.__dict__)))
     del storage  # shared with the stateful layers as they join the stack
 
     if hasattr(app, "add_middleware") and hasattr(app, "add_exception_handler"):

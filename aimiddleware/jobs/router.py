@@ -23,7 +23,7 @@ from typing import Any
 
 import anyio
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
 from aimiddleware.context import current_or_none, default_principal
@@ -39,7 +39,7 @@ from aimiddleware.jobs.http import (
 from aimiddleware.jobs.models import Batch, BatchCounts, Job, JobError, new_id
 from aimiddleware.jobs.runner import JobFunction, JobRunner
 from aimiddleware.jobs.store import JobStore, make_store
-from aimiddleware.jobs.stream import event_stream
+from aimiddleware.jobs.stream import JobEventsDialect, event_stream
 from aimiddleware.jobs.taskiq_queue import TaskiqQueue
 from aimiddleware.jobs.webhooks import (
     DEFAULT_SCHEDULE,
@@ -47,6 +47,7 @@ from aimiddleware.jobs.webhooks import (
     WebhookDispatcher,
     WebhookSigner,
 )
+from aimiddleware.sse import EventStreamResponse
 from aimiddleware.storage import Storage
 
 __all__ = ["JobsRouter"]
@@ -240,10 +241,8 @@ class JobsRouter(Router):
         last = request.headers.get("last-event-id") or request.query_params.get("after")
         stream = event_stream(self.store, rec, last, heartbeat_interval=self.heartbeat_interval,
                               reap=self._reap)
-        return StreamingResponse(
-            stream, media_type="text/event-stream",
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-        )
+        # Quiet periods get job.heartbeat events (dispatched, unlike comment heartbeats).
+        return EventStreamResponse(stream, dialect=JobEventsDialect(), heartbeat=None)
 
     # -- batches ---------------------------------------------------------------------
 

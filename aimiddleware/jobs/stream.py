@@ -1,4 +1,9 @@
-"""The job/batch SSE stream: replay from ``Last-Event-ID``, follow, heartbeat, final event."""
+"""The job/batch SSE stream: replay from ``Last-Event-ID``, follow, heartbeat, final event.
+
+Framed with :mod:`aimiddleware.sse` and sent by its ``EventStreamResponse`` (send
+watchdog, disconnect handling, typed error events after the 200) in :class:`JobEventsDialect`:
+the job's own final event (``job.completed`` ...) is the end of the stream.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,23 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aimiddleware.jobs.models import Batch, Job
-from aimiddleware.jobs.sse import sse_frame
 from aimiddleware.jobs.store import JobStore
+from aimiddleware.sse import Dialect, encode_data, json_data
+from aimiddleware.sse.dialects import StreamSummary
 
-__all__ = ["event_stream"]
+__all__ = ["JobEventsDialect", "event_stream"]
+
+
+class JobEventsDialect(Dialect):
+    """Events are pre-framed; no usage/``[DONE]`` trailer (the final job event ends it)."""
+
+    name = "jobs"
+
+    def end(self, summary: StreamSummary) -> list[bytes]:
+        return []
+
+    def error(self, body: dict[str, Any], summary: StreamSummary) -> list[bytes]:
+        return [encode_data(json_data(body), "error")]
 
 _FINAL = {"completed", "failed", "cancelled", "expired"}
 
@@ -37,7 +55,7 @@ async def event_stream(
         wait = min(1.0, max(0.01, due))
         events = await store.read_events(rec.principal, rec.id, last, wait=wait)
         for event_id, event, data in events:
-            yield sse_frame(data, event=event, id=event_id)
+            yield encode_data(data, event, event_id)
             last = event_id
             if event.removeprefix(prefix + ".") in _FINAL:
                 return
@@ -51,8 +69,8 @@ async def event_stream(
                 if current.terminal:
                     continue  # its final event is in the log now
             status = json.loads(raw)["status"] if raw else "expired"
-            yield sse_frame(json.dumps({"status": status, "at": time.time()}),
-                            event=f"{prefix}.heartbeat")
+            yield encode_data(json.dumps({"status": status, "at": time.time()}),
+                              f"{prefix}.heartbeat")
             quiet_since = time.monotonic()
             if raw is None:
                 return

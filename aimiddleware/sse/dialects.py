@@ -1,0 +1,321 @@
+"""Stream dialects: how deltas, the final usage, errors and the end look on the wire.
+
+A dialect turns what an endpoint yields into frames (``bytes``, one event each) and writes
+the end of the stream. Pure: no I/O. Create one per response (it keeps per-stream state,
+such as whether a content block is open).
+
+- :class:`GenericDialect`: ``event: delta`` (``{"text": ...}``), ``event: usage``,
+  ``event: error`` (the taxonomy body), ``event: done`` (``data: [DONE]``).
+- :class:`OpenAIChatDialect`: Chat Completions chunks (``data:`` only), the usage chunk with
+  empty ``choices`` when ``include_usage``, ``data: [DONE]``; errors as
+  ``data: {"error": ...}`` (the OpenAI SDK raises ``APIError`` on it).
+- :class:`AnthropicDialect`: Messages events (``message_start``, ``content_block_*``,
+  ``message_delta`` with usage and ``stop_reason``, ``message_stop``), ``ping`` heartbeats,
+  ``event: error``.
+
+Dict items are passed through as the dialect's native payload (a whole OpenAI chunk, an
+Anthropic event); ``str`` items are text deltas.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from aimiddleware.sse.events import ServerSentEvent, encode_data, json_data
+from aimiddleware.usage.models import Usage
+
+__all__ = [
+    "AnthropicDialect",
+    "Dialect",
+    "GenericDialect",
+    "OpenAIChatDialect",
+    "StreamSummary",
+]
+
+
+@dataclass(frozen=True)
+class StreamSummary:
+    """What the end of a stream reports (also written into the request context)."""
+
+    usage: Usage | None
+    finish_reason: str | None
+    duration_ms: float
+    request_id: str | None
+    model: str | None = None
+    estimated_cost: Decimal | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "usage": self.usage.model_dump() if self.usage is not None else None,
+            "estimated_cost": str(self.estimated_cost) if self.estimated_cost is not None else None,
+            "finish_reason": self.finish_reason,
+            "model": self.model,
+            "request_duration_ms": round(self.duration_ms, 3),
+            "request_id": self.request_id,
+        }
+
+
+class Dialect:
+    """Base and generic behaviour. Override the methods to write another wire format."""
+
+    name = "generic"
+    heartbeat: bytes = b": ping\n\n"
+
+    def frame(self, item: Any) -> bytes:
+        """Frame one item yielded by the endpoint (str = text delta, dict = native event)."""
+        if isinstance(item, str):
+            return b'event: delta\ndata: {"text":' + json_data(item).encode() + b"}\n\n"
+        if isinstance(item, dict):
+            data = item.get("data")
+            if len(item) == 1 and type(data) is str:  # the common {"data": "..."}
+                return encode_data(data)
+            return ServerSentEvent.from_dict(item).encode()
+        raise TypeError(f"cannot frame a {type(item).__name__} as a server-sent event")
+
+    def observe(self, item: Any) -> tuple[Usage | None, str | None]:
+        """Usage and raw finish_reason carried by a native item (for pass-through streams)."""
+        return None, None
+
+    def end(self, summary: StreamSummary) -> list[bytes]:
+        """The final usage event and the end-of-stream marker."""
+        return [encode_data(json_data(summary.as_dict()), "usage"), encode_data("[DONE]", "done")]
+
+    def error(self, body: dict[str, Any], summary: StreamSummary) -> list[bytes]:
+        """An error after the 200 (``body`` is the taxonomy's problem body), then the end."""
+        return [
+            encode_data(json_data(summary.as_dict()), "usage"),
+            encode_data(json_data(body), "error"),
+            encode_data("[DONE]", "done"),
+        ]
+
+
+GenericDialect = Dialect
+
+
+def _openai_usage(usage: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_input_tokens},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+    }
+
+
+_TEMPLATE_CHOICE = {
+    "index": 0, "delta": {"content": "@@aimw-delta@@"}, "logprobs": None, "finish_reason": None
+}
+
+
+class OpenAIChatDialect(Dialect):
+    """OpenAI Chat Completions streaming. ``include_usage`` mirrors ``stream_options``."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        model: str = "unknown",
+        *,
+        include_usage: bool = False,
+        id: str | None = None,
+        created: int | None = None,
+        system_fingerprint: str | None = None,
+    ) -> None:
+        self.model = model
+        self.include_usage = include_usage
+        self.id = id or "chatcmpl-" + secrets.token_hex(12)
+        self.created = created if created is not None else int(time.time())
+        self.fingerprint = system_fingerprint
+        self._role_sent = False
+        self._finished = False
+        self._delta_head = self._delta_tail = b""
+
+    @classmethod
+    def for_request(cls, body: Any, **kwargs: Any) -> OpenAIChatDialect:
+        """Read ``model`` and ``stream_options.include_usage`` from a request body."""
+        body = body if isinstance(body, dict) else {}
+        options = body.get("stream_options") or {}
+        return cls(
+            str(body.get("model") or "unknown"),
+            include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
+            **kwargs,
+        )
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        chunk: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.fingerprint,
+            "choices": choices,
+        }
+        if self.include_usage:
+            chunk["usage"] = None
+        chunk.update(extra)
+        return b"data: " + json_data(chunk).encode() + b"\n\n"
+
+    def frame(self, item: Any) -> bytes:
+        if isinstance(item, str):
+            if self._delta_head:  # same bytes as _chunk(), without building the dict each time
+                return self._delta_head + json_data(item).encode() + self._delta_tail
+            if self._role_sent:
+                delta: dict[str, Any] = {"content": item}
+            else:
+                self._role_sent = True
+                template = self._chunk([_TEMPLATE_CHOICE])
+                if template.count(b'"@@aimw-delta@@"') == 1:
+                    head, _, tail = template.partition(b'"@@aimw-delta@@"')
+                    self._delta_head, self._delta_tail = head, tail
+                delta = {"role": "assistant", "content": item}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+            return self._chunk([choice])
+        if isinstance(item, dict):
+            return b"data: " + json_data(item).encode() + b"\n\n"
+        return super().frame(item)
+
+    def observe(self, item: Any) -> tuple[Usage | None, str | None]:
+        if not isinstance(item, dict):
+            return None, None
+        usage = None
+        raw = item.get("usage")
+        if isinstance(raw, dict):
+            details = raw.get("prompt_tokens_details") or {}
+            out_details = raw.get("completion_tokens_details") or {}
+            usage = Usage(
+                input_tokens=int(raw.get("prompt_tokens") or 0),
+                output_tokens=int(raw.get("completion_tokens") or 0),
+                cached_input_tokens=int(details.get("cached_tokens") or 0),
+                reasoning_tokens=int(out_details.get("reasoning_tokens") or 0),
+            )
+        finish = None
+        for choice in item.get("choices") or ():
+            if isinstance(choice, dict) and choice.get("finish_reason"):
+                finish = str(choice["finish_reason"])
+                self._finished = True
+        return usage, finish
+
+    def end(self, summary: StreamSummary) -> list[bytes]:
+        frames = []
+        if not self._finished:
+            choice = {"index": 0, "delta": {}, "logprobs": None,
+                      "finish_reason": summary.finish_reason or "stop"}
+            frames.append(self._chunk([choice]))
+        if self.include_usage and summary.usage is not None:
+            frames.append(self._chunk([], usage=_openai_usage(summary.usage)))
+        frames.append(b"data: [DONE]\n\n")
+        return frames
+
+    def error(self, body: dict[str, Any], summary: StreamSummary) -> list[bytes]:
+        # The problem body already has an OpenAI ``error`` object; the SDK raises on it.
+        return [b"data: " + json_data(body).encode() + b"\n\n", b"data: [DONE]\n\n"]
+
+
+_ANTHROPIC_ERRORS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+class AnthropicDialect(Dialect):
+    """Anthropic Messages streaming: named events whose ``event`` equals the JSON ``type``."""
+
+    name = "anthropic"
+    heartbeat = b'event: ping\ndata: {"type":"ping"}\n\n'
+
+    def __init__(self, model: str = "unknown", *, id: str | None = None,
+                 input_tokens: int = 0) -> None:
+        self.model = model
+        self.id = id or "msg_" + secrets.token_hex(12)
+        self.input_tokens = input_tokens
+        self._started = False
+        self._block_open = False
+        self._stopped = False
+
+    @staticmethod
+    def _event(payload: dict[str, Any]) -> bytes:
+        return f"event: {payload['type']}\ndata: {json_data(payload)}\n\n".encode()
+
+    def _start(self) -> bytes:
+        self._started = True
+        message: dict[str, Any] = {
+            "id": self.id, "type": "message", "role": "assistant", "model": self.model,
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": self.input_tokens, "output_tokens": 1},
+        }
+        return self._event({"type": "message_start", "message": message})
+
+    def frame(self, item: Any) -> bytes:
+        if isinstance(item, str):
+            out = b"" if self._started else self._start()
+            if not self._block_open:
+                self._block_open = True
+                out += self._event({"type": "content_block_start", "index": 0,
+                                    "content_block": {"type": "text", "text": ""}})
+            delta = {"type": "content_block_delta", "index": 0,
+                     "delta": {"type": "text_delta", "text": item}}
+            return out + self._event(delta)
+        if isinstance(item, dict) and isinstance(item.get("type"), str):
+            kind = item["type"]
+            self._started = self._started or kind == "message_start"
+            self._stopped = self._stopped or kind == "message_stop"
+            return self._event(item)
+        return super().frame(item)
+
+    def observe(self, item: Any) -> tuple[Usage | None, str | None]:
+        if not isinstance(item, dict):
+            return None, None
+        kind = item.get("type")
+        if kind == "message_start":
+            usage = (item.get("message") or {}).get("usage") or {}
+            self.input_tokens = int(usage.get("input_tokens") or 0)
+            return Usage(input_tokens=self.input_tokens), None
+        if kind == "message_delta":
+            usage = item.get("usage") or {}
+            finish = (item.get("delta") or {}).get("stop_reason")
+            out = Usage(input_tokens=self.input_tokens,
+                        output_tokens=int(usage.get("output_tokens") or 0))
+            return out, finish
+        return None, None
+
+    def end(self, summary: StreamSummary) -> list[bytes]:
+        if self._stopped:
+            return []
+        frames = [] if self._started else [self._start()]
+        if self._block_open:
+            frames.append(self._event({"type": "content_block_stop", "index": 0}))
+        usage = summary.usage
+        delta = {
+            "type": "message_delta",
+            "delta": {"stop_reason": summary.finish_reason or "end_turn", "stop_sequence": None},
+            "usage": {"output_tokens": usage.output_tokens if usage else 0},
+        }
+        frames.append(self._event(delta))
+        frames.append(self._event({"type": "message_stop"}))
+        return frames
+
+    def error(self, body: dict[str, Any], summary: StreamSummary) -> list[bytes]:
+        status = int(body.get("status") or 500)
+        payload = {
+            "type": "error",
+            "error": {
+                "type": _ANTHROPIC_ERRORS.get(status, "api_error"),
+                "message": body.get("detail", ""),
+                "code": (body.get("error") or {}).get("code"),
+            },
+            "request_id": body.get("request_id"),
+            "retryable": body.get("retryable"),
+            "status": status,
+        }
+        return [self._event(payload)]

@@ -1,0 +1,204 @@
+"""Replay buffer for ``Last-Event-ID`` resume: memory or Redis, bounded, with a TTL.
+
+A producing stream appends every frame (already carrying its ``id: <stream>:<seq>`` line)
+and marks the end; a reconnecting client is served the frames strictly after the sequence
+number in its ``Last-Event-ID`` and then follows the live stream until its end, from any
+worker when the buffer is on Redis (a Redis stream per event stream, read with ``XREAD
+BLOCK``). Buffers are scoped by principal: one tenant can never resume another's stream.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import anyio
+
+from aimiddleware.storage import Storage, redis_errors
+
+__all__ = ["ReplayBuffer", "parse_event_id"]
+
+State = Literal["gone", "complete", "available"]
+_NAMESPACE = "sse"
+
+
+def parse_event_id(value: str) -> tuple[str, int] | None:
+    """``"<stream>:<seq>"`` -> ``(stream, seq)``; ``None`` for ids this module did not write."""
+    sid, sep, seq = value.strip().rpartition(":")
+    if not sep or not sid or not seq.isdigit() or len(seq) > 18 or len(sid) > 128:
+        return None
+    return sid, int(seq)
+
+
+@dataclass
+class _MemStream:
+    frames: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
+    done: bool = False
+    expires: float = 0.0
+    changed: anyio.Event | None = None
+
+
+class ReplayBuffer:
+    """Keeps the last ``max_events`` frames of each stream for ``ttl`` seconds."""
+
+    def __init__(
+        self,
+        storage: Storage | str = "memory://",
+        *,
+        max_events: int = 10_000,
+        ttl: float = 600.0,
+        max_streams: int = 10_000,
+    ) -> None:
+        if max_events < 1 or max_streams < 1:
+            raise ValueError("max_events and max_streams must be >= 1")
+        if not ttl > 0:
+            raise ValueError("ttl must be > 0 seconds")
+        self.storage = Storage.coerce(storage)
+        self.max_events = max_events
+        self.ttl = ttl
+        self.max_streams = max_streams
+        self._mem: OrderedDict[tuple[str, str], _MemStream] = OrderedDict()
+
+    @staticmethod
+    def new_stream_id() -> str:
+        return secrets.token_hex(8)
+
+    def _key(self, principal: str, sid: str) -> str:
+        return self.storage.key(_NAMESPACE, principal, sid)
+
+    # -- memory --------------------------------------------------------------------------
+
+    def _mem_get(self, principal: str, sid: str, create: bool = False) -> _MemStream | None:
+        now = time.monotonic()
+        while self._mem:  # drop expired streams, oldest first
+            oldest = next(iter(self._mem.values()))
+            if oldest.expires > now:
+                break
+            self._mem.popitem(last=False)
+        stream = self._mem.get((principal, sid))
+        if stream is None and create:
+            stream = self._mem[(principal, sid)] = _MemStream()
+            while len(self._mem) > self.max_streams:
+                self._mem.popitem(last=False)
+        if stream is not None:
+            stream.expires = now + self.ttl
+            self._mem.move_to_end((principal, sid))
+        return stream
+
+    @staticmethod
+    def _wake(stream: _MemStream) -> None:
+        if stream.changed is not None:
+            stream.changed.set()
+            stream.changed = None
+
+    # -- API -----------------------------------------------------------------------------
+
+    async def append(self, principal: str, sid: str, seq: int, frame: bytes) -> None:
+        if self.storage.is_memory:
+            stream = self._mem_get(principal, sid, create=True)
+            assert stream is not None
+            stream.frames[seq] = frame
+            while len(stream.frames) > self.max_events:
+                stream.frames.popitem(last=False)
+            self._wake(stream)
+            return
+        key = self._key(principal, sid)
+        async with redis_errors("event replay"):
+            pipe = self.storage.redis.pipeline(transaction=False)
+            pipe.xadd(key, {"f": frame}, id=f"{seq}-1", maxlen=self.max_events, approximate=False)
+            pipe.pexpire(key, int(self.ttl * 1000))
+            await pipe.execute()
+
+    async def finish(self, principal: str, sid: str) -> None:
+        """Mark the stream complete (its end frames were appended before)."""
+        if self.storage.is_memory:
+            stream = self._mem_get(principal, sid, create=True)
+            assert stream is not None
+            stream.done = True
+            self._wake(stream)
+            return
+        key = self._key(principal, sid)
+        async with redis_errors("event replay"):
+            pipe = self.storage.redis.pipeline(transaction=False)
+            pipe.xadd(key, {"done": b"1"}, id="*", maxlen=self.max_events, approximate=False)
+            pipe.pexpire(key, int(self.ttl * 1000))
+            await pipe.execute()
+
+    async def state(self, principal: str, sid: str, after: int) -> State:
+        """``gone`` (unknown, expired, or events after ``after`` dropped), ``complete``
+        (ended and nothing after ``after``), else ``available``."""
+        frames, done, first = await self._read(principal, sid, after, count=1)
+        if first is None:
+            return "gone"
+        if first > after + 1:
+            return "gone"
+        if done and not frames:
+            return "complete"
+        return "available"
+
+    async def _read(
+        self, principal: str, sid: str, after: int, count: int | None = None
+    ) -> tuple[list[tuple[int, bytes]], bool, int | None]:
+        """Frames after ``after``, whether it ended, the oldest kept seq (None: no stream)."""
+        if self.storage.is_memory:
+            stream = self._mem_get(principal, sid)
+            if stream is None:
+                return [], False, None
+            first = next(iter(stream.frames), after + 1)
+            out = [(s, f) for s, f in stream.frames.items() if s > after]
+            return (out[:count] if count else out), stream.done, first
+        key = self._key(principal, sid)
+        async with redis_errors("event replay"):
+            pipe = self.storage.redis.pipeline(transaction=False)
+            pipe.xrange(key, "-", "+", count=1)
+            pipe.xrange(key, f"({after}-1", "+", count=count)
+            pipe.xrevrange(key, "+", "-", count=1)
+            oldest, entries, newest = await pipe.execute()
+        if not oldest:
+            return [], False, None
+        first = int(oldest[0][0].split(b"-")[0]) if b"f" in oldest[0][1] else after + 1
+        done = bool(newest) and b"done" in newest[0][1]
+        out = [(int(i.split(b"-")[0]), e[b"f"]) for i, e in entries if b"f" in e]
+        return out, done, first
+
+    async def follow(
+        self, principal: str, sid: str, after: int, *, idle_timeout: float = 60.0
+    ) -> AsyncIterator[bytes]:
+        """Frames after ``after``, then live ones, until the stream ends (or stays idle)."""
+        last = after
+        idle_since = time.monotonic()
+        while True:
+            frames, done, _ = await self._read(principal, sid, last)
+            for seq, frame in frames:
+                last = seq
+                yield frame
+            if frames:
+                idle_since = time.monotonic()
+                continue  # read again before waiting: more may have come, or the end
+            if done:
+                return
+            if time.monotonic() - idle_since > idle_timeout:
+                from aimiddleware.errors import Timeout
+
+                raise Timeout("The resumed stream produced no event in time.")
+            await self._wait(principal, sid, last)
+
+    async def _wait(self, principal: str, sid: str, after: int) -> None:
+        if self.storage.is_memory:
+            stream = self._mem_get(principal, sid)
+            if stream is None:
+                return
+            if stream.changed is None:
+                stream.changed = anyio.Event()
+            with anyio.move_on_after(1.0):
+                await stream.changed.wait()
+            return
+        key = self._key(principal, sid)
+        block = max(1, min(1000, int(self.storage.socket_timeout * 500)))
+        async with redis_errors("event replay"):
+            # Wakes on any new entry (frame or end marker) after the last frame seen.
+            await self.storage.redis.xread({key: f"{after}-1"}, count=1, block=block)

@@ -1,0 +1,260 @@
+"""Disconnect cancels the endpoint (real uvicorn, real clients); timeout tiers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from aimiddleware import (
+    CancellationConfig,
+    CancellationMiddleware,
+    EventStreamResponse,
+    Usage,
+    cleanup_scope,
+    current,
+    install,
+    on_cancel,
+    report_usage,
+)
+from tests.live_server import serve
+from tests.sse_spec import parse
+
+CANCELLED = asyncio.CancelledError  # the backend these tests run on
+
+
+async def wait_for(record: dict[str, Any], key: str) -> Any:
+    """Poll (2 ms) for a value the server side records; fail after 3 s."""
+    for _ in range(1500):
+        if key in record:
+            return record[key]
+        await anyio.sleep(0.002)
+    raise AssertionError(f"{key} never recorded")
+
+
+def build_app(record: dict[str, Any]) -> FastAPI:
+    app = FastAPI()
+
+    async def model(n_tokens: int) -> AsyncIterator[str]:
+        """Stands in for an upstream model call: slow, and notices cancellation."""
+        try:
+            for i in range(n_tokens):
+                await anyio.sleep(0.02)
+                yield f"tok{i} "
+            await anyio.sleep(30)  # a long generation nobody is waiting for
+        except CANCELLED:
+            record["cancelled_at"] = time.perf_counter()
+            raise
+
+    @app.post("/v1/complete")
+    async def complete() -> dict[str, Any]:
+        ctx = current()
+        record["ctx"] = ctx
+
+        async def release() -> None:
+            await anyio.sleep(0.01)  # an await that only a shielded cleanup survives
+            record["released"] = True
+
+        on_cancel(release)
+        out = []
+        try:
+            async for tok in model(3):
+                out.append(tok)
+                record.setdefault("first_token", time.perf_counter())
+        except CANCELLED:
+            report_usage({"input_tokens": 12, "output_tokens": len(out)})
+            raise
+        return {"text": "".join(out)}
+
+    @app.post("/v1/stream")
+    async def stream() -> EventStreamResponse:
+        record["ctx"] = current()
+
+        async def events() -> AsyncIterator[Any]:
+            count = 0
+            async for tok in model(10**6):
+                count += 1
+                yield tok
+                yield Usage(input_tokens=12, output_tokens=count)
+
+        return EventStreamResponse(events(), heartbeat=None)
+
+    app.add_middleware(LeaseProbe, record=record)  # added before install(): innermost
+    return install(app)  # type: ignore[no-any-return]
+
+
+class LeaseProbe:
+    """Stands in for a layer inside Cancellation that holds a resource (a rate-limit lease):
+    its ``finally`` must still release it, with an await, after the endpoint is cancelled."""
+
+    def __init__(self, app: Any, record: dict[str, Any]) -> None:
+        self.app = app
+        self.record = record
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.record["lease"] = "held"
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            with cleanup_scope(2):
+                await anyio.sleep(0.01)  # e.g. a round trip to Redis
+                self.record["lease"] = "released"
+
+
+async def test_disconnect_mid_non_stream_cancels_the_model_call() -> None:
+    record: dict[str, Any] = {}
+    async with serve(build_app(record)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        stream = await anyio.connect_tcp(host, int(port))
+        await stream.send(
+            b"POST /v1/complete HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: 2\r\n\r\n{}"
+        )
+        await wait_for(record, "first_token")
+        await anyio.sleep(0.1)  # the model is generating
+        closed_at = time.perf_counter()
+        await stream.aclose()
+        cancelled_at = await wait_for(record, "cancelled_at")
+        await wait_for(record, "released")
+        await anyio.sleep(0.05)
+    latency_ms = (cancelled_at - closed_at) * 1000  # measured where the model runs
+    print(f"\nnon-stream: model cancelled {latency_ms:.1f} ms after the client disconnected")
+    assert 0 <= latency_ms < 1000
+    ctx = record["ctx"]
+    assert ctx.disconnected is True
+    assert ctx.raw_finish_reason == "cancelled"
+    assert ctx.usage == Usage(input_tokens=12, output_tokens=3)  # partial usage recorded
+    assert ctx.state["cancellation"]["reason"] == "disconnect"
+    assert record["lease"] == "released"
+
+
+async def test_disconnect_mid_stream_cancels_the_model_call() -> None:
+    record: dict[str, Any] = {}
+    async with serve(build_app(record)) as url, httpx.AsyncClient(base_url=url) as client:
+        seen = 0
+        async with client.stream("POST", "/v1/stream", json={}) as response:
+            assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
+            async for line in response.aiter_lines():
+                if line.startswith("data:"):
+                    seen += 1
+                if seen == 5:
+                    break
+            closed_at = time.perf_counter()
+        await client.aclose()  # the connection goes away with the unfinished response
+        cancelled_at = await wait_for(record, "cancelled_at")
+        await anyio.sleep(0.05)
+    latency_ms = (cancelled_at - closed_at) * 1000
+    print(f"\nstream: model cancelled {latency_ms:.1f} ms after the client disconnected")
+    assert 0 <= latency_ms < 1000
+    ctx = record["ctx"]
+    assert ctx.streaming and ctx.disconnected
+    assert ctx.raw_finish_reason == "cancelled"
+    assert ctx.usage is not None and ctx.usage.input_tokens == 12
+    assert ctx.usage.output_tokens >= 5  # the partial count reached when the client left
+    assert "sse.completed" not in ctx.state
+    assert record["lease"] == "released"
+
+
+def tiered_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/v1/classify")
+    async def classify() -> dict[str, str]:
+        await anyio.sleep(5)
+        return {"label": "never"}
+
+    @app.post("/v1/generate")
+    async def generate() -> EventStreamResponse:
+        async def events() -> AsyncIterator[str]:
+            yield "first"
+            await anyio.sleep(5)
+            yield "never"
+
+        return EventStreamResponse(events())
+
+    @app.post("/jobs/run")
+    async def job() -> dict[str, str]:
+        await anyio.sleep(0.3)
+        return {"status": "done"}
+
+    config = CancellationConfig(
+        timeouts={"/v1/classify": 0.1, "/v1/generate*": 0.2, "/jobs/*": None},
+        default_timeout=0.15,
+    )
+    return install(app, cancellation=config)  # type: ignore[no-any-return]
+
+
+async def test_timeout_tiers() -> None:
+    transport = httpx.ASGITransport(app=tiered_app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        t0 = time.perf_counter()
+        r = await client.post("/v1/classify", json={})
+        assert time.perf_counter() - t0 < 2
+        assert r.status_code == 504
+        assert r.headers["content-type"] == "application/problem+json"
+        body = r.json()
+        assert body["error"]["code"] == "timeout" and body["timeout_seconds"] == 0.1
+
+        r = await client.post("/v1/generate", json={})
+        assert r.status_code == 200
+        events = parse(r.content).events
+        assert [e.type for e in events] == ["delta", "usage", "error", "done"]
+        assert json.loads(events[2].data)["error"]["code"] == "timeout"
+        assert json.loads(events[1].data)["finish_reason"] == "error"
+        assert b"never" not in r.content
+
+        r = await client.post("/jobs/run", json={})  # no limit for jobs (default is 0.15)
+        assert r.status_code == 200 and r.json() == {"status": "done"}
+
+
+def test_config_validation() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    with pytest.raises(ValueError):
+        CancellationMiddleware(app, timeouts={"/x": 0})
+    with pytest.raises(ValueError):
+        CancellationMiddleware(app, timeouts={"x": 1})
+    with pytest.raises(ValueError):
+        CancellationMiddleware(app, default_timeout=-1)
+    mw = CancellationMiddleware(app, timeouts=[("/a/*", 1), ("/a/b", 2)], default_timeout=3)
+    assert mw.timeout_for("/a/b") == 1 and mw.timeout_for("/z") == 3
+
+
+def test_install_places_cancellation_just_inside_errors() -> None:
+    from starlette.applications import Starlette
+
+    from aimiddleware import ErrorMiddleware, RequestContextMiddleware
+
+    app = install(Starlette())
+    order = [m.cls for m in app.user_middleware]  # outermost first
+    assert order[:3] == [RequestContextMiddleware, ErrorMiddleware, CancellationMiddleware]
+    plain = install(Starlette(), cancellation=None)
+    assert CancellationMiddleware not in [m.cls for m in plain.user_middleware]
+
+
+async def test_disconnect_before_the_body_is_read_never_calls_the_app() -> None:
+    called = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        called.append(scope)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        raise AssertionError("nothing to send")
+
+    scope = {"type": "http", "path": "/", "method": "POST", "headers": [], "state": {}}
+    await CancellationMiddleware(app)(scope, receive, send)
+    assert called == []

@@ -1,0 +1,213 @@
+"""Real uvicorn + real clients: the OpenAI and Anthropic SDKs, and Last-Event-ID resume."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anthropic
+import anyio
+import anyio.lowlevel
+import httpx
+import openai
+import pytest
+from fastapi import FastAPI, Request
+from httpx_sse import aconnect_sse
+
+from aimiddleware import (
+    AnthropicDialect,
+    EventStreamResponse,
+    OpenAIChatDialect,
+    ReplayBuffer,
+    StreamResult,
+    UpstreamUnavailable,
+    Usage,
+    current,
+    install,
+)
+from aimiddleware.storage import Storage
+from tests.live_server import serve
+
+
+def chat_app(record: dict[str, Any]) -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> EventStreamResponse:
+        body = current().json()
+        record["ctx"] = current()
+
+        async def tokens() -> AsyncIterator[Any]:
+            for word in ["Hello", ",", " world"]:
+                yield word
+                await anyio.lowlevel.checkpoint()
+            if body["model"] == "broken":
+                raise UpstreamUnavailable()
+            yield StreamResult(usage=Usage(input_tokens=9, output_tokens=3), finish_reason="stop")
+
+        return EventStreamResponse(tokens(), dialect=OpenAIChatDialect.for_request(body))
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> EventStreamResponse:
+        body = current().json()
+
+        async def tokens() -> AsyncIterator[Any]:
+            yield "Hi"
+            yield " there"
+            if body["model"] == "broken":
+                raise UpstreamUnavailable()
+            usage = Usage(input_tokens=7, output_tokens=2)
+            yield StreamResult(usage=usage, finish_reason="end_turn")
+
+        dialect = AnthropicDialect(body["model"], input_tokens=7)
+        return EventStreamResponse(tokens(), dialect=dialect)
+
+    return install(app)  # type: ignore[no-any-return]
+
+
+async def test_openai_sdk_streams_gets_usage_and_raises_on_error() -> None:
+    record: dict[str, Any] = {}
+    async with serve(chat_app(record)) as url:
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="sk-test", max_retries=0)
+        stream = await client.chat.completions.create(
+            model="gpt-test",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == "Hello, world"
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+        assert chunks[-1].choices == []
+        assert chunks[-1].usage is not None
+        assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (9, 3)
+        assert all(c.model == "gpt-test" for c in chunks)
+        assert record["ctx"].usage == Usage(input_tokens=9, output_tokens=3)
+
+        stream = await client.chat.completions.create(
+            model="broken", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        got: list[str] = []
+        with pytest.raises(openai.APIError) as info:
+            async for chunk in stream:
+                got.append(chunk.choices[0].delta.content or "")
+        assert "".join(got) == "Hello, world"  # the deltas before the error arrived
+        assert info.value.code == "upstream_unavailable"
+        assert record["ctx"].raw_finish_reason == "error"
+        await client.close()
+
+
+async def test_anthropic_sdk_streams_gets_usage_and_raises_on_error() -> None:
+    async with serve(chat_app({})) as url:
+        client = anthropic.AsyncAnthropic(base_url=url, api_key="sk-test", max_retries=0)
+        async with client.messages.stream(
+            model="claude-test", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
+        ) as stream:
+            text = "".join([t async for t in stream.text_stream])
+            final = await stream.get_final_message()
+        assert text == "Hi there"
+        assert final.stop_reason == "end_turn"
+        assert (final.usage.input_tokens, final.usage.output_tokens) == (7, 2)
+
+        with pytest.raises(anthropic.APIStatusError):
+            async with client.messages.stream(
+                model="broken", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
+            ) as stream:
+                async for _ in stream.text_stream:
+                    pass
+        await client.close()
+
+
+def resumable_app(buffer: ReplayBuffer, total: int) -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/v1/stream")
+    async def stream() -> EventStreamResponse:
+        async def tokens() -> AsyncIterator[str]:
+            for i in range(total):
+                yield f"tok{i}"
+                await anyio.sleep(0.01)
+
+        return EventStreamResponse(tokens(), replay=buffer, heartbeat=None)
+
+    return install(app)  # type: ignore[no-any-return]
+
+
+async def read_events(
+    client: httpx.AsyncClient, headers: dict[str, str], stop_after: int | None = None
+) -> list[tuple[str, str, str]]:
+    out: list[tuple[str, str, str]] = []
+    async with aconnect_sse(client, "POST", "/v1/stream", json={}, headers=headers) as source:
+        async for sse in source.aiter_sse():
+            out.append((sse.id, sse.event, sse.data))
+            if stop_after is not None and len(out) == stop_after:
+                break  # drop the connection mid-stream
+    return out
+
+
+async def test_last_event_id_resume_delivers_every_event_exactly_once(storage: Storage) -> None:
+    total = 30
+    buffer = ReplayBuffer(storage, max_events=100, ttl=30)
+    auth = {"authorization": "Bearer key-1"}
+    async with serve(resumable_app(buffer, total)) as url:
+        async with httpx.AsyncClient(base_url=url) as client:
+            first = await read_events(client, auth, stop_after=8)
+        await anyio.sleep(0.05)  # the producer keeps going while nobody is connected
+        async with httpx.AsyncClient(base_url=url) as client:
+            second = await read_events(client, {**auth, "last-event-id": first[-1][0]})
+            # another tenant cannot resume this stream
+            other = await client.post(
+                "/v1/stream", json={}, headers={"authorization": "Bearer key-2",
+                                                "last-event-id": first[-1][0]}
+            )
+            assert other.status_code == 404
+            # reconnecting after the end is answered 204: an EventSource stops retrying
+            done = await client.post(
+                "/v1/stream", json={}, headers={**auth, "last-event-id": second[-1][0]}
+            )
+            assert done.status_code == 204
+    events = first + second
+    ids = [e[0] for e in events]
+    assert len(ids) == len(set(ids))  # no repeats
+    seqs = [int(i.rsplit(":", 1)[1]) for i in ids]
+    assert seqs == list(range(1, len(seqs) + 1))  # no gaps
+    deltas = [json.loads(d)["text"] for _, kind, d in events if kind == "delta"]
+    assert deltas == [f"tok{i}" for i in range(total)]
+    assert [kind for _, kind, _ in events][-2:] == ["usage", "done"]
+    assert len({i.rsplit(":", 1)[0] for i in ids}) == 1  # one stream id throughout
+
+
+async def test_send_timeout_abandons_a_client_that_stopped_reading() -> None:
+    record: dict[str, Any] = {}
+    app = FastAPI()
+
+    @app.get("/v1/flood")
+    async def flood() -> EventStreamResponse:
+        record["ctx"] = current()
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                chunk = "x" * 65536
+                for i in range(10_000):  # far more than the socket buffers hold
+                    record["sent"] = i
+                    yield chunk
+            finally:
+                record["closed_at"] = anyio.current_time()
+
+        return EventStreamResponse(events(), send_timeout=0.3, heartbeat=None)
+
+    async with serve(install(app)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        stream = await anyio.connect_tcp(host, int(port))
+        await stream.send(b"GET /v1/flood HTTP/1.1\r\nhost: x\r\n\r\n")
+        # never read: the server's writes fill the buffers and its send blocks
+        for _ in range(300):
+            if "closed_at" in record:
+                break
+            await anyio.sleep(0.02)
+        await stream.aclose()
+    assert "closed_at" in record, "the stream was never abandoned"
+    assert record["sent"] < 9_999
+    assert record["ctx"].raw_finish_reason == "cancelled"
