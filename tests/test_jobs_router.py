@@ -348,3 +348,18 @@ async def test_max_concurrent_jobs_keeps_the_rest_queued(recorder: Recorder) -> 
             done = await wait_status(client, f"/v1/jobs/{first}", {"completed"})
             assert done["result"]["steps"] == 4
     assert len(recorder.calls) == 1
+
+
+async def test_store_down_is_a_typed_503(recorder: Recorder) -> None:
+    from tests.redis_server import free_port
+
+    jobs = JobsRouter(recorder.fn, storage=f"redis://127.0.0.1:{free_port()}/0")
+    app = Starlette(routes=[Mount("/v1", jobs)], lifespan=jobs.lifespan_context)
+    with ThreadServer(app) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            r = await client.post("/v1/jobs", json={"input": {}}, headers=A)
+            assert r.status_code == 503
+            assert r.json()["error"]["code"] == "store_unavailable"
+            assert r.headers["retry-after"] == "1"
+            g = await client.get("/v1/jobs/job_whatever", headers=A)
+            assert g.status_code == 503

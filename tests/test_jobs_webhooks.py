@@ -260,3 +260,19 @@ async def test_a_killed_worker_mid_retry_loses_no_delivery(
     assert delivery.state == "succeeded" and [a.status for a in delivery.attempts] == [500, 200]
     payload = Webhook(SECRET).verify(rec.successes()[0][1], rec.successes()[0][0])
     assert payload["data"]["id"] == job_id and payload["data"]["status"] == "completed"
+
+
+async def test_retry_after_is_honoured(receiver_factory: Any) -> None:
+    rec, rsrv = receiver_factory([(429, {"retry-after": "1"})])
+    app = jobs_app(webhook_schedule=(0.05, 0.05))
+    jobs: JobsRouter = app.routes[0].app  # type: ignore[attr-defined]
+    with ThreadServer(app) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            await client.post("/v1/jobs", json={"input": {"q": 2},
+                                                "callback_url": f"{rsrv.url}/hook"})
+            await wait_for(lambda: rec.successes())
+            assert jobs.dispatcher is not None
+            delivery = await jobs.dispatcher.get(rec.received[0][0]["webhook-id"])
+    assert delivery is not None and [a.status for a in delivery.attempts] == [429, 200]
+    # the schedule said 0.05 s; the receiver asked for 1 s
+    assert delivery.attempts[1].at - delivery.attempts[0].at >= 0.95
