@@ -138,3 +138,22 @@ async def test_batch_expiry_and_validation() -> None:
             other = await client.get(f"/v1/batches/{batch_id}",
                                      headers={"authorization": "Bearer someone-else"})
             assert other.status_code == 404
+
+
+async def test_batch_submit_is_idempotent_and_keys_are_per_route() -> None:
+    item = Item()
+    with ThreadServer(app_for(item)) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            key = {"idempotency-key": "batch-key-1"}
+            body = {"items": [{"custom_id": "a", "input": {"n": 2}}]}
+            first = await client.post("/v1/batches", json=body, headers=key)
+            again = await client.post("/v1/batches", json=body, headers=key)
+            assert again.json()["id"] == first.json()["id"]
+            assert again.headers["idempotent-replayed"] == "true"
+            other = await client.post("/v1/batches", json={"items": [{"custom_id": "b"}]},
+                                      headers=key)
+            assert other.status_code == 422
+            job = await client.post("/v1/jobs", json={"input": {"n": 1}}, headers=key)
+            assert job.status_code == 202 and job.json()["id"].startswith("job_")
+            done = await wait_terminal(client, f"/v1/batches/{first.json()['id']}")
+            assert done["counts"]["succeeded"] == 1

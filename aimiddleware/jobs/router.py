@@ -175,6 +175,8 @@ class JobsRouter(Router):
         self, request: Request, record: Job | Batch, location: str
     ) -> Response:
         key = idempotency_key(request)
+        if key is not None:
+            key = f"{record.object}:{key}"  # POST /jobs and POST /batches keep separate keys
         owner_id, raw = await self.store.create(record.principal, record.id, record.stored(), key)
         if owner_id != record.id:
             existing = type(record).model_validate_json(raw)
