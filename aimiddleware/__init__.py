@@ -46,6 +46,7 @@ from aimiddleware.idempotency import (
     IdempotencyStore,
     idempotent,
 )
+from aimiddleware.jobs import JobContext, JobsRouter
 from aimiddleware.pricing import ModelPrice, PriceTable
 from aimiddleware.sse import (
     AnthropicDialect,
@@ -107,6 +108,8 @@ __all__ = [
     "IdempotencyStore",
     "InternalError",
     "InvalidRequest",
+    "JobContext",
+    "JobsRouter",
     "Ledger",
     "Lifecycle",
     "MemoryLedger",

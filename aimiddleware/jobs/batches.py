@@ -1,0 +1,112 @@
+"""Batches: many items through the job function, bounded concurrency, per-item results.
+
+Each item carries a ``custom_id``; its outcome is one JSON line ``{custom_id, type, output,
+error}`` with ``type`` in ``succeeded``, ``errored``, ``cancelled``, ``expired`` (order may
+differ from the request: match by ``custom_id``). One failing item never fails the batch:
+the batch ``completed`` and its ``counts`` say how many of each. Cancelling a batch (or its
+time limit) marks the items not yet finished ``cancelled`` (``expired``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from aimiddleware.jobs.context import JobContext, add_usage
+from aimiddleware.jobs.models import Batch, BatchCounts, BatchItem, BatchItemResult, JobError
+
+if TYPE_CHECKING:
+    from aimiddleware.jobs.runner import JobRunner
+
+__all__ = ["BatchExecution", "results_jsonl"]
+
+
+def results_jsonl(lines: list[str]) -> bytes:
+    """The batch results file: one JSON object per line."""
+    return "".join(line + "\n" for line in lines).encode()
+
+
+async def _ignore(kind: str, data: dict[str, Any]) -> None:
+    """Items report usage through their context; progress and partial output stay per item."""
+
+
+class BatchExecution:
+    """One run of a batch inside :class:`~aimiddleware.jobs.runner.JobRunner`."""
+
+    def __init__(self, runner: JobRunner, batch: Batch) -> None:
+        self.runner = runner
+        self.batch = batch
+        self.done: set[str] = set()
+        self._lock = anyio.Lock()
+
+    async def _save(self, event: str, data: dict[str, Any]) -> None:
+        store = self.runner.store
+        await store.put(self.batch.principal, self.batch.id, self.batch.stored())
+        await store.append_event(self.batch.principal, self.batch.id, event,
+                                 json.dumps(data, default=str))
+
+    async def start(self) -> None:
+        async with self._lock:
+            self.batch = self.batch.model_copy(
+                update={"status": "in_progress", "started_at": time.time()}
+            )
+            await self._save("batch.status", {"status": "in_progress"})
+
+    async def run(self) -> None:
+        limiter = anyio.CapacityLimiter(self.runner.batch_concurrency)
+        async with anyio.create_task_group() as tg:
+            for item in self.batch.items:
+                tg.start_soon(self._item, limiter, item)
+
+    async def _item(self, limiter: anyio.CapacityLimiter, item: BatchItem) -> None:
+        async with limiter:
+            ctx = JobContext(f"{self.batch.id}:{item.custom_id}", item.input, _ignore,
+                             max_steps=self.runner.max_steps, max_cost=self.runner.max_cost)
+            try:
+                output = await self.runner.fn(ctx, item.input)
+                res = BatchItemResult(custom_id=item.custom_id, type="succeeded", output=output)
+            except Exception as exc:
+                from aimiddleware.jobs.runner import job_error
+
+                res = BatchItemResult(custom_id=item.custom_id, type="errored",
+                                      error=job_error(exc))
+            await self._record(res, ctx)
+
+    async def _record(self, res: BatchItemResult, ctx: JobContext | None = None) -> None:
+        async with self._lock:
+            if res.custom_id in self.done:
+                return
+            self.done.add(res.custom_id)
+            await self.runner.store.append_result(
+                self.batch.principal, self.batch.id, res.model_dump_json()
+            )
+            c = self.batch.counts.model_dump()
+            c[res.type] += 1
+            c["processing"] = self.batch.total - len(self.done)
+            update: dict[str, Any] = {"counts": BatchCounts(**c)}
+            if ctx is not None and ctx.usage is not None:
+                update["usage"] = add_usage(self.batch.usage, ctx.usage)
+            if ctx is not None:
+                update["cost"] = self.batch.cost + ctx.cost
+            self.batch = self.batch.model_copy(update=update)
+            await self._save("batch.progress", {"counts": c})
+
+    async def finish(self, status: str, leftover: str, error: JobError | None = None) -> None:
+        """Mark unfinished items ``leftover`` and the batch ``status`` (final event last)."""
+        if leftover == "expired":
+            item_error = JobError(code="batch_expired", message="The batch expired first.")
+        else:
+            item_error = error or JobError(code="cancelled", message="The batch was cancelled.")
+        for item in self.batch.items:
+            if item.custom_id not in self.done:
+                await self._record(BatchItemResult(
+                    custom_id=item.custom_id, type=leftover,  # type: ignore[arg-type]
+                    error=item_error))
+        async with self._lock:
+            self.batch = self.batch.model_copy(
+                update={"status": status, "finished_at": time.time(), "error": error}
+            )
+            await self._save(f"batch.{status}", self.batch.public())

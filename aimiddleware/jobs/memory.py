@@ -1,0 +1,138 @@
+"""In-process :class:`~aimiddleware.jobs.store.JobStore`: one worker, nothing to run.
+
+Records (with their events, flags, results and idempotency key) and finished webhook
+deliveries are dropped ``ttl`` seconds after creation, checked as new ones arrive.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+
+import anyio
+
+from aimiddleware.jobs.store import Event
+
+__all__ = ["MemoryJobStore"]
+
+
+class MemoryJobStore:
+    """Dicts and lists; every operation completes between two awaits, so it is atomic."""
+
+    def __init__(self, poll_interval: float = 0.02, *, ttl: float = 7 * 86400) -> None:
+        if ttl <= 0:
+            raise ValueError("ttl must be positive")
+        self.poll_interval = poll_interval
+        self.ttl = ttl
+        self._expiry: deque[tuple[float, str, str, str | None]] = deque()
+        self._done_expiry: deque[tuple[float, str]] = deque()
+        self._records: dict[tuple[str, str], str] = {}
+        self._events: dict[tuple[str, str], list[Event]] = {}
+        self._cancel: set[tuple[str, str]] = set()
+        self._beats: dict[tuple[str, str], float] = {}
+        self._results: dict[tuple[str, str], list[str]] = {}
+        self._idem: dict[tuple[str, str], str] = {}
+        self._outbox: dict[str, str] = {}
+        self._due: dict[str, float] = {}
+
+    async def create(
+        self, principal: str, rec_id: str, data: str, idem_key: str | None
+    ) -> tuple[str, str]:
+        self._prune()
+        if idem_key is not None:
+            owner = self._idem.get((principal, idem_key))
+            if owner is not None and (principal, owner) in self._records:
+                return owner, self._records[(principal, owner)]
+            self._idem[(principal, idem_key)] = rec_id
+        self._records[(principal, rec_id)] = data
+        self._expiry.append((time.monotonic() + self.ttl, principal, rec_id, idem_key))
+        return rec_id, data
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        while self._expiry and self._expiry[0][0] <= now:
+            _, principal, rec_id, idem_key = self._expiry.popleft()
+            key = (principal, rec_id)
+            for table in (self._records, self._events, self._beats, self._results):
+                table.pop(key, None)
+            self._cancel.discard(key)
+            if idem_key is not None and self._idem.get((principal, idem_key)) == rec_id:
+                del self._idem[(principal, idem_key)]
+        while self._done_expiry and self._done_expiry[0][0] <= now:
+            _, delivery_id = self._done_expiry.popleft()
+            if delivery_id not in self._due:
+                self._outbox.pop(delivery_id, None)
+
+    async def get(self, principal: str, rec_id: str) -> str | None:
+        return self._records.get((principal, rec_id))
+
+    async def put(self, principal: str, rec_id: str, data: str) -> None:
+        self._records[(principal, rec_id)] = data
+
+    async def append_event(self, principal: str, rec_id: str, event: str, data: str) -> str:
+        log = self._events.setdefault((principal, rec_id), [])
+        event_id = str(len(log) + 1)
+        log.append((event_id, event, data))
+        return event_id
+
+    async def read_events(
+        self, principal: str, rec_id: str, after: str | None, wait: float
+    ) -> list[Event]:
+        start = _position(after)
+        deadline = time.monotonic() + wait
+        while True:
+            log = self._events.get((principal, rec_id), [])
+            if len(log) > start:
+                return log[start:]
+            if time.monotonic() >= deadline:
+                return []
+            await anyio.sleep(self.poll_interval)
+
+    async def request_cancel(self, principal: str, rec_id: str) -> None:
+        self._cancel.add((principal, rec_id))
+
+    async def cancel_requested(self, principal: str, rec_id: str) -> bool:
+        return (principal, rec_id) in self._cancel
+
+    async def beat(self, principal: str, rec_id: str, ttl: float) -> None:
+        self._beats[(principal, rec_id)] = time.monotonic() + ttl
+
+    async def alive(self, principal: str, rec_id: str) -> bool:
+        return self._beats.get((principal, rec_id), 0.0) > time.monotonic()
+
+    async def append_result(self, principal: str, rec_id: str, line: str) -> None:
+        self._results.setdefault((principal, rec_id), []).append(line)
+
+    async def results(self, principal: str, rec_id: str) -> list[str]:
+        return list(self._results.get((principal, rec_id), []))
+
+    async def outbox_put(self, delivery_id: str, data: str, next_at: float) -> None:
+        self._outbox[delivery_id] = data
+        self._due[delivery_id] = next_at
+
+    async def outbox_done(self, delivery_id: str, data: str) -> None:
+        self._prune()
+        self._outbox[delivery_id] = data
+        self._due.pop(delivery_id, None)
+        self._done_expiry.append((time.monotonic() + self.ttl, delivery_id))
+
+    async def outbox_claim(self, now: float, lease: float, limit: int) -> list[str]:
+        due = sorted((at, d) for d, at in self._due.items() if at <= now)[:limit]
+        for _, delivery_id in due:
+            self._due[delivery_id] = now + lease
+        return [self._outbox[d] for _, d in due]
+
+    async def outbox_get(self, delivery_id: str) -> str | None:
+        return self._outbox.get(delivery_id)
+
+
+def _position(after: str | None) -> int:
+    """Index of the first event after ``after`` (an unknown id replays from the start)."""
+    if after is None:
+        return 0
+    try:
+        n = int(after)
+    except ValueError:
+        return 0
+    return n if 0 <= n < math.inf else 0

@@ -1,0 +1,166 @@
+"""Redis/Valkey :class:`~aimiddleware.jobs.store.JobStore`: shared by every worker.
+
+Keys (hash-tagged per principal): ``jobs:{p}:<id>`` the record; ``…:<id>:events`` a
+stream (its entry ids are the SSE ids, so ``Last-Event-ID`` maps to ``XREAD``);
+``…:<id>:cancel`` the cancel flag; ``…:<id>:alive`` the running worker's lease;
+``…:<id>:results`` batch result lines; ``…:idem:<sha256(key)>`` the idempotency map.
+The webhook outbox is ``jobs:{outbox}:due`` (a sorted set by due time) and
+``jobs:{outbox}:data`` (a hash of deliveries); claiming is one Lua script.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+from aimiddleware.jobs.store import Event
+from aimiddleware.storage import Storage, redis_errors
+
+__all__ = ["RedisJobStore"]
+
+_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+
+_CLAIM = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for _, id in ipairs(ids) do
+  redis.call('ZADD', KEYS[1], ARGV[2], id)
+  local data = redis.call('HGET', KEYS[2], id)
+  if data then out[#out + 1] = data else redis.call('ZREM', KEYS[1], id) end
+end
+return out
+"""
+
+
+class RedisJobStore:
+    def __init__(self, storage: Storage, *, ttl: float = 7 * 86400) -> None:
+        if ttl <= 0:
+            raise ValueError("ttl must be positive")
+        self.storage = storage
+        self.ttl = int(ttl)
+        self._claim: Any = None
+
+    @property
+    def _r(self) -> Any:
+        return self.storage.redis
+
+    def _key(self, principal: str, rec_id: str, *parts: str) -> str:
+        return self.storage.key("jobs", principal, rec_id, *parts)
+
+    async def create(
+        self, principal: str, rec_id: str, data: str, idem_key: str | None
+    ) -> tuple[str, str]:
+        async with redis_errors("job"):
+            await self._r.set(self._key(principal, rec_id), data, ex=self.ttl)
+            if idem_key is None:
+                return rec_id, data
+            digest = hashlib.sha256(idem_key.encode()).hexdigest()[:40]
+            idem = self.storage.key("jobs", principal, "idem", digest)
+            if await self._r.set(idem, rec_id, nx=True, ex=self.ttl):
+                return rec_id, data
+            # Lost the race (or a retry): this record was never started; hand back the owner.
+            await self._r.delete(self._key(principal, rec_id))
+            owner = (await self._r.get(idem)).decode()
+            existing = await self._r.get(self._key(principal, owner))
+            if existing is None:  # the owner expired: take the key over
+                await self._r.set(self._key(principal, rec_id), data, ex=self.ttl)
+                await self._r.set(idem, rec_id, ex=self.ttl)
+                return rec_id, data
+            return owner, existing.decode()
+
+    async def get(self, principal: str, rec_id: str) -> str | None:
+        async with redis_errors("job"):
+            raw = await self._r.get(self._key(principal, rec_id))
+        return raw.decode() if raw is not None else None
+
+    async def put(self, principal: str, rec_id: str, data: str) -> None:
+        async with redis_errors("job"):
+            await self._r.set(self._key(principal, rec_id), data, ex=self.ttl)
+
+    async def append_event(self, principal: str, rec_id: str, event: str, data: str) -> str:
+        key = self._key(principal, rec_id, "events")
+        async with redis_errors("job"), self._r.pipeline(transaction=True) as pipe:
+            pipe.xadd(key, {"e": event, "d": data})
+            pipe.expire(key, self.ttl)
+            event_id, _ = await pipe.execute()
+        return str(event_id.decode() if isinstance(event_id, bytes) else event_id)
+
+    async def read_events(
+        self, principal: str, rec_id: str, after: str | None, wait: float
+    ) -> list[Event]:
+        key = self._key(principal, rec_id, "events")
+        last = after if after is not None and _STREAM_ID.match(after) else "0-0"
+        # Stay well under the client's socket timeout: the caller loops.
+        block = max(1, int(min(wait, self.storage.socket_timeout / 2) * 1000))
+        async with redis_errors("job"):
+            reply = await self._r.xread({key: last}, count=1000, block=block)
+        events: list[Event] = []
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+                events.append((eid, fields[b"e"].decode(), fields[b"d"].decode()))
+        return events
+
+    async def request_cancel(self, principal: str, rec_id: str) -> None:
+        async with redis_errors("job"):
+            await self._r.set(self._key(principal, rec_id, "cancel"), b"1", ex=self.ttl)
+
+    async def cancel_requested(self, principal: str, rec_id: str) -> bool:
+        async with redis_errors("job"):
+            return bool(await self._r.exists(self._key(principal, rec_id, "cancel")))
+
+    async def beat(self, principal: str, rec_id: str, ttl: float) -> None:
+        async with redis_errors("job"):
+            await self._r.set(self._key(principal, rec_id, "alive"), b"1", px=int(ttl * 1000))
+
+    async def alive(self, principal: str, rec_id: str) -> bool:
+        async with redis_errors("job"):
+            return bool(await self._r.exists(self._key(principal, rec_id, "alive")))
+
+    async def append_result(self, principal: str, rec_id: str, line: str) -> None:
+        key = self._key(principal, rec_id, "results")
+        async with redis_errors("job"), self._r.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, line)
+            pipe.expire(key, self.ttl)
+            await pipe.execute()
+
+    async def results(self, principal: str, rec_id: str) -> list[str]:
+        async with redis_errors("job"):
+            raw = await self._r.lrange(self._key(principal, rec_id, "results"), 0, -1)
+        return [r.decode() for r in raw]
+
+    # -- webhook outbox --------------------------------------------------------------
+
+    @property
+    def _due_key(self) -> str:
+        return self.storage.key("jobs", "outbox", "due")
+
+    @property
+    def _data_key(self) -> str:
+        return self.storage.key("jobs", "outbox", "data")
+
+    async def outbox_put(self, delivery_id: str, data: str, next_at: float) -> None:
+        async with redis_errors("webhook outbox"), self._r.pipeline(transaction=True) as pipe:
+            pipe.hset(self._data_key, delivery_id, data)
+            pipe.zadd(self._due_key, {delivery_id: next_at})
+            await pipe.execute()
+
+    async def outbox_done(self, delivery_id: str, data: str) -> None:
+        async with redis_errors("webhook outbox"), self._r.pipeline(transaction=True) as pipe:
+            pipe.hset(self._data_key, delivery_id, data)
+            pipe.zrem(self._due_key, delivery_id)
+            await pipe.execute()
+
+    async def outbox_claim(self, now: float, lease: float, limit: int) -> list[str]:
+        if self._claim is None:
+            self._claim = self._r.register_script(_CLAIM)
+        async with redis_errors("webhook outbox"):
+            keys = [self._due_key, self._data_key]
+            raw = await self._claim(keys=keys, args=[now, now + lease, limit])
+        return [r.decode() for r in raw]
+
+    async def outbox_get(self, delivery_id: str) -> str | None:
+        async with redis_errors("webhook outbox"):
+            raw = await self._r.hget(self._data_key, delivery_id)
+        return raw.decode() if raw is not None else None

@@ -1,0 +1,276 @@
+"""``JobsRouter``: a Starlette ``Router`` with the jobs and batches API around one job function.
+
+::
+
+    jobs = JobsRouter(summarize, storage="redis://localhost:6379/0",
+                      webhook_secrets=["whsec_..."], max_steps=20, max_cost="0.50")
+    app = Starlette(routes=[Mount("/v1", jobs)], lifespan=jobs.lifespan_context)
+
+Routes (every one scoped to the calling principal; another principal's ids are 404):
+``POST /jobs`` (202 + ``Location``), ``GET /jobs/{id}``, ``GET /jobs/{id}/events`` (SSE,
+resumable with ``Last-Event-ID``), ``DELETE /jobs/{id}``; ``POST /batches``,
+``GET /batches/{id}``, ``GET /batches/{id}/results`` (JSON lines), ``DELETE /batches/{id}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from decimal import Decimal
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, Router
+
+from aimiddleware.context import current_or_none, default_principal
+from aimiddleware.errors import IdempotencyKeyReused, InvalidRequest, NotFound
+from aimiddleware.jobs.batches import results_jsonl
+from aimiddleware.jobs.http import (
+    SubmitBatch,
+    SubmitJob,
+    idempotency_key,
+    parse_body,
+    typed_errors,
+)
+from aimiddleware.jobs.models import Batch, BatchCounts, Job, JobError, new_id
+from aimiddleware.jobs.runner import JobFunction, JobRunner
+from aimiddleware.jobs.store import JobStore, make_store
+from aimiddleware.jobs.stream import JobEventsDialect, event_stream
+from aimiddleware.jobs.taskiq_queue import TaskiqQueue
+from aimiddleware.jobs.webhooks import (
+    DEFAULT_SCHEDULE,
+    CallbackPolicy,
+    WebhookDispatcher,
+    WebhookSigner,
+)
+from aimiddleware.sse import EventStreamResponse
+from aimiddleware.storage import Storage
+
+__all__ = ["JobsRouter"]
+
+class JobsRouter(Router):
+    """Mount it anywhere; pass ``lifespan=router.lifespan_context`` to the app (it runs jobs)."""
+
+    def __init__(
+        self,
+        fn: JobFunction,
+        *,
+        storage: Storage | str = "memory://",
+        store: JobStore | None = None,
+        webhook_secrets: str | Iterable[str] | None = None,
+        callback_policy: CallbackPolicy | None = None,
+        webhook_schedule: Sequence[float] = DEFAULT_SCHEDULE,
+        webhook_poll_interval: float = 0.25,
+        max_steps: int | None = None,
+        max_cost: Decimal | float | str | None = None,
+        timeout: float | None = None,
+        max_concurrent_jobs: int | None = None,
+        batch_concurrency: int = 8,
+        heartbeat_interval: float = 15.0,
+        cancel_wait: float = 5.0,
+        cancel_poll: float = 0.1,
+        shutdown_grace: float = 5.0,
+        principal: Callable[[Request], str] | None = None,
+        lease: float = 30.0,
+        retention: float = 7 * 86400,
+        queue: TaskiqQueue | None = None,
+    ) -> None:
+        if heartbeat_interval <= 0 or cancel_wait < 0:
+            raise ValueError("heartbeat_interval must be > 0 and cancel_wait >= 0")
+        self._owns_storage = not isinstance(storage, Storage)
+        self.storage = Storage.coerce(storage)
+        self.store = store or make_store(self.storage, ttl=retention)
+        self.policy = callback_policy or CallbackPolicy()
+        self.dispatcher = (
+            WebhookDispatcher(self.store, WebhookSigner(webhook_secrets), policy=self.policy,
+                              schedule=webhook_schedule, poll_interval=webhook_poll_interval)
+            if webhook_secrets
+            else None
+        )
+        self.runner = JobRunner(
+            fn, self.store, dispatcher=self.dispatcher, max_steps=max_steps, max_cost=max_cost,
+            timeout=timeout, max_concurrent_jobs=max_concurrent_jobs,
+            batch_concurrency=batch_concurrency, cancel_poll=cancel_poll,
+            shutdown_grace=shutdown_grace, lease=lease,
+        )
+        self.queue = queue
+        if queue is not None:
+            if self.storage.is_memory and store is None:
+                raise ValueError("a task queue needs a shared store: pass a redis:// storage")
+            queue.bind(self.runner)
+        self.heartbeat_interval = heartbeat_interval
+        self.cancel_wait = cancel_wait
+        self.timeout = timeout
+        self._principal = principal
+        routes = [
+            Route("/jobs", typed_errors(self.submit_job), methods=["POST"]),
+            Route("/jobs/{id}", typed_errors(self.get_job), methods=["GET"]),
+            Route("/jobs/{id}", typed_errors(self.cancel_job), methods=["DELETE"]),
+            Route("/jobs/{id}/events", typed_errors(self.job_events), methods=["GET"]),
+            Route("/batches", typed_errors(self.submit_batch), methods=["POST"]),
+            Route("/batches/{id}", typed_errors(self.get_batch), methods=["GET"]),
+            Route("/batches/{id}", typed_errors(self.cancel_batch), methods=["DELETE"]),
+            Route("/batches/{id}/results", typed_errors(self.batch_results), methods=["GET"]),
+            Route("/batches/{id}/events", typed_errors(self.batch_events), methods=["GET"]),
+        ]
+        super().__init__(routes=routes, lifespan=self._lifespan)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Any = None) -> AsyncIterator[None]:
+        """Runs jobs and delivers webhooks while the app lives; use as the app's lifespan."""
+        try:
+            async with self.runner.running():
+                if self.queue is not None:
+                    await self.queue.startup()
+                try:
+                    yield
+                finally:
+                    if self.queue is not None:
+                        with anyio.CancelScope(shield=True):
+                            await self.queue.shutdown()
+        finally:
+            if self._owns_storage and not self.storage.is_memory:
+                with anyio.CancelScope(shield=True):
+                    await self.storage.aclose()
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def principal_of(self, request: Request) -> str:
+        if self._principal is not None:
+            return self._principal(request)
+        ctx = current_or_none()
+        return ctx.principal if ctx is not None else default_principal(request.scope)
+
+    async def _load(self, request: Request, kind: type[Job] | type[Batch]) -> Job | Batch:
+        principal = self.principal_of(request)
+        rec_id = request.path_params["id"]
+        prefix = "job_" if kind is Job else "batch_"
+        raw = await self.store.get(principal, rec_id) if rec_id.startswith(prefix) else None
+        if raw is None:
+            raise NotFound(f"No {kind.__name__.lower()} with id {rec_id!r}.")
+        rec = await self._reap(kind.model_validate_json(raw))
+        if not rec.terminal and await self.store.cancel_requested(principal, rec.id):
+            rec = rec.model_copy(update={"status": "cancelling"})
+        return rec
+
+    async def _reap(self, rec: Job | Batch) -> Job | Batch:
+        """A record ``in_progress`` whose worker stopped renewing its lease: fail it, visibly."""
+        if rec.status != "in_progress" or await self.store.alive(rec.principal, rec.id):
+            return rec
+        err = JobError(code="worker_lost", retryable=True,
+                       message="The worker running this job stopped; submit it again.")
+        final = rec.model_copy(update={"status": "failed", "error": err,
+                                       "finished_at": time.time()})
+        await self.store.put(rec.principal, rec.id, final.stored())
+        await self.store.append_event(rec.principal, rec.id, f"{rec.object}.failed",
+                                      json.dumps(final.public()))
+        await self.runner.notify(final.callback_url, f"{rec.object}.failed", final.public())
+        return final
+
+    async def _create(
+        self, request: Request, record: Job | Batch, location: str
+    ) -> Response:
+        key = idempotency_key(request)
+        if key is not None:
+            key = f"{record.object}:{key}"  # POST /jobs and POST /batches keep separate keys
+        owner_id, raw = await self.store.create(record.principal, record.id, record.stored(), key)
+        if owner_id != record.id:
+            existing = type(record).model_validate_json(raw)
+            if existing.fingerprint != record.fingerprint:
+                raise IdempotencyKeyReused()
+            return JSONResponse(
+                {"id": existing.id, "status": existing.status, "object": existing.object},
+                status_code=202,
+                headers={"location": f"{location}/{existing.id}", "idempotent-replayed": "true"},
+            )
+        if self.queue is not None:
+            await self.queue.submit(record)
+        else:
+            self.runner.submit(record)
+        return JSONResponse({"id": record.id, "status": record.status, "object": record.object},
+                            status_code=202, headers={"location": f"{location}/{record.id}"})
+
+    def _base(self, request: Request, what: str) -> str:
+        root = request.scope.get("root_path", "")
+        return f"{root}/{what}"
+
+    # -- jobs ------------------------------------------------------------------------
+
+    async def submit_job(self, request: Request) -> Response:
+        body, fingerprint = await parse_body(request, SubmitJob)
+        if body.callback_url is not None:
+            await self.policy.check(body.callback_url)
+        now = time.time()
+        job = Job(
+            id=new_id("job"), principal=self.principal_of(request), input=body.input,
+            callback_url=body.callback_url, fingerprint=fingerprint, created_at=now,
+            expires_at=now + self.timeout if self.timeout else None,
+        )
+        return await self._create(request, job, self._base(request, "jobs"))
+
+    async def get_job(self, request: Request) -> Response:
+        return JSONResponse((await self._load(request, Job)).public())
+
+    async def cancel_job(self, request: Request) -> Response:
+        return JSONResponse((await self._cancel(request, Job)).public())
+
+    async def _cancel(self, request: Request, kind: type[Job] | type[Batch]) -> Job | Batch:
+        rec = await self._load(request, kind)
+        if rec.terminal:
+            return rec  # idempotent: the same final object every time
+        await self.store.request_cancel(rec.principal, rec.id)
+        self.runner.cancel_local(rec.id)
+        with anyio.move_on_after(self.cancel_wait):
+            while True:
+                rec = await self._load(request, kind)
+                if rec.terminal:
+                    break
+                await anyio.sleep(0.05)
+        return rec
+
+    async def job_events(self, request: Request) -> Response:
+        return await self._events(request, Job)
+
+    async def batch_events(self, request: Request) -> Response:
+        return await self._events(request, Batch)
+
+    async def _events(self, request: Request, kind: type[Job] | type[Batch]) -> Response:
+        rec = await self._load(request, kind)
+        last = request.headers.get("last-event-id") or request.query_params.get("after")
+        stream = event_stream(self.store, rec, last, heartbeat_interval=self.heartbeat_interval,
+                              reap=self._reap)
+        # Quiet periods get job.heartbeat events (dispatched, unlike comment heartbeats).
+        return EventStreamResponse(stream, dialect=JobEventsDialect(), heartbeat=None)
+
+    # -- batches ---------------------------------------------------------------------
+
+    async def submit_batch(self, request: Request) -> Response:
+        body, fingerprint = await parse_body(request, SubmitBatch)
+        ids = [i.custom_id for i in body.items]
+        if len(set(ids)) != len(ids):
+            raise InvalidRequest("custom_id values must be unique in a batch.", param="items")
+        if body.callback_url is not None:
+            await self.policy.check(body.callback_url)
+        now = time.time()
+        batch = Batch(
+            id=new_id("batch"), principal=self.principal_of(request), items=body.items,
+            total=len(body.items), counts=BatchCounts(processing=len(body.items)),
+            callback_url=body.callback_url, fingerprint=fingerprint, created_at=now,
+            expires_at=now + self.timeout if self.timeout else None,
+        )
+        return await self._create(request, batch, self._base(request, "batches"))
+
+    async def get_batch(self, request: Request) -> Response:
+        return JSONResponse((await self._load(request, Batch)).public())
+
+    async def cancel_batch(self, request: Request) -> Response:
+        return JSONResponse((await self._cancel(request, Batch)).public())
+
+    async def batch_results(self, request: Request) -> Response:
+        rec = await self._load(request, Batch)
+        lines = await self.store.results(rec.principal, rec.id)
+        return Response(results_jsonl(lines), media_type="application/jsonl")

@@ -1,0 +1,265 @@
+"""In-process execution: job functions run in an anyio task group owned by the app lifespan.
+
+``JobRunner.running()`` is an async context manager (wire it into the app's lifespan, or
+use ``JobsRouter.lifespan``). Each job runs under its own cancel scope; a watcher polls the
+store's cancel flag, so a ``DELETE`` served by any worker stops the function. On shutdown
+running jobs get ``shutdown_grace`` seconds, then are cancelled and marked ``failed`` with
+the retryable error ``shutdown`` (never silently lost).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import Decimal
+from typing import Any, Literal
+
+import anyio
+import anyio.abc
+
+from aimiddleware.errors import AIError, InternalError
+from aimiddleware.jobs.context import JobContext, JobLimitExceeded
+from aimiddleware.jobs.models import Batch, Job, JobError
+from aimiddleware.jobs.store import JobStore
+from aimiddleware.jobs.webhooks import WebhookDispatcher, webhook_payload
+
+__all__ = ["JobFunction", "JobRunner", "job_error"]
+
+JobFunction = Callable[[JobContext, Any], Awaitable[Any]]
+Outcome = Literal["done", "cancelled", "expired"]
+INLINE_RESULTS = 1000
+"""A batch webhook carries its results when it has at most this many items."""
+
+
+def job_error(exc: BaseException) -> JobError:
+    """The typed error body for an exception raised by a job function (nothing leaked)."""
+    if isinstance(exc, JobLimitExceeded):
+        return JobError(code=exc.code, message=exc.message, type="invalid_request_error")
+    if isinstance(exc, AIError):
+        return JobError(
+            code=exc.code, message=exc.detail, type=exc.openai_type, retryable=exc.retryable
+        )
+    return JobError(code="internal", message="The job function failed.", retryable=True)
+
+
+class JobRunner:
+    def __init__(
+        self,
+        fn: JobFunction,
+        store: JobStore,
+        *,
+        dispatcher: WebhookDispatcher | None = None,
+        max_steps: int | None = None,
+        max_cost: Decimal | float | str | None = None,
+        timeout: float | None = None,
+        max_concurrent_jobs: int | None = None,
+        batch_concurrency: int = 8,
+        cancel_poll: float = 0.1,
+        shutdown_grace: float = 5.0,
+        lease: float = 30.0,
+    ) -> None:
+        if batch_concurrency < 1:
+            raise ValueError("batch_concurrency must be >= 1")
+        if max_concurrent_jobs is not None and max_concurrent_jobs < 1:
+            raise ValueError("max_concurrent_jobs must be >= 1")
+        self.fn = fn
+        self.store = store
+        self.dispatcher = dispatcher
+        self.max_steps = max_steps
+        self.max_cost = None if max_cost is None else Decimal(str(max_cost))
+        self.timeout = timeout
+        self.max_concurrent_jobs = max_concurrent_jobs
+        self.batch_concurrency = batch_concurrency
+        self.cancel_poll = cancel_poll
+        self.lease = lease
+        self.shutdown_grace = shutdown_grace
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._scopes: dict[str, anyio.CancelScope] = {}
+        self._running = 0
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[JobRunner]:
+        """Own the task group jobs (and the webhook dispatcher) run in."""
+        if self.max_concurrent_jobs is not None:
+            self._limiter = anyio.CapacityLimiter(self.max_concurrent_jobs)
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            if self.dispatcher is not None:
+                tg.start_soon(self.dispatcher.run)
+            try:
+                yield self
+            finally:
+                self._tg = None
+                with anyio.move_on_after(self.shutdown_grace, shield=True):
+                    while self._running:  # noqa: ASYNC110 - a counter, polled briefly at shutdown
+                        await anyio.sleep(0.02)
+                tg.cancel_scope.cancel()
+
+    def submit(self, record: Job | Batch) -> None:
+        """Start a stored record now (in this process)."""
+        if self._tg is None:  # a deployment error: JobsRouter.lifespan_context is not wired in
+            raise InternalError("The job runner is not running.")
+        self._running += 1
+        self._tg.start_soon(self._execute, record)
+
+    async def execute(self, record: Job | Batch) -> None:
+        """Run a stored record to its end in the caller's task (used by a task-queue worker)."""
+        self._running += 1
+        await self._execute(record)
+
+    def cancel_local(self, rec_id: str) -> None:
+        """Fast path when the job runs here; the store flag reaches every other worker."""
+        scope = self._scopes.get(rec_id)
+        if scope is not None:
+            scope.cancel()
+
+    # -- execution -------------------------------------------------------------------
+
+    async def _execute(self, record: Job | Batch) -> None:
+        try:
+            if isinstance(record, Job):
+                await self._run_job(record)
+            else:
+                await self._run_batch(record)
+        finally:
+            self._running -= 1
+
+    async def _guarded(
+        self, principal: str, rec_id: str, body: Callable[[], Awaitable[None]],
+        on_start: Callable[[], Awaitable[None]],
+    ) -> Outcome:
+        """Run ``body`` under a cancel scope watched by the store's cancel flag and timeout."""
+        scope = anyio.CancelScope()
+        self._scopes[rec_id] = scope
+        expired = False
+        try:
+            with scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._watch_cancel, principal, rec_id, scope)
+                    limiter = self._limiter or contextlib.nullcontext()
+                    async with limiter:
+                        await self.store.beat(principal, rec_id, self.lease)  # before in_progress
+                        await on_start()
+                        try:
+                            with anyio.fail_after(self.timeout):
+                                await body()
+                        except TimeoutError:
+                            expired = True
+                    tg.cancel_scope.cancel()
+        finally:
+            self._scopes.pop(rec_id, None)
+        if scope.cancelled_caught:
+            return "cancelled"
+        return "expired" if expired else "done"
+
+    async def _watch_cancel(self, principal: str, rec_id: str, scope: anyio.CancelScope) -> None:
+        """Poll the store's cancel flag (a DELETE on any worker) and renew the liveness lease."""
+        next_beat = 0.0
+        while True:
+            now = anyio.current_time()
+            if now >= next_beat:
+                await self.store.beat(principal, rec_id, self.lease)
+                next_beat = now + self.lease / 3
+            if await self.store.cancel_requested(principal, rec_id):
+                scope.cancel()
+                return
+            await anyio.sleep(self.cancel_poll)
+
+    async def _run_job(self, job: Job) -> None:
+        state = {"job": job}
+        lock = anyio.Lock()
+
+        async def save(event: str, data: dict[str, Any], **update: Any) -> None:
+            async with lock:
+                state["job"] = state["job"].model_copy(update=update)
+                await self.store.put(job.principal, job.id, state["job"].stored())
+                await self.store.append_event(
+                    job.principal, job.id, event, json.dumps(data, default=str)
+                )
+
+        async def emit(kind: str, data: dict[str, Any]) -> None:
+            cur = state["job"]
+            if kind == "progress":
+                await save("job.progress", data, progress=data["progress"], message=data["message"])
+            elif kind == "partial":
+                out = [*cur.partial_output, data["output"]]
+                await save("job.partial", {"index": len(out) - 1, **data}, partial_output=out)
+            else:
+                await save("job.usage", data, usage=data["usage"], cost=data["cost"],
+                           steps=data["steps"])
+
+        ctx = JobContext(job.id, job.input, emit, max_steps=self.max_steps,
+                         max_cost=self.max_cost)
+
+        async def start() -> None:
+            now = time.time()
+            await save("job.status", {"status": "in_progress", "started_at": now},
+                       status="in_progress", started_at=now)
+
+        result: dict[str, Any] = {}
+
+        async def body() -> None:
+            try:
+                result["result"] = await self.fn(ctx, job.input)
+                result["status"] = "completed"
+            except Exception as exc:
+                result["status"], result["error"] = "failed", job_error(exc)
+
+        try:
+            outcome = await self._guarded(job.principal, job.id, body, start)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                err = JobError(code="shutdown", retryable=True,
+                               message="The server shut down before the job finished.")
+                await self._finish(state["job"], save, "failed", error=err)
+            raise
+        if outcome == "cancelled":
+            await self._finish(state["job"], save, "cancelled")
+        elif outcome == "expired":
+            err = JobError(code="job_expired", message="The job ran past its time limit.")
+            await self._finish(state["job"], save, "expired", error=err)
+        else:
+            await self._finish(state["job"], save, result["status"],
+                               result=result.get("result"), error=result.get("error"))
+
+    async def _finish(
+        self, job: Job, save: Callable[..., Awaitable[None]], status: str, **update: Any
+    ) -> None:
+        final = job.model_copy(update={"status": status, "finished_at": time.time(), **update})
+        await save(f"job.{status}", final.public(), status=status,
+                   finished_at=final.finished_at, **update)
+        await self.notify(final.callback_url, f"job.{status}", final.public())
+
+    async def notify(self, url: str | None, event: str, data: dict[str, Any]) -> None:
+        if url and self.dispatcher is not None:
+            await self.dispatcher.enqueue(url, webhook_payload(event, data))
+
+    async def _run_batch(self, batch: Batch) -> None:
+        from aimiddleware.jobs.batches import BatchExecution
+
+        execution = BatchExecution(self, batch)
+        try:
+            outcome = await self._guarded(batch.principal, batch.id, execution.run,
+                                          execution.start)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await execution.finish("failed", "cancelled", JobError(
+                    code="shutdown", retryable=True,
+                    message="The server shut down before the batch finished."))
+            raise
+        if outcome == "cancelled":
+            await execution.finish("cancelled", "cancelled")
+        elif outcome == "expired":
+            await execution.finish("expired", "expired")
+        else:
+            await execution.finish("completed", "cancelled")
+        final = execution.batch
+        if final.callback_url and self.dispatcher is not None:
+            data = final.public()
+            if final.total <= INLINE_RESULTS:  # self-contained: no call back for the results
+                lines = await self.store.results(final.principal, final.id)
+                data["results"] = [json.loads(line) for line in lines]
+            await self.notify(final.callback_url, f"batch.{final.status}", data)

@@ -1,0 +1,79 @@
+"""Where jobs live: the :class:`JobStore` protocol and the factory picking a backend.
+
+A store keeps, per principal and record id (a job or a batch): the record as JSON, an
+append-only event log (the SSE stream replays and resumes from it), a cancel flag (so a
+``DELETE`` served by any worker reaches the worker running the job), a liveness lease
+(so a job whose worker died is reported, not left running forever), batch result lines,
+and the idempotency map ``(principal, key) -> id``. Webhook deliveries sit in an outbox
+that any dispatcher can claim with a lease, so a restart loses none.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from aimiddleware.storage import Storage
+
+__all__ = ["Event", "JobStore", "make_store"]
+
+Event = tuple[str, str, str]
+"""(event id, event type, JSON data)."""
+
+
+class JobStore(Protocol):
+    async def create(
+        self, principal: str, rec_id: str, data: str, idem_key: str | None
+    ) -> tuple[str, str]:
+        """Store a new record unless ``idem_key`` already maps to one (atomically).
+
+        Returns the (id, JSON) of the record that owns the key: the new one, or the earlier
+        one when this is a retry.
+        """
+
+    async def get(self, principal: str, rec_id: str) -> str | None: ...
+
+    async def put(self, principal: str, rec_id: str, data: str) -> None: ...
+
+    async def append_event(self, principal: str, rec_id: str, event: str, data: str) -> str:
+        """Append to the record's event log; returns the new event id."""
+
+    async def read_events(
+        self, principal: str, rec_id: str, after: str | None, wait: float
+    ) -> list[Event]:
+        """Events after ``after`` (all when None), waiting up to ``wait`` s for the first."""
+
+    async def request_cancel(self, principal: str, rec_id: str) -> None: ...
+
+    async def cancel_requested(self, principal: str, rec_id: str) -> bool: ...
+
+    async def beat(self, principal: str, rec_id: str, ttl: float) -> None:
+        """The worker running the record is alive for ``ttl`` more seconds."""
+
+    async def alive(self, principal: str, rec_id: str) -> bool:
+        """Whether a worker beat for the record within its last ``ttl``."""
+
+    async def append_result(self, principal: str, rec_id: str, line: str) -> None: ...
+
+    async def results(self, principal: str, rec_id: str) -> list[str]: ...
+
+    async def outbox_put(self, delivery_id: str, data: str, next_at: float) -> None:
+        """Add or update a delivery, due at ``next_at`` (unix seconds)."""
+
+    async def outbox_done(self, delivery_id: str, data: str) -> None:
+        """Record a finished delivery (kept for history, no longer due)."""
+
+    async def outbox_claim(self, now: float, lease: float, limit: int) -> list[str]:
+        """Due deliveries, each leased for ``lease`` s so no other dispatcher takes it."""
+
+    async def outbox_get(self, delivery_id: str) -> str | None: ...
+
+
+def make_store(storage: Storage, *, ttl: float = 7 * 86400) -> JobStore:
+    """The backend for ``storage``: in-process for ``memory://``, else Redis/Valkey."""
+    if storage.is_memory:
+        from aimiddleware.jobs.memory import MemoryJobStore
+
+        return MemoryJobStore(ttl=ttl)
+    from aimiddleware.jobs.redis import RedisJobStore
+
+    return RedisJobStore(storage, ttl=ttl)

@@ -1,0 +1,291 @@
+"""Signed webhooks (Standard Webhooks 1.0), an SSRF guard, and a persistent outbox dispatcher.
+
+Signing is pure: ``webhook-id``, ``webhook-timestamp`` and ``webhook-signature: v1,<base64
+HMAC-SHA256 of "{id}.{timestamp}.{body}">``, one ``v1,`` entry per secret so a receiver
+keeps verifying while secrets rotate. Deliveries go to the store's outbox first; a
+:class:`WebhookDispatcher` (in the jobs lifespan, on any worker) claims due ones with a
+lease, POSTs them, records every attempt and reschedules failures with backoff and jitter
+(``Retry-After`` honoured, 410 or ``webhook-delivery: abort-message`` stop). A restart
+resumes from the outbox.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import json
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+
+from aimiddleware.errors import InvalidRequest
+from aimiddleware.headers import parse_http_date
+from aimiddleware.jobs.models import Delivery, DeliveryAttempt, new_id
+from aimiddleware.jobs.store import JobStore
+
+__all__ = [
+    "DEFAULT_SCHEDULE",
+    "CallbackPolicy",
+    "WebhookDispatcher",
+    "WebhookSigner",
+    "webhook_payload",
+]
+
+# Standard Webhooks' example schedule (seconds after the previous attempt); jitter is added.
+DEFAULT_SCHEDULE: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
+
+
+class WebhookSigner:
+    """Signs with one or more ``whsec_`` secrets (the first is current; the rest rotate out)."""
+
+    def __init__(self, secrets: str | Iterable[str]) -> None:
+        values = [secrets] if isinstance(secrets, str) else list(secrets)
+        if not values:
+            raise ValueError("at least one webhook secret is needed")
+        self._keys: list[bytes] = []
+        for value in values:
+            raw = value.removeprefix("whsec_")
+            try:
+                key = base64.b64decode(raw, validate=True)
+            except ValueError as exc:
+                raise ValueError("a webhook secret must be whsec_ + base64") from exc
+            if not 24 <= len(key) <= 64:
+                raise ValueError("a webhook secret must decode to 24..64 bytes")
+            self._keys.append(key)
+
+    @staticmethod
+    def generate_secret() -> str:
+        import secrets as _secrets
+
+        return "whsec_" + base64.b64encode(_secrets.token_bytes(32)).decode()
+
+    def signature(self, msg_id: str, timestamp: int, body: bytes) -> str:
+        if "." in msg_id:
+            raise ValueError("a webhook id must not contain '.'")
+        signed = f"{msg_id}.{timestamp}.".encode() + body
+        sigs = (
+            base64.b64encode(hmac.new(k, signed, hashlib.sha256).digest()).decode()
+            for k in self._keys
+        )
+        return " ".join(f"v1,{s}" for s in sigs)
+
+    def headers(self, msg_id: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
+        ts = int(time.time()) if timestamp is None else timestamp
+        return {
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(ts),
+            "webhook-signature": self.signature(msg_id, ts, body),
+            "content-type": "application/json",
+        }
+
+
+def webhook_payload(event_type: str, data: dict[str, Any]) -> str:
+    """A self-contained payload ``{type, timestamp, data}``: the receiver needs no further call."""
+    ts = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    return json.dumps({"type": event_type, "timestamp": ts, "data": data}, separators=(",", ":"))
+
+
+class CallbackPolicy:
+    """Which callback URLs are accepted (server-side request forgery guard).
+
+    ``schemes``: allowed URL schemes (https only by default). ``allow_hosts``: when given,
+    only these hosts (exact, or ``.example.com`` for subdomains); a host listed here may
+    also resolve to a private address. ``deny_hosts``: always refused. Addresses that are
+    private, loopback, link-local, multicast, reserved or unspecified are refused unless
+    ``allow_private`` is true or the host is in ``allow_hosts``. Names are resolved at
+    submit time and again before every attempt.
+    """
+
+    def __init__(
+        self,
+        *,
+        schemes: Iterable[str] = ("https",),
+        allow_hosts: Iterable[str] | None = None,
+        deny_hosts: Iterable[str] = (),
+        allow_private: bool = False,
+    ) -> None:
+        self.schemes = frozenset(s.lower() for s in schemes)
+        if not self.schemes <= {"http", "https"}:
+            raise ValueError("callback schemes must be http and/or https")
+        self.allow_hosts = None if allow_hosts is None else [h.lower() for h in allow_hosts]
+        self.deny_hosts = [h.lower() for h in deny_hosts]
+        self.allow_private = allow_private
+
+    @staticmethod
+    def _match(host: str, patterns: Iterable[str]) -> bool:
+        return any(host == p or (p.startswith(".") and host.endswith(p)) for p in patterns)
+
+    def check_syntax(self, url: str) -> str:
+        """The host of an acceptable URL; raises ``InvalidRequest`` otherwise."""
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+        if parts.scheme.lower() not in self.schemes or not host:
+            raise InvalidRequest("callback_url must be an absolute URL with an allowed scheme.",
+                                 param="callback_url")
+        if parts.username or parts.password:
+            raise InvalidRequest("callback_url must not carry credentials.", param="callback_url")
+        if self._match(host, self.deny_hosts) or (
+            self.allow_hosts is not None and not self._match(host, self.allow_hosts)
+        ):
+            raise InvalidRequest("callback_url host is not allowed.", param="callback_url")
+        return host
+
+    async def check(self, url: str) -> None:
+        host = self.check_syntax(url)
+        if self.allow_private or (self.allow_hosts and self._match(host, self.allow_hosts)):
+            return
+        port = urlsplit(url).port or 443
+        try:
+            infos = await anyio.getaddrinfo(host, port)
+        except OSError as exc:
+            raise InvalidRequest(
+                "callback_url host does not resolve.", param="callback_url"
+            ) from exc
+        for info in infos:
+            addr = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+            if not addr.is_global or addr.is_multicast:
+                raise InvalidRequest(
+                    "callback_url resolves to a private or reserved address.", param="callback_url"
+                )
+
+
+def _retry_after(value: str | None, now: float) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parse_http_date(value).timestamp() - now)
+    except ValueError:
+        return None
+
+
+class WebhookDispatcher:
+    """Delivers the outbox. Run :meth:`run` in a task group; many dispatchers may share a store.
+
+    ``schedule``: delays between attempts (injectable so tests run in seconds); the message
+    fails for good once it is exhausted. ``jitter``: +/- fraction added to each delay.
+    ``concurrency``: deliveries in flight at once from this dispatcher. A claimed delivery
+    is leased for ``timeout`` + 30 s, after which a dispatcher that crashed mid-attempt
+    loses it to another.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        signer: WebhookSigner,
+        *,
+        policy: CallbackPolicy | None = None,
+        schedule: Sequence[float] = DEFAULT_SCHEDULE,
+        jitter: float = 0.2,
+        timeout: float = 15.0,
+        poll_interval: float = 0.25,
+        max_retry_after: float = 86400.0,
+        concurrency: int = 16,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not 0 <= jitter < 1:
+            raise ValueError("jitter must be in [0, 1)")
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        self.concurrency = concurrency
+        self.store = store
+        self.signer = signer
+        self.policy = policy or CallbackPolicy()
+        self.schedule = tuple(schedule)
+        self.jitter = jitter
+        self.timeout = timeout
+        self.poll_interval = poll_interval
+        self.max_retry_after = max_retry_after
+        self.clock = clock
+
+    async def enqueue(self, url: str, payload: str) -> str:
+        """Put a message in the outbox (due now); returns its ``webhook-id``."""
+        delivery = Delivery(id=new_id("msg"), url=url, payload=payload, next_at=self.clock())
+        await self.store.outbox_put(delivery.id, delivery.model_dump_json(), delivery.next_at)
+        return delivery.id
+
+    async def get(self, delivery_id: str) -> Delivery | None:
+        raw = await self.store.outbox_get(delivery_id)
+        return Delivery.model_validate_json(raw) if raw else None
+
+    async def run(self) -> None:
+        import httpx
+
+        lease = self.timeout + 30.0
+        inflight = [0]
+
+        async def deliver(client: Any, delivery: Delivery) -> None:
+            try:
+                await self._deliver(client, delivery)
+            finally:
+                inflight[0] -= 1
+
+        async with (
+            httpx.AsyncClient(timeout=self.timeout, follow_redirects=False) as client,
+            anyio.create_task_group() as tg,
+        ):
+            while True:
+                free = self.concurrency - inflight[0]
+                claimed = await self.store.outbox_claim(self.clock(), lease, free) if free else []
+                for raw in claimed:  # a slow receiver never holds up the others
+                    inflight[0] += 1
+                    tg.start_soon(deliver, client, Delivery.model_validate_json(raw))
+                if not claimed:
+                    await anyio.sleep(self.poll_interval)
+
+    async def _deliver(self, client: Any, delivery: Delivery) -> None:
+        try:
+            await self._attempt(client, delivery)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):  # shutting down: due again for whoever runs next
+                await self.store.outbox_put(delivery.id, delivery.model_dump_json(), self.clock())
+            raise
+
+    async def _attempt(self, client: Any, delivery: Delivery) -> None:
+        started = self.clock()
+        status: int | None = None
+        error: str | None = None
+        retry_after: float | None = None
+        stop = False
+        body = delivery.payload.encode()
+        try:
+            await self.policy.check(delivery.url)
+            resp = await client.post(
+                delivery.url, content=body, headers=self.signer.headers(delivery.id, body)
+            )
+            status = resp.status_code
+            retry_after = _retry_after(resp.headers.get("retry-after"), self.clock())
+            stop = status == 410 or resp.headers.get("webhook-delivery") == "abort-message"
+        except InvalidRequest as exc:
+            error, stop = exc.detail, True
+        except Exception as exc:  # network errors: retry
+            error = type(exc).__name__
+        attempt = DeliveryAttempt(
+            at=started, status=status, error=error, duration_ms=(self.clock() - started) * 1000
+        )
+        attempts = [*delivery.attempts, attempt]
+        if status is not None and 200 <= status < 300:
+            done = delivery.model_copy(update={"attempts": attempts, "state": "succeeded"})
+            await self.store.outbox_done(delivery.id, done.model_dump_json())
+            return
+        retries = len(attempts) - 1
+        if stop or retries >= len(self.schedule):
+            done = delivery.model_copy(update={"attempts": attempts, "state": "failed"})
+            await self.store.outbox_done(delivery.id, done.model_dump_json())
+            return
+        delay = self.schedule[retries] * (1 + random.uniform(-self.jitter, self.jitter))
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.max_retry_after))
+        next_at = self.clock() + delay
+        pending = delivery.model_copy(update={"attempts": attempts, "next_at": next_at})
+        await self.store.outbox_put(delivery.id, pending.model_dump_json(), next_at)

@@ -1,0 +1,159 @@
+"""Batches through a real uvicorn server: 100 items, some failing, per-item results and counts."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import anyio
+import httpx
+from httpx_sse import aconnect_sse
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from aimiddleware.errors import ContentFiltered
+from aimiddleware.jobs import JobContext, JobsRouter
+from tests.jobs_servers import ThreadServer
+
+
+class Item:
+    def __init__(self) -> None:
+        self.active = 0
+        self.peak = 0
+        self.lock = threading.Lock()
+
+    async def fn(self, ctx: JobContext, input: Any) -> Any:
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        try:
+            await anyio.sleep(float(input.get("delay", 0.01)))
+            await ctx.record_usage({"input_tokens": 3, "output_tokens": 2}, cost="0.001")
+            n = input["n"]
+            if n % 10 == 3:
+                raise ContentFiltered("Item refused.")
+            if n % 10 == 7:
+                raise RuntimeError("boom with private detail")
+            return {"square": n * n}
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def app_for(item: Item, **options: Any) -> Starlette:
+    jobs = JobsRouter(item.fn, batch_concurrency=8, **options)
+    return Starlette(routes=[Mount("/v1", jobs)], lifespan=jobs.lifespan_context)
+
+
+async def wait_terminal(client: httpx.AsyncClient, path: str) -> dict[str, Any]:
+    with anyio.fail_after(20):
+        while True:
+            body: dict[str, Any] = (await client.get(path)).json()
+            if body["status"] in {"completed", "failed", "cancelled", "expired"}:
+                return body
+            await anyio.sleep(0.05)
+
+
+async def test_batch_of_100_with_failures() -> None:
+    item = Item()
+    with ThreadServer(app_for(item)) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            items = [{"custom_id": f"req-{n}", "input": {"n": n}} for n in range(100)]
+            r = await client.post("/v1/batches", json={"items": items})
+            assert r.status_code == 202
+            batch_id = r.json()["id"]
+            assert batch_id.startswith("batch_")
+            assert r.headers["location"] == f"/v1/batches/{batch_id}"
+            events = []
+            async with aconnect_sse(client, "GET", f"/v1/batches/{batch_id}/events") as es:
+                async for sse in es.aiter_sse():
+                    events.append(sse)
+            assert events[-1].event == "batch.completed"
+            assert sum(e.event == "batch.progress" for e in events) == 100
+            batch = await wait_terminal(client, f"/v1/batches/{batch_id}")
+            assert batch["status"] == "completed"  # failing items never fail the batch
+            assert batch["counts"] == {"processing": 0, "succeeded": 80, "errored": 20,
+                                       "cancelled": 0, "expired": 0}
+            assert batch["total"] == 100 and batch["usage"]["total_tokens"] == 500
+            assert batch["cost"] == "0.100"
+            res = await client.get(f"/v1/batches/{batch_id}/results")
+            assert res.headers["content-type"].startswith("application/jsonl")
+            lines = [json.loads(line) for line in res.text.splitlines()]
+    assert len(lines) == 100
+    by_id = {line["custom_id"]: line for line in lines}
+    assert set(by_id) == {f"req-{n}" for n in range(100)}
+    for n in range(100):
+        line = by_id[f"req-{n}"]
+        if n % 10 == 3:
+            assert line["type"] == "errored" and line["error"]["code"] == "content_filtered"
+        elif n % 10 == 7:
+            assert line["type"] == "errored" and line["error"]["code"] == "internal"
+            assert "private" not in json.dumps(line)
+        else:
+            assert line == {"custom_id": f"req-{n}", "type": "succeeded",
+                            "output": {"square": n * n}, "error": None}
+    assert 1 < item.peak <= 8  # bounded concurrency
+
+
+async def test_batch_cancel_marks_unfinished_items() -> None:
+    item = Item()
+    with ThreadServer(app_for(item)) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            items = [{"custom_id": f"c{n}", "input": {"n": n * 10, "delay": 0.2}}
+                     for n in range(40)]
+            batch_id = (await client.post("/v1/batches", json={"items": items})).json()["id"]
+            await anyio.sleep(0.5)
+            cancelled = (await client.delete(f"/v1/batches/{batch_id}")).json()
+            assert cancelled["status"] == "cancelled"
+            c = cancelled["counts"]
+            assert c["succeeded"] > 0 and c["cancelled"] > 0
+            assert c["succeeded"] + c["cancelled"] == 40 and c["processing"] == 0
+            again = (await client.delete(f"/v1/batches/{batch_id}")).json()
+            assert again == cancelled
+            lines = (await client.get(f"/v1/batches/{batch_id}/results")).text.splitlines()
+            assert sorted(json.loads(x)["custom_id"] for x in lines) == sorted(
+                f"c{n}" for n in range(40))
+
+
+async def test_batch_expiry_and_validation() -> None:
+    item = Item()
+    with ThreadServer(app_for(item, timeout=0.3)) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            items = [{"custom_id": f"e{n}", "input": {"n": 0, "delay": 0.25}} for n in range(24)]
+            batch_id = (await client.post("/v1/batches", json={"items": items})).json()["id"]
+            batch = await wait_terminal(client, f"/v1/batches/{batch_id}")
+            assert batch["status"] == "expired"
+            assert batch["counts"]["expired"] > 0
+            assert batch["counts"]["succeeded"] + batch["counts"]["expired"] == 24
+            lines = [json.loads(x) for x in
+                     (await client.get(f"/v1/batches/{batch_id}/results")).text.splitlines()]
+            expired = [x for x in lines if x["type"] == "expired"]
+            assert expired and all(x["error"]["code"] == "batch_expired" for x in expired)
+
+            dup = [{"custom_id": "same"}, {"custom_id": "same"}]
+            r = await client.post("/v1/batches", json={"items": dup})
+            assert r.status_code == 400
+            assert (await client.post("/v1/batches", json={"items": []})).status_code == 400
+            other = await client.get(f"/v1/batches/{batch_id}",
+                                     headers={"authorization": "Bearer someone-else"})
+            assert other.status_code == 404
+
+
+async def test_batch_submit_is_idempotent_and_keys_are_per_route() -> None:
+    item = Item()
+    with ThreadServer(app_for(item)) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            key = {"idempotency-key": "batch-key-1"}
+            body = {"items": [{"custom_id": "a", "input": {"n": 2}}]}
+            first = await client.post("/v1/batches", json=body, headers=key)
+            again = await client.post("/v1/batches", json=body, headers=key)
+            assert again.json()["id"] == first.json()["id"]
+            assert again.headers["idempotent-replayed"] == "true"
+            other = await client.post("/v1/batches", json={"items": [{"custom_id": "b"}]},
+                                      headers=key)
+            assert other.status_code == 422
+            job = await client.post("/v1/jobs", json={"input": {"n": 1}}, headers=key)
+            assert job.status_code == 202 and job.json()["id"].startswith("job_")
+            done = await wait_terminal(client, f"/v1/batches/{first.json()['id']}")
+            assert done["counts"]["succeeded"] == 1

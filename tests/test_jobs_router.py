@@ -1,0 +1,365 @@
+"""JobsRouter end to end through a real uvicorn server (httpx, httpx-sse)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from httpx_sse import aconnect_sse
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from aimiddleware import install
+from aimiddleware.jobs import Job, JobContext, JobsRouter
+from tests.jobs_servers import ThreadServer
+
+A = {"authorization": "Bearer key-of-tenant-a"}
+B = {"authorization": "Bearer key-of-tenant-b"}
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+        self.cancelled: list[str] = []
+        self.lock = threading.Lock()
+
+    async def fn(self, ctx: JobContext, input: Any) -> Any:
+        with self.lock:
+            self.calls.append(input)
+        steps = int(input.get("steps", 3))
+        try:
+            for i in range(steps):
+                await ctx.step()
+                await anyio.sleep(float(input.get("delay", 0.05)))
+                await ctx.partial(f"chunk-{i}")
+                await ctx.record_usage({"input_tokens": 10, "output_tokens": 5}, cost="0.01")
+                await ctx.progress((i + 1) / steps)
+        except anyio.get_cancelled_exc_class():
+            with self.lock:
+                self.cancelled.append(ctx.id)
+            raise
+        if input.get("fail"):
+            raise ValueError("secret internal detail")
+        return {"echo": input.get("text"), "steps": ctx.steps}
+
+
+def make_app(rec: Recorder, **options: Any) -> tuple[Starlette, JobsRouter]:
+    options.setdefault("heartbeat_interval", 0.3)
+    jobs = JobsRouter(rec.fn, **options)
+    app = Starlette(routes=[Mount("/v1", jobs)], lifespan=jobs.lifespan_context)
+    install(app)
+    return app, jobs
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def server(recorder: Recorder) -> Iterator[ThreadServer]:
+    app, _ = make_app(recorder, max_steps=50)
+    with ThreadServer(app) as srv:
+        yield srv
+
+
+async def wait_status(client: httpx.AsyncClient, path: str, statuses: set[str],
+                      headers: dict[str, str] = A) -> dict[str, Any]:
+    with anyio.fail_after(10):
+        while True:
+            body: dict[str, Any] = (await client.get(path, headers=headers)).json()
+            if body["status"] in statuses:
+                return body
+            await anyio.sleep(0.03)
+
+
+async def test_submit_poll_stream_resume(server: ThreadServer, recorder: Recorder) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        r = await client.post("/v1/jobs", json={"input": {"text": "hi", "steps": 6, "delay": 0.1}},
+                              headers=A)
+        assert r.status_code == 202
+        job_id = r.json()["id"]
+        assert r.json()["status"] == "queued" and job_id.startswith("job_") and len(job_id) > 20
+        assert r.headers["location"] == f"/v1/jobs/{job_id}"
+        assert r.headers["x-request-id"]  # the stack is installed around the router
+
+        running = await wait_status(client, r.headers["location"], {"in_progress"})
+        assert running["started_at"] is not None
+
+        # Stream, drop the connection after a few events, resume with Last-Event-ID.
+        first: list[Any] = []
+        async with aconnect_sse(client, "GET", f"/v1/jobs/{job_id}/events", headers=A) as es:
+            async for sse in es.aiter_sse():
+                first.append(sse)
+                if len(first) == 4:
+                    break
+        second: list[Any] = []
+        headers = {**A, "last-event-id": first[-1].id}
+        async with aconnect_sse(client, "GET", f"/v1/jobs/{job_id}/events", headers=headers) as es:
+            async for sse in es.aiter_sse():
+                second.append(sse)
+        ids = [e.id for e in first + second if e.id]
+        assert len(ids) == len(set(ids))  # nothing replayed twice
+        assert [int(i) for i in ids] == list(range(1, len(ids) + 1))  # nothing lost
+        assert second[-1].event == "job.completed"
+        events = first + second
+        partials = [json.loads(e.data)["output"] for e in events if e.event == "job.partial"]
+        assert partials == [f"chunk-{i}" for i in range(6)]
+
+        final = (await client.get(f"/v1/jobs/{job_id}", headers=A)).json()
+        assert final["status"] == "completed"
+        assert final["result"] == {"echo": "hi", "steps": 6}
+        assert final["progress"] == 1.0
+        assert final["usage"]["total_tokens"] == 90 and final["cost"] == "0.06"
+        assert final["partial_output"] == partials
+        assert final["finished_at"] >= final["started_at"] >= final["created_at"]
+        assert "principal" not in final
+
+
+async def test_heartbeat_during_long_step(server: ThreadServer) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        r = await client.post("/v1/jobs", json={"input": {"steps": 1, "delay": 1.0}}, headers=A)
+        job_id = r.json()["id"]
+        seen: list[str] = []
+        async with aconnect_sse(client, "GET", f"/v1/jobs/{job_id}/events", headers=A) as es:
+            async for sse in es.aiter_sse():
+                seen.append(sse.event)
+        assert "job.heartbeat" in seen
+        assert seen[-1] == "job.completed"
+
+
+async def test_cancel_mid_run_is_observed_and_idempotent(
+    server: ThreadServer, recorder: Recorder
+) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        r = await client.post("/v1/jobs", json={"input": {"steps": 40, "delay": 0.25}}, headers=A)
+        job_id = r.json()["id"]
+        body = await wait_status(client, f"/v1/jobs/{job_id}", {"in_progress"})
+        assert body["status"] == "in_progress"
+        await anyio.sleep(0.3)
+        first = await client.delete(f"/v1/jobs/{job_id}", headers=A)
+        assert first.status_code == 200
+        assert first.json()["status"] == "cancelled"
+        assert recorder.cancelled == [job_id]  # the function received the cancellation
+        again = await client.delete(f"/v1/jobs/{job_id}", headers=A)
+        assert again.json() == first.json()
+        partial_count = len(first.json()["partial_output"])
+        await anyio.sleep(0.5)
+        after = (await client.get(f"/v1/jobs/{job_id}", headers=A)).json()
+        assert after["status"] == "cancelled" and len(after["partial_output"]) == partial_count
+
+
+async def test_idempotent_submit(server: ThreadServer, recorder: Recorder) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        body = {"input": {"text": "once", "steps": 1}}
+        key = {**A, "idempotency-key": "7c1f3a52-5d2b-4b3e-9a53-0c6f1b2f9d11"}
+        first = await client.post("/v1/jobs", json=body, headers=key)
+        again = await client.post("/v1/jobs", json=body, headers=key)
+        assert first.status_code == again.status_code == 202
+        assert again.json()["id"] == first.json()["id"]
+        assert again.headers["idempotent-replayed"] == "true"
+        quoted = {**A, "idempotency-key": '"7c1f3a52-5d2b-4b3e-9a53-0c6f1b2f9d11"'}
+        assert (await client.post("/v1/jobs", json=body, headers=quoted)).json()["id"] == \
+            first.json()["id"]
+        await wait_status(client, f"/v1/jobs/{first.json()['id']}", {"completed"})
+        assert recorder.calls == [{"text": "once", "steps": 1}]  # one job ran, once
+
+        other = await client.post("/v1/jobs", json={"input": {"text": "different"}}, headers=key)
+        assert other.status_code == 422
+        assert other.json()["error"]["code"] == "idempotency_key_reused"
+
+        # The same key from another principal is a different key.
+        mine = await client.post("/v1/jobs", json=body, headers={**B, "idempotency-key":
+                                                                  key["idempotency-key"]})
+        assert mine.status_code == 202 and mine.json()["id"] != first.json()["id"]
+
+        bad = await client.post("/v1/jobs", json=body, headers={**A, "idempotency-key": "x" * 300})
+        assert bad.status_code == 400
+
+
+async def test_concurrent_identical_submits_start_one_job(
+    server: ThreadServer, recorder: Recorder
+) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        body = {"input": {"text": "race", "steps": 1}}
+        headers = {**A, "idempotency-key": "race-key-0001"}
+        ids: list[str] = []
+
+        async def submit() -> None:
+            ids.append((await client.post("/v1/jobs", json=body, headers=headers)).json()["id"])
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(submit)
+        assert len(set(ids)) == 1
+        await wait_status(client, f"/v1/jobs/{ids[0]}", {"completed"})
+        assert recorder.calls == [{"text": "race", "steps": 1}]
+
+
+async def test_other_principal_gets_404_everywhere(server: ThreadServer) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        r = await client.post("/v1/jobs", json={"input": {"steps": 2}}, headers=A)
+        job_id = r.json()["id"]
+        for method, path in [("GET", f"/v1/jobs/{job_id}"), ("GET", f"/v1/jobs/{job_id}/events"),
+                             ("DELETE", f"/v1/jobs/{job_id}")]:
+            r = await client.request(method, path, headers=B)
+            assert r.status_code == 404, (method, path)
+            assert r.headers["content-type"].startswith("application/problem+json")
+            assert r.json()["error"]["code"] == "not_found"
+        done = await wait_status(client, f"/v1/jobs/{job_id}", {"completed"})
+        assert done["status"] == "completed"  # B's DELETE did not touch A's job
+        missing = await client.get("/v1/jobs/job_doesnotexist", headers=A)
+        assert missing.status_code == 404
+
+
+async def test_failures_are_typed_and_leak_nothing(server: ThreadServer) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        job_id = (await client.post("/v1/jobs", json={"input": {"steps": 1, "fail": True}},
+                                    headers=A)).json()["id"]
+        body = await wait_status(client, f"/v1/jobs/{job_id}", {"failed"})
+        assert body["error"]["code"] == "internal"
+        assert "secret" not in json.dumps(body)
+        bad = await client.post("/v1/jobs", json={"inptu": 1}, headers=A)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"
+        notjson = await client.post("/v1/jobs", content=b"{nope", headers=A)
+        assert notjson.status_code == 400
+
+
+async def test_max_steps_and_max_cost_end_the_job(recorder: Recorder) -> None:
+    app, _ = make_app(recorder, max_steps=3, max_cost="0.025")
+    with ThreadServer(app) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            steps = (await client.post("/v1/jobs", json={"input": {"steps": 10, "delay": 0}},
+                                       headers=A)).json()["id"]
+            body = await wait_status(client, f"/v1/jobs/{steps}", {"failed"})
+            # cost cap (0.025) trips at the third 0.01 before the fourth step would
+            assert body["error"]["code"] == "max_cost_exceeded"
+            assert body["cost"] == "0.03" and len(body["partial_output"]) == 3
+
+    app, _ = make_app(recorder, max_steps=3)
+    with ThreadServer(app) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            job = (await client.post("/v1/jobs", json={"input": {"steps": 10, "delay": 0}},
+                                     headers=A)).json()["id"]
+            body = await wait_status(client, f"/v1/jobs/{job}", {"failed"})
+            assert body["error"]["code"] == "max_steps_exceeded"
+            assert body["steps"] == 3 and body["partial_output"] == ["chunk-0", "chunk-1",
+                                                                     "chunk-2"]
+
+
+async def test_timeout_expires_the_job(recorder: Recorder) -> None:
+    app, _ = make_app(recorder, timeout=0.3)
+    with ThreadServer(app) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            job = (await client.post("/v1/jobs", json={"input": {"steps": 50, "delay": 0.1}},
+                                     headers=A)).json()["id"]
+            body = await wait_status(client, f"/v1/jobs/{job}", {"expired"})
+            assert body["error"]["code"] == "job_expired"
+
+
+async def test_shutdown_marks_unfinished_jobs(recorder: Recorder) -> None:
+    app, jobs = make_app(recorder, shutdown_grace=0.1)
+    srv = ThreadServer(app)
+    with srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            job = (await client.post("/v1/jobs", json={"input": {"steps": 100, "delay": 0.1}},
+                                     headers=A)).json()["id"]
+            await wait_status(client, f"/v1/jobs/{job}", {"in_progress"})
+    principal = next(p for (p, rid) in jobs.store._records if rid == job)  # type: ignore[attr-defined]
+    raw = await jobs.store.get(principal, job)
+    assert raw is not None
+    stored = json.loads(raw)
+    assert stored["status"] == "failed" and stored["error"]["code"] == "shutdown"
+    assert stored["error"]["retryable"] is True
+    assert recorder.cancelled == [job]
+
+
+def test_runner_needs_lifespan(recorder: Recorder) -> None:
+    jobs = JobsRouter(recorder.fn)
+    app = Starlette(routes=[Mount("/v1", jobs)])  # lifespan not wired
+    from starlette.testclient import TestClient
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.post("/v1/jobs", json={"input": {}})
+        assert r.status_code == 500  # a typed error, not a crash
+        assert r.json()["error"]["code"] == "internal"
+
+
+async def test_a_job_whose_worker_died_is_reported_failed(recorder: Recorder) -> None:
+    """In-process mode: a worker that crashes stops renewing the lease; readers see it."""
+    app, jobs = make_app(recorder, lease=0.5)
+    with ThreadServer(app) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            live = (await client.post("/v1/jobs", json={"input": {"steps": 12, "delay": 0.1}},
+                                      headers=A)).json()["id"]
+            await anyio.sleep(0.8)  # longer than the lease: a live worker keeps renewing it
+            assert (await client.get(f"/v1/jobs/{live}", headers=A)).json()["status"] in {
+                "in_progress", "completed"}
+            # A record some crashed worker left in_progress, with no lease behind it.
+            principal = next(p for (p, rid) in jobs.store._records if rid == live)  # type: ignore[attr-defined]
+            dead = Job(id="job_from_a_dead_worker", principal=principal, status="in_progress",
+                       started_at=time.time())
+            await jobs.store.put(principal, dead.id, dead.stored())
+            body = (await client.get(f"/v1/jobs/{dead.id}", headers=A)).json()
+            assert body["status"] == "failed" and body["error"]["code"] == "worker_lost"
+            assert body["error"]["retryable"] is True
+            async with aconnect_sse(client, "GET", f"/v1/jobs/{dead.id}/events",
+                                    headers=A) as es:
+                assert [e.event async for e in es.aiter_sse()] == ["job.failed"]
+            done = await wait_status(client, f"/v1/jobs/{live}", {"completed"})
+            assert done["result"]["steps"] == 12
+
+
+async def test_mounts_in_a_fastapi_app(recorder: Recorder) -> None:
+    from fastapi import FastAPI
+
+    jobs = JobsRouter(recorder.fn)
+    api = FastAPI(lifespan=jobs.lifespan_context)
+    api.mount("/api", jobs)
+    install(api)
+    with ThreadServer(api) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            r = await client.post("/api/jobs", json={"input": {"text": "f", "steps": 1}},
+                                  headers=A)
+            assert r.status_code == 202 and r.headers["location"].startswith("/api/jobs/job_")
+            done = await wait_status(client, r.headers["location"], {"completed"})
+            assert done["result"] == {"echo": "f", "steps": 1}
+
+
+async def test_max_concurrent_jobs_keeps_the_rest_queued(recorder: Recorder) -> None:
+    app, _ = make_app(recorder, max_concurrent_jobs=1)
+    with ThreadServer(app) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            first = (await client.post("/v1/jobs", json={"input": {"steps": 4, "delay": 0.1}},
+                                       headers=A)).json()["id"]
+            second = (await client.post("/v1/jobs", json={"input": {"steps": 1}},
+                                        headers=A)).json()["id"]
+            await wait_status(client, f"/v1/jobs/{first}", {"in_progress"})
+            assert (await client.get(f"/v1/jobs/{second}", headers=A)).json()["status"] == "queued"
+            # a queued job can be cancelled before it ever starts
+            cancelled = (await client.delete(f"/v1/jobs/{second}", headers=A)).json()
+            assert cancelled["status"] == "cancelled" and cancelled["started_at"] is None
+            done = await wait_status(client, f"/v1/jobs/{first}", {"completed"})
+            assert done["result"]["steps"] == 4
+    assert len(recorder.calls) == 1
+
+
+async def test_store_down_is_a_typed_503(recorder: Recorder) -> None:
+    from tests.redis_server import free_port
+
+    jobs = JobsRouter(recorder.fn, storage=f"redis://127.0.0.1:{free_port()}/0")
+    app = Starlette(routes=[Mount("/v1", jobs)], lifespan=jobs.lifespan_context)
+    with ThreadServer(app) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            r = await client.post("/v1/jobs", json={"input": {}}, headers=A)
+            assert r.status_code == 503
+            assert r.json()["error"]["code"] == "store_unavailable"
+            assert r.headers["retry-after"] == "1"
+            g = await client.get("/v1/jobs/job_whatever", headers=A)
+            assert g.status_code == 503

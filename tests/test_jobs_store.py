@@ -1,0 +1,98 @@
+"""JobStore contract, one body against memory and a real Redis/Valkey."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+
+from aimiddleware.jobs import Job, make_store
+from aimiddleware.jobs.models import Delivery
+from aimiddleware.storage import Storage
+
+
+async def test_create_is_idempotent_per_principal(storage: Storage) -> None:
+    store = make_store(storage)
+    a = Job(id="job_a", principal="p1", input=1).stored()
+    b = Job(id="job_b", principal="p1", input=2).stored()
+    assert await store.create("p1", "job_a", a, "k") == ("job_a", a)
+    owner, raw = await store.create("p1", "job_b", b, "k")
+    assert (owner, raw) == ("job_a", a)
+    assert await store.get("p1", "job_b") is None  # the loser was never kept
+    assert (await store.create("p2", "job_c", b, "k"))[0] == "job_c"  # other principal
+    assert await store.get("p2", "job_a") is None
+    assert (await store.create("p1", "job_d", b, None))[0] == "job_d"
+
+
+async def test_event_log_resumes_after_an_id(storage: Storage) -> None:
+    store = make_store(storage)
+    ids = [await store.append_event("p", "job_x", "job.partial", f'{{"i":{i}}}')
+           for i in range(5)]
+    everything = await store.read_events("p", "job_x", None, wait=0.1)
+    assert [e[0] for e in everything] == ids
+    rest = await store.read_events("p", "job_x", ids[1], wait=0.1)
+    assert [e[2] for e in rest] == ['{"i":2}', '{"i":3}', '{"i":4}']
+    assert await store.read_events("p", "job_x", ids[-1], wait=0.05) == []
+    assert await store.read_events("other", "job_x", None, wait=0.05) == []
+    # an unknown or malformed Last-Event-ID replays from the start, never errors
+    assert len(await store.read_events("p", "job_x", "garbage\n", wait=0.05)) == 5
+
+    got: list[tuple[str, str, str]] = []
+
+    async def reader() -> None:
+        got.extend(await store.read_events("p", "job_x", ids[-1], wait=1.0))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reader)
+        await anyio.sleep(0.1)
+        await store.append_event("p", "job_x", "job.completed", "{}")
+    assert [g[1] for g in got] == ["job.completed"]
+
+
+async def test_cancel_flag_and_results(storage: Storage) -> None:
+    store = make_store(storage)
+    assert not await store.cancel_requested("p", "job_1")
+    await store.request_cancel("p", "job_1")
+    assert await store.cancel_requested("p", "job_1")
+    assert not await store.cancel_requested("q", "job_1")
+    await store.append_result("p", "batch_1", '{"a":1}')
+    await store.append_result("p", "batch_1", '{"a":2}')
+    assert await store.results("p", "batch_1") == ['{"a":1}', '{"a":2}']
+    assert await store.results("q", "batch_1") == []
+
+
+async def test_outbox_claims_due_deliveries_with_a_lease(storage: Storage) -> None:
+    store = make_store(storage)
+    now = time.time()
+    due = Delivery(id="msg_due", url="https://x.example/h", payload="{}", next_at=now - 1)
+    later = Delivery(id="msg_later", url="https://x.example/h", payload="{}", next_at=now + 60)
+    await store.outbox_put(due.id, due.model_dump_json(), due.next_at)
+    await store.outbox_put(later.id, later.model_dump_json(), later.next_at)
+    claimed = await store.outbox_claim(now, lease=30, limit=10)
+    assert [Delivery.model_validate_json(c).id for c in claimed] == ["msg_due"]
+    assert await store.outbox_claim(now, lease=30, limit=10) == []  # leased to the first claim
+    assert len(await store.outbox_claim(now + 31, lease=30, limit=10)) == 1  # lease expired
+    done = due.model_copy(update={"state": "succeeded"})
+    await store.outbox_done(due.id, done.model_dump_json())
+    again = await store.outbox_claim(now + 100, lease=30, limit=10)
+    assert [Delivery.model_validate_json(c).id for c in again] == ["msg_later"]
+    record = await store.outbox_get("msg_due")
+    assert record is not None and Delivery.model_validate_json(record).state == "succeeded"
+
+
+async def test_memory_store_forgets_records_after_ttl() -> None:
+    from aimiddleware.jobs.memory import MemoryJobStore
+
+    store = MemoryJobStore(ttl=0.2)
+    await store.create("p", "job_old", "{}", "key-1")
+    await store.append_event("p", "job_old", "job.status", "{}")
+    await store.request_cancel("p", "job_old")
+    await store.outbox_done("msg_old", "{}")
+    await anyio.sleep(0.3)
+    assert (await store.create("p", "job_new", "{}", "key-1"))[0] == "job_new"  # key freed
+    assert await store.get("p", "job_old") is None
+    assert await store.read_events("p", "job_old", None, wait=0) == []
+    assert not await store.cancel_requested("p", "job_old")
+    await store.outbox_done("msg_new", "{}")
+    assert await store.outbox_get("msg_old") is None
+    assert await store.outbox_get("msg_new") == "{}"

@@ -1,0 +1,79 @@
+"""Jobs on a taskiq worker process: the web process only enqueues (real Redis, real processes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from httpx_sse import aconnect_sse
+
+from tests.jobs_servers import ProcessServer
+
+KEY = {"authorization": "Bearer taskiq-tenant"}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def env(redis_url: str, tmp_path: Path) -> dict[str, str]:
+    return {"AIMW_JOBS_REDIS": redis_url, "AIMW_JOBS_MARKERS": str(tmp_path)}
+
+
+@pytest.fixture
+def worker(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "taskiq", "worker", "tests.jobs_taskiq_app:broker",
+         "--workers", "1", "--log-level", "WARNING", "--shutdown-timeout", "2",
+         "--wait-tasks-timeout", "1"],
+        env={**os.environ, **env}, cwd=ROOT, start_new_session=True,
+    )
+    yield proc
+    # taskiq's supervisor waits on its children's blocking reads for a long time after
+    # SIGTERM; the test owns this process group, so end it briskly.
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(3)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+async def status_of(client: httpx.AsyncClient, url: str) -> str:
+    return str((await client.get(url, headers=KEY)).json()["status"])
+
+
+async def test_jobs_run_on_the_taskiq_worker(
+    env: dict[str, str], worker: subprocess.Popen[bytes], tmp_path: Path
+) -> None:
+    with ProcessServer("tests.jobs_taskiq_app:app", env) as web:
+        async with httpx.AsyncClient(base_url=web.url, timeout=10) as client:
+            web_pid = (await client.get("/health")).text
+            r = await client.post("/v1/jobs", json={"input": {"steps": 4}}, headers=KEY)
+            assert r.status_code == 202
+            job_id = r.json()["id"]
+            events = []
+            async with aconnect_sse(client, "GET", f"/v1/jobs/{job_id}/events",
+                                    headers=KEY) as es:
+                async for sse in es.aiter_sse():
+                    events.append(sse.event)
+            assert events[-1] == "job.completed" and events.count("job.partial") == 4
+            body = (await client.get(f"/v1/jobs/{job_id}", headers=KEY)).json()
+            assert body["status"] == "completed"
+            ran_in = (tmp_path / f"{job_id}.ran-in").read_text()
+            assert ran_in != web_pid  # ran in taskiq's worker process, not the web process
+            assert body["result"] == {"pid": int(ran_in)}
+
+            r = await client.post("/v1/jobs", json={"input": {"steps": 300}}, headers=KEY)
+            job_id = r.json()["id"]
+            with anyio.fail_after(15):
+                while await status_of(client, f"/v1/jobs/{job_id}") != "in_progress":  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+            cancelled = (await client.delete(f"/v1/jobs/{job_id}", headers=KEY)).json()
+            assert cancelled["status"] == "cancelled"
+            assert (tmp_path / f"{job_id}.cancelled").read_text() == ran_in  # it stopped there

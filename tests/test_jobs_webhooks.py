@@ -1,0 +1,278 @@
+"""Signed webhooks: Standard Webhooks interop, retries, 410, restart without loss, SSRF guard."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from standardwebhooks.webhooks import Webhook
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route
+
+from aimiddleware.errors import InvalidRequest
+from aimiddleware.jobs import CallbackPolicy, JobContext, JobsRouter, WebhookSigner
+from tests.jobs_servers import ProcessServer, ThreadServer
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+OLD_SECRET = WebhookSigner.generate_secret()
+LOCAL = CallbackPolicy(schemes=["http"], allow_hosts=["127.0.0.1"])
+
+
+class Receiver:
+    """A real HTTP receiver that answers from a script of statuses (then 200)."""
+
+    def __init__(self, script: list[int | tuple[int, dict[str, str]]]) -> None:
+        self.script = list(script)
+        self.received: list[tuple[dict[str, str], bytes, int]] = []
+        self.lock = threading.Lock()
+        self.app = Starlette(routes=[Route("/hook", self.hook, methods=["POST"])])
+
+    async def hook(self, request: Request) -> Response:
+        body = await request.body()
+        with self.lock:
+            step = self.script.pop(0) if self.script else 200
+            status, headers = step if isinstance(step, tuple) else (step, {})
+            self.received.append((dict(request.headers), body, status))
+        return Response(status_code=status, headers=headers)
+
+    def successes(self) -> list[tuple[dict[str, str], bytes, int]]:
+        return [r for r in self.received if 200 <= r[2] < 300]
+
+
+async def job_fn(ctx: JobContext, input: Any) -> Any:
+    await ctx.partial("working")
+    return {"answer": input["q"] * 2}
+
+
+def jobs_app(storage: str = "memory://", **options: Any) -> Starlette:
+    options.setdefault("webhook_schedule", (0.2, 0.2, 0.2))
+    jobs = JobsRouter(job_fn, storage=storage, webhook_secrets=[SECRET, OLD_SECRET],
+                      callback_policy=LOCAL, webhook_poll_interval=0.05, **options)
+    return Starlette(routes=[Mount("/v1", jobs)], lifespan=jobs.lifespan_context)
+
+
+async def wait_for(pred: Any, timeout_s: float = 10) -> None:
+    with anyio.fail_after(timeout_s):
+        while not pred():  # noqa: ASYNC110 - polling a server in another thread
+            await anyio.sleep(0.02)
+
+
+def test_signatures_verify_with_standardwebhooks_including_rotation() -> None:
+    signer = WebhookSigner([SECRET, OLD_SECRET])
+    body = b'{"type":"job.completed","data":{"id":"job_1"}}'
+    headers = signer.headers("msg_abc", body)
+    assert headers["webhook-signature"].count("v1,") == 2
+    for secret in (SECRET, OLD_SECRET):  # a receiver on either secret verifies
+        assert Webhook(secret).verify(body, headers) == json.loads(body)
+    with pytest.raises(Exception, match="signature"):
+        Webhook(WebhookSigner.generate_secret()).verify(body, headers)
+    with pytest.raises(Exception, match="signature"):
+        Webhook(SECRET).verify(body + b" ", headers)
+    with pytest.raises(ValueError):
+        WebhookSigner("whsec_dG9vc2hvcnQ=")  # 8 bytes: too short
+
+
+@pytest.fixture
+def receiver_factory() -> Iterator[Any]:
+    servers: list[ThreadServer] = []
+
+    def make(script: list[Any]) -> tuple[Receiver, ThreadServer]:
+        rec = Receiver(script)
+        srv = ThreadServer(rec.app).__enter__()
+        servers.append(srv)
+        return rec, srv
+
+    yield make
+    for srv in servers:
+        srv.__exit__()
+
+
+async def test_receiver_failing_twice_gets_exactly_one_delivery(receiver_factory: Any) -> None:
+    rec, rsrv = receiver_factory([500, (503, {"retry-after": "0"})])
+    with ThreadServer(jobs_app()) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            r = await client.post("/v1/jobs", json={"input": {"q": 21},
+                                                    "callback_url": f"{rsrv.url}/hook"})
+            assert r.status_code == 202
+            await wait_for(lambda: rec.successes())
+            await anyio.sleep(0.5)  # nothing else arrives after the success
+    assert [status for _, _, status in rec.received] == [500, 503, 200]
+    assert len(rec.successes()) == 1
+    ids = {h["webhook-id"] for h, _, _ in rec.received}
+    assert len(ids) == 1  # the same message id on every retry (receivers dedupe on it)
+    headers, body, _ = rec.successes()[0]
+    payload = Webhook(SECRET).verify(body, headers)
+    assert payload["type"] == "job.completed"
+    # self-contained: the receiver needs no further call
+    assert payload["data"]["id"] == r.json()["id"]
+    assert payload["data"]["result"] == {"answer": 42}
+    assert payload["data"]["partial_output"] == ["working"]
+
+
+async def test_410_stops_retries_and_attempts_are_recorded(receiver_factory: Any) -> None:
+    rec, rsrv = receiver_factory([500, 410, 500, 500])
+    app = jobs_app()
+    jobs: JobsRouter = app.routes[0].app  # type: ignore[attr-defined]
+    with ThreadServer(app) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            await client.post("/v1/jobs", json={"input": {"q": 1},
+                                                "callback_url": f"{rsrv.url}/hook"})
+            await wait_for(lambda: len(rec.received) >= 2)
+            await anyio.sleep(0.6)
+            assert jobs.dispatcher is not None
+            delivery = await jobs.dispatcher.get(rec.received[0][0]["webhook-id"])
+    assert [s for _, _, s in rec.received] == [500, 410]
+    assert delivery is not None and delivery.state == "failed"
+    assert [a.status for a in delivery.attempts] == [500, 410]
+
+
+async def test_restart_mid_retry_loses_no_delivery(redis_url: str, receiver_factory: Any) -> None:
+    rec, rsrv = receiver_factory([500])
+    with ThreadServer(jobs_app(redis_url, webhook_schedule=(1.0, 0.2))) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            r = await client.post("/v1/jobs", json={"input": {"q": 5},
+                                                    "callback_url": f"{rsrv.url}/hook"})
+            job_id = r.json()["id"]
+            await wait_for(lambda: len(rec.received) == 1)
+    # The first worker is gone with the retry still pending; a fresh one takes over.
+    assert len(rec.successes()) == 0
+    with ThreadServer(jobs_app(redis_url, webhook_schedule=(1.0, 0.2))):
+        await wait_for(lambda: rec.successes())
+        await anyio.sleep(0.5)
+    assert [s for _, _, s in rec.received] == [500, 200]
+    headers, body, _ = rec.successes()[0]
+    payload = Webhook(OLD_SECRET).verify(body, headers)
+    assert payload["data"]["id"] == job_id and payload["data"]["result"] == {"answer": 10}
+
+
+async def test_cancellation_and_failure_are_notified(receiver_factory: Any) -> None:
+    rec, rsrv = receiver_factory([])
+
+    async def slow(ctx: JobContext, input: Any) -> Any:
+        await anyio.sleep(30)
+
+    jobs = JobsRouter(slow, webhook_secrets=SECRET, callback_policy=LOCAL,
+                      webhook_poll_interval=0.05)
+    app = Starlette(routes=[Mount("/v1", jobs)], lifespan=jobs.lifespan_context)
+    with ThreadServer(app) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            r = await client.post("/v1/jobs", json={"callback_url": f"{rsrv.url}/hook"})
+            assert (await client.delete(f"/v1/jobs/{r.json()['id']}")).json()["status"] == \
+                "cancelled"
+            await wait_for(lambda: rec.successes())
+    payload = Webhook(SECRET).verify(rec.received[0][1], rec.received[0][0])
+    assert payload["type"] == "job.cancelled"
+
+
+async def test_callback_policy_blocks_ssrf() -> None:
+    default = CallbackPolicy()
+    for url in ("http://example.com/hook", "ftp://example.com/x", "https://user:pw@example.com/",
+                "https://127.0.0.1/hook", "https://10.0.0.8/hook", "https://[::1]/hook",
+                "https://169.254.169.254/latest/meta-data", "https://localhost/hook", "/relative"):
+        with pytest.raises(InvalidRequest):
+            await default.check(url)
+    allow = CallbackPolicy(allow_hosts=[".example.com"], deny_hosts=["bad.example.com"])
+    allow.check_syntax("https://hooks.example.com/x")
+    for url in ("https://bad.example.com/x", "https://example.org/x"):
+        with pytest.raises(InvalidRequest):
+            allow.check_syntax(url)
+    await LOCAL.check("http://127.0.0.1:9/hook")  # explicitly permitted for tests
+    with pytest.raises(ValueError):
+        CallbackPolicy(schemes=["gopher"])
+
+
+async def test_submit_rejects_a_private_callback_url() -> None:
+    jobs = JobsRouter(job_fn, webhook_secrets=SECRET)  # default policy: https, public only
+    app = Starlette(routes=[Mount("/v1", jobs)], lifespan=jobs.lifespan_context)
+    with ThreadServer(app) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            for url in ("https://127.0.0.1/x", "http://example.com/x", "https://10.1.2.3/x"):
+                r = await client.post("/v1/jobs", json={"input": {"q": 1}, "callback_url": url})
+                assert r.status_code == 400
+                assert r.json()["error"]["param"] == "callback_url"
+
+
+async def test_batch_webhook_carries_its_results(receiver_factory: Any) -> None:
+    rec, rsrv = receiver_factory([])
+    with ThreadServer(jobs_app()) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            items = [{"custom_id": f"i{n}", "input": {"q": n}} for n in range(5)]
+            items.append({"custom_id": "bad", "input": {}})
+            r = await client.post("/v1/batches", json={"items": items,
+                                                       "callback_url": f"{rsrv.url}/hook"})
+            assert r.status_code == 202
+            await wait_for(lambda: rec.successes())
+    headers, body, _ = rec.successes()[0]
+    payload = Webhook(SECRET).verify(body, headers)
+    assert payload["type"] == "batch.completed"
+    assert payload["data"]["counts"]["succeeded"] == 5
+    assert payload["data"]["counts"]["errored"] == 1
+    results = {x["custom_id"]: x for x in payload["data"]["results"]}
+    assert results["i4"]["output"] == {"answer": 8} and results["bad"]["type"] == "errored"
+
+
+async def test_a_killed_worker_mid_retry_loses_no_delivery(
+    redis_url: str, tmp_path: Path, receiver_factory: Any
+) -> None:
+    """SIGKILL, not a graceful stop: the pending retry is in Redis, the next worker sends it."""
+    from aimiddleware.jobs import Delivery, make_store
+    from aimiddleware.storage import Storage
+
+    rec, rsrv = receiver_factory([500])
+    env = {"AIMW_JOBS_REDIS": redis_url, "AIMW_JOBS_MARKERS": str(tmp_path),
+           "AIMW_JOBS_WHSEC": SECRET, "AIMW_JOBS_WORKER": "first"}
+    storage = Storage(redis_url)
+    store = make_store(storage)
+    try:
+        with ProcessServer("tests.jobs_worker_app:app", env) as first:
+            async with httpx.AsyncClient(base_url=first.url) as client:
+                r = await client.post("/v1/jobs", json={"input": {"steps": 1},
+                                                        "callback_url": f"{rsrv.url}/hook"})
+                job_id = r.json()["id"]
+                await wait_for(lambda: len(rec.received) == 1)
+                msg_id = rec.received[0][0]["webhook-id"]
+                with anyio.fail_after(5):  # the failed attempt is recorded in the store
+                    while True:
+                        raw = await store.outbox_get(msg_id)
+                        if raw and Delivery.model_validate_json(raw).attempts:
+                            break
+                        await anyio.sleep(0.02)
+            assert first.proc is not None
+            first.proc.kill()  # crash: no shutdown hooks run
+            first.proc.wait(5)
+        assert rec.successes() == []
+        with ProcessServer("tests.jobs_worker_app:app", {**env, "AIMW_JOBS_WORKER": "second"}):
+            await wait_for(lambda: rec.successes())
+            await anyio.sleep(0.4)
+        delivery = Delivery.model_validate_json(await store.outbox_get(msg_id) or "")
+    finally:
+        await storage.aclose()
+    assert [s for _, _, s in rec.received] == [500, 200]
+    assert {h["webhook-id"] for h, _, _ in rec.received} == {msg_id}
+    assert delivery.state == "succeeded" and [a.status for a in delivery.attempts] == [500, 200]
+    payload = Webhook(SECRET).verify(rec.successes()[0][1], rec.successes()[0][0])
+    assert payload["data"]["id"] == job_id and payload["data"]["status"] == "completed"
+
+
+async def test_retry_after_is_honoured(receiver_factory: Any) -> None:
+    rec, rsrv = receiver_factory([(429, {"retry-after": "1"})])
+    app = jobs_app(webhook_schedule=(0.05, 0.05))
+    jobs: JobsRouter = app.routes[0].app  # type: ignore[attr-defined]
+    with ThreadServer(app) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            await client.post("/v1/jobs", json={"input": {"q": 2},
+                                                "callback_url": f"{rsrv.url}/hook"})
+            await wait_for(lambda: rec.successes())
+            assert jobs.dispatcher is not None
+            delivery = await jobs.dispatcher.get(rec.received[0][0]["webhook-id"])
+    assert delivery is not None and [a.status for a in delivery.attempts] == [429, 200]
+    # the schedule said 0.05 s; the receiver asked for 1 s
+    assert delivery.attempts[1].at - delivery.attempts[0].at >= 0.95
