@@ -140,6 +140,7 @@ class RequestContext:
     estimated_cost: Decimal | None = None
     streaming: bool = False
     response_status: int | None = None
+    response_complete: bool = False
     disconnected: bool = False
     stream_error_writer: Callable[[AIError], Awaitable[None]] | None = None
     state: dict[str, Any] = field(default_factory=dict)

@@ -108,6 +108,8 @@ class RequestContextMiddleware:
                 else:
                     headers.append(rid_header)
                 message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                ctx.response_complete = True
             await send(message)
 
         ctx = RequestContext(
@@ -144,7 +146,8 @@ class RequestContextMiddleware:
                     replayed = True
                     return {"type": "http.request", "body": body, "more_body": False}
                 message = await receive()
-                if message["type"] == "http.disconnect":
+                if message["type"] == "http.disconnect" and not ctx.response_complete:
+                    # (servers also answer http.disconnect once a response is complete)
                     ctx.disconnected = True
                 return message
 

@@ -46,13 +46,16 @@ def make_request(
             "state": {},
         }
         sent = False
+        done = asyncio.Event()
+        scope["bench.done"] = done  # set by call() when the response is complete
 
         async def receive() -> dict[str, Any]:
+            # Like a real server: the body, then http.disconnect once the response is done.
             nonlocal sent
             if not sent:
                 sent = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            await asyncio.sleep(3600)
+            await done.wait()
             return {"type": "http.disconnect"}
 
         return scope, receive
@@ -64,8 +67,12 @@ async def call(app: ASGIApp, factory: Callable[..., Any]) -> tuple[int, list[dic
     scope, receive = factory()
     messages: list[dict[str, Any]] = []
 
+    done = scope["bench.done"]
+
     async def send(message: dict[str, Any]) -> None:
         messages.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            done.set()
 
     await app(scope, receive, send)
     status = next(m["status"] for m in messages if m["type"] == "http.response.start")
