@@ -1,49 +1,177 @@
 """The reference app: an OpenAI-compatible chat API behind the whole aimiddleware stack.
 
-Run it with ``./dev app`` (memory://) and try::
+``./dev app`` serves it on http://127.0.0.1:8000 with the embedded default (``memory://``).
+Environment:
 
-    curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' \
-      -d '{"model": "demo", "messages": [{"role": "user", "content": "hi"}]}'
+- ``AIMW_STORAGE``: ``redis://host:6379/0`` (or ``valkey://``, ``redis+cluster://``) to share
+  limits, idempotency records, usage and jobs between workers and hosts.
+- ``AIMW_IDEMPOTENCY_SECRET``: the fingerprint key; required with a shared storage.
+- ``AIMW_UPSTREAM_URL`` (+ ``AIMW_UPSTREAM_API_KEY``): proxy to a real OpenAI-compatible
+  server (vLLM, Ollama, a provider) instead of the local deterministic model.
+- ``AIMW_CONFIG``: another models/prices/tiers file than ``examples/config.toml``.
 """
 
 from __future__ import annotations
 
-import time
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 import aimiddleware
+from aimiddleware import (
+    ApiVersion,
+    ApiVersions,
+    CancellationConfig,
+    EventStreamResponse,
+    IdempotencyConfig,
+    OpenAIChatDialect,
+    RateLimiter,
+    StackConfig,
+    Storage,
+    TokenCounter,
+    UsageConfig,
+    UsageRoutes,
+    VersioningConfig,
+    current,
+)
+from aimiddleware.jobs import JobContext, JobsRouter
+from aimiddleware.testing import FakeModel
+from examples.settings import load_settings
+from examples.upstream import Upstream
+
+HERE = Path(__file__).resolve().parent
+settings = load_settings(Path(os.environ.get("AIMW_CONFIG", HERE / "config.toml")))
+storage = Storage(os.environ.get("AIMW_STORAGE", "memory://"))
+secret = os.environ.get("AIMW_IDEMPOTENCY_SECRET")
+if not storage.is_memory and not secret:
+    raise RuntimeError(
+        "AIMW_IDEMPOTENCY_SECRET must be set with a shared storage: every worker must "
+        "fingerprint requests with the same key"
+    )
+counter = TokenCounter()
+model = FakeModel("fake-chat", token_counter=counter)
+upstream = Upstream.from_env()
 
 
-class Message(BaseModel):
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
     role: str
-    content: str
+    content: str | list[dict[str, Any]] | None = None
 
 
 class ChatRequest(BaseModel):
-    model: str
-    messages: list[Message]
-    max_tokens: int | None = None
+    """OpenAI's chat request; unknown fields are passed through to the model."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=32768)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
+    stream: bool = False
+    seed: int | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
 
 
-app = FastAPI(title="aimiddleware reference app")
+async def run_model(request: dict[str, Any]) -> Any:
+    if upstream is not None:
+        return await upstream.chat(request)
+    if request.get("stream"):
+        return EventStreamResponse(
+            model.stream(request), dialect=OpenAIChatDialect.for_request(request)
+        )
+    return await model.complete(request)
+
+
+async def summarise_job(ctx: JobContext, input: dict[str, Any]) -> dict[str, Any]:
+    """A job: one chat completion per document, reporting progress and usage."""
+    documents = input.get("documents") or [input.get("text", "")]
+    summaries = []
+    for i, doc in enumerate(documents):
+        await ctx.step()
+        out = await model.complete(
+            {"model": "fake-chat-2026-06-01", "messages": [{"role": "user", "content": str(doc)}]}
+        )
+        text = out["choices"][0]["message"]["content"]
+        summaries.append(text)
+        await ctx.partial(text)
+        usage = out["usage"]
+        await ctx.record_usage(
+            {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]}
+        )
+        await ctx.progress((i + 1) / len(documents))
+    return {"summaries": summaries}
+
+
+jobs = JobsRouter(summarise_job, storage=storage, max_steps=100, max_cost="5.00")
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    await model.warm()
+    async with jobs.lifespan_context(app):
+        yield
+    await storage.aclose()
+
+
+app = FastAPI(title="aimiddleware reference app", version="1.0", lifespan=lifespan)
 
 
 @app.post("/v1/chat/completions")
-async def chat(body: ChatRequest) -> dict[str, Any]:
-    ctx = aimiddleware.current()
-    text = "echo: " + body.messages[-1].content if body.messages else ""
-    return {
-        "id": "chatcmpl-" + ctx.request_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": body.model,
-        "choices": [
-            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
-        ],
-    }
+async def chat_completions(body: ChatRequest) -> Any:
+    """OpenAI-compatible chat completion, streaming (`stream: true`) or not."""
+    ctx = current()
+    request = body.model_dump(exclude_none=True)
+    request["model"] = ctx.model_version or body.model  # the pinned snapshot
+    return await run_model(request)
 
 
-aimiddleware.install(app)
+app.router.routes.extend(
+    UsageRoutes(
+        usage_path="/v1/usage", count_tokens_path="/v1/count_tokens", feedback_path="/v1/feedback"
+    ).routes
+)
+app.mount("/v1", jobs)
+
+limiter = RateLimiter(
+    settings.tiers,
+    default_tier="free",
+    tier=settings.tier_of,
+    prices=settings.prices,
+    counter=counter,
+    storage=storage,
+)
+
+aimiddleware.install(
+    app,
+    StackConfig(
+        storage=storage,
+        versioning=VersioningConfig(
+            registry=settings.registry,
+            versions=ApiVersions(
+                [
+                    ApiVersion.deprecated(
+                        "2025-01-01", deprecated="2026-01-01", sunset="2027-01-01",
+                        replacement="2026-06-01",
+                    ),
+                    "2026-06-01",
+                ],
+                header="api-version",
+                default="2026-06-01",
+            ),
+            models_path="/v1/models",
+            migration_path="/v1/migration-check",
+        ),
+        idempotency=IdempotencyConfig(secret=secret),
+        ratelimit=limiter,
+        usage=UsageConfig(prices=settings.prices, counter=counter),
+        cancellation=CancellationConfig(
+            timeouts={"/v1/chat/completions": 120, "/v1/jobs*": None, "/v1/batches*": None},
+            default_timeout=30,
+        ),
+    ),
+)
