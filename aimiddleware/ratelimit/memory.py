@@ -74,7 +74,7 @@ class MemoryBackend:
         for i, hit in enumerate(hits):
             index = now // hit.window_ms
             stored = entry.counters.get(hit.field)
-            prev, curr = roll(*stored, index) if stored else (0, 0)
+            prev, curr = roll(stored[0], stored[1], stored[2], index) if stored else (0, 0)
             elapsed = now - index * hit.window_ms
             states.append(WindowState(index, prev, curr, elapsed))
             if failed < 0 and not fits(prev, curr, elapsed, hit.window_ms, hit.limit, hit.cost):
@@ -114,7 +114,7 @@ class MemoryBackend:
         for adj in adjustments:
             index = now // adj.window_ms
             stored = entry.counters.get(adj.field)
-            prev, curr = roll(*stored, index) if stored else (0, 0)
+            prev, curr = roll(stored[0], stored[1], stored[2], index) if stored else (0, 0)
             if adj.delta >= 0:
                 curr += adj.delta
             elif adj.index == index:
@@ -148,7 +148,7 @@ class MemoryBackend:
         for hit in hits:
             index = now // hit.window_ms
             stored = entry.counters.get(hit.field) if entry else None
-            prev, curr = roll(*stored, index) if stored else (0, 0)
+            prev, curr = roll(stored[0], stored[1], stored[2], index) if stored else (0, 0)
             out.append(WindowState(index, prev, curr, now - index * hit.window_ms))
         return tuple(out)
 

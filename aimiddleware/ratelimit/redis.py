@@ -18,9 +18,6 @@ from aimiddleware.storage import Storage, redis_errors
 
 __all__ = ["RedisBackend"]
 
-_NAMESPACE = "rl"
-
-
 def _script(name: str) -> str:
     return files("aimiddleware.ratelimit").joinpath(name).read_text()
 
@@ -28,17 +25,26 @@ def _script(name: str) -> str:
 class RedisBackend:
     """Counters and leases in Redis/Valkey. ``clock`` (seconds) is for tests only."""
 
-    def __init__(self, storage: Storage, *, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        namespace: str = "rl",
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         if storage.is_memory:
             raise ValueError("RedisBackend needs a redis:// storage")
+        if not namespace or any(c in namespace for c in "{}"):
+            raise ValueError("namespace must be non-empty and contain no braces")
         self.storage = storage
+        self.namespace = namespace
         self.clock = clock
         self._acquire: Any = None
         self._adjust: Any = None
 
     def _keys(self, principal: str) -> list[str]:
         key = self.storage.key
-        return [key(_NAMESPACE, principal), key(_NAMESPACE, principal, "leases")]
+        return [key(self.namespace, principal), key(self.namespace, principal, "leases")]
 
     def _now_arg(self) -> str:
         return "" if self.clock is None else str(int(self.clock() * 1000))
@@ -99,7 +105,7 @@ class RedisBackend:
                 await pipe.execute()
 
     async def mark_once(self, principal: str, tag: str, ttl_ms: int) -> bool:
-        key = self.storage.key(_NAMESPACE, principal, "alert", tag)
+        key = self.storage.key(self.namespace, principal, "alert", tag)
         async with redis_errors("rate limit"):
             return bool(await self.storage.redis.set(key, b"1", nx=True, px=ttl_ms))
 
@@ -111,9 +117,10 @@ class RedisBackend:
                 now = int(sec) * 1000 + int(micro) // 1000
             else:
                 now = int(self.clock() * 1000)
-            raw = await client.hmget(self._keys(principal)[0], [h.field for h in hits]) if hits else []
+            fields = [h.field for h in hits]
+            raw = await client.hmget(self._keys(principal)[0], fields) if hits else []
         out = []
-        for hit, value in zip(hits, raw):
+        for hit, value in zip(hits, raw, strict=False):
             index = now // hit.window_ms
             prev = curr = 0
             if value is not None:
