@@ -1,10 +1,48 @@
-"""Usage and envelope models: frozen, pure, no I/O."""
+"""Usage and envelope models: frozen, pure, no I/O.
+
+Provider usage objects differ in what their numbers mean; the converters fold them into one
+:class:`Usage` whose ``input_tokens`` counts every billed input token and whose subsets are
+explicit:
+
+- OpenAI Chat / Responses: cached ⊂ prompt/input, reasoning ⊂ completion/output.
+- Anthropic: ``cache_creation_input_tokens`` and ``cache_read_input_tokens`` are **added to**
+  ``input_tokens`` (billed input = input + creation + read).
+- Gemini: ``cachedContentTokenCount`` ⊂ prompt; ``thoughtsTokenCount`` is **not** in
+  ``candidatesTokenCount`` but billed as output, so output = candidates + thoughts;
+  ``toolUsePromptTokenCount`` is input.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, NonNegativeInt, model_validator
+import time
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
 
-__all__ = ["Usage"]
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, model_validator
+
+from aimiddleware.finish_reason import FinishReason
+
+__all__ = ["SAMPLING_PARAMS", "Envelope", "Usage", "sampling_params"]
+
+#: Request parameters echoed in ``Envelope.sampling`` when the request set them.
+SAMPLING_PARAMS = ("seed", "temperature", "top_p", "top_k")
+
+
+def _int(data: Mapping[str, Any] | None, *keys: str) -> int:
+    """The first present key as a non-negative int (nulls and junk count as 0)."""
+    if not isinstance(data, Mapping):
+        return 0
+    for key in keys:
+        value = data.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return max(value, 0)
+    return 0
+
+
+def _sub(data: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
+    value = data.get(key)
+    return value if isinstance(value, Mapping) else None
 
 
 class Usage(BaseModel):
@@ -33,3 +71,141 @@ class Usage(BaseModel):
                 data.get("output_tokens") or 0
             )
         return data
+
+    # -- converters -----------------------------------------------------------------------
+
+    @classmethod
+    def from_openai_chat(cls, usage: Mapping[str, Any]) -> Usage:
+        """``prompt_tokens`` / ``completion_tokens`` with their ``*_details`` subsets."""
+        return cls(
+            input_tokens=_int(usage, "prompt_tokens"),
+            output_tokens=_int(usage, "completion_tokens"),
+            total_tokens=_int(usage, "total_tokens"),
+            cached_input_tokens=_int(_sub(usage, "prompt_tokens_details"), "cached_tokens"),
+            reasoning_tokens=_int(_sub(usage, "completion_tokens_details"), "reasoning_tokens"),
+        )
+
+    @classmethod
+    def from_openai_responses(cls, usage: Mapping[str, Any]) -> Usage:
+        """``input_tokens`` / ``output_tokens`` with their ``*_details`` subsets."""
+        return cls(
+            input_tokens=_int(usage, "input_tokens"),
+            output_tokens=_int(usage, "output_tokens"),
+            total_tokens=_int(usage, "total_tokens"),
+            cached_input_tokens=_int(_sub(usage, "input_tokens_details"), "cached_tokens"),
+            reasoning_tokens=_int(_sub(usage, "output_tokens_details"), "reasoning_tokens"),
+        )
+
+    @classmethod
+    def from_anthropic(cls, usage: Mapping[str, Any]) -> Usage:
+        """Cache reads and writes are added to ``input_tokens``; thinking ⊂ output."""
+        created = _int(usage, "cache_creation_input_tokens")
+        read = _int(usage, "cache_read_input_tokens")
+        inp = _int(usage, "input_tokens") + created + read
+        out = _int(usage, "output_tokens")
+        thinking = _int(_sub(usage, "output_tokens_details"), "thinking_tokens")
+        return cls(
+            input_tokens=inp,
+            output_tokens=out,
+            total_tokens=inp + out,
+            cached_input_tokens=read,
+            cache_creation_input_tokens=created,
+            reasoning_tokens=min(thinking, out),
+        )
+
+    @classmethod
+    def from_gemini(cls, usage: Mapping[str, Any]) -> Usage:
+        """``usageMetadata`` (camelCase or the SDK's snake_case): thoughts billed as output."""
+        prompt = _int(usage, "promptTokenCount", "prompt_token_count")
+        tool = _int(usage, "toolUsePromptTokenCount", "tool_use_prompt_token_count")
+        candidates = _int(usage, "candidatesTokenCount", "candidates_token_count")
+        thoughts = _int(usage, "thoughtsTokenCount", "thoughts_token_count")
+        inp, out = prompt + tool, candidates + thoughts
+        cached = _int(usage, "cachedContentTokenCount", "cached_content_token_count")
+        return cls(
+            input_tokens=inp,
+            output_tokens=out,
+            total_tokens=_int(usage, "totalTokenCount", "total_token_count") or inp + out,
+            cached_input_tokens=cached,
+            reasoning_tokens=thoughts,
+        )
+
+    @classmethod
+    def from_any(cls, usage: Mapping[str, Any]) -> Usage:
+        """Recognize the shape by its keys; ``ValueError`` if it is no known usage object."""
+        if not isinstance(usage, Mapping):
+            raise ValueError("usage must be a JSON object")
+        keys = set(usage)
+        if "prompt_tokens" in keys or "completion_tokens" in keys:
+            return cls.from_openai_chat(usage)
+        if keys & {"promptTokenCount", "prompt_token_count", "candidatesTokenCount"}:
+            return cls.from_gemini(usage)
+        if keys & {"cache_creation_input_tokens", "cache_read_input_tokens", "cache_creation"}:
+            return cls.from_anthropic(usage)
+        if keys & {"input_tokens_details", "output_tokens_details"}:
+            return cls.from_openai_responses(usage)
+        if "cached_input_tokens" in keys or "reasoning_tokens" in keys:
+            return cls.model_validate({k: v for k, v in usage.items() if k in cls.model_fields})
+        if "input_tokens" in keys or "output_tokens" in keys:
+            return cls.from_openai_responses(usage)  # Anthropic without cache reads reads the same
+        if "inputTokens" in keys or "outputTokens" in keys:  # Bedrock Converse
+            return cls(
+                input_tokens=_int(usage, "inputTokens"),
+                output_tokens=_int(usage, "outputTokens"),
+                total_tokens=_int(usage, "totalTokens"),
+                cached_input_tokens=_int(usage, "cacheReadInputTokens"),
+                cache_creation_input_tokens=_int(usage, "cacheWriteInputTokens"),
+            )
+        raise ValueError("not a recognized usage object")
+
+
+def sampling_params(body: Any) -> dict[str, Any] | None:
+    """The reproducibility-shaping parameters a request set (``None`` if it set none)."""
+    if not isinstance(body, Mapping):
+        return None
+    found = {k: body[k] for k in SAMPLING_PARAMS if body.get(k) is not None}
+    config = body.get("generationConfig")  # Gemini
+    if isinstance(config, Mapping):
+        for key, camel in (("seed", "seed"), ("temperature", "temperature"),
+                           ("top_p", "topP"), ("top_k", "topK")):
+            if config.get(camel) is not None:
+                found.setdefault(key, config[camel])
+    return found or None
+
+
+class Envelope(BaseModel):
+    """What an AI endpoint answers: the output and everything needed to account for it.
+
+    ``model`` is the name as requested, ``model_version`` the snapshot that served it.
+    ``parsed``/``parsing_error``: for structured output, the parsed value, or why the raw
+    ``output`` (kept untouched) failed its schema; never both, and never a repaired output.
+    ``sampling`` echoes ``seed``/``temperature``/``top_p``/``top_k`` when the request set
+    them, so a client can tell whether two answers were meant to be comparable.
+    ``estimated_cost`` serializes as a decimal string (no float rounding).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    object: str = "envelope"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str | None = None
+    model_version: str | None = None
+    output: Any = None
+    finish_reason: FinishReason | None = None
+    raw_finish_reason: str | None = None
+    usage: Usage | None = None
+    estimated_cost: Decimal | None = None
+    request_duration_ms: float | None = None
+    request_id: str | None = None
+    confidence: float | None = Field(default=None, ge=0.0, le=1.0)
+    parsed: Any = None
+    parsing_error: str | None = None
+    sampling: dict[str, Any] | None = None
+    system_fingerprint: str | None = None
+
+    @model_validator(mode="after")
+    def _parsed_xor_error(self) -> Envelope:
+        if self.parsing_error is not None and self.parsed is not None:
+            raise ValueError("an envelope carries either parsed or parsing_error, not both")
+        return self

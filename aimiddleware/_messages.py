@@ -1,0 +1,211 @@
+"""Token tallies over request shapes (internal to :mod:`aimiddleware.tokens`).
+
+The OpenAI cookbook rule (``How_to_count_tokens_with_tiktoken``): every message costs 3
+tokens plus its encoded values, a ``name`` 1 more, and the reply is primed with 3. Tools:
+``func_init`` (7 on o200k models, 10 on cl100k), ``name:description`` encoded, ``prop_init`` 3,
+``prop_key`` 3 and ``name:type:description`` per property, ``enum_init`` -3 and ``enum_item`` 3
+per enum value, ``func_end`` 12. Parts the rule does not cover (images, tool-call arguments,
+unknown blocks) are counted from their JSON and make the count inexact.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["Tally", "as_list", "estimate", "text_size"]
+
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+REPLY_PRIMING = 3
+IMAGE_TOKENS = 85  # OpenAI's low-detail image cost; an estimate for any image part
+_TEXT_KEYS = ("text", "input_text", "output_text")
+_IMAGE_TYPES = {"image", "image_url", "input_image", "file", "document"}
+_IMAGE_KEYS = ("image_url", "inline_data", "inlineData", "fileData", "file_data")
+
+
+def estimate(text: str) -> int:
+    """Rough tokens for an unknown tokenizer: 4 ASCII chars per token, 1 per other char."""
+    ascii_chars = sum(1 for ch in text if ch < "\x80")
+    return -(-ascii_chars // 4) + (len(text) - ascii_chars)
+
+
+def as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, list | tuple):
+        return list(value)
+    raise TypeError("messages and tools must be lists")
+
+
+def text_size(obj: Any, stop: int) -> int:
+    """Characters of string content in ``obj``, stopping early past ``stop``."""
+    total = 0
+    stack = [obj]
+    while stack and total <= stop:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return total
+
+
+class Tally:
+    """Accumulates tokens for one encoding (``None``: estimated) and an ``exact`` flag."""
+
+    def __init__(self, encoding: Any | None, *, o200k: bool) -> None:
+        self.enc = encoding
+        self.exact = encoding is not None
+        self.tokens = 0
+        self.func_init = 7 if o200k else 10
+
+    def text(self, text: str) -> int:
+        n = len(self.enc.encode_ordinary(text)) if self.enc is not None else estimate(text)
+        self.tokens += n
+        return n
+
+    def approx(self, value: Any) -> None:
+        self.exact = False
+        self.text(value if isinstance(value, str) else json.dumps(value, separators=(",", ":")))
+
+    # -- values -------------------------------------------------------------------------
+
+    def value(self, value: Any) -> None:
+        if value is None or isinstance(value, bool):
+            return
+        if isinstance(value, str):
+            self.text(value)
+        elif isinstance(value, list | tuple):
+            for part in value:
+                self.part(part)
+        elif isinstance(value, Mapping):
+            self.part(value)
+        else:
+            self.approx(str(value))
+
+    def part(self, part: Any) -> None:
+        if isinstance(part, str):
+            self.text(part)
+            return
+        if not isinstance(part, Mapping):
+            self.approx(part)
+            return
+        kind = part.get("type")
+        for key in _TEXT_KEYS:
+            if isinstance(part.get(key), str):
+                self.text(part[key])
+                return
+        if kind in _IMAGE_TYPES or any(k in part for k in _IMAGE_KEYS):
+            self.exact = False
+            self.tokens += IMAGE_TOKENS
+        elif kind == "tool_result" or "functionResponse" in part:
+            self.value(part.get("content", part.get("functionResponse")))
+        elif kind in ("tool_use", "function_call") or "functionCall" in part:
+            call = part.get("functionCall", part)
+            args = call.get("input", call.get("args", call.get("arguments")))
+            self.approx({"name": call.get("name"), "arguments": args})
+        elif kind == "function_call_output":
+            self.value(part.get("output"))
+        elif "content" in part:
+            self.value(part.get("content"))
+        else:
+            self.approx(part)
+
+    # -- chat ---------------------------------------------------------------------------
+
+    def chat(self, messages: list[Any], tools: list[Any]) -> None:
+        for message in messages:
+            self.tokens += TOKENS_PER_MESSAGE
+            if not isinstance(message, Mapping):
+                self.value(message)
+                continue
+            if "role" not in message:  # Responses items (function_call, ...): no published rule
+                self.part(message)
+                self.exact = False
+                continue
+            for key, value in message.items():
+                if key == "name" and isinstance(value, str):
+                    self.tokens += TOKENS_PER_NAME
+                if isinstance(value, str):
+                    self.text(value)
+                elif key in ("tool_calls", "function_call"):
+                    self.approx(value)
+                else:
+                    self.value(value)
+        self.tokens += REPLY_PRIMING
+        if tools:
+            self.tools(tools)
+
+    def tools(self, tools: list[Any]) -> None:
+        for tool in tools:
+            if not isinstance(tool, Mapping):
+                self.approx(tool)
+                continue
+            fn = tool.get("function", tool)  # chat: {"function": {...}}; Responses: flat
+            if not isinstance(fn, Mapping) or "name" not in fn:
+                self.approx(tool)  # built-in tools (web_search, ...): not in the rule
+                continue
+            self.tokens += self.func_init
+            desc = str(fn.get("description") or "").removesuffix(".")
+            self.text(f"{fn['name']}:{desc}")
+            params = fn.get("parameters", fn.get("input_schema")) or {}
+            props = params.get("properties") if isinstance(params, Mapping) else None
+            if isinstance(props, Mapping) and props:
+                self.tokens += 3  # prop_init
+                for key, prop in props.items():
+                    self.tokens += 3  # prop_key
+                    prop = prop if isinstance(prop, Mapping) else {}
+                    enum = prop.get("enum")
+                    if isinstance(enum, list):
+                        self.tokens -= 3  # enum_init
+                        for item in enum:
+                            self.tokens += 3  # enum_item
+                            self.text(str(item))
+                    pdesc = str(prop.get("description") or "").removesuffix(".")
+                    self.text(f"{key}:{prop.get('type', '')}:{pdesc}")
+        self.tokens += 12  # func_end
+
+    # -- request shapes -----------------------------------------------------------------
+
+    def request(self, body: Mapping[str, Any]) -> None:
+        tools = body.get("tools") or body.get("functions") or []
+        tools = tools if isinstance(tools, list) else [tools]
+        messages: list[Any] = []
+        system = body.get("system", body.get("instructions"))
+        if system:
+            messages.append({"role": "system", "content": system})
+        gemini_system = body.get("systemInstruction", body.get("system_instruction"))
+        if isinstance(gemini_system, Mapping):
+            messages.append({"role": "system", "content": gemini_system.get("parts")})
+        if isinstance(body.get("messages"), list):
+            messages.extend(body["messages"])
+        elif "input" in body:
+            inp = body["input"]
+            if isinstance(inp, str):
+                messages.append({"role": "user", "content": inp})
+            else:
+                messages.extend(as_list(inp))
+        elif isinstance(body.get("contents"), list):
+            for content in body["contents"]:
+                if isinstance(content, Mapping):
+                    role = content.get("role", "user")
+                    messages.append({"role": role, "content": content.get("parts")})
+                else:
+                    messages.append({"role": "user", "content": content})
+            tools = [
+                fn for group in tools if isinstance(group, Mapping)
+                for fn in group.get("functionDeclarations", group.get("function_declarations", []))
+            ]
+        elif "prompt" in body:  # legacy completions: no chat overhead
+            prompt = body["prompt"]
+            for item in prompt if isinstance(prompt, list) else [prompt]:
+                if isinstance(item, str):
+                    self.text(item)
+                else:
+                    self.approx(item)
+            return
+        self.chat(messages, tools)

@@ -1,0 +1,126 @@
+"""Read usage, finish reason and served model out of a provider-shaped response (pure).
+
+Recognized bodies: OpenAI Chat Completions / legacy completions (``choices``), OpenAI
+Responses (``object: "response"``), Anthropic Messages (``type: "message"``), Gemini
+``generateContent`` (``candidates`` / ``usageMetadata``), aimiddleware's own ``Envelope``, and
+any object with a recognizable ``usage`` member. Streaming chunks of the same providers
+(an OpenAI chunk with ``usage``, Anthropic ``message_start``/``message_delta``, Gemini
+chunks) are read by :func:`from_stream_event`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aimiddleware.usage.models import Usage
+
+__all__ = ["Extracted", "from_response", "from_stream_event"]
+
+
+@dataclass(frozen=True)
+class Extracted:
+    usage: Usage | None = None
+    raw_finish_reason: str | None = None
+    provider: str | None = None
+    model_version: str | None = None
+
+
+def _usage(value: Any, convert: Any = None) -> Usage | None:
+    if not isinstance(value, Mapping):
+        return None
+    try:
+        return convert(value) if convert is not None else Usage.from_any(value)
+    except ValueError:
+        return None
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _first(value: Any) -> Mapping[str, Any]:
+    if isinstance(value, list) and value and isinstance(value[0], Mapping):
+        return value[0]
+    return {}
+
+
+def from_response(body: Any) -> Extracted | None:
+    """What a complete JSON response says about its usage; ``None`` if nothing."""
+    if not isinstance(body, Mapping):
+        return None
+    model = _str(body.get("model"))
+    if body.get("object") == "envelope":
+        return Extracted(
+            _usage(body.get("usage"), Usage.model_validate),
+            _str(body.get("raw_finish_reason")) or _str(body.get("finish_reason")),
+            None,
+            _str(body.get("model_version")),
+        )
+    if isinstance(body.get("choices"), list):
+        return Extracted(
+            _usage(body.get("usage"), Usage.from_openai_chat),
+            _str(_first(body["choices"]).get("finish_reason")),
+            "openai",
+            model,
+        )
+    if body.get("object") == "response":
+        status = _str(body.get("status"))
+        details = body.get("incomplete_details")
+        if status == "incomplete" and isinstance(details, Mapping):
+            status = _str(details.get("reason")) or status
+        return Extracted(
+            _usage(body.get("usage"), Usage.from_openai_responses),
+            status,
+            "openai_responses",
+            model,
+        )
+    if body.get("type") == "message" and "stop_reason" in body:
+        return Extracted(
+            _usage(body.get("usage"), Usage.from_anthropic),
+            _str(body.get("stop_reason")),
+            "anthropic",
+            model,
+        )
+    if "candidates" in body or "usageMetadata" in body or "promptFeedback" in body:
+        raw = _str(_first(body.get("candidates")).get("finishReason"))
+        feedback = body.get("promptFeedback")
+        if raw is None and isinstance(feedback, Mapping):
+            raw = _str(feedback.get("blockReason"))
+        return Extracted(
+            _usage(body.get("usageMetadata"), Usage.from_gemini),
+            raw,
+            "gemini",
+            _str(body.get("modelVersion")) or model,
+        )
+    usage = _usage(body.get("usage"))
+    if usage is None:
+        return None
+    return Extracted(usage, _str(body.get("finish_reason")), None, model)
+
+
+def from_stream_event(event: Any) -> Extracted | None:
+    """Usage or finish reason carried by one streamed JSON event (``None`` if neither)."""
+    if not isinstance(event, Mapping):
+        return None
+    kind = event.get("type")
+    if kind == "message_start" and isinstance(event.get("message"), Mapping):
+        msg = event["message"]
+        usage = _usage(msg.get("usage"), Usage.from_anthropic)
+        return Extracted(usage, None, "anthropic", _str(msg.get("model")))
+    if kind == "message_delta":
+        delta = event.get("delta")
+        raw = _str(delta.get("stop_reason")) if isinstance(delta, Mapping) else None
+        return Extracted(_usage(event.get("usage"), Usage.from_anthropic), raw, "anthropic")
+    if kind in ("response.completed", "response.incomplete", "response.failed"):
+        return from_response(event.get("response"))
+    if "choices" in event:
+        raw = _str(_first(event.get("choices")).get("finish_reason"))
+        usage = _usage(event.get("usage"), Usage.from_openai_chat)
+        if usage is None and raw is None:
+            return None
+        return Extracted(usage, raw, "openai", _str(event.get("model")))
+    if "candidates" in event or "usageMetadata" in event:
+        return from_response(event)
+    return None

@@ -1,0 +1,291 @@
+"""The usage ledger: records aggregated per principal, day (UTC) and model, plus feedback.
+
+Backends (same behaviour, same tests): :class:`MemoryLedger` (embedded default, bounded),
+:class:`~aimiddleware.usage.ledger_sqlite.SQLiteLedger` (durable, one host) and
+:class:`~aimiddleware.usage.ledger_redis.RedisLedger` (shared by every worker).
+
+Every backend stores flat integer counters per (principal, day, model): ``requests``, the
+token fields of :class:`Usage`, ``cost_nanos`` (cost in 1e-9 units, exact integer adds),
+``unpriced`` (requests with no price) and ``fr:<finish_reason>``, ``feedback_count``,
+``rating_sum``. Writing never fails the response: :meth:`Ledger.record` logs a failed write
+and keeps it (bounded) for retry on the next write or :meth:`Ledger.flush`; a record carries
+a unique ``record_id`` so a retried write that had in fact landed is not counted twice.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from datetime import date, datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+import anyio
+from cachetools import LRUCache
+from pydantic import BaseModel, ConfigDict, Field
+
+from aimiddleware.usage.models import Usage
+
+__all__ = [
+    "Feedback",
+    "Ledger",
+    "MemoryLedger",
+    "RequestRecord",
+    "UsageAggregate",
+    "UsageRecord",
+    "aggregate_from_counters",
+    "counters_for",
+]
+
+logger = logging.getLogger("aimiddleware.usage")
+
+NANOS = Decimal(1_000_000_000)
+TOKEN_FIELDS = (
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "cached_input_tokens",
+    "cache_creation_input_tokens",
+    "reasoning_tokens",
+)
+UNKNOWN_MODEL = "unknown"
+
+
+def utc_day(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).date().isoformat()
+
+
+class UsageRecord(BaseModel):
+    """One finished request, as the usage layer records it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    principal: str
+    request_id: str
+    model: str | None = None
+    model_version: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    estimated_cost: Decimal | None = None
+    finish_reason: str | None = None
+    raw_finish_reason: str | None = None
+    status: int | None = None
+    duration_ms: float | None = None
+    timestamp: float = Field(default_factory=time.time)
+    record_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def day(self) -> str:
+        return utc_day(self.timestamp)
+
+    @property
+    def model_key(self) -> str:
+        return self.model or UNKNOWN_MODEL
+
+
+class Feedback(BaseModel):
+    """A rating of one request: -1 (thumbs down) .. 5 (stars), comment, labels."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    request_id: str = Field(min_length=1, max_length=128)
+    rating: int = Field(ge=-1, le=5)
+    comment: str | None = Field(default=None, max_length=4000)
+    labels: list[str] = Field(default_factory=list, max_length=20)
+    created: float = Field(default_factory=time.time)
+
+
+class RequestRecord(BaseModel):
+    """One request's usage with its feedback, as ``GET /usage/requests/{id}`` shows it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    record: UsageRecord
+    feedback: Feedback | None = None
+
+
+class UsageAggregate(BaseModel):
+    """The caller's usage of one model on one UTC day."""
+
+    model_config = ConfigDict(frozen=True)
+
+    day: str
+    model: str
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    reasoning_tokens: int = 0
+    estimated_cost: Decimal = Decimal(0)
+    unpriced_requests: int = 0
+    finish_reasons: dict[str, int] = Field(default_factory=dict)
+    feedback_count: int = 0
+    rating_sum: int = 0
+
+
+def counters_for(rec: UsageRecord) -> dict[str, int]:
+    """The integer increments one record adds to its (principal, day, model) counters."""
+    inc = {"requests": 1}
+    for name in TOKEN_FIELDS:
+        inc[name] = getattr(rec.usage, name)
+    if rec.estimated_cost is None:
+        inc["unpriced"] = 1
+    else:
+        inc["cost_nanos"] = int((rec.estimated_cost * NANOS).to_integral_value())
+    inc[f"fr:{rec.finish_reason or 'unknown'}"] = 1
+    return {k: v for k, v in inc.items() if v}
+
+
+def aggregate_from_counters(day: str, model: str, counters: Mapping[str, int]) -> UsageAggregate:
+    fields: dict[str, Any] = {name: int(counters.get(name, 0)) for name in TOKEN_FIELDS}
+    return UsageAggregate(
+        day=day,
+        model=model,
+        requests=int(counters.get("requests", 0)),
+        estimated_cost=Decimal(int(counters.get("cost_nanos", 0))) / NANOS,
+        unpriced_requests=int(counters.get("unpriced", 0)),
+        finish_reasons={k[3:]: int(v) for k, v in counters.items() if k.startswith("fr:")},
+        feedback_count=int(counters.get("feedback_count", 0)),
+        rating_sum=int(counters.get("rating_sum", 0)),
+        **fields,
+    )
+
+
+def _day_range(start: date | None, end: date | None) -> tuple[str, str]:
+    return (start.isoformat() if start else "0000-00-00", end.isoformat() if end else "9999-99-99")
+
+
+class Ledger:
+    """Base: the retry buffer around a backend's ``_write``; subclasses do the storage."""
+
+    def __init__(
+        self, *, write_timeout: float = 2.0, retry_interval: float = 1.0, max_pending: int = 10_000
+    ) -> None:
+        if write_timeout <= 0 or retry_interval < 0 or max_pending < 1:
+            raise ValueError("write_timeout > 0, retry_interval >= 0 and max_pending >= 1")
+        self.write_timeout = write_timeout
+        self.retry_interval = retry_interval
+        self._pending: collections.deque[UsageRecord] = collections.deque(maxlen=max_pending)
+        self._failed_at = 0.0
+
+    @property
+    def pending(self) -> int:
+        """Records whose write failed and waits for a retry."""
+        return len(self._pending)
+
+    async def record(self, rec: UsageRecord) -> None:
+        """Store ``rec``; never raises. A failure is logged and the record kept for retry."""
+        if self._pending and time.monotonic() - self._failed_at < self.retry_interval:
+            self._keep(rec)
+            return
+        if self._pending and not await self.flush():
+            self._keep(rec)
+            return
+        if not await self._try(rec):
+            self._keep(rec)
+
+    async def flush(self) -> bool:
+        """Retry pending writes in order; ``True`` when none is left."""
+        while self._pending:
+            if not await self._try(self._pending[0]):
+                return False
+            self._pending.popleft()
+        return True
+
+    def _keep(self, rec: UsageRecord) -> None:
+        if len(self._pending) == self._pending.maxlen:
+            logger.error("usage ledger retry buffer full: dropping record %s", self._pending[0])
+        self._pending.append(rec)
+
+    async def _try(self, rec: UsageRecord) -> bool:
+        try:
+            with anyio.fail_after(self.write_timeout):
+                await self._write(rec)
+        except Exception:
+            self._failed_at = time.monotonic()
+            logger.warning("usage ledger write failed for %s; will retry", rec.request_id,
+                           exc_info=True)
+            return False
+        return True
+
+    async def _write(self, rec: UsageRecord) -> None:
+        raise NotImplementedError
+
+    async def query(
+        self,
+        principal: str,
+        *,
+        start: date | None = None,
+        end: date | None = None,
+        model: str | None = None,
+    ) -> list[UsageAggregate]:
+        """The principal's aggregates by day and model, oldest first, ``start..end`` inclusive."""
+        raise NotImplementedError
+
+    async def get_request(self, principal: str, request_id: str) -> RequestRecord | None:
+        raise NotImplementedError
+
+    async def add_feedback(self, principal: str, feedback: Feedback) -> bool:
+        """Attach feedback to the principal's own request; ``False`` if no such request."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        await self.flush()
+
+
+class MemoryLedger(Ledger):
+    """In-process ledger, bounded: least recently written aggregates and requests go first."""
+
+    def __init__(self, *, max_aggregates: int = 100_000, max_requests: int = 100_000) -> None:
+        super().__init__()
+        if max_aggregates < 1 or max_requests < 1:
+            raise ValueError("max_aggregates and max_requests must be >= 1")
+        self._aggs: LRUCache[tuple[str, str, str], dict[str, int]] = LRUCache(max_aggregates)
+        self._requests: LRUCache[tuple[str, str], RequestRecord] = LRUCache(max_requests)
+
+    async def _write(self, rec: UsageRecord) -> None:
+        key = (rec.principal, rec.day, rec.model_key)
+        counters = self._aggs.get(key)
+        if counters is None:
+            counters = self._aggs[key] = {}
+        for name, value in counters_for(rec).items():
+            counters[name] = counters.get(name, 0) + value
+        self._requests[(rec.principal, rec.request_id)] = RequestRecord(record=rec)
+
+    async def query(
+        self,
+        principal: str,
+        *,
+        start: date | None = None,
+        end: date | None = None,
+        model: str | None = None,
+    ) -> list[UsageAggregate]:
+        lo, hi = _day_range(start, end)
+        found = [
+            aggregate_from_counters(day, mod, counters)
+            for (who, day, mod), counters in list(self._aggs.items())
+            if who == principal and lo <= day <= hi and (model is None or mod == model)
+        ]
+        return sorted(found, key=lambda a: (a.day, a.model))
+
+    async def get_request(self, principal: str, request_id: str) -> RequestRecord | None:
+        return self._requests.get((principal, request_id))
+
+    async def add_feedback(self, principal: str, feedback: Feedback) -> bool:
+        found = self._requests.get((principal, feedback.request_id))
+        if found is None:
+            return False
+        rec = found.record
+        counters = self._aggs.setdefault((principal, rec.day, rec.model_key), {})
+        if found.feedback is None:
+            counters["feedback_count"] = counters.get("feedback_count", 0) + 1
+        old = found.feedback.rating if found.feedback is not None else 0
+        counters["rating_sum"] = counters.get("rating_sum", 0) + feedback.rating - old
+        self._requests[(principal, feedback.request_id)] = RequestRecord(
+            record=rec, feedback=feedback
+        )
+        return True

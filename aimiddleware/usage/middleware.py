@@ -1,0 +1,295 @@
+"""``UsageMiddleware``: duration, usage, finish_reason, cost, headers and the ledger.
+
+The innermost layer. Usage comes from what the endpoint reported (``report_usage``, an
+``Envelope`` from :func:`~aimiddleware.usage.envelope.envelope`, an event stream that
+reports at its end), or, for an app that proxies a provider unchanged, from the response
+itself: a JSON body (OpenAI, Anthropic, Gemini shaped; up to ``max_json_body`` bytes) is
+parsed, and an event stream is scanned line by line as it passes (never buffered).
+
+A JSON response's ``http.response.start`` is held back until its body is complete (or past
+the bound) so that the headers can carry what the body says. Headers (prefix configurable):
+
+- ``x-usage-duration-ms``: time from the request reaching the stack to the response head
+- ``x-usage-input-tokens``, ``x-usage-output-tokens``, ``x-usage-total-tokens``, and when
+  non-zero ``x-usage-cached-input-tokens``, ``x-usage-reasoning-tokens``
+- ``x-usage-estimated-cost``: decimal string; absent when the model is unpriced
+- ``x-usage-finish-reason``: the normalized reason (raw value stays in the body/ledger)
+
+Streams get only the duration header (their usage is known at the end) and are recorded
+after the last chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from aimiddleware.context import SCOPE_KEY, RequestContext
+from aimiddleware.finish_reason import normalize_finish_reason
+from aimiddleware.pricing import PriceTable
+from aimiddleware.storage import Storage
+from aimiddleware.tokens import TokenCounter
+from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
+from aimiddleware.usage.extract import Extracted, from_response, from_stream_event
+from aimiddleware.usage.ledger import Ledger, MemoryLedger, UsageRecord
+from aimiddleware.usage.models import Usage
+
+__all__ = ["DEFAULT_MAX_JSON_BODY", "UsageMiddleware", "UsageSettings", "ledger_for"]
+
+logger = logging.getLogger("aimiddleware.usage")
+
+DEFAULT_MAX_JSON_BODY = 1024 * 1024
+STATE_KEY = "usage"
+
+
+@dataclass(frozen=True)
+class UsageSettings:
+    """What the usage layer shares with routes and decorators via ``ctx.state["usage"]``."""
+
+    prices: PriceTable | None
+    counter: TokenCounter
+    ledger: Ledger | None
+
+
+def ledger_for(storage: Storage | str | None) -> Ledger:
+    """The default ledger for a storage: memory in-process, else Redis."""
+    storage = Storage.coerce(storage)
+    if storage.is_memory:
+        return MemoryLedger()
+    from aimiddleware.usage.ledger_redis import RedisLedger
+
+    return RedisLedger(storage)
+
+
+def merge(old: Usage | None, new: Usage | None) -> Usage | None:
+    """Field-wise max: streamed usage is cumulative (Anthropic start + delta, Gemini chunks)."""
+    if old is None or new is None:
+        return new or old
+    fields = {k: max(getattr(old, k), getattr(new, k)) for k in Usage.model_fields}
+    both = fields["input_tokens"] + fields["output_tokens"]
+    fields["total_tokens"] = max(fields["total_tokens"], both)
+    return Usage(**fields)
+
+
+class UsageMiddleware:
+    """Innermost layer. ``ledger=None`` derives one from ``storage``; ``record=False`` skips it.
+
+    ``prices``: a :class:`PriceTable` (``None``: costs are unpriced). ``counter``: the
+    :class:`TokenCounter` shared with the count route. ``max_json_body``: bytes of JSON
+    response held to read its usage. ``header_prefix``: of the response headers.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        prices: PriceTable | None = None,
+        ledger: Ledger | None = None,
+        storage: Storage | str | None = None,
+        counter: TokenCounter | None = None,
+        record: bool = True,
+        max_json_body: int = DEFAULT_MAX_JSON_BODY,
+        header_prefix: str = "x-usage-",
+    ) -> None:
+        if prices is not None and not isinstance(prices, PriceTable):
+            raise TypeError("prices must be a PriceTable")
+        if ledger is not None and not isinstance(ledger, Ledger):
+            raise TypeError("ledger must be a Ledger")
+        if max_json_body < 0:
+            raise ValueError("max_json_body must be >= 0")
+        if not header_prefix or header_prefix.lower() != header_prefix or " " in header_prefix:
+            raise ValueError("header_prefix must be a lower-case header name prefix")
+        if record and ledger is None:
+            ledger = ledger_for(storage)
+        self.app = app
+        self.settings = UsageSettings(prices, counter or TokenCounter(), ledger if record else None)
+        self.max_json_body = max_json_body
+        self.prefix = header_prefix.encode("latin-1")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx = scope.get("state", {}).get(SCOPE_KEY)
+        if not isinstance(ctx, RequestContext):
+            logger.warning("UsageMiddleware without RequestContextMiddleware: nothing measured")
+            await self.app(scope, receive, send)
+            return
+        ctx.state[STATE_KEY] = self.settings
+        responder = _Responder(self, ctx, send)
+        try:
+            await self.app(scope, receive, responder.send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.finish(ctx)
+
+    # -- accounting -----------------------------------------------------------------------
+
+    def absorb(self, ctx: RequestContext, found: Extracted | None) -> None:
+        """Take what a response said, unless the endpoint already reported it."""
+        if found is None:
+            return
+        reported = ctx.state.setdefault("usage_reported", ctx.usage is not None)
+        if found.usage is not None and not reported:
+            ctx.usage = merge(ctx.usage, found.usage)
+        if found.raw_finish_reason is not None and (not reported or ctx.raw_finish_reason is None):
+            ctx.raw_finish_reason = found.raw_finish_reason
+        if found.provider:
+            ctx.state.setdefault("usage_provider", found.provider)
+        if found.model_version and ctx.model_version is None:
+            ctx.model_version = found.model_version
+
+    def settle(self, ctx: RequestContext) -> None:
+        """Normalize the finish reason, fill in the model, price the usage."""
+        if ctx.model is None:
+            body = ctx.json()
+            if isinstance(body, dict) and isinstance(body.get("model"), str):
+                ctx.model = body["model"]
+        if ctx.raw_finish_reason is not None:
+            ctx.finish_reason = normalize_finish_reason(
+                ctx.raw_finish_reason, ctx.state.get("usage_provider")
+            ).value
+        prices = self.settings.prices
+        if ctx.usage is not None and ctx.estimated_cost is None and prices is not None:
+            for name in (ctx.model_version, ctx.model):
+                if name and prices.price(name) is not None:
+                    ctx.estimated_cost = prices.estimate(name, ctx.usage)
+                    break
+
+    def headers(self, ctx: RequestContext) -> list[tuple[bytes, bytes]]:
+        p = self.prefix
+        out = [(p + b"duration-ms", f"{ctx.elapsed_ms:.1f}".encode())]
+        u = ctx.usage
+        if u is not None:
+            out += [
+                (p + b"input-tokens", str(u.input_tokens).encode()),
+                (p + b"output-tokens", str(u.output_tokens).encode()),
+                (p + b"total-tokens", str(u.total_tokens).encode()),
+            ]
+            if u.cached_input_tokens:
+                out.append((p + b"cached-input-tokens", str(u.cached_input_tokens).encode()))
+            if u.reasoning_tokens:
+                out.append((p + b"reasoning-tokens", str(u.reasoning_tokens).encode()))
+        if ctx.estimated_cost is not None:
+            out.append((p + b"estimated-cost", format(ctx.estimated_cost, "f").encode()))
+        if ctx.finish_reason is not None:
+            out.append((p + b"finish-reason", ctx.finish_reason.encode()))
+        return out
+
+    async def finish(self, ctx: RequestContext) -> None:
+        self.settle(ctx)
+        ledger = self.settings.ledger
+        if ledger is None or (ctx.usage is None and ctx.raw_finish_reason is None):
+            return
+        rec = UsageRecord(
+            principal=ctx.principal,
+            request_id=ctx.request_id,
+            model=ctx.model,
+            model_version=ctx.model_version,
+            usage=ctx.usage or Usage(),
+            estimated_cost=ctx.estimated_cost,
+            finish_reason=ctx.finish_reason,
+            raw_finish_reason=ctx.raw_finish_reason,
+            status=ctx.response_status,
+            duration_ms=round(ctx.elapsed_ms, 3),
+            timestamp=ctx.started_at,
+        )
+        await ledger.record(rec)
+
+
+def _content_type(headers: Any) -> bytes:
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            return bytes(value).split(b";", 1)[0].strip().lower()
+    return b""
+
+
+def _content_length(headers: Any) -> int | None:
+    for name, value in headers:
+        if name.lower() == b"content-length" and value.isdigit():
+            return int(value)
+    return None
+
+
+class _Responder:
+    """One request's ``send`` wrapper: pass, hold (JSON) or scan (event stream)."""
+
+    def __init__(self, mw: UsageMiddleware, ctx: RequestContext, send: Send) -> None:
+        self.mw, self.ctx, self._send = mw, ctx, send
+        self.mode = "start"  # start -> hold | scan | pass
+        self.start: Message | None = None
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.tail = b""
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            await self._on_start(message)
+        elif kind == "http.response.body" and self.mode == "hold":
+            await self._on_held_body(message)
+        else:
+            if kind == "http.response.body" and self.mode == "scan":
+                self._scan(message.get("body", b""), final=not message.get("more_body", False))
+            await self._send(message)
+
+    async def _on_start(self, message: Message) -> None:
+        headers = list(message.get("headers", ()))
+        ctype = _content_type(headers)
+        length = _content_length(headers)
+        if ctype == b"text/event-stream":
+            self.ctx.streaming = True
+            self.mode = "scan"
+            await self._send({**message, "headers": headers + self.mw.headers(self.ctx)[:1]})
+        elif (ctype == b"application/json" or ctype.endswith(b"+json")) and (
+            length is None or length <= self.mw.max_json_body
+        ) and self.mw.max_json_body > 0:
+            self.mode, self.start = "hold", message
+        else:
+            self.mode = "pass"
+            self.mw.settle(self.ctx)
+            await self._send({**message, "headers": headers + self.mw.headers(self.ctx)})
+
+    async def _on_held_body(self, message: Message) -> None:
+        body = message.get("body", b"")
+        more = message.get("more_body", False)
+        self.chunks.append(body)
+        self.size += len(body)
+        if more and self.size <= self.mw.max_json_body:
+            return
+        if not more and self.size <= self.mw.max_json_body:
+            try:
+                parsed = json.loads(b"".join(self.chunks))
+            except (ValueError, UnicodeDecodeError):
+                parsed = None
+            self.mw.absorb(self.ctx, from_response(parsed))
+        self.mw.settle(self.ctx)
+        assert self.start is not None
+        headers = list(self.start.get("headers", ())) + self.mw.headers(self.ctx)
+        await self._send({**self.start, "headers": headers})
+        self.mode = "pass"
+        body, self.chunks = b"".join(self.chunks), []
+        await self._send({"type": "http.response.body", "body": body, "more_body": more})
+
+    def _scan(self, chunk: bytes, *, final: bool) -> None:
+        """Read ``data:`` lines carrying usage as the stream passes; keep only a partial line."""
+        data = self.tail + chunk
+        lines = data.split(b"\n")
+        self.tail = b"" if final else lines.pop()
+        if len(self.tail) > self.mw.max_json_body:
+            self.tail = b""  # an absurd line: give up on it rather than grow
+        for line in lines:
+            if not line.startswith(b"data:") or (
+                b"usage" not in line and b"stop_reason" not in line
+                and b"finish" not in line and b"Reason" not in line
+            ):
+                continue
+            try:
+                event = json.loads(line[5:].strip())
+            except (ValueError, UnicodeDecodeError):
+                continue
+            self.mw.absorb(self.ctx, from_stream_event(event))
