@@ -33,6 +33,14 @@ from aimiddleware.errors import (
     UpstreamUnavailable,
     ValidationFailed,
 )
+from aimiddleware.ratelimit import (
+    Limit,
+    Policy,
+    RateLimiter,
+    RateLimitMiddleware,
+    SpendAlert,
+    rate_limit,
+)
 from aimiddleware.stack import StackConfig, install
 from aimiddleware.storage import Storage
 from aimiddleware.usage.models import Usage
@@ -50,20 +58,25 @@ __all__ = [
     "IdempotencyKeyReused",
     "InternalError",
     "InvalidRequest",
+    "Limit",
     "MethodNotAllowed",
     "ModelRetired",
     "NotFound",
     "OutputSchemaInvalid",
     "Overloaded",
     "PermissionDenied",
+    "Policy",
     "PolicyRefusal",
     "PromptInjectionDetected",
     "QuotaExceeded",
+    "RateLimitMiddleware",
     "RateLimited",
+    "RateLimiter",
     "RequestContext",
     "RequestContextMiddleware",
     "RequestIdFilter",
     "RequestTooLarge",
+    "SpendAlert",
     "StackConfig",
     "Storage",
     "StoreUnavailable",
@@ -77,6 +90,7 @@ __all__ = [
     "ValidationFailed",
     "current",
     "install",
+    "rate_limit",
     "register_exception_handlers",
     "report_usage",
 ]

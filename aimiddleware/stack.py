@@ -17,6 +17,7 @@ from typing import Any
 from aimiddleware.context_middleware import DEFAULT_MAX_BODY, RequestContextMiddleware
 from aimiddleware.error_middleware import ErrorMiddleware, register_exception_handlers
 from aimiddleware.errors import DEFAULT_TYPE_BASE, ExceptionMapper, Mapper
+from aimiddleware.ratelimit import Policy, RateLimiter, RateLimitMiddleware
 from aimiddleware.storage import Storage
 from aimiddleware.types import ASGIApp, PrincipalResolver
 
@@ -34,6 +35,8 @@ class StackConfig:
     principal: PrincipalResolver | None = None
     error_type_base: str = DEFAULT_TYPE_BASE
     exception_mappings: Mapping[type[BaseException], Mapper] = field(default_factory=dict)
+    # A RateLimiter, or policies (one Policy or {tier: Policy}) for one on the shared storage.
+    ratelimit: RateLimiter | Policy | Mapping[str, Policy] | None = None
 
 
 def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
@@ -64,7 +67,11 @@ def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
         ),
         (ErrorMiddleware, {"mapper": mapper, "error_type_base": config.error_type_base}),
     ]
-    del storage  # shared with the stateful layers as they join the stack
+    if config.ratelimit is not None:
+        limiter = config.ratelimit
+        if not isinstance(limiter, RateLimiter):
+            limiter = RateLimiter(limiter, storage=storage)
+        layers.append((RateLimitMiddleware, {"limiter": limiter}))
 
     if hasattr(app, "add_middleware") and hasattr(app, "add_exception_handler"):
         register_exception_handlers(app, mapper=mapper, error_type_base=config.error_type_base)

@@ -19,6 +19,7 @@ from typing import Any
 from aimiddleware.context import RequestContext
 from aimiddleware.errors import InvalidRequest
 from aimiddleware.ratelimit.policy import COST_SCALE, Policy
+from aimiddleware.tokens import TokenCounter
 from aimiddleware.usage.models import Usage
 
 __all__ = ["OUTPUT_CAP_FIELDS", "Estimate", "Estimator"]
@@ -62,7 +63,7 @@ def _is_json(content_type: bytes | None) -> bool:
 
 
 class Estimator:
-    """``counter``: a TokenCounter; ``prices``: a PriceTable (both default to the package's)."""
+    """``counter``: a TokenCounter (default: a new one); ``prices``: a PriceTable or None."""
 
     def __init__(self, counter: Any, prices: Any, output_estimate: int | Mapping[str, int]) -> None:
         if isinstance(output_estimate, int):
@@ -77,24 +78,12 @@ class Estimator:
     @property
     def counter(self) -> Any:
         if self._counter is _UNSET:
-            try:
-                from aimiddleware.tokens import TokenCounter  # type: ignore[import-not-found]
-
-                self._counter = TokenCounter()
-            except ImportError:  # pragma: no cover - tokens.py ships with the package
-                self._counter = None
+            self._counter = TokenCounter()
         return self._counter
 
     @property
     def prices(self) -> Any:
-        if self._prices is _UNSET:
-            try:
-                from aimiddleware.pricing import PriceTable  # type: ignore[import-not-found]
-
-                self._prices = PriceTable()
-            except ImportError:  # pragma: no cover
-                self._prices = None
-        return self._prices
+        return None if self._prices is _UNSET else self._prices
 
     def default_output(self, model: str | None) -> int:
         if isinstance(self.output_estimate, int):

@@ -113,6 +113,11 @@ class RateLimiter:
             raise ValueError("alert_fractions need an on_alert callback")
         if on_unpriced not in ("allow", "reject"):
             raise ValueError("on_unpriced must be 'allow' or 'reject'")
+        every = [*policies.values(), *(routes or {}).values()]
+        if prices is None and any(
+            lim.dimension == "cost" for pol in every for lim in _all_limits(pol)
+        ):
+            raise ValueError("cost limits need prices=PriceTable(...)")
         self.policies = dict(policies)
         self.tier = tier
         self.default_tier = default_tier
