@@ -98,7 +98,12 @@ class Storage:
             return RedisCluster.from_url(f"{real}://{rest}", **timeouts)
         if scheme in ("valkey", "valkeys"):
             scheme = "redis" if scheme == "valkey" else "rediss"
-        return aioredis.Redis.from_url(f"{scheme}://{rest}", **timeouts)
+        # A blocking pool: under a burst, callers wait (up to the socket timeout) for a free
+        # connection instead of failing with MaxConnectionsError when 100 are in use.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            f"{scheme}://{rest}", max_connections=100, timeout=self.socket_timeout, **timeouts
+        )
+        return aioredis.Redis(connection_pool=pool)
 
     async def aclose(self) -> None:
         if self._client is not None:

@@ -103,8 +103,10 @@ class Estimator:
     ) -> Estimate:
         if not needs_body:
             return Estimate(ctx.model, 0, 0, None)
+        if not ctx.body.strip():  # no body, no model call to reserve for (GET /health...)
+            return Estimate(ctx.model, 0, 0, Decimal(0) if needs_cost else None)
         body: Any = None
-        if ctx.body.strip() and _is_json(content_type):
+        if _is_json(content_type):
             body = ctx.json()
             if not isinstance(body, dict):
                 raise InvalidRequest(

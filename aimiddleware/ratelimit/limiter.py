@@ -225,7 +225,9 @@ class RateLimiter:
                     extra={"limiter": self.name},
                 ) from exc
             logger.warning("%s store unavailable; admitting without limits (fail-open)", self.name)
-            return Admission(principal, tuple(limits), hits, estimate, None, None, 0, [])
+            unchecked = Admission(principal, tuple(limits), hits, estimate, None, None, 0, [])
+            ctx.state["ratelimit"] = unchecked
+            return unchecked
         limits_t = tuple(limits)
         if not decision.allowed:
             raise refusal.refused(limits_t, hits, decision, concurrency)
@@ -233,6 +235,7 @@ class RateLimiter:
             principal, limits_t, hits, estimate, decision, lease, concurrency,
             rate_limit_headers(limits_t, decision.states, concurrency, decision.in_flight),
         )
+        ctx.state["ratelimit"] = admission
         if self.alert_fractions:
             await self._alerts(ctx.principal, admission)
         return admission
