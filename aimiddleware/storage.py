@@ -103,7 +103,7 @@ class Storage:
         pool = aioredis.BlockingConnectionPool.from_url(
             f"{scheme}://{rest}", max_connections=100, timeout=self.socket_timeout, **timeouts
         )
-        return aioredis.Redis(connection_pool=pool)
+        return aioredis.Redis.from_pool(pool)
 
     async def aclose(self) -> None:
         if self._client is not None:
