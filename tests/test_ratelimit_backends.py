@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import Any
 from decimal import Decimal
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -85,7 +85,8 @@ async def test_lease_expires_without_refresh(storage: Storage) -> None:
     for i in range(2):
         d = await backend.acquire("p", hits, lease=f"l{i}", concurrency=2, lease_ttl_ms=1000)
         assert d.allowed
-    assert not (await backend.acquire("p", hits, lease="l2", concurrency=2, lease_ttl_ms=1000)).allowed
+    refused = await backend.acquire("p", hits, lease="l2", concurrency=2, lease_ttl_ms=1000)
+    assert not refused.allowed and refused.failed == 1
     now[0] += 0.6
     await backend.refresh("p", "l0", 1000)  # l0 kept alive, l1 not
     now[0] += 0.6
