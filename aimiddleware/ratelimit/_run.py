@@ -30,7 +30,7 @@ async def run_admitted(
     reservation and release the concurrency lease under a shielded scope."""
     failed = True
     try:
-        if admission.lease is None:
+        if admission.lease is None or not limiter.refreshes:
             result = await call()
         else:
             result = await _with_refresh(limiter, admission, call)
@@ -41,11 +41,12 @@ async def run_admitted(
         err.headers.extend(h for h in admission.headers if h[0] not in taken)
         raise
     finally:
-        with anyio.CancelScope(shield=True):
-            try:
-                await limiter.finish(admission, ctx, failed=failed)
-            except Exception:  # never let bookkeeping hide the response or the real error
-                logger.exception("rate-limit reconciliation failed")
+        if not limiter.settled(admission, ctx, failed=failed):
+            with anyio.CancelScope(shield=True):
+                try:
+                    await limiter.finish(admission, ctx, failed=failed)
+                except Exception:  # never let bookkeeping hide the response or the real error
+                    logger.exception("rate-limit reconciliation failed")
 
 
 async def _with_refresh(

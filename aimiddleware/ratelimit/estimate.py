@@ -28,6 +28,7 @@ logger = logging.getLogger("aimiddleware.ratelimit")
 
 OUTPUT_CAP_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 _UNSET: Any = object()
+_MILLION = Decimal(1_000_000)
 
 
 @dataclass(frozen=True)
@@ -149,9 +150,12 @@ class Estimator:
         prices = self.prices
         if prices is None or model is None:
             return None
-        usage = Usage(input_tokens=input_tokens, output_tokens=output_tokens)
-        result = prices.estimate(model, usage)
-        return None if result is None else Decimal(result)
+        price = prices.price(model)
+        if price is None:
+            return None
+        # What PriceTable.estimate computes for plain input/output, without a Usage object.
+        total: Decimal = Decimal(input_tokens) * price.input + Decimal(output_tokens) * price.output
+        return total / _MILLION
 
     def actual(self, reserved: Estimate, usage: Usage, model: str | None) -> Estimate:
         model = model or reserved.model

@@ -8,6 +8,7 @@ backend call (one Lua script on Redis): every limit and the concurrency lease, a
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
@@ -136,6 +137,12 @@ class RateLimiter:
         self.on_unpriced = on_unpriced
         self.fail_open = fail_open
         self.lease_ttl_ms = int(lease_ttl * 1000)
+        # In-process leases die with their holder: only a shared store needs TTL refreshes.
+        self.refreshes = bool(getattr(backend, "shared", True))
+        self._lease_ttl_ms = self.lease_ttl_ms if self.refreshes else _IN_PROCESS_LEASE_MS
+        self._lease_prefix = secrets.token_hex(6) + "-"
+        self._lease_ids = itertools.count()
+        self._resolved: dict[tuple[int, str | None, str | None, int], _Resolved] = {}
         self.alert_fractions = tuple(sorted(alert_fractions))
         self.on_alert = on_alert
         self.name = name
@@ -175,6 +182,37 @@ class RateLimiter:
                 best = (pattern, pol)
         return best
 
+    def _resolve(
+        self,
+        policy: Policy,
+        route: tuple[str, Policy] | None,
+        extra: Policy | None,
+        model: str | None,
+    ) -> _Resolved:
+        """The limits of (policy, route, extra policy, model), computed once and cached."""
+        key = (id(policy), route[0] if route else None, model, id(extra))
+        found = self._resolved.get(key)
+        if found is not None:
+            return found
+        pols = [p for p in (policy, route[1] if route else None, extra) if p is not None]
+        limits = list(policy.limits_for(model))
+        concurrency = policy.concurrency or 0
+        if route is not None:
+            scope = f"route:{route[0]}"
+            limits.extend(lim.scoped(scope) for lim in route[1].limits_for(model))
+        if extra is not None:
+            limits.extend(extra.limits_for(model))
+            concurrency = concurrency or (extra.concurrency or 0)
+        found = _Resolved(
+            tuple(limits),
+            concurrency,
+            needs_body=any(p.needs_tokens or bool(p.models) for p in pols),
+            needs_cost=any(lim.dimension == "cost" for p in pols for lim in _all_limits(p)),
+        )
+        if len(self._resolved) < 10_000:  # bounded: models come from request bodies
+            self._resolved[key] = found
+        return found
+
     # -- admission --------------------------------------------------------------------------
 
     async def admit(
@@ -184,22 +222,15 @@ class RateLimiter:
         principal = _key(ctx.principal)
         policy = await self.policy_for(ctx.principal)
         route = self.route_policy(ctx.path)
-        pols = [p for p in (policy, route[1] if route else None, extra) if p is not None]
-        needs_body = any(p.needs_tokens or p.models for p in pols)
-        needs_cost = any(lim.dimension == "cost" for p in pols for lim in _all_limits(p))
+        res = self._resolve(policy, route, extra, ctx.model)
         estimate = await self.estimator.estimate(
-            ctx, policy, needs_body=needs_body, needs_cost=needs_cost, content_type=content_type
+            ctx, policy, needs_body=res.needs_body, needs_cost=res.needs_cost,
+            content_type=content_type,
         )
-        limits = list(policy.limits_for(estimate.model))
-        concurrency = policy.concurrency or 0
-        if route is not None:
-            scope = f"route:{route[0]}"
-            limits.extend(lim.scoped(scope) for lim in route[1].limits_for(estimate.model))
-        if extra is not None:
-            limits.extend(extra.limits_for(estimate.model))
-            concurrency = concurrency or (extra.concurrency or 0)
-        has_cost = any(lim.dimension == "cost" for lim in limits)
-        if has_cost and estimate.cost is None and self.on_unpriced == "reject":
+        if estimate.model != ctx.model:
+            res = self._resolve(policy, route, extra, estimate.model)
+        limits, concurrency = res.limits, res.concurrency
+        if res.needs_cost and estimate.cost is None and self.on_unpriced == "reject":
             raise InvalidRequest(
                 f"Model {estimate.model!r} has no price, and this caller has a cost budget.",
                 param="model",
@@ -211,11 +242,11 @@ class RateLimiter:
         for lim, hit in zip(limits, hits, strict=False):
             if hit.cost > lim.amount:
                 raise refusal.too_large(lim, hit.cost)
-        lease = secrets.token_hex(8) if concurrency else None
+        lease = f"{self._lease_prefix}{next(self._lease_ids)}" if concurrency else None
         try:
             decision = await self.backend.acquire(
                 principal, hits, lease=lease, concurrency=concurrency,
-                lease_ttl_ms=self.lease_ttl_ms,
+                lease_ttl_ms=self._lease_ttl_ms,
             )
         except StoreUnavailable as exc:
             if not self.fail_open:
@@ -225,15 +256,14 @@ class RateLimiter:
                     extra={"limiter": self.name},
                 ) from exc
             logger.warning("%s store unavailable; admitting without limits (fail-open)", self.name)
-            unchecked = Admission(principal, tuple(limits), hits, estimate, None, None, 0, [])
+            unchecked = Admission(principal, limits, hits, estimate, None, None, 0, [])
             ctx.state["ratelimit"] = unchecked
             return unchecked
-        limits_t = tuple(limits)
         if not decision.allowed:
-            raise refusal.refused(limits_t, hits, decision, concurrency)
+            raise refusal.refused(limits, hits, decision, concurrency)
         admission = Admission(
-            principal, limits_t, hits, estimate, decision, lease, concurrency,
-            rate_limit_headers(limits_t, decision.states, concurrency, decision.in_flight),
+            principal, limits, hits, estimate, decision, lease, concurrency,
+            rate_limit_headers(limits, decision.states, concurrency, decision.in_flight),
         )
         ctx.state["ratelimit"] = admission
         if self.alert_fractions:
@@ -241,6 +271,12 @@ class RateLimiter:
         return admission
 
     # -- reconciliation ---------------------------------------------------------------------
+
+    def settled(self, admission: Admission, ctx: RequestContext, *, failed: bool) -> bool:
+        """True when :meth:`finish` has nothing to do (no lease, nothing to correct)."""
+        return admission.decision is None or (
+            admission.lease is None and ctx.usage is None and not failed
+        )
 
     async def finish(self, admission: Admission, ctx: RequestContext, *, failed: bool) -> None:
         """Replace the reservation by the real usage, refund a failed call, release the lease.
@@ -311,6 +347,17 @@ class RateLimiter:
                 await result
         except Exception:
             logger.exception("spend alert callback failed")
+
+
+_IN_PROCESS_LEASE_MS = 10 * 365 * 86_400_000
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    limits: tuple[Limit, ...]
+    concurrency: int
+    needs_body: bool
+    needs_cost: bool
 
 
 def _all_limits(policy: Policy) -> list[Limit]:

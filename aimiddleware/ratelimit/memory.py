@@ -29,6 +29,9 @@ class _Entry:
 class MemoryBackend:
     """The embedded default. ``clock`` returns seconds (``time.time`` by default)."""
 
+    #: State is private to this process (leases cannot outlive their holder).
+    shared = False
+
     def __init__(self, *, clock: Callable[[], float] | None = None) -> None:
         self.clock = clock or time.time
         self._entries: OrderedDict[str, _Entry] = OrderedDict()

@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
+from functools import cached_property
 from typing import Literal
 
 from limits import parse_many
@@ -54,7 +55,7 @@ class Limit:
     scope: str = ""
     text: str = ""
 
-    @property
+    @cached_property
     def field(self) -> str:
         base = f"{self.dimension}:{self.window}"
         return f"{self.scope}|{base}" if self.scope else base
@@ -63,7 +64,7 @@ class Limit:
     def window_name(self) -> str:
         return window_label(self.window)
 
-    @property
+    @cached_property
     def name(self) -> str:
         """A short, header-safe name: ``tokens-1m``, ``model-gpt-4o-tokens-1m``."""
         base = f"{self.dimension.replace('_', '-')}-{self.window_name}"

@@ -25,6 +25,9 @@ def _script(name: str) -> str:
 class RedisBackend:
     """Counters and leases in Redis/Valkey. ``clock`` (seconds) is for tests only."""
 
+    #: State is shared between processes: leases need TTL refreshes.
+    shared = True
+
     def __init__(
         self,
         storage: Storage,
