@@ -257,3 +257,32 @@ def test_configuration_is_validated_eagerly() -> None:
     p = Policy(requests="10/second;1000/day", cost="2.5/day", concurrency=2)
     assert [(lim.dimension, lim.amount, lim.window) for lim in p.limits] == [
         ("requests", 10, 1), ("requests", 1000, 86400), ("cost", 2_500_000_000, 86400)]
+
+
+async def test_stream_is_reconciled_with_usage_reported_at_its_end() -> None:
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    import aimiddleware
+    from aimiddleware import report_usage
+
+    limiter = RateLimiter(Policy(tokens="100000/minute", concurrency=2))
+    app = FastAPI()
+
+    @app.post(CHAT)
+    async def stream() -> StreamingResponse:
+        async def events() -> Any:
+            for i in range(3):
+                yield f"data: {i}\n\n"
+            report_usage({"input_tokens": 7, "output_tokens": 3})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    aimiddleware.install(app, ratelimit=limiter)
+    async with client(app) as c:
+        r = await c.post(CHAT, json={**BODY, "max_tokens": 4000})
+        assert r.status_code == 200 and r.text.endswith("[DONE]\n\n")
+        assert int(r.headers["x-ratelimit-remaining-tokens"]) < 100000 - 4000
+        assert await counters(limiter, "k1") == {"tokens:60": 10}
+        assert await limiter.backend.in_flight(principal_of("k1")) == 0  # type: ignore[attr-defined]
