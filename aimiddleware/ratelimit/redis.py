@@ -44,6 +44,7 @@ class RedisBackend:
         self.clock = clock
         self._acquire: Any = None
         self._adjust: Any = None
+        self._refresh: Any = None
 
     def _keys(self, principal: str) -> list[str]:
         key = self.storage.key
@@ -94,18 +95,11 @@ class RedisBackend:
             await script(keys=self._keys(principal), args=args)
 
     async def refresh(self, principal: str, lease: str, ttl_ms: int) -> None:
-        key = self._keys(principal)[1]
-        client = self.storage.redis
+        if self._refresh is None:
+            self._refresh = self.storage.redis.register_script(_script("refresh.lua"))
         async with redis_errors("rate limit"):
-            if self.clock is None:
-                sec, micro = await client.time()
-                now = int(sec) * 1000 + int(micro) // 1000
-            else:
-                now = int(self.clock() * 1000)
-            async with client.pipeline(transaction=True) as pipe:
-                pipe.zadd(key, {lease: now + ttl_ms})
-                pipe.pexpire(key, ttl_ms, gt=True)
-                await pipe.execute()
+            args = [self._now_arg(), lease, ttl_ms]
+            await self._refresh(keys=self._keys(principal)[1:], args=args)
 
     async def mark_once(self, principal: str, tag: str, ttl_ms: int) -> bool:
         key = self.storage.key(self.namespace, principal, "alert", tag)
