@@ -13,6 +13,7 @@ import pytest
 
 from aimiddleware import Policy, RateLimiter, SpendAlert
 from aimiddleware.context import SCOPE_KEY
+from aimiddleware.storage import Storage
 from tests.ratelimit_helpers import PRICES, client, counters, make_app, principal_of
 
 CHAT = "/v1/chat/completions"
@@ -181,14 +182,15 @@ async def test_tiers_overrides_per_model_and_per_route_policies() -> None:
         assert (await c.post(CHAT, json=BODY)).status_code == 429
 
 
-async def test_spend_alerts_fire_once_per_window() -> None:
+async def test_spend_alerts_fire_once_per_window(storage: Storage) -> None:
     seen: list[SpendAlert] = []
 
     async def on_alert(alert: SpendAlert) -> None:
         seen.append(alert)
 
     limiter = RateLimiter(
-        Policy(tokens="1000/minute"), alert_fractions=(0.5, 0.8, 1.0), on_alert=on_alert
+        Policy(tokens="1000/minute"), alert_fractions=(0.5, 0.8, 1.0), on_alert=on_alert,
+        storage=storage,
     )
     async with client(make_app(limiter)) as c:
         body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}

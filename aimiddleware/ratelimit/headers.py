@@ -12,10 +12,9 @@ headers (no registered unit; the 429 body names them).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
-from aimiddleware.headers import go_duration, sf_string
+from aimiddleware.headers import go_duration
 from aimiddleware.ratelimit.backend import WindowState, remaining
 from aimiddleware.ratelimit.policy import Limit
 
@@ -71,13 +70,11 @@ def rate_limit_headers(
         out.append((f"x-ratelimit-limit-{dim}", str(lim.amount)))
         out.append((f"x-ratelimit-remaining-{dim}", str(left)))
         out.append((f"x-ratelimit-reset-{dim}", go_duration(reset / 1000)))
-    policy: list[str] = []
-    state_items: list[str] = []
-    for lim, left, reset in rows:
-        name = sf_string(lim.name)
-        unit = ';qu="requests"' if lim.dimension == "requests" else ""
-        policy.append(f"{name};q={lim.amount}{unit};w={lim.window}")
-        state_items.append(f"{name};r={left};t={math.ceil(reset / 1000)}")
+    policy = [lim.policy_item for lim, _, _ in rows]
+    state_items = [
+        f"{lim.policy_item.partition(';')[0]};r={left};t={-(-reset // 1000)}"
+        for lim, left, reset in rows
+    ]
     if concurrency:
         policy.append(f'"concurrency";q={concurrency};qu="concurrent-requests"')
         left_c = max(0, concurrency - in_flight)

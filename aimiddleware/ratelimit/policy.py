@@ -20,6 +20,8 @@ from typing import Literal
 
 from limits import parse_many
 
+from aimiddleware.headers import sf_string
+
 __all__ = [
     "COST_SCALE",
     "DIMENSIONS",
@@ -73,6 +75,12 @@ class Limit:
         kind, _, value = self.scope.partition(":")
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", value)[:48]
         return f"{kind}-{safe}-{base}"
+
+    @cached_property
+    def policy_item(self) -> str:
+        """This limit as a member of the IETF ``RateLimit-Policy`` list."""
+        unit = ';qu="requests"' if self.dimension == "requests" else ""
+        return f"{sf_string(self.name)};q={self.amount}{unit};w={self.window}"
 
     @property
     def display_amount(self) -> str:
