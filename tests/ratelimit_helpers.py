@@ -56,8 +56,9 @@ def principal_of(key: str) -> str:
 
 
 async def counters(limiter: RateLimiter, key: str, tier: str = "default") -> dict[str, int]:
-    """Current-window count of every limit of ``tier`` for the caller with API key ``key``."""
+    """What every limit of ``tier`` holds for the caller with API key ``key`` (current plus
+    previous fixed window, so a window boundary during a test changes nothing)."""
     limits = limiter.policies[tier].limits
     hits = [Hit(lim.field, lim.window * 1000, lim.amount, 0) for lim in limits]
     states: tuple[WindowState, ...] = await limiter.backend.peek(principal_of(key), hits)
-    return {lim.field: st.curr for lim, st in zip(limits, states, strict=True)}
+    return {lim.field: st.prev + st.curr for lim, st in zip(limits, states, strict=True)}
