@@ -42,11 +42,20 @@ async def run_admitted(
         raise
     finally:
         if not limiter.settled(admission, ctx, failed=failed):
-            with anyio.CancelScope(shield=True):
-                try:
-                    await limiter.finish(admission, ctx, failed=failed)
-                except Exception:  # never let bookkeeping hide the response or the real error
-                    logger.exception("rate-limit reconciliation failed")
+            if limiter.refreshes:  # a shared store: I/O that a cancellation must not cut short
+                with anyio.CancelScope(shield=True):
+                    await _finish(limiter, admission, ctx, failed)
+            else:  # in-process: completes without a checkpoint, so it cannot be interrupted
+                await _finish(limiter, admission, ctx, failed)
+
+
+async def _finish(
+    limiter: RateLimiter, admission: Admission, ctx: RequestContext, failed: bool
+) -> None:
+    try:
+        await limiter.finish(admission, ctx, failed=failed)
+    except Exception:  # never let bookkeeping hide the response or the real error
+        logger.exception("rate-limit reconciliation failed")
 
 
 async def _with_refresh(
