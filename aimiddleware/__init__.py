@@ -33,6 +33,8 @@ from aimiddleware.errors import (
     UpstreamUnavailable,
     ValidationFailed,
 )
+from aimiddleware.finish_reason import FinishReason, normalize_finish_reason
+from aimiddleware.pricing import ModelPrice, PriceTable
 from aimiddleware.ratelimit import (
     Limit,
     Policy,
@@ -43,23 +45,37 @@ from aimiddleware.ratelimit import (
 )
 from aimiddleware.stack import StackConfig, install
 from aimiddleware.storage import Storage
-from aimiddleware.usage.models import Usage
+from aimiddleware.tokens import TokenCount, TokenCounter
+from aimiddleware.usage.config import UsageConfig
+from aimiddleware.usage.envelope import Completion, envelope
+from aimiddleware.usage.ledger import Ledger, MemoryLedger
+from aimiddleware.usage.ledger_redis import RedisLedger
+from aimiddleware.usage.ledger_sqlite import SQLiteLedger
+from aimiddleware.usage.middleware import UsageMiddleware
+from aimiddleware.usage.models import Envelope, Usage
+from aimiddleware.usage.routes import UsageRoutes
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AIError",
     "AuthenticationFailed",
+    "Completion",
     "Conflict",
     "ContentFiltered",
+    "Envelope",
     "ErrorMiddleware",
     "ExceptionMapper",
+    "FinishReason",
     "HTTPStatusError",
     "IdempotencyKeyReused",
     "InternalError",
     "InvalidRequest",
+    "Ledger",
     "Limit",
+    "MemoryLedger",
     "MethodNotAllowed",
+    "ModelPrice",
     "ModelRetired",
     "NotFound",
     "OutputSchemaInvalid",
@@ -67,29 +83,39 @@ __all__ = [
     "PermissionDenied",
     "Policy",
     "PolicyRefusal",
+    "PriceTable",
     "PromptInjectionDetected",
     "QuotaExceeded",
     "RateLimitMiddleware",
     "RateLimited",
     "RateLimiter",
+    "RedisLedger",
     "RequestContext",
     "RequestContextMiddleware",
     "RequestIdFilter",
     "RequestTooLarge",
+    "SQLiteLedger",
     "SpendAlert",
     "StackConfig",
     "Storage",
     "StoreUnavailable",
     "Timeout",
+    "TokenCount",
+    "TokenCounter",
     "UnsupportedApiVersion",
     "UpstreamError",
     "UpstreamRateLimited",
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "Usage",
+    "UsageConfig",
+    "UsageMiddleware",
+    "UsageRoutes",
     "ValidationFailed",
     "current",
+    "envelope",
     "install",
+    "normalize_finish_reason",
     "rate_limit",
     "register_exception_handlers",
     "report_usage",

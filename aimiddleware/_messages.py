@@ -11,7 +11,7 @@ unknown blocks) are counted from their JSON and make the count inexact.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 __all__ = ["Tally", "as_list", "estimate", "text_size"]
@@ -55,16 +55,16 @@ def text_size(obj: Any, stop: int) -> int:
 
 
 class Tally:
-    """Accumulates tokens for one encoding (``None``: estimated) and an ``exact`` flag."""
+    """Accumulates tokens (``count`` encodes or estimates one text) and an ``exact`` flag."""
 
-    def __init__(self, encoding: Any | None, *, o200k: bool) -> None:
-        self.enc = encoding
-        self.exact = encoding is not None
+    def __init__(self, count: Callable[[str], int], *, exact: bool, o200k: bool) -> None:
+        self.count = count
+        self.exact = exact
         self.tokens = 0
         self.func_init = 7 if o200k else 10
 
     def text(self, text: str) -> int:
-        n = len(self.enc.encode_ordinary(text)) if self.enc is not None else estimate(text)
+        n = self.count(text)
         self.tokens += n
         return n
 
@@ -181,6 +181,11 @@ class Tally:
         gemini_system = body.get("systemInstruction", body.get("system_instruction"))
         if isinstance(gemini_system, Mapping):
             messages.append({"role": "system", "content": gemini_system.get("parts")})
+        if not any(k in body for k in ("messages", "input", "contents", "prompt")):
+            raise TypeError("the body has no messages, input, contents or prompt")
+        for key in ("messages", "contents"):
+            if key in body and not isinstance(body[key], list):
+                raise TypeError(f"{key} must be a list")
         if isinstance(body.get("messages"), list):
             messages.extend(body["messages"])
         elif "input" in body:

@@ -20,6 +20,8 @@ from aimiddleware.errors import DEFAULT_TYPE_BASE, ExceptionMapper, Mapper
 from aimiddleware.ratelimit import Policy, RateLimiter, RateLimitMiddleware
 from aimiddleware.storage import Storage
 from aimiddleware.types import ASGIApp, PrincipalResolver
+from aimiddleware.usage.config import UsageConfig
+from aimiddleware.usage.middleware import UsageMiddleware
 
 __all__ = ["StackConfig", "install"]
 
@@ -37,6 +39,7 @@ class StackConfig:
     exception_mappings: Mapping[type[BaseException], Mapper] = field(default_factory=dict)
     # A RateLimiter, or policies (one Policy or {tier: Policy}) for one on the shared storage.
     ratelimit: RateLimiter | Policy | Mapping[str, Policy] | None = None
+    usage: UsageConfig | None = None
 
 
 def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
@@ -69,9 +72,19 @@ def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
     ]
     if config.ratelimit is not None:
         limiter = config.ratelimit
-        if not isinstance(limiter, RateLimiter):
-            limiter = RateLimiter(limiter, storage=storage)
+        if not isinstance(limiter, RateLimiter):  # share the usage layer's tokenizer and prices
+            usage = config.usage
+            limiter = RateLimiter(
+                limiter,
+                storage=storage,
+                counter=usage.counter if usage is not None else None,
+                prices=usage.prices if usage is not None else None,
+            )
         layers.append((RateLimitMiddleware, {"limiter": limiter}))
+    # Innermost: usage sits right before the app.
+    if config.usage is not None:
+        layers.append((UsageMiddleware, config.usage.middleware_options(storage)))
+    del storage  # shared with the stateful layers as they join the stack
 
     if hasattr(app, "add_middleware") and hasattr(app, "add_exception_handler"):
         register_exception_handlers(app, mapper=mapper, error_type_base=config.error_type_base)

@@ -1,5 +1,58 @@
-"""Usage: what a call used and cost."""
+"""Usage: what a call used and cost, the envelope around its output, and the history.
 
-from aimiddleware.usage.models import Usage
+Only the pure models are imported eagerly (``aimiddleware.context`` depends on them); the
+other names load on first access.
+"""
 
-__all__ = ["Usage"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from aimiddleware.usage.models import Envelope, Usage, sampling_params
+
+__all__ = [
+    "Completion",
+    "Envelope",
+    "Feedback",
+    "Ledger",
+    "MemoryLedger",
+    "RedisLedger",
+    "RequestRecord",
+    "SQLiteLedger",
+    "Usage",
+    "UsageAggregate",
+    "UsageConfig",
+    "UsageMiddleware",
+    "UsageRecord",
+    "UsageRoutes",
+    "UsageSettings",
+    "build_envelope",
+    "envelope",
+    "sampling_params",
+]
+
+_LAZY = {
+    "Completion": "envelope",
+    "build_envelope": "envelope",
+    "envelope": "envelope",
+    "Feedback": "ledger",
+    "Ledger": "ledger",
+    "MemoryLedger": "ledger",
+    "RequestRecord": "ledger",
+    "UsageAggregate": "ledger",
+    "UsageRecord": "ledger",
+    "RedisLedger": "ledger_redis",
+    "SQLiteLedger": "ledger_sqlite",
+    "UsageConfig": "config",
+    "UsageMiddleware": "middleware",
+    "UsageSettings": "middleware",
+    "UsageRoutes": "routes",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'aimiddleware.usage' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"aimiddleware.usage.{module}"), name)

@@ -162,6 +162,9 @@ def _day_range(start: date | None, end: date | None) -> tuple[str, str]:
 class Ledger:
     """Base: the retry buffer around a backend's ``_write``; subclasses do the storage."""
 
+    #: Whether a write does I/O (and so needs a timeout, and shielding from cancellation).
+    does_io = True
+
     def __init__(
         self, *, write_timeout: float = 2.0, retry_interval: float = 1.0, max_pending: int = 10_000
     ) -> None:
@@ -203,7 +206,10 @@ class Ledger:
 
     async def _try(self, rec: UsageRecord) -> bool:
         try:
-            with anyio.fail_after(self.write_timeout):
+            if self.does_io:
+                with anyio.fail_after(self.write_timeout):
+                    await self._write(rec)
+            else:
                 await self._write(rec)
         except Exception:
             self._failed_at = time.monotonic()
@@ -239,6 +245,8 @@ class Ledger:
 
 class MemoryLedger(Ledger):
     """In-process ledger, bounded: least recently written aggregates and requests go first."""
+
+    does_io = False
 
     def __init__(self, *, max_aggregates: int = 100_000, max_requests: int = 100_000) -> None:
         super().__init__()

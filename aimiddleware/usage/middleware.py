@@ -123,8 +123,13 @@ class UsageMiddleware:
         responder = _Responder(self, ctx, send)
         try:
             await self.app(scope, receive, responder.send)
+            await responder.release()
         finally:
-            with anyio.CancelScope(shield=True):
+            ledger = self.settings.ledger
+            if ledger is not None and ledger.does_io:
+                with anyio.CancelScope(shield=True):  # record even a cancelled request
+                    await self.finish(ctx)
+            else:
                 await self.finish(ctx)
 
     # -- accounting -----------------------------------------------------------------------
@@ -181,6 +186,13 @@ class UsageMiddleware:
         return out
 
     async def finish(self, ctx: RequestContext) -> None:
+        """Settle and record; accounting never fails the response it accounts for."""
+        try:
+            await self._finish(ctx)
+        except Exception:
+            logger.exception("usage accounting failed for %s", ctx.request_id)
+
+    async def _finish(self, ctx: RequestContext) -> None:
         self.settle(ctx)
         ledger = self.settings.ledger
         if ledger is None or (ctx.usage is None and ctx.raw_finish_reason is None):
@@ -232,6 +244,9 @@ class _Responder:
             await self._on_start(message)
         elif kind == "http.response.body" and self.mode == "hold":
             await self._on_held_body(message)
+        elif self.mode == "hold":  # trailers, pathsend...: release the head, then forward
+            await self._release_held(more=True)
+            await self._send(message)
         else:
             if kind == "http.response.body" and self.mode == "scan":
                 self._scan(message.get("body", b""), final=not message.get("more_body", False))
@@ -254,6 +269,11 @@ class _Responder:
             self.mw.settle(self.ctx)
             await self._send({**message, "headers": headers + self.mw.headers(self.ctx)})
 
+    async def release(self) -> None:
+        """The app returned while a JSON head was held (no final body): send what we have."""
+        if self.mode == "hold":
+            await self._on_held_body({"type": "http.response.body", "body": b""})
+
     async def _on_held_body(self, message: Message) -> None:
         body = message.get("body", b"")
         more = message.get("more_body", False)
@@ -267,13 +287,17 @@ class _Responder:
             except (ValueError, UnicodeDecodeError):
                 parsed = None
             self.mw.absorb(self.ctx, from_response(parsed))
+        await self._release_held(more=more)
+
+    async def _release_held(self, *, more: bool) -> None:
         self.mw.settle(self.ctx)
-        assert self.start is not None
-        headers = list(self.start.get("headers", ())) + self.mw.headers(self.ctx)
-        await self._send({**self.start, "headers": headers})
-        self.mode = "pass"
+        start, self.start, self.mode = self.start, None, "pass"
+        if start is not None:
+            headers = list(start.get("headers", ())) + self.mw.headers(self.ctx)
+            await self._send({**start, "headers": headers})
         body, self.chunks = b"".join(self.chunks), []
-        await self._send({"type": "http.response.body", "body": body, "more_body": more})
+        if body or not more:
+            await self._send({"type": "http.response.body", "body": body, "more_body": more})
 
     def _scan(self, chunk: bytes, *, final: bool) -> None:
         """Read ``data:`` lines carrying usage as the stream passes; keep only a partial line."""

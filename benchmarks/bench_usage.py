@@ -1,0 +1,148 @@
+"""Token counting against raw tiktoken, a cachetools cache, and UsageMiddleware's cost.
+
+1. ``TokenCounter.count_text`` / ``count_messages`` vs raw ``len(enc.encode_ordinary(t))``
+   with the very same ``tiktoken.Encoding`` object, on short, medium and long texts.
+2. The same with the counter's cachetools LRU (keyed by a digest of long texts): a repeated
+   text, and a 12-turn chat whose history is re-counted every turn (what a gateway sees).
+3. UsageMiddleware on a JSON route (OpenAI-shaped response parsed, priced, headers, memory
+   ledger) vs bare Starlette and vs the context layer alone.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from aimiddleware.context_middleware import RequestContextMiddleware
+from aimiddleware.pricing import PriceTable
+from aimiddleware.tokens import TokenCounter
+from aimiddleware.usage.ledger import MemoryLedger
+from aimiddleware.usage.middleware import UsageMiddleware
+from benchmarks.harness import as_json, compare, make_request, table
+
+SHORT = "What's the weather like in Paris today? 🌤️"
+MEDIUM = (
+    "def fib(n):\n    return n if n < 2 else fib(n-1) + fib(n-2)\n"
+    "Zwölf Boxkämpfer jagen Viktor quer über den großen Sylter Deich. "
+    "我能吞下玻璃而不伤身体。 The quick brown fox jumps over the lazy dog. "
+) * 12
+LONG = MEDIUM * 25
+TEXTS = {"short (45 chars)": SHORT, f"medium ({len(MEDIUM)} chars)": MEDIUM,
+         f"long ({len(LONG)} chars)": LONG}
+
+OPENAI_BODY = json.dumps({
+    "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o-2024-08-06",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello! " * 40},
+                 "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 120, "completion_tokens": 80, "total_tokens": 200,
+              "prompt_tokens_details": {"cached_tokens": 64},
+              "completion_tokens_details": {"reasoning_tokens": 0}},
+}).encode()
+
+
+def _time(fn: Callable[[], Any], *, rounds: int, reps: int) -> float:
+    """Median µs per call over ``rounds`` rounds of ``reps`` calls."""
+    samples = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        samples.append((time.perf_counter() - t0) / reps * 1e6)
+    return statistics.median(samples)
+
+
+def bench_counting(quick: bool) -> tuple[str, dict[str, Any]]:
+    plain = TokenCounter(cache_size=0)
+    cached = TokenCounter()  # default: LRU of digests, texts >= 256 chars
+    enc = plain.encoding("o200k_base")
+    assert enc is not None and cached.encoding("o200k_base") is not None
+
+    rounds = 3 if quick else 7
+    lines = ["## Token counting (o200k_base, median µs per call)", "",
+             "| text | raw tiktoken | TokenCounter, no cache | ratio | TokenCounter, cached "
+             "(repeat) | ratio |", "|---|---:|---:|---:|---:|---:|"]
+    figures: dict[str, Any] = {}
+    for label, text in TEXTS.items():
+        reps = max(5, int((200 if quick else 1000) * 45 / max(len(text), 45)) + 5)
+        want = len(enc.encode_ordinary(text))
+        assert plain.count_text(text, "gpt-4o").tokens == want
+        assert cached.count_text(text, "gpt-4o").tokens == want
+        raw_us = _time(lambda t=text: len(enc.encode_ordinary(t)), rounds=rounds, reps=reps)
+        ours_us = _time(lambda t=text: plain.count_text(t, "gpt-4o"), rounds=rounds, reps=reps)
+        hit_us = _time(lambda t=text: cached.count_text(t, "gpt-4o"), rounds=rounds, reps=reps)
+        lines.append(f"| {label} | {raw_us:.1f} | {ours_us:.1f} | {ours_us / raw_us:.2f}x | "
+                     f"{hit_us:.1f} | {hit_us / raw_us:.3f}x |")
+        figures[label] = {"raw_us": raw_us, "counter_us": ours_us, "ratio": ours_us / raw_us,
+                          "cached_us": hit_us, "cached_ratio": hit_us / raw_us}
+
+    # A chat client re-sends its whole history every turn: count 12 turns as a gateway would.
+    turns = [(MEDIUM[: 300 + 37 * i], SHORT + str(i)) for i in range(12)]
+
+    def conversation(counter: TokenCounter | None) -> int:
+        history: list[dict[str, str]] = [{"role": "system", "content": MEDIUM}]
+        total = 0
+        for answer, question in turns:
+            history.append({"role": "user", "content": question})
+            if counter is None:
+                total += 3 + sum(3 + sum(len(enc.encode_ordinary(v)) for v in m.values())
+                                 for m in history)
+            else:
+                total += counter.count_messages(history, "gpt-4o").tokens
+            history.append({"role": "assistant", "content": answer})
+        return total
+
+    assert conversation(None) == conversation(plain) == conversation(TokenCounter())
+    reps = 3 if quick else 10
+    raw_us = _time(lambda: conversation(None), rounds=rounds, reps=reps)
+    ours_us = _time(lambda: conversation(plain), rounds=rounds, reps=reps)
+    warm = TokenCounter()
+    warm.preload("o200k_base")
+    hit_us = _time(lambda: conversation(warm), rounds=rounds, reps=reps)
+    lines.append(f"| 12-turn chat, history re-counted each turn | {raw_us:.0f} | {ours_us:.0f} "
+                 f"| {ours_us / raw_us:.2f}x | {hit_us:.0f} | {hit_us / raw_us:.3f}x |")
+    figures["conversation"] = {"raw_us": raw_us, "counter_us": ours_us,
+                               "ratio": ours_us / raw_us, "cached_us": hit_us,
+                               "cached_ratio": hit_us / raw_us}
+    return "\n".join(lines), figures
+
+
+async def _endpoint(request: Request) -> Response:
+    return Response(OPENAI_BODY, media_type="application/json")
+
+
+async def run(quick: bool) -> tuple[str, dict[str, Any]]:
+    count_md, count_fig = bench_counting(quick)
+
+    def app() -> Starlette:
+        return Starlette(routes=[Route("/v1/chat/completions", _endpoint, methods=["POST"])])
+
+    prices = PriceTable({"gpt-4o": {"input": "2.5", "output": "10", "cached_input": "1.25"}})
+    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+    factory = make_request("POST", "/v1/chat/completions", body.encode(),
+                           [(b"content-type", b"application/json"),
+                            (b"authorization", b"Bearer sk-bench")])
+    ledger = MemoryLedger()
+    contenders = {
+        "bare Starlette": (app(), factory),
+        "context layer": (RequestContextMiddleware(app()), factory),
+        "context + usage": (
+            RequestContextMiddleware(UsageMiddleware(app(), prices=prices, ledger=ledger)),
+            factory,
+        ),
+    }
+    results = await compare(contenders, requests=300 if quick else 2000,
+                            rounds=3 if quick else 7, warmup=50 if quick else 200)
+    md = table(results, "bare Starlette", "UsageMiddleware on a JSON route")
+    usage_cost = results["context + usage"].median_us - results["context layer"].median_us
+    md += f"\n\nUsage layer alone: {usage_cost:.1f} µs/request (context+usage minus context)."
+    return (count_md + "\n\n" + md,
+            {"counting": count_fig, "middleware": as_json(results, "bare Starlette"),
+             "usage_layer_us": usage_cost})

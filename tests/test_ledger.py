@@ -1,0 +1,199 @@
+"""Usage ledger: one test body against memory, SQLite and a real Redis/Valkey."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from datetime import date, datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import anyio
+import pytest
+
+from aimiddleware.storage import Storage
+from aimiddleware.usage.ledger import Feedback, Ledger, MemoryLedger, UsageRecord
+from aimiddleware.usage.ledger_redis import RedisLedger
+from aimiddleware.usage.ledger_sqlite import SQLiteLedger
+from aimiddleware.usage.models import Usage
+from tests.redis_server import RedisServer
+
+
+def ts(day: str, hour: int = 12) -> float:
+    when = datetime.fromisoformat(f"{day}T{hour:02d}:00:00").replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+def rec(principal: str = "alice", *, rid: str = "req_1", model: str | None = "gpt-4o",
+        day: str = "2026-03-01", cost: str | None = "0.01", reason: str | None = "stop",
+        inp: int = 100, out: int = 20) -> UsageRecord:
+    return UsageRecord(
+        principal=principal, request_id=rid, model=model,
+        usage=Usage(input_tokens=inp, output_tokens=out, cached_input_tokens=10,
+                    reasoning_tokens=5),
+        estimated_cost=Decimal(cost) if cost is not None else None,
+        finish_reason=reason, raw_finish_reason=reason, status=200, duration_ms=3.2,
+        timestamp=ts(day),
+    )
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Ledger]:
+    if request.param == "memory":
+        led: Ledger = MemoryLedger()
+    elif request.param == "sqlite":
+        led = SQLiteLedger(tmp_path / "usage.db")
+    else:
+        store = Storage(request.getfixturevalue("redis_url"))
+        led = RedisLedger(store)
+    yield led
+    await led.aclose()
+    if isinstance(led, RedisLedger):
+        await led.storage.aclose()
+
+
+async def test_aggregates_by_day_and_model(ledger: Ledger) -> None:
+    await ledger.record(rec(rid="a"))
+    await ledger.record(rec(rid="b", cost="0.02", reason="length", out=30))
+    await ledger.record(rec(rid="c", model="claude-x", cost=None))
+    await ledger.record(rec(rid="d", day="2026-03-02"))
+    await ledger.record(rec(rid="e", model=None, reason=None))
+    rows = await ledger.query("alice")
+    assert [(r.day, r.model) for r in rows] == [
+        ("2026-03-01", "claude-x"), ("2026-03-01", "gpt-4o"), ("2026-03-01", "unknown"),
+        ("2026-03-02", "gpt-4o"),
+    ]
+    gpt = rows[1]
+    assert gpt.requests == 2 and gpt.input_tokens == 200 and gpt.output_tokens == 50
+    assert gpt.total_tokens == 250 and gpt.cached_input_tokens == 20
+    assert gpt.reasoning_tokens == 10
+    assert gpt.estimated_cost == Decimal("0.03") and gpt.unpriced_requests == 0
+    assert gpt.finish_reasons == {"stop": 1, "length": 1}
+    assert rows[0].unpriced_requests == 1 and rows[0].estimated_cost == 0
+    assert rows[2].finish_reasons == {"unknown": 1}
+
+
+async def test_filters(ledger: Ledger) -> None:
+    for i, day in enumerate(["2026-02-27", "2026-03-01", "2026-03-03"]):
+        await ledger.record(rec(rid=f"r{i}", day=day))
+    await ledger.record(rec(rid="x", model="other", day="2026-03-01"))
+    got = await ledger.query("alice", start=date(2026, 3, 1), end=date(2026, 3, 2))
+    assert [(r.day, r.model) for r in got] == [("2026-03-01", "gpt-4o"), ("2026-03-01", "other")]
+    got = await ledger.query("alice", start=date(2026, 3, 1), model="gpt-4o")
+    assert [r.day for r in got] == ["2026-03-01", "2026-03-03"]
+    assert await ledger.query("alice", end=date(2026, 1, 1)) == []
+
+
+async def test_principals_never_see_each_other(ledger: Ledger) -> None:
+    await ledger.record(rec("alice", rid="a1"))
+    await ledger.record(rec("bob", rid="b1", inp=7))
+    alice = await ledger.query("alice")
+    bob = await ledger.query("bob")
+    assert [r.input_tokens for r in alice] == [100] and [r.input_tokens for r in bob] == [7]
+    assert await ledger.get_request("bob", "a1") is None
+    assert await ledger.add_feedback("bob", Feedback(request_id="a1", rating=-1)) is False
+    assert (await ledger.query("alice"))[0].feedback_count == 0
+    assert await ledger.query("carol") == []
+
+
+async def test_feedback_is_stored_beside_the_request(ledger: Ledger) -> None:
+    await ledger.record(rec(rid="req_9"))
+    assert await ledger.add_feedback("alice", Feedback(request_id="nope", rating=1)) is False
+    fb = Feedback(request_id="req_9", rating=4, comment="good", labels=["helpful"])
+    assert await ledger.add_feedback("alice", fb) is True
+    got = await ledger.get_request("alice", "req_9")
+    assert got is not None and got.feedback == fb
+    assert got.record.usage.input_tokens == 100 and got.record.estimated_cost == Decimal("0.01")
+    # a second rating replaces the first; the count stays 1
+    assert await ledger.add_feedback("alice", Feedback(request_id="req_9", rating=2))
+    row = (await ledger.query("alice"))[0]
+    assert (row.feedback_count, row.rating_sum) == (1, 2)
+
+
+async def test_concurrent_writes_lose_nothing(ledger: Ledger) -> None:
+    n = 200
+
+    async def write(i: int) -> None:
+        await ledger.record(rec(rid=f"c{i}", cost="0.000001", out=1))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(n):
+            tg.start_soon(write, i)
+    # A burst past the Redis client's connection pool fails some writes: they are kept and
+    # retried, never dropped.
+    assert await ledger.flush() is True and ledger.pending == 0
+    [row] = await ledger.query("alice")
+    assert row.requests == n and row.input_tokens == 100 * n and row.output_tokens == n
+    assert row.estimated_cost == Decimal("0.0002")
+
+
+async def test_a_reused_request_id_is_still_counted(ledger: Ledger) -> None:
+    await ledger.record(rec(rid="same"))
+    await ledger.record(rec(rid="same"))
+    assert (await ledger.query("alice"))[0].requests == 2
+
+
+async def test_failed_writes_are_logged_and_retried(caplog: pytest.LogCaptureFixture) -> None:
+    server = RedisServer().start()
+    store = Storage(server.url, socket_timeout=0.3)
+    led = RedisLedger(store, write_timeout=1.0)
+    led.retry_interval = 0.0
+    try:
+        await led.record(rec(rid="before"))
+        assert len(await led.query("alice")) == 1
+        server.stop()  # the restarted server starts empty (no persistence)
+        with caplog.at_level(logging.WARNING, logger="aimiddleware.usage"):
+            await led.record(rec(rid="during-1"))  # must not raise
+            await led.record(rec(rid="during-2"))
+        assert led.pending == 2
+        assert any("usage ledger write failed" in r.message for r in caplog.records)
+        server.start()
+        await led.record(rec(rid="after"))  # flushes the backlog first
+        assert led.pending == 0
+        [row] = await led.query("alice")
+        assert row.requests == 3  # during-1, during-2, after
+        await led._write(rec(rid="x").model_copy(update={"record_id": "fixed"}))
+        await led._write(rec(rid="x").model_copy(update={"record_id": "fixed"}))
+        [row] = await led.query("alice")
+        assert row.requests == 4  # a retried write that had landed is not counted twice
+    finally:
+        await store.aclose()
+        server.stop()
+
+
+async def test_sqlite_is_durable_across_instances(tmp_path: Path) -> None:
+    path = tmp_path / "u.db"
+    first = SQLiteLedger(path)
+    await first.record(rec(rid="a"))
+    await first.aclose()
+    second = SQLiteLedger(path)
+    assert (await second.query("alice"))[0].requests == 1
+    await second.aclose()
+
+
+async def test_memory_ledger_is_bounded() -> None:
+    led = MemoryLedger(max_aggregates=2, max_requests=2)
+    for i, day in enumerate(["2026-01-01", "2026-01-02", "2026-01-03"]):
+        await led.record(rec(rid=f"r{i}", day=day))
+    assert [r.day for r in await led.query("alice")] == ["2026-01-02", "2026-01-03"]
+    assert await led.get_request("alice", "r0") is None
+    with pytest.raises(ValueError):
+        MemoryLedger(max_aggregates=0)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_a_retried_write_counts_once(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    led: Ledger
+    if kind == "sqlite":
+        led = SQLiteLedger(tmp_path / "u.db")
+    else:
+        led = RedisLedger(Storage(request.getfixturevalue("redis_url")))
+    same = rec(rid="r").model_copy(update={"record_id": "one-record"})
+    await led._write(same)
+    await led._write(same)  # e.g. the first attempt landed but timed out client-side
+    assert (await led.query("alice"))[0].requests == 1
+    await led.aclose()
+    if isinstance(led, RedisLedger):
+        await led.storage.aclose()

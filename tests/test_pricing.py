@@ -1,0 +1,130 @@
+"""PriceTable: Decimal prices per million tokens, cached/reasoning rules, loaders."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aimiddleware.pricing import ModelPrice, PriceTable
+from aimiddleware.usage.models import Usage
+
+TABLE = PriceTable(
+    {
+        "gpt-4o": {"input": "2.50", "output": "10", "cached_input": "1.25"},
+        "o3": ModelPrice(Decimal(2), Decimal(8), cached_input=Decimal("0.5")),
+        "claude-sonnet-4-5": {"input": 3, "output": 15, "cached_input": "0.30",
+                              "cache_creation": "3.75"},
+        "thinker": {"input": 1, "output": 2, "reasoning": 4},
+    },
+    aliases={"fast": "gpt-4o"},
+)
+
+
+def test_plain_cost_is_exact_decimal() -> None:
+    cost = TABLE.estimate("gpt-4o", Usage(input_tokens=1000, output_tokens=500))
+    assert cost == Decimal("0.0075")  # 1000*2.5/1e6 + 500*10/1e6
+    assert isinstance(cost, Decimal)
+
+
+def test_cached_input_is_billed_at_the_cached_price() -> None:
+    u = Usage(input_tokens=1000, output_tokens=500, cached_input_tokens=200)
+    assert TABLE.estimate("gpt-4o", u) == Decimal("0.00725")
+
+
+def test_cache_creation_and_reads() -> None:
+    u = Usage(input_tokens=1000, output_tokens=100, cached_input_tokens=600,
+              cache_creation_input_tokens=300)
+    want = (100 * Decimal(3) + 600 * Decimal("0.30") + 300 * Decimal("3.75")
+            + 100 * Decimal(15)) / 1_000_000
+    assert TABLE.estimate("claude-sonnet-4-5", u) == want
+
+
+def test_reasoning_is_a_subset_of_output() -> None:
+    u = Usage(input_tokens=0, output_tokens=1000, reasoning_tokens=400)
+    assert TABLE.estimate("thinker", u) == (600 * 2 + 400 * 4) / Decimal(1_000_000)
+    # without a reasoning price, reasoning tokens cost the output price (not double)
+    assert TABLE.estimate("o3", u) == Decimal(8) * 1000 / 1_000_000
+
+
+def test_unknown_model_is_unpriced_not_zero() -> None:
+    assert TABLE.estimate("mystery-model", Usage(input_tokens=10)) is None
+    assert TABLE.estimate(None, Usage()) is None
+    assert TABLE.price("mystery-model") is None
+    assert "mystery-model" not in TABLE and "fast" in TABLE
+
+
+def test_aliases_provider_prefix_and_snapshot_dates() -> None:
+    gpt4o = TABLE.price("gpt-4o")
+    assert TABLE.price("fast") is gpt4o
+    assert TABLE.price("openai/gpt-4o") is gpt4o
+    assert TABLE.price("gpt-4o-2024-08-06") is gpt4o
+    assert TABLE.price("claude-sonnet-4-5-20250929") is TABLE.price("claude-sonnet-4-5")
+    dated = PriceTable({"gpt-4o": {"input": 1, "output": 1},
+                        "gpt-4o-2024-05-13": {"input": 5, "output": 15}})
+    assert dated.price("gpt-4o-2024-05-13").input == Decimal(5)  # type: ignore[union-attr]
+
+
+def test_from_json_and_toml_files(tmp_path: Path) -> None:
+    j = tmp_path / "prices.json"
+    j.write_text(json.dumps({"prices": {"m": {"input": "0.1", "output": "0.4"}},
+                             "aliases": {"a": "m"}}))
+    t = tmp_path / "prices.toml"
+    t.write_text('[prices.m]\ninput = "0.1"\noutput = "0.4"\n\n[aliases]\na = "m"\n')
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps({"m": {"input": 0.1, "output": 0.4}}))
+    u = Usage(input_tokens=1_000_000, output_tokens=1_000_000)
+    for path in (j, t, flat):
+        assert PriceTable.from_file(path).estimate("m", u) == Decimal("0.5")
+    assert PriceTable.from_file(t).price("a") == PriceTable.from_file(j).price("m")
+
+
+LITELLM_SAMPLE: dict[str, Any] = {
+    "sample_spec": {"max_tokens": "LEGACY parameter", "input_cost_per_token": 0.0,
+                    "output_cost_per_token": 0.0, "litellm_provider": "one of ..."},
+    "gpt-4o": {"max_tokens": 16384, "input_cost_per_token": 2.5e-06,
+               "output_cost_per_token": 1e-05, "cache_read_input_token_cost": 1.25e-06,
+               "litellm_provider": "openai", "mode": "chat"},
+    "claude-sonnet-4-5": {"input_cost_per_token": 3e-06, "output_cost_per_token": 1.5e-05,
+                          "cache_creation_input_token_cost": 3.75e-06,
+                          "cache_read_input_token_cost": 3e-07,
+                          "litellm_provider": "anthropic", "mode": "chat"},
+    "o1": {"input_cost_per_token": 1.5e-05, "output_cost_per_token": 6e-05,
+           "output_cost_per_reasoning_token": 6e-05},
+    "dall-e-3": {"output_cost_per_image": 0.04, "mode": "image_generation"},
+}
+
+
+def test_from_litellm(tmp_path: Path) -> None:
+    path = tmp_path / "model_prices_and_context_window.json"
+    path.write_text(json.dumps(LITELLM_SAMPLE))
+    for table in (PriceTable.from_litellm(path), PriceTable.from_litellm(LITELLM_SAMPLE)):
+        assert len(table) == 3  # sample_spec and the per-image model are skipped
+        assert table.price("gpt-4o") == ModelPrice(Decimal("2.5"), Decimal(10),
+                                                   cached_input=Decimal("1.25"))
+        claude = table.price("claude-sonnet-4-5")
+        assert claude is not None and claude.cache_creation == Decimal("3.75")
+        assert claude.cached_input == Decimal("0.3")
+        assert table.price("o1").reasoning == Decimal(60)  # type: ignore[union-attr]
+        assert table.price("dall-e-3") is None
+
+
+@pytest.mark.parametrize(
+    ("prices", "aliases", "exc"),
+    [
+        ({"m": {"input": -1, "output": 1}}, None, ValueError),
+        ({"m": {"input": "abc", "output": 1}}, None, ValueError),
+        ({"m": {"input": True, "output": 1}}, None, TypeError),
+        ({"m": {"input": 1}}, None, ValueError),
+        ({"m": {"input": 1, "output": 1, "bogus": 1}}, None, ValueError),
+        ({"m": {"input": "NaN", "output": 1}}, None, ValueError),
+        ({"m": {"input": 1, "output": 1}}, {"a": "missing"}, ValueError),
+        ({"m": 3}, None, TypeError),
+    ],
+)
+def test_bad_tables_are_rejected(prices: Any, aliases: Any, exc: type[Exception]) -> None:
+    with pytest.raises(exc):
+        PriceTable(prices, aliases)

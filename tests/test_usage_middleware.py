@@ -1,0 +1,452 @@
+"""UsageMiddleware: usage from endpoints, JSON bodies and streams; headers, cost, ledger."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from pydantic import BaseModel
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from aimiddleware import (
+    Completion,
+    MemoryLedger,
+    PriceTable,
+    StackConfig,
+    Usage,
+    UsageConfig,
+    UsageMiddleware,
+    envelope,
+    install,
+    report_usage,
+)
+from aimiddleware.context_middleware import RequestContextMiddleware
+from tests.redis_server import free_port
+from tests.test_usage_models import ANTHROPIC, GEMINI, OPENAI_CHAT
+
+PRICES = PriceTable({
+    "gpt-4o": {"input": "2.5", "output": "10", "cached_input": "1.25"},
+    "claude-sonnet-4-5": {"input": 3, "output": 15, "cached_input": "0.3",
+                          "cache_creation": "3.75"},
+    "gemini-2.5-flash": {"input": "0.3", "output": "2.5"},
+})
+
+
+def json_route(sample: dict[str, Any]) -> Any:
+    async def endpoint(request: Request) -> Response:
+        return JSONResponse(sample)
+
+    return endpoint
+
+
+async def reported(request: Request) -> Response:
+    report_usage({"input_tokens": 40, "output_tokens": 2}, finish_reason="end_turn",
+                 model="claude-sonnet-4-5")
+    return PlainTextResponse("ok")
+
+
+def sse_lines(events: list[dict[str, Any]]) -> list[bytes]:
+    return [f"data: {json.dumps(e)}\n\n".encode() for e in events] + [b"data: [DONE]\n\n"]
+
+
+STREAM_EVENTS = [
+    {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-4o-2024-08-06",
+     "choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}]},
+    {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-4o-2024-08-06",
+     "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+    {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-4o-2024-08-06", "choices": [],
+     "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}},
+]
+
+
+async def stream(request: Request) -> Response:
+    async def gen() -> AsyncIterator[bytes]:
+        for line in sse_lines(STREAM_EVENTS):
+            yield line
+
+    return StreamingResponse(gen(), media_type="text/event-stream")
+
+
+def make_app(ledger: MemoryLedger, **usage: Any) -> Any:
+    app = Starlette(routes=[
+        Route("/openai", json_route(OPENAI_CHAT), methods=["POST"]),
+        Route("/anthropic", json_route(ANTHROPIC), methods=["POST"]),
+        Route("/gemini", json_route(GEMINI), methods=["POST"]),
+        Route("/reported", reported, methods=["POST"]),
+        Route("/stream", stream, methods=["POST"]),
+        Route("/plain", lambda r: JSONResponse({"hello": "world"}), methods=["GET"]),
+    ])
+    return install(app, StackConfig(usage=UsageConfig(prices=PRICES, ledger=ledger, **usage)))
+
+
+@pytest.fixture
+def ledger() -> MemoryLedger:
+    return MemoryLedger()
+
+
+def client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+
+
+async def test_openai_json_body_gives_headers_cost_and_record(ledger: MemoryLedger) -> None:
+    async with client(make_app(ledger)) as c:
+        r = await c.post("/openai", json={"model": "gpt-4o", "messages": []},
+                         headers={"authorization": "Bearer k1"})
+    assert r.json() == OPENAI_CHAT  # body untouched
+    h = r.headers
+    assert (h["x-usage-input-tokens"], h["x-usage-output-tokens"]) == ("1117", "46")
+    assert (h["x-usage-total-tokens"], h["x-usage-cached-input-tokens"]) == ("1163", "1024")
+    assert h["x-usage-reasoning-tokens"] == "10" and h["x-usage-finish-reason"] == "length"
+    cost = (93 * Decimal("2.5") + 1024 * Decimal("1.25") + 46 * Decimal(10)) / 1_000_000
+    assert Decimal(h["x-usage-estimated-cost"]) == cost
+    assert float(h["x-usage-duration-ms"]) >= 0
+    got = await ledger.get_request(ledger_principal(ledger), r.headers["x-request-id"])
+    assert got is not None
+    assert got.record.model == "gpt-4o" and got.record.model_version == "gpt-4o-2024-08-06"
+    assert got.record.raw_finish_reason == "length" and got.record.finish_reason == "length"
+    assert got.record.estimated_cost == cost and got.record.status == 200
+
+
+def ledger_principal(ledger: MemoryLedger) -> str:
+    [(principal, _)] = {k for k in ledger._requests}  # one request was made
+    return principal
+
+
+@pytest.mark.parametrize(
+    ("path", "inp", "out", "reason", "cost"),
+    [
+        ("/anthropic", 189607, 393, "stop",
+         (21 * 3 + Decimal("1500") * Decimal("0.3") + 188086 * Decimal("3.75") + 393 * 15)
+         / 1_000_000),
+        ("/gemini", 1220, 310, "length",
+         (1220 * Decimal("0.3") + 310 * Decimal("2.5")) / 1_000_000),
+    ],
+)
+async def test_anthropic_and_gemini_bodies(
+    ledger: MemoryLedger, path: str, inp: int, out: int, reason: str, cost: Decimal
+) -> None:
+    async with client(make_app(ledger)) as c:
+        r = await c.post(path, json={"model": "whatever-alias"})
+    assert int(r.headers["x-usage-input-tokens"]) == inp
+    assert int(r.headers["x-usage-output-tokens"]) == out
+    assert r.headers["x-usage-finish-reason"] == reason
+    assert Decimal(r.headers["x-usage-estimated-cost"]) == cost  # priced by served version
+
+
+async def test_report_usage_from_the_endpoint(ledger: MemoryLedger) -> None:
+    async with client(make_app(ledger)) as c:
+        r = await c.post("/reported", content=b"{}")
+    assert r.text == "ok"
+    assert r.headers["x-usage-input-tokens"] == "40"
+    assert r.headers["x-usage-finish-reason"] == "stop"
+    assert Decimal(r.headers["x-usage-estimated-cost"]) == (40 * 3 + 2 * 15) / Decimal(10**6)
+    [row] = await ledger.query(ledger_principal(ledger))
+    assert row.model == "claude-sonnet-4-5" and row.finish_reasons == {"stop": 1}
+
+
+async def test_unpriced_model_has_no_cost_header(ledger: MemoryLedger) -> None:
+    app = install(Starlette(routes=[Route("/r", reported, methods=["POST"])]),
+                  StackConfig(usage=UsageConfig(ledger=ledger)))
+    async with client(app) as c:
+        r = await c.post("/r")
+    assert "x-usage-estimated-cost" not in r.headers and r.headers["x-usage-input-tokens"] == "40"
+    [row] = await ledger.query(ledger_principal(ledger))
+    assert row.unpriced_requests == 1
+
+
+async def test_non_ai_routes_are_not_recorded(ledger: MemoryLedger) -> None:
+    async with client(make_app(ledger)) as c:
+        r = await c.get("/plain")
+    assert r.json() == {"hello": "world"} and "x-usage-input-tokens" not in r.headers
+    assert "x-usage-duration-ms" in r.headers
+    assert len(ledger._requests) == 0
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+
+    async def __call__(self, message: Any) -> None:
+        self.messages.append(dict(message))
+
+
+def scope_for(path: str, body: bytes = b"{}") -> tuple[dict[str, Any], Any]:
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
+             "query_string": b"", "headers": [(b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("t", 80)}
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    return scope, receive
+
+
+async def test_streams_pass_through_unbuffered_and_are_recorded_at_the_end() -> None:
+    ledger = MemoryLedger()
+    rec = Recorder()
+    seen_downstream: list[int] = []
+    lines = sse_lines(STREAM_EVENTS)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        for line in lines:
+            seen_downstream.append(len(rec.messages))  # what already reached the server
+            await send({"type": "http.response.body", "body": line, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    mw = RequestContextMiddleware(UsageMiddleware(app, prices=PRICES, ledger=ledger))
+    scope, receive = scope_for("/stream", b'{"model": "gpt-4o"}')
+    await mw(scope, receive, rec)
+    # each chunk reached the server before the next was produced: nothing was held back
+    assert seen_downstream == list(range(1, len(lines) + 1))
+    starts = [m for m in rec.messages if m["type"] == "http.response.start"]
+    assert len(starts) == 1
+    assert b"".join(m.get("body", b"") for m in rec.messages) == b"".join(lines)
+    [row] = await ledger.query(next(iter(ledger._requests))[0])
+    assert (row.input_tokens, row.output_tokens, row.finish_reasons) == (12, 3, {"stop": 1})
+    assert row.estimated_cost == (12 * Decimal("2.5") + 3 * 10) / 1_000_000
+
+
+async def test_json_in_chunks_is_held_once_and_replayed_intact() -> None:
+    ledger = MemoryLedger()
+    rec = Recorder()
+    raw = json.dumps(OPENAI_CHAT).encode()
+    parts = [raw[:10], raw[10:200], raw[200:]]
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        for i, part in enumerate(parts):
+            await send({"type": "http.response.body", "body": part,
+                        "more_body": i < len(parts) - 1})
+
+    mw = RequestContextMiddleware(UsageMiddleware(app, ledger=ledger))
+    scope, receive = scope_for("/x")
+    await mw(scope, receive, rec)
+    types = [m["type"] for m in rec.messages]
+    assert types == ["http.response.start", "http.response.body"]
+    assert rec.messages[1]["body"] == raw and rec.messages[1]["more_body"] is False
+    headers = dict(rec.messages[0]["headers"])
+    assert headers[b"x-usage-total-tokens"] == b"1163"
+
+
+async def test_json_over_the_bound_passes_through_without_parsing() -> None:
+    ledger = MemoryLedger()
+    rec = Recorder()
+    big = copy.deepcopy(OPENAI_CHAT)
+    big["choices"][0]["message"]["content"] = "x" * 5000
+    raw = json.dumps(big).encode()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": raw[:3000], "more_body": True})
+        await send({"type": "http.response.body", "body": raw[3000:], "more_body": False})
+
+    mw = RequestContextMiddleware(UsageMiddleware(app, ledger=ledger, max_json_body=1000))
+    scope, receive = scope_for("/x")
+    await mw(scope, receive, rec)
+    assert [m["type"] for m in rec.messages].count("http.response.start") == 1
+    assert b"".join(m.get("body", b"") for m in rec.messages) == raw
+    assert b"x-usage-total-tokens" not in dict(rec.messages[0]["headers"])
+    assert len(ledger._requests) == 0
+
+
+class Answer(BaseModel):
+    city: str
+    temperature: float
+
+
+def fastapi_app(ledger: MemoryLedger) -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/v1/answer")
+    @envelope
+    async def answer(q: dict[str, Any]) -> Completion:
+        return Completion(output="Paris is sunny.", finish_reason="end_turn",
+                          usage=Usage(input_tokens=10, output_tokens=5),
+                          model_version="claude-sonnet-4-5-20250929", provider="anthropic")
+
+    @app.post("/v1/structured")
+    @envelope(schema=Answer)
+    def structured(q: dict[str, Any]) -> dict[str, Any]:
+        return {"output": q["raw"], "finish_reason": "stop",
+                "usage": {"prompt_tokens": 3, "completion_tokens": 4}}
+
+    @app.post("/v1/chat/completions")
+    async def chat(q: dict[str, Any]) -> dict[str, Any]:
+        return OPENAI_CHAT
+
+    return install(app, StackConfig(usage=UsageConfig(prices=PRICES, ledger=ledger)))
+
+
+async def test_envelope_decorator_on_fastapi(ledger: MemoryLedger) -> None:
+    async with client(fastapi_app(ledger)) as c:
+        r = await c.post("/v1/answer", json={"model": "claude-sonnet-4-5", "seed": 7,
+                                             "temperature": 0.2},
+                         headers={"x-request-id": "req_env_1"})
+    assert r.status_code == 200
+    env = r.json()
+    assert env["object"] == "envelope" and env["id"].startswith("env_")
+    assert env["model"] == "claude-sonnet-4-5"
+    assert env["model_version"] == "claude-sonnet-4-5-20250929"
+    assert (env["finish_reason"], env["raw_finish_reason"]) == ("stop", "end_turn")
+    assert env["usage"]["total_tokens"] == 15 and env["request_id"] == "req_env_1"
+    assert Decimal(env["estimated_cost"]) == (10 * 3 + 5 * 15) / Decimal(10**6)
+    assert env["sampling"] == {"seed": 7, "temperature": 0.2}
+    assert env["request_duration_ms"] >= 0
+    assert r.headers["x-usage-estimated-cost"] == env["estimated_cost"]
+    got = await ledger.get_request(ledger_principal(ledger), "req_env_1")
+    assert got is not None and got.record.raw_finish_reason == "end_turn"
+
+
+async def test_structured_output_failure_is_reported_beside_raw_output(
+    ledger: MemoryLedger,
+) -> None:
+    async with client(fastapi_app(ledger)) as c:
+        ok = await c.post("/v1/structured", json={"raw": '{"city": "Oslo", "temperature": 3}'})
+        bad = await c.post("/v1/structured", json={"raw": '{"city": "Oslo", "temperature": "warm'})
+    assert ok.json()["parsed"] == {"city": "Oslo", "temperature": 3.0}
+    assert ok.json()["parsing_error"] is None
+    body = bad.json()
+    assert body["parsed"] is None and body["parsing_error"]
+    assert body["output"] == '{"city": "Oslo", "temperature": "warm'  # untouched
+    assert body["usage"]["input_tokens"] == 3
+
+
+async def test_openai_sdk_through_a_real_server(ledger: MemoryLedger) -> None:
+    import openai
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(fastapi_app(ledger), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="off"))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
+            await anyio.sleep(0.01)
+        try:
+            sdk = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-test",
+                                     max_retries=0)
+            raw = await sdk.chat.completions.with_raw_response.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+            completion = raw.parse()
+            assert completion.usage is not None and completion.usage.total_tokens == 1163
+            assert raw.headers["x-usage-total-tokens"] == "1163"
+            assert raw.headers["x-usage-finish-reason"] == "length"
+            assert Decimal(raw.headers["x-usage-estimated-cost"]) > 0
+            await sdk.close()
+        finally:
+            server.should_exit = True
+    rows = await ledger.query(ledger_principal(ledger))
+    assert [r.requests for r in rows] == [1]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"max_json_body": -1}, {"header_prefix": "X-Bad"}, {"prices": {"gpt": 1}},
+     {"ledger": "memory"}],
+)
+def test_config_is_validated(kwargs: dict[str, Any]) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        UsageMiddleware(lambda s, r, se: None, **kwargs)  # type: ignore[arg-type,return-value]
+
+
+async def test_without_the_context_layer_it_passes_through() -> None:
+    rec = Recorder()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    scope, receive = scope_for("/x")
+    await UsageMiddleware(app, record=False)(scope, receive, rec)
+    assert rec.messages[0] == {"type": "http.response.start", "status": 204, "headers": []}
+
+
+async def test_install_uses_the_shared_storage_for_the_ledger(storage: Any) -> None:
+    from aimiddleware import UsageRoutes
+
+    app = Starlette(routes=[Route("/reported", reported, methods=["POST"]),
+                            *UsageRoutes().routes])
+    install(app, StackConfig(storage=storage, usage=UsageConfig(prices=PRICES)))
+    async with client(app) as c:
+        r = await c.post("/reported", headers={"authorization": "Bearer k"})
+        history = await c.get("/usage", headers={"authorization": "Bearer k"})
+    assert r.headers["x-usage-input-tokens"] == "40"
+    [row] = history.json()["data"]
+    assert (row["model"], row["input_tokens"], row["finish_reasons"]) == (
+        "claude-sonnet-4-5", 40, {"stop": 1})
+
+
+async def test_a_held_json_head_is_released_if_the_app_sends_no_final_body() -> None:
+    rec = Recorder()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b"{}", "more_body": True})
+
+    scope, receive = scope_for("/x")
+    await RequestContextMiddleware(UsageMiddleware(app, record=False))(scope, receive, rec)
+    assert [m["type"] for m in rec.messages] == ["http.response.start", "http.response.body"]
+    assert rec.messages[1]["body"] == b"{}"
+
+
+async def test_non_http_scopes_pass_straight_through() -> None:
+    seen: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope["type"])
+
+    mw = UsageMiddleware(app, record=False)
+    await mw({"type": "lifespan"}, None, None)  # type: ignore[arg-type]
+    await mw({"type": "websocket"}, None, None)  # type: ignore[arg-type]
+    assert seen == ["lifespan", "websocket"]
+
+
+async def test_accounting_errors_never_fail_the_response(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Broken(MemoryLedger):
+        async def record(self, rec: Any) -> None:
+            raise RuntimeError("boom")
+
+    async with client(make_app(Broken())) as c:
+        r = await c.post("/openai", json={"model": "gpt-4o"})
+    assert r.status_code == 200 and r.headers["x-usage-total-tokens"] == "1163"
+    assert any("usage accounting failed" in rec.message for rec in caplog.records)
+
+
+async def test_unknown_messages_while_holding_release_the_head_first() -> None:
+    rec = Recorder()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "trailers": True,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b'{"a":', "more_body": True})
+        await send({"type": "http.response.trailers", "headers": [], "more_trailers": False})
+
+    scope, receive = scope_for("/x")
+    await RequestContextMiddleware(UsageMiddleware(app, record=False))(scope, receive, rec)
+    assert [m["type"] for m in rec.messages] == [
+        "http.response.start", "http.response.body", "http.response.trailers"]
+    assert rec.messages[1] == {"type": "http.response.body", "body": b'{"a":', "more_body": True}

@@ -1,0 +1,213 @@
+"""Usage converters on provider response samples (documented shapes), Envelope, extraction."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from aimiddleware.finish_reason import FinishReason
+from aimiddleware.usage.extract import from_response, from_stream_event
+from aimiddleware.usage.models import Envelope, Usage, sampling_params
+
+# OpenAI Chat Completions (platform.openai.com/docs/api-reference/chat/object)
+OPENAI_CHAT: dict[str, Any] = {
+    "id": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG",
+    "object": "chat.completion",
+    "created": 1741570283,
+    "model": "gpt-4o-2024-08-06",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "The image shows",
+                 "refusal": None, "annotations": []}, "logprobs": None,
+                 "finish_reason": "length"}],
+    "usage": {
+        "prompt_tokens": 1117, "completion_tokens": 46, "total_tokens": 1163,
+        "prompt_tokens_details": {"cached_tokens": 1024, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 10, "audio_tokens": 0,
+                                      "accepted_prediction_tokens": 0,
+                                      "rejected_prediction_tokens": 0},
+    },
+    "service_tier": "default",
+    "system_fingerprint": "fp_fc9f1d7035",
+}
+
+# OpenAI Responses (platform.openai.com/docs/api-reference/responses/object)
+OPENAI_RESPONSE: dict[str, Any] = {
+    "id": "resp_67ccd3a9da748190baa7f1570fe91ac604becb25c45c1d41",
+    "object": "response",
+    "created_at": 1741476777,
+    "status": "incomplete",
+    "incomplete_details": {"reason": "max_output_tokens"},
+    "model": "o3-2025-04-16",
+    "output": [{"type": "reasoning", "id": "rs_1", "summary": []}],
+    "usage": {"input_tokens": 328, "input_tokens_details": {"cached_tokens": 128},
+              "output_tokens": 52, "output_tokens_details": {"reasoning_tokens": 40},
+              "total_tokens": 380},
+}
+
+# Anthropic Messages (docs.claude.com/en/api/messages)
+ANTHROPIC: dict[str, Any] = {
+    "id": "msg_013Zva2CMHLNnXjNJJKqJ2EF",
+    "type": "message",
+    "role": "assistant",
+    "model": "claude-sonnet-4-5-20250929",
+    "content": [{"type": "text", "text": "Hi! My name is Claude."}],
+    "stop_reason": "end_turn",
+    "stop_sequence": None,
+    "usage": {"input_tokens": 21, "cache_creation_input_tokens": 188086,
+              "cache_read_input_tokens": 1500, "output_tokens": 393,
+              "cache_creation": {"ephemeral_5m_input_tokens": 188086,
+                                 "ephemeral_1h_input_tokens": 0},
+              "service_tier": "standard"},
+}
+
+# Gemini generateContent (ai.google.dev/api/generate-content#v1beta.GenerateContentResponse)
+GEMINI: dict[str, Any] = {
+    "candidates": [{"content": {"parts": [{"text": "AI learns patterns."}], "role": "model"},
+                    "finishReason": "MAX_TOKENS", "index": 0}],
+    "usageMetadata": {"promptTokenCount": 1200, "candidatesTokenCount": 80,
+                      "totalTokenCount": 1530, "cachedContentTokenCount": 1000,
+                      "thoughtsTokenCount": 230, "toolUsePromptTokenCount": 20,
+                      "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 1200}]},
+    "modelVersion": "gemini-2.5-flash",
+    "responseId": "mAitaLmkHPPlz7IPvtfUqQ4",
+}
+
+BEDROCK_USAGE = {"inputTokens": 125, "outputTokens": 60, "totalTokens": 185}
+
+
+def test_openai_chat_cached_and_reasoning_are_subsets() -> None:
+    u = Usage.from_openai_chat(OPENAI_CHAT["usage"])
+    assert u == Usage(input_tokens=1117, output_tokens=46, total_tokens=1163,
+                      cached_input_tokens=1024, reasoning_tokens=10)
+
+
+def test_openai_responses() -> None:
+    u = Usage.from_openai_responses(OPENAI_RESPONSE["usage"])
+    assert u == Usage(input_tokens=328, output_tokens=52, total_tokens=380,
+                      cached_input_tokens=128, reasoning_tokens=40)
+
+
+def test_anthropic_cache_counts_are_added_to_input() -> None:
+    u = Usage.from_anthropic(ANTHROPIC["usage"])
+    assert u.input_tokens == 21 + 188086 + 1500
+    assert u.cached_input_tokens == 1500 and u.cache_creation_input_tokens == 188086
+    assert u.output_tokens == 393 and u.total_tokens == 21 + 188086 + 1500 + 393
+
+
+def test_gemini_thoughts_are_billed_as_output() -> None:
+    u = Usage.from_gemini(GEMINI["usageMetadata"])
+    assert u.input_tokens == 1220  # prompt + tool-use prompt
+    assert u.output_tokens == 80 + 230 and u.reasoning_tokens == 230
+    assert u.cached_input_tokens == 1000 and u.total_tokens == 1530
+    snake = Usage.from_gemini({"prompt_token_count": 5, "candidates_token_count": 2,
+                               "thoughts_token_count": 3})
+    assert snake == Usage(input_tokens=5, output_tokens=5, total_tokens=10, reasoning_tokens=3)
+
+
+@pytest.mark.parametrize(
+    ("raw", "want"),
+    [
+        (OPENAI_CHAT["usage"], Usage.from_openai_chat(OPENAI_CHAT["usage"])),
+        (OPENAI_RESPONSE["usage"], Usage.from_openai_responses(OPENAI_RESPONSE["usage"])),
+        (ANTHROPIC["usage"], Usage.from_anthropic(ANTHROPIC["usage"])),
+        (GEMINI["usageMetadata"], Usage.from_gemini(GEMINI["usageMetadata"])),
+        (BEDROCK_USAGE, Usage(input_tokens=125, output_tokens=60, total_tokens=185)),
+        ({"input_tokens": 3, "output_tokens": 4}, Usage(input_tokens=3, output_tokens=4)),
+        ({"input_tokens": 9, "output_tokens": 1, "reasoning_tokens": 1, "total_tokens": 10},
+         Usage(input_tokens=9, output_tokens=1, reasoning_tokens=1)),
+    ],
+)
+def test_from_any_recognizes_each_shape(raw: dict[str, Any], want: Usage) -> None:
+    assert Usage.from_any(raw) == want
+
+
+def test_from_any_rejects_and_tolerates_junk() -> None:
+    with pytest.raises(ValueError):
+        Usage.from_any({"foo": 1})
+    # nulls and negative numbers never produce a negative usage
+    u = Usage.from_openai_chat({"prompt_tokens": None, "completion_tokens": -3,
+                                "prompt_tokens_details": None})
+    assert u == Usage()
+
+
+def test_usage_is_frozen() -> None:
+    with pytest.raises(ValidationError):
+        Usage(input_tokens=1).input_tokens = 2  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("body", "raw", "provider", "version", "usage"),
+    [
+        (OPENAI_CHAT, "length", "openai", "gpt-4o-2024-08-06", 1163),
+        (OPENAI_RESPONSE, "max_output_tokens", "openai_responses", "o3-2025-04-16", 380),
+        (ANTHROPIC, "end_turn", "anthropic", "claude-sonnet-4-5-20250929", 190000),
+        (GEMINI, "MAX_TOKENS", "gemini", "gemini-2.5-flash", 1530),
+    ],
+)
+def test_extract_from_provider_responses(
+    body: dict[str, Any], raw: str, provider: str, version: str, usage: int
+) -> None:
+    found = from_response(json.loads(json.dumps(body)))
+    assert found is not None and found.usage is not None
+    assert (found.raw_finish_reason, found.provider, found.model_version) == (raw, provider,
+                                                                              version)
+    assert found.usage.total_tokens == usage
+
+
+def test_extract_gemini_blocked_prompt_and_nothing() -> None:
+    blocked = {"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata":
+               {"promptTokenCount": 7, "totalTokenCount": 7}}
+    found = from_response(blocked)
+    assert found is not None and found.raw_finish_reason == "SAFETY"
+    assert from_response({"hello": "world"}) is None
+    assert from_response([1, 2]) is None
+
+
+def test_extract_stream_events() -> None:
+    start = {"type": "message_start", "message": {"model": "claude-x", "usage": {
+        "input_tokens": 25, "output_tokens": 1, "cache_read_input_tokens": 5}}}
+    delta = {"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+             "usage": {"output_tokens": 15}}
+    chunk = {"id": "c", "object": "chat.completion.chunk", "choices": [],
+             "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}}
+    got_start = from_stream_event(start)
+    assert got_start is not None and got_start.usage == Usage(
+        input_tokens=30, output_tokens=1, cached_input_tokens=5)
+    got_delta = from_stream_event(delta)
+    assert got_delta is not None and got_delta.raw_finish_reason == "tool_use"
+    got_chunk = from_stream_event(chunk)
+    assert got_chunk is not None and got_chunk.usage == Usage(input_tokens=9, output_tokens=3)
+    assert from_stream_event({"choices": [{"delta": {"content": "x"}}]}) is None
+    assert from_stream_event({"type": "ping"}) is None
+
+
+def test_envelope_shape_and_rules() -> None:
+    env = Envelope(
+        id="env_1", model="gpt-4o", model_version="gpt-4o-2024-08-06", output="hi",
+        finish_reason=FinishReason.LENGTH, raw_finish_reason="length",
+        usage=Usage(input_tokens=1, output_tokens=2), estimated_cost=Decimal("0.0000225"),
+        request_duration_ms=12.5, request_id="req_1", sampling={"seed": 7},
+        parsing_error="<root>: Invalid JSON",
+    )
+    data = env.model_dump(mode="json")
+    assert data["finish_reason"] == "length" and data["estimated_cost"] == "0.0000225"
+    assert data["usage"]["total_tokens"] == 3 and data["output"] == "hi"
+    assert Envelope.model_validate_json(env.model_dump_json()) == env
+    with pytest.raises(ValidationError):
+        Envelope(id="x", parsed={"a": 1}, parsing_error="bad")
+    with pytest.raises(ValidationError):
+        Envelope(id="x", confidence=1.5)
+    with pytest.raises(ValidationError):
+        env.output = "changed"  # type: ignore[misc]
+
+
+def test_sampling_params() -> None:
+    assert sampling_params({"model": "m", "seed": 1, "temperature": 0}) == {"seed": 1,
+                                                                           "temperature": 0}
+    assert sampling_params({"model": "m"}) is None
+    assert sampling_params({"generationConfig": {"topP": 0.9, "seed": 3}}) == {"seed": 3,
+                                                                              "top_p": 0.9}
+    assert sampling_params("nope") is None
