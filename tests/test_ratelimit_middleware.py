@@ -288,3 +288,34 @@ async def test_stream_is_reconciled_with_usage_reported_at_its_end() -> None:
         assert int(r.headers["x-ratelimit-remaining-tokens"]) < 100000 - 4000
         assert await counters(limiter, "k1") == {"tokens:60": 10}
         assert await limiter.backend.in_flight(principal_of("k1")) == 0  # type: ignore[attr-defined]
+
+
+async def test_install_with_usage_layer_reconciles_a_proxied_openai_response(
+    storage: Storage,
+) -> None:
+    from fastapi import FastAPI
+
+    import aimiddleware
+    from aimiddleware import UsageConfig
+
+    app = FastAPI()
+
+    @app.post(CHAT)
+    async def proxied() -> dict[str, Any]:  # what a provider proxy returns: usage in the body
+        return {"id": "c1", "object": "chat.completion", "model": "gpt-4o-mini",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": "hi"}}],
+                "usage": {"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15}}
+
+    aimiddleware.install(
+        app, storage=storage, usage=UsageConfig(prices=PRICES, record=False),
+        ratelimit=Policy(tokens="100000/minute", cost="1/day"),
+    )
+    limiter = next(m.kwargs["limiter"] for m in app.user_middleware if "limiter" in m.kwargs)
+    async with client(app) as c:
+        r = await c.post(CHAT, json={**BODY, "max_tokens": 3000})
+    assert r.status_code == 200
+    assert int(r.headers["x-ratelimit-remaining-tokens"]) < 100000 - 3000  # reserved up front
+    held = await counters(limiter, "k1")
+    assert held["tokens:60"] == 15  # then replaced by the usage the response reported
+    assert 0 < held["cost:86400"] < 10_000  # priced on 11 in + 4 out, not on 3000 out
