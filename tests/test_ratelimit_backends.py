@@ -139,7 +139,7 @@ async def _replay(url: str, events: list[Any]) -> None:
                 if got[0].allowed and lease:
                     leases[who].append(lease)
                 for h, state in zip(hits, got[0].states, strict=True):
-                    last_index[(who, h.field)] = state.index
+                    last_index[(who, h.field)] = state.window
             elif ev[0] == "adjust":
                 _, who, i, delta = ev
                 index = last_index.get((who, LIMITS[i][0]), int(now[0] * 1000) // LIMITS[i][1])

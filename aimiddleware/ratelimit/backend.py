@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 __all__ = [
     "Adjustment",
@@ -31,8 +30,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class Hit:
+class Hit(NamedTuple):
     """Charge ``cost`` on the counter ``field`` (window in ms) whose limit is ``limit``."""
 
     field: str
@@ -41,29 +39,27 @@ class Hit:
     cost: int
 
 
-@dataclass(frozen=True)
-class Adjustment:
-    """Correct a reservation made in window ``index``: negative refunds, positive charges."""
+class Adjustment(NamedTuple):
+    """Correct a reservation made in fixed window number ``window`` (``now // window_ms``):
+    negative refunds, positive charges."""
 
     field: str
     window_ms: int
-    index: int
+    window: int
     delta: int
 
 
-@dataclass(frozen=True)
-class WindowState:
-    """A counter after an operation: fixed-window ``index``, ``prev``/``curr`` counts, and
-    ``elapsed_ms`` into the current fixed window."""
+class WindowState(NamedTuple):
+    """A counter after an operation: fixed window number ``window`` (``now // window_ms``),
+    ``prev``/``curr`` counts, and ``elapsed_ms`` into the current fixed window."""
 
-    index: int
+    window: int
     prev: int
     curr: int
     elapsed_ms: int
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     """``failed``: index of the first refused hit, ``len(hits)`` for concurrency, or -1."""
 
     allowed: bool

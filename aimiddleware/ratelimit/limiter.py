@@ -299,7 +299,7 @@ class RateLimiter:
             for lim, hit, state in rows:
                 delta = actual.units(lim.dimension) - hit.cost
                 if delta:
-                    adjustments.append(Adjustment(hit.field, hit.window_ms, state.index, delta))
+                    adjustments.append(Adjustment(hit.field, hit.window_ms, state.window, delta))
         if not adjustments and admission.lease is None:
             return
         try:
@@ -325,7 +325,7 @@ class RateLimiter:
                 mark = fraction * lim.amount
                 if not before < mark <= after:
                     continue
-                tag = f"{hit.field}:{state.index}:{fraction}"
+                tag = f"{hit.field}:{state.window}:{fraction}"
                 try:
                     ttl = 2 * hit.window_ms
                     fresh = await self.backend.mark_once(admission.principal, tag, ttl)

@@ -72,36 +72,43 @@ class MemoryBackend:
     ) -> Decision:
         now = self._now()
         entry = self._entry(principal, now)
-        states: list[WindowState] = []
+        counters = entry.counters
+        rows: list[tuple[int, int, int, int]] = []  # (index, prev, curr, elapsed)
         failed = -1
         for i, hit in enumerate(hits):
-            index = now // hit.window_ms
-            stored = entry.counters.get(hit.field)
-            prev, curr = roll(stored[0], stored[1], stored[2], index) if stored else (0, 0)
-            elapsed = now - index * hit.window_ms
-            states.append(WindowState(index, prev, curr, elapsed))
-            if failed < 0 and not fits(prev, curr, elapsed, hit.window_ms, hit.limit, hit.cost):
+            window = hit.window_ms
+            index = now // window
+            stored = counters.get(hit.field)
+            if stored is None:
+                prev = curr = 0
+            else:
+                prev, curr = roll(stored[0], stored[1], stored[2], index)
+            elapsed = now - index * window
+            rows.append((index, prev, curr, elapsed))
+            if failed < 0 and not fits(prev, curr, elapsed, window, hit.limit, hit.cost):
                 failed = i
         in_flight = 0
         if concurrency > 0:
-            expired = [k for k, exp in entry.leases.items() if exp <= now]
-            for k in expired:
-                del entry.leases[k]
-            in_flight = len(entry.leases)
+            leases = entry.leases
+            for k in [k for k, exp in leases.items() if exp <= now]:
+                del leases[k]
+            in_flight = len(leases)
             if failed < 0 and in_flight >= concurrency:
                 failed = len(hits)
         if failed >= 0:
             self._touch(entry, now, hits, 0)
-            return Decision(False, failed, tuple(states), in_flight, now)
-        for i, hit in enumerate(hits):
-            st = states[i]
-            states[i] = WindowState(st.index, st.prev, st.curr + hit.cost, st.elapsed_ms)
-            entry.counters[hit.field] = [st.index, st.prev, st.curr + hit.cost]
+            states = tuple(WindowState(*row) for row in rows)
+            return Decision(False, failed, states, in_flight, now)
+        out = []
+        for hit, (index, prev, curr, elapsed) in zip(hits, rows, strict=True):
+            curr += hit.cost
+            counters[hit.field] = [index, prev, curr]
+            out.append(WindowState(index, prev, curr, elapsed))
         if concurrency > 0 and lease is not None:
             entry.leases[lease] = now + lease_ttl_ms
             in_flight += 1
         self._touch(entry, now, hits, lease_ttl_ms)
-        return Decision(True, -1, tuple(states), in_flight, now)
+        return Decision(True, -1, tuple(out), in_flight, now)
 
     def _touch(self, entry: _Entry, now: int, hits: Sequence[Hit], ttl: int) -> None:
         longest = max([2 * h.window_ms for h in hits] + [ttl])
@@ -120,9 +127,9 @@ class MemoryBackend:
             prev, curr = roll(stored[0], stored[1], stored[2], index) if stored else (0, 0)
             if adj.delta >= 0:
                 curr += adj.delta
-            elif adj.index == index:
+            elif adj.window == index:
                 curr = max(0, curr + adj.delta)
-            elif adj.index == index - 1:
+            elif adj.window == index - 1:
                 prev = max(0, prev + adj.delta)
             entry.counters[adj.field] = [index, prev, curr]
             entry.expires_ms = max(entry.expires_ms, now + 2 * adj.window_ms)

@@ -89,7 +89,7 @@ class RedisBackend:
             return
         args: list[Any] = [self._now_arg(), release or "", len(adjustments)]
         for adj in adjustments:
-            args.extend((adj.field, adj.window_ms, adj.index, adj.delta))
+            args.extend((adj.field, adj.window_ms, adj.window, adj.delta))
         _, script = self._scripts()
         async with redis_errors("rate limit"):
             await script(keys=self._keys(principal), args=args)
