@@ -319,3 +319,37 @@ async def test_install_with_usage_layer_reconciles_a_proxied_openai_response(
     held = await counters(limiter, "k1")
     assert held["tokens:60"] == 15  # then replaced by the usage the response reported
     assert 0 < held["cost:86400"] < 10_000  # priced on 11 in + 4 out, not on 3000 out
+
+
+async def test_exempt_paths_and_non_http_scopes_pass_through() -> None:
+    from aimiddleware import ErrorMiddleware, RateLimitMiddleware, RequestContextMiddleware
+
+    calls: list[str] = []
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        calls.append(scope["type"])
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    limited_app = RateLimitMiddleware(
+        inner, Policy(requests="1/minute"), exempt=["/health", "/static/*"]
+    )
+    app = RequestContextMiddleware(ErrorMiddleware(limited_app))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        exempt = [await c.get(p) for p in ("/health", "/static/a", "/health")]
+        limited = [await c.get("/v1/x") for _ in range(2)]
+    assert [r.status_code for r in exempt] == [200, 200, 200]
+    assert all("ratelimit" not in r.headers for r in exempt)
+    assert limited[0].status_code == 200
+    assert limited[0].headers["x-ratelimit-remaining-requests"] == "0"
+    assert limited[1].status_code == 429
+
+    async def no_receive() -> Any:
+        raise AssertionError("not called")
+
+    async def no_send(message: Any) -> None:
+        raise AssertionError("not called")
+
+    await limited_app({"type": "lifespan"}, no_receive, no_send)
+    assert calls[-1] == "lifespan"

@@ -142,7 +142,7 @@ class RateLimiter:
         self._lease_ttl_ms = self.lease_ttl_ms if self.refreshes else _IN_PROCESS_LEASE_MS
         self._lease_prefix = secrets.token_hex(6) + "-"
         self._lease_ids = itertools.count()
-        self._resolved: dict[tuple[int, str | None, str | None, int], _Resolved] = {}
+        self._resolved: dict[tuple[Policy, str | None, str | None, Policy | None], _Resolved] = {}
         self.alert_fractions = tuple(sorted(alert_fractions))
         self.on_alert = on_alert
         self.name = name
@@ -190,7 +190,8 @@ class RateLimiter:
         model: str | None,
     ) -> _Resolved:
         """The limits of (policy, route, extra policy, model), computed once and cached."""
-        key = (id(policy), route[0] if route else None, model, id(extra))
+        # Keyed by the objects (held here, so an id is never reused by another policy).
+        key = (policy, route[0] if route else None, model, extra)
         found = self._resolved.get(key)
         if found is not None:
             return found
