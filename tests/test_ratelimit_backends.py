@@ -156,3 +156,18 @@ async def _replay(url: str, events: list[Any]) -> None:
             assert await memory.in_flight(who) == await redis.in_flight(who)
     finally:
         await store.aclose()
+
+
+async def test_memory_backend_forgets_idle_principals_but_not_leases() -> None:
+    now = [1_000.0]
+    backend = MemoryBackend(clock=lambda: now[0])
+    hits = [Hit("requests:1", 1_000, 10, 1)]
+    await backend.acquire("busy", hits, lease="l", concurrency=1, lease_ttl_ms=10**12)
+    for i in range(1000):
+        await backend.acquire(f"p{i}", hits)
+    assert len(backend) == 1001
+    now[0] += 5
+    for i in range(400):  # each call evicts a few of the idle ones, never a full scan
+        await backend.acquire(f"q{i}", hits)
+    assert len(backend) < 1001 + 400 - 1000 + 5
+    assert await backend.in_flight("busy") == 1  # an entry holding a lease is kept

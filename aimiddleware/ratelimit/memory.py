@@ -56,6 +56,10 @@ class MemoryBackend:
             principal, entry = next(iter(self._entries.items()))
             if entry.expires_ms > now:
                 return
+            if entry.leases:  # requests still in flight: keep it, look again later
+                entry.expires_ms = now + 60_000
+                self._entries.move_to_end(principal)
+                continue
             del self._entries[principal]
 
     def __len__(self) -> int:
@@ -96,7 +100,7 @@ class MemoryBackend:
             if failed < 0 and in_flight >= concurrency:
                 failed = len(hits)
         if failed >= 0:
-            self._touch(entry, now, hits, 0)
+            self._touch(entry, now, hits)
             states = tuple(WindowState(*row) for row in rows)
             return Decision(False, failed, states, in_flight, now)
         out = []
@@ -107,11 +111,12 @@ class MemoryBackend:
         if concurrency > 0 and lease is not None:
             entry.leases[lease] = now + lease_ttl_ms
             in_flight += 1
-        self._touch(entry, now, hits, lease_ttl_ms)
+        self._touch(entry, now, hits)
         return Decision(True, -1, tuple(out), in_flight, now)
 
-    def _touch(self, entry: _Entry, now: int, hits: Sequence[Hit], ttl: int) -> None:
-        longest = max([2 * h.window_ms for h in hits] + [ttl])
+    def _touch(self, entry: _Entry, now: int, hits: Sequence[Hit]) -> None:
+        # Counters matter for two windows; entries holding leases are never evicted.
+        longest = max([2 * h.window_ms for h in hits], default=0)
         entry.expires_ms = max(entry.expires_ms, now + longest)
 
     async def adjust(
@@ -138,7 +143,6 @@ class MemoryBackend:
         now = self._now()
         entry = self._entry(principal, now)
         entry.leases[lease] = now + ttl_ms
-        entry.expires_ms = max(entry.expires_ms, now + ttl_ms)
 
     async def mark_once(self, principal: str, tag: str, ttl_ms: int) -> bool:
         now = self._now()
