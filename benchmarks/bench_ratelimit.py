@@ -32,6 +32,7 @@ from starlette.routing import Route
 from aimiddleware import Policy, RateLimiter, RateLimitMiddleware, RequestContextMiddleware
 from aimiddleware.pricing import PriceTable
 from aimiddleware.ratelimit.backend import Hit
+from aimiddleware.ratelimit.memory import MemoryBackend
 from aimiddleware.ratelimit.redis import RedisBackend
 from aimiddleware.storage import Storage
 from benchmarks.harness import as_json, compare, make_request, table
@@ -139,6 +140,42 @@ async def principals(quick: bool) -> tuple[str, dict[str, Any]]:
         res, "bare starlette")
 
 
+async def principals_backend(quick: bool) -> tuple[str, dict[str, Any]]:
+    """The limiter alone (no HTTP, no tokenizer): one admission of 3 limits + a lease."""
+    hits = [Hit("requests:60", 60_000, 10**9, 1), Hit("tokens:60", 60_000, 10**9, 30),
+            Hit("cost:86400", 86_400_000, 10**12, 900)]
+    items = [parse(f"{BIG}/second"), parse(f"{BIG}/minute"), parse(f"{BIG}/day")]
+    n = 2000 if quick else 20000
+    out: dict[str, dict[int, float]] = {"aimiddleware memory": {}, "limits direct": {}}
+    for count in (100, 1000, 5000):
+        names = [f"p{i}" for i in range(count)]
+        ours = MemoryBackend()
+        theirs = SlidingWindowCounterRateLimiter(MemoryStorage())
+
+        async def one_ours(p: str, ours: MemoryBackend = ours) -> None:
+            await ours.acquire(p, hits, lease="x", concurrency=10**9, lease_ttl_ms=10**12)
+
+        async def one_theirs(p: str, theirs: Any = theirs) -> None:
+            for item in items:
+                await theirs.hit(item, p)
+
+        for name, fn in (("aimiddleware memory", one_ours), ("limits direct", one_theirs)):
+            for p in names:
+                await fn(p)
+            best = float("inf")
+            for _ in range(3 if quick else 5):
+                t0 = time.perf_counter()
+                for i in range(n):
+                    await fn(names[i % count])
+                best = min(best, (time.perf_counter() - t0) / n * 1e6)
+            out[name][count] = best
+    lines = ["## Limiter alone: µs per admission (3 limits; ours also takes a lease)", "",
+             "| contender | 100 principals | 1,000 | 5,000 |", "|---|---:|---:|---:|"]
+    lines += [f"| {k} | " + " | ".join(f"{v[c]:.1f}" for c in (100, 1000, 5000)) + " |"
+              for k, v in out.items()]
+    return "\n".join(lines), out
+
+
 async def full_window(quick: bool) -> tuple[str, dict[str, Any]]:
     """Per-hit time with a tokens/day window already holding 900,000 tokens."""
     fill = 100_000 if quick else 900_000
@@ -238,7 +275,8 @@ async def run(quick: bool) -> tuple[str, dict[str, Any]]:
     parts: list[str] = []
     figures: dict[str, Any] = {}
     for name, fn in (("overhead", overhead), ("redis", redis_round_trips),
-                     ("principals", principals), ("full_window", full_window)):
+                     ("principals", principals), ("principals_backend", principals_backend),
+                     ("full_window", full_window)):
         text, data = await fn(quick)
         parts.append(text)
         figures[name] = data
