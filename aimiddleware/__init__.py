@@ -48,6 +48,14 @@ from aimiddleware.idempotency import (
 )
 from aimiddleware.jobs import JobContext, JobsRouter
 from aimiddleware.pricing import ModelPrice, PriceTable
+from aimiddleware.ratelimit import (
+    Limit,
+    Policy,
+    RateLimiter,
+    RateLimitMiddleware,
+    SpendAlert,
+    rate_limit,
+)
 from aimiddleware.sse import (
     AnthropicDialect,
     EventStreamResponse,
@@ -112,6 +120,7 @@ __all__ = [
     "JobsRouter",
     "Ledger",
     "Lifecycle",
+    "Limit",
     "MemoryLedger",
     "MethodNotAllowed",
     "ModelPrice",
@@ -122,11 +131,14 @@ __all__ = [
     "OutputSchemaInvalid",
     "Overloaded",
     "PermissionDenied",
+    "Policy",
     "PolicyRefusal",
     "PriceTable",
     "PromptInjectionDetected",
     "QuotaExceeded",
+    "RateLimitMiddleware",
     "RateLimited",
+    "RateLimiter",
     "RedisLedger",
     "ReplayBuffer",
     "RequestContext",
@@ -135,6 +147,7 @@ __all__ = [
     "RequestTooLarge",
     "SQLiteLedger",
     "ServerSentEvent",
+    "SpendAlert",
     "StackConfig",
     "Storage",
     "StoreUnavailable",
@@ -162,6 +175,7 @@ __all__ = [
     "install",
     "normalize_finish_reason",
     "on_cancel",
+    "rate_limit",
     "register_exception_handlers",
     "report_usage",
 ]

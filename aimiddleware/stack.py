@@ -27,6 +27,7 @@ from aimiddleware.errors import DEFAULT_TYPE_BASE, ExceptionMapper, Mapper
 from aimiddleware.idempotency.config import IdempotencyConfig
 from aimiddleware.idempotency.middleware import IdempotencyMiddleware
 from aimiddleware.openapi import document_stack
+from aimiddleware.ratelimit import Policy, RateLimiter, RateLimitMiddleware
 from aimiddleware.storage import Storage
 from aimiddleware.types import ASGIApp, PrincipalResolver
 from aimiddleware.usage.config import UsageConfig
@@ -49,6 +50,8 @@ class StackConfig:
     error_type_base: str = DEFAULT_TYPE_BASE
     exception_mappings: Mapping[type[BaseException], Mapper] = field(default_factory=dict)
     versioning: VersioningConfig | None = None
+    # A RateLimiter, or policies (one Policy or {tier: Policy}) for one on the shared storage.
+    ratelimit: RateLimiter | Policy | Mapping[str, Policy] | None = None
     usage: UsageConfig | None = None
     idempotency: IdempotencyConfig | None = None
     # On by default: a client that disconnects cancels the endpoint. Add timeout tiers here.
@@ -103,6 +106,17 @@ def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
                 },
             )
         )
+    if config.ratelimit is not None:
+        limiter = config.ratelimit
+        if not isinstance(limiter, RateLimiter):  # share the usage layer's tokenizer and prices
+            usage = config.usage
+            limiter = RateLimiter(
+                limiter,
+                storage=storage,
+                counter=usage.counter if usage is not None else None,
+                prices=usage.prices if usage is not None else None,
+            )
+        layers.append((RateLimitMiddleware, {"limiter": limiter}))
     if config.usage is not None:  # innermost: right before the app
         layers.append((UsageMiddleware, config.usage.middleware_options(storage)))
 
@@ -110,7 +124,9 @@ def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
         register_exception_handlers(app, mapper=mapper, error_type_base=config.error_type_base)
         if hasattr(app, "openapi") and hasattr(app, "openapi_schema"):  # FastAPI
             methods = config.idempotency.methods if config.idempotency is not None else ()
-            document_stack(app, rate_limit_headers=False, idempotency_methods=methods)
+            document_stack(
+                app, rate_limit_headers=config.ratelimit is not None, idempotency_methods=methods
+            )
         for cls, kwargs in reversed(layers):  # Starlette: the last added is the outermost
             app.add_middleware(cls, **kwargs)
         return app

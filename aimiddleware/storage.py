@@ -33,7 +33,7 @@ class Storage:
         key_prefix: str = "aimw",
         client: Any | None = None,
         socket_timeout: float = 2.0,
-        max_connections: int = 64,
+        max_connections: int = 100,
         pool_timeout: float = 5.0,
     ) -> None:
         scheme = urlsplit(url).scheme.lower()

@@ -45,17 +45,6 @@ from examples.settings import load_settings
 from examples.upstream import Upstream
 
 HERE = Path(__file__).resolve().parent
-settings = load_settings(Path(os.environ.get("AIMW_CONFIG", HERE / "config.toml")))
-storage = Storage(os.environ.get("AIMW_STORAGE", "memory://"))
-secret = os.environ.get("AIMW_IDEMPOTENCY_SECRET")
-if not storage.is_memory and not secret:
-    raise RuntimeError(
-        "AIMW_IDEMPOTENCY_SECRET must be set with a shared storage: every worker must "
-        "fingerprint requests with the same key"
-    )
-counter = TokenCounter()
-model = FakeModel("fake-chat", token_counter=counter)
-upstream = Upstream.from_env()
 
 
 class ChatMessage(BaseModel):
@@ -77,101 +66,129 @@ class ChatRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
 
 
-async def run_model(request: dict[str, Any]) -> Any:
-    if upstream is not None:
-        return await upstream.chat(request)
-    if request.get("stream"):
-        return EventStreamResponse(
-            model.stream(request), dialect=OpenAIChatDialect.for_request(request)
+def create_app(
+    config_path: Path | str | None = None,
+    *,
+    storage: str | None = None,
+    idempotency_secret: str | None = None,
+    upstream: Upstream | None = None,
+    model: FakeModel | None = None,
+) -> FastAPI:
+    """Build the app; arguments default to the environment (see the module docstring)."""
+    settings = load_settings(
+        Path(config_path or os.environ.get("AIMW_CONFIG", HERE / "config.toml"))
+    )
+    store = Storage(storage or os.environ.get("AIMW_STORAGE", "memory://"))
+    secret = idempotency_secret or os.environ.get("AIMW_IDEMPOTENCY_SECRET")
+    if not store.is_memory and not secret:
+        raise RuntimeError(
+            "AIMW_IDEMPOTENCY_SECRET must be set with a shared storage: every worker must "
+            "fingerprint requests with the same key"
         )
-    return await model.complete(request)
+    counter = model.counter if model is not None else TokenCounter()
+    model = model or FakeModel("fake-chat", token_counter=counter)
+    upstream = upstream or Upstream.from_env()
 
+    async def summarise_job(ctx: JobContext, input: dict[str, Any]) -> dict[str, Any]:
+        """A job: one chat completion per document, reporting progress and usage."""
+        documents = input.get("documents") or [input.get("text", "")]
+        summaries = []
+        for i, doc in enumerate(documents):
+            await ctx.step()
+            out = await model.complete(
+                {
+                    "model": "fake-chat-2026-06-01",
+                    "messages": [{"role": "user", "content": str(doc)}],
+                }
+            )
+            text = out["choices"][0]["message"]["content"]
+            summaries.append(text)
+            await ctx.partial(text)
+            usage = out["usage"]
+            await ctx.record_usage(
+                {
+                    "input_tokens": usage["prompt_tokens"],
+                    "output_tokens": usage["completion_tokens"],
+                }
+            )
+            await ctx.progress((i + 1) / len(documents))
+        return {"summaries": summaries}
 
-async def summarise_job(ctx: JobContext, input: dict[str, Any]) -> dict[str, Any]:
-    """A job: one chat completion per document, reporting progress and usage."""
-    documents = input.get("documents") or [input.get("text", "")]
-    summaries = []
-    for i, doc in enumerate(documents):
-        await ctx.step()
-        out = await model.complete(
-            {"model": "fake-chat-2026-06-01", "messages": [{"role": "user", "content": str(doc)}]}
-        )
-        text = out["choices"][0]["message"]["content"]
-        summaries.append(text)
-        await ctx.partial(text)
-        usage = out["usage"]
-        await ctx.record_usage(
-            {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]}
-        )
-        await ctx.progress((i + 1) / len(documents))
-    return {"summaries": summaries}
+    jobs = JobsRouter(summarise_job, storage=store, max_steps=100, max_cost="5.00")
 
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await model.warm()
+        async with jobs.lifespan_context(app):
+            yield
+        await store.aclose()
 
-jobs = JobsRouter(summarise_job, storage=storage, max_steps=100, max_cost="5.00")
+    app = FastAPI(title="aimiddleware reference app", version="1.0", lifespan=lifespan)
 
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest) -> Any:
+        """OpenAI-compatible chat completion, streaming (`stream: true`) or not."""
+        ctx = current()
+        request = body.model_dump(exclude_none=True)
+        request["model"] = ctx.model_version or body.model  # the pinned snapshot
+        if upstream is not None:
+            return await upstream.chat(request)
+        if body.stream:
+            return EventStreamResponse(
+                model.stream(request), dialect=OpenAIChatDialect.for_request(request)
+            )
+        return await model.complete(request)
 
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    await model.warm()
-    async with jobs.lifespan_context(app):
-        yield
-    await storage.aclose()
+    app.router.routes.extend(
+        UsageRoutes(
+            usage_path="/v1/usage",
+            count_tokens_path="/v1/count_tokens",
+            feedback_path="/v1/feedback",
+        ).routes
+    )
+    app.mount("/v1", jobs)
 
-
-app = FastAPI(title="aimiddleware reference app", version="1.0", lifespan=lifespan)
-
-
-@app.post("/v1/chat/completions")
-async def chat_completions(body: ChatRequest) -> Any:
-    """OpenAI-compatible chat completion, streaming (`stream: true`) or not."""
-    ctx = current()
-    request = body.model_dump(exclude_none=True)
-    request["model"] = ctx.model_version or body.model  # the pinned snapshot
-    return await run_model(request)
-
-
-app.router.routes.extend(
-    UsageRoutes(
-        usage_path="/v1/usage", count_tokens_path="/v1/count_tokens", feedback_path="/v1/feedback"
-    ).routes
-)
-app.mount("/v1", jobs)
-
-limiter = RateLimiter(
-    settings.tiers,
-    default_tier="free",
-    tier=settings.tier_of,
-    prices=settings.prices,
-    counter=counter,
-    storage=storage,
-)
-
-aimiddleware.install(
-    app,
-    StackConfig(
-        storage=storage,
-        versioning=VersioningConfig(
-            registry=settings.registry,
-            versions=ApiVersions(
-                [
-                    ApiVersion.deprecated(
-                        "2025-01-01", deprecated="2026-01-01", sunset="2027-01-01",
-                        replacement="2026-06-01",
-                    ),
-                    "2026-06-01",
-                ],
-                header="api-version",
-                default="2026-06-01",
+    limiter = RateLimiter(
+        settings.tiers,
+        default_tier="free",
+        tier=settings.tier_of,
+        prices=settings.prices,
+        counter=counter,
+        storage=store,
+    )
+    versions = ApiVersions(
+        [
+            ApiVersion.deprecated(
+                "2025-01-01",
+                deprecated="2026-01-01",
+                sunset="2027-01-01",
+                replacement="2026-06-01",
             ),
-            models_path="/v1/models",
-            migration_path="/v1/migration-check",
+            "2026-06-01",
+        ],
+        header="api-version",
+        default="2026-06-01",
+    )
+    aimiddleware.install(
+        app,
+        StackConfig(
+            storage=store,
+            versioning=VersioningConfig(
+                registry=settings.registry,
+                versions=versions,
+                models_path="/v1/models",
+                migration_path="/v1/migration-check",
+            ),
+            idempotency=IdempotencyConfig(secret=secret),
+            ratelimit=limiter,
+            usage=UsageConfig(prices=settings.prices, counter=counter),
+            cancellation=CancellationConfig(
+                timeouts={"/v1/chat/completions": 120, "/v1/jobs*": None, "/v1/batches*": None},
+                default_timeout=30,
+            ),
         ),
-        idempotency=IdempotencyConfig(secret=secret),
-        ratelimit=limiter,
-        usage=UsageConfig(prices=settings.prices, counter=counter),
-        cancellation=CancellationConfig(
-            timeouts={"/v1/chat/completions": 120, "/v1/jobs*": None, "/v1/batches*": None},
-            default_timeout=30,
-        ),
-    ),
-)
+    )
+    return app
+
+
+app = create_app()

@@ -21,8 +21,8 @@ from aimiddleware import (
 )
 
 
-@rate_limit(Policy(requests="5/minute", tokens="2000/minute"))
-@idempotent()
+@idempotent()  # outermost, as in the stack: a replay costs no quota
+@rate_limit(Policy(requests="5/minute", tokens="20000/minute", output_estimate=64))
 async def summarize(request: Request) -> JSONResponse:
     doc = (await request.json()).get("text", "")
     return JSONResponse({"summary": doc[:40], "chars": len(doc)})

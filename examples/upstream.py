@@ -8,6 +8,7 @@ upstream connection (so the upstream stops generating).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import AsyncIterator
@@ -72,10 +73,8 @@ def _raise_for_status(status: int, body: bytes) -> None:
     if status < 400:
         return
     code = None
-    try:
+    with contextlib.suppress(ValueError, AttributeError):
         code = (json.loads(body).get("error") or {}).get("code")
-    except (ValueError, AttributeError):
-        pass
     extra = {"upstream_status": status, "upstream_code": code}
     if status == 429:
         raise UpstreamRateLimited(extra=extra)

@@ -1,0 +1,85 @@
+"""Run a call under an admission: keep its lease alive, reconcile and release in ``finally``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+
+from aimiddleware.context import RequestContext
+from aimiddleware.errors import AIError, StoreUnavailable
+from aimiddleware.ratelimit.limiter import Admission, RateLimiter
+
+__all__ = ["run_admitted"]
+
+logger = logging.getLogger("aimiddleware.ratelimit")
+
+T = TypeVar("T")
+
+
+async def run_admitted(
+    limiter: RateLimiter,
+    admission: Admission,
+    ctx: RequestContext,
+    call: Callable[[], Awaitable[T]],
+    is_failure: Callable[[T], bool],
+) -> T:
+    """Await ``call()``; whatever happens (error, cancellation, disconnect), reconcile the
+    reservation and release the concurrency lease under a shielded scope."""
+    failed = True
+    try:
+        if admission.lease is None or not limiter.refreshes:
+            result = await call()
+        else:
+            result = await _with_refresh(limiter, admission, call)
+        failed = is_failure(result)
+        return result
+    except AIError as err:
+        taken = {k for k, _ in err.headers}
+        err.headers.extend(h for h in admission.headers if h[0] not in taken)
+        raise
+    finally:
+        if not limiter.settled(admission, ctx, failed=failed):
+            if limiter.refreshes:  # a shared store: I/O that a cancellation must not cut short
+                with anyio.CancelScope(shield=True):
+                    await _finish(limiter, admission, ctx, failed)
+            else:  # in-process: completes without a checkpoint, so it cannot be interrupted
+                await _finish(limiter, admission, ctx, failed)
+
+
+async def _finish(
+    limiter: RateLimiter, admission: Admission, ctx: RequestContext, failed: bool
+) -> None:
+    try:
+        await limiter.finish(admission, ctx, failed=failed)
+    except Exception:  # never let bookkeeping hide the response or the real error
+        logger.exception("rate-limit reconciliation failed")
+
+
+async def _with_refresh(
+    limiter: RateLimiter, admission: Admission, call: Callable[[], Awaitable[T]]
+) -> T:
+    interval = max(limiter.lease_ttl_ms / 3000, 0.05)
+
+    async def refresher() -> None:
+        while True:
+            await anyio.sleep(interval)
+            try:
+                await limiter.refresh(admission)
+            except StoreUnavailable:
+                logger.warning("could not refresh a concurrency lease: store unavailable")
+
+    box: dict[str, Any] = {}
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(refresher)
+        try:
+            box["result"] = await call()
+        except Exception as exc:  # re-raised bare below, not inside an ExceptionGroup
+            box["error"] = exc
+        finally:
+            tg.cancel_scope.cancel()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]  # type: ignore[no-any-return]

@@ -1,0 +1,96 @@
+"""``@rate_limit(...)``: the same policies on a single endpoint.
+
+Works on FastAPI endpoints of any signature (no ``request`` parameter needed: a hidden
+``Response`` parameter is added to the signature FastAPI reads, to carry the headers) and
+on Starlette endpoints (``async def endpoint(request)``). Needs the request context and the
+error layer, i.e. ``install(app)``. Each decorated endpoint counts on its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from aimiddleware._asgi import is_async_callable
+from aimiddleware.context import current
+from aimiddleware.ratelimit._run import run_admitted
+from aimiddleware.ratelimit.limiter import RateLimiter
+from aimiddleware.ratelimit.policy import Policy
+
+__all__ = ["rate_limit"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+_RESPONSE_PARAM = "aimw_rate_limit_response"
+
+
+def rate_limit(
+    policy: Policy | Mapping[str, Policy] | str,
+    *,
+    limiter: RateLimiter | None = None,
+    **options: Any,
+) -> Callable[[F], F]:
+    """``policy``: a :class:`Policy`, ``{tier: Policy}``, or a requests limit string
+    (``"5/minute"``). ``options`` are :class:`RateLimiter` options (``storage``, ``tier``...).
+    """
+    if isinstance(policy, str):
+        policy = Policy(requests=policy)
+    if limiter is not None and options:
+        raise TypeError("pass either a limiter or its options, not both")
+
+    def decorate(func: F) -> F:
+        name = f"{func.__module__}.{func.__qualname__}".replace("{", "(").replace("}", ")")
+        lim = limiter or RateLimiter(policy, namespace=f"rl-ep:{name}", **options)
+        sig = _signature(func)
+        params = list(sig.parameters.values())
+        own = next((p.name for p in params if p.annotation is Response), None)
+        if own is None:
+            extra = inspect.Parameter(
+                _RESPONSE_PARAM, inspect.Parameter.KEYWORD_ONLY, annotation=Response
+            )
+            at = next(
+                (i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD),
+                len(params),
+            )
+            params.insert(at, extra)
+        is_async = is_async_callable(func)
+
+        @functools.wraps(func)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            response: Response | None = kwargs.pop(_RESPONSE_PARAM, None)
+            if own is not None:
+                response = kwargs.get(own)
+            ctx = current()
+            admission = await lim.admit(ctx)
+
+            async def call() -> Any:
+                if is_async:
+                    return await func(*args, **kwargs)
+                return await run_in_threadpool(func, *args, **kwargs)
+
+            def failure(result: Any) -> bool:
+                return isinstance(result, Response) and result.status_code >= 400
+
+            result = await run_admitted(lim, admission, ctx, call, failure)
+            target = result if isinstance(result, Response) else response
+            if target is not None:
+                for key, value in admission.headers:
+                    target.headers[key] = value
+            return result
+
+        wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        wrapper.rate_limiter = lim  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _signature(func: Callable[..., Any]) -> inspect.Signature:
+    try:
+        return inspect.signature(func, eval_str=True)
+    except (NameError, TypeError):
+        return inspect.signature(func)

@@ -1,0 +1,398 @@
+"""``RateLimiter``: resolve a request's limits, admit it on all of them at once, reconcile.
+
+Shared by :class:`~aimiddleware.ratelimit.middleware.RateLimitMiddleware` and the
+:func:`~aimiddleware.ratelimit.decorator.rate_limit` decorator. One admission is one
+backend call (one Lua script on Redis): every limit and the concurrency lease, all or none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Literal, Union
+
+from starlette.concurrency import run_in_threadpool
+
+from aimiddleware._asgi import is_async_callable
+from aimiddleware.context import RequestContext
+from aimiddleware.errors import InvalidRequest, StoreUnavailable
+from aimiddleware.ratelimit import refusal
+from aimiddleware.ratelimit.backend import Adjustment, Backend, Decision, Hit, WindowState
+from aimiddleware.ratelimit.estimate import Estimate, Estimator
+from aimiddleware.ratelimit.headers import rate_limit_headers
+from aimiddleware.ratelimit.memory import MemoryBackend
+from aimiddleware.ratelimit.policy import COST_SCALE, Limit, Policy
+from aimiddleware.storage import Storage
+
+__all__ = ["Admission", "RateLimiter", "SpendAlert"]
+
+logger = logging.getLogger("aimiddleware.ratelimit")
+
+TierSource = Union[Mapping[str, str], Callable[[str], Any]]  # noqa: UP007 (runtime alias, py3.10)
+OverrideSource = Union[Mapping[str, Union[Policy, str]], Callable[[str], Any]]  # noqa: UP007
+
+
+@dataclass(frozen=True)
+class SpendAlert:
+    """A principal crossed ``fraction`` of a budget (``used``/``limit`` in the dimension's unit;
+    cost in currency units)."""
+
+    principal: str
+    dimension: str
+    window: int
+    fraction: float
+    used: Decimal
+    limit: Decimal
+    name: str
+
+
+@dataclass
+class Admission:
+    """What one admitted (or refused) request reserved; ``decision`` None = admitted unchecked
+    (fail-open while the store is down)."""
+
+    principal: str
+    limits: tuple[Limit, ...]
+    hits: tuple[Hit, ...]
+    estimate: Estimate
+    decision: Decision | None
+    lease: str | None
+    concurrency: int
+    headers: list[tuple[str, str]]
+
+
+class RateLimiter:
+    """Policies, a backend, and the admission / reconciliation steps.
+
+    ``policies``: one :class:`Policy` or ``{tier: Policy}``. ``tier``: mapping or sync/async
+    callable ``principal -> tier name | None`` (``None`` = ``default_tier``). ``overrides``:
+    mapping or callable ``principal -> Policy | tier name | None``. ``routes``: extra policies
+    by path (``"/v1/embeddings"`` or a prefix ``"/v1/*"``). ``fail_open``: admit (and log)
+    when the store is down instead of answering a typed 503.
+    """
+
+    def __init__(
+        self,
+        policies: Policy | Mapping[str, Policy],
+        *,
+        tier: TierSource | None = None,
+        default_tier: str = "default",
+        overrides: OverrideSource | None = None,
+        routes: Mapping[str, Policy] | None = None,
+        storage: Storage | str | None = None,
+        backend: Backend | None = None,
+        namespace: str = "rl",
+        counter: Any | None = None,
+        prices: Any | None = None,
+        output_estimate: int | Mapping[str, int] = 1024,
+        on_unpriced: Literal["allow", "reject"] = "allow",
+        fail_open: bool = False,
+        lease_ttl: float = 30.0,
+        alert_fractions: tuple[float, ...] = (),
+        on_alert: Callable[[SpendAlert], Any] | None = None,
+        name: str = "rate limit",
+    ) -> None:
+        if isinstance(policies, Policy):
+            policies = {default_tier: policies}
+        if not policies or not all(isinstance(p, Policy) for p in policies.values()):
+            raise TypeError("policies must be a Policy or a non-empty {tier: Policy} mapping")
+        if default_tier not in policies:
+            raise ValueError(f"default_tier {default_tier!r} is not among the policies")
+        for pattern, pol in (routes or {}).items():
+            if not isinstance(pol, Policy) or not pattern.startswith("/"):
+                raise ValueError(f"routes[{pattern!r}] must map a path to a Policy")
+        if lease_ttl <= 0:
+            raise ValueError("lease_ttl must be positive")
+        if any(not 0 < f <= 1 for f in alert_fractions):
+            raise ValueError("alert_fractions must be in (0, 1]")
+        if alert_fractions and on_alert is None:
+            raise ValueError("alert_fractions need an on_alert callback")
+        if on_unpriced not in ("allow", "reject"):
+            raise ValueError("on_unpriced must be 'allow' or 'reject'")
+        every = [*policies.values(), *(routes or {}).values()]
+        if prices is None and any(
+            lim.dimension == "cost" for pol in every for lim in _all_limits(pol)
+        ):
+            raise ValueError("cost limits need prices=PriceTable(...)")
+        self.policies = dict(policies)
+        self.tier = tier
+        self.default_tier = default_tier
+        self.overrides = overrides
+        self.routes = dict(routes or {})
+        self.storage = Storage.coerce(storage)
+        if backend is None:
+            if self.storage.is_memory:
+                backend = MemoryBackend()
+            else:
+                from aimiddleware.ratelimit.redis import RedisBackend
+
+                backend = RedisBackend(self.storage, namespace=namespace)
+        self.backend: Backend = backend
+        self.estimator = Estimator(counter, prices, output_estimate)
+        self.on_unpriced = on_unpriced
+        self.fail_open = fail_open
+        self.lease_ttl_ms = int(lease_ttl * 1000)
+        # In-process leases die with their holder: only a shared store needs TTL refreshes.
+        self.refreshes = bool(getattr(backend, "shared", True))
+        self._lease_ttl_ms = self.lease_ttl_ms if self.refreshes else _IN_PROCESS_LEASE_MS
+        self._lease_prefix = secrets.token_hex(6) + "-"
+        self._lease_ids = itertools.count()
+        self._resolved: dict[tuple[Policy, str | None, str | None, Policy | None], _Resolved] = {}
+        self.alert_fractions = tuple(sorted(alert_fractions))
+        self.on_alert = on_alert
+        self.name = name
+
+    # -- policy resolution ------------------------------------------------------------------
+
+    async def _call(self, source: Any, principal: str) -> Any:
+        if isinstance(source, Mapping):
+            return source.get(principal)
+        if is_async_callable(source):
+            return await source(principal)
+        return await run_in_threadpool(source, principal)
+
+    async def policy_for(self, principal: str) -> Policy:
+        found: Any = None
+        if self.overrides is not None:
+            found = await self._call(self.overrides, principal)
+            if isinstance(found, Policy):
+                return found
+        if found is None and self.tier is not None:
+            found = await self._call(self.tier, principal)
+        if found is not None and found not in self.policies:
+            logger.warning("unknown rate-limit tier %r; using %r", found, self.default_tier)
+            found = None
+        return self.policies[found if found is not None else self.default_tier]
+
+    def route_policy(self, path: str) -> tuple[str, Policy] | None:
+        if path in self.routes:
+            return path, self.routes[path]
+        best: tuple[str, Policy] | None = None
+        for pattern, pol in self.routes.items():
+            if (
+                pattern.endswith("*")
+                and path.startswith(pattern[:-1])
+                and (best is None or len(pattern) > len(best[0]))
+            ):
+                best = (pattern, pol)
+        return best
+
+    def _resolve(
+        self,
+        policy: Policy,
+        route: tuple[str, Policy] | None,
+        extra: Policy | None,
+        model: str | None,
+    ) -> _Resolved:
+        """The limits of (policy, route, extra policy, model), computed once and cached."""
+        # Keyed by the objects (held here, so an id is never reused by another policy).
+        key = (policy, route[0] if route else None, model, extra)
+        found = self._resolved.get(key)
+        if found is not None:
+            return found
+        pols = [p for p in (policy, route[1] if route else None, extra) if p is not None]
+        limits = list(policy.limits_for(model))
+        concurrency = policy.concurrency or 0
+        if route is not None:
+            scope = f"route:{route[0]}"
+            limits.extend(lim.scoped(scope) for lim in route[1].limits_for(model))
+        if extra is not None:
+            limits.extend(extra.limits_for(model))
+            concurrency = concurrency or (extra.concurrency or 0)
+        found = _Resolved(
+            tuple(limits),
+            concurrency,
+            needs_body=any(p.needs_tokens or bool(p.models) for p in pols),
+            needs_cost=any(lim.dimension == "cost" for p in pols for lim in _all_limits(p)),
+        )
+        if len(self._resolved) < 10_000:  # bounded: models come from request bodies
+            self._resolved[key] = found
+        return found
+
+    # -- admission --------------------------------------------------------------------------
+
+    async def admit(
+        self, ctx: RequestContext, extra: Policy | None = None, *, content_type: bytes | None = None
+    ) -> Admission:
+        """Reserve the request on every limit at once, or raise the typed refusal."""
+        principal = _key(ctx.principal)
+        policy = await self.policy_for(ctx.principal)
+        route = self.route_policy(ctx.path)
+        res = self._resolve(policy, route, extra, ctx.model)
+        estimate = await self.estimator.estimate(
+            ctx,
+            policy,
+            needs_body=res.needs_body,
+            needs_cost=res.needs_cost,
+            content_type=content_type,
+        )
+        if estimate.model != ctx.model:
+            res = self._resolve(policy, route, extra, estimate.model)
+        limits, concurrency = res.limits, res.concurrency
+        if res.needs_cost and estimate.cost is None and self.on_unpriced == "reject":
+            raise InvalidRequest(
+                f"Model {estimate.model!r} has no price, and this caller has a cost budget.",
+                param="model",
+            )
+        hits = tuple(
+            Hit(lim.field, lim.window * 1000, lim.amount, estimate.units(lim.dimension))
+            for lim in limits
+        )
+        for lim, hit in zip(limits, hits, strict=False):
+            if hit.cost > lim.amount:
+                raise refusal.too_large(lim, hit.cost)
+        lease = f"{self._lease_prefix}{next(self._lease_ids)}" if concurrency else None
+        try:
+            decision = await self.backend.acquire(
+                principal,
+                hits,
+                lease=lease,
+                concurrency=concurrency,
+                lease_ttl_ms=self._lease_ttl_ms,
+            )
+        except StoreUnavailable as exc:
+            if not self.fail_open:
+                raise StoreUnavailable(
+                    f"The {self.name} store is unavailable; the request was not admitted.",
+                    retry_after=1,
+                    extra={"limiter": self.name},
+                ) from exc
+            logger.warning("%s store unavailable; admitting without limits (fail-open)", self.name)
+            unchecked = Admission(principal, limits, hits, estimate, None, None, 0, [])
+            ctx.state["ratelimit"] = unchecked
+            return unchecked
+        if not decision.allowed:
+            raise refusal.refused(limits, hits, decision, concurrency)
+        admission = Admission(
+            principal,
+            limits,
+            hits,
+            estimate,
+            decision,
+            lease,
+            concurrency,
+            rate_limit_headers(limits, decision.states, concurrency, decision.in_flight),
+        )
+        ctx.state["ratelimit"] = admission
+        if self.alert_fractions:
+            await self._alerts(ctx.principal, admission)
+        return admission
+
+    # -- reconciliation ---------------------------------------------------------------------
+
+    def settled(self, admission: Admission, ctx: RequestContext, *, failed: bool) -> bool:
+        """True when :meth:`finish` has nothing to do (no lease, nothing to correct)."""
+        return admission.decision is None or (
+            admission.lease is None and ctx.usage is None and not failed
+        )
+
+    async def finish(self, admission: Admission, ctx: RequestContext, *, failed: bool) -> None:
+        """Replace the reservation by the real usage, refund a failed call, release the lease.
+
+        Call it in a ``finally`` under a shielded cancel scope.
+        """
+        decision = admission.decision
+        if decision is None:
+            return
+        usage = ctx.usage
+        adjustments: list[Adjustment] = []
+        if usage is None and failed:
+            actual: Estimate | None = admission.estimate.zero()
+        elif usage is not None:
+            actual = self.estimator.actual(
+                admission.estimate, usage, ctx.model_version or ctx.model
+            )
+        else:
+            actual = None
+        if actual is not None:
+            rows = zip(admission.limits, admission.hits, decision.states, strict=False)
+            for lim, hit, state in rows:
+                delta = actual.units(lim.dimension) - hit.cost
+                if delta:
+                    adjustments.append(Adjustment(hit.field, hit.window_ms, state.window, delta))
+        if not adjustments and admission.lease is None:
+            return
+        try:
+            await self.backend.adjust(admission.principal, adjustments, release=admission.lease)
+        except StoreUnavailable:
+            logger.warning("%s store unavailable; reconciliation skipped", self.name)
+
+    async def refresh(self, admission: Admission) -> None:
+        if admission.lease is not None:
+            await self.backend.refresh(admission.principal, admission.lease, self.lease_ttl_ms)
+
+    # -- spend alerts -----------------------------------------------------------------------
+
+    async def _alerts(self, principal: str, admission: Admission) -> None:
+        assert admission.decision is not None
+        rows = zip(admission.limits, admission.hits, admission.decision.states, strict=False)
+        for lim, hit, state in rows:
+            if lim.dimension == "requests" or hit.cost <= 0:
+                continue
+            after = _used(state, hit.window_ms)
+            before = after - hit.cost
+            for fraction in self.alert_fractions:
+                mark = fraction * lim.amount
+                if not before < mark <= after:
+                    continue
+                tag = f"{hit.field}:{state.window}:{fraction}"
+                try:
+                    ttl = 2 * hit.window_ms
+                    fresh = await self.backend.mark_once(admission.principal, tag, ttl)
+                except StoreUnavailable:
+                    fresh = False
+                if fresh:
+                    await self._fire(principal, lim, fraction, after)
+
+    async def _fire(self, principal: str, lim: Limit, fraction: float, used: float) -> None:
+        scale = COST_SCALE if lim.dimension == "cost" else Decimal(1)
+        alert = SpendAlert(
+            principal,
+            lim.dimension,
+            lim.window,
+            fraction,
+            Decimal(int(used)) / scale,
+            Decimal(lim.amount) / scale,
+            lim.name,
+        )
+        assert self.on_alert is not None
+        try:
+            result = self.on_alert(alert)
+            if isinstance(result, Awaitable):
+                await result
+        except Exception:
+            logger.exception("spend alert callback failed")
+
+
+_IN_PROCESS_LEASE_MS = 10 * 365 * 86_400_000
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    limits: tuple[Limit, ...]
+    concurrency: int
+    needs_body: bool
+    needs_cost: bool
+
+
+def _all_limits(policy: Policy) -> list[Limit]:
+    out = list(policy.limits)
+    for sub in policy.models.values():
+        out.extend(sub.limits)
+    return out
+
+
+def _used(state: WindowState, window: int) -> float:
+    return float(state.prev) * float(window - state.elapsed_ms) / float(window) + float(state.curr)
+
+
+def _key(principal: str) -> str:
+    """A principal safe inside a ``{hash tag}``."""
+    if "{" in principal or "}" in principal or len(principal) > 200:
+        return "h_" + hashlib.sha256(principal.encode()).hexdigest()[:32]
+    return principal

@@ -1,0 +1,172 @@
+"""In-process backend: three integers per (principal, limit), leases with expiry times.
+
+Cost per admission is independent of the number of principals and of the tokens already
+in the window: counters are sliding-window pairs (no entry per token), and idle principals
+are dropped lazily from the front of an LRU order (amortized O(1), no scan of all keys).
+Each method runs without an ``await`` inside, so it is atomic on the event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from aimiddleware.ratelimit.backend import Adjustment, Decision, Hit, WindowState, fits, roll
+
+__all__ = ["MemoryBackend"]
+
+
+@dataclass
+class _Entry:
+    counters: dict[str, list[int]] = field(default_factory=dict)  # field -> [index, prev, curr]
+    leases: dict[str, int] = field(default_factory=dict)  # lease id -> expiry (ms)
+    expires_ms: int = 0
+    marks: dict[str, int] = field(default_factory=dict)  # alert tag -> expiry (ms)
+
+
+class MemoryBackend:
+    """The embedded default. ``clock`` returns seconds (``time.time`` by default)."""
+
+    #: State is private to this process (leases cannot outlive their holder).
+    shared = False
+
+    def __init__(self, *, clock: Callable[[], float] | None = None) -> None:
+        self.clock = clock or time.time
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+
+    def _now(self) -> int:
+        return int(self.clock() * 1000)
+
+    def _entry(self, principal: str, now: int) -> _Entry:
+        self._evict(now)
+        entry = self._entries.get(principal)
+        if entry is None:
+            entry = self._entries[principal] = _Entry()
+        else:
+            self._entries.move_to_end(principal)
+        return entry
+
+    def _evict(self, now: int, budget: int = 4) -> None:
+        # Least recently used first; stop at the first live one (bounded work per call).
+        for _ in range(budget):
+            if not self._entries:
+                return
+            principal, entry = next(iter(self._entries.items()))
+            if entry.expires_ms > now:
+                return
+            if entry.leases:  # requests still in flight: keep it, look again later
+                entry.expires_ms = now + 60_000
+                self._entries.move_to_end(principal)
+                continue
+            del self._entries[principal]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def acquire(
+        self,
+        principal: str,
+        hits: Sequence[Hit],
+        *,
+        lease: str | None = None,
+        concurrency: int = 0,
+        lease_ttl_ms: int = 0,
+    ) -> Decision:
+        now = self._now()
+        entry = self._entry(principal, now)
+        counters = entry.counters
+        rows: list[tuple[int, int, int, int]] = []  # (index, prev, curr, elapsed)
+        failed = -1
+        for i, hit in enumerate(hits):
+            window = hit.window_ms
+            index = now // window
+            stored = counters.get(hit.field)
+            if stored is None:
+                prev = curr = 0
+            else:
+                prev, curr = roll(stored[0], stored[1], stored[2], index)
+            elapsed = now - index * window
+            rows.append((index, prev, curr, elapsed))
+            if failed < 0 and not fits(prev, curr, elapsed, window, hit.limit, hit.cost):
+                failed = i
+        in_flight = 0
+        if concurrency > 0:
+            leases = entry.leases
+            for k in [k for k, exp in leases.items() if exp <= now]:
+                del leases[k]
+            in_flight = len(leases)
+            if failed < 0 and in_flight >= concurrency:
+                failed = len(hits)
+        if failed >= 0:
+            self._touch(entry, now, hits)
+            states = tuple(WindowState(*row) for row in rows)
+            return Decision(False, failed, states, in_flight, now)
+        out = []
+        for hit, (index, prev, curr, elapsed) in zip(hits, rows, strict=True):
+            curr += hit.cost
+            counters[hit.field] = [index, prev, curr]
+            out.append(WindowState(index, prev, curr, elapsed))
+        if concurrency > 0 and lease is not None:
+            entry.leases[lease] = now + lease_ttl_ms
+            in_flight += 1
+        self._touch(entry, now, hits)
+        return Decision(True, -1, tuple(out), in_flight, now)
+
+    def _touch(self, entry: _Entry, now: int, hits: Sequence[Hit]) -> None:
+        # Counters matter for two windows; entries holding leases are never evicted.
+        longest = max([2 * h.window_ms for h in hits], default=0)
+        entry.expires_ms = max(entry.expires_ms, now + longest)
+
+    async def adjust(
+        self, principal: str, adjustments: Sequence[Adjustment], *, release: str | None = None
+    ) -> None:
+        now = self._now()
+        entry = self._entry(principal, now)
+        if release is not None:
+            entry.leases.pop(release, None)
+        for adj in adjustments:
+            index = now // adj.window_ms
+            stored = entry.counters.get(adj.field)
+            prev, curr = roll(stored[0], stored[1], stored[2], index) if stored else (0, 0)
+            if adj.delta >= 0:
+                curr += adj.delta
+            elif adj.window == index:
+                curr = max(0, curr + adj.delta)
+            elif adj.window == index - 1:
+                prev = max(0, prev + adj.delta)
+            entry.counters[adj.field] = [index, prev, curr]
+            entry.expires_ms = max(entry.expires_ms, now + 2 * adj.window_ms)
+
+    async def refresh(self, principal: str, lease: str, ttl_ms: int) -> None:
+        now = self._now()
+        entry = self._entry(principal, now)
+        entry.leases[lease] = now + ttl_ms
+
+    async def mark_once(self, principal: str, tag: str, ttl_ms: int) -> bool:
+        now = self._now()
+        entry = self._entry(principal, now)
+        for k in [k for k, exp in entry.marks.items() if exp <= now]:
+            del entry.marks[k]
+        if tag in entry.marks:
+            return False
+        entry.marks[tag] = now + ttl_ms
+        entry.expires_ms = max(entry.expires_ms, now + ttl_ms)
+        return True
+
+    async def peek(self, principal: str, hits: Sequence[Hit]) -> tuple[WindowState, ...]:
+        now = self._now()
+        entry = self._entries.get(principal)
+        out = []
+        for hit in hits:
+            index = now // hit.window_ms
+            stored = entry.counters.get(hit.field) if entry else None
+            prev, curr = roll(stored[0], stored[1], stored[2], index) if stored else (0, 0)
+            out.append(WindowState(index, prev, curr, now - index * hit.window_ms))
+        return tuple(out)
+
+    async def in_flight(self, principal: str) -> int:
+        now = self._now()
+        entry = self._entries.get(principal)
+        return sum(1 for exp in entry.leases.values() if exp > now) if entry else 0

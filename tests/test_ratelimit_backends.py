@@ -1,0 +1,173 @@
+"""Both backends: all-or-nothing admission, refunds, leases, and identical decisions."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from decimal import Decimal
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aimiddleware import Policy, RateLimiter
+from aimiddleware.ratelimit.backend import Adjustment, Hit
+from aimiddleware.ratelimit.memory import MemoryBackend
+from aimiddleware.ratelimit.redis import RedisBackend
+from aimiddleware.storage import Storage
+from tests.ratelimit_helpers import PRICES, client, counters, make_app
+from tests.redis_server import RedisServer
+
+
+async def test_refused_on_tokens_leaves_requests_and_cost_untouched(storage: Storage) -> None:
+    limiter = RateLimiter(
+        Policy(requests="10/minute", tokens="600/minute", cost="1/day"),
+        storage=storage, prices=PRICES,
+    )
+    app = make_app(limiter)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    async with client(app) as c:
+        ok = await c.post("/v1/chat/completions", json={**body, "max_tokens": 300})
+        assert ok.status_code == 200
+        before = await counters(limiter, "k1")
+        assert before["requests:60"] == 1 and before["cost:86400"] > 0
+        refused = await c.post("/v1/chat/completions", json={**body, "max_tokens": 400})
+        assert refused.status_code == 429
+        assert refused.json()["dimension"] == "tokens"
+        assert refused.json()["error"]["code"] == "rate_limited"
+        assert await counters(limiter, "k1") == before  # nothing charged anywhere
+
+
+async def test_reservation_replaced_by_real_usage(storage: Storage) -> None:
+    limiter = RateLimiter(
+        Policy(requests="10/minute", tokens="10000/minute", cost="1/day"),
+        storage=storage, prices=PRICES,
+    )
+    app = make_app(limiter)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 2000, "usage": {"input_tokens": 9, "output_tokens": 5}}
+    async with client(app) as c:
+        assert (await c.post("/v1/chat/completions", json=body)).status_code == 200
+        after = await counters(limiter, "k1")
+        assert after["tokens:60"] == 14  # 2000+ reserved, 14 used: the rest refunded
+        expected = PRICES.estimate("gpt-4o-mini", __import__("aimiddleware").Usage(
+            input_tokens=9, output_tokens=5))
+        assert expected is not None
+        assert after["cost:86400"] == int((expected * Decimal(10**9)).to_integral_value(
+            rounding="ROUND_CEILING"))
+        # Under-reservation is charged: usage above max_tokens counts in full.
+        big = {**body, "max_tokens": 10, "usage": {"input_tokens": 9, "output_tokens": 500}}
+        assert (await c.post("/v1/chat/completions", json=big)).status_code == 200
+        assert (await counters(limiter, "k1"))["tokens:60"] == 14 + 509
+
+
+async def test_failure_before_the_model_is_refunded_in_full(storage: Storage) -> None:
+    limiter = RateLimiter(
+        Policy(requests="10/minute", tokens="10000/minute", concurrency=1), storage=storage
+    )
+    app = make_app(limiter)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    async with client(app) as c:
+        for fail in ("raise", "status"):
+            r = await c.post("/v1/chat/completions", json={**body, "fail": fail})
+            assert r.status_code in (500, 502)
+            assert r.headers["content-type"] == "application/problem+json" or fail == "status"
+        assert await counters(limiter, "k1") == {"requests:60": 0, "tokens:60": 0}
+        assert await limiter.backend.in_flight(  # type: ignore[attr-defined]
+            __import__("tests.ratelimit_helpers").ratelimit_helpers.principal_of("k1")) == 0
+
+
+async def test_lease_expires_without_refresh(storage: Storage) -> None:
+    now = [1_000.0]
+    backend = (MemoryBackend(clock=lambda: now[0]) if storage.is_memory
+               else RedisBackend(storage, clock=lambda: now[0]))
+    hits = [Hit("requests:60", 60_000, 100, 1)]
+    for i in range(2):
+        d = await backend.acquire("p", hits, lease=f"l{i}", concurrency=2, lease_ttl_ms=1000)
+        assert d.allowed
+    refused = await backend.acquire("p", hits, lease="l2", concurrency=2, lease_ttl_ms=1000)
+    assert not refused.allowed and refused.failed == 1
+    now[0] += 0.6
+    await backend.refresh("p", "l0", 1000)  # l0 kept alive, l1 not
+    now[0] += 0.6
+    d = await backend.acquire("p", hits, lease="l3", concurrency=2, lease_ttl_ms=1000)
+    assert d.allowed and d.in_flight == 2
+    await backend.adjust("p", [], release="l0")
+    assert (await backend.acquire("p", hits, lease="l4", concurrency=2, lease_ttl_ms=1000)).allowed
+
+
+_counter = itertools.count()
+
+event = st.one_of(
+    st.tuples(st.just("hit"), st.sampled_from(["a", "b"]),
+              st.lists(st.tuples(st.integers(0, 2), st.integers(0, 40)), min_size=1, max_size=3),
+              st.booleans()),
+    st.tuples(st.just("tick"), st.integers(0, 70_000)),
+    st.tuples(st.just("adjust"), st.sampled_from(["a", "b"]), st.integers(0, 2),
+              st.integers(-50, 50)),
+    st.tuples(st.just("release"), st.sampled_from(["a", "b"])),
+)
+LIMITS = [("requests:1", 1_000, 5), ("tokens:60", 60_000, 100), ("tokens:3600", 3_600_000, 300)]
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(events=st.lists(event, min_size=1, max_size=40))
+def test_memory_and_redis_decide_alike(redis_server: RedisServer, events: list[Any]) -> None:
+    asyncio.run(_replay(redis_server.url, events))
+
+
+async def _replay(url: str, events: list[Any]) -> None:
+    now = [1_700_000_000.0]
+    store = Storage(url)
+    memory = MemoryBackend(clock=lambda: now[0])
+    redis = RedisBackend(store, namespace=f"prop{next(_counter)}", clock=lambda: now[0])
+    leases: dict[str, list[str]] = {"a": [], "b": []}
+    last_index: dict[tuple[str, str], int] = {}
+    try:
+        for n, ev in enumerate(events):
+            if ev[0] == "tick":
+                now[0] += ev[1] / 1000
+            elif ev[0] == "hit":
+                _, who, picks, with_lease = ev
+                hits = [Hit(LIMITS[i][0], LIMITS[i][1], LIMITS[i][2], cost) for i, cost in
+                        dict(picks).items()]
+                lease = f"l{n}" if with_lease else None
+                got = [await b.acquire(who, hits, lease=lease, concurrency=2 if lease else 0,
+                                       lease_ttl_ms=5_000) for b in (memory, redis)]
+                assert got[0] == got[1]
+                if got[0].allowed and lease:
+                    leases[who].append(lease)
+                for h, state in zip(hits, got[0].states, strict=True):
+                    last_index[(who, h.field)] = state.window
+            elif ev[0] == "adjust":
+                _, who, i, delta = ev
+                index = last_index.get((who, LIMITS[i][0]), int(now[0] * 1000) // LIMITS[i][1])
+                adj = [Adjustment(LIMITS[i][0], LIMITS[i][1], index, delta)]
+                for b in (memory, redis):
+                    await b.adjust(who, adj)
+            elif leases[ev[1]]:
+                lease = leases[ev[1]].pop(0)
+                for b in (memory, redis):
+                    await b.adjust(ev[1], [], release=lease)
+        probe = [Hit(name, w, lim, 0) for name, w, lim in LIMITS]
+        for who in ("a", "b"):
+            assert await memory.peek(who, probe) == await redis.peek(who, probe)
+            assert await memory.in_flight(who) == await redis.in_flight(who)
+    finally:
+        await store.aclose()
+
+
+async def test_memory_backend_forgets_idle_principals_but_not_leases() -> None:
+    now = [1_000.0]
+    backend = MemoryBackend(clock=lambda: now[0])
+    hits = [Hit("requests:1", 1_000, 10, 1)]
+    await backend.acquire("busy", hits, lease="l", concurrency=1, lease_ttl_ms=10**12)
+    for i in range(1000):
+        await backend.acquire(f"p{i}", hits)
+    assert len(backend) == 1001
+    now[0] += 5
+    for i in range(400):  # each call evicts a few of the idle ones, never a full scan
+        await backend.acquire(f"q{i}", hits)
+    assert len(backend) < 1001 + 400 - 1000 + 5
+    assert await backend.in_flight("busy") == 1  # an entry holding a lease is kept

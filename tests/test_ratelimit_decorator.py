@@ -1,0 +1,79 @@
+"""``@rate_limit`` on single endpoints: FastAPI of any signature, Starlette, same policies."""
+
+from __future__ import annotations
+
+import httpx
+from fastapi import FastAPI
+from pydantic import BaseModel
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+import aimiddleware
+from aimiddleware import Policy, rate_limit
+
+
+class Item(BaseModel):
+    name: str
+
+
+def _client(app: object) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t")  # type: ignore[arg-type]
+
+
+async def test_fastapi_endpoints_of_any_signature() -> None:
+    app = FastAPI()
+
+    @app.post("/items/{item_id}")
+    @rate_limit(Policy(requests="2/minute"))
+    async def create(item_id: int, item: Item, q: str | None = None) -> dict[str, object]:
+        return {"id": item_id, "name": item.name, "q": q}
+
+    @app.get("/sync")
+    @rate_limit("1/minute")
+    def sync_endpoint() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    aimiddleware.install(app)
+    async with _client(app) as c:
+        r1 = await c.post("/items/7?q=z", json={"name": "a"})
+        r2 = await c.post("/items/8", json={"name": "b"})
+        r3 = await c.post("/items/9", json={"name": "c"})
+        bad = await c.post("/items/x", json={"name": "c"})
+        s1 = await c.get("/sync")
+        s2 = await c.get("/sync")
+    assert r1.json() == {"id": 7, "name": "a", "q": "z"}
+    assert r1.headers["x-ratelimit-remaining-requests"] == "1"
+    assert r2.headers["x-ratelimit-remaining-requests"] == "0"
+    assert r3.status_code == 429 and r3.json()["dimension"] == "requests"
+    assert "x-ratelimit-limit-requests" in r3.headers and "ratelimit" in r3.headers
+    assert bad.status_code == 422  # FastAPI validation still runs; no hidden parameter leaks
+    assert s1.status_code == 200 and s1.headers["x-ratelimit-limit-requests"] == "1"
+    assert s2.status_code == 429
+    schema = app.openapi()
+    params = [p["name"] for p in schema["paths"]["/items/{item_id}"]["post"]["parameters"]]
+    assert params == ["item_id", "q"]
+
+
+async def test_starlette_endpoint_and_tiers() -> None:
+    @rate_limit(
+        {"free": Policy(requests="1/minute"), "pro": Policy(requests="3/minute")},
+        default_tier="free",
+        tier=lambda principal: "pro" if principal == "ip_pro" else None,
+    )
+    async def hello(request: Request) -> JSONResponse:
+        return JSONResponse({"hello": request.url.path})
+
+    app = Starlette(routes=[Route("/hello", hello)])
+    wrapped = aimiddleware.install(
+        app, principal=lambda scope: "ip_pro" if (b"x-tier", b"pro") in scope["headers"] else None
+    )
+    async with _client(wrapped) as c:
+        free = [(await c.get("/hello")).status_code for _ in range(2)]
+        ok = await c.get("/hello", headers={"x-tier": "pro"})
+    assert free == [200, 429]
+    assert ok.json() == {"hello": "/hello"} and ok.headers["x-ratelimit-limit-requests"] == "3"
+    async with _client(wrapped) as c:
+        pro = [(await c.get("/hello", headers={"x-tier": "pro"})).status_code for _ in range(4)]
+    assert pro == [200, 200, 429, 429]

@@ -1,0 +1,355 @@
+"""RateLimitMiddleware through the installed stack: headers, refusals, budgets, leases."""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from typing import Any
+
+import anyio
+import http_sfv
+import httpx
+import pytest
+
+from aimiddleware import Policy, RateLimiter, SpendAlert
+from aimiddleware.context import SCOPE_KEY
+from aimiddleware.storage import Storage
+from tests.ratelimit_helpers import PRICES, client, counters, make_app, principal_of
+
+CHAT = "/v1/chat/completions"
+BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
+GO_DURATION = re.compile(r"^(0s|\d+ms|(\d+h)?(\d+m)?\d+(\.\d{1,3})?s)$")
+
+
+def parse_list(value: str) -> list[tuple[Any, dict[str, Any]]]:
+    lst = http_sfv.List()
+    lst.parse(value.encode())
+    return [(item.value, dict(item.params)) for item in lst]
+
+
+def go_seconds(value: str) -> float:
+    if value.endswith("ms"):
+        return int(value[:-2]) / 1000
+    m = re.match(r"^(?:(\d+)h)?(?:(\d+)m)?([\d.]+)s$", value)
+    assert m is not None, value
+    h, mi, s = m.groups()
+    return int(h or 0) * 3600 + int(mi or 0) * 60 + float(s)
+
+
+def check_headers(response: httpx.Response) -> None:
+    """Rate-limit headers present once each; structured fields parse (RFC 8941)."""
+    names = [k.lower() for k, _ in response.headers.raw]
+    for name in ("ratelimit", "ratelimit-policy", "x-ratelimit-limit-requests"):
+        assert names.count(name.encode()) == 1, (name, response.headers)
+    parse_list(response.headers["ratelimit"])
+    parse_list(response.headers["ratelimit-policy"])
+    for name, value in response.headers.items():
+        if name.startswith("x-ratelimit-limit") or name.startswith("x-ratelimit-remaining"):
+            item = http_sfv.Item()
+            item.parse(value.encode())
+            assert isinstance(item.value, int) and item.value >= 0
+        elif name.startswith("x-ratelimit-reset"):
+            assert GO_DURATION.match(value), value  # Go duration (OpenAI), by design not an SF
+
+
+async def test_headers_on_every_response_without_duplicates() -> None:
+    limiter = RateLimiter(
+        Policy(requests="5/minute;100/day", tokens="10000/minute", concurrency=4)
+    )
+    app = make_app(limiter)
+    async with client(app) as c:
+        first = await c.post(CHAT, json=BODY)
+        ping = await c.get("/ping")  # the app set its own x-ratelimit-limit-requests
+        failed = await c.post(CHAT, json={**BODY, "fail": "status"})
+    for r in (first, ping, failed):
+        check_headers(r)
+    assert ping.headers["x-ratelimit-limit-requests"] == "5"
+    assert first.headers["x-ratelimit-remaining-requests"] == "4"
+    assert ping.headers["x-ratelimit-remaining-requests"] == "3"
+    assert int(first.headers["x-ratelimit-remaining-tokens"]) < 10000
+    policy = dict(parse_list(first.headers["ratelimit-policy"]))
+    assert policy["requests-1m"] == {"q": 5, "qu": "requests", "w": 60}
+    assert policy["requests-1d"] == {"q": 100, "qu": "requests", "w": 86400}
+    assert policy["tokens-1m"] == {"q": 10000, "w": 60}
+    assert policy["concurrency"] == {"q": 4, "qu": "concurrent-requests"}
+    state = dict(parse_list(first.headers["ratelimit"]))
+    assert state["requests-1m"]["r"] == 4 and state["concurrency"]["r"] == 3
+
+
+async def test_429_names_dimension_and_window_with_retry_after_past_reset() -> None:
+    limiter = RateLimiter(Policy(requests="2/minute"))
+    app = make_app(limiter)
+    async with client(app) as c:
+        assert [(await c.post(CHAT, json=BODY)).status_code for _ in range(2)] == [200, 200]
+        r = await c.post(CHAT, json=BODY)
+        other = await c.post(CHAT, json=BODY, headers={"authorization": "Bearer k2"})
+    assert other.status_code == 200  # scoped per principal
+    assert r.status_code == 429
+    body = r.json()
+    assert body["error"]["code"] == "rate_limited" and body["retryable"] is True
+    assert body["dimension"] == "requests" and body["window"] == 60
+    assert body["violated-policies"] == ["requests-1m"]
+    assert "per 1m" in body["detail"]
+    assert r.headers["x-should-retry"] == "true"
+    retry = int(r.headers["retry-after"])
+    assert retry >= go_seconds(r.headers["x-ratelimit-reset-requests"])
+    assert int(r.headers["retry-after-ms"]) <= retry * 1000
+    assert retry >= dict(parse_list(r.headers["ratelimit"]))["requests-1m"]["t"]
+    check_headers(r)
+
+
+async def test_daily_and_money_budgets_are_quota_exceeded() -> None:
+    limiter = RateLimiter(Policy(requests="1/day"))
+    async with client(make_app(limiter)) as c:
+        await c.post(CHAT, json=BODY)
+        r = await c.post(CHAT, json=BODY)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"
+    assert r.headers["x-should-retry"] == "false"
+    assert int(r.headers["retry-after"]) > 0
+
+    money = RateLimiter(Policy(cost="0.0001/hour"), prices=PRICES)
+    async with client(make_app(money)) as c:
+        big = {**BODY, "max_tokens": 100}  # ~0.00006 each
+        assert (await c.post(CHAT, json=big)).status_code == 200
+        r = await c.post(CHAT, json=big)
+    assert r.status_code == 429
+    assert r.json()["error"]["code"] == "quota_exceeded" and r.json()["dimension"] == "cost"
+    assert r.json()["limit"] == "0.0001"
+
+
+async def test_request_bigger_than_a_whole_window_is_refused_at_once() -> None:
+    limiter = RateLimiter(Policy(tokens="1000/minute"))
+    async with client(make_app(limiter)) as c:
+        r = await c.post(CHAT, json={**BODY, "max_tokens": 5000})
+        assert (await counters(limiter, "k1")) == {"tokens:60": 0}
+    assert r.status_code == 429
+    assert r.json()["error"]["code"] == "quota_exceeded"
+    assert "can never be admitted" in r.json()["detail"]
+    assert int(r.json()["requested"]) > 5000 and r.json()["limit"] == "1000"
+
+
+async def test_malformed_json_on_a_token_limited_route_is_a_typed_400() -> None:
+    limiter = RateLimiter(Policy(tokens="1000/minute"))
+    async with client(make_app(limiter)) as c:
+        r = await c.post(CHAT, content=b'{"model": "gpt-4o-mini", "messages": [',
+                         headers={"content-type": "application/json"})
+        arr = await c.post(CHAT, json=[1, 2])
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
+    assert "not valid JSON" in r.json()["detail"]
+    assert arr.status_code == 400
+
+
+async def test_output_estimate_used_without_max_tokens_and_input_counted() -> None:
+    limiter = RateLimiter(
+        {"free": Policy(tokens="100000/minute", output_estimate=300),
+         "pro": Policy(tokens="100000/minute")},
+        tier={principal_of("k1"): "free"}, default_tier="pro",
+        output_estimate={"gpt-4o-mini": 700, "*": 900},
+    )
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello " * 50}]}
+    async with client(make_app(limiter)) as c:
+        r1 = await c.post(CHAT, json=body)
+        r2 = await c.post(CHAT, json=body, headers={"authorization": "Bearer k2"})
+    used1 = 100000 - int(r1.headers["x-ratelimit-remaining-tokens"])
+    used2 = 100000 - int(r2.headers["x-ratelimit-remaining-tokens"])
+    assert used1 - 300 == used2 - 700  # same prompt, per-tier vs per-model estimate
+    assert 50 <= used1 - 300 <= 70  # the prompt was tokenized (o200k_base), not guessed
+
+
+async def test_tiers_overrides_per_model_and_per_route_policies() -> None:
+    async def overrides(principal: str) -> Policy | str | None:
+        return Policy(requests="1/minute") if principal == principal_of("vip-low") else None
+
+    limiter = RateLimiter(
+        {"default": Policy(requests="3/minute",
+                           models={"gpt-4o": Policy(requests="1/minute")})},
+        overrides=overrides,
+        routes={"/v1/*": Policy(requests="2/minute")},
+    )
+    app = make_app(limiter)
+    async with client(app, "k-model") as c:
+        assert (await c.post(CHAT, json={**BODY, "model": "gpt-4o"})).status_code == 200
+        r = await c.post(CHAT, json={**BODY, "model": "gpt-4o"})
+        assert r.status_code == 429 and r.json()["violated-policies"] == [
+            "model-gpt-4o-requests-1m"]
+        assert "for model gpt-4o" in r.json()["detail"]
+        assert (await c.post(CHAT, json=BODY)).status_code == 200  # other model: own budget
+        r = await c.post(CHAT, json=BODY)  # the /v1/* route allows 2
+        assert r.status_code == 429
+        assert r.json()["violated-policies"] == ["route-_v1__-requests-1m"]
+    async with client(app, "vip-low") as c:
+        assert (await c.post(CHAT, json=BODY)).status_code == 200
+        assert (await c.post(CHAT, json=BODY)).status_code == 429
+
+
+async def test_spend_alerts_fire_once_per_window(storage: Storage) -> None:
+    seen: list[SpendAlert] = []
+
+    async def on_alert(alert: SpendAlert) -> None:
+        seen.append(alert)
+
+    limiter = RateLimiter(
+        Policy(tokens="1000/minute"), alert_fractions=(0.5, 0.8, 1.0), on_alert=on_alert,
+        storage=storage,
+    )
+    async with client(make_app(limiter)) as c:
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}
+        for max_tokens in (300, 300, 300, 50, 5):
+            await c.post(CHAT, json={**body, "max_tokens": max_tokens})
+    assert [a.fraction for a in seen] == [0.5, 0.8]
+    assert seen[0].dimension == "tokens" and seen[0].limit == Decimal(1000)
+    assert seen[0].name == "tokens-1m" and seen[0].used >= 500
+
+
+async def test_cancelled_request_releases_its_lease() -> None:
+    limiter = RateLimiter(Policy(concurrency=1, requests="100/minute"))
+    app = make_app(limiter)
+    async with client(app) as c:
+        async with anyio.create_task_group() as tg:
+            async def slow() -> None:
+                await c.post(CHAT, json={**BODY, "sleep": 30})
+
+            tg.start_soon(slow)
+            await anyio.sleep(0.2)
+            busy = await c.post(CHAT, json=BODY)
+            tg.cancel_scope.cancel()  # the client goes away; the server task is cancelled
+        assert busy.status_code == 429 and busy.json()["dimension"] == "concurrency"
+        assert await limiter.backend.in_flight(principal_of("k1")) == 0  # type: ignore[attr-defined]
+        assert (await c.post(CHAT, json=BODY)).status_code == 200
+
+
+async def test_lease_released_when_the_server_cancels_the_app() -> None:
+    limiter = RateLimiter(Policy(concurrency=1))
+    app = make_app(limiter)
+    scope: dict[str, Any] = {
+        "type": "http", "method": "POST", "path": CHAT, "raw_path": CHAT.encode(),
+        "query_string": b"", "headers": [(b"content-type", b"application/json"),
+                                          (b"authorization", b"Bearer k1")],
+        "client": ("127.0.0.1", 1), "server": ("t", 80), "scheme": "http",
+        "http_version": "1.1", "root_path": "", "asgi": {"version": "3.0"},
+    }
+    import json
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": json.dumps({**BODY, "sleep": 30}).encode()}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    with anyio.move_on_after(0.3):
+        await app(scope, receive, send)
+    ctx = scope["state"][SCOPE_KEY]
+    assert ctx.state["ratelimit"].lease is not None
+    assert await limiter.backend.in_flight(principal_of("k1")) == 0  # type: ignore[attr-defined]
+
+
+def test_configuration_is_validated_eagerly() -> None:
+    with pytest.raises(ValueError):
+        Policy(requests="lots")
+    with pytest.raises(ValueError):
+        Policy(tokens="1.5/minute")
+    with pytest.raises(ValueError):
+        Policy(requests="1/minute;2/minute")
+    with pytest.raises(ValueError):
+        RateLimiter(Policy(cost="1/day"))  # no price table
+    with pytest.raises(ValueError):
+        RateLimiter({"free": Policy(requests="1/second")})  # no default tier
+    with pytest.raises(ValueError):
+        RateLimiter(Policy(requests="1/second"), alert_fractions=(0.5,))
+    p = Policy(requests="10/second;1000/day", cost="2.5/day", concurrency=2)
+    assert [(lim.dimension, lim.amount, lim.window) for lim in p.limits] == [
+        ("requests", 10, 1), ("requests", 1000, 86400), ("cost", 2_500_000_000, 86400)]
+
+
+async def test_stream_is_reconciled_with_usage_reported_at_its_end() -> None:
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    import aimiddleware
+    from aimiddleware import report_usage
+
+    limiter = RateLimiter(Policy(tokens="100000/minute", concurrency=2))
+    app = FastAPI()
+
+    @app.post(CHAT)
+    async def stream() -> StreamingResponse:
+        async def events() -> Any:
+            for i in range(3):
+                yield f"data: {i}\n\n"
+            report_usage({"input_tokens": 7, "output_tokens": 3})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    aimiddleware.install(app, ratelimit=limiter)
+    async with client(app) as c:
+        r = await c.post(CHAT, json={**BODY, "max_tokens": 4000})
+        assert r.status_code == 200 and r.text.endswith("[DONE]\n\n")
+        assert int(r.headers["x-ratelimit-remaining-tokens"]) < 100000 - 4000
+        assert await counters(limiter, "k1") == {"tokens:60": 10}
+        assert await limiter.backend.in_flight(principal_of("k1")) == 0  # type: ignore[attr-defined]
+
+
+async def test_install_with_usage_layer_reconciles_a_proxied_openai_response(
+    storage: Storage,
+) -> None:
+    from fastapi import FastAPI
+
+    import aimiddleware
+    from aimiddleware import UsageConfig
+
+    app = FastAPI()
+
+    @app.post(CHAT)
+    async def proxied() -> dict[str, Any]:  # what a provider proxy returns: usage in the body
+        return {"id": "c1", "object": "chat.completion", "model": "gpt-4o-mini",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": "hi"}}],
+                "usage": {"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15}}
+
+    aimiddleware.install(
+        app, storage=storage, usage=UsageConfig(prices=PRICES, record=False),
+        ratelimit=Policy(tokens="100000/minute", cost="1/day"),
+    )
+    limiter = next(m.kwargs["limiter"] for m in app.user_middleware if "limiter" in m.kwargs)
+    async with client(app) as c:
+        r = await c.post(CHAT, json={**BODY, "max_tokens": 3000})
+    assert r.status_code == 200
+    assert int(r.headers["x-ratelimit-remaining-tokens"]) < 100000 - 3000  # reserved up front
+    held = await counters(limiter, "k1")
+    assert held["tokens:60"] == 15  # then replaced by the usage the response reported
+    assert 0 < held["cost:86400"] < 10_000  # priced on 11 in + 4 out, not on 3000 out
+
+
+async def test_exempt_paths_and_non_http_scopes_pass_through() -> None:
+    from aimiddleware import ErrorMiddleware, RateLimitMiddleware, RequestContextMiddleware
+
+    calls: list[str] = []
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        calls.append(scope["type"])
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    limited_app = RateLimitMiddleware(
+        inner, Policy(requests="1/minute"), exempt=["/health", "/static/*"]
+    )
+    app = RequestContextMiddleware(ErrorMiddleware(limited_app))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        exempt = [await c.get(p) for p in ("/health", "/static/a", "/health")]
+        limited = [await c.get("/v1/x") for _ in range(2)]
+    assert [r.status_code for r in exempt] == [200, 200, 200]
+    assert all("ratelimit" not in r.headers for r in exempt)
+    assert limited[0].status_code == 200
+    assert limited[0].headers["x-ratelimit-remaining-requests"] == "0"
+    assert limited[1].status_code == 429
+
+    async def no_receive() -> Any:
+        raise AssertionError("not called")
+
+    async def no_send(message: Any) -> None:
+        raise AssertionError("not called")
+
+    await limited_app({"type": "lifespan"}, no_receive, no_send)
+    assert calls[-1] == "lifespan"

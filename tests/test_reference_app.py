@@ -1,0 +1,270 @@
+"""The reference app end to end, as its users meet it: a real uvicorn server, the official
+``openai`` SDK unchanged, httpx and httpx-sse."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from httpx_sse import connect_sse
+
+from aimiddleware.testing import FakeModel
+from examples.app import create_app
+from examples.settings import load_settings, principal_of_key
+from tests.live_server import live_server
+
+CONFIG = (Path(__file__).resolve().parent.parent / "examples" / "config.toml").read_text()
+
+# A test tier file: per-second limits so Retry-After is short, a tiny daily budget for "broke".
+TEST_TIERS = """
+[tiers.free]
+requests = "3/second"
+tokens = "200000/minute"
+concurrency = 4
+output_estimate = 64
+
+[tiers.pro]
+requests = "600/minute"
+
+[tiers.broke]
+requests = "600/minute"
+cost = "0.000001/day"
+output_estimate = 64
+
+[keys]
+"sk-demo-pro" = "pro"
+"sk-broke" = "broke"
+"""
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    head = CONFIG.split("# Tiers.")[0]
+    path = tmp_path_factory.mktemp("cfg") / "config.toml"
+    path.write_text(head + TEST_TIERS)
+    model = FakeModel("fake-chat", first_token_latency=0, inter_token_delay=0)
+    with live_server(create_app(path, storage="memory://", model=model)) as url:
+        yield url
+
+
+_clients: list[openai.OpenAI] = []
+
+
+def sdk(base_url: str, key: str = "sk-demo-pro", **kw: object) -> openai.OpenAI:
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key=key, **kw)  # type: ignore[arg-type]
+    _clients.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _clients:
+        _clients.pop().close()
+
+
+HI = [{"role": "user", "content": "Say hello to the reference app."}]
+
+
+def test_config_file_loads_and_keys_are_hashed() -> None:
+    settings = load_settings(Path(__file__).resolve().parent.parent / "examples" / "config.toml")
+    assert set(settings.tiers) == {"free", "pro"}
+    assert settings.tier_of == {principal_of_key("sk-demo-pro"): "pro"}
+    assert "sk-demo-pro" not in json.dumps(list(settings.tier_of))
+
+
+def test_completion_through_the_openai_sdk(base_url: str) -> None:
+    raw = sdk(base_url).chat.completions.with_raw_response.create(
+        model="fake-chat", messages=HI, max_tokens=20, seed=7
+    )
+    out = raw.parse()
+    assert out.model == "fake-chat-2026-06-01"  # the alias, pinned to its snapshot
+    assert out.choices[0].message.content
+    assert out.usage is not None and out.usage.completion_tokens <= 20
+    assert raw.headers["x-model"] == "fake-chat"
+    assert raw.headers["x-model-version"] == "fake-chat-2026-06-01"
+    assert int(raw.headers["x-usage-output-tokens"]) == out.usage.completion_tokens
+    assert raw.headers["x-ratelimit-limit-requests"] == "600"
+    again = sdk(base_url).chat.completions.create(
+        model="fake-chat", messages=HI, max_tokens=20, seed=7
+    )
+    assert again.choices[0].message.content == out.choices[0].message.content  # seeded
+
+
+def test_streaming_with_usage_through_the_openai_sdk(base_url: str) -> None:
+    stream = sdk(base_url).chat.completions.create(
+        model="fake-chat", messages=HI, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    final = chunks[-1]
+    assert final.choices == [] and final.usage is not None
+    assert final.usage.total_tokens == final.usage.prompt_tokens + final.usage.completion_tokens
+
+
+def test_rate_limited_is_retried_after_retry_after(base_url: str) -> None:
+    attempts: list[int] = []
+
+    def count(response: httpx.Response) -> None:
+        attempts.append(response.status_code)
+
+    client = sdk(
+        base_url,
+        key="sk-free-user",
+        max_retries=3,
+        http_client=httpx.Client(event_hooks={"response": [count]}),  # closed with the SDK
+    )
+    for _ in range(3):
+        client.chat.completions.create(model="fake-chat", messages=HI, max_tokens=5)
+    # The 4th in the same second is refused (3/second); the SDK waits Retry-After, retries.
+    client.chat.completions.create(model="fake-chat", messages=HI, max_tokens=5)
+    assert 429 in attempts and attempts[-1] == 200
+
+
+def test_rate_limit_429_carries_the_headers(base_url: str) -> None:
+    statuses = []
+    for _ in range(5):
+        r = httpx.post(
+            base_url + "/v1/chat/completions",
+            headers={"authorization": "Bearer sk-another-free-user"},
+            json={"model": "fake-chat", "messages": HI, "max_tokens": 5},
+        )
+        statuses.append(r.status_code)
+        if r.status_code == 429:
+            break
+    assert statuses[-1] == 429
+    assert r.headers["content-type"] == "application/problem+json"
+    assert int(r.headers["retry-after"]) >= 1 and r.headers["x-should-retry"] == "true"
+    assert r.headers["x-ratelimit-remaining-requests"] == "0"
+    assert r.json()["error"]["code"] == "rate_limited" and r.json()["dimension"] == "requests"
+
+
+def test_quota_exceeded_is_not_retried_by_the_sdk(base_url: str) -> None:
+    attempts: list[int] = []
+    client = sdk(
+        base_url,
+        key="sk-broke",
+        max_retries=3,
+        http_client=httpx.Client(event_hooks={"response": [lambda r: attempts.append(1)]}),
+    )
+    with pytest.raises(openai.RateLimitError) as info:
+        client.chat.completions.create(model="fake-chat", messages=HI, max_tokens=5)
+    assert info.value.code == "quota_exceeded" and info.value.type == "insufficient_quota"
+    assert len(attempts) == 1
+
+
+def test_idempotent_replay(base_url: str) -> None:
+    body = {"model": "fake-chat", "messages": HI, "max_tokens": 10}
+    headers = {"authorization": "Bearer sk-demo-pro", "idempotency-key": "retry-me-1"}
+    first = httpx.post(base_url + "/v1/chat/completions", json=body, headers=headers)
+    second = httpx.post(base_url + "/v1/chat/completions", json=body, headers=headers)
+    assert first.status_code == second.status_code == 200
+    assert second.headers["idempotent-replayed"] == "true"
+    assert second.json() == first.json()
+    other = httpx.post(
+        base_url + "/v1/chat/completions", json={**body, "max_tokens": 11}, headers=headers
+    )
+    assert other.status_code == 422
+
+
+def test_streamed_replay_is_the_same_event_stream(base_url: str) -> None:
+    body = {"model": "fake-chat", "messages": HI, "stream": True}
+    headers = {"authorization": "Bearer sk-demo-pro", "idempotency-key": "stream-1"}
+
+    def events() -> tuple[list[str], httpx.Headers]:
+        with (
+            httpx.Client() as client,
+            connect_sse(
+                client, "POST", base_url + "/v1/chat/completions", json=body, headers=headers
+            ) as source,
+        ):
+            return [e.data for e in source.iter_sse()], source.response.headers
+
+    first, _ = events()
+    second, replay_headers = events()
+    assert first == second and first[-1] == "[DONE]"
+    assert replay_headers["idempotent-replayed"] == "true"
+
+
+def test_models_count_tokens_usage_and_versions(base_url: str) -> None:
+    auth = {"authorization": "Bearer sk-demo-pro"}
+    models = sdk(base_url).models.list()
+    ids = {m.id for m in models.data}
+    assert "fake-chat-2026-06-01" in ids
+    count = httpx.post(
+        base_url + "/v1/count_tokens",
+        headers=auth,
+        json={"model": "fake-chat-2026-06-01", "messages": HI},
+    ).json()
+    assert count["exact"] is True and count["input_tokens"] > 0
+    usage = httpx.get(base_url + "/v1/usage", headers=auth).json()
+    assert usage["totals"]["requests"] >= 1
+    retired = httpx.post(
+        base_url + "/v1/chat/completions",
+        headers=auth,
+        json={"model": "fake-chat-2024-03-01", "messages": HI},
+    )
+    assert retired.status_code == 410 and retired.json()["error"]["code"] == "model_retired"
+    old = httpx.post(
+        base_url + "/v1/chat/completions",
+        headers={**auth, "api-version": "2025-01-01"},
+        json={"model": "fake-chat", "messages": HI, "max_tokens": 3},
+    )
+    assert old.status_code == 200 and old.headers["deprecation"].startswith("@")
+    bad = httpx.post(
+        base_url + "/v1/chat/completions",
+        headers={**auth, "api-version": "1999"},
+        json={"model": "fake-chat", "messages": HI},
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "unsupported_api_version"
+
+
+def test_jobs_submit_and_poll(base_url: str) -> None:
+    auth = {"authorization": "Bearer sk-demo-pro"}
+    r = httpx.post(
+        base_url + "/v1/jobs", headers=auth, json={"input": {"documents": ["one", "two"]}}
+    )
+    assert r.status_code == 202
+    job_url = (
+        base_url + r.headers["location"]
+        if r.headers["location"].startswith("/")
+        else r.headers["location"]
+    )
+    for _ in range(100):
+        job = httpx.get(job_url, headers=auth).json()
+        if job["status"] == "completed":
+            break
+        import time
+
+        time.sleep(0.05)
+    assert job["status"] == "completed" and len(job["result"]["summaries"]) == 2
+    assert httpx.get(job_url, headers={"authorization": "Bearer sk-other"}).status_code == 404
+
+
+def test_bad_input_is_typed(base_url: str) -> None:
+    auth = {"authorization": "Bearer sk-demo-pro"}
+    cases = [
+        (b"{not json", 422),
+        (json.dumps({"model": "fake-chat", "messages": []}).encode(), 422),
+        (json.dumps({"model": "nope", "messages": HI}).encode(), 404),
+        (json.dumps({"model": "fake-chat", "messages": HI, "max_tokens": -1}).encode(), 422),
+    ]
+    for raw, status in cases:
+        r = httpx.post(
+            base_url + "/v1/chat/completions",
+            content=raw,
+            headers={**auth, "content-type": "application/json"},
+        )
+        assert r.status_code == status, (raw, r.text)
+        assert r.headers["content-type"] == "application/problem+json"
+    r = httpx.post(
+        base_url + "/v1/chat/completions",
+        headers={**auth, "idempotency-key": ""},
+        json={"model": "fake-chat", "messages": HI},
+    )
+    assert r.status_code == 400
