@@ -252,11 +252,17 @@ class _Call:
             else:  # anyio's clock on asyncio is the loop's
                 self.app_scope = scope_cls(deadline=loop.time() + self.timeout)
             self.loop = loop
-            self.timer = loop.call_later(self.mw.watch_after, self._start_watcher)
+            timer = self.timer = loop.call_later(self.mw.watch_after, self._start_watcher)
+            send = self.send if self.ctx is not None else self._send
+            error = None
             try:
-                error = await self._call_app()
+                with self.app_scope:  # (_call_app inlined: one coroutine less per request)
+                    await self.mw.app(self.scope, self._receive, send)
+                    self.app_returned = True
+            except Exception as exc:
+                error = exc
             finally:
-                self.timer.cancel()
+                timer.cancel()
                 watcher = self.watcher
                 if watcher is not None and not watcher.done():
                     if self._done() and not self.watch_done:
