@@ -424,3 +424,40 @@ def test_watch_after_is_validated_and_tiers_are_cached_per_path() -> None:
         assert mw.timeout_for(f"/v1/items/{i}") == 2
     assert mw.timeout_for("/other") == 3 and mw.timeout_for("/other") == 3
     assert 0 < len(mw._timeout_cache) <= 1024
+
+
+async def test_many_requests_in_flight_share_one_sweeper() -> None:
+    """Slow requests whose clients left are all cancelled; fast ones never start a watcher."""
+    cancelled: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/fast":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
+        try:
+            await anyio.sleep(10)
+        except anyio.get_cancelled_exc_class():
+            cancelled.append(scope["i"])
+            raise
+
+    mw = CancellationMiddleware(app, watch_after=0.02)
+    fast_calls: list[list[str]] = []
+
+    async def one(i: int, path: str) -> None:
+        receive, send, calls = _server_after_body(disconnect_at_once=path == "/slow")
+        scope = {"type": "http", "path": path, "method": "POST", "headers": [], "state": {}}
+        scope["i"] = i
+        await mw(scope, receive, send)
+        if path == "/fast":
+            fast_calls.append(calls)
+
+    with anyio.fail_after(3):
+        async with anyio.create_task_group() as tg:
+            for i in range(40):
+                tg.start_soon(one, i, "/slow" if i % 2 else "/fast")
+                await anyio.sleep(0.002)  # arrivals spread over the sweeper's ticks
+    assert sorted(cancelled) == list(range(1, 40, 2))
+    assert all(c == ["receive", "http.response.start", "http.response.body"] for c in fast_calls)
+    assert len(fast_calls) == 20
+    assert mw._sweepers == {}  # nothing left behind once the queue is empty
