@@ -27,6 +27,7 @@ import fnmatch
 import logging
 import re
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -191,12 +192,13 @@ class _Sweeper:
         self.loop = loop
         self.after = after
         self.owner = owner
-        self.queue: deque[tuple[float, _Call]] = deque()
+        # Weak references: a finished request is freed at once, not when its turn comes.
+        self.queue: deque[tuple[float, weakref.ref[_Call]]] = deque()
         self.handle: asyncio.TimerHandle | None = None
         self.context = contextvars.Context()  # the timer runs in no request's context
 
     def add(self, call: _Call) -> None:
-        self.queue.append((self.loop.time() + self.after, call))
+        self.queue.append((self.loop.time() + self.after, weakref.ref(call)))
         if self.handle is None:
             self.handle = self.loop.call_later(self.after, self._tick, context=self.context)
 
@@ -205,7 +207,9 @@ class _Sweeper:
         now = self.loop.time()
         queue = self.queue
         while queue and queue[0][0] <= now:
-            queue.popleft()[1].start_watcher()  # (a no-op for a finished request)
+            call = queue.popleft()[1]()
+            if call is not None:
+                call.start_watcher()  # (a no-op for a finished request)
         if queue:
             when = max(queue[0][0], now + self.after / 4)
             self.handle = self.loop.call_at(when, self._tick, context=self.context)
@@ -217,6 +221,7 @@ class _Call:
     """One request under watch."""
 
     __slots__ = (
+        "__weakref__",
         "app_returned",
         "app_scope",
         "context",

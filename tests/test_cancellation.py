@@ -366,10 +366,14 @@ async def test_a_fast_request_never_starts_the_watcher() -> None:
 
     receive, send, calls = _server_after_body(disconnect_at_once=False)
     scope = {"type": "http", "path": "/", "method": "POST", "headers": [], "state": {}}
+    mw = CancellationMiddleware(fast, watch_after=0.05)
     with anyio.fail_after(2):
-        await CancellationMiddleware(fast, watch_after=0.05)(scope, receive, send)
+        await mw(scope, receive, send)
     # receive() was called for the body only: no watcher ever waited on it.
     assert calls == ["receive", "http.response.start", "http.response.body"]
+    # The sweeper's queue does not keep the finished request (its scope, body...) alive.
+    (sweeper,) = mw._sweepers.values()
+    assert [ref() for _due, ref in sweeper.queue] == [None]
 
 
 async def test_a_disconnect_during_the_grace_period_is_seen_when_the_watcher_starts() -> None:
