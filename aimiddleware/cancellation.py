@@ -6,6 +6,11 @@ calling the model for nobody. This layer reads the request body (already cached 
 context layer, so this costs nothing), then owns ``receive``: one watcher waits for
 ``http.disconnect`` and cancels the endpoint through an anyio cancel scope, streaming or
 not. The app's own ``receive`` calls get the body and then the disconnect, as usual.
+On asyncio the watcher starts only once the endpoint has run for ``watch_after`` (25 ms
+by default, at most 50 ms; one shared timer per event loop), or at once if the endpoint
+itself waits on ``receive()``: a fast request pays for no task, and a client that left
+earlier is seen the moment the watcher starts (the server answers ``http.disconnect`` at
+once), so the endpoint is still cancelled well within 100 ms. On trio it starts at once.
 
 Timeout tiers: ``timeouts`` maps path patterns (``fnmatch`` globs, first match wins) to
 seconds, or ``None`` for no limit (jobs); ``default_timeout`` covers the rest. A request
