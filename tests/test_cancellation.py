@@ -465,3 +465,26 @@ async def test_many_requests_in_flight_share_one_sweeper() -> None:
     assert all(c == ["receive", "http.response.start", "http.response.body"] for c in fast_calls)
     assert len(fast_calls) == 20
     assert mw._sweepers == {}  # nothing left behind once the queue is empty
+
+
+async def test_disconnect_before_the_watcher_starts_still_cancels_promptly() -> None:
+    """Real uvicorn: the client leaves within the grace period (watch_after)."""
+    record: dict[str, Any] = {}
+    async with serve(build_app(record)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        stream = await anyio.connect_tcp(host, int(port))
+        await stream.send(
+            b"POST /v1/complete HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: 2\r\n\r\n{}"
+        )
+        await wait_for(record, "ctx")  # the endpoint is running, the watcher not yet
+        closed_at = time.perf_counter()
+        await stream.aclose()
+        cancelled_at = await wait_for(record, "cancelled_at")
+        await wait_for(record, "released")
+    latency_ms = (cancelled_at - closed_at) * 1000
+    print(f"\nearly disconnect: model cancelled {latency_ms:.1f} ms after the client left")
+    assert 0 <= latency_ms < 1000
+    ctx = record["ctx"]
+    assert ctx.disconnected is True and ctx.raw_finish_reason == "cancelled"
+    assert record["lease"] == "released"
