@@ -488,3 +488,22 @@ async def test_disconnect_before_the_watcher_starts_still_cancels_promptly() -> 
     ctx = record["ctx"]
     assert ctx.disconnected is True and ctx.raw_finish_reason == "cancelled"
     assert record["lease"] == "released"
+
+
+async def test_watch_after_zero_watches_from_the_start() -> None:
+    cancelled = []
+
+    async def slow(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await anyio.sleep(10)
+        except anyio.get_cancelled_exc_class():
+            cancelled.append(True)
+            raise
+
+    receive, send, calls = _server_after_body(disconnect_at_once=True)
+    scope = {"type": "http", "path": "/", "method": "POST", "headers": [], "state": {}}
+    mw = CancellationMiddleware(slow, watch_after=0)
+    with anyio.fail_after(2):
+        await mw(scope, receive, send)
+    assert cancelled == [True] and calls == ["receive", "receive"]
+    assert mw._sweepers == {}  # no sweeper: the watcher started with the app
