@@ -16,8 +16,7 @@ from aimiddleware._asgi import is_async_callable, send_problem
 from aimiddleware.context import (
     SCOPE_KEY,
     RequestContext,
-    _reset_current,
-    _set_current,
+    _current,
     default_principal,
     new_request_id,
     valid_request_id,
@@ -82,15 +81,18 @@ class RequestContextMiddleware:
 
         incoming_id = traceparent = tracestate = None
         content_length: int | None = None
+        has_key = False  # an authorization or x-api-key header (for the default principal)
         for name, value in scope["headers"]:
             if name == self.header:
                 incoming_id = value.decode("latin-1")
+            elif name == b"content-length":
+                content_length = int(value) if value.isdigit() else -1
             elif name == b"traceparent":
                 traceparent = value.decode("latin-1")
             elif name == b"tracestate":
                 tracestate = value.decode("latin-1")
-            elif name == b"content-length":
-                content_length = int(value) if value.isdigit() else -1
+            elif name == b"authorization" or name == b"x-api-key":
+                has_key = True
         if incoming_id is not None and self.trust_request_id and valid_request_id(incoming_id):
             request_id = incoming_id
         else:
@@ -121,16 +123,30 @@ class RequestContextMiddleware:
             tracestate_header=tracestate,
         )
         scope.setdefault("state", {})[SCOPE_KEY] = ctx
-        token = _set_current(ctx)
+        token = _current.set(ctx)
         try:
             try:
-                if self.principal is None:
-                    ctx.principal = default_principal(scope)
-                else:
+                if self.principal is not None:
                     ctx.principal = await self._resolve_principal(scope)
+                elif has_key:
+                    ctx.principal = default_principal(scope)
+                else:  # (what default_principal answers without a key, without the scan)
+                    client = scope.get("client")
+                    ctx.principal = f"ip_{client[0]}" if client else "anonymous"
                 if content_length == -1:
                     raise InvalidRequest("Content-Length is not a valid integer.")
-                ctx.body = await self._read_body(receive, content_length)
+                limit = self.max_body_size
+                if limit is not None and content_length is not None and content_length > limit:
+                    raise _too_large(limit)
+                message = await receive()
+                if (
+                    message["type"] == "http.request"
+                    and not message.get("more_body", False)
+                    and (limit is None or len(message.get("body", b"")) <= limit)
+                ):  # the whole body in one message (the usual case): no read loop
+                    ctx.body = message.get("body", b"")
+                else:
+                    ctx.body = await self._read_body(receive, limit, message)
             except AIError as err:
                 await send_problem(send_with_id, err, request_id, type_base=self.type_base)
                 return
@@ -153,7 +169,7 @@ class RequestContextMiddleware:
 
             await self.app(scope, replay, send_with_id)
         finally:
-            _reset_current(token)
+            _current.reset(token)
 
     async def _resolve_principal(self, scope: Scope) -> str:
         if self.principal is not None:
@@ -171,14 +187,12 @@ class RequestContextMiddleware:
                 return str(found)
         return default_principal(scope)
 
-    async def _read_body(self, receive: Receive, content_length: int | None) -> bytes:
-        limit = self.max_body_size
-        if limit is not None and content_length is not None and content_length > limit:
-            raise _too_large(limit)
+    @staticmethod
+    async def _read_body(receive: Receive, limit: int | None, message: Message) -> bytes:
+        """The rest of a body sent in several messages, from the first one (``message``)."""
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
             if message["type"] == "http.disconnect":
                 raise _Disconnected
             chunk = message.get("body", b"")
@@ -189,6 +203,7 @@ class RequestContextMiddleware:
                 chunks.append(chunk)
             if not message.get("more_body", False):
                 break
+            message = await receive()
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 

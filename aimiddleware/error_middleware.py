@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from aimiddleware._asgi import send_problem
-from aimiddleware.context import current_or_none
+from aimiddleware.context import _current, current_or_none
 from aimiddleware.errors import (
     DEFAULT_TYPE_BASE,
     AIError,
@@ -55,7 +55,7 @@ class ErrorMiddleware:
             await self.app(scope, receive, send)
             return
 
-        ctx = current_or_none()
+        ctx = _current.get()
         started = False
         inner_send = send
         if ctx is None:  # used without the context layer: watch the start ourselves

@@ -1,7 +1,9 @@
-"""Per-request cost of the context + errors layers, beside bare Starlette and anchors.
+"""Per-request cost of the context + errors (+ cancellation) layers, beside anchors.
 
 Anchors, all in this run: a bare Starlette app; a pure-ASGI pass-through middleware (the
 floor for any middleware); asgi-correlation-id (the request-id package most apps use).
+Ours: context + errors, and context + errors + cancellation (the three outer layers
+``install()`` always adds, in its order).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from aimiddleware import ErrorMiddleware, RequestContextMiddleware
+from aimiddleware import CancellationMiddleware, ErrorMiddleware, RequestContextMiddleware
 from benchmarks.harness import as_json, compare, make_request, table
 
 
@@ -43,11 +45,16 @@ def apps() -> dict[str, Any]:
     ours = base()
     ours.add_middleware(ErrorMiddleware)
     ours.add_middleware(RequestContextMiddleware)
+    outer = base()  # Starlette: the last added is the outermost
+    outer.add_middleware(CancellationMiddleware)
+    outer.add_middleware(ErrorMiddleware)
+    outer.add_middleware(RequestContextMiddleware)
     return {
         "bare starlette": bare,
         "pure-ASGI pass-through": passthrough,
         "asgi-correlation-id": correlation,
         "aimiddleware context+errors": ours,
+        "aimiddleware context+errors+cancellation": outer,
     }
 
 
@@ -57,6 +64,6 @@ async def run(quick: bool) -> tuple[str, dict[str, Any]]:
     )
     contenders = {name: (app, request) for name, app in apps().items()}
     results = await compare(contenders, requests=300 if quick else 2000, rounds=3 if quick else 7)
-    return table(results, "bare starlette", "context + errors: per-request cost"), as_json(
-        results, "bare starlette"
-    )
+    return table(
+        results, "bare starlette", "context + errors (+ cancellation): per-request cost"
+    ), as_json(results, "bare starlette")

@@ -338,3 +338,172 @@ async def test_a_completed_request_is_not_marked_disconnected() -> None:
     assert ctx.disconnected is False
     assert ctx.raw_finish_reason is None and "cancellation" not in ctx.state
     assert record["lease"] == "released"
+
+
+def _server_after_body(*, disconnect_at_once: bool) -> tuple[Any, Any, list[str]]:
+    """A server: the body, then http.disconnect (at once, or never within the test)."""
+    calls: list[str] = []
+
+    async def receive() -> dict[str, Any]:
+        calls.append("receive")
+        if len(calls) == 1:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+        if not disconnect_at_once:
+            await anyio.sleep(30)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        calls.append(message["type"])
+
+    return receive, send, calls
+
+
+async def test_a_fast_request_never_starts_the_watcher() -> None:
+    async def fast(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "http.request"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    receive, send, calls = _server_after_body(disconnect_at_once=False)
+    scope = {"type": "http", "path": "/", "method": "POST", "headers": [], "state": {}}
+    mw = CancellationMiddleware(fast, watch_after=0.05)
+    with anyio.fail_after(2):
+        await mw(scope, receive, send)
+    # receive() was called for the body only: no watcher ever waited on it.
+    assert calls == ["receive", "http.response.start", "http.response.body"]
+    # The sweeper's queue does not keep the finished request (its scope, body...) alive.
+    (sweeper,) = mw._sweepers.values()
+    assert [ref() for _due, ref in sweeper.queue] == [None]
+
+
+async def test_a_disconnect_during_the_grace_period_is_seen_when_the_watcher_starts() -> None:
+    seen: dict[str, float] = {}
+
+    async def slow(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await anyio.sleep(10)
+        except anyio.get_cancelled_exc_class():
+            seen["cancelled"] = time.perf_counter()
+            raise
+
+    receive, send, calls = _server_after_body(disconnect_at_once=True)  # client already gone
+    scope = {"type": "http", "path": "/", "method": "POST", "headers": [], "state": {}}
+    t0 = time.perf_counter()
+    with anyio.fail_after(2):
+        await CancellationMiddleware(slow, watch_after=0.02)(scope, receive, send)
+    assert seen["cancelled"] - t0 >= 0.015  # not before the grace period ended
+    assert calls == ["receive", "receive"]  # body, then the watcher's disconnect
+
+
+async def test_an_app_waiting_on_receive_starts_the_watcher_at_once() -> None:
+    got: list[str] = []
+
+    async def listens(scope: Any, receive: Any, send: Any) -> None:
+        got.append((await receive())["type"])
+        got.append((await receive())["type"])  # e.g. a listen_for_disconnect task
+
+    elapsed = []
+    for _ in range(5):  # (a loaded machine may stall one attempt by tens of ms)
+        got.clear()
+        receive, send, _calls = _server_after_body(disconnect_at_once=True)
+        scope = {"type": "http", "path": "/", "method": "POST", "headers": [], "state": {}}
+        t0 = time.perf_counter()
+        with anyio.fail_after(2):
+            await CancellationMiddleware(listens, watch_after=0.05)(scope, receive, send)
+        elapsed.append(time.perf_counter() - t0)
+        assert got == ["http.request", "http.disconnect"]
+    assert min(elapsed) < 0.04  # the app did not wait for watch_after
+
+
+def test_watch_after_is_validated_and_tiers_are_cached_per_path() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    for bad in (-0.01, 0.2, True):
+        with pytest.raises(ValueError):
+            CancellationMiddleware(app, watch_after=bad)
+    assert CancellationConfig(watch_after=0.01).watch_after == 0.01
+    mw = CancellationMiddleware(app, timeouts={"/v1/*": 2}, default_timeout=3)
+    for i in range(3000):  # many distinct paths: the cache stays bounded
+        assert mw.timeout_for(f"/v1/items/{i}") == 2
+    assert mw.timeout_for("/other") == 3 and mw.timeout_for("/other") == 3
+    assert 0 < len(mw._timeout_cache) <= 1024
+
+
+async def test_many_requests_in_flight_share_one_sweeper() -> None:
+    """Slow requests whose clients left are all cancelled; fast ones never start a watcher."""
+    cancelled: list[int] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/fast":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
+        try:
+            await anyio.sleep(10)
+        except anyio.get_cancelled_exc_class():
+            cancelled.append(scope["i"])
+            raise
+
+    mw = CancellationMiddleware(app, watch_after=0.02)
+    fast_calls: list[list[str]] = []
+
+    async def one(i: int, path: str) -> None:
+        receive, send, calls = _server_after_body(disconnect_at_once=path == "/slow")
+        scope = {"type": "http", "path": path, "method": "POST", "headers": [], "state": {}}
+        scope["i"] = i
+        await mw(scope, receive, send)
+        if path == "/fast":
+            fast_calls.append(calls)
+
+    with anyio.fail_after(3):
+        async with anyio.create_task_group() as tg:
+            for i in range(40):
+                tg.start_soon(one, i, "/slow" if i % 2 else "/fast")
+                await anyio.sleep(0.002)  # arrivals spread over the sweeper's ticks
+    assert sorted(cancelled) == list(range(1, 40, 2))
+    assert all(c == ["receive", "http.response.start", "http.response.body"] for c in fast_calls)
+    assert len(fast_calls) == 20
+    assert mw._sweepers == {}  # nothing left behind once the queue is empty
+
+
+async def test_disconnect_before_the_watcher_starts_still_cancels_promptly() -> None:
+    """Real uvicorn: the client leaves within the grace period (watch_after)."""
+    record: dict[str, Any] = {}
+    async with serve(build_app(record)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        stream = await anyio.connect_tcp(host, int(port))
+        await stream.send(
+            b"POST /v1/complete HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: 2\r\n\r\n{}"
+        )
+        await wait_for(record, "ctx")  # the endpoint is running, the watcher not yet
+        closed_at = time.perf_counter()
+        await stream.aclose()
+        cancelled_at = await wait_for(record, "cancelled_at")
+        await wait_for(record, "released")
+    latency_ms = (cancelled_at - closed_at) * 1000
+    print(f"\nearly disconnect: model cancelled {latency_ms:.1f} ms after the client left")
+    assert 0 <= latency_ms < 1000
+    ctx = record["ctx"]
+    assert ctx.disconnected is True and ctx.raw_finish_reason == "cancelled"
+    assert record["lease"] == "released"
+
+
+async def test_watch_after_zero_watches_from_the_start() -> None:
+    cancelled = []
+
+    async def slow(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await anyio.sleep(10)
+        except anyio.get_cancelled_exc_class():
+            cancelled.append(True)
+            raise
+
+    receive, send, calls = _server_after_body(disconnect_at_once=True)
+    scope = {"type": "http", "path": "/", "method": "POST", "headers": [], "state": {}}
+    mw = CancellationMiddleware(slow, watch_after=0)
+    with anyio.fail_after(2):
+        await mw(scope, receive, send)
+    assert cancelled == [True] and calls == ["receive", "receive"]
+    assert mw._sweepers == {}  # no sweeper: the watcher started with the app
