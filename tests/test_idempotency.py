@@ -660,3 +660,107 @@ async def test_store_lost_mid_request_still_answers_and_a_retry_runs() -> None:
     assert first.status_code == 200 and first.json() == {"run": 1}
     assert down.status_code == 503 and down.json()["error"]["code"] == "store_unavailable"
     assert retry.status_code == 200 and retry.json() == {"run": 2}
+
+
+# -- the lease is kept alive only while it must be ----------------------------------------------
+
+
+async def test_a_handler_outliving_its_lease_keeps_it_and_runs_once(storage: Storage) -> None:
+    app, counts = build(storage, lease_seconds=0.3, secret="s" * 32)  # renewed every 0.1 s
+    async with client(app) as c:
+        first = asyncio.create_task(c.post("/chat?delay=1.0", content=b"{}", headers=KEY))
+        dupes = []
+        for _ in range(3):
+            await asyncio.sleep(0.3)  # each well past one lease
+            dupes.append(await c.post("/chat?delay=1.0", content=b"{}", headers=KEY))
+        done = await first
+        replay = await c.post("/chat?delay=1.0", content=b"{}", headers=KEY)
+    assert counts["chat"] == 1
+    assert [d.status_code for d in dupes] == [409, 409, 409]
+    assert done.status_code == 201 and replay.headers["idempotent-replayed"] == "true"
+    assert replay.content == done.content
+
+
+class CountingStore(MemoryIdempotencyStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.beats = 0
+
+    async def heartbeat(self, key: str, owner: str, lease: float) -> bool:
+        self.beats += 1
+        return await super().heartbeat(key, owner, lease)
+
+
+async def ticking(scope: Any, receive: Any, send: Any) -> None:
+    """A raw ASGI endpoint (runs on asyncio and trio): sleeps ``x-sleep`` seconds."""
+    await receive()
+    await anyio.sleep(float(dict(scope["headers"]).get(b"x-sleep", b"0")))
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": b'{"ok":true}'})
+
+
+async def drive(app: Any, sleep: bytes, key: bytes) -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+    messages = [{"type": "http.request", "body": b"{}", "more_body": False}]
+    done = anyio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            done.set()
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/t", "raw_path": b"/t", "query_string": b"",
+        "root_path": "", "client": ("127.0.0.1", 1), "server": ("test", 80),
+        "headers": [(b"idempotency-key", key), (b"authorization", b"Bearer t"),
+                    (b"x-sleep", sleep)],
+    }
+    await app(scope, receive, send)
+    return sent
+
+
+async def run_lease_scenario() -> tuple[int, int, list[int]]:
+    """A short request (no renewal), then a long one with duplicates arriving meanwhile."""
+    store = CountingStore()
+    app = RequestContextMiddleware(
+        IdempotencyMiddleware(ticking, store=store, lease_seconds=0.3, secret="s" * 32)
+    )
+    await drive(app, b"0", b"short")
+    short_beats = store.beats
+    statuses: list[int] = []
+
+    async def duplicates() -> None:
+        for _ in range(3):
+            await anyio.sleep(0.3)
+            statuses.append((await drive(app, b"0", b"long"))[0]["status"])
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(duplicates)
+        first = await drive(app, b"1.0", b"long")
+    statuses.append(first[0]["status"])
+    statuses.append(dict((await drive(app, b"0", b"long"))[0]["headers"]).get(
+        b"idempotent-replayed", b"").decode() == "true")
+    return short_beats, store.beats, statuses
+
+
+async def test_renewal_is_lazy_and_keeps_a_long_lease_on_asyncio() -> None:
+    before = len(asyncio.all_tasks())
+    short_beats, beats, statuses = await run_lease_scenario()
+    assert short_beats == 0  # a request shorter than one interval never renews
+    assert beats >= 5  # ~0.1 s interval over 1 s
+    assert statuses == [409, 409, 409, 200, True]
+    assert len(asyncio.all_tasks()) == before  # no renewing task outlives its request
+
+
+def test_renewal_keeps_a_long_lease_on_trio() -> None:
+    short_beats, beats, statuses = anyio.run(run_lease_scenario, backend="trio")
+    assert short_beats == 0 and beats >= 5
+    assert statuses == [409, 409, 409, 200, True]

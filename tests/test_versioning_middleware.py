@@ -288,3 +288,57 @@ async def test_path_prefix_under_a_root_path_and_vary() -> None:
     async with client(build_app(FakeClock(at(NOW)))) as c:
         r = await c.post("/chat", json={"model": NEW})
     assert "x-api-version" in r.headers.get_list("vary")
+
+
+async def test_registry_changes_after_traffic_are_seen_and_clock_is_read_only_when_needed() -> None:
+    clock = FakeClock(at(NOW))
+    reads = 0
+
+    def counting() -> datetime:
+        nonlocal reads
+        reads += 1
+        return clock()
+
+    registry = make_registry(clock)
+    registry.add_snapshot("my-model-2026-09-01")
+    app = FastAPI()
+
+    @app.post("/chat")
+    async def chat() -> dict[str, Any]:
+        return {"model_version": current().model_version}
+
+    install(app, StackConfig(versioning=VersioningConfig(registry=registry, clock=counting)))
+    async with client(app) as c:
+        first = await c.post("/chat", json={"model": "my-model"})
+        assert reads == 0  # an active snapshot never needs the time
+        registry.alias("my-model", "my-model-2026-09-01")
+        moved = await c.post("/chat", json={"model": "my-model"})
+        registry.deprecate(NEW, deprecated="2026-02-01", sunset="2026-04-01")
+        pinned = await c.post("/chat", json={"model": NEW})
+        clock.now = at("2026-04-02")
+        retired = await c.post("/chat", json={"model": NEW})
+    assert first.headers["x-model-version"] == NEW and "deprecation" not in first.headers
+    assert moved.headers["x-model-version"] == "my-model-2026-09-01"
+    assert moved.json()["model_version"] == "my-model-2026-09-01"
+    assert parse_http_date(pinned.headers["sunset"]) == at("2026-04-01")
+    assert sf_date(pinned.headers["deprecation"]) == at("2026-02-01")
+    assert retired.status_code == 410 and reads >= 2
+
+
+async def test_headers_the_endpoint_set_itself_are_kept_once() -> None:
+    async def endpoint(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"X-Model", b"mine"), (b"vary", b"accept"), (b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    clock = FakeClock(at(NOW))
+    from tests.versioning_app import make_versions
+
+    wrapped = RequestContextMiddleware(
+        VersioningMiddleware(endpoint, registry=make_registry(clock), versions=make_versions(clock))
+    )
+    async with client(wrapped) as c:
+        r = await c.post("/chat", json={"model": "my-model"})
+    assert r.headers.get_list("x-model") == ["mine"]
+    assert r.headers["x-model-version"] == NEW
+    assert r.headers.get_list("vary") == ["accept", "x-api-version"]

@@ -9,6 +9,7 @@ or releases the key when the response is not storable, too large, or never ended
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import secrets
@@ -175,6 +176,23 @@ class IdempotencyEngine:
             raise
 
     async def _with_heartbeat(self, lease: Lease, call: Callable[[], Awaitable[T]]) -> T:
+        """``await call()`` while the lease is kept alive.
+
+        Nothing runs for a request that ends within one heartbeat interval (the lease then
+        has two thirds of its life left, by default): on asyncio a timer is armed and, only
+        if it fires, a task starts renewing the lease every interval until the call ends.
+        Other event loops (trio) run the renewing task in a task group from the start.
+        """
+        loop = _asyncio_loop()
+        if loop is None:
+            return await self._with_heartbeat_task(lease, call)
+        keeper = _LazyHeartbeat(self, lease, loop)
+        try:
+            return await call()
+        finally:
+            await keeper.stop()
+
+    async def _with_heartbeat_task(self, lease: Lease, call: Callable[[], Awaitable[T]]) -> T:
         error: Exception | None = None
         result: T | None = None
         async with anyio.create_task_group() as tg:
@@ -189,18 +207,26 @@ class IdempotencyEngine:
             raise error
         return result  # type: ignore[return-value]
 
-    async def _heartbeat(self, lease: Lease) -> None:
+    async def _heartbeat(self, lease: Lease, *, wait_first: bool = True) -> None:
         """Extend the lease every ``heartbeat_interval`` while the request runs."""
         interval = self.config.heartbeat_interval
+        if not wait_first and not await self._beat(lease):
+            return
         while True:
             await anyio.sleep(interval)
-            try:
-                kept = await self.store.heartbeat(lease.key, lease.owner, self.config.lease_seconds)
-                if not kept:
-                    logger.warning("idempotency lease lost while the request was running")
-                    return
-            except Exception:  # the store may be down for a moment: try again next beat
-                logger.warning("idempotency heartbeat failed", exc_info=True)
+            if not await self._beat(lease):
+                return
+
+    async def _beat(self, lease: Lease) -> bool:
+        """One renewal; ``False`` once the lease is lost (then renewing stops)."""
+        try:
+            kept = await self.store.heartbeat(lease.key, lease.owner, self.config.lease_seconds)
+        except Exception:  # the store may be down for a moment: try again next beat
+            logger.warning("idempotency heartbeat failed", exc_info=True)
+            return True
+        if not kept:
+            logger.warning("idempotency lease lost while the request was running")
+        return kept
 
     async def follow(self, key: str, live: LiveStream, send: Send) -> None:
         """Send another request's event stream from its start while it is going out."""
@@ -233,3 +259,49 @@ async def answer(begin: Begin, send: Send, request_id: str | None, type_base: st
         await replay(begin.replay, send)
     elif begin.error is not None:
         await send_problem(send, begin.error, request_id, type_base=type_base)
+
+
+def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop, if the current task is an asyncio task (not trio's)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    # trio in guest mode on an asyncio host: a loop runs, but this is no asyncio task
+    return loop if asyncio.current_task(loop) is not None else None
+
+
+class _LazyHeartbeat:
+    """A timer that starts renewing a lease only if the request outlives one interval.
+
+    Owned by one ``_with_heartbeat`` call, which always ``stop()``s it: the timer is
+    cancelled, and a renewing task (if the timer fired) is cancelled and awaited, so no
+    renewal ever outlives the request.
+    """
+
+    __slots__ = ("engine", "lease", "loop", "task", "timer")
+
+    def __init__(
+        self, engine: IdempotencyEngine, lease: Lease, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.engine = engine
+        self.lease = lease
+        self.loop = loop
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = loop.call_later(
+            engine.config.heartbeat_interval, self._fire
+        )
+
+    def _fire(self) -> None:
+        self.timer = None
+        self.task = self.loop.create_task(self.engine._heartbeat(self.lease, wait_first=False))
+
+    async def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        task, self.task = self.task, None
+        if task is not None:
+            task.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait((task,))

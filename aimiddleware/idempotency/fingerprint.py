@@ -27,6 +27,8 @@ def _lp(part: bytes) -> bytes:
 
 def canonical_query(query_string: bytes) -> bytes:
     """The query as length-prefixed, sorted (name, value) pairs; order does not matter."""
+    if not query_string:
+        return b""
     pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
     return b"".join(
         _lp(name.encode("utf-8", "surrogateescape")) + _lp(value.encode("utf-8", "surrogateescape"))
@@ -56,7 +58,7 @@ class Fingerprinter:
                 _lp(hashlib.sha256(body).digest()),
             )
         )
-        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+        return hmac.digest(self._secret, message, "sha256").hex()
 
     def __repr__(self) -> str:
         return "Fingerprinter(secret=***)"

@@ -8,6 +8,7 @@ characters; anything else is an :class:`~aimiddleware.errors.InvalidRequest` (40
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from aimiddleware.errors import InvalidRequest
@@ -15,6 +16,9 @@ from aimiddleware.errors import InvalidRequest
 __all__ = ["MAX_KEY_LENGTH", "find_key", "parse_key"]
 
 MAX_KEY_LENGTH = 255
+
+# Visible ASCII (0x21-0x7E) without '"' and '\\'.
+_BARE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 
 
 def _invalid(why: str) -> InvalidRequest:
@@ -40,7 +44,7 @@ def parse_key(raw: bytes | str) -> str:
     if text.startswith('"'):
         key = _parse_sf_string(text)
     else:
-        if any(not ("\x21" <= ch <= "\x7e") or ch in '"\\' for ch in text):
+        if not _BARE.fullmatch(text):
             raise _invalid("a bare key may contain only visible ASCII, no spaces, quotes or '\\'")
         key = text
     if not key:
@@ -77,9 +81,10 @@ def find_key(
     headers: Iterable[tuple[bytes, bytes]], name: bytes = b"idempotency-key"
 ) -> str | None:
     """The key from raw ASGI headers, ``None`` if absent; several values are a 400."""
-    found: list[bytes] = [value for key, value in headers if key == name]
-    if not found:
-        return None
-    if len(found) > 1:
-        raise _invalid("the header was sent more than once")
-    return parse_key(found[0])
+    found: bytes | None = None
+    for key, value in headers:
+        if key == name:
+            if found is not None:
+                raise _invalid("the header was sent more than once")
+            found = value
+    return None if found is None else parse_key(found)

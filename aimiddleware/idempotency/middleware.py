@@ -56,12 +56,25 @@ class IdempotencyMiddleware:
         self.app = app
         self.engine = IdempotencyEngine(config, storage, store)
         self.type_base = error_type_base
+        self._methods = self.engine.config.methods
+        self._header = self.engine.header
+        self._required = self.engine.config.required
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.engine.applies(scope["method"]):
+        if scope["type"] != "http" or (
+            scope["method"] not in self._methods and not self.engine.applies(scope["method"])
+        ):
             await self.app(scope, receive, send)
             return
         ctx = context_of(scope)
+        if not self._required:  # the hot path: no key, nothing to do but look for it
+            name = self._header
+            for key, _ in scope["headers"]:
+                if key == name:
+                    break
+            else:
+                await self.app(scope, receive, send)
+                return
         begin = await self.engine.begin(ctx, scope["headers"], scope.get("query_string", b""))
         if begin.lease is not None:
             await self.engine.run(

@@ -48,12 +48,14 @@ class Completed(BaseModel):
     @property
     def size(self) -> int:
         """Approximate bytes held: headers plus body or chunks."""
-        n = sum(len(k) + len(v) for k, v in self.headers)
+        n = 64
+        for k, v in self.headers:
+            n += len(k) + len(v)
         if self.body is not None:
             n += len(self.body)
         if self.chunks is not None:
-            n += sum(len(c) for c in self.chunks)
-        return n + 64
+            n += sum(map(len, self.chunks))
+        return n
 
 
 class LiveStream(BaseModel):

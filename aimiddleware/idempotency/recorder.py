@@ -9,10 +9,10 @@ response above ``max_record_bytes`` or one that never ends releases the key inst
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from aimiddleware._asgi import get_header
 from aimiddleware.idempotency.models import Completed
 from aimiddleware.idempotency.replay import STORED
 from aimiddleware.idempotency.store import StreamingStore
@@ -29,6 +29,11 @@ logger = logging.getLogger("aimiddleware.idempotency")
 class Recording:
     """The ``send`` wrapper: forwards every message at once and records it on the side."""
 
+    __slots__ = (
+        "chunks", "done", "downstream", "engine", "headers", "lease", "publish", "recording",
+        "size", "status", "stream",
+    )
+
     def __init__(self, engine: IdempotencyEngine, lease: Lease, send: Send) -> None:
         self.engine = engine
         self.lease = lease
@@ -43,46 +48,59 @@ class Recording:
         self.publish: StreamingStore | None = None  # set while followers may be reading
 
     async def send(self, message: Message) -> None:
-        kind = message["type"]
-        if kind == "http.response.start":
-            message = await self._start(message)
-        elif kind == "http.response.body" and self.recording:
-            body = message.get("body", b"")
-            if body:
-                self.size += len(body)
-                if self.size > self.engine.config.max_record_bytes:
-                    logger.info("response above max_record_bytes: passed through, not stored")
-                    await self._drop()
-                else:
-                    self.chunks.append(bytes(body))
-                    if self.publish is not None:
-                        await self._publish(self.publish.stream_append, bytes(body))
-            if self.recording and not message.get("more_body", False):
-                await self._complete()
-        elif kind != "http.response.body" and self.recording:
-            await self._drop()  # trailers, pathsend...: not replayable byte for byte
+        if self.recording:
+            kind = message["type"]
+            if kind == "http.response.body":
+                body = message.get("body", b"")
+                if body:
+                    self.size += len(body)
+                    if self.size > self.engine.config.max_record_bytes:
+                        logger.info("response above max_record_bytes: passed through, not stored")
+                        await self._drop()
+                    else:
+                        body = bytes(body)
+                        self.chunks.append(body)
+                        if self.publish is not None:
+                            await self._publish(self.publish.stream_append, body)
+                if self.recording and not message.get("more_body", False):
+                    await self._complete()
+            elif kind == "http.response.start":
+                message = await self._start(message)
+            else:
+                await self._drop()  # trailers, pathsend...: not replayable byte for byte
         await self.downstream(message)
 
     async def _start(self, message: Message) -> Message:
         status = int(message["status"])
-        raw = list(message.get("headers", ()))
-        if not self.engine.storable(status):
+        raw = message.get("headers", ())
+        engine = self.engine
+        if not engine.storable(status):
             await self._drop()
             return message
-        length = get_header(raw, b"content-length")
-        size = sum(len(k) + len(v) for k, v in raw)
+        size = 0
+        length = content_type = None
+        headers: list[tuple[str, str]] = []
+        for key, value in raw:  # one pass: size, the two headers we read, the text form
+            size += len(key) + len(value)
+            if key == b"content-length":
+                if length is None:
+                    length = value
+            elif key == b"content-type" and content_type is None:
+                content_type = value
+            headers.append((key.decode("latin-1"), value.decode("latin-1")))
         if length is not None and length.isdigit():
             size += int(length)
-        if size > self.engine.config.max_record_bytes:
+        if size > engine.config.max_record_bytes:
             await self._drop()
             return {**message, "headers": [*raw, STORED]}
-        content_type = get_header(raw, b"content-type") or b""
-        self.stream = content_type.split(b";")[0].strip().lower() == b"text/event-stream"
+        self.stream = content_type is not None and (
+            content_type.split(b";")[0].strip().lower() == b"text/event-stream"
+        )
         self.status = status
-        self.headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw)
+        self.headers = tuple(headers)
         self.size = size
-        if self.stream and self.engine.streaming is not None:
-            self.publish = self.engine.streaming
+        if self.stream and engine.streaming is not None:
+            self.publish = engine.streaming
             await self._publish(self.publish.stream_start, status, self.headers)
         return message
 
@@ -96,14 +114,16 @@ class Recording:
     async def _complete(self) -> None:
         self.recording = False
         self.done = True
+        chunks = self.chunks
+        self.chunks = []
         record = Completed(
             status=self.status,
             headers=self.headers,
-            body=None if self.stream else b"".join(self.chunks),
-            chunks=tuple(self.chunks) if self.stream else None,
+            body=None if self.stream else (chunks[0] if len(chunks) == 1 else b"".join(chunks)),
+            chunks=tuple(chunks) if self.stream else None,
             fingerprint=self.lease.fingerprint,
+            stored_at=time.time(),
         )
-        self.chunks = []
         try:
             stored = await self.engine.store.complete(
                 self.lease.key, self.lease.owner, record, self.engine.config.retention_seconds

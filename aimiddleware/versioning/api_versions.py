@@ -169,6 +169,9 @@ class ApiVersions:
         self._pins_async = pins is not None and is_async_callable(pins)
         self.echo_header = (echo_header or self.header or "api-version").lower()
         self.clock: Clock = clock or utc_now
+        # Resolutions are immutable: build the header and default ones once.
+        self._by_header = {n: ResolvedVersion(v, "header") for n, v in self._versions.items()}
+        self._default = ResolvedVersion(self._versions[self.default], "default")
 
     @property
     def supported(self) -> list[str]:
@@ -202,12 +205,13 @@ class ApiVersions:
             raise TypeError("a pins callable must return a version string or None")
         return result
 
-    async def resolve(
-        self, path: str, headers: Iterable[tuple[bytes, bytes]], principal: str,
-        now: datetime | None = None,
-    ) -> ResolvedVersion:
-        """Pick the request's version; 400 if unknown or malformed, 410 after its sunset."""
-        resolved: ResolvedVersion | None = None
+    def pick(self, path: str, headers: Iterable[tuple[bytes, bytes]]) -> ResolvedVersion | None:
+        """The version named by the path prefix or the header, else the default when no pins
+        are configured; ``None`` when the caller's pin must be asked (use :meth:`resolve`).
+
+        Raises 400 for an unknown or malformed version; no lifecycle (410) check: the caller
+        does it, with :meth:`resolve` doing both.
+        """
         if self.path_prefix:
             m = _PATH_PREFIX.match(path)
             if m:
@@ -215,25 +219,36 @@ class ApiVersions:
                 if name not in self._versions:
                     raise self._unsupported(name, "path prefix", None)
                 rest = path[m.end():] or "/"
-                resolved = ResolvedVersion(
+                return ResolvedVersion(
                     self._versions[name], "path", rest if self.strip_prefix else None
                 )
-        if resolved is None and self._header_bytes is not None:
+        wanted = self._header_bytes
+        if wanted is not None:
             for key, raw in headers:
-                if key == self._header_bytes:
+                if key == wanted:
                     value = raw.decode("latin-1").strip()
-                    if value not in self._versions:
+                    found = self._by_header.get(value)
+                    if found is None:
                         raise self._unsupported(value, f"header {self.header}", self.header)
-                    resolved = ResolvedVersion(self._versions[value], "header")
-                    break
+                    return found
+        if self.pins is None:
+            return self._default
+        return None
+
+    async def resolve(
+        self, path: str, headers: Iterable[tuple[bytes, bytes]], principal: str,
+        now: datetime | None = None,
+    ) -> ResolvedVersion:
+        """Pick the request's version; 400 if unknown or malformed, 410 after its sunset."""
+        resolved = self.pick(path, headers)
         if resolved is None:
             pinned = await self._pin(principal)
             if pinned is not None:
                 if pinned not in self._versions:
                     raise self._unsupported(pinned, "pinned for this caller", None)
                 resolved = ResolvedVersion(self._versions[pinned], "pin")
-        if resolved is None:
-            resolved = ResolvedVersion(self._versions[self.default], "default")
+            else:
+                resolved = self._default
         lc = resolved.version.lifecycle
         if lc.status(now or self.clock()) == "retired":
             raise retired_error("API version", resolved.name, lc, param=self.header)

@@ -20,7 +20,13 @@ from aimiddleware.errors import DEFAULT_TYPE_BASE, InvalidRequest, MethodNotAllo
 from aimiddleware.storage import Storage
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
 from aimiddleware.versioning.api_versions import ApiVersions
-from aimiddleware.versioning.lifecycle import Clock, Lifecycle, merge_headers, utc_now
+from aimiddleware.versioning.lifecycle import (
+    Clock,
+    Lifecycle,
+    merge_headers,
+    retired_error,
+    utc_now,
+)
 from aimiddleware.versioning.monitor import (
     DeprecatedCall,
     DeprecationHook,
@@ -30,6 +36,7 @@ from aimiddleware.versioning.monitor import (
 from aimiddleware.versioning.registry import ModelRegistry
 
 __all__ = ["VersioningMiddleware"]
+
 
 @dataclass
 class _Used:
@@ -99,6 +106,18 @@ class VersioningMiddleware:
         self.migration_path = migration_path
         self.clock: Clock = clock or self._owner_clock
         self.type_base = error_type_base
+        # Per-instance caches (configuration-derived, never per-request state).
+        self._version_info = _version_infos(versions)
+        self._models: dict[str, _ModelInfo] = {}
+        self._models_generation = -1
+        self._merged: dict[tuple[tuple[str, str], ...], tuple[tuple[bytes, bytes], ...]] = {}
+        names = {b"deprecation", b"sunset", b"link", b"vary"}
+        for header in (model_echo_header, model_version_header):
+            if header:
+                names.add(header.lower().encode("latin-1"))
+        if versions is not None:
+            names.add(versions.echo_header.encode("latin-1"))
+        self._added_names = frozenset(names)
 
     def _owner_clock(self) -> datetime:
         """The registry's clock, else the versions' (read per call, so either can be swapped)."""
@@ -156,59 +175,167 @@ class VersioningMiddleware:
         return None
 
     async def serve(self, scope: Scope, receive: Receive, send: Send, ctx: RequestContext) -> None:
-        """Resolve, then call the app with the headers added (also used by the migration check)."""
-        now = self.clock()
-        echo: list[tuple[str, str]] = []
-        used: list[_Used] = []
-        if self.versions is not None:
+        """Resolve, then call the app with the headers added (also used by the migration check).
+
+        The common case (an active version and model) reads no clock and builds nothing but
+        the response start's header list: lifecycle facts, encoded echo headers and merged
+        deprecation headers are computed once per version, model name and combination.
+        """
+        now: datetime | None = None
+        raw: tuple[tuple[bytes, bytes], ...] = ()
+        used: list[_Used] | None = None
+        versions = self.versions
+        if versions is not None:
             root = scope.get("root_path") or ""
             path = scope["path"]
             local = path[len(root):] if root and path.startswith(root) else path
-            rv = await self.versions.resolve(local, scope["headers"], ctx.principal, now)
+            rv = versions.pick(local, scope["headers"])
+            if rv is None:  # the caller's pin decides: resolve() also checks the lifecycle
+                now = self.clock()
+                rv = await versions.resolve(local, scope["headers"], ctx.principal, now)
+            info = self._version_info[rv.name]
+            if info.can_retire:
+                if now is None:
+                    now = self.clock()
+                if info.lifecycle.status(now) == "retired":
+                    raise retired_error("API version", rv.name, info.lifecycle,
+                                        param=versions.header)
             ctx.api_version = rv.name
-            echo.append((self.versions.echo_header, rv.name))
-            if self.versions.header is not None:
-                echo.append(("vary", self.versions.header))
+            raw = info.raw
             if rv.path is not None:
                 scope = _with_path(scope, path[: len(path) - len(local)], "/" + rv.name, rv.path)
-            if rv.version.lifecycle.signals:
-                used.append(_Used("api_version", rv.name, rv.version.lifecycle))
+            if info.signals:
+                used = [_Used("api_version", rv.name, info.lifecycle)]
         if self.registry is not None:
             name = self.requested_model(scope, ctx)
             if name is not None:
-                rm = self.registry.resolve(name, now)
+                model = self._models.get(name)
+                if model is None or model.generation != self.registry.generation:
+                    model = self._model_info(name)
+                if model.can_retire:
+                    if now is None:
+                        now = self.clock()
+                    if model.lifecycle.status(now) == "retired":
+                        raise retired_error("model", model.version, model.lifecycle,
+                                            param="model")
                 ctx.model = name
-                ctx.model_version = rm.version
-                if self.model_echo_header:
-                    echo.append((self.model_echo_header, name))  # registry names are ASCII
-                if self.model_version_header:
-                    echo.append((self.model_version_header, rm.version))
-                if rm.snapshot.lifecycle.signals:
-                    used.append(_Used("model", rm.version, rm.snapshot.lifecycle))
-        extra = echo + merge_headers(u.lifecycle for u in used)
-        if used:
+                ctx.model_version = model.version
+                raw = raw + model.raw if raw else model.raw
+                if model.signals:
+                    if used is None:
+                        used = []
+                    used.append(_Used("model", model.version, model.lifecycle))
+        if used is not None:
+            raw = raw + self._deprecation_headers(used)
+            if now is None:
+                now = self.clock()
             ctx.state.setdefault("versioning", {})["deprecated"] = [
                 f"{u.kind}:{u.name}" for u in used
             ]
             for u in used:
                 await self.monitor.record(_call(ctx, u, now))
-        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra]
+        if not raw:
+            await self.app(scope, receive, send)
+            return
+        added = self._added_names
         started = False
 
         async def send_with_headers(message: Message) -> None:
             nonlocal started
-            if message["type"] == "http.response.start" and not started:
+            if not started and message["type"] == "http.response.start":
                 started = True
-                present = {k.lower() for k, _ in message.get("headers", ())}
                 headers = list(message.get("headers", ()))
-                for key, value in raw:
-                    if key in present and key not in (b"link", b"vary"):
-                        continue  # the endpoint (say a @deprecated route) already set it
-                    headers.append((key, value))
+                for key, _ in headers:
+                    if key.lower() in added:  # rare: the endpoint set one of ours itself
+                        headers = _merge(headers, raw)
+                        break
+                else:
+                    headers.extend(raw)
                 message = {**message, "headers": headers}
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+    def _model_info(self, name: str) -> _ModelInfo:
+        """Build (and cache) what serving ``name`` needs; ``NotFound`` if unknown."""
+        registry = self.registry
+        assert registry is not None
+        generation = registry.generation
+        resolved = registry.lookup(name)
+        lc = resolved.snapshot.lifecycle
+        pairs: list[tuple[bytes, bytes]] = []
+        if self.model_echo_header:
+            pairs.append((self.model_echo_header.encode("latin-1"), name.encode("latin-1")))
+        if self.model_version_header:
+            pairs.append(
+                (self.model_version_header.encode("latin-1"), resolved.version.encode("latin-1"))
+            )
+        info = _ModelInfo(
+            generation, resolved.version, lc, lc.signals,
+            lc.retired or lc.sunset_at is not None, tuple(pairs),
+        )
+        if self._models_generation != generation:  # snapshots or aliases changed: start over
+            self._models.clear()
+            self._merged.clear()
+            self._models_generation = generation
+        self._models[name] = info  # only names the registry knows: bounded by its size
+        return info
+
+    def _deprecation_headers(self, used: list[_Used]) -> tuple[tuple[bytes, bytes], ...]:
+        """``Deprecation``/``Sunset``/``Link`` for this combination, encoded once."""
+        key = tuple((u.kind, u.name) for u in used)
+        found = self._merged.get(key)
+        if found is None:
+            found = self._merged[key] = tuple(
+                (k.encode("latin-1"), v.encode("latin-1"))
+                for k, v in merge_headers(u.lifecycle for u in used)
+            )
+        return found
+
+
+@dataclass(frozen=True)
+class _VersionInfo:
+    lifecycle: Lifecycle
+    signals: bool
+    can_retire: bool
+    raw: tuple[tuple[bytes, bytes], ...]  # the echo (and Vary) headers, encoded
+
+
+@dataclass(frozen=True)
+class _ModelInfo:
+    generation: int  # the registry's, when built
+    version: str
+    lifecycle: Lifecycle
+    signals: bool
+    can_retire: bool
+    raw: tuple[tuple[bytes, bytes], ...]  # the echo headers, encoded
+
+
+def _version_infos(versions: ApiVersions | None) -> dict[str, _VersionInfo]:
+    if versions is None:
+        return {}
+    infos: dict[str, _VersionInfo] = {}
+    for name, version in versions.versions.items():
+        pairs = [(versions.echo_header.encode("latin-1"), name.encode("latin-1"))]
+        if versions.header is not None:
+            pairs.append((b"vary", versions.header.encode("latin-1")))
+        lc = version.lifecycle
+        infos[name] = _VersionInfo(
+            lc, lc.signals, lc.retired or lc.sunset_at is not None, tuple(pairs)
+        )
+    return infos
+
+
+def _merge(
+    headers: list[tuple[bytes, bytes]], raw: tuple[tuple[bytes, bytes], ...]
+) -> list[tuple[bytes, bytes]]:
+    """Add ``raw`` to ``headers`` unless the endpoint set one already (``link``/``vary`` add)."""
+    present = {k.lower() for k, _ in headers}
+    for key, value in raw:
+        if key in present and key not in (b"link", b"vary"):
+            continue  # the endpoint (say a @deprecated route) already set it
+        headers.append((key, value))
+    return headers
 
 
 def _with_path(scope: Scope, root: str, prefix: str, rest: str) -> Scope:

@@ -75,6 +75,8 @@ class ModelRegistry:
         self.clock: Clock = clock or utc_now
         self._snapshots: dict[str, Snapshot] = {}
         self._aliases: dict[str, str] = {}
+        # Bumped on every change, so per-name caches (the middleware's) know to refresh.
+        self.generation = 0
 
     # -- configuration ----------------------------------------------------------------------
 
@@ -116,6 +118,7 @@ class ModelRegistry:
             owned_by,
         )
         self._snapshots[snapshot_id] = snap
+        self.generation += 1
         return snap
 
     def deprecate(
@@ -147,6 +150,7 @@ class ModelRegistry:
             old.owned_by,
         )
         self._snapshots[snapshot_id] = new
+        self.generation += 1
         return new
 
     def alias(self, name: str, snapshot_id: str) -> None:
@@ -157,6 +161,7 @@ class ModelRegistry:
         if snapshot_id not in self._snapshots:
             raise ValueError(f"alias target {snapshot_id!r} is not a known snapshot")
         self._aliases[name] = snapshot_id
+        self.generation += 1
 
     # -- lookups ------------------------------------------------------------------------------
 
