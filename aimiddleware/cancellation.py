@@ -395,6 +395,9 @@ class _Call:
                 message = await self.receive()
                 if message["type"] == "http.disconnect":
                     break
+                # Anything else after the body is unexpected; never spin on a server that
+                # keeps answering at once: let the endpoint (and its deadline) run.
+                await anyio.sleep(0.01)
         except Exception:  # a server whose receive fails: stop watching, keep serving
             logger.exception("receive() failed while watching for a disconnect")
             return

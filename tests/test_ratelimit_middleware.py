@@ -230,8 +230,15 @@ async def test_lease_released_when_the_server_cancels_the_app() -> None:
     }
     import json
 
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": json.dumps({**BODY, "sleep": 30}).encode()}
+    sent_body = False
+
+    async def receive() -> dict[str, Any]:  # like a server: the body once, then nothing
+        nonlocal sent_body
+        if not sent_body:
+            sent_body = True
+            return {"type": "http.request", "body": json.dumps({**BODY, "sleep": 30}).encode()}
+        await anyio.sleep(60)
+        return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
         pass
