@@ -46,11 +46,10 @@ def _int(data: Mapping[str, Any] | None, *keys: str) -> int:
 
 def _int1(data: Mapping[str, Any] | None, key: str) -> int:
     """:func:`_int` of one key, always a plain ``int`` (fast for the usual plain int)."""
-    if data is None:
-        return 0
-    value = data.get(key)
-    if type(value) is int:
-        return value if value > 0 else 0
+    if type(data) is dict:
+        value = data.get(key)
+        if type(value) is int:
+            return value if value > 0 else 0
     return int(_int(data, key))
 
 
@@ -139,13 +138,21 @@ class Usage(BaseModel):
     @classmethod
     def from_openai_chat(cls, usage: Mapping[str, Any]) -> Usage:
         """``prompt_tokens`` / ``completion_tokens`` with their ``*_details`` subsets."""
-        return cls._of(
-            _int1(usage, "prompt_tokens"),
-            _int1(usage, "completion_tokens"),
-            _int1(usage, "total_tokens"),
-            _int1(_sub(usage, "prompt_tokens_details"), "cached_tokens"),
-            _int1(_sub(usage, "completion_tokens_details"), "reasoning_tokens"),
-        )
+        inp = _int1(usage, "prompt_tokens")
+        out = _int1(usage, "completion_tokens")
+        details = usage.get("prompt_tokens_details")
+        cached = _int1(details, "cached_tokens") if details else 0
+        details = usage.get("completion_tokens_details")
+        reasoning = _int1(details, "reasoning_tokens") if details else 0
+        values = {
+            "input_tokens": inp,
+            "output_tokens": out,
+            "total_tokens": _int1(usage, "total_tokens") or inp + out,
+            "cached_input_tokens": cached,
+            "cache_creation_input_tokens": 0,
+            "reasoning_tokens": reasoning,
+        }
+        return trusted(cls, values, _FIVE)
 
     @classmethod
     def from_openai_responses(cls, usage: Mapping[str, Any]) -> Usage:
