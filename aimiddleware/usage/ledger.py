@@ -286,11 +286,14 @@ class Ledger:
             else:
                 await self._write(rec)
         except Exception:
-            self._failed_at = time.monotonic()
-            logger.warning("usage ledger write failed for %s; will retry", rec.request_id,
-                           exc_info=True)
+            self._failed(rec)
             return False
         return True
+
+    def _failed(self, rec: UsageRecord) -> None:
+        self._failed_at = time.monotonic()
+        logger.warning("usage ledger write failed for %s; will retry", rec.request_id,
+                       exc_info=True)
 
     async def _write(self, rec: UsageRecord) -> None:
         raise NotImplementedError
@@ -352,7 +355,20 @@ class MemoryLedger(Ledger):
         if len(reqs) > self._max_requests:
             reqs.popitem(last=False)
 
+    async def record(self, rec: UsageRecord) -> None:
+        if self._pending:  # an earlier write failed: the base class keeps the order
+            await super().record(rec)
+            return
+        try:
+            self._write_now(rec)
+        except Exception:
+            self._failed(rec)
+            self._keep(rec)
+
     async def _write(self, rec: UsageRecord) -> None:
+        self._write_now(rec)
+
+    def _write_now(self, rec: UsageRecord) -> None:
         counters = self._counters((rec.principal, rec.day, rec.model or UNKNOWN_MODEL))
         for name, value in counters_for(rec).items():
             counters[name] = counters.get(name, 0) + value

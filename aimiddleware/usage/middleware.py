@@ -108,6 +108,8 @@ class UsageMiddleware:
             ledger = ledger_for(storage)
         self.app = app
         self.settings = UsageSettings(prices, counter or TokenCounter(), ledger if record else None)
+        # a ledger doing I/O is shielded from cancellation (record even a cancelled request)
+        self._shield = bool(record and ledger is not None and ledger.does_io)
         self.max_json_body = max_json_body
         self.prefix = p = header_prefix.encode("latin-1")
         self._h_duration = p + b"duration-ms"
@@ -134,8 +136,7 @@ class UsageMiddleware:
             await self.app(scope, receive, responder.send)
             await responder.release()
         finally:
-            ledger = self.settings.ledger
-            if ledger is not None and ledger.does_io:
+            if self._shield:
                 with anyio.CancelScope(shield=True):  # record even a cancelled request
                     await self.finish(ctx)
             else:
@@ -196,16 +197,19 @@ class UsageMiddleware:
     async def finish(self, ctx: RequestContext) -> None:
         """Settle and record; accounting never fails the response it accounts for."""
         try:
-            await self._finish(ctx)
+            rec = self._record_of(ctx)
+            if rec is not None:
+                await rec[0].record(rec[1])
         except Exception:
             logger.exception("usage accounting failed for %s", ctx.request_id)
 
-    async def _finish(self, ctx: RequestContext) -> None:
+    def _record_of(self, ctx: RequestContext) -> tuple[Ledger, UsageRecord] | None:
+        """Settle; the ledger and the record to write (``None``: nothing to record)."""
         self.settle(ctx)
         ledger = self.settings.ledger
         if ledger is None or (ctx.usage is None and ctx.raw_finish_reason is None):
-            return
-        rec = UsageRecord.of(
+            return None
+        return ledger, UsageRecord.of(
             principal=ctx.principal,
             request_id=ctx.request_id,
             model=ctx.model,
@@ -218,7 +222,6 @@ class UsageMiddleware:
             duration_ms=round(ctx.elapsed_ms, 3),
             timestamp=ctx.started_at,
         )
-        await ledger.record(rec)
 
 
 def _parse_json(raw: bytes) -> Any:
