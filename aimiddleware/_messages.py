@@ -27,7 +27,7 @@ _IMAGE_KEYS = ("image_url", "inline_data", "inlineData", "fileData", "file_data"
 
 def estimate(text: str) -> int:
     """Rough tokens for an unknown tokenizer: 4 ASCII chars per token, 1 per other char."""
-    ascii_chars = sum(1 for ch in text if ch < "\x80")
+    ascii_chars = len(text) if text.isascii() else len(text.encode("ascii", "ignore"))
     return -(-ascii_chars // 4) + (len(text) - ascii_chars)
 
 
