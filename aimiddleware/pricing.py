@@ -25,7 +25,6 @@ from aimiddleware.usage.models import Usage
 __all__ = ["ModelPrice", "PriceTable"]
 
 MILLION = Decimal(1_000_000)
-_MISSING: Any = object()
 _RESOLVED_MAX = 4096  # distinct model names whose lookup a PriceTable remembers
 _DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
 _FIELDS = ("input", "output", "cached_input", "cache_creation", "reasoning")
@@ -175,9 +174,10 @@ class PriceTable:
     def price(self, model: str | None) -> ModelPrice | None:
         if not model:
             return None
-        found = self._resolved.get(model, _MISSING)
-        if found is not _MISSING:
-            return found  # type: ignore[return-value]
+        try:
+            return self._resolved[model]
+        except KeyError:
+            pass
         found = self._lookup(model)
         if len(self._resolved) >= _RESOLVED_MAX:
             self._resolved.clear()

@@ -335,7 +335,9 @@ def test_cache_keeps_digests_not_texts_and_changes_no_count() -> None:
         TokenCounter(cache_size=-1)
 
 
-@pytest.mark.parametrize("text", ["", "abcd", "abcde", "héllo wörld", "日本語 text", "\ud800x", "🙂" * 3])
+@pytest.mark.parametrize(
+    "text", ["", "abcd", "abcde", "héllo wörld", "日本語 text", "\ud800x", "🙂" * 3]
+)
 def test_estimate_is_4_ascii_chars_or_1_other_char_per_token(text: str) -> None:
     from aimiddleware._messages import estimate
 

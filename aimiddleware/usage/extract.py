@@ -44,7 +44,7 @@ def _first(value: Any) -> Mapping[str, Any]:
     if isinstance(value, list) and value:
         first = value[0]
         if type(first) is dict or isinstance(first, Mapping):
-            return first  # type: ignore[no-any-return]
+            return first
     return _EMPTY
 
 
