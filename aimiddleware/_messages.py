@@ -27,7 +27,7 @@ _IMAGE_KEYS = ("image_url", "inline_data", "inlineData", "fileData", "file_data"
 
 def estimate(text: str) -> int:
     """Rough tokens for an unknown tokenizer: 4 ASCII chars per token, 1 per other char."""
-    ascii_chars = sum(1 for ch in text if ch < "\x80")
+    ascii_chars = len(text) if text.isascii() else len(text.encode("ascii", "ignore"))
     return -(-ascii_chars // 4) + (len(text) - ascii_chars)
 
 
@@ -120,7 +120,7 @@ class Tally:
     def chat(self, messages: list[Any], tools: list[Any]) -> None:
         for message in messages:
             self.tokens += TOKENS_PER_MESSAGE
-            if not isinstance(message, Mapping):
+            if type(message) is not dict and not isinstance(message, Mapping):
                 self.value(message)
                 continue
             if "role" not in message:  # Responses items (function_call, ...): no published rule
@@ -181,7 +181,7 @@ class Tally:
         gemini_system = body.get("systemInstruction", body.get("system_instruction"))
         if isinstance(gemini_system, Mapping):
             messages.append({"role": "system", "content": gemini_system.get("parts")})
-        if not any(k in body for k in ("messages", "input", "contents", "prompt")):
+        if not ("messages" in body or "input" in body or "contents" in body or "prompt" in body):
             raise TypeError("the body has no messages, input, contents or prompt")
         for key in ("messages", "contents"):
             if key in body and not isinstance(body[key], list):

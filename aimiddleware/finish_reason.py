@@ -83,6 +83,11 @@ _BY_PROVIDER: dict[str, dict[str, FinishReason]] = {
 #: Provider names accepted by :func:`normalize_finish_reason`.
 PROVIDERS = frozenset(_BY_PROVIDER)
 
+# Exact values that need neither stripping, lower-casing nor a provider lookup: the usual case.
+_PLAIN: dict[str, FinishReason] = {
+    k: v for k, v in _COMMON.items() if not any(k in special for special in _BY_PROVIDER.values())
+}
+
 
 def normalize_finish_reason(raw: object, provider: str | None = None) -> FinishReason:
     """The normalized reason for a provider's raw value; unknown values give ``other``.
@@ -90,6 +95,10 @@ def normalize_finish_reason(raw: object, provider: str | None = None) -> FinishR
     ``provider`` (one of :data:`PROVIDERS`, case-insensitive) only matters where a value is
     provider-specific; an unknown provider name is treated as ``None``.
     """
+    if type(raw) is str:
+        found = _PLAIN.get(raw)
+        if found is not None:
+            return found
     if isinstance(raw, FinishReason):
         return raw
     if not isinstance(raw, str):

@@ -25,6 +25,7 @@ from aimiddleware.usage.models import Usage
 __all__ = ["ModelPrice", "PriceTable"]
 
 MILLION = Decimal(1_000_000)
+_RESOLVED_MAX = 4096  # distinct model names whose lookup a PriceTable remembers
 _DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
 _FIELDS = ("input", "output", "cached_input", "cache_creation", "reasoning")
 _LITELLM = {
@@ -114,6 +115,8 @@ class PriceTable:
         for alias, target in self._aliases.items():
             if target not in self._prices:
                 raise ValueError(f"alias {alias!r} points at unpriced model {target!r}")
+        # name -> its price (or None): the table never changes, so a lookup is done once.
+        self._resolved: dict[str, ModelPrice | None] = {}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PriceTable:
@@ -171,6 +174,17 @@ class PriceTable:
     def price(self, model: str | None) -> ModelPrice | None:
         if not model:
             return None
+        try:
+            return self._resolved[model]
+        except KeyError:
+            pass
+        found = self._lookup(model)
+        if len(self._resolved) >= _RESOLVED_MAX:
+            self._resolved.clear()
+        self._resolved[model] = found
+        return found
+
+    def _lookup(self, model: str) -> ModelPrice | None:
         for name in self._candidates(model):
             if name in self._prices:
                 return self._prices[name]

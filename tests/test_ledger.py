@@ -197,3 +197,28 @@ async def test_a_retried_write_counts_once(
     await led.aclose()
     if isinstance(led, RedisLedger):
         await led.storage.aclose()
+
+
+def test_record_of_matches_validation_and_falls_back_on_odd_types() -> None:
+    args = dict(
+        principal="alice", request_id="r1", model="gpt-4o", model_version=None,
+        usage=Usage(input_tokens=3, output_tokens=2), estimated_cost=Decimal("0.5"),
+        finish_reason="stop", raw_finish_reason="end_turn", status=200, duration_ms=1.5,
+        timestamp=ts("2026-03-01"),
+    )
+    fast = UsageRecord.of(**args)  # type: ignore[arg-type]
+    valid = UsageRecord(**args, record_id=fast.record_id)  # type: ignore[arg-type]
+    assert fast == valid and fast.model_dump_json() == valid.model_dump_json()
+    assert UsageRecord.model_validate_json(fast.model_dump_json()) == fast
+    assert len(fast.record_id) == 32 and fast.record_id != UsageRecord.of(**args).record_id  # type: ignore[arg-type]
+    assert fast.day == "2026-03-01"
+    odd = UsageRecord.of(**{**args, "status": "200", "timestamp": 5})  # type: ignore[arg-type]
+    assert odd.status == 200 and odd.timestamp == 5.0 and odd.day == "1970-01-01"
+
+
+def test_utc_day_matches_datetime() -> None:
+    from aimiddleware.usage.ledger import utc_day
+
+    for t in (0.0, 86399.5, 86400.0, -1.0, 1_767_225_599.25, 1_767_225_600.0, 4_102_444_800.0):
+        want = datetime.fromtimestamp(t, tz=timezone.utc).date().isoformat()
+        assert utc_day(t) == want

@@ -128,3 +128,17 @@ def test_from_litellm(tmp_path: Path) -> None:
 def test_bad_tables_are_rejected(prices: Any, aliases: Any, exc: type[Exception]) -> None:
     with pytest.raises(exc):
         PriceTable(prices, aliases)
+
+
+def test_lookups_are_remembered_and_bounded() -> None:
+    from aimiddleware import pricing
+
+    table = PriceTable({"gpt-4o": {"input": 1, "output": 2}}, aliases={"omni": "gpt-4o"})
+    for _ in range(2):  # the second round answers from the per-table memo
+        assert table.price("openai/gpt-4o-2024-08-06") is table.price("gpt-4o")
+        assert table.price("omni") is table.price("gpt-4o")
+        assert table.price("unknown-model") is None
+    for i in range(pricing._RESOLVED_MAX + 10):
+        table.price(f"m{i}")
+    assert len(table._resolved) <= pricing._RESOLVED_MAX
+    assert table.price("gpt-4o") is not None

@@ -333,3 +333,13 @@ def test_cache_keeps_digests_not_texts_and_changes_no_count() -> None:
         assert name == "o200k_base" and isinstance(digest, bytes) and len(digest) == 16
     with pytest.raises(ValueError):
         TokenCounter(cache_size=-1)
+
+
+@pytest.mark.parametrize(
+    "text", ["", "abcd", "abcde", "héllo wörld", "日本語 text", "\ud800x", "🙂" * 3]
+)
+def test_estimate_is_4_ascii_chars_or_1_other_char_per_token(text: str) -> None:
+    from aimiddleware._messages import estimate
+
+    ascii_chars = sum(1 for ch in text if ch < "\x80")
+    assert estimate(text) == -(-ascii_chars // 4) + (len(text) - ascii_chars)

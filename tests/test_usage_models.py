@@ -211,3 +211,31 @@ def test_sampling_params() -> None:
     assert sampling_params({"generationConfig": {"topP": 0.9, "seed": 3}}) == {"seed": 3,
                                                                               "top_p": 0.9}
     assert sampling_params("nope") is None
+
+
+@pytest.mark.parametrize(
+    ("convert", "raw"),
+    [
+        (Usage.from_openai_chat, {"prompt_tokens": 7, "completion_tokens": 3,
+                                  "prompt_tokens_details": {"cached_tokens": 2}}),
+        (Usage.from_openai_responses, {"input_tokens": 5, "output_tokens": True,
+                                       "output_tokens_details": {"reasoning_tokens": -1}}),
+        (Usage.from_anthropic, {"input_tokens": 4, "output_tokens": 2,
+                                "cache_read_input_tokens": 1, "cache_creation_input_tokens": 3}),
+        (Usage.from_gemini, {"promptTokenCount": 9, "candidatesTokenCount": 1,
+                             "thoughtsTokenCount": 2, "totalTokenCount": 0}),
+    ],
+)
+def test_fast_converters_build_what_validation_builds(convert: Any, raw: dict[str, Any]) -> None:
+    fast = convert(raw)  # built without validation, from checked ints
+    valid = Usage.model_validate(fast.model_dump())
+    assert fast == valid and hash(fast) == hash(valid)
+    assert fast.model_dump_json() == valid.model_dump_json()
+    assert all(type(v) is int and v >= 0 for v in fast.model_dump().values())
+    assert fast.total_tokens >= fast.input_tokens + fast.output_tokens or raw.get("total_tokens")
+    assert "cache_creation_input_tokens" not in fast.model_dump(exclude_unset=True) or (
+        convert == Usage.from_anthropic
+    )
+    with pytest.raises(ValidationError):
+        fast.input_tokens = 1  # type: ignore[misc]
+    assert fast.model_copy(update={"input_tokens": 1}).input_tokens == 1

@@ -11,16 +11,16 @@ chunks) are read by :func:`from_stream_event`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from aimiddleware.usage.models import Usage
 
 __all__ = ["Extracted", "from_response", "from_stream_event"]
 
 
-@dataclass(frozen=True)
-class Extracted:
+class Extracted(NamedTuple):
+    """What a response says (immutable; a light tuple, built on every response)."""
+
     usage: Usage | None = None
     raw_finish_reason: str | None = None
     provider: str | None = None
@@ -28,7 +28,7 @@ class Extracted:
 
 
 def _usage(value: Any, convert: Any = None) -> Usage | None:
-    if not isinstance(value, Mapping):
+    if type(value) is not dict and not isinstance(value, Mapping):
         return None
     try:
         return convert(value) if convert is not None else Usage.from_any(value)
@@ -41,14 +41,19 @@ def _str(value: Any) -> str | None:
 
 
 def _first(value: Any) -> Mapping[str, Any]:
-    if isinstance(value, list) and value and isinstance(value[0], Mapping):
-        return value[0]
-    return {}
+    if isinstance(value, list) and value:
+        first = value[0]
+        if type(first) is dict or isinstance(first, Mapping):
+            return first
+    return _EMPTY
+
+
+_EMPTY: Mapping[str, Any] = {}
 
 
 def from_response(body: Any) -> Extracted | None:
     """What a complete JSON response says about its usage; ``None`` if nothing."""
-    if not isinstance(body, Mapping):
+    if type(body) is not dict and not isinstance(body, Mapping):
         return None
     model = _str(body.get("model"))
     if body.get("object") == "envelope":

@@ -15,19 +15,20 @@ a unique ``record_id`` so a retried write that had in fact landed is not counted
 from __future__ import annotations
 
 import collections
+import functools
 import logging
+import os
 import time
-import uuid
+from collections import OrderedDict
 from collections.abc import Mapping
-from datetime import date, datetime, timezone
+from datetime import date, timedelta
 from decimal import Decimal
 from typing import Any
 
 import anyio
-from cachetools import LRUCache
 from pydantic import BaseModel, ConfigDict, Field
 
-from aimiddleware.usage.models import Usage
+from aimiddleware.usage.models import Usage, trusted
 
 __all__ = [
     "Feedback",
@@ -38,6 +39,8 @@ __all__ = [
     "UsageRecord",
     "aggregate_from_counters",
     "counters_for",
+    "new_record_id",
+    "utc_day",
 ]
 
 logger = logging.getLogger("aimiddleware.usage")
@@ -54,8 +57,22 @@ TOKEN_FIELDS = (
 UNKNOWN_MODEL = "unknown"
 
 
+_EPOCH = date(1970, 1, 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _day(index: int) -> str:
+    return (_EPOCH + timedelta(days=index)).isoformat()
+
+
 def utc_day(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).date().isoformat()
+    """The UTC day (``YYYY-MM-DD``) of a POSIX timestamp."""
+    return _day(int(ts // 86400))
+
+
+def new_record_id() -> str:
+    """128 random bits as hex (what ``uuid4().hex`` gives, a quarter of its cost; fork-safe)."""
+    return os.urandom(16).hex()
 
 
 class UsageRecord(BaseModel):
@@ -74,7 +91,55 @@ class UsageRecord(BaseModel):
     status: int | None = None
     duration_ms: float | None = None
     timestamp: float = Field(default_factory=time.time)
-    record_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    record_id: str = Field(default_factory=new_record_id)
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        principal: str,
+        request_id: str,
+        model: str | None,
+        model_version: str | None,
+        usage: Usage,
+        estimated_cost: Decimal | None,
+        finish_reason: str | None,
+        raw_finish_reason: str | None,
+        status: int | None,
+        duration_ms: float | None,
+        timestamp: float,
+    ) -> UsageRecord:
+        """The record, built without re-validation when every value already has its type
+        (the usage layer's per-request path); validated like ``UsageRecord(...)`` otherwise."""
+        values: dict[str, Any] = {
+            "principal": principal,
+            "request_id": request_id,
+            "model": model,
+            "model_version": model_version,
+            "usage": usage,
+            "estimated_cost": estimated_cost,
+            "finish_reason": finish_reason,
+            "raw_finish_reason": raw_finish_reason,
+            "status": status,
+            "duration_ms": duration_ms,
+            "timestamp": timestamp,
+        }
+        if (
+            type(principal) is str
+            and type(request_id) is str
+            and (model is None or type(model) is str)
+            and (model_version is None or type(model_version) is str)
+            and type(usage) is Usage
+            and (estimated_cost is None or type(estimated_cost) is Decimal)
+            and (finish_reason is None or type(finish_reason) is str)
+            and (raw_finish_reason is None or type(raw_finish_reason) is str)
+            and (status is None or type(status) is int)
+            and (duration_ms is None or type(duration_ms) is float)
+            and type(timestamp) is float
+        ):
+            values["record_id"] = new_record_id()
+            return trusted(cls, values, _RECORD_ARGS)
+        return cls(**values)
 
     @property
     def day(self) -> str:
@@ -83,6 +148,9 @@ class UsageRecord(BaseModel):
     @property
     def model_key(self) -> str:
         return self.model or UNKNOWN_MODEL
+
+
+_RECORD_ARGS = frozenset(UsageRecord.model_fields) - {"record_id"}
 
 
 class Feedback(BaseModel):
@@ -128,16 +196,22 @@ class UsageAggregate(BaseModel):
 
 
 def counters_for(rec: UsageRecord) -> dict[str, int]:
-    """The integer increments one record adds to its (principal, day, model) counters."""
+    """The integer increments one record adds to its (principal, day, model) counters
+    (zero increments left out)."""
     inc = {"requests": 1}
+    usage = rec.usage
     for name in TOKEN_FIELDS:
-        inc[name] = getattr(rec.usage, name)
+        value = getattr(usage, name)
+        if value:
+            inc[name] = value
     if rec.estimated_cost is None:
         inc["unpriced"] = 1
     else:
-        inc["cost_nanos"] = int((rec.estimated_cost * NANOS).to_integral_value())
-    inc[f"fr:{rec.finish_reason or 'unknown'}"] = 1
-    return {k: v for k, v in inc.items() if v}
+        nanos = int((rec.estimated_cost * NANOS).to_integral_value())
+        if nanos:
+            inc["cost_nanos"] = nanos
+    inc["fr:" + (rec.finish_reason or "unknown")] = 1
+    return inc
 
 
 def aggregate_from_counters(day: str, model: str, counters: Mapping[str, int]) -> UsageAggregate:
@@ -212,11 +286,14 @@ class Ledger:
             else:
                 await self._write(rec)
         except Exception:
-            self._failed_at = time.monotonic()
-            logger.warning("usage ledger write failed for %s; will retry", rec.request_id,
-                           exc_info=True)
+            self._failed(rec)
             return False
         return True
+
+    def _failed(self, rec: UsageRecord) -> None:
+        self._failed_at = time.monotonic()
+        logger.warning("usage ledger write failed for %s; will retry", rec.request_id,
+                       exc_info=True)
 
     async def _write(self, rec: UsageRecord) -> None:
         raise NotImplementedError
@@ -244,7 +321,7 @@ class Ledger:
 
 
 class MemoryLedger(Ledger):
-    """In-process ledger, bounded: least recently written aggregates and requests go first."""
+    """In-process ledger, bounded: least recently used aggregates and requests go first."""
 
     does_io = False
 
@@ -252,17 +329,50 @@ class MemoryLedger(Ledger):
         super().__init__()
         if max_aggregates < 1 or max_requests < 1:
             raise ValueError("max_aggregates and max_requests must be >= 1")
-        self._aggs: LRUCache[tuple[str, str, str], dict[str, int]] = LRUCache(max_aggregates)
-        self._requests: LRUCache[tuple[str, str], RequestRecord] = LRUCache(max_requests)
+        self._max_aggregates = max_aggregates
+        self._max_requests = max_requests
+        self._aggs: OrderedDict[tuple[str, str, str], dict[str, int]] = OrderedDict()
+        # (principal, request_id) -> the record, or the record with its feedback
+        self._requests: OrderedDict[tuple[str, str], UsageRecord | RequestRecord] = OrderedDict()
+
+    def _counters(self, key: tuple[str, str, str]) -> dict[str, int]:
+        """The counters of ``key``, created if missing, marked most recently used."""
+        aggs = self._aggs
+        counters = aggs.get(key)
+        if counters is None:
+            counters = aggs[key] = {}
+            if len(aggs) > self._max_aggregates:
+                aggs.popitem(last=False)
+        else:
+            aggs.move_to_end(key)
+        return counters
+
+    def _put(self, key: tuple[str, str], value: UsageRecord | RequestRecord) -> None:
+        reqs = self._requests
+        if key in reqs:
+            reqs.move_to_end(key)
+        reqs[key] = value
+        if len(reqs) > self._max_requests:
+            reqs.popitem(last=False)
+
+    async def record(self, rec: UsageRecord) -> None:
+        if self._pending:  # an earlier write failed: the base class keeps the order
+            await super().record(rec)
+            return
+        try:
+            self._write_now(rec)
+        except Exception:
+            self._failed(rec)
+            self._keep(rec)
 
     async def _write(self, rec: UsageRecord) -> None:
-        key = (rec.principal, rec.day, rec.model_key)
-        counters = self._aggs.get(key)
-        if counters is None:
-            counters = self._aggs[key] = {}
+        self._write_now(rec)
+
+    def _write_now(self, rec: UsageRecord) -> None:
+        counters = self._counters((rec.principal, rec.day, rec.model or UNKNOWN_MODEL))
         for name, value in counters_for(rec).items():
             counters[name] = counters.get(name, 0) + value
-        self._requests[(rec.principal, rec.request_id)] = RequestRecord(record=rec)
+        self._put((rec.principal, rec.request_id), rec)
 
     async def query(
         self,
@@ -281,19 +391,22 @@ class MemoryLedger(Ledger):
         return sorted(found, key=lambda a: (a.day, a.model))
 
     async def get_request(self, principal: str, request_id: str) -> RequestRecord | None:
-        return self._requests.get((principal, request_id))
+        key = (principal, request_id)
+        found = self._requests.get(key)
+        if found is None:
+            return None
+        self._requests.move_to_end(key)
+        return found if isinstance(found, RequestRecord) else RequestRecord(record=found)
 
     async def add_feedback(self, principal: str, feedback: Feedback) -> bool:
-        found = self._requests.get((principal, feedback.request_id))
+        found = await self.get_request(principal, feedback.request_id)
         if found is None:
             return False
         rec = found.record
-        counters = self._aggs.setdefault((principal, rec.day, rec.model_key), {})
+        counters = self._counters((principal, rec.day, rec.model_key))
         if found.feedback is None:
             counters["feedback_count"] = counters.get("feedback_count", 0) + 1
         old = found.feedback.rating if found.feedback is not None else 0
         counters["rating_sum"] = counters.get("rating_sum", 0) + feedback.rating - old
-        self._requests[(principal, feedback.request_id)] = RequestRecord(
-            record=rec, feedback=feedback
-        )
+        self._put((principal, feedback.request_id), RequestRecord(record=rec, feedback=feedback))
         return True

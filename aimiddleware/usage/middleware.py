@@ -44,6 +44,7 @@ logger = logging.getLogger("aimiddleware.usage")
 
 DEFAULT_MAX_JSON_BODY = 1024 * 1024
 STATE_KEY = "usage"
+_NO_USAGE = Usage()  # frozen: one shared instance for records without usage
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,18 @@ class UsageMiddleware:
             ledger = ledger_for(storage)
         self.app = app
         self.settings = UsageSettings(prices, counter or TokenCounter(), ledger if record else None)
+        # a ledger doing I/O is shielded from cancellation (record even a cancelled request)
+        self._shield = bool(record and ledger is not None and ledger.does_io)
         self.max_json_body = max_json_body
-        self.prefix = header_prefix.encode("latin-1")
+        self.prefix = p = header_prefix.encode("latin-1")
+        self._h_duration = p + b"duration-ms"
+        self._h_input = p + b"input-tokens"
+        self._h_output = p + b"output-tokens"
+        self._h_total = p + b"total-tokens"
+        self._h_cached = p + b"cached-input-tokens"
+        self._h_reasoning = p + b"reasoning-tokens"
+        self._h_cost = p + b"estimated-cost"
+        self._h_finish = p + b"finish-reason"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -125,8 +136,7 @@ class UsageMiddleware:
             await self.app(scope, receive, responder.send)
             await responder.release()
         finally:
-            ledger = self.settings.ledger
-            if ledger is not None and ledger.does_io:
+            if self._shield:
                 with anyio.CancelScope(shield=True):  # record even a cancelled request
                     await self.finish(ctx)
             else:
@@ -159,50 +169,52 @@ class UsageMiddleware:
                 ctx.raw_finish_reason, ctx.state.get("usage_provider")
             ).value
         prices = self.settings.prices
-        if ctx.usage is not None and ctx.estimated_cost is None and prices is not None:
+        usage = ctx.usage
+        if usage is not None and ctx.estimated_cost is None and prices is not None:
             for name in (ctx.model_version, ctx.model):
-                if name and prices.price(name) is not None:
-                    ctx.estimated_cost = prices.estimate(name, ctx.usage)
+                price = prices.price(name) if name else None
+                if price is not None:
+                    ctx.estimated_cost = price.cost(usage)
                     break
 
     def headers(self, ctx: RequestContext) -> list[tuple[bytes, bytes]]:
-        p = self.prefix
-        out = [(p + b"duration-ms", f"{ctx.elapsed_ms:.1f}".encode())]
+        out = [(self._h_duration, b"%.1f" % ctx.elapsed_ms)]
         u = ctx.usage
         if u is not None:
-            out += [
-                (p + b"input-tokens", str(u.input_tokens).encode()),
-                (p + b"output-tokens", str(u.output_tokens).encode()),
-                (p + b"total-tokens", str(u.total_tokens).encode()),
-            ]
+            out.append((self._h_input, b"%d" % u.input_tokens))
+            out.append((self._h_output, b"%d" % u.output_tokens))
+            out.append((self._h_total, b"%d" % u.total_tokens))
             if u.cached_input_tokens:
-                out.append((p + b"cached-input-tokens", str(u.cached_input_tokens).encode()))
+                out.append((self._h_cached, b"%d" % u.cached_input_tokens))
             if u.reasoning_tokens:
-                out.append((p + b"reasoning-tokens", str(u.reasoning_tokens).encode()))
+                out.append((self._h_reasoning, b"%d" % u.reasoning_tokens))
         if ctx.estimated_cost is not None:
-            out.append((p + b"estimated-cost", format(ctx.estimated_cost, "f").encode()))
+            out.append((self._h_cost, format(ctx.estimated_cost, "f").encode()))
         if ctx.finish_reason is not None:
-            out.append((p + b"finish-reason", ctx.finish_reason.encode()))
+            out.append((self._h_finish, ctx.finish_reason.encode()))
         return out
 
     async def finish(self, ctx: RequestContext) -> None:
         """Settle and record; accounting never fails the response it accounts for."""
         try:
-            await self._finish(ctx)
+            rec = self._record_of(ctx)
+            if rec is not None:
+                await rec[0].record(rec[1])
         except Exception:
             logger.exception("usage accounting failed for %s", ctx.request_id)
 
-    async def _finish(self, ctx: RequestContext) -> None:
+    def _record_of(self, ctx: RequestContext) -> tuple[Ledger, UsageRecord] | None:
+        """Settle; the ledger and the record to write (``None``: nothing to record)."""
         self.settle(ctx)
         ledger = self.settings.ledger
         if ledger is None or (ctx.usage is None and ctx.raw_finish_reason is None):
-            return
-        rec = UsageRecord(
+            return None
+        return ledger, UsageRecord.of(
             principal=ctx.principal,
             request_id=ctx.request_id,
             model=ctx.model,
             model_version=ctx.model_version,
-            usage=ctx.usage or Usage(),
+            usage=ctx.usage or _NO_USAGE,
             estimated_cost=ctx.estimated_cost,
             finish_reason=ctx.finish_reason,
             raw_finish_reason=ctx.raw_finish_reason,
@@ -210,25 +222,38 @@ class UsageMiddleware:
             duration_ms=round(ctx.elapsed_ms, 3),
             timestamp=ctx.started_at,
         )
-        await ledger.record(rec)
 
 
-def _content_type(headers: Any) -> bytes:
+def _parse_json(raw: bytes) -> Any:
+    """The body as JSON (UTF-8 decoded first, the usual case; any JSON encoding else)."""
+    try:
+        return json.loads(raw.decode())
+    except ValueError:  # includes UnicodeDecodeError: a BOM, UTF-16/32, or not JSON
+        pass
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _head_info(headers: Any) -> tuple[bytes, int | None]:
+    """The response's media type (lower-case, no parameters) and its content-length."""
+    ctype: bytes | None = None
+    length: int | None = None
     for name, value in headers:
-        if name.lower() == b"content-type":
-            return bytes(value).split(b";", 1)[0].strip().lower()
-    return b""
-
-
-def _content_length(headers: Any) -> int | None:
-    for name, value in headers:
-        if name.lower() == b"content-length" and value.isdigit():
-            return int(value)
-    return None
+        name = name.lower()
+        if name == b"content-type":
+            if ctype is None:
+                ctype = bytes(value).split(b";", 1)[0].strip().lower()
+        elif name == b"content-length" and length is None and value.isdigit():
+            length = int(value)
+    return ctype or b"", length
 
 
 class _Responder:
     """One request's ``send`` wrapper: pass, hold (JSON) or scan (event stream)."""
+
+    __slots__ = ("_send", "chunks", "ctx", "mode", "mw", "size", "start", "tail")
 
     def __init__(self, mw: UsageMiddleware, ctx: RequestContext, send: Send) -> None:
         self.mw, self.ctx, self._send = mw, ctx, send
@@ -240,34 +265,37 @@ class _Responder:
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
+        mode = self.mode
         if kind == "http.response.start":
             await self._on_start(message)
-        elif kind == "http.response.body" and self.mode == "hold":
-            await self._on_held_body(message)
-        elif self.mode == "hold":  # trailers, pathsend...: release the head, then forward
-            await self._release_held(more=True)
-            await self._send(message)
+        elif mode == "hold":
+            if kind == "http.response.body":
+                await self._on_held_body(message)
+            else:  # trailers, pathsend...: release the head, then forward
+                await self._release_held(more=True)
+                await self._send(message)
         else:
-            if kind == "http.response.body" and self.mode == "scan":
+            if mode == "scan" and kind == "http.response.body":
                 self._scan(message.get("body", b""), final=not message.get("more_body", False))
             await self._send(message)
 
     async def _on_start(self, message: Message) -> None:
-        headers = list(message.get("headers", ()))
-        ctype = _content_type(headers)
-        length = _content_length(headers)
+        headers = message.get("headers", ())
+        ctype, length = _head_info(headers)
+        mw = self.mw
         if ctype == b"text/event-stream":
             self.ctx.streaming = True
             self.mode = "scan"
-            await self._send({**message, "headers": headers + self.mw.headers(self.ctx)[:1]})
+            duration = (mw._h_duration, b"%.1f" % self.ctx.elapsed_ms)
+            await self._send({**message, "headers": [*headers, duration]})
         elif (ctype == b"application/json" or ctype.endswith(b"+json")) and (
-            length is None or length <= self.mw.max_json_body
-        ) and self.mw.max_json_body > 0:
+            length is None or length <= mw.max_json_body
+        ) and mw.max_json_body > 0:
             self.mode, self.start = "hold", message
         else:
             self.mode = "pass"
-            self.mw.settle(self.ctx)
-            await self._send({**message, "headers": headers + self.mw.headers(self.ctx)})
+            mw.settle(self.ctx)
+            await self._send({**message, "headers": [*headers, *mw.headers(self.ctx)]})
 
     async def release(self) -> None:
         """The app returned while a JSON head was held (no final body): send what we have."""
@@ -277,25 +305,30 @@ class _Responder:
     async def _on_held_body(self, message: Message) -> None:
         body = message.get("body", b"")
         more = message.get("more_body", False)
+        limit = self.mw.max_json_body
+        if not more and not self.chunks:  # the usual case: the whole body in one message
+            if len(body) <= limit:
+                self.mw.absorb(self.ctx, from_response(_parse_json(bytes(body))))
+            self.chunks.append(body)
+            await self._release_held(more=False)
+            return
         self.chunks.append(body)
         self.size += len(body)
-        if more and self.size <= self.mw.max_json_body:
+        if more and self.size <= limit:
             return
-        if not more and self.size <= self.mw.max_json_body:
-            try:
-                parsed = json.loads(b"".join(self.chunks))
-            except (ValueError, UnicodeDecodeError):
-                parsed = None
-            self.mw.absorb(self.ctx, from_response(parsed))
+        if not more and self.size <= limit:
+            self.mw.absorb(self.ctx, from_response(_parse_json(b"".join(self.chunks))))
         await self._release_held(more=more)
 
     async def _release_held(self, *, more: bool) -> None:
-        self.mw.settle(self.ctx)
+        mw = self.mw
+        mw.settle(self.ctx)
         start, self.start, self.mode = self.start, None, "pass"
         if start is not None:
-            headers = list(start.get("headers", ())) + self.mw.headers(self.ctx)
+            headers = [*start.get("headers", ()), *mw.headers(self.ctx)]
             await self._send({**start, "headers": headers})
-        body, self.chunks = b"".join(self.chunks), []
+        chunks, self.chunks = self.chunks, []
+        body = chunks[0] if len(chunks) == 1 and type(chunks[0]) is bytes else b"".join(chunks)
         if body or not more:
             await self._send({"type": "http.response.body", "body": body, "more_body": more})
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, model_validator
 
@@ -27,6 +27,8 @@ __all__ = ["SAMPLING_PARAMS", "Envelope", "Usage", "sampling_params"]
 
 #: Request parameters echoed in ``Envelope.sampling`` when the request set them.
 SAMPLING_PARAMS = ("seed", "temperature", "top_p", "top_k")
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 def _int(data: Mapping[str, Any] | None, *keys: str) -> int:
@@ -40,9 +42,44 @@ def _int(data: Mapping[str, Any] | None, *keys: str) -> int:
     return 0
 
 
+def _int1(data: Mapping[str, Any] | None, key: str) -> int:
+    """:func:`_int` of one key, always a plain ``int`` (fast for the usual plain int)."""
+    if type(data) is dict:
+        value = data.get(key)
+        if type(value) is int:
+            return value if value > 0 else 0
+    return int(_int(data, key))
+
+
 def _sub(data: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
     value = data.get(key)
     return value if isinstance(value, Mapping) else None
+
+
+_set = object.__setattr__
+_new = object.__new__
+
+
+def trusted(cls: type[_M], values: dict[str, Any], fields_set: frozenset[str]) -> _M:
+    """An instance of the pydantic model ``cls`` from ``values`` that are already valid.
+
+    What ``model_construct`` does, without its per-call field walk: ``values`` must hold
+    every field of ``cls`` with a value of its type (the caller guarantees it), and
+    ``fields_set`` is what validation would have reported as explicitly set. No validators
+    run: use it only on the per-request path, for values built from checked ints/strings.
+    """
+    obj = _new(cls)
+    _set(obj, "__dict__", values)
+    _set(obj, "__pydantic_fields_set__", set(fields_set))
+    _set(obj, "__pydantic_extra__", None)
+    _set(obj, "__pydantic_private__", None)
+    return obj
+
+
+_FIVE = frozenset(
+    ("input_tokens", "output_tokens", "total_tokens", "cached_input_tokens", "reasoning_tokens")
+)
+_SIX = _FIVE | {"cache_creation_input_tokens"}
 
 
 class Usage(BaseModel):
@@ -75,60 +112,78 @@ class Usage(BaseModel):
     # -- converters -----------------------------------------------------------------------
 
     @classmethod
+    def _of(
+        cls,
+        inp: int,
+        out: int,
+        total: int,
+        cached: int,
+        reasoning: int,
+        created: int = 0,
+        fields_set: frozenset[str] = _FIVE,
+    ) -> Usage:
+        """From plain non-negative ints, as validation would build it (total filled in)."""
+        values = {
+            "input_tokens": inp,
+            "output_tokens": out,
+            "total_tokens": total or inp + out,
+            "cached_input_tokens": cached,
+            "cache_creation_input_tokens": created,
+            "reasoning_tokens": reasoning,
+        }
+        return trusted(cls, values, fields_set)
+
+    @classmethod
     def from_openai_chat(cls, usage: Mapping[str, Any]) -> Usage:
         """``prompt_tokens`` / ``completion_tokens`` with their ``*_details`` subsets."""
-        return cls(
-            input_tokens=_int(usage, "prompt_tokens"),
-            output_tokens=_int(usage, "completion_tokens"),
-            total_tokens=_int(usage, "total_tokens"),
-            cached_input_tokens=_int(_sub(usage, "prompt_tokens_details"), "cached_tokens"),
-            reasoning_tokens=_int(_sub(usage, "completion_tokens_details"), "reasoning_tokens"),
-        )
+        inp = _int1(usage, "prompt_tokens")
+        out = _int1(usage, "completion_tokens")
+        details = usage.get("prompt_tokens_details")
+        cached = _int1(details, "cached_tokens") if details else 0
+        details = usage.get("completion_tokens_details")
+        reasoning = _int1(details, "reasoning_tokens") if details else 0
+        values = {
+            "input_tokens": inp,
+            "output_tokens": out,
+            "total_tokens": _int1(usage, "total_tokens") or inp + out,
+            "cached_input_tokens": cached,
+            "cache_creation_input_tokens": 0,
+            "reasoning_tokens": reasoning,
+        }
+        return trusted(cls, values, _FIVE)
 
     @classmethod
     def from_openai_responses(cls, usage: Mapping[str, Any]) -> Usage:
         """``input_tokens`` / ``output_tokens`` with their ``*_details`` subsets."""
-        return cls(
-            input_tokens=_int(usage, "input_tokens"),
-            output_tokens=_int(usage, "output_tokens"),
-            total_tokens=_int(usage, "total_tokens"),
-            cached_input_tokens=_int(_sub(usage, "input_tokens_details"), "cached_tokens"),
-            reasoning_tokens=_int(_sub(usage, "output_tokens_details"), "reasoning_tokens"),
+        return cls._of(
+            _int1(usage, "input_tokens"),
+            _int1(usage, "output_tokens"),
+            _int1(usage, "total_tokens"),
+            _int1(_sub(usage, "input_tokens_details"), "cached_tokens"),
+            _int1(_sub(usage, "output_tokens_details"), "reasoning_tokens"),
         )
 
     @classmethod
     def from_anthropic(cls, usage: Mapping[str, Any]) -> Usage:
         """Cache reads and writes are added to ``input_tokens``; thinking ⊂ output."""
-        created = _int(usage, "cache_creation_input_tokens")
-        read = _int(usage, "cache_read_input_tokens")
-        inp = _int(usage, "input_tokens") + created + read
-        out = _int(usage, "output_tokens")
-        thinking = _int(_sub(usage, "output_tokens_details"), "thinking_tokens")
-        return cls(
-            input_tokens=inp,
-            output_tokens=out,
-            total_tokens=inp + out,
-            cached_input_tokens=read,
-            cache_creation_input_tokens=created,
-            reasoning_tokens=min(thinking, out),
-        )
+        created = _int1(usage, "cache_creation_input_tokens")
+        read = _int1(usage, "cache_read_input_tokens")
+        inp = _int1(usage, "input_tokens") + created + read
+        out = _int1(usage, "output_tokens")
+        thinking = _int1(_sub(usage, "output_tokens_details"), "thinking_tokens")
+        return cls._of(inp, out, inp + out, read, min(thinking, out), created, _SIX)
 
     @classmethod
     def from_gemini(cls, usage: Mapping[str, Any]) -> Usage:
         """``usageMetadata`` (camelCase or the SDK's snake_case): thoughts billed as output."""
-        prompt = _int(usage, "promptTokenCount", "prompt_token_count")
-        tool = _int(usage, "toolUsePromptTokenCount", "tool_use_prompt_token_count")
-        candidates = _int(usage, "candidatesTokenCount", "candidates_token_count")
-        thoughts = _int(usage, "thoughtsTokenCount", "thoughts_token_count")
+        prompt = int(_int(usage, "promptTokenCount", "prompt_token_count"))
+        tool = int(_int(usage, "toolUsePromptTokenCount", "tool_use_prompt_token_count"))
+        candidates = int(_int(usage, "candidatesTokenCount", "candidates_token_count"))
+        thoughts = int(_int(usage, "thoughtsTokenCount", "thoughts_token_count"))
         inp, out = prompt + tool, candidates + thoughts
-        cached = _int(usage, "cachedContentTokenCount", "cached_content_token_count")
-        return cls(
-            input_tokens=inp,
-            output_tokens=out,
-            total_tokens=_int(usage, "totalTokenCount", "total_token_count") or inp + out,
-            cached_input_tokens=cached,
-            reasoning_tokens=thoughts,
-        )
+        cached = int(_int(usage, "cachedContentTokenCount", "cached_content_token_count"))
+        total = int(_int(usage, "totalTokenCount", "total_token_count"))
+        return cls._of(inp, out, total, cached, thoughts)
 
     @classmethod
     def from_any(cls, usage: Mapping[str, Any]) -> Usage:
