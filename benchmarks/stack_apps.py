@@ -14,6 +14,7 @@ import aimiddleware
 from aimiddleware import (
     IdempotencyConfig,
     ModelRegistry,
+    Policy,
     PriceTable,
     StackConfig,
     TokenCounter,
@@ -25,7 +26,11 @@ PROMPT_1KB = ("Summarise the following support ticket in two sentences. " * 18)[
 
 
 def chat_body(prompt: str = "hello") -> dict[str, Any]:
-    return {"model": "demo", "max_tokens": 64, "messages": [{"role": "user", "content": prompt}]}
+    return {
+        "model": "gpt-4o-mini",
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": prompt}],
+    }
 
 
 async def chat(request: Request) -> JSONResponse:
@@ -34,7 +39,7 @@ async def chat(request: Request) -> JSONResponse:
         {
             "id": "chatcmpl-1",
             "object": "chat.completion",
-            "model": "demo-2026-06-01",
+            "model": "gpt-4o-mini-2024-07-18",
             "choices": [
                 {
                     "index": 0,
@@ -57,16 +62,23 @@ def bare() -> Starlette:
 
 def stack_config(counter: TokenCounter | None = None, storage: str = "memory://") -> StackConfig:
     registry = ModelRegistry()
-    registry.add_snapshot("demo-2026-06-01")
-    registry.alias("demo", "demo-2026-06-01")
+    registry.add_snapshot("gpt-4o-mini-2024-07-18")
+    registry.alias("gpt-4o-mini", "gpt-4o-mini-2024-07-18")
     prices = PriceTable.from_dict(
-        {"demo-2026-06-01": {"input": Decimal("0.15"), "output": Decimal("0.60")}}
+        {"gpt-4o-mini-2024-07-18": {"input": Decimal("0.15"), "output": Decimal("0.60")}}
     )
     counter = counter or TokenCounter()
     return StackConfig(
         storage=storage,
         versioning=VersioningConfig(registry=registry),
         idempotency=IdempotencyConfig(),
+        # Four dimensions, generous enough never to refuse during a run.
+        ratelimit=Policy(
+            requests="100000000/minute",
+            tokens="100000000000/minute",
+            cost="100000000/day",
+            concurrency=10_000,
+        ),
         usage=UsageConfig(prices=prices, counter=counter),
     )
 

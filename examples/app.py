@@ -85,7 +85,10 @@ def create_app(
             "AIMW_IDEMPOTENCY_SECRET must be set with a shared storage: every worker must "
             "fingerprint requests with the same key"
         )
-    counter = model.counter if model is not None else TokenCounter()
+    # The local model speaks o200k_base: its names count exactly, like gpt-4o's.
+    counter = (
+        model.counter if model is not None else TokenCounter(models={"fake-chat": "o200k_base"})
+    )
     model = model or FakeModel("fake-chat", token_counter=counter)
     upstream = upstream or Upstream.from_env()
 
