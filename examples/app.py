@@ -128,7 +128,16 @@ def create_app(
 
     app = FastAPI(title="aimiddleware reference app", version="1.0", lifespan=lifespan)
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        responses={
+            200: {
+                "description": "A chat.completion, or with `stream: true` an event stream of "
+                "chat.completion.chunk events ending in `data: [DONE]`.",
+                "content": {"application/json": {}, "text/event-stream": {}},
+            }
+        },
+    )
     async def chat_completions(body: ChatRequest) -> Any:
         """OpenAI-compatible chat completion, streaming (`stream: true`) or not."""
         ctx = current()

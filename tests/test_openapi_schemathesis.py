@@ -3,12 +3,10 @@ and no response that breaks the schema (status codes, content types, bodies, hea
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import (
     content_type_conformance,
     not_a_server_error,
@@ -28,19 +26,28 @@ CHECKS = [
     response_schema_conformance,
     response_headers_conformance,
 ]
+AUTH = {"authorization": "Bearer sk-demo-pro"}
 
 
-@pytest.fixture(scope="module")
-def api_schema() -> Iterator[Any]:
+def test_no_server_error_and_responses_match_the_schema() -> None:
     model = FakeModel("fake-chat", first_token_latency=0, inter_token_delay=0)
     with live_server(create_app(storage="memory://", model=model)) as url:
-        yield schemathesis.openapi.from_url(url + "/openapi.json")
+        schema = schemathesis.openapi.from_url(url + "/openapi.json")
+        operations = [result.ok() for result in schema.get_all_operations()]
+        assert operations
+        tried: list[str] = []
+        for operation in operations:
 
+            @settings(
+                max_examples=150,
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            )
+            @given(case=operation.as_strategy())
+            def check(case: Any) -> None:
+                case.call_and_validate(base_url=url, headers=AUTH, checks=CHECKS)
 
-schema = schemathesis.pytest.from_fixture("api_schema")
-
-
-@schema.parametrize()
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
-def test_no_server_error_and_responses_match_the_schema(case: Any) -> None:
-    case.call_and_validate(headers={"authorization": "Bearer sk-demo-pro"}, checks=CHECKS)
+            check()
+            tried.append(operation.label)
+        assert "POST /v1/chat/completions" in tried
