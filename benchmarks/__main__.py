@@ -41,6 +41,50 @@ def main() -> None:
         figures[name] = data
     (out_dir / "latest.md").write_text("\n\n".join(report) + "\n")
     (out_dir / "latest.json").write_text(json.dumps(figures, indent=2, default=str) + "\n")
+    chart(figures, out_dir / "latest.png")
+
+
+def _ratios(data: object, prefix: str = "") -> list[tuple[str, float]]:
+    """Every ``{"ratio": x}`` entry in a benchmark's figures, with a readable label."""
+    found: list[tuple[str, float]] = []
+    if isinstance(data, dict):
+        ratio = data.get("ratio")
+        if isinstance(ratio, (int, float)) and prefix:
+            found.append((prefix, float(ratio)))
+        for key, value in data.items():
+            if isinstance(value, dict):
+                found.extend(_ratios(value, f"{prefix} / {key}" if prefix else str(key)))
+    return found
+
+
+def chart(figures: dict[str, object], path: Path) -> None:
+    """A bar chart of every ratio (1.0 = the benchmark's anchor), one panel per benchmark."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the bench extra is not installed
+        print("matplotlib is not installed: no chart")
+        return
+    panels = [(name, _ratios(data)) for name, data in figures.items()]
+    panels = [(name, rows) for name, rows in panels if rows]
+    if not panels:
+        return
+    height = sum(max(1.5, 0.32 * len(rows) + 0.8) for _, rows in panels)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, height), squeeze=False)
+    for ax, (name, rows) in zip(axes[:, 0], panels, strict=True):
+        labels = [label for label, _ in rows]
+        values = [value for _, value in rows]
+        ax.barh(labels, values, color=["#4c72b0" if v <= 1.0 else "#dd8452" for v in values])
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_title(name.removeprefix("bench_"), loc="left", fontsize=10)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.invert_yaxis()
+    fig.suptitle("aimiddleware benchmarks: ratio to each benchmark's anchor (lower is cheaper)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
