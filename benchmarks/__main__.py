@@ -78,11 +78,13 @@ def chart(figures: dict[str, object], path: Path) -> None:
         values = [value for _, value in rows]
         ax.barh(labels, values, color=["#4c72b0" if v <= 1.0 else "#dd8452" for v in values])
         ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_title(name.removeprefix("bench_"), loc="left", fontsize=10)
+        higher = "median_rps" in json.dumps(figures[name], default=str)
+        note = " (requests/s: higher is better)" if higher else " (time: lower is cheaper)"
+        ax.set_title(name.removeprefix("bench_") + note, loc="left", fontsize=10)
         ax.tick_params(axis="y", labelsize=7)
         ax.invert_yaxis()
-    fig.suptitle("aimiddleware benchmarks: ratio to each benchmark's anchor (lower is cheaper)")
-    fig.tight_layout()
+    fig.suptitle("aimiddleware benchmarks: ratio to each benchmark's anchor (1.0)")
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
