@@ -126,9 +126,14 @@ async def test_410_stops_retries_and_attempts_are_recorded(receiver_factory: Any
             await client.post("/v1/jobs", json={"input": {"q": 1},
                                                 "callback_url": f"{rsrv.url}/hook"})
             await wait_for(lambda: len(rec.received) >= 2)
-            await anyio.sleep(0.6)
+            await anyio.sleep(0.6)  # room for a (wrong) third attempt
             assert jobs.dispatcher is not None
-            delivery = await jobs.dispatcher.get(rec.received[0][0]["webhook-id"])
+            with anyio.fail_after(10):  # the 410 is recorded just after the receiver answers
+                while True:
+                    delivery = await jobs.dispatcher.get(rec.received[0][0]["webhook-id"])
+                    if delivery is not None and delivery.state != "pending":
+                        break
+                    await anyio.sleep(0.02)
     assert [s for _, _, s in rec.received] == [500, 410]
     assert delivery is not None and delivery.state == "failed"
     assert [a.status for a in delivery.attempts] == [500, 410]
@@ -272,7 +277,13 @@ async def test_retry_after_is_honoured(receiver_factory: Any) -> None:
                                                 "callback_url": f"{rsrv.url}/hook"})
             await wait_for(lambda: rec.successes())
             assert jobs.dispatcher is not None
-            delivery = await jobs.dispatcher.get(rec.received[0][0]["webhook-id"])
+            webhook_id = rec.received[0][0]["webhook-id"]
+            with anyio.fail_after(10):  # the receiver answered; the attempt is recorded after
+                while True:
+                    delivery = await jobs.dispatcher.get(webhook_id)
+                    if delivery is not None and len(delivery.attempts) >= 2:
+                        break
+                    await anyio.sleep(0.02)
     assert delivery is not None and [a.status for a in delivery.attempts] == [429, 200]
     # the schedule said 0.05 s; the receiver asked for 1 s
     assert delivery.attempts[1].at - delivery.attempts[0].at >= 0.95

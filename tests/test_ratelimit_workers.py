@@ -113,7 +113,7 @@ async def test_token_budget_never_exceeded_with_varied_sizes(redis_url: str) -> 
 
 
 async def test_sigkilled_worker_leases_come_back_within_ttl(redis_url: str) -> None:
-    ttl = 1.5
+    ttl = 3.0  # refreshed every ttl/3: leaves room for a loaded CI box to be late
     env = env_for(redis_url, {"concurrency": 3}, AIMW_RL_LEASE_TTL=str(ttl))
     with workers(2, env) as procs:
         (url_a, proc_a), (url_b, _) = procs
@@ -124,7 +124,7 @@ async def test_sigkilled_worker_leases_come_back_within_ttl(redis_url: str) -> N
                                                     headers=headers)) for _ in range(3)]
             quick = {"model": "gpt-4o", "max_tokens": 1}
             # Wait until the three are in flight, then past two TTLs: refreshes keep them held.
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 30
             while True:
                 r = await client.post(url_b + "/v1/chat/completions", json=quick, headers=headers)
                 if r.status_code == 429 or time.monotonic() > deadline:
@@ -141,7 +141,7 @@ async def test_sigkilled_worker_leases_come_back_within_ttl(redis_url: str) -> N
                 if r.status_code == 200:
                     break
                 assert r.status_code == 429
-                assert time.monotonic() - killed < ttl + 1.0
+                assert time.monotonic() - killed < ttl + 2.0
                 await asyncio.sleep(0.05)
             for task in hold:
                 with pytest.raises(httpx.HTTPError):
