@@ -161,7 +161,7 @@ class RequestContext:
         if self._json is _UNPARSED:
             try:
                 self._json = json.loads(self.body) if self.body else None
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):  # nested too deep too
                 self._json = None
         return self._json
 

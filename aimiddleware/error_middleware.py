@@ -72,9 +72,14 @@ class ErrorMiddleware:
             if ctx is not None:
                 started = ctx.response_status is not None
             err = self.mapper.map(exc)
-            if isinstance(exc, json.JSONDecodeError) and ctx and ctx.body and ctx.json() is None:
+            if (
+                isinstance(exc, (json.JSONDecodeError, RecursionError))
+                and ctx
+                and ctx.body
+                and ctx.json() is None
+            ):
                 # The endpoint parsed the client's malformed body: that is the client's error.
-                err = InvalidRequest("The request body is not valid JSON.")
+                err = InvalidRequest("The request body is not valid JSON (or nests too deeply).")
             request_id = ctx.request_id if ctx is not None else None
             if err.status >= 500 and not isinstance(exc, AIError):
                 logger.error(

@@ -16,7 +16,7 @@ A layer whose configuration is ``None`` is left out. Every layer is also usable 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,8 @@ class StackConfig:
     versioning: VersioningConfig | None = None
     # A RateLimiter, or policies (one Policy or {tier: Policy}) for one on the shared storage.
     ratelimit: RateLimiter | Policy | Mapping[str, Policy] | None = None
+    # Paths (or "/prefix*") the rate limiter never sees: health checks, routes with no model.
+    ratelimit_exempt: Sequence[str] = ()
     usage: UsageConfig | None = None
     idempotency: IdempotencyConfig | None = None
     # On by default: a client that disconnects cancels the endpoint. Add timeout tiers here.
@@ -116,7 +118,9 @@ def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
                 counter=usage.counter if usage is not None else None,
                 prices=usage.prices if usage is not None else None,
             )
-        layers.append((RateLimitMiddleware, {"limiter": limiter}))
+        layers.append(
+            (RateLimitMiddleware, {"limiter": limiter, "exempt": tuple(config.ratelimit_exempt)})
+        )
     if config.usage is not None:  # innermost: right before the app
         layers.append((UsageMiddleware, config.usage.middleware_options(storage)))
 

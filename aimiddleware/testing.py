@@ -39,6 +39,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from aimiddleware._fake_plan import Plan, make_plan
+from aimiddleware.context import current_or_none, report_usage
 from aimiddleware.errors import UpstreamUnavailable
 from aimiddleware.tokens import TokenCounter
 from aimiddleware.usage.models import Usage
@@ -273,11 +274,18 @@ class FakeModel:
             call = {"index": 0, "id": tool[1], "type": "function"}
             call["function"] = {"name": tool[0], "arguments": ""}
             yield chunk({"role": "assistant", "content": None, "tool_calls": [call]})
-        async for delta in generation:
-            if tool is None:
-                yield chunk({"content": delta})
-            else:
-                yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": delta}}]})
+        try:
+            async for delta in generation:
+                if tool is None:
+                    yield chunk({"content": delta})
+                else:
+                    yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": delta}}]})
+        finally:
+            # Like a real serving stack, account for what was generated even when the client
+            # did not ask for the usage chunk or went away mid-stream (partial usage).
+            ctx = current_or_none()
+            if ctx is not None:
+                report_usage(generation.usage)
         yield chunk({}, generation.finish_reason)
         if include_usage:
             yield {**head, "choices": [], "usage": openai_usage(generation.usage)}

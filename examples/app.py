@@ -34,6 +34,7 @@ from aimiddleware import (
     StackConfig,
     Storage,
     TokenCounter,
+    Usage,
     UsageConfig,
     UsageRoutes,
     VersioningConfig,
@@ -45,6 +46,7 @@ from examples.settings import load_settings
 from examples.upstream import Upstream
 
 HERE = Path(__file__).resolve().parent
+JOB_MODEL = "fake-chat-2026-06-01"
 
 
 class ChatMessage(BaseModel):
@@ -107,17 +109,12 @@ def create_app(
             text = out["choices"][0]["message"]["content"]
             summaries.append(text)
             await ctx.partial(text)
-            usage = out["usage"]
-            await ctx.record_usage(
-                {
-                    "input_tokens": usage["prompt_tokens"],
-                    "output_tokens": usage["completion_tokens"],
-                }
-            )
+            usage = Usage.from_openai_chat(out["usage"])
+            await ctx.record_usage(usage, cost=settings.prices.estimate(JOB_MODEL, usage))
             await ctx.progress((i + 1) / len(documents))
         return {"summaries": summaries}
 
-    jobs = JobsRouter(summarise_job, storage=store, max_steps=100, max_cost="5.00")
+    jobs = JobsRouter(summarise_job, storage=store, max_steps=100, max_cost="5.00", prefix="/v1")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -158,7 +155,9 @@ def create_app(
             feedback_path="/v1/feedback",
         ).routes
     )
-    app.mount("/v1", jobs)
+    # The jobs routes join the app's own (a Mount("/v1") would also catch every other /v1/*
+    # path that matches no route, turning 405s into 404s).
+    app.router.routes.extend(jobs.routes)
 
     limiter = RateLimiter(
         settings.tiers,
@@ -193,6 +192,9 @@ def create_app(
             ),
             idempotency=IdempotencyConfig(secret=secret),
             ratelimit=limiter,
+            # Routes that call no model take no quota (a 2xx that reports no usage keeps its
+            # token reservation, see the README's limitations).
+            ratelimit_exempt=("/v1/models", "/v1/usage*", "/v1/feedback", "/v1/count_tokens"),
             usage=UsageConfig(prices=settings.prices, counter=counter),
             cancellation=CancellationConfig(
                 timeouts={"/v1/chat/completions": 120, "/v1/jobs*": None, "/v1/batches*": None},

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -268,3 +269,84 @@ def test_bad_input_is_typed(base_url: str) -> None:
         json={"model": "fake-chat", "messages": HI},
     )
     assert r.status_code == 400
+
+
+def test_a_stream_without_the_usage_chunk_is_still_accounted(base_url: str) -> None:
+    auth = {"authorization": "Bearer sk-demo-pro"}
+    body = {"model": "fake-chat", "messages": HI, "stream": True, "max_tokens": 30}
+    with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, headers=auth) as r:
+        request_id = r.headers["x-request-id"]
+        text = r.read().decode()
+    assert '"usage"' not in text.split("data: [DONE]")[0].rsplit("data:", 2)[-1]
+    record = httpx.get(base_url + f"/v1/usage/requests/{request_id}", headers=auth).json()
+    usage = record["record"]["usage"]
+    assert usage["output_tokens"] > 0 and usage["input_tokens"] > 0
+    assert record["record"]["estimated_cost"] not in (None, "0")
+
+
+def test_deeply_nested_json_is_a_400_not_a_retryable_500(base_url: str) -> None:
+    deep = b'{"model": "fake-chat", "messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    for path in ("/v1/chat/completions", "/v1/count_tokens", "/v1/jobs"):
+        r = httpx.post(
+            base_url + path,
+            content=deep,
+            headers={"content-type": "application/json", "authorization": "Bearer sk-demo-pro"},
+        )
+        assert r.status_code in (400, 422), (path, r.status_code, r.text[:200])
+        assert r.headers["x-should-retry"] == "false"
+
+
+def test_wrong_method_is_405_with_allow(base_url: str) -> None:
+    r = httpx.get(base_url + "/v1/chat/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_count_tokens_prices_the_resolved_snapshot(base_url: str) -> None:
+    r = httpx.post(
+        base_url + "/v1/count_tokens",
+        headers={"authorization": "Bearer sk-demo-pro"},
+        json={"model": "fake-chat", "messages": HI},
+    )
+    assert r.json()["estimated_cost"] not in (None, "0")
+
+
+def test_batch_results_url_resolves_against_the_batch_url(base_url: str) -> None:
+    auth = {"authorization": "Bearer sk-demo-pro"}
+    items = [{"custom_id": f"c{i}", "input": {"text": f"doc {i}"}} for i in range(3)]
+    r = httpx.post(base_url + "/v1/batches", headers=auth, json={"items": items})
+    assert r.status_code == 202
+    batch_url = httpx.URL(base_url).join(r.headers["location"])
+    for _ in range(200):
+        batch = httpx.get(batch_url, headers=auth).json()
+        if batch["results_url"]:
+            break
+        time.sleep(0.05)
+    results = httpx.get(batch_url.join(batch["results_url"]), headers=auth)
+    assert results.status_code == 200
+    lines = [json.loads(line) for line in results.text.splitlines()]
+    assert sorted(x["custom_id"] for x in lines) == ["c0", "c1", "c2"]
+
+
+def test_job_usage_events_are_json_objects(base_url: str) -> None:
+    auth = {"authorization": "Bearer sk-demo-pro"}
+    r = httpx.post(base_url + "/v1/jobs", headers=auth, json={"input": {"documents": ["a"]}})
+    job_url = httpx.URL(base_url).join(r.headers["location"])
+    with (
+        httpx.Client() as client,
+        connect_sse(client, "GET", str(job_url) + "/events", headers=auth) as source,
+    ):
+        events = []
+        for event in source.iter_sse():
+            events.append(event)
+            if event.event.startswith("job.") and event.event.split(".")[1] in (
+                "completed",
+                "failed",
+                "cancelled",
+                "expired",
+            ):
+                break
+    usage_events = [json.loads(e.data) for e in events if e.event == "job.usage"]
+    assert usage_events and all(isinstance(e["usage"], dict) for e in usage_events if e["usage"])
+    final = json.loads(events[-1].data)
+    assert final["status"] == "completed" and final["cost"] not in (None, "0")

@@ -146,7 +146,8 @@ class Batch(_Frozen):
 
     def public(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")
-        data["results_url"] = f"batches/{self.id}/results" if self.terminal else None
+        # Relative to the batch's own URL (``.../batches/{id}``), wherever the router is mounted.
+        data["results_url"] = f"{self.id}/results" if self.terminal else None
         return data
 
     def stored(self) -> str:

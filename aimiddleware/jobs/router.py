@@ -78,7 +78,11 @@ class JobsRouter(Router):
         lease: float = 30.0,
         retention: float = 7 * 86400,
         queue: TaskiqQueue | None = None,
+        prefix: str = "",
     ) -> None:
+        if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
+            raise ValueError("prefix must start with '/' and not end with it, e.g. '/v1'")
+        self.prefix = prefix
         if heartbeat_interval <= 0 or cancel_wait < 0:
             raise ValueError("heartbeat_interval must be > 0 and cancel_wait >= 0")
         self._owns_storage = not isinstance(storage, Storage)
@@ -107,15 +111,19 @@ class JobsRouter(Router):
         self.timeout = timeout
         self._principal = principal
         routes = [
-            Route("/jobs", typed_errors(self.submit_job), methods=["POST"]),
-            Route("/jobs/{id}", typed_errors(self.get_job), methods=["GET"]),
-            Route("/jobs/{id}", typed_errors(self.cancel_job), methods=["DELETE"]),
-            Route("/jobs/{id}/events", typed_errors(self.job_events), methods=["GET"]),
-            Route("/batches", typed_errors(self.submit_batch), methods=["POST"]),
-            Route("/batches/{id}", typed_errors(self.get_batch), methods=["GET"]),
-            Route("/batches/{id}", typed_errors(self.cancel_batch), methods=["DELETE"]),
-            Route("/batches/{id}/results", typed_errors(self.batch_results), methods=["GET"]),
-            Route("/batches/{id}/events", typed_errors(self.batch_events), methods=["GET"]),
+            Route(prefix + "/jobs", typed_errors(self.submit_job), methods=["POST"]),
+            Route(prefix + "/jobs/{id}", typed_errors(self.get_job), methods=["GET"]),
+            Route(prefix + "/jobs/{id}", typed_errors(self.cancel_job), methods=["DELETE"]),
+            Route(prefix + "/jobs/{id}/events", typed_errors(self.job_events), methods=["GET"]),
+            Route(prefix + "/batches", typed_errors(self.submit_batch), methods=["POST"]),
+            Route(prefix + "/batches/{id}", typed_errors(self.get_batch), methods=["GET"]),
+            Route(prefix + "/batches/{id}", typed_errors(self.cancel_batch), methods=["DELETE"]),
+            Route(
+                prefix + "/batches/{id}/results", typed_errors(self.batch_results), methods=["GET"]
+            ),
+            Route(
+                prefix + "/batches/{id}/events", typed_errors(self.batch_events), methods=["GET"]
+            ),
         ]
         super().__init__(routes=routes, lifespan=self._lifespan)
 
@@ -196,7 +204,7 @@ class JobsRouter(Router):
 
     def _base(self, request: Request, what: str) -> str:
         root = request.scope.get("root_path", "")
-        return f"{root}/{what}"
+        return f"{root}{self.prefix}/{what}"
 
     # -- jobs ------------------------------------------------------------------------
 

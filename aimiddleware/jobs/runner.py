@@ -177,7 +177,7 @@ class JobRunner:
                 state["job"] = state["job"].model_copy(update=update)
                 await self.store.put(job.principal, job.id, state["job"].stored())
                 await self.store.append_event(
-                    job.principal, job.id, event, json.dumps(data, default=str)
+                    job.principal, job.id, event, json.dumps(data, default=_jsonable)
                 )
 
         async def emit(kind: str, data: dict[str, Any]) -> None:
@@ -263,3 +263,11 @@ class JobRunner:
                 lines = await self.store.results(final.principal, final.id)
                 data["results"] = [json.loads(line) for line in lines]
             await self.notify(final.callback_url, f"batch.{final.status}", data)
+
+
+def _jsonable(value: Any) -> Any:
+    """Event payloads: pydantic models as their JSON form, anything else (Decimal) as text."""
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):
+        return dump(mode="json")
+    return str(value)

@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
-from aimiddleware.context import SCOPE_KEY, RequestContext, default_principal
+from aimiddleware.context import SCOPE_KEY, RequestContext, current_or_none, default_principal
 from aimiddleware.errors import AIError, InvalidRequest, NotFound, ValidationFailed, render_problem
 from aimiddleware.pricing import PriceTable
 from aimiddleware.tokens import TokenCounter
@@ -177,11 +177,16 @@ class UsageRoutes:
         counter = self.counter or getattr(settings, "counter", None) or TokenCounter()
         prices = self.prices or getattr(settings, "prices", None)
         model = body.get("model") if isinstance(body.get("model"), str) else None
+        ctx = current_or_none()
+        # The snapshot versioning resolved the name to, when it did: that is what is priced.
+        served = (ctx.model_version if ctx is not None else None) or model
         try:
-            count = await counter.acount_request(body, model)
+            count = await counter.acount_request(body, served)
         except TypeError as exc:
             raise InvalidRequest(f"Unsupported request shape: {exc}") from None
-        cost = prices.estimate(model, Usage(input_tokens=count.tokens)) if prices else None
+        cost = None
+        if prices is not None and served is not None:
+            cost = prices.estimate(served, Usage(input_tokens=count.tokens))
         return _JSON({
             "object": "token_count",
             "model": model,
