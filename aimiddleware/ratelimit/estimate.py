@@ -157,6 +157,8 @@ class Estimator:
         self._prices = prices if prices is not None else _UNSET
         self.output_estimate = output_estimate
         self._int_prices: dict[str, _IntPrice] = {}
+        self._warm: set[str | None] = set()  # models whose vocabulary the counter holds
+        self._offload = -1
 
     @property
     def counter(self) -> Any:
@@ -186,7 +188,8 @@ class Estimator:
     ) -> Estimate:
         if not needs_body:
             return Estimate(ctx.model, 0, 0, None)
-        if not ctx.body.strip():  # no body, no model call to reserve for (GET /health...)
+        raw = ctx.body
+        if not raw or raw.isspace():  # no body, no model call to reserve for (GET /health...)
             return Estimate(ctx.model, 0, 0, None, cost_units=0 if needs_cost else None)
         body: Any = None
         if _is_json(content_type):
@@ -203,7 +206,9 @@ class Estimator:
             model = body["model"]
         # Count and price the snapshot actually served when versioning resolved one.
         served = ctx.model_version or model
-        input_tokens = await self._count(ctx, body, served)
+        input_tokens = self._count_now(raw, body, served)
+        if input_tokens is None:
+            input_tokens = await self._count(ctx, body, served)
         output = None
         for name in OUTPUT_CAP_FIELDS:
             value = body.get(name)
@@ -217,11 +222,32 @@ class Estimator:
                 output = self.default_output(model)
         cost = self.price_units(served, input_tokens, output) if needs_cost else None
         return Estimate(model, input_tokens, output, None, cost_units=cost)
+
+    def _count_now(self, raw: bytes, body: Mapping[str, Any], model: str | None) -> int | None:
+        """Count on the event loop when that cannot block: the model's vocabulary is loaded
+        (an earlier async count for it finished) and the body is below the counter's offload
+        threshold (a JSON body has at least one byte per character of its strings, so its
+        length bounds what ``acount_request`` measures). ``None``: use :meth:`_count`."""
+        if model not in self._warm or not body or len(raw) > self._offload:
+            return None
+        try:
+            return int(self._counter.count_request(body, model).tokens)
+        except Exception:  # a malformed shape is the endpoint's to reject, not ours
+            logger.debug("token counting failed; estimating from the body size", exc_info=True)
+            return (len(raw) + 3) // 4
     async def _count(self, ctx: RequestContext, body: Mapping[str, Any], model: str | None) -> int:
         counter = self.counter
         if counter is not None and body:
             try:
                 counted = await counter.acount_request(body, model)
+                threshold = getattr(counter, "offload_threshold", None)
+                if (
+                    isinstance(threshold, int)
+                    and hasattr(counter, "count_request")
+                    and len(self._warm) < 1024  # bounded: model names come from requests
+                ):
+                    self._offload = threshold
+                    self._warm.add(model)
                 return int(counted.tokens)
             except Exception:  # a malformed shape is the endpoint's to reject, not ours
                 logger.debug("token counting failed; estimating from the body size", exc_info=True)
