@@ -292,16 +292,23 @@ class Estimator:
         return total / _MILLION
 
     def actual(self, reserved: Estimate, usage: Usage, model: str | None) -> Estimate:
+        cost = self.actual_cost(reserved, usage, model)
+        return Estimate(
+            model or reserved.model, usage.input_tokens, usage.output_tokens, None,
+            cost_units=cost,
+        )
+
+    def actual_cost(self, reserved: Estimate, usage: Usage, model: str | None) -> int | None:
+        """The real cost in nano-units (the reserved one when the model has no price)."""
         model = model or reserved.model
         cost = reserved.cost_units
         if cost is not None and model:
             fast = self._int_price(model)
             if fast is not None:
-                cost = fast.usage(usage)
-            else:
-                prices = self.prices
-                priced = prices.estimate(model, usage) if prices is not None else None
-                if priced is not None:
-                    priced = Decimal(priced)
-                    cost = math.ceil(priced * COST_SCALE) if priced else 0
-        return Estimate(model, usage.input_tokens, usage.output_tokens, None, cost_units=cost)
+                return fast.usage(usage)
+            prices = self.prices
+            priced = prices.estimate(model, usage) if prices is not None else None
+            if priced is not None:
+                priced = Decimal(priced)
+                return math.ceil(priced * COST_SCALE) if priced else 0
+        return cost

@@ -118,42 +118,41 @@ class HeaderPlan:
     in_flight)`` encoded as latin-1 bytes, at a fraction of the cost.
     """
 
-    __slots__ = ("_concurrency", "_dims", "_policy", "_rows")
+    __slots__ = ("_concurrency", "_dims", "_durations", "_policy", "_rows")
 
     def __init__(self, limits: Sequence[Limit], concurrency: int) -> None:
-        # (index into states, window ms, amount, window s, '"name";r=')
-        rows: list[tuple[int, int, int, int, str]] = []
+        # (index into states, window ms, amount, window s, '"name";r=', OpenAI slot or -1)
+        rows: list[tuple[int, int, int, int, str, int]] = []
         policy: list[str] = []
-        for i, lim in enumerate(limits):
-            if lim.dimension == "cost":
-                continue
-            rows.append(
-                (i, lim.window * 1000, lim.amount, lim.window,
-                 lim.policy_item.partition(";")[0] + ";r=")
-            )
-            policy.append(lim.policy_item)
-        # Per OpenAI dimension: (positions in rows, the three header names).
-        dims: list[tuple[tuple[int, ...], bytes, bytes, bytes]] = []
+        dims: list[tuple[bytes, bytes, bytes]] = []  # per slot: the three header names
         for dim in _DIMS:
-            mine = tuple(k for k, row in enumerate(rows) if limits[row[0]].dimension == dim)
-            if mine:
+            if any(lim.dimension == dim for lim in limits):
                 dims.append((
-                    mine,
                     f"x-ratelimit-limit-{dim}".encode(),
                     f"x-ratelimit-remaining-{dim}".encode(),
                     f"x-ratelimit-reset-{dim}".encode(),
                 ))
+        present = [d for d in _DIMS if any(lim.dimension == d for lim in limits)]
+        for i, lim in enumerate(limits):
+            if lim.dimension == "cost":
+                continue
+            slot = present.index(lim.dimension) if lim.dimension in present else -1
+            prefix = lim.policy_item.partition(";")[0] + ";r="
+            rows.append((i, lim.window * 1000, lim.amount, lim.window, prefix, slot))
+            policy.append(lim.policy_item)
         if concurrency:
             policy.append(_CONCURRENCY_POLICY.format(concurrency))
         self._rows = tuple(rows)
         self._dims = tuple(dims)
         self._concurrency = concurrency
         self._policy = ", ".join(policy).encode("latin-1") if policy else None
+        self._durations: dict[int, bytes] = {}  # reset ms -> Go duration (bounded cache)
 
     def render(self, states: Sequence[WindowState], in_flight: int) -> list[tuple[bytes, bytes]]:
-        computed: list[tuple[int, int, int, int]] = []  # (remaining, reset ms, amount, window)
+        # Per OpenAI slot, the tightest limit: (remaining / amount, window s, left, reset, amount)
+        best: list[tuple[float, int, int, int, int] | None] = [None] * len(self._dims)
         items: list[str] = []
-        for i, window, amount, seconds, prefix in self._rows:
+        for i, window, amount, seconds, prefix, slot in self._rows:
             _, prev, curr, elapsed = states[i]
             # backend.remaining and reset_ms, inlined (same float expression).
             used = float(prev) * float(window - elapsed) / float(window) + float(curr)
@@ -161,18 +160,25 @@ class HeaderPlan:
             if left < 0:
                 left = 0
             reset = 2 * window - elapsed if curr > 0 else (window - elapsed if prev > 0 else 0)
-            computed.append((left, reset, amount, seconds))
             items.append(f"{prefix}{left};t={-(-reset // 1000)}")
+            if slot >= 0:
+                row = (left / amount, seconds, left, reset, amount)
+                found = best[slot]
+                if found is None or row[:2] < found[:2]:
+                    best[slot] = row
         out: list[tuple[bytes, bytes]] = []
-        for mine, h_limit, h_remaining, h_reset in self._dims:
-            best = computed[mine[0]]
-            for k in mine[1:]:
-                row = computed[k]
-                if (row[0] / row[2], row[3]) < (best[0] / best[2], best[3]):
-                    best = row
-            out.append((h_limit, str(best[2]).encode()))
-            out.append((h_remaining, str(best[0]).encode()))
-            out.append((h_reset, go_ms(best[1]).encode()))
+        durations = self._durations
+        for (h_limit, h_remaining, h_reset), tight in zip(self._dims, best, strict=True):
+            assert tight is not None
+            _, _, left, reset, amount = tight
+            duration = durations.get(reset)
+            if duration is None:
+                if len(durations) >= 512:
+                    durations.clear()
+                duration = durations[reset] = go_ms(reset).encode()
+            out.append((h_limit, b"%d" % amount))
+            out.append((h_remaining, b"%d" % left))
+            out.append((h_reset, duration))
         if self._concurrency:
             items.append(f'"concurrency";r={max(0, self._concurrency - in_flight)};t=0')
         if self._policy is not None:

@@ -169,6 +169,7 @@ class RateLimiter:
         self._lease_prefix = secrets.token_hex(6) + "-"
         self._lease_ids = itertools.count()
         self._default_policy = self.policies[default_tier]
+        self._plain: dict[str | None, _Resolved] = {}  # default policy, no route, no extra
         self._resolved: dict[tuple[Policy, str | None, str | None, Policy | None], _Resolved] = {}
         self.alert_fractions = tuple(sorted(alert_fractions))
         self.on_alert = on_alert
@@ -239,6 +240,8 @@ class RateLimiter:
         )
         if len(self._resolved) < 10_000:  # bounded: models come from request bodies
             self._resolved[key] = found
+            if route is None and extra is None and policy is self._default_policy:
+                self._plain[model] = found
         return found
 
     # -- admission --------------------------------------------------------------------------
@@ -253,7 +256,12 @@ class RateLimiter:
         else:
             policy = await self.policy_for(ctx.principal)
         route = self.route_policy(ctx.path) if self.routes else None
-        res = self._resolve(policy, route, extra, ctx.model)
+        model = ctx.model
+        res = None
+        if route is None and extra is None and policy is self._default_policy:
+            res = self._plain.get(model)
+        if res is None:
+            res = self._resolve(policy, route, extra, model)
         estimate = await self.estimator.estimate(
             ctx,
             policy,
@@ -261,8 +269,12 @@ class RateLimiter:
             needs_cost=res.needs_cost,
             content_type=content_type,
         )
-        if estimate.model != ctx.model:
-            res = self._resolve(policy, route, extra, estimate.model)
+        if estimate.model != model:
+            res = None
+            if route is None and extra is None and policy is self._default_policy:
+                res = self._plain.get(estimate.model)
+            if res is None:
+                res = self._resolve(policy, route, extra, estimate.model)
         limits, concurrency = res.limits, res.concurrency
         if res.needs_cost and estimate.cost_units is None and self.on_unpriced == "reject":
             raise InvalidRequest(
@@ -334,11 +346,11 @@ class RateLimiter:
             if usage is None:
                 by_code: tuple[int, ...] = (0, 0, 0, 0, 0)
             else:
-                actual = self.estimator.actual(
+                inp, out = usage.input_tokens, usage.output_tokens
+                cost = self.estimator.actual_cost(
                     admission.estimate, usage, ctx.model_version or ctx.model
                 )
-                inp, out = actual.input_tokens, actual.output_tokens
-                by_code = (actual.requests, inp + out, inp, out, actual.cost_units or 0)
+                by_code = (1, inp + out, inp, out, cost or 0)
             rows = zip(admission.limits, admission.hits, decision.states, strict=False)
             for lim, hit, state in rows:
                 delta = by_code[_DIM_CODE[lim.dimension]] - hit.cost

@@ -17,6 +17,8 @@ from aimiddleware.ratelimit.backend import Adjustment, Decision, Hit, WindowStat
 
 __all__ = ["MemoryBackend"]
 
+_state = tuple.__new__  # builds a WindowState from a 4-tuple without a Python-level call
+
 
 @dataclass
 class _Entry:
@@ -81,10 +83,10 @@ class MemoryBackend:
         now = int(self.clock() * 1000)
         entry = self._entry(principal, now)
         counters = entry.counters
-        states: list[WindowState] = []
+        rows: list[tuple[int, int, int, int]] = []  # (index, prev, curr, elapsed)
         failed = -1
         longest = 0
-        for i, (name, window, limit, cost) in enumerate(hits):
+        for name, window, limit, cost in hits:
             index = now // window
             stored = counters.get(name)
             # backend.roll and backend.fits, inlined (the same float expression as the Lua).
@@ -97,30 +99,32 @@ class MemoryBackend:
             else:
                 prev = curr = 0
             elapsed = now - index * window
-            states.append(WindowState(index, prev, curr, elapsed))
             if failed < 0:
                 used = float(prev) * float(window - elapsed) / float(window) + float(curr)
                 if not used + float(cost) <= float(limit):
-                    failed = i
+                    failed = len(rows)
+            rows.append((index, prev, curr, elapsed))
             if 2 * window > longest:
                 longest = 2 * window
         in_flight = 0
         if concurrency > 0:
             leases = entry.leases
-            for k in [k for k, exp in leases.items() if exp <= now]:
-                del leases[k]
-            in_flight = len(leases)
+            if leases:
+                for k in [k for k, exp in leases.items() if exp <= now]:
+                    del leases[k]
+                in_flight = len(leases)
             if failed < 0 and in_flight >= concurrency:
                 failed = len(hits)
         if now + longest > entry.expires_ms:
             entry.expires_ms = now + longest
         if failed >= 0:
-            return Decision(False, failed, tuple(states), in_flight, now)
-        for i, (name, _, _, cost) in enumerate(hits):
-            index, prev, curr, elapsed = states[i]
+            refused = tuple([_state(WindowState, r) for r in rows])
+            return Decision(False, failed, refused, in_flight, now)
+        states = []
+        for (name, _, _, cost), (index, prev, curr, elapsed) in zip(hits, rows, strict=True):
             curr += cost
             counters[name] = [index, prev, curr]
-            states[i] = WindowState(index, prev, curr, elapsed)
+            states.append(_state(WindowState, (index, prev, curr, elapsed)))
         if concurrency > 0 and lease is not None:
             entry.leases[lease] = now + lease_ttl_ms
             in_flight += 1
