@@ -283,10 +283,13 @@ class RateLimiter:
             )
         inp, out = estimate.input_tokens, estimate.output_tokens
         by_code = (estimate.requests, inp + out, inp, out, estimate.cost_units or 0)
-        hits = tuple([Hit(f, w, amount, by_code[code]) for f, w, amount, code in res.rows])
-        for i, hit in enumerate(hits):
-            if hit.cost > hit.limit:
-                raise refusal.too_large(limits[i], hit.cost)
+        built: list[Hit] = []
+        for f, w, amount, code in res.rows:
+            cost = by_code[code]
+            if cost > amount:  # more than a whole window: never admissible
+                raise refusal.too_large(limits[len(built)], cost)
+            built.append(_new_tuple(Hit, (f, w, amount, cost)))
+        hits = tuple(built)
         lease = f"{self._lease_prefix}{next(self._lease_ids)}" if concurrency else None
         try:
             decision = await self.backend.acquire(
@@ -413,6 +416,7 @@ class RateLimiter:
 _IN_PROCESS_LEASE_MS = 10 * 365 * 86_400_000
 
 
+_new_tuple = tuple.__new__  # a NamedTuple from a tuple, without a Python-level __new__ call
 _DIM_CODE = {"requests": 0, "tokens": 1, "input_tokens": 2, "output_tokens": 3, "cost": 4}
 
 
