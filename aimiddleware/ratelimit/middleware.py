@@ -9,6 +9,7 @@ lets through (replacing any the app set, so none is duplicated), and after the a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,8 @@ from aimiddleware.ratelimit.policy import Policy
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["RateLimitMiddleware"]
+
+logger = logging.getLogger("aimiddleware.ratelimit")
 
 _OURS = {name.encode() for name in HEADER_NAMES}
 
@@ -95,5 +98,12 @@ class RateLimitMiddleware:
             add_headers(err, admission)
             raise
         finally:
-            if not limiter.settled(admission, ctx, failed=failed):
+            if limiter.settled(admission, ctx, failed=failed):
+                pass
+            elif limiter.refreshes:  # a shared store: shielded I/O
                 await settle(limiter, admission, ctx, failed)
+            else:  # in-process: completes without a checkpoint, so it cannot be interrupted
+                try:
+                    await limiter.finish(admission, ctx, failed=failed)
+                except Exception:  # never let bookkeeping hide the response or the real error
+                    logger.exception("rate-limit reconciliation failed")
