@@ -12,7 +12,7 @@ from aimiddleware.context import RequestContext
 from aimiddleware.errors import AIError, StoreUnavailable
 from aimiddleware.ratelimit.limiter import Admission, RateLimiter
 
-__all__ = ["run_admitted"]
+__all__ = ["add_headers", "run_admitted", "settle"]
 
 logger = logging.getLogger("aimiddleware.ratelimit")
 
@@ -37,16 +37,29 @@ async def run_admitted(
         failed = is_failure(result)
         return result
     except AIError as err:
-        taken = {k for k, _ in err.headers}
-        err.headers.extend(h for h in admission.headers if h[0] not in taken)
+        add_headers(err, admission)
         raise
     finally:
         if not limiter.settled(admission, ctx, failed=failed):
-            if limiter.refreshes:  # a shared store: I/O that a cancellation must not cut short
-                with anyio.CancelScope(shield=True):
-                    await _finish(limiter, admission, ctx, failed)
-            else:  # in-process: completes without a checkpoint, so it cannot be interrupted
-                await _finish(limiter, admission, ctx, failed)
+            await settle(limiter, admission, ctx, failed)
+
+
+def add_headers(err: AIError, admission: Admission) -> None:
+    """Give an error raised under an admission the admission's rate-limit headers."""
+    if admission.raw_headers:
+        taken = {k for k, _ in err.headers}
+        err.headers.extend(h for h in admission.headers if h[0] not in taken)
+
+
+async def settle(
+    limiter: RateLimiter, admission: Admission, ctx: RequestContext, failed: bool
+) -> None:
+    """Reconcile and release (call it in a ``finally`` when ``limiter.settled`` is False)."""
+    if limiter.refreshes:  # a shared store: I/O that a cancellation must not cut short
+        with anyio.CancelScope(shield=True):
+            await _finish(limiter, admission, ctx, failed)
+    else:  # in-process: completes without a checkpoint, so it cannot be interrupted
+        await _finish(limiter, admission, ctx, failed)
 
 
 async def _finish(

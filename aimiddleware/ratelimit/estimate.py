@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
 from aimiddleware.context import RequestContext
 from aimiddleware.errors import InvalidRequest
+from aimiddleware.pricing import ModelPrice, PriceTable
 from aimiddleware.ratelimit.policy import COST_SCALE, Policy
 from aimiddleware.tokens import TokenCounter
 from aimiddleware.usage.models import Usage
@@ -31,13 +31,51 @@ _UNSET: Any = object()
 _MILLION = Decimal(1_000_000)
 
 
-@dataclass(frozen=True)
 class Estimate:
-    model: str | None
-    input_tokens: int
-    output_tokens: int
-    cost: Decimal | None
-    requests: int = 1
+    """What a request uses: tokens, and cost in integer nano-units (``COST_SCALE``) of the
+    price table's currency (``None``: unpriced). ``cost`` is the same as a Decimal."""
+
+    __slots__ = ("cost_units", "input_tokens", "model", "output_tokens", "requests")
+
+    def __init__(
+        self,
+        model: str | None,
+        input_tokens: int,
+        output_tokens: int,
+        cost: Decimal | None = None,
+        requests: int = 1,
+        *,
+        cost_units: int | None = None,
+    ) -> None:
+        self.model = model
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
+        self.requests = requests
+        if cost is not None:
+            cost_units = math.ceil(cost * COST_SCALE) if cost else 0
+        self.cost_units = cost_units
+
+    @property
+    def cost(self) -> Decimal | None:
+        return None if self.cost_units is None else Decimal(self.cost_units) / COST_SCALE
+
+    def __repr__(self) -> str:
+        return (
+            f"Estimate(model={self.model!r}, input_tokens={self.input_tokens}, "
+            f"output_tokens={self.output_tokens}, cost_units={self.cost_units}, "
+            f"requests={self.requests})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Estimate):
+            return NotImplemented
+        return self._tuple() == other._tuple()
+
+    def __hash__(self) -> int:
+        return hash(self._tuple())
+
+    def _tuple(self) -> tuple[Any, ...]:
+        return (self.model, self.input_tokens, self.output_tokens, self.cost_units, self.requests)
 
     def units(self, dimension: str) -> int:
         if dimension == "requests":
@@ -49,11 +87,54 @@ class Estimate:
         if dimension == "output_tokens":
             return self.output_tokens
         if dimension == "cost":
-            return math.ceil(self.cost * COST_SCALE) if self.cost else 0
+            return self.cost_units or 0
         raise ValueError(f"unknown dimension {dimension!r}")
 
     def zero(self) -> Estimate:
-        return replace(self, input_tokens=0, output_tokens=0, cost=Decimal(0), requests=0)
+        return Estimate(self.model, 0, 0, None, 0, cost_units=0)
+
+
+class _IntPrice:
+    """A ModelPrice as integers: cost in nano-units = ceil(sum(tokens * num) / den), exact."""
+
+    __slots__ = ("cache_creation", "cached_input", "den", "input", "output", "price", "reasoning")
+
+    def __init__(self, price: Any) -> None:
+        fields = ("input", "output", "cached_input", "cache_creation", "reasoning")
+        values = [getattr(price, name, None) for name in fields]
+        ratios = [Decimal(v).as_integer_ratio() if v is not None else None for v in values]
+        den = 1
+        for r in ratios:
+            if r is not None:
+                den = math.lcm(den, r[1])
+        # Prices are per million tokens; nano-units are 1e-9: scale by 1e9 / 1e6 = 1000.
+        nums = [None if r is None else r[0] * (den // r[1]) * 1000 for r in ratios]
+        self.price = price
+        self.den = den
+        self.input = nums[0] or 0
+        self.output = nums[1] or 0
+        self.cached_input = nums[2] if nums[2] is not None else self.input
+        self.cache_creation = nums[3] if nums[3] is not None else self.input
+        self.reasoning = nums[4] if nums[4] is not None else self.output
+
+    def plain(self, input_tokens: int, output_tokens: int) -> int:
+        return -(-(input_tokens * self.input + output_tokens * self.output) // self.den)
+
+    def usage(self, usage: Usage) -> int:
+        """``ceil(ModelPrice.cost(usage) * COST_SCALE)``, on integers."""
+        cached = usage.cached_input_tokens
+        created = usage.cache_creation_input_tokens
+        plain_in = max(usage.input_tokens - cached - created, 0)
+        reasoning = min(usage.reasoning_tokens, usage.output_tokens)
+        plain_out = usage.output_tokens - reasoning
+        total = (
+            plain_in * self.input
+            + cached * self.cached_input
+            + created * self.cache_creation
+            + plain_out * self.output
+            + reasoning * self.reasoning
+        )
+        return -(-total // self.den)
 
 
 def _is_json(content_type: bytes | None) -> bool:
@@ -75,6 +156,9 @@ class Estimator:
         self._counter = counter if counter is not None else _UNSET
         self._prices = prices if prices is not None else _UNSET
         self.output_estimate = output_estimate
+        self._int_prices: dict[str, _IntPrice] = {}
+        self._warm: set[str | None] = set()  # models whose vocabulary the counter holds
+        self._offload = -1
 
     @property
     def counter(self) -> Any:
@@ -104,8 +188,9 @@ class Estimator:
     ) -> Estimate:
         if not needs_body:
             return Estimate(ctx.model, 0, 0, None)
-        if not ctx.body.strip():  # no body, no model call to reserve for (GET /health...)
-            return Estimate(ctx.model, 0, 0, Decimal(0) if needs_cost else None)
+        raw = ctx.body
+        if not raw or raw.isspace():  # no body, no model call to reserve for (GET /health...)
+            return Estimate(ctx.model, 0, 0, None, cost_units=0 if needs_cost else None)
         body: Any = None
         if _is_json(content_type):
             body = ctx.json()
@@ -121,7 +206,9 @@ class Estimator:
             model = body["model"]
         # Count and price the snapshot actually served when versioning resolved one.
         served = ctx.model_version or model
-        input_tokens = await self._count(ctx, body, served)
+        input_tokens = self._count_now(raw, body, served)
+        if input_tokens is None:
+            input_tokens = await self._count(ctx, body, served)
         output = None
         for name in OUTPUT_CAP_FIELDS:
             value = body.get(name)
@@ -133,20 +220,65 @@ class Estimator:
                 output = policy.output_estimate
             else:
                 output = self.default_output(model)
-        cost = None
-        if needs_cost:
-            cost = self.price(served, input_tokens, output)
-        return Estimate(model, input_tokens, output, cost)
+        cost = self.price_units(served, input_tokens, output) if needs_cost else None
+        return Estimate(model, input_tokens, output, None, cost_units=cost)
 
+    def _count_now(self, raw: bytes, body: Mapping[str, Any], model: str | None) -> int | None:
+        """Count on the event loop when that cannot block: the model's vocabulary is loaded
+        (an earlier async count for it finished) and the body is below the counter's offload
+        threshold (a JSON body has at least one byte per character of its strings, so its
+        length bounds what ``acount_request`` measures). ``None``: use :meth:`_count`."""
+        if model not in self._warm or not body or len(raw) > self._offload:
+            return None
+        try:
+            return int(self._counter.count_request(body, model).tokens)
+        except Exception:  # a malformed shape is the endpoint's to reject, not ours
+            logger.debug("token counting failed; estimating from the body size", exc_info=True)
+            return (len(raw) + 3) // 4
     async def _count(self, ctx: RequestContext, body: Mapping[str, Any], model: str | None) -> int:
         counter = self.counter
         if counter is not None and body:
             try:
                 counted = await counter.acount_request(body, model)
+                threshold = getattr(counter, "offload_threshold", None)
+                if (
+                    isinstance(threshold, int)
+                    and hasattr(counter, "count_request")
+                    and len(self._warm) < 1024  # bounded: model names come from requests
+                ):
+                    self._offload = threshold
+                    self._warm.add(model)
                 return int(counted.tokens)
             except Exception:  # a malformed shape is the endpoint's to reject, not ours
                 logger.debug("token counting failed; estimating from the body size", exc_info=True)
         return (len(ctx.body) + 3) // 4
+
+    def _int_price(self, model: str) -> _IntPrice | None:
+        """The integer form of ``model``'s price, cached while the table serves the same price
+        object (``None``: unpriced, or a table that is not a plain ``PriceTable``)."""
+        prices = self.prices
+        if type(prices) is not PriceTable:
+            return None
+        price = prices.price(model)
+        if type(price) is not ModelPrice:
+            return None
+        found = self._int_prices.get(model)
+        if found is None or found.price is not price:
+            if len(self._int_prices) >= 1024:  # bounded: model names come from requests
+                self._int_prices.clear()
+            found = self._int_prices[model] = _IntPrice(price)
+        return found
+
+    def price_units(self, model: str | None, input_tokens: int, output_tokens: int) -> int | None:
+        """The cost of plain input/output tokens in nano-units, rounded up (None: unpriced)."""
+        prices = self.prices
+        if prices is None or model is None:
+            return None
+        fast = self._int_price(model)
+        if fast is not None:
+            return fast.plain(input_tokens, output_tokens)
+        cost = self.price(model, input_tokens, output_tokens)
+        return None if cost is None else (math.ceil(cost * COST_SCALE) if cost else 0)
 
     def price(self, model: str | None, input_tokens: int, output_tokens: int) -> Decimal | None:
         prices = self.prices
@@ -160,11 +292,23 @@ class Estimator:
         return total / _MILLION
 
     def actual(self, reserved: Estimate, usage: Usage, model: str | None) -> Estimate:
+        cost = self.actual_cost(reserved, usage, model)
+        return Estimate(
+            model or reserved.model, usage.input_tokens, usage.output_tokens, None,
+            cost_units=cost,
+        )
+
+    def actual_cost(self, reserved: Estimate, usage: Usage, model: str | None) -> int | None:
+        """The real cost in nano-units (the reserved one when the model has no price)."""
         model = model or reserved.model
-        cost: Decimal | None = reserved.cost
-        if reserved.cost is not None:
+        cost = reserved.cost_units
+        if cost is not None and model:
+            fast = self._int_price(model)
+            if fast is not None:
+                return fast.usage(usage)
             prices = self.prices
-            priced = prices.estimate(model, usage) if prices is not None and model else None
+            priced = prices.estimate(model, usage) if prices is not None else None
             if priced is not None:
-                cost = Decimal(priced)
-        return Estimate(model, usage.input_tokens, usage.output_tokens, cost)
+                priced = Decimal(priced)
+                return math.ceil(priced * COST_SCALE) if priced else 0
+        return cost

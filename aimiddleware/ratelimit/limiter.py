@@ -24,7 +24,7 @@ from aimiddleware.errors import InvalidRequest, StoreUnavailable
 from aimiddleware.ratelimit import refusal
 from aimiddleware.ratelimit.backend import Adjustment, Backend, Decision, Hit, WindowState
 from aimiddleware.ratelimit.estimate import Estimate, Estimator
-from aimiddleware.ratelimit.headers import rate_limit_headers
+from aimiddleware.ratelimit.headers import HeaderPlan
 from aimiddleware.ratelimit.memory import MemoryBackend
 from aimiddleware.ratelimit.policy import COST_SCALE, Limit, Policy
 from aimiddleware.storage import Storage
@@ -51,19 +51,45 @@ class SpendAlert:
     name: str
 
 
-@dataclass
 class Admission:
     """What one admitted (or refused) request reserved; ``decision`` None = admitted unchecked
-    (fail-open while the store is down)."""
+    (fail-open while the store is down). ``raw_headers``: the rate-limit headers as bytes;
+    ``headers``: the same as strings."""
 
-    principal: str
-    limits: tuple[Limit, ...]
-    hits: tuple[Hit, ...]
-    estimate: Estimate
-    decision: Decision | None
-    lease: str | None
-    concurrency: int
-    headers: list[tuple[str, str]]
+    __slots__ = (
+        "concurrency", "decision", "estimate", "hits", "lease", "limits", "principal",
+        "raw_headers",
+    )
+
+    def __init__(
+        self,
+        principal: str,
+        limits: tuple[Limit, ...],
+        hits: tuple[Hit, ...],
+        estimate: Estimate,
+        decision: Decision | None,
+        lease: str | None,
+        concurrency: int,
+        raw_headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        self.principal = principal
+        self.limits = limits
+        self.hits = hits
+        self.estimate = estimate
+        self.decision = decision
+        self.lease = lease
+        self.concurrency = concurrency
+        self.raw_headers = raw_headers
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.raw_headers]
+
+    def __repr__(self) -> str:
+        return (
+            f"Admission(principal={self.principal!r}, hits={self.hits!r}, "
+            f"lease={self.lease!r}, decision={self.decision!r})"
+        )
 
 
 class RateLimiter:
@@ -142,6 +168,8 @@ class RateLimiter:
         self._lease_ttl_ms = self.lease_ttl_ms if self.refreshes else _IN_PROCESS_LEASE_MS
         self._lease_prefix = secrets.token_hex(6) + "-"
         self._lease_ids = itertools.count()
+        self._default_policy = self.policies[default_tier]
+        self._plain: dict[str | None, _Resolved] = {}  # default policy, no route, no extra
         self._resolved: dict[tuple[Policy, str | None, str | None, Policy | None], _Resolved] = {}
         self.alert_fractions = tuple(sorted(alert_fractions))
         self.on_alert = on_alert
@@ -212,6 +240,8 @@ class RateLimiter:
         )
         if len(self._resolved) < 10_000:  # bounded: models come from request bodies
             self._resolved[key] = found
+            if route is None and extra is None and policy is self._default_policy:
+                self._plain[model] = found
         return found
 
     # -- admission --------------------------------------------------------------------------
@@ -221,9 +251,17 @@ class RateLimiter:
     ) -> Admission:
         """Reserve the request on every limit at once, or raise the typed refusal."""
         principal = _key(ctx.principal)
-        policy = await self.policy_for(ctx.principal)
-        route = self.route_policy(ctx.path)
-        res = self._resolve(policy, route, extra, ctx.model)
+        if self.overrides is None and self.tier is None:
+            policy = self._default_policy
+        else:
+            policy = await self.policy_for(ctx.principal)
+        route = self.route_policy(ctx.path) if self.routes else None
+        model = ctx.model
+        res = None
+        if route is None and extra is None and policy is self._default_policy:
+            res = self._plain.get(model)
+        if res is None:
+            res = self._resolve(policy, route, extra, model)
         estimate = await self.estimator.estimate(
             ctx,
             policy,
@@ -231,21 +269,27 @@ class RateLimiter:
             needs_cost=res.needs_cost,
             content_type=content_type,
         )
-        if estimate.model != ctx.model:
-            res = self._resolve(policy, route, extra, estimate.model)
+        if estimate.model != model:
+            res = None
+            if route is None and extra is None and policy is self._default_policy:
+                res = self._plain.get(estimate.model)
+            if res is None:
+                res = self._resolve(policy, route, extra, estimate.model)
         limits, concurrency = res.limits, res.concurrency
-        if res.needs_cost and estimate.cost is None and self.on_unpriced == "reject":
+        if res.needs_cost and estimate.cost_units is None and self.on_unpriced == "reject":
             raise InvalidRequest(
                 f"Model {estimate.model!r} has no price, and this caller has a cost budget.",
                 param="model",
             )
-        hits = tuple(
-            Hit(lim.field, lim.window * 1000, lim.amount, estimate.units(lim.dimension))
-            for lim in limits
-        )
-        for lim, hit in zip(limits, hits, strict=False):
-            if hit.cost > lim.amount:
-                raise refusal.too_large(lim, hit.cost)
+        inp, out = estimate.input_tokens, estimate.output_tokens
+        by_code = (estimate.requests, inp + out, inp, out, estimate.cost_units or 0)
+        built: list[Hit] = []
+        for f, w, amount, code in res.rows:
+            cost = by_code[code]
+            if cost > amount:  # more than a whole window: never admissible
+                raise refusal.too_large(limits[len(built)], cost)
+            built.append(_new_tuple(Hit, (f, w, amount, cost)))
+        hits = tuple(built)
         lease = f"{self._lease_prefix}{next(self._lease_ids)}" if concurrency else None
         try:
             decision = await self.backend.acquire(
@@ -276,7 +320,7 @@ class RateLimiter:
             decision,
             lease,
             concurrency,
-            rate_limit_headers(limits, decision.states, concurrency, decision.in_flight),
+            res.plan.render(decision.states, decision.in_flight),
         )
         ctx.state["ratelimit"] = admission
         if self.alert_fractions:
@@ -301,19 +345,19 @@ class RateLimiter:
             return
         usage = ctx.usage
         adjustments: list[Adjustment] = []
-        if usage is None and failed:
-            actual: Estimate | None = admission.estimate.zero()
-        elif usage is not None:
-            actual = self.estimator.actual(
-                admission.estimate, usage, ctx.model_version or ctx.model
-            )
-        else:
-            actual = None
-        if actual is not None:
+        if usage is not None or failed:
+            if usage is None:
+                by_code: tuple[int, ...] = (0, 0, 0, 0, 0)
+            else:
+                inp, out = usage.input_tokens, usage.output_tokens
+                cost = self.estimator.actual_cost(
+                    admission.estimate, usage, ctx.model_version or ctx.model
+                )
+                by_code = (1, inp + out, inp, out, cost or 0)
             rows = zip(admission.limits, admission.hits, decision.states, strict=False)
             for lim, hit, state in rows:
-                delta = actual.units(lim.dimension) - hit.cost
-                if delta:
+                delta = by_code[_DIM_CODE[lim.dimension]] - hit.cost
+                if delta:  # usage equal to the reservation: nothing to correct
                     adjustments.append(Adjustment(hit.field, hit.window_ms, state.window, delta))
         if not adjustments and admission.lease is None:
             return
@@ -372,12 +416,27 @@ class RateLimiter:
 _IN_PROCESS_LEASE_MS = 10 * 365 * 86_400_000
 
 
-@dataclass(frozen=True)
+_new_tuple = tuple.__new__  # a NamedTuple from a tuple, without a Python-level __new__ call
+_DIM_CODE = {"requests": 0, "tokens": 1, "input_tokens": 2, "output_tokens": 3, "cost": 4}
+
+
 class _Resolved:
-    limits: tuple[Limit, ...]
-    concurrency: int
-    needs_body: bool
-    needs_cost: bool
+    """The limits of one (policy, route, extra, model), with what each request reuses: the
+    storage rows ``(field, window ms, amount, dimension code)`` and the header plan."""
+
+    __slots__ = ("concurrency", "limits", "needs_body", "needs_cost", "plan", "rows")
+
+    def __init__(
+        self, limits: tuple[Limit, ...], concurrency: int, *, needs_body: bool, needs_cost: bool
+    ) -> None:
+        self.limits = limits
+        self.concurrency = concurrency
+        self.needs_body = needs_body
+        self.needs_cost = needs_cost
+        self.rows = tuple(
+            (lim.field, lim.window * 1000, lim.amount, _DIM_CODE[lim.dimension]) for lim in limits
+        )
+        self.plan = HeaderPlan(limits, concurrency)
 
 
 def _all_limits(policy: Policy) -> list[Limit]:

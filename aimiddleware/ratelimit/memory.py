@@ -13,9 +13,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from aimiddleware.ratelimit.backend import Adjustment, Decision, Hit, WindowState, fits, roll
+from aimiddleware.ratelimit.backend import Adjustment, Decision, Hit, WindowState, roll
 
 __all__ = ["MemoryBackend"]
+
+_state = tuple.__new__  # builds a WindowState from a 4-tuple without a Python-level call
 
 
 @dataclass
@@ -35,12 +37,14 @@ class MemoryBackend:
     def __init__(self, *, clock: Callable[[], float] | None = None) -> None:
         self.clock = clock or time.time
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._evict_at = 0  # no eviction pass before this time (ms)
 
     def _now(self) -> int:
         return int(self.clock() * 1000)
 
     def _entry(self, principal: str, now: int) -> _Entry:
-        self._evict(now)
+        if now >= self._evict_at:
+            self._evict(now)
         entry = self._entries.get(principal)
         if entry is None:
             entry = self._entries[principal] = _Entry()
@@ -49,12 +53,14 @@ class MemoryBackend:
         return entry
 
     def _evict(self, now: int, budget: int = 4) -> None:
-        # Least recently used first; stop at the first live one (bounded work per call).
+        # Least recently used first; stop at the first live one (bounded work per call), and
+        # look again when it expires (at most a second later: the order changes meanwhile).
         for _ in range(budget):
             if not self._entries:
                 return
             principal, entry = next(iter(self._entries.items()))
             if entry.expires_ms > now:
+                self._evict_at = min(entry.expires_ms, now + 1000)
                 return
             if entry.leases:  # requests still in flight: keep it, look again later
                 entry.expires_ms = now + 60_000
@@ -74,70 +80,77 @@ class MemoryBackend:
         concurrency: int = 0,
         lease_ttl_ms: int = 0,
     ) -> Decision:
-        now = self._now()
+        now = int(self.clock() * 1000)
         entry = self._entry(principal, now)
         counters = entry.counters
         rows: list[tuple[int, int, int, int]] = []  # (index, prev, curr, elapsed)
         failed = -1
-        for i, hit in enumerate(hits):
-            window = hit.window_ms
+        longest = 0
+        for name, window, limit, cost in hits:
             index = now // window
-            stored = counters.get(hit.field)
+            stored = counters.get(name)
+            # backend.roll and backend.fits, inlined (the same float expression as the Lua).
             if stored is None:
                 prev = curr = 0
+            elif stored[0] == index:
+                prev, curr = stored[1], stored[2]
+            elif stored[0] == index - 1:
+                prev, curr = stored[2], 0
             else:
-                prev, curr = roll(stored[0], stored[1], stored[2], index)
+                prev = curr = 0
             elapsed = now - index * window
+            if failed < 0:
+                used = float(prev) * float(window - elapsed) / float(window) + float(curr)
+                if not used + float(cost) <= float(limit):
+                    failed = len(rows)
             rows.append((index, prev, curr, elapsed))
-            if failed < 0 and not fits(prev, curr, elapsed, window, hit.limit, hit.cost):
-                failed = i
+            if 2 * window > longest:
+                longest = 2 * window
         in_flight = 0
         if concurrency > 0:
             leases = entry.leases
-            for k in [k for k, exp in leases.items() if exp <= now]:
-                del leases[k]
-            in_flight = len(leases)
+            if leases:
+                for k in [k for k, exp in leases.items() if exp <= now]:
+                    del leases[k]
+                in_flight = len(leases)
             if failed < 0 and in_flight >= concurrency:
                 failed = len(hits)
+        if now + longest > entry.expires_ms:
+            entry.expires_ms = now + longest
         if failed >= 0:
-            self._touch(entry, now, hits)
-            states = tuple(WindowState(*row) for row in rows)
-            return Decision(False, failed, states, in_flight, now)
-        out = []
-        for hit, (index, prev, curr, elapsed) in zip(hits, rows, strict=True):
-            curr += hit.cost
-            counters[hit.field] = [index, prev, curr]
-            out.append(WindowState(index, prev, curr, elapsed))
+            refused = tuple([_state(WindowState, r) for r in rows])
+            return Decision(False, failed, refused, in_flight, now)
+        states = []
+        for (name, _, _, cost), (index, prev, curr, elapsed) in zip(hits, rows, strict=True):
+            curr += cost
+            counters[name] = [index, prev, curr]
+            states.append(_state(WindowState, (index, prev, curr, elapsed)))
         if concurrency > 0 and lease is not None:
             entry.leases[lease] = now + lease_ttl_ms
             in_flight += 1
-        self._touch(entry, now, hits)
-        return Decision(True, -1, tuple(out), in_flight, now)
-
-    def _touch(self, entry: _Entry, now: int, hits: Sequence[Hit]) -> None:
-        # Counters matter for two windows; entries holding leases are never evicted.
-        longest = max([2 * h.window_ms for h in hits], default=0)
-        entry.expires_ms = max(entry.expires_ms, now + longest)
+        return Decision(True, -1, tuple(states), in_flight, now)
 
     async def adjust(
         self, principal: str, adjustments: Sequence[Adjustment], *, release: str | None = None
     ) -> None:
-        now = self._now()
+        now = int(self.clock() * 1000)
         entry = self._entry(principal, now)
         if release is not None:
             entry.leases.pop(release, None)
-        for adj in adjustments:
-            index = now // adj.window_ms
-            stored = entry.counters.get(adj.field)
+        counters = entry.counters
+        for name, window, reserved, delta in adjustments:
+            index = now // window
+            stored = counters.get(name)
             prev, curr = roll(stored[0], stored[1], stored[2], index) if stored else (0, 0)
-            if adj.delta >= 0:
-                curr += adj.delta
-            elif adj.window == index:
-                curr = max(0, curr + adj.delta)
-            elif adj.window == index - 1:
-                prev = max(0, prev + adj.delta)
-            entry.counters[adj.field] = [index, prev, curr]
-            entry.expires_ms = max(entry.expires_ms, now + 2 * adj.window_ms)
+            if delta >= 0:
+                curr += delta
+            elif reserved == index:
+                curr = max(0, curr + delta)
+            elif reserved == index - 1:
+                prev = max(0, prev + delta)
+            counters[name] = [index, prev, curr]
+            if now + 2 * window > entry.expires_ms:
+                entry.expires_ms = now + 2 * window
 
     async def refresh(self, principal: str, lease: str, ttl_ms: int) -> None:
         now = self._now()

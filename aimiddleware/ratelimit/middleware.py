@@ -9,18 +9,22 @@ lets through (replacing any the app set, so none is duplicated), and after the a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from aimiddleware._asgi import get_header
 from aimiddleware.context import SCOPE_KEY, RequestContext
-from aimiddleware.ratelimit._run import run_admitted
+from aimiddleware.errors import AIError
+from aimiddleware.ratelimit._run import add_headers, run_admitted, settle
 from aimiddleware.ratelimit.headers import HEADER_NAMES
 from aimiddleware.ratelimit.limiter import RateLimiter
 from aimiddleware.ratelimit.policy import Policy
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["RateLimitMiddleware"]
+
+logger = logging.getLogger("aimiddleware.ratelimit")
 
 _OURS = {name.encode() for name in HEADER_NAMES}
 
@@ -62,23 +66,44 @@ class RateLimitMiddleware:
         ctx: RequestContext | None = scope.get("state", {}).get(SCOPE_KEY)
         if ctx is None:
             raise RuntimeError("RateLimitMiddleware needs RequestContextMiddleware (install())")
-        admission = await self.limiter.admit(
+        limiter = self.limiter
+        admission = await limiter.admit(
             ctx, content_type=get_header(scope["headers"], b"content-type")
         )
-        extra = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in admission.headers]
-        status: list[int] = []
+        extra = admission.raw_headers
+        status = 0
 
         async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start" and not status:
-                status.append(message["status"])
+            nonlocal status
+            if not status and message["type"] == "http.response.start":
+                status = message["status"]
                 if extra:
                     kept = [h for h in message.get("headers", ()) if h[0].lower() not in _OURS]
                     message = {**message, "headers": kept + extra}
             await send(message)
 
-        async def call() -> None:
-            await self.app(scope, receive, send_with_headers)
+        if admission.lease is not None and limiter.refreshes:  # a lease to keep alive
 
-        await run_admitted(
-            self.limiter, admission, ctx, call, lambda _: not status or status[0] >= 400
-        )
+            async def call() -> None:
+                await self.app(scope, receive, send_with_headers)
+
+            await run_admitted(limiter, admission, ctx, call, lambda _: not 0 < status < 400)
+            return
+        # No lease refresh to run beside the app: the same steps as run_admitted, inline.
+        failed = True
+        try:
+            await self.app(scope, receive, send_with_headers)
+            failed = not 0 < status < 400
+        except AIError as err:
+            add_headers(err, admission)
+            raise
+        finally:
+            if limiter.settled(admission, ctx, failed=failed):
+                pass
+            elif limiter.refreshes:  # a shared store: shielded I/O
+                await settle(limiter, admission, ctx, failed)
+            else:  # in-process: completes without a checkpoint, so it cannot be interrupted
+                try:
+                    await limiter.finish(admission, ctx, failed=failed)
+                except Exception:  # never let bookkeeping hide the response or the real error
+                    logger.exception("rate-limit reconciliation failed")

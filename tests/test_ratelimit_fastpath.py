@@ -1,0 +1,91 @@
+"""The precomputed per-request paths equal their general forms: headers and integer cost."""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aimiddleware.headers import go_duration
+from aimiddleware.pricing import PriceTable
+from aimiddleware.ratelimit.backend import WindowState
+from aimiddleware.ratelimit.estimate import Estimate, Estimator
+from aimiddleware.ratelimit.headers import HeaderPlan, go_ms, rate_limit_headers
+from aimiddleware.ratelimit.policy import COST_SCALE, Policy
+from aimiddleware.usage.models import Usage
+
+POLICY = Policy(
+    requests="5/second;60/minute",
+    tokens="1000/minute;100000/day",
+    cost="2.50/day",
+    input_tokens="700/minute",
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 200_000), st.integers(0, 200_000), st.floats(0, 1), st.integers(0, 3)
+        ),
+        min_size=len(POLICY.limits),
+        max_size=len(POLICY.limits),
+    ),
+    st.sampled_from([0, 1, 7]),
+    st.integers(0, 9),
+)
+def test_header_plan_renders_what_rate_limit_headers_computes(
+    raw: list[tuple[int, int, float, int]], concurrency: int, in_flight: int
+) -> None:
+    states = []
+    for lim, (prev, curr, at, index) in zip(POLICY.limits, raw, strict=True):
+        window = lim.window * 1000
+        states.append(WindowState(index, prev, curr, min(window - 1, int(at * window))))
+    expected = rate_limit_headers(POLICY.limits, states, concurrency, in_flight)
+    got = HeaderPlan(POLICY.limits, concurrency).render(states, in_flight)
+    assert got == [(k.encode(), v.encode()) for k, v in expected]
+
+
+@given(st.integers(-5, 10**11))
+def test_go_ms_is_go_duration_without_float_noise(ms: int) -> None:
+    # go_duration(ms / 1000) may round up by one millisecond (binary floats); never down.
+    ours, theirs = go_ms(ms), go_duration(ms / 1000)
+    assert ours == theirs or go_ms(ms + 1) == theirs
+
+
+def test_go_ms_examples() -> None:
+    assert [go_ms(v) for v in (0, 12, 1000, 2500, 60_000, 360_000, 3_723_004)] == [
+        "0s", "12ms", "1s", "2.5s", "1m0s", "6m0s", "1h2m3.004s",
+    ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(0, 10**7), st.integers(0, 10**6), st.integers(0, 10**6),
+    st.integers(0, 10**6), st.integers(0, 10**6),
+    st.sampled_from(["plain", "cached"]),
+)
+def test_integer_cost_equals_decimal_cost(
+    inp: int, out: int, cached: int, created: int, reasoning: int, model: str
+) -> None:
+    prices = PriceTable({
+        "plain": {"input": "0.15", "output": "0.60"},
+        "cached": {"input": "3", "output": "15", "cached_input": "0.3",
+                   "cache_creation": "3.75", "reasoning": "12.5"},
+    })
+    est = Estimator(None, prices, 16)
+    price = prices.price(model)
+    assert price is not None
+    plain = (Decimal(inp) * price.input + Decimal(out) * price.output) / Decimal(10**6)
+    assert est.price_units(model, inp, out) == math.ceil(plain * COST_SCALE)
+    usage = Usage(
+        input_tokens=inp + cached + created, output_tokens=out + reasoning,
+        cached_input_tokens=cached, cache_creation_input_tokens=created,
+        reasoning_tokens=reasoning,
+    )
+    actual = est.actual(Estimate(model, 0, 0, Decimal(0)), usage, model)
+    expected = prices.estimate(model, usage)
+    assert expected is not None
+    assert actual.cost_units == math.ceil(expected * COST_SCALE)
