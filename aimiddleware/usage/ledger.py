@@ -14,6 +14,7 @@ a unique ``record_id`` so a retried write that had in fact landed is not counted
 
 from __future__ import annotations
 
+import abc
 import collections
 import functools
 import logging
@@ -233,7 +234,7 @@ def _day_range(start: date | None, end: date | None) -> tuple[str, str]:
     return (start.isoformat() if start else "0000-00-00", end.isoformat() if end else "9999-99-99")
 
 
-class Ledger:
+class Ledger(abc.ABC):
     """Base: the retry buffer around a backend's ``_write``; subclasses do the storage."""
 
     #: Whether a write does I/O (and so needs a timeout, and shielding from cancellation).
@@ -295,9 +296,11 @@ class Ledger:
         logger.warning("usage ledger write failed for %s; will retry", rec.request_id,
                        exc_info=True)
 
+    @abc.abstractmethod
     async def _write(self, rec: UsageRecord) -> None:
-        raise NotImplementedError
+        """Implemented by each backend."""
 
+    @abc.abstractmethod
     async def query(
         self,
         principal: str,
@@ -307,14 +310,14 @@ class Ledger:
         model: str | None = None,
     ) -> list[UsageAggregate]:
         """The principal's aggregates by day and model, oldest first, ``start..end`` inclusive."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def get_request(self, principal: str, request_id: str) -> RequestRecord | None:
-        raise NotImplementedError
+        """Implemented by each backend."""
 
+    @abc.abstractmethod
     async def add_feedback(self, principal: str, feedback: Feedback) -> bool:
         """Attach feedback to the principal's own request; ``False`` if no such request."""
-        raise NotImplementedError
 
     async def aclose(self) -> None:
         await self.flush()
