@@ -55,22 +55,16 @@ class JobError(_Frozen):
     retryable: bool = False
 
 
-class Job(_Frozen):
-    """One asynchronous job, as stored and as shown to its owner (``principal`` excluded)."""
+class _Record(_Frozen):
+    """What jobs and batches share: identity, owner, lifecycle, cost and timestamps."""
 
-    object: Literal["job"] = "job"
+    object: str
     id: str
     principal: str = Field(exclude=True)
     status: JobStatus = "queued"
-    input: Any = None
-    progress: float | None = None
-    message: str | None = None
-    partial_output: list[Any] = Field(default_factory=list)
-    result: Any = None
-    error: JobError | None = None
     usage: Usage | None = None
     cost: Decimal = Decimal(0)
-    steps: int = 0
+    error: JobError | None = None
     callback_url: str | None = None
     fingerprint: str = Field(default="", exclude=True)
     created_at: float = Field(default_factory=time.time)
@@ -88,10 +82,25 @@ class Job(_Frozen):
 
     def stored(self) -> str:
         """The JSON a store keeps (with the fields hidden from clients)."""
+        return _dumps(self._stored_data())
+
+    def _stored_data(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")
         data["principal"] = self.principal
         data["fingerprint"] = self.fingerprint
-        return _dumps(data)
+        return data
+
+
+class Job(_Record):
+    """One asynchronous job, as stored and as shown to its owner (``principal`` excluded)."""
+
+    object: Literal["job"] = "job"
+    input: Any = None
+    progress: float | None = None
+    message: str | None = None
+    partial_output: list[Any] = Field(default_factory=list)
+    result: Any = None
+    steps: int = 0
 
 
 class BatchItem(_Frozen):
@@ -116,7 +125,7 @@ class BatchCounts(_Frozen):
     expired: int = 0
 
 
-class Batch(_Frozen):
+class Batch(_Record):
     """A batch of items run by the job function with bounded concurrency.
 
     ``status`` follows the job statuses; a batch whose items errored still ``completed``:
@@ -124,38 +133,20 @@ class Batch(_Frozen):
     """
 
     object: Literal["batch"] = "batch"
-    id: str
-    principal: str = Field(exclude=True)
-    status: JobStatus = "queued"
     items: list[BatchItem] = Field(default_factory=list, exclude=True)
     counts: BatchCounts = Field(default_factory=BatchCounts)
     total: int = 0
-    usage: Usage | None = None
-    cost: Decimal = Decimal(0)
-    error: JobError | None = None
-    callback_url: str | None = None
-    fingerprint: str = Field(default="", exclude=True)
-    created_at: float = Field(default_factory=time.time)
-    started_at: float | None = None
-    finished_at: float | None = None
-    expires_at: float | None = None
-
-    @property
-    def terminal(self) -> bool:
-        return self.status in TERMINAL
 
     def public(self) -> dict[str, Any]:
-        data = self.model_dump(mode="json")
+        data = super().public()
         # Relative to the batch's own URL (``.../batches/{id}``), wherever the router is mounted.
         data["results_url"] = f"{self.id}/results" if self.terminal else None
         return data
 
-    def stored(self) -> str:
-        data = self.model_dump(mode="json")
-        data["principal"] = self.principal
-        data["fingerprint"] = self.fingerprint
+    def _stored_data(self) -> dict[str, Any]:
+        data = super()._stored_data()
         data["items"] = [i.model_dump(mode="json") for i in self.items]
-        return _dumps(data)
+        return data
 
 
 class DeliveryAttempt(_Frozen):
