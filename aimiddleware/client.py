@@ -177,6 +177,12 @@ def _buffer_kind(request: httpx.Request) -> Literal["replayable", "buffer", "onc
     return "once"  # a generator or iterator: it cannot be sent twice
 
 
+def _policy(policy: RetryPolicy | None, options: dict[str, Any]) -> RetryPolicy:
+    if policy is not None and options:
+        raise TypeError("pass either policy or RetryPolicy options, not both")
+    return policy if policy is not None else RetryPolicy(**options)
+
+
 class RetryTransport(httpx.BaseTransport):
     """Sync retrying transport around ``transport`` (default ``httpx.HTTPTransport()``).
 
@@ -190,11 +196,9 @@ class RetryTransport(httpx.BaseTransport):
         policy: RetryPolicy | None = None,
         **options: Any,
     ) -> None:
-        if policy is not None and options:
-            raise TypeError("pass either policy or RetryPolicy options, not both")
         if transport is not None and not isinstance(transport, httpx.BaseTransport):
             raise TypeError("transport must be an httpx.BaseTransport")
-        self.policy = policy if policy is not None else RetryPolicy(**options)
+        self.policy = _policy(policy, options)
         self._transport = transport if transport is not None else httpx.HTTPTransport()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
@@ -239,11 +243,9 @@ class AsyncRetryTransport(httpx.AsyncBaseTransport):
         policy: RetryPolicy | None = None,
         **options: Any,
     ) -> None:
-        if policy is not None and options:
-            raise TypeError("pass either policy or RetryPolicy options, not both")
         if transport is not None and not isinstance(transport, httpx.AsyncBaseTransport):
             raise TypeError("transport must be an httpx.AsyncBaseTransport")
-        self.policy = policy if policy is not None else RetryPolicy(**options)
+        self.policy = _policy(policy, options)
         self._transport = transport if transport is not None else httpx.AsyncHTTPTransport()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
