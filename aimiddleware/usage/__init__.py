@@ -21,6 +21,7 @@ __all__ = [
     "RequestRecord",
     "SQLiteLedger",
     "Usage",
+    "UsageAccounting",
     "UsageAggregate",
     "UsageConfig",
     "UsageMiddleware",
@@ -46,7 +47,8 @@ _LAZY = {
     "SQLiteLedger": "ledger_sqlite",
     "UsageConfig": "config",
     "UsageMiddleware": "middleware",
-    "UsageSettings": "middleware",
+    "UsageAccounting": "accounting",
+    "UsageSettings": "accounting",
     "UsageRoutes": "routes",
 }
 
