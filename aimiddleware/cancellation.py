@@ -170,7 +170,7 @@ class CancellationMiddleware:
             return
         state = scope.get("state")
         ctx = state.get(SCOPE_KEY) if state is not None else None
-        await _Call(self, scope, receive, send, ctx, timeout).run()
+        await _Call(self, self.app, scope, receive, send, ctx, timeout).run()
 
 
 def _seconds(value: float | None) -> float | None:
@@ -227,6 +227,7 @@ class _Call:
 
     __slots__ = (
         "__weakref__",
+        "app",
         "app_returned",
         "app_scope",
         "context",
@@ -249,6 +250,7 @@ class _Call:
     def __init__(
         self,
         mw: CancellationMiddleware,
+        app: ASGIApp,
         scope: Scope,
         receive: Receive,
         send: Send,
@@ -256,6 +258,7 @@ class _Call:
         timeout: float | None,
     ) -> None:
         self.mw = mw
+        self.app = app
         self.scope = scope
         self.receive = receive
         self.send = send
@@ -288,6 +291,10 @@ class _Call:
             self.pending.append(message)
             if message["type"] != "http.request" or not message.get("more_body", False):
                 break
+        await self.serve()
+
+    async def serve(self) -> None:
+        """Call the app under watch (its body already in ``pending``)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # another anyio backend (trio): a task group, watching at once
@@ -326,7 +333,7 @@ class _Call:
             error = None
             try:
                 with self.app_scope:  # (_call_app inlined: one coroutine less per request)
-                    await self.mw.app(self.scope, self._receive, send)
+                    await self.app(self.scope, self._receive, send)
                     self.app_returned = True
             except Exception as exc:
                 error = exc
@@ -367,7 +374,7 @@ class _Call:
         assert self.app_scope is not None
         try:
             with self.app_scope:
-                await self.mw.app(self.scope, self._receive, send)
+                await self.app(self.scope, self._receive, send)
                 self.app_returned = True
         except Exception as exc:  # re-raised by run(), outside any task group, unwrapped
             return exc

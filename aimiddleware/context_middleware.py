@@ -78,7 +78,48 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        ctx, content_length, has_key = self.new_context(scope)
+        rid_header = (self.header, ctx.request_id.encode("latin-1"))
 
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                ctx.response_status = message["status"]
+                headers = list(message.get("headers", ()))
+                for k, _ in headers:
+                    if k.lower() == rid_header[0]:
+                        break
+                else:
+                    headers.append(rid_header)
+                message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                ctx.response_complete = True
+            await send(message)
+
+        token = _current.set(ctx)
+        try:
+            if not await self.read_request(ctx, scope, receive, send_with_id, content_length,
+                                           has_key):
+                return
+            replayed = False
+
+            async def replay(body: bytes = ctx.body) -> Message:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                message = await receive()
+                if message["type"] == "http.disconnect" and not ctx.response_complete:
+                    # (servers also answer http.disconnect once a response is complete)
+                    ctx.disconnected = True
+                return message
+
+            await self.app(scope, replay, send_with_id)
+        finally:
+            _current.reset(token)
+
+    def new_context(self, scope: Scope) -> tuple[RequestContext, int | None, bool]:
+        """The request's context (also at ``scope["state"]``), its declared Content-Length
+        (``-1``: not an integer) and whether it carries an API key header."""
         incoming_id = traceparent = tracestate = None
         content_length: int | None = None
         has_key = False  # an authorization or x-api-key header (for the default principal)
@@ -97,23 +138,6 @@ class RequestContextMiddleware:
             request_id = incoming_id
         else:
             request_id = new_request_id()
-
-        rid_header = (self.header, request_id.encode("latin-1"))
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                ctx.response_status = message["status"]
-                headers = list(message.get("headers", ()))
-                for k, _ in headers:
-                    if k.lower() == rid_header[0]:
-                        break
-                else:
-                    headers.append(rid_header)
-                message = {**message, "headers": headers}
-            elif message["type"] == "http.response.body" and not message.get("more_body"):
-                ctx.response_complete = True
-            await send(message)
-
         ctx = RequestContext(
             request_id=request_id,
             principal="anonymous",
@@ -123,53 +147,48 @@ class RequestContextMiddleware:
             tracestate_header=tracestate,
         )
         scope.setdefault("state", {})[SCOPE_KEY] = ctx
-        token = _current.set(ctx)
+        return ctx, content_length, has_key
+
+    async def read_request(
+        self,
+        ctx: RequestContext,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        content_length: int | None,
+        has_key: bool,
+    ) -> bool:
+        """Resolve the principal and read the body into ``ctx``. False: the request was
+        answered here (a typed error sent through ``send``) or the client left."""
         try:
-            try:
-                if self.principal is not None:
-                    ctx.principal = await self._resolve_principal(scope)
-                elif has_key:
-                    ctx.principal = default_principal(scope)
-                else:  # (what default_principal answers without a key, without the scan)
-                    client = scope.get("client")
-                    ctx.principal = f"ip_{client[0]}" if client else "anonymous"
-                if content_length == -1:
-                    raise InvalidRequest("Content-Length is not a valid integer.")
-                limit = self.max_body_size
-                if limit is not None and content_length is not None and content_length > limit:
-                    raise _too_large(limit)
-                message = await receive()
-                if (
-                    message["type"] == "http.request"
-                    and not message.get("more_body", False)
-                    and (limit is None or len(message.get("body", b"")) <= limit)
-                ):  # the whole body in one message (the usual case): no read loop
-                    ctx.body = message.get("body", b"")
-                else:
-                    ctx.body = await self._read_body(receive, limit, message)
-            except AIError as err:
-                await send_problem(send_with_id, err, request_id, type_base=self.type_base)
-                return
-            except _Disconnected:
-                ctx.disconnected = True
-                return
-
-            replayed = False
-
-            async def replay(body: bytes = ctx.body) -> Message:
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                message = await receive()
-                if message["type"] == "http.disconnect" and not ctx.response_complete:
-                    # (servers also answer http.disconnect once a response is complete)
-                    ctx.disconnected = True
-                return message
-
-            await self.app(scope, replay, send_with_id)
-        finally:
-            _current.reset(token)
+            if self.principal is not None:
+                ctx.principal = await self._resolve_principal(scope)
+            elif has_key:
+                ctx.principal = default_principal(scope)
+            else:  # (what default_principal answers without a key, without the scan)
+                client = scope.get("client")
+                ctx.principal = f"ip_{client[0]}" if client else "anonymous"
+            if content_length == -1:
+                raise InvalidRequest("Content-Length is not a valid integer.")
+            limit = self.max_body_size
+            if limit is not None and content_length is not None and content_length > limit:
+                raise _too_large(limit)
+            message = await receive()
+            if (
+                message["type"] == "http.request"
+                and not message.get("more_body", False)
+                and (limit is None or len(message.get("body", b"")) <= limit)
+            ):  # the whole body in one message (the usual case): no read loop
+                ctx.body = message.get("body", b"")
+            else:
+                ctx.body = await self._read_body(receive, limit, message)
+        except AIError as err:
+            await send_problem(send, err, ctx.request_id, type_base=self.type_base)
+            return False
+        except _Disconnected:
+            ctx.disconnected = True
+            return False
+        return True
 
     async def _resolve_principal(self, scope: Scope) -> str:
         if self.principal is not None:

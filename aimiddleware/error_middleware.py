@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from aimiddleware._asgi import send_problem
-from aimiddleware.context import _current, current_or_none
+from aimiddleware.context import RequestContext, _current, current_or_none
 from aimiddleware.errors import (
     DEFAULT_TYPE_BASE,
     AIError,
@@ -71,38 +71,51 @@ class ErrorMiddleware:
         except Exception as exc:
             if ctx is not None:
                 started = ctx.response_status is not None
-            err = self.mapper.map(exc)
-            if (
-                isinstance(exc, (json.JSONDecodeError, RecursionError))
-                and ctx
-                and ctx.body
-                and ctx.json() is None
-            ):
-                # The endpoint parsed the client's malformed body: that is the client's error.
-                err = InvalidRequest("The request body is not valid JSON (or nests too deeply).")
-            request_id = ctx.request_id if ctx is not None else None
-            if err.status >= 500 and not isinstance(exc, AIError):
-                logger.error(
-                    "unhandled %s on %s %s [request_id=%s]",
-                    type(exc).__name__,
-                    scope.get("method"),
-                    scope.get("path"),
-                    request_id,
-                    exc_info=exc,
-                )
-            if self.on_error is not None:
-                self.on_error(err, exc)
-            if not started:
-                await send_problem(send, err, request_id, type_base=self.type_base)
-            elif ctx is not None and ctx.stream_error_writer is not None:
-                await ctx.stream_error_writer(err)
-            else:
-                logger.error(
-                    "%s after the response started; closing the connection [request_id=%s]",
-                    err.code,
-                    request_id,
-                )
-                raise
+            await self.handle(exc, scope, ctx, send, started=started)
+
+    async def handle(
+        self,
+        exc: Exception,
+        scope: Scope,
+        ctx: RequestContext | None,
+        send: Send,
+        *,
+        started: bool,
+    ) -> None:
+        """Answer ``exc`` raised below: a problem response through ``send`` before the response
+        started, an error event on a started event stream; else log and re-raise."""
+        err = self.mapper.map(exc)
+        if (
+            isinstance(exc, (json.JSONDecodeError, RecursionError))
+            and ctx
+            and ctx.body
+            and ctx.json() is None
+        ):
+            # The endpoint parsed the client's malformed body: that is the client's error.
+            err = InvalidRequest("The request body is not valid JSON (or nests too deeply).")
+        request_id = ctx.request_id if ctx is not None else None
+        if err.status >= 500 and not isinstance(exc, AIError):
+            logger.error(
+                "unhandled %s on %s %s [request_id=%s]",
+                type(exc).__name__,
+                scope.get("method"),
+                scope.get("path"),
+                request_id,
+                exc_info=exc,
+            )
+        if self.on_error is not None:
+            self.on_error(err, exc)
+        if not started:
+            await send_problem(send, err, request_id, type_base=self.type_base)
+        elif ctx is not None and ctx.stream_error_writer is not None:
+            await ctx.stream_error_writer(err)
+        else:
+            logger.error(
+                "%s after the response started; closing the connection [request_id=%s]",
+                err.code,
+                request_id,
+            )
+            raise exc
 
 
 def register_exception_handlers(

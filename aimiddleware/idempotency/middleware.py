@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from aimiddleware._asgi import get_header
 from aimiddleware.context import SCOPE_KEY, RequestContext
 from aimiddleware.errors import DEFAULT_TYPE_BASE
 from aimiddleware.idempotency.config import IdempotencyConfig
@@ -60,21 +61,20 @@ class IdempotencyMiddleware:
         self._header = self.engine.header
         self._required = self.engine.config.required
 
+    def applies(self, scope: Scope) -> bool:
+        """Does this request go through the engine? (Its method is covered, and it carries
+        the key header or keys are required.) The hot path: no key, one header scan."""
+        if scope["method"] not in self._methods and not self.engine.applies(scope["method"]):
+            return False
+        if self._required:
+            return True
+        return get_header(scope["headers"], self._header) is not None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (
-            scope["method"] not in self._methods and not self.engine.applies(scope["method"])
-        ):
+        if scope["type"] != "http" or not self.applies(scope):
             await self.app(scope, receive, send)
             return
         ctx = context_of(scope)
-        if not self._required:  # the hot path: no key, nothing to do but look for it
-            name = self._header
-            for key, _ in scope["headers"]:
-                if key == name:
-                    break
-            else:
-                await self.app(scope, receive, send)
-                return
         begin = await self.engine.begin(ctx, scope["headers"], scope.get("query_string", b""))
         if begin.lease is not None:
             await self.engine.run(

@@ -12,7 +12,7 @@ from aimiddleware.context import RequestContext
 from aimiddleware.errors import AIError, StoreUnavailable
 from aimiddleware.ratelimit.limiter import Admission, RateLimiter
 
-__all__ = ["add_headers", "run_admitted", "settle"]
+__all__ = ["add_headers", "run_admitted", "run_request", "settle"]
 
 logger = logging.getLogger("aimiddleware.ratelimit")
 
@@ -42,6 +42,38 @@ async def run_admitted(
     finally:
         if not limiter.settled(admission, ctx, failed=failed):
             await settle(limiter, admission, ctx, failed)
+
+
+async def run_request(
+    limiter: RateLimiter,
+    admission: Admission,
+    ctx: RequestContext,
+    call: Callable[[], Awaitable[Any]],
+) -> None:
+    """:func:`run_admitted` for an ASGI request: a failure is a response status outside
+    1xx-3xx (or none). Without a lease to keep alive, the same steps inline (cheaper)."""
+    if admission.lease is not None and limiter.refreshes:
+        await run_admitted(limiter, admission, ctx, call, lambda _: _failed(ctx))
+        return
+    failed = True
+    try:
+        await call()
+        failed = _failed(ctx)
+    except AIError as err:
+        add_headers(err, admission)
+        raise
+    finally:
+        if limiter.settled(admission, ctx, failed=failed):
+            pass
+        elif limiter.refreshes:  # a shared store: shielded I/O
+            await settle(limiter, admission, ctx, failed)
+        else:  # in-process: completes without a checkpoint, so it cannot be interrupted
+            await _finish(limiter, admission, ctx, failed)
+
+
+def _failed(ctx: RequestContext) -> bool:
+    status = ctx.response_status
+    return status is None or not 0 < status < 400
 
 
 def add_headers(err: AIError, admission: Admission) -> None:

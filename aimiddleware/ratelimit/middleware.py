@@ -9,22 +9,18 @@ lets through (replacing any the app set, so none is duplicated), and after the a
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from aimiddleware._asgi import get_header
 from aimiddleware.context import SCOPE_KEY, RequestContext
-from aimiddleware.errors import AIError
-from aimiddleware.ratelimit._run import add_headers, run_admitted, settle
+from aimiddleware.ratelimit._run import run_request
 from aimiddleware.ratelimit.headers import HEADER_NAMES
 from aimiddleware.ratelimit.limiter import RateLimiter
 from aimiddleware.ratelimit.policy import Policy
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["RateLimitMiddleware"]
-
-logger = logging.getLogger("aimiddleware.ratelimit")
+__all__ = ["RateLimitMiddleware", "with_headers"]
 
 _OURS = {name.encode() for name in HEADER_NAMES}
 
@@ -55,12 +51,14 @@ class RateLimitMiddleware:
         self.exact = frozenset(p for p in exempt if not p.endswith("*"))
         self.prefixes = tuple(p[:-1] for p in exempt if p.endswith("*"))
 
+    def is_exempt(self, path: str) -> bool:
+        return path in self.exact or (bool(self.prefixes) and path.startswith(self.prefixes))
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
-        if path in self.exact or path.startswith(self.prefixes or ("\0",)):
+        if self.is_exempt(scope["path"]):
             await self.app(scope, receive, send)
             return
         ctx: RequestContext | None = scope.get("state", {}).get(SCOPE_KEY)
@@ -71,39 +69,24 @@ class RateLimitMiddleware:
             ctx, content_type=get_header(scope["headers"], b"content-type")
         )
         extra = admission.raw_headers
-        status = 0
+        started = False
 
         async def send_with_headers(message: Message) -> None:
-            nonlocal status
-            if not status and message["type"] == "http.response.start":
-                status = message["status"]
+            nonlocal started
+            if not started and message["type"] == "http.response.start":
+                started = True
                 if extra:
-                    kept = [h for h in message.get("headers", ()) if h[0].lower() not in _OURS]
-                    message = {**message, "headers": kept + extra}
+                    headers = with_headers(message.get("headers", ()), extra)
+                    message = {**message, "headers": headers}
             await send(message)
 
-        if admission.lease is not None and limiter.refreshes:  # a lease to keep alive
+        await run_request(
+            limiter, admission, ctx, lambda: self.app(scope, receive, send_with_headers)
+        )
 
-            async def call() -> None:
-                await self.app(scope, receive, send_with_headers)
 
-            await run_admitted(limiter, admission, ctx, call, lambda _: not 0 < status < 400)
-            return
-        # No lease refresh to run beside the app: the same steps as run_admitted, inline.
-        failed = True
-        try:
-            await self.app(scope, receive, send_with_headers)
-            failed = not 0 < status < 400
-        except AIError as err:
-            add_headers(err, admission)
-            raise
-        finally:
-            if limiter.settled(admission, ctx, failed=failed):
-                pass
-            elif limiter.refreshes:  # a shared store: shielded I/O
-                await settle(limiter, admission, ctx, failed)
-            else:  # in-process: completes without a checkpoint, so it cannot be interrupted
-                try:
-                    await limiter.finish(admission, ctx, failed=failed)
-                except Exception:  # never let bookkeeping hide the response or the real error
-                    logger.exception("rate-limit reconciliation failed")
+def with_headers(
+    headers: Iterable[tuple[bytes, bytes]], ours: list[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    """A response's ``headers`` with our rate-limit headers instead of any it set itself."""
+    return [h for h in headers if h[0].lower() not in _OURS] + ours

@@ -42,7 +42,14 @@ from aimiddleware.usage.accounting import (
 from aimiddleware.usage.extract import from_response, from_stream_event
 from aimiddleware.usage.ledger import Ledger
 
-__all__ = ["DEFAULT_MAX_JSON_BODY", "UsageMiddleware", "UsageSettings", "ledger_for"]
+__all__ = [
+    "DEFAULT_MAX_JSON_BODY",
+    "Responder",
+    "UsageMiddleware",
+    "UsageSettings",
+    "ledger_for",
+    "serve",
+]
 
 logger = logging.getLogger("aimiddleware.usage")
 
@@ -88,18 +95,23 @@ class UsageMiddleware:
             logger.warning("UsageMiddleware without RequestContextMiddleware: nothing measured")
             await self.app(scope, receive, send)
             return
-        acc = self.accounting
-        ctx.state[STATE_KEY] = acc.settings
-        responder = _Responder(acc, ctx, send)
-        try:
-            await self.app(scope, receive, responder.send)
-            await responder.release()
-        finally:
-            if acc.shield:
-                with anyio.CancelScope(shield=True):  # record even a cancelled request
-                    await acc.finish(ctx)
-            else:
+        await serve(self.app, scope, receive, Responder(self.accounting, ctx, send))
+
+
+async def serve(app: ASGIApp, scope: Scope, receive: Receive, responder: Responder) -> None:
+    """Call ``app`` with ``responder.send``; settle and record, whatever happens."""
+    acc, ctx = responder.acc, responder.ctx
+    assert acc is not None
+    ctx.state[STATE_KEY] = acc.settings
+    try:
+        await app(scope, receive, responder.send)
+        await responder.release()
+    finally:
+        if acc.shield:
+            with anyio.CancelScope(shield=True):  # record even a cancelled request
                 await acc.finish(ctx)
+        else:
+            await acc.finish(ctx)
 
 
 def _parse_json(raw: bytes) -> Any:
@@ -128,12 +140,17 @@ def _head_info(headers: Any) -> tuple[bytes, int | None]:
     return ctype or b"", length
 
 
-class _Responder:
-    """One request's ``send`` wrapper: pass, hold (JSON) or scan (event stream)."""
+class Responder:
+    """One request's ``send`` wrapper: pass, hold (JSON) or scan (event stream).
+
+    Every response head leaves through :meth:`send_start` (a subclass adds its own headers
+    there: ``install()``'s stack adds every layer's in this one wrapper). ``acc=None``: no
+    usage accounting, heads pass at once.
+    """
 
     __slots__ = ("_send", "acc", "chunks", "ctx", "mode", "size", "start", "tail")
 
-    def __init__(self, acc: UsageAccounting, ctx: RequestContext, send: Send) -> None:
+    def __init__(self, acc: UsageAccounting | None, ctx: RequestContext, send: Send) -> None:
         self.acc, self.ctx, self._send = acc, ctx, send
         self.mode = "start"  # start -> hold | scan | pass
         self.start: Message | None = None
@@ -157,15 +174,21 @@ class _Responder:
                 self._scan(message.get("body", b""), final=not message.get("more_body", False))
             await self._send(message)
 
+    async def send_start(self, message: Message, added: list[tuple[bytes, bytes]]) -> None:
+        """Send a response head with the usage headers ``added``."""
+        await self._send({**message, "headers": [*message.get("headers", ()), *added]})
+
     async def _on_start(self, message: Message) -> None:
-        headers = message.get("headers", ())
-        ctype, length = _head_info(headers)
         mw = self.acc
+        if mw is None:
+            self.mode = "pass"
+            await self.send_start(message, [])
+            return
+        ctype, length = _head_info(message.get("headers", ()))
         if ctype == b"text/event-stream":
             self.ctx.streaming = True
             self.mode = "scan"
-            duration = (mw._h_duration, b"%.1f" % self.ctx.elapsed_ms)
-            await self._send({**message, "headers": [*headers, duration]})
+            await self.send_start(message, [(mw._h_duration, b"%.1f" % self.ctx.elapsed_ms)])
         elif (ctype == b"application/json" or ctype.endswith(b"+json")) and (
             length is None or length <= mw.max_json_body
         ) and mw.max_json_body > 0:
@@ -173,7 +196,7 @@ class _Responder:
         else:
             self.mode = "pass"
             mw.settle(self.ctx)
-            await self._send({**message, "headers": [*headers, *mw.headers(self.ctx)]})
+            await self.send_start(message, mw.headers(self.ctx))
 
     async def release(self) -> None:
         """The app returned while a JSON head was held (no final body): send what we have."""
@@ -181,6 +204,7 @@ class _Responder:
             await self._on_held_body({"type": "http.response.body", "body": b""})
 
     async def _on_held_body(self, message: Message) -> None:
+        assert self.acc is not None
         body = message.get("body", b"")
         more = message.get("more_body", False)
         limit = self.acc.max_json_body
@@ -200,11 +224,11 @@ class _Responder:
 
     async def _release_held(self, *, more: bool) -> None:
         mw = self.acc
+        assert mw is not None
         mw.settle(self.ctx)
         start, self.start, self.mode = self.start, None, "pass"
         if start is not None:
-            headers = [*start.get("headers", ()), *mw.headers(self.ctx)]
-            await self._send({**start, "headers": headers})
+            await self.send_start(start, mw.headers(self.ctx))
         chunks, self.chunks = self.chunks, []
         body = chunks[0] if len(chunks) == 1 and type(chunks[0]) is bytes else b"".join(chunks)
         if body or not more:
@@ -212,6 +236,7 @@ class _Responder:
 
     def _scan(self, chunk: bytes, *, final: bool) -> None:
         """Read ``data:`` lines carrying usage as the stream passes; keep only a partial line."""
+        assert self.acc is not None
         data = self.tail + chunk
         lines = data.split(b"\n")
         self.tail = b"" if final else lines.pop()

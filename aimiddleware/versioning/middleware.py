@@ -11,6 +11,7 @@ answer two helper routes: a models list and a migration check (both off by defau
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -175,11 +176,35 @@ class VersioningMiddleware:
         return None
 
     async def serve(self, scope: Scope, receive: Receive, send: Send, ctx: RequestContext) -> None:
-        """Resolve, then call the app with the headers added (also used by the migration check).
+        """Resolve, then call the app with the headers added (also used by the migration check)."""
+        scope, raw = await self.resolve(scope, ctx)
+        if not raw:
+            await self.app(scope, receive, send)
+            return
+        started = False
 
-        The common case (an active version and model) reads no clock and builds nothing but
-        the response start's header list: lifecycle facts, encoded echo headers and merged
-        deprecation headers are computed once per version, model name and combination.
+        async def send_with_headers(message: Message) -> None:
+            nonlocal started
+            if not started and message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": self.add_headers(message.get("headers", ()), raw)}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    def is_helper_route(self, path: str) -> bool:
+        """Does this layer answer ``path`` itself (the models list, the migration check)?"""
+        return path == self.models_path or path == self.migration_path
+
+    async def resolve(
+        self, scope: Scope, ctx: RequestContext
+    ) -> tuple[Scope, tuple[tuple[bytes, bytes], ...]]:
+        """Resolve the API version and the model into ``ctx`` (raising the typed errors);
+        the scope to call the app with and the raw headers to add to its response.
+
+        The common case (an active version and model) reads no clock and builds nothing:
+        lifecycle facts, encoded echo headers and merged deprecation headers are computed
+        once per version, model name and combination.
         """
         now: datetime | None = None
         raw: tuple[tuple[bytes, bytes], ...] = ()
@@ -234,27 +259,20 @@ class VersioningMiddleware:
             ]
             for u in used:
                 await self.monitor.record(_call(ctx, u, now))
-        if not raw:
-            await self.app(scope, receive, send)
-            return
+        return scope, raw
+
+    def add_headers(
+        self, headers: Iterable[tuple[bytes, bytes]], raw: tuple[tuple[bytes, bytes], ...]
+    ) -> list[tuple[bytes, bytes]]:
+        """``headers`` (a response's) with ``raw`` added; one the endpoint set itself (say a
+        ``@deprecated`` route) is kept, except ``link`` and ``vary``, which add up."""
+        out = list(headers)
         added = self._added_names
-        started = False
-
-        async def send_with_headers(message: Message) -> None:
-            nonlocal started
-            if not started and message["type"] == "http.response.start":
-                started = True
-                headers = list(message.get("headers", ()))
-                for key, _ in headers:
-                    if key.lower() in added:  # rare: the endpoint set one of ours itself
-                        headers = _merge(headers, raw)
-                        break
-                else:
-                    headers.extend(raw)
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
+        for key, _ in out:
+            if key.lower() in added:  # rare: the endpoint set one of ours itself
+                return _merge(out, raw)
+        out.extend(raw)
+        return out
 
     def _model_info(self, name: str) -> _ModelInfo:
         """Build (and cache) what serving ``name`` needs; ``NotFound`` if unknown."""
