@@ -30,7 +30,7 @@ from aimiddleware.errors import (
 )
 from aimiddleware.types import ASGIApp, Message, PrincipalResolver, Receive, Scope, Send
 
-__all__ = ["RequestContextMiddleware"]
+__all__ = ["RequestContextMiddleware", "replay_receive"]
 
 logger = logging.getLogger("aimiddleware")
 
@@ -100,20 +100,7 @@ class RequestContextMiddleware:
             if not await self.read_request(ctx, scope, receive, send_with_id, content_length,
                                            has_key):
                 return
-            replayed = False
-
-            async def replay(body: bytes = ctx.body) -> Message:
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                message = await receive()
-                if message["type"] == "http.disconnect" and not ctx.response_complete:
-                    # (servers also answer http.disconnect once a response is complete)
-                    ctx.disconnected = True
-                return message
-
-            await self.app(scope, replay, send_with_id)
+            await self.app(scope, replay_receive(ctx, receive), send_with_id)
         finally:
             _current.reset(token)
 
@@ -224,6 +211,25 @@ class RequestContextMiddleware:
                 break
             message = await receive()
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def replay_receive(ctx: RequestContext, receive: Receive) -> Receive:
+    """The app's ``receive``: the body already read into ``ctx``, then the server's messages
+    (a disconnect before the response is complete marks ``ctx.disconnected``)."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": ctx.body, "more_body": False}
+        message = await receive()
+        if message["type"] == "http.disconnect" and not ctx.response_complete:
+            # (servers also answer http.disconnect once a response is complete)
+            ctx.disconnected = True
+        return message
+
+    return replay
 
 
 def _too_large(limit: int) -> RequestTooLarge:

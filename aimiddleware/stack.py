@@ -28,8 +28,9 @@ from aimiddleware.idempotency.config import IdempotencyConfig
 from aimiddleware.idempotency.middleware import IdempotencyMiddleware
 from aimiddleware.openapi import document_stack
 from aimiddleware.ratelimit import Policy, RateLimiter, RateLimitMiddleware
+from aimiddleware.stack_middleware import StackMiddleware
 from aimiddleware.storage import Storage
-from aimiddleware.types import ASGIApp, PrincipalResolver
+from aimiddleware.types import PrincipalResolver
 from aimiddleware.usage.config import UsageConfig
 from aimiddleware.usage.middleware import UsageMiddleware
 from aimiddleware.versioning.config import VersioningConfig
@@ -131,10 +132,6 @@ def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
             document_stack(
                 app, rate_limit_headers=config.ratelimit is not None, idempotency_methods=methods
             )
-        for cls, kwargs in reversed(layers):  # Starlette: the last added is the outermost
-            app.add_middleware(cls, **kwargs)
+        app.add_middleware(StackMiddleware, layers=layers)
         return app
-    wrapped: ASGIApp = app
-    for cls, kwargs in reversed(layers):
-        wrapped = cls(wrapped, **kwargs)
-    return wrapped
+    return StackMiddleware(app, layers=layers)

@@ -243,10 +243,11 @@ def test_install_places_cancellation_just_inside_errors() -> None:
     from aimiddleware import ErrorMiddleware, RequestContextMiddleware
 
     app = install(Starlette())
-    order = [m.cls for m in app.user_middleware]  # outermost first
+    order = [cls for cls, _ in app.user_middleware[0].kwargs["layers"]]  # outermost first
     assert order[:3] == [RequestContextMiddleware, ErrorMiddleware, CancellationMiddleware]
     plain = install(Starlette(), cancellation=None)
-    assert CancellationMiddleware not in [m.cls for m in plain.user_middleware]
+    plain_layers = plain.user_middleware[0].kwargs["layers"]
+    assert CancellationMiddleware not in [cls for cls, _ in plain_layers]
 
 
 async def test_disconnect_before_the_body_is_read_never_calls_the_app() -> None:

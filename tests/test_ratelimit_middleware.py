@@ -318,7 +318,8 @@ async def test_install_with_usage_layer_reconciles_a_proxied_openai_response(
         app, storage=storage, usage=UsageConfig(prices=PRICES, record=False),
         ratelimit=Policy(tokens="100000/minute", cost="1/day"),
     )
-    limiter = next(m.kwargs["limiter"] for m in app.user_middleware if "limiter" in m.kwargs)
+    layers = app.user_middleware[0].kwargs["layers"]
+    limiter = next(options["limiter"] for _, options in layers if "limiter" in options)
     async with client(app) as c:
         r = await c.post(CHAT, json={**BODY, "max_tokens": 3000})
     assert r.status_code == 200

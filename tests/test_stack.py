@@ -11,10 +11,17 @@ from starlette.applications import Starlette
 import aimiddleware
 from aimiddleware import ErrorMiddleware, RequestContextMiddleware, StackConfig, install
 from aimiddleware.context import current
+from aimiddleware.stack_middleware import StackMiddleware
+
+
+def layers(app: Starlette) -> list[tuple[type, dict[str, Any]]]:
+    (stack,) = app.user_middleware  # install() adds one middleware: the whole stack
+    assert stack.cls is StackMiddleware  # type: ignore[comparison-overlap]
+    return list(stack.kwargs["layers"])
 
 
 def layer_order(app: Starlette) -> list[type]:
-    return [m.cls for m in app.user_middleware]  # type: ignore[misc]
+    return [cls for cls, _ in layers(app)]
 
 
 def test_install_adds_layers_outermost_first() -> None:
@@ -26,9 +33,10 @@ def test_install_adds_layers_outermost_first() -> None:
 def test_install_options_override_the_config() -> None:
     cfg = StackConfig(max_body_size=10)
     app = install(Starlette(), cfg, request_id_header="x-correlation-id")
-    ctx_layer = app.user_middleware[0]
-    assert ctx_layer.kwargs["max_body_size"] == 10
-    assert ctx_layer.kwargs["request_id_header"] == "x-correlation-id"
+    cls, options = layers(app)[0]
+    assert cls is RequestContextMiddleware
+    assert options["max_body_size"] == 10
+    assert options["request_id_header"] == "x-correlation-id"
 
 
 def test_unknown_option_is_an_error() -> None:
@@ -44,7 +52,7 @@ async def test_install_wraps_a_plain_asgi_app() -> None:
         await send({"type": "http.response.body", "body": b"ok"})
 
     wrapped = install(raw)
-    assert isinstance(wrapped, RequestContextMiddleware)
+    assert isinstance(wrapped, StackMiddleware)
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=wrapped), base_url="http://t"
     ) as c:

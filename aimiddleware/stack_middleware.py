@@ -1,0 +1,217 @@
+"""``StackMiddleware``: the layers ``install()`` configures, composed as one ASGI callable.
+
+The layers are the objects a hand-built stack chains, outer to inner::
+
+    Context → Errors → Cancellation → Versioning → Idempotency → RateLimit → Usage → app
+
+and every step is theirs (reading the request, mapping errors, watching for a disconnect,
+resolving versions, admitting, accounting). What this class saves is the chaining: seven
+``__call__`` frames and five ``send`` wrappers per request, each copying the response head.
+Here one wrapper per request (a usage :class:`~aimiddleware.usage.middleware.Responder`)
+adds every layer's response headers at once, in the order the chain would: the app's own
+(less any rate-limit header it set), usage, rate limit, versioning, request id.
+
+A request on a rarer path (an ``Idempotency-Key``, a versioning helper route) continues
+through the chained layers from that layer inward, so it behaves exactly as it would in
+the chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from aimiddleware._asgi import get_header
+from aimiddleware.cancellation import CancellationMiddleware, _Call
+from aimiddleware.context import RequestContext, _current
+from aimiddleware.context_middleware import RequestContextMiddleware, replay_receive
+from aimiddleware.error_middleware import ErrorMiddleware
+from aimiddleware.idempotency.middleware import IdempotencyMiddleware
+from aimiddleware.ratelimit._run import run_request
+from aimiddleware.ratelimit.headers import HEADER_NAMES
+from aimiddleware.ratelimit.middleware import RateLimitMiddleware, with_headers
+from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
+from aimiddleware.usage.middleware import Responder, UsageMiddleware, serve
+from aimiddleware.versioning.middleware import VersioningMiddleware
+
+__all__ = ["StackMiddleware"]
+
+Layer = tuple[type[Any], dict[str, Any]]
+RawHeaders = list[tuple[bytes, bytes]]
+
+
+class StackMiddleware:
+    """``layers``: ``(middleware class, options)`` outermost first, as ``install()`` builds
+    them; the context and error layers are required, the others optional."""
+
+    def __init__(self, app: ASGIApp, *, layers: Sequence[Layer]) -> None:
+        self.app = app
+        self.layers = tuple(layers)
+        chain = app
+        built: dict[type[Any], Any] = {}
+        for cls, options in reversed(self.layers):
+            chain = cls(chain, **options)
+            built[cls] = chain
+        context = built.get(RequestContextMiddleware)
+        errors = built.get(ErrorMiddleware)
+        if context is None or errors is None:
+            raise ValueError("StackMiddleware needs the context and error layers")
+        self.context: RequestContextMiddleware = context
+        self.errors: ErrorMiddleware = errors
+        self.cancellation: CancellationMiddleware | None = built.get(CancellationMiddleware)
+        self.versioning: VersioningMiddleware | None = built.get(VersioningMiddleware)
+        self.idempotency: IdempotencyMiddleware | None = built.get(IdempotencyMiddleware)
+        self.ratelimit: RateLimitMiddleware | None = built.get(RateLimitMiddleware)
+        usage: UsageMiddleware | None = built.get(UsageMiddleware)
+        self.accounting = usage.accounting if usage is not None else None
+        # Response header names some layer sets: an app header among them needs the careful
+        # merge (each layer's own rule); any other head just gets ours appended.
+        ours = {self.context.header}
+        if self.ratelimit is not None:
+            ours.update(name.encode() for name in HEADER_NAMES)
+        if self.versioning is not None:
+            ours.update(self.versioning._added_names)
+        self._ours = frozenset(ours)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # every layer passes these through
+            await self.app(scope, receive, send)
+            return
+        context = self.context
+        ctx, content_length, has_key = context.new_context(scope)
+        exchange = _Exchange(self, ctx, send)
+        token = _current.set(ctx)
+        try:
+            if not await context.read_request(
+                ctx, scope, receive, exchange.outer, content_length, has_key
+            ):
+                return
+            try:
+                cancellation = self.cancellation
+                timeout = cancellation.timeout_for(scope["path"]) if cancellation else None
+                if cancellation is not None and (
+                    timeout is not None or cancellation.cancel_on_disconnect
+                ):
+                    call = _Call(
+                        cancellation, exchange.run, scope, receive, exchange.send, ctx, timeout
+                    )
+                    call.pending.append(
+                        {"type": "http.request", "body": ctx.body, "more_body": False}
+                    )
+                    await call.serve()
+                else:
+                    await exchange.run(scope, replay_receive(ctx, receive), exchange.send)
+            except Exception as exc:
+                started = ctx.response_status is not None
+                await self.errors.handle(exc, scope, ctx, exchange.outer, started=started)
+        finally:
+            _current.reset(token)
+
+    def merged_headers(
+        self,
+        headers: Iterable[tuple[bytes, bytes]],
+        usage: RawHeaders,
+        ratelimit: RawHeaders | None,
+        versioning: tuple[tuple[bytes, bytes], ...],
+        request_id: tuple[bytes, bytes],
+    ) -> RawHeaders:
+        """A head whose app headers name one of ours: each layer's rule, innermost first."""
+        out = [*headers, *usage]
+        if ratelimit:
+            out = with_headers(out, ratelimit)
+        if versioning and self.versioning is not None:
+            out = self.versioning.add_headers(out, versioning)
+        return with_request_id(out, request_id)
+
+
+def with_request_id(
+    headers: Iterable[tuple[bytes, bytes]], request_id: tuple[bytes, bytes]
+) -> RawHeaders:
+    """``headers`` plus the request id header, unless the app set it already."""
+    out = list(headers)
+    name = request_id[0]
+    for key, _ in out:
+        if key.lower() == name:
+            return out
+    out.append(request_id)
+    return out
+
+
+class _Exchange(Responder):
+    """One request through the stack: the inner layers' steps, and its one ``send`` wrapper.
+
+    ``send`` (the app's) holds, scans or passes the response as the usage layer does; every
+    head leaves through :meth:`send_start` with all the layers' headers, every body through
+    :meth:`outer`, which does what the context layer's wrapper does (status, completion).
+    """
+
+    __slots__ = ("rate_headers", "raw_send", "request_id", "stack", "version_headers")
+
+    def __init__(self, stack: StackMiddleware, ctx: RequestContext, send: Send) -> None:
+        super().__init__(stack.accounting, ctx, self.outer)
+        self.stack = stack
+        self.raw_send = send
+        self.request_id = (stack.context.header, ctx.request_id.encode("latin-1"))
+        self.rate_headers: RawHeaders | None = None
+        self.version_headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    async def outer(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":  # a head that did not come through send_start
+            self.ctx.response_status = message["status"]
+            headers = with_request_id(message.get("headers", ()), self.request_id)
+            message = {**message, "headers": headers}
+        elif kind == "http.response.body" and not message.get("more_body"):
+            self.ctx.response_complete = True
+        await self.raw_send(message)
+
+    async def send_start(self, message: Message, added: RawHeaders) -> None:
+        headers = message.get("headers", ())
+        ours = self.stack._ours
+        for key, _ in headers:
+            if key.lower() in ours:  # rare: the app set one of the layers' headers itself
+                out = self.stack.merged_headers(
+                    headers, added, self.rate_headers, self.version_headers, self.request_id
+                )
+                break
+        else:
+            out = [*headers, *added]
+            if self.rate_headers:
+                out += self.rate_headers
+            if self.version_headers:
+                out += self.version_headers
+            out.append(self.request_id)
+        self.ctx.response_status = message["status"]
+        await self.raw_send({**message, "headers": out})
+
+    async def run(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Versioning, idempotency, rate limiting and usage around the app."""
+        stack, ctx = self.stack, self.ctx
+        versioning = stack.versioning
+        if versioning is not None:
+            if versioning.is_helper_route(scope["path"]):
+                self.acc = None
+                await versioning(scope, receive, send)
+                return
+            scope, self.version_headers = await versioning.resolve(scope, ctx)
+        idempotency = stack.idempotency
+        if idempotency is not None and idempotency.applies(scope):
+            self.acc = None  # the chained layers from here on add their own headers
+            await idempotency(scope, receive, send)
+            return
+        ratelimit = stack.ratelimit
+        if ratelimit is None or ratelimit.is_exempt(scope["path"]):
+            await self.serve(scope, receive, send)
+            return
+        limiter = ratelimit.limiter
+        admission = await limiter.admit(
+            ctx, content_type=get_header(scope["headers"], b"content-type")
+        )
+        self.rate_headers = admission.raw_headers
+        await run_request(limiter, admission, ctx, lambda: self.serve(scope, receive, send))
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.acc is None:
+            await self.stack.app(scope, receive, send)
+        else:
+            await serve(self.stack.app, scope, receive, self)
