@@ -7,14 +7,19 @@ median requests/s is reported with its ratio to bare Starlette. Needs ``wrk`` on
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
+from benchmarks.http_apps import PATH
+from benchmarks.stack_apps import chat_body
 from tests.redis_server import free_port
 
 CONTENDERS = {
@@ -53,9 +58,18 @@ def _serve(target: str, port: int) -> subprocess.Popen[bytes]:
     raise RuntimeError(f"{target} did not start")
 
 
-def _wrk(port: int, seconds: int) -> float:
+# Every request: the chat body of the in-process benchmark, with an API key.
+_SCRIPT = f"""
+wrk.method = "POST"
+wrk.body = '{json.dumps(chat_body())}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer sk-bench"
+"""
+
+
+def _wrk(port: int, seconds: int, script: str) -> float:
     out = subprocess.run(
-        ["wrk", "-t1", "-c32", f"-d{seconds}s", f"http://127.0.0.1:{port}/"],
+        ["wrk", "-t1", "-c32", f"-d{seconds}s", "-s", script, f"http://127.0.0.1:{port}{PATH}"],
         capture_output=True,
         text=True,
         check=True,
@@ -71,23 +85,26 @@ async def run(quick: bool) -> tuple[str, dict[str, Any]]:
         return "## HTTP requests/s\n\nwrk is not installed; skipped.", {}
     rounds, seconds = (2, 2) if quick else (5, 4)
     servers = {}
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
+        lua.write(_SCRIPT)
     try:
         for name, target in CONTENDERS.items():
             port = free_port()
             servers[name] = (_serve(target, port), port)
         samples: dict[str, list[float]] = {name: [] for name in CONTENDERS}
         for _proc, port in servers.values():
-            _wrk(port, 1)  # warm-up
+            _wrk(port, 1, lua.name)  # warm-up
         for _ in range(rounds):
             for name, (_p, port) in servers.items():
-                samples[name].append(_wrk(port, seconds))
+                samples[name].append(_wrk(port, seconds, lua.name))
     finally:
         for proc, _port in servers.values():
             proc.terminate()
             proc.wait(10)
+        Path(lua.name).unlink()  # noqa: ASYNC240 (after the run, nothing else to do)
     base = statistics.median(samples["bare starlette"])
     lines = [
-        "## HTTP requests/s (uvicorn, 1 worker; wrk -t1 -c32)",
+        "## HTTP requests/s: the chat route (uvicorn, 1 worker; wrk -t1 -c32, POST)",
         "",
         "| contender | median req/s | ratio to bare starlette |",
         "|---|---:|---:|",

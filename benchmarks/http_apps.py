@@ -1,4 +1,8 @@
-"""Apps served by uvicorn for the requests-per-second benchmark (``bench_http``)."""
+"""Apps served by uvicorn for the requests-per-second benchmark (``bench_http``).
+
+The same chat route as the in-process full-stack benchmark (``stack_apps``): bare, behind
+slowapi's decorator (one limit), and behind the whole stack with its four-dimension policy.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-import aimiddleware
+from benchmarks.stack_apps import bare as _bare
+from benchmarks.stack_apps import chat
+from benchmarks.stack_apps import full as _full
 
-
-async def endpoint(request: Request) -> JSONResponse:
-    return JSONResponse({"ok": True})
-
-
-def _base() -> Starlette:
-    return Starlette(routes=[Route("/", endpoint, methods=["GET", "POST"])])
+PATH = "/v1/chat/completions"
 
 
 def _slowapi() -> Starlette:
@@ -27,14 +27,14 @@ def _slowapi() -> Starlette:
 
     @limiter.limit("100000000/minute")
     async def limited(request: Request) -> JSONResponse:
-        return JSONResponse({"ok": True})
+        return await chat(request)
 
-    app = Starlette(routes=[Route("/", limited, methods=["GET", "POST"])])
+    app = Starlette(routes=[Route(PATH, limited, methods=["POST"])])
     app.state.limiter = limiter
     app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
     return app
 
 
-bare = _base()
+bare = _bare()
 slowapi = _slowapi()
-stack = aimiddleware.install(_base())
+stack = _full()
