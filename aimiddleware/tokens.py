@@ -292,5 +292,7 @@ class TokenCounter:
 
     def _ready(self, model: str | None) -> bool:
         """True when counting for ``model`` needs no vocabulary load."""
+        if model in self._plans:  # planned: its encoding is built (or known to be broken)
+            return True
         name = self.encoding_for(model)
         return name is None or name in self._encodings or name in self._broken
