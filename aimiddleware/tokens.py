@@ -246,11 +246,14 @@ class TokenCounter:
     ) -> TokenCount:
         """Chat messages (OpenAI or Anthropic content blocks) plus optional tools."""
         plan = self._plan(model)
-        tally = plan.tally()
-        tally.chat(_messages.as_list(messages), _messages.as_list(tools))
-        if tally.exact:
-            return self._exact(plan, tally.tokens)
-        return TokenCount(tally.tokens, False, plan.name)
+        listed, tools = _messages.as_list(messages), _messages.as_list(tools)
+        if plan.exact and not tools:
+            tokens, exact = _messages.chat_tokens(listed, plan)  # same result as Tally.chat
+        else:
+            tally = plan.tally()
+            tally.chat(listed, tools)
+            tokens, exact = tally.tokens, tally.exact
+        return self._exact(plan, tokens) if exact else TokenCount(tokens, False, plan.name)
 
     def count_request(self, body: Mapping[str, Any], model: str | None = None) -> TokenCount:
         """Input tokens of a request body of any supported shape; model from the body."""

@@ -83,6 +83,11 @@ def test_fast_path_equals_the_general_rule(body: dict[str, Any], model: str | No
                 counter.count_request(body, model)
             continue
         assert counter.count_request(body, model) == want
+        plan = counter._plan(model)
+        tally = plan.tally()
+        tally.chat(body["messages"], [])
+        want = TokenCount(tally.tokens, tally.exact, plan.name)
+        assert counter.count_messages(body["messages"], model) == want
 
 
 def test_the_bench_body_and_a_1kb_prompt() -> None:
