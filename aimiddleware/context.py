@@ -37,6 +37,7 @@ __all__ = [
     "current",
     "current_or_none",
     "default_principal",
+    "key_principal",
     "new_request_id",
     "parse_traceparent",
     "report_usage",
@@ -118,6 +119,23 @@ _PRINCIPALS_MAX = 1024
 _principals: dict[bytes, str] = {}
 
 
+def key_principal(token: bytes) -> str:
+    """The principal of an API key (already stripped): ``key_`` + 32 hex of its SHA-256.
+
+    What :func:`default_principal` answers for a bearer token or ``x-api-key``; a layer that
+    has already found the key in the headers can call this instead of a second scan.
+    """
+    if type(token) is not bytes:  # a bytearray from a hand-built scope is not hashable
+        token = bytes(token)
+    found = _principals.get(token)
+    if found is None:
+        found = "key_" + hashlib.sha256(token).hexdigest()[:32]
+        if len(_principals) >= _PRINCIPALS_MAX:
+            _principals.clear()
+        _principals[token] = found
+    return found
+
+
 def default_principal(scope: Scope) -> str:
     """Who is calling, by default: a hash of the API key, else the client address.
 
@@ -136,14 +154,7 @@ def default_principal(scope: Scope) -> str:
         elif name == b"x-api-key" and value.strip():
             token = value.strip()
     if token is not None:
-        token = bytes(token)  # (a bytearray from a hand-built scope is not hashable)
-        found = _principals.get(token)
-        if found is None:
-            found = "key_" + hashlib.sha256(token).hexdigest()[:32]
-            if len(_principals) >= _PRINCIPALS_MAX:
-                _principals.clear()
-            _principals[token] = found
-        return found
+        return key_principal(token)
     client = scope.get("client")
     if client:
         return f"ip_{client[0]}"

@@ -13,6 +13,7 @@ from aimiddleware import context
 from aimiddleware.context import (
     RequestContext,
     default_principal,
+    key_principal,
     new_request_id,
     valid_request_id,
 )
@@ -56,6 +57,7 @@ def test_principal_cache_gives_the_hash_and_stays_bounded() -> None:
     assert 0 < len(context._principals) <= context._PRINCIPALS_MAX
     scope = {"headers": [(b"authorization", bytearray(b"Bearer sk-x"))]}
     assert default_principal(scope) == "key_" + hashlib.sha256(b"sk-x").hexdigest()[:32]
+    assert key_principal(b"sk-x") == key_principal(bytearray(b"sk-x")) == default_principal(scope)
 
 
 def _ctx(body: bytes) -> RequestContext:
