@@ -14,11 +14,14 @@ import os
 import re
 import secrets
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
+
+from pydantic_core import from_json
 
 from aimiddleware.usage.models import Usage
 
@@ -34,6 +37,7 @@ __all__ = [
     "current",
     "current_or_none",
     "default_principal",
+    "key_principal",
     "new_request_id",
     "parse_traceparent",
     "report_usage",
@@ -53,8 +57,25 @@ def valid_request_id(value: str) -> bool:
     return bool(_REQUEST_ID.match(value))
 
 
+# Request ids are 12 os.urandom bytes each, drawn 256 at a time: one getrandom call per
+# batch instead of one per request (~0.4 us). Process state like the OS entropy pool:
+# deque.popleft is atomic, so threads never get the same id, and a forked child drops the
+# ids its parent had drawn.
+_ID_BATCH = 256
+_ids: deque[str] = deque()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_ids.clear)
+
+
 def new_request_id() -> str:
-    return "req_" + os.urandom(12).hex()
+    """``req_`` and 24 hex digits from the OS CSPRNG (unguessable, unique in practice)."""
+    try:
+        return _ids.popleft()
+    except IndexError:
+        # "req_<24 hex>" per 12 bytes, split in C: hex() puts a space every 12 bytes
+        batch = ("req_" + os.urandom(12 * _ID_BATCH).hex(" ", 12).replace(" ", " req_")).split()
+        _ids.extend(batch[1:])
+        return batch[0]
 
 
 @dataclass(frozen=True)
@@ -91,10 +112,35 @@ def parse_traceparent(header: str | None, tracestate: str | None = None) -> Trac
     return TraceContext(secrets.token_hex(16), span_id, None, "00")
 
 
+# Recent API keys -> their principal: a dict hit (~40 ns) instead of a SHA-256 (~0.4 us) per
+# request. Bounded (emptied when full), so at most that many raw keys are held, in memory
+# only, never logged or exposed.
+_PRINCIPALS_MAX = 1024
+_principals: dict[bytes, str] = {}
+
+
+def key_principal(token: bytes) -> str:
+    """The principal of an API key (already stripped): ``key_`` + 32 hex of its SHA-256.
+
+    What :func:`default_principal` answers for a bearer token or ``x-api-key``; a layer that
+    has already found the key in the headers can call this instead of a second scan.
+    """
+    if type(token) is not bytes:  # a bytearray from a hand-built scope is not hashable
+        token = bytes(token)
+    found = _principals.get(token)
+    if found is None:
+        found = "key_" + hashlib.sha256(token).hexdigest()[:32]
+        if len(_principals) >= _PRINCIPALS_MAX:
+            _principals.clear()
+        _principals[token] = found
+    return found
+
+
 def default_principal(scope: Scope) -> str:
     """Who is calling, by default: a hash of the API key, else the client address.
 
-    The bearer token or ``x-api-key`` is hashed (never stored or logged raw). This is only
+    The bearer token or ``x-api-key`` is hashed (never logged, never in the principal; the
+    last keys seen are held in process memory, bounded, to skip re-hashing). This is only
     as trustworthy as the app's authentication: pass a ``principal`` callable that returns
     the authenticated tenant when keys are not validated before this layer.
     """
@@ -108,14 +154,14 @@ def default_principal(scope: Scope) -> str:
         elif name == b"x-api-key" and value.strip():
             token = value.strip()
     if token is not None:
-        return "key_" + hashlib.sha256(token).hexdigest()[:32]
+        return key_principal(token)
     client = scope.get("client")
     if client:
         return f"ip_{client[0]}"
     return "anonymous"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class RequestContext:
     """Everything the layers share about one request.
 
@@ -159,10 +205,20 @@ class RequestContext:
     def json(self) -> Any:
         """The body parsed as JSON once, or ``None`` when empty or not JSON."""
         if self._json is _UNPARSED:
-            try:
-                self._json = json.loads(self.body) if self.body else None
-            except (ValueError, UnicodeDecodeError, RecursionError):  # nested too deep too
+            body = self.body
+            if not body:
                 self._json = None
+                return None
+            try:
+                # pydantic_core's parser: ~4x faster than json.loads on small bodies, the same
+                # values where it succeeds; what it rejects (lone surrogates, a BOM or
+                # UTF-16, nesting past 200, invalid JSON) is left to json.loads to decide.
+                self._json = from_json(body, cache_strings="keys")
+            except ValueError:
+                try:
+                    self._json = json.loads(body)
+                except (ValueError, UnicodeDecodeError, RecursionError):  # nested too deep too
+                    self._json = None
         return self._json
 
     @property

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,6 +37,13 @@ logger = logging.getLogger("aimiddleware.tokens")
 #: Characters above which the async methods count in a worker thread (~1-3 ms of encoding).
 DEFAULT_OFFLOAD_THRESHOLD = 16_384
 _RESOLVED_MAX = 4096
+_MEMO_MAX = 2048  # exact TokenCount results kept per encoding for counts below this
+# Body keys that add to a chat count (system prompts, tools) or make it an error
+# (``contents``); a ``messages`` body with none of them takes the inline fast path.
+_NOT_PLAIN_CHAT = frozenset(
+    ("system", "instructions", "systemInstruction", "system_instruction", "tools", "functions",
+     "contents")
+)
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,11 @@ class TokenCounter:
         )
         self._cache_lock = threading.Lock()
         self.cache_min_chars = cache_min_chars
+        # Per-request cost: the model's encoding, counter and role counts resolved once per
+        # model name (bounded like _resolved; cleared when preload() changes an encoding),
+        # and one shared TokenCount per small exact count (it is frozen).
+        self._plans: dict[str | None, _messages.Plan] = {}
+        self._memo: dict[str, dict[int, Any]] = {}  # encoding -> count -> TokenCount
 
     # -- encodings ---------------------------------------------------------------------
 
@@ -144,6 +157,7 @@ class TokenCounter:
                 if name not in self._encodings:
                     self._encodings[name] = build_encoding(name, self._files.get(name))
                     self._broken.discard(name)
+                    self._plans.clear()  # a model planned as an estimate can now be exact
 
     def encoding(self, name: str) -> Any | None:
         """The verified ``tiktoken.Encoding`` (built once per counter), ``None`` if unusable."""
@@ -165,6 +179,30 @@ class TokenCounter:
     def _resolve(self, model: str | None) -> tuple[str | None, Any | None]:
         name = self.encoding_for(model)
         return name, (self.encoding(name) if name is not None else None)
+
+    def _plan(self, model: str | None) -> _messages.Plan:
+        """How ``model``'s texts are counted; built on the first request for that model."""
+        plan = self._plans.get(model)
+        if plan is None:
+            name, enc = self._resolve(model)
+            if enc is None or name is None:
+                plan = _messages.Plan(None, _messages.estimate, None, 0)
+            else:
+                floor = self.cache_min_chars if self._cache is not None else sys.maxsize
+                plan = _messages.Plan(name, self._counter(name, enc), enc.encode_ordinary, floor)
+                plan.results = self._memo.setdefault(name, {})  # shared by the encoding's models
+            if len(self._plans) >= _RESOLVED_MAX:
+                self._plans.clear()
+            self._plans[model] = plan
+        return plan
+
+    def _exact(self, plan: _messages.Plan, tokens: int) -> TokenCount:
+        found = plan.results.get(tokens)
+        if found is None:
+            found = TokenCount(tokens, True, plan.name)
+            if tokens < _MEMO_MAX:
+                plan.results[tokens] = found
+        return found
 
     def _counter(self, name: str | None, enc: Any | None) -> Callable[[str], int]:
         """Tokens of one text with ``enc`` (cached for long texts), or the estimate."""
@@ -194,10 +232,10 @@ class TokenCounter:
 
     def count_text(self, text: str, model: str | None = None) -> TokenCount:
         """Tokens of plain ``text`` (special-token strings count as ordinary text)."""
-        name, enc = self._resolve(model)
-        if enc is None:
+        plan = self._plan(model)
+        if not plan.exact:
             return TokenCount(_messages.estimate(text), False, None)
-        return TokenCount(self._counter(name, enc)(text), True, name)
+        return self._exact(plan, plan.count(text))
 
     def count_messages(
         self,
@@ -207,30 +245,36 @@ class TokenCounter:
         tools: Any = None,
     ) -> TokenCount:
         """Chat messages (OpenAI or Anthropic content blocks) plus optional tools."""
-        name, enc = self._resolve(model)
-        tally = _messages.Tally(
-            self._counter(name, enc),
-            exact=enc is not None,
-            o200k=bool(name and name.startswith("o200k")),
-        )
-        tally.chat(_messages.as_list(messages), _messages.as_list(tools))
-        return TokenCount(tally.tokens, tally.exact, name if enc is not None else None)
+        plan = self._plan(model)
+        listed, tools = _messages.as_list(messages), _messages.as_list(tools)
+        if plan.exact and not tools:
+            tokens, exact = _messages.chat_tokens(listed, plan)  # same result as Tally.chat
+        else:
+            tally = plan.tally()
+            tally.chat(listed, tools)
+            tokens, exact = tally.tokens, tally.exact
+        return self._exact(plan, tokens) if exact else TokenCount(tokens, False, plan.name)
 
     def count_request(self, body: Mapping[str, Any], model: str | None = None) -> TokenCount:
         """Input tokens of a request body of any supported shape; model from the body."""
-        if not isinstance(body, Mapping):
+        if type(body) is not dict and not isinstance(body, Mapping):
             raise TypeError("body must be a mapping (a parsed JSON object)")
         if model is None:
             raw = body.get("model")
             model = raw if isinstance(raw, str) else None
-        name, enc = self._resolve(model)
-        tally = _messages.Tally(
-            self._counter(name, enc),
-            exact=enc is not None,
-            o200k=bool(name and name.startswith("o200k")),
-        )
-        tally.request(body)
-        return TokenCount(tally.tokens, tally.exact, name if enc is not None else None)
+        plan = self._plans.get(model) or self._plan(model)
+        messages = body.get("messages")
+        if type(messages) is list and plan.exact and _NOT_PLAIN_CHAT.isdisjoint(body):
+            # The common chat body: counted inline (see chat_tokens), same result as Tally.
+            tokens, exact = _messages.chat_tokens(messages, plan)
+        else:
+            tally = plan.tally()
+            tally.request(body)
+            tokens, exact = tally.tokens, tally.exact
+        if exact:
+            found = plan.results.get(tokens)
+            return found if found is not None else self._exact(plan, tokens)
+        return TokenCount(tokens, False, plan.name)
 
     async def acount_text(self, text: str, model: str | None = None) -> TokenCount:
         if len(text) > self.offload_threshold or not self._ready(model):
@@ -251,5 +295,7 @@ class TokenCounter:
 
     def _ready(self, model: str | None) -> bool:
         """True when counting for ``model`` needs no vocabulary load."""
+        if model in self._plans:  # planned: its encoding is built (or known to be broken)
+            return True
         name = self.encoding_for(model)
         return name is None or name in self._encodings or name in self._broken
