@@ -136,16 +136,25 @@ class Usage(BaseModel):
     @classmethod
     def from_openai_chat(cls, usage: Mapping[str, Any]) -> Usage:
         """``prompt_tokens`` / ``completion_tokens`` with their ``*_details`` subsets."""
-        inp = _int1(usage, "prompt_tokens")
-        out = _int1(usage, "completion_tokens")
-        details = usage.get("prompt_tokens_details")
+        # per response: plain non-negative ints are taken as they are, anything else via _int1
+        get = usage.get
+        inp = get("prompt_tokens")
+        if type(inp) is not int or inp < 0:
+            inp = _int1(usage, "prompt_tokens")
+        out = get("completion_tokens")
+        if type(out) is not int or out < 0:
+            out = _int1(usage, "completion_tokens")
+        total = get("total_tokens")
+        if type(total) is not int or total < 0:
+            total = _int1(usage, "total_tokens")
+        details = get("prompt_tokens_details")
         cached = _int1(details, "cached_tokens") if details else 0
-        details = usage.get("completion_tokens_details")
+        details = get("completion_tokens_details")
         reasoning = _int1(details, "reasoning_tokens") if details else 0
         values = {
             "input_tokens": inp,
             "output_tokens": out,
-            "total_tokens": _int1(usage, "total_tokens") or inp + out,
+            "total_tokens": total or inp + out,
             "cached_input_tokens": cached,
             "cache_creation_input_tokens": 0,
             "reasoning_tokens": reasoning,
