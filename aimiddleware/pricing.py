@@ -144,8 +144,12 @@ class ModelPrice:
         cached = usage.cached_input_tokens
         created = usage.cache_creation_input_tokens
         out = usage.output_tokens
-        reasoning = min(usage.reasoning_tokens, out)
-        plain_in = max(usage.input_tokens - cached - created, 0)
+        reasoning = usage.reasoning_tokens
+        if reasoning > out:
+            reasoning = out
+        plain_in = usage.input_tokens - cached - created
+        if plain_in < 0:
+            plain_in = 0
         exp, (p_in, p_cached, p_created, p_out, p_reasoning) = self._scaled
         n = (
             plain_in * p_in + cached * p_cached + created * p_created
@@ -180,9 +184,10 @@ _NANOS = Decimal(1_000_000_000)
 def _nanos(n: int, exp: int) -> int:
     """``n * 10**exp`` rounded half to even (what ``Decimal.to_integral_value`` does)."""
     if exp >= 0:
-        return n * 10**exp
-    q, r = divmod(n, 10**-exp)
-    half = 5 * 10 ** (-exp - 1)
+        return n * int(10**exp)
+    unit = int(10**-exp)
+    q, r = divmod(n, unit)
+    half = unit // 2
     return q + 1 if r > half or (r == half and q % 2) else q
 
 

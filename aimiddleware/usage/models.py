@@ -58,6 +58,10 @@ def _sub(data: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
 
 _set = object.__setattr__
 _new = object.__new__
+# BaseModel's slots, set through their descriptors: cheaper than object.__setattr__'s lookup
+_set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
+_set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
+_set_private = BaseModel.__dict__["__pydantic_private__"].__set__
 
 
 def trusted(cls: type[_M], values: dict[str, Any], fields_set: frozenset[str]) -> _M:
@@ -70,9 +74,9 @@ def trusted(cls: type[_M], values: dict[str, Any], fields_set: frozenset[str]) -
     """
     obj = _new(cls)
     _set(obj, "__dict__", values)
-    _set(obj, "__pydantic_fields_set__", set(fields_set))
-    _set(obj, "__pydantic_extra__", None)
-    _set(obj, "__pydantic_private__", None)
+    _set_fields_set(obj, set(fields_set))
+    _set_extra(obj, None)
+    _set_private(obj, None)
     return obj
 
 
