@@ -7,11 +7,13 @@ fused stack: one :class:`UsageAccounting` per configuration, no per-request stat
 from __future__ import annotations
 
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from aimiddleware.context import RequestContext
 from aimiddleware.finish_reason import finish_reason_value
-from aimiddleware.pricing import PriceTable, Quote
+from aimiddleware.pricing import PriceTable
 from aimiddleware.storage import Storage
 from aimiddleware.tokens import TokenCounter
 from aimiddleware.usage.extract import Extracted
@@ -171,10 +173,27 @@ class UsageAccounting:
 
     async def finish(self, ctx: RequestContext) -> None:
         """Settle and record; accounting never fails the response it accounts for."""
+        pending = self.finish_nowait(ctx)
+        if pending is not None:
+            await pending
+
+    def finish_nowait(self, ctx: RequestContext) -> Coroutine[Any, Any, None] | None:
+        """:meth:`finish` without an await when none is needed; never raises.
+
+        Settles, and records at once in a :class:`MemoryLedger`; returns the write still to
+        await for any other ledger (await it shielded when :attr:`shield` is true), else
+        ``None``.
+        """
         try:
             rec = self._record_of(ctx)
-            if rec is not None:
-                await rec[0].record(rec[1])
+        except Exception:
+            logger.exception("usage accounting failed for %s", ctx.request_id)
+            return None
+        return None if rec is None else self._write(ctx, *rec)
+
+    async def _write(self, ctx: RequestContext, ledger: Ledger, rec: UsageRecord) -> None:
+        try:
+            await ledger.record(rec)
         except Exception:
             logger.exception("usage accounting failed for %s", ctx.request_id)
 
@@ -188,7 +207,9 @@ class UsageAccounting:
         cost = ctx.estimated_cost
         memory = self._memory
         if memory is not None:
-            quote = _quote_of(ctx, cost) if cost is not None else None
+            quote = ctx.state.get(_QUOTE) if cost is not None else None
+            if quote is not None and quote.cost is not cost:
+                quote = None
             row = (
                 ctx.principal, ctx.request_id, ctx.model, ctx.model_version,
                 ctx.usage or _NO_USAGE, cost, ctx.finish_reason, ctx.raw_finish_reason,
@@ -210,8 +231,3 @@ class UsageAccounting:
             timestamp=ctx.started_at,
         )
 
-
-def _quote_of(ctx: RequestContext, cost: object) -> Quote | None:
-    """The Quote settle() priced, if ``cost`` still is its cost."""
-    quote = ctx.state.get(_QUOTE)
-    return quote if quote is not None and quote.cost is cost else None

@@ -410,10 +410,11 @@ class MemoryLedger(Ledger):
 
     def _put(self, key: tuple[str, str], value: RecordValues | UsageRecord | RequestRecord) -> None:
         reqs = self._requests
-        if key in reqs:
-            reqs.move_to_end(key)
+        size = len(reqs)
         reqs[key] = value
-        if len(reqs) > self._max_requests:
+        if len(reqs) == size:  # replaced: now the most recent
+            reqs.move_to_end(key)
+        elif size >= self._max_requests:
             reqs.popitem(last=False)
 
     async def record(self, rec: UsageRecord) -> None:
@@ -433,9 +434,9 @@ class MemoryLedger(Ledger):
         ``False`` (nothing done) when the record needs validation or an earlier write is
         pending: the caller then calls :meth:`record`.
         """
-        principal, request_id, model, _, usage, cost, reason, _, _, _, ts = row
         if self._pending or not _plain(*row):
             return False
+        principal, request_id, model, _, usage, cost, reason, _, _, _, ts = row
         try:
             day, lo, hi = self._day
             if not lo <= ts < hi:
@@ -443,7 +444,14 @@ class MemoryLedger(Ledger):
                 day, lo = _day(index), index * 86400.0
                 self._day = (day, lo, lo + 86400.0)
             self._add(principal, day, model, usage, cost, cost_nanos, reason)
-            self._put((principal, request_id), row)
+            # what _put does, inline (per request)
+            reqs = self._requests
+            size = len(reqs)
+            reqs[principal, request_id] = row
+            if len(reqs) == size:  # replaced: now the most recent
+                reqs.move_to_end((principal, request_id))
+            elif size >= self._max_requests:
+                reqs.popitem(last=False)
         except Exception:
             rec = _record_from(row)
             self._failed(rec)
