@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any
 
 from aimiddleware.context import RequestContext
@@ -147,7 +148,8 @@ class UsageAccounting:
                 ctx.state[_QUOTE] = quote
 
     def headers(self, ctx: RequestContext) -> list[tuple[bytes, bytes]]:
-        duration = (self._h_duration, b"%.1f" % ctx.elapsed_ms)
+        # ctx.elapsed_ms without the property call (per request)
+        duration = (self._h_duration, b"%.1f" % ((perf_counter() - ctx.started) * 1000.0))
         u = ctx.usage
         if u is None:
             out = [duration]
@@ -213,7 +215,7 @@ class UsageAccounting:
             row = (
                 ctx.principal, ctx.request_id, ctx.model, ctx.model_version,
                 ctx.usage or _NO_USAGE, cost, ctx.finish_reason, ctx.raw_finish_reason,
-                ctx.response_status, ctx.elapsed_ms, ctx.started_at,
+                ctx.response_status, (perf_counter() - ctx.started) * 1000.0, ctx.started_at,
             )
             if memory.record_values(row, quote.nanos if quote is not None else None):
                 return None
