@@ -59,15 +59,17 @@ class Quote(NamedTuple):
     nanos: int
 
 
-def _plain_text(coef: int, exp: int) -> str:
-    """``format(Decimal(f"{coef}E{exp}"), "f")`` from the integers (``coef >= 0``)."""
-    digits = str(coef)
+def _plain_text(digits: str, exp: int) -> str:
+    """``format(Decimal(f"{digits}E{exp}"), "f")`` from the coefficient's digits."""
     if exp >= 0:
-        return digits + "0" * exp if coef else "0"
+        return digits + "0" * exp if digits != "0" else "0"
     places = -exp
     if len(digits) <= places:
         digits = "0" * (places - len(digits) + 1) + digits
     return digits[:-places] + "." + digits[-places:]
+
+
+_tuple = tuple.__new__  # Quote(...) without its Python-level __new__ (per request)
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,9 @@ class ModelPrice:
     cached_input: Decimal | None = None
     reasoning: Decimal | None = None
     cache_creation: Decimal | None = None
-    # Exact integer pricing for quote(): (exponent, scaled prices), and a memo of quotes.
-    _scaled: tuple[int, tuple[int, int, int, int, int]] = field(
+    # Exact integer pricing for quote(): (exponent, nanos factor or 0, scaled prices), and a
+    # memo of quotes.
+    _scaled: tuple[int, int, tuple[int, int, int, int, int]] = field(
         init=False, repr=False, compare=False
     )
     _quotes: dict[int, Quote] = field(init=False, repr=False, compare=False)
@@ -101,7 +104,9 @@ class ModelPrice:
         )
         exp = min(int(r.as_tuple().exponent) for r in rates)
         scaled = tuple(int(r.scaleb(-exp)) for r in rates)
-        object.__setattr__(self, "_scaled", (exp, scaled))
+        # n * 10**(exp+3) is the cost in nanos: a plain product unless exp < -3 (rounding)
+        factor = int(10 ** (exp + 3)) if exp >= -3 else 0
+        object.__setattr__(self, "_scaled", (exp, factor, scaled))
         object.__setattr__(self, "_quotes", {})
 
     @classmethod
@@ -150,7 +155,7 @@ class ModelPrice:
         plain_in = usage.input_tokens - cached - created
         if plain_in < 0:
             plain_in = 0
-        exp, (p_in, p_cached, p_created, p_out, p_reasoning) = self._scaled
+        exp, factor, (p_in, p_cached, p_created, p_out, p_reasoning) = self._scaled
         n = (
             plain_in * p_in + cached * p_cached + created * p_created
             + (out - reasoning) * p_out + reasoning * p_reasoning
@@ -163,15 +168,20 @@ class ModelPrice:
             cost = self.cost(usage)
             found = Quote(cost, format(cost, "f"), int((cost * _NANOS).to_integral_value()))
         else:
-            coef, shift = n, 0
-            if coef == 0:
-                shift = 6  # zero: the ideal exponent
+            digits = str(n)
+            if n:
+                coef = digits.rstrip("0")
+                shift = len(digits) - len(coef)
+                if shift > 6:
+                    coef, shift = digits[:-6], 6
             else:
-                while shift < 6 and coef % 10 == 0:
-                    coef //= 10
-                    shift += 1
+                coef, shift = digits, 6  # zero: the ideal exponent
             at = exp - 6 + shift  # cost == coef * 10**at
-            found = Quote(Decimal(f"{coef}E{at}"), _plain_text(coef, at), _nanos(n, exp + 3))
+            found = _tuple(Quote, (
+                Decimal(f"{coef}E{at}"),
+                _plain_text(coef, at),
+                n * factor if factor else _nanos(n, exp + 3),
+            ))
         if len(quotes) >= _QUOTES_MAX:
             quotes.clear()
         quotes[n] = found
