@@ -15,7 +15,7 @@ explicit:
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -58,10 +58,20 @@ def _sub(data: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
 
 _set = object.__setattr__
 _new = object.__new__
-# BaseModel's slots, set through their descriptors: cheaper than object.__setattr__'s lookup
-_set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
-_set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
-_set_private = BaseModel.__dict__["__pydantic_private__"].__set__
+
+
+def _slot_setter(name: str) -> Callable[[Any, Any], None]:
+    """BaseModel's slot ``name`` set through its descriptor: cheaper than object.__setattr__'s
+    lookup (object.__setattr__ itself should a pydantic release drop the slot)."""
+    slot = BaseModel.__dict__.get(name)
+    if slot is not None and hasattr(slot, "__set__"):
+        return slot.__set__  # type: ignore[no-any-return]
+    return lambda obj, value: _set(obj, name, value)
+
+
+_set_fields_set = _slot_setter("__pydantic_fields_set__")
+_set_extra = _slot_setter("__pydantic_extra__")
+_set_private = _slot_setter("__pydantic_private__")
 
 
 def trusted(cls: type[_M], values: dict[str, Any], fields_set: frozenset[str]) -> _M:
