@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-__all__ = ["PROVIDERS", "FinishReason", "normalize_finish_reason"]
+__all__ = ["PROVIDERS", "FinishReason", "finish_reason_value", "normalize_finish_reason"]
 
 
 class FinishReason(str, Enum):
@@ -109,3 +109,16 @@ def normalize_finish_reason(raw: object, provider: str | None = None) -> FinishR
         if key in special:
             return special[key]
     return _COMMON.get(key, FinishReason.OTHER)
+
+
+# raw -> the normalized value as a plain str, for the usual exact values (no enum per call).
+_PLAIN_VALUES: dict[str, str] = {k: v.value for k, v in _PLAIN.items()}
+
+
+def finish_reason_value(raw: object, provider: str | None = None) -> str:
+    """``normalize_finish_reason(raw, provider).value``, one dict lookup in the usual case."""
+    if type(raw) is str:
+        found = _PLAIN_VALUES.get(raw)
+        if found is not None:
+            return found
+    return normalize_finish_reason(raw, provider).value

@@ -15,17 +15,19 @@ import json
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from aimiddleware.usage.models import Usage
 
-__all__ = ["ModelPrice", "PriceTable"]
+__all__ = ["ModelPrice", "PriceTable", "Quote"]
 
 MILLION = Decimal(1_000_000)
 _RESOLVED_MAX = 4096  # distinct model names whose lookup a PriceTable remembers
+_QUOTES_MAX = 1024  # distinct costs whose quote a ModelPrice remembers
+_EXACT_MAX = 10**27  # below it, Decimal (28 digits) computes the cost exactly too
 _DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
 _FIELDS = ("input", "output", "cached_input", "cache_creation", "reasoning")
 _LITELLM = {
@@ -49,6 +51,27 @@ def _decimal(value: Any, what: str) -> Decimal:
     return dec
 
 
+class Quote(NamedTuple):
+    """A cost three ways: the ``Decimal``, its plain decimal string, whole 1e-9 units."""
+
+    cost: Decimal
+    text: str
+    nanos: int
+
+
+def _plain_text(digits: str, exp: int) -> str:
+    """``format(Decimal(f"{digits}E{exp}"), "f")`` from the coefficient's digits."""
+    if exp >= 0:
+        return digits + "0" * exp if digits != "0" else "0"
+    places = -exp
+    if len(digits) <= places:
+        digits = "0" * (places - len(digits) + 1) + digits
+    return digits[:-places] + "." + digits[-places:]
+
+
+_tuple = tuple.__new__  # Quote(...) without its Python-level __new__ (per request)
+
+
 @dataclass(frozen=True)
 class ModelPrice:
     """Prices per million tokens; ``None`` fields fall back as described in the module."""
@@ -58,12 +81,33 @@ class ModelPrice:
     cached_input: Decimal | None = None
     reasoning: Decimal | None = None
     cache_creation: Decimal | None = None
+    # Exact integer pricing for quote(): (exponent, nanos factor or 0, scaled prices), and a
+    # memo of quotes.
+    _scaled: tuple[int, int, tuple[int, int, int, int, int]] = field(
+        init=False, repr=False, compare=False
+    )
+    _quotes: dict[int, Quote] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in _FIELDS:
             value = getattr(self, name)
             if value is not None or name in ("input", "output"):
                 object.__setattr__(self, name, _decimal(value, name))
+        # The five rates cost() multiplies by, as integers at their smallest exponent: the
+        # integer sum then is exactly the coefficient of cost()'s Decimal sum.
+        rates = (
+            self.input,
+            self.cached_input if self.cached_input is not None else self.input,
+            self.cache_creation if self.cache_creation is not None else self.input,
+            self.output,
+            self.reasoning if self.reasoning is not None else self.output,
+        )
+        exp = min(int(r.as_tuple().exponent) for r in rates)
+        scaled = tuple(int(r.scaleb(-exp)) for r in rates)
+        # n * 10**(exp+3) is the cost in nanos: a plain product unless exp < -3 (rounding)
+        factor = int(10 ** (exp + 3)) if exp >= -3 else 0
+        object.__setattr__(self, "_scaled", (exp, factor, scaled))
+        object.__setattr__(self, "_quotes", {})
 
     @classmethod
     def coerce(cls, value: ModelPrice | Mapping[str, Any]) -> ModelPrice:
@@ -93,6 +137,68 @@ class ModelPrice:
             + reasoning * (self.reasoning if self.reasoning is not None else self.output)
         )
         return total / MILLION
+
+    def quote(self, usage: Usage) -> Quote:
+        """:meth:`cost` with its decimal string and nanos, in integer arithmetic (per request).
+
+        The same ``Decimal`` as :meth:`cost` (value and exponent): the sum of the products is
+        the integer ``n`` at the smallest rate exponent ``e``, and dividing by a million
+        exactly gives ``n * 10**(e-6)`` with up to six trailing zeros of ``n`` moved into the
+        exponent (Decimal's ideal exponent for an exact quotient is ``e``).
+        """
+        cached = usage.cached_input_tokens
+        created = usage.cache_creation_input_tokens
+        out = usage.output_tokens
+        reasoning = usage.reasoning_tokens
+        if reasoning > out:
+            reasoning = out
+        plain_in = usage.input_tokens - cached - created
+        if plain_in < 0:
+            plain_in = 0
+        exp, factor, (p_in, p_cached, p_created, p_out, p_reasoning) = self._scaled
+        n = (
+            plain_in * p_in + cached * p_cached + created * p_created
+            + (out - reasoning) * p_out + reasoning * p_reasoning
+        )
+        quotes = self._quotes
+        found = quotes.get(n)  # the same n always gives the same quote (exp is fixed)
+        if found is not None:
+            return found
+        if n >= _EXACT_MAX:  # beyond 28 digits Decimal rounds: let it
+            cost = self.cost(usage)
+            found = Quote(cost, format(cost, "f"), int((cost * _NANOS).to_integral_value()))
+        else:
+            digits = str(n)
+            if n:
+                coef = digits.rstrip("0")
+                shift = len(digits) - len(coef)
+                if shift > 6:
+                    coef, shift = digits[:-6], 6
+            else:
+                coef, shift = digits, 6  # zero: the ideal exponent
+            at = exp - 6 + shift  # cost == coef * 10**at
+            found = _tuple(Quote, (
+                Decimal(f"{coef}E{at}"),
+                _plain_text(coef, at),
+                n * factor if factor else _nanos(n, exp + 3),
+            ))
+        if len(quotes) >= _QUOTES_MAX:
+            quotes.clear()
+        quotes[n] = found
+        return found
+
+
+_NANOS = Decimal(1_000_000_000)
+
+
+def _nanos(n: int, exp: int) -> int:
+    """``n * 10**exp`` rounded half to even (what ``Decimal.to_integral_value`` does)."""
+    if exp >= 0:
+        return n * int(10**exp)
+    unit = int(10**-exp)
+    q, r = divmod(n, unit)
+    half = unit // 2
+    return q + 1 if r > half or (r == half and q % 2) else q
 
 
 class PriceTable:

@@ -6,6 +6,9 @@
    text, and a 12-turn chat whose history is re-counted every turn (what a gateway sees).
 3. UsageMiddleware on a JSON route (OpenAI-shaped response parsed, priced, headers, memory
    ledger) vs bare Starlette and vs the context layer alone.
+4. The usage layer's own work per request, without any ASGI around it: the JSON chat
+   response of ``benchmarks/stack_apps.py`` parsed, read, absorbed, settled (finish reason,
+   price), turned into headers and recorded in a ``MemoryLedger`` (``finish``).
 """
 
 from __future__ import annotations
@@ -21,12 +24,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from aimiddleware.context import RequestContext
 from aimiddleware.context_middleware import RequestContextMiddleware
 from aimiddleware.pricing import PriceTable
 from aimiddleware.tokens import TokenCounter
+from aimiddleware.usage.accounting import UsageAccounting
+from aimiddleware.usage.extract import from_response, parse_json
 from aimiddleware.usage.ledger import MemoryLedger
 from aimiddleware.usage.middleware import UsageMiddleware
 from benchmarks.harness import as_json, compare, make_request, table
+from benchmarks.stack_apps import stack_config
 
 SHORT = "What's the weather like in Paris today? 🌤️"
 MEDIUM = (
@@ -198,12 +205,109 @@ def bench_counting(quick: bool) -> tuple[str, dict[str, Any]]:
     return "\n".join(lines), figures
 
 
+# What benchmarks/stack_apps.py:chat answers, as JSONResponse renders it.
+CHAT_RESPONSE = json.dumps(
+    {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}
+        ],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 13},
+    },
+    separators=(",", ":"),
+).encode()
+CHAT_REQUEST = (
+    b'{"model":"gpt-4o-mini","max_tokens":64,"messages":[{"role":"user","content":"hello"}]}'
+)
+
+
+async def bench_accounting(quick: bool) -> tuple[str, dict[str, Any]]:
+    """µs per request of each step, cumulated (contexts are built outside the timing)."""
+    config = stack_config()
+    assert config.usage is not None
+    ids = iter(range(10**9))
+
+    def context() -> RequestContext:
+        ctx = RequestContext(
+            request_id=f"req_{next(ids):024d}",
+            principal="key_0123456789abcdef0123456789abcdef",
+            method="POST",
+            path="/v1/chat/completions",
+            body=CHAT_REQUEST,
+        )
+        ctx.model, ctx.model_version = "gpt-4o-mini", "gpt-4o-mini-2024-07-18"  # versioning's
+        ctx.response_status = 200
+        return ctx
+
+    # Real traffic: usage differs per request (no memo of a cost helps): 997 distinct bodies.
+    varied = [
+        CHAT_RESPONSE.replace(b'"prompt_tokens":12', b'"prompt_tokens":%d' % (1000 + i))
+        .replace(b'"total_tokens":13', b'"total_tokens":%d' % (1001 + i))
+        for i in range(997)
+    ]
+    assert all(from_response(parse_json(b)) is not None for b in varied[:3])
+
+    async def upto(step: int, acc: UsageAccounting, ctx: RequestContext) -> None:
+        if step == 0:
+            return
+        body = varied[int(ctx.request_id[4:]) % 997] if step == 7 else CHAT_RESPONSE
+        found = from_response(parse_json(body))
+        if step >= 2:
+            acc.absorb(ctx, found)
+        if step >= 3:
+            acc.settle(ctx)
+        if step >= 4:
+            acc.headers(ctx)
+        if step in (5, 7):
+            if acc.finish_nowait(ctx) is not None:
+                raise AssertionError("a MemoryLedger is written without an await")
+        elif step == 6:
+            await acc.finish(ctx)
+
+    steps = {
+        0: "(the loop and call alone: subtracted below)",
+        1: "parse_json + from_response",
+        2: "+ absorb",
+        3: "+ settle (finish reason, price)",
+        4: "+ headers",
+        5: "+ finish_nowait (record in MemoryLedger)",
+        6: "whole sequence with `await finish(ctx)` instead",
+        7: "whole sequence (finish_nowait), usage different in every request",
+    }
+    n, rounds = (1000, 5) if quick else (5000, 15)
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(rounds):  # interleaved, fresh ledger each time; the min of the rounds
+        for step in steps:
+            acc = UsageAccounting(prices=config.usage.prices, ledger=MemoryLedger())
+            ctxs = [context() for _ in range(n)]
+            t0 = time.process_time()
+            for ctx in ctxs:
+                await upto(step, acc, ctx)
+            best[step] = min(best[step], (time.process_time() - t0) / n * 1e6)
+    base = best.pop(0)
+    net = {steps[k]: v - base for k, v in best.items()}
+    lines = [
+        "## Usage accounting per request (JSON chat response, MemoryLedger)",
+        "",
+        "Steps cumulated; CPU µs per request, min of interleaved rounds, the empty loop "
+        f"({base:.2f} µs) subtracted.",
+        "",
+        "| steps | µs/request |",
+        "|---|---:|",
+        *(f"| {k} | {v:.2f} |" for k, v in net.items()),
+    ]
+    return "\n".join(lines), net
+
+
 async def _endpoint(request: Request) -> Response:
     return Response(OPENAI_BODY, media_type="application/json")
 
 
 async def run(quick: bool) -> tuple[str, dict[str, Any]]:
     count_md, count_fig = bench_counting(quick)
+    acc_md, acc_fig = await bench_accounting(quick)
 
     def app() -> Starlette:
         return Starlette(routes=[Route("/v1/chat/completions", _endpoint, methods=["POST"])])
@@ -235,9 +339,10 @@ async def run(quick: bool) -> tuple[str, dict[str, Any]]:
     usage_cost = results["context + usage"].median_us - results["context layer"].median_us
     md += f"\n\nUsage layer alone: {usage_cost:.1f} µs/request (context+usage minus context)."
     return (
-        count_md + "\n\n" + md,
+        count_md + "\n\n" + acc_md + "\n\n" + md,
         {
             "counting": count_fig,
+            "accounting_us": acc_fig,
             "middleware": as_json(results, "bare Starlette"),
             "usage_layer_us": usage_cost,
         },

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from aimiddleware.finish_reason import PROVIDERS, FinishReason, normalize_finish_reason
+from aimiddleware.finish_reason import (
+    PROVIDERS,
+    FinishReason,
+    finish_reason_value,
+    normalize_finish_reason,
+)
 
 S, L, F, T = "stop", "length", "content_filter", "tool_calls"
 E, C, O = "error", "cancelled", "other"  # noqa: E741
@@ -91,3 +96,13 @@ def test_case_whitespace_and_passthrough() -> None:
     assert normalize_finish_reason(FinishReason.LENGTH) is FinishReason.LENGTH
     assert normalize_finish_reason("stop", "no-such-provider") is FinishReason.STOP
     assert {r.value for r in FinishReason} == {S, L, F, T, E, C, O}
+
+
+@pytest.mark.parametrize(
+    ("raw", "provider"),
+    [(r, p) for p, r, _ in TABLE] + [(" End_Turn ", None), ("", "ollama"), (None, None),
+                                     (42, "openai"), (FinishReason.LENGTH, None), ("new", None)],
+)
+def test_value_helper_matches_normalize(raw: object, provider: str | None) -> None:
+    got = finish_reason_value(raw, provider)
+    assert type(got) is str and got == normalize_finish_reason(raw, provider).value

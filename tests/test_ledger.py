@@ -222,3 +222,51 @@ def test_utc_day_matches_datetime() -> None:
     for t in (0.0, 86399.5, 86400.0, -1.0, 1_767_225_599.25, 1_767_225_600.0, 4_102_444_800.0):
         want = datetime.fromtimestamp(t, tz=timezone.utc).date().isoformat()
         assert utc_day(t) == want
+
+
+async def test_record_values_reads_back_as_record_does() -> None:
+    """The memory ledger's fast write (values, record built on first read) gives readers
+    exactly what record(UsageRecord.of(...)) gives."""
+    rows = [
+        ("alice", f"r{i}", model, "v1" if model else None,
+         Usage(input_tokens=100 + i, output_tokens=20, cached_input_tokens=i,
+               reasoning_tokens=5 * (i % 2)),
+         cost, reason, reason.upper() if reason else None, 200, 3.14159 + i,
+         ts("2026-03-01" if i < 4 else "2026-03-02"))
+        for i, (model, cost, reason) in enumerate([
+            ("gpt-4o", Decimal("0.0000024"), "stop"), ("gpt-4o", Decimal("0.01"), "length"),
+            ("gpt-4o", None, None), (None, Decimal("0.5"), "stop"), ("gpt-4o", Decimal(0), "x"),
+        ])
+    ]
+    fast, slow = MemoryLedger(), MemoryLedger()
+    for row in rows:
+        nanos = None if row[5] is None else int(row[5] * 10**9)
+        assert fast.record_values(row, nanos if row[1] != "r1" else None) is True
+        p, rid, model, version, usage, cost, reason, raw, status, ms, t = row
+        await slow.record(UsageRecord.of(
+            principal=p, request_id=rid, model=model, model_version=version, usage=usage,
+            estimated_cost=cost, finish_reason=reason, raw_finish_reason=raw, status=status,
+            duration_ms=round(ms, 3), timestamp=t))
+    assert await fast.query("alice") == await slow.query("alice")
+    assert [a.model_dump() for a in await fast.query("alice")] == [
+        a.model_dump() for a in await slow.query("alice")]
+    for row in rows:
+        got = await fast.get_request("alice", row[1])
+        want = await slow.get_request("alice", row[1])
+        assert got is not None and want is not None
+        assert got.record.model_dump(exclude={"record_id"}) == want.record.model_dump(
+            exclude={"record_id"})
+        again = await fast.get_request("alice", row[1])
+        assert again is not None and again.record.record_id == got.record.record_id
+        assert len(got.record.record_id) == 32
+    fb = Feedback(request_id="r0", rating=4)
+    assert await fast.add_feedback("alice", fb) and await slow.add_feedback("alice", fb)
+    assert await fast.query("alice") == await slow.query("alice")
+    # values that need validation, or a pending retry: the caller records the usual way
+    odd = ("alice", "r9", 5, None, Usage(), None, None, None, 200, 1.0, ts("2026-03-01"))
+    assert fast.record_values(odd) is False  # type: ignore[arg-type]
+    fast._pending.append(UsageRecord.of(**dict(zip(
+        ("principal", "request_id", "model", "model_version", "usage", "estimated_cost",
+         "finish_reason", "raw_finish_reason", "status", "duration_ms", "timestamp"),
+        rows[0], strict=True))))
+    assert fast.record_values(rows[0]) is False

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aimiddleware.pricing import ModelPrice, PriceTable
 from aimiddleware.usage.models import Usage
@@ -142,3 +144,54 @@ def test_lookups_are_remembered_and_bounded() -> None:
         table.price(f"m{i}")
     assert len(table._resolved) <= pricing._RESOLVED_MAX
     assert table.price("gpt-4o") is not None
+
+
+_RATES = st.decimals(min_value=0, max_value=100_000, places=None, allow_nan=False,
+                     allow_infinity=False).map(lambda d: Decimal(str(d)))
+_TOKENS = st.integers(min_value=0, max_value=10**9)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    rates=st.tuples(_RATES, _RATES, st.none() | _RATES, st.none() | _RATES, st.none() | _RATES),
+    tokens=st.tuples(_TOKENS, _TOKENS, _TOKENS, _TOKENS, _TOKENS),
+)
+def test_quote_is_exactly_cost(rates: Any, tokens: Any) -> None:
+    """quote() (integer arithmetic, memo) gives cost()'s Decimal, its string and its nanos."""
+    price = ModelPrice(rates[0], rates[1], cached_input=rates[2], reasoning=rates[3],
+                       cache_creation=rates[4])
+    inp, out, cached, created, reasoning = tokens
+    usage = Usage(input_tokens=inp, output_tokens=out, cached_input_tokens=cached,
+                  cache_creation_input_tokens=created, reasoning_tokens=reasoning)
+    want = price.cost(usage)
+    for _ in range(2):  # computed, then remembered
+        q = price.quote(usage)
+        assert q.cost == want and q.cost.as_tuple() == want.as_tuple()
+        assert q.text == format(want, "f")
+        assert q.nanos == int((want * Decimal(10**9)).to_integral_value())
+
+
+def test_quote_edge_cases_and_memo_bound() -> None:
+    from aimiddleware import pricing
+
+    cases = [
+        ModelPrice(Decimal("0.15"), Decimal("0.60")),
+        ModelPrice(Decimal("1E+1"), Decimal("2.5E+2"), cached_input=Decimal("0.0000001")),
+        ModelPrice(Decimal(0), Decimal("0.000")),
+        ModelPrice(Decimal("123456789012345678901234567"), Decimal(1)),  # past 28 digits
+        ModelPrice(Decimal("0.0000000005"), Decimal("0.0000000015")),  # half-even nanos
+    ]
+    usages = [Usage(), Usage(input_tokens=12, output_tokens=1), Usage(input_tokens=10**9),
+              Usage(input_tokens=1, output_tokens=3, reasoning_tokens=2)]
+    for price in cases:
+        for usage in usages:
+            want = price.cost(usage)
+            q = price.quote(usage)
+            assert (q.cost.as_tuple(), q.text) == (want.as_tuple(), format(want, "f"))
+            assert q.nanos == int((want * Decimal(10**9)).to_integral_value())
+    price = cases[0]
+    for i in range(pricing._QUOTES_MAX + 10):
+        price.quote(Usage(input_tokens=i))
+    assert len(price._quotes) <= pricing._QUOTES_MAX
+    assert price == ModelPrice(Decimal("0.15"), Decimal("0.60"))  # the memo is not compared
+    assert "_quotes" not in repr(price)

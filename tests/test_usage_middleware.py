@@ -450,3 +450,60 @@ async def test_unknown_messages_while_holding_release_the_head_first() -> None:
     assert [m["type"] for m in rec.messages] == [
         "http.response.start", "http.response.body", "http.response.trailers"]
     assert rec.messages[1] == {"type": "http.response.body", "body": b'{"a":', "more_body": True}
+
+
+class GenericMemoryLedger(MemoryLedger):
+    """A subclass: the accounting writes it through record(), the way of every other ledger."""
+
+
+@pytest.mark.parametrize("path", ["/openai", "/anthropic", "/gemini", "/reported", "/stream"])
+async def test_in_process_write_reads_back_as_the_generic_write(path: str) -> None:
+    """The accounting writes a MemoryLedger without building a record (record_values);
+    readers see what the generic record() write gives them."""
+    fast, generic = MemoryLedger(), GenericMemoryLedger()
+    headers = []
+    for led in (fast, generic):
+        async with client(make_app(led)) as c:
+            r = await c.post(path, json={"model": "gpt-4o"},
+                             headers={"authorization": "Bearer k1", "x-request-id": "req-1"})
+        assert r.status_code == 200
+        headers.append({k: v for k, v in r.headers.items() if k != "x-usage-duration-ms"})
+    assert headers[0] == headers[1]
+    principal = ledger_principal(fast)
+    assert principal == ledger_principal(generic)
+    assert await fast.query(principal) == await generic.query(principal)
+    got = await fast.get_request(principal, "req-1")
+    want = await generic.get_request(principal, "req-1")
+    assert got is not None and want is not None
+    skip = {"record_id", "duration_ms", "timestamp"}
+    assert got.record.model_dump(exclude=skip) == want.record.model_dump(exclude=skip)
+    assert got.record.estimated_cost == want.record.estimated_cost
+    assert str(got.record.estimated_cost) == str(want.record.estimated_cost)
+
+
+async def test_finish_nowait_records_memory_at_once_and_hands_back_other_writes() -> None:
+    from aimiddleware.context import RequestContext
+    from aimiddleware.usage.accounting import UsageAccounting
+    from aimiddleware.usage.extract import from_response, parse_json
+
+    def ctx() -> RequestContext:
+        c = RequestContext(request_id="r1", principal="p", method="POST", path="/v1")
+        c.response_status = 200
+        return c
+
+    body = json.dumps(OPENAI_CHAT).encode()
+    fast = UsageAccounting(prices=PRICES, ledger=MemoryLedger())
+    c1 = ctx()
+    fast.absorb(c1, from_response(parse_json(body)))
+    assert fast.finish_nowait(c1) is None  # recorded, nothing to await
+    assert fast.settings.ledger is not None
+    [row] = await fast.settings.ledger.query("p")
+    assert row.requests == 1 and row.estimated_cost == c1.estimated_cost
+    generic = UsageAccounting(prices=PRICES, ledger=GenericMemoryLedger())
+    c2 = ctx()
+    generic.absorb(c2, from_response(parse_json(body)))
+    pending = generic.finish_nowait(c2)
+    assert pending is not None
+    await pending
+    assert generic.settings.ledger is not None
+    assert await generic.settings.ledger.query("p") == [row]

@@ -239,3 +239,41 @@ def test_fast_converters_build_what_validation_builds(convert: Any, raw: dict[st
     with pytest.raises(ValidationError):
         fast.input_tokens = 1  # type: ignore[misc]
     assert fast.model_copy(update={"input_tokens": 1}).input_tokens == 1
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        json.dumps(OPENAI_CHAT).encode(),
+        b' {"a": 1, "a": 2} ',  # duplicate keys: the last wins, as in json
+        b'{"s": "\\ud800", "n": 123456789012345678901234567890}',  # lone surrogate, big int
+        '{"a": "é"}'.encode("utf-16"),  # another JSON encoding
+        b'{"a": [Infinity, -Infinity]}',
+        b"[" * 500 + b"]" * 500,  # deeper than from_json's limit, not json's
+    ],
+)
+def test_parse_json_reads_what_json_reads(raw: bytes) -> None:
+    from aimiddleware.usage.extract import parse_json
+
+    assert parse_json(raw) == json.loads(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"not json", b'{"a": 1} trailing', b"\xff\xfe\xfd", b"[" * 100_000 + b"]" * 100_000],
+)
+def test_parse_json_gives_none_for_non_json(raw: bytes) -> None:
+    from aimiddleware.usage.extract import parse_json
+
+    assert parse_json(raw) is None
+
+
+def test_openai_chat_extraction_tolerates_odd_members() -> None:
+    body = {**OPENAI_CHAT, "model": 5, "choices": ["x"], "usage": {"prompt_tokens": -3,
+            "completion_tokens": True, "total_tokens": "9"}}
+    got = from_response(body)
+    assert got is not None and type(got).__name__ == "Extracted"
+    assert got.usage == Usage(input_tokens=0, output_tokens=0, total_tokens=0)
+    assert (got.raw_finish_reason, got.provider, got.model_version) == (None, "openai", None)
+    empty = from_response({**OPENAI_CHAT, "choices": [], "usage": None})
+    assert empty == (None, None, "openai", "gpt-4o-2024-08-06")

@@ -7,10 +7,13 @@ fused stack: one :class:`UsageAccounting` per configuration, no per-request stat
 from __future__ import annotations
 
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from time import perf_counter
+from typing import Any
 
 from aimiddleware.context import RequestContext
-from aimiddleware.finish_reason import normalize_finish_reason
+from aimiddleware.finish_reason import finish_reason_value
 from aimiddleware.pricing import PriceTable
 from aimiddleware.storage import Storage
 from aimiddleware.tokens import TokenCounter
@@ -25,6 +28,9 @@ logger = logging.getLogger("aimiddleware.usage")
 DEFAULT_MAX_JSON_BODY = 1024 * 1024
 STATE_KEY = "usage"
 _NO_USAGE = Usage()  # frozen: one shared instance for records without usage
+# ctx.state key of the Quote settle() priced: its string and nanos serve headers and ledger
+# while it still is ctx.estimated_cost (an endpoint may set the cost itself)
+_QUOTE = "usage_quote"
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,8 @@ class UsageAccounting:
         self.settings = UsageSettings(prices, counter or TokenCounter(), ledger if record else None)
         # a ledger doing I/O is shielded from cancellation (record even a cancelled request)
         self.shield = bool(record and ledger is not None and ledger.does_io)
+        # the in-process ledger as such (not a subclass) is written without an await
+        self._memory = ledger if record and type(ledger) is MemoryLedger else None
         self.max_json_body = max_json_body
         self.prefix = p = header_prefix.encode("latin-1")
         self._h_duration = p + b"duration-ms"
@@ -105,15 +113,20 @@ class UsageAccounting:
         """Take what a response said, unless the endpoint already reported it."""
         if found is None:
             return
-        reported = ctx.state.setdefault("usage_reported", ctx.usage is not None)
-        if found.usage is not None and not reported:
-            ctx.usage = merge(ctx.usage, found.usage)
-        if found.raw_finish_reason is not None and (not reported or ctx.raw_finish_reason is None):
-            ctx.raw_finish_reason = found.raw_finish_reason
-        if found.provider:
-            ctx.state.setdefault("usage_provider", found.provider)
-        if found.model_version and ctx.model_version is None:
-            ctx.model_version = found.model_version
+        usage, raw, provider, version = found
+        state = ctx.state
+        reported = state.get("usage_reported")
+        if reported is None:
+            reported = state["usage_reported"] = ctx.usage is not None
+        if usage is not None and not reported:
+            old = ctx.usage
+            ctx.usage = usage if old is None else merge(old, usage)
+        if raw is not None and (not reported or ctx.raw_finish_reason is None):
+            ctx.raw_finish_reason = raw
+        if provider and "usage_provider" not in state:
+            state["usage_provider"] = provider
+        if version and ctx.model_version is None:
+            ctx.model_version = version
 
     def settle(self, ctx: RequestContext) -> None:
         """Normalize the finish reason, fill in the model, price the usage."""
@@ -122,60 +135,101 @@ class UsageAccounting:
             if isinstance(body, dict) and isinstance(body.get("model"), str):
                 ctx.model = body["model"]
         if ctx.raw_finish_reason is not None:
-            ctx.finish_reason = normalize_finish_reason(
+            ctx.finish_reason = finish_reason_value(
                 ctx.raw_finish_reason, ctx.state.get("usage_provider")
-            ).value
+            )
         prices = self.settings.prices
         usage = ctx.usage
         if usage is not None and ctx.estimated_cost is None and prices is not None:
-            for name in (ctx.model_version, ctx.model):
-                price = prices.price(name) if name else None
-                if price is not None:
-                    ctx.estimated_cost = price.cost(usage)
-                    break
+            price = prices.price(ctx.model_version) or prices.price(ctx.model)
+            if price is not None:
+                quote = price.quote(usage)
+                ctx.estimated_cost = quote.cost
+                ctx.state[_QUOTE] = quote
 
     def headers(self, ctx: RequestContext) -> list[tuple[bytes, bytes]]:
-        out = [(self._h_duration, b"%.1f" % ctx.elapsed_ms)]
+        # ctx.elapsed_ms without the property call (per request)
+        duration = (self._h_duration, b"%.1f" % ((perf_counter() - ctx.started) * 1000.0))
         u = ctx.usage
-        if u is not None:
-            out.append((self._h_input, b"%d" % u.input_tokens))
-            out.append((self._h_output, b"%d" % u.output_tokens))
-            out.append((self._h_total, b"%d" % u.total_tokens))
+        if u is None:
+            out = [duration]
+        else:
+            out = [
+                duration,
+                (self._h_input, b"%d" % u.input_tokens),
+                (self._h_output, b"%d" % u.output_tokens),
+                (self._h_total, b"%d" % u.total_tokens),
+            ]
             if u.cached_input_tokens:
                 out.append((self._h_cached, b"%d" % u.cached_input_tokens))
             if u.reasoning_tokens:
                 out.append((self._h_reasoning, b"%d" % u.reasoning_tokens))
-        if ctx.estimated_cost is not None:
-            out.append((self._h_cost, format(ctx.estimated_cost, "f").encode()))
+        cost = ctx.estimated_cost
+        if cost is not None:
+            quote = ctx.state.get(_QUOTE)
+            text = quote.text if quote is not None and quote.cost is cost else format(cost, "f")
+            out.append((self._h_cost, text.encode()))
         if ctx.finish_reason is not None:
             out.append((self._h_finish, ctx.finish_reason.encode()))
         return out
 
     async def finish(self, ctx: RequestContext) -> None:
         """Settle and record; accounting never fails the response it accounts for."""
+        pending = self.finish_nowait(ctx)
+        if pending is not None:
+            await pending
+
+    def finish_nowait(self, ctx: RequestContext) -> Coroutine[Any, Any, None] | None:
+        """:meth:`finish` without an await when none is needed; never raises.
+
+        Settles, and records at once in a :class:`MemoryLedger`; returns the write still to
+        await for any other ledger (await it shielded when :attr:`shield` is true), else
+        ``None``.
+        """
         try:
             rec = self._record_of(ctx)
-            if rec is not None:
-                await rec[0].record(rec[1])
+        except Exception:
+            logger.exception("usage accounting failed for %s", ctx.request_id)
+            return None
+        return None if rec is None else self._write(ctx, *rec)
+
+    async def _write(self, ctx: RequestContext, ledger: Ledger, rec: UsageRecord) -> None:
+        try:
+            await ledger.record(rec)
         except Exception:
             logger.exception("usage accounting failed for %s", ctx.request_id)
 
     def _record_of(self, ctx: RequestContext) -> tuple[Ledger, UsageRecord] | None:
-        """Settle; the ledger and the record to write (``None``: nothing to record)."""
+        """Settle; the ledger and the record to write (``None``: nothing to record, or
+        recorded already: the in-process ledger is written here, without a record built)."""
         self.settle(ctx)
         ledger = self.settings.ledger
         if ledger is None or (ctx.usage is None and ctx.raw_finish_reason is None):
             return None
+        cost = ctx.estimated_cost
+        memory = self._memory
+        if memory is not None:
+            quote = ctx.state.get(_QUOTE) if cost is not None else None
+            if quote is not None and quote.cost is not cost:
+                quote = None
+            row = (
+                ctx.principal, ctx.request_id, ctx.model, ctx.model_version,
+                ctx.usage or _NO_USAGE, cost, ctx.finish_reason, ctx.raw_finish_reason,
+                ctx.response_status, (perf_counter() - ctx.started) * 1000.0, ctx.started_at,
+            )
+            if memory.record_values(row, quote.nanos if quote is not None else None):
+                return None
         return ledger, UsageRecord.of(
             principal=ctx.principal,
             request_id=ctx.request_id,
             model=ctx.model,
             model_version=ctx.model_version,
             usage=ctx.usage or _NO_USAGE,
-            estimated_cost=ctx.estimated_cost,
+            estimated_cost=cost,
             finish_reason=ctx.finish_reason,
             raw_finish_reason=ctx.raw_finish_reason,
             status=ctx.response_status,
             duration_ms=round(ctx.elapsed_ms, 3),
             timestamp=ctx.started_at,
         )
+

@@ -10,12 +10,38 @@ chunks) are read by :func:`from_stream_event`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from pydantic_core import from_json
+
 from aimiddleware.usage.models import Usage
 
-__all__ = ["Extracted", "from_response", "from_stream_event"]
+__all__ = ["Extracted", "from_response", "from_stream_event", "parse_json"]
+
+
+def parse_json(raw: bytes) -> Any:
+    """A response body as JSON; ``None`` if it is not JSON.
+
+    ``pydantic_core.from_json`` first (about 3x ``json.loads`` on small bodies); it refuses
+    what ``json`` may still read (lone surrogates, other encodings, deep nesting), so on an
+    error ``json.loads`` decides: UTF-8 first, then any JSON encoding (BOM, UTF-16/32).
+    """
+    try:
+        return from_json(raw)
+    except ValueError:
+        pass
+    try:
+        return json.loads(raw.decode())
+    except ValueError:  # includes UnicodeDecodeError
+        pass
+    except RecursionError:  # nested deeper than Python recurses: not a usage body
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
 
 
 class Extracted(NamedTuple):
@@ -51,26 +77,37 @@ def _first(value: Any) -> Mapping[str, Any]:
 _EMPTY: Mapping[str, Any] = {}
 
 
+_tuple = tuple.__new__  # Extracted(...) without its Python-level __new__ (per response)
+
+
 def from_response(body: Any) -> Extracted | None:
     """What a complete JSON response says about its usage; ``None`` if nothing."""
     if type(body) is not dict and not isinstance(body, Mapping):
         return None
-    model = _str(body.get("model"))
-    if body.get("object") == "envelope":
+    obj = body.get("object")
+    if obj == "envelope":
         return Extracted(
             _usage(body.get("usage"), Usage.model_validate),
             _str(body.get("raw_finish_reason")) or _str(body.get("finish_reason")),
             None,
             _str(body.get("model_version")),
         )
-    if isinstance(body.get("choices"), list):
-        return Extracted(
-            _usage(body.get("usage"), Usage.from_openai_chat),
-            _str(_first(body["choices"]).get("finish_reason")),
+    choices = body.get("choices")
+    if isinstance(choices, list):  # OpenAI Chat: the usual case, read with fewer calls
+        usage = body.get("usage")
+        first = choices[0] if choices else None
+        reason = first.get("finish_reason") if type(first) is dict else (
+            _first(choices).get("finish_reason"))
+        model = body.get("model")
+        return _tuple(Extracted, (
+            Usage.from_openai_chat(usage) if type(usage) is dict else (
+                _usage(usage, Usage.from_openai_chat)),
+            reason if type(reason) is str else _str(reason),
             "openai",
-            model,
-        )
-    if body.get("object") == "response":
+            model if type(model) is str else _str(model),
+        ))
+    model = _str(body.get("model"))
+    if obj == "response":
         status = _str(body.get("status"))
         details = body.get("incomplete_details")
         if status == "incomplete" and isinstance(details, Mapping):

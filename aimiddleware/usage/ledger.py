@@ -125,19 +125,8 @@ class UsageRecord(BaseModel):
             "duration_ms": duration_ms,
             "timestamp": timestamp,
         }
-        if (
-            type(principal) is str
-            and type(request_id) is str
-            and (model is None or type(model) is str)
-            and (model_version is None or type(model_version) is str)
-            and type(usage) is Usage
-            and (estimated_cost is None or type(estimated_cost) is Decimal)
-            and (finish_reason is None or type(finish_reason) is str)
-            and (raw_finish_reason is None or type(raw_finish_reason) is str)
-            and (status is None or type(status) is int)
-            and (duration_ms is None or type(duration_ms) is float)
-            and type(timestamp) is float
-        ):
+        if _plain(principal, request_id, model, model_version, usage, estimated_cost,
+                  finish_reason, raw_finish_reason, status, duration_ms, timestamp):
             values["record_id"] = new_record_id()
             return trusted(cls, values, _RECORD_ARGS)
         return cls(**values)
@@ -152,6 +141,44 @@ class UsageRecord(BaseModel):
 
 
 _RECORD_ARGS = frozenset(UsageRecord.model_fields) - {"record_id"}
+
+
+def _plain(
+    principal: object, request_id: object, model: object, model_version: object,
+    usage: object, estimated_cost: object, finish_reason: object, raw_finish_reason: object,
+    status: object, duration_ms: object, timestamp: object,
+) -> bool:
+    """Whether every value already has its field's type (no validation needed)."""
+    return (
+        type(principal) is str
+        and type(request_id) is str
+        and (model is None or type(model) is str)
+        and (model_version is None or type(model_version) is str)
+        and type(usage) is Usage
+        and (estimated_cost is None or type(estimated_cost) is Decimal)
+        and (finish_reason is None or type(finish_reason) is str)
+        and (raw_finish_reason is None or type(raw_finish_reason) is str)
+        and (status is None or type(status) is int)
+        and (duration_ms is None or type(duration_ms) is float)
+        and type(timestamp) is float
+    )
+
+
+#: One finished request as :meth:`MemoryLedger.record_values` takes it: the arguments of
+#: :meth:`UsageRecord.of` in their order, ``duration_ms`` not yet rounded (to 3 places).
+RecordValues = tuple[
+    str, str, str | None, str | None, Usage, Decimal | None, str | None, str | None,
+    int | None, float | None, float,
+]
+
+
+def _record_from(row: RecordValues) -> UsageRecord:
+    principal, request_id, model, version, usage, cost, reason, raw, status, ms, ts = row
+    return UsageRecord.of(
+        principal=principal, request_id=request_id, model=model, model_version=version,
+        usage=usage, estimated_cost=cost, finish_reason=reason, raw_finish_reason=raw,
+        status=status, duration_ms=None if ms is None else round(ms, 3), timestamp=ts,
+    )
 
 
 class Feedback(BaseModel):
@@ -323,8 +350,35 @@ class Ledger(abc.ABC):
         await self.flush()
 
 
+# The counter names of one (principal, day, model) in MemoryLedger, by list position.
+_SLOTS = ("requests", *TOKEN_FIELDS, "cost_nanos", "unpriced", "feedback_count", "rating_sum")
+_REQUESTS, _COST, _UNPRICED, _FEEDBACK, _RATING = 0, 7, 8, 9, 10
+
+
+class _Counters:
+    """One aggregate's counters in memory: ints by position (a write adds to list slots
+    instead of keyed dict entries) and finish reasons in first-seen order."""
+
+    __slots__ = ("n", "reasons")
+
+    def __init__(self) -> None:
+        self.n = [0] * len(_SLOTS)
+        self.reasons: dict[str, int] = {}
+
+    def as_dict(self) -> dict[str, int]:
+        """The flat counters every backend stores (``fr:<reason>`` keys included)."""
+        out = dict(zip(_SLOTS, self.n, strict=True))
+        for reason, count in self.reasons.items():
+            out["fr:" + reason] = count
+        return out
+
+
 class MemoryLedger(Ledger):
-    """In-process ledger, bounded: least recently used aggregates and requests go first."""
+    """In-process ledger, bounded: least recently used aggregates and requests go first.
+
+    The usage layer writes through :meth:`record_values` (no await, no record built): a
+    request is kept as its values and becomes a :class:`UsageRecord` when first read.
+    """
 
     does_io = False
 
@@ -334,28 +388,33 @@ class MemoryLedger(Ledger):
             raise ValueError("max_aggregates and max_requests must be >= 1")
         self._max_aggregates = max_aggregates
         self._max_requests = max_requests
-        self._aggs: OrderedDict[tuple[str, str, str], dict[str, int]] = OrderedDict()
-        # (principal, request_id) -> the record, or the record with its feedback
-        self._requests: OrderedDict[tuple[str, str], UsageRecord | RequestRecord] = OrderedDict()
+        self._aggs: OrderedDict[tuple[str, str, str], _Counters] = OrderedDict()
+        # (principal, request_id) -> its values (not read yet), the record, or with feedback
+        self._requests: OrderedDict[
+            tuple[str, str], RecordValues | UsageRecord | RequestRecord
+        ] = OrderedDict()
+        # the UTC day of the last write and its bounds [lo, hi): most writes share it
+        self._day = ("", 0.0, 0.0)
 
-    def _counters(self, key: tuple[str, str, str]) -> dict[str, int]:
+    def _counters(self, key: tuple[str, str, str]) -> _Counters:
         """The counters of ``key``, created if missing, marked most recently used."""
         aggs = self._aggs
         counters = aggs.get(key)
         if counters is None:
-            counters = aggs[key] = {}
+            counters = aggs[key] = _Counters()
             if len(aggs) > self._max_aggregates:
                 aggs.popitem(last=False)
         else:
             aggs.move_to_end(key)
         return counters
 
-    def _put(self, key: tuple[str, str], value: UsageRecord | RequestRecord) -> None:
+    def _put(self, key: tuple[str, str], value: RecordValues | UsageRecord | RequestRecord) -> None:
         reqs = self._requests
-        if key in reqs:
-            reqs.move_to_end(key)
+        size = len(reqs)
         reqs[key] = value
-        if len(reqs) > self._max_requests:
+        if len(reqs) == size:  # replaced: now the most recent
+            reqs.move_to_end(key)
+        elif size >= self._max_requests:
             reqs.popitem(last=False)
 
     async def record(self, rec: UsageRecord) -> None:
@@ -368,14 +427,74 @@ class MemoryLedger(Ledger):
             self._failed(rec)
             self._keep(rec)
 
+    def record_values(self, row: RecordValues, cost_nanos: int | None = None) -> bool:
+        """:meth:`record` of ``UsageRecord.of(*row)``, without building it (sync, never raises).
+
+        ``cost_nanos``: the cost in 1e-9 units when the caller has it (else derived).
+        ``False`` (nothing done) when the record needs validation or an earlier write is
+        pending: the caller then calls :meth:`record`.
+        """
+        if self._pending or not _plain(*row):
+            return False
+        principal, request_id, model, _, usage, cost, reason, _, _, _, ts = row
+        try:
+            day, lo, hi = self._day
+            if not lo <= ts < hi:
+                index = int(ts // 86400)
+                day, lo = _day(index), index * 86400.0
+                self._day = (day, lo, lo + 86400.0)
+            self._add(principal, day, model, usage, cost, cost_nanos, reason)
+            # what _put does, inline (per request)
+            reqs = self._requests
+            size = len(reqs)
+            reqs[principal, request_id] = row
+            if len(reqs) == size:  # replaced: now the most recent
+                reqs.move_to_end((principal, request_id))
+            elif size >= self._max_requests:
+                reqs.popitem(last=False)
+        except Exception:
+            rec = _record_from(row)
+            self._failed(rec)
+            self._keep(rec)
+        return True
+
     async def _write(self, rec: UsageRecord) -> None:
         self._write_now(rec)
 
     def _write_now(self, rec: UsageRecord) -> None:
-        counters = self._counters((rec.principal, rec.day, rec.model or UNKNOWN_MODEL))
-        for name, value in counters_for(rec).items():
-            counters[name] = counters.get(name, 0) + value
+        self._add(rec.principal, rec.day, rec.model, rec.usage, rec.estimated_cost, None,
+                  rec.finish_reason)
         self._put((rec.principal, rec.request_id), rec)
+
+    def _add(
+        self, principal: str, day: str, model: str | None, usage: Usage,
+        cost: Decimal | None, cost_nanos: int | None, finish_reason: str | None,
+    ) -> None:
+        """Add one request to its counters: what :func:`counters_for` gives, added in place."""
+        key = (principal, day, model or UNKNOWN_MODEL)
+        aggs = self._aggs
+        c = aggs.get(key)
+        if c is None:
+            c = self._counters(key)
+        else:
+            aggs.move_to_end(key)
+        n = c.n
+        n[0] += 1  # _SLOTS order
+        n[1] += usage.input_tokens
+        n[2] += usage.output_tokens
+        n[3] += usage.total_tokens
+        n[4] += usage.cached_input_tokens
+        n[5] += usage.cache_creation_input_tokens
+        n[6] += usage.reasoning_tokens
+        if cost is None:
+            n[_UNPRICED] += 1
+        else:
+            n[_COST] += (
+                int((cost * NANOS).to_integral_value()) if cost_nanos is None else cost_nanos
+            )
+        reason = finish_reason or "unknown"
+        reasons = c.reasons
+        reasons[reason] = reasons.get(reason, 0) + 1
 
     async def query(
         self,
@@ -387,7 +506,7 @@ class MemoryLedger(Ledger):
     ) -> list[UsageAggregate]:
         lo, hi = _day_range(start, end)
         found = [
-            aggregate_from_counters(day, mod, counters)
+            aggregate_from_counters(day, mod, counters.as_dict())
             for (who, day, mod), counters in list(self._aggs.items())
             if who == principal and lo <= day <= hi and (model is None or mod == model)
         ]
@@ -398,18 +517,23 @@ class MemoryLedger(Ledger):
         found = self._requests.get(key)
         if found is None:
             return None
+        if type(found) is tuple:  # first read: build the record once, keep it
+            found = self._requests[key] = _record_from(found)
         self._requests.move_to_end(key)
-        return found if isinstance(found, RequestRecord) else RequestRecord(record=found)
+        if isinstance(found, RequestRecord):
+            return found
+        assert isinstance(found, UsageRecord)
+        return RequestRecord(record=found)
 
     async def add_feedback(self, principal: str, feedback: Feedback) -> bool:
         found = await self.get_request(principal, feedback.request_id)
         if found is None:
             return False
         rec = found.record
-        counters = self._counters((principal, rec.day, rec.model_key))
+        n = self._counters((principal, rec.day, rec.model_key)).n
         if found.feedback is None:
-            counters["feedback_count"] = counters.get("feedback_count", 0) + 1
+            n[_FEEDBACK] += 1
         old = found.feedback.rating if found.feedback is not None else 0
-        counters["rating_sum"] = counters.get("rating_sum", 0) + feedback.rating - old
+        n[_RATING] += feedback.rating - old
         self._put((principal, feedback.request_id), RequestRecord(record=rec, feedback=feedback))
         return True

@@ -39,7 +39,7 @@ from aimiddleware.usage.accounting import (
     UsageSettings,
     ledger_for,
 )
-from aimiddleware.usage.extract import from_response, from_stream_event
+from aimiddleware.usage.extract import from_response, from_stream_event, parse_json
 from aimiddleware.usage.ledger import Ledger
 
 __all__ = [
@@ -114,16 +114,7 @@ async def serve(app: ASGIApp, scope: Scope, receive: Receive, responder: Respond
             await acc.finish(ctx)
 
 
-def _parse_json(raw: bytes) -> Any:
-    """The body as JSON (UTF-8 decoded first, the usual case; any JSON encoding else)."""
-    try:
-        return json.loads(raw.decode())
-    except ValueError:  # includes UnicodeDecodeError: a BOM, UTF-16/32, or not JSON
-        pass
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return None
+_parse_json = parse_json  # moved to extract.py (public, pure)
 
 
 def _head_info(headers: Any) -> tuple[bytes, int | None]:

@@ -15,7 +15,7 @@ explicit:
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -60,6 +60,20 @@ _set = object.__setattr__
 _new = object.__new__
 
 
+def _slot_setter(name: str) -> Callable[[Any, Any], None]:
+    """BaseModel's slot ``name`` set through its descriptor: cheaper than object.__setattr__'s
+    lookup (object.__setattr__ itself should a pydantic release drop the slot)."""
+    slot = BaseModel.__dict__.get(name)
+    if slot is not None and hasattr(slot, "__set__"):
+        return slot.__set__  # type: ignore[no-any-return]
+    return lambda obj, value: _set(obj, name, value)
+
+
+_set_fields_set = _slot_setter("__pydantic_fields_set__")
+_set_extra = _slot_setter("__pydantic_extra__")
+_set_private = _slot_setter("__pydantic_private__")
+
+
 def trusted(cls: type[_M], values: dict[str, Any], fields_set: frozenset[str]) -> _M:
     """An instance of the pydantic model ``cls`` from ``values`` that are already valid.
 
@@ -70,9 +84,9 @@ def trusted(cls: type[_M], values: dict[str, Any], fields_set: frozenset[str]) -
     """
     obj = _new(cls)
     _set(obj, "__dict__", values)
-    _set(obj, "__pydantic_fields_set__", set(fields_set))
-    _set(obj, "__pydantic_extra__", None)
-    _set(obj, "__pydantic_private__", None)
+    _set_fields_set(obj, set(fields_set))
+    _set_extra(obj, None)
+    _set_private(obj, None)
     return obj
 
 
@@ -136,16 +150,25 @@ class Usage(BaseModel):
     @classmethod
     def from_openai_chat(cls, usage: Mapping[str, Any]) -> Usage:
         """``prompt_tokens`` / ``completion_tokens`` with their ``*_details`` subsets."""
-        inp = _int1(usage, "prompt_tokens")
-        out = _int1(usage, "completion_tokens")
-        details = usage.get("prompt_tokens_details")
+        # per response: plain non-negative ints are taken as they are, anything else via _int1
+        get = usage.get
+        inp = get("prompt_tokens")
+        if type(inp) is not int or inp < 0:
+            inp = _int1(usage, "prompt_tokens")
+        out = get("completion_tokens")
+        if type(out) is not int or out < 0:
+            out = _int1(usage, "completion_tokens")
+        total = get("total_tokens")
+        if type(total) is not int or total < 0:
+            total = _int1(usage, "total_tokens")
+        details = get("prompt_tokens_details")
         cached = _int1(details, "cached_tokens") if details else 0
-        details = usage.get("completion_tokens_details")
+        details = get("completion_tokens_details")
         reasoning = _int1(details, "reasoning_tokens") if details else 0
         values = {
             "input_tokens": inp,
             "output_tokens": out,
-            "total_tokens": _int1(usage, "total_tokens") or inp + out,
+            "total_tokens": total or inp + out,
             "cached_input_tokens": cached,
             "cache_creation_input_tokens": 0,
             "reasoning_tokens": reasoning,
