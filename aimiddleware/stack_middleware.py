@@ -201,17 +201,17 @@ class _Exchange(Responder):
             return
         ratelimit = stack.ratelimit
         if ratelimit is None or ratelimit.is_exempt(scope["path"]):
-            await self.serve(scope, receive, send)
+            if self.acc is None:
+                await stack.app(scope, receive, send)
+            else:
+                await serve(stack.app, scope, receive, self)
             return
         limiter = ratelimit.limiter
         admission = await limiter.admit(
             ctx, content_type=get_header(scope["headers"], b"content-type")
         )
         self.rate_headers = admission.raw_headers
-        await run_request(limiter, admission, ctx, lambda: self.serve(scope, receive, send))
-
-    async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.acc is None:
-            await self.stack.app(scope, receive, send)
+            await run_request(limiter, admission, ctx, stack.app, scope, receive, send)
         else:
-            await serve(self.stack.app, scope, receive, self)
+            await run_request(limiter, admission, ctx, serve, stack.app, scope, receive, self)

@@ -48,16 +48,18 @@ async def run_request(
     limiter: RateLimiter,
     admission: Admission,
     ctx: RequestContext,
-    call: Callable[[], Awaitable[Any]],
+    call: Callable[..., Awaitable[Any]],
+    *args: Any,
 ) -> None:
-    """:func:`run_admitted` for an ASGI request: a failure is a response status outside
-    1xx-3xx (or none). Without a lease to keep alive, the same steps inline (cheaper)."""
+    """:func:`run_admitted` for an ASGI request, awaiting ``call(*args)``: a failure is a
+    response status outside 1xx-3xx (or none). Without a lease to keep alive, the same steps
+    inline (cheaper)."""
     if admission.lease is not None and limiter.refreshes:
-        await run_admitted(limiter, admission, ctx, call, lambda _: _failed(ctx))
+        await run_admitted(limiter, admission, ctx, lambda: call(*args), lambda _: _failed(ctx))
         return
     failed = True
     try:
-        await call()
+        await call(*args)
         failed = _failed(ctx)
     except AIError as err:
         add_headers(err, admission)

@@ -80,9 +80,7 @@ class RateLimitMiddleware:
                     message = {**message, "headers": headers}
             await send(message)
 
-        await run_request(
-            limiter, admission, ctx, lambda: self.app(scope, receive, send_with_headers)
-        )
+        await run_request(limiter, admission, ctx, self.app, scope, receive, send_with_headers)
 
 
 def with_headers(

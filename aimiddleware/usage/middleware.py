@@ -107,11 +107,13 @@ async def serve(app: ASGIApp, scope: Scope, receive: Receive, responder: Respond
         await app(scope, receive, responder.send)
         await responder.release()
     finally:
-        if acc.shield:
-            with anyio.CancelScope(shield=True):  # record even a cancelled request
-                await acc.finish(ctx)
-        else:
-            await acc.finish(ctx)
+        write = acc.finish_nowait(ctx)  # the in-process ledger is written at once
+        if write is not None:
+            if acc.shield:
+                with anyio.CancelScope(shield=True):  # record even a cancelled request
+                    await write
+            else:
+                await write
 
 
 _parse_json = parse_json  # moved to extract.py (public, pure)
