@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from decimal import Decimal
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -46,6 +47,42 @@ def test_header_plan_renders_what_rate_limit_headers_computes(
     expected = rate_limit_headers(POLICY.limits, states, concurrency, in_flight)
     got = HeaderPlan(POLICY.limits, concurrency).render(states, in_flight)
     assert got == [(k.encode(), v.encode()) for k, v in expected]
+
+
+# One limit per OpenAI dimension (the plan writes each row's headers as it goes), and the
+# same limits with a route's requests limit after the tokens one (the general path).
+SHAPES = [
+    Policy(requests="100000000/minute", tokens="100000000000/minute", cost="100/day").limits,
+    Policy(tokens="1000/minute", input_tokens="700/hour").limits
+    + tuple(lim.scoped("route:/v1/x") for lim in Policy(requests="5/second").limits),
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(SHAPES),
+    st.lists(
+        st.tuples(
+            st.integers(0, 200_000), st.integers(0, 200_000), st.floats(0, 1), st.integers(0, 3)
+        ),
+        min_size=3,
+        max_size=3,
+    ),
+    st.sampled_from([0, 1, 10_000]),
+    st.integers(0, 9),
+)
+def test_header_plan_on_other_shapes(
+    limits: tuple[Any, ...], raw: list[tuple[int, int, float, int]], concurrency: int,
+    in_flight: int,
+) -> None:
+    states = []
+    for lim, (prev, curr, at, index) in zip(limits, raw, strict=True):
+        window = lim.window * 1000
+        states.append(WindowState(index, prev, curr, min(window - 1, int(at * window))))
+    expected = rate_limit_headers(limits, states, concurrency, in_flight)
+    plan = HeaderPlan(limits, concurrency)
+    for _ in range(2):  # the second time from the plan's caches
+        assert plan.render(states, in_flight) == [(k.encode(), v.encode()) for k, v in expected]
 
 
 @given(st.integers(-5, 10**11))
