@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from operator import itemgetter
 
 from aimiddleware.ratelimit.backend import Adjustment, Decision, Hit, WindowState, roll
 
@@ -18,13 +19,15 @@ __all__ = ["MemoryBackend"]
 
 _new = tuple.__new__  # a NamedTuple from a tuple, without its Python-level __new__
 _NEVER = 1 << 62  # a time (ms) after every expiry
+_EMPTY = (-_NEVER, 0, 0, 0)  # a counter never used: its window is long gone
+_field = itemgetter(0)  # Hit.field
 
 
 class _Entry:
     __slots__ = ("counters", "expires_ms", "lease_due", "leases", "marks")
 
     def __init__(self) -> None:
-        # field -> (index, prev, curr[, elapsed]): immutable, so a WindowState is stored as is
+        # field -> (index, prev, curr, elapsed | 0): immutable, so a WindowState is stored as is
         self.counters: dict[str, tuple[int, ...]] = {}
         self.leases: dict[str, int] = {}  # lease id -> expiry (ms)
         self.lease_due = _NEVER  # no lease expires before this (ms): no scan until then
@@ -110,16 +113,10 @@ class MemoryBackend:
         longest = 0
         for name, window, limit, cost in hits:
             index = now // window
-            stored = counters.get(name)
             # backend.roll and backend.fits, inlined (the same float expression as the Lua).
-            if stored is None:
-                prev = curr = 0
-            elif stored[0] == index:
-                prev, curr = stored[1], stored[2]
-            elif stored[0] == index - 1:
-                prev, curr = stored[2], 0
-            else:
-                prev = curr = 0
+            at, prev, curr, _ = counters.get(name, _EMPTY)
+            if at != index:
+                prev, curr = (curr, 0) if at == index - 1 else (0, 0)
             elapsed = now - index * window
             # float(prev) * float(window - elapsed) / float(window) + float(curr) + float(cost)
             # <= float(limit): a float op int converts the int exactly as float() does.
@@ -148,8 +145,8 @@ class MemoryBackend:
                 for hit, s in zip(hits, states, strict=True)
             ])
             return _new(Decision, (False, failed, refused, in_flight, now))
-        for hit, state in zip(hits, states):  # noqa: B905 (same length; a keyword costs)
-            counters[hit[0]] = state
+        # counters[hit.field] = state for each, in order (C-level: no Python loop)
+        counters.update(zip(map(_field, hits), states))  # noqa: B905 (same length)
         if concurrency > 0 and lease is not None:
             expiry = entry.leases[lease] = now + lease_ttl_ms
             if expiry < entry.lease_due:
@@ -179,23 +176,16 @@ class MemoryBackend:
         counters = entry.counters
         for name, window, reserved, delta in adjustments:
             index = now // window
-            stored = counters.get(name)
-            # backend.roll, inlined
-            if stored is None:
-                prev = curr = 0
-            elif stored[0] == index:
-                prev, curr = stored[1], stored[2]
-            elif stored[0] == index - 1:
-                prev, curr = stored[2], 0
-            else:
-                prev = curr = 0
+            at, prev, curr, _ = counters.get(name, _EMPTY)  # backend.roll, inlined
+            if at != index:
+                prev, curr = (curr, 0) if at == index - 1 else (0, 0)
             if delta >= 0:
                 curr += delta
             elif reserved == index:
                 curr = max(0, curr + delta)
             elif reserved == index - 1:
                 prev = max(0, prev + delta)
-            counters[name] = (index, prev, curr)
+            counters[name] = (index, prev, curr, 0)
             if now + 2 * window > entry.expires_ms:
                 entry.expires_ms = now + 2 * window
 
