@@ -196,12 +196,11 @@ class HeaderPlan:
             if left < 0:
                 left = 0
             reset = 2 * window - elapsed if curr > 0 else (window - elapsed if prev > 0 else 0)
-            args.append(left)
-            args.append(-(-reset // 1000))
+            args += (left, -(-reset // 1000))  # (one list.extend rather than two appends)
             if names is not None:
-                out.append(names[0])
-                out.append((names[1], b"%d" % left))
-                out.append((names[2], durations.get(reset) or self._duration(reset)))
+                h_limit, h_remaining, h_reset = names
+                duration = durations.get(reset) or self._duration(reset)
+                out += (h_limit, (h_remaining, b"%d" % left), (h_reset, duration))
             elif not direct:
                 resets.append(reset)
         if not direct:
@@ -219,6 +218,5 @@ class HeaderPlan:
         if self._policy is not None:
             if self._concurrency:
                 args.append(max(0, self._concurrency - in_flight))
-            out.append(self._policy)
-            out.append((b"ratelimit", self._template % tuple(args)))
+            out += (self._policy, (b"ratelimit", self._template % tuple(args)))
         return out
