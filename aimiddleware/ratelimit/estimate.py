@@ -228,7 +228,10 @@ class Estimator:
             model = body["model"]
         # Count and price the snapshot actually served when versioning resolved one.
         served = ctx.model_version or model
-        # Count here only when that cannot block (see _count_now).
+        # Count on the event loop only when that cannot block: the model's vocabulary is
+        # loaded (an earlier async count for it finished) and the body is below the counter's
+        # offload threshold (a JSON body has at least one byte per character of its strings,
+        # so its length bounds what ``acount_request`` measures). Else estimate() counts.
         if served not in self._warm or not body or len(raw) > self._offload:
             return None
         try:
@@ -294,19 +297,6 @@ class Estimator:
                 output = self.default_output(model)
         cost = self.price_units(served, input_tokens, output) if needs_cost else None
         return Estimate(model, input_tokens, output, None, cost_units=cost)
-
-    def _count_now(self, raw: bytes, body: Mapping[str, Any], model: str | None) -> int | None:
-        """Count on the event loop when that cannot block: the model's vocabulary is loaded
-        (an earlier async count for it finished) and the body is below the counter's offload
-        threshold (a JSON body has at least one byte per character of its strings, so its
-        length bounds what ``acount_request`` measures). ``None``: use :meth:`_count`."""
-        if model not in self._warm or not body or len(raw) > self._offload:
-            return None
-        try:
-            return int(self._counter.count_request(body, model).tokens)
-        except Exception:  # a malformed shape is the endpoint's to reject, not ours
-            logger.debug("token counting failed; estimating from the body size", exc_info=True)
-            return (len(raw) + 3) // 4
 
     async def _count(self, ctx: RequestContext, body: Mapping[str, Any], model: str | None) -> int:
         counter = self.counter
