@@ -247,15 +247,17 @@ async def per_request(quick: bool) -> tuple[str, dict[str, Any]]:
 
     n, rounds = (500, 5) if quick else (2000, 15)
     await batch([context() for _ in range(10)])  # warm: vocabulary, caches
-    out: dict[str, float] = {}
     real = counter.count_request
     fixed = real(context().json(), "gpt-4o-mini-2024-07-18")
-    for name, count in (("admit + finish", real), ("admit + finish, counting excluded",
-                                                    lambda body, model: fixed)):
-        counter.count_request = count  # type: ignore[method-assign]
-        times = [await batch([context() for _ in range(n)]) for _ in range(rounds)]
-        out[name] = min(times) / n * 1e6
+    variants = {"admit + finish": real,
+                "admit + finish, counting excluded": lambda body, model: fixed}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):  # interleaved, the best round of each (a noisy shared box)
+        for name, count in variants.items():
+            counter.count_request = count  # type: ignore[method-assign]
+            times[name].append(await batch([context() for _ in range(n)]))
     counter.count_request = real  # type: ignore[method-assign]
+    out = {name: min(v) / n * 1e6 for name, v in times.items()}
     lines = ["## Limiter per request: admit + finish (µs, no HTTP)", "",
              "| measure | µs per request |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in out.items()]
