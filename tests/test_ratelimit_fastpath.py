@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import math
 from decimal import Decimal
+from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aimiddleware.context import RequestContext
+from aimiddleware.errors import InvalidRequest
 from aimiddleware.headers import go_duration
 from aimiddleware.pricing import PriceTable
 from aimiddleware.ratelimit.backend import WindowState
 from aimiddleware.ratelimit.estimate import Estimate, Estimator
 from aimiddleware.ratelimit.headers import HeaderPlan, go_ms, rate_limit_headers
 from aimiddleware.ratelimit.policy import COST_SCALE, Policy
+from aimiddleware.tokens import TokenCounter
 from aimiddleware.usage.models import Usage
 
 POLICY = Policy(
@@ -46,6 +52,42 @@ def test_header_plan_renders_what_rate_limit_headers_computes(
     expected = rate_limit_headers(POLICY.limits, states, concurrency, in_flight)
     got = HeaderPlan(POLICY.limits, concurrency).render(states, in_flight)
     assert got == [(k.encode(), v.encode()) for k, v in expected]
+
+
+# One limit per OpenAI dimension (the plan writes each row's headers as it goes), and the
+# same limits with a route's requests limit after the tokens one (the general path).
+SHAPES = [
+    Policy(requests="100000000/minute", tokens="100000000000/minute", cost="100/day").limits,
+    Policy(tokens="1000/minute", input_tokens="700/hour").limits
+    + tuple(lim.scoped("route:/v1/x") for lim in Policy(requests="5/second").limits),
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(SHAPES),
+    st.lists(
+        st.tuples(
+            st.integers(0, 200_000), st.integers(0, 200_000), st.floats(0, 1), st.integers(0, 3)
+        ),
+        min_size=3,
+        max_size=3,
+    ),
+    st.sampled_from([0, 1, 10_000]),
+    st.integers(0, 9),
+)
+def test_header_plan_on_other_shapes(
+    limits: tuple[Any, ...], raw: list[tuple[int, int, float, int]], concurrency: int,
+    in_flight: int,
+) -> None:
+    states = []
+    for lim, (prev, curr, at, index) in zip(limits, raw, strict=True):
+        window = lim.window * 1000
+        states.append(WindowState(index, prev, curr, min(window - 1, int(at * window))))
+    expected = rate_limit_headers(limits, states, concurrency, in_flight)
+    plan = HeaderPlan(limits, concurrency)
+    for _ in range(2):  # the second time from the plan's caches
+        assert plan.render(states, in_flight) == [(k.encode(), v.encode()) for k, v in expected]
 
 
 @given(st.integers(-5, 10**11))
@@ -89,3 +131,60 @@ def test_integer_cost_equals_decimal_cost(
     expected = prices.estimate(model, usage)
     assert expected is not None
     assert actual.cost_units == math.ceil(expected * COST_SCALE)
+
+
+BODIES = [
+    {"model": "gpt-4o-mini", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]},
+    {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "no cap"}]},
+    {"model": "gpt-4o-mini", "max_tokens": -1, "max_completion_tokens": 20,
+     "messages": [{"role": "user", "content": "bad cap, then a good one"}]},
+    {"model": "gpt-4o-mini", "max_tokens": True, "max_output_tokens": 7, "input": "bool cap"},
+    {"model": "gpt-4o-mini", "max_tokens": "64", "messages": []},
+    {"model": "unpriced-model", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]},
+    {"max_tokens": 9, "messages": [{"role": "user", "content": "no model"}]},
+]
+
+
+@pytest.fixture(scope="module")
+def counter() -> TokenCounter:
+    return TokenCounter()  # one vocabulary load for the module
+
+
+@pytest.mark.parametrize("body", BODIES)
+@pytest.mark.parametrize("needs_cost", [True, False])
+@pytest.mark.parametrize("version", [None, "gpt-4o-mini-2024-07-18"])
+async def test_estimate_on_the_event_loop_equals_the_awaited_one(
+    counter: TokenCounter, body: dict[str, Any], needs_cost: bool, version: str | None
+) -> None:
+    prices = PriceTable({"gpt-4o-mini": {"input": "0.15", "output": "0.60"}})
+    policy = Policy(tokens="1000000/minute", output_estimate=None)
+    raw = json.dumps(body).encode()
+
+    def ctx() -> RequestContext:
+        return RequestContext(request_id="r", principal="p", method="POST", path="/", body=raw,
+                              model=body.get("model"), model_version=version)
+
+    cold = Estimator(counter, prices, {"gpt-4o-mini": 300, "*": 500})
+    warm = Estimator(counter, prices, {"gpt-4o-mini": 300, "*": 500})
+    await warm.estimate(ctx(), policy, needs_body=True, needs_cost=needs_cost)  # loads, learns
+    assert warm.estimate_now(ctx(), policy, True, needs_cost) is not None  # the flat path
+    expected = await cold.estimate(ctx(), policy, needs_body=True, needs_cost=needs_cost)
+    for _ in range(2):  # the second time from the warm estimator's caches
+        got = await warm.estimate(ctx(), policy, needs_body=True, needs_cost=needs_cost)
+        assert got == expected
+
+
+async def test_estimate_of_a_body_that_is_not_json_or_not_an_object(
+    counter: TokenCounter,
+) -> None:
+    est = Estimator(counter, None, 100)
+    policy = Policy(tokens="1000/minute")
+    text = RequestContext(request_id="r", principal="p", method="POST", path="/", body=b"x" * 40)
+    got = await est.estimate(text, policy, needs_body=True, needs_cost=False,
+                             content_type=b"text/plain")
+    assert (got.input_tokens, got.output_tokens) == (10, 100)  # from the size: (40 + 3) // 4
+    for bad in (b"[1, 2]", b"{not json"):
+        ctx = RequestContext(request_id="r", principal="p", method="POST", path="/", body=bad)
+        with pytest.raises(InvalidRequest):
+            await est.estimate(ctx, policy, needs_body=True, needs_cost=False,
+                               content_type=b"application/json; charset=utf-8")

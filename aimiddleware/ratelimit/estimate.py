@@ -159,6 +159,7 @@ class Estimator:
         self._int_prices: dict[str, _IntPrice] = {}
         self._warm: set[str | None] = set()  # models whose vocabulary the counter holds
         self._offload = -1
+        self._json_types: dict[bytes | None, bool] = {}  # content-type -> is JSON (bounded)
 
     @property
     def counter(self) -> Any:
@@ -186,29 +187,103 @@ class Estimator:
         needs_cost: bool,
         content_type: bytes | None = None,
     ) -> Estimate:
+        found = self.estimate_now(ctx, policy, needs_body, needs_cost, content_type)
+        if found is not None:
+            return found
+        # The body must be counted off the event loop (or its model's vocabulary loaded).
+        body = self._body(ctx, content_type)
+        model = ctx.model
+        if model is None and isinstance(body.get("model"), str):
+            model = body["model"]
+        served = ctx.model_version or model
+        input_tokens = await self._count(ctx, body, served)
+        return self._complete(body, policy, model, served, input_tokens, needs_cost)
+
+    def estimate_now(
+        self,
+        ctx: RequestContext,
+        policy: Policy,
+        needs_body: bool,
+        needs_cost: bool,
+        content_type: bytes | None = None,
+    ) -> Estimate | None:
+        """:meth:`estimate` when it needs no ``await`` (the common case), else ``None``.
+
+        Runs on every request: written flat (no helper calls on the common path)."""
         if not needs_body:
-            return Estimate(ctx.model, 0, 0, None)
+            return Estimate(ctx.model, 0, 0)
         raw = ctx.body
         if not raw or raw.isspace():  # no body, no model call to reserve for (GET /health...)
             return Estimate(ctx.model, 0, 0, None, cost_units=0 if needs_cost else None)
-        body: Any = None
-        if _is_json(content_type):
-            body = ctx.json()
-            if not isinstance(body, dict):
-                raise InvalidRequest(
-                    "The request body must be a JSON object."
-                    if body is not None
-                    else "The request body is not valid JSON."
-                )
-        body = body or {}
+        is_json = self._json_types.get(content_type)
+        if is_json is None:
+            is_json = self._learn_json(content_type)
+        body = ctx.json() if is_json else None
+        if not isinstance(body, dict):
+            if is_json:
+                body = self._body(ctx, content_type)  # raises InvalidRequest
+            return None  # not JSON: estimated from the body size by estimate()
         model = ctx.model
         if model is None and isinstance(body.get("model"), str):
             model = body["model"]
         # Count and price the snapshot actually served when versioning resolved one.
         served = ctx.model_version or model
-        input_tokens = self._count_now(raw, body, served)
-        if input_tokens is None:
-            input_tokens = await self._count(ctx, body, served)
+        # Count on the event loop only when that cannot block: the model's vocabulary is
+        # loaded (an earlier async count for it finished) and the body is below the counter's
+        # offload threshold (a JSON body has at least one byte per character of its strings,
+        # so its length bounds what ``acount_request`` measures). Else estimate() counts.
+        if served not in self._warm or not body or len(raw) > self._offload:
+            return None
+        try:
+            input_tokens = int(self._counter.count_request(body, served).tokens)
+        except Exception:  # a malformed shape is the endpoint's to reject, not ours
+            logger.debug("token counting failed; estimating from the body size", exc_info=True)
+            input_tokens = (len(raw) + 3) // 4
+        # The first of OUTPUT_CAP_FIELDS that holds a count (_complete, for the common case).
+        output = body.get("max_tokens")
+        if type(output) is not int or output < 0:
+            return self._complete(body, policy, model, served, input_tokens, needs_cost)
+        cost = None
+        if needs_cost:
+            # The price table never changes, so a model's integer price, once built, holds.
+            fast = self._int_prices.get(served) if served is not None else None
+            if fast is not None:  # fast.plain(), inlined
+                cost = -(-(input_tokens * fast.input + output * fast.output) // fast.den)
+            else:
+                cost = self.price_units(served, input_tokens, output)
+        return Estimate(model, input_tokens, output, None, cost_units=cost)
+
+    def _learn_json(self, content_type: bytes | None) -> bool:
+        is_json = _is_json(content_type)
+        if len(self._json_types) < 64:  # bounded: content types come from requests
+            self._json_types[content_type] = is_json
+        return is_json
+
+    def _body(self, ctx: RequestContext, content_type: bytes | None) -> Mapping[str, Any]:
+        """The JSON object body ({} for a body that is not JSON); InvalidRequest if not one."""
+        is_json = self._json_types.get(content_type)
+        if is_json is None:
+            is_json = self._learn_json(content_type)
+        if not is_json:
+            return {}
+        body = ctx.json()
+        if not isinstance(body, dict):
+            raise InvalidRequest(
+                "The request body must be a JSON object."
+                if body is not None
+                else "The request body is not valid JSON."
+            )
+        return body
+
+    def _complete(
+        self,
+        body: Mapping[str, Any],
+        policy: Policy,
+        model: str | None,
+        served: str | None,
+        input_tokens: int,
+        needs_cost: bool,
+    ) -> Estimate:
         output = None
         for name in OUTPUT_CAP_FIELDS:
             value = body.get(name)
@@ -223,18 +298,6 @@ class Estimator:
         cost = self.price_units(served, input_tokens, output) if needs_cost else None
         return Estimate(model, input_tokens, output, None, cost_units=cost)
 
-    def _count_now(self, raw: bytes, body: Mapping[str, Any], model: str | None) -> int | None:
-        """Count on the event loop when that cannot block: the model's vocabulary is loaded
-        (an earlier async count for it finished) and the body is below the counter's offload
-        threshold (a JSON body has at least one byte per character of its strings, so its
-        length bounds what ``acount_request`` measures). ``None``: use :meth:`_count`."""
-        if model not in self._warm or not body or len(raw) > self._offload:
-            return None
-        try:
-            return int(self._counter.count_request(body, model).tokens)
-        except Exception:  # a malformed shape is the endpoint's to reject, not ours
-            logger.debug("token counting failed; estimating from the body size", exc_info=True)
-            return (len(raw) + 3) // 4
     async def _count(self, ctx: RequestContext, body: Mapping[str, Any], model: str | None) -> int:
         counter = self.counter
         if counter is not None and body:
@@ -254,29 +317,29 @@ class Estimator:
         return (len(ctx.body) + 3) // 4
 
     def _int_price(self, model: str) -> _IntPrice | None:
-        """The integer form of ``model``'s price, cached while the table serves the same price
-        object (``None``: unpriced, or a table that is not a plain ``PriceTable``)."""
-        prices = self.prices
+        """The integer form of ``model``'s price, cached (a ``PriceTable`` never changes)
+        (``None``: unpriced, or a table that is not a plain ``PriceTable``)."""
+        found = self._int_prices.get(model)
+        if found is not None:
+            return found
+        prices = self._prices
         if type(prices) is not PriceTable:
             return None
         price = prices.price(model)
         if type(price) is not ModelPrice:
             return None
-        found = self._int_prices.get(model)
-        if found is None or found.price is not price:
-            if len(self._int_prices) >= 1024:  # bounded: model names come from requests
-                self._int_prices.clear()
-            found = self._int_prices[model] = _IntPrice(price)
+        if len(self._int_prices) >= 1024:  # bounded: model names come from requests
+            self._int_prices.clear()
+        found = self._int_prices[model] = _IntPrice(price)
         return found
 
     def price_units(self, model: str | None, input_tokens: int, output_tokens: int) -> int | None:
         """The cost of plain input/output tokens in nano-units, rounded up (None: unpriced)."""
-        prices = self.prices
-        if prices is None or model is None:
+        if self._prices is _UNSET or model is None:
             return None
         fast = self._int_price(model)
-        if fast is not None:
-            return fast.plain(input_tokens, output_tokens)
+        if fast is not None:  # fast.plain(), inlined
+            return -(-(input_tokens * fast.input + output_tokens * fast.output) // fast.den)
         cost = self.price(model, input_tokens, output_tokens)
         return None if cost is None else (math.ceil(cost * COST_SCALE) if cost else 0)
 
@@ -303,7 +366,7 @@ class Estimator:
         model = model or reserved.model
         cost = reserved.cost_units
         if cost is not None and model:
-            fast = self._int_price(model)
+            fast = self._int_prices.get(model) or self._int_price(model)
             if fast is not None:
                 return fast.usage(usage)
             prices = self.prices

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from math import floor
+from typing import Any
 
 from aimiddleware.ratelimit.backend import WindowState, remaining
 from aimiddleware.ratelimit.policy import Limit
@@ -115,73 +116,107 @@ class HeaderPlan:
     """The headers of an admitted request on one set of limits, precomputed.
 
     ``render(states, in_flight)`` equals ``rate_limit_headers(limits, states, concurrency,
-    in_flight)`` encoded as latin-1 bytes, at a fraction of the cost.
+    in_flight)`` encoded as latin-1 bytes, at a fraction of the cost: the names and the
+    constant headers (``RateLimit-Policy``, ``x-ratelimit-limit-*``) are built once, and the
+    ``RateLimit`` value is one ``%`` on a precomputed bytes template.
     """
 
-    __slots__ = ("_concurrency", "_dims", "_durations", "_policy", "_rows")
+    __slots__ = (
+        "_concurrency", "_direct", "_durations", "_policy", "_rows", "_slots", "_template",
+    )
 
     def __init__(self, limits: Sequence[Limit], concurrency: int) -> None:
-        # (index into states, window ms, amount, window s, '"name";r=', OpenAI slot or -1)
-        rows: list[tuple[int, int, int, int, str, int]] = []
+        # (index into states, window ms, window ms as float, amount, amount as float,
+        #  the OpenAI headers it alone sets: (limit header, remaining name, reset name) | None)
+        rows: list[tuple[int, int, float, int, float, Any]] = []
+        members: list[bytes] = []  # the RateLimit template: '"name";r=%d;t=%d' per row
         policy: list[str] = []
-        dims: list[tuple[bytes, bytes, bytes]] = []  # per slot: the three header names
-        for dim in _DIMS:
-            if any(lim.dimension == dim for lim in limits):
-                dims.append((
-                    f"x-ratelimit-limit-{dim}".encode(),
-                    f"x-ratelimit-remaining-{dim}".encode(),
-                    f"x-ratelimit-reset-{dim}".encode(),
-                ))
-        present = [d for d in _DIMS if any(lim.dimension == d for lim in limits)]
         for i, lim in enumerate(limits):
             if lim.dimension == "cost":
                 continue
-            slot = present.index(lim.dimension) if lim.dimension in present else -1
-            prefix = lim.policy_item.partition(";")[0] + ";r="
-            rows.append((i, lim.window * 1000, lim.amount, lim.window, prefix, slot))
+            window = lim.window * 1000
+            rows.append((i, window, float(window), lim.amount, float(lim.amount), None))
+            name = lim.policy_item.partition(";")[0].replace("%", "%%")
+            members.append(name.encode("latin-1") + b";r=%d;t=%d")
             policy.append(lim.policy_item)
+        # Per OpenAI dimension present: (the three header names, the candidate rows as
+        # (position, amount, window s)); the tightest candidate sets them.
+        slots: list[tuple[bytes, bytes, bytes, tuple[tuple[int, int, int], ...]]] = []
+        for dim in _DIMS:
+            cands = tuple(
+                (j, limits[i].amount, limits[i].window)
+                for j, (i, *_) in enumerate(rows)
+                if limits[i].dimension == dim
+            )
+            if cands:
+                slots.append((
+                    f"x-ratelimit-limit-{dim}".encode(),
+                    f"x-ratelimit-remaining-{dim}".encode(),
+                    f"x-ratelimit-reset-{dim}".encode(),
+                    cands,
+                ))
+        # The usual shape: one limit per OpenAI dimension, rows in the headers' order. Each
+        # such row then writes its own headers while it is computed (no second pass).
+        order = [cands[0][0] for *_, cands in slots]
+        self._direct = all(len(c) == 1 for *_, c in slots) and order == sorted(order)
+        if self._direct:
+            for h_limit, h_remaining, h_reset, ((j, amount, _),) in slots:
+                names = ((h_limit, b"%d" % amount), h_remaining, h_reset)
+                rows[j] = (*rows[j][:5], names)
         if concurrency:
             policy.append(_CONCURRENCY_POLICY.format(concurrency))
+            members.append(b'"concurrency";r=%d;t=0')
         self._rows = tuple(rows)
-        self._dims = tuple(dims)
+        self._slots = tuple(slots)
         self._concurrency = concurrency
-        self._policy = ", ".join(policy).encode("latin-1") if policy else None
+        self._template = b", ".join(members)
+        self._policy = (
+            (b"ratelimit-policy", ", ".join(policy).encode("latin-1")) if policy else None
+        )
         self._durations: dict[int, bytes] = {}  # reset ms -> Go duration (bounded cache)
 
+    def _duration(self, reset: int) -> bytes:
+        durations = self._durations
+        if len(durations) >= 512:
+            durations.clear()
+        found = durations[reset] = go_ms(reset).encode()
+        return found
+
     def render(self, states: Sequence[WindowState], in_flight: int) -> list[tuple[bytes, bytes]]:
-        # Per OpenAI slot, the tightest limit: (remaining / amount, window s, left, reset, amount)
-        best: list[tuple[float, int, int, int, int] | None] = [None] * len(self._dims)
-        items: list[str] = []
-        for i, window, amount, seconds, prefix, slot in self._rows:
+        out: list[tuple[bytes, bytes]] = []
+        args: list[int] = []  # the RateLimit template's values: r and t of each row
+        resets: list[int] = []
+        durations = self._durations
+        direct = self._direct
+        for i, window, f_window, _, f_amount, names in self._rows:
             _, prev, curr, elapsed = states[i]
-            # backend.remaining and reset_ms, inlined (same float expression).
-            used = float(prev) * float(window - elapsed) / float(window) + float(curr)
-            left = floor(float(amount) - used)
+            # backend.remaining and reset_ms, inlined: the same float expression (float op
+            # int converts the int exactly as float() does).
+            left = floor(f_amount - (prev * float(window - elapsed) / f_window + curr))
             if left < 0:
                 left = 0
             reset = 2 * window - elapsed if curr > 0 else (window - elapsed if prev > 0 else 0)
-            items.append(f"{prefix}{left};t={-(-reset // 1000)}")
-            if slot >= 0:
-                row = (left / amount, seconds, left, reset, amount)
-                found = best[slot]
-                if found is None or row[:2] < found[:2]:
-                    best[slot] = row
-        out: list[tuple[bytes, bytes]] = []
-        durations = self._durations
-        for (h_limit, h_remaining, h_reset), tight in zip(self._dims, best, strict=True):
-            assert tight is not None
-            _, _, left, reset, amount = tight
-            duration = durations.get(reset)
-            if duration is None:
-                if len(durations) >= 512:
-                    durations.clear()
-                duration = durations[reset] = go_ms(reset).encode()
-            out.append((h_limit, b"%d" % amount))
-            out.append((h_remaining, b"%d" % left))
-            out.append((h_reset, duration))
-        if self._concurrency:
-            items.append(f'"concurrency";r={max(0, self._concurrency - in_flight)};t=0')
+            args += (left, -(-reset // 1000))  # (one list.extend rather than two appends)
+            if names is not None:
+                h_limit, h_remaining, h_reset = names
+                duration = durations.get(reset) or self._duration(reset)
+                out += (h_limit, (h_remaining, b"%d" % left), (h_reset, duration))
+            elif not direct:
+                resets.append(reset)
+        if not direct:
+            for h_limit, h_remaining, h_reset, cands in self._slots:
+                j, amount, seconds = cands[0]
+                best = (args[2 * j] / amount, seconds)
+                for cand in cands[1:]:  # the tightest: least remaining / amount, then window
+                    key = (args[2 * cand[0]] / cand[1], cand[2])
+                    if key < best:
+                        best, j, amount = key, cand[0], cand[1]
+                reset = resets[j]
+                out.append((h_limit, b"%d" % amount))
+                out.append((h_remaining, b"%d" % args[2 * j]))
+                out.append((h_reset, durations.get(reset) or self._duration(reset)))
         if self._policy is not None:
-            out.append((b"ratelimit-policy", self._policy))
-            out.append((b"ratelimit", ", ".join(items).encode("latin-1")))
+            if self._concurrency:
+                args.append(max(0, self._concurrency - in_flight))
+            out += (self._policy, (b"ratelimit", self._template % tuple(args)))
         return out

@@ -57,7 +57,7 @@ class Admission:
     ``headers``: the same as strings."""
 
     __slots__ = (
-        "concurrency", "decision", "estimate", "hits", "lease", "limits", "principal",
+        "_codes", "concurrency", "decision", "estimate", "hits", "lease", "limits", "principal",
         "raw_headers",
     )
 
@@ -71,6 +71,7 @@ class Admission:
         lease: str | None,
         concurrency: int,
         raw_headers: list[tuple[bytes, bytes]],
+        codes: tuple[int, ...] | None = None,
     ) -> None:
         self.principal = principal
         self.limits = limits
@@ -80,6 +81,8 @@ class Admission:
         self.lease = lease
         self.concurrency = concurrency
         self.raw_headers = raw_headers
+        # The dimension of each limit as an index into finish()'s usage tuple.
+        self._codes = codes if codes is not None else tuple(_DIM_CODE[x.dimension] for x in limits)
 
     @property
     def headers(self) -> list[tuple[str, str]]:
@@ -159,6 +162,16 @@ class RateLimiter:
 
                 backend = RedisBackend(self.storage, namespace=namespace)
         self.backend: Backend = backend
+        # The in-process backend's steps never await: call them directly (no coroutine per
+        # request), unless a subclass replaced the async methods.
+        self._acquire_now: Callable[..., Decision] | None = None
+        self._adjust_now: Callable[..., None] | None = None
+        if isinstance(backend, MemoryBackend):
+            kind = type(backend)
+            if kind.acquire is MemoryBackend.acquire:
+                self._acquire_now = backend.acquire_now
+            if kind.adjust is MemoryBackend.adjust:
+                self._adjust_now = backend.adjust_now
         self.estimator = Estimator(counter, prices, output_estimate)
         self.on_unpriced = on_unpriced
         self.fail_open = fail_open
@@ -250,7 +263,9 @@ class RateLimiter:
         self, ctx: RequestContext, extra: Policy | None = None, *, content_type: bytes | None = None
     ) -> Admission:
         """Reserve the request on every limit at once, or raise the typed refusal."""
-        principal = _key(ctx.principal)
+        principal = ctx.principal
+        if "{" in principal or "}" in principal or len(principal) > 200:  # _key, inlined
+            principal = _key(principal)
         if self.overrides is None and self.tier is None:
             policy = self._default_policy
         else:
@@ -262,13 +277,16 @@ class RateLimiter:
             res = self._plain.get(model)
         if res is None:
             res = self._resolve(policy, route, extra, model)
-        estimate = await self.estimator.estimate(
-            ctx,
-            policy,
-            needs_body=res.needs_body,
-            needs_cost=res.needs_cost,
-            content_type=content_type,
-        )
+        estimator = self.estimator
+        estimate = estimator.estimate_now(ctx, policy, res.needs_body, res.needs_cost, content_type)
+        if estimate is None:  # the body must be counted off the event loop
+            estimate = await estimator.estimate(
+                ctx,
+                policy,
+                needs_body=res.needs_body,
+                needs_cost=res.needs_cost,
+                content_type=content_type,
+            )
         if estimate.model != model:
             res = None
             if route is None and extra is None and policy is self._default_policy:
@@ -288,17 +306,22 @@ class RateLimiter:
             cost = by_code[code]
             if cost > amount:  # more than a whole window: never admissible
                 raise refusal.too_large(limits[len(built)], cost)
-            built.append(_new_tuple(Hit, (f, w, amount, cost)))
+            built.append(_new_tuple(Hit, (f, w, amount, cost)))  # Hit(f, w, amount, cost)
         hits = tuple(built)
         lease = f"{self._lease_prefix}{next(self._lease_ids)}" if concurrency else None
         try:
-            decision = await self.backend.acquire(
-                principal,
-                hits,
-                lease=lease,
-                concurrency=concurrency,
-                lease_ttl_ms=self._lease_ttl_ms,
-            )
+            if self._acquire_now is not None:
+                decision = self._acquire_now(
+                    principal, hits, lease, concurrency, self._lease_ttl_ms
+                )
+            else:
+                decision = await self.backend.acquire(
+                    principal,
+                    hits,
+                    lease=lease,
+                    concurrency=concurrency,
+                    lease_ttl_ms=self._lease_ttl_ms,
+                )
         except StoreUnavailable as exc:
             if not self.fail_open:
                 raise StoreUnavailable(
@@ -307,7 +330,7 @@ class RateLimiter:
                     extra={"limiter": self.name},
                 ) from exc
             logger.warning("%s store unavailable; admitting without limits (fail-open)", self.name)
-            unchecked = Admission(principal, limits, hits, estimate, None, None, 0, [])
+            unchecked = Admission(principal, limits, hits, estimate, None, None, 0, [], res.codes)
             ctx.state["ratelimit"] = unchecked
             return unchecked
         if not decision.allowed:
@@ -321,6 +344,7 @@ class RateLimiter:
             lease,
             concurrency,
             res.plan.render(decision.states, decision.in_flight),
+            res.codes,
         )
         ctx.state["ratelimit"] = admission
         if self.alert_fractions:
@@ -344,7 +368,7 @@ class RateLimiter:
         if decision is None:
             return
         usage = ctx.usage
-        adjustments: list[Adjustment] = []
+        adjustments: list[tuple[str, int, int, int]] = []  # Adjustment's fields
         if usage is not None or failed:
             if usage is None:
                 by_code: tuple[int, ...] = (0, 0, 0, 0, 0)
@@ -354,15 +378,23 @@ class RateLimiter:
                     admission.estimate, usage, ctx.model_version or ctx.model
                 )
                 by_code = (1, inp + out, inp, out, cost or 0)
-            rows = zip(admission.limits, admission.hits, decision.states, strict=False)
-            for lim, hit, state in rows:
-                delta = by_code[_DIM_CODE[lim.dimension]] - hit.cost
+            # (no strict=: a keyword makes the call slower; the three have the same length)
+            for hit, state, code in zip(admission.hits, decision.states, admission._codes):  # noqa: B905
+                delta = by_code[code] - hit[3]  # hit.cost
                 if delta:  # usage equal to the reservation: nothing to correct
-                    adjustments.append(Adjustment(hit.field, hit.window_ms, state.window, delta))
-        if not adjustments and admission.lease is None:
+                    adjustments.append((hit[0], hit[1], state[0], delta))
+        lease = admission.lease
+        if not adjustments and lease is None:
+            return
+        if self._adjust_now is not None:  # in-process: takes the plain tuples, never unavailable
+            self._adjust_now(admission.principal, adjustments, lease)
             return
         try:
-            await self.backend.adjust(admission.principal, adjustments, release=admission.lease)
+            await self.backend.adjust(
+                admission.principal,
+                [_new_tuple(Adjustment, adj) for adj in adjustments],
+                release=lease,
+            )
         except StoreUnavailable:
             logger.warning("%s store unavailable; reconciliation skipped", self.name)
 
@@ -424,7 +456,7 @@ class _Resolved:
     """The limits of one (policy, route, extra, model), with what each request reuses: the
     storage rows ``(field, window ms, amount, dimension code)`` and the header plan."""
 
-    __slots__ = ("concurrency", "limits", "needs_body", "needs_cost", "plan", "rows")
+    __slots__ = ("codes", "concurrency", "limits", "needs_body", "needs_cost", "plan", "rows")
 
     def __init__(
         self, limits: tuple[Limit, ...], concurrency: int, *, needs_body: bool, needs_cost: bool
@@ -436,6 +468,7 @@ class _Resolved:
         self.rows = tuple(
             (lim.field, lim.window * 1000, lim.amount, _DIM_CODE[lim.dimension]) for lim in limits
         )
+        self.codes = tuple(_DIM_CODE[lim.dimension] for lim in limits)
         self.plan = HeaderPlan(limits, concurrency)
 
 

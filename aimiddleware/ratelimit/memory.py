@@ -11,25 +11,36 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from operator import itemgetter
 
 from aimiddleware.ratelimit.backend import Adjustment, Decision, Hit, WindowState, roll
 
 __all__ = ["MemoryBackend"]
 
-_state = tuple.__new__  # builds a WindowState from a 4-tuple without a Python-level call
+_new = tuple.__new__  # a NamedTuple from a tuple, without its Python-level __new__
+_NEVER = 1 << 62  # a time (ms) after every expiry
+_EMPTY = (-_NEVER, 0, 0, 0)  # a counter never used: its window is long gone
+_field = itemgetter(0)  # Hit.field
 
 
-@dataclass
 class _Entry:
-    counters: dict[str, list[int]] = field(default_factory=dict)  # field -> [index, prev, curr]
-    leases: dict[str, int] = field(default_factory=dict)  # lease id -> expiry (ms)
-    expires_ms: int = 0
-    marks: dict[str, int] = field(default_factory=dict)  # alert tag -> expiry (ms)
+    __slots__ = ("counters", "expires_ms", "lease_due", "leases", "marks")
+
+    def __init__(self) -> None:
+        # field -> (index, prev, curr, elapsed | 0): immutable, so a WindowState is stored as is
+        self.counters: dict[str, tuple[int, ...]] = {}
+        self.leases: dict[str, int] = {}  # lease id -> expiry (ms)
+        self.lease_due = _NEVER  # no lease expires before this (ms): no scan until then
+        self.expires_ms = 0
+        self.marks: dict[str, int] = {}  # alert tag -> expiry (ms)
 
 
 class MemoryBackend:
-    """The embedded default. ``clock`` returns seconds (``time.time`` by default)."""
+    """The embedded default. ``clock`` returns seconds (``time.time`` by default).
+
+    The ``*_now`` methods are the synchronous cores of ``acquire`` and ``adjust`` (nothing in
+    them awaits): the limiter calls them directly to save a coroutine per request.
+    """
 
     #: State is private to this process (leases cannot outlive their holder).
     shared = False
@@ -80,82 +91,110 @@ class MemoryBackend:
         concurrency: int = 0,
         lease_ttl_ms: int = 0,
     ) -> Decision:
+        return self.acquire_now(principal, hits, lease, concurrency, lease_ttl_ms)
+
+    def acquire_now(
+        self,
+        principal: str,
+        hits: Sequence[Hit],
+        lease: str | None = None,
+        concurrency: int = 0,
+        lease_ttl_ms: int = 0,
+    ) -> Decision:
         now = int(self.clock() * 1000)
-        entry = self._entry(principal, now)
+        entry = self._entries.get(principal)  # self._entry(principal, now), inlined
+        if entry is None or now >= self._evict_at:
+            entry = self._entry(principal, now)
+        else:
+            self._entries.move_to_end(principal)
         counters = entry.counters
-        rows: list[tuple[int, int, int, int]] = []  # (index, prev, curr, elapsed)
+        states: list[WindowState] = []  # as they will be once charged
         failed = -1
         longest = 0
         for name, window, limit, cost in hits:
             index = now // window
-            stored = counters.get(name)
             # backend.roll and backend.fits, inlined (the same float expression as the Lua).
-            if stored is None:
-                prev = curr = 0
-            elif stored[0] == index:
-                prev, curr = stored[1], stored[2]
-            elif stored[0] == index - 1:
-                prev, curr = stored[2], 0
-            else:
-                prev = curr = 0
+            at, prev, curr, _ = counters.get(name, _EMPTY)
+            if at != index:
+                prev, curr = (curr, 0) if at == index - 1 else (0, 0)
             elapsed = now - index * window
-            if failed < 0:
-                used = float(prev) * float(window - elapsed) / float(window) + float(curr)
-                if not used + float(cost) <= float(limit):
-                    failed = len(rows)
-            rows.append((index, prev, curr, elapsed))
-            if 2 * window > longest:
-                longest = 2 * window
+            # float(prev) * float(window - elapsed) / float(window) + float(curr) + float(cost)
+            # <= float(limit): a float op int converts the int exactly as float() does.
+            if failed < 0 and not (
+                prev * float(window - elapsed) / window + curr + cost <= float(limit)
+            ):
+                failed = len(states)
+            states.append(_new(WindowState, (index, prev, curr + cost, elapsed)))
+            if window > longest:
+                longest = window
         in_flight = 0
         if concurrency > 0:
             leases = entry.leases
-            if leases:
+            if leases and now >= entry.lease_due:  # one may have expired: drop the expired
                 for k in [k for k, exp in leases.items() if exp <= now]:
                     del leases[k]
-                in_flight = len(leases)
+                entry.lease_due = min(leases.values(), default=_NEVER)
+            in_flight = len(leases)
             if failed < 0 and in_flight >= concurrency:
                 failed = len(hits)
-        if now + longest > entry.expires_ms:
-            entry.expires_ms = now + longest
-        if failed >= 0:
-            refused = tuple([_state(WindowState, r) for r in rows])
-            return Decision(False, failed, refused, in_flight, now)
-        states = []
-        for (name, _, _, cost), (index, prev, curr, elapsed) in zip(hits, rows, strict=True):
-            curr += cost
-            counters[name] = [index, prev, curr]
-            states.append(_state(WindowState, (index, prev, curr, elapsed)))
+        if now + 2 * longest > entry.expires_ms:
+            entry.expires_ms = now + 2 * longest
+        if failed >= 0:  # nothing charged: report the counters as they are
+            refused = tuple([
+                _new(WindowState, (s[0], s[1], s[2] - hit[3], s[3]))
+                for hit, s in zip(hits, states, strict=True)
+            ])
+            return _new(Decision, (False, failed, refused, in_flight, now))
+        # counters[hit.field] = state for each, in order (C-level: no Python loop)
+        counters.update(zip(map(_field, hits), states))  # noqa: B905 (same length)
         if concurrency > 0 and lease is not None:
-            entry.leases[lease] = now + lease_ttl_ms
+            expiry = entry.leases[lease] = now + lease_ttl_ms
+            if expiry < entry.lease_due:
+                entry.lease_due = expiry
             in_flight += 1
-        return Decision(True, -1, tuple(states), in_flight, now)
+        return _new(Decision, (True, -1, tuple(states), in_flight, now))
 
     async def adjust(
         self, principal: str, adjustments: Sequence[Adjustment], *, release: str | None = None
     ) -> None:
+        self.adjust_now(principal, adjustments, release)
+
+    def adjust_now(
+        self,
+        principal: str,
+        adjustments: Sequence[tuple[str, int, int, int]],  # Adjustment or the same plain tuple
+        release: str | None = None,
+    ) -> None:
         now = int(self.clock() * 1000)
-        entry = self._entry(principal, now)
+        entry = self._entries.get(principal)  # self._entry(principal, now), inlined
+        if entry is None or now >= self._evict_at:
+            entry = self._entry(principal, now)
+        else:
+            self._entries.move_to_end(principal)
         if release is not None:
             entry.leases.pop(release, None)
         counters = entry.counters
         for name, window, reserved, delta in adjustments:
             index = now // window
-            stored = counters.get(name)
-            prev, curr = roll(stored[0], stored[1], stored[2], index) if stored else (0, 0)
+            at, prev, curr, _ = counters.get(name, _EMPTY)  # backend.roll, inlined
+            if at != index:
+                prev, curr = (curr, 0) if at == index - 1 else (0, 0)
             if delta >= 0:
                 curr += delta
             elif reserved == index:
                 curr = max(0, curr + delta)
             elif reserved == index - 1:
                 prev = max(0, prev + delta)
-            counters[name] = [index, prev, curr]
+            counters[name] = (index, prev, curr, 0)
             if now + 2 * window > entry.expires_ms:
                 entry.expires_ms = now + 2 * window
 
     async def refresh(self, principal: str, lease: str, ttl_ms: int) -> None:
         now = self._now()
         entry = self._entry(principal, now)
-        entry.leases[lease] = now + ttl_ms
+        expiry = entry.leases[lease] = now + ttl_ms
+        if expiry < entry.lease_due:
+            entry.lease_due = expiry
 
     async def mark_once(self, principal: str, tag: str, ttl_ms: int) -> bool:
         now = self._now()
