@@ -120,12 +120,20 @@ async def test_sigkilled_worker_leases_come_back_within_ttl(redis_url: str) -> N
         async with httpx.AsyncClient(timeout=60) as client:
             headers = {"authorization": "Bearer k-lease"}
             body = {"model": "gpt-4o", "max_tokens": 1, "sleep": 60}
-            hold = [asyncio.create_task(client.post(url_a + "/v1/chat/completions", json=body,
-                                                    headers=headers)) for _ in range(3)]
+
+            def held() -> asyncio.Task[httpx.Response]:
+                return asyncio.create_task(
+                    client.post(url_a + "/v1/chat/completions", json=body, headers=headers)
+                )
+
+            hold = [held() for _ in range(3)]
             quick = {"model": "gpt-4o", "max_tokens": 1}
             # Wait until the three are in flight, then past two TTLs: refreshes keep them held.
             deadline = time.monotonic() + 30
             while True:
+                # A quick request in flight as a long one arrives can take its place (the long
+                # one is refused at once): send that one again.
+                hold = [held() if task.done() else task for task in hold]
                 r = await client.post(url_b + "/v1/chat/completions", json=quick, headers=headers)
                 if r.status_code == 429 or time.monotonic() > deadline:
                     break
