@@ -32,8 +32,6 @@ import fnmatch
 import logging
 import re
 import time
-import weakref
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,7 +98,7 @@ class CancellationMiddleware:
 
     ``watch_after`` (seconds, 0 to 0.05): on asyncio the disconnect watcher starts only
     if the endpoint is still running after this long (at most a quarter more; or as soon
-    as the endpoint itself waits on ``receive()``), so a fast request costs a queue entry
+    as the endpoint itself waits on ``receive()``), so a fast request costs a dict entry
     instead of a task. A disconnect in the meantime is seen the moment the watcher starts.
     """
 
@@ -183,10 +181,11 @@ class _Sweeper:
     """Starts the watcher of each request still running ``after`` seconds after it began.
 
     One timer per event loop (firing at most every ``after / 4`` s while requests are in
-    flight) instead of one timer per request: a request only appends itself to a queue.
+    flight) instead of one timer per request: a request enters a dict of the running ones
+    (in start order) and leaves it when it ends, so nothing outlives it.
     """
 
-    __slots__ = ("after", "context", "handle", "loop", "owner", "queue")
+    __slots__ = ("after", "context", "handle", "loop", "owner", "running")
 
     def __init__(
         self,
@@ -197,26 +196,29 @@ class _Sweeper:
         self.loop = loop
         self.after = after
         self.owner = owner
-        # Weak references: a finished request is freed at once, not when its turn comes.
-        self.queue: deque[tuple[float, weakref.ref[_Call]]] = deque()
+        self.running: dict[_Call, float] = {}  # request -> when its watcher is due (loop time)
         self.handle: asyncio.TimerHandle | None = None
         self.context = contextvars.Context()  # the timer runs in no request's context
 
     def add(self, call: _Call) -> None:
-        self.queue.append((self.loop.time() + self.after, weakref.ref(call)))
+        self.running[call] = self.loop.time() + self.after
         if self.handle is None:
             self.handle = self.loop.call_later(self.after, self._tick, context=self.context)
 
     def _tick(self) -> None:
         self.handle = None
         now = self.loop.time()
-        queue = self.queue
-        while queue and queue[0][0] <= now:
-            call = queue.popleft()[1]()
-            if call is not None:
-                call.start_watcher()  # (a no-op for a finished request)
-        if queue:
-            when = max(queue[0][0], now + self.after / 4)
+        running = self.running
+        due = []
+        for call, when in running.items():
+            if when > now:
+                break
+            due.append(call)
+        for call in due:
+            del running[call]
+            call.start_watcher()
+        if running:
+            when = max(next(iter(running.values())), now + self.after / 4)
             self.handle = self.loop.call_at(when, self._tick, context=self.context)
         elif self.owner.get(self.loop) is self:
             del self.owner[self.loop]
@@ -313,7 +315,7 @@ class _Call:
             # running after ``watch_after`` (by the loop's sweeper), always finished or
             # cancelled and awaited before we return, so still structured. A task per
             # request measured ~12 µs (a task group ~35 µs), paid by every request; a
-            # timer per request ~2 µs; the sweeper's queue entry ~0.1 µs.
+            # timer per request ~2 µs; the sweeper's dict entry ~0.1 µs.
             # anyio's CancelScope() looks the backend up (sniffio) on every call: build the
             # asyncio backend's scope class directly, found once.
             scope_cls = self.mw._asyncio_scope_cls
@@ -324,9 +326,11 @@ class _Call:
             else:  # anyio's clock on asyncio is the loop's
                 self.app_scope = scope_cls(deadline=loop.time() + self.timeout)
             self.loop = loop
+            sweeper = None
             if self.mw.watch_after > 0:
                 self.context = contextvars.copy_context()  # the watcher's, as if started now
-                self.mw._sweeper(loop).add(self)
+                sweeper = self.mw._sweeper(loop)
+                sweeper.add(self)
             else:
                 self.start_watcher()
             send = self.send if self.ctx is not None else self._send
@@ -339,6 +343,8 @@ class _Call:
                 error = exc
             finally:
                 self.finished = True
+                if sweeper is not None:
+                    sweeper.running.pop(self, None)
                 watcher = self.watcher
                 if watcher is not None and not watcher.done():
                     if self._done() and not self.watch_done:

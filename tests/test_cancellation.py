@@ -372,9 +372,9 @@ async def test_a_fast_request_never_starts_the_watcher() -> None:
         await mw(scope, receive, send)
     # receive() was called for the body only: no watcher ever waited on it.
     assert calls == ["receive", "http.response.start", "http.response.body"]
-    # The sweeper's queue does not keep the finished request (its scope, body...) alive.
+    # The sweeper does not keep the finished request (its scope, body...) alive.
     (sweeper,) = mw._sweepers.values()
-    assert [ref() for _due, ref in sweeper.queue] == [None]
+    assert sweeper.running == {}
 
 
 async def test_a_disconnect_during_the_grace_period_is_seen_when_the_watcher_starts() -> None:

@@ -29,7 +29,7 @@ from typing import Any
 import anyio
 from pydantic import BaseModel, ConfigDict, Field
 
-from aimiddleware.usage.models import Usage, trusted
+from aimiddleware.usage.models import _FIVE, _SIX, Usage, trusted
 
 __all__ = [
     "Feedback",
@@ -172,11 +172,40 @@ RecordValues = tuple[
 ]
 
 
-def _record_from(row: RecordValues) -> UsageRecord:
+# A stored row holds its Usage as plain ints: a tuple of atomic values is untracked by the
+# garbage collector, so 100k kept requests do not make every full collection walk them.
+_FIELD_SETS: tuple[frozenset[str], ...] = (frozenset(), _FIVE, _SIX)
+
+
+def _pack(usage: Usage) -> tuple[int, ...] | Usage:
+    fields_set = usage.__pydantic_fields_set__
+    for code, known in enumerate(_FIELD_SETS):
+        if fields_set == known:
+            d = usage.__dict__
+            return (
+                d["input_tokens"], d["output_tokens"], d["total_tokens"],
+                d["cached_input_tokens"], d["reasoning_tokens"],
+                d["cache_creation_input_tokens"], code,
+            )
+    return usage  # (set some other way: kept as is)
+
+
+def _unpack(value: tuple[int, ...] | Usage) -> Usage:
+    if isinstance(value, Usage):
+        return value
+    inp, out, total, cached, reasoning, created, code = value
+    return trusted(Usage, {
+        "input_tokens": inp, "output_tokens": out, "total_tokens": total,
+        "cached_input_tokens": cached, "cache_creation_input_tokens": created,
+        "reasoning_tokens": reasoning,
+    }, _FIELD_SETS[code])
+
+
+def _record_from(row: tuple[Any, ...]) -> UsageRecord:
     principal, request_id, model, version, usage, cost, reason, raw, status, ms, ts = row
     return UsageRecord.of(
         principal=principal, request_id=request_id, model=model, model_version=version,
-        usage=usage, estimated_cost=cost, finish_reason=reason, raw_finish_reason=raw,
+        usage=_unpack(usage), estimated_cost=cost, finish_reason=reason, raw_finish_reason=raw,
         status=status, duration_ms=None if ms is None else round(ms, 3), timestamp=ts,
     )
 
@@ -391,7 +420,7 @@ class MemoryLedger(Ledger):
         self._aggs: OrderedDict[tuple[str, str, str], _Counters] = OrderedDict()
         # (principal, request_id) -> its values (not read yet), the record, or with feedback
         self._requests: OrderedDict[
-            tuple[str, str], RecordValues | UsageRecord | RequestRecord
+            tuple[str, str], tuple[Any, ...] | UsageRecord | RequestRecord
         ] = OrderedDict()
         # the UTC day of the last write and its bounds [lo, hi): most writes share it
         self._day = ("", 0.0, 0.0)
@@ -408,7 +437,7 @@ class MemoryLedger(Ledger):
             aggs.move_to_end(key)
         return counters
 
-    def _put(self, key: tuple[str, str], value: RecordValues | UsageRecord | RequestRecord) -> None:
+    def _put(self, key: tuple[str, str], value: UsageRecord | RequestRecord) -> None:
         reqs = self._requests
         size = len(reqs)
         reqs[key] = value
@@ -447,7 +476,7 @@ class MemoryLedger(Ledger):
             # what _put does, inline (per request)
             reqs = self._requests
             size = len(reqs)
-            reqs[principal, request_id] = row
+            reqs[principal, request_id] = (*row[:4], _pack(usage), *row[5:])
             if len(reqs) == size:  # replaced: now the most recent
                 reqs.move_to_end((principal, request_id))
             elif size >= self._max_requests:
