@@ -69,6 +69,10 @@ class RequestContextMiddleware:
         self.app = app
         self.max_body_size = max_body_size
         self.header = request_id_header.lower().encode("latin-1")
+        self._wanted = frozenset(
+            (self.header, b"content-length", b"traceparent", b"tracestate", b"authorization",
+             b"x-api-key")
+        )
         self.trust_request_id = trust_request_id
         self.principal = principal
         self.type_base = error_type_base
@@ -110,7 +114,10 @@ class RequestContextMiddleware:
         incoming_id = traceparent = tracestate = None
         content_length: int | None = None
         has_key = False  # an authorization or x-api-key header (for the default principal)
+        wanted = self._wanted
         for name, value in scope["headers"]:
+            if name not in wanted:  # most headers: one set lookup
+                continue
             if name == self.header:
                 incoming_id = value.decode("latin-1")
             elif name == b"content-length":
