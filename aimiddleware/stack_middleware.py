@@ -106,6 +106,9 @@ class StackMiddleware:
                 await self.errors.handle(exc, scope, ctx, exchange.outer, started=started)
         finally:
             _current.reset(token)
+            # The exchange sends bodies through its own bound method: break that cycle so
+            # the request's objects are freed now, not by the cyclic garbage collector.
+            exchange._send = exchange.raw_send
 
     def merged_headers(
         self,
