@@ -8,6 +8,7 @@ masked) must match.
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 from collections.abc import AsyncIterator
@@ -219,3 +220,41 @@ async def test_fused_stack_answers_as_the_chained_layers(request_id: str | None)
         "no route": 404, "models list": 200, "models list, wrong method": 405,
         "idempotent": 200, "idempotent replay": 200, "idempotent, other body": 422,
     }  # fmt: skip
+
+
+async def test_a_request_leaves_no_cyclic_garbage() -> None:
+    # Reference cycles would keep every request's objects until a GC run (the cost grows
+    # with load); the stack must let them go by reference counting alone.
+    fused, _ = apps()
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+    async def one() -> int:
+        sent: list[dict[str, Any]] = []
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "scheme": "http", "path": "/v1/chat", "raw_path": b"/v1/chat", "root_path": "",
+            "query_string": b"", "client": ("127.0.0.1", 1), "server": ("t", 80),
+            "headers": [(b"content-type", b"application/json"), (b"authorization", b"Bearer k")],
+        }
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            return messages.pop() if messages else {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await fused(scope, receive, send)
+        return int(sent[0]["status"])
+
+    for _ in range(20):  # warm up: caches, lazy imports
+        assert await one() == 200
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(50):
+            await one()
+        found = gc.collect()
+    finally:
+        gc.enable()
+    assert found == 0
