@@ -129,7 +129,7 @@ class UsageRoutes:
         raw = ctx.body if ctx is not None else await request.body()
         try:
             data = json.loads(raw) if raw else None
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # nested too deep too
             raise InvalidRequest("The request body is not valid JSON.") from None
         if not isinstance(data, dict):
             raise InvalidRequest("The request body must be a JSON object.")
