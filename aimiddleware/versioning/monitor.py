@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
+from cachetools import LRUCache
 from starlette.concurrency import run_in_threadpool
 
 from aimiddleware._asgi import is_async_callable
@@ -22,6 +23,8 @@ from aimiddleware.storage import Storage, redis_errors
 __all__ = ["DeprecatedCall", "DeprecationHook", "DeprecationMonitor", "Kind"]
 
 logger = logging.getLogger("aimiddleware.versioning")
+
+_MAX_MEMORY_PRINCIPALS = 100_000  # callers whose counts memory:// keeps
 
 Kind = Literal["model", "api_version", "route"]
 
@@ -65,7 +68,8 @@ class DeprecationMonitor:
         self.hook = hook
         self.ttl_seconds = ttl_seconds
         self._hook_async = hook is not None and is_async_callable(hook)
-        self._memory: dict[str, dict[str, int]] = {}
+        # memory://: bounded like the other in-process stores (least recent caller first)
+        self._memory: LRUCache[str, dict[str, int]] = LRUCache(_MAX_MEMORY_PRINCIPALS)
 
     def _key(self, principal: str) -> str:
         return self.storage.key("deprecations", principal)
