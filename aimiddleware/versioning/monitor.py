@@ -18,7 +18,9 @@ from cachetools import LRUCache
 from starlette.concurrency import run_in_threadpool
 
 from aimiddleware._asgi import is_async_callable
+from aimiddleware.context import RequestContext
 from aimiddleware.storage import Storage, redis_errors
+from aimiddleware.versioning.lifecycle import Lifecycle
 
 __all__ = ["DeprecatedCall", "DeprecationHook", "DeprecationMonitor", "Kind"]
 
@@ -41,6 +43,22 @@ class DeprecatedCall:
     replacement: str | None
     request_id: str | None
     at: datetime
+
+    @classmethod
+    def of(
+        cls, ctx: RequestContext, kind: Kind, name: str, lifecycle: Lifecycle, now: datetime
+    ) -> DeprecatedCall:
+        """The call ``ctx`` makes to ``name`` (a ``kind``) whose lifecycle is ``lifecycle``."""
+        return cls(
+            principal=ctx.principal,
+            kind=kind,
+            name=name,
+            deprecated_at=lifecycle.deprecated_at,
+            sunset_at=lifecycle.sunset_at,
+            replacement=lifecycle.replacement,
+            request_id=ctx.request_id,
+            at=now,
+        )
 
 
 DeprecationHook = Callable[[DeprecatedCall], Awaitable[None] | None]
