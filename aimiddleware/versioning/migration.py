@@ -217,7 +217,7 @@ def _envelope(
 ) -> dict[str, Any]:
     try:
         body: Any = json.loads(raw) if raw else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nested too deep too
         body = raw.decode("utf-8", "replace")
     data = body if isinstance(body, dict) else {}
     usage = sub.usage.model_dump() if sub.usage is not None else usage_from(data.get("usage"))
