@@ -507,3 +507,24 @@ async def test_finish_nowait_records_memory_at_once_and_hands_back_other_writes(
     await pending
     assert generic.settings.ledger is not None
     assert await generic.settings.ledger.query("p") == [row]
+
+
+async def test_a_stream_event_nested_too_deep_is_skipped_not_a_failure() -> None:
+    ledger = MemoryLedger()
+    rec = Recorder()
+    deep = b"data: " + b'{"usage":' * 50_000 + b"1" + b"}" * 50_000 + b"\n\n"
+    lines = [deep, *sse_lines(STREAM_EVENTS)]
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        for line in lines:
+            await send({"type": "http.response.body", "body": line, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    mw = RequestContextMiddleware(UsageMiddleware(app, ledger=ledger))
+    scope, receive = scope_for("/stream", b'{"model": "gpt-4o"}')
+    await mw(scope, receive, rec)
+    assert b"".join(m.get("body", b"") for m in rec.messages) == b"".join(lines)
+    [row] = await ledger.query(next(iter(ledger._requests))[0])
+    assert (row.input_tokens, row.output_tokens, row.finish_reasons) == (12, 3, {"stop": 1})

@@ -160,3 +160,12 @@ async def test_routes_without_a_ledger_say_so() -> None:
 def test_paths_are_validated() -> None:
     with pytest.raises(ValueError):
         UsageRoutes(usage_path="usage")
+
+
+async def test_a_body_nested_too_deep_is_a_400_not_a_500(ledger: Ledger) -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000  # past what json.loads recurses (RecursionError)
+    async with client(starlette_app(ledger)) as c:
+        feedback = await c.post("/feedback", content=deep, headers=ALICE)
+        count = await c.post("/v1/chat/count_tokens", content=deep, headers=ALICE)
+    for r in (feedback, count):
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"

@@ -122,3 +122,37 @@ def test_compare_is_pure_and_handles_missing_usage() -> None:
     assert diff["estimated_cost"]["delta"] == "-0.0006"
     assert diff["output"] == {"changed": False, "similarity": 1.0, "diff": []}
     assert diff["finish_reason"]["changed"] is False
+
+
+async def test_values_that_cannot_be_headers_are_a_422_not_a_500() -> None:
+    app = build_app(FakeClock(at("2026-03-01")))
+    sides = {"baseline": {"model": NEW}, "candidate": {"model": NEW}}
+    checks = [
+        {"path": "/chat", "headers": {"x-note": "\u2713"}, **sides},
+        {"path": "/chat", "headers": {"x-note": "a\r\nx-injected: 1"}, **sides},
+        {"path": "/chat?q=\u2713", **sides},
+        {"path": "/chat", "baseline": {"api_version": "\u2713"}, "candidate": {"model": NEW}},
+    ]
+    async with client(app) as c:
+        for check in checks:
+            r = await c.post(PATH, json=check)
+            assert r.status_code == 422, r.text
+            assert r.json()["error"]["code"] == "validation_failed"
+
+
+async def test_a_side_answering_json_nested_too_deep_is_shown_as_text() -> None:
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    deep = b"[" * 100_000 + b"]" * 100_000
+
+    async def nested(request: Request) -> Response:
+        return Response(deep, media_type="text/plain")  # not read by the usage layer
+
+    app = build_app(FakeClock(at("2026-03-01")))
+    app.add_route("/nested", nested, methods=["POST"])
+    async with client(app) as c:
+        r = await c.post(PATH, json={"path": "/nested", "baseline": {"model": NEW},
+                                     "candidate": {"model": NEW}})
+    assert r.status_code == 200, r.text
+    assert r.json()["baseline"]["body"] == deep.decode()

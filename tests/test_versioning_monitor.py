@@ -62,3 +62,12 @@ def test_configuration() -> None:
         DeprecationMonitor(hook="nope")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         DeprecationMonitor(ttl_seconds=0)
+
+
+async def test_memory_counts_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("aimiddleware.versioning.monitor._MAX_MEMORY_PRINCIPALS", 2)
+    monitor = DeprecationMonitor()
+    for principal in ("a", "b", "c"):
+        await monitor.record(call(principal))
+    assert await monitor.counts("a") == {}  # the least recent caller went first
+    assert await monitor.counts("c") == {f"model:{OLD}": 1}

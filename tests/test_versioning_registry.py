@@ -74,6 +74,13 @@ def test_deprecate_later_and_validation() -> None:
         registry.add_snapshot("bad name")
 
 
+def test_deprecate_keeps_a_retired_snapshot_retired() -> None:
+    registry = ModelRegistry(clock=FakeClock(at("2026-03-01")))
+    registry.add_snapshot("m-2026-01-01", retired=True)
+    registry.deprecate("m-2026-01-01", deprecated="2026-03-01", sunset="2026-06-01")
+    assert registry.status("m-2026-01-01") == "retired"
+
+
 def test_openai_models_list_shape() -> None:
     registry = make_registry(FakeClock(at("2026-03-01")))
     listing = registry.as_openai_list()

@@ -128,10 +128,10 @@ def build_envelope(
         prices = getattr(settings, "prices", None)
     cost: Decimal | None = None
     if comp.usage is not None and prices is not None:
-        for name in (version, model):
-            if name and prices.price(name) is not None:
-                cost = prices.estimate(name, comp.usage)
-                break
+        # the served snapshot's price, else the requested name's (as UsageAccounting.settle)
+        price = prices.price(version) or prices.price(model)
+        if price is not None:
+            cost = price.cost(comp.usage)
     reason = (
         normalize_finish_reason(comp.finish_reason, comp.provider)
         if comp.finish_reason is not None

@@ -21,7 +21,6 @@ after the last chunk.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -241,8 +240,5 @@ class Responder:
                 and b"finish" not in line and b"Reason" not in line
             ):
                 continue
-            try:
-                event = json.loads(line[5:].strip())
-            except (ValueError, UnicodeDecodeError):
-                continue
-            self.acc.absorb(self.ctx, from_stream_event(event))
+            # parse_json: None for what is not JSON, nested too deep included (no 500)
+            self.acc.absorb(self.ctx, from_stream_event(_parse_json(line[5:].strip())))

@@ -126,10 +126,14 @@ class UsageRoutes:
 
     async def _json_body(self, request: Request) -> Any:
         ctx = _ctx(request)
+        if ctx is not None:
+            parsed = ctx.json()  # parsed once per request (the usage layer read it already)
+            if isinstance(parsed, dict):
+                return dict(parsed)  # a copy: feedback edits it, other layers share ctx.json()
         raw = ctx.body if ctx is not None else await request.body()
-        try:
+        try:  # not an object: json.loads says why
             data = json.loads(raw) if raw else None
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # nested too deep too
             raise InvalidRequest("The request body is not valid JSON.") from None
         if not isinstance(data, dict):
             raise InvalidRequest("The request body must be a JSON object.")

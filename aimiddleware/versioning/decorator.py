@@ -91,18 +91,7 @@ def deprecated(
                 raise retired_error("route", route, lc, param=None)
             ctx = current_or_none()
             if monitor is not None and ctx is not None:
-                await monitor.record(
-                    DeprecatedCall(
-                        principal=ctx.principal,
-                        kind="route",
-                        name=route,
-                        deprecated_at=lc.deprecated_at,
-                        sunset_at=lc.sunset_at,
-                        replacement=lc.replacement,
-                        request_id=ctx.request_id,
-                        at=now,
-                    )
-                )
+                await monitor.record(DeprecatedCall.of(ctx, "route", route, lc, now))
             if is_async:
                 result = await fn(*args, **kwargs)
             else:

@@ -258,7 +258,7 @@ class VersioningMiddleware:
                 f"{u.kind}:{u.name}" for u in used
             ]
             for u in used:
-                await self.monitor.record(_call(ctx, u, now))
+                await self.monitor.record(DeprecatedCall.of(ctx, u.kind, u.name, u.lifecycle, now))
         return scope, raw
 
     def add_headers(
@@ -365,17 +365,3 @@ def _with_path(scope: Scope, root: str, prefix: str, rest: str) -> Scope:
         new["raw_path"] = root.encode("utf-8") + (raw[len(head):] or b"/")
     new["path"] = root + rest
     return new
-
-
-def _call(ctx: RequestContext, used: _Used, now: datetime) -> DeprecatedCall:
-    lc = used.lifecycle
-    return DeprecatedCall(
-        principal=ctx.principal,
-        kind=used.kind,
-        name=used.name,
-        deprecated_at=lc.deprecated_at,
-        sunset_at=lc.sunset_at,
-        replacement=lc.replacement,
-        request_id=ctx.request_id,
-        at=now,
-    )

@@ -106,12 +106,14 @@ async def _run_side(
     path, _, query = req.path.partition("?")
     body = req.body
     headers = [(k, v) for k, v in scope["headers"] if k not in _DROP]
-    overrides = {k.lower().encode("latin-1"): v.encode("latin-1") for k, v in req.headers.items()}
+    overrides = {
+        k.lower().encode("latin-1"): _latin1(v, "headers") for k, v in req.headers.items()
+    }
     if side.model is not None:
         if mw.model_field is not None and (isinstance(body, dict) or body is None):
             body = {**(body or {}), mw.model_field: side.model}
         elif mw.model_header is not None:
-            overrides[mw.model_header.encode("latin-1")] = side.model.encode("latin-1")
+            overrides[mw.model_header.encode("latin-1")] = _latin1(side.model, f"{label}.model")
         else:
             raise ValidationFailed("This endpoint's body cannot carry a model.", param="body")
     if side.api_version is not None:
@@ -121,7 +123,9 @@ async def _run_side(
         if versions.path_prefix and path_style(side.api_version):
             path = _swap_prefix(path, side.api_version)
         elif versions.header is not None:
-            overrides[versions.header.encode("latin-1")] = side.api_version.encode("latin-1")
+            overrides[versions.header.encode("latin-1")] = _latin1(
+                side.api_version, f"{label}.api_version"
+            )
         else:
             raise ValidationFailed("Only v<n> versions can be chosen by path.", param=label)
     headers = [(k, v) for k, v in headers if k not in overrides] + list(overrides.items())
@@ -142,7 +146,7 @@ async def _run_side(
         "method": req.method,
         "path": path,
         "raw_path": path.encode("utf-8"),
-        "query_string": query.encode("latin-1"),
+        "query_string": _latin1(query, "path"),
         "headers": headers,
         "state": {**scope.get("state", {}), SCOPE_KEY: sub},
     }
@@ -185,6 +189,20 @@ async def _run_side(
     return _envelope(sub, status, resp_headers, b"".join(chunks))
 
 
+def _latin1(value: str, param: str) -> bytes:
+    """``value`` as a header (or query string) byte string; a 422 if it cannot be one."""
+    try:
+        raw = value.encode("latin-1")
+    except UnicodeEncodeError:
+        raw = None
+    if raw is None or b"\r" in raw or b"\n" in raw or b"\0" in raw:
+        raise ValidationFailed(
+            "Header values and the query string must be Latin-1 text without line breaks.",
+            param=param,
+        )
+    return raw
+
+
 def _swap_prefix(path: str, version: str) -> str:
     parts = path.split("/", 2)
     if len(parts) > 1 and parts[1][:1] == "v" and parts[1][1:].replace(".", "").isdigit():
@@ -199,7 +217,7 @@ def _envelope(
 ) -> dict[str, Any]:
     try:
         body: Any = json.loads(raw) if raw else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nested too deep too
         body = raw.decode("utf-8", "replace")
     data = body if isinstance(body, dict) else {}
     usage = sub.usage.model_dump() if sub.usage is not None else usage_from(data.get("usage"))

@@ -14,14 +14,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
+from cachetools import LRUCache
 from starlette.concurrency import run_in_threadpool
 
 from aimiddleware._asgi import is_async_callable
+from aimiddleware.context import RequestContext
 from aimiddleware.storage import Storage, redis_errors
+from aimiddleware.versioning.lifecycle import Lifecycle
 
 __all__ = ["DeprecatedCall", "DeprecationHook", "DeprecationMonitor", "Kind"]
 
 logger = logging.getLogger("aimiddleware.versioning")
+
+_MAX_MEMORY_PRINCIPALS = 100_000  # callers whose counts memory:// keeps
 
 Kind = Literal["model", "api_version", "route"]
 
@@ -38,6 +43,22 @@ class DeprecatedCall:
     replacement: str | None
     request_id: str | None
     at: datetime
+
+    @classmethod
+    def of(
+        cls, ctx: RequestContext, kind: Kind, name: str, lifecycle: Lifecycle, now: datetime
+    ) -> DeprecatedCall:
+        """The call ``ctx`` makes to ``name`` (a ``kind``) whose lifecycle is ``lifecycle``."""
+        return cls(
+            principal=ctx.principal,
+            kind=kind,
+            name=name,
+            deprecated_at=lifecycle.deprecated_at,
+            sunset_at=lifecycle.sunset_at,
+            replacement=lifecycle.replacement,
+            request_id=ctx.request_id,
+            at=now,
+        )
 
 
 DeprecationHook = Callable[[DeprecatedCall], Awaitable[None] | None]
@@ -65,7 +86,8 @@ class DeprecationMonitor:
         self.hook = hook
         self.ttl_seconds = ttl_seconds
         self._hook_async = hook is not None and is_async_callable(hook)
-        self._memory: dict[str, dict[str, int]] = {}
+        # memory://: bounded like the other in-process stores (least recent caller first)
+        self._memory: LRUCache[str, dict[str, int]] = LRUCache(_MAX_MEMORY_PRINCIPALS)
 
     def _key(self, principal: str) -> str:
         return self.storage.key("deprecations", principal)

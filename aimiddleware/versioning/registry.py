@@ -142,6 +142,7 @@ class ModelRegistry:
                 deprecated=deprecated,
                 sunset=sunset,
                 replacement=replacement,
+                retired=old.lifecycle.retired,  # new dates never bring a retired one back
                 deprecation_link=deprecation_link,
                 sunset_link=sunset_link,
                 successor_link=successor_link,
