@@ -121,7 +121,12 @@ class RequestContextMiddleware:
             if name == self.header:
                 incoming_id = value.decode("latin-1")
             elif name == b"content-length":
-                content_length = int(value) if value.isdigit() else -1
+                if not value.isdigit():
+                    content_length = -1
+                elif len(value) <= 18:
+                    content_length = int(value)
+                else:  # (int() refuses over 4300 digits): at least 10**18 bytes, or padded
+                    content_length = int(value.lstrip(b"0")[:19] or b"0")
             elif name == b"traceparent":
                 traceparent = value.decode("latin-1")
             elif name == b"tracestate":
