@@ -8,6 +8,7 @@ principal, and the body, read once under a size bound and replayed to the app.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -30,7 +31,7 @@ from aimiddleware.errors import (
 )
 from aimiddleware.types import ASGIApp, Message, PrincipalResolver, Receive, Scope, Send
 
-__all__ = ["RequestContextMiddleware", "replay_receive"]
+__all__ = ["RequestContextMiddleware", "replay_receive", "with_request_id"]
 
 logger = logging.getLogger("aimiddleware")
 
@@ -88,12 +89,7 @@ class RequestContextMiddleware:
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 ctx.response_status = message["status"]
-                headers = list(message.get("headers", ()))
-                for k, _ in headers:
-                    if k.lower() == rid_header[0]:
-                        break
-                else:
-                    headers.append(rid_header)
+                headers = with_request_id(message.get("headers", ()), rid_header)
                 message = {**message, "headers": headers}
             elif message["type"] == "http.response.body" and not message.get("more_body"):
                 ctx.response_complete = True
@@ -223,6 +219,19 @@ class RequestContextMiddleware:
                 break
             message = await receive()
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def with_request_id(
+    headers: Iterable[tuple[bytes, bytes]], request_id: tuple[bytes, bytes]
+) -> list[tuple[bytes, bytes]]:
+    """``headers`` plus the request id header, unless the app set it already."""
+    out = list(headers)
+    name = request_id[0]
+    for key, _ in out:
+        if key.lower() == name:
+            return out
+    out.append(request_id)
+    return out
 
 
 def replay_receive(ctx: RequestContext, receive: Receive) -> Receive:
