@@ -19,6 +19,7 @@ from aimiddleware.context import (
     RequestContext,
     _current,
     default_principal,
+    key_principal,
     new_request_id,
     valid_request_id,
 )
@@ -83,7 +84,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        ctx, content_length, has_key = self.new_context(scope)
+        ctx, content_length, key = self.new_context(scope)
         rid_header = (self.header, ctx.request_id.encode("latin-1"))
 
         async def send_with_id(message: Message) -> None:
@@ -98,18 +99,20 @@ class RequestContextMiddleware:
         token = _current.set(ctx)
         try:
             if not await self.read_request(ctx, scope, receive, send_with_id, content_length,
-                                           has_key):
+                                           key):
                 return
             await self.app(scope, replay_receive(ctx, receive), send_with_id)
         finally:
             _current.reset(token)
 
-    def new_context(self, scope: Scope) -> tuple[RequestContext, int | None, bool]:
+    def new_context(self, scope: Scope) -> tuple[RequestContext, int | None, bytes | None]:
         """The request's context (also at ``scope["state"]``), its declared Content-Length
-        (``-1``: not an integer) and whether it carries an API key header."""
+        (``-1``: not an integer) and its API key (for the default principal, found in this
+        one scan as :func:`~aimiddleware.context.default_principal` would find it)."""
         incoming_id = traceparent = tracestate = None
         content_length: int | None = None
-        has_key = False  # an authorization or x-api-key header (for the default principal)
+        bearer: bytes | None = None  # the first bearer token wins
+        api_key: bytes | None = None  # else the last x-api-key
         wanted = self._wanted
         for name, value in scope["headers"]:
             if name not in wanted:  # most headers: one set lookup
@@ -127,8 +130,13 @@ class RequestContextMiddleware:
                 traceparent = value.decode("latin-1")
             elif name == b"tracestate":
                 tracestate = value.decode("latin-1")
-            elif name == b"authorization" or name == b"x-api-key":
-                has_key = True
+            elif name == b"authorization":
+                if bearer is None:
+                    scheme, _, cred = value.partition(b" ")
+                    if scheme.lower() == b"bearer" and cred.strip():
+                        bearer = cred.strip()
+            elif value.strip():  # x-api-key
+                api_key = value.strip()
         if incoming_id is not None and self.trust_request_id and valid_request_id(incoming_id):
             request_id = incoming_id
         else:
@@ -142,7 +150,7 @@ class RequestContextMiddleware:
             tracestate_header=tracestate,
         )
         scope.setdefault("state", {})[SCOPE_KEY] = ctx
-        return ctx, content_length, has_key
+        return ctx, content_length, bearer if bearer is not None else api_key
 
     async def read_request(
         self,
@@ -151,15 +159,15 @@ class RequestContextMiddleware:
         receive: Receive,
         send: Send,
         content_length: int | None,
-        has_key: bool,
+        key: bytes | None,
     ) -> bool:
         """Resolve the principal and read the body into ``ctx``. False: the request was
         answered here (a typed error sent through ``send``) or the client left."""
         try:
             if self.principal is not None:
                 ctx.principal = await self._resolve_principal(scope)
-            elif has_key:
-                ctx.principal = default_principal(scope)
+            elif key is not None:
+                ctx.principal = key_principal(key)
             else:  # (what default_principal answers without a key, without the scan)
                 client = scope.get("client")
                 ctx.principal = f"ip_{client[0]}" if client else "anonymous"

@@ -82,12 +82,12 @@ class StackMiddleware:
             await self.app(scope, receive, send)
             return
         context = self.context
-        ctx, content_length, has_key = context.new_context(scope)
+        ctx, content_length, key = context.new_context(scope)
         exchange = _Exchange(self, ctx, send)
         token = _current.set(ctx)
         try:
             if not await context.read_request(
-                ctx, scope, receive, exchange.outer, content_length, has_key
+                ctx, scope, receive, exchange.outer, content_length, key
             ):
                 return
             try:
