@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 SCOPE_KEY = "aimiddleware"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")  # fullmatch: "$" lets "\n" end it
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
 _UNPARSED: Any = object()
 
@@ -54,7 +54,7 @@ _current: ContextVar[RequestContext | None] = ContextVar("aimiddleware_context",
 
 def valid_request_id(value: str) -> bool:
     """An incoming request id is kept only if short (<=128) and of a safe charset."""
-    return bool(_REQUEST_ID.match(value))
+    return _REQUEST_ID.fullmatch(value) is not None
 
 
 # Request ids are 12 os.urandom bytes each, drawn 256 at a time: one getrandom call per

@@ -8,6 +8,7 @@ principal, and the body, read once under a size bound and replayed to the app.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -18,6 +19,7 @@ from aimiddleware.context import (
     RequestContext,
     _current,
     default_principal,
+    key_principal,
     new_request_id,
     valid_request_id,
 )
@@ -30,7 +32,7 @@ from aimiddleware.errors import (
 )
 from aimiddleware.types import ASGIApp, Message, PrincipalResolver, Receive, Scope, Send
 
-__all__ = ["RequestContextMiddleware", "replay_receive"]
+__all__ = ["RequestContextMiddleware", "replay_receive", "with_request_id"]
 
 logger = logging.getLogger("aimiddleware")
 
@@ -82,18 +84,13 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        ctx, content_length, has_key = self.new_context(scope)
+        ctx, content_length, key = self.new_context(scope)
         rid_header = (self.header, ctx.request_id.encode("latin-1"))
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 ctx.response_status = message["status"]
-                headers = list(message.get("headers", ()))
-                for k, _ in headers:
-                    if k.lower() == rid_header[0]:
-                        break
-                else:
-                    headers.append(rid_header)
+                headers = with_request_id(message.get("headers", ()), rid_header)
                 message = {**message, "headers": headers}
             elif message["type"] == "http.response.body" and not message.get("more_body"):
                 ctx.response_complete = True
@@ -102,18 +99,20 @@ class RequestContextMiddleware:
         token = _current.set(ctx)
         try:
             if not await self.read_request(ctx, scope, receive, send_with_id, content_length,
-                                           has_key):
+                                           key):
                 return
             await self.app(scope, replay_receive(ctx, receive), send_with_id)
         finally:
             _current.reset(token)
 
-    def new_context(self, scope: Scope) -> tuple[RequestContext, int | None, bool]:
+    def new_context(self, scope: Scope) -> tuple[RequestContext, int | None, bytes | None]:
         """The request's context (also at ``scope["state"]``), its declared Content-Length
-        (``-1``: not an integer) and whether it carries an API key header."""
+        (``-1``: not an integer) and its API key (for the default principal, found in this
+        one scan as :func:`~aimiddleware.context.default_principal` would find it)."""
         incoming_id = traceparent = tracestate = None
         content_length: int | None = None
-        has_key = False  # an authorization or x-api-key header (for the default principal)
+        bearer: bytes | None = None  # the first bearer token wins
+        api_key: bytes | None = None  # else the last x-api-key
         wanted = self._wanted
         for name, value in scope["headers"]:
             if name not in wanted:  # most headers: one set lookup
@@ -121,13 +120,23 @@ class RequestContextMiddleware:
             if name == self.header:
                 incoming_id = value.decode("latin-1")
             elif name == b"content-length":
-                content_length = int(value) if value.isdigit() else -1
+                if not value.isdigit():
+                    content_length = -1
+                elif len(value) <= 18:
+                    content_length = int(value)
+                else:  # (int() refuses over 4300 digits): at least 10**18 bytes, or padded
+                    content_length = int(value.lstrip(b"0")[:19] or b"0")
             elif name == b"traceparent":
                 traceparent = value.decode("latin-1")
             elif name == b"tracestate":
                 tracestate = value.decode("latin-1")
-            elif name == b"authorization" or name == b"x-api-key":
-                has_key = True
+            elif name == b"authorization":
+                if bearer is None:
+                    scheme, _, cred = value.partition(b" ")
+                    if scheme.lower() == b"bearer" and cred.strip():
+                        bearer = cred.strip()
+            elif value.strip():  # x-api-key
+                api_key = value.strip()
         if incoming_id is not None and self.trust_request_id and valid_request_id(incoming_id):
             request_id = incoming_id
         else:
@@ -141,7 +150,7 @@ class RequestContextMiddleware:
             tracestate_header=tracestate,
         )
         scope.setdefault("state", {})[SCOPE_KEY] = ctx
-        return ctx, content_length, has_key
+        return ctx, content_length, bearer if bearer is not None else api_key
 
     async def read_request(
         self,
@@ -150,15 +159,15 @@ class RequestContextMiddleware:
         receive: Receive,
         send: Send,
         content_length: int | None,
-        has_key: bool,
+        key: bytes | None,
     ) -> bool:
         """Resolve the principal and read the body into ``ctx``. False: the request was
         answered here (a typed error sent through ``send``) or the client left."""
         try:
             if self.principal is not None:
                 ctx.principal = await self._resolve_principal(scope)
-            elif has_key:
-                ctx.principal = default_principal(scope)
+            elif key is not None:
+                ctx.principal = key_principal(key)
             else:  # (what default_principal answers without a key, without the scan)
                 client = scope.get("client")
                 ctx.principal = f"ip_{client[0]}" if client else "anonymous"
@@ -218,6 +227,19 @@ class RequestContextMiddleware:
                 break
             message = await receive()
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def with_request_id(
+    headers: Iterable[tuple[bytes, bytes]], request_id: tuple[bytes, bytes]
+) -> list[tuple[bytes, bytes]]:
+    """``headers`` plus the request id header, unless the app set it already."""
+    out = list(headers)
+    name = request_id[0]
+    for key, _ in out:
+        if key.lower() == name:
+            return out
+    out.append(request_id)
+    return out
 
 
 def replay_receive(ctx: RequestContext, receive: Receive) -> Receive:

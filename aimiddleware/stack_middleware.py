@@ -24,7 +24,11 @@ from typing import Any
 from aimiddleware._asgi import get_header
 from aimiddleware.cancellation import CancellationMiddleware, _Call
 from aimiddleware.context import RequestContext, _current
-from aimiddleware.context_middleware import RequestContextMiddleware, replay_receive
+from aimiddleware.context_middleware import (
+    RequestContextMiddleware,
+    replay_receive,
+    with_request_id,
+)
 from aimiddleware.error_middleware import ErrorMiddleware
 from aimiddleware.idempotency.middleware import IdempotencyMiddleware
 from aimiddleware.ratelimit._run import run_request
@@ -78,12 +82,12 @@ class StackMiddleware:
             await self.app(scope, receive, send)
             return
         context = self.context
-        ctx, content_length, has_key = context.new_context(scope)
+        ctx, content_length, key = context.new_context(scope)
         exchange = _Exchange(self, ctx, send)
         token = _current.set(ctx)
         try:
             if not await context.read_request(
-                ctx, scope, receive, exchange.outer, content_length, has_key
+                ctx, scope, receive, exchange.outer, content_length, key
             ):
                 return
             try:
@@ -125,19 +129,6 @@ class StackMiddleware:
         if versioning and self.versioning is not None:
             out = self.versioning.add_headers(out, versioning)
         return with_request_id(out, request_id)
-
-
-def with_request_id(
-    headers: Iterable[tuple[bytes, bytes]], request_id: tuple[bytes, bytes]
-) -> RawHeaders:
-    """``headers`` plus the request id header, unless the app set it already."""
-    out = list(headers)
-    name = request_id[0]
-    for key, _ in out:
-        if key.lower() == name:
-            return out
-    out.append(request_id)
-    return out
 
 
 class _Exchange(Responder):

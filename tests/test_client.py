@@ -401,6 +401,8 @@ def test_server_delay_parsing() -> None:
     assert policy.server_delay(headers({"retry-after": "soon"})) is None
     assert policy.server_delay(headers({"retry-after": "-3"})) is None
     assert policy.server_delay(headers({"retry-after": "nan"})) is None
+    overflow = "Fri, 31 Dec 9999 23:59:59 -1400"  # past year 9999 in UTC
+    assert policy.server_delay(headers({"retry-after": overflow})) is None
     assert policy.server_delay(headers({})) is None
 
 

@@ -70,6 +70,8 @@ def client(app: Any, **kw: Any) -> httpx.AsyncClient:
         ("has space", False),
         ("semi;colon", False),
         ("new\nline", False),
+        ("trailing-newline\n", False),  # echoed, it would break the response head
+        ("a" * 128 + "\n", False),
         ("-leading-dash", False),
         ("ünïcode", False),
     ],
@@ -279,6 +281,29 @@ async def test_invalid_content_length_is_400() -> None:
     rec.headers.append((b"content-length", b"12abc"))
     await RequestContextMiddleware(_never)(rec.scope(), rec.receive, rec.send)
     assert rec.sent[0]["status"] == 400
+
+
+async def test_huge_content_length_is_413_not_500() -> None:
+    # More digits than int() converts (4300): a typed 413, not a ValueError (a 500).
+    rec = Recorder([b"abc"], content_length=None)
+    rec.headers.append((b"content-length", b"9" * 5000))
+    await RequestContextMiddleware(_never, max_body_size=100)(rec.scope(), rec.receive, rec.send)
+    assert rec.sent[0]["status"] == 413
+    assert rec.received == 0
+
+
+async def test_zero_padded_content_length_is_its_value() -> None:
+    rec = Recorder([b"abc"], content_length=None)
+    rec.headers.append((b"content-length", b"0" * 5000 + b"3"))
+    seen: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(current().body)
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    await RequestContextMiddleware(app, max_body_size=100)(rec.scope(), rec.receive, rec.send)
+    assert seen == [b"abc"] and rec.sent[0]["status"] == 204
 
 
 async def test_context_var_is_reset_after_the_request() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from aimiddleware.context import (
     new_request_id,
     valid_request_id,
 )
+from aimiddleware.context_middleware import RequestContextMiddleware
 
 
 def test_request_ids_are_random_unique_and_well_formed() -> None:
@@ -113,3 +115,36 @@ def test_the_context_has_slots_only() -> None:
     assert not hasattr(ctx, "__dict__")
     with pytest.raises(AttributeError):
         ctx.not_a_field = 1  # type: ignore[attr-defined]
+
+
+_KEY_HEADERS = [
+    (b"authorization", b"Bearer sk-a"),
+    (b"authorization", b"bearer  sk-b "),
+    (b"authorization", b"Basic dXNlcg=="),
+    (b"authorization", b"Bearer "),
+    (b"x-api-key", b"sk-c"),
+    (b"x-api-key", b"  "),
+    (b"x-api-key", b" sk-d "),
+    (b"accept", b"*/*"),
+]
+
+
+@pytest.mark.parametrize("seed", range(60))
+async def test_the_principal_from_the_one_header_scan_is_default_principals(seed: int) -> None:
+    rng = random.Random(seed)
+    headers = [rng.choice(_KEY_HEADERS) for _ in range(rng.randint(0, 4))]
+    scope: dict[str, Any] = {
+        "type": "http", "method": "POST", "path": "/", "headers": headers,
+        "client": ("10.0.0.1", 1),
+    }  # fmt: skip
+    mw = RequestContextMiddleware(lambda *a: None)  # type: ignore[arg-type,return-value]
+    ctx, length, key = mw.new_context(scope)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        raise AssertionError("nothing to answer")
+
+    assert await mw.read_request(ctx, scope, receive, send, length, key)
+    assert ctx.principal == default_principal(scope), headers

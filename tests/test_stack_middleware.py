@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -24,6 +25,7 @@ from starlette.routing import Route
 
 import aimiddleware
 from aimiddleware import (
+    CancellationConfig,
     IdempotencyConfig,
     InvalidRequest,
     ModelRegistry,
@@ -86,6 +88,11 @@ async def text(request: Request) -> PlainTextResponse:
     return PlainTextResponse("plain")
 
 
+async def slow(request: Request) -> Response:
+    await anyio.sleep(5)  # over its 50 ms tier: a 504 from the cancellation layer
+    return Response(b"{}", media_type="application/json")
+
+
 async def parse(request: Request) -> Response:
     json.loads(await request.body())  # the client's malformed JSON: a 400, not a 500
     return Response(b"{}", media_type="application/json")
@@ -99,6 +106,7 @@ ROUTES = [
     Route("/v1/crash", crash, methods=["POST"]),
     Route("/v1/text", text, methods=["GET", "POST"]),
     Route("/v1/parse", parse, methods=["POST"]),
+    Route("/v1/slow", slow, methods=["POST"]),
     Route("/health", text, methods=["GET"]),
 ]
 
@@ -118,6 +126,7 @@ def config() -> StackConfig:
         ratelimit=Policy(requests="1000/minute", tokens="1000000/minute", concurrency=10),
         ratelimit_exempt=("/health",),
         usage=UsageConfig(prices=prices),
+        cancellation=CancellationConfig(timeouts={"/v1/slow": 0.05}),
     )
 
 
@@ -174,6 +183,9 @@ SCENARIOS: list[tuple[str, str, dict[str, Any]]] = [
      {"content": b"{nope", "headers": {"content-type": "text/plain"}}),
     ("too large", "POST /v1/chat", post(pad="x" * 3000)),
     ("bad content-length", "POST /v1/chat", {"content": b"{}", "headers": {"content-length": "x"}}),
+    ("content-length past int()", "POST /v1/chat",
+     {"content": b"{}", "headers": {"content-length": "9" * 5000}}),
+    ("timeout", "POST /v1/slow", post()),
     ("exempt", "GET /health", {}),
     ("no route", "GET /nowhere", {}),
     ("models list", "GET /v1/models", {}),
@@ -216,8 +228,9 @@ async def test_fused_stack_answers_as_the_chained_layers(request_id: str | None)
     assert statuses == {
         "chat": 200, "deprecated model": 200, "unknown model": 404, "app sets our headers": 200,
         "event stream": 200, "typed error": 400, "crash": 500, "plain text": 200,
-        "malformed json": 400, "too large": 413, "bad content-length": 400, "exempt": 200,
-        "no route": 404, "models list": 200, "models list, wrong method": 405,
+        "malformed json": 400, "too large": 413, "bad content-length": 400,
+        "content-length past int()": 413, "timeout": 504, "exempt": 200, "no route": 404,
+        "models list": 200, "models list, wrong method": 405,
         "idempotent": 200, "idempotent replay": 200, "idempotent, other body": 422,
     }  # fmt: skip
 
