@@ -270,3 +270,17 @@ async def test_record_values_reads_back_as_record_does() -> None:
          "finish_reason", "raw_finish_reason", "status", "duration_ms", "timestamp"),
         rows[0], strict=True))))
     assert fast.record_values(rows[0]) is False
+
+
+async def test_a_record_the_store_cannot_take_does_not_block_the_others(
+    ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A count past the store's integer range fails every time: retrying it would queue every
+    # later record behind it. It is logged whole and dropped; the rest are written.
+    with caplog.at_level(logging.ERROR, logger="aimiddleware.usage"):
+        await ledger.record(rec(rid="huge", inp=2**64))
+        await ledger.record(rec(rid="next"))
+    assert ledger.pending == 0
+    assert await ledger.get_request("alice", "next") is not None
+    if not isinstance(ledger, MemoryLedger):  # (in process, any int fits)
+        assert any("cannot store" in r.message for r in caplog.records)

@@ -29,6 +29,7 @@ from typing import Any
 import anyio
 from pydantic import BaseModel, ConfigDict, Field
 
+from aimiddleware.errors import StoreUnavailable
 from aimiddleware.usage.models import _FIVE, _SIX, Usage, trusted
 
 __all__ = [
@@ -342,10 +343,20 @@ class Ledger(abc.ABC):
                     await self._write(rec)
             else:
                 await self._write(rec)
-        except Exception:
+        except Exception as exc:
+            if not self.transient(exc):
+                # A record this store can never take (say a count past its integer range)
+                # would block every later one behind it: log it whole and go on.
+                logger.error("usage ledger cannot store %r; dropped", rec, exc_info=True)
+                return True
             self._failed(rec)
             return False
         return True
+
+    def transient(self, exc: Exception) -> bool:
+        """Is ``exc`` a store that is down or slow (keep the record and retry)? Backends
+        add their own client's errors."""
+        return isinstance(exc, (StoreUnavailable, TimeoutError, OSError))
 
     def _failed(self, rec: UsageRecord) -> None:
         self._failed_at = time.monotonic()

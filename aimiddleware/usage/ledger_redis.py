@@ -76,6 +76,14 @@ class RedisLedger(Ledger):
     def _k(self, principal: str, *parts: str) -> str:
         return self.storage.key("usage", principal, *parts)
 
+    def transient(self, exc: Exception) -> bool:
+        import redis.exceptions as rexc
+
+        return super().transient(exc) or isinstance(
+            exc, (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError,
+                  rexc.ReadOnlyError, rexc.TryAgainError, rexc.ClusterDownError)
+        )
+
     async def _write(self, rec: UsageRecord) -> None:
         if self._record_script is None:
             self._record_script = self.storage.redis.register_script(_RECORD)

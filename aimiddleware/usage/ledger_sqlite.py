@@ -72,6 +72,10 @@ class SQLiteLedger(Ledger):
 
         return await anyio.to_thread.run_sync(locked)
 
+    def transient(self, exc: Exception) -> bool:
+        # "database is locked", a full or unavailable disk: worth a retry
+        return super().transient(exc) or isinstance(exc, sqlite3.OperationalError)
+
     async def _write(self, rec: UsageRecord) -> None:
         await self._run(_write, rec)
 
