@@ -113,7 +113,7 @@ class RetryPolicy:
         except ValueError:
             try:
                 seconds = parse_http_date(raw).timestamp() - self.clock()
-            except (ValueError, OverflowError):  # (a date past year 9999 in UTC overflows)
+            except ValueError:
                 return None
             return max(seconds, 0.0)
         return seconds if math.isfinite(seconds) and seconds >= 0 else None

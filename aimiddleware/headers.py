@@ -15,7 +15,7 @@ __all__ = [
     "sf_string",
 ]
 
-_SF_STRING_OK = re.compile(r"^[\x20-\x7e]*$")
+_SF_STRING_OK = re.compile(r"^[\x20-\x7e]*\Z")
 
 
 def sf_string(value: str) -> str:
@@ -44,11 +44,11 @@ def parse_http_date(value: str) -> datetime:
     """Parse an HTTP-date into an aware UTC datetime; ``ValueError`` if it is not one."""
     try:
         parsed = parsedate_to_datetime(value)
-    except (TypeError, ValueError) as exc:
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=timezone.utc)
+        return parsed.astimezone(timezone.utc)
+    except (TypeError, ValueError, OverflowError) as exc:  # (past year 9999 once in UTC)
         raise ValueError(f"not an HTTP-date: {value!r}") from exc
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.astimezone(timezone.utc)
 
 
 def go_duration(seconds: float) -> str:

@@ -100,3 +100,25 @@ def test_any_valid_lifecycle_yields_parseable_ordered_headers(
     s = parse_http_date(headers["sunset"])
     assert s >= d  # whole seconds on both sides: flooring never reorders them
     assert headers["link"] == '<https://d.example/x>; rel="deprecation"; type="text/html"'
+
+
+def test_http_dates_past_year_9999_in_utc_are_not_dates() -> None:
+    import pytest
+
+    with pytest.raises(ValueError):  # (converting it to UTC overflows: never an OverflowError)
+        parse_http_date("Fri, 31 Dec 9999 23:59:59 -1400")
+
+
+def test_names_and_versions_with_a_trailing_newline_are_refused() -> None:
+    # `$` also matches before a final newline: the patterns must end at the very end.
+    from aimiddleware.headers import sf_string
+    from aimiddleware.versioning.api_versions import path_style, well_formed
+    from aimiddleware.versioning.registry import ModelRegistry
+
+    assert not path_style("v1\n") and not well_formed("2025-01-01\n") and well_formed("v1")
+    import pytest
+
+    with pytest.raises(ValueError):
+        ModelRegistry().add_snapshot("model-1\n")
+    with pytest.raises(ValueError):
+        sf_string("policy\n")

@@ -19,7 +19,7 @@ from aimiddleware.storage import Storage, redis_errors
 
 __all__ = ["RedisJobStore"]
 
-_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}\Z")
 
 _CLAIM = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))

@@ -38,8 +38,8 @@ __all__ = [
 PinResolver = Mapping[str, str] | Callable[[str], str | Awaitable[str | None] | None]
 Source = Literal["path", "header", "pin", "default"]
 
-_DATE_STYLE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})(?:[.\-][a-z0-9]{1,32})?$")
-_PATH_STYLE = re.compile(r"^v\d{1,4}(?:\.\d{1,4})?$")
+_DATE_STYLE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})(?:[.\-][a-z0-9]{1,32})?\Z")
+_PATH_STYLE = re.compile(r"^v\d{1,4}(?:\.\d{1,4})?\Z")
 _PATH_PREFIX = re.compile(r"^/(v\d{1,4}(?:\.\d{1,4})?)(?=/|$)")
 
 

@@ -26,7 +26,7 @@ from aimiddleware.versioning.lifecycle import (
 
 __all__ = ["ModelRegistry", "ResolvedModel", "Snapshot"]
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/\-]{0,127}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/\-]{0,127}\Z")
 _DATE_SUFFIX = re.compile(r"(\d{4}-\d{2}-\d{2})$")
 
 
