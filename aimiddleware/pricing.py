@@ -122,6 +122,18 @@ class ModelPrice:
             raise ValueError("a price needs 'input' and 'output' (per million tokens)")
         return cls(**{k: value[k] for k in _FIELDS if value.get(k) is not None})
 
+    def nano_rates(self) -> tuple[int, tuple[int, int, int, int, int]]:
+        """``(den, rates)``: the exact cost in nanos (1e-9 currency units) of token counts is
+        ``sum(count * rate) / den``; rates for input, cached input, cache creation, output
+        and reasoning tokens, in that order (the fallbacks of :meth:`cost` applied)."""
+        exp, factor, scaled = self._scaled
+        if factor:  # whole nanos per token at this exponent
+            return 1, (
+                scaled[0] * factor, scaled[1] * factor, scaled[2] * factor,
+                scaled[3] * factor, scaled[4] * factor,
+            )
+        return int(10 ** -(exp + 3)), scaled
+
     def cost(self, usage: Usage) -> Decimal:
         """The cost of ``usage`` (cached and cache-creation tokens are subsets of input)."""
         cached = usage.cached_input_tokens
