@@ -103,7 +103,11 @@ class ModelPrice:
             self.reasoning if self.reasoning is not None else self.output,
         )
         exp = min(int(r.as_tuple().exponent) for r in rates)
-        scaled = tuple(int(r.scaleb(-exp)) for r in rates)
+        # (exactly: scaleb would round a coefficient beyond the context's 28 digits)
+        scaled = tuple(
+            int("".join(map(str, t.digits))) * 10 ** (int(t.exponent) - exp)
+            for t in (r.as_tuple() for r in rates)
+        )
         # n * 10**(exp+3) is the cost in nanos: a plain product unless exp < -3 (rounding)
         factor = int(10 ** (exp + 3)) if exp >= -3 else 0
         object.__setattr__(self, "_scaled", (exp, factor, scaled))
