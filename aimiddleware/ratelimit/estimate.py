@@ -28,7 +28,6 @@ logger = logging.getLogger("aimiddleware.ratelimit")
 
 OUTPUT_CAP_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 _UNSET: Any = object()
-_MILLION = Decimal(1_000_000)
 
 
 class Estimate:
@@ -338,9 +337,8 @@ class Estimator:
         price = prices.price(model)
         if price is None:
             return None
-        # What PriceTable.estimate computes for plain input/output, without a Usage object.
-        total: Decimal = Decimal(input_tokens) * price.input + Decimal(output_tokens) * price.output
-        return total / _MILLION
+        cost: Decimal = price.cost(Usage(input_tokens=input_tokens, output_tokens=output_tokens))
+        return cost
 
     def actual(self, reserved: Estimate, usage: Usage, model: str | None) -> Estimate:
         cost = self.actual_cost(reserved, usage, model)
