@@ -103,7 +103,11 @@ class ModelPrice:
             self.reasoning if self.reasoning is not None else self.output,
         )
         exp = min(int(r.as_tuple().exponent) for r in rates)
-        scaled = tuple(int(r.scaleb(-exp)) for r in rates)
+        # (exactly: scaleb would round a coefficient beyond the context's 28 digits)
+        scaled = tuple(
+            int("".join(map(str, t.digits))) * 10 ** (int(t.exponent) - exp)
+            for t in (r.as_tuple() for r in rates)
+        )
         # n * 10**(exp+3) is the cost in nanos: a plain product unless exp < -3 (rounding)
         factor = int(10 ** (exp + 3)) if exp >= -3 else 0
         object.__setattr__(self, "_scaled", (exp, factor, scaled))
@@ -121,6 +125,18 @@ class ModelPrice:
         if "input" not in value or "output" not in value:
             raise ValueError("a price needs 'input' and 'output' (per million tokens)")
         return cls(**{k: value[k] for k in _FIELDS if value.get(k) is not None})
+
+    def nano_rates(self) -> tuple[int, tuple[int, int, int, int, int]]:
+        """``(den, rates)``: the exact cost in nanos (1e-9 currency units) of token counts is
+        ``sum(count * rate) / den``; rates for input, cached input, cache creation, output
+        and reasoning tokens, in that order (the fallbacks of :meth:`cost` applied)."""
+        exp, factor, scaled = self._scaled
+        if factor:  # whole nanos per token at this exponent
+            return 1, (
+                scaled[0] * factor, scaled[1] * factor, scaled[2] * factor,
+                scaled[3] * factor, scaled[4] * factor,
+            )
+        return int(10 ** -(exp + 3)), scaled
 
     def cost(self, usage: Usage) -> Decimal:
         """The cost of ``usage`` (cached and cache-creation tokens are subsets of input)."""

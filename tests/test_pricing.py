@@ -195,3 +195,25 @@ def test_quote_edge_cases_and_memo_bound() -> None:
     assert len(price._quotes) <= pricing._QUOTES_MAX
     assert price == ModelPrice(Decimal("0.15"), Decimal("0.60"))  # the memo is not compared
     assert "_quotes" not in repr(price)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rates=st.tuples(_RATES, _RATES, st.none() | _RATES, st.none() | _RATES, st.none() | _RATES),
+    tokens=st.tuples(_TOKENS, _TOKENS, _TOKENS, _TOKENS, _TOKENS),
+)
+def test_nano_rates_are_the_exact_cost_in_nanos(rates: Any, tokens: Any) -> None:
+    """sum(count * rate) / den is the cost in 1e-9 units exactly (what the rate limiter uses)."""
+    from fractions import Fraction
+
+    price = ModelPrice(rates[0], rates[1], cached_input=rates[2], reasoning=rates[3],
+                       cache_creation=rates[4])
+    den, nano = price.nano_rates()
+    def _or(rate: Decimal | None, default: Decimal) -> Decimal:
+        return default if rate is None else rate
+
+    fallback = (price.input, _or(price.cached_input, price.input),
+                _or(price.cache_creation, price.input), price.output,
+                _or(price.reasoning, price.output))
+    for count, rate, want in zip(tokens, nano, fallback, strict=True):
+        assert Fraction(count * rate, den) == Fraction(count) * Fraction(want) * 1000

@@ -171,3 +171,34 @@ async def test_memory_backend_forgets_idle_principals_but_not_leases() -> None:
         await backend.acquire(f"q{i}", hits)
     assert len(backend) < 1001 + 400 - 1000 + 5
     assert await backend.in_flight("busy") == 1  # an entry holding a lease is kept
+
+
+async def test_a_failing_lease_refresh_never_cuts_the_call_short() -> None:
+    """A store error while refreshing a lease (not an outage: e.g. Redis out of memory) is
+    logged; the call completes and its lease is released."""
+    from aimiddleware.context import RequestContext
+    from aimiddleware.ratelimit._run import run_admitted
+
+    class Flaky(MemoryBackend):
+        shared = True  # as a shared store: the limiter refreshes leases
+        refreshed = 0
+
+        async def refresh(self, principal: str, lease: str, ttl_ms: int) -> None:
+            self.refreshed += 1
+            raise RuntimeError("OOM command not allowed when used memory > 'maxmemory'")
+
+    backend = Flaky()
+    limiter = RateLimiter(
+        Policy(requests="10/minute", concurrency=1), backend=backend, lease_ttl=0.06
+    )
+    ctx = RequestContext(request_id="r", principal="p", method="POST", path="/", body=b"")
+    admission = await limiter.admit(ctx)
+    assert admission.lease is not None
+
+    async def call() -> str:
+        await asyncio.sleep(0.2)  # a few refresh intervals (0.05 s)
+        return "done"
+
+    assert await run_admitted(limiter, admission, ctx, call, lambda _: False) == "done"
+    assert backend.refreshed >= 2
+    assert await backend.in_flight(admission.principal) == 0

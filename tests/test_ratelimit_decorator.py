@@ -77,3 +77,30 @@ async def test_starlette_endpoint_and_tiers() -> None:
     async with _client(wrapped) as c:
         pro = [(await c.get("/hello", headers={"x-tier": "pro"})).status_code for _ in range(4)]
     assert pro == [200, 200, 429, 429]
+
+
+async def test_a_body_that_is_not_json_is_estimated_not_refused() -> None:
+    """As in the middleware: a form or upload on a token-limited endpoint is admitted (its
+    size estimates its tokens); a malformed JSON body is still a typed 400."""
+    app = FastAPI()
+
+    @app.post("/upload")
+    @rate_limit(Policy(tokens="100000/minute"))
+    async def upload() -> dict[str, bool]:
+        return {"ok": True}
+
+    @rate_limit(Policy(tokens="100000/minute"))
+    async def form(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    app.router.routes.append(Route("/form", form, methods=["POST"]))
+    aimiddleware.install(app)
+    async with _client(app) as c:
+        up = await c.post("/upload", content=b"x" * 400, headers={"content-type": "text/plain"})
+        fm = await c.post("/form", data={"a": "b"})
+        bad = await c.post(
+            "/upload", content=b'{"model": ', headers={"content-type": "application/json"}
+        )
+    assert up.status_code == 200 and up.headers["x-ratelimit-remaining-tokens"] != "100000"
+    assert fm.status_code == 200 and "x-ratelimit-limit-tokens" in fm.headers
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"

@@ -117,6 +117,9 @@ async def _with_refresh(
                 await limiter.refresh(admission)
             except StoreUnavailable:
                 logger.warning("could not refresh a concurrency lease: store unavailable")
+            except Exception:  # (a store error that is not an outage: out of memory, read
+                # only...) bookkeeping must never cut the call short
+                logger.exception("could not refresh a concurrency lease")
 
     box: dict[str, Any] = {}
     async with anyio.create_task_group() as tg:

@@ -1,7 +1,8 @@
 """``@rate_limit(...)``: the same policies on a single endpoint.
 
-Works on FastAPI endpoints of any signature (no ``request`` parameter needed: a hidden
-``Response`` parameter is added to the signature FastAPI reads, to carry the headers) and
+Works on FastAPI endpoints of any signature (no ``request`` parameter needed: hidden
+``Response`` and ``Request`` parameters are added to the signature FastAPI reads, to carry
+the headers and to read the request's content type) and
 on Starlette endpoints (``async def endpoint(request)``). Needs the request context and the
 error layer, i.e. ``install(app)``. Each decorated endpoint counts on its own.
 """
@@ -14,9 +15,10 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
 from starlette.responses import Response
 
-from aimiddleware._asgi import is_async_callable
+from aimiddleware._asgi import get_header, is_async_callable
 from aimiddleware.context import current
 from aimiddleware.ratelimit._run import run_admitted
 from aimiddleware.ratelimit.limiter import RateLimiter
@@ -26,6 +28,7 @@ __all__ = ["rate_limit"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 _RESPONSE_PARAM = "aimw_rate_limit_response"
+_REQUEST_PARAM = "aimw_rate_limit_request"
 
 
 def rate_limit(
@@ -48,15 +51,18 @@ def rate_limit(
         sig = _signature(func)
         params = list(sig.parameters.values())
         own = next((p.name for p in params if p.annotation is Response), None)
-        if own is None:
-            extra = inspect.Parameter(
-                _RESPONSE_PARAM, inspect.Parameter.KEYWORD_ONLY, annotation=Response
-            )
-            at = next(
-                (i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD),
-                len(params),
-            )
-            params.insert(at, extra)
+        own_request = next((p.name for p in params if p.annotation is Request), None)
+        at = next(
+            (i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD),
+            len(params),
+        )
+        for hidden, kind, mine in (
+            (_REQUEST_PARAM, Request, own_request), (_RESPONSE_PARAM, Response, own)
+        ):
+            if mine is None:
+                params.insert(
+                    at, inspect.Parameter(hidden, inspect.Parameter.KEYWORD_ONLY, annotation=kind)
+                )
         is_async = is_async_callable(func)
 
         @functools.wraps(func)
@@ -64,8 +70,20 @@ def rate_limit(
             response: Response | None = kwargs.pop(_RESPONSE_PARAM, None)
             if own is not None:
                 response = kwargs.get(own)
+            request: Request | None = kwargs.pop(_REQUEST_PARAM, None)
+            if own_request is not None:
+                request = kwargs.get(own_request)
+            if request is None:  # a Starlette endpoint: the request is passed positionally
+                request = next((a for a in args if isinstance(a, Request)), None)
             ctx = current()
-            admission = await lim.admit(ctx)
+            # The content type, as the middleware passes it: a body that is not JSON (a form,
+            # an upload) is estimated from its size, not refused as malformed JSON.
+            content_type = (
+                get_header(request.scope["headers"], b"content-type")
+                if request is not None
+                else None
+            )
+            admission = await lim.admit(ctx, content_type=content_type)
 
             async def call() -> Any:
                 if is_async:

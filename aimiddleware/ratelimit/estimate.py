@@ -28,7 +28,6 @@ logger = logging.getLogger("aimiddleware.ratelimit")
 
 OUTPUT_CAP_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 _UNSET: Any = object()
-_MILLION = Decimal(1_000_000)
 
 
 class Estimate:
@@ -95,27 +94,15 @@ class Estimate:
 
 
 class _IntPrice:
-    """A ModelPrice as integers: cost in nano-units = ceil(sum(tokens * num) / den), exact."""
+    """A ModelPrice as integers: cost in nano-units = ceil(sum(tokens * rate) / den), exact
+    (the rates of :meth:`ModelPrice.nano_rates`)."""
 
     __slots__ = ("cache_creation", "cached_input", "den", "input", "output", "price", "reasoning")
 
-    def __init__(self, price: Any) -> None:
-        fields = ("input", "output", "cached_input", "cache_creation", "reasoning")
-        values = [getattr(price, name, None) for name in fields]
-        ratios = [Decimal(v).as_integer_ratio() if v is not None else None for v in values]
-        den = 1
-        for r in ratios:
-            if r is not None:
-                den = math.lcm(den, r[1])
-        # Prices are per million tokens; nano-units are 1e-9: scale by 1e9 / 1e6 = 1000.
-        nums = [None if r is None else r[0] * (den // r[1]) * 1000 for r in ratios]
+    def __init__(self, price: ModelPrice) -> None:
         self.price = price
-        self.den = den
-        self.input = nums[0] or 0
-        self.output = nums[1] or 0
-        self.cached_input = nums[2] if nums[2] is not None else self.input
-        self.cache_creation = nums[3] if nums[3] is not None else self.input
-        self.reasoning = nums[4] if nums[4] is not None else self.output
+        self.den, rates = price.nano_rates()
+        self.input, self.cached_input, self.cache_creation, self.output, self.reasoning = rates
 
     def plain(self, input_tokens: int, output_tokens: int) -> int:
         return -(-(input_tokens * self.input + output_tokens * self.output) // self.den)
@@ -350,9 +337,8 @@ class Estimator:
         price = prices.price(model)
         if price is None:
             return None
-        # What PriceTable.estimate computes for plain input/output, without a Usage object.
-        total: Decimal = Decimal(input_tokens) * price.input + Decimal(output_tokens) * price.output
-        return total / _MILLION
+        cost: Decimal = price.cost(Usage(input_tokens=input_tokens, output_tokens=output_tokens))
+        return cost
 
     def actual(self, reserved: Estimate, usage: Usage, model: str | None) -> Estimate:
         cost = self.actual_cost(reserved, usage, model)

@@ -53,6 +53,13 @@ class RedisBackend:
     def _now_arg(self) -> str:
         return "" if self.clock is None else str(int(self.clock() * 1000))
 
+    async def _server_now(self) -> int:
+        """Now in ms: the server's clock (the scripts' time), or the test clock."""
+        if self.clock is not None:
+            return int(self.clock() * 1000)
+        sec, micro = await self.storage.redis.time()
+        return int(sec) * 1000 + int(micro) // 1000
+
     def _scripts(self) -> tuple[Any, Any]:
         if self._acquire is None:
             client = self.storage.redis
@@ -109,11 +116,7 @@ class RedisBackend:
     async def peek(self, principal: str, hits: Sequence[Hit]) -> tuple[WindowState, ...]:
         client = self.storage.redis
         async with redis_errors("rate limit"):
-            if self.clock is None:
-                sec, micro = await client.time()
-                now = int(sec) * 1000 + int(micro) // 1000
-            else:
-                now = int(self.clock() * 1000)
+            now = await self._server_now()
             fields = [h.field for h in hits]
             raw = await client.hmget(self._keys(principal)[0], fields) if hits else []
         out = []
@@ -129,9 +132,5 @@ class RedisBackend:
     async def in_flight(self, principal: str) -> int:
         client = self.storage.redis
         async with redis_errors("rate limit"):
-            if self.clock is None:
-                sec, micro = await client.time()
-                now = int(sec) * 1000 + int(micro) // 1000
-            else:
-                now = int(self.clock() * 1000)
+            now = await self._server_now()
             return int(await client.zcount(self._keys(principal)[1], f"({now}", "+inf"))
