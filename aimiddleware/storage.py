@@ -135,5 +135,8 @@ async def redis_errors(what: str) -> AsyncIterator[None]:
         return
     try:
         yield
-    except (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, OSError) as exc:
+    except (
+        rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, rexc.ReadOnlyError,
+        rexc.OutOfMemoryError, OSError,
+    ) as exc:  # down, slow, failing over (a read-only replica) or full: all a 503
         raise StoreUnavailable(f"The {what} store is unavailable.", retry_after=1) from exc

@@ -45,3 +45,18 @@ async def test_store_down_is_a_typed_503() -> None:
             await s.redis.ping()
     assert info.value.status == 503 and info.value.retryable
     await s.aclose()
+
+
+async def test_a_full_store_is_a_typed_503() -> None:
+    server = RedisServer().start()
+    s = Storage(server.url)
+    try:
+        await s.redis.config_set("maxmemory-policy", "noeviction")
+        await s.redis.config_set("maxmemory", "1")  # every write is refused: OOM
+        with pytest.raises(StoreUnavailable) as info:
+            async with redis_errors("test"):
+                await s.redis.set("k", "v")
+        assert info.value.status == 503 and info.value.retryable
+    finally:
+        await s.aclose()
+        server.stop()
