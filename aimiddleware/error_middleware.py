@@ -104,7 +104,10 @@ class ErrorMiddleware:
                 exc_info=exc,
             )
         if self.on_error is not None:
-            self.on_error(err, exc)
+            try:
+                self.on_error(err, exc)
+            except Exception:  # a failing hook must not replace the answer to the client
+                logger.exception("on_error callback failed [request_id=%s]", request_id)
         if not started:
             await send_problem(send, err, request_id, type_base=self.type_base)
         elif ctx is not None and ctx.stream_error_writer is not None:

@@ -44,7 +44,9 @@ name so none of those packages is imported unless the app already uses it.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
@@ -83,6 +85,8 @@ __all__ = [
     "problem_body",
     "render_problem",
 ]
+
+logger = logging.getLogger("aimiddleware")
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
@@ -414,8 +418,17 @@ def render_problem(
         (b"content-length", str(len(body)).encode()),
         (b"cache-control", b"no-store"),
     ]
-    raw.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error_headers(err))
+    for name, value in error_headers(err):
+        if _BAD_HEADER.search(name) or _BAD_HEADER.search(value):
+            # (say an app's HTTPException header with non-Latin-1 text): the error still goes
+            # out, without the header it cannot carry
+            logger.warning("dropped an error header that is not a valid header: %r", name)
+            continue
+        raw.append((name.lower().encode("latin-1"), value.encode("latin-1")))
     return err.status, raw, body
+
+
+_BAD_HEADER = re.compile(r"[^\x20-\x7e\x80-\xff\t]")  # outside Latin-1, or a control character
 
 
 # -- mapping foreign exceptions -----------------------------------------------------------------

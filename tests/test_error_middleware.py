@@ -280,3 +280,22 @@ def test_error_middleware_validates_its_options() -> None:
         aimiddleware.ErrorMiddleware(
             build_app(), mapper=E.ExceptionMapper(), mappings={KeyError: lambda e: None}
         )
+
+
+async def test_an_on_error_hook_that_raises_does_not_replace_the_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from aimiddleware import ErrorMiddleware, NotFound, RequestContextMiddleware
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise NotFound("nothing here")
+
+    def hook(err: Any, exc: BaseException) -> None:
+        raise RuntimeError("the hook broke")
+
+    wrapped = RequestContextMiddleware(ErrorMiddleware(app, on_error=hook))
+    transport = httpx.ASGITransport(app=wrapped)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.get("/")
+    assert r.status_code == 404 and r.json()["detail"] == "nothing here"
+    assert any("on_error callback failed" in rec.message for rec in caplog.records)

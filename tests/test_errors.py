@@ -282,3 +282,13 @@ def test_secret_and_prompt_never_reach_the_body() -> None:
     _, headers, raw = render_problem(err, request_id="r")
     text = raw.decode() + repr(headers)
     assert "sk-live" not in text and "launch codes" not in text and "Traceback" not in text
+
+
+def test_an_error_header_that_cannot_be_a_header_is_dropped_not_a_crash() -> None:
+    err = E.InvalidRequest(
+        "x", headers=[("x-note", "café"), ("x-snow", "a\u2603"), ("x-split", "a\r\nb")]
+    )
+    status, headers, _ = render_problem(err, request_id=None)
+    assert status == 400
+    assert (b"x-note", "café".encode("latin-1")) in headers  # Latin-1 is a valid header
+    assert not {b"x-snow", b"x-split"} & {name for name, _ in headers}
