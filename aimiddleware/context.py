@@ -192,6 +192,8 @@ class RequestContext:
     state: dict[str, Any] = field(default_factory=dict)
     traceparent_header: str | None = field(default=None, repr=False)
     tracestate_header: str | None = field(default=None, repr=False)
+    content_type: bytes | None = field(default=None, repr=False)
+    """The request's raw ``Content-Type`` (first one), found in the context layer's scan."""
     _json: Any = field(default=_UNPARSED, repr=False)
     _trace: TraceContext | None = field(default=None, repr=False)
 

@@ -72,8 +72,8 @@ class RequestContextMiddleware:
         self.max_body_size = max_body_size
         self.header = request_id_header.lower().encode("latin-1")
         self._wanted = frozenset(
-            (self.header, b"content-length", b"traceparent", b"tracestate", b"authorization",
-             b"x-api-key")
+            (self.header, b"content-length", b"content-type", b"traceparent", b"tracestate",
+             b"authorization", b"x-api-key")
         )
         self.trust_request_id = trust_request_id
         self.principal = principal
@@ -109,7 +109,7 @@ class RequestContextMiddleware:
         """The request's context (also at ``scope["state"]``), its declared Content-Length
         (``-1``: not an integer) and its API key (for the default principal, found in this
         one scan as :func:`~aimiddleware.context.default_principal` would find it)."""
-        incoming_id = traceparent = tracestate = None
+        incoming_id = traceparent = tracestate = content_type = None
         content_length: int | None = None
         bearer: bytes | None = None  # the first bearer token wins
         api_key: bytes | None = None  # else the last x-api-key
@@ -126,6 +126,9 @@ class RequestContextMiddleware:
                     content_length = int(value)
                 else:  # (int() refuses over 4300 digits): at least 10**18 bytes, or padded
                     content_length = int(value.lstrip(b"0")[:19] or b"0")
+            elif name == b"content-type":
+                if content_type is None:
+                    content_type = value
             elif name == b"traceparent":
                 traceparent = value.decode("latin-1")
             elif name == b"tracestate":
@@ -148,6 +151,7 @@ class RequestContextMiddleware:
             path=scope["path"],
             traceparent_header=traceparent,
             tracestate_header=tracestate,
+            content_type=content_type,
         )
         scope.setdefault("state", {})[SCOPE_KEY] = ctx
         return ctx, content_length, bearer if bearer is not None else api_key

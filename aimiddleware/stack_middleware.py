@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from aimiddleware._asgi import get_header
 from aimiddleware.cancellation import CancellationMiddleware, _Call
 from aimiddleware.context import RequestContext, _current
 from aimiddleware.context_middleware import (
@@ -187,7 +186,13 @@ class _Exchange(Responder):
                 self.acc = None
                 await versioning(scope, receive, send)
                 return
-            scope, self.version_headers = await versioning.resolve(scope, ctx)
+            resolved = versioning.resolve_now(scope, ctx)  # (no coroutine, the usual case)
+            if resolved is None:
+                scope, self.version_headers = await versioning.resolve(scope, ctx)
+            else:
+                scope, self.version_headers, deprecated = resolved
+                if deprecated:
+                    await versioning.record(deprecated)
         idempotency = stack.idempotency
         if idempotency is not None and idempotency.applies(scope):
             self.acc = None  # the chained layers from here on add their own headers
@@ -201,9 +206,7 @@ class _Exchange(Responder):
                 await serve(stack.app, scope, receive, self)
             return
         limiter = ratelimit.limiter
-        admission = await limiter.admit(
-            ctx, content_type=get_header(scope["headers"], b"content-type")
-        )
+        admission = await limiter.admit(ctx, content_type=ctx.content_type)  # (its header scan)
         self.rate_headers = admission.raw_headers
         if self.acc is None:
             await run_request(limiter, admission, ctx, stack.app, scope, receive, send)

@@ -203,6 +203,7 @@ def test_models_count_tokens_usage_and_versions(base_url: str) -> None:
         json={"model": "fake-chat-2026-06-01", "messages": HI},
     ).json()
     assert count["exact"] is True and count["input_tokens"] > 0
+    sdk(base_url).chat.completions.create(model="fake-chat", messages=HI)  # (usage to list)
     usage = httpx.get(base_url + "/v1/usage", headers=auth).json()
     assert usage["totals"]["requests"] >= 1
     retired = httpx.post(

@@ -20,7 +20,7 @@ from aimiddleware.context import SCOPE_KEY, RequestContext
 from aimiddleware.errors import DEFAULT_TYPE_BASE, InvalidRequest, MethodNotAllowed
 from aimiddleware.storage import Storage
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
-from aimiddleware.versioning.api_versions import ApiVersions
+from aimiddleware.versioning.api_versions import ApiVersions, ResolvedVersion
 from aimiddleware.versioning.lifecycle import (
     Clock,
     Lifecycle,
@@ -206,28 +206,66 @@ class VersioningMiddleware:
         lifecycle facts, encoded echo headers and merged deprecation headers are computed
         once per version, model name and combination.
         """
-        now: datetime | None = None
+        resolved = self.resolve_now(scope, ctx)
+        if resolved is None:  # a version pin to look up in the store
+            assert self.versions is not None
+            local = self._local_path(scope)
+            now = self.clock()
+            rv = await self.versions.resolve(local, scope["headers"], ctx.principal, now)
+            resolved = self._apply(scope, ctx, local, rv, now)
+        scope, raw, deprecated = resolved
+        if deprecated:
+            await self.record(deprecated)
+        return scope, raw
+
+    def resolve_now(
+        self, scope: Scope, ctx: RequestContext
+    ) -> tuple[Scope, tuple[tuple[bytes, bytes], ...], tuple[DeprecatedCall, ...]] | None:
+        """:meth:`resolve` without a coroutine: ``(scope, raw headers, deprecated calls to
+        :meth:`record`)``, or None (nothing changed) when a version pin must be looked up."""
+        versions = self.versions
+        if versions is None:
+            return self._apply(scope, ctx, scope["path"], None, None)
+        local = self._local_path(scope)
+        rv = versions.pick(local, scope["headers"])
+        if rv is None:  # the caller's pin decides: resolve() looks it up and checks it
+            return None
+        return self._apply(scope, ctx, local, rv, None)
+
+    async def record(self, deprecated: tuple[DeprecatedCall, ...]) -> None:
+        """Record the deprecated calls :meth:`resolve_now` found."""
+        for call in deprecated:
+            await self.monitor.record(call)
+
+    @staticmethod
+    def _local_path(scope: Scope) -> str:
+        root = scope.get("root_path") or ""
+        path: str = scope["path"]
+        return path[len(root):] if root and path.startswith(root) else path
+
+    def _apply(
+        self,
+        scope: Scope,
+        ctx: RequestContext,
+        local: str,
+        rv: ResolvedVersion | None,
+        now: datetime | None,
+    ) -> tuple[Scope, tuple[tuple[bytes, bytes], ...], tuple[DeprecatedCall, ...]]:
         raw: tuple[tuple[bytes, bytes], ...] = ()
         used: list[_Used] | None = None
-        versions = self.versions
-        if versions is not None:
-            root = scope.get("root_path") or ""
-            path = scope["path"]
-            local = path[len(root):] if root and path.startswith(root) else path
-            rv = versions.pick(local, scope["headers"])
-            if rv is None:  # the caller's pin decides: resolve() also checks the lifecycle
-                now = self.clock()
-                rv = await versions.resolve(local, scope["headers"], ctx.principal, now)
+        if rv is not None:
+            assert self.versions is not None
             info = self._version_info[rv.name]
             if info.can_retire:
                 if now is None:
                     now = self.clock()
                 if info.lifecycle.status(now) == "retired":
                     raise retired_error("API version", rv.name, info.lifecycle,
-                                        param=versions.header)
+                                        param=self.versions.header)
             ctx.api_version = rv.name
             raw = info.raw
             if rv.path is not None:
+                path = scope["path"]
                 scope = _with_path(scope, path[: len(path) - len(local)], "/" + rv.name, rv.path)
             if info.signals:
                 used = [_Used("api_version", rv.name, info.lifecycle)]
@@ -250,16 +288,16 @@ class VersioningMiddleware:
                     if used is None:
                         used = []
                     used.append(_Used("model", model.version, model.lifecycle))
-        if used is not None:
-            raw = raw + self._deprecation_headers(used)
-            if now is None:
-                now = self.clock()
-            ctx.state.setdefault("versioning", {})["deprecated"] = [
-                f"{u.kind}:{u.name}" for u in used
-            ]
-            for u in used:
-                await self.monitor.record(DeprecatedCall.of(ctx, u.kind, u.name, u.lifecycle, now))
-        return scope, raw
+        if used is None:
+            return scope, raw, ()
+        raw = raw + self._deprecation_headers(used)
+        if now is None:
+            now = self.clock()
+        ctx.state.setdefault("versioning", {})["deprecated"] = [
+            f"{u.kind}:{u.name}" for u in used
+        ]
+        calls = tuple(DeprecatedCall.of(ctx, u.kind, u.name, u.lifecycle, now) for u in used)
+        return scope, raw, calls
 
     def add_headers(
         self, headers: Iterable[tuple[bytes, bytes]], raw: tuple[tuple[bytes, bytes], ...]
