@@ -24,6 +24,7 @@ from tests.redis_server import free_port
 
 CONTENDERS = {
     "bare starlette": "benchmarks.http_apps:bare",
+    "bare starlette + the stack's response headers": "benchmarks.http_apps:headers_only",
     "slowapi (1 limit)": "benchmarks.http_apps:slowapi",
     "aimiddleware full stack": "benchmarks.http_apps:stack",
 }
