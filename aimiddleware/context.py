@@ -161,7 +161,7 @@ def default_principal(scope: Scope) -> str:
     return "anonymous"
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False)  # (no slots: the defaults stay class attributes, see begin_context)
 class RequestContext:
     """Everything the layers share about one request.
 
@@ -226,6 +226,31 @@ class RequestContext:
     @property
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000.0
+
+
+def begin_context(
+    request_id: str,
+    method: str,
+    path: str,
+    traceparent_header: str | None,
+    tracestate_header: str | None,
+    content_type: bytes | None,
+) -> RequestContext:
+    """``RequestContext(request_id=..., principal="anonymous", method=..., path=..., ...)``
+    for the context layer, at less than half the cost: only what a new request sets is
+    written; every other field reads its class-level default until a layer writes it."""
+    ctx = object.__new__(RequestContext)
+    ctx.request_id = request_id
+    ctx.principal = "anonymous"
+    ctx.method = method
+    ctx.path = path
+    ctx.started = time.perf_counter()
+    ctx.started_at = time.time()
+    ctx.state = {}
+    ctx.traceparent_header = traceparent_header
+    ctx.tracestate_header = tracestate_header
+    ctx.content_type = content_type
+    return ctx
 
 
 def current_or_none() -> RequestContext | None:

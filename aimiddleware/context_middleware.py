@@ -18,6 +18,7 @@ from aimiddleware.context import (
     SCOPE_KEY,
     RequestContext,
     _current,
+    begin_context,
     default_principal,
     key_principal,
     new_request_id,
@@ -113,12 +114,16 @@ class RequestContextMiddleware:
         content_length: int | None = None
         bearer: bytes | None = None  # the first bearer token wins
         api_key: bytes | None = None  # else the last x-api-key
-        wanted = self._wanted
+        wanted, own = self._wanted, self.header
         for name, value in scope["headers"]:
             if name not in wanted:  # most headers: one set lookup
                 continue
-            if name == self.header:
+            # (the configured request id header first; then the usual ones, most common first)
+            if name == own:
                 incoming_id = value.decode("latin-1")
+            elif name == b"content-type":
+                if content_type is None:
+                    content_type = value
             elif name == b"content-length":
                 if not value.isdigit():
                     content_length = -1
@@ -126,32 +131,24 @@ class RequestContextMiddleware:
                     content_length = int(value)
                 else:  # (int() refuses over 4300 digits): at least 10**18 bytes, or padded
                     content_length = int(value.lstrip(b"0")[:19] or b"0")
-            elif name == b"content-type":
-                if content_type is None:
-                    content_type = value
+            elif name == b"authorization":
+                if bearer is None:
+                    scheme, _, cred = value.partition(b" ")
+                    cred = cred.strip()
+                    if cred and scheme.lower() == b"bearer":
+                        bearer = cred
             elif name == b"traceparent":
                 traceparent = value.decode("latin-1")
             elif name == b"tracestate":
                 tracestate = value.decode("latin-1")
-            elif name == b"authorization":
-                if bearer is None:
-                    scheme, _, cred = value.partition(b" ")
-                    if scheme.lower() == b"bearer" and cred.strip():
-                        bearer = cred.strip()
             elif value.strip():  # x-api-key
                 api_key = value.strip()
         if incoming_id is not None and self.trust_request_id and valid_request_id(incoming_id):
             request_id = incoming_id
         else:
             request_id = new_request_id()
-        ctx = RequestContext(
-            request_id=request_id,
-            principal="anonymous",
-            method=scope["method"],
-            path=scope["path"],
-            traceparent_header=traceparent,
-            tracestate_header=tracestate,
-            content_type=content_type,
+        ctx = begin_context(
+            request_id, scope["method"], scope["path"], traceparent, tracestate, content_type
         )
         scope.setdefault("state", {})[SCOPE_KEY] = ctx
         return ctx, content_length, bearer if bearer is not None else api_key

@@ -369,3 +369,34 @@ async def test_non_http_scopes_pass_through() -> None:
 def test_configuration_is_validated(kwargs: dict[str, Any]) -> None:
     with pytest.raises((ValueError, TypeError)):
         RequestContextMiddleware(_never, **kwargs)
+
+
+def test_begin_context_equals_the_constructor() -> None:
+    """The context layer's cheap constructor leaves every field as ``RequestContext(...)``
+    would, and a field written later belongs to that context alone."""
+    import dataclasses
+
+    from aimiddleware.context import RequestContext, begin_context
+
+    args = ("req_1", "POST", "/v1/chat", "00-tp", "ts", b"application/json")
+    fast = begin_context(*args)
+    slow = RequestContext(
+        request_id="req_1",
+        principal="anonymous",
+        method="POST",
+        path="/v1/chat",
+        traceparent_header="00-tp",
+        tracestate_header="ts",
+        content_type=b"application/json",
+    )
+    for f in dataclasses.fields(RequestContext):
+        if f.name in ("started", "started_at"):
+            assert abs(getattr(fast, f.name) - getattr(slow, f.name)) < 5
+        else:
+            assert getattr(fast, f.name) == getattr(slow, f.name), f.name
+    assert fast.json() is None and fast.state == {} and fast.state is not slow.state
+    other = begin_context(*args)
+    fast.model, fast.usage = "m", None
+    fast.state["k"] = 1
+    assert other.model is None and other.state == {} and RequestContext.model is None
+    assert repr(fast).startswith("RequestContext(request_id='req_1'")

@@ -110,13 +110,6 @@ def test_json_of_an_empty_body_is_none() -> None:
     assert _ctx(b"").json() is None
 
 
-def test_the_context_has_slots_only() -> None:
-    ctx = _ctx(b"{}")
-    assert not hasattr(ctx, "__dict__")
-    with pytest.raises(AttributeError):
-        ctx.not_a_field = 1  # type: ignore[attr-defined]
-
-
 _KEY_HEADERS = [
     (b"authorization", b"Bearer sk-a"),
     (b"authorization", b"bearer  sk-b "),
