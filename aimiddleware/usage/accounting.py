@@ -18,7 +18,7 @@ from aimiddleware.pricing import PriceTable
 from aimiddleware.storage import Storage
 from aimiddleware.tokens import TokenCounter
 from aimiddleware.usage.extract import Extracted
-from aimiddleware.usage.ledger import Ledger, MemoryLedger, UsageRecord
+from aimiddleware.usage.ledger import Ledger, MemoryLedger, UsageRecord, _pack
 from aimiddleware.usage.models import Usage
 
 __all__ = ["DEFAULT_MAX_JSON_BODY", "STATE_KEY", "UsageAccounting", "UsageSettings", "ledger_for"]
@@ -28,6 +28,7 @@ logger = logging.getLogger("aimiddleware.usage")
 DEFAULT_MAX_JSON_BODY = 1024 * 1024
 STATE_KEY = "usage"
 _NO_USAGE = Usage()  # frozen: one shared instance for records without usage
+_NO_USAGE_PACKED = _pack(_NO_USAGE)
 # ctx.state key of the Quote settle() priced: its string and nanos serve headers and ledger
 # while it still is ctx.estimated_cost (an endpoint may set the cost itself)
 _QUOTE = "usage_quote"
@@ -209,15 +210,20 @@ class UsageAccounting:
         cost = ctx.estimated_cost
         memory = self._memory
         if memory is not None:
-            quote = ctx.state.get(_QUOTE) if cost is not None else None
-            if quote is not None and quote.cost is not cost:
-                quote = None
+            nanos = None
+            if cost is not None:
+                quote = ctx.state.get(_QUOTE)
+                if quote is not None and quote.cost is cost:
+                    nanos = quote.nanos
+            # the row as the ledger keeps it, built once (usage packed)
+            usage = ctx.usage
             row = (
                 ctx.principal, ctx.request_id, ctx.model, ctx.model_version,
-                ctx.usage or _NO_USAGE, cost, ctx.finish_reason, ctx.raw_finish_reason,
-                ctx.response_status, (perf_counter() - ctx.started) * 1000.0, ctx.started_at,
+                _NO_USAGE_PACKED if usage is None else _pack(usage), cost, ctx.finish_reason,
+                ctx.raw_finish_reason, ctx.response_status,
+                (perf_counter() - ctx.started) * 1000.0, ctx.started_at,
             )
-            if memory.record_values(row, quote.nanos if quote is not None else None):
+            if memory._record_row(row, nanos):
                 return None
         return ledger, UsageRecord.of(
             principal=ctx.principal,
