@@ -175,9 +175,11 @@ class UsageAccounting:
         ):
             # the usual head: its six values in one format (none holds a space), split and
             # paired with their names in C
-            return list(zip(self._h_usual, ("%.1f %d %d %d %s %s" % (
-                ms, u.input_tokens, u.output_tokens, u.total_tokens, text, reason
-            )).encode().split()))
+            values = (
+                f"{ms:.1f} {u.input_tokens:d} {u.output_tokens:d} {u.total_tokens:d} {text}"
+                f" {reason}"
+            )
+            return list(zip(self._h_usual, values.encode().split(), strict=True))
         else:
             out = [
                 (self._h_duration, b"%.1f" % ms),

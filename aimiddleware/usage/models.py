@@ -178,7 +178,7 @@ class Usage(BaseModel):
         _set_fields_set(obj, set(_FIVE))
         _set_extra(obj, None)
         _set_private(obj, None)
-        return obj  # type: ignore[no-any-return]
+        return obj
 
     @classmethod
     def from_openai_responses(cls, usage: Mapping[str, Any]) -> Usage:
