@@ -13,7 +13,7 @@ from time import perf_counter
 from typing import Any
 
 from aimiddleware.context import RequestContext
-from aimiddleware.finish_reason import _PLAIN_VALUES, FinishReason, finish_reason_value
+from aimiddleware.finish_reason import _PLAIN_VALUES, finish_reason_value
 from aimiddleware.pricing import PriceTable
 from aimiddleware.storage import Storage
 from aimiddleware.tokens import TokenCounter
@@ -29,7 +29,6 @@ DEFAULT_MAX_JSON_BODY = 1024 * 1024
 STATE_KEY = "usage"
 _NO_USAGE = Usage()  # frozen: one shared instance for records without usage
 _NO_USAGE_PACKED = _pack(_NO_USAGE)
-_NORMALIZED = frozenset(reason.value for reason in FinishReason)
 # ctx.state key of the Quote settle() priced: its string and nanos serve headers and ledger
 # while it still is ctx.estimated_cost (an endpoint may set the cost itself)
 _QUOTE = "usage_quote"
@@ -108,10 +107,6 @@ class UsageAccounting:
         self._h_reasoning = p + b"reasoning-tokens"
         self._h_cost = p + b"estimated-cost"
         self._h_finish = p + b"finish-reason"
-        self._h_usual = (
-            self._h_duration, self._h_input, self._h_output, self._h_total, self._h_cost,
-            self._h_finish,
-        )
 
     # -- accounting -----------------------------------------------------------------------
 
@@ -160,29 +155,13 @@ class UsageAccounting:
 
     def headers(self, ctx: RequestContext) -> list[tuple[bytes, bytes]]:
         # ctx.elapsed_ms without the property call (per request)
-        ms = (perf_counter() - ctx.started) * 1000.0
+        duration = (self._h_duration, b"%.1f" % ((perf_counter() - ctx.started) * 1000.0))
         u = ctx.usage
-        cost = ctx.estimated_cost
-        reason = ctx.finish_reason
-        text = None
-        if cost is not None:
-            quote = ctx.state.get(_QUOTE)
-            text = quote.text if quote is not None and quote.cost is cost else format(cost, "f")
         if u is None:
-            out = [(self._h_duration, b"%.1f" % ms)]
-        elif text is not None and type(reason) is str and reason in _NORMALIZED and not (
-            u.cached_input_tokens or u.reasoning_tokens
-        ):
-            # the usual head: its six values in one format (none holds a space), split and
-            # paired with their names in C
-            values = (
-                f"{ms:.1f} {u.input_tokens:d} {u.output_tokens:d} {u.total_tokens:d} {text}"
-                f" {reason}"
-            )
-            return list(zip(self._h_usual, values.encode().split(), strict=True))
+            out = [duration]
         else:
             out = [
-                (self._h_duration, b"%.1f" % ms),
+                duration,
                 (self._h_input, b"%d" % u.input_tokens),
                 (self._h_output, b"%d" % u.output_tokens),
                 (self._h_total, b"%d" % u.total_tokens),
@@ -191,10 +170,13 @@ class UsageAccounting:
                 out.append((self._h_cached, b"%d" % u.cached_input_tokens))
             if u.reasoning_tokens:
                 out.append((self._h_reasoning, b"%d" % u.reasoning_tokens))
-        if text is not None:
+        cost = ctx.estimated_cost
+        if cost is not None:
+            quote = ctx.state.get(_QUOTE)
+            text = quote.text if quote is not None and quote.cost is cost else format(cost, "f")
             out.append((self._h_cost, text.encode()))
-        if reason is not None:
-            out.append((self._h_finish, reason.encode()))
+        if ctx.finish_reason is not None:
+            out.append((self._h_finish, ctx.finish_reason.encode()))
         return out
 
     async def finish(self, ctx: RequestContext) -> None:

@@ -531,8 +531,15 @@ class MemoryLedger(Ledger):
             aggs.move_to_end(key)
         n = c.n
         n[0] += 1  # _SLOTS order
-        # the six token counters at once, in C (a packed usage's code is past map's end)
-        n[1:7] = map(operator.add, n[1:7], usage if type(usage) is tuple else _tokens(usage))
+        inp, out, total, cached, created, reasoning = (
+            usage[:6] if type(usage) is tuple else _tokens(usage)
+        )
+        n[1] += inp
+        n[2] += out
+        n[3] += total
+        n[4] += cached
+        n[5] += created
+        n[6] += reasoning
         if cost is None:
             n[_UNPRICED] += 1
         else:
