@@ -22,7 +22,6 @@ after the last chunk.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import anyio
 
@@ -121,22 +120,6 @@ async def serve(app: ASGIApp, scope: Scope, receive: Receive, responder: Respond
 _parse_json = parse_json  # moved to extract.py (public, pure)
 
 
-def _head_info(headers: Any) -> tuple[bytes, int | None]:
-    """The response's media type (lower-case, no parameters) and its content-length."""
-    ctype: bytes | None = None
-    length: int | None = None
-    for name, value in headers:
-        name = name.lower()
-        if name == b"content-type":
-            if ctype is None:
-                # (the usual exact value needs no parsing)
-                ctype = value if value == b"application/json" else (
-                    bytes(value).split(b";", 1)[0].strip().lower())
-        elif name == b"content-length" and length is None and value.isdigit():
-            length = int(value)
-    return ctype or b"", length
-
-
 class Responder:
     """One request's ``send`` wrapper: pass, hold (JSON) or scan (event stream).
 
@@ -163,6 +146,22 @@ class Responder:
             if added is not None:
                 await self.send_start(message, added)
         elif self.mode == "hold":
+            if kind == "http.response.body" and not message.get("more_body", False) and (
+                not self.chunks
+            ):  # the usual case, inline: the whole body in one message
+                acc, ctx = self.acc, self.ctx
+                assert acc is not None
+                body = message.get("body", b"")
+                if type(body) is not bytes:
+                    body = bytes(body)
+                if len(body) <= acc.max_json_body:
+                    acc.absorb(ctx, from_response(_parse_json(body)))
+                acc.settle(ctx)
+                start, self.start, self.mode = self.start, None, "pass"
+                if start is not None:
+                    await self.send_start(start, acc.headers(ctx))
+                await self._send({"type": "http.response.body", "body": body, "more_body": False})
+                return
             if kind == "http.response.body":
                 more = message.get("more_body", False)
                 body = self._on_held_body(message.get("body", b""), more)
@@ -192,7 +191,19 @@ class Responder:
         if mw is None:
             self.mode = "pass"
             return []
-        ctype, length = _head_info(message.get("headers", ()))
+        # the media type (lower-case, no parameters) and the content-length of the head
+        ctype: bytes | None = None
+        length: int | None = None
+        for name, value in message.get("headers", ()):
+            name = name.lower()
+            if name == b"content-type":
+                if ctype is None:
+                    ctype = value if value == b"application/json" else (  # (usual: as is)
+                        bytes(value).split(b";", 1)[0].strip().lower())
+            elif name == b"content-length" and length is None and value.isdigit():
+                length = int(value)
+        if ctype is None:
+            ctype = b""
         if ctype == b"text/event-stream":
             self.ctx.streaming = True
             self.mode = "scan"
