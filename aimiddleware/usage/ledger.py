@@ -152,23 +152,18 @@ def _plain(
 ) -> bool:
     """Whether every value already has its field's type (no validation needed)."""
     return (
-        type(principal), type(request_id), type(model), type(model_version), type(usage),
-        type(estimated_cost), type(finish_reason), type(raw_finish_reason), type(status),
-        type(duration_ms), type(timestamp),
-    ) in _PLAIN_TYPES
-
-
-_NONE = type(None)
-_STR, _DEC, _INT, _FLOAT = (str, _NONE), (Decimal, _NONE), (int, _NONE), (float, _NONE)
-# Every combination of types a record's values may have to need no validation, so that one
-# set lookup of the values' types (in C: tuple(map(type, row))) replaces eleven checks. The
-# usage is a Usage; in a row for MemoryLedger also as it keeps one (a tuple of ints, _pack).
-_ROW_TYPES = frozenset(
-    (str, str, model, version, usage, cost, reason, raw, status, ms, float)
-    for model in _STR for version in _STR for usage in (Usage, tuple) for cost in _DEC
-    for reason in _STR for raw in _STR for status in _INT for ms in _FLOAT
-)
-_PLAIN_TYPES = frozenset(types for types in _ROW_TYPES if types[4] is Usage)
+        type(principal) is str
+        and type(request_id) is str
+        and (model is None or type(model) is str)
+        and (model_version is None or type(model_version) is str)
+        and type(usage) is Usage
+        and (estimated_cost is None or type(estimated_cost) is Decimal)
+        and (finish_reason is None or type(finish_reason) is str)
+        and (raw_finish_reason is None or type(raw_finish_reason) is str)
+        and (status is None or type(status) is int)
+        and (duration_ms is None or type(duration_ms) is float)
+        and type(timestamp) is float
+    )
 
 
 #: One finished request as :meth:`MemoryLedger.record_values` takes it: the arguments of
@@ -483,9 +478,22 @@ class MemoryLedger(Ledger):
     def _record_row(self, row: tuple[Any, ...], cost_nanos: int | None = None) -> bool:
         """:meth:`record_values` of a row whose usage is packed already (``_pack``): the
         row is kept as it is (one tuple per request, no copy)."""
-        if self._pending or tuple(map(type, row)) not in _ROW_TYPES:
+        principal, request_id, model, version, usage, cost, reason, raw, status, ms, ts = row
+        # _plain, inline, the usage packed or kept as a Usage (per request)
+        if self._pending or not (
+            type(principal) is str
+            and type(request_id) is str
+            and (model is None or type(model) is str)
+            and (version is None or type(version) is str)
+            and (type(usage) is tuple or type(usage) is Usage)
+            and (cost is None or type(cost) is Decimal)
+            and (reason is None or type(reason) is str)
+            and (raw is None or type(raw) is str)
+            and (status is None or type(status) is int)
+            and (ms is None or type(ms) is float)
+            and type(ts) is float
+        ):
             return False
-        principal, request_id, model, _, usage, cost, reason, _, _, _, ts = row
         try:
             day, lo, hi = self._day
             if not lo <= ts < hi:
@@ -529,17 +537,16 @@ class MemoryLedger(Ledger):
             c = self._counters(key)
         else:
             aggs.move_to_end(key)
+        if type(usage) is not tuple:
+            usage = _tokens(usage)
         n = c.n
         n[0] += 1  # _SLOTS order
-        inp, out, total, cached, created, reasoning = (
-            usage[:6] if type(usage) is tuple else _tokens(usage)
-        )
-        n[1] += inp
-        n[2] += out
-        n[3] += total
-        n[4] += cached
-        n[5] += created
-        n[6] += reasoning
+        n[1] += usage[0]
+        n[2] += usage[1]
+        n[3] += usage[2]
+        n[4] += usage[3]
+        n[5] += usage[4]
+        n[6] += usage[5]
         if cost is None:
             n[_UNPRICED] += 1
         else:
