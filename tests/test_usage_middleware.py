@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
@@ -542,6 +543,23 @@ async def test_finish_nowait_records_memory_at_once_and_hands_back_other_writes(
     await pending
     assert generic.settings.ledger is not None
     assert await generic.settings.ledger.query("p") == [row]
+
+
+async def test_a_usage_that_is_no_usage_is_logged_and_not_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from aimiddleware.context import RequestContext
+    from aimiddleware.usage.accounting import UsageAccounting
+
+    ledger = MemoryLedger()
+    acc = UsageAccounting(prices=PRICES, ledger=ledger)
+    ctx = RequestContext(request_id="r1", principal="p", method="POST", path="/v1")
+    ctx.usage = (12, 1, 13, 0, 0, 0, 1)  # type: ignore[assignment]  # (an endpoint's mistake)
+    ctx.raw_finish_reason, ctx.response_status = "stop", 200
+    with caplog.at_level(logging.ERROR, logger="aimiddleware.usage"):
+        assert acc.finish_nowait(ctx) is None
+    assert any("usage accounting failed" in rec.message for rec in caplog.records)
+    assert await ledger.query("p") == [] and ledger.pending == 0
 
 
 async def test_a_stream_event_nested_too_deep_is_skipped_not_a_failure() -> None:

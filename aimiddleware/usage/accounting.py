@@ -210,18 +210,18 @@ class UsageAccounting:
         recorded already: the in-process ledger is written here, without a record built)."""
         self.settle(ctx)
         ledger = self.settings.ledger
-        if ledger is None or (ctx.usage is None and ctx.raw_finish_reason is None):
+        usage = ctx.usage
+        if ledger is None or (usage is None and ctx.raw_finish_reason is None):
             return None
         cost = ctx.estimated_cost
         memory = self._memory
-        if memory is not None:
+        if memory is not None and (usage is None or type(usage) is Usage):
             nanos = None
             if cost is not None:
                 quote = ctx.state.get(_QUOTE)
                 if quote is not None and quote.cost is cost:
                     nanos = quote.nanos
             # the row as the ledger keeps it, built once (usage packed)
-            usage = ctx.usage
             row = (
                 ctx.principal, ctx.request_id, ctx.model, ctx.model_version,
                 _NO_USAGE_PACKED if usage is None else _pack(usage), cost, ctx.finish_reason,
