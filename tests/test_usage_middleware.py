@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
@@ -411,6 +412,41 @@ async def test_a_held_json_head_is_released_if_the_app_sends_no_final_body() -> 
     assert rec.messages[1]["body"] == b"{}"
 
 
+async def test_a_held_json_head_without_any_body_is_released_with_an_empty_one() -> None:
+    rec = Recorder()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 204,
+                    "headers": [(b"content-type", b"application/json")]})
+
+    scope, receive = scope_for("/x")
+    await RequestContextMiddleware(UsageMiddleware(app, record=False))(scope, receive, rec)
+    assert [m["type"] for m in rec.messages] == ["http.response.start", "http.response.body"]
+    assert rec.messages[1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    assert (b"x-usage-input-tokens", b"0") not in rec.messages[0]["headers"]
+
+
+async def test_a_json_body_as_a_bytearray_is_read_and_sent_as_bytes() -> None:
+    rec = Recorder()
+    ledger = MemoryLedger()
+    raw = json.dumps(OPENAI_CHAT).encode()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"Content-Type", b"application/json; charset=utf-8")]})
+        await send({"type": "http.response.body", "body": bytearray(raw)})
+
+    scope, receive = scope_for("/x")
+    await RequestContextMiddleware(UsageMiddleware(app, ledger=ledger, prices=PRICES))(
+        scope, receive, rec)
+    head = dict(rec.messages[0]["headers"])
+    assert head[b"x-usage-total-tokens"] == b"1163" and b"x-usage-estimated-cost" in head
+    assert rec.messages[1] == {"type": "http.response.body", "body": raw, "more_body": False}
+    assert type(rec.messages[1]["body"]) is bytes
+    [row] = await ledger.query("ip_127.0.0.1")
+    assert row.requests == 1 and row.total_tokens == 1163
+
+
 async def test_non_http_scopes_pass_straight_through() -> None:
     seen: list[str] = []
 
@@ -507,6 +543,23 @@ async def test_finish_nowait_records_memory_at_once_and_hands_back_other_writes(
     await pending
     assert generic.settings.ledger is not None
     assert await generic.settings.ledger.query("p") == [row]
+
+
+async def test_a_usage_that_is_no_usage_is_logged_and_not_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from aimiddleware.context import RequestContext
+    from aimiddleware.usage.accounting import UsageAccounting
+
+    ledger = MemoryLedger()
+    acc = UsageAccounting(prices=PRICES, ledger=ledger)
+    ctx = RequestContext(request_id="r1", principal="p", method="POST", path="/v1")
+    ctx.usage = (12, 1, 13, 0, 0, 0, 1)  # type: ignore[assignment]  # (an endpoint's mistake)
+    ctx.raw_finish_reason, ctx.response_status = "stop", 200
+    with caplog.at_level(logging.ERROR, logger="aimiddleware.usage"):
+        assert acc.finish_nowait(ctx) is None
+    assert any("usage accounting failed" in rec.message for rec in caplog.records)
+    assert await ledger.query("p") == [] and ledger.pending == 0
 
 
 async def test_a_stream_event_nested_too_deep_is_skipped_not_a_failure() -> None:

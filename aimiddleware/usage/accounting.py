@@ -13,12 +13,12 @@ from time import perf_counter
 from typing import Any
 
 from aimiddleware.context import RequestContext
-from aimiddleware.finish_reason import finish_reason_value
+from aimiddleware.finish_reason import _PLAIN_VALUES, finish_reason_value
 from aimiddleware.pricing import PriceTable
 from aimiddleware.storage import Storage
 from aimiddleware.tokens import TokenCounter
 from aimiddleware.usage.extract import Extracted
-from aimiddleware.usage.ledger import Ledger, MemoryLedger, UsageRecord
+from aimiddleware.usage.ledger import Ledger, MemoryLedger, UsageRecord, _pack
 from aimiddleware.usage.models import Usage
 
 __all__ = ["DEFAULT_MAX_JSON_BODY", "STATE_KEY", "UsageAccounting", "UsageSettings", "ledger_for"]
@@ -28,6 +28,7 @@ logger = logging.getLogger("aimiddleware.usage")
 DEFAULT_MAX_JSON_BODY = 1024 * 1024
 STATE_KEY = "usage"
 _NO_USAGE = Usage()  # frozen: one shared instance for records without usage
+_NO_USAGE_PACKED = _pack(_NO_USAGE)
 # ctx.state key of the Quote settle() priced: its string and nanos serve headers and ledger
 # while it still is ctx.estimated_cost (an endpoint may set the cost itself)
 _QUOTE = "usage_quote"
@@ -134,13 +135,18 @@ class UsageAccounting:
             body = ctx.json()
             if isinstance(body, dict) and isinstance(body.get("model"), str):
                 ctx.model = body["model"]
-        if ctx.raw_finish_reason is not None:
-            ctx.finish_reason = finish_reason_value(
-                ctx.raw_finish_reason, ctx.state.get("usage_provider")
+        raw = ctx.raw_finish_reason
+        if raw is not None:
+            # finish_reason_value's usual case (an exact known value) without the call
+            found = _PLAIN_VALUES.get(raw) if type(raw) is str else None
+            ctx.finish_reason = found if found is not None else finish_reason_value(
+                raw, ctx.state.get("usage_provider")
             )
-        prices = self.settings.prices
         usage = ctx.usage
-        if usage is not None and ctx.estimated_cost is None and prices is not None:
+        if usage is not None and ctx.estimated_cost is None:
+            prices = self.settings.prices
+            if prices is None:
+                return
             price = prices.price(ctx.model_version) or prices.price(ctx.model)
             if price is not None:
                 quote = price.quote(usage)
@@ -204,20 +210,25 @@ class UsageAccounting:
         recorded already: the in-process ledger is written here, without a record built)."""
         self.settle(ctx)
         ledger = self.settings.ledger
-        if ledger is None or (ctx.usage is None and ctx.raw_finish_reason is None):
+        usage = ctx.usage
+        if ledger is None or (usage is None and ctx.raw_finish_reason is None):
             return None
         cost = ctx.estimated_cost
         memory = self._memory
-        if memory is not None:
-            quote = ctx.state.get(_QUOTE) if cost is not None else None
-            if quote is not None and quote.cost is not cost:
-                quote = None
+        if memory is not None and (usage is None or type(usage) is Usage):
+            nanos = None
+            if cost is not None:
+                quote = ctx.state.get(_QUOTE)
+                if quote is not None and quote.cost is cost:
+                    nanos = quote.nanos
+            # the row as the ledger keeps it, built once (usage packed)
             row = (
                 ctx.principal, ctx.request_id, ctx.model, ctx.model_version,
-                ctx.usage or _NO_USAGE, cost, ctx.finish_reason, ctx.raw_finish_reason,
-                ctx.response_status, (perf_counter() - ctx.started) * 1000.0, ctx.started_at,
+                _NO_USAGE_PACKED if usage is None else _pack(usage), cost, ctx.finish_reason,
+                ctx.raw_finish_reason, ctx.response_status,
+                (perf_counter() - ctx.started) * 1000.0, ctx.started_at,
             )
-            if memory.record_values(row, quote.nanos if quote is not None else None):
+            if memory._record_row(row, nanos):
                 return None
         return ledger, UsageRecord.of(
             principal=ctx.principal,

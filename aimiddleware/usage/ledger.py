@@ -18,6 +18,7 @@ import abc
 import collections
 import functools
 import logging
+import operator
 import os
 import time
 from collections import OrderedDict
@@ -176,30 +177,26 @@ RecordValues = tuple[
 # A stored row holds its Usage as plain ints: a tuple of atomic values is untracked by the
 # garbage collector, so 100k kept requests do not make every full collection walk them.
 _FIELD_SETS: tuple[frozenset[str], ...] = (frozenset(), _FIVE, _SIX)
+_token_values = operator.itemgetter(*TOKEN_FIELDS)  # of a Usage's __dict__, in C
+_tokens = operator.attrgetter(*TOKEN_FIELDS)  # of any Usage
 
 
 def _pack(usage: Usage) -> tuple[int, ...] | Usage:
-    fields_set = usage.__pydantic_fields_set__
-    for code, known in enumerate(_FIELD_SETS):
-        if fields_set == known:
-            d = usage.__dict__
-            return (
-                d["input_tokens"], d["output_tokens"], d["total_tokens"],
-                d["cached_input_tokens"], d["reasoning_tokens"],
-                d["cache_creation_input_tokens"], code,
-            )
-    return usage  # (set some other way: kept as is)
+    """``usage`` as a row keeps it: its TOKEN_FIELDS values and the code of its fields set
+    (a Usage set some other way, or not a Usage as such, is kept as it is)."""
+    if type(usage) is Usage:
+        fields = usage.__pydantic_fields_set__
+        code = 1 if fields == _FIVE else 2 if fields == _SIX else None if fields else 0
+        if code is not None:
+            return (*_token_values(usage.__dict__), code)
+    return usage
 
 
 def _unpack(value: tuple[int, ...] | Usage) -> Usage:
     if isinstance(value, Usage):
         return value
-    inp, out, total, cached, reasoning, created, code = value
-    return trusted(Usage, {
-        "input_tokens": inp, "output_tokens": out, "total_tokens": total,
-        "cached_input_tokens": cached, "cache_creation_input_tokens": created,
-        "reasoning_tokens": reasoning,
-    }, _FIELD_SETS[code])
+    *tokens, code = value
+    return trusted(Usage, dict(zip(TOKEN_FIELDS, tokens, strict=True)), _FIELD_SETS[code])
 
 
 def _record_from(row: tuple[Any, ...]) -> UsageRecord:
@@ -474,9 +471,29 @@ class MemoryLedger(Ledger):
         ``False`` (nothing done) when the record needs validation or an earlier write is
         pending: the caller then calls :meth:`record`.
         """
-        if self._pending or not _plain(*row):
+        if type(row[4]) is not Usage:
             return False
-        principal, request_id, model, _, usage, cost, reason, _, _, _, ts = row
+        return self._record_row((*row[:4], _pack(row[4]), *row[5:]), cost_nanos)
+
+    def _record_row(self, row: tuple[Any, ...], cost_nanos: int | None = None) -> bool:
+        """:meth:`record_values` of a row whose usage is packed already (``_pack``): the
+        row is kept as it is (one tuple per request, no copy)."""
+        principal, request_id, model, version, usage, cost, reason, raw, status, ms, ts = row
+        # _plain, inline, the usage packed or kept as a Usage (per request)
+        if self._pending or not (
+            type(principal) is str
+            and type(request_id) is str
+            and (model is None or type(model) is str)
+            and (version is None or type(version) is str)
+            and (type(usage) is tuple or type(usage) is Usage)
+            and (cost is None or type(cost) is Decimal)
+            and (reason is None or type(reason) is str)
+            and (raw is None or type(raw) is str)
+            and (status is None or type(status) is int)
+            and (ms is None or type(ms) is float)
+            and type(ts) is float
+        ):
+            return False
         try:
             day, lo, hi = self._day
             if not lo <= ts < hi:
@@ -487,9 +504,10 @@ class MemoryLedger(Ledger):
             # what _put does, inline (per request)
             reqs = self._requests
             size = len(reqs)
-            reqs[principal, request_id] = (*row[:4], _pack(usage), *row[5:])
+            key = (principal, request_id)
+            reqs[key] = row
             if len(reqs) == size:  # replaced: now the most recent
-                reqs.move_to_end((principal, request_id))
+                reqs.move_to_end(key)
             elif size >= self._max_requests:
                 reqs.popitem(last=False)
         except Exception:
@@ -507,10 +525,11 @@ class MemoryLedger(Ledger):
         self._put((rec.principal, rec.request_id), rec)
 
     def _add(
-        self, principal: str, day: str, model: str | None, usage: Usage,
+        self, principal: str, day: str, model: str | None, usage: Usage | tuple[int, ...],
         cost: Decimal | None, cost_nanos: int | None, finish_reason: str | None,
     ) -> None:
-        """Add one request to its counters: what :func:`counters_for` gives, added in place."""
+        """Add one request to its counters: what :func:`counters_for` gives, added in place.
+        ``usage``: a Usage or packed (``_pack``)."""
         key = (principal, day, model or UNKNOWN_MODEL)
         aggs = self._aggs
         c = aggs.get(key)
@@ -518,14 +537,16 @@ class MemoryLedger(Ledger):
             c = self._counters(key)
         else:
             aggs.move_to_end(key)
+        if type(usage) is not tuple:
+            usage = _tokens(usage)
         n = c.n
         n[0] += 1  # _SLOTS order
-        n[1] += usage.input_tokens
-        n[2] += usage.output_tokens
-        n[3] += usage.total_tokens
-        n[4] += usage.cached_input_tokens
-        n[5] += usage.cache_creation_input_tokens
-        n[6] += usage.reasoning_tokens
+        n[1] += usage[0]
+        n[2] += usage[1]
+        n[3] += usage[2]
+        n[4] += usage[3]
+        n[5] += usage[4]
+        n[6] += usage[5]
         if cost is None:
             n[_UNPRICED] += 1
         else:

@@ -22,7 +22,6 @@ after the last chunk.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import anyio
 
@@ -51,6 +50,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("aimiddleware.usage")
+
+_NO_CHUNKS: list[bytes] = []  # shared, never appended to: a Responder has none yet
 
 
 class UsageMiddleware:
@@ -104,7 +105,8 @@ async def serve(app: ASGIApp, scope: Scope, receive: Receive, responder: Respond
     ctx.state[STATE_KEY] = acc.settings
     try:
         await app(scope, receive, responder.send)
-        await responder.release()
+        if responder.mode == "hold":  # (no coroutine for release() in the usual case)
+            await responder.release()
     finally:
         write = acc.finish_nowait(ctx)  # the in-process ledger is written at once
         if write is not None:
@@ -116,20 +118,6 @@ async def serve(app: ASGIApp, scope: Scope, receive: Receive, responder: Respond
 
 
 _parse_json = parse_json  # moved to extract.py (public, pure)
-
-
-def _head_info(headers: Any) -> tuple[bytes, int | None]:
-    """The response's media type (lower-case, no parameters) and its content-length."""
-    ctype: bytes | None = None
-    length: int | None = None
-    for name, value in headers:
-        name = name.lower()
-        if name == b"content-type":
-            if ctype is None:
-                ctype = bytes(value).split(b";", 1)[0].strip().lower()
-        elif name == b"content-length" and length is None and value.isdigit():
-            length = int(value)
-    return ctype or b"", length
 
 
 class Responder:
@@ -146,23 +134,50 @@ class Responder:
         self.acc, self.ctx, self._send = acc, ctx, send
         self.mode = "start"  # start -> hold | scan | pass
         self.start: Message | None = None
-        self.chunks: list[bytes] = []
+        self.chunks: list[bytes] = _NO_CHUNKS  # a list of its own once a body is split
         self.size = 0
         self.tail = b""
 
     async def send(self, message: Message) -> None:
+        # One coroutine per message: the steps below are plain functions (none awaits).
         kind = message["type"]
-        mode = self.mode
         if kind == "http.response.start":
-            await self._on_start(message)
-        elif mode == "hold":
+            added = self._on_start(message)
+            if added is not None:
+                await self.send_start(message, added)
+        elif self.mode == "hold":
+            if kind == "http.response.body" and not message.get("more_body", False) and (
+                not self.chunks
+            ):  # the usual case, inline: the whole body in one message
+                acc, ctx = self.acc, self.ctx
+                assert acc is not None
+                body = message.get("body", b"")
+                if type(body) is not bytes:
+                    body = bytes(body)
+                if len(body) <= acc.max_json_body:
+                    acc.absorb(ctx, from_response(_parse_json(body)))
+                acc.settle(ctx)
+                start, self.start, self.mode = self.start, None, "pass"
+                if start is not None:
+                    await self.send_start(start, acc.headers(ctx))
+                await self._send({"type": "http.response.body", "body": body, "more_body": False})
+                return
             if kind == "http.response.body":
-                await self._on_held_body(message)
-            else:  # trailers, pathsend...: release the head, then forward
-                await self._release_held(more=True)
+                more = message.get("more_body", False)
+                body = self._on_held_body(message.get("body", b""), more)
+                if body is None:
+                    return  # still holding
+            else:  # trailers, pathsend...: release the head and the body held, then forward
+                body, more = self._take_chunks(), True
+            start, added = self._unhold()
+            if start is not None:
+                await self.send_start(start, added)
+            if body or not more:
+                await self._send({"type": "http.response.body", "body": body, "more_body": more})
+            if kind != "http.response.body":
                 await self._send(message)
         else:
-            if mode == "scan" and kind == "http.response.body":
+            if self.mode == "scan" and kind == "http.response.body":
                 self._scan(message.get("body", b""), final=not message.get("more_body", False))
             await self._send(message)
 
@@ -170,61 +185,79 @@ class Responder:
         """Send a response head with the usage headers ``added``."""
         await self._send({**message, "headers": [*message.get("headers", ()), *added]})
 
-    async def _on_start(self, message: Message) -> None:
+    def _on_start(self, message: Message) -> list[tuple[bytes, bytes]] | None:
+        """The headers to add to this head now; ``None``: the head is held."""
         mw = self.acc
         if mw is None:
             self.mode = "pass"
-            await self.send_start(message, [])
-            return
-        ctype, length = _head_info(message.get("headers", ()))
+            return []
+        # the media type (lower-case, no parameters) and the content-length of the head
+        ctype: bytes | None = None
+        length: int | None = None
+        for name, value in message.get("headers", ()):
+            name = name.lower()
+            if name == b"content-type":
+                if ctype is None:
+                    ctype = value if value == b"application/json" else (  # (usual: as is)
+                        bytes(value).split(b";", 1)[0].strip().lower())
+            elif name == b"content-length" and length is None and value.isdigit():
+                length = int(value)
+        if ctype is None:
+            ctype = b""
         if ctype == b"text/event-stream":
             self.ctx.streaming = True
             self.mode = "scan"
-            await self.send_start(message, [(mw._h_duration, b"%.1f" % self.ctx.elapsed_ms)])
-        elif (ctype == b"application/json" or ctype.endswith(b"+json")) and (
+            return [(mw._h_duration, b"%.1f" % self.ctx.elapsed_ms)]
+        if (ctype == b"application/json" or ctype.endswith(b"+json")) and (
             length is None or length <= mw.max_json_body
         ) and mw.max_json_body > 0:
             self.mode, self.start = "hold", message
-        else:
-            self.mode = "pass"
-            mw.settle(self.ctx)
-            await self.send_start(message, mw.headers(self.ctx))
+            return None
+        self.mode = "pass"
+        mw.settle(self.ctx)
+        return mw.headers(self.ctx)
 
     async def release(self) -> None:
         """The app returned while a JSON head was held (no final body): send what we have."""
         if self.mode == "hold":
-            await self._on_held_body({"type": "http.response.body", "body": b""})
+            body = self._on_held_body(b"", False)
+            start, added = self._unhold()
+            if start is not None:
+                await self.send_start(start, added)
+            await self._send({"type": "http.response.body", "body": body, "more_body": False})
 
-    async def _on_held_body(self, message: Message) -> None:
+    def _on_held_body(self, body: bytes, more: bool) -> bytes | None:
+        """Absorb a held body message; what to send once the head is released (``None``:
+        keep holding)."""
         assert self.acc is not None
-        body = message.get("body", b"")
-        more = message.get("more_body", False)
         limit = self.acc.max_json_body
         if not more and not self.chunks:  # the usual case: the whole body in one message
+            if type(body) is not bytes:
+                body = bytes(body)
             if len(body) <= limit:
-                self.acc.absorb(self.ctx, from_response(_parse_json(bytes(body))))
-            self.chunks.append(body)
-            await self._release_held(more=False)
-            return
+                self.acc.absorb(self.ctx, from_response(_parse_json(body)))
+            return body
+        if self.chunks is _NO_CHUNKS:
+            self.chunks = []
         self.chunks.append(body)
         self.size += len(body)
         if more and self.size <= limit:
-            return
+            return None
         if not more and self.size <= limit:
             self.acc.absorb(self.ctx, from_response(_parse_json(b"".join(self.chunks))))
-        await self._release_held(more=more)
+        return self._take_chunks()
 
-    async def _release_held(self, *, more: bool) -> None:
+    def _take_chunks(self) -> bytes:
+        chunks, self.chunks = self.chunks, _NO_CHUNKS
+        return chunks[0] if len(chunks) == 1 and type(chunks[0]) is bytes else b"".join(chunks)
+
+    def _unhold(self) -> tuple[Message | None, list[tuple[bytes, bytes]]]:
+        """Settle; the held head (now released) and the usage headers to add to it."""
         mw = self.acc
         assert mw is not None
         mw.settle(self.ctx)
         start, self.start, self.mode = self.start, None, "pass"
-        if start is not None:
-            await self.send_start(start, mw.headers(self.ctx))
-        chunks, self.chunks = self.chunks, []
-        body = chunks[0] if len(chunks) == 1 and type(chunks[0]) is bytes else b"".join(chunks)
-        if body or not more:
-            await self._send({"type": "http.response.body", "body": body, "more_body": more})
+        return start, mw.headers(self.ctx)
 
     def _scan(self, chunk: bytes, *, final: bool) -> None:
         """Read ``data:`` lines carrying usage as the stream passes; keep only a partial line."""

@@ -165,15 +165,20 @@ class Usage(BaseModel):
         cached = _int1(details, "cached_tokens") if details else 0
         details = get("completion_tokens_details")
         reasoning = _int1(details, "reasoning_tokens") if details else 0
-        values = {
+        # trusted(cls, values, _FIVE), inline (per response)
+        obj = _new(cls)
+        _set(obj, "__dict__", {
             "input_tokens": inp,
             "output_tokens": out,
             "total_tokens": total or inp + out,
             "cached_input_tokens": cached,
             "cache_creation_input_tokens": 0,
             "reasoning_tokens": reasoning,
-        }
-        return trusted(cls, values, _FIVE)
+        })
+        _set_fields_set(obj, set(_FIVE))
+        _set_extra(obj, None)
+        _set_private(obj, None)
+        return obj
 
     @classmethod
     def from_openai_responses(cls, usage: Mapping[str, Any]) -> Usage:
