@@ -261,9 +261,9 @@ class CancellationMiddleware:
                 sweeper = self._last_sweeper
                 if sweeper is None or sweeper.loop is not loop:
                     sweeper = self._sweeper(loop)
+                sweeper.running[call] = loop.time() + self.watch_after
                 if sweeper.handle is None:
                     sweeper.arm()
-                sweeper.running[call] = sweeper.stamp
             else:
                 call.start_watcher()
             if ctx is None:
@@ -304,47 +304,41 @@ def _seconds(value: float | None) -> float | None:
 class _Sweeper:
     """Starts the watcher of each request still running ``after`` seconds after it began.
 
-    One timer per event loop, firing every ``after / 4`` s while requests are in flight,
-    instead of one timer per request: a request enters a dict of the running ones (in
-    start order) and leaves it when it ends, so nothing outlives it. Its entry is the time
-    of the sweeper's last tick (no clock read per request): a request is due once that is
-    ``after`` plus one tick ago, so it has run at least ``after`` (at most a quarter more;
-    after a stalled loop, possibly less: a watcher started early only costs a task).
+    One timer per event loop (firing at most every ``after / 4`` s while requests are in
+    flight) instead of one timer per request: a request enters a dict of the running ones
+    (in start order) and leaves it when it ends, so nothing outlives it.
     """
 
-    __slots__ = ("after", "context", "handle", "loop", "owner", "period", "running", "stamp")
+    __slots__ = ("after", "context", "handle", "loop", "owner", "running")
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, after: float, owner: CancellationMiddleware
     ) -> None:
         self.loop = loop
         self.after = after
-        self.period = after / 4
         self.owner = owner
-        self.running: dict[_Call, float] = {}  # request -> the sweeper's stamp at its start
+        self.running: dict[_Call, float] = {}  # request -> when its watcher is due (loop time)
         self.handle: asyncio.TimerHandle | None = None
-        self.stamp = 0.0  # loop time of the last tick (or of arming)
         self.context = contextvars.Context()  # the timer runs in no request's context
 
     def arm(self) -> None:
-        self.stamp = self.loop.time()
-        self.handle = self.loop.call_at(self.stamp + self.period, self._tick, context=self.context)
+        self.handle = self.loop.call_later(self.after, self._tick, context=self.context)
 
     def _tick(self) -> None:
         self.handle = None
+        now = self.loop.time()
         running = self.running
+        due = []
+        for call, when in running.items():
+            if when > now:
+                break
+            due.append(call)
+        for call in due:
+            del running[call]
+            call.start_watcher()
         if running:
-            due_until = self.loop.time() - self.after - self.period
-            due = []
-            for call, stamp in running.items():
-                if stamp > due_until:
-                    break
-                due.append(call)
-            for call in due:
-                del running[call]
-                call.start_watcher()
-        if running:
-            self.arm()
+            when = max(next(iter(running.values())), now + self.after / 4)
+            self.handle = self.loop.call_at(when, self._tick, context=self.context)
         else:
             self.owner._retire(self)
 
