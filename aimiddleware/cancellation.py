@@ -11,6 +11,10 @@ by default, at most 50 ms; one shared timer per event loop), or at once if the e
 itself waits on ``receive()``: a fast request pays for no task, and a client that left
 earlier is seen the moment the watcher starts (the server answers ``http.disconnect`` at
 once), so the endpoint is still cancelled well within 100 ms. On trio it starts at once.
+On asyncio (3.11+) a request without a time limit enters no cancel scope either: the
+scope is spliced in around the running endpoint, as if entered when it started, only if
+it must be cancelled (this relies on anyio's asyncio internals, checked at import; any
+other case enters the scope per request).
 
 Timeout tiers: ``timeouts`` maps path patterns (``fnmatch`` globs, first match wins) to
 seconds, or ``None`` for no limit (jobs); ``default_timeout`` covers the rest. A request
