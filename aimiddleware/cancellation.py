@@ -42,6 +42,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import copy_context
 from dataclasses import dataclass, field
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import anyio
 import anyio.lowlevel
@@ -68,7 +69,12 @@ try:  # anyio's asyncio scope internals, for a scope spliced in only when needed
 
     _SPLICE_SLOTS = {"_active", "_cancelling_at_enter", "_child_scopes", "_host_task"}
     _SPLICE_SLOTS |= {"_parent_scope", "_pending_uncancellations", "_tasks"}
-    _CAN_SPLICE = sys.version_info >= (3, 11) and set(_AsyncioScope.__slots__) >= _SPLICE_SLOTS
+    _CAN_SPLICE = (
+        sys.version_info >= (3, 11)  # (Task.cancelling)
+        and set(_AsyncioScope.__slots__) >= _SPLICE_SLOTS
+        and "cancel_scope" in _TaskState.__slots__
+        and isinstance(_task_states, WeakKeyDictionary)
+    )
 except (ImportError, AttributeError):  # another anyio: enter a scope per request
     _CAN_SPLICE = False
 

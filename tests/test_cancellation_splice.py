@@ -1,6 +1,7 @@
 """The asyncio fast path enters no cancel scope per request: one is spliced in only when
-the app must be cancelled. Every scenario runs both ways (``spliced``: no time limit;
-``entered``: a time limit, so a scope from the start) and must behave the same."""
+the app must be cancelled. Every scenario runs each way (``spliced``: no time limit;
+``entered``: a time limit, so a scope from the start; ``fallback``: no limit, but no
+splicing, as on Python 3.10) and must behave the same."""
 
 from __future__ import annotations
 
@@ -11,11 +12,17 @@ import anyio
 import pytest
 from anyio._backends._asyncio import _task_states
 
-from aimiddleware import CancellationMiddleware, cleanup_scope
+from aimiddleware import CancellationMiddleware, cancellation, cleanup_scope
 from aimiddleware.cancellation import _CAN_SPLICE
 
 CANCELLED = asyncio.CancelledError
-MODES = ["spliced", "entered"]
+
+
+@pytest.fixture(params=["spliced", "entered", "fallback"])
+def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "fallback":
+        monkeypatch.setattr(cancellation, "_CAN_SPLICE", False)
+    return str(request.param)
 
 
 def middleware(app: Any, mode: str) -> CancellationMiddleware:
@@ -55,7 +62,6 @@ def test_the_fast_path_is_available_here() -> None:
     assert _CAN_SPLICE  # (else these tests would only check the entered scope)
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_no_scope_is_entered_for_a_request_that_is_not_cancelled(mode: str) -> None:
     seen: dict[str, Any] = {}
 
@@ -76,7 +82,6 @@ async def test_no_scope_is_entered_for_a_request_that_is_not_cancelled(mode: str
     assert (seen["scope"] is None) is (mode == "spliced")
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_a_disconnect_never_cuts_a_shielded_cleanup_in_the_app(mode: str) -> None:
     record: list[str] = []
 
@@ -99,7 +104,6 @@ async def test_a_disconnect_never_cuts_a_shielded_cleanup_in_the_app(mode: str) 
     assert record == ["shielded work done", "cancelled"]
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_cancellation_is_level_triggered_inside_the_app(mode: str) -> None:
     """An unshielded await after the cancellation is cancelled again, as anyio does."""
     record: list[str] = []
@@ -127,7 +131,6 @@ async def test_cancellation_is_level_triggered_inside_the_app(mode: str) -> None
     assert record == ["cancelled", "cancelled again", "shielded cleanup ran"]
 
 
-@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("inside", ["no scope", "own scope", "task group"])
 async def test_the_app_and_its_tasks_are_cancelled_wherever_it_waits(
     mode: str, inside: str
@@ -169,7 +172,6 @@ async def test_the_app_and_its_tasks_are_cancelled_wherever_it_waits(
     assert record == expected
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_the_task_and_its_outer_scopes_are_intact_after_a_cancelled_request(
     mode: str,
 ) -> None:
@@ -210,7 +212,6 @@ async def test_the_task_and_its_outer_scopes_are_intact_after_a_cancelled_reques
     assert record == ["slow request cancelled", "sibling finished"]
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_a_cancellation_from_outside_is_not_swallowed(mode: str) -> None:
     started = asyncio.Event()
 
@@ -227,7 +228,6 @@ async def test_a_cancellation_from_outside_is_not_swallowed(mode: str) -> None:
         await task
 
 
-@pytest.mark.parametrize("mode", MODES)
 async def test_an_outside_cancellation_during_a_disconnect_is_not_swallowed(mode: str) -> None:
     cancelled = asyncio.Event()
 
