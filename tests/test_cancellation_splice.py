@@ -249,3 +249,44 @@ async def test_an_outside_cancellation_during_a_disconnect_is_not_swallowed(mode
     task.cancel()  # and the server cancels the task too
     with pytest.raises(CANCELLED):
         await task
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_both_backends_keep_shields_under_a_disconnect_and_a_time_limit(backend: str) -> None:
+    from aimiddleware.errors import Timeout
+
+    async def main() -> list[str]:
+        record: list[str] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            try:
+                with cleanup_scope(1):
+                    await anyio.sleep(0.1)
+                    record.append("shielded work done")
+                await anyio.sleep(10)
+            except anyio.get_cancelled_exc_class():
+                record.append("cancelled")
+                raise
+
+        gone = anyio.Event()
+        receive, send, _sent = server(gone)
+        with anyio.fail_after(3):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(leave_after, gone, 0.03)
+                await CancellationMiddleware(app)(http_scope(), receive, send)
+            receive, send, _sent = server(anyio.Event())
+            try:
+                await CancellationMiddleware(app, default_timeout=0.05)(
+                    http_scope(), receive, send
+                )
+            except Timeout as exc:
+                record.append(f"timeout {exc.extra['timeout_seconds']}")
+        return record
+
+    assert anyio.run(main, backend=backend) == [
+        "shielded work done",
+        "cancelled",
+        "shielded work done",
+        "cancelled",
+        "timeout 0.05",
+    ]
