@@ -11,6 +11,10 @@ by default, at most 50 ms; one shared timer per event loop), or at once if the e
 itself waits on ``receive()``: a fast request pays for no task, and a client that left
 earlier is seen the moment the watcher starts (the server answers ``http.disconnect`` at
 once), so the endpoint is still cancelled well within 100 ms. On trio it starts at once.
+On asyncio (3.11+) a request without a time limit enters no cancel scope either: the
+scope is spliced in around the running endpoint, as if entered when it started, only if
+it must be cancelled (this relies on anyio's asyncio internals, checked at import; any
+other case enters the scope per request).
 
 Timeout tiers: ``timeouts`` maps path patterns (``fnmatch`` globs, first match wins) to
 seconds, or ``None`` for no limit (jobs); ``default_timeout`` covers the rest. A request
@@ -31,10 +35,14 @@ import contextvars
 import fnmatch
 import logging
 import re
+import sys
 import time
+from asyncio import current_task, get_running_loop
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextvars import copy_context
 from dataclasses import dataclass, field
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import anyio
 import anyio.lowlevel
@@ -53,6 +61,22 @@ __all__ = [
 ]
 
 logger = logging.getLogger("aimiddleware")
+
+try:  # anyio's asyncio scope internals, for a scope spliced in only when needed (below)
+    from anyio._backends._asyncio import CancelScope as _AsyncioScope
+    from anyio._backends._asyncio import TaskState as _TaskState
+    from anyio._backends._asyncio import _task_states
+
+    _SPLICE_SLOTS = {"_active", "_cancelling_at_enter", "_child_scopes", "_host_task"}
+    _SPLICE_SLOTS |= {"_parent_scope", "_pending_uncancellations", "_tasks"}
+    _CAN_SPLICE = (
+        sys.version_info >= (3, 11)  # (Task.cancelling)
+        and set(_AsyncioScope.__slots__) >= _SPLICE_SLOTS
+        and "cancel_scope" in _TaskState.__slots__
+        and isinstance(_task_states, WeakKeyDictionary)
+    )
+except (ImportError, AttributeError):  # another anyio: enter a scope per request
+    _CAN_SPLICE = False
 
 CANCEL_ON_DISCONNECT = "cancel_on_disconnect"
 """``ctx.state`` key: set to ``False`` (as a resumable event stream does) to keep running
@@ -130,6 +154,7 @@ class CancellationMiddleware:
         self._timeout_cache: dict[str, float | None] = {}  # path -> tier (bounded)
         self._asyncio_scope_cls: type[anyio.CancelScope] | None = None
         self._sweepers: dict[asyncio.AbstractEventLoop, _Sweeper] = {}  # one per loop
+        self._last_sweeper: _Sweeper | None = None  # the last one used (one loop: always)
 
     def _sweeper(self, loop: asyncio.AbstractEventLoop) -> _Sweeper:
         sweeper = self._sweepers.get(loop)
@@ -137,8 +162,16 @@ class CancellationMiddleware:
             if len(self._sweepers) > 8:  # loops closed with requests in flight (tests)
                 for old in [lp for lp in self._sweepers if lp.is_closed()]:
                     del self._sweepers[old]
-            sweeper = self._sweepers[loop] = _Sweeper(loop, self.watch_after, self._sweepers)
+            sweeper = self._sweepers[loop] = _Sweeper(loop, self.watch_after, self)
+        self._last_sweeper = sweeper
         return sweeper
+
+    def _retire(self, sweeper: _Sweeper) -> None:
+        """Forget an idle sweeper (and so its loop, which may be closed next)."""
+        if self._sweepers.get(sweeper.loop) is sweeper:
+            del self._sweepers[sweeper.loop]
+        if self._last_sweeper is sweeper:
+            self._last_sweeper = None
 
     def timeout_for(self, path: str) -> float | None:
         if not self.tiers:
@@ -168,7 +201,108 @@ class CancellationMiddleware:
             return
         state = scope.get("state")
         ctx = state.get(SCOPE_KEY) if state is not None else None
-        await _Call(self, self.app, scope, receive, send, ctx, timeout).run()
+        pending: list[Message] = []
+        while True:  # the body (a replay of the context layer's cache when it is outside)
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if ctx is not None:
+                    ctx.disconnected = True
+                return
+            pending.append(message)
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+        await self.serve(self.app, scope, receive, send, ctx, timeout, pending)
+
+    async def serve(
+        self,
+        app: ASGIApp,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        ctx: RequestContext | None,
+        limit: float | None,
+        pending: list[Message] | None = None,
+    ) -> None:
+        """Call ``app`` under watch (``limit``: seconds or None), its body already read:
+        ``pending``, else ``ctx.body``.
+
+        ``receive`` is the server's, from here on this layer's alone. (``StackMiddleware``
+        calls this directly, the context layer's body in hand.)
+        """
+        if pending is None:
+            assert ctx is not None
+            pending = [{"type": "http.request", "body": ctx.body, "more_body": False}]
+        try:
+            loop = get_running_loop()
+        except RuntimeError:  # another anyio backend (trio): a task group, watching at once
+            call = _Call(self, ctx, receive, pending, None, None, None)
+            if ctx is None:
+                send = call.wrap_send(send)
+            if await call.serve_in_task_group(app, scope, send, limit):
+                return
+        else:
+            # On asyncio the watcher is a plain task, started only if the app is still
+            # running after ``watch_after`` (by the loop's sweeper), always finished or
+            # cancelled and awaited before we return, so still structured. A task per
+            # request measured ~12 µs (a task group ~35 µs), paid by every request; a
+            # timer per request ~2 µs; the sweeper's dict entry ~0.1 µs.
+            host = current_task() if limit is None and _CAN_SPLICE else None
+            if host is not None:
+                # No cancel scope entered (anyio's costs ~6 µs per request in the stack):
+                # one is spliced in, as if entered now, only if the app must be cancelled.
+                state = _task_states.get(host)
+                base = state.cancel_scope if state is not None else None
+                cancelling = host.cancelling()  # type: ignore[attr-defined]
+                call = _Call(self, ctx, receive, pending, None, loop, (host, base, cancelling))
+            else:
+                # anyio's CancelScope() looks the backend up (sniffio) on every call:
+                # build the asyncio backend's scope class directly, found once.
+                scope_cls = self._asyncio_scope_cls
+                if scope_cls is None:
+                    scope_cls = self._asyncio_scope_cls = type(anyio.CancelScope())
+                # (anyio's clock on asyncio is the loop's)
+                app_scope = (
+                    scope_cls() if limit is None else scope_cls(deadline=loop.time() + limit)
+                )
+                call = _Call(self, ctx, receive, pending, app_scope, loop, None)
+            sweeper = None
+            if self.watch_after:
+                # Inlined (no method calls): the one loop is the last one's.
+                sweeper = self._last_sweeper
+                if sweeper is None or sweeper.loop is not loop:
+                    sweeper = self._sweeper(loop)
+                sweeper.running[call] = loop.time() + self.watch_after
+                if sweeper.handle is None:
+                    sweeper.arm()
+            else:
+                call.start_watcher()
+            if ctx is None:
+                send = call.wrap_send(send)
+            try:  # (the app is called in this frame: one coroutine less per request)
+                if host is None:
+                    with app_scope:
+                        await app(scope, call.receive, send)
+                        return  # the app returned: only the ``finally`` below is left
+                else:
+                    try:
+                        await app(scope, call.receive, send)
+                    except BaseException as exc:
+                        spliced = call.app_scope  # exited here, as a ``with`` would
+                        if spliced is None or not spliced.__exit__(
+                            type(exc), exc, exc.__traceback__
+                        ):
+                            raise
+                    else:
+                        if call.app_scope is not None:
+                            call.app_scope.__exit__(None, None, None)
+                        return
+            finally:
+                call.pending = None  # done: no watcher, no splice from now on
+                if sweeper is not None:
+                    sweeper.running.pop(call, None)
+                if call.watcher is not None:
+                    await call.stop_watcher()
+        await call.after_cancel(limit)
 
 
 def _seconds(value: float | None) -> float | None:
@@ -188,10 +322,7 @@ class _Sweeper:
     __slots__ = ("after", "context", "handle", "loop", "owner", "running")
 
     def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        after: float,
-        owner: dict[asyncio.AbstractEventLoop, _Sweeper],
+        self, loop: asyncio.AbstractEventLoop, after: float, owner: CancellationMiddleware
     ) -> None:
         self.loop = loop
         self.after = after
@@ -200,10 +331,8 @@ class _Sweeper:
         self.handle: asyncio.TimerHandle | None = None
         self.context = contextvars.Context()  # the timer runs in no request's context
 
-    def add(self, call: _Call) -> None:
-        self.running[call] = self.loop.time() + self.after
-        if self.handle is None:
-            self.handle = self.loop.call_later(self.after, self._tick, context=self.context)
+    def arm(self) -> None:
+        self.handle = self.loop.call_later(self.after, self._tick, context=self.context)
 
     def _tick(self) -> None:
         self.handle = None
@@ -220,31 +349,27 @@ class _Sweeper:
         if running:
             when = max(next(iter(running.values())), now + self.after / 4)
             self.handle = self.loop.call_at(when, self._tick, context=self.context)
-        elif self.owner.get(self.loop) is self:
-            del self.owner[self.loop]
+        else:
+            self.owner._retire(self)
 
 
 class _Call:
-    """One request under watch."""
+    """One request under watch: the app's ``receive``, the watcher, the cancelled path."""
 
     __slots__ = (
         "__weakref__",
-        "app",
-        "app_returned",
         "app_scope",
         "context",
         "ctx",
         "disconnected",
-        "finished",
+        "host",
         "loop",
         "mw",
         "pending",
         "reason",
-        "receive",
+        "receive_server",
         "response_done",
-        "scope",
-        "send",
-        "timeout",
+        "send_server",
         "watch_done",
         "watcher",
     )
@@ -252,144 +377,87 @@ class _Call:
     def __init__(
         self,
         mw: CancellationMiddleware,
-        app: ASGIApp,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
         ctx: RequestContext | None,
-        timeout: float | None,
+        receive: Receive,
+        pending: list[Message],
+        app_scope: anyio.CancelScope | None,
+        loop: asyncio.AbstractEventLoop | None,
+        host: tuple[asyncio.Task[Any], Any, int] | None,
     ) -> None:
         self.mw = mw
-        self.app = app
-        self.scope = scope
-        self.receive = receive
-        self.send = send
         self.ctx = ctx
-        self.timeout = timeout
-        self.pending: list[Message] = []
-        self.disconnected: anyio.Event | None = None  # created only if the app waits for it
-        self.response_done = False  # (without a context; with one, ctx.response_complete)
-        self.watch_done = False
-        self.app_returned = False
-        self.reason: str | None = None
-        self.app_scope: anyio.CancelScope | None = None  # created in run(), per backend
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.context: contextvars.Context | None = None
-        self.finished = False
+        self.receive_server = receive
+        self.pending: list[Message] | None = pending  # None once the app is done
+        self.app_scope = app_scope  # (on trio: created in serve_in_task_group)
+        # No scope entered (asyncio): the task, its anyio scope and its cancel count when
+        # the app started, for the scope spliced in if the app must be cancelled.
+        self.host = host
+        self.loop = loop  # None: not asyncio, the watcher runs in a task group
+        # The watcher's context, as if started now (it may start from the sweeper's timer).
+        self.context = copy_context() if loop is not None else None
         self.watcher: asyncio.Task[None] | None = None
+        self.watch_done = False
+        self.disconnected: anyio.Event | None = None  # created only if the app waits for it
+        self.reason: str | None = None
+        # (send_server and response_done: set by wrap_send, without a context layer)
 
     def _done(self) -> bool:
         """Has the app sent the whole response?"""
         ctx = self.ctx
         return ctx.response_complete if ctx is not None else self.response_done
 
-    async def run(self) -> None:
-        while True:  # the body (a replay of the context layer's cache when it is outside)
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                if self.ctx is not None:
-                    self.ctx.disconnected = True
-                return
-            self.pending.append(message)
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                break
-        await self.serve()
-
-    async def serve(self) -> None:
-        """Call the app under watch (its body already in ``pending``)."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # another anyio backend (trio): a task group, watching at once
-            self.app_scope = anyio.CancelScope()
-            if self.timeout is not None:
-                self.app_scope.deadline = anyio.current_time() + self.timeout
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._watch)
-                error = await self._call_app()
-                if self._done() and not self.watch_done:
-                    await anyio.lowlevel.checkpoint()  # see below
-                if not self.watch_done:
-                    tg.cancel_scope.cancel()
-        else:
-            # On asyncio the watcher is a plain task, started only if the app is still
-            # running after ``watch_after`` (by the loop's sweeper), always finished or
-            # cancelled and awaited before we return, so still structured. A task per
-            # request measured ~12 µs (a task group ~35 µs), paid by every request; a
-            # timer per request ~2 µs; the sweeper's dict entry ~0.1 µs.
-            # anyio's CancelScope() looks the backend up (sniffio) on every call: build the
-            # asyncio backend's scope class directly, found once.
-            scope_cls = self.mw._asyncio_scope_cls
-            if scope_cls is None:
-                scope_cls = self.mw._asyncio_scope_cls = type(anyio.CancelScope())
-            if self.timeout is None:
-                self.app_scope = scope_cls()
-            else:  # anyio's clock on asyncio is the loop's
-                self.app_scope = scope_cls(deadline=loop.time() + self.timeout)
-            self.loop = loop
-            sweeper = None
-            if self.mw.watch_after > 0:
-                self.context = contextvars.copy_context()  # the watcher's, as if started now
-                sweeper = self.mw._sweeper(loop)
-                sweeper.add(self)
-            else:
-                self.start_watcher()
-            send = self.send if self.ctx is not None else self._send
-            error = None
-            try:
-                with self.app_scope:  # (_call_app inlined: one coroutine less per request)
-                    await self.app(self.scope, self._receive, send)
-                    self.app_returned = True
-            except Exception as exc:
-                error = exc
-            finally:
-                self.finished = True
-                if sweeper is not None:
-                    sweeper.running.pop(self, None)
-                watcher = self.watcher
-                if watcher is not None and not watcher.done():
-                    if self._done() and not self.watch_done:
-                        # An ASGI server answers receive() with http.disconnect once the
-                        # response is complete: let the watcher end by itself (cheaper).
-                        await asyncio.sleep(0)
-                    if not watcher.done():
-                        watcher.cancel()
-                        await asyncio.wait((watcher,))
-        if error is not None:
-            raise error
-        if self.app_returned:
-            return
-        if self.reason is None:
-            self.reason = "timeout"
-        await self._after_cancel()
-        if self.reason == "timeout" and not self._done():
-            raise Timeout(
-                f"The request did not complete within {self.timeout:g} s.",
-                extra={"timeout_seconds": self.timeout},
-            )
-
     def start_watcher(self) -> None:
         """Start watching for a disconnect now (asyncio; once; never after the app ended)."""
-        if self.watcher is None and self.loop is not None and not self.finished:
+        if self.watcher is None and self.pending is not None and self.loop is not None:
             if self.context is not None:
                 self.watcher = self.context.run(self.loop.create_task, self._watch())
             else:
                 self.watcher = self.loop.create_task(self._watch())
 
-    async def _call_app(self) -> Exception | None:
-        send = self.send if self.ctx is not None else self._send
-        assert self.app_scope is not None
-        try:
-            with self.app_scope:
-                await self.app(self.scope, self._receive, send)
-                self.app_returned = True
-        except Exception as exc:  # re-raised by run(), outside any task group, unwrapped
-            return exc
-        return None
+    async def stop_watcher(self) -> None:
+        """End the watcher (asyncio) before the request returns."""
+        watcher = self.watcher
+        if watcher is not None and not watcher.done():
+            if self._done() and not self.watch_done:
+                # An ASGI server answers receive() with http.disconnect once the
+                # response is complete: let the watcher end by itself (cheaper).
+                await asyncio.sleep(0)
+            if not watcher.done():
+                watcher.cancel()
+                await asyncio.wait((watcher,))
 
-    async def _receive(self) -> Message:
-        if self.pending:
-            return self.pending.pop(0)
-        if not self.watch_done:
+    async def serve_in_task_group(
+        self, app: ASGIApp, scope: Scope, send: Send, limit: float | None
+    ) -> bool:
+        """Call the app beside its watcher, in a task group (trio); did the app return?"""
+        self.app_scope = app_scope = anyio.CancelScope()
+        if limit is not None:
+            app_scope.deadline = anyio.current_time() + limit
+        returned = False
+        error: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch)
+            try:
+                with app_scope:
+                    await app(scope, self.receive, send)
+                    returned = True
+            except Exception as exc:  # re-raised below, outside the task group, unwrapped
+                error = exc
+            self.pending = None
+            if self._done() and not self.watch_done:
+                await anyio.lowlevel.checkpoint()  # see stop_watcher
+            if not self.watch_done:
+                tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        return returned
+
+    async def receive(self) -> Message:
+        """The app's ``receive``: the body, then ``http.disconnect`` when the client goes."""
+        pending = self.pending
+        if pending:
+            return pending.pop(0)
+        if pending is not None and not self.watch_done:
             if self.disconnected is None:
                 self.disconnected = anyio.Event()
             if self.watcher is None:  # the app waits for the client (asyncio): watch now
@@ -397,15 +465,22 @@ class _Call:
             await self.disconnected.wait()
         return {"type": "http.disconnect"}
 
-    async def _send(self, message: Message) -> None:
+    def wrap_send(self, send: Send) -> Send:
+        """Without a context layer (nothing records the response's end): our own ``send``."""
+        self.send_server = send
+        self.response_done = False
+        return self.send
+
+    async def send(self, message: Message) -> None:
+        """The app's ``send`` without a context layer: notes the end of the response."""
         if message["type"] == "http.response.body" and not message.get("more_body", False):
             self.response_done = True
-        await self.send(message)
+        await self.send_server(message)
 
     async def _watch(self) -> None:
         try:
             while True:
-                message = await self.receive()
+                message = await self.receive_server()
                 if message["type"] == "http.disconnect":
                     break
                 # Anything else after the body is unexpected; never spin on a server that
@@ -432,10 +507,29 @@ class _Call:
         self.reason = "disconnect"
         if ctx is not None:
             ctx.state[STATE_KEY] = {"reason": "disconnect", "at": time.perf_counter()}
+        self.cancel_app()
+
+    def cancel_app(self) -> None:
+        """Cancel the app's scope (spliced in now if there is none yet)."""
+        if self.pending is None:  # the app is done
+            return
+        if self.app_scope is None and self.host is not None:
+            self.app_scope = _splice(*self.host)
         if self.app_scope is not None:
             self.app_scope.cancel()
 
-    async def _after_cancel(self) -> None:
+    async def after_cancel(self, limit: float | None) -> None:
+        """The app was cancelled (a disconnect or its deadline): clean up, then a 504."""
+        if self.reason is None:
+            self.reason = "timeout"
+        await self._run_callbacks()
+        if self.reason == "timeout" and not self._done():
+            raise Timeout(
+                f"The request did not complete within {limit:g} s.",
+                extra={"timeout_seconds": limit},
+            )
+
+    async def _run_callbacks(self) -> None:
         ctx = self.ctx
         if ctx is None:
             return
@@ -458,3 +552,41 @@ class _Call:
                     logger.exception("cancellation cleanup callback failed")
         if scope.cancelled_caught:
             logger.warning("cancellation cleanup exceeded %ss", self.mw.cleanup_timeout)
+
+
+def _splice(task: asyncio.Task[Any], base: Any, cancelling: int) -> anyio.CancelScope:
+    """An anyio cancel scope around the running app, exactly as if ``with`` had entered it
+    when the app started (in ``task``, inside ``base``, the task's scope then).
+
+    What ``CancelScope.__enter__`` would have set then is set now: the scope is the parent
+    of the app's outermost scope (or holds the task if the app is in none), so anyio
+    itself delivers the cancellation, skips shielded scopes, keeps cancelling until the app
+    leaves, and ``serve`` exits it as a ``with`` would. A request that is never cancelled
+    (nearly all) pays for no scope at all.
+    """
+    scope: Any = _AsyncioScope()
+    scope._host_task = task
+    scope._parent_scope = base
+    scope._cancelling_at_enter = cancelling
+    scope._active = True
+    state = _task_states.get(task)
+    current = state.cancel_scope if state is not None else None
+    if current is base:  # the app is in no scope of its own: the task is in ours
+        if state is None:
+            _task_states[task] = _TaskState(None, scope)
+        else:
+            state.cancel_scope = scope
+        scope._tasks.add(task)
+        if base is not None:
+            base._tasks.discard(task)
+    else:  # the app's outermost scope (its parent is ``base``) moves into ours
+        outer: Any = current
+        while outer._parent_scope is not base:
+            outer = outer._parent_scope
+        outer._parent_scope = scope
+        scope._child_scopes.add(outer)
+        if base is not None:
+            base._child_scopes.discard(outer)
+    if base is not None:
+        base._child_scopes.add(scope)
+    return scope  # type: ignore[no-any-return]

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from aimiddleware.cancellation import CancellationMiddleware, _Call
+from aimiddleware.cancellation import CancellationMiddleware
 from aimiddleware.context import RequestContext, _current
 from aimiddleware.context_middleware import (
     RequestContextMiddleware,
@@ -95,13 +95,9 @@ class StackMiddleware:
                 if cancellation is not None and (
                     timeout is not None or cancellation.cancel_on_disconnect
                 ):
-                    call = _Call(
-                        cancellation, exchange.run, scope, receive, exchange.send, ctx, timeout
+                    await cancellation.serve(
+                        exchange.run, scope, receive, exchange.send, ctx, timeout
                     )
-                    call.pending.append(
-                        {"type": "http.request", "body": ctx.body, "more_body": False}
-                    )
-                    await call.serve()
                 else:
                     await exchange.run(scope, replay_receive(ctx, receive), exchange.send)
             except Exception as exc:
