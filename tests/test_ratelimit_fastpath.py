@@ -97,6 +97,14 @@ def test_go_ms_is_go_duration_without_float_noise(ms: int) -> None:
     assert ours == theirs or go_ms(ms + 1) == theirs
 
 
+@given(st.integers(0, 10**11))
+def test_header_plan_duration_is_go_ms(ms: int) -> None:
+    plan = HeaderPlan(POLICY.limits, 0)
+    for _ in range(2):  # the second time from the plan's cache of whole seconds
+        assert plan._duration(ms) == go_ms(ms).encode()
+        assert plan._duration(ms + 1) == go_ms(ms + 1).encode()
+
+
 def test_go_ms_examples() -> None:
     assert [go_ms(v) for v in (0, 12, 1000, 2500, 60_000, 360_000, 3_723_004)] == [
         "0s", "12ms", "1s", "2.5s", "1m0s", "6m0s", "1h2m3.004s",
