@@ -30,8 +30,9 @@ from aimiddleware.context_middleware import (
     with_request_id,
 )
 from aimiddleware.error_middleware import ErrorMiddleware
+from aimiddleware.errors import AIError
 from aimiddleware.idempotency.middleware import IdempotencyMiddleware
-from aimiddleware.ratelimit._run import run_request
+from aimiddleware.ratelimit._run import add_headers, run_request
 from aimiddleware.ratelimit.headers import HEADER_NAMES
 from aimiddleware.ratelimit.middleware import RateLimitMiddleware, with_headers
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
@@ -201,11 +202,28 @@ class _Exchange(Responder):
                 await serve(stack.app, scope, receive, self)
             return
         limiter = ratelimit.limiter
-        admission = await limiter.admit(
-            ctx, content_type=get_header(scope["headers"], b"content-type")
-        )
+        content_type = get_header(scope["headers"], b"content-type")
+        admission = limiter.admit_now(ctx, content_type)  # (a coroutine only when it must wait)
+        if admission is None:
+            admission = await limiter.admit(ctx, content_type=content_type)
         self.rate_headers = admission.raw_headers
-        if self.acc is None:
-            await run_request(limiter, admission, ctx, stack.app, scope, receive, send)
-        else:
-            await run_request(limiter, admission, ctx, serve, stack.app, scope, receive, self)
+        if not limiter.finishes_now:
+            if self.acc is None:
+                await run_request(limiter, admission, ctx, stack.app, scope, receive, send)
+            else:
+                await run_request(limiter, admission, ctx, serve, stack.app, scope, receive, self)
+            return
+        # run_request's steps for an in-process store, without a coroutine around the app
+        failed = True
+        try:
+            if self.acc is None:
+                await stack.app(scope, receive, send)
+            else:
+                await serve(stack.app, scope, receive, self)
+            status = ctx.response_status
+            failed = status is None or not 0 < status < 400
+        except AIError as err:
+            add_headers(err, admission)
+            raise
+        finally:
+            limiter.finish_now(admission, ctx, failed)
