@@ -14,8 +14,6 @@ import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from operator import gt as _gt
-from operator import itemgetter
 from typing import Any, Literal, Union
 
 from starlette.concurrency import run_in_threadpool
@@ -292,7 +290,17 @@ class RateLimiter:
             res = self._plain.get(estimate.model) or self._resolve(
                 self._default_policy, None, None, estimate.model
             )
-        hits = self._hits(res, estimate)
+        if res.needs_cost and estimate.cost_units is None and self.on_unpriced == "reject":
+            return None  # admit() raises the refusal
+        inp, out = estimate.input_tokens, estimate.output_tokens
+        by_code = (estimate.requests, inp + out, inp, out, estimate.cost_units or 0)
+        built: list[Hit] = []  # (self._hits, inlined)
+        for f, w, amount, code in res.rows:
+            cost = by_code[code]
+            if cost > amount:  # more than a whole window: never admissible
+                return None  # admit() raises the refusal
+            built.append(_new_tuple(Hit, (f, w, amount, cost)))  # Hit(f, w, amount, cost)
+        hits = tuple(built)
         principal = ctx.principal
         if "{" in principal or "}" in principal or len(principal) > 200:  # _key, inlined
             principal = _key(principal)
@@ -407,12 +415,14 @@ class RateLimiter:
                 param="model",
             )
         inp, out = estimate.input_tokens, estimate.output_tokens
-        costs = res.pick((estimate.requests, inp + out, inp, out, estimate.cost_units or 0))
-        if any(map(_gt, costs, res.amounts)):  # more than a whole window: never admissible
-            i = next(i for i, (c, a) in enumerate(zip(costs, res.amounts, strict=True)) if c > a)
-            raise refusal.too_large(res.limits[i], costs[i])
-        # Hit(field, window, amount, cost) per limit, built in C (no Python-level __new__)
-        return tuple(map(_new_tuple, _HIT, zip(res.fields, res.windows, res.amounts, costs)))  # noqa: B905
+        by_code = (estimate.requests, inp + out, inp, out, estimate.cost_units or 0)
+        built: list[Hit] = []
+        for f, w, amount, code in res.rows:
+            cost = by_code[code]
+            if cost > amount:  # more than a whole window: never admissible
+                raise refusal.too_large(res.limits[len(built)], cost)
+            built.append(_new_tuple(Hit, (f, w, amount, cost)))  # Hit(f, w, amount, cost)
+        return tuple(built)
 
     # -- reconciliation ---------------------------------------------------------------------
 
@@ -448,15 +458,40 @@ class RateLimiter:
     def finish_now(self, admission: Admission, ctx: RequestContext, failed: bool) -> None:
         """:meth:`finish` as a plain call, when :attr:`finishes_now` (the in-process store:
         nothing to await, so nothing can interrupt it). Never raises: bookkeeping must not
-        hide the response or the real error."""
+        hide the response or the real error.
+
+        Runs on every request: written flat (no helper calls on the common path)."""
         try:
-            if admission.decision is None:
+            decision = admission.decision
+            if decision is None:
                 return
-            if ctx.usage is None and not failed:  # nothing to correct
+            usage = ctx.usage
+            if usage is None and not failed:  # nothing to correct
                 if admission.lease is not None:
                     self._adjust_now(admission.principal, (), admission.lease)  # type: ignore[misc]
                 return
-            adjustments = self._adjustments(admission, ctx, failed)
+            if usage is None:
+                by_code: tuple[int, ...] = (0, 0, 0, 0, 0)
+            else:
+                inp, out = usage.input_tokens, usage.output_tokens
+                cost = admission.estimate.cost_units
+                if cost is not None:  # estimator.actual_cost, inlined for plain usage
+                    model = ctx.model_version or ctx.model or admission.estimate.model
+                    fast = self.estimator._int_prices.get(model) if model else None
+                    if fast is None or (
+                        usage.cached_input_tokens
+                        or usage.cache_creation_input_tokens
+                        or usage.reasoning_tokens
+                    ):
+                        cost = self.estimator.actual_cost(admission.estimate, usage, model)
+                    else:  # fast.usage(usage) without the cache and reasoning terms
+                        cost = -(-(inp * fast.input + out * fast.output) // fast.den)
+                by_code = (1, inp + out, inp, out, cost or 0)
+            adjustments = []  # (self._adjustments, inlined)
+            for hit, state, code in zip(admission.hits, decision[2], admission._codes):  # noqa: B905
+                delta = by_code[code] - hit[3]  # hit.cost
+                if delta:  # usage equal to the reservation: nothing to correct
+                    adjustments.append((hit[0], hit[1], state[0], delta))
             if adjustments or admission.lease is not None:
                 self._adjust_now(admission.principal, adjustments, admission.lease)  # type: ignore[misc]
         except Exception:
@@ -537,18 +572,14 @@ _IN_PROCESS_LEASE_MS = 10 * 365 * 86_400_000
 
 
 _new_tuple = tuple.__new__  # a NamedTuple from a tuple, without a Python-level __new__ call
-_HIT = itertools.repeat(Hit)  # the first argument of _new_tuple, as many times as needed
 _DIM_CODE = {"requests": 0, "tokens": 1, "input_tokens": 2, "output_tokens": 3, "cost": 4}
 
 
 class _Resolved:
     """The limits of one (policy, route, extra, model), with what each request reuses: the
-    storage fields, windows (ms), amounts and dimension codes, and the header plan."""
+    storage rows ``(field, window ms, amount, dimension code)`` and the header plan."""
 
-    __slots__ = (
-        "amounts", "codes", "concurrency", "fields", "limits", "needs_body", "needs_cost", "pick",
-        "plan", "windows",
-    )
+    __slots__ = ("codes", "concurrency", "limits", "needs_body", "needs_cost", "plan", "rows")
 
     def __init__(
         self, limits: tuple[Limit, ...], concurrency: int, *, needs_body: bool, needs_cost: bool
@@ -557,16 +588,10 @@ class _Resolved:
         self.concurrency = concurrency
         self.needs_body = needs_body
         self.needs_cost = needs_cost
-        self.fields = tuple(lim.field for lim in limits)
-        self.windows = tuple(lim.window * 1000 for lim in limits)
-        self.amounts = tuple(lim.amount for lim in limits)
+        self.rows = tuple(
+            (lim.field, lim.window * 1000, lim.amount, _DIM_CODE[lim.dimension]) for lim in limits
+        )
         self.codes = tuple(_DIM_CODE[lim.dimension] for lim in limits)
-        # (requests, tokens, input, output, cost) -> the cost on each limit, as a tuple
-        self.pick: Callable[[tuple[int, ...]], tuple[int, ...]]
-        if len(limits) > 1:
-            self.pick = itemgetter(*self.codes)
-        else:  # (itemgetter of one index returns the item, not a tuple)
-            self.pick = lambda by_code: tuple(by_code[code] for code in self.codes)
         self.plan = HeaderPlan(limits, concurrency)
 
 
