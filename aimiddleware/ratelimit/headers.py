@@ -129,16 +129,16 @@ class HeaderPlan:
     )
 
     def __init__(self, limits: Sequence[Limit], concurrency: int) -> None:
-        # (index into states, window ms, window ms as float, amount, amount as float,
-        #  the OpenAI headers it alone sets: (limit header, remaining name, reset name) | None)
-        rows: list[tuple[int, int, float, int, float, Any]] = []
+        # (index into states, window ms, window ms as float, amount as float, then the OpenAI
+        #  headers it alone sets: (limit header, value), remaining name, reset name | 3 None)
+        rows: list[tuple[Any, ...]] = []
         members: list[bytes] = []  # the RateLimit template: '"name";r=%d;t=%d' per row
         policy: list[str] = []
         for i, lim in enumerate(limits):
             if lim.dimension == "cost":
                 continue
             window = lim.window * 1000
-            rows.append((i, window, float(window), lim.amount, float(lim.amount), None))
+            rows.append((i, window, float(window), float(lim.amount), None, None, None))
             name = lim.policy_item.partition(";")[0].replace("%", "%%")
             members.append(name.encode("latin-1") + b";r=%d;t=%d")
             policy.append(lim.policy_item)
@@ -164,8 +164,7 @@ class HeaderPlan:
         self._direct = all(len(c) == 1 for *_, c in slots) and order == sorted(order)
         if self._direct:
             for h_limit, h_remaining, h_reset, ((j, amount, _),) in slots:
-                names = ((h_limit, b"%d" % amount), h_remaining, h_reset)
-                rows[j] = (*rows[j][:5], names)
+                rows[j] = (*rows[j][:4], (h_limit, b"%d" % amount), h_remaining, h_reset)
         if concurrency:
             policy.append(_CONCURRENCY_POLICY.format(concurrency))
             members.append(b'"concurrency";r=%d;t=0')
@@ -198,7 +197,7 @@ class HeaderPlan:
         resets: list[int] = []
         heads = self._heads
         direct = self._direct
-        for i, window, f_window, _, f_amount, names in self._rows:
+        for i, window, f_window, f_amount, h_limit, h_remaining, h_reset in self._rows:
             _, prev, curr, elapsed = states[i]
             # backend.remaining and reset_ms, inlined: the same float expression (float op
             # int converts the int exactly as float() does).
@@ -207,8 +206,7 @@ class HeaderPlan:
                 left = 0
             reset = 2 * window - elapsed if curr > 0 else (window - elapsed if prev > 0 else 0)
             args += (left, -(-reset // 1000))  # (one list.extend rather than two appends)
-            if names is not None:
-                h_limit, h_remaining, h_reset = names
+            if h_limit is not None:
                 head = heads.get(reset // 1000)  # self._duration(reset), inlined when cached
                 duration = self._duration(reset) if head is None else head + _TAILS[reset % 1000]
                 out += (h_limit, (h_remaining, b"%d" % left), (h_reset, duration))
@@ -228,6 +226,7 @@ class HeaderPlan:
                 out.append((h_reset, self._duration(reset)))
         if self._policy is not None:
             if self._concurrency:
-                args.append(max(0, self._concurrency - in_flight))
+                left = self._concurrency - in_flight
+                args.append(left if left > 0 else 0)
             out += (self._policy, (b"ratelimit", self._template % tuple(args)))
         return out
