@@ -93,6 +93,24 @@ class Estimate:
         return Estimate(self.model, 0, 0, None, 0, cost_units=0)
 
 
+_new_object = object.__new__
+
+
+def _estimate(
+    model: str | None, input_tokens: int, output_tokens: int, cost: int | None
+) -> Estimate:
+    """``Estimate(model, input_tokens, output_tokens, cost_units=cost)`` for the per-request
+    path: a class call with a Python ``__init__`` is not specialized on Python 3.11 (a plain
+    function call is), so this is about half the cost."""
+    found: Estimate = _new_object(Estimate)
+    found.model = model
+    found.input_tokens = input_tokens
+    found.output_tokens = output_tokens
+    found.requests = 1
+    found.cost_units = cost
+    return found
+
+
 class _IntPrice:
     """A ModelPrice as integers: cost in nano-units = ceil(sum(tokens * rate) / den), exact
     (the rates of :meth:`ModelPrice.nano_rates`)."""
@@ -238,7 +256,7 @@ class Estimator:
                 cost = -(-(input_tokens * fast.input + output * fast.output) // fast.den)
             else:
                 cost = self.price_units(served, input_tokens, output)
-        return Estimate(model, input_tokens, output, None, cost_units=cost)
+        return _estimate(model, input_tokens, output, cost)
 
     def _learn_json(self, content_type: bytes | None) -> bool:
         is_json = _is_json(content_type)

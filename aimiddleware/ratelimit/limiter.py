@@ -309,17 +309,18 @@ class RateLimiter:
         decision = self._acquire_now(principal, hits, lease, concurrency, self._lease_ttl_ms)  # type: ignore[misc]
         if not decision[0]:  # decision.allowed
             raise refusal.refused(res.limits, hits, decision, concurrency)
-        admission = Admission(
-            principal,
-            res.limits,
-            hits,
-            estimate,
-            decision,
-            lease,
-            concurrency,
-            res.plan.render(decision[2], decision[3]),  # (decision.states, decision.in_flight)
-            res.codes,
-        )
+        # Admission(...), without the class call (not specialized on Python 3.11)
+        admission: Admission = _new_object(Admission)
+        admission.principal = principal
+        admission.limits = res.limits
+        admission.hits = hits
+        admission.estimate = estimate
+        admission.decision = decision
+        admission.lease = lease
+        admission.concurrency = concurrency
+        # (decision.states, decision.in_flight)
+        admission.raw_headers = res.plan.render(decision[2], decision[3])
+        admission._codes = res.codes
         ctx.state["ratelimit"] = admission
         return admission
 
@@ -572,6 +573,7 @@ _IN_PROCESS_LEASE_MS = 10 * 365 * 86_400_000
 
 
 _new_tuple = tuple.__new__  # a NamedTuple from a tuple, without a Python-level __new__ call
+_new_object = object.__new__
 _DIM_CODE = {"requests": 0, "tokens": 1, "input_tokens": 2, "output_tokens": 3, "cost": 4}
 
 
