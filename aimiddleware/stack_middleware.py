@@ -195,7 +195,7 @@ class _Exchange(Responder):
             await idempotency(scope, receive, send)
             return
         ratelimit = stack.ratelimit
-        if ratelimit is None or ratelimit.is_exempt(scope["path"]):
+        if ratelimit is None or (ratelimit.has_exempt and ratelimit.is_exempt(scope["path"])):
             if self.acc is None:
                 await stack.app(scope, receive, send)
             else:
