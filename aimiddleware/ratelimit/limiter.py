@@ -187,10 +187,10 @@ class RateLimiter:
         self.alert_fractions = tuple(sorted(alert_fractions))
         self.on_alert = on_alert
         self.name = name
-        # admit_now can admit on its own: nothing to await (store, tier lookup, alerts)
         #: finish_now() does what finish() does, and no lease needs refreshing meanwhile (an
         #: in-process store: its adjust never awaits)
         self.finishes_now = self._adjust_now is not None and not self.refreshes
+        # admit_now can admit on its own: nothing to await (store, tier lookup, alerts)
         self._sync = (
             self._acquire_now is not None
             and overrides is None
