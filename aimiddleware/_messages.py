@@ -73,9 +73,14 @@ class Plan:
     ``encode``: the encoding's ``encode_ordinary`` (``None`` when estimating), called directly
     for texts shorter than ``floor`` (the cache's minimum, or no limit without a cache).
     ``known``: precomputed counts of the role names. ``results``: filled by the counter.
+    ``core``: what ``encode`` calls (tiktoken's Rust encoder, when it has one): the hot path
+    calls it without the Python wrapper, and falls back to ``encode`` on the error the wrapper
+    repairs (lone surrogates).
     """
 
-    __slots__ = ("count", "encode", "exact", "floor", "known", "name", "o200k", "results")
+    __slots__ = (
+        "core", "count", "encode", "exact", "floor", "known", "name", "o200k", "results",
+    )
 
     def __init__(
         self,
@@ -88,6 +93,8 @@ class Plan:
         self.exact = encode is not None
         self.count = count
         self.encode = encode
+        core = getattr(getattr(encode, "__self__", None), "_core_bpe", None)
+        self.core = getattr(core, "encode_ordinary", None) or encode
         self.floor = floor
         self.known: dict[str, int] = {role: count(role) for role in ROLES} if encode else {}
         self.o200k = bool(name and name.startswith("o200k"))
@@ -104,8 +111,8 @@ def chat_tokens(messages: list[Any], plan: Plan) -> tuple[int, bool]:
     names from ``plan.known``, no per-text function layers); any other message or value
     is handed to a Tally built on first need, so the result is the same in every case.
     """
-    encode, floor, known, count = plan.encode, plan.floor, plan.known, plan.count
-    assert encode is not None
+    core, floor, known, count = plan.core, plan.floor, plan.known, plan.count
+    assert core is not None
     tokens = REPLY_PRIMING
     tally: Tally | None = None
     for message in messages:
@@ -115,7 +122,13 @@ def chat_tokens(messages: list[Any], plan: Plan) -> tuple[int, bool]:
                 if type(value) is str:
                     n = known.get(value)
                     if n is None:
-                        n = len(encode(value)) if len(value) < floor else count(value)
+                        if len(value) < floor:
+                            try:
+                                n = len(core(value))
+                            except UnicodeEncodeError:  # (the wrapper re-encodes it)
+                                n = len(plan.encode(value))  # type: ignore[misc]
+                        else:
+                            n = count(value)
                     tokens += n + TOKENS_PER_NAME if key == "name" else n
                 else:
                     if tally is None:

@@ -29,8 +29,9 @@ from aimiddleware.context_middleware import (
     with_request_id,
 )
 from aimiddleware.error_middleware import ErrorMiddleware
+from aimiddleware.errors import AIError
 from aimiddleware.idempotency.middleware import IdempotencyMiddleware
-from aimiddleware.ratelimit._run import run_request
+from aimiddleware.ratelimit._run import add_headers, run_request
 from aimiddleware.ratelimit.headers import HEADER_NAMES
 from aimiddleware.ratelimit.middleware import RateLimitMiddleware, with_headers
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
@@ -195,16 +196,35 @@ class _Exchange(Responder):
             await idempotency(scope, receive, send)
             return
         ratelimit = stack.ratelimit
-        if ratelimit is None or ratelimit.is_exempt(scope["path"]):
+        if ratelimit is None or (ratelimit.has_exempt and ratelimit.is_exempt(scope["path"])):
             if self.acc is None:
                 await stack.app(scope, receive, send)
             else:
                 await serve(stack.app, scope, receive, self)
             return
         limiter = ratelimit.limiter
-        admission = await limiter.admit(ctx, content_type=ctx.content_type)  # (its header scan)
+        content_type = ctx.content_type  # (from the context layer's header scan)
+        admission = limiter.admit_now(ctx, content_type)  # (a coroutine only when it must wait)
+        if admission is None:
+            admission = await limiter.admit(ctx, content_type=content_type)
         self.rate_headers = admission.raw_headers
-        if self.acc is None:
-            await run_request(limiter, admission, ctx, stack.app, scope, receive, send)
-        else:
-            await run_request(limiter, admission, ctx, serve, stack.app, scope, receive, self)
+        if not limiter.finishes_now:
+            if self.acc is None:
+                await run_request(limiter, admission, ctx, stack.app, scope, receive, send)
+            else:
+                await run_request(limiter, admission, ctx, serve, stack.app, scope, receive, self)
+            return
+        # run_request's steps for an in-process store, without a coroutine around the app
+        failed = True
+        try:
+            if self.acc is None:
+                await stack.app(scope, receive, send)
+            else:
+                await serve(stack.app, scope, receive, self)
+            status = ctx.response_status
+            failed = status is None or not 0 < status < 400
+        except AIError as err:
+            add_headers(err, admission)
+            raise
+        finally:
+            limiter.finish_now(admission, ctx, failed)

@@ -97,6 +97,14 @@ def test_go_ms_is_go_duration_without_float_noise(ms: int) -> None:
     assert ours == theirs or go_ms(ms + 1) == theirs
 
 
+@given(st.integers(0, 10**11))
+def test_header_plan_duration_is_go_ms(ms: int) -> None:
+    plan = HeaderPlan(POLICY.limits, 0)
+    for _ in range(2):  # the second time from the plan's cache of whole seconds
+        assert plan._duration(ms) == go_ms(ms).encode()
+        assert plan._duration(ms + 1) == go_ms(ms + 1).encode()
+
+
 def test_go_ms_examples() -> None:
     assert [go_ms(v) for v in (0, 12, 1000, 2500, 60_000, 360_000, 3_723_004)] == [
         "0s", "12ms", "1s", "2.5s", "1m0s", "6m0s", "1h2m3.004s",
@@ -188,3 +196,63 @@ async def test_estimate_of_a_body_that_is_not_json_or_not_an_object(
         with pytest.raises(InvalidRequest):
             await est.estimate(ctx, policy, needs_body=True, needs_cost=False,
                                content_type=b"application/json; charset=utf-8")
+
+
+async def test_admit_now_and_finish_now_equal_admit_and_finish() -> None:
+    from aimiddleware.ratelimit.limiter import RateLimiter
+    from aimiddleware.ratelimit.memory import MemoryBackend
+
+    counter = TokenCounter(cache_size=0)
+    prices = PriceTable({"gpt-4o-mini": {"input": "0.15", "output": "0.60"}})
+    policy = Policy(requests="100/minute", tokens="100000/minute", cost="5/day", concurrency=3)
+    now = [1_700_000_000.0]
+
+    def limiter() -> RateLimiter:
+        return RateLimiter(policy, backend=MemoryBackend(clock=lambda: now[0]),
+                           counter=counter, prices=prices)
+
+    def ctx() -> RequestContext:
+        body = {"model": "gpt-4o-mini", "max_tokens": 64,
+                "messages": [{"role": "user", "content": "hello there"}]}
+        return RequestContext(request_id="r", principal="p", method="POST", path="/",
+                              body=json.dumps(body).encode(), model="gpt-4o-mini")
+
+    sync, chained = limiter(), limiter()
+    assert sync._sync and sync.finishes_now
+    chained._sync = False  # its admit() takes the general path (no admit_now)
+    for lim in (sync, chained):  # a first request counts off the loop, warms the vocabulary
+        first = ctx()
+        await lim.finish(await lim.admit(first), first, failed=False)
+    for step in range(6):
+        now[0] += 7.5
+        a, b = ctx(), ctx()
+        got = sync.admit_now(a)
+        assert got is not None
+        want = await chained.admit(b)
+        assert got.raw_headers == want.raw_headers and got.hits == want.hits
+        assert got.decision == want.decision and got.estimate == want.estimate
+        assert a.state["ratelimit"] is got
+        if step % 2:
+            a.usage = b.usage = Usage(input_tokens=5, output_tokens=step * 10)
+        sync.finish_now(got, a, step == 4)
+        await chained.finish(want, b, failed=step == 4)
+        key = "p"
+        assert sync.backend._entries[key].counters == chained.backend._entries[key].counters  # type: ignore[attr-defined]
+        assert not sync.backend._entries[key].leases  # type: ignore[attr-defined]
+
+    # Anything that must await is left to admit(): a tier lookup, a store that is not
+    # in-process.
+    tiered = RateLimiter({"default": policy}, tier={"p": "default"}, counter=counter,
+                         prices=prices)
+    assert tiered.admit_now(ctx()) is None
+
+
+def test_finish_now_never_raises(caplog: pytest.LogCaptureFixture) -> None:
+    from aimiddleware.ratelimit.limiter import Admission, RateLimiter
+
+    lim = RateLimiter(Policy(requests="5/minute"))
+    broken = Admission("p", (), (), Estimate(None, 0, 0), None, None, 0, [])
+    broken.decision = object()  # type: ignore[assignment]  # anything finish cannot read
+    ctx = RequestContext(request_id="r", principal="p", method="POST", path="/", body=b"")
+    lim.finish_now(broken, ctx, True)
+    assert "reconciliation failed" in caplog.text

@@ -129,3 +129,14 @@ def test_large_counts_are_not_memoized() -> None:
     small = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
     assert counter.count_request(small) is counter.count_request(small)  # frozen, shared
     assert all(n < 2048 for memo in counter._memo.values() for n in memo)
+
+
+def test_lone_surrogates_count_as_the_wrapper_repairs_them() -> None:
+    # The fast path calls tiktoken's Rust encoder directly; on a lone surrogate it falls
+    # back to encode_ordinary, which re-encodes the text first.
+    body = {"messages": [{"role": "user", "content": "a\ud800b"}, {"role": "\udfffx"}]}
+    for counter in (PLAIN, CACHED):
+        plan = counter._plan("gpt-4o")
+        assert plan.core is not plan.encode  # the Rust encoder was found
+        assert counter.count_request(body, "gpt-4o") == general(counter, body, "gpt-4o")
+        assert counter.count_request(body, "gpt-4o").tokens > 6

@@ -93,6 +93,9 @@ class Estimate:
         return Estimate(self.model, 0, 0, None, 0, cost_units=0)
 
 
+_new_object = object.__new__
+
+
 class _IntPrice:
     """A ModelPrice as integers: cost in nano-units = ceil(sum(tokens * rate) / den), exact
     (the rates of :meth:`ModelPrice.nano_rates`)."""
@@ -238,7 +241,15 @@ class Estimator:
                 cost = -(-(input_tokens * fast.input + output * fast.output) // fast.den)
             else:
                 cost = self.price_units(served, input_tokens, output)
-        return Estimate(model, input_tokens, output, None, cost_units=cost)
+        # Estimate(model, input_tokens, output, cost_units=cost) without the class call (a
+        # Python __init__ class call is not specialized on Python 3.11: ~2x the cost)
+        found: Estimate = _new_object(Estimate)
+        found.model = model
+        found.input_tokens = input_tokens
+        found.output_tokens = output
+        found.requests = 1
+        found.cost_units = cost
+        return found
 
     def _learn_json(self, content_type: bytes | None) -> bool:
         is_json = _is_json(content_type)

@@ -35,6 +35,9 @@ HEADER_NAMES = frozenset(
 )
 _DIMS = ("requests", "tokens")
 _CONCURRENCY_POLICY = '"concurrency";q={};qu="concurrent-requests"'
+# go_ms pieces as bytes: a duration under a second whole, and the ".523s" tail of the others
+_SUB_SECOND = tuple((f"{ms}ms" if ms else "0s").encode() for ms in range(1000))
+_TAILS = tuple(((f".{ms:03d}".rstrip("0") if ms else "") + "s").encode() for ms in range(1000))
 
 
 def go_ms(ms: int) -> str:
@@ -122,20 +125,20 @@ class HeaderPlan:
     """
 
     __slots__ = (
-        "_concurrency", "_direct", "_durations", "_policy", "_rows", "_slots", "_template",
+        "_concurrency", "_direct", "_heads", "_policy", "_rows", "_slots", "_template",
     )
 
     def __init__(self, limits: Sequence[Limit], concurrency: int) -> None:
-        # (index into states, window ms, window ms as float, amount, amount as float,
-        #  the OpenAI headers it alone sets: (limit header, remaining name, reset name) | None)
-        rows: list[tuple[int, int, float, int, float, Any]] = []
+        # (index into states, window ms, window ms as float, amount as float, then the OpenAI
+        #  headers it alone sets: (limit header, value), remaining name, reset name | 3 None)
+        rows: list[tuple[Any, ...]] = []
         members: list[bytes] = []  # the RateLimit template: '"name";r=%d;t=%d' per row
         policy: list[str] = []
         for i, lim in enumerate(limits):
             if lim.dimension == "cost":
                 continue
             window = lim.window * 1000
-            rows.append((i, window, float(window), lim.amount, float(lim.amount), None))
+            rows.append((i, window, float(window), float(lim.amount), None, None, None))
             name = lim.policy_item.partition(";")[0].replace("%", "%%")
             members.append(name.encode("latin-1") + b";r=%d;t=%d")
             policy.append(lim.policy_item)
@@ -161,8 +164,7 @@ class HeaderPlan:
         self._direct = all(len(c) == 1 for *_, c in slots) and order == sorted(order)
         if self._direct:
             for h_limit, h_remaining, h_reset, ((j, amount, _),) in slots:
-                names = ((h_limit, b"%d" % amount), h_remaining, h_reset)
-                rows[j] = (*rows[j][:5], names)
+                rows[j] = (*rows[j][:4], (h_limit, b"%d" % amount), h_remaining, h_reset)
         if concurrency:
             policy.append(_CONCURRENCY_POLICY.format(concurrency))
             members.append(b'"concurrency";r=%d;t=0')
@@ -173,22 +175,29 @@ class HeaderPlan:
         self._policy = (
             (b"ratelimit-policy", ", ".join(policy).encode("latin-1")) if policy else None
         )
-        self._durations: dict[int, bytes] = {}  # reset ms -> Go duration (bounded cache)
+        # Whole seconds -> the Go duration up to its fraction (b"1m59"; bounded cache): a
+        # reset changes every millisecond, its whole seconds once a second.
+        self._heads: dict[int, bytes] = {}
 
     def _duration(self, reset: int) -> bytes:
-        durations = self._durations
-        if len(durations) >= 512:
-            durations.clear()
-        found = durations[reset] = go_ms(reset).encode()
-        return found
+        """``go_ms(reset)`` as bytes: the cached whole-second head and a precomputed tail."""
+        if reset < 1000:
+            return _SUB_SECOND[reset]
+        seconds = reset // 1000
+        head = self._heads.get(seconds)
+        if head is None:
+            if len(self._heads) >= 512:
+                self._heads.clear()
+            head = self._heads[seconds] = go_ms(seconds * 1000)[:-1].encode()
+        return head + _TAILS[reset % 1000]
 
     def render(self, states: Sequence[WindowState], in_flight: int) -> list[tuple[bytes, bytes]]:
         out: list[tuple[bytes, bytes]] = []
         args: list[int] = []  # the RateLimit template's values: r and t of each row
         resets: list[int] = []
-        durations = self._durations
+        heads = self._heads
         direct = self._direct
-        for i, window, f_window, _, f_amount, names in self._rows:
+        for i, window, f_window, f_amount, h_limit, h_remaining, h_reset in self._rows:
             _, prev, curr, elapsed = states[i]
             # backend.remaining and reset_ms, inlined: the same float expression (float op
             # int converts the int exactly as float() does).
@@ -197,9 +206,9 @@ class HeaderPlan:
                 left = 0
             reset = 2 * window - elapsed if curr > 0 else (window - elapsed if prev > 0 else 0)
             args += (left, -(-reset // 1000))  # (one list.extend rather than two appends)
-            if names is not None:
-                h_limit, h_remaining, h_reset = names
-                duration = durations.get(reset) or self._duration(reset)
+            if h_limit is not None:
+                head = heads.get(reset // 1000)  # self._duration(reset), inlined when cached
+                duration = self._duration(reset) if head is None else head + _TAILS[reset % 1000]
                 out += (h_limit, (h_remaining, b"%d" % left), (h_reset, duration))
             elif not direct:
                 resets.append(reset)
@@ -214,9 +223,10 @@ class HeaderPlan:
                 reset = resets[j]
                 out.append((h_limit, b"%d" % amount))
                 out.append((h_remaining, b"%d" % args[2 * j]))
-                out.append((h_reset, durations.get(reset) or self._duration(reset)))
+                out.append((h_reset, self._duration(reset)))
         if self._policy is not None:
             if self._concurrency:
-                args.append(max(0, self._concurrency - in_flight))
+                left = self._concurrency - in_flight
+                args.append(left if left > 0 else 0)
             out += (self._policy, (b"ratelimit", self._template % tuple(args)))
         return out

@@ -187,6 +187,17 @@ class RateLimiter:
         self.alert_fractions = tuple(sorted(alert_fractions))
         self.on_alert = on_alert
         self.name = name
+        #: finish_now() does what finish() does, and no lease needs refreshing meanwhile (an
+        #: in-process store: its adjust never awaits)
+        self.finishes_now = self._adjust_now is not None and not self.refreshes
+        # admit_now can admit on its own: nothing to await (store, tier lookup, alerts)
+        self._sync = (
+            self._acquire_now is not None
+            and overrides is None
+            and tier is None
+            and not self.routes
+            and not self.alert_fractions
+        )
 
     # -- policy resolution ------------------------------------------------------------------
 
@@ -259,10 +270,68 @@ class RateLimiter:
 
     # -- admission --------------------------------------------------------------------------
 
+    def admit_now(self, ctx: RequestContext, content_type: bytes | None = None) -> Admission | None:
+        """:meth:`admit` when it needs no ``await`` (the in-process store, no tier or route
+        lookup, no spend alert, the body counted on the loop), else ``None``: call ``admit``.
+
+        Runs on every request: written flat (no helper calls on the common path)."""
+        if not self._sync:
+            return None
+        model = ctx.model
+        res = self._plain.get(model)
+        if res is None:
+            res = self._resolve(self._default_policy, None, None, model)
+        estimate = self.estimator.estimate_now(
+            ctx, self._default_policy, res.needs_body, res.needs_cost, content_type
+        )
+        if estimate is None:  # the body must be counted off the event loop
+            return None
+        if estimate.model != model:
+            res = self._plain.get(estimate.model) or self._resolve(
+                self._default_policy, None, None, estimate.model
+            )
+        if res.needs_cost and estimate.cost_units is None and self.on_unpriced == "reject":
+            return None  # admit() raises the refusal
+        inp, out = estimate.input_tokens, estimate.output_tokens
+        by_code = (estimate.requests, inp + out, inp, out, estimate.cost_units or 0)
+        built: list[Hit] = []  # (self._hits, inlined)
+        for f, w, amount, code in res.rows:
+            cost = by_code[code]
+            if cost > amount:  # more than a whole window: never admissible
+                return None  # admit() raises the refusal
+            built.append(_new_tuple(Hit, (f, w, amount, cost)))  # Hit(f, w, amount, cost)
+        hits = tuple(built)
+        principal = ctx.principal
+        if "{" in principal or "}" in principal or len(principal) > 200:  # _key, inlined
+            principal = _key(principal)
+        concurrency = res.concurrency
+        lease = f"{self._lease_prefix}{next(self._lease_ids)}" if concurrency else None
+        decision = self._acquire_now(principal, hits, lease, concurrency, self._lease_ttl_ms)  # type: ignore[misc]
+        if not decision[0]:  # decision.allowed
+            raise refusal.refused(res.limits, hits, decision, concurrency)
+        # Admission(...), without the class call (not specialized on Python 3.11)
+        admission: Admission = _new_object(Admission)
+        admission.principal = principal
+        admission.limits = res.limits
+        admission.hits = hits
+        admission.estimate = estimate
+        admission.decision = decision
+        admission.lease = lease
+        admission.concurrency = concurrency
+        # (decision.states, decision.in_flight)
+        admission.raw_headers = res.plan.render(decision[2], decision[3])
+        admission._codes = res.codes
+        ctx.state["ratelimit"] = admission
+        return admission
+
     async def admit(
         self, ctx: RequestContext, extra: Policy | None = None, *, content_type: bytes | None = None
     ) -> Admission:
         """Reserve the request on every limit at once, or raise the typed refusal."""
+        if extra is None and self._sync:
+            found = self.admit_now(ctx, content_type)
+            if found is not None:
+                return found
         principal = ctx.principal
         if "{" in principal or "}" in principal or len(principal) > 200:  # _key, inlined
             principal = _key(principal)
@@ -294,20 +363,7 @@ class RateLimiter:
             if res is None:
                 res = self._resolve(policy, route, extra, estimate.model)
         limits, concurrency = res.limits, res.concurrency
-        if res.needs_cost and estimate.cost_units is None and self.on_unpriced == "reject":
-            raise InvalidRequest(
-                f"Model {estimate.model!r} has no price, and this caller has a cost budget.",
-                param="model",
-            )
-        inp, out = estimate.input_tokens, estimate.output_tokens
-        by_code = (estimate.requests, inp + out, inp, out, estimate.cost_units or 0)
-        built: list[Hit] = []
-        for f, w, amount, code in res.rows:
-            cost = by_code[code]
-            if cost > amount:  # more than a whole window: never admissible
-                raise refusal.too_large(limits[len(built)], cost)
-            built.append(_new_tuple(Hit, (f, w, amount, cost)))  # Hit(f, w, amount, cost)
-        hits = tuple(built)
+        hits = self._hits(res, estimate)
         lease = f"{self._lease_prefix}{next(self._lease_ids)}" if concurrency else None
         try:
             if self._acquire_now is not None:
@@ -351,6 +407,24 @@ class RateLimiter:
             await self._alerts(ctx.principal, admission)
         return admission
 
+    def _hits(self, res: _Resolved, estimate: Estimate) -> tuple[Hit, ...]:
+        """What ``estimate`` charges on each of ``res``'s limits, or the typed refusal of a
+        request that could never be admitted."""
+        if res.needs_cost and estimate.cost_units is None and self.on_unpriced == "reject":
+            raise InvalidRequest(
+                f"Model {estimate.model!r} has no price, and this caller has a cost budget.",
+                param="model",
+            )
+        inp, out = estimate.input_tokens, estimate.output_tokens
+        by_code = (estimate.requests, inp + out, inp, out, estimate.cost_units or 0)
+        built: list[Hit] = []
+        for f, w, amount, code in res.rows:
+            cost = by_code[code]
+            if cost > amount:  # more than a whole window: never admissible
+                raise refusal.too_large(res.limits[len(built)], cost)
+            built.append(_new_tuple(Hit, (f, w, amount, cost)))  # Hit(f, w, amount, cost)
+        return tuple(built)
+
     # -- reconciliation ---------------------------------------------------------------------
 
     def settled(self, admission: Admission, ctx: RequestContext, *, failed: bool) -> bool:
@@ -364,25 +438,9 @@ class RateLimiter:
 
         Call it in a ``finally`` under a shielded cancel scope.
         """
-        decision = admission.decision
-        if decision is None:
+        if admission.decision is None:
             return
-        usage = ctx.usage
-        adjustments: list[tuple[str, int, int, int]] = []  # Adjustment's fields
-        if usage is not None or failed:
-            if usage is None:
-                by_code: tuple[int, ...] = (0, 0, 0, 0, 0)
-            else:
-                inp, out = usage.input_tokens, usage.output_tokens
-                cost = self.estimator.actual_cost(
-                    admission.estimate, usage, ctx.model_version or ctx.model
-                )
-                by_code = (1, inp + out, inp, out, cost or 0)
-            # (no strict=: a keyword makes the call slower; the three have the same length)
-            for hit, state, code in zip(admission.hits, decision.states, admission._codes):  # noqa: B905
-                delta = by_code[code] - hit[3]  # hit.cost
-                if delta:  # usage equal to the reservation: nothing to correct
-                    adjustments.append((hit[0], hit[1], state[0], delta))
+        adjustments = self._adjustments(admission, ctx, failed)
         lease = admission.lease
         if not adjustments and lease is None:
             return
@@ -397,6 +455,72 @@ class RateLimiter:
             )
         except StoreUnavailable:
             logger.warning("%s store unavailable; reconciliation skipped", self.name)
+
+    def finish_now(self, admission: Admission, ctx: RequestContext, failed: bool) -> None:
+        """:meth:`finish` as a plain call, when :attr:`finishes_now` (the in-process store:
+        nothing to await, so nothing can interrupt it). Never raises: bookkeeping must not
+        hide the response or the real error.
+
+        Runs on every request: written flat (no helper calls on the common path)."""
+        try:
+            decision = admission.decision
+            if decision is None:
+                return
+            usage = ctx.usage
+            if usage is None and not failed:  # nothing to correct
+                if admission.lease is not None:
+                    self._adjust_now(admission.principal, (), admission.lease)  # type: ignore[misc]
+                return
+            if usage is None:
+                by_code: tuple[int, ...] = (0, 0, 0, 0, 0)
+            else:
+                inp, out = usage.input_tokens, usage.output_tokens
+                cost = admission.estimate.cost_units
+                if cost is not None:  # estimator.actual_cost, inlined for plain usage
+                    model = ctx.model_version or ctx.model or admission.estimate.model
+                    fast = self.estimator._int_prices.get(model) if model else None
+                    if fast is None or (
+                        usage.cached_input_tokens
+                        or usage.cache_creation_input_tokens
+                        or usage.reasoning_tokens
+                    ):
+                        cost = self.estimator.actual_cost(admission.estimate, usage, model)
+                    else:  # fast.usage(usage) without the cache and reasoning terms
+                        cost = -(-(inp * fast.input + out * fast.output) // fast.den)
+                by_code = (1, inp + out, inp, out, cost or 0)
+            adjustments = []  # (self._adjustments, inlined)
+            for hit, state, code in zip(admission.hits, decision[2], admission._codes):  # noqa: B905
+                delta = by_code[code] - hit[3]  # hit.cost
+                if delta:  # usage equal to the reservation: nothing to correct
+                    adjustments.append((hit[0], hit[1], state[0], delta))
+            if adjustments or admission.lease is not None:
+                self._adjust_now(admission.principal, adjustments, admission.lease)  # type: ignore[misc]
+        except Exception:
+            logger.exception("rate-limit reconciliation failed")
+
+    def _adjustments(
+        self, admission: Admission, ctx: RequestContext, failed: bool
+    ) -> list[tuple[str, int, int, int]]:
+        """Adjustment's fields per limit whose reservation differs from the real usage."""
+        usage = ctx.usage
+        adjustments: list[tuple[str, int, int, int]] = []
+        if usage is None and not failed:
+            return adjustments
+        if usage is None:
+            by_code: tuple[int, ...] = (0, 0, 0, 0, 0)
+        else:
+            inp, out = usage.input_tokens, usage.output_tokens
+            cost = self.estimator.actual_cost(
+                admission.estimate, usage, ctx.model_version or ctx.model
+            )
+            by_code = (1, inp + out, inp, out, cost or 0)
+        assert admission.decision is not None
+        # (no strict=: a keyword makes the call slower; the three have the same length)
+        for hit, state, code in zip(admission.hits, admission.decision.states, admission._codes):  # noqa: B905
+            delta = by_code[code] - hit[3]  # hit.cost
+            if delta:  # usage equal to the reservation: nothing to correct
+                adjustments.append((hit[0], hit[1], state[0], delta))
+        return adjustments
 
     async def refresh(self, admission: Admission) -> None:
         if admission.lease is not None:
@@ -449,6 +573,7 @@ _IN_PROCESS_LEASE_MS = 10 * 365 * 86_400_000
 
 
 _new_tuple = tuple.__new__  # a NamedTuple from a tuple, without a Python-level __new__ call
+_new_object = object.__new__
 _DIM_CODE = {"requests": 0, "tokens": 1, "input_tokens": 2, "output_tokens": 3, "cost": 4}
 
 

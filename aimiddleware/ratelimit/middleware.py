@@ -50,6 +50,7 @@ class RateLimitMiddleware:
         self.limiter = limiter
         self.exact = frozenset(p for p in exempt if not p.endswith("*"))
         self.prefixes = tuple(p[:-1] for p in exempt if p.endswith("*"))
+        self.has_exempt = bool(self.exact or self.prefixes)  # (callers skip is_exempt without)
 
     def is_exempt(self, path: str) -> bool:
         return path in self.exact or (bool(self.prefixes) and path.startswith(self.prefixes))
