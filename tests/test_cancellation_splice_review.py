@@ -6,6 +6,8 @@ real anyio (no mocks), and all three must agree."""
 from __future__ import annotations
 
 import asyncio
+import math
+from contextlib import nullcontext
 from typing import Any
 
 import anyio
@@ -317,3 +319,119 @@ def test_the_splice_guard_rejects_a_changed_anyio() -> None:
     Grown.__slots__ = (*CancelScope.__slots__, "_depth")  # (the layout as one class)
     assert cancellation._splice_supported(CancelScope, TaskState, _task_states)
     assert not cancellation._splice_supported(Grown, TaskState, _task_states)
+
+
+# A field-by-field comparison with anyio's own ``__enter__``: every slot of every scope
+# around the task, at the splice and after the exit. It is what tells a newer anyio with
+# the same layout but other state from the one _splice was written against.
+
+
+def _snapshot(task: asyncio.Task[Any], ours: Any, base: Any) -> list[dict[str, Any]]:
+    from anyio._backends._asyncio import CancelScope
+
+    chain: list[Any] = []
+    state = _task_states.get(task)
+    node = state.cancel_scope if state is not None else None
+    while node is not None and node is not base:  # (the scopes around base: shared)
+        chain.append(node)
+        node = node._parent_scope
+    for extra in (ours, base):
+        if extra is not None and extra not in chain:
+            chain.append(extra)
+
+    def norm(value: Any) -> Any:
+        if isinstance(value, CancelScope):
+            return f"scope {chain.index(value)}" if value in chain else "another scope"
+        if isinstance(value, asyncio.Task):
+            return "host" if value is task else "another task"
+        if isinstance(value, set):
+            return sorted(str(norm(v)) for v in value)
+        if isinstance(value, float):
+            return value if value in (math.inf, -math.inf) else "a deadline"
+        if isinstance(value, asyncio.Handle | str):
+            return "set"  # (a handle; a reason with ids in it)
+        return value
+
+    slots = CancelScope.__slots__
+    task_state = {"state": None if state is None else (state.parent_id, norm(state.cancel_scope))}
+    return [task_state] + [{slot: norm(getattr(s, slot, None)) for slot in slots} for s in chain]
+
+
+@pytest.mark.parametrize(
+    "structure", ["no scope", "own scopes", "shielded", "task group", "exited before"]
+)
+@pytest.mark.parametrize("around", ["server scope", "bare task"])
+async def test_a_spliced_scope_is_indistinguishable_from_an_entered_one(
+    structure: str, around: str
+) -> None:
+    from anyio._backends._asyncio import CancelScope
+
+    async def child() -> None:
+        await anyio.sleep(10)
+
+    async def app(ready: anyio.Event) -> None:
+        if structure == "exited before":
+            with anyio.CancelScope():
+                await anyio.lowlevel.checkpoint()
+        if structure == "own scopes":
+            with anyio.CancelScope(), anyio.move_on_after(20):
+                ready.set()
+                await anyio.sleep(10)
+        elif structure == "shielded":
+            with anyio.CancelScope(), anyio.CancelScope(shield=True):
+                ready.set()
+                await anyio.sleep(0.05)
+            await anyio.sleep(10)
+        elif structure == "task group":
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(child)
+                ready.set()
+                await anyio.sleep(10)
+        else:
+            ready.set()
+            await anyio.sleep(10)
+
+    holders: dict[str, dict[str, Any]] = {"entered": {}, "spliced": {}}
+
+    async def request(kind: str) -> None:
+        held = holders[kind]
+        task = asyncio.current_task()
+        assert task is not None
+        held["task"] = task
+        # The server's scope around the request, or none: a bare task (uvicorn's)
+        around_cm = anyio.CancelScope() if around == "server scope" else nullcontext()
+        with around_cm as base:
+            held["base"] = base
+            if kind == "entered":
+                with CancelScope() as ours:
+                    held["ours"] = ours
+                    await app(held["ready"])
+            else:
+                held["splice"] = (task, base, task.cancelling(), -1)
+                try:
+                    await app(held["ready"])
+                except BaseException as exc:
+                    if not held["ours"].__exit__(type(exc), exc, exc.__traceback__):
+                        raise
+            held["caught"] = held["ours"].cancelled_caught
+            held["cancelling"] = task.cancelling()
+            held["after"] = _snapshot(task, held["ours"], base)
+
+    with anyio.fail_after(3):
+        tasks = []
+        for kind, held in holders.items():
+            held["ready"] = anyio.Event()
+            tasks.append(asyncio.create_task(request(kind)))  # (no anyio task state)
+        for held in holders.values():
+            await held["ready"].wait()
+        spliced = holders["spliced"]
+        spliced["ours"] = cancellation._splice(*spliced["splice"])
+        at_splice = [_snapshot(h["task"], h["ours"], h["base"]) for h in holders.values()]
+        assert at_splice[0] == at_splice[1]
+        for held in holders.values():
+            held["ours"].cancel()
+        await asyncio.gather(*tasks)
+    entered, spliced = holders["entered"], holders["spliced"]
+    assert entered["after"] == spliced["after"]
+    assert entered["caught"] is spliced["caught"] is True
+    assert entered["cancelling"] == spliced["cancelling"] == 0
