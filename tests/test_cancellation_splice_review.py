@@ -435,3 +435,73 @@ async def test_a_spliced_scope_is_indistinguishable_from_an_entered_one(
     assert entered["after"] == spliced["after"]
     assert entered["caught"] is spliced["caught"] is True
     assert entered["cancelling"] == spliced["cancelling"] == 0
+
+
+@pytest.mark.parametrize(
+    ("outer_mode", "inner_mode"),
+    [("spliced", "spliced"), ("spliced", "entered"), ("entered", "spliced")],
+)
+@pytest.mark.parametrize("layers", [2, 3])
+async def test_nested_layers_in_any_mix_of_modes(
+    outer_mode: str, inner_mode: str, layers: int
+) -> None:
+    record: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            with anyio.CancelScope():
+                await anyio.sleep(10)
+        except CANCELLED:
+            record.append("app cancelled")
+            raise
+
+    stack: Any = middleware(app, inner_mode)
+    for _ in range(layers - 2):
+        stack = middleware(stack, "spliced")
+    stack = middleware(stack, outer_mode)
+    gone = anyio.Event()
+    receive, send, _sent = server(gone)
+    with anyio.fail_after(3):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(leave_after, gone, 0.05)
+            await stack(http_scope(), receive, send)
+            record.append("returned")
+            assert current_scope() is tg.cancel_scope
+            await anyio.sleep(0.01)
+    assert record == ["app cancelled", "returned"]
+
+
+async def test_a_native_cancel_folded_into_the_splice_is_not_swallowed(mode: str) -> None:
+    """``Task.cancel()`` in the very iteration the scope is spliced and cancelled
+    (asyncio folds both into one CancelledError): it must still end the task."""
+    host: list[asyncio.Task[Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await anyio.sleep(10)
+
+    gone = anyio.Event()
+    first = True
+
+    async def receive() -> dict[str, Any]:
+        nonlocal first
+        if first:
+            first = False
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+        await gone.wait()
+        asyncio.get_running_loop().call_soon(host[0].cancel)  # the server shutting down
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        pass
+
+    async def request() -> str:
+        await middleware(app, mode)(http_scope(), receive, send)
+        return "returned"
+
+    task = asyncio.create_task(request())
+    host.append(task)
+    await asyncio.sleep(0.05)
+    gone.set()
+    with anyio.fail_after(3):
+        with pytest.raises(CANCELLED):
+            await task
