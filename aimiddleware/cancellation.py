@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import fnmatch
+import itertools
 import logging
 import re
 import sys
@@ -62,21 +63,44 @@ __all__ = [
 
 logger = logging.getLogger("aimiddleware")
 
+# The exact layout _splice was written against (anyio 4.16): a scope with one more slot
+# or a task state with one more field may hold state that ``__enter__`` sets and _splice
+# would not, so any difference in either turns splicing off.
+_SCOPE_SLOTS = frozenset(
+    {"_active", "_cancel_called", "_cancel_handle", "_cancel_reason", "_cancelled_caught"}
+    | {"_cancelling_at_enter", "_child_scopes", "_deadline", "_host_task", "_parent_scope"}
+    | {"_pending_uncancellations", "_shield", "_tasks", "_timeout_handle"}
+)
+_STATE_SLOTS = frozenset({"__weakref__", "cancel_scope", "parent_id"})
+
+
+def _splice_supported(scope_cls: type, state_cls: type, states: object) -> bool:
+    """Can a scope of ``scope_cls`` be spliced in (see :func:`_splice`)?"""
+    return (
+        sys.version_info >= (3, 11)  # (Task.cancelling)
+        and frozenset(getattr(scope_cls, "__slots__", ())) == _SCOPE_SLOTS
+        and frozenset(getattr(state_cls, "__slots__", ())) == _STATE_SLOTS
+        and isinstance(states, WeakKeyDictionary)
+    )
+
+
 try:  # anyio's asyncio scope internals, for a scope spliced in only when needed (below)
     from anyio._backends._asyncio import CancelScope as _AsyncioScope
     from anyio._backends._asyncio import TaskState as _TaskState
     from anyio._backends._asyncio import _task_states
-
-    _SPLICE_SLOTS = {"_active", "_cancelling_at_enter", "_child_scopes", "_host_task"}
-    _SPLICE_SLOTS |= {"_parent_scope", "_pending_uncancellations", "_tasks"}
-    _CAN_SPLICE = (
-        sys.version_info >= (3, 11)  # (Task.cancelling)
-        and set(_AsyncioScope.__slots__) >= _SPLICE_SLOTS
-        and "cancel_scope" in _TaskState.__slots__
-        and isinstance(_task_states, WeakKeyDictionary)
-    )
-except (ImportError, AttributeError):  # another anyio: enter a scope per request
+except ImportError:  # another anyio: enter a scope per request
     _CAN_SPLICE = False
+else:
+    _CAN_SPLICE = _splice_supported(_AsyncioScope, _TaskState, _task_states)
+
+    class _SplicedScope(_AsyncioScope):
+        """A spliced scope, with the order its request started in (nested layers)."""
+
+        __slots__ = ("order",)
+        order: int
+
+
+_splice_order = itertools.count()  # serve() start order, so nested layers splice in order
 
 CANCEL_ON_DISCONNECT = "cancel_on_disconnect"
 """``ctx.state`` key: set to ``False`` (as a resumable event stream does) to keep running
@@ -253,7 +277,8 @@ class CancellationMiddleware:
                 state = _task_states.get(host)
                 base = state.cancel_scope if state is not None else None
                 cancelling = host.cancelling()  # type: ignore[attr-defined]
-                call = _Call(self, ctx, receive, pending, None, loop, (host, base, cancelling))
+                splice = (host, base, cancelling, next(_splice_order))
+                call = _Call(self, ctx, receive, pending, None, loop, splice)
             else:
                 # anyio's CancelScope() looks the backend up (sniffio) on every call:
                 # build the asyncio backend's scope class directly, found once.
@@ -382,7 +407,7 @@ class _Call:
         pending: list[Message],
         app_scope: anyio.CancelScope | None,
         loop: asyncio.AbstractEventLoop | None,
-        host: tuple[asyncio.Task[Any], Any, int] | None,
+        host: tuple[asyncio.Task[Any], Any, int, int] | None,
     ) -> None:
         self.mw = mw
         self.ctx = ctx
@@ -554,7 +579,7 @@ class _Call:
             logger.warning("cancellation cleanup exceeded %ss", self.mw.cleanup_timeout)
 
 
-def _splice(task: asyncio.Task[Any], base: Any, cancelling: int) -> anyio.CancelScope:
+def _splice(task: asyncio.Task[Any], base: Any, cancelling: int, order: int) -> anyio.CancelScope:
     """An anyio cancel scope around the running app, exactly as if ``with`` had entered it
     when the app started (in ``task``, inside ``base``, the task's scope then).
 
@@ -563,30 +588,38 @@ def _splice(task: asyncio.Task[Any], base: Any, cancelling: int) -> anyio.Cancel
     itself delivers the cancellation, skips shielded scopes, keeps cancelling until the app
     leaves, and ``serve`` exits it as a ``with`` would. A request that is never cancelled
     (nearly all) pays for no scope at all.
+
+    Another layer's spliced scope in the way is inside ours if its request started later
+    (``order``), else ours is inside it: it stands for a scope entered before ours.
     """
-    scope: Any = _AsyncioScope()
+    scope: Any = _SplicedScope()
+    scope.order = order
     scope._host_task = task
-    scope._parent_scope = base
     scope._cancelling_at_enter = cancelling
     scope._active = True
     state = _task_states.get(task)
-    current = state.cancel_scope if state is not None else None
-    if current is base:  # the app is in no scope of its own: the task is in ours
+    parent = base
+    inner: Any = None  # the outermost scope the app entered (after ``order``), if any
+    node: Any = state.cancel_scope if state is not None else None
+    while node is not base:
+        if isinstance(node, _SplicedScope) and node.order < order:
+            parent = node  # an outer layer's: entered (as if) before ours
+            break
+        inner, node = node, node._parent_scope
+    scope._parent_scope = parent
+    if inner is None:  # the app is in no scope of its own: the task is in ours
         if state is None:
             _task_states[task] = _TaskState(None, scope)
         else:
             state.cancel_scope = scope
         scope._tasks.add(task)
-        if base is not None:
-            base._tasks.discard(task)
-    else:  # the app's outermost scope (its parent is ``base``) moves into ours
-        outer: Any = current
-        while outer._parent_scope is not base:
-            outer = outer._parent_scope
-        outer._parent_scope = scope
-        scope._child_scopes.add(outer)
-        if base is not None:
-            base._child_scopes.discard(outer)
-    if base is not None:
-        base._child_scopes.add(scope)
+        if parent is not None:
+            parent._tasks.discard(task)
+    else:  # the app's outermost scope moves into ours
+        inner._parent_scope = scope
+        scope._child_scopes.add(inner)
+        if parent is not None:
+            parent._child_scopes.discard(inner)
+    if parent is not None:
+        parent._child_scopes.add(scope)
     return scope  # type: ignore[no-any-return]
