@@ -139,6 +139,7 @@ class CancellationConfig:
     cancel_on_disconnect: bool = True
     cleanup_timeout: float = 5.0
     watch_after: float = DEFAULT_WATCH_AFTER
+    splice_scopes: bool = True
 
 
 class CancellationMiddleware:
@@ -148,6 +149,11 @@ class CancellationMiddleware:
     if the endpoint is still running after this long (at most a quarter more; or as soon
     as the endpoint itself waits on ``receive()``), so a fast request costs a dict entry
     instead of a task. A disconnect in the meantime is seen the moment the watcher starts.
+
+    ``splice_scopes``: on asyncio (Python 3.11+, the anyio layout it was checked against), a
+    request without a time limit enters no anyio cancel scope; one is spliced in around the
+    app only if it must be cancelled (see :func:`_splice`), which saves ~6 µs per request.
+    ``False`` enters one per request, as with a time limit.
     """
 
     def __init__(
@@ -159,6 +165,7 @@ class CancellationMiddleware:
         cancel_on_disconnect: bool = True,
         cleanup_timeout: float = 5.0,
         watch_after: float = DEFAULT_WATCH_AFTER,
+        splice_scopes: bool = True,
     ) -> None:
         pairs = list(timeouts.items()) if isinstance(timeouts, Mapping) else list(timeouts)
         self.tiers: list[tuple[re.Pattern[str], float | None]] = []
@@ -175,6 +182,7 @@ class CancellationMiddleware:
         self.cancel_on_disconnect = cancel_on_disconnect
         self.cleanup_timeout = cleanup_timeout
         self.watch_after = watch_after
+        self.splice_scopes = splice_scopes and _CAN_SPLICE
         self._timeout_cache: dict[str, float | None] = {}  # path -> tier (bounded)
         self._asyncio_scope_cls: type[anyio.CancelScope] | None = None
         self._sweepers: dict[asyncio.AbstractEventLoop, _Sweeper] = {}  # one per loop
@@ -270,7 +278,7 @@ class CancellationMiddleware:
             # cancelled and awaited before we return, so still structured. A task per
             # request measured ~12 µs (a task group ~35 µs), paid by every request; a
             # timer per request ~2 µs; the sweeper's dict entry ~0.1 µs.
-            host = current_task() if limit is None and _CAN_SPLICE else None
+            host = current_task() if limit is None and self.splice_scopes else None
             if host is not None:
                 # No cancel scope entered (anyio's costs ~6 µs per request in the stack):
                 # one is spliced in, as if entered now, only if the app must be cancelled.
@@ -539,7 +547,11 @@ class _Call:
         if self.pending is None:  # the app is done
             return
         if self.app_scope is None and self.host is not None:
-            self.app_scope = _splice(*self.host)
+            try:
+                self.app_scope = _splice(*self.host)
+            except Exception:  # (never seen with the checked anyio) not silently in a task
+                logger.exception("could not cancel the request: splicing a scope failed")
+                return
         if self.app_scope is not None:
             self.app_scope.cancel()
 
