@@ -15,53 +15,20 @@ import anyio.lowlevel
 import pytest
 from anyio._backends._asyncio import _task_states
 
-from aimiddleware import CancellationMiddleware, cancellation, cleanup_scope
+from aimiddleware import cancellation, cleanup_scope
+from tests.test_cancellation_splice import http_scope, leave_after, middleware, server
 
 CANCELLED = asyncio.CancelledError
 
 
-@pytest.fixture(params=["spliced", "entered", "fallback"])
-def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "fallback":
-        monkeypatch.setattr(cancellation, "_CAN_SPLICE", False)
+@pytest.fixture(params=["spliced", "entered", "fallback"])  # (as test_cancellation_splice)
+def mode(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-def middleware(app: Any, mode: str) -> CancellationMiddleware:
-    limit = 30 if mode == "entered" else None
-    return CancellationMiddleware(app, default_timeout=limit, watch_after=0.01)
-
-
-def server(gone: anyio.Event) -> tuple[Any, Any, list[Any]]:
-    sent: list[Any] = []
-    first = True
-
-    async def receive() -> dict[str, Any]:
-        nonlocal first
-        if first:
-            first = False
-            return {"type": "http.request", "body": b"{}", "more_body": False}
-        await gone.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: Any) -> None:
-        sent.append(message)
-
-    return receive, send, sent
-
-
-def http_scope() -> dict[str, Any]:
-    return {"type": "http", "path": "/", "method": "POST", "headers": [], "state": {}}
 
 
 def current_scope() -> Any:
     state = _task_states.get(asyncio.current_task())  # type: ignore[arg-type]
     return state.cancel_scope if state is not None else None
-
-
-async def leave_after(gone: anyio.Event, seconds: float) -> None:
-    await anyio.sleep(seconds)
-    gone.set()
 
 
 async def test_two_nested_middlewares_both_cancel_cleanly(mode: str) -> None:
