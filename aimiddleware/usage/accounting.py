@@ -18,8 +18,8 @@ from aimiddleware.pricing import PriceTable
 from aimiddleware.storage import Storage
 from aimiddleware.tokens import TokenCounter
 from aimiddleware.usage.extract import Extracted
-from aimiddleware.usage.ledger import Ledger, MemoryLedger, UsageRecord, _pack
-from aimiddleware.usage.models import Usage
+from aimiddleware.usage.ledger import Ledger, MemoryLedger, UsageRecord, _pack, _token_values
+from aimiddleware.usage.models import _FIVE_SET, Usage
 
 __all__ = ["DEFAULT_MAX_JSON_BODY", "STATE_KEY", "UsageAccounting", "UsageSettings", "ledger_for"]
 
@@ -221,10 +221,13 @@ class UsageAccounting:
                 quote = ctx.state.get(_QUOTE)
                 if quote is not None and quote.cost is cost:
                     nanos = quote.nanos
-            # the row as the ledger keeps it, built once (usage packed)
+            # the row as the ledger keeps it, built once (usage packed: _pack's usual case
+            # inline)
             row = (
                 ctx.principal, ctx.request_id, ctx.model, ctx.model_version,
-                _NO_USAGE_PACKED if usage is None else _pack(usage), cost, ctx.finish_reason,
+                _NO_USAGE_PACKED if usage is None else _token_values(usage.__dict__) if (
+                    usage.__pydantic_fields_set__ is _FIVE_SET) else _pack(usage),
+                cost, ctx.finish_reason,
                 ctx.raw_finish_reason, ctx.response_status,
                 (perf_counter() - ctx.started) * 1000.0, ctx.started_at,
             )
