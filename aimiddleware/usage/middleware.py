@@ -195,7 +195,8 @@ class Responder:
         ctype: bytes | None = None
         length: int | None = None
         for name, value in message.get("headers", ()):
-            name = name.lower()
+            if name != b"content-type" and name != b"content-length":  # (usual: lower-case)
+                name = name.lower()
             if name == b"content-type":
                 if ctype is None:
                     ctype = value if value == b"application/json" else (  # (usual: as is)
