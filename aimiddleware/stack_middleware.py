@@ -131,7 +131,7 @@ class _Exchange(Responder):
     """One request through the stack: the inner layers' steps, and its one ``send`` wrapper.
 
     ``send`` (the app's) holds, scans or passes the response as the usage layer does; every
-    head leaves through :meth:`send_start` with all the layers' headers, every body through
+    head is built by :meth:`head` with all the layers' headers, every body goes through
     :meth:`outer`, which does what the context layer's wrapper does (status, completion).
     """
 
@@ -140,14 +140,14 @@ class _Exchange(Responder):
     def __init__(self, stack: StackMiddleware, ctx: RequestContext, send: Send) -> None:
         super().__init__(stack.accounting, ctx, self.outer)
         self.stack = stack
-        self.raw_send = send
+        self.raw_send = self.head_send = send  # heads go out directly (see head)
         self.request_id = (stack.context.header, ctx.request_id.encode("latin-1"))
         self.rate_headers: RawHeaders | None = None
         self.version_headers: tuple[tuple[bytes, bytes], ...] = ()
 
     async def outer(self, message: Message) -> None:
         kind = message["type"]
-        if kind == "http.response.start":  # a head that did not come through send_start
+        if kind == "http.response.start":  # a head that did not come through head()
             self.ctx.response_status = message["status"]
             headers = with_request_id(message.get("headers", ()), self.request_id)
             message = {**message, "headers": headers}
@@ -155,7 +155,7 @@ class _Exchange(Responder):
             self.ctx.response_complete = True
         await self.raw_send(message)
 
-    async def send_start(self, message: Message, added: RawHeaders) -> None:
+    def head(self, message: Message, added: RawHeaders) -> Message:
         headers = message.get("headers", ())
         ours = self.stack._ours
         for key, _ in headers:
@@ -172,7 +172,7 @@ class _Exchange(Responder):
                 out += self.version_headers
             out.append(self.request_id)
         self.ctx.response_status = message["status"]
-        await self.raw_send({**message, "headers": out})
+        return {**message, "headers": out}
 
     async def run(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Versioning, idempotency, rate limiting and usage around the app."""

@@ -123,15 +123,16 @@ _parse_json = parse_json  # moved to extract.py (public, pure)
 class Responder:
     """One request's ``send`` wrapper: pass, hold (JSON) or scan (event stream).
 
-    Every response head leaves through :meth:`send_start` (a subclass adds its own headers
-    there: ``install()``'s stack adds every layer's in this one wrapper). ``acc=None``: no
-    usage accounting, heads pass at once.
+    Every response head is built by :meth:`head` (a subclass adds its own headers there:
+    ``install()``'s stack adds every layer's in this one wrapper) and sent by ``head_send``
+    (``send`` unless a subclass says otherwise). ``acc=None``: no usage accounting, heads
+    pass at once.
     """
 
-    __slots__ = ("_send", "acc", "chunks", "ctx", "mode", "size", "start", "tail")
+    __slots__ = ("_send", "acc", "chunks", "ctx", "head_send", "mode", "size", "start", "tail")
 
     def __init__(self, acc: UsageAccounting | None, ctx: RequestContext, send: Send) -> None:
-        self.acc, self.ctx, self._send = acc, ctx, send
+        self.acc, self.ctx, self._send, self.head_send = acc, ctx, send, send
         self.mode = "start"  # start -> hold | scan | pass
         self.start: Message | None = None
         self.chunks: list[bytes] = _NO_CHUNKS  # a list of its own once a body is split
@@ -144,7 +145,7 @@ class Responder:
         if kind == "http.response.start":
             added = self._on_start(message)
             if added is not None:
-                await self.send_start(message, added)
+                await self.head_send(self.head(message, added))
         elif self.mode == "hold":
             if kind == "http.response.body" and not message.get("more_body", False) and (
                 not self.chunks
@@ -159,7 +160,7 @@ class Responder:
                 acc.settle(ctx)
                 start, self.start, self.mode = self.start, None, "pass"
                 if start is not None:
-                    await self.send_start(start, acc.headers(ctx))
+                    await self.head_send(self.head(start, acc.headers(ctx)))
                 await self._send({"type": "http.response.body", "body": body, "more_body": False})
                 return
             if kind == "http.response.body":
@@ -171,7 +172,7 @@ class Responder:
                 body, more = self._take_chunks(), True
             start, added = self._unhold()
             if start is not None:
-                await self.send_start(start, added)
+                await self.head_send(self.head(start, added))
             if body or not more:
                 await self._send({"type": "http.response.body", "body": body, "more_body": more})
             if kind != "http.response.body":
@@ -183,7 +184,13 @@ class Responder:
 
     async def send_start(self, message: Message, added: list[tuple[bytes, bytes]]) -> None:
         """Send a response head with the usage headers ``added``."""
-        await self._send({**message, "headers": [*message.get("headers", ()), *added]})
+        await self.head_send(self.head(message, added))
+
+    def head(self, message: Message, added: list[tuple[bytes, bytes]]) -> Message:
+        """The response head to send: ``message`` with the usage headers ``added``.
+
+        A plain function (the head is sent by the caller: no coroutine per head)."""
+        return {**message, "headers": [*message.get("headers", ()), *added]}
 
     def _on_start(self, message: Message) -> list[tuple[bytes, bytes]] | None:
         """The headers to add to this head now; ``None``: the head is held."""
@@ -224,7 +231,7 @@ class Responder:
             body = self._on_held_body(b"", False)
             start, added = self._unhold()
             if start is not None:
-                await self.send_start(start, added)
+                await self.head_send(self.head(start, added))
             await self._send({"type": "http.response.body", "body": body, "more_body": False})
 
     def _on_held_body(self, body: bytes, more: bool) -> bytes | None:
