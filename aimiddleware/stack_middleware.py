@@ -35,7 +35,8 @@ from aimiddleware.ratelimit._run import add_headers, run_request
 from aimiddleware.ratelimit.headers import HEADER_NAMES
 from aimiddleware.ratelimit.middleware import RateLimitMiddleware, with_headers
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
-from aimiddleware.usage.middleware import Responder, UsageMiddleware, serve
+from aimiddleware.usage.accounting import STATE_KEY
+from aimiddleware.usage.middleware import Responder, UsageMiddleware, finish_write, serve
 from aimiddleware.versioning.middleware import VersioningMiddleware
 
 __all__ = ["StackMiddleware"]
@@ -217,10 +218,19 @@ class _Exchange(Responder):
         # run_request's steps for an in-process store, without a coroutine around the app
         failed = True
         try:
-            if self.acc is None:
+            acc = self.acc
+            if acc is None:
                 await stack.app(scope, receive, send)
-            else:
-                await serve(stack.app, scope, receive, self)
+            else:  # serve()'s steps, without its coroutine (per request)
+                ctx.state[STATE_KEY] = acc.settings
+                try:
+                    await stack.app(scope, receive, self.send)
+                    if self.mode == "hold":
+                        await self.release()
+                finally:
+                    write = acc.finish_nowait(ctx)
+                    if write is not None:
+                        await finish_write(acc, write)
             status = ctx.response_status
             failed = status is None or not 0 < status < 400
         except AIError as err:

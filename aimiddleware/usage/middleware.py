@@ -22,6 +22,8 @@ after the last chunk.
 from __future__ import annotations
 
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 import anyio
 
@@ -45,6 +47,7 @@ __all__ = [
     "Responder",
     "UsageMiddleware",
     "UsageSettings",
+    "finish_write",
     "ledger_for",
     "serve",
 ]
@@ -110,11 +113,17 @@ async def serve(app: ASGIApp, scope: Scope, receive: Receive, responder: Respond
     finally:
         write = acc.finish_nowait(ctx)  # the in-process ledger is written at once
         if write is not None:
-            if acc.shield:
-                with anyio.CancelScope(shield=True):  # record even a cancelled request
-                    await write
-            else:
-                await write
+            await finish_write(acc, write)
+
+
+async def finish_write(acc: UsageAccounting, write: Coroutine[Any, Any, None]) -> None:
+    """Await the ledger ``write`` that :meth:`UsageAccounting.finish_nowait` handed back:
+    shielded from cancellation when the ledger does I/O (record even a cancelled request)."""
+    if acc.shield:
+        with anyio.CancelScope(shield=True):
+            await write
+    else:
+        await write
 
 
 _parse_json = parse_json  # moved to extract.py (public, pure)
