@@ -139,7 +139,7 @@ class _Exchange(Responder):
     __slots__ = ("rate_headers", "raw_send", "request_id", "stack", "version_headers")
 
     def __init__(self, stack: StackMiddleware, ctx: RequestContext, send: Send) -> None:
-        super().__init__(stack.accounting, ctx, self.outer)
+        Responder.__init__(self, stack.accounting, ctx, self.outer)  # (no super object)
         self.stack = stack
         self.raw_send = self.head_send = send  # heads go out directly (see head)
         self.request_id = (stack.context.header, ctx.request_id.encode("latin-1"))

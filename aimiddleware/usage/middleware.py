@@ -26,6 +26,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 import anyio
+from pydantic_core import from_json
 
 from aimiddleware.context import SCOPE_KEY, RequestContext
 from aimiddleware.pricing import PriceTable
@@ -165,7 +166,11 @@ class Responder:
                 if type(body) is not bytes:
                     body = bytes(body)
                 if len(body) <= acc.max_json_body:
-                    acc.absorb(ctx, from_response(_parse_json(body)))
+                    try:  # parse_json's first step inline (per response); it decides the rest
+                        parsed = from_json(body)
+                    except ValueError:
+                        parsed = _parse_json(body)
+                    acc.absorb(ctx, from_response(parsed))
                 acc.settle(ctx)
                 start, self.start, self.mode = self.start, None, "pass"
                 if start is not None:
