@@ -35,7 +35,8 @@ from aimiddleware.ratelimit._run import add_headers, run_request
 from aimiddleware.ratelimit.headers import HEADER_NAMES
 from aimiddleware.ratelimit.middleware import RateLimitMiddleware, with_headers
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
-from aimiddleware.usage.middleware import Responder, UsageMiddleware, serve
+from aimiddleware.usage.accounting import STATE_KEY
+from aimiddleware.usage.middleware import Responder, UsageMiddleware, finish_write, serve
 from aimiddleware.versioning.middleware import VersioningMiddleware
 
 __all__ = ["StackMiddleware"]
@@ -131,23 +132,23 @@ class _Exchange(Responder):
     """One request through the stack: the inner layers' steps, and its one ``send`` wrapper.
 
     ``send`` (the app's) holds, scans or passes the response as the usage layer does; every
-    head leaves through :meth:`send_start` with all the layers' headers, every body through
+    head is built by :meth:`head` with all the layers' headers, every body goes through
     :meth:`outer`, which does what the context layer's wrapper does (status, completion).
     """
 
     __slots__ = ("rate_headers", "raw_send", "request_id", "stack", "version_headers")
 
     def __init__(self, stack: StackMiddleware, ctx: RequestContext, send: Send) -> None:
-        super().__init__(stack.accounting, ctx, self.outer)
+        Responder.__init__(self, stack.accounting, ctx, self.outer)  # (no super object)
         self.stack = stack
-        self.raw_send = send
+        self.raw_send = self.head_send = send  # heads go out directly (see head)
         self.request_id = (stack.context.header, ctx.request_id.encode("latin-1"))
         self.rate_headers: RawHeaders | None = None
         self.version_headers: tuple[tuple[bytes, bytes], ...] = ()
 
     async def outer(self, message: Message) -> None:
         kind = message["type"]
-        if kind == "http.response.start":  # a head that did not come through send_start
+        if kind == "http.response.start":  # a head that did not come through head()
             self.ctx.response_status = message["status"]
             headers = with_request_id(message.get("headers", ()), self.request_id)
             message = {**message, "headers": headers}
@@ -155,7 +156,7 @@ class _Exchange(Responder):
             self.ctx.response_complete = True
         await self.raw_send(message)
 
-    async def send_start(self, message: Message, added: RawHeaders) -> None:
+    def head(self, message: Message, added: RawHeaders) -> Message:
         headers = message.get("headers", ())
         ours = self.stack._ours
         for key, _ in headers:
@@ -172,7 +173,7 @@ class _Exchange(Responder):
                 out += self.version_headers
             out.append(self.request_id)
         self.ctx.response_status = message["status"]
-        await self.raw_send({**message, "headers": out})
+        return {**message, "headers": out}
 
     async def run(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Versioning, idempotency, rate limiting and usage around the app."""
@@ -217,10 +218,19 @@ class _Exchange(Responder):
         # run_request's steps for an in-process store, without a coroutine around the app
         failed = True
         try:
-            if self.acc is None:
+            acc = self.acc
+            if acc is None:
                 await stack.app(scope, receive, send)
-            else:
-                await serve(stack.app, scope, receive, self)
+            else:  # serve()'s steps, without its coroutine (per request)
+                ctx.state[STATE_KEY] = acc.settings
+                try:
+                    await stack.app(scope, receive, self.send)
+                    if self.mode == "hold":
+                        await self.release()
+                finally:
+                    write = acc.finish_nowait(ctx)
+                    if write is not None:
+                        await finish_write(acc, write)
             status = ctx.response_status
             failed = status is None or not 0 < status < 400
         except AIError as err:

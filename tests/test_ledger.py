@@ -284,3 +284,41 @@ async def test_a_record_the_store_cannot_take_does_not_block_the_others(
     assert await ledger.get_request("alice", "next") is not None
     if not isinstance(ledger, MemoryLedger):  # (in process, any int fits)
         assert any("cannot store" in r.message for r in caplog.records)
+
+
+async def test_memory_ledger_last_key_cache_keeps_lru_and_totals() -> None:
+    """A run of writes to one aggregate skips its lookup: the bounds, the least recently
+    used order (feedback and other keys in between) and every total stay as without it."""
+    from aimiddleware.usage.ledger import _pack
+
+    usage = Usage.from_openai_chat({"prompt_tokens": 12, "completion_tokens": 1})
+    assert type(_pack(usage)) is tuple and len(_pack(usage)) == 6  # the usual: 6 values
+
+    def row(i: int, model: str) -> tuple:  # type: ignore[type-arg]
+        return ("alice", f"r{i}", model, None, usage, Decimal("0.000002"), "stop", "stop",
+                200, 1.0, ts("2026-03-01"))
+
+    fast = MemoryLedger(max_aggregates=2, max_requests=3)
+    slow = MemoryLedger(max_aggregates=2, max_requests=3)
+    plan = ["a", "a", "b", "a", "fb:r3", "c", "c", "b", "b", "fb:r8", "a"]
+    for i, step in enumerate(plan):
+        if step.startswith("fb:"):
+            fb = Feedback(request_id=step[3:], rating=3)
+            assert await fast.add_feedback("alice", fb) is await slow.add_feedback("alice", fb)
+            continue
+        r = row(i, step)
+        assert fast.record_values(r) is True  # type: ignore[arg-type]
+        p, rid, model, version, u, cost, reason, raw, status, ms, t = r
+        await slow.record(UsageRecord.of(
+            principal=p, request_id=rid, model=model, model_version=version, usage=u,
+            estimated_cost=cost, finish_reason=reason, raw_finish_reason=raw, status=status,
+            duration_ms=ms, timestamp=t))
+        assert list(fast._aggs) == list(slow._aggs)
+        assert list(fast._requests) == list(slow._requests)
+    assert await fast.query("alice") == await slow.query("alice")
+    for rid in list(fast._requests):
+        got, want = await fast.get_request("alice", rid[1]), await slow.get_request("alice", rid[1])
+        assert got is not None and want is not None
+        assert got.record.usage == want.record.usage == usage
+        assert got.record.usage.model_fields_set == usage.model_fields_set
+        assert got.feedback == want.feedback

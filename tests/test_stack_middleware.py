@@ -271,3 +271,49 @@ async def test_a_request_leaves_no_cyclic_garbage() -> None:
     finally:
         gc.enable()
     assert found == 0
+
+
+async def test_fused_in_process_path_records_a_cancelled_request_in_an_io_ledger() -> None:
+    """The fused stack runs the usage layer's serve steps inline when rate limiting is in
+    process: a ledger doing I/O still gets the record of a request cancelled while it is
+    written (shielded), and the response went out with its usage headers first."""
+    from aimiddleware.usage.ledger import MemoryLedger, UsageRecord
+
+    class SlowLedger(MemoryLedger):
+        does_io = True  # not the in-process fast path: the write is awaited, shielded
+
+        async def record(self, rec: UsageRecord) -> None:
+            started.set()
+            await anyio.sleep(0.05)
+            await super().record(rec)
+
+    started = anyio.Event()
+    ledger = SlowLedger()
+    cfg = config()
+    cfg.usage = UsageConfig(prices=cfg.usage.prices, ledger=ledger)  # type: ignore[union-attr]
+    cfg.cancellation = None
+    app = aimiddleware.install(Starlette(routes=ROUTES), cfg)
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/v1/chat", "raw_path": b"/v1/chat", "root_path": "",
+        "query_string": b"", "client": ("127.0.0.1", 1), "server": ("t", 80),
+        "headers": [(b"content-type", b"application/json"), (b"authorization", b"Bearer k")],
+    }
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop() if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(app, scope, receive, send)
+        await started.wait()
+        tg.cancel_scope.cancel()  # while the ledger write is in progress
+    headers = dict(sent[0]["headers"])
+    assert sent[0]["status"] == 200 and headers[b"x-usage-total-tokens"] == b"10"
+    (agg,) = await ledger.query(next(iter(ledger._requests))[0])
+    assert agg.requests == 1 and agg.total_tokens == 10 and agg.model == "m"

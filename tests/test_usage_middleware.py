@@ -581,3 +581,22 @@ async def test_a_stream_event_nested_too_deep_is_skipped_not_a_failure() -> None
     assert b"".join(m.get("body", b"") for m in rec.messages) == b"".join(lines)
     [row] = await ledger.query(next(iter(ledger._requests))[0])
     assert (row.input_tokens, row.output_tokens, row.finish_reasons) == (12, 3, {"stop": 1})
+
+
+def test_usage_headers_reuse_built_pairs_and_stay_bounded() -> None:
+    """The cost and finish-reason headers come from pairs built once: the same bytes as
+    built fresh, and at most 1024 cost texts kept."""
+    from aimiddleware.context import RequestContext
+    from aimiddleware.usage.accounting import _PAIRS_MAX, UsageAccounting
+
+    acc = UsageAccounting(record=False, header_prefix="x-u-")
+    for i in range(_PAIRS_MAX + 50):
+        ctx = RequestContext(request_id="r", principal="p", method="POST", path="/")
+        ctx.usage = Usage(input_tokens=i, output_tokens=1)
+        ctx.estimated_cost = Decimal(i) / 1000
+        ctx.finish_reason = "stop" if i % 2 else "something-else"
+        got = dict(acc.headers(ctx))
+        assert got[b"x-u-estimated-cost"] == format(ctx.estimated_cost, "f").encode()
+        assert got[b"x-u-finish-reason"] == ctx.finish_reason.encode()
+        assert got[b"x-u-input-tokens"] == b"%d" % i
+        assert len(acc._cost_pairs) <= _PAIRS_MAX

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from decimal import Decimal
 from typing import Any
 
@@ -277,3 +278,28 @@ def test_openai_chat_extraction_tolerates_odd_members() -> None:
     assert (got.raw_finish_reason, got.provider, got.model_version) == (None, "openai", None)
     empty = from_response({**OPENAI_CHAT, "choices": [], "usage": None})
     assert empty == (None, None, "openai", "gpt-4o-2024-08-06")
+
+
+def test_openai_chat_usage_shares_one_fields_set_like_a_validated_one() -> None:
+    """from_openai_chat's Usage shares one fields set (not a copy each): equal, hashed,
+    dumped, shown and frozen as the validated Usage; a copy never touches the shared set."""
+    from aimiddleware.usage.models import _FIVE, _FIVE_SET
+
+    raw = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10,
+           "completion_tokens_details": {"reasoning_tokens": 1}}
+    a, b = Usage.from_openai_chat(raw), Usage.from_openai_chat(raw)
+    valid = Usage(input_tokens=7, output_tokens=3, total_tokens=10, cached_input_tokens=0,
+                  reasoning_tokens=1)
+    assert a.__pydantic_fields_set__ is b.__pydantic_fields_set__ is _FIVE_SET
+    assert _FIVE_SET == _FIVE == valid.model_fields_set
+    assert a == valid and hash(a) == hash(valid) and repr(a) == repr(valid)
+    assert a.model_dump() == valid.model_dump()
+    assert a.model_dump(exclude_unset=True) == valid.model_dump(exclude_unset=True)
+    with pytest.raises(ValidationError):
+        a.output_tokens = 1  # type: ignore[misc]
+    copied = a.model_copy(update={"cache_creation_input_tokens": 2})
+    assert copied.cache_creation_input_tokens == 2
+    assert "cache_creation_input_tokens" in copied.model_fields_set
+    assert a.model_copy().model_fields_set is not _FIVE_SET
+    assert _FIVE_SET == _FIVE and a.model_fields_set == _FIVE  # untouched
+    assert pickle.loads(pickle.dumps(a)) == a

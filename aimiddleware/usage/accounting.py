@@ -13,13 +13,13 @@ from time import perf_counter
 from typing import Any
 
 from aimiddleware.context import RequestContext
-from aimiddleware.finish_reason import _PLAIN_VALUES, finish_reason_value
+from aimiddleware.finish_reason import _PLAIN_VALUES, FinishReason, finish_reason_value
 from aimiddleware.pricing import PriceTable
 from aimiddleware.storage import Storage
 from aimiddleware.tokens import TokenCounter
 from aimiddleware.usage.extract import Extracted
-from aimiddleware.usage.ledger import Ledger, MemoryLedger, UsageRecord, _pack
-from aimiddleware.usage.models import Usage
+from aimiddleware.usage.ledger import Ledger, MemoryLedger, UsageRecord, _pack, _token_values
+from aimiddleware.usage.models import _FIVE_SET, Usage
 
 __all__ = ["DEFAULT_MAX_JSON_BODY", "STATE_KEY", "UsageAccounting", "UsageSettings", "ledger_for"]
 
@@ -32,6 +32,7 @@ _NO_USAGE_PACKED = _pack(_NO_USAGE)
 # ctx.state key of the Quote settle() priced: its string and nanos serve headers and ledger
 # while it still is ctx.estimated_cost (an endpoint may set the cost itself)
 _QUOTE = "usage_quote"
+_PAIRS_MAX = 1024  # distinct cost texts whose header a UsageAccounting keeps
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,8 @@ class UsageAccounting:
         self._h_reasoning = p + b"reasoning-tokens"
         self._h_cost = p + b"estimated-cost"
         self._h_finish = p + b"finish-reason"
+        self._finish_pairs = {r.value: (self._h_finish, r.value.encode()) for r in FinishReason}
+        self._cost_pairs: dict[str, tuple[bytes, bytes]] = {}
 
     # -- accounting -----------------------------------------------------------------------
 
@@ -174,9 +177,19 @@ class UsageAccounting:
         if cost is not None:
             quote = ctx.state.get(_QUOTE)
             text = quote.text if quote is not None and quote.cost is cost else format(cost, "f")
-            out.append((self._h_cost, text.encode()))
-        if ctx.finish_reason is not None:
-            out.append((self._h_finish, ctx.finish_reason.encode()))
+            # the header of a cost text seen before, as built then (bounded)
+            pairs = self._cost_pairs
+            pair = pairs.get(text)
+            if pair is None:
+                if len(pairs) >= _PAIRS_MAX:
+                    pairs.clear()
+                pair = pairs[text] = (self._h_cost, text.encode())
+            out.append(pair)
+        reason = ctx.finish_reason
+        if reason is not None:
+            # the normalized values' headers are built once
+            pair = self._finish_pairs.get(reason)
+            out.append(pair if pair is not None else (self._h_finish, reason.encode()))
         return out
 
     async def finish(self, ctx: RequestContext) -> None:
@@ -192,55 +205,52 @@ class UsageAccounting:
         await for any other ledger (await it shielded when :attr:`shield` is true), else
         ``None``.
         """
+        # (the record built here, not in a helper: one call less per request)
         try:
-            rec = self._record_of(ctx)
+            self.settle(ctx)
+            ledger = self.settings.ledger
+            usage = ctx.usage
+            if ledger is None or (usage is None and ctx.raw_finish_reason is None):
+                return None
+            cost = ctx.estimated_cost
+            memory = self._memory
+            if memory is not None and (usage is None or type(usage) is Usage):
+                nanos = None
+                if cost is not None:
+                    quote = ctx.state.get(_QUOTE)
+                    if quote is not None and quote.cost is cost:
+                        nanos = quote.nanos
+                # the row as the ledger keeps it, built once (usage packed: _pack's usual
+                # case inline); the in-process ledger is written here, without a record
+                row = (
+                    ctx.principal, ctx.request_id, ctx.model, ctx.model_version,
+                    _NO_USAGE_PACKED if usage is None else _token_values(usage.__dict__) if (
+                        usage.__pydantic_fields_set__ is _FIVE_SET) else _pack(usage),
+                    cost, ctx.finish_reason, ctx.raw_finish_reason, ctx.response_status,
+                    (perf_counter() - ctx.started) * 1000.0, ctx.started_at,
+                )
+                if memory._record_row(row, nanos):
+                    return None
+            rec = UsageRecord.of(
+                principal=ctx.principal,
+                request_id=ctx.request_id,
+                model=ctx.model,
+                model_version=ctx.model_version,
+                usage=ctx.usage or _NO_USAGE,
+                estimated_cost=cost,
+                finish_reason=ctx.finish_reason,
+                raw_finish_reason=ctx.raw_finish_reason,
+                status=ctx.response_status,
+                duration_ms=round(ctx.elapsed_ms, 3),
+                timestamp=ctx.started_at,
+            )
         except Exception:
             logger.exception("usage accounting failed for %s", ctx.request_id)
             return None
-        return None if rec is None else self._write(ctx, *rec)
+        return self._write(ctx, ledger, rec)
 
     async def _write(self, ctx: RequestContext, ledger: Ledger, rec: UsageRecord) -> None:
         try:
             await ledger.record(rec)
         except Exception:
             logger.exception("usage accounting failed for %s", ctx.request_id)
-
-    def _record_of(self, ctx: RequestContext) -> tuple[Ledger, UsageRecord] | None:
-        """Settle; the ledger and the record to write (``None``: nothing to record, or
-        recorded already: the in-process ledger is written here, without a record built)."""
-        self.settle(ctx)
-        ledger = self.settings.ledger
-        usage = ctx.usage
-        if ledger is None or (usage is None and ctx.raw_finish_reason is None):
-            return None
-        cost = ctx.estimated_cost
-        memory = self._memory
-        if memory is not None and (usage is None or type(usage) is Usage):
-            nanos = None
-            if cost is not None:
-                quote = ctx.state.get(_QUOTE)
-                if quote is not None and quote.cost is cost:
-                    nanos = quote.nanos
-            # the row as the ledger keeps it, built once (usage packed)
-            row = (
-                ctx.principal, ctx.request_id, ctx.model, ctx.model_version,
-                _NO_USAGE_PACKED if usage is None else _pack(usage), cost, ctx.finish_reason,
-                ctx.raw_finish_reason, ctx.response_status,
-                (perf_counter() - ctx.started) * 1000.0, ctx.started_at,
-            )
-            if memory._record_row(row, nanos):
-                return None
-        return ledger, UsageRecord.of(
-            principal=ctx.principal,
-            request_id=ctx.request_id,
-            model=ctx.model,
-            model_version=ctx.model_version,
-            usage=ctx.usage or _NO_USAGE,
-            estimated_cost=cost,
-            finish_reason=ctx.finish_reason,
-            raw_finish_reason=ctx.raw_finish_reason,
-            status=ctx.response_status,
-            duration_ms=round(ctx.elapsed_ms, 3),
-            timestamp=ctx.started_at,
-        )
-

@@ -31,7 +31,7 @@ import anyio
 from pydantic import BaseModel, ConfigDict, Field
 
 from aimiddleware.errors import StoreUnavailable
-from aimiddleware.usage.models import _FIVE, _SIX, Usage, trusted
+from aimiddleware.usage.models import _FIVE, _FIVE_SET, _SIX, Usage, trusted
 
 __all__ = [
     "Feedback",
@@ -182,10 +182,13 @@ _tokens = operator.attrgetter(*TOKEN_FIELDS)  # of any Usage
 
 
 def _pack(usage: Usage) -> tuple[int, ...] | Usage:
-    """``usage`` as a row keeps it: its TOKEN_FIELDS values and the code of its fields set
-    (a Usage set some other way, or not a Usage as such, is kept as it is)."""
+    """``usage`` as a row keeps it: its TOKEN_FIELDS values, then the code of its fields set
+    unless that is the shared ``_FIVE_SET`` (the usual Usage: six values only, one C call);
+    a Usage set some other way, or not a Usage as such, is kept as it is."""
     if type(usage) is Usage:
         fields = usage.__pydantic_fields_set__
+        if fields is _FIVE_SET:
+            return _token_values(usage.__dict__)  # type: ignore[no-any-return]
         code = 1 if fields == _FIVE else 2 if fields == _SIX else None if fields else 0
         if code is not None:
             return (*_token_values(usage.__dict__), code)
@@ -195,6 +198,8 @@ def _pack(usage: Usage) -> tuple[int, ...] | Usage:
 def _unpack(value: tuple[int, ...] | Usage) -> Usage:
     if isinstance(value, Usage):
         return value
+    if len(value) == len(TOKEN_FIELDS):
+        return trusted(Usage, dict(zip(TOKEN_FIELDS, value, strict=True)), _FIVE)
     *tokens, code = value
     return trusted(Usage, dict(zip(TOKEN_FIELDS, tokens, strict=True)), _FIELD_SETS[code])
 
@@ -432,9 +437,15 @@ class MemoryLedger(Ledger):
         ] = OrderedDict()
         # the UTC day of the last write and its bounds [lo, hi): most writes share it
         self._day = ("", 0.0, 0.0)
+        # the most recently used aggregate's key and counters: a write to the same key (the
+        # usual run of requests) skips the lookup and the move to the end (it is there)
+        self._last_key: tuple[str, str, str] | None = None
+        self._last_counters = _Counters()
 
     def _counters(self, key: tuple[str, str, str]) -> _Counters:
         """The counters of ``key``, created if missing, marked most recently used."""
+        if key == self._last_key:
+            return self._last_counters
         aggs = self._aggs
         counters = aggs.get(key)
         if counters is None:
@@ -443,6 +454,7 @@ class MemoryLedger(Ledger):
                 aggs.popitem(last=False)
         else:
             aggs.move_to_end(key)
+        self._last_key, self._last_counters = key, counters
         return counters
 
     def _put(self, key: tuple[str, str], value: UsageRecord | RequestRecord) -> None:
@@ -500,14 +512,38 @@ class MemoryLedger(Ledger):
                 index = int(ts // 86400)
                 day, lo = _day(index), index * 86400.0
                 self._day = (day, lo, lo + 86400.0)
-            self._add(principal, day, model, usage, cost, cost_nanos, reason)
+            # what _add does, inline (per request)
+            key = (principal, day, model or UNKNOWN_MODEL)
+            c = self._last_counters if key == self._last_key else self._counters(key)
+            if type(usage) is not tuple:
+                usage = _tokens(usage)
+            n = c.n
+            n[0] += 1  # _SLOTS order
+            n[1] += usage[0]
+            n[2] += usage[1]
+            n[3] += usage[2]
+            if usage[3]:  # (cached, cache writes, reasoning: mostly none)
+                n[4] += usage[3]
+            if usage[4]:
+                n[5] += usage[4]
+            if usage[5]:
+                n[6] += usage[5]
+            if cost is None:
+                n[_UNPRICED] += 1
+            else:
+                n[_COST] += (
+                    int((cost * NANOS).to_integral_value()) if cost_nanos is None else cost_nanos
+                )
+            reason = reason or "unknown"
+            reasons = c.reasons
+            reasons[reason] = reasons.get(reason, 0) + 1
             # what _put does, inline (per request)
             reqs = self._requests
             size = len(reqs)
-            key = (principal, request_id)
-            reqs[key] = row
+            key2 = (principal, request_id)
+            reqs[key2] = row
             if len(reqs) == size:  # replaced: now the most recent
-                reqs.move_to_end(key)
+                reqs.move_to_end(key2)
             elif size >= self._max_requests:
                 reqs.popitem(last=False)
         except Exception:
@@ -530,13 +566,7 @@ class MemoryLedger(Ledger):
     ) -> None:
         """Add one request to its counters: what :func:`counters_for` gives, added in place.
         ``usage``: a Usage or packed (``_pack``)."""
-        key = (principal, day, model or UNKNOWN_MODEL)
-        aggs = self._aggs
-        c = aggs.get(key)
-        if c is None:
-            c = self._counters(key)
-        else:
-            aggs.move_to_end(key)
+        c = self._counters((principal, day, model or UNKNOWN_MODEL))
         if type(usage) is not tuple:
             usage = _tokens(usage)
         n = c.n

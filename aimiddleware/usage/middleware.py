@@ -22,8 +22,11 @@ after the last chunk.
 from __future__ import annotations
 
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 import anyio
+from pydantic_core import from_json
 
 from aimiddleware.context import SCOPE_KEY, RequestContext
 from aimiddleware.pricing import PriceTable
@@ -45,6 +48,7 @@ __all__ = [
     "Responder",
     "UsageMiddleware",
     "UsageSettings",
+    "finish_write",
     "ledger_for",
     "serve",
 ]
@@ -110,11 +114,17 @@ async def serve(app: ASGIApp, scope: Scope, receive: Receive, responder: Respond
     finally:
         write = acc.finish_nowait(ctx)  # the in-process ledger is written at once
         if write is not None:
-            if acc.shield:
-                with anyio.CancelScope(shield=True):  # record even a cancelled request
-                    await write
-            else:
-                await write
+            await finish_write(acc, write)
+
+
+async def finish_write(acc: UsageAccounting, write: Coroutine[Any, Any, None]) -> None:
+    """Await the ledger ``write`` that :meth:`UsageAccounting.finish_nowait` handed back:
+    shielded from cancellation when the ledger does I/O (record even a cancelled request)."""
+    if acc.shield:
+        with anyio.CancelScope(shield=True):
+            await write
+    else:
+        await write
 
 
 _parse_json = parse_json  # moved to extract.py (public, pure)
@@ -123,15 +133,16 @@ _parse_json = parse_json  # moved to extract.py (public, pure)
 class Responder:
     """One request's ``send`` wrapper: pass, hold (JSON) or scan (event stream).
 
-    Every response head leaves through :meth:`send_start` (a subclass adds its own headers
-    there: ``install()``'s stack adds every layer's in this one wrapper). ``acc=None``: no
-    usage accounting, heads pass at once.
+    Every response head is built by :meth:`head` (a subclass adds its own headers there:
+    ``install()``'s stack adds every layer's in this one wrapper) and sent by ``head_send``
+    (``send`` unless a subclass says otherwise). ``acc=None``: no usage accounting, heads
+    pass at once.
     """
 
-    __slots__ = ("_send", "acc", "chunks", "ctx", "mode", "size", "start", "tail")
+    __slots__ = ("_send", "acc", "chunks", "ctx", "head_send", "mode", "size", "start", "tail")
 
     def __init__(self, acc: UsageAccounting | None, ctx: RequestContext, send: Send) -> None:
-        self.acc, self.ctx, self._send = acc, ctx, send
+        self.acc, self.ctx, self._send, self.head_send = acc, ctx, send, send
         self.mode = "start"  # start -> hold | scan | pass
         self.start: Message | None = None
         self.chunks: list[bytes] = _NO_CHUNKS  # a list of its own once a body is split
@@ -144,7 +155,7 @@ class Responder:
         if kind == "http.response.start":
             added = self._on_start(message)
             if added is not None:
-                await self.send_start(message, added)
+                await self.head_send(self.head(message, added))
         elif self.mode == "hold":
             if kind == "http.response.body" and not message.get("more_body", False) and (
                 not self.chunks
@@ -155,11 +166,15 @@ class Responder:
                 if type(body) is not bytes:
                     body = bytes(body)
                 if len(body) <= acc.max_json_body:
-                    acc.absorb(ctx, from_response(_parse_json(body)))
+                    try:  # parse_json's first step inline (per response); it decides the rest
+                        parsed = from_json(body)
+                    except ValueError:
+                        parsed = _parse_json(body)
+                    acc.absorb(ctx, from_response(parsed))
                 acc.settle(ctx)
                 start, self.start, self.mode = self.start, None, "pass"
                 if start is not None:
-                    await self.send_start(start, acc.headers(ctx))
+                    await self.head_send(self.head(start, acc.headers(ctx)))
                 await self._send({"type": "http.response.body", "body": body, "more_body": False})
                 return
             if kind == "http.response.body":
@@ -171,7 +186,7 @@ class Responder:
                 body, more = self._take_chunks(), True
             start, added = self._unhold()
             if start is not None:
-                await self.send_start(start, added)
+                await self.head_send(self.head(start, added))
             if body or not more:
                 await self._send({"type": "http.response.body", "body": body, "more_body": more})
             if kind != "http.response.body":
@@ -183,7 +198,13 @@ class Responder:
 
     async def send_start(self, message: Message, added: list[tuple[bytes, bytes]]) -> None:
         """Send a response head with the usage headers ``added``."""
-        await self._send({**message, "headers": [*message.get("headers", ()), *added]})
+        await self.head_send(self.head(message, added))
+
+    def head(self, message: Message, added: list[tuple[bytes, bytes]]) -> Message:
+        """The response head to send: ``message`` with the usage headers ``added``.
+
+        A plain function (the head is sent by the caller: no coroutine per head)."""
+        return {**message, "headers": [*message.get("headers", ()), *added]}
 
     def _on_start(self, message: Message) -> list[tuple[bytes, bytes]] | None:
         """The headers to add to this head now; ``None``: the head is held."""
@@ -195,7 +216,8 @@ class Responder:
         ctype: bytes | None = None
         length: int | None = None
         for name, value in message.get("headers", ()):
-            name = name.lower()
+            if name != b"content-type" and name != b"content-length":  # (usual: lower-case)
+                name = name.lower()
             if name == b"content-type":
                 if ctype is None:
                     ctype = value if value == b"application/json" else (  # (usual: as is)
@@ -223,7 +245,7 @@ class Responder:
             body = self._on_held_body(b"", False)
             start, added = self._unhold()
             if start is not None:
-                await self.send_start(start, added)
+                await self.head_send(self.head(start, added))
             await self._send({"type": "http.response.body", "body": body, "more_body": False})
 
     def _on_held_body(self, body: bytes, more: bool) -> bytes | None:

@@ -69,6 +69,7 @@ def _slot_setter(name: str) -> Callable[[Any, Any], None]:
     return lambda obj, value: _set(obj, name, value)
 
 
+_set_dict = _slot_setter("__dict__")
 _set_fields_set = _slot_setter("__pydantic_fields_set__")
 _set_extra = _slot_setter("__pydantic_extra__")
 _set_private = _slot_setter("__pydantic_private__")
@@ -83,7 +84,7 @@ def trusted(cls: type[_M], values: dict[str, Any], fields_set: frozenset[str]) -
     run: use it only on the per-request path, for values built from checked ints/strings.
     """
     obj = _new(cls)
-    _set(obj, "__dict__", values)
+    _set_dict(obj, values)
     _set_fields_set(obj, set(fields_set))
     _set_extra(obj, None)
     _set_private(obj, None)
@@ -94,6 +95,10 @@ _FIVE = frozenset(
     ("input_tokens", "output_tokens", "total_tokens", "cached_input_tokens", "reasoning_tokens")
 )
 _SIX = _FIVE | {"cache_creation_input_tokens"}
+# The fields set of every Usage from_openai_chat builds, one set shared (not a copy each: a
+# frozen model never changes it, model_copy copies it first). A set, not a frozenset, as
+# model_copy(update=...) adds to the copy. The ledger knows such a Usage by this identity.
+_FIVE_SET: set[str] = set(_FIVE)
 
 
 class Usage(BaseModel):
@@ -165,9 +170,9 @@ class Usage(BaseModel):
         cached = _int1(details, "cached_tokens") if details else 0
         details = get("completion_tokens_details")
         reasoning = _int1(details, "reasoning_tokens") if details else 0
-        # trusted(cls, values, _FIVE), inline (per response)
+        # trusted(cls, values, _FIVE), inline, the fields set shared (per response)
         obj = _new(cls)
-        _set(obj, "__dict__", {
+        _set_dict(obj, {
             "input_tokens": inp,
             "output_tokens": out,
             "total_tokens": total or inp + out,
@@ -175,7 +180,7 @@ class Usage(BaseModel):
             "cache_creation_input_tokens": 0,
             "reasoning_tokens": reasoning,
         })
-        _set_fields_set(obj, set(_FIVE))
+        _set_fields_set(obj, _FIVE_SET)
         _set_extra(obj, None)
         _set_private(obj, None)
         return obj
