@@ -165,13 +165,15 @@ class RateLimiter:
         # The in-process backend's steps never await: call them directly (no coroutine per
         # request), unless a subclass replaced the async methods.
         self._acquire_now: Callable[..., Decision] | None = None
-        self._adjust_now: Callable[..., None] | None = None
+        self._acquire_rendered: Callable[..., tuple[Decision, Any]] | None = None
+        self._reconcile_now: Callable[..., None] | None = None
         if isinstance(backend, MemoryBackend):
             kind = type(backend)
             if kind.acquire is MemoryBackend.acquire:
                 self._acquire_now = backend.acquire_now
+                self._acquire_rendered = backend.acquire_rendered
             if kind.adjust is MemoryBackend.adjust:
-                self._adjust_now = backend.adjust_now
+                self._reconcile_now = backend.reconcile_now
         self.estimator = Estimator(counter, prices, output_estimate)
         self.on_unpriced = on_unpriced
         self.fail_open = fail_open
@@ -189,7 +191,7 @@ class RateLimiter:
         self.name = name
         #: finish_now() does what finish() does, and no lease needs refreshing meanwhile (an
         #: in-process store: its adjust never awaits)
-        self.finishes_now = self._adjust_now is not None and not self.refreshes
+        self.finishes_now = self._reconcile_now is not None and not self.refreshes
         # admit_now can admit on its own: nothing to await (store, tier lookup, alerts)
         self._sync = (
             self._acquire_now is not None
@@ -306,7 +308,10 @@ class RateLimiter:
             principal = _key(principal)
         concurrency = res.concurrency
         lease = f"{self._lease_prefix}{next(self._lease_ids)}" if concurrency else None
-        decision = self._acquire_now(principal, hits, lease, concurrency, self._lease_ttl_ms)  # type: ignore[misc]
+        # (the headers are rendered in the same pass over the counters)
+        decision, headers = self._acquire_rendered(  # type: ignore[misc]
+            principal, hits, lease, concurrency, self._lease_ttl_ms, res.span, res.plan
+        )
         if not decision[0]:  # decision.allowed
             raise refusal.refused(res.limits, hits, decision, concurrency)
         # Admission(...), without the class call (not specialized on Python 3.11)
@@ -318,8 +323,7 @@ class RateLimiter:
         admission.decision = decision
         admission.lease = lease
         admission.concurrency = concurrency
-        # (decision.states, decision.in_flight)
-        admission.raw_headers = res.plan.render(decision[2], decision[3])
+        admission.raw_headers = headers
         admission._codes = res.codes
         ctx.state["ratelimit"] = admission
         return admission
@@ -365,10 +369,11 @@ class RateLimiter:
         limits, concurrency = res.limits, res.concurrency
         hits = self._hits(res, estimate)
         lease = f"{self._lease_prefix}{next(self._lease_ids)}" if concurrency else None
+        headers = None
         try:
-            if self._acquire_now is not None:
-                decision = self._acquire_now(
-                    principal, hits, lease, concurrency, self._lease_ttl_ms
+            if self._acquire_rendered is not None:
+                decision, headers = self._acquire_rendered(
+                    principal, hits, lease, concurrency, self._lease_ttl_ms, res.span, res.plan
                 )
             else:
                 decision = await self.backend.acquire(
@@ -399,7 +404,7 @@ class RateLimiter:
             decision,
             lease,
             concurrency,
-            res.plan.render(decision.states, decision.in_flight),
+            res.plan.render(decision.states, decision.in_flight) if headers is None else headers,
             res.codes,
         )
         ctx.state["ratelimit"] = admission
@@ -440,12 +445,23 @@ class RateLimiter:
         """
         if admission.decision is None:
             return
-        adjustments = self._adjustments(admission, ctx, failed)
         lease = admission.lease
-        if not adjustments and lease is None:
+        if self._reconcile_now is not None:  # in-process: one pass, never unavailable
+            used = self._used(admission, ctx, failed)
+            if used is not None:
+                self._reconcile_now(
+                    admission.principal,
+                    admission.hits,
+                    admission.decision.states,
+                    admission._codes,
+                    used,
+                    lease,
+                )
+            elif lease is not None:
+                self._reconcile_now(admission.principal, (), (), (), (), lease)
             return
-        if self._adjust_now is not None:  # in-process: takes the plain tuples, never unavailable
-            self._adjust_now(admission.principal, adjustments, lease)
+        adjustments = self._adjustments(admission, ctx, failed)
+        if not adjustments and lease is None:
             return
         try:
             await self.backend.adjust(
@@ -469,7 +485,7 @@ class RateLimiter:
             usage = ctx.usage
             if usage is None and not failed:  # nothing to correct
                 if admission.lease is not None:
-                    self._adjust_now(admission.principal, (), admission.lease)  # type: ignore[misc]
+                    self._reconcile_now(admission.principal, (), (), (), (), admission.lease)  # type: ignore[misc]
                 return
             if usage is None:
                 by_code: tuple[int, ...] = (0, 0, 0, 0, 0)
@@ -488,32 +504,37 @@ class RateLimiter:
                     else:  # fast.usage(usage) without the cache and reasoning terms
                         cost = -(-(inp * fast.input + out * fast.output) // fast.den)
                 by_code = (1, inp + out, inp, out, cost or 0)
-            adjustments = []  # (self._adjustments, inlined)
-            for hit, state, code in zip(admission.hits, decision[2], admission._codes):  # noqa: B905
-                delta = by_code[code] - hit[3]  # hit.cost
-                if delta:  # usage equal to the reservation: nothing to correct
-                    adjustments.append((hit[0], hit[1], state[0], delta))
-            if adjustments or admission.lease is not None:
-                self._adjust_now(admission.principal, adjustments, admission.lease)  # type: ignore[misc]
+            # the adjustments are computed by the store in its pass over the counters
+            self._reconcile_now(  # type: ignore[misc]
+                admission.principal,
+                admission.hits,
+                decision[2],  # decision.states
+                admission._codes,
+                by_code,
+                admission.lease,
+            )
         except Exception:
             logger.exception("rate-limit reconciliation failed")
+
+    def _used(
+        self, admission: Admission, ctx: RequestContext, failed: bool
+    ) -> tuple[int, ...] | None:
+        """What the request really used, by dimension code (None: nothing to correct)."""
+        usage = ctx.usage
+        if usage is None:
+            return (0, 0, 0, 0, 0) if failed else None
+        inp, out = usage.input_tokens, usage.output_tokens
+        cost = self.estimator.actual_cost(admission.estimate, usage, ctx.model_version or ctx.model)
+        return (1, inp + out, inp, out, cost or 0)
 
     def _adjustments(
         self, admission: Admission, ctx: RequestContext, failed: bool
     ) -> list[tuple[str, int, int, int]]:
         """Adjustment's fields per limit whose reservation differs from the real usage."""
-        usage = ctx.usage
         adjustments: list[tuple[str, int, int, int]] = []
-        if usage is None and not failed:
+        by_code = self._used(admission, ctx, failed)
+        if by_code is None:
             return adjustments
-        if usage is None:
-            by_code: tuple[int, ...] = (0, 0, 0, 0, 0)
-        else:
-            inp, out = usage.input_tokens, usage.output_tokens
-            cost = self.estimator.actual_cost(
-                admission.estimate, usage, ctx.model_version or ctx.model
-            )
-            by_code = (1, inp + out, inp, out, cost or 0)
         assert admission.decision is not None
         # (no strict=: a keyword makes the call slower; the three have the same length)
         for hit, state, code in zip(admission.hits, admission.decision.states, admission._codes):  # noqa: B905
@@ -579,9 +600,12 @@ _DIM_CODE = {"requests": 0, "tokens": 1, "input_tokens": 2, "output_tokens": 3, 
 
 class _Resolved:
     """The limits of one (policy, route, extra, model), with what each request reuses: the
-    storage rows ``(field, window ms, amount, dimension code)`` and the header plan."""
+    storage rows ``(field, window ms, amount, dimension code)``, the header plan, and twice
+    the longest window (how long the counters live)."""
 
-    __slots__ = ("codes", "concurrency", "limits", "needs_body", "needs_cost", "plan", "rows")
+    __slots__ = (
+        "codes", "concurrency", "limits", "needs_body", "needs_cost", "plan", "rows", "span",
+    )
 
     def __init__(
         self, limits: tuple[Limit, ...], concurrency: int, *, needs_body: bool, needs_cost: bool
@@ -594,6 +618,7 @@ class _Resolved:
             (lim.field, lim.window * 1000, lim.amount, _DIM_CODE[lim.dimension]) for lim in limits
         )
         self.codes = tuple(_DIM_CODE[lim.dimension] for lim in limits)
+        self.span = 2 * max([lim.window * 1000 for lim in limits], default=0)  # ms
         self.plan = HeaderPlan(limits, concurrency)
 
 
