@@ -123,7 +123,11 @@ def test_headers_rendered_in_the_admission_pass_equal_rate_limit_headers(
         backend._entries["p"].leases[f"held-{n}"] = now_ms + 60_000
     plan = HeaderPlan(limits, concurrency)
     span = 2 * max(h.window_ms for h in hits)
-    decision, headers = backend.acquire_rendered("p", hits, "l", concurrency, 30_000, span, plan)
+    rows = [(h.field, h.window_ms, h.limit, i) for i, h in enumerate(hits)]
+    costs = [h.cost for h in hits]
+    decision, headers = backend.acquire_rendered(
+        "p", rows, costs, "l", concurrency, 30_000, span, plan
+    )
     if not decision.allowed:
         assert headers is None
         return

@@ -57,8 +57,8 @@ class Admission:
     ``headers``: the same as strings."""
 
     __slots__ = (
-        "_codes", "concurrency", "decision", "estimate", "hits", "lease", "limits", "principal",
-        "raw_headers",
+        "_codes", "_hits", "_reserved", "_rows", "concurrency", "decision", "estimate", "lease",
+        "limits", "principal", "raw_headers",
     )
 
     def __init__(
@@ -75,7 +75,11 @@ class Admission:
     ) -> None:
         self.principal = principal
         self.limits = limits
-        self.hits = hits
+        self._hits: tuple[Hit, ...] | None = hits
+        # Each hit as (field, window ms, limit, i) and its cost as _reserved[i] (the form
+        # admit_now keeps: it builds no Hit)
+        self._rows = tuple((hit[0], hit[1], hit[2], i) for i, hit in enumerate(hits))
+        self._reserved: tuple[int, ...] = tuple(hit[3] for hit in hits)
         self.estimate = estimate
         self.decision = decision
         self.lease = lease
@@ -83,6 +87,14 @@ class Admission:
         self.raw_headers = raw_headers
         # The dimension of each limit as an index into finish()'s usage tuple.
         self._codes = codes if codes is not None else tuple(_DIM_CODE[x.dimension] for x in limits)
+
+    @property
+    def hits(self) -> tuple[Hit, ...]:
+        """What the request reserved on each limit."""
+        if self._hits is None:
+            reserved = self._reserved
+            self._hits = tuple(Hit(f, w, lim, reserved[i]) for f, w, lim, i in self._rows)
+        return self._hits
 
     @property
     def headers(self) -> list[tuple[str, str]]:
@@ -295,14 +307,11 @@ class RateLimiter:
         if res.needs_cost and estimate.cost_units is None and self.on_unpriced == "reject":
             return None  # admit() raises the refusal
         inp, out = estimate.input_tokens, estimate.output_tokens
+        # What the request costs in each dimension (res.rows index it: no Hit is built)
         by_code = (estimate.requests, inp + out, inp, out, estimate.cost_units or 0)
-        built: list[Hit] = []  # (self._hits, inlined)
-        for f, w, amount, code in res.rows:
-            cost = by_code[code]
-            if cost > amount:  # more than a whole window: never admissible
+        for code, cap in res.caps:
+            if by_code[code] > cap:  # more than a whole window: never admissible
                 return None  # admit() raises the refusal
-            built.append(_new_tuple(Hit, (f, w, amount, cost)))  # Hit(f, w, amount, cost)
-        hits = tuple(built)
         principal = ctx.principal
         if "{" in principal or "}" in principal or len(principal) > 200:  # _key, inlined
             principal = _key(principal)
@@ -310,15 +319,18 @@ class RateLimiter:
         lease = f"{self._lease_prefix}{next(self._lease_ids)}" if concurrency else None
         # (the headers are rendered in the same pass over the counters)
         decision, headers = self._acquire_rendered(  # type: ignore[misc]
-            principal, hits, lease, concurrency, self._lease_ttl_ms, res.span, res.plan
+            principal, res.rows, by_code, lease, concurrency, self._lease_ttl_ms, res.span,
+            res.plan,
         )
         if not decision[0]:  # decision.allowed
-            raise refusal.refused(res.limits, hits, decision, concurrency)
+            raise refusal.refused(res.limits, self._hits(res, estimate), decision, concurrency)
         # Admission(...), without the class call (not specialized on Python 3.11)
         admission: Admission = _new_object(Admission)
         admission.principal = principal
         admission.limits = res.limits
-        admission.hits = hits
+        admission._hits = None  # (built when read)
+        admission._rows = res.rows
+        admission._reserved = by_code
         admission.estimate = estimate
         admission.decision = decision
         admission.lease = lease
@@ -372,8 +384,11 @@ class RateLimiter:
         headers = None
         try:
             if self._acquire_rendered is not None:
+                costs = [hit[3] for hit in hits]  # (the rows index them by position)
+                rows = [(hit[0], hit[1], hit[2], i) for i, hit in enumerate(hits)]
                 decision, headers = self._acquire_rendered(
-                    principal, hits, lease, concurrency, self._lease_ttl_ms, res.span, res.plan
+                    principal, rows, costs, lease, concurrency, self._lease_ttl_ms, res.span,
+                    res.plan,
                 )
             else:
                 decision = await self.backend.acquire(
@@ -451,14 +466,15 @@ class RateLimiter:
             if used is not None:
                 self._reconcile_now(
                     admission.principal,
-                    admission.hits,
+                    admission._rows,
                     admission.decision.states,
                     admission._codes,
+                    admission._reserved,
                     used,
                     lease,
                 )
             elif lease is not None:
-                self._reconcile_now(admission.principal, (), (), (), (), lease)
+                self._reconcile_now(admission.principal, (), (), (), (), (), lease)
             return
         adjustments = self._adjustments(admission, ctx, failed)
         if not adjustments and lease is None:
@@ -485,7 +501,7 @@ class RateLimiter:
             usage = ctx.usage
             if usage is None and not failed:  # nothing to correct
                 if admission.lease is not None:
-                    self._reconcile_now(admission.principal, (), (), (), (), admission.lease)  # type: ignore[misc]
+                    self._reconcile_now(admission.principal, (), (), (), (), (), admission.lease)  # type: ignore[misc]
                 return
             if usage is None:
                 by_code: tuple[int, ...] = (0, 0, 0, 0, 0)
@@ -507,9 +523,10 @@ class RateLimiter:
             # the adjustments are computed by the store in its pass over the counters
             self._reconcile_now(  # type: ignore[misc]
                 admission.principal,
-                admission.hits,
+                admission._rows,
                 decision[2],  # decision.states
                 admission._codes,
+                admission._reserved,
                 by_code,
                 admission.lease,
             )
@@ -604,7 +621,8 @@ class _Resolved:
     the longest window (how long the counters live)."""
 
     __slots__ = (
-        "codes", "concurrency", "limits", "needs_body", "needs_cost", "plan", "rows", "span",
+        "caps", "codes", "concurrency", "limits", "needs_body", "needs_cost", "plan", "rows",
+        "span",
     )
 
     def __init__(
@@ -619,6 +637,11 @@ class _Resolved:
         )
         self.codes = tuple(_DIM_CODE[lim.dimension] for lim in limits)
         self.span = 2 * max([lim.window * 1000 for lim in limits], default=0)  # ms
+        # (dimension code, smallest limit of that dimension): a cost above it never fits
+        caps: dict[int, int] = {}
+        for _, _, amount, code in self.rows:
+            caps[code] = min(amount, caps.get(code, amount))
+        self.caps = tuple(caps.items())
         self.plan = HeaderPlan(limits, concurrency)
 
 

@@ -108,22 +108,30 @@ class MemoryBackend:
         concurrency: int = 0,
         lease_ttl_ms: int = 0,
     ) -> Decision:
+        # Each hit as an acquire_rendered row: its cost is costs[its position].
+        rows = [(hit[0], hit[1], hit[2], i) for i, hit in enumerate(hits)]
+        costs = [hit[3] for hit in hits]
         span = 2 * max([hit[1] for hit in hits], default=0)
-        return self.acquire_rendered(principal, hits, lease, concurrency, lease_ttl_ms, span)[0]
+        return self.acquire_rendered(
+            principal, rows, costs, lease, concurrency, lease_ttl_ms, span
+        )[0]
 
     def acquire_rendered(
         self,
         principal: str,
-        hits: Sequence[Hit],
+        rows: Sequence[tuple[str, int, int, int]],
+        costs: Sequence[int],
         lease: str | None,
         concurrency: int,
         lease_ttl_ms: int,
         span: int,
         plan: HeaderPlan | None = None,
     ) -> tuple[Decision, list[tuple[bytes, bytes]] | None]:
-        """:meth:`acquire_now`, and with a ``plan`` the admitted response's headers
-        (``plan.render(decision.states, decision.in_flight)``), rendered in the same pass over
-        the counters when the plan allows it. ``span``: twice the longest window (ms)."""
+        """:meth:`acquire_now` of the hits ``Hit(field, window_ms, limit, costs[i])`` for each
+        row ``(field, window_ms, limit, i)`` (no Hit built), and with a ``plan`` the admitted
+        response's headers (``plan.render(decision.states, decision.in_flight)``), rendered in
+        the same pass over the counters when the plan allows it. ``span``: twice the longest
+        window (ms)."""
         now = int(self.clock() * 1000)
         entry = self._entries.get(principal)  # self._entry(principal, now), inlined
         if entry is None or now >= self._evict_at:
@@ -137,7 +145,8 @@ class MemoryBackend:
         fused = _NO_HEADERS if plan is None or plan.fused is None else plan.fused
         out: list[tuple[bytes, bytes]] = []  # the headers, when fused
         args: list[int] = []  # the RateLimit template's values, when fused
-        for (name, window, limit, cost), spec in zip(hits, fused):  # noqa: B905 (same length)
+        for (name, window, limit, i), spec in zip(rows, fused):  # noqa: B905 (same length)
+            cost = costs[i]
             index = now // window
             # backend.roll and backend.fits, inlined (the same float expression as the Lua).
             at, prev, curr, _ = counters.get(name, _EMPTY)
@@ -176,17 +185,17 @@ class MemoryBackend:
                 entry.lease_due = min(leases.values(), default=_NEVER)
             in_flight = len(leases)
             if failed < 0 and in_flight >= concurrency:
-                failed = len(hits)
+                failed = len(rows)
         if now + span > entry.expires_ms:
             entry.expires_ms = now + span
         if failed >= 0:  # nothing charged: report the counters as they are
             refused = tuple([
-                _new(WindowState, (s[0], s[1], s[2] - hit[3], s[3]))
-                for hit, s in zip(hits, states, strict=True)
+                _new(WindowState, (s[0], s[1], s[2] - costs[row[3]], s[3]))
+                for row, s in zip(rows, states, strict=True)
             ])
             return _new(Decision, (False, failed, refused, in_flight, now)), None
         # counters[hit.field] = state for each, in order (C-level: no Python loop)
-        counters.update(zip(map(_field, hits), states))  # noqa: B905 (same length)
+        counters.update(zip(map(_field, rows), states))  # noqa: B905 (same length)
         if concurrency > 0 and lease is not None:
             expiry = entry.leases[lease] = now + lease_ttl_ms
             if expiry < entry.lease_due:
@@ -221,6 +230,7 @@ class MemoryBackend:
             [(adj[0], adj[1], 0, 0) for adj in adjustments],
             [(adj[2],) for adj in adjustments],
             range(len(adjustments)),
+            (0,),
             [adj[3] for adj in adjustments],
             release,
         )
@@ -228,14 +238,15 @@ class MemoryBackend:
     def reconcile_now(
         self,
         principal: str,
-        hits: Sequence[tuple[str, int, int, int]],  # Hit or the same plain tuple
+        rows: Sequence[tuple[str, int, int, int]],  # (field, window ms, limit, i)
         states: Sequence[tuple[int, ...]],  # WindowState, or a tuple of its window number
         codes: Sequence[int],
+        reserved: Sequence[int],
         used: Sequence[int],
         release: str | None = None,
     ) -> None:
-        """Correct each hit's reservation (``hit.cost``, made in fixed window number
-        ``state[0]``) to ``used[code]`` (``codes``: one per hit), and release the lease
+        """Correct each row's reservation (``reserved[i]``, made in fixed window number
+        ``state[0]``) to ``used[code]`` (``codes``: one per row), and release the lease
         ``release``: :meth:`adjust_now` computing its adjustments in the same pass (no list)."""
         now = int(self.clock() * 1000)
         entry = self._entries.get(principal)  # self._entry(principal, now), inlined
@@ -247,8 +258,8 @@ class MemoryBackend:
         if release is not None:
             entry.leases.pop(release, None)
         counters = entry.counters
-        for (name, window, _, cost), state, code in zip(hits, states, codes):  # noqa: B905
-            delta = used[code] - cost  # negative refunds, positive charges
+        for (name, window, _, i), state, code in zip(rows, states, codes):  # noqa: B905
+            delta = used[code] - reserved[i]  # negative refunds, positive charges
             if not delta:  # usage equal to the reservation: nothing to correct
                 continue
             index = now // window
