@@ -143,6 +143,7 @@ class MemoryBackend:
         states: list[WindowState] = []  # as they will be once charged
         failed = -1
         fused = _NO_HEADERS if plan is None or plan.fused is None else plan.fused
+        heads = plan._heads if plan is not None else {}  # whole seconds -> Go duration head
         out: list[tuple[bytes, bytes]] = []  # the headers, when fused
         args: list[int] = []  # the RateLimit template's values, when fused
         for (name, window, limit, i), spec in zip(rows, fused):  # noqa: B905 (same length)
@@ -156,7 +157,7 @@ class MemoryBackend:
             # float(prev) * float(window - elapsed) / float(window) + float(curr) + float(cost)
             # <= float(limit): a float op int converts the int exactly as float() does.
             weighted = prev * float(window - elapsed) / window
-            if failed < 0 and not (weighted + curr + cost <= float(limit)):
+            if not (weighted + curr + cost <= float(limit)) and failed < 0:  # (usually fits)
                 failed = len(states)
             curr += cost
             states.append(_new(WindowState, (index, prev, curr, elapsed)))
@@ -169,7 +170,7 @@ class MemoryBackend:
                 reset = 2 * window - elapsed if curr > 0 else (window - elapsed if prev > 0 else 0)
                 args += (left, -(-reset // 1000))  # (one list.extend rather than two appends)
                 if h_limit is not None:
-                    head = plan._heads.get(reset // 1000)  # type: ignore[union-attr]
+                    head = heads.get(reset // 1000)
                     duration = (
                         plan._duration(reset)  # type: ignore[union-attr]
                         if head is None
