@@ -11,7 +11,7 @@ import hashlib
 import itertools
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal, Union
@@ -76,10 +76,10 @@ class Admission:
         self.principal = principal
         self.limits = limits
         self._hits: tuple[Hit, ...] | None = hits
-        # Each hit as (field, window ms, limit, i) and its cost as _reserved[i] (the form
-        # admit_now keeps: it builds no Hit)
-        self._rows = tuple((hit[0], hit[1], hit[2], i) for i, hit in enumerate(hits))
-        self._reserved: tuple[int, ...] = tuple(hit[3] for hit in hits)
+        # Or each hit as (field, window ms, limit, i) with its cost _reserved[i]: the form
+        # admit_now keeps (it builds no Hit); None: computed from the hits when needed.
+        self._rows: Sequence[tuple[str, int, int, int]] | None = None
+        self._reserved: Sequence[int] = ()
         self.estimate = estimate
         self.decision = decision
         self.lease = lease
@@ -93,8 +93,15 @@ class Admission:
         """What the request reserved on each limit."""
         if self._hits is None:
             reserved = self._reserved
-            self._hits = tuple(Hit(f, w, lim, reserved[i]) for f, w, lim, i in self._rows)
+            rows = self._rows or ()
+            self._hits = tuple(Hit(f, w, lim, reserved[i]) for f, w, lim, i in rows)
         return self._hits
+
+    def _as_rows(self) -> tuple[Sequence[tuple[str, int, int, int]], Sequence[int]]:
+        """(rows, their costs): the stored ones, or the hits' own."""
+        if self._rows is None:
+            return _as_rows(self.hits)
+        return self._rows, self._reserved
 
     @property
     def headers(self) -> list[tuple[str, str]]:
@@ -384,8 +391,7 @@ class RateLimiter:
         headers = None
         try:
             if self._acquire_rendered is not None:
-                costs = [hit[3] for hit in hits]  # (the rows index them by position)
-                rows = [(hit[0], hit[1], hit[2], i) for i, hit in enumerate(hits)]
+                rows, costs = _as_rows(hits)
                 decision, headers = self._acquire_rendered(
                     principal, rows, costs, lease, concurrency, self._lease_ttl_ms, res.span,
                     res.plan,
@@ -464,12 +470,13 @@ class RateLimiter:
         if self._reconcile_now is not None:  # in-process: one pass, never unavailable
             used = self._used(admission, ctx, failed)
             if used is not None:
+                rows, reserved = admission._as_rows()
                 self._reconcile_now(
                     admission.principal,
-                    admission._rows,
+                    rows,
                     admission.decision.states,
                     admission._codes,
-                    admission._reserved,
+                    reserved,
                     used,
                     lease,
                 )
@@ -521,12 +528,17 @@ class RateLimiter:
                         cost = -(-(inp * fast.input + out * fast.output) // fast.den)
                 by_code = (1, inp + out, inp, out, cost or 0)
             # the adjustments are computed by the store in its pass over the counters
+            rows = admission._rows
+            if rows is None:  # (an admission of admit()'s general path)
+                rows, reserved = admission._as_rows()
+            else:
+                reserved = admission._reserved
             self._reconcile_now(  # type: ignore[misc]
                 admission.principal,
-                admission._rows,
+                rows,
                 decision[2],  # decision.states
                 admission._codes,
-                admission._reserved,
+                reserved,
                 by_code,
                 admission.lease,
             )
@@ -643,6 +655,13 @@ class _Resolved:
             caps[code] = min(amount, caps.get(code, amount))
         self.caps = tuple(caps.items())
         self.plan = HeaderPlan(limits, concurrency)
+
+
+def _as_rows(
+    hits: Sequence[Hit],
+) -> tuple[list[tuple[str, int, int, int]], list[int]]:
+    """Hits as the memory store's rows (field, window ms, limit, i) and costs (by position)."""
+    return [(hit[0], hit[1], hit[2], i) for i, hit in enumerate(hits)], [hit[3] for hit in hits]
 
 
 def _all_limits(policy: Policy) -> list[Limit]:
