@@ -173,6 +173,25 @@ async def test_memory_backend_forgets_idle_principals_but_not_leases() -> None:
     assert await backend.in_flight("busy") == 1  # an entry holding a lease is kept
 
 
+def test_memory_backend_keeps_its_lru_order_exact() -> None:
+    """Every step moves its principal to the end of the eviction order (a step skips the move
+    only when that principal is already last)."""
+    backend = MemoryBackend(clock=lambda: 1_000.0)
+    hits = [Hit("requests:1", 1_000, 10, 1)]
+    a, b = "a" * 64, "b" * 64
+    for steps, last in (
+        ([(backend.acquire_now, a), (backend.acquire_now, b)], b),
+        ([(backend.adjust_now, a)], a),  # a after b
+        ([(backend.acquire_now, b), (backend.acquire_now, b)], b),
+        ([(backend.adjust_now, a), (backend.adjust_now, a)], a),
+    ):
+        for step, who in steps:
+            step(who, hits if step == backend.acquire_now else [])
+        assert list(backend._entries)[-1] == last
+    backend._evict(10**9, budget=1)  # the first (least recently used) goes first
+    assert list(backend._entries) == [a]
+
+
 async def test_a_failing_lease_refresh_never_cuts_the_call_short() -> None:
     """A store error while refreshing a lease (not an outage: e.g. Redis out of memory) is
     logged; the call completes and its lease is released."""

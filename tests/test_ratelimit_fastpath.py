@@ -90,6 +90,52 @@ def test_header_plan_on_other_shapes(
         assert plan.render(states, in_flight) == [(k.encode(), v.encode()) for k, v in expected]
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from([POLICY.limits, *SHAPES]),
+    st.lists(
+        st.tuples(st.integers(-3, 1), st.floats(0, 1.2), st.floats(0, 1.2), st.floats(0, 0.5)),
+        min_size=len(POLICY.limits),
+        max_size=len(POLICY.limits),
+    ),
+    st.integers(1_700_000_000_000, 1_700_000_000_000 + 10**9),
+    st.sampled_from([0, 1, 3]),
+    st.integers(0, 3),
+)
+def test_headers_rendered_in_the_admission_pass_equal_rate_limit_headers(
+    limits: tuple[Any, ...], raw: list[tuple[int, float, float, float]], now_ms: int,
+    concurrency: int, in_flight: int,
+) -> None:
+    from aimiddleware.ratelimit.backend import Hit
+    from aimiddleware.ratelimit.memory import MemoryBackend
+
+    # Counters in any state (this window, the previous one, older; counts as fractions of
+    # the limit), any cost, leases held.
+    backend = MemoryBackend(clock=lambda: now_ms / 1000)
+    backend.acquire_now("p", [])  # creates the entry
+    hits = []
+    for lim, (age, prev, curr, cost) in zip(limits, raw, strict=False):
+        window, amount = lim.window * 1000, lim.amount
+        counter = (now_ms // window + age, int(prev * amount), int(curr * amount), 0)
+        backend._entries["p"].counters[lim.field] = counter
+        hits.append(Hit(lim.field, window, amount, int(cost * amount)))
+    for n in range(in_flight):
+        backend._entries["p"].leases[f"held-{n}"] = now_ms + 60_000
+    plan = HeaderPlan(limits, concurrency)
+    span = 2 * max(h.window_ms for h in hits)
+    rows = [(h.field, h.window_ms, h.limit, i) for i, h in enumerate(hits)]
+    costs = [h.cost for h in hits]
+    decision, headers = backend.acquire_rendered(
+        "p", rows, costs, "l", concurrency, 30_000, span, plan
+    )
+    if not decision.allowed:
+        assert headers is None
+        return
+    expected = rate_limit_headers(limits, decision.states, concurrency, decision.in_flight)
+    assert headers == [(k.encode(), v.encode()) for k, v in expected]
+    assert headers == plan.render(decision.states, decision.in_flight)
+
+
 @given(st.integers(-5, 10**11))
 def test_go_ms_is_go_duration_without_float_noise(ms: int) -> None:
     # go_duration(ms / 1000) may round up by one millisecond (binary floats); never down.
@@ -235,7 +281,10 @@ async def test_admit_now_and_finish_now_equal_admit_and_finish() -> None:
         if step % 2:
             a.usage = b.usage = Usage(input_tokens=5, output_tokens=step * 10)
         sync.finish_now(got, a, step == 4)
-        await chained.finish(want, b, failed=step == 4)
+        if step % 3:
+            await chained.finish(want, b, failed=step == 4)
+        else:  # finish_now of an admission of admit()'s general path (it holds Hits)
+            chained.finish_now(want, b, step == 4)
         key = "p"
         assert sync.backend._entries[key].counters == chained.backend._entries[key].counters  # type: ignore[attr-defined]
         assert not sync.backend._entries[key].leases  # type: ignore[attr-defined]

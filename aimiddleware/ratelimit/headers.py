@@ -125,7 +125,7 @@ class HeaderPlan:
     """
 
     __slots__ = (
-        "_concurrency", "_direct", "_heads", "_policy", "_rows", "_slots", "_template",
+        "_concurrency", "_direct", "_heads", "_policy", "_rows", "_slots", "_template", "fused",
     )
 
     def __init__(self, limits: Sequence[Limit], concurrency: int) -> None:
@@ -165,6 +165,16 @@ class HeaderPlan:
         if self._direct:
             for h_limit, h_remaining, h_reset, ((j, amount, _),) in slots:
                 rows[j] = (*rows[j][:4], (h_limit, b"%d" % amount), h_remaining, h_reset)
+        # What MemoryBackend.acquire_rendered renders per limit in its admission pass (no second
+        # pass over the counters): None for a limit without headers (cost), else (amount as a
+        # float, the OpenAI limit header or None, remaining name, reset name). None when the
+        # plan is not direct (the tightest of several limits needs every row first).
+        self.fused: tuple[tuple[Any, ...] | None, ...] | None = None
+        if self._direct:
+            by_limit: list[tuple[Any, ...] | None] = [None] * len(limits)
+            for i, _, _, f_amount, h_limit, h_remaining, h_reset in rows:
+                by_limit[i] = (f_amount, h_limit, h_remaining, h_reset)
+            self.fused = tuple(by_limit)
         if concurrency:
             policy.append(_CONCURRENCY_POLICY.format(concurrency))
             members.append(b'"concurrency";r=%d;t=0')

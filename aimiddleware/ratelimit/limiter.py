@@ -11,7 +11,7 @@ import hashlib
 import itertools
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal, Union
@@ -57,8 +57,8 @@ class Admission:
     ``headers``: the same as strings."""
 
     __slots__ = (
-        "_codes", "concurrency", "decision", "estimate", "hits", "lease", "limits", "principal",
-        "raw_headers",
+        "_codes", "_hits", "_reserved", "_rows", "concurrency", "decision", "estimate", "lease",
+        "limits", "principal", "raw_headers",
     )
 
     def __init__(
@@ -75,7 +75,11 @@ class Admission:
     ) -> None:
         self.principal = principal
         self.limits = limits
-        self.hits = hits
+        self._hits: tuple[Hit, ...] | None = hits
+        # Or each hit as (field, window ms, limit, i) with its cost _reserved[i]: the form
+        # admit_now keeps (it builds no Hit); None: computed from the hits when needed.
+        self._rows: Sequence[tuple[str, int, int, int]] | None = None
+        self._reserved: Sequence[int] = ()
         self.estimate = estimate
         self.decision = decision
         self.lease = lease
@@ -83,6 +87,21 @@ class Admission:
         self.raw_headers = raw_headers
         # The dimension of each limit as an index into finish()'s usage tuple.
         self._codes = codes if codes is not None else tuple(_DIM_CODE[x.dimension] for x in limits)
+
+    @property
+    def hits(self) -> tuple[Hit, ...]:
+        """What the request reserved on each limit."""
+        if self._hits is None:
+            reserved = self._reserved
+            rows = self._rows or ()
+            self._hits = tuple(Hit(f, w, lim, reserved[i]) for f, w, lim, i in rows)
+        return self._hits
+
+    def _as_rows(self) -> tuple[Sequence[tuple[str, int, int, int]], Sequence[int]]:
+        """(rows, their costs): the stored ones, or the hits' own."""
+        if self._rows is None:
+            return _as_rows(self.hits)
+        return self._rows, self._reserved
 
     @property
     def headers(self) -> list[tuple[str, str]]:
@@ -165,13 +184,15 @@ class RateLimiter:
         # The in-process backend's steps never await: call them directly (no coroutine per
         # request), unless a subclass replaced the async methods.
         self._acquire_now: Callable[..., Decision] | None = None
-        self._adjust_now: Callable[..., None] | None = None
+        self._acquire_rendered: Callable[..., tuple[Decision, Any]] | None = None
+        self._reconcile_now: Callable[..., None] | None = None
         if isinstance(backend, MemoryBackend):
             kind = type(backend)
             if kind.acquire is MemoryBackend.acquire:
                 self._acquire_now = backend.acquire_now
+                self._acquire_rendered = backend.acquire_rendered
             if kind.adjust is MemoryBackend.adjust:
-                self._adjust_now = backend.adjust_now
+                self._reconcile_now = backend.reconcile_now
         self.estimator = Estimator(counter, prices, output_estimate)
         self.on_unpriced = on_unpriced
         self.fail_open = fail_open
@@ -189,7 +210,7 @@ class RateLimiter:
         self.name = name
         #: finish_now() does what finish() does, and no lease needs refreshing meanwhile (an
         #: in-process store: its adjust never awaits)
-        self.finishes_now = self._adjust_now is not None and not self.refreshes
+        self.finishes_now = self._reconcile_now is not None and not self.refreshes
         # admit_now can admit on its own: nothing to await (store, tier lookup, alerts)
         self._sync = (
             self._acquire_now is not None
@@ -293,33 +314,35 @@ class RateLimiter:
         if res.needs_cost and estimate.cost_units is None and self.on_unpriced == "reject":
             return None  # admit() raises the refusal
         inp, out = estimate.input_tokens, estimate.output_tokens
+        # What the request costs in each dimension (res.rows index it: no Hit is built)
         by_code = (estimate.requests, inp + out, inp, out, estimate.cost_units or 0)
-        built: list[Hit] = []  # (self._hits, inlined)
-        for f, w, amount, code in res.rows:
-            cost = by_code[code]
-            if cost > amount:  # more than a whole window: never admissible
+        for code, cap in res.caps:
+            if by_code[code] > cap:  # more than a whole window: never admissible
                 return None  # admit() raises the refusal
-            built.append(_new_tuple(Hit, (f, w, amount, cost)))  # Hit(f, w, amount, cost)
-        hits = tuple(built)
         principal = ctx.principal
         if "{" in principal or "}" in principal or len(principal) > 200:  # _key, inlined
             principal = _key(principal)
         concurrency = res.concurrency
         lease = f"{self._lease_prefix}{next(self._lease_ids)}" if concurrency else None
-        decision = self._acquire_now(principal, hits, lease, concurrency, self._lease_ttl_ms)  # type: ignore[misc]
+        # (the headers are rendered in the same pass over the counters)
+        decision, headers = self._acquire_rendered(  # type: ignore[misc]
+            principal, res.rows, by_code, lease, concurrency, self._lease_ttl_ms, res.span,
+            res.plan,
+        )
         if not decision[0]:  # decision.allowed
-            raise refusal.refused(res.limits, hits, decision, concurrency)
+            raise refusal.refused(res.limits, self._hits(res, estimate), decision, concurrency)
         # Admission(...), without the class call (not specialized on Python 3.11)
         admission: Admission = _new_object(Admission)
         admission.principal = principal
         admission.limits = res.limits
-        admission.hits = hits
+        admission._hits = None  # (built when read)
+        admission._rows = res.rows
+        admission._reserved = by_code
         admission.estimate = estimate
         admission.decision = decision
         admission.lease = lease
         admission.concurrency = concurrency
-        # (decision.states, decision.in_flight)
-        admission.raw_headers = res.plan.render(decision[2], decision[3])
+        admission.raw_headers = headers
         admission._codes = res.codes
         ctx.state["ratelimit"] = admission
         return admission
@@ -365,10 +388,13 @@ class RateLimiter:
         limits, concurrency = res.limits, res.concurrency
         hits = self._hits(res, estimate)
         lease = f"{self._lease_prefix}{next(self._lease_ids)}" if concurrency else None
+        headers = None
         try:
-            if self._acquire_now is not None:
-                decision = self._acquire_now(
-                    principal, hits, lease, concurrency, self._lease_ttl_ms
+            if self._acquire_rendered is not None:
+                rows, costs = _as_rows(hits)
+                decision, headers = self._acquire_rendered(
+                    principal, rows, costs, lease, concurrency, self._lease_ttl_ms, res.span,
+                    res.plan,
                 )
             else:
                 decision = await self.backend.acquire(
@@ -399,7 +425,7 @@ class RateLimiter:
             decision,
             lease,
             concurrency,
-            res.plan.render(decision.states, decision.in_flight),
+            res.plan.render(decision.states, decision.in_flight) if headers is None else headers,
             res.codes,
         )
         ctx.state["ratelimit"] = admission
@@ -440,12 +466,25 @@ class RateLimiter:
         """
         if admission.decision is None:
             return
-        adjustments = self._adjustments(admission, ctx, failed)
         lease = admission.lease
-        if not adjustments and lease is None:
+        if self._reconcile_now is not None:  # in-process: one pass, never unavailable
+            used = self._used(admission, ctx, failed)
+            if used is not None:
+                rows, reserved = admission._as_rows()
+                self._reconcile_now(
+                    admission.principal,
+                    rows,
+                    admission.decision.states,
+                    admission._codes,
+                    reserved,
+                    used,
+                    lease,
+                )
+            elif lease is not None:
+                self._reconcile_now(admission.principal, (), (), (), (), (), lease)
             return
-        if self._adjust_now is not None:  # in-process: takes the plain tuples, never unavailable
-            self._adjust_now(admission.principal, adjustments, lease)
+        adjustments = self._adjustments(admission, ctx, failed)
+        if not adjustments and lease is None:
             return
         try:
             await self.backend.adjust(
@@ -469,7 +508,7 @@ class RateLimiter:
             usage = ctx.usage
             if usage is None and not failed:  # nothing to correct
                 if admission.lease is not None:
-                    self._adjust_now(admission.principal, (), admission.lease)  # type: ignore[misc]
+                    self._reconcile_now(admission.principal, (), (), (), (), (), admission.lease)  # type: ignore[misc]
                 return
             if usage is None:
                 by_code: tuple[int, ...] = (0, 0, 0, 0, 0)
@@ -488,32 +527,43 @@ class RateLimiter:
                     else:  # fast.usage(usage) without the cache and reasoning terms
                         cost = -(-(inp * fast.input + out * fast.output) // fast.den)
                 by_code = (1, inp + out, inp, out, cost or 0)
-            adjustments = []  # (self._adjustments, inlined)
-            for hit, state, code in zip(admission.hits, decision[2], admission._codes):  # noqa: B905
-                delta = by_code[code] - hit[3]  # hit.cost
-                if delta:  # usage equal to the reservation: nothing to correct
-                    adjustments.append((hit[0], hit[1], state[0], delta))
-            if adjustments or admission.lease is not None:
-                self._adjust_now(admission.principal, adjustments, admission.lease)  # type: ignore[misc]
+            # the adjustments are computed by the store in its pass over the counters
+            rows = admission._rows
+            if rows is None:  # (an admission of admit()'s general path)
+                rows, reserved = admission._as_rows()
+            else:
+                reserved = admission._reserved
+            self._reconcile_now(  # type: ignore[misc]
+                admission.principal,
+                rows,
+                decision[2],  # decision.states
+                admission._codes,
+                reserved,
+                by_code,
+                admission.lease,
+            )
         except Exception:
             logger.exception("rate-limit reconciliation failed")
+
+    def _used(
+        self, admission: Admission, ctx: RequestContext, failed: bool
+    ) -> tuple[int, ...] | None:
+        """What the request really used, by dimension code (None: nothing to correct)."""
+        usage = ctx.usage
+        if usage is None:
+            return (0, 0, 0, 0, 0) if failed else None
+        inp, out = usage.input_tokens, usage.output_tokens
+        cost = self.estimator.actual_cost(admission.estimate, usage, ctx.model_version or ctx.model)
+        return (1, inp + out, inp, out, cost or 0)
 
     def _adjustments(
         self, admission: Admission, ctx: RequestContext, failed: bool
     ) -> list[tuple[str, int, int, int]]:
         """Adjustment's fields per limit whose reservation differs from the real usage."""
-        usage = ctx.usage
         adjustments: list[tuple[str, int, int, int]] = []
-        if usage is None and not failed:
+        by_code = self._used(admission, ctx, failed)
+        if by_code is None:
             return adjustments
-        if usage is None:
-            by_code: tuple[int, ...] = (0, 0, 0, 0, 0)
-        else:
-            inp, out = usage.input_tokens, usage.output_tokens
-            cost = self.estimator.actual_cost(
-                admission.estimate, usage, ctx.model_version or ctx.model
-            )
-            by_code = (1, inp + out, inp, out, cost or 0)
         assert admission.decision is not None
         # (no strict=: a keyword makes the call slower; the three have the same length)
         for hit, state, code in zip(admission.hits, admission.decision.states, admission._codes):  # noqa: B905
@@ -579,9 +629,13 @@ _DIM_CODE = {"requests": 0, "tokens": 1, "input_tokens": 2, "output_tokens": 3, 
 
 class _Resolved:
     """The limits of one (policy, route, extra, model), with what each request reuses: the
-    storage rows ``(field, window ms, amount, dimension code)`` and the header plan."""
+    storage rows ``(field, window ms, amount, dimension code)``, the header plan, and twice
+    the longest window (how long the counters live)."""
 
-    __slots__ = ("codes", "concurrency", "limits", "needs_body", "needs_cost", "plan", "rows")
+    __slots__ = (
+        "caps", "codes", "concurrency", "limits", "needs_body", "needs_cost", "plan", "rows",
+        "span",
+    )
 
     def __init__(
         self, limits: tuple[Limit, ...], concurrency: int, *, needs_body: bool, needs_cost: bool
@@ -594,7 +648,20 @@ class _Resolved:
             (lim.field, lim.window * 1000, lim.amount, _DIM_CODE[lim.dimension]) for lim in limits
         )
         self.codes = tuple(_DIM_CODE[lim.dimension] for lim in limits)
+        self.span = 2 * max([lim.window * 1000 for lim in limits], default=0)  # ms
+        # (dimension code, smallest limit of that dimension): a cost above it never fits
+        caps: dict[int, int] = {}
+        for _, _, amount, code in self.rows:
+            caps[code] = min(amount, caps.get(code, amount))
+        self.caps = tuple(caps.items())
         self.plan = HeaderPlan(limits, concurrency)
+
+
+def _as_rows(
+    hits: Sequence[Hit],
+) -> tuple[list[tuple[str, int, int, int]], list[int]]:
+    """Hits as the memory store's rows (field, window ms, limit, i) and costs (by position)."""
+    return [(hit[0], hit[1], hit[2], i) for i, hit in enumerate(hits)], [hit[3] for hit in hits]
 
 
 def _all_limits(policy: Policy) -> list[Limit]:

@@ -11,9 +11,12 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from itertools import repeat
+from math import floor
 from operator import itemgetter
 
 from aimiddleware.ratelimit.backend import Adjustment, Decision, Hit, WindowState, roll
+from aimiddleware.ratelimit.headers import _TAILS, HeaderPlan
 
 __all__ = ["MemoryBackend"]
 
@@ -21,6 +24,7 @@ _new = tuple.__new__  # a NamedTuple from a tuple, without its Python-level __ne
 _NEVER = 1 << 62  # a time (ms) after every expiry
 _EMPTY = (-_NEVER, 0, 0, 0)  # a counter never used: its window is long gone
 _field = itemgetter(0)  # Hit.field
+_NO_HEADERS = repeat(None)  # no limit renders headers in the admission pass
 
 
 class _Entry:
@@ -49,6 +53,7 @@ class MemoryBackend:
         self.clock = clock or time.time
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._evict_at = 0  # no eviction pass before this time (ms)
+        self._last: str | None = None  # the principal last moved to the end of the LRU order
 
     def _now(self) -> int:
         return int(self.clock() * 1000)
@@ -61,6 +66,7 @@ class MemoryBackend:
             entry = self._entries[principal] = _Entry()
         else:
             self._entries.move_to_end(principal)
+        self._last = principal
         return entry
 
     def _evict(self, now: int, budget: int = 4) -> None:
@@ -76,6 +82,7 @@ class MemoryBackend:
             if entry.leases:  # requests still in flight: keep it, look again later
                 entry.expires_ms = now + 60_000
                 self._entries.move_to_end(principal)
+                self._last = principal
                 continue
             del self._entries[principal]
 
@@ -101,17 +108,46 @@ class MemoryBackend:
         concurrency: int = 0,
         lease_ttl_ms: int = 0,
     ) -> Decision:
+        # Each hit as an acquire_rendered row: its cost is costs[its position].
+        rows = [(hit[0], hit[1], hit[2], i) for i, hit in enumerate(hits)]
+        costs = [hit[3] for hit in hits]
+        span = 2 * max([hit[1] for hit in hits], default=0)
+        return self.acquire_rendered(
+            principal, rows, costs, lease, concurrency, lease_ttl_ms, span
+        )[0]
+
+    def acquire_rendered(
+        self,
+        principal: str,
+        rows: Sequence[tuple[str, int, int, int]],
+        costs: Sequence[int],
+        lease: str | None,
+        concurrency: int,
+        lease_ttl_ms: int,
+        span: int,
+        plan: HeaderPlan | None = None,
+    ) -> tuple[Decision, list[tuple[bytes, bytes]] | None]:
+        """:meth:`acquire_now` of the hits ``Hit(field, window_ms, limit, costs[i])`` for each
+        row ``(field, window_ms, limit, i)`` (no Hit built), and with a ``plan`` the admitted
+        response's headers (``plan.render(decision.states, decision.in_flight)``), rendered in
+        the same pass over the counters when the plan allows it. ``span``: twice the longest
+        window (ms)."""
         now = int(self.clock() * 1000)
         entry = self._entries.get(principal)  # self._entry(principal, now), inlined
         if entry is None or now >= self._evict_at:
             entry = self._entry(principal, now)
-        else:
+        elif principal is not self._last:  # (already last: nothing to move)
             self._entries.move_to_end(principal)
+            self._last = principal
         counters = entry.counters
         states: list[WindowState] = []  # as they will be once charged
         failed = -1
-        longest = 0
-        for name, window, limit, cost in hits:
+        fused = _NO_HEADERS if plan is None or plan.fused is None else plan.fused
+        heads = plan._heads if plan is not None else {}  # whole seconds -> Go duration head
+        out: list[tuple[bytes, bytes]] = []  # the headers, when fused
+        args: list[int] = []  # the RateLimit template's values, when fused
+        for (name, window, limit, i), spec in zip(rows, fused):  # noqa: B905 (same length)
+            cost = costs[i]
             index = now // window
             # backend.roll and backend.fits, inlined (the same float expression as the Lua).
             at, prev, curr, _ = counters.get(name, _EMPTY)
@@ -120,13 +156,27 @@ class MemoryBackend:
             elapsed = now - index * window
             # float(prev) * float(window - elapsed) / float(window) + float(curr) + float(cost)
             # <= float(limit): a float op int converts the int exactly as float() does.
-            if failed < 0 and not (
-                prev * float(window - elapsed) / window + curr + cost <= float(limit)
-            ):
+            weighted = prev * float(window - elapsed) / window
+            if not (weighted + curr + cost <= float(limit)) and failed < 0:  # (usually fits)
                 failed = len(states)
-            states.append(_new(WindowState, (index, prev, curr + cost, elapsed)))
-            if window > longest:
-                longest = window
+            curr += cost
+            states.append(_new(WindowState, (index, prev, curr, elapsed)))
+            if spec is not None:  # HeaderPlan.render's row for this limit, fused
+                f_amount, h_limit, h_remaining, h_reset = spec
+                # backend.remaining and headers.reset_ms of the charged state
+                left = floor(f_amount - (weighted + curr))
+                if left < 0:
+                    left = 0
+                reset = 2 * window - elapsed if curr > 0 else (window - elapsed if prev > 0 else 0)
+                args += (left, -(-reset // 1000))  # (one list.extend rather than two appends)
+                if h_limit is not None:
+                    head = heads.get(reset // 1000)
+                    duration = (
+                        plan._duration(reset)  # type: ignore[union-attr]
+                        if head is None
+                        else head + _TAILS[reset % 1000]
+                    )
+                    out += (h_limit, (h_remaining, b"%d" % left), (h_reset, duration))
         in_flight = 0
         if concurrency > 0:
             leases = entry.leases
@@ -136,23 +186,33 @@ class MemoryBackend:
                 entry.lease_due = min(leases.values(), default=_NEVER)
             in_flight = len(leases)
             if failed < 0 and in_flight >= concurrency:
-                failed = len(hits)
-        if now + 2 * longest > entry.expires_ms:
-            entry.expires_ms = now + 2 * longest
+                failed = len(rows)
+        if now + span > entry.expires_ms:
+            entry.expires_ms = now + span
         if failed >= 0:  # nothing charged: report the counters as they are
             refused = tuple([
-                _new(WindowState, (s[0], s[1], s[2] - hit[3], s[3]))
-                for hit, s in zip(hits, states, strict=True)
+                _new(WindowState, (s[0], s[1], s[2] - costs[row[3]], s[3]))
+                for row, s in zip(rows, states, strict=True)
             ])
-            return _new(Decision, (False, failed, refused, in_flight, now))
+            return _new(Decision, (False, failed, refused, in_flight, now)), None
         # counters[hit.field] = state for each, in order (C-level: no Python loop)
-        counters.update(zip(map(_field, hits), states))  # noqa: B905 (same length)
+        counters.update(zip(map(_field, rows), states))  # noqa: B905 (same length)
         if concurrency > 0 and lease is not None:
             expiry = entry.leases[lease] = now + lease_ttl_ms
             if expiry < entry.lease_due:
                 entry.lease_due = expiry
             in_flight += 1
-        return _new(Decision, (True, -1, tuple(states), in_flight, now))
+        decision = _new(Decision, (True, -1, tuple(states), in_flight, now))
+        if plan is None:
+            return decision, None
+        if fused is _NO_HEADERS:  # the plan needs every row first
+            return decision, plan.render(states, in_flight)
+        if plan._policy is not None:  # the end of HeaderPlan.render
+            if plan._concurrency:
+                left = plan._concurrency - in_flight
+                args.append(left if left > 0 else 0)
+            out += (plan._policy, (b"ratelimit", plan._template % tuple(args)))
+        return decision, out
 
     async def adjust(
         self, principal: str, adjustments: Sequence[Adjustment], *, release: str | None = None
@@ -165,26 +225,58 @@ class MemoryBackend:
         adjustments: Sequence[tuple[str, int, int, int]],  # Adjustment or the same plain tuple
         release: str | None = None,
     ) -> None:
+        # Each adjustment as a reconcile_now row: nothing reserved, its delta used.
+        self.reconcile_now(
+            principal,
+            [(adj[0], adj[1], 0, 0) for adj in adjustments],
+            [(adj[2],) for adj in adjustments],
+            range(len(adjustments)),
+            (0,),
+            [adj[3] for adj in adjustments],
+            release,
+        )
+
+    def reconcile_now(
+        self,
+        principal: str,
+        rows: Sequence[tuple[str, int, int, int]],  # (field, window ms, limit, i)
+        states: Sequence[tuple[int, ...]],  # WindowState, or a tuple of its window number
+        codes: Sequence[int],
+        reserved: Sequence[int],
+        used: Sequence[int],
+        release: str | None = None,
+    ) -> None:
+        """Correct each row's reservation (``reserved[i]``, made in fixed window number
+        ``state[0]``) to ``used[code]`` (``codes``: one per row), and release the lease
+        ``release``: :meth:`adjust_now` computing its adjustments in the same pass (no list)."""
         now = int(self.clock() * 1000)
         entry = self._entries.get(principal)  # self._entry(principal, now), inlined
         if entry is None or now >= self._evict_at:
             entry = self._entry(principal, now)
-        else:
+        elif principal is not self._last:  # (already last: nothing to move)
             self._entries.move_to_end(principal)
+            self._last = principal
         if release is not None:
             entry.leases.pop(release, None)
         counters = entry.counters
-        for name, window, reserved, delta in adjustments:
+        for (name, window, _, i), state, code in zip(rows, states, codes):  # noqa: B905
+            delta = used[code] - reserved[i]  # negative refunds, positive charges
+            if not delta:  # usage equal to the reservation: nothing to correct
+                continue
             index = now // window
             at, prev, curr, _ = counters.get(name, _EMPTY)  # backend.roll, inlined
             if at != index:
                 prev, curr = (curr, 0) if at == index - 1 else (0, 0)
-            if delta >= 0:
+            if delta > 0:  # an extra charge goes to the current window
                 curr += delta
-            elif reserved == index:
-                curr = max(0, curr + delta)
-            elif reserved == index - 1:
-                prev = max(0, prev + delta)
+            elif state[0] == index:  # a refund goes to the window reserved in, if counted
+                curr += delta
+                if curr < 0:
+                    curr = 0
+            elif state[0] == index - 1:
+                prev += delta
+                if prev < 0:
+                    prev = 0
             counters[name] = (index, prev, curr, 0)
             if now + 2 * window > entry.expires_ms:
                 entry.expires_ms = now + 2 * window
