@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from math import floor
 from operator import itemgetter
+from typing import Any
 
 from aimiddleware.ratelimit.backend import Adjustment, Decision, Hit, WindowState, roll
 from aimiddleware.ratelimit.headers import _TAILS, HeaderPlan
@@ -24,6 +25,12 @@ _new = tuple.__new__  # a NamedTuple from a tuple, without its Python-level __ne
 _NEVER = 1 << 62  # a time (ms) after every expiry
 _EMPTY = (-_NEVER, 0, 0, 0)  # a counter never used: its window is long gone
 _field = itemgetter(0)  # Hit.field
+_window = itemgetter(1)  # Hit.window_ms
+# Indexing it returns the index (C-level): with it as ``costs``, a Hit is an acquire_rendered
+# row whose last field is its (non-negative) cost itself, so Hits are passed as they are.
+_OWN_COST = range(1 << 126)
+_NO_HEADS: dict[int, bytes] = {}  # (never written: no plan, no duration cache)
+_UNUSED: list[Any] = []  # (never appended to: without a plan no row renders)
 _NO_HEADERS = repeat(None)  # no limit renders headers in the admission pass
 
 
@@ -108,12 +115,9 @@ class MemoryBackend:
         concurrency: int = 0,
         lease_ttl_ms: int = 0,
     ) -> Decision:
-        # Each hit as an acquire_rendered row: its cost is costs[its position].
-        rows = [(hit[0], hit[1], hit[2], i) for i, hit in enumerate(hits)]
-        costs = [hit[3] for hit in hits]
-        span = 2 * max([hit[1] for hit in hits], default=0)
+        span = 2 * max(map(_window, hits), default=0)
         return self.acquire_rendered(
-            principal, rows, costs, lease, concurrency, lease_ttl_ms, span
+            principal, hits, _OWN_COST, lease, concurrency, lease_ttl_ms, span
         )[0]
 
     def acquire_rendered(
@@ -142,10 +146,14 @@ class MemoryBackend:
         counters = entry.counters
         states: list[WindowState] = []  # as they will be once charged
         failed = -1
-        fused = _NO_HEADERS if plan is None or plan.fused is None else plan.fused
-        heads = plan._heads if plan is not None else {}  # whole seconds -> Go duration head
-        out: list[tuple[bytes, bytes]] = []  # the headers, when fused
-        args: list[int] = []  # the RateLimit template's values, when fused
+        fused: Iterable[tuple[Any, ...] | None]
+        if plan is None:  # (acquire_now: nothing rendered, so nothing allocated for it)
+            fused, heads, out, args = _NO_HEADERS, _NO_HEADS, _UNUSED, _UNUSED
+        else:
+            fused = _NO_HEADERS if plan.fused is None else plan.fused
+            heads = plan._heads  # whole seconds -> Go duration head
+            out = []  # the headers, when fused
+            args = []  # the RateLimit template's values, when fused
         for (name, window, limit, i), spec in zip(rows, fused):  # noqa: B905 (same length)
             cost = costs[i]
             index = now // window
