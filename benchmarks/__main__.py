@@ -1,7 +1,9 @@
 """Run every benchmark module in one process and print one report.
 
 Each ``benchmarks/bench_*.py`` exposes ``async def run(quick: bool) -> tuple[str, dict]``
-returning a markdown table and JSON-able figures. Results go to ``benchmarks/results/``.
+returning a markdown table and JSON-able figures. Results go to ``benchmarks/results/``:
+``latest.{md,json,png}`` for a full run, ``partial.*`` (not kept in git) for a run of some
+benchmarks or a ``--quick`` one.
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ def main() -> None:
         print(text, "\n", flush=True)
         report.append(text)
         figures[name] = data
-    (out_dir / "latest.md").write_text("\n\n".join(report) + "\n")
-    (out_dir / "latest.json").write_text(json.dumps(figures, indent=2, default=str) + "\n")
-    chart(figures, out_dir / "latest.png")
+    # A run of some benchmarks only (or --quick) leaves the full run's results as they are.
+    stem = "latest" if not args.names and not args.quick else "partial"
+    (out_dir / f"{stem}.md").write_text("\n\n".join(report) + "\n")
+    (out_dir / f"{stem}.json").write_text(json.dumps(figures, indent=2, default=str) + "\n")
+    chart(figures, out_dir / f"{stem}.png")
 
 
 def _ratios(data: object, prefix: str = "") -> list[tuple[str, float]]:
