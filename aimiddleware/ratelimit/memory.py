@@ -28,7 +28,9 @@ _field = itemgetter(0)  # Hit.field
 _window = itemgetter(1)  # Hit.window_ms
 # Indexing it returns the index (C-level): with it as ``costs``, a Hit is an acquire_rendered
 # row whose last field is its (non-negative) cost itself, so Hits are passed as they are.
-_OWN_COST = range(1 << 126)
+_OWN_COST_END = 1 << 126
+_OWN_COST = range(_OWN_COST_END)  # (only for costs in [0, _OWN_COST_END): see acquire_now)
+_cost = itemgetter(3)  # Hit.cost
 _NO_HEADS: dict[int, bytes] = {}  # (never written: no plan, no duration cache)
 _UNUSED: list[Any] = []  # (never appended to: without a plan no row renders)
 _NO_HEADERS = repeat(None)  # no limit renders headers in the admission pass
@@ -116,8 +118,14 @@ class MemoryBackend:
         lease_ttl_ms: int = 0,
     ) -> Decision:
         span = 2 * max(map(_window, hits), default=0)
+        costs: Sequence[int] = _OWN_COST
+        rows: Sequence[tuple[str, int, int, int]] = hits
+        if hits and not (min(map(_cost, hits)) >= 0 and max(map(_cost, hits)) < _OWN_COST_END):
+            # a cost the range does not index to itself (negative: a credit; or huge)
+            rows = [(hit[0], hit[1], hit[2], i) for i, hit in enumerate(hits)]
+            costs = [hit[3] for hit in hits]
         return self.acquire_rendered(
-            principal, hits, _OWN_COST, lease, concurrency, lease_ttl_ms, span
+            principal, rows, costs, lease, concurrency, lease_ttl_ms, span
         )[0]
 
     def acquire_rendered(
