@@ -1,0 +1,126 @@
+"""Review: the fused stack leaves the same rate-limit and ledger state as the chained layers.
+
+``_Exchange.run`` inlines ``run_request`` and ``serve`` for an in-process store; the answers
+are compared in test_stack_middleware.py, this compares what each request leaves behind
+(counters after reconciliation, leases in flight, the ledger's aggregates) in the cases where
+the inlined steps could diverge: errors before and after the head, usage reported and then an
+error, usage reported by a background task, a body in chunks, a timeout."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+import aimiddleware
+from aimiddleware import InvalidRequest, Usage, UsageConfig, report_usage
+from aimiddleware.ratelimit.middleware import RateLimitMiddleware
+from aimiddleware.stack_middleware import StackMiddleware
+from aimiddleware.usage.ledger import MemoryLedger
+from tests.ratelimit_helpers import counters, principal_of
+from tests.test_stack_middleware import ROUTES, config, post
+
+
+async def stream_crash(request: Request) -> StreamingResponse:
+    async def events() -> AsyncIterator[bytes]:
+        yield b'data: {"choices":[{"delta":{"content":"a"},"finish_reason":null}]}\n\n'
+        raise RuntimeError("mid-stream")
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def reported_then_refused(request: Request) -> Response:
+    report_usage(Usage(input_tokens=40, output_tokens=2), finish_reason="stop")
+    raise InvalidRequest("after the call", param="messages")
+
+
+async def background_usage(request: Request) -> Response:
+    def later() -> None:
+        report_usage(Usage(input_tokens=30, output_tokens=9), finish_reason="stop")
+
+    return Response(b"ok", media_type="text/plain", background=BackgroundTask(later))
+
+
+async def chunked_json(request: Request) -> StreamingResponse:
+    async def parts() -> AsyncIterator[bytes]:
+        yield b'{"model":"m-2024","choices":[],'
+        yield b'"usage":{"prompt_tokens":11,"completion_tokens":4,"total_tokens":15}}'
+
+    return StreamingResponse(parts(), media_type="application/json")
+
+
+async def crash_after_json(request: Request) -> Response:
+    return JSONResponse(
+        {"usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}},
+        background=BackgroundTask(_boom),
+    )
+
+
+def _boom() -> None:
+    raise RuntimeError("after the response")
+
+
+EXTRA = [
+    Route("/v1/stream-crash", stream_crash, methods=["POST"]),
+    Route("/v1/reported-refused", reported_then_refused, methods=["POST"]),
+    Route("/v1/background", background_usage, methods=["POST"]),
+    Route("/v1/chunked", chunked_json, methods=["POST"]),
+    Route("/v1/crash-after", crash_after_json, methods=["POST"]),
+]
+
+PATHS = [
+    "/v1/chat", "/v1/stream", "/v1/refuse", "/v1/crash", "/v1/text", "/v1/slow",
+    "/v1/stream-crash", "/v1/reported-refused", "/v1/background", "/v1/chunked",
+    "/v1/crash-after",
+]  # fmt: skip
+
+
+def build(fused: bool) -> tuple[Any, Any, MemoryLedger]:
+    ledger = MemoryLedger()
+    cfg = config()
+    cfg.usage = UsageConfig(prices=cfg.usage.prices, ledger=ledger)  # type: ignore[union-attr]
+    app = aimiddleware.install(Starlette(routes=[*EXTRA, *ROUTES]), cfg)
+    (stack,) = app.user_middleware
+    assert stack.cls is StackMiddleware  # type: ignore[comparison-overlap]
+    layers = stack.kwargs["layers"]
+    (limiter,) = [opts["limiter"] for cls, opts in layers if cls is RateLimitMiddleware]
+    if not fused:
+        app.user_middleware.clear()
+        for cls, options in reversed(layers):
+            app.add_middleware(cls, **options)
+    return app, limiter, ledger
+
+
+async def state_after_each(fused: bool, key: str) -> list[Any]:
+    app, limiter, ledger = build(fused)
+    assert limiter.finishes_now  # the inlined path is the one under test
+    principal = principal_of(key)
+    out: list[Any] = []
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        for path in PATHS:
+            r = await client.post(path, headers={"authorization": f"Bearer {key}"}, **post())
+            aggs = await ledger.query(principal)
+            out.append((
+                path,
+                r.status_code,
+                await counters(limiter, key),
+                await limiter.backend.in_flight(principal),
+                [(a.model, a.requests, a.input_tokens, a.output_tokens, a.total_tokens)
+                 for a in aggs],
+            ))
+    return out
+
+
+async def test_fused_stack_leaves_the_state_the_chained_layers_leave() -> None:
+    fused = await state_after_each(True, "sk-review")
+    chained = await state_after_each(False, "sk-review")
+    for got, want in zip(fused, chained, strict=True):
+        assert got == want, got[0]
+    assert all(row[3] == 0 for row in fused)  # no lease left in flight
