@@ -124,3 +124,42 @@ async def test_fused_stack_leaves_the_state_the_chained_layers_leave() -> None:
     for got, want in zip(fused, chained, strict=True):
         assert got == want, got[0]
     assert all(row[3] == 0 for row in fused)  # no lease left in flight
+
+
+class HeldThenSlow:
+    """A JSON head (held by the usage layer for its body), then past the deadline."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        import anyio
+
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await anyio.sleep(5)
+
+
+async def test_a_deadline_after_a_held_head_answers_as_the_chained_layers() -> None:
+    from aimiddleware import CancellationConfig
+    from tests.test_stack_middleware import shape
+
+    results = []
+    for fused in (True, False):
+        ledger = MemoryLedger()
+        cfg = config()
+        cfg.usage = UsageConfig(prices=cfg.usage.prices, ledger=ledger)  # type: ignore[union-attr]
+        cfg.cancellation = CancellationConfig(timeouts={"/v1/held": 0.05})
+        app = aimiddleware.install(
+            Starlette(routes=[Route("/v1/held", HeldThenSlow()), *ROUTES]), cfg
+        )
+        if not fused:
+            (stack,) = app.user_middleware
+            app.user_middleware.clear()
+            for cls, options in reversed(stack.kwargs["layers"]):
+                app.add_middleware(cls, **options)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            r = await client.post("/v1/held", headers={"authorization": "Bearer k"}, **post())
+            after = await client.post("/v1/chat", headers={"authorization": "Bearer k"}, **post())
+        aggs = await ledger.query(principal_of("k"))
+        results.append((shape(r), shape(after)[0], [(a.requests, a.finish_reasons) for a in aggs]))
+    assert results[0][0][0] == 504
+    assert results[0] == results[1]
