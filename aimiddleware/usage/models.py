@@ -180,7 +180,9 @@ class Usage(BaseModel):
             "cache_creation_input_tokens": 0,
             "reasoning_tokens": reasoning,
         })
-        _set_fields_set(obj, _FIVE_SET)
+        # (shared only by Usage itself: a subclass may be mutable, and pydantic adds an
+        # assigned field's name to the instance's set in place)
+        _set_fields_set(obj, _FIVE_SET if cls is Usage else set(_FIVE))
         _set_extra(obj, None)
         _set_private(obj, None)
         return obj
