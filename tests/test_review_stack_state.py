@@ -163,3 +163,66 @@ async def test_a_deadline_after_a_held_head_answers_as_the_chained_layers() -> N
         results.append((shape(r), shape(after)[0], [(a.requests, a.finish_reasons) for a in aggs]))
     assert results[0][0][0] == 504
     assert results[0] == results[1]
+
+
+async def test_a_disconnect_during_an_io_ledger_write_still_records_fused_and_chained() -> None:
+    """The inlined serve steps shield the ledger write; here the cancellation layer (a
+    spliced scope on asyncio) cuts the request on a disconnect that arrives mid-write."""
+    found = [await _disconnect_mid_write(True), await _disconnect_mid_write(False)]
+    assert found[0] == (200, [(1, 10)])
+    assert found[0] == found[1]
+
+
+async def _disconnect_mid_write(fused: bool) -> tuple[int, list[tuple[int, int]]]:
+    import anyio
+
+    from aimiddleware import CancellationConfig
+    from aimiddleware.usage.ledger import UsageRecord
+
+    writing = anyio.Event()
+
+    class SlowLedger(MemoryLedger):
+        does_io = True  # awaited, shielded: not the in-process fast path
+
+        async def record(self, rec: UsageRecord) -> None:
+            writing.set()
+            await anyio.sleep(0.1)
+            await super().record(rec)
+
+    ledger = SlowLedger()
+    cfg = config()
+    cfg.usage = UsageConfig(prices=cfg.usage.prices, ledger=ledger)  # type: ignore[union-attr]
+    cfg.cancellation = CancellationConfig(watch_after=0)
+    app = aimiddleware.install(Starlette(routes=ROUTES), cfg)
+    if not fused:
+        (stack,) = app.user_middleware
+        app.user_middleware.clear()
+        for cls, options in reversed(stack.kwargs["layers"]):
+            app.add_middleware(cls, **options)
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+        "method": "POST", "scheme": "http", "path": "/v1/chat", "raw_path": b"/v1/chat",
+        "root_path": "", "query_string": b"", "client": ("127.0.0.1", 1),
+        "server": ("t", 80), "app": app,
+        "headers": [(b"content-type", b"application/json"), (b"authorization", b"Bearer k")],
+    }  # fmt: skip
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict[str, Any]] = []
+    delivered: list[bool] = []
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await writing.wait()  # the client goes while the ledger is being written
+        delivered.append(True)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with anyio.fail_after(5):
+        await app(scope, receive, send)
+    aggs = await ledger.query(principal_of("k"))
+    assert delivered  # the disconnect reached the watcher mid-write
+    return sent[0]["status"], [(a.requests, a.total_tokens) for a in aggs]
