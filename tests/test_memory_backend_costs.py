@@ -1,4 +1,4 @@
-"""Review: MemoryBackend.acquire with costs its index trick cannot carry (both backends)."""
+"""MemoryBackend.acquire with costs its index trick cannot carry (both backends)."""
 
 from __future__ import annotations
 

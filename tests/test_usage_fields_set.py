@@ -1,4 +1,4 @@
-"""Review: the fields set Usage.from_openai_chat shares never leaks between instances."""
+"""the fields set Usage.from_openai_chat shares never leaks between instances."""
 
 from __future__ import annotations
 
