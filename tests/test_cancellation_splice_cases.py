@@ -1,4 +1,4 @@
-"""The spliced cancel scope (asyncio), harder cases: the cases where splicing a scope in later
+"""The spliced cancel scope (asyncio), harder cases: where splicing a scope in later
 must behave exactly as one entered when the app started. Each scenario runs with a
 spliced scope, an entered one (a time limit) and the fallback (no splicing), against
 real anyio (no mocks), and all three must agree."""

@@ -1,4 +1,4 @@
-"""the fused stack leaves the same rate-limit and ledger state as the chained layers.
+"""The fused stack leaves the same rate-limit and ledger state as the chained layers.
 
 ``_Exchange.run`` inlines ``run_request`` and ``serve`` for an in-process store; the answers
 are compared in test_stack_middleware.py, this compares what each request leaves behind

@@ -1,4 +1,4 @@
-"""the fields set Usage.from_openai_chat shares never leaks between instances."""
+"""The fields set Usage.from_openai_chat shares never leaks between instances."""
 
 from __future__ import annotations
 
