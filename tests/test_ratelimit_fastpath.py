@@ -244,7 +244,8 @@ async def test_estimate_of_a_body_that_is_not_json_or_not_an_object(
                                content_type=b"application/json; charset=utf-8")
 
 
-async def test_admit_now_and_finish_now_equal_admit_and_finish() -> None:
+@pytest.mark.parametrize("tiered", [False, True])
+async def test_admit_now_and_finish_now_equal_admit_and_finish(tiered: bool) -> None:
     from aimiddleware.ratelimit.limiter import RateLimiter
     from aimiddleware.ratelimit.memory import MemoryBackend
 
@@ -254,8 +255,12 @@ async def test_admit_now_and_finish_now_equal_admit_and_finish() -> None:
     now = [1_700_000_000.0]
 
     def limiter() -> RateLimiter:
-        return RateLimiter(policy, backend=MemoryBackend(clock=lambda: now[0]),
-                           counter=counter, prices=prices)
+        backend = MemoryBackend(clock=lambda: now[0])
+        if tiered:  # tiers as a mapping: looked up inline; "p" is on "pro", not the default
+            tiers = {"free": Policy(requests="1/minute"), "pro": policy}
+            return RateLimiter(tiers, default_tier="free", tier={"p": "pro"}, backend=backend,
+                               counter=counter, prices=prices)
+        return RateLimiter(policy, backend=backend, counter=counter, prices=prices)
 
     def ctx() -> RequestContext:
         body = {"model": "gpt-4o-mini", "max_tokens": 64,
@@ -289,11 +294,15 @@ async def test_admit_now_and_finish_now_equal_admit_and_finish() -> None:
         assert sync.backend._entries[key].counters == chained.backend._entries[key].counters  # type: ignore[attr-defined]
         assert not sync.backend._entries[key].leases  # type: ignore[attr-defined]
 
-    # Anything that must await is left to admit(): a tier lookup, a store that is not
+    # Anything that must await (or warn) is left to admit(): a tier function (it may block:
+    # admit() runs it in a thread), a tier the policies do not name, a store that is not
     # in-process.
-    tiered = RateLimiter({"default": policy}, tier={"p": "default"}, counter=counter,
-                         prices=prices)
-    assert tiered.admit_now(ctx()) is None
+    tiers = {"default": policy}
+    by_function = RateLimiter(tiers, tier=lambda p: "default", counter=counter, prices=prices)
+    assert by_function.admit_now(ctx()) is None
+    unknown = RateLimiter(tiers, tier={"p": "gold"}, counter=counter, prices=prices)
+    assert unknown.admit_now(ctx()) is None
+    assert (await unknown.admit(ctx())).decision is not None  # (the default tier, warned)
 
 
 def test_finish_now_never_raises(caplog: pytest.LogCaptureFixture) -> None:

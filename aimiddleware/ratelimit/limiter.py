@@ -211,11 +211,12 @@ class RateLimiter:
         #: finish_now() does what finish() does, and no lease needs refreshing meanwhile (an
         #: in-process store: its adjust never awaits)
         self.finishes_now = self._reconcile_now is not None and not self.refreshes
-        # admit_now can admit on its own: nothing to await (store, tier lookup, alerts)
+        # admit_now can admit on its own: nothing to await (store, tier lookup, alerts); a
+        # tier given as a mapping is looked up inline (a callable may block: admit() calls it)
         self._sync = (
             self._acquire_now is not None
             and overrides is None
-            and tier is None
+            and (tier is None or isinstance(tier, Mapping))
             and not self.routes
             and not self.alert_fractions
         )
@@ -292,25 +293,34 @@ class RateLimiter:
     # -- admission --------------------------------------------------------------------------
 
     def admit_now(self, ctx: RequestContext, content_type: bytes | None = None) -> Admission | None:
-        """:meth:`admit` when it needs no ``await`` (the in-process store, no tier or route
-        lookup, no spend alert, the body counted on the loop), else ``None``: call ``admit``.
+        """:meth:`admit` when it needs no ``await`` (the in-process store, tiers as a mapping
+        or none, no override or route lookup, no spend alert, the body counted on the loop),
+        else ``None``: call ``admit``.
 
         Runs on every request: written flat (no helper calls on the common path)."""
         if not self._sync:
             return None
         model = ctx.model
-        res = self._plain.get(model)
-        if res is None:
-            res = self._resolve(self._default_policy, None, None, model)
+        policy = self._default_policy
+        if self.tier is not None:  # a mapping (policy_for's lookup, inline)
+            found = self.tier.get(ctx.principal)  # type: ignore[union-attr]
+            if found is not None:
+                policy = self.policies.get(found)  # type: ignore[assignment]
+                if policy is None:  # unknown: admit() warns, then uses the default tier
+                    return None
+        if policy is self._default_policy:
+            res = self._plain.get(model) or self._resolve(policy, None, None, model)
+        else:
+            res = self._resolve(policy, None, None, model)
         estimate = self.estimator.estimate_now(
-            ctx, self._default_policy, res.needs_body, res.needs_cost, content_type
+            ctx, policy, res.needs_body, res.needs_cost, content_type
         )
         if estimate is None:  # the body must be counted off the event loop
             return None
         if estimate.model != model:
-            res = self._plain.get(estimate.model) or self._resolve(
-                self._default_policy, None, None, estimate.model
-            )
+            res = (
+                self._plain.get(estimate.model) if policy is self._default_policy else None
+            ) or self._resolve(policy, None, None, estimate.model)
         if res.needs_cost and estimate.cost_units is None and self.on_unpriced == "reject":
             return None  # admit() raises the refusal
         inp, out = estimate.input_tokens, estimate.output_tokens
