@@ -26,7 +26,6 @@ from collections.abc import Coroutine
 from typing import Any
 
 import anyio
-from pydantic_core import from_json
 
 from aimiddleware.context import SCOPE_KEY, RequestContext
 from aimiddleware.pricing import PriceTable
@@ -157,26 +156,6 @@ class Responder:
             if added is not None:
                 await self.head_send(self.head(message, added))
         elif self.mode == "hold":
-            if kind == "http.response.body" and not message.get("more_body", False) and (
-                not self.chunks
-            ):  # the usual case, inline: the whole body in one message
-                acc, ctx = self.acc, self.ctx
-                assert acc is not None
-                body = message.get("body", b"")
-                if type(body) is not bytes:
-                    body = bytes(body)
-                if len(body) <= acc.max_json_body:
-                    try:  # parse_json's first step inline (per response); it decides the rest
-                        parsed = from_json(body)
-                    except ValueError:
-                        parsed = _parse_json(body)
-                    acc.absorb(ctx, from_response(parsed))
-                acc.settle(ctx)
-                start, self.start, self.mode = self.start, None, "pass"
-                if start is not None:
-                    await self.head_send(self.head(start, acc.headers(ctx)))
-                await self._send({"type": "http.response.body", "body": body, "more_body": False})
-                return
             if kind == "http.response.body":
                 more = message.get("more_body", False)
                 body = self._on_held_body(message.get("body", b""), more)
