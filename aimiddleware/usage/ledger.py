@@ -415,6 +415,34 @@ class _Counters:
         return out
 
 
+def _count(
+    c: _Counters, usage: Usage | tuple[int, ...], cost: Decimal | None, cost_nanos: int | None,
+    finish_reason: str | None,
+) -> None:
+    """Add one request to counters ``c`` in place (what :func:`counters_for` gives).
+    ``usage``: a Usage or packed (``_pack``); ``cost_nanos``: ``cost`` in 1e-9 units if known."""
+    if type(usage) is not tuple:
+        usage = _tokens(usage)
+    n = c.n
+    n[0] += 1  # _SLOTS order
+    n[1] += usage[0]
+    n[2] += usage[1]
+    n[3] += usage[2]
+    if usage[3]:  # (cached, cache writes, reasoning: mostly none)
+        n[4] += usage[3]
+    if usage[4]:
+        n[5] += usage[4]
+    if usage[5]:
+        n[6] += usage[5]
+    if cost is None:
+        n[_UNPRICED] += 1
+    else:
+        n[_COST] += int((cost * NANOS).to_integral_value()) if cost_nanos is None else cost_nanos
+    reason = finish_reason or "unknown"
+    reasons = c.reasons
+    reasons[reason] = reasons.get(reason, 0) + 1
+
+
 class MemoryLedger(Ledger):
     """In-process ledger, bounded: least recently used aggregates and requests go first.
 
@@ -512,31 +540,10 @@ class MemoryLedger(Ledger):
                 index = int(ts // 86400)
                 day, lo = _day(index), index * 86400.0
                 self._day = (day, lo, lo + 86400.0)
-            # what _add does, inline (per request)
+            # what _add does, with the last key's counters at hand (a run of writes to one key)
             key = (principal, day, model or UNKNOWN_MODEL)
             c = self._last_counters if key == self._last_key else self._counters(key)
-            if type(usage) is not tuple:
-                usage = _tokens(usage)
-            n = c.n
-            n[0] += 1  # _SLOTS order
-            n[1] += usage[0]
-            n[2] += usage[1]
-            n[3] += usage[2]
-            if usage[3]:  # (cached, cache writes, reasoning: mostly none)
-                n[4] += usage[3]
-            if usage[4]:
-                n[5] += usage[4]
-            if usage[5]:
-                n[6] += usage[5]
-            if cost is None:
-                n[_UNPRICED] += 1
-            else:
-                n[_COST] += (
-                    int((cost * NANOS).to_integral_value()) if cost_nanos is None else cost_nanos
-                )
-            reason = reason or "unknown"
-            reasons = c.reasons
-            reasons[reason] = reasons.get(reason, 0) + 1
+            _count(c, usage, cost, cost_nanos, reason)
             # what _put does, inline (per request)
             reqs = self._requests
             size = len(reqs)
@@ -566,26 +573,8 @@ class MemoryLedger(Ledger):
     ) -> None:
         """Add one request to its counters: what :func:`counters_for` gives, added in place.
         ``usage``: a Usage or packed (``_pack``)."""
-        c = self._counters((principal, day, model or UNKNOWN_MODEL))
-        if type(usage) is not tuple:
-            usage = _tokens(usage)
-        n = c.n
-        n[0] += 1  # _SLOTS order
-        n[1] += usage[0]
-        n[2] += usage[1]
-        n[3] += usage[2]
-        n[4] += usage[3]
-        n[5] += usage[4]
-        n[6] += usage[5]
-        if cost is None:
-            n[_UNPRICED] += 1
-        else:
-            n[_COST] += (
-                int((cost * NANOS).to_integral_value()) if cost_nanos is None else cost_nanos
-            )
-        reason = finish_reason or "unknown"
-        reasons = c.reasons
-        reasons[reason] = reasons.get(reason, 0) + 1
+        _count(self._counters((principal, day, model or UNKNOWN_MODEL)), usage, cost,
+               cost_nanos, finish_reason)
 
     async def query(
         self,
