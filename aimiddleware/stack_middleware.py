@@ -29,14 +29,12 @@ from aimiddleware.context_middleware import (
     with_request_id,
 )
 from aimiddleware.error_middleware import ErrorMiddleware
-from aimiddleware.errors import AIError
 from aimiddleware.idempotency.middleware import IdempotencyMiddleware
-from aimiddleware.ratelimit._run import add_headers, run_request
+from aimiddleware.ratelimit._run import run_request
 from aimiddleware.ratelimit.headers import HEADER_NAMES
 from aimiddleware.ratelimit.middleware import RateLimitMiddleware, with_headers
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
-from aimiddleware.usage.accounting import STATE_KEY
-from aimiddleware.usage.middleware import Responder, UsageMiddleware, finish_write, serve
+from aimiddleware.usage.middleware import Responder, UsageMiddleware, serve
 from aimiddleware.versioning.middleware import VersioningMiddleware
 
 __all__ = ["StackMiddleware"]
@@ -209,32 +207,7 @@ class _Exchange(Responder):
         if admission is None:
             admission = await limiter.admit(ctx, content_type=content_type)
         self.rate_headers = admission.raw_headers
-        if not limiter.finishes_now:
-            if self.acc is None:
-                await run_request(limiter, admission, ctx, stack.app, scope, receive, send)
-            else:
-                await run_request(limiter, admission, ctx, serve, stack.app, scope, receive, self)
-            return
-        # run_request's steps for an in-process store, without a coroutine around the app
-        failed = True
-        try:
-            acc = self.acc
-            if acc is None:
-                await stack.app(scope, receive, send)
-            else:  # serve()'s steps, without its coroutine (per request)
-                ctx.state[STATE_KEY] = acc.settings
-                try:
-                    await stack.app(scope, receive, self.send)
-                    if self.mode == "hold":
-                        await self.release()
-                finally:
-                    write = acc.finish_nowait(ctx)
-                    if write is not None:
-                        await finish_write(acc, write)
-            status = ctx.response_status
-            failed = status is None or not 0 < status < 400
-        except AIError as err:
-            add_headers(err, admission)
-            raise
-        finally:
-            limiter.finish_now(admission, ctx, failed)
+        if self.acc is None:
+            await run_request(limiter, admission, ctx, stack.app, scope, receive, send)
+        else:
+            await run_request(limiter, admission, ctx, serve, stack.app, scope, receive, self)

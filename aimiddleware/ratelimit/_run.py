@@ -65,7 +65,9 @@ async def run_request(
         add_headers(err, admission)
         raise
     finally:
-        if limiter.settled(admission, ctx, failed=failed):
+        if limiter.finishes_now:  # the in-process store: a plain call that never raises
+            limiter.finish_now(admission, ctx, failed)
+        elif limiter.settled(admission, ctx, failed=failed):
             pass
         elif limiter.refreshes:  # a shared store: shielded I/O
             await settle(limiter, admission, ctx, failed)
