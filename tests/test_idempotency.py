@@ -666,15 +666,17 @@ async def test_store_lost_mid_request_still_answers_and_a_retry_runs() -> None:
 
 
 async def test_a_handler_outliving_its_lease_keeps_it_and_runs_once(storage: Storage) -> None:
-    app, counts = build(storage, lease_seconds=0.3, secret="s" * 32)  # renewed every 0.1 s
+    # The lease is 1 s, renewed every 0.25 s: it survives an event-loop stall of up to 0.75 s
+    # (a loaded CI box once stalled past a 0.3 s lease renewed every 0.1 s).
+    app, counts = build(storage, lease_seconds=1.0, heartbeat_seconds=0.25, secret="s" * 32)
     async with client(app) as c:
-        first = asyncio.create_task(c.post("/chat?delay=1.0", content=b"{}", headers=KEY))
+        first = asyncio.create_task(c.post("/chat?delay=4.0", content=b"{}", headers=KEY))
         dupes = []
         for _ in range(3):
-            await asyncio.sleep(0.3)  # each well past one lease
-            dupes.append(await c.post("/chat?delay=1.0", content=b"{}", headers=KEY))
+            await asyncio.sleep(1.05)  # each past one lease
+            dupes.append(await c.post("/chat?delay=4.0", content=b"{}", headers=KEY))
         done = await first
-        replay = await c.post("/chat?delay=1.0", content=b"{}", headers=KEY)
+        replay = await c.post("/chat?delay=4.0", content=b"{}", headers=KEY)
     assert counts["chat"] == 1
     assert [d.status_code for d in dupes] == [409, 409, 409]
     assert done.status_code == 201 and replay.headers["idempotent-replayed"] == "true"
@@ -728,23 +730,26 @@ async def drive(app: Any, sleep: bytes, key: bytes) -> list[dict[str, Any]]:
 
 
 async def run_lease_scenario() -> tuple[int, int, list[int]]:
-    """A short request (no renewal), then a long one with duplicates arriving meanwhile."""
+    """A short request (no renewal), then a long one with duplicates arriving meanwhile.
+
+    The lease (1 s, renewed every 0.25 s) leaves room for a stalled event loop on a loaded box.
+    """
     store = CountingStore()
-    app = RequestContextMiddleware(
-        IdempotencyMiddleware(ticking, store=store, lease_seconds=0.3, secret="s" * 32)
-    )
+    app = RequestContextMiddleware(IdempotencyMiddleware(
+        ticking, store=store, lease_seconds=1.0, heartbeat_seconds=0.25, secret="s" * 32
+    ))
     await drive(app, b"0", b"short")
     short_beats = store.beats
     statuses: list[int] = []
 
     async def duplicates() -> None:
         for _ in range(3):
-            await anyio.sleep(0.3)
+            await anyio.sleep(1.05)  # each past one lease
             statuses.append((await drive(app, b"0", b"long"))[0]["status"])
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(duplicates)
-        first = await drive(app, b"1.0", b"long")
+        first = await drive(app, b"4.0", b"long")
     statuses.append(first[0]["status"])
     statuses.append(dict((await drive(app, b"0", b"long"))[0]["headers"]).get(
         b"idempotent-replayed", b"").decode() == "true")
@@ -755,7 +760,7 @@ async def test_renewal_is_lazy_and_keeps_a_long_lease_on_asyncio() -> None:
     before = len(asyncio.all_tasks())
     short_beats, beats, statuses = await run_lease_scenario()
     assert short_beats == 0  # a request shorter than one interval never renews
-    assert beats >= 5  # ~0.1 s interval over 1 s
+    assert beats >= 5  # ~0.25 s interval over 4 s
     assert statuses == [409, 409, 409, 200, True]
     assert len(asyncio.all_tasks()) == before  # no renewing task outlives its request
 
