@@ -33,6 +33,9 @@ def build(storage: Storage | str, **options: Any) -> tuple[FastAPI, Counter[str]
     async def chat(request: Request) -> Response:
         n = await count("chat")
         await asyncio.sleep(float(request.query_params.get("delay", "0")))
+        if request.query_params.get("hold") and redis_url is not None:
+            while not await storage.redis.exists("test:release"):  # noqa: ASYNC110 - the test sets it
+                await asyncio.sleep(0.01)
         if n == 1 and request.query_params.get("hang_first"):
             await asyncio.sleep(60)  # the SIGKILL test kills the worker meanwhile
         body = await request.body()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,15 @@ async def health(request: Request) -> PlainTextResponse:
 
 jobs = JobsRouter(
     work, storage=os.environ["AIMW_JOBS_REDIS"], heartbeat_interval=0.5,
-    webhook_secrets=os.environ.get("AIMW_JOBS_WHSEC"), webhook_schedule=(1.0, 0.2),
+    webhook_secrets=os.environ.get("AIMW_JOBS_WHSEC"), webhook_schedule=(30.0, 0.2),
     webhook_poll_interval=0.05,
     callback_policy=CallbackPolicy(schemes=["http"], allow_hosts=["127.0.0.1"]),
 )
+# A worker "started later": its webhook dispatcher's clock runs this many seconds ahead, so
+# a retry an earlier worker scheduled ~30 s out is due for it at once.
+AHEAD = float(os.environ.get("AIMW_JOBS_CLOCK_AHEAD", "0"))
+if jobs.dispatcher is not None and AHEAD:
+    jobs.dispatcher.clock = lambda: time.time() + AHEAD
 app = Starlette(routes=[Route("/health", health), Mount("/v1", jobs)],
                 lifespan=jobs.lifespan_context)
 install(app)

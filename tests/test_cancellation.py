@@ -26,6 +26,7 @@ from aimiddleware import (
 )
 from tests.live_server import serve
 from tests.sse_spec import parse
+from tests.stalls import steady
 
 CANCELLED = asyncio.CancelledError  # the backend these tests run on
 
@@ -68,6 +69,7 @@ def build_app(record: dict[str, Any]) -> FastAPI:
             async for tok in model(3):
                 out.append(tok)
                 record.setdefault("first_token", time.perf_counter())
+                record["tokens"] = len(out)
         except CANCELLED:
             report_usage({"input_tokens": 12, "output_tokens": len(out)})
             raise
@@ -118,57 +120,69 @@ class LeaseProbe:
 
 
 async def test_disconnect_mid_non_stream_cancels_the_model_call() -> None:
-    record: dict[str, Any] = {}
-    async with serve(build_app(record)) as url:
-        host, port = url.removeprefix("http://").split(":")
-        stream = await anyio.connect_tcp(host, int(port))
-        await stream.send(
-            b"POST /v1/complete HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            b"content-length: 2\r\n\r\n{}"
-        )
-        await wait_for(record, "first_token")
-        await anyio.sleep(0.1)  # the model is generating
-        closed_at = time.perf_counter()
-        await stream.aclose()
-        cancelled_at = await wait_for(record, "cancelled_at")
-        await wait_for(record, "released")
-        await anyio.sleep(0.05)
-    latency_ms = (cancelled_at - closed_at) * 1000  # measured where the model runs
-    print(f"\nnon-stream: model cancelled {latency_ms:.1f} ms after the client disconnected")
-    assert 0 <= latency_ms < 1000
-    ctx = record["ctx"]
-    assert ctx.disconnected is True
-    assert ctx.raw_finish_reason == "cancelled"
-    assert ctx.usage == Usage(input_tokens=12, output_tokens=3)  # partial usage recorded
-    assert ctx.state["cancellation"]["reason"] == "disconnect"
-    assert record["lease"] == "released"
+    async def scenario() -> None:
+        record: dict[str, Any] = {}
+        async with serve(build_app(record)) as url:
+            host, port = url.removeprefix("http://").split(":")
+            stream = await anyio.connect_tcp(host, int(port))
+            await stream.send(
+                b"POST /v1/complete HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                b"content-length: 2\r\n\r\n{}"
+            )
+            await wait_for(record, "first_token")
+            with anyio.fail_after(3):  # the model has sent its 3 tokens, and goes on generating
+                while record["tokens"] < 3:  # noqa: ASYNC110 - the server side records a count
+                    await anyio.sleep(0.002)
+            closed_at = time.perf_counter()
+            await stream.aclose()
+            cancelled_at = await wait_for(record, "cancelled_at")
+            await wait_for(record, "released")
+            await anyio.sleep(0.05)
+        latency_ms = (cancelled_at - closed_at) * 1000  # measured where the model runs
+        print(f"\nnon-stream: model cancelled {latency_ms:.1f} ms after the client disconnected")
+        assert 0 <= latency_ms < 1000
+        ctx = record["ctx"]
+        assert ctx.disconnected is True
+        assert ctx.raw_finish_reason == "cancelled"
+        assert ctx.usage == Usage(input_tokens=12, output_tokens=3)  # partial usage recorded
+        assert ctx.state["cancellation"]["reason"] == "disconnect"
+        assert record["lease"] == "released"
+
+    # An attempt whose event loop stalled for 0.25 s or more is run again: the latency
+    # bound is about the middleware, not about a loaded machine (see tests.stalls).
+    await steady(scenario, stall=0.25)
 
 
 async def test_disconnect_mid_stream_cancels_the_model_call() -> None:
-    record: dict[str, Any] = {}
-    async with serve(build_app(record)) as url, httpx.AsyncClient(base_url=url) as client:
-        seen = 0
-        async with client.stream("POST", "/v1/stream", json={}) as response:
-            assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
-            async for line in response.aiter_lines():
-                if line.startswith("data:"):
-                    seen += 1
-                if seen == 5:
-                    break
-            closed_at = time.perf_counter()
-        await client.aclose()  # the connection goes away with the unfinished response
-        cancelled_at = await wait_for(record, "cancelled_at")
-        await anyio.sleep(0.05)
-    latency_ms = (cancelled_at - closed_at) * 1000
-    print(f"\nstream: model cancelled {latency_ms:.1f} ms after the client disconnected")
-    assert 0 <= latency_ms < 1000
-    ctx = record["ctx"]
-    assert ctx.streaming and ctx.disconnected
-    assert ctx.raw_finish_reason == "cancelled"
-    assert ctx.usage is not None and ctx.usage.input_tokens == 12
-    assert ctx.usage.output_tokens >= 5  # the partial count reached when the client left
-    assert "sse.completed" not in ctx.state
-    assert record["lease"] == "released"
+    async def scenario() -> None:
+        record: dict[str, Any] = {}
+        async with serve(build_app(record)) as url, httpx.AsyncClient(base_url=url) as client:
+            seen = 0
+            async with client.stream("POST", "/v1/stream", json={}) as response:
+                assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
+                async for line in response.aiter_lines():
+                    if line.startswith("data:"):
+                        seen += 1
+                    if seen == 5:
+                        break
+                closed_at = time.perf_counter()
+            await client.aclose()  # the connection goes away with the unfinished response
+            cancelled_at = await wait_for(record, "cancelled_at")
+            await anyio.sleep(0.05)
+        latency_ms = (cancelled_at - closed_at) * 1000
+        print(f"\nstream: model cancelled {latency_ms:.1f} ms after the client disconnected")
+        assert 0 <= latency_ms < 1000
+        ctx = record["ctx"]
+        assert ctx.streaming and ctx.disconnected
+        assert ctx.raw_finish_reason == "cancelled"
+        assert ctx.usage is not None and ctx.usage.input_tokens == 12
+        assert ctx.usage.output_tokens >= 5  # the partial count reached when the client left
+        assert "sse.completed" not in ctx.state
+        assert record["lease"] == "released"
+
+    # An attempt whose event loop stalled for 0.25 s or more is run again: the latency
+    # bound is about the middleware, not about a loaded machine (see tests.stalls).
+    await steady(scenario, stall=0.25)
 
 
 def tiered_app() -> FastAPI:
@@ -470,25 +484,31 @@ async def test_many_requests_in_flight_share_one_sweeper() -> None:
 
 async def test_disconnect_before_the_watcher_starts_still_cancels_promptly() -> None:
     """Real uvicorn: the client leaves within the grace period (watch_after)."""
-    record: dict[str, Any] = {}
-    async with serve(build_app(record)) as url:
-        host, port = url.removeprefix("http://").split(":")
-        stream = await anyio.connect_tcp(host, int(port))
-        await stream.send(
-            b"POST /v1/complete HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            b"content-length: 2\r\n\r\n{}"
-        )
-        await wait_for(record, "ctx")  # the endpoint is running, the watcher not yet
-        closed_at = time.perf_counter()
-        await stream.aclose()
-        cancelled_at = await wait_for(record, "cancelled_at")
-        await wait_for(record, "released")
-    latency_ms = (cancelled_at - closed_at) * 1000
-    print(f"\nearly disconnect: model cancelled {latency_ms:.1f} ms after the client left")
-    assert 0 <= latency_ms < 1000
-    ctx = record["ctx"]
-    assert ctx.disconnected is True and ctx.raw_finish_reason == "cancelled"
-    assert record["lease"] == "released"
+
+    async def scenario() -> None:
+        record: dict[str, Any] = {}
+        async with serve(build_app(record)) as url:
+            host, port = url.removeprefix("http://").split(":")
+            stream = await anyio.connect_tcp(host, int(port))
+            await stream.send(
+                b"POST /v1/complete HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                b"content-length: 2\r\n\r\n{}"
+            )
+            await wait_for(record, "ctx")  # the endpoint is running, the watcher not yet
+            closed_at = time.perf_counter()
+            await stream.aclose()
+            cancelled_at = await wait_for(record, "cancelled_at")
+            await wait_for(record, "released")
+        latency_ms = (cancelled_at - closed_at) * 1000
+        print(f"\nearly disconnect: model cancelled {latency_ms:.1f} ms after the client left")
+        assert 0 <= latency_ms < 1000
+        ctx = record["ctx"]
+        assert ctx.disconnected is True and ctx.raw_finish_reason == "cancelled"
+        assert record["lease"] == "released"
+
+    # An attempt whose event loop stalled for 0.25 s or more is run again: the latency
+    # bound is about the middleware, not about a loaded machine (see tests.stalls).
+    await steady(scenario, stall=0.25)
 
 
 async def test_watch_after_zero_watches_from_the_start() -> None:

@@ -187,8 +187,12 @@ async def test_the_task_and_its_outer_scopes_are_intact_after_a_cancelled_reques
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
+    requests_done = anyio.Event()
+
     async def sibling() -> None:
-        await anyio.sleep(0.2)
+        # Waits through both requests (a cancellation leaking out of the first would end it
+        # here); an event, not a sleep: a stalled machine cannot reorder it.
+        await requests_done.wait()
         record.append("sibling finished")
 
     mw = middleware(app, mode)
@@ -210,6 +214,7 @@ async def test_the_task_and_its_outer_scopes_are_intact_after_a_cancelled_reques
                 with anyio.move_on_after(0.01) as inner:
                     await anyio.sleep(1)
                 assert inner.cancelled_caught
+                requests_done.set()
         assert not outer.cancel_called
     assert record == ["slow request cancelled", "sibling finished"]
 

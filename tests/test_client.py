@@ -69,7 +69,7 @@ def build_app(state: ServerState, model: FakeModel) -> Starlette:
         if scenario == "invalid":
             raise InvalidRequest("Bad field.", param="messages")
         if scenario == "slow" and n == 1:
-            await anyio.sleep(0.5)
+            await anyio.sleep(5)  # far past the client's read timeout, even on a stalled box
         if scenario == "longwait":
             return JSONResponse(
                 {"error": "later"}, status_code=429, headers={"retry-after": "3600"}
@@ -311,17 +311,46 @@ async def test_streaming_request_body_is_never_retried(server: Server) -> None:
     assert len(attempts) == 1 and attempts[0].key and sleeps == []
 
 
+# The "slow" scenario answers its first attempt after 5 s (its handler is cancelled when
+# the client hangs up): the client's 0.2 s read timeout fires, even if the machine stalls.
+# A retry is answered at once, but gets 10 s (set below the retrying transport), so that a
+# stalled machine cannot time it out too; connecting is never the short part.
+SHORT_READ = httpx.Timeout(10, read=0.2)
+
+
+class PatientRetries(httpx.HTTPTransport):
+    attempts = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.attempts += 1
+        if self.attempts > 1:
+            request.extensions["timeout"] = httpx.Timeout(10).as_dict()
+        return super().handle_request(request)
+
+
+class AsyncPatientRetries(httpx.AsyncHTTPTransport):
+    attempts = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.attempts += 1
+        if self.attempts > 1:
+            request.extensions["timeout"] = httpx.Timeout(10).as_dict()
+        return await super().handle_async_request(request)
+
+
 def test_read_timeout_retried_only_with_idempotency_key_sync(server: Server) -> None:
     policy, sleeps = recorder_policy()
     no_key, no_key_sleeps = recorder_policy(idempotency_methods=())
     run, base = server.base("slow")
     run2, base2 = server.base("slow")
-    with httpx.Client(transport=RetryTransport(policy=policy), timeout=0.2) as client:
+    transport = RetryTransport(PatientRetries(), policy=policy)
+    with httpx.Client(transport=transport, timeout=SHORT_READ) as client:
         assert (
             client.post(base + "/chat/completions", json={"messages": MESSAGES}).status_code == 200
         )
     with (
-        httpx.Client(transport=RetryTransport(policy=no_key), timeout=0.2) as client,
+        httpx.Client(transport=RetryTransport(PatientRetries(), policy=no_key),
+                     timeout=SHORT_READ) as client,
         pytest.raises(httpx.ReadTimeout),
     ):
         client.post(base2 + "/chat/completions", json={"messages": MESSAGES})
@@ -335,13 +364,13 @@ async def test_read_timeout_retried_only_with_idempotency_key_async(server: Serv
     no_key, no_key_sleeps = recorder_policy(idempotency_methods=())
     run, base = server.base("slow")
     run2, base2 = server.base("slow")
-    transport = AsyncRetryTransport(policy=policy)
-    async with httpx.AsyncClient(transport=transport, timeout=0.2) as client:
+    transport = AsyncRetryTransport(AsyncPatientRetries(), policy=policy)
+    async with httpx.AsyncClient(transport=transport, timeout=SHORT_READ) as client:
         assert (
             await client.post(base + "/chat/completions", json={"messages": MESSAGES})
         ).status_code == 200
-    transport = AsyncRetryTransport(policy=no_key)
-    async with httpx.AsyncClient(transport=transport, timeout=0.2) as client:
+    transport = AsyncRetryTransport(AsyncPatientRetries(), policy=no_key)
+    async with httpx.AsyncClient(transport=transport, timeout=SHORT_READ) as client:
         with pytest.raises(httpx.ReadTimeout):
             await client.post(base2 + "/chat/completions", json={"messages": MESSAGES})
     assert len(server.attempts(run)) == 2 and len(sleeps) == 1

@@ -28,6 +28,10 @@ class Recorder:
         self.calls: list[Any] = []
         self.cancelled: list[str] = []
         self.lock = threading.Lock()
+        # A job whose input says "hold" stays in its first step until the test opens this
+        # (the server runs in another thread): what the test must see while the job runs
+        # does not depend on how fast the machine is.
+        self.gate = threading.Event()
 
     async def fn(self, ctx: JobContext, input: Any) -> Any:
         with self.lock:
@@ -36,6 +40,8 @@ class Recorder:
         try:
             for i in range(steps):
                 await ctx.step()
+                while i == 0 and input.get("hold") and not self.gate.is_set():  # noqa: ASYNC110 - set from another thread
+                    await anyio.sleep(0.01)
                 await anyio.sleep(float(input.get("delay", 0.05)))
                 await ctx.partial(f"chunk-{i}")
                 await ctx.record_usage({"input_tokens": 10, "output_tokens": 5}, cost="0.01")
@@ -81,8 +87,8 @@ async def wait_status(client: httpx.AsyncClient, path: str, statuses: set[str],
 
 async def test_submit_poll_stream_resume(server: ThreadServer, recorder: Recorder) -> None:
     async with httpx.AsyncClient(base_url=server.url) as client:
-        r = await client.post("/v1/jobs", json={"input": {"text": "hi", "steps": 6, "delay": 0.1}},
-                              headers=A)
+        job = {"text": "hi", "steps": 6, "delay": 0.1, "hold": True}
+        r = await client.post("/v1/jobs", json={"input": job}, headers=A)
         assert r.status_code == 202
         job_id = r.json()["id"]
         assert r.json()["status"] == "queued" and job_id.startswith("job_") and len(job_id) > 20
@@ -91,6 +97,7 @@ async def test_submit_poll_stream_resume(server: ThreadServer, recorder: Recorde
 
         running = await wait_status(client, r.headers["location"], {"in_progress"})
         assert running["started_at"] is not None
+        recorder.gate.set()  # (held until seen running, however slow the machine)
 
         # Stream, drop the connection after a few events, resume with Last-Event-ID.
         first: list[Any] = []
@@ -104,7 +111,9 @@ async def test_submit_poll_stream_resume(server: ThreadServer, recorder: Recorde
         async with aconnect_sse(client, "GET", f"/v1/jobs/{job_id}/events", headers=headers) as es:
             async for sse in es.aiter_sse():
                 second.append(sse)
-        ids = [e.id for e in first + second if e.id]
+        # (a quiet spell, e.g. a stalled machine, adds job.heartbeat events: they carry no id,
+        # and an SSE client reports the last id seen for them)
+        ids = [e.id for e in first + second if e.id and e.event != "job.heartbeat"]
         assert len(ids) == len(set(ids))  # nothing replayed twice
         assert [int(i) for i in ids] == list(range(1, len(ids) + 1))  # nothing lost
         assert second[-1].event == "job.completed"
@@ -122,16 +131,21 @@ async def test_submit_poll_stream_resume(server: ThreadServer, recorder: Recorde
         assert "principal" not in final
 
 
-async def test_heartbeat_during_long_step(server: ThreadServer) -> None:
+async def test_heartbeat_during_long_step(server: ThreadServer, recorder: Recorder) -> None:
     async with httpx.AsyncClient(base_url=server.url) as client:
-        r = await client.post("/v1/jobs", json={"input": {"steps": 1, "delay": 1.0}}, headers=A)
+        # The step lasts until the stream has shown a heartbeat (0.3 s of quiet).
+        r = await client.post("/v1/jobs", json={"input": {"steps": 1, "hold": True}}, headers=A)
         job_id = r.json()["id"]
         seen: list[str] = []
-        async with aconnect_sse(client, "GET", f"/v1/jobs/{job_id}/events", headers=A) as es:
-            async for sse in es.aiter_sse():
-                seen.append(sse.event)
+        with anyio.fail_after(10):
+            async with aconnect_sse(client, "GET", f"/v1/jobs/{job_id}/events",
+                                    headers=A) as es:
+                async for sse in es.aiter_sse():
+                    seen.append(sse.event)
+                    if sse.event == "job.heartbeat":
+                        recorder.gate.set()
         assert "job.heartbeat" in seen
-        assert seen[-1] == "job.completed"
+        assert seen.index("job.heartbeat") < seen.index("job.completed") == len(seen) - 1
 
 
 async def test_cancel_mid_run_is_observed_and_idempotent(
@@ -293,14 +307,16 @@ def test_runner_needs_lifespan(recorder: Recorder) -> None:
 
 async def test_a_job_whose_worker_died_is_reported_failed(recorder: Recorder) -> None:
     """In-process mode: a worker that crashes stops renewing the lease; readers see it."""
-    app, jobs = make_app(recorder, lease=0.5)
+    # Renewed every lease/3 (0.5 s): a live job survives its server stalling for 1 s.
+    app, jobs = make_app(recorder, lease=1.5)
     with ThreadServer(app) as srv:
         async with httpx.AsyncClient(base_url=srv.url) as client:
-            live = (await client.post("/v1/jobs", json={"input": {"steps": 12, "delay": 0.1}},
-                                      headers=A)).json()["id"]
-            await anyio.sleep(0.8)  # longer than the lease: a live worker keeps renewing it
-            assert (await client.get(f"/v1/jobs/{live}", headers=A)).json()["status"] in {
-                "in_progress", "completed"}
+            live = (await client.post("/v1/jobs", json={"input": {
+                "steps": 3, "delay": 0.05, "hold": True}}, headers=A)).json()["id"]
+            await wait_status(client, f"/v1/jobs/{live}", {"in_progress"})
+            await anyio.sleep(1.6)  # longer than the lease: a live worker keeps renewing it
+            assert (await client.get(f"/v1/jobs/{live}", headers=A)).json()["status"] == \
+                "in_progress"
             # A record some crashed worker left in_progress, with no lease behind it.
             principal = next(p for (p, rid) in jobs.store._records if rid == live)  # type: ignore[attr-defined]
             dead = Job(id="job_from_a_dead_worker", principal=principal, status="in_progress",
@@ -312,8 +328,9 @@ async def test_a_job_whose_worker_died_is_reported_failed(recorder: Recorder) ->
             async with aconnect_sse(client, "GET", f"/v1/jobs/{dead.id}/events",
                                     headers=A) as es:
                 assert [e.event async for e in es.aiter_sse()] == ["job.failed"]
+            recorder.gate.set()
             done = await wait_status(client, f"/v1/jobs/{live}", {"completed"})
-            assert done["result"]["steps"] == 12
+            assert done["result"]["steps"] == 3
 
 
 async def test_mounts_in_a_fastapi_app(recorder: Recorder) -> None:
@@ -336,8 +353,9 @@ async def test_max_concurrent_jobs_keeps_the_rest_queued(recorder: Recorder) -> 
     app, _ = make_app(recorder, max_concurrent_jobs=1)
     with ThreadServer(app) as srv:
         async with httpx.AsyncClient(base_url=srv.url) as client:
-            first = (await client.post("/v1/jobs", json={"input": {"steps": 4, "delay": 0.1}},
-                                       headers=A)).json()["id"]
+            # the first job runs until the second has been seen queued and cancelled
+            first = (await client.post("/v1/jobs", json={"input": {
+                "steps": 4, "delay": 0.1, "hold": True}}, headers=A)).json()["id"]
             second = (await client.post("/v1/jobs", json={"input": {"steps": 1}},
                                         headers=A)).json()["id"]
             await wait_status(client, f"/v1/jobs/{first}", {"in_progress"})
@@ -345,6 +363,7 @@ async def test_max_concurrent_jobs_keeps_the_rest_queued(recorder: Recorder) -> 
             # a queued job can be cancelled before it ever starts
             cancelled = (await client.delete(f"/v1/jobs/{second}", headers=A)).json()
             assert cancelled["status"] == "cancelled" and cancelled["started_at"] is None
+            recorder.gate.set()
             done = await wait_status(client, f"/v1/jobs/{first}", {"completed"})
             assert done["result"]["steps"] == 4
     assert len(recorder.calls) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -139,9 +140,19 @@ async def test_410_stops_retries_and_attempts_are_recorded(receiver_factory: Any
     assert [a.status for a in delivery.attempts] == [500, 410]
 
 
+def started_later(app: Starlette, seconds: float = 60) -> Starlette:
+    """The jobs app of a worker whose webhook dispatcher lives ``seconds`` in the future: a
+    retry the first worker scheduled ~30 s ahead (so that it is surely gone, however slow
+    the machine) is due for this one at once."""
+    jobs: JobsRouter = app.routes[0].app  # type: ignore[attr-defined]
+    assert jobs.dispatcher is not None
+    jobs.dispatcher.clock = lambda: time.time() + seconds
+    return app
+
+
 async def test_restart_mid_retry_loses_no_delivery(redis_url: str, receiver_factory: Any) -> None:
     rec, rsrv = receiver_factory([500])
-    with ThreadServer(jobs_app(redis_url, webhook_schedule=(1.0, 0.2))) as srv:
+    with ThreadServer(jobs_app(redis_url, webhook_schedule=(30.0, 0.2))) as srv:
         async with httpx.AsyncClient(base_url=srv.url) as client:
             r = await client.post("/v1/jobs", json={"input": {"q": 5},
                                                     "callback_url": f"{rsrv.url}/hook"})
@@ -149,7 +160,7 @@ async def test_restart_mid_retry_loses_no_delivery(redis_url: str, receiver_fact
             await wait_for(lambda: len(rec.received) == 1)
     # The first worker is gone with the retry still pending; a fresh one takes over.
     assert len(rec.successes()) == 0
-    with ThreadServer(jobs_app(redis_url, webhook_schedule=(1.0, 0.2))):
+    with ThreadServer(started_later(jobs_app(redis_url, webhook_schedule=(30.0, 0.2)))):
         await wait_for(lambda: rec.successes())
         await anyio.sleep(0.5)
     assert [s for _, _, s in rec.received] == [500, 200]
@@ -254,10 +265,18 @@ async def test_a_killed_worker_mid_retry_loses_no_delivery(
             first.proc.kill()  # crash: no shutdown hooks run
             first.proc.wait(5)
         assert rec.successes() == []
-        with ProcessServer("tests.jobs_worker_app:app", {**env, "AIMW_JOBS_WORKER": "second"}):
+        # The first worker scheduled the retry ~30 s ahead; the next one starts "a minute
+        # later" (its dispatcher's clock), so the retry is due for it at once.
+        second = {**env, "AIMW_JOBS_WORKER": "second", "AIMW_JOBS_CLOCK_AHEAD": "60"}
+        with ProcessServer("tests.jobs_worker_app:app", second):
             await wait_for(lambda: rec.successes())
-            await anyio.sleep(0.4)
-        delivery = Delivery.model_validate_json(await store.outbox_get(msg_id) or "")
+            with anyio.fail_after(10):  # the receiver answered; the attempt is recorded after
+                while True:
+                    delivery = Delivery.model_validate_json(await store.outbox_get(msg_id) or "")
+                    if delivery.state != "pending":
+                        break
+                    await anyio.sleep(0.02)
+            await anyio.sleep(0.4)  # nothing else arrives after the success
     finally:
         await storage.aclose()
     assert [s for _, _, s in rec.received] == [500, 200]

@@ -135,8 +135,10 @@ async def test_a_reused_request_id_is_still_counted(ledger: Ledger) -> None:
 
 async def test_failed_writes_are_logged_and_retried(caplog: pytest.LogCaptureFixture) -> None:
     server = RedisServer().start()
-    store = Storage(server.url, socket_timeout=0.3)
-    led = RedisLedger(store, write_timeout=1.0)
+    # A stopped server refuses at once: the writes that must succeed (before the stop, after
+    # the restart) get time enough for a stalled machine.
+    store = Storage(server.url, socket_timeout=5)
+    led = RedisLedger(store, write_timeout=10.0)
     led.retry_interval = 0.0
     try:
         await led.record(rec(rid="before"))

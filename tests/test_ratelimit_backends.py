@@ -7,6 +7,7 @@ import itertools
 from decimal import Decimal
 from typing import Any
 
+import anyio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -215,7 +216,9 @@ async def test_a_failing_lease_refresh_never_cuts_the_call_short() -> None:
     assert admission.lease is not None
 
     async def call() -> str:
-        await asyncio.sleep(0.2)  # a few refresh intervals (0.05 s)
+        with anyio.fail_after(10):  # runs through (failing) refreshes, every 0.05 s
+            while backend.refreshed < 2:  # noqa: ASYNC110 - a counter, no event to wait on
+                await asyncio.sleep(0.01)
         return "done"
 
     assert await run_admitted(limiter, admission, ctx, call, lambda _: False) == "done"

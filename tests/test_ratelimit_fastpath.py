@@ -136,6 +136,7 @@ def test_headers_rendered_in_the_admission_pass_equal_rate_limit_headers(
     assert headers == plan.render(decision.states, decision.in_flight)
 
 
+@settings(deadline=None)  # (hypothesis' 200 ms per example: a stalled machine fails it)
 @given(st.integers(-5, 10**11))
 def test_go_ms_is_go_duration_without_float_noise(ms: int) -> None:
     # go_duration(ms / 1000) may round up by one millisecond (binary floats); never down.
@@ -143,6 +144,7 @@ def test_go_ms_is_go_duration_without_float_noise(ms: int) -> None:
     assert ours == theirs or go_ms(ms + 1) == theirs
 
 
+@settings(deadline=None)  # (hypothesis' 200 ms per example: a stalled machine fails it)
 @given(st.integers(0, 10**11))
 def test_header_plan_duration_is_go_ms(ms: int) -> None:
     plan = HeaderPlan(POLICY.limits, 0)

@@ -210,7 +210,9 @@ async def test_cancelled_request_releases_its_lease() -> None:
                 await c.post(CHAT, json={**BODY, "sleep": 30})
 
             tg.start_soon(slow)
-            await anyio.sleep(0.2)
+            with anyio.fail_after(10):  # the slow request holds the one slot
+                while not await limiter.backend.in_flight(principal_of("k1")):  # type: ignore[attr-defined]  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
             busy = await c.post(CHAT, json=BODY)
             tg.cancel_scope.cancel()  # the client goes away; the server task is cancelled
         assert busy.status_code == 429 and busy.json()["dimension"] == "concurrency"
@@ -243,8 +245,13 @@ async def test_lease_released_when_the_server_cancels_the_app() -> None:
     async def send(message: dict[str, Any]) -> None:
         pass
 
-    with anyio.move_on_after(0.3):
-        await app(scope, receive, send)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(app, scope, receive, send)
+        with anyio.fail_after(10):  # admitted: the lease is held while the model runs
+            while not await limiter.backend.in_flight(principal_of("k1")):  # type: ignore[attr-defined]  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        await anyio.sleep(0.05)  # (the endpoint is asleep by now, or on its way to it)
+        tg.cancel_scope.cancel()  # the server cancels the app while it holds the lease
     ctx = scope["state"][SCOPE_KEY]
     assert ctx.state["ratelimit"].lease is not None
     assert await limiter.backend.in_flight(principal_of("k1")) == 0  # type: ignore[attr-defined]

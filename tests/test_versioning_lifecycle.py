@@ -4,7 +4,7 @@ from datetime import date, datetime, timedelta, timezone
 
 import http_sfv
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aimiddleware.headers import parse_http_date
@@ -87,6 +87,7 @@ def test_sunset_only_lifecycle_signals_deprecation_at_sunset() -> None:
     assert _sf_date(headers["deprecation"]) == parse_http_date(headers["sunset"])
 
 
+@settings(deadline=None)  # (hypothesis' 200 ms per example: a stalled machine fails it)
 @given(
     dep=st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(2999, 1, 1)),
     gap=st.timedeltas(min_value=timedelta(0), max_value=timedelta(days=3650)),
