@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from anyio.abc import SocketStream
 from fastapi import FastAPI
 
 from aimiddleware import (
@@ -119,16 +120,22 @@ class LeaseProbe:
                 self.record["lease"] = "released"
 
 
+async def post_complete(url: str) -> SocketStream:
+    """A raw ``POST /v1/complete`` on its own connection, left open for the test to close."""
+    host, port = url.removeprefix("http://").split(":")
+    stream = await anyio.connect_tcp(host, int(port))
+    await stream.send(
+        b"POST /v1/complete HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: 2\r\n\r\n{}"
+    )
+    return stream
+
+
 async def test_disconnect_mid_non_stream_cancels_the_model_call() -> None:
     async def scenario() -> None:
         record: dict[str, Any] = {}
         async with serve(build_app(record)) as url:
-            host, port = url.removeprefix("http://").split(":")
-            stream = await anyio.connect_tcp(host, int(port))
-            await stream.send(
-                b"POST /v1/complete HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                b"content-length: 2\r\n\r\n{}"
-            )
+            stream = await post_complete(url)
             await wait_for(record, "first_token")
             with anyio.fail_after(3):  # the model has sent its 3 tokens, and goes on generating
                 while record["tokens"] < 3:  # noqa: ASYNC110 - the server side records a count
@@ -488,12 +495,7 @@ async def test_disconnect_before_the_watcher_starts_still_cancels_promptly() -> 
     async def scenario() -> None:
         record: dict[str, Any] = {}
         async with serve(build_app(record)) as url:
-            host, port = url.removeprefix("http://").split(":")
-            stream = await anyio.connect_tcp(host, int(port))
-            await stream.send(
-                b"POST /v1/complete HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                b"content-length: 2\r\n\r\n{}"
-            )
+            stream = await post_complete(url)
             await wait_for(record, "ctx")  # the endpoint is running, the watcher not yet
             closed_at = time.perf_counter()
             await stream.aclose()

@@ -60,6 +60,16 @@ async def leave_after(gone: anyio.Event, seconds: float) -> None:
     gone.set()
 
 
+async def disconnect_during(asgi: Any, seconds: float) -> None:
+    """Run one request through ``asgi`` whose client leaves ``seconds`` in; 3 s at most."""
+    gone = anyio.Event()
+    receive, send, _sent = server(gone)
+    with anyio.fail_after(3):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(leave_after, gone, seconds)
+            await asgi(http_scope(), receive, send)
+
+
 def test_the_fast_path_is_available_here() -> None:
     assert _CAN_SPLICE  # (else these tests would only check the entered scope)
 
@@ -97,12 +107,7 @@ async def test_a_disconnect_never_cuts_a_shielded_cleanup_in_the_app(mode: str) 
             record.append("cancelled")
             raise
 
-    gone = anyio.Event()
-    receive, send, _sent = server(gone)
-    with anyio.fail_after(3):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(leave_after, gone, 0.03)  # mid-cleanup, after the watcher started
-            await middleware(app, mode)(http_scope(), receive, send)
+    await disconnect_during(middleware(app, mode), 0.03)  # mid-cleanup, after the watcher started
     assert record == ["shielded work done", "cancelled"]
 
 
@@ -124,12 +129,7 @@ async def test_cancellation_is_level_triggered_inside_the_app(mode: str) -> None
                 record.append("shielded cleanup ran")
             raise
 
-    gone = anyio.Event()
-    receive, send, _sent = server(gone)
-    with anyio.fail_after(3):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(leave_after, gone, 0.05)
-            await middleware(app, mode)(http_scope(), receive, send)
+    await disconnect_during(middleware(app, mode), 0.05)
     assert record == ["cancelled", "cancelled again", "shielded cleanup ran"]
 
 
@@ -162,12 +162,7 @@ async def test_the_app_and_its_tasks_are_cancelled_wherever_it_waits(
             raise
         record.append("app not cancelled")
 
-    gone = anyio.Event()
-    receive, send, _sent = server(gone)
-    with anyio.fail_after(3):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(leave_after, gone, 0.05)
-            await middleware(app, mode)(http_scope(), receive, send)
+    await disconnect_during(middleware(app, mode), 0.05)
     expected = ["app cancelled"]
     if inside == "task group":
         expected = ["child cancelled", "app cancelled"]
