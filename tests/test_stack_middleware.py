@@ -145,6 +145,17 @@ def apps() -> tuple[Starlette, Starlette]:
 VOLATILE = re.compile(rb"^(x-request-id|x-usage-duration-ms|x-ratelimit-reset-\w+)$")
 
 
+def chat_scope(**extra: Any) -> dict[str, Any]:
+    """The ASGI scope of ``POST /v1/chat`` (JSON, caller ``k``), for driving an app directly."""
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/v1/chat", "raw_path": b"/v1/chat", "root_path": "",
+        "query_string": b"", "client": ("127.0.0.1", 1), "server": ("t", 80),
+        "headers": [(b"content-type", b"application/json"), (b"authorization", b"Bearer k")],
+        **extra,
+    }
+
+
 def shape(response: httpx.Response) -> tuple[int, list[tuple[bytes, bytes]], Any]:
     headers = []
     for name, value in response.headers.raw:
@@ -243,12 +254,7 @@ async def test_a_request_leaves_no_cyclic_garbage() -> None:
 
     async def one() -> int:
         sent: list[dict[str, Any]] = []
-        scope = {
-            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-            "scheme": "http", "path": "/v1/chat", "raw_path": b"/v1/chat", "root_path": "",
-            "query_string": b"", "client": ("127.0.0.1", 1), "server": ("t", 80),
-            "headers": [(b"content-type", b"application/json"), (b"authorization", b"Bearer k")],
-        }
+        scope = chat_scope()
         messages = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def receive() -> dict[str, Any]:
@@ -294,12 +300,7 @@ async def test_fused_in_process_path_records_a_cancelled_request_in_an_io_ledger
     cfg.cancellation = None
     app = aimiddleware.install(Starlette(routes=ROUTES), cfg)
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": "/v1/chat", "raw_path": b"/v1/chat", "root_path": "",
-        "query_string": b"", "client": ("127.0.0.1", 1), "server": ("t", 80),
-        "headers": [(b"content-type", b"application/json"), (b"authorization", b"Bearer k")],
-    }
+    scope = chat_scope()
     messages = [{"type": "http.request", "body": body, "more_body": False}]
     sent: list[dict[str, Any]] = []
 

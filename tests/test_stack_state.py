@@ -24,7 +24,7 @@ from aimiddleware.ratelimit.middleware import RateLimitMiddleware
 from aimiddleware.stack_middleware import StackMiddleware
 from aimiddleware.usage.ledger import MemoryLedger
 from tests.ratelimit_helpers import counters, principal_of
-from tests.test_stack_middleware import ROUTES, config, post
+from tests.test_stack_middleware import ROUTES, chat_scope, config, post
 
 
 async def stream_crash(request: Request) -> StreamingResponse:
@@ -200,13 +200,7 @@ async def _disconnect_mid_write(fused: bool) -> tuple[int, list[tuple[int, int]]
         for cls, options in reversed(stack.kwargs["layers"]):
             app.add_middleware(cls, **options)
     body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-        "method": "POST", "scheme": "http", "path": "/v1/chat", "raw_path": b"/v1/chat",
-        "root_path": "", "query_string": b"", "client": ("127.0.0.1", 1),
-        "server": ("t", 80), "app": app,
-        "headers": [(b"content-type", b"application/json"), (b"authorization", b"Bearer k")],
-    }  # fmt: skip
+    scope = chat_scope(app=app)
     messages = [{"type": "http.request", "body": body, "more_body": False}]
     sent: list[dict[str, Any]] = []
     delivered: list[bool] = []
