@@ -25,6 +25,7 @@ from tests.redis_server import free_port
 CONTENDERS = {
     "bare starlette": "benchmarks.http_apps:bare",
     "bare starlette + the stack's response headers": "benchmarks.http_apps:headers_only",
+    "hand-written floor (the stack's work, one function)": "benchmarks.http_apps:floor",
     "slowapi (1 limit)": "benchmarks.http_apps:slowapi",
     "aimiddleware full stack": "benchmarks.http_apps:stack",
 }

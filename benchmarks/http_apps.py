@@ -4,7 +4,8 @@ The same chat route as the in-process full-stack benchmark (``stack_apps``): bar
 slowapi's decorator (one limit), and behind the whole stack with its four-dimension policy.
 ``headers_only`` is bare Starlette adding the stack's response headers (17) as constants:
 what the server alone charges for them (uvicorn's h11 validates every header), the floor of
-any middleware that sends them.
+any middleware that sends them. ``floor`` is the hand-written floor of ``floor_app``: the
+stack's work on this route in one function.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from aimiddleware import TokenCounter
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
+from benchmarks.floor_app import floor as _floor
 from benchmarks.stack_apps import bare as _bare
-from benchmarks.stack_apps import chat
+from benchmarks.stack_apps import chat, routes
 from benchmarks.stack_apps import full as _full
 
 PATH = "/v1/chat/completions"
@@ -74,7 +77,14 @@ async def _stack_headers() -> list[tuple[bytes, bytes]]:
     return [(k, v) for k, v in messages[0]["headers"] if k not in own]
 
 
+def _floor_app() -> ASGIApp:
+    counter = TokenCounter()
+    counter.preload("o200k_base")
+    return _floor(Starlette(routes=routes()), counter)
+
+
 bare = _bare()
+floor = _floor_app()
 headers_only = _headers_only()
 slowapi = _slowapi()
 stack = _full()
