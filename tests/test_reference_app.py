@@ -105,6 +105,9 @@ def test_streaming_with_usage_through_the_openai_sdk(base_url: str) -> None:
     assert text
     final = chunks[-1]
     assert final.choices == [] and final.usage is not None
+    # one usage chunk: the model's own, not a second one added by the dialect
+    assert [c for c in chunks if c.usage is not None] == [final]
+    assert len({c.id for c in chunks}) == 1
     assert final.usage.total_tokens == final.usage.prompt_tokens + final.usage.completion_tokens
 
 

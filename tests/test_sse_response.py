@@ -315,6 +315,16 @@ async def test_pass_through_provider_events_report_usage() -> None:
     assert ctx.usage == Usage(input_tokens=5, output_tokens=7, cached_input_tokens=2)
     assert ctx.raw_finish_reason == "length"
 
+    # Asked for usage: the chunk passed through is the only one (end() adds none of its own)
+    async def with_usage(request: Request) -> EventStreamResponse:
+        dialect = OpenAIChatDialect("gpt-x", include_usage=True)
+        return EventStreamResponse(chunks(), dialect=dialect)
+
+    rec = Recorder()
+    await rec.run(RequestContextMiddleware(Starlette(routes=[Route("/", with_usage)])))
+    data = [e.data for e in parse(rec.raw).events]
+    assert [json.loads(d) for d in data[:3]] == openai_chunks and data[3:] == ["[DONE]"]
+
     anthropic_events = [
         {"type": "message_start", "message": {"usage": {"input_tokens": 4, "output_tokens": 1}}},
         {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "x"}},

@@ -132,6 +132,7 @@ class OpenAIChatDialect(Dialect):
         self.fingerprint = system_fingerprint
         self._role_sent = False
         self._finished = False
+        self._usage_sent = False  # the stream passed its own usage chunk through
         self._delta_head = self._delta_tail = b""
 
     @classmethod
@@ -184,6 +185,7 @@ class OpenAIChatDialect(Dialect):
         usage = None
         raw = item.get("usage")
         if isinstance(raw, dict):
+            self._usage_sent = True
             details = raw.get("prompt_tokens_details") or {}
             out_details = raw.get("completion_tokens_details") or {}
             usage = Usage(
@@ -205,7 +207,7 @@ class OpenAIChatDialect(Dialect):
             choice = {"index": 0, "delta": {}, "logprobs": None,
                       "finish_reason": summary.finish_reason or "stop"}
             frames.append(self._chunk([choice]))
-        if self.include_usage and summary.usage is not None:
+        if self.include_usage and summary.usage is not None and not self._usage_sent:
             frames.append(self._chunk([], usage=_openai_usage(summary.usage)))
         frames.append(b"data: [DONE]\n\n")
         return frames
