@@ -148,6 +148,51 @@ async def test_heartbeat_during_long_step(server: ThreadServer, recorder: Record
         assert seen.index("job.heartbeat") < seen.index("job.completed") == len(seen) - 1
 
 
+async def test_a_resume_at_or_past_the_final_event_ends_at_once(
+    server: ThreadServer, recorder: Recorder
+) -> None:
+    # An EventSource reconnects with the last id it saw: after the final event that must
+    # not hang (it did: the stream waited for events that would never come).
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        r = await client.post("/v1/jobs", json={"input": {"steps": 2}}, headers=A)
+        job_id = r.json()["id"]
+        await wait_status(client, f"/v1/jobs/{job_id}", {"completed"})
+        events = f"/v1/jobs/{job_id}/events"
+        async with aconnect_sse(client, "GET", events, headers=A) as es:
+            log = [sse async for sse in es.aiter_sse()]
+        assert log[-1].event == "job.completed"
+        with anyio.fail_after(5):
+            for last in (log[-1].id, str(int(log[-1].id) + 1000)):
+                resumed = await client.get(events, headers={**A, "last-event-id": last})
+                assert resumed.status_code == 204 and resumed.content == b""
+            after = await client.get(events + f"?after={log[-1].id}", headers=A)
+            assert after.status_code == 204
+            # before the final event: the rest is replayed, ending with it
+            async with aconnect_sse(
+                client, "GET", events, headers={**A, "last-event-id": log[-3].id}
+            ) as es:
+                rest = [sse async for sse in es.aiter_sse()]
+        assert [(e.id, e.event) for e in rest] == [(e.id, e.event) for e in log[-2:]]
+
+
+async def test_a_stream_resumed_past_a_running_jobs_log_ends_when_the_job_does(
+    server: ThreadServer, recorder: Recorder
+) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        r = await client.post("/v1/jobs", json={"input": {"steps": 1, "hold": True}}, headers=A)
+        job_id = r.json()["id"]
+        await wait_status(client, f"/v1/jobs/{job_id}", {"in_progress"})
+        seen: list[str] = []
+        with anyio.fail_after(10):
+            async with aconnect_sse(client, "GET", f"/v1/jobs/{job_id}/events",
+                                    headers={**A, "last-event-id": "1000"}) as es:
+                async for sse in es.aiter_sse():
+                    seen.append(sse.event)
+                    recorder.gate.set()  # (a heartbeat came: let the job finish)
+        # nothing logged after id 1000 but heartbeats; the stream closed once the job ended
+        assert seen and set(seen) == {"job.heartbeat"}
+        assert (await client.get(f"/v1/jobs/{job_id}", headers=A)).json()["status"] == "completed"
+
 async def test_cancel_mid_run_is_observed_and_idempotent(
     server: ThreadServer, recorder: Recorder
 ) -> None:

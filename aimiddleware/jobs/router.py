@@ -52,6 +52,11 @@ from aimiddleware.storage import Storage
 
 __all__ = ["JobsRouter"]
 
+# How long an ended record's events are awaited on a resume before answering 204: the
+# record is stored as ended just before its final event is logged.
+_FINAL_EVENT_WAIT = 1.0
+
+
 class JobsRouter(Router):
     """Mount it anywhere; pass ``lifespan=router.lifespan_context`` to the app (it runs jobs)."""
 
@@ -249,6 +254,11 @@ class JobsRouter(Router):
     async def _events(self, request: Request, kind: type[Job] | type[Batch]) -> Response:
         rec = await self._load(request, kind)
         last = request.headers.get("last-event-id") or request.query_params.get("after")
+        if rec.terminal and not await self.store.read_events(
+            rec.principal, rec.id, last, wait=_FINAL_EVENT_WAIT
+        ):
+            # Resumed at or past the final event: 204 tells an EventSource not to reconnect.
+            return Response(status_code=204)
         stream = event_stream(self.store, rec, last, heartbeat_interval=self.heartbeat_interval,
                               reap=self._reap)
         # Quiet periods get job.heartbeat events (dispatched, unlike comment heartbeats).

@@ -46,9 +46,11 @@ async def event_stream(
 
     After ``heartbeat_interval`` s without events a ``<kind>.heartbeat`` event (no id, so
     resuming is unaffected) tells the client the job is still working; ``reap`` turns a
-    job whose worker died into a final event.
+    job whose worker died into a final event. A record that has ended with nothing logged
+    after ``last`` (a client resuming at or past the final event) ends the stream.
     """
     prefix = rec.object
+    ended = rec.terminal  # its final event is logged (or about to be: read once more)
     quiet_since = time.monotonic()
     while True:
         due = heartbeat_interval - (time.monotonic() - quiet_since)
@@ -61,12 +63,15 @@ async def event_stream(
                 return
         if events:
             quiet_since = time.monotonic()
+        elif ended:
+            return  # nothing after `last` in an ended record's log: nothing more will come
         elif time.monotonic() - quiet_since >= heartbeat_interval:
             # "still working" while a long step runs; no id, so resuming is unaffected
             raw = await store.get(rec.principal, rec.id)
             if raw is not None:
                 current = await reap(type(rec).model_validate_json(raw))
                 if current.terminal:
+                    ended = True
                     continue  # its final event is in the log now
             status = json.loads(raw)["status"] if raw else "expired"
             yield encode_data(json.dumps({"status": status, "at": time.time()}),
