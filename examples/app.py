@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import aimiddleware
 from aimiddleware import (
@@ -68,6 +68,20 @@ class ChatRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
 
 
+class SummariseInput(BaseModel):
+    """A summarising job's input: ``{"documents": [...]}`` or ``{"text": "..."}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    documents: list[str] | None = Field(default=None, min_length=1, max_length=100)
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> SummariseInput:
+        if (self.documents is None) == (self.text is None):
+            raise ValueError("give either 'documents' (a list of texts) or 'text'")
+        return self
+
+
 def create_app(
     config_path: Path | str | None = None,
     *,
@@ -96,7 +110,7 @@ def create_app(
 
     async def summarise_job(ctx: JobContext, input: dict[str, Any]) -> dict[str, Any]:
         """A job: one chat completion per document, reporting progress and usage."""
-        documents = input.get("documents") or [input.get("text", "")]
+        documents = input.get("documents") or [input["text"]]  # (SummariseInput, checked)
         summaries = []
         for i, doc in enumerate(documents):
             await ctx.step()
@@ -114,7 +128,8 @@ def create_app(
             await ctx.progress((i + 1) / len(documents))
         return {"summaries": summaries}
 
-    jobs = JobsRouter(summarise_job, storage=store, max_steps=100, max_cost="5.00", prefix="/v1")
+    jobs = JobsRouter(summarise_job, storage=store, max_steps=100, max_cost="5.00", prefix="/v1",
+                      input_model=SummariseInput)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -14,6 +14,7 @@ from starlette.routing import Mount
 
 from aimiddleware.errors import ContentFiltered
 from aimiddleware.jobs import JobContext, JobsRouter
+from aimiddleware.jobs.memory import MemoryJobStore
 from tests.jobs_servers import ThreadServer
 
 
@@ -165,3 +166,46 @@ async def test_batch_submit_is_idempotent_and_keys_are_per_route() -> None:
             assert job.status_code == 202 and job.json()["id"].startswith("job_")
             done = await wait_terminal(client, f"/v1/batches/{first.json()['id']}")
             assert done["counts"]["succeeded"] == 1
+
+
+class CountingStore(MemoryJobStore):
+    """The in-process store, counting how often a record is written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.puts = 0
+
+    async def put(self, principal: str, rec_id: str, data: str) -> None:
+        self.puts += 1
+        await super().put(principal, rec_id, data)
+
+
+async def test_a_big_batch_writes_its_record_a_bounded_number_of_times() -> None:
+    # Each record write holds every item: one per finished item made a batch quadratic
+    # (20,000 items took minutes to cancel, and the batch was reported lost meanwhile).
+    store = CountingStore()
+    item = Item()
+    with ThreadServer(app_for(item, store=store)) as srv:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
+            items = [{"custom_id": f"q{n}", "input": {"n": 0, "delay": 0}} for n in range(2000)]
+            batch_id = (await client.post("/v1/batches", json={"items": items})).json()["id"]
+            done = await wait_terminal(client, f"/v1/batches/{batch_id}")
+            assert done["counts"]["succeeded"] == 2000 and done["usage"]["total_tokens"] == 10_000
+            assert store.puts < 200  # (a write per 0.2 s while running, and the ends)
+            async with aconnect_sse(client, "GET", f"/v1/batches/{batch_id}/events") as es:
+                events = [sse.event async for sse in es.aiter_sse()]
+            assert events.count("batch.progress") == 2000  # every item still reported
+
+            slow = [{"custom_id": f"s{n}", "input": {"n": 0, "delay": 60}} for n in range(5000)]
+            batch_id = (await client.post("/v1/batches", json={"items": slow})).json()["id"]
+            with anyio.fail_after(10):
+                while item.active < 8:  # noqa: ASYNC110 - set from the server thread
+                    await anyio.sleep(0.02)
+            before = store.puts
+            with anyio.fail_after(10):
+                cancelled = (await client.delete(f"/v1/batches/{batch_id}")).json()
+            assert cancelled["status"] == "cancelled"
+            assert cancelled["counts"]["cancelled"] == 5000
+            assert store.puts - before <= 3  # the leftovers at once, then the final record
+            lines = (await client.get(f"/v1/batches/{batch_id}/results")).text.splitlines()
+            assert len(lines) == 5000

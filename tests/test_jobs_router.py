@@ -277,13 +277,19 @@ async def test_other_principal_gets_404_everywhere(server: ThreadServer) -> None
         assert missing.status_code == 404
 
 
-async def test_failures_are_typed_and_leak_nothing(server: ThreadServer) -> None:
+async def test_failures_are_typed_and_leak_nothing(
+    server: ThreadServer, caplog: pytest.LogCaptureFixture
+) -> None:
     async with httpx.AsyncClient(base_url=server.url) as client:
         job_id = (await client.post("/v1/jobs", json={"input": {"steps": 1, "fail": True}},
                                     headers=A)).json()["id"]
         body = await wait_status(client, f"/v1/jobs/{job_id}", {"failed"})
         assert body["error"]["code"] == "internal"
         assert "secret" not in json.dumps(body)
+        # the client sees "internal"; the server log has the exception, with the job id
+        logged = [r for r in caplog.records if r.name == "aimiddleware.jobs"]
+        assert [r.getMessage() for r in logged] == [f"{job_id}: the job function raised"]
+        assert logged[0].exc_info and "secret internal detail" in str(logged[0].exc_info[1])
         bad = await client.post("/v1/jobs", json={"inptu": 1}, headers=A)
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"
         notjson = await client.post("/v1/jobs", content=b"{nope", headers=A)

@@ -357,3 +357,23 @@ def test_job_usage_events_are_json_objects(base_url: str) -> None:
     assert usage_events and all(isinstance(e["usage"], dict) for e in usage_events if e["usage"])
     final = json.loads(events[-1].data)
     assert final["status"] == "completed" and final["cost"] not in (None, "0")
+
+
+def test_bad_job_input_is_a_typed_400_at_submission(base_url: str) -> None:
+    # Not a 202 and a job that fails later as a retryable "internal" error.
+    auth = {"authorization": "Bearer sk-demo-pro"}
+    for body, param in [
+        ({}, "input"),
+        ({"input": "hi"}, "input"),
+        ({"input": [1, 2]}, "input"),
+        ({"input": {"documents": 5}}, "input.documents"),
+        ({"input": {"documents": ["a"], "text": "b"}}, "input"),
+    ]:
+        r = httpx.post(base_url + "/v1/jobs", headers=auth, json=body)
+        assert r.status_code == 400, body
+        error = r.json()["error"]
+        assert error["code"] == "invalid_request" and error["param"] == param, body
+        assert r.json()["retryable"] is False
+    items = [{"custom_id": "ok", "input": {"text": "a"}}, {"custom_id": "bad", "input": {}}]
+    r = httpx.post(base_url + "/v1/batches", headers=auth, json={"items": items})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "items.1.input"

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 
 __all__ = ["BatchExecution", "results_jsonl"]
 
+SAVE_EVERY = 0.2
+"""Seconds between writes of a running batch's record (counts, usage); each finished item
+logs its ``batch.progress`` event at once."""
+
 
 def results_jsonl(lines: list[str]) -> bytes:
     """The batch results file: one JSON object per line."""
@@ -41,9 +45,11 @@ class BatchExecution:
         self.batch = batch
         self.done: set[str] = set()
         self._lock = anyio.Lock()
+        self._stale = False  # the stored record lags the counts (written every SAVE_EVERY s)
 
     async def _save(self, event: str, data: dict[str, Any]) -> None:
         store = self.runner.store
+        self._stale = False
         await store.put(self.batch.principal, self.batch.id, self.batch.stored())
         await store.append_event(self.batch.principal, self.batch.id, event,
                                  json.dumps(data, default=str))
@@ -57,9 +63,26 @@ class BatchExecution:
 
     async def run(self) -> None:
         limiter = anyio.CapacityLimiter(self.runner.batch_concurrency)
-        async with anyio.create_task_group() as tg:
-            for item in self.batch.items:
-                tg.start_soon(self._item, limiter, item)
+        async with anyio.create_task_group() as saver:
+            saver.start_soon(self._save_while_running)
+            async with anyio.create_task_group() as tg:
+                for item in self.batch.items:
+                    tg.start_soon(self._item, limiter, item)
+            saver.cancel_scope.cancel()
+        async with self._lock:
+            await self._put_if_stale()
+
+    async def _save_while_running(self) -> None:
+        # The record holds every item: writing it per finished item made a batch quadratic.
+        while True:
+            await anyio.sleep(SAVE_EVERY)
+            async with self._lock:
+                await self._put_if_stale()
+
+    async def _put_if_stale(self) -> None:
+        if self._stale:
+            self._stale = False
+            await self.runner.store.put(self.batch.principal, self.batch.id, self.batch.stored())
 
     async def _item(self, limiter: anyio.CapacityLimiter, item: BatchItem) -> None:
         async with limiter:
@@ -69,10 +92,10 @@ class BatchExecution:
                 output = await self.runner.fn(ctx, item.input)
                 res = BatchItemResult(custom_id=item.custom_id, type="succeeded", output=output)
             except Exception as exc:
-                from aimiddleware.jobs.runner import job_error
+                from aimiddleware.jobs.runner import failure
 
                 res = BatchItemResult(custom_id=item.custom_id, type="errored",
-                                      error=job_error(exc))
+                                      error=failure(exc, ctx.id))
             await self._record(res, ctx)
 
     async def _record(self, res: BatchItemResult, ctx: JobContext | None = None) -> None:
@@ -92,7 +115,10 @@ class BatchExecution:
             if ctx is not None:
                 update["cost"] = self.batch.cost + ctx.cost
             self.batch = self.batch.model_copy(update=update)
-            await self._save("batch.progress", {"counts": c})
+            self._stale = True  # (stored by _save_while_running, or when the batch ends)
+            await self.runner.store.append_event(
+                self.batch.principal, self.batch.id, "batch.progress", json.dumps({"counts": c})
+            )
 
     async def finish(self, status: str, leftover: str, error: JobError | None = None) -> None:
         """Mark unfinished items ``leftover`` and the batch ``status`` (final event last)."""
@@ -100,11 +126,22 @@ class BatchExecution:
             item_error = JobError(code="batch_expired", message="The batch expired first.")
         else:
             item_error = error or JobError(code="cancelled", message="The batch was cancelled.")
-        for item in self.batch.items:
-            if item.custom_id not in self.done:
-                await self._record(BatchItemResult(
-                    custom_id=item.custom_id, type=leftover,  # type: ignore[arg-type]
-                    error=item_error))
+        async with self._lock:  # every unfinished item at once: one write of the record
+            left = [item for item in self.batch.items if item.custom_id not in self.done]
+            for item in left:
+                self.done.add(item.custom_id)
+                res = BatchItemResult(
+                    custom_id=item.custom_id, type=leftover, error=item_error  # type: ignore[arg-type]
+                )
+                await self.runner.store.append_result(
+                    self.batch.principal, self.batch.id, res.model_dump_json()
+                )
+            if left:
+                c = self.batch.counts.model_dump()
+                c[leftover] += len(left)
+                c["processing"] = self.batch.total - len(self.done)
+                self.batch = self.batch.model_copy(update={"counts": BatchCounts(**c)})
+                await self._save("batch.progress", {"counts": c})
         async with self._lock:
             self.batch = self.batch.model_copy(
                 update={"status": status, "finished_at": time.time(), "error": error}

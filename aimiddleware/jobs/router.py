@@ -22,6 +22,7 @@ from decimal import Decimal
 from typing import Any
 
 import anyio
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
@@ -58,7 +59,12 @@ _FINAL_EVENT_WAIT = 1.0
 
 
 class JobsRouter(Router):
-    """Mount it anywhere; pass ``lifespan=router.lifespan_context`` to the app (it runs jobs)."""
+    """Mount it anywhere; pass ``lifespan=router.lifespan_context`` to the app (it runs jobs).
+
+    ``input_model``: a pydantic model every job's (and batch item's) ``input`` must validate
+    against at submission, so bad input is a typed 400 then, not a job that fails later.
+    The function receives the input as sent.
+    """
 
     def __init__(
         self,
@@ -84,6 +90,7 @@ class JobsRouter(Router):
         retention: float = 7 * 86400,
         queue: TaskiqQueue | None = None,
         prefix: str = "",
+        input_model: type[BaseModel] | None = None,
     ) -> None:
         if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
             raise ValueError("prefix must start with '/' and not end with it, e.g. '/v1'")
@@ -114,6 +121,7 @@ class JobsRouter(Router):
         self.heartbeat_interval = heartbeat_interval
         self.cancel_wait = cancel_wait
         self.timeout = timeout
+        self.input_model = input_model
         self._principal = principal
         routes = [
             Route(prefix + "/jobs", typed_errors(self.submit_job), methods=["POST"]),
@@ -215,6 +223,7 @@ class JobsRouter(Router):
 
     async def submit_job(self, request: Request) -> Response:
         body, fingerprint = await parse_body(request, SubmitJob)
+        self._check_input(body.input, "input")
         if body.callback_url is not None:
             await self.policy.check(body.callback_url)
         now = time.time()
@@ -224,6 +233,16 @@ class JobsRouter(Router):
             expires_at=now + self.timeout if self.timeout else None,
         )
         return await self._create(request, job, self._base(request, "jobs"))
+
+    def _check_input(self, value: Any, param: str) -> None:
+        if self.input_model is None:
+            return
+        try:
+            self.input_model.model_validate(value)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join([param, *(str(p) for p in first.get("loc", ()))])
+            raise InvalidRequest(f"Invalid job input: {first.get('msg')}.", param=where) from exc
 
     async def get_job(self, request: Request) -> Response:
         return JSONResponse((await self._load(request, Job)).public())
@@ -271,6 +290,8 @@ class JobsRouter(Router):
         ids = [i.custom_id for i in body.items]
         if len(set(ids)) != len(ids):
             raise InvalidRequest("custom_id values must be unique in a batch.", param="items")
+        for i, item in enumerate(body.items):
+            self._check_input(item.input, f"items.{i}.input")
         if body.callback_url is not None:
             await self.policy.check(body.callback_url)
         now = time.time()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
@@ -27,6 +28,8 @@ from aimiddleware.jobs.webhooks import WebhookDispatcher, webhook_payload
 
 __all__ = ["JobFunction", "JobRunner", "job_error"]
 
+logger = logging.getLogger("aimiddleware.jobs")
+
 JobFunction = Callable[[JobContext, Any], Awaitable[Any]]
 Outcome = Literal["done", "cancelled", "expired"]
 INLINE_RESULTS = 1000
@@ -42,6 +45,14 @@ def job_error(exc: BaseException) -> JobError:
             code=exc.code, message=exc.detail, type=exc.openai_type, retryable=exc.retryable
         )
     return JobError(code="internal", message="The job function failed.", retryable=True)
+
+
+def failure(exc: Exception, what: str) -> JobError:
+    """:func:`job_error`, with an unexpected exception (not a typed error) logged with its
+    traceback and ``what`` failed (the body the client sees says only "internal")."""
+    if not isinstance(exc, AIError):
+        logger.error("%s: the job function raised", what, exc_info=exc)
+    return job_error(exc)
 
 
 class JobRunner:
@@ -206,7 +217,7 @@ class JobRunner:
                 result["result"] = await self.fn(ctx, job.input)
                 result["status"] = "completed"
             except Exception as exc:
-                result["status"], result["error"] = "failed", job_error(exc)
+                result["status"], result["error"] = "failed", failure(exc, job.id)
 
         try:
             outcome = await self._guarded(job.principal, job.id, body, start)
