@@ -191,7 +191,13 @@ class FakeModel:
             self._warm = True
 
     def count_tokens(self, text: str) -> int:
-        return self.counter.count_text(text).tokens if text else 0
+        """``text``'s tokens in the vocabulary this model speaks (o200k_base)."""
+        if not text:
+            return 0
+        enc = self.counter.encoding("o200k_base")
+        if enc is None:  # (no vocabulary at all: the counter's estimate)
+            return self.counter.count_text(text, self.name).tokens
+        return len(enc.encode_ordinary(text))
 
     def _tokenize(self, text: str) -> list[tuple[str, int]]:
         """``text`` as token pieces; tokens that split a UTF-8 character are kept together."""
@@ -223,7 +229,7 @@ class FakeModel:
             rng_for=_rng_for,
         )
         body = {k: request[k] for k in ("messages", "tools", "functions") if k in request}
-        input_tokens = self.counter.count_request(body).tokens
+        input_tokens = self.counter.count_request(body, self.name).tokens
         return Generation(self, plan, input_tokens)
 
     async def complete(self, request: Mapping[str, Any]) -> dict[str, Any]:

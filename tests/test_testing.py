@@ -100,6 +100,23 @@ async def test_usage_is_exact_tiktoken(model: FakeModel, counter: TokenCounter) 
         assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
+async def test_usage_is_exact_with_a_counter_that_only_maps_its_name(
+    counter: TokenCounter,
+) -> None:
+    # The reference app's counter maps "fake-chat" and has no default encoding: the model
+    # still counts in the o200k_base it speaks (it estimated 2 tokens a word before).
+    named = TokenCounter(models={"fake-chat": "o200k_base"})
+    model = FakeModel("fake-chat", first_token_latency=0, inter_token_delay=0,
+                      token_counter=named)
+    for seed in range(50):
+        request = {"model": "fake-chat-2026-06-01", "messages": PROMPT, "seed": seed}
+        for extra in ({}, {"max_tokens": 12}):
+            body = await model.complete({**request, **extra})
+            text = body["choices"][0]["message"]["content"]
+            assert body["usage"]["completion_tokens"] == counter.count_text(text).tokens
+            assert body["usage"]["prompt_tokens"] == counter.count_messages(PROMPT).tokens
+
+
 async def test_max_tokens_cuts_with_length(model: FakeModel, counter: TokenCounter) -> None:
     full, _ = await text_of(model, {"messages": PROMPT, "seed": 5})
     for param in ("max_tokens", "max_completion_tokens"):
