@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 import aimiddleware
 from aimiddleware import (
@@ -61,11 +61,12 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1, le=32768)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
-    stream: bool = False
-    seed: int | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
+    # Strict, as OpenAI is: "5", true or "yes" are not numbers or booleans here.
+    max_tokens: StrictInt | None = Field(default=None, ge=1, le=32768)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1, le=32768)
+    stream: StrictBool = False
+    seed: StrictInt | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
 
 
 class SummariseInput(BaseModel):
@@ -209,7 +210,7 @@ def create_app(
             ratelimit=limiter,
             # Routes that call no model take no quota (a 2xx that reports no usage keeps its
             # token reservation, see the README's limitations).
-            ratelimit_exempt=("/v1/models", "/v1/usage*", "/v1/feedback", "/v1/count_tokens"),
+            ratelimit_exempt=("/v1/models*", "/v1/usage*", "/v1/feedback", "/v1/count_tokens"),
             usage=UsageConfig(prices=settings.prices, counter=counter),
             cancellation=CancellationConfig(
                 timeouts={"/v1/chat/completions": 120, "/v1/jobs*": None, "/v1/batches*": None},

@@ -261,6 +261,12 @@ def test_bad_input_is_typed(base_url: str) -> None:
         (json.dumps({"model": "fake-chat", "messages": []}).encode(), 422),
         (json.dumps({"model": "nope", "messages": HI}).encode(), 404),
         (json.dumps({"model": "fake-chat", "messages": HI, "max_tokens": -1}).encode(), 422),
+        # not coerced: OpenAI's types are strict
+        (json.dumps({"model": "fake-chat", "messages": HI, "max_tokens": "5"}).encode(), 422),
+        (json.dumps({"model": "fake-chat", "messages": HI, "max_tokens": True}).encode(), 422),
+        (json.dumps({"model": "fake-chat", "messages": HI, "stream": "yes"}).encode(), 422),
+        (b'{"model": "fake-chat", "messages": [{"role": "user", "content": "hi"}], '
+         b'"temperature": NaN}', 422),
     ]
     for raw, status in cases:
         r = httpx.post(

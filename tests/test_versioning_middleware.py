@@ -266,6 +266,12 @@ def test_openai_sdk_against_a_real_server() -> None:
         sdk = openai.OpenAI(base_url=url + "/v1", api_key="sk-test", max_retries=0)
         ids = {m.id for m in sdk.models.list()}
         assert ids == {OLD, NEW, "my-model", "latest"}
+        one = sdk.models.retrieve(OLD)  # GET /v1/models/{id}: the list's entry
+        assert one.id == OLD and one.model_dump() == next(
+            m.model_dump() for m in sdk.models.list() if m.id == OLD)
+        assert sdk.models.retrieve("latest").id == "latest"
+        with pytest.raises(openai.NotFoundError):
+            sdk.models.retrieve("no-such-model")
         raw = sdk.chat.completions.with_raw_response.create(
             model=OLD, messages=[{"role": "user", "content": "hi"}]
         )

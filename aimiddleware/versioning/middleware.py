@@ -17,7 +17,7 @@ from datetime import datetime
 
 from aimiddleware._asgi import send_json
 from aimiddleware.context import SCOPE_KEY, RequestContext
-from aimiddleware.errors import DEFAULT_TYPE_BASE, InvalidRequest, MethodNotAllowed
+from aimiddleware.errors import DEFAULT_TYPE_BASE, InvalidRequest, MethodNotAllowed, NotFound
 from aimiddleware.storage import Storage
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
 from aimiddleware.versioning.api_versions import ApiVersions, ResolvedVersion
@@ -104,6 +104,7 @@ class VersioningMiddleware:
         self.model_version_header = model_version_header.lower() if model_version_header else None
         self.monitor = monitor or DeprecationMonitor(storage, hook=on_deprecated)
         self.models_path = models_path
+        self._model_prefix = (models_path or "").rstrip("/") + "/"  # GET {models_path}/{id}
         self.migration_path = migration_path
         self.clock: Clock = clock or self._owner_clock
         self.type_base = error_type_base
@@ -140,12 +141,21 @@ class VersioningMiddleware:
         if ctx is None:
             raise RuntimeError("VersioningMiddleware needs RequestContextMiddleware outside it")
         path = scope["path"]
-        if self.models_path is not None and path == self.models_path:
+        if self.models_path is not None and (
+            path == self.models_path or path.startswith(self._model_prefix)
+        ):
             if scope["method"] != "GET":
                 raise MethodNotAllowed(headers=[("allow", "GET")])
             if self.registry is not None:  # always true: checked in __init__
-                body = json.dumps(self.registry.as_openai_list(self.clock())).encode()
-                await send_json(send, 200, body)
+                listed = self.registry.as_openai_list(self.clock())
+                if path != self.models_path:  # GET /models/{id}: one entry, as OpenAI's
+                    model_id = path[len(self._model_prefix):]
+                    found = [m for m in listed["data"] if m["id"] == model_id]
+                    if not found:
+                        raise NotFound(f"The model {model_id[:200]!r} does not exist.",
+                                       param="model")
+                    listed = found[0]
+                await send_json(send, 200, json.dumps(listed).encode())
                 return
         if self.migration_path is not None and path == self.migration_path:
             if scope["method"] != "POST":
@@ -194,7 +204,11 @@ class VersioningMiddleware:
 
     def is_helper_route(self, path: str) -> bool:
         """Does this layer answer ``path`` itself (the models list, the migration check)?"""
-        return path == self.models_path or path == self.migration_path
+        return (
+            path == self.models_path
+            or path == self.migration_path
+            or (self.models_path is not None and path.startswith(self._model_prefix))
+        )
 
     async def resolve(
         self, scope: Scope, ctx: RequestContext
