@@ -209,3 +209,86 @@ async def test_a_big_batch_writes_its_record_a_bounded_number_of_times() -> None
             assert store.puts - before <= 3  # the leftovers at once, then the final record
             lines = (await client.get(f"/v1/batches/{batch_id}/results")).text.splitlines()
             assert len(lines) == 5000
+
+
+class WireStore(MemoryJobStore):
+    """The in-process store, with chosen writes taking ``delay`` s to land, as a command on
+    the wire to Redis does: a caller cancelled while waiting does not stop it landing."""
+
+    def __init__(self, delay: float = 0.3) -> None:
+        super().__init__()
+        self.delay = delay
+        self.slow_put: Any = lambda data: False
+        self.slow_result: Any = lambda line: False
+        self.in_flight = anyio.Event()
+
+    async def _on_the_wire(self, land: Any) -> None:
+        import asyncio
+
+        landed = asyncio.Event()
+
+        def arrive() -> None:
+            land()
+            landed.set()
+
+        asyncio.get_running_loop().call_later(self.delay, arrive)
+        self.in_flight.set()
+        await landed.wait()
+
+    async def put(self, principal: str, rec_id: str, data: str) -> None:
+        if not self.slow_put(data):
+            return await super().put(principal, rec_id, data)
+        await self._on_the_wire(lambda: self._records.__setitem__((principal, rec_id), data))
+
+    async def append_result(self, principal: str, rec_id: str, line: str) -> None:
+        if not self.slow_result(line):
+            return await super().append_result(principal, rec_id, line)
+        await self._on_the_wire(
+            lambda: self._results.setdefault((principal, rec_id), []).append(line))
+
+
+async def fast_or_stuck(ctx: JobContext, input: Any) -> Any:
+    if input.get("stuck"):
+        await anyio.sleep(60)
+    return {"ok": True}
+
+
+async def cancel_when_in_flight(store: WireStore) -> dict[str, Any]:
+    """Run a batch of one quick item and one stuck one; cancel it while a write is on the
+    wire; the stored record once every write has landed."""
+    from aimiddleware.jobs import Batch
+    from aimiddleware.jobs.models import BatchCounts, BatchItem
+    from aimiddleware.jobs.runner import JobRunner
+
+    runner = JobRunner(fast_or_stuck, store)
+    items = [BatchItem(custom_id="quick", input={}), BatchItem(custom_id="stuck",
+                                                                input={"stuck": True})]
+    batch = Batch(id="batch_wire", principal="p", items=items, total=2,
+                  counts=BatchCounts(processing=2))
+    await store.create("p", batch.id, batch.stored(), None)
+    async with runner.running():
+        runner.submit(batch)
+        with anyio.fail_after(5):
+            await store.in_flight.wait()
+        runner.cancel_local(batch.id)
+        with anyio.fail_after(5):
+            while True:  # (polling the store, as a client does)
+                if json.loads(await store.get("p", batch.id) or "{}")["status"] == "cancelled":
+                    break
+                await anyio.sleep(0.01)
+    await anyio.sleep(store.delay + 0.2)  # every write on the wire has landed
+    return dict(json.loads(await store.get("p", batch.id) or "{}"))
+
+
+async def test_a_record_write_on_the_wire_at_cancel_lands_before_the_final_one() -> None:
+    # The saver's write of the running record was cancelled with the batch, but a command
+    # already sent still lands: after the final record, putting the batch back in_progress
+    # (and then reaped as worker_lost).
+    store = WireStore()
+    store.slow_put = lambda data: json.loads(data)["counts"] == {  # the saver's write
+        "processing": 1, "succeeded": 1, "errored": 0, "cancelled": 0, "expired": 0}
+    final = await cancel_when_in_flight(store)
+    assert final["status"] == "cancelled"
+    assert final["counts"] == {"processing": 0, "succeeded": 1, "errored": 0, "cancelled": 1,
+                               "expired": 0}
+

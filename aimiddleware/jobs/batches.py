@@ -50,9 +50,10 @@ class BatchExecution:
     async def _save(self, event: str, data: dict[str, Any]) -> None:
         store = self.runner.store
         self._stale = False
-        await store.put(self.batch.principal, self.batch.id, self.batch.stored())
-        await store.append_event(self.batch.principal, self.batch.id, event,
-                                 json.dumps(data, default=str))
+        with anyio.CancelScope(shield=True):  # (see _put_if_stale)
+            await store.put(self.batch.principal, self.batch.id, self.batch.stored())
+            await store.append_event(self.batch.principal, self.batch.id, event,
+                                     json.dumps(data, default=str))
 
     async def start(self) -> None:
         async with self._lock:
@@ -82,7 +83,13 @@ class BatchExecution:
     async def _put_if_stale(self) -> None:
         if self._stale:
             self._stale = False
-            await self.runner.store.put(self.batch.principal, self.batch.id, self.batch.stored())
+            # Shielded: a write cancelled with the batch may still be on the wire (a Redis
+            # command sent) and land after the final record, putting it back in_progress.
+            # Finished, it is ordered before finish()'s writes, which wait for the lock.
+            with anyio.CancelScope(shield=True):
+                await self.runner.store.put(
+                    self.batch.principal, self.batch.id, self.batch.stored()
+                )
 
     async def _item(self, limiter: anyio.CapacityLimiter, item: BatchItem) -> None:
         async with limiter:
