@@ -292,3 +292,15 @@ async def test_a_record_write_on_the_wire_at_cancel_lands_before_the_final_one()
     assert final["counts"] == {"processing": 0, "succeeded": 1, "errored": 0, "cancelled": 1,
                                "expired": 0}
 
+
+async def test_an_item_finishing_as_its_batch_is_cancelled_is_counted_once() -> None:
+    # The item was marked done, but its result write was cancelled with the batch: it was
+    # neither counted nor marked cancelled (counts summed to less than the total).
+    store = WireStore()
+    store.slow_result = lambda line: '"quick"' in line
+    final = await cancel_when_in_flight(store)
+    assert final["counts"] == {"processing": 0, "succeeded": 1, "errored": 0, "cancelled": 1,
+                               "expired": 0}
+    lines = [json.loads(x) for x in await store.results("p", "batch_wire")]
+    assert sorted((x["custom_id"], x["type"]) for x in lines) == [
+        ("quick", "succeeded"), ("stuck", "cancelled")]

@@ -109,23 +109,27 @@ class BatchExecution:
         async with self._lock:
             if res.custom_id in self.done:
                 return
-            self.done.add(res.custom_id)
-            await self.runner.store.append_result(
-                self.batch.principal, self.batch.id, res.model_dump_json()
-            )
-            c = self.batch.counts.model_dump()
-            c[res.type] += 1
-            c["processing"] = self.batch.total - len(self.done)
-            update: dict[str, Any] = {"counts": BatchCounts(**c)}
-            if ctx is not None and ctx.usage is not None:
-                update["usage"] = add_usage(self.batch.usage, ctx.usage)
-            if ctx is not None:
-                update["cost"] = self.batch.cost + ctx.cost
-            self.batch = self.batch.model_copy(update=update)
-            self._stale = True  # (stored by _save_while_running, or when the batch ends)
-            await self.runner.store.append_event(
-                self.batch.principal, self.batch.id, "batch.progress", json.dumps({"counts": c})
-            )
+            # Shielded: cancelled between marking the item done and counting it (the batch
+            # cancelled as it finished), the item was neither counted nor marked leftover.
+            with anyio.CancelScope(shield=True):
+                self.done.add(res.custom_id)
+                await self.runner.store.append_result(
+                    self.batch.principal, self.batch.id, res.model_dump_json()
+                )
+                c = self.batch.counts.model_dump()
+                c[res.type] += 1
+                c["processing"] = self.batch.total - len(self.done)
+                update: dict[str, Any] = {"counts": BatchCounts(**c)}
+                if ctx is not None and ctx.usage is not None:
+                    update["usage"] = add_usage(self.batch.usage, ctx.usage)
+                if ctx is not None:
+                    update["cost"] = self.batch.cost + ctx.cost
+                self.batch = self.batch.model_copy(update=update)
+                self._stale = True  # (stored by _save_while_running, or when the batch ends)
+                await self.runner.store.append_event(
+                    self.batch.principal, self.batch.id, "batch.progress",
+                    json.dumps({"counts": c}),
+                )
 
     async def finish(self, status: str, leftover: str, error: JobError | None = None) -> None:
         """Mark unfinished items ``leftover`` and the batch ``status`` (final event last)."""
