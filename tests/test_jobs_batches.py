@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import httpx
+import pytest
 from httpx_sse import aconnect_sse
 from starlette.applications import Starlette
 from starlette.routing import Mount
@@ -304,3 +305,40 @@ async def test_an_item_finishing_as_its_batch_is_cancelled_is_counted_once() -> 
     lines = [json.loads(x) for x in await store.results("p", "batch_wire")]
     assert sorted((x["custom_id"], x["type"]) for x in lines) == [
         ("quick", "succeeded"), ("stuck", "cancelled")]
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_a_batch_whose_worker_died_reports_the_items_it_finished(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    # The running record is written at most every 0.2 s, the results at once: a worker dying
+    # in between left a failed batch whose counts missed items its results file has.
+    from aimiddleware.jobs import Batch
+    from aimiddleware.jobs.models import BatchCounts, BatchItem, BatchItemResult
+    from aimiddleware.jobs.store import make_store
+    from aimiddleware.storage import Storage
+
+    url = "memory://" if backend == "memory" else request.getfixturevalue("redis_url")
+    jobs = JobsRouter(Item().fn, storage=url, principal=lambda request: "p")
+    app = Starlette(routes=[Mount("/v1", jobs)], lifespan=jobs.lifespan_context)
+    # (the server's own store in memory; a client of the same Redis else: its loop is ours)
+    own = None if backend == "memory" else Storage(url)
+    store = jobs.store if own is None else make_store(own)
+    with ThreadServer(app) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            items = [BatchItem(custom_id=f"c{n}", input={"n": n}) for n in range(3)]
+            dead = Batch(id="batch_from_a_dead_worker", principal="p", status="in_progress",
+                         items=items, total=3, counts=BatchCounts(processing=2, succeeded=1))
+            await store.put("p", dead.id, dead.stored())  # (its lease long gone)
+            for custom_id, kind in (("c0", "succeeded"), ("c1", "errored")):
+                line = BatchItemResult(custom_id=custom_id, type=kind)  # type: ignore[arg-type]
+                await store.append_result("p", dead.id, line.model_dump_json())
+            body = (await client.get(f"/v1/batches/{dead.id}")).json()
+            assert body["status"] == "failed" and body["error"]["code"] == "worker_lost"
+            assert body["counts"] == {"processing": 1, "succeeded": 1, "errored": 1,
+                                      "cancelled": 0, "expired": 0}
+            async with aconnect_sse(client, "GET", f"/v1/batches/{dead.id}/events") as es:
+                final = [json.loads(e.data) async for e in es.aiter_sse()][-1]
+            assert final["counts"] == body["counts"]
+    if own is not None:
+        await own.aclose()

@@ -184,13 +184,25 @@ class JobsRouter(Router):
             return rec
         err = JobError(code="worker_lost", retryable=True,
                        message="The worker running this job stopped; submit it again.")
-        final = rec.model_copy(update={"status": "failed", "error": err,
-                                       "finished_at": time.time()})
+        update: dict[str, Any] = {"status": "failed", "error": err, "finished_at": time.time()}
+        if isinstance(rec, Batch):
+            # A running batch's record is written at most every SAVE_EVERY s, each result at
+            # once: the counts are the results file's (usage and cost may lag that much).
+            update["counts"] = await self._counted(rec)
+        final = rec.model_copy(update=update)
         await self.store.put(rec.principal, rec.id, final.stored())
         await self.store.append_event(rec.principal, rec.id, f"{rec.object}.failed",
                                       json.dumps(final.public()))
         await self.runner.notify(final.callback_url, f"{rec.object}.failed", final.public())
         return final
+
+    async def _counted(self, batch: Batch) -> BatchCounts:
+        counts = dict.fromkeys(BatchCounts.model_fields, 0)
+        lines = await self.store.results(batch.principal, batch.id)
+        for line in lines:
+            counts[json.loads(line)["type"]] += 1
+        counts["processing"] = max(0, batch.total - len(lines))
+        return BatchCounts(**counts)
 
     async def _create(
         self, request: Request, record: Job | Batch, location: str
