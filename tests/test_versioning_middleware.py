@@ -348,3 +348,18 @@ async def test_headers_the_endpoint_set_itself_are_kept_once() -> None:
     assert r.headers.get_list("x-model") == ["mine"]
     assert r.headers["x-model-version"] == NEW
     assert r.headers.get_list("vary") == ["accept", "x-api-version"]
+
+
+async def test_a_migration_path_under_the_models_path_is_still_the_migration_check() -> None:
+    # GET {models_path}/{id} made the whole subtree the models route's: the migration check
+    # at /v1/models/migration-check answered 405 (allow: GET) to every POST.
+    app = FastAPI()
+    install(app, StackConfig(versioning=VersioningConfig(
+        registry=make_registry(FakeClock(at(NOW))), models_path="/v1/models",
+        migration_path="/v1/models/migration-check")))
+    async with client(app) as c:
+        check = await c.post("/v1/models/migration-check", json={"path": "/v1/models"})
+        one = await c.get(f"/v1/models/{OLD}")
+    assert check.status_code == 422, check.text
+    assert check.json()["error"]["param"] in {"baseline", "candidate"}
+    assert one.status_code == 200 and one.json()["id"] == OLD

@@ -141,6 +141,14 @@ class VersioningMiddleware:
         if ctx is None:
             raise RuntimeError("VersioningMiddleware needs RequestContextMiddleware outside it")
         path = scope["path"]
+        # (first: a migration_path under models_path is not a model id)
+        if self.migration_path is not None and path == self.migration_path:
+            if scope["method"] != "POST":
+                raise MethodNotAllowed(headers=[("allow", "POST")])
+            from aimiddleware.versioning.migration import run_migration_check
+
+            await run_migration_check(self, scope, ctx, send)
+            return
         if self.models_path is not None and (
             path == self.models_path or path.startswith(self._model_prefix)
         ):
@@ -157,13 +165,6 @@ class VersioningMiddleware:
                     listed = found[0]
                 await send_json(send, 200, json.dumps(listed).encode())
                 return
-        if self.migration_path is not None and path == self.migration_path:
-            if scope["method"] != "POST":
-                raise MethodNotAllowed(headers=[("allow", "POST")])
-            from aimiddleware.versioning.migration import run_migration_check
-
-            await run_migration_check(self, scope, ctx, send)
-            return
         await self.serve(scope, receive, send, ctx)
 
     def requested_model(self, scope: Scope, ctx: RequestContext) -> str | None:
