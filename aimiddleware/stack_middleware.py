@@ -178,7 +178,7 @@ class _Exchange(Responder):
         stack, ctx = self.stack, self.ctx
         versioning = stack.versioning
         if versioning is not None:
-            if versioning.is_helper_route(scope["path"]):
+            if versioning.is_helper_route(scope["path"], scope["method"]):
                 self.acc = None
                 await versioning(scope, receive, send)
                 return

@@ -363,3 +363,24 @@ async def test_a_migration_path_under_the_models_path_is_still_the_migration_che
     assert check.status_code == 422, check.text
     assert check.json()["error"]["param"] in {"baseline", "candidate"}
     assert one.status_code == 200 and one.json()["id"] == OLD
+
+
+async def test_other_methods_under_the_models_path_are_the_apps() -> None:
+    # Only GET {models_path}/{id} is the models route's: the app's own DELETE /v1/models/{id}
+    # (OpenAI's, for a fine-tuned model) answered 405 (allow: GET) once that route came.
+    app = FastAPI()
+
+    @app.delete("/v1/models/{model_id}")
+    async def delete_model(model_id: str) -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "deleted": True, "by": current().principal}
+
+    install(app, StackConfig(versioning=VersioningConfig(
+        registry=make_registry(FakeClock(at(NOW))), models_path="/v1/models")))
+    async with client(app) as c:
+        deleted = await c.delete("/v1/models/ft:my-model:org:abc")
+        listed = await c.post("/v1/models")
+        one = await c.get(f"/v1/models/{OLD}")
+    assert deleted.status_code == 200, deleted.text
+    assert deleted.json()["deleted"] is True and deleted.json()["by"] == principal_of("sk-test")
+    assert listed.status_code == 405  # (the list itself is still GET only)
+    assert one.status_code == 200 and one.json()["id"] == OLD

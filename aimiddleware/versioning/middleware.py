@@ -149,9 +149,7 @@ class VersioningMiddleware:
 
             await run_migration_check(self, scope, ctx, send)
             return
-        if self.models_path is not None and (
-            path == self.models_path or path.startswith(self._model_prefix)
-        ):
+        if self._is_models_route(path, scope["method"]):
             if scope["method"] != "GET":
                 raise MethodNotAllowed(headers=[("allow", "GET")])
             if self.registry is not None:  # always true: checked in __init__
@@ -203,12 +201,18 @@ class VersioningMiddleware:
 
         await self.app(scope, receive, send_with_headers)
 
-    def is_helper_route(self, path: str) -> bool:
-        """Does this layer answer ``path`` itself (the models list, the migration check)?"""
-        return (
-            path == self.models_path
-            or path == self.migration_path
-            or (self.models_path is not None and path.startswith(self._model_prefix))
+    def is_helper_route(self, path: str, method: str = "GET") -> bool:
+        """Does this layer answer ``method path`` itself (the models list and entries, the
+        migration check)?"""
+        return path == self.migration_path or self._is_models_route(path, method)
+
+    def _is_models_route(self, path: str, method: str) -> bool:
+        """``models_path`` (any method: 405 but GET), or ``GET {models_path}/{id}``: every
+        GET under it is a model id (an id may hold '/'); other methods there are the app's."""
+        if self.models_path is None:
+            return False
+        return path == self.models_path or (
+            method == "GET" and path.startswith(self._model_prefix)
         )
 
     async def resolve(

@@ -82,7 +82,7 @@ async def run_migration_check(
         loc = ".".join(str(p) for p in first["loc"]) or None
         raise ValidationFailed(f"Invalid migration check: {first['msg']}.", param=loc) from None
     target = req.path.split("?", 1)[0]
-    if mw.is_helper_route(target):
+    if mw.is_helper_route(target, req.method):
         raise ValidationFailed("The migration check cannot target a helper route.", param="path")
     for name in req.headers:
         if name.lower() in _FORBIDDEN_OVERRIDES or not name.isascii() or not name:
