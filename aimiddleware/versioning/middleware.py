@@ -204,7 +204,9 @@ class VersioningMiddleware:
     def is_helper_route(self, path: str, method: str = "GET") -> bool:
         """Does this layer answer ``method path`` itself (the models list and entries, the
         migration check)?"""
-        return path == self.migration_path or self._is_models_route(path, method)
+        return path == self.migration_path or (
+            self.models_path is not None and self._is_models_route(path, method)
+        )  # (no call per request without a models route)
 
     def _is_models_route(self, path: str, method: str) -> bool:
         """``models_path`` (any method: 405 but GET), or ``GET {models_path}/{id}``: every
