@@ -186,10 +186,13 @@ class JobRunner:
         async def save(event: str, data: dict[str, Any], **update: Any) -> None:
             async with lock:
                 state["job"] = state["job"].model_copy(update=update)
-                await self.store.put(job.principal, job.id, state["job"].stored())
-                await self.store.append_event(
-                    job.principal, job.id, event, json.dumps(data, default=_jsonable)
-                )
+                # Shielded: a write cancelled with the job may still be on the wire (a Redis
+                # command sent) and land after the final record, putting it back in_progress.
+                with anyio.CancelScope(shield=True):
+                    await self.store.put(job.principal, job.id, state["job"].stored())
+                    await self.store.append_event(
+                        job.principal, job.id, event, json.dumps(data, default=_jsonable)
+                    )
 
         async def emit(kind: str, data: dict[str, Any]) -> None:
             cur = state["job"]
