@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from aimiddleware.errors import ModelRetired, UnsupportedApiVersion
+from aimiddleware.errors import InvalidRequest, ModelRetired, UnsupportedApiVersion
 from aimiddleware.versioning import ApiVersion, ApiVersions
 from aimiddleware.versioning.api_versions import well_formed
 from tests.versioning_app import FakeClock, at, make_versions
@@ -118,3 +118,14 @@ async def test_a_pin_naming_an_unknown_version_is_a_typed_400() -> None:
     versions = make_versions(FakeClock(at("2026-03-01")), pins=lambda principal: "2020-01-01")
     with pytest.raises(UnsupportedApiVersion, match="pinned for this caller"):
         await versions.resolve("/x", [], "p")
+
+
+async def test_a_header_sent_twice_must_name_one_version() -> None:
+    versions = make_versions(FakeClock(at("2026-03-01")))
+    twice = [(b"x-api-version", b"2025-01-01"), (b"x-api-version", b"2026-06-01")]
+    with pytest.raises(InvalidRequest) as exc:
+        await versions.resolve("/x", twice, "p")
+    assert exc.value.status == 400 and exc.value.param == "x-api-version"
+    assert "more than once" in exc.value.detail
+    same = [(b"x-api-version", b"2025-01-01"), (b"x-api-version", b" 2025-01-01")]
+    assert (await versions.resolve("/x", same, "p")).name == "2025-01-01"

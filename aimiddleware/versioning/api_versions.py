@@ -17,7 +17,7 @@ from typing import Literal
 from starlette.concurrency import run_in_threadpool
 
 from aimiddleware._asgi import is_async_callable
-from aimiddleware.errors import UnsupportedApiVersion
+from aimiddleware.errors import InvalidRequest, UnsupportedApiVersion
 from aimiddleware.versioning.lifecycle import (
     Clock,
     DateLike,
@@ -224,13 +224,22 @@ class ApiVersions:
                 )
         wanted = self._header_bytes
         if wanted is not None:
+            found: ResolvedVersion | None = None
             for key, raw in headers:
                 if key == wanted:
                     value = raw.decode("latin-1").strip()
-                    found = self._by_header.get(value)
-                    if found is None:
+                    named = self._by_header.get(value)
+                    if named is None:
                         raise self._unsupported(value, f"header {self.header}", self.header)
-                    return found
+                    if found is not None and named is not found:  # which one was meant?
+                        raise InvalidRequest(
+                            f"The {self.header} header was sent more than once, with "
+                            "different versions.",
+                            param=self.header,
+                        )
+                    found = named
+            if found is not None:
+                return found
         if self.pins is None:
             return self._default
         return None
