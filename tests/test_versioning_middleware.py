@@ -235,6 +235,9 @@ def test_configuration_errors() -> None:
     registry = make_registry(FakeClock(at(NOW)))
     with pytest.raises(ValueError, match="start with"):
         VersioningMiddleware(app, registry=registry, models_path="models")
+    for root in ("/", "//"):  # every GET under it would be a model id
+        with pytest.raises(ValueError, match="must name a path"):
+            VersioningMiddleware(app, registry=registry, models_path=root)
     with pytest.raises(ValueError, match="model_field or model_header"):
         VersioningMiddleware(app, registry=registry, model_field=None, model_header=None)
     with pytest.raises(TypeError):

@@ -90,6 +90,9 @@ class VersioningMiddleware:
         for name, path in (("models_path", models_path), ("migration_path", migration_path)):
             if path is not None and not path.startswith("/"):
                 raise ValueError(f"{name} must start with '/'")
+        if models_path is not None and not models_path.strip("/"):
+            raise ValueError("models_path must name a path, e.g. '/v1/models' (every GET "
+                             "under it is a model id)")
         if models_path is not None and models_path == migration_path:
             raise ValueError("models_path and migration_path must differ")
         if models_path is not None and registry is None:
