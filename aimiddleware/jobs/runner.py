@@ -20,7 +20,7 @@ from typing import Any, Literal
 import anyio
 import anyio.abc
 
-from aimiddleware.errors import AIError, InternalError
+from aimiddleware.errors import AIError, InternalError, StoreUnavailable
 from aimiddleware.jobs.context import JobContext, JobLimitExceeded
 from aimiddleware.jobs.models import Batch, Job, JobError
 from aimiddleware.jobs.store import JobStore
@@ -135,6 +135,10 @@ class JobRunner:
                 await self._run_job(record)
             else:
                 await self._run_batch(record)
+        except Exception:
+            # (the store failed under it: left to the reaper, which reports it failed and
+            # retryable once its lease lapses; the runner goes on with the other records)
+            logger.exception("%s: could not be run to its end", record.id)
         finally:
             self._running -= 1
 
@@ -171,12 +175,16 @@ class JobRunner:
         next_beat = 0.0
         while True:
             now = anyio.current_time()
-            if now >= next_beat:
-                await self.store.beat(principal, rec_id, self.lease)
-                next_beat = now + self.lease / 3
-            if await self.store.cancel_requested(principal, rec_id):
-                scope.cancel()
-                return
+            try:
+                if now >= next_beat:
+                    await self.store.beat(principal, rec_id, self.lease)
+                    next_beat = now + self.lease / 3
+                if await self.store.cancel_requested(principal, rec_id):
+                    scope.cancel()
+                    return
+            except StoreUnavailable:  # an outage: the job runs on; asked again next poll
+                logger.warning("%s: the job store is unavailable", rec_id)
+                await anyio.sleep(max(self.cancel_poll, 1.0))
             await anyio.sleep(self.cancel_poll)
 
     async def _run_job(self, job: Job) -> None:

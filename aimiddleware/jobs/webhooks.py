@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -25,7 +26,7 @@ from urllib.parse import urlsplit
 
 import anyio
 
-from aimiddleware.errors import InvalidRequest
+from aimiddleware.errors import InvalidRequest, StoreUnavailable
 from aimiddleware.headers import parse_http_date
 from aimiddleware.jobs.models import Delivery, DeliveryAttempt, new_id
 from aimiddleware.jobs.store import JobStore
@@ -37,6 +38,8 @@ __all__ = [
     "WebhookSigner",
     "webhook_payload",
 ]
+
+logger = logging.getLogger("aimiddleware.jobs")
 
 # Standard Webhooks' example schedule (seconds after the previous attempt); jitter is added.
 DEFAULT_SCHEDULE: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
@@ -227,6 +230,8 @@ class WebhookDispatcher:
         async def deliver(client: Any, delivery: Delivery) -> None:
             try:
                 await self._deliver(client, delivery)
+            except Exception:  # (its store writes failed: leased, so it is due again later)
+                logger.exception("webhook delivery %s failed", delivery.id)
             finally:
                 inflight[0] -= 1
 
@@ -236,7 +241,14 @@ class WebhookDispatcher:
         ):
             while True:
                 free = self.concurrency - inflight[0]
-                claimed = await self.store.outbox_claim(self.clock(), lease, free) if free else []
+                try:
+                    claimed = (
+                        await self.store.outbox_claim(self.clock(), lease, free) if free else []
+                    )
+                except StoreUnavailable:  # an outage: deliveries wait in the store
+                    logger.warning("webhook dispatcher: the job store is unavailable")
+                    await anyio.sleep(max(self.poll_interval, 1.0))
+                    continue
                 for raw in claimed:  # a slow receiver never holds up the others
                     inflight[0] += 1
                     tg.start_soon(deliver, client, Delivery.model_validate_json(raw))
