@@ -383,3 +383,24 @@ def test_bad_job_input_is_a_typed_400_at_submission(base_url: str) -> None:
     items = [{"custom_id": "ok", "input": {"text": "a"}}, {"custom_id": "bad", "input": {}}]
     r = httpx.post(base_url + "/v1/batches", headers=auth, json={"items": items})
     assert r.status_code == 400 and r.json()["error"]["param"] == "items.1.input"
+
+
+def test_polling_a_job_charges_the_caller_nothing(base_url: str) -> None:
+    # A job's JSON and events carry the job's usage: the usage layer took it for each
+    # poll's own, recording it again (and charging the caller's token limits) every time.
+    auth = {"authorization": "Bearer sk-demo-pro"}
+    before = httpx.get(base_url + "/v1/usage", headers=auth).json()["totals"]
+    r = httpx.post(base_url + "/v1/jobs", headers=auth, json={"input": {"text": "a b c"}})
+    job_url = str(httpx.URL(base_url).join(r.headers["location"]))
+    with (
+        httpx.Client() as client,
+        connect_sse(client, "GET", job_url + "/events", headers=auth) as source,
+    ):
+        kinds = [event.event for event in source.iter_sse()]
+    assert kinds[-1] == "job.completed" and "job.usage" in kinds
+    for _ in range(2):
+        poll = httpx.get(job_url, headers=auth)
+        assert poll.json()["usage"]["total_tokens"] > 0  # the job's own usage, shown
+        assert "x-usage-input-tokens" not in poll.headers
+    after = httpx.get(base_url + "/v1/usage", headers=auth).json()["totals"]
+    assert after == before  # the job's model calls are the job's (README: not charged)

@@ -51,6 +51,11 @@ def typed_errors(
     """Render typed errors here, so the router works with or without ErrorMiddleware."""
 
     async def endpoint(request: Request) -> Response:
+        ctx = current_or_none()
+        if ctx is not None:
+            # The usage in a job's JSON and events is the job's (recorded on the job, not
+            # charged to the caller): the usage layer must not take it for this request's.
+            ctx.state["usage_reported"] = True
         try:
             return await fn(request)
         except AIError as err:

@@ -24,6 +24,7 @@ class JobEventsDialect(Dialect):
     """Events are pre-framed; no usage/``[DONE]`` trailer (the final job event ends it)."""
 
     name = "jobs"
+    model_output = False  # (a job's usage is the job's: the request is not charged for it)
 
     def end(self, summary: StreamSummary) -> list[bytes]:
         return []

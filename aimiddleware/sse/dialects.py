@@ -64,6 +64,9 @@ class Dialect:
 
     name = "generic"
     heartbeat: bytes = b": ping\n\n"
+    #: A model's output: its end reports the usage and finish reason to the request context
+    #: (the usage layer records them). ``False`` for other streams (a job's events).
+    model_output = True
 
     def frame(self, item: Any) -> bytes:
         """Frame one item yielded by the endpoint (str = text delta, dict = native event)."""

@@ -243,7 +243,7 @@ class StreamSender:
                 cost = pricer(self.model, usage)
             except Exception:  # pricing never breaks a stream
                 logger.exception("pricing the stream's usage failed")
-        if ctx is not None:
+        if ctx is not None and self.dialect.model_output:
             if usage is not None:
                 ctx.usage = usage
             ctx.raw_finish_reason = finish
