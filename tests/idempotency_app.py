@@ -14,7 +14,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from aimiddleware import IdempotencyConfig, StackConfig, Storage, install
+from aimiddleware import (
+    EventStreamResponse,
+    IdempotencyConfig,
+    StackConfig,
+    Storage,
+    UpstreamUnavailable,
+    install,
+)
 
 
 def build(storage: Storage | str, **options: Any) -> tuple[FastAPI, Counter[str]]:
@@ -72,6 +79,20 @@ def build(storage: Storage | str, **options: Any) -> tuple[FastAPI, Counter[str]
                 await asyncio.sleep(0)
 
         return StreamingResponse(gen(), media_type="text/event-stream")
+
+    @app.post("/sse")
+    async def sse(request: Request) -> Response:
+        # An EventStreamResponse whose source fails on the first attempt after one event:
+        # the client gets a 200, the event, then an error event ending the stream.
+        run = await count("sse")
+
+        async def gen() -> Any:
+            yield "first"
+            if run == 1:
+                raise UpstreamUnavailable()
+            yield "second"
+
+        return EventStreamResponse(gen())
 
     install(app, StackConfig(storage=storage, idempotency=IdempotencyConfig(**options)))
     return app, counts

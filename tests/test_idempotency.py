@@ -446,6 +446,21 @@ async def test_broken_stream_is_not_stored(storage: Storage) -> None:
     assert "idempotent-replayed" not in retry.headers
 
 
+async def test_a_stream_ending_in_an_error_event_is_not_stored(storage: Storage) -> None:
+    # The 200 and the first event went out, then the source failed: the stream ends with an
+    # error event, normally at the ASGI level. A retry must run again, not replay the error.
+    app, counts = build(storage)
+    async with client(app) as c:
+        failed = await c.post("/sse", headers=KEY)
+        assert failed.status_code == 200 and "upstream_unavailable" in failed.text
+        retry = await c.post("/sse", headers=KEY)
+        again = await c.post("/sse", headers=KEY)
+    assert counts["sse"] == 2
+    assert "idempotent-replayed" not in retry.headers and "second" in retry.text
+    assert "upstream_unavailable" not in retry.text
+    assert again.headers["idempotent-replayed"] == "true" and again.text == retry.text
+
+
 async def test_client_disconnect_before_the_end_releases_the_key() -> None:
     gate, gone = anyio.Event(), anyio.Event()
     app, log = live_app(Storage("memory://"), gate)

@@ -13,9 +13,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from aimiddleware.context import current_or_none
 from aimiddleware.idempotency.models import Completed
 from aimiddleware.idempotency.replay import STORED
 from aimiddleware.idempotency.store import StreamingStore
+from aimiddleware.sse.stream import FAILED
 from aimiddleware.types import Message, Send
 
 if TYPE_CHECKING:
@@ -24,6 +26,13 @@ if TYPE_CHECKING:
 __all__ = ["Recording"]
 
 logger = logging.getLogger("aimiddleware.idempotency")
+
+
+def _ended_in_error() -> bool:
+    """Whether this request's event stream ended with an error event (``EventStreamResponse``
+    says so in the request context): a retry must run again, not replay the error."""
+    ctx = current_or_none()
+    return ctx is not None and ctx.state.get(FAILED) is True
 
 
 class Recording:
@@ -63,7 +72,10 @@ class Recording:
                         if self.publish is not None:
                             await self._publish(self.publish.stream_append, body)
                 if self.recording and not message.get("more_body", False):
-                    await self._complete()
+                    if self.stream and _ended_in_error():
+                        await self._drop()  # a stream that failed after its 200: not stored
+                    else:
+                        await self._complete()
             elif kind == "http.response.start":
                 message = await self._start(message)
             else:

@@ -30,11 +30,14 @@ from aimiddleware.usage.models import Usage
 if TYPE_CHECKING:
     from aimiddleware.sse.response import EventStreamResponse
 
-__all__ = ["COMPLETED", "Pricer", "StreamResult"]
+__all__ = ["COMPLETED", "FAILED", "Pricer", "StreamResult"]
 
 logger = logging.getLogger("aimiddleware")
 
 COMPLETED = "sse.completed"
+FAILED = "sse.failed"
+"""``ctx.state`` key set to ``True`` when a stream ended with an error event (after its 200):
+idempotency does not store it, so a retry runs again."""
 """``ctx.state`` key set to ``True`` once a stream sent its normal end (not an error, not cut)."""
 
 Pricer = Callable[[str | None, Usage], Decimal | None]
@@ -264,6 +267,8 @@ class StreamSender:
             logger.warning("%s raised after the event stream had ended; not sent", err.code)
             return
         self.finish = "error"
+        if self.ctx is not None:
+            self.ctx.state[FAILED] = True
         summary = self._record_context("error")
         body = problem_body(err, request_id=summary.request_id)
         await self._finish(self.dialect.error(body, summary))
