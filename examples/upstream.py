@@ -20,9 +20,11 @@ from aimiddleware import (
     EventStreamResponse,
     InvalidRequest,
     OpenAIChatDialect,
+    StreamResult,
     UpstreamError,
     UpstreamRateLimited,
     UpstreamUnavailable,
+    Usage,
 )
 
 __all__ = ["Upstream"]
@@ -45,17 +47,29 @@ class Upstream:
     async def chat(self, request: dict[str, Any]) -> Any:
         if not request.get("stream"):
             response = await self.client.post("/chat/completions", json=request)
-            _raise_for_status(response.status_code, response.content)
+            _raise_for_status(response)
             return response.json()
-        request = {**request, "stream_options": {"include_usage": True}}
+        # The upstream's head is awaited before ours is sent, so its refusal (a 429, a
+        # rejected request, the upstream down) is the client's status, not an error event
+        # after a 200. The usage chunk is always asked for (the stack records it); the client
+        # gets it only if it asked.
+        options = request.get("stream_options")
+        wanted = isinstance(options, dict) and options.get("include_usage") is True
+        upstream = {**request, "stream_options": {"include_usage": True}}
+        built = self.client.build_request("POST", "/chat/completions", json=upstream)
+        response = await self.client.send(built, stream=True)
+        if response.status_code >= 400:
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+            _raise_for_status(response)
         return EventStreamResponse(
-            self._chunks(request), dialect=OpenAIChatDialect.for_request(request)
+            self._chunks(response, wanted), dialect=OpenAIChatDialect.for_request(request)
         )
 
-    async def _chunks(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        async with self.client.stream("POST", "/chat/completions", json=request) as response:
-            if response.status_code >= 400:
-                _raise_for_status(response.status_code, await response.aread())
+    async def _chunks(self, response: httpx.Response, wanted: bool) -> AsyncIterator[Any]:
+        try:
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
                     continue
@@ -65,21 +79,40 @@ class Upstream:
                 chunk = json.loads(data)
                 if "error" in chunk:
                     raise UpstreamError(extra={"upstream_error": chunk["error"].get("type")})
+                if not wanted:
+                    usage = chunk.pop("usage", None)
+                    if not chunk.get("choices") and isinstance(usage, dict):
+                        # the usage chunk the client did not ask for: recorded, not sent
+                        yield StreamResult(usage=Usage.from_openai_chat(usage))
+                        continue
                 yield chunk
+        finally:
+            await response.aclose()  # (also on a disconnect: the upstream stops generating)
 
 
-def _raise_for_status(status: int, body: bytes) -> None:
-    """Map an upstream failure to the taxonomy without echoing the upstream's message."""
+def _raise_for_status(response: httpx.Response) -> None:
+    """Map an upstream failure to the taxonomy without echoing the upstream's message; an
+    upstream 429 keeps its wait (``retry-after-ms``, else ``retry-after`` in seconds)."""
+    status = response.status_code
     if status < 400:
         return
     code = None
     with contextlib.suppress(ValueError, AttributeError):
-        code = (json.loads(body).get("error") or {}).get("code")
+        code = (json.loads(response.content).get("error") or {}).get("code")
     extra = {"upstream_status": status, "upstream_code": code}
     if status == 429:
-        raise UpstreamRateLimited(extra=extra)
+        raise UpstreamRateLimited(extra=extra, retry_after=_retry_after(response.headers))
     if status >= 500:
         raise UpstreamUnavailable(extra=extra)
     if status in (400, 404, 413, 422):
         raise InvalidRequest("The upstream model rejected the request.", extra=extra)
     raise UpstreamError(extra=extra)
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    with contextlib.suppress(ValueError):
+        if "retry-after-ms" in headers:
+            return max(0.0, float(headers["retry-after-ms"]) / 1000)
+        if "retry-after" in headers:  # (delay-seconds; an HTTP-date is left out)
+            return max(0.0, float(headers["retry-after"]))
+    return None
