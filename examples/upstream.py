@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Awaitable
 from typing import Any
 
 import httpx
@@ -65,10 +65,11 @@ class Upstream:
                 await response.aclose()
             _raise_for_status(response)
         return EventStreamResponse(
-            self._chunks(response, wanted), dialect=OpenAIChatDialect.for_request(request)
+            _Chunks(response, self._chunks(response, wanted)),
+            dialect=OpenAIChatDialect.for_request(request),
         )
 
-    async def _chunks(self, response: httpx.Response, wanted: bool) -> AsyncIterator[Any]:
+    async def _chunks(self, response: httpx.Response, wanted: bool) -> AsyncGenerator[Any, None]:
         try:
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
@@ -88,6 +89,28 @@ class Upstream:
                 yield chunk
         finally:
             await response.aclose()  # (also on a disconnect: the upstream stops generating)
+
+
+class _Chunks:
+    """The stream's source: ``aclose`` also closes the upstream response when the stream
+    never started (closing an async generator before its first item runs none of its code,
+    and a HEAD, a resume or a client gone before our head closes it so)."""
+
+    def __init__(self, response: httpx.Response, chunks: AsyncGenerator[Any, None]) -> None:
+        self.response = response
+        self.chunks = chunks
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    def __anext__(self) -> Awaitable[Any]:
+        return self.chunks.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self.chunks.aclose()
+        finally:
+            await self.response.aclose()
 
 
 def _raise_for_status(response: httpx.Response) -> None:

@@ -1,0 +1,60 @@
+"""examples/upstream.py's streaming proxy against a mocked upstream: the upstream response
+it opens before the stream is closed whatever happens to the stream, and the usage it asks
+for is reported however the upstream sends it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from aimiddleware import EventStreamResponse
+from examples.upstream import Upstream
+
+
+class Body(httpx.AsyncByteStream):
+    def __init__(self, chunks: list[dict[str, Any]]) -> None:
+        self.chunks = chunks
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            yield f"data: {json.dumps(chunk)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def upstream(chunks: list[dict[str, Any]]) -> tuple[Upstream, Body]:
+    body = Body(chunks)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=body)
+
+    up = Upstream("http://upstream/v1")
+    up.client = httpx.AsyncClient(base_url="http://upstream/v1",
+                                  transport=httpx.MockTransport(handler))
+    return up, body
+
+
+def delta(text: str, **extra: Any) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+            **extra}
+
+
+REQUEST = {"model": "m", "messages": [], "stream": True}
+
+
+async def test_an_upstream_stream_never_iterated_is_closed() -> None:
+    # The stream is closed before its first item (a HEAD, a resume answered from the
+    # buffer, the client gone): closing an async generator that never started runs none of
+    # its code, so the upstream response opened before it stayed open (its connection out
+    # of the pool, the upstream generating on).
+    up, body = upstream([delta("a")])
+    resp = await up.chat(REQUEST)
+    assert isinstance(resp, EventStreamResponse)
+    await resp.iterator.aclose()  # type: ignore[attr-defined]
+    assert body.closed
