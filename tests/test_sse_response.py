@@ -286,6 +286,30 @@ async def test_send_oserror_means_the_client_left() -> None:
     assert state["closed"] and len(rec.messages) == 3
 
 
+async def test_the_source_is_closed_when_the_head_cannot_be_sent() -> None:
+    # The client left before the head went out: the source was never closed (a source
+    # holding a resource opened before the stream, an upstream response, kept it).
+    closed: list[bool] = []
+
+    class Source:
+        def __aiter__(self) -> Source:
+            return self
+
+        async def __anext__(self) -> str:
+            return "never"
+
+        async def aclose(self) -> None:
+            closed.append(True)
+
+    class Gone(Recorder):
+        async def send(self, message: dict[str, Any]) -> None:
+            raise OSError("connection closed")
+
+    with pytest.raises(OSError):
+        await Gone().run(endpoint_app(lambda: EventStreamResponse(Source())))
+    assert closed == [True]
+
+
 async def test_pass_through_provider_events_report_usage() -> None:
     seen: dict[str, Any] = {}
     openai_chunks = [

@@ -4,10 +4,12 @@ for is reported however the upstream sends it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import httpx
 
 from aimiddleware import EventStreamResponse
@@ -57,4 +59,22 @@ async def test_an_upstream_stream_never_iterated_is_closed() -> None:
     resp = await up.chat(REQUEST)
     assert isinstance(resp, EventStreamResponse)
     await resp.iterator.aclose()  # type: ignore[attr-defined]
+    assert body.closed
+
+
+async def test_the_upstream_stream_is_closed_when_the_head_cannot_be_sent() -> None:
+    # The client left before our head went out (ASGI >= 2.4: send raises OSError).
+    up, body = upstream([delta("a")])
+    resp = await up.chat(REQUEST)
+
+    async def receive() -> dict[str, Any]:
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        raise OSError("client gone")
+
+    scope = {"type": "http", "method": "POST", "headers": []}
+    with contextlib.suppress(OSError):
+        await resp(scope, receive, send)
     assert body.closed

@@ -101,9 +101,15 @@ class StreamSender:
                 self.producer = True
                 if ctx is not None:
                     ctx.state[CANCEL_ON_DISCONNECT] = False
-        await self.send(
-            {"type": "http.response.start", "status": resp.status_code, "headers": resp.raw_headers}
-        )
+        try:
+            await self.send({
+                "type": "http.response.start", "status": resp.status_code,
+                "headers": resp.raw_headers,
+            })
+        except BaseException:  # the client gone (OSError), a cancel: the source is closed too
+            with cleanup_scope(resp.cleanup_timeout):
+                await self._close_source(source)
+            raise
         if self.scope.get("method") == "HEAD":
             await self._close_source(source)
             await self.send({"type": "http.response.body", "body": b"", "more_body": False})
