@@ -82,10 +82,12 @@ class Upstream:
                     raise UpstreamError(extra={"upstream_error": chunk["error"].get("type")})
                 if not wanted:
                     usage = chunk.pop("usage", None)
-                    if not chunk.get("choices") and isinstance(usage, dict):
-                        # the usage chunk the client did not ask for: recorded, not sent
+                    if isinstance(usage, dict):
+                        # usage the client did not ask for: recorded, not sent (on its own
+                        # chunk, or on the last one with choices, as some upstreams send it)
                         yield StreamResult(usage=Usage.from_openai_chat(usage))
-                        continue
+                        if not chunk.get("choices"):
+                            continue
                 yield chunk
         finally:
             await response.aclose()  # (also on a disconnect: the upstream stops generating)

@@ -12,8 +12,10 @@ from typing import Any
 import anyio
 import httpx
 
-from aimiddleware import EventStreamResponse
+from aimiddleware import EventStreamResponse, StreamResult, Usage
 from examples.upstream import Upstream
+
+USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 
 
 class Body(httpx.AsyncByteStream):
@@ -77,4 +79,16 @@ async def test_the_upstream_stream_is_closed_when_the_head_cannot_be_sent() -> N
     scope = {"type": "http", "method": "POST", "headers": []}
     with contextlib.suppress(OSError):
         await resp(scope, receive, send)
+    assert body.closed
+
+
+async def test_usage_on_a_chunk_with_choices_is_still_reported() -> None:
+    # Some OpenAI-compatible upstreams put the usage on the last chunk with choices. The
+    # client did not ask for it: it was popped from the chunk and dropped, never recorded.
+    up, body = upstream([delta("a"), delta("b", usage=USAGE)])
+    resp = await up.chat(REQUEST)
+    items = [item async for item in resp.iterator]  # type: ignore[attr-defined]
+    results = [i for i in items if isinstance(i, StreamResult)]
+    assert results == [StreamResult(usage=Usage.from_openai_chat(USAGE))]
+    assert all("usage" not in i for i in items if isinstance(i, dict))
     assert body.closed
