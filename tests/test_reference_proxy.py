@@ -101,8 +101,9 @@ def test_an_upstream_refusal_is_the_streams_status(config: Path, upstream_url: s
         assert statuses[-1] == 429, statuses
         assert r.headers["content-type"] == "application/problem+json"
         assert r.json()["error"]["code"] == "upstream_rate_limited"
-        assert 0 < float(r.headers["retry-after"]) <= 1
-        assert int(r.headers["retry-after-ms"]) <= 1000
+        # the upstream's wait, kept: its window is one second (its reset rounds up a little)
+        assert 0 < float(r.headers["retry-after"]) <= 2
+        assert 0 < int(r.headers["retry-after-ms"]) <= 2000
 
 
 @pytest.mark.parametrize("stream", [False, True])

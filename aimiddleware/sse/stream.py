@@ -35,10 +35,10 @@ __all__ = ["COMPLETED", "FAILED", "Pricer", "StreamResult"]
 logger = logging.getLogger("aimiddleware")
 
 COMPLETED = "sse.completed"
+"""``ctx.state`` key set to ``True`` once a stream sent its normal end (not an error, not cut)."""
 FAILED = "sse.failed"
 """``ctx.state`` key set to ``True`` when a stream ended with an error event (after its 200):
 idempotency does not store it, so a retry runs again."""
-"""``ctx.state`` key set to ``True`` once a stream sent its normal end (not an error, not cut)."""
 
 Pricer = Callable[[str | None, Usage], Decimal | None]
 
