@@ -15,7 +15,7 @@ from httpx_sse import aconnect_sse
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from aimiddleware import install
+from aimiddleware import Storage, install
 from aimiddleware.jobs import Job, JobContext, JobsRouter
 from tests.jobs_servers import ThreadServer
 
@@ -466,29 +466,38 @@ async def test_a_job_write_on_the_wire_at_cancel_lands_before_the_final_one() ->
 async def test_the_runner_survives_a_store_outage(recorder: Recorder) -> None:
     # A job's cancel watcher and the webhook dispatcher met the outage, their errors ended
     # the runner's task group, and every later submission on that worker was a 500 ("The
-    # job runner is not running") until the process restarted.
+    # job runner is not running") until the process restarted. The store is paused (a hung
+    # server: every command times out), then resumed with its connections intact.
+    import signal
+
     from tests.redis_server import RedisServer
 
     store = RedisServer().start()
     try:
-        jobs = JobsRouter(recorder.fn, storage=store.url, webhook_secrets=["whsec_" + "A" * 32],
-                          cancel_poll=0.05, webhook_poll_interval=0.05)
+        jobs = JobsRouter(recorder.fn, storage=Storage(store.url, socket_timeout=0.5),
+                          webhook_secrets=["whsec_" + "A" * 32], cancel_poll=0.05,
+                          webhook_poll_interval=0.05)
         app = Starlette(routes=[Mount("/v1", jobs)], lifespan=jobs.lifespan_context)
         with ThreadServer(app) as srv:
             async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
                 held = {"input": {"steps": 1, "hold": True}}
                 job_id = (await client.post("/v1/jobs", json=held, headers=A)).json()["id"]
                 await wait_status(client, f"/v1/jobs/{job_id}", {"in_progress"})
-                store.stop()
-                await anyio.sleep(1.0)  # (the watcher and the dispatcher poll meanwhile)
-                down = await client.post("/v1/jobs", json={"input": {}}, headers=A)
-                assert down.status_code == 503
-                assert down.json()["error"]["code"] == "store_unavailable"
-                store.start()
+                assert store.proc is not None
+                store.proc.send_signal(signal.SIGSTOP)
+                try:
+                    await anyio.sleep(1.5)  # (the watcher and the dispatcher time out meanwhile)
+                    down = await client.post("/v1/jobs", json={"input": {}}, headers=A)
+                    assert down.status_code == 503
+                    assert down.json()["error"]["code"] == "store_unavailable"
+                finally:
+                    store.proc.send_signal(signal.SIGCONT)
                 recorder.gate.set()
                 r = await client.post("/v1/jobs", json={"input": {"steps": 1}}, headers=A)
                 assert r.status_code == 202, r.text
                 done = await wait_status(client, f"/v1/jobs/{r.json()['id']}", {"completed"})
                 assert done["result"] == {"echo": None, "steps": 1}
+                held_end = await wait_status(client, f"/v1/jobs/{job_id}", {"completed"})
+                assert held_end["result"] == {"echo": None, "steps": 1}
     finally:
         store.stop()
