@@ -138,6 +138,8 @@ def create_app(
         async with jobs.lifespan_context(app):
             yield
         await store.aclose()
+        if upstream is not None:
+            await upstream.aclose()
 
     app = FastAPI(title="aimiddleware reference app", version="1.0", lifespan=lifespan)
 

@@ -44,6 +44,9 @@ class Upstream:
         url = os.environ.get("AIMW_UPSTREAM_URL")
         return cls(url, os.environ.get("AIMW_UPSTREAM_API_KEY", "")) if url else None
 
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
     async def chat(self, request: dict[str, Any]) -> Any:
         if not request.get("stream"):
             response = await self.client.post("/chat/completions", json=request)

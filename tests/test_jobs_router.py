@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -474,10 +475,17 @@ async def test_the_runner_survives_a_store_outage(recorder: Recorder) -> None:
 
     store = RedisServer().start()
     try:
-        jobs = JobsRouter(recorder.fn, storage=Storage(store.url, socket_timeout=0.5),
-                          webhook_secrets=["whsec_" + "A" * 32], cancel_poll=0.05,
-                          webhook_poll_interval=0.05)
-        app = Starlette(routes=[Mount("/v1", jobs)], lifespan=jobs.lifespan_context)
+        storage = Storage(store.url, socket_timeout=0.5)  # (ours to close: passed built)
+        jobs = JobsRouter(recorder.fn, storage=storage, webhook_secrets=["whsec_" + "A" * 32],
+                          cancel_poll=0.05, webhook_poll_interval=0.05)
+
+        @asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            async with jobs.lifespan_context(app):
+                yield
+            await storage.aclose()
+
+        app = Starlette(routes=[Mount("/v1", jobs)], lifespan=lifespan)
         with ThreadServer(app) as srv:
             async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
                 held = {"input": {"steps": 1, "hold": True}}

@@ -4,16 +4,20 @@ and httpx-sse as clients."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import anyio
 import httpx
 import openai
 import pytest
 from fastapi import FastAPI
 from httpx_sse import connect_sse
 
+from aimiddleware import EventStreamResponse
 from aimiddleware.testing import FakeModel
 from examples.app import create_app
 from examples.upstream import Upstream
@@ -115,3 +119,44 @@ def test_an_upstream_that_is_down_is_a_typed_5xx(config: Path, stream: bool) -> 
     assert r.status_code in (502, 503), r.text
     assert r.headers["content-type"] == "application/problem+json"
     assert r.json()["retryable"] is True
+
+
+async def test_an_upstream_stream_never_iterated_is_closed(upstream_url: str) -> None:
+    # The stream is closed before its first item (a HEAD, a resume answered from the
+    # buffer, the client gone): closing an async generator that never started runs none of
+    # its code, so the upstream response opened before it stayed open (its connection out
+    # of the pool, the upstream generating on).
+    up = Upstream(upstream_url, "sk-demo-pro")
+    try:
+        resp = await up.chat({"model": "fake-chat", "messages": HI, "stream": True})
+        assert isinstance(resp, EventStreamResponse)
+        upstream_response = resp.iterator.response  # type: ignore[attr-defined]
+        assert not upstream_response.is_closed
+        await resp.iterator.aclose()  # type: ignore[attr-defined]
+        assert upstream_response.is_closed
+    finally:
+        await up.aclose()
+
+
+async def test_the_upstream_stream_is_closed_when_the_head_cannot_be_sent(
+    upstream_url: str,
+) -> None:
+    # The client left before our head went out (ASGI >= 2.4: send raises OSError).
+    up = Upstream(upstream_url, "sk-demo-pro")
+    try:
+        resp = await up.chat({"model": "fake-chat", "messages": HI, "stream": True})
+        upstream_response = resp.iterator.response
+
+        async def receive() -> dict[str, Any]:
+            await anyio.sleep_forever()
+            raise AssertionError
+
+        async def send(message: dict[str, Any]) -> None:
+            raise OSError("client gone")
+
+        scope = {"type": "http", "method": "POST", "headers": []}
+        with contextlib.suppress(OSError):
+            await resp(scope, receive, send)
+        assert upstream_response.is_closed
+    finally:
+        await up.aclose()
