@@ -254,31 +254,34 @@ async def fast_or_stuck(ctx: JobContext, input: Any) -> Any:
     return {"ok": True}
 
 
-async def cancel_when_in_flight(store: WireStore) -> dict[str, Any]:
-    """Run a batch of one quick item and one stuck one; cancel it while a write is on the
-    wire; the stored record once every write has landed."""
+async def cancel_when_in_flight(
+    store: WireStore, record: Any = None, fn: Any = fast_or_stuck
+) -> dict[str, Any]:
+    """Run ``record`` (default: a batch of one quick item and one stuck one) with ``fn``;
+    cancel it while a write is on the wire; the stored record once every write has landed."""
     from aimiddleware.jobs import Batch
     from aimiddleware.jobs.models import BatchCounts, BatchItem
     from aimiddleware.jobs.runner import JobRunner
 
-    runner = JobRunner(fast_or_stuck, store)
-    items = [BatchItem(custom_id="quick", input={}), BatchItem(custom_id="stuck",
-                                                                input={"stuck": True})]
-    batch = Batch(id="batch_wire", principal="p", items=items, total=2,
-                  counts=BatchCounts(processing=2))
-    await store.create("p", batch.id, batch.stored(), None)
+    if record is None:
+        items = [BatchItem(custom_id="quick", input={}),
+                 BatchItem(custom_id="stuck", input={"stuck": True})]
+        record = Batch(id="batch_wire", principal="p", items=items, total=2,
+                       counts=BatchCounts(processing=2))
+    runner = JobRunner(fn, store)
+    await store.create("p", record.id, record.stored(), None)
     async with runner.running():
-        runner.submit(batch)
+        runner.submit(record)
         with anyio.fail_after(5):
             await store.in_flight.wait()
-        runner.cancel_local(batch.id)
+        runner.cancel_local(record.id)
         with anyio.fail_after(5):
             while True:  # (polling the store, as a client does)
-                if json.loads(await store.get("p", batch.id) or "{}")["status"] == "cancelled":
+                if json.loads(await store.get("p", record.id) or "{}")["status"] == "cancelled":
                     break
                 await anyio.sleep(0.01)
     await anyio.sleep(store.delay + 0.2)  # every write on the wire has landed
-    return dict(json.loads(await store.get("p", batch.id) or "{}"))
+    return dict(json.loads(await store.get("p", record.id) or "{}"))
 
 
 async def test_a_record_write_on_the_wire_at_cancel_lands_before_the_final_one() -> None:

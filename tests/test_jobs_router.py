@@ -444,24 +444,13 @@ async def progress_then_stuck(ctx: JobContext, input: Any) -> Any:
 async def test_a_job_write_on_the_wire_at_cancel_lands_before_the_final_one() -> None:
     # The job's progress write was cancelled with the job, but a command already sent
     # still lands: after the final record, it put the job back in_progress.
-    from aimiddleware.jobs.runner import JobRunner
-    from tests.test_jobs_batches import WireStore
+    from tests.test_jobs_batches import WireStore, cancel_when_in_flight
 
     store = WireStore()
     store.slow_put = lambda data: '"progress":0.5' in data and '"in_progress"' in data
-    runner = JobRunner(progress_then_stuck, store)
     job = Job(id="job_wire", principal="p", input={})
-    await store.create("p", job.id, job.stored(), None)
-    async with runner.running():
-        runner.submit(job)
-        with anyio.fail_after(5):
-            await store.in_flight.wait()
-        runner.cancel_local(job.id)
-        with anyio.fail_after(5):
-            while json.loads(await store.get("p", job.id) or "{}")["status"] != "cancelled":  # noqa: ASYNC110 - polling the store, as a client does
-                await anyio.sleep(0.01)
-    await anyio.sleep(store.delay + 0.2)  # every write on the wire has landed
-    assert json.loads(await store.get("p", job.id) or "{}")["status"] == "cancelled"
+    final = await cancel_when_in_flight(store, job, progress_then_stuck)
+    assert final["status"] == "cancelled"
 
 
 async def test_the_runner_survives_a_store_outage(recorder: Recorder) -> None:
