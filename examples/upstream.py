@@ -26,8 +26,11 @@ from aimiddleware import (
     UpstreamUnavailable,
     Usage,
 )
+from aimiddleware.client import RetryPolicy
 
 __all__ = ["Upstream"]
+
+_WAITS = RetryPolicy()  # (its server_delay: retry-after-ms, else Retry-After seconds or date)
 
 
 class Upstream:
@@ -120,7 +123,7 @@ class _Chunks:
 
 def _raise_for_status(response: httpx.Response) -> None:
     """Map an upstream failure to the taxonomy without echoing the upstream's message; an
-    upstream 429 keeps its wait (``retry-after-ms``, else ``retry-after`` in seconds)."""
+    upstream 429 keeps its wait (read as the retrying client reads it)."""
     status = response.status_code
     if status < 400:
         return
@@ -129,18 +132,9 @@ def _raise_for_status(response: httpx.Response) -> None:
         code = (json.loads(response.content).get("error") or {}).get("code")
     extra = {"upstream_status": status, "upstream_code": code}
     if status == 429:
-        raise UpstreamRateLimited(extra=extra, retry_after=_retry_after(response.headers))
+        raise UpstreamRateLimited(extra=extra, retry_after=_WAITS.server_delay(response.headers))
     if status >= 500:
         raise UpstreamUnavailable(extra=extra)
     if status in (400, 404, 413, 422):
         raise InvalidRequest("The upstream model rejected the request.", extra=extra)
     raise UpstreamError(extra=extra)
-
-
-def _retry_after(headers: httpx.Headers) -> float | None:
-    with contextlib.suppress(ValueError):
-        if "retry-after-ms" in headers:
-            return max(0.0, float(headers["retry-after-ms"]) / 1000)
-        if "retry-after" in headers:  # (delay-seconds; an HTTP-date is left out)
-            return max(0.0, float(headers["retry-after"]))
-    return None
