@@ -152,7 +152,7 @@ class VersioningMiddleware:
 
             await run_migration_check(self, scope, ctx, send)
             return
-        if self._is_models_route(path, scope["method"]):
+        if self.is_helper_route(path, scope["method"]):  # (the models route: migration is above)
             if scope["method"] != "GET":
                 raise MethodNotAllowed(headers=[("allow", "GET")])
             if self.registry is not None:  # always true: checked in __init__
@@ -205,19 +205,14 @@ class VersioningMiddleware:
         await self.app(scope, receive, send_with_headers)
 
     def is_helper_route(self, path: str, method: str = "GET") -> bool:
-        """Does this layer answer ``method path`` itself (the models list and entries, the
-        migration check)?"""
-        return path == self.migration_path or (
-            self.models_path is not None and self._is_models_route(path, method)
-        )  # (no call per request without a models route)
-
-    def _is_models_route(self, path: str, method: str) -> bool:
-        """``models_path`` (any method: 405 but GET), or ``GET {models_path}/{id}``: every
-        GET under it is a model id (an id may hold '/'); other methods there are the app's."""
-        if self.models_path is None:
-            return False
-        return path == self.models_path or (
-            method == "GET" and path.startswith(self._model_prefix)
+        """Does this layer answer ``method path`` itself: the migration check, the models
+        list (any method: 405 but GET), or ``GET {models_path}/{id}`` (every GET under it is
+        a model id, which may hold '/'; other methods there are the app's)?"""
+        if path == self.migration_path:
+            return True
+        return self.models_path is not None and (
+            path == self.models_path
+            or (method == "GET" and path.startswith(self._model_prefix))
         )
 
     async def resolve(
