@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -21,11 +22,21 @@ from aimiddleware.jobs.models import Batch, BatchCounts, BatchItem, BatchItemRes
 if TYPE_CHECKING:
     from aimiddleware.jobs.runner import JobRunner
 
-__all__ = ["BatchExecution", "results_jsonl"]
+__all__ = ["BatchExecution", "counted", "results_jsonl"]
 
 SAVE_EVERY = 0.2
 """Seconds between writes of a running batch's record (counts, usage); each finished item
 logs its ``batch.progress`` event at once."""
+
+
+def counted(counts: BatchCounts, kinds: Iterable[str], total: int, done: int) -> BatchCounts:
+    """``counts`` plus one per finished item of each kind in ``kinds`` (``succeeded``,
+    ``errored``...); ``processing`` is what of ``total`` items is not ``done``."""
+    c = counts.model_dump()
+    for kind in kinds:
+        c[kind] += 1
+    c["processing"] = max(0, total - done)
+    return BatchCounts(**c)
 
 
 def results_jsonl(lines: list[str]) -> bytes:
@@ -116,10 +127,8 @@ class BatchExecution:
                 await self.runner.store.append_result(
                     self.batch.principal, self.batch.id, res.model_dump_json()
                 )
-                c = self.batch.counts.model_dump()
-                c[res.type] += 1
-                c["processing"] = self.batch.total - len(self.done)
-                update: dict[str, Any] = {"counts": BatchCounts(**c)}
+                counts = counted(self.batch.counts, [res.type], self.batch.total, len(self.done))
+                update: dict[str, Any] = {"counts": counts}
                 if ctx is not None and ctx.usage is not None:
                     update["usage"] = add_usage(self.batch.usage, ctx.usage)
                 if ctx is not None:
@@ -128,7 +137,7 @@ class BatchExecution:
                 self._stale = True  # (stored by _save_while_running, or when the batch ends)
                 await self.runner.store.append_event(
                     self.batch.principal, self.batch.id, "batch.progress",
-                    json.dumps({"counts": c}),
+                    json.dumps({"counts": counts.model_dump()}),
                 )
 
     async def finish(self, status: str, leftover: str, error: JobError | None = None) -> None:
@@ -148,11 +157,10 @@ class BatchExecution:
                     self.batch.principal, self.batch.id, res.model_dump_json()
                 )
             if left:
-                c = self.batch.counts.model_dump()
-                c[leftover] += len(left)
-                c["processing"] = self.batch.total - len(self.done)
-                self.batch = self.batch.model_copy(update={"counts": BatchCounts(**c)})
-                await self._save("batch.progress", {"counts": c})
+                counts = counted(self.batch.counts, [leftover] * len(left), self.batch.total,
+                                 len(self.done))
+                self.batch = self.batch.model_copy(update={"counts": counts})
+                await self._save("batch.progress", {"counts": counts.model_dump()})
         async with self._lock:
             self.batch = self.batch.model_copy(
                 update={"status": status, "finished_at": time.time(), "error": error}

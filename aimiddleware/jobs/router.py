@@ -29,7 +29,7 @@ from starlette.routing import Route, Router
 
 from aimiddleware.context import current_or_none, default_principal
 from aimiddleware.errors import IdempotencyKeyReused, InvalidRequest, NotFound
-from aimiddleware.jobs.batches import results_jsonl
+from aimiddleware.jobs.batches import counted, results_jsonl
 from aimiddleware.jobs.http import (
     SubmitBatch,
     SubmitJob,
@@ -188,21 +188,15 @@ class JobsRouter(Router):
         if isinstance(rec, Batch):
             # A running batch's record is written at most every SAVE_EVERY s, each result at
             # once: the counts are the results file's (usage and cost may lag that much).
-            update["counts"] = await self._counted(rec)
+            lines = await self.store.results(rec.principal, rec.id)
+            kinds = (json.loads(line)["type"] for line in lines)
+            update["counts"] = counted(BatchCounts(), kinds, rec.total, len(lines))
         final = rec.model_copy(update=update)
         await self.store.put(rec.principal, rec.id, final.stored())
         await self.store.append_event(rec.principal, rec.id, f"{rec.object}.failed",
                                       json.dumps(final.public()))
         await self.runner.notify(final.callback_url, f"{rec.object}.failed", final.public())
         return final
-
-    async def _counted(self, batch: Batch) -> BatchCounts:
-        counts = dict.fromkeys(BatchCounts.model_fields, 0)
-        lines = await self.store.results(batch.principal, batch.id)
-        for line in lines:
-            counts[json.loads(line)["type"]] += 1
-        counts["processing"] = max(0, batch.total - len(lines))
-        return BatchCounts(**counts)
 
     async def _create(
         self, request: Request, record: Job | Batch, location: str
