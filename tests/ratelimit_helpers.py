@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -13,6 +14,7 @@ import aimiddleware
 from aimiddleware import RateLimiter, report_usage
 from aimiddleware.pricing import PriceTable
 from aimiddleware.ratelimit.backend import Hit, WindowState
+from aimiddleware.sse import EventStreamResponse, OpenAIChatDialect
 
 PRICES = PriceTable({"gpt-4o-mini": {"input": "0.15", "output": "0.60"}})
 
@@ -30,6 +32,8 @@ def make_app(limiter: RateLimiter) -> FastAPI:
             return JSONResponse({"error": "bad"}, status_code=502)
         if "usage" in body:
             report_usage(body["usage"], model=body.get("model"))
+        if body.get("stream"):  # a slow stream that reports no usage
+            return EventStreamResponse(_deltas(int(body["stream"])), dialect=OpenAIChatDialect())
         return {"ok": True}
 
     @app.get("/ping")
@@ -39,6 +43,12 @@ def make_app(limiter: RateLimiter) -> FastAPI:
 
     aimiddleware.install(app, ratelimit=limiter)
     return app
+
+
+async def _deltas(n: int) -> AsyncIterator[str]:
+    for i in range(n):
+        yield f"token{i} "
+        await asyncio.sleep(0.01)
 
 
 def client(app: FastAPI, key: str = "k1") -> httpx.AsyncClient:

@@ -8,6 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 import anyio
+import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -16,7 +17,8 @@ from aimiddleware.ratelimit.backend import Adjustment, Hit
 from aimiddleware.ratelimit.memory import MemoryBackend
 from aimiddleware.ratelimit.redis import RedisBackend
 from aimiddleware.storage import Storage
-from tests.ratelimit_helpers import PRICES, client, counters, make_app
+from tests.live_server import serve
+from tests.ratelimit_helpers import PRICES, client, counters, make_app, principal_of
 from tests.redis_server import RedisServer
 
 
@@ -76,6 +78,38 @@ async def test_failure_before_the_model_is_refunded_in_full(storage: Storage) ->
         assert await counters(limiter, "k1") == {"requests:60": 0, "tokens:60": 0}
         assert await limiter.backend.in_flight(  # type: ignore[attr-defined]
             __import__("tests.ratelimit_helpers").ratelimit_helpers.principal_of("k1")) == 0
+
+
+async def test_stream_cut_off_after_its_head_is_charged(storage: Storage) -> None:
+    """A client that reads a stream and leaves before its usage is charged like any 2xx that
+    reports no usage (its whole reservation), not refunded: else leaving early would make
+    every stream free, on every dimension (requests included)."""
+    limiter = RateLimiter(
+        Policy(requests="10/minute", tokens="10000/minute", concurrency=5), storage=storage
+    )
+    app = make_app(limiter)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 500}
+    async with serve(app) as url, httpx.AsyncClient(base_url=url) as c:
+        headers = {"authorization": "Bearer k1"}
+        async with c.stream("POST", "/v1/chat/completions", json={**body, "stream": 300},
+                            headers=headers) as r:
+            assert r.status_code == 200
+            lines = 0
+            async for _ in r.aiter_lines():
+                lines += 1
+                if lines == 10:
+                    break  # the client leaves mid-stream
+        with anyio.fail_after(10):  # the server sees the disconnect and settles
+            while await limiter.backend.in_flight(principal_of("k1")):  # type: ignore[attr-defined]  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        # The same request answered in full, without usage, on another key.
+        plain = await c.post("/v1/chat/completions", json=body,
+                             headers={"authorization": "Bearer k2"})
+        assert plain.status_code == 200
+    charged = await counters(limiter, "k1")
+    assert charged == await counters(limiter, "k2")
+    assert charged["requests:60"] == 1 and charged["tokens:60"] > 500
 
 
 async def test_lease_expires_without_refresh(storage: Storage) -> None:

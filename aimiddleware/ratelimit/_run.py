@@ -27,7 +27,11 @@ async def run_admitted(
     is_failure: Callable[[T], bool],
 ) -> T:
     """Await ``call()``; whatever happens (error, cancellation, disconnect), reconcile the
-    reservation and release the concurrency lease under a shielded scope."""
+    reservation and release the concurrency lease under a shielded scope.
+
+    A call that raises is a failure (refunded in full) unless its response had already
+    started with a success status: a stream the client leaves, or that a timeout or error
+    cuts short, was (partly) delivered, so it is charged its usage or its reservation."""
     failed = True
     try:
         if admission.lease is None or not limiter.refreshes:
@@ -37,7 +41,11 @@ async def run_admitted(
         failed = is_failure(result)
         return result
     except AIError as err:
+        failed = _failed(ctx)
         add_headers(err, admission)
+        raise
+    except BaseException:
+        failed = _failed(ctx)
         raise
     finally:
         if not limiter.settled(admission, ctx, failed=failed):
@@ -57,14 +65,13 @@ async def run_request(
     if admission.lease is not None and limiter.refreshes:
         await run_admitted(limiter, admission, ctx, lambda: call(*args), lambda _: _failed(ctx))
         return
-    failed = True
     try:
         await call(*args)
-        failed = _failed(ctx)
     except AIError as err:
         add_headers(err, admission)
         raise
     finally:
+        failed = _failed(ctx)  # (raised or not: judged by the response, as run_admitted does)
         if limiter.finishes_now:  # the in-process store: a plain call that never raises
             limiter.finish_now(admission, ctx, failed)
         elif limiter.settled(admission, ctx, failed=failed):
@@ -76,6 +83,7 @@ async def run_request(
 
 
 def _failed(ctx: RequestContext) -> bool:
+    """No response started, or one with an error status: nothing was delivered."""
     status = ctx.response_status
     return status is None or not 0 < status < 400
 
