@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 from decimal import Decimal
 from typing import Any
@@ -110,6 +111,41 @@ async def test_stream_cut_off_after_its_head_is_charged(storage: Storage) -> Non
     charged = await counters(limiter, "k1")
     assert charged == await counters(limiter, "k2")
     assert charged["requests:60"] == 1 and charged["tokens:60"] > 500
+
+
+async def test_client_leaving_before_the_head_is_charged(storage: Storage) -> None:
+    """A client that gives up while the model runs is charged (its reservation): refunding
+    it would let a client call the model as often as it likes by leaving just before the
+    answer. A failure of the server's (an exception, a status >= 400) is still refunded."""
+    limiter = RateLimiter(
+        Policy(requests="10/minute", tokens="10000/minute", concurrency=5), storage=storage
+    )
+    app = make_app(limiter)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 500}
+    async with serve(app) as url, httpx.AsyncClient(base_url=url) as c:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(
+                c.post, "/v1/chat/completions", json={**body, "sleep": 30},
+                headers={"authorization": "Bearer k1"},
+            ))
+            with anyio.fail_after(10):  # admitted: the model is running
+                while not await limiter.backend.in_flight(principal_of("k1")):  # type: ignore[attr-defined]  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+            await anyio.sleep(0.1)
+            tg.cancel_scope.cancel()  # the client gives up and closes its connection
+        with anyio.fail_after(10):  # the server sees the disconnect and settles
+            while await limiter.backend.in_flight(principal_of("k1")):  # type: ignore[attr-defined]  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        plain = await c.post("/v1/chat/completions", json=body,
+                             headers={"authorization": "Bearer k2"})
+        assert plain.status_code == 200
+        failed = await c.post("/v1/chat/completions", json={**body, "fail": "raise"},
+                              headers={"authorization": "Bearer k3"})
+        assert failed.status_code == 500
+    assert await counters(limiter, "k1") == await counters(limiter, "k2")
+    assert (await counters(limiter, "k1"))["requests:60"] == 1
+    assert await counters(limiter, "k3") == {"requests:60": 0, "tokens:60": 0}
 
 
 async def test_lease_expires_without_refresh(storage: Storage) -> None:

@@ -30,8 +30,9 @@ async def run_admitted(
     reservation and release the concurrency lease under a shielded scope.
 
     A call that raises is a failure (refunded in full) unless its response had already
-    started with a success status: a stream the client leaves, or that a timeout or error
-    cuts short, was (partly) delivered, so it is charged its usage or its reservation."""
+    started with a success status (a stream the client leaves, or that a timeout or error
+    cuts short, was partly delivered) or the client went away: those are charged their
+    usage, else their reservation."""
     failed = True
     try:
         if admission.lease is None or not limiter.refreshes:
@@ -83,9 +84,12 @@ async def run_request(
 
 
 def _failed(ctx: RequestContext) -> bool:
-    """No response started, or one with an error status: nothing was delivered."""
+    """Refunded in full: a response with an error status, or none at all unless the client
+    went away while the app ran (a model call it chose to abandon is still a call)."""
     status = ctx.response_status
-    return status is None or not 0 < status < 400
+    if status is None:
+        return not ctx.disconnected
+    return not 0 < status < 400
 
 
 def add_headers(err: AIError, admission: Admission) -> None:
