@@ -129,8 +129,18 @@ def create_app(
             await ctx.progress((i + 1) / len(documents))
         return {"summaries": summaries}
 
+
+    limiter = RateLimiter(
+        settings.tiers,
+        default_tier="free",
+        tier=settings.tier_of,
+        prices=settings.prices,
+        counter=counter,
+        storage=store,
+    )
+    # The jobs' model calls are charged to the submitter's token and cost limits.
     jobs = JobsRouter(summarise_job, storage=store, max_steps=100, max_cost="5.00", prefix="/v1",
-                      input_model=SummariseInput)
+                      input_model=SummariseInput, limiter=limiter)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -177,14 +187,6 @@ def create_app(
     # path that matches no route, turning 405s into 404s).
     app.router.routes.extend(jobs.routes)
 
-    limiter = RateLimiter(
-        settings.tiers,
-        default_tier="free",
-        tier=settings.tier_of,
-        prices=settings.prices,
-        counter=counter,
-        storage=store,
-    )
     versions = ApiVersions(
         [
             ApiVersion.deprecated(

@@ -105,7 +105,8 @@ class BatchExecution:
     async def _item(self, limiter: anyio.CapacityLimiter, item: BatchItem) -> None:
         async with limiter:
             ctx = JobContext(f"{self.batch.id}:{item.custom_id}", item.input, _ignore,
-                             max_steps=self.runner.max_steps, max_cost=self.runner.max_cost)
+                             max_steps=self.runner.max_steps, max_cost=self.runner.max_cost,
+                             charge=self.runner.charge_for(self.batch.principal))
             try:
                 output = await self.runner.fn(ctx, item.input)
                 res = BatchItemResult(custom_id=item.custom_id, type="succeeded", output=output)

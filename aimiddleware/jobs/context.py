@@ -25,9 +25,11 @@ from typing import Any
 
 from aimiddleware.usage.models import Usage
 
-__all__ = ["JobContext", "JobLimitExceeded", "add_usage"]
+__all__ = ["Charge", "JobContext", "JobLimitExceeded", "add_usage"]
 
 Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
+# (usage, cost or None, model or None): charges the job's owner (RateLimiter.charge)
+Charge = Callable[[Usage, Decimal | None, str | None], Awaitable[None]]
 
 
 class JobLimitExceeded(Exception):
@@ -58,8 +60,10 @@ class JobContext:
         *,
         max_steps: int | None = None,
         max_cost: Decimal | None = None,
+        charge: Charge | None = None,
     ) -> None:
         self.id = job_id
+        self._charge = charge
         self.input = input
         self._emit = emit
         self.max_steps = max_steps
@@ -83,13 +87,22 @@ class JobContext:
         usage: Usage | Mapping[str, Any] | None = None,
         *,
         cost: Decimal | float | str | None = None,
+        model: str | None = None,
     ) -> None:
-        """Add what a model call used; raises :class:`JobLimitExceeded` past ``max_cost``."""
+        """Add what a model call used; raises :class:`JobLimitExceeded` past ``max_cost``.
+
+        With ``JobsRouter(limiter=...)`` the call is also charged to the job's owner's token
+        and cost limits: ``cost`` as given, else ``usage`` priced for ``model``."""
+        u = None
         if usage is not None:
             u = usage if isinstance(usage, Usage) else Usage.model_validate(dict(usage))
             self.usage = add_usage(self.usage, u)
+        spent = None
         if cost is not None:
-            self.cost += Decimal(str(cost))
+            spent = Decimal(str(cost))
+            self.cost += spent
+        if self._charge is not None and (u is not None or spent):
+            await self._charge(u or Usage(), spent, model)
         await self._emit("usage", {"usage": self.usage, "cost": self.cost, "steps": self.steps})
         if self.max_cost is not None and self.cost > self.max_cost:
             raise JobLimitExceeded(

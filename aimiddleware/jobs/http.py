@@ -14,6 +14,7 @@ from starlette.responses import Response
 from aimiddleware.context import current_or_none
 from aimiddleware.errors import AIError, InvalidRequest, render_problem
 from aimiddleware.jobs.models import BatchItem
+from aimiddleware.usage.models import Usage
 
 __all__ = ["SubmitBatch", "SubmitJob", "idempotency_key", "parse_body", "typed_errors"]
 
@@ -46,16 +47,21 @@ def idempotency_key(request: Request) -> str | None:
 
 
 def typed_errors(
-    fn: Callable[[Request], Awaitable[Response]],
+    fn: Callable[[Request], Awaitable[Response]], *, no_tokens: bool = False
 ) -> Callable[[Request], Awaitable[Response]]:
-    """Render typed errors here, so the router works with or without ErrorMiddleware."""
+    """Render typed errors here, so the router works with or without ErrorMiddleware.
+
+    ``no_tokens``: the request itself used no tokens (reported as such, so a rate limiter
+    replaces its reservation): the jobs' model calls are charged as they are made."""
 
     async def endpoint(request: Request) -> Response:
         ctx = current_or_none()
         if ctx is not None:
-            # The usage in a job's JSON and events is the job's (recorded on the job, not
-            # charged to the caller): the usage layer must not take it for this request's.
+            # The usage in a job's JSON and events is the job's (recorded on the job): the
+            # usage layer must not take it for this request's.
             ctx.state["usage_reported"] = True
+            if no_tokens:
+                ctx.usage = Usage()
         try:
             return await fn(request)
         except AIError as err:

@@ -15,6 +15,7 @@ resumable with ``Last-Event-ID``), ``DELETE /jobs/{id}``; ``POST /batches``,
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -48,6 +49,7 @@ from aimiddleware.jobs.webhooks import (
     WebhookDispatcher,
     WebhookSigner,
 )
+from aimiddleware.ratelimit.limiter import RateLimiter
 from aimiddleware.sse import EventStreamResponse
 from aimiddleware.storage import Storage
 
@@ -64,6 +66,11 @@ class JobsRouter(Router):
     ``input_model``: a pydantic model every job's (and batch item's) ``input`` must validate
     against at submission, so bad input is a typed 400 then, not a job that fails later.
     The function receives the input as sent.
+
+    ``limiter``: the app's :class:`~aimiddleware.RateLimiter`; what job functions report
+    with ``ctx.record_usage`` is then charged to the submitter's token and cost limits
+    (:meth:`~aimiddleware.RateLimiter.charge`), so jobs and batches are not a way around
+    them. Build it the same way in every process that runs jobs.
     """
 
     def __init__(
@@ -91,6 +98,7 @@ class JobsRouter(Router):
         queue: TaskiqQueue | None = None,
         prefix: str = "",
         input_model: type[BaseModel] | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
             raise ValueError("prefix must start with '/' and not end with it, e.g. '/v1'")
@@ -111,7 +119,7 @@ class JobsRouter(Router):
             fn, self.store, dispatcher=self.dispatcher, max_steps=max_steps, max_cost=max_cost,
             timeout=timeout, max_concurrent_jobs=max_concurrent_jobs,
             batch_concurrency=batch_concurrency, cancel_poll=cancel_poll,
-            shutdown_grace=shutdown_grace, lease=lease,
+            shutdown_grace=shutdown_grace, lease=lease, limiter=limiter,
         )
         self.queue = queue
         if queue is not None:
@@ -123,19 +131,22 @@ class JobsRouter(Router):
         self.timeout = timeout
         self.input_model = input_model
         self._principal = principal
+        # With a limiter, a submission takes no tokens: its jobs' calls are charged instead.
+        submit = functools.partial(typed_errors, no_tokens=limiter is not None)
+        wrap = typed_errors
         routes = [
-            Route(prefix + "/jobs", typed_errors(self.submit_job), methods=["POST"]),
-            Route(prefix + "/jobs/{id}", typed_errors(self.get_job), methods=["GET"]),
-            Route(prefix + "/jobs/{id}", typed_errors(self.cancel_job), methods=["DELETE"]),
-            Route(prefix + "/jobs/{id}/events", typed_errors(self.job_events), methods=["GET"]),
-            Route(prefix + "/batches", typed_errors(self.submit_batch), methods=["POST"]),
-            Route(prefix + "/batches/{id}", typed_errors(self.get_batch), methods=["GET"]),
-            Route(prefix + "/batches/{id}", typed_errors(self.cancel_batch), methods=["DELETE"]),
+            Route(prefix + "/jobs", submit(self.submit_job), methods=["POST"]),
+            Route(prefix + "/jobs/{id}", wrap(self.get_job), methods=["GET"]),
+            Route(prefix + "/jobs/{id}", wrap(self.cancel_job), methods=["DELETE"]),
+            Route(prefix + "/jobs/{id}/events", wrap(self.job_events), methods=["GET"]),
+            Route(prefix + "/batches", submit(self.submit_batch), methods=["POST"]),
+            Route(prefix + "/batches/{id}", wrap(self.get_batch), methods=["GET"]),
+            Route(prefix + "/batches/{id}", wrap(self.cancel_batch), methods=["DELETE"]),
             Route(
-                prefix + "/batches/{id}/results", typed_errors(self.batch_results), methods=["GET"]
+                prefix + "/batches/{id}/results", wrap(self.batch_results), methods=["GET"]
             ),
             Route(
-                prefix + "/batches/{id}/events", typed_errors(self.batch_events), methods=["GET"]
+                prefix + "/batches/{id}/events", wrap(self.batch_events), methods=["GET"]
             ),
         ]
         super().__init__(routes=routes, lifespan=self._lifespan)

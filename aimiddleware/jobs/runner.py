@@ -21,10 +21,12 @@ import anyio
 import anyio.abc
 
 from aimiddleware.errors import AIError, InternalError, StoreUnavailable
-from aimiddleware.jobs.context import JobContext, JobLimitExceeded
+from aimiddleware.jobs.context import Charge, JobContext, JobLimitExceeded
 from aimiddleware.jobs.models import Batch, Job, JobError
 from aimiddleware.jobs.store import JobStore
 from aimiddleware.jobs.webhooks import WebhookDispatcher, webhook_payload
+from aimiddleware.ratelimit.limiter import RateLimiter
+from aimiddleware.usage.models import Usage
 
 __all__ = ["JobFunction", "JobRunner", "job_error"]
 
@@ -70,6 +72,7 @@ class JobRunner:
         cancel_poll: float = 0.1,
         shutdown_grace: float = 5.0,
         lease: float = 30.0,
+        limiter: RateLimiter | None = None,
     ) -> None:
         if batch_concurrency < 1:
             raise ValueError("batch_concurrency must be >= 1")
@@ -86,6 +89,7 @@ class JobRunner:
         self.cancel_poll = cancel_poll
         self.lease = lease
         self.shutdown_grace = shutdown_grace
+        self.limiter = limiter
         self._tg: anyio.abc.TaskGroup | None = None
         self._limiter: anyio.CapacityLimiter | None = None
         self._scopes: dict[str, anyio.CancelScope] = {}
@@ -128,6 +132,17 @@ class JobRunner:
             scope.cancel()
 
     # -- execution -------------------------------------------------------------------
+
+    def charge_for(self, principal: str) -> Charge | None:
+        """What a job's (or batch item's) ``record_usage`` charges ``principal`` with."""
+        limiter = self.limiter
+        if limiter is None:
+            return None
+
+        async def charge(usage: Usage, cost: Decimal | None, model: str | None) -> None:
+            await limiter.charge(principal, usage, model=model, cost=cost)
+
+        return charge
 
     async def _execute(self, record: Job | Batch) -> None:
         try:
@@ -214,7 +229,7 @@ class JobRunner:
                            steps=data["steps"])
 
         ctx = JobContext(job.id, job.input, emit, max_steps=self.max_steps,
-                         max_cost=self.max_cost)
+                         max_cost=self.max_cost, charge=self.charge_for(job.principal))
 
         async def start() -> None:
             now = time.time()

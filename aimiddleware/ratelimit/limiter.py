@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import math
 import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from aimiddleware.ratelimit.headers import HeaderPlan
 from aimiddleware.ratelimit.memory import MemoryBackend
 from aimiddleware.ratelimit.policy import COST_SCALE, Limit, Policy
 from aimiddleware.storage import Storage
+from aimiddleware.usage.models import Usage
 
 __all__ = ["Admission", "RateLimiter", "SpendAlert"]
 
@@ -581,6 +583,42 @@ class RateLimiter:
             if delta:  # usage equal to the reservation: nothing to correct
                 adjustments.append((hit[0], hit[1], state[0], delta))
         return adjustments
+
+    async def charge(
+        self,
+        principal: str,
+        usage: Usage,
+        *,
+        model: str | None = None,
+        cost: Decimal | None = None,
+    ) -> None:
+        """Charge usage made outside a request to ``principal``'s token and cost limits: a
+        job's or a batch item's model calls (``JobsRouter(limiter=...)``).
+
+        Nothing is admitted (the work is done), so a window may go past its limit; the
+        principal's next requests are then refused until it rolls. Requests and concurrency
+        are not charged. ``cost`` (in the price table's currency) is used as given, else
+        ``usage`` is priced for ``model``. A store outage is logged, not raised: the job
+        must not fail for its bookkeeping."""
+        res = self._resolve(await self.policy_for(principal), None, None, model)
+        units: int | None
+        if cost is not None:
+            units = math.ceil(Decimal(cost) * COST_SCALE)
+        else:
+            units = self.estimator.actual_cost(Estimate(model, 0, 0, cost_units=0), usage, model)
+        inp, out = usage.input_tokens, usage.output_tokens
+        by_code = (0, inp + out, inp, out, units or 0)
+        adjustments = [  # (a charge goes to the current window: no window number needed)
+            Adjustment(field, window_ms, 0, by_code[code])
+            for field, window_ms, _, code in res.rows
+            if by_code[code] > 0
+        ]
+        if not adjustments:
+            return
+        try:
+            await self.backend.adjust(_key(principal), adjustments)
+        except StoreUnavailable:
+            logger.warning("%s store unavailable; usage of %s not charged", self.name, principal)
 
     async def refresh(self, admission: Admission) -> None:
         if admission.lease is not None:

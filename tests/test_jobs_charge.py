@@ -1,0 +1,84 @@
+"""Jobs and batches are charged to their submitter's limits (``JobsRouter(limiter=...)``):
+a job's model calls are not a way around tokens/day or cost/day."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from aimiddleware import Policy, RateLimiter, Storage, install
+from aimiddleware.jobs import JobContext, JobsRouter
+from tests.ratelimit_helpers import PRICES, counters
+
+
+async def work(ctx: JobContext, input: Any) -> Any:
+    if input["use"]:  # (the same body size either way: the submissions reserve alike)
+        await ctx.record_usage({"input_tokens": 400, "output_tokens": 300}, model="gpt-4o-mini")
+        await ctx.record_usage({"input_tokens": 10, "output_tokens": 5}, cost="0.5")
+    return {"ok": True}
+
+
+async def chat(request: Request) -> JSONResponse:
+    return JSONResponse({"ok": True})
+
+
+async def finished(c: httpx.AsyncClient, path: str, key: str) -> dict[str, Any]:
+    with anyio.fail_after(10):
+        while True:
+            body: dict[str, Any] = (await c.get(path, headers=auth(key))).json()
+            if body["status"] in ("completed", "failed", "ended"):
+                return body
+            await anyio.sleep(0.02)
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+async def test_job_and_batch_usage_is_charged_to_the_submitter(storage: Storage) -> None:
+    limiter = RateLimiter(
+        Policy(requests="100/minute", tokens="2000/day", cost="2/day"),
+        storage=storage, prices=PRICES,
+    )
+    jobs = JobsRouter(work, storage=storage, limiter=limiter, prefix="/v1")
+    app = Starlette(routes=[*jobs.routes, Route("/v1/chat/completions", chat, methods=["POST"])])
+    install(app, ratelimit=limiter)
+    transport = httpx.ASGITransport(app)
+    async with jobs.lifespan_context(app), httpx.AsyncClient(
+        transport=transport, base_url="http://test"
+    ) as c:
+        for key, use in (("k1", 1), ("k2", 0)):
+            job = await c.post("/v1/jobs", json={"input": {"use": use}}, headers=auth(key))
+            assert job.status_code == 202, job.text
+            done = await finished(c, f"/v1/jobs/{job.json()['id']}", key)
+            assert done["status"] == "completed"
+        with_usage, without = await counters(limiter, "k1"), await counters(limiter, "k2")
+        assert with_usage["tokens:86400"] == 715
+        # 400 x 0.15 + 300 x 0.60 per million, then 0.5 as given; in nano-units
+        assert with_usage["cost:86400"] == 500_240_000
+        # The submissions themselves take no tokens (their reservations are replaced).
+        assert without == {"requests:60": without["requests:60"], "tokens:86400": 0,
+                           "cost:86400": 0}
+
+        # k1's day is now nearly spent: a request k2 may make is refused for k1.
+        body = {"model": "gpt-4o-mini", "max_tokens": 1500,
+                "messages": [{"role": "user", "content": "hi"}]}
+        refused = await c.post("/v1/chat/completions", json=body, headers=auth("k1"))
+        assert refused.status_code == 429
+        assert refused.json()["dimension"] == "tokens"
+        ok = await c.post("/v1/chat/completions", json=body, headers=auth("k2"))
+        assert ok.status_code == 200
+
+        # A batch's items are charged the same way.
+        batch = await c.post("/v1/batches", headers=auth("k3"), json={
+            "items": [{"custom_id": str(i), "input": {"use": 1}} for i in range(2)]})
+        assert batch.status_code == 202, batch.text
+        await finished(c, f"/v1/batches/{batch.json()['id']}", "k3")
+        after = await counters(limiter, "k3")
+        assert after["tokens:86400"] == 2 * 715 and after["cost:86400"] == 2 * 500_240_000
