@@ -120,15 +120,21 @@ async def test_anthropic_sdk_streams_gets_usage_and_raises_on_error() -> None:
         await client.close()
 
 
-def resumable_app(buffer: ReplayBuffer, total: int) -> FastAPI:
+def resumable_app(
+    buffer: ReplayBuffer, total: int, contexts: list[Any] | None = None
+) -> FastAPI:
     app = FastAPI()
 
     @app.post("/v1/stream")
     async def stream() -> EventStreamResponse:
-        async def tokens() -> AsyncIterator[str]:
+        if contexts is not None:
+            contexts.append(current())
+
+        async def tokens() -> AsyncIterator[Any]:
             for i in range(total):
                 yield f"tok{i}"
                 await anyio.sleep(0.01)
+            yield StreamResult(usage=Usage(input_tokens=5, output_tokens=total))
 
         return EventStreamResponse(tokens(), replay=buffer, heartbeat=None)
 
@@ -151,7 +157,8 @@ async def test_last_event_id_resume_delivers_every_event_exactly_once(storage: S
     total = 30
     buffer = ReplayBuffer(storage, max_events=100, ttl=30)
     auth = {"authorization": "Bearer key-1"}
-    async with serve(resumable_app(buffer, total)) as url:
+    contexts: list[Any] = []
+    async with serve(resumable_app(buffer, total, contexts)) as url:
         async with httpx.AsyncClient(base_url=url) as client:
             first = await read_events(client, auth, stop_after=8)
         await anyio.sleep(0.05)  # the producer keeps going while nobody is connected
@@ -177,6 +184,10 @@ async def test_last_event_id_resume_delivers_every_event_exactly_once(storage: S
     assert deltas == [f"tok{i}" for i in range(total)]
     assert [kind for _, kind, _ in events][-2:] == ["usage", "done"]
     assert len({i.rsplit(":", 1)[0] for i in ids}) == 1  # one stream id throughout
+    # The model ran once: its usage is the first request's; the resume replayed it and
+    # used nothing (it was counted, and charged by a limiter, a second time).
+    usage = [c.usage and (c.usage.input_tokens, c.usage.output_tokens) for c in contexts[:2]]
+    assert usage == [(5, total), (0, 0)]
 
 
 async def test_send_timeout_abandons_a_client_that_stopped_reading() -> None:

@@ -96,6 +96,12 @@ class StreamSender:
                 return
             if resumed is not None and resumed is not True:
                 tail, source = True, resumed
+                if ctx is not None:
+                    # The model is not called again: the replayed events' usage was the first
+                    # request's. This one used nothing (else the usage layer would count the
+                    # replayed usage event again, or a limiter keep the whole reservation).
+                    ctx.usage = Usage()
+                    ctx.state["usage_reported"] = True
             else:
                 self.sid = resp.stream_id or resp.replay.new_stream_id()
                 self.producer = True
