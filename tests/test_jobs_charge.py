@@ -82,3 +82,29 @@ async def test_job_and_batch_usage_is_charged_to_the_submitter(storage: Storage)
         await finished(c, f"/v1/batches/{batch.json()['id']}", "k3")
         after = await counters(limiter, "k3")
         assert after["tokens:86400"] == 2 * 715 and after["cost:86400"] == 2 * 500_240_000
+
+
+async def test_ids_that_name_another_key_are_not_found(storage: Storage) -> None:
+    """A record's other keys in the store are its id plus a suffix (``:events``...): such
+    an id is a 404 like any unknown one (on Redis it reached those keys: a 500)."""
+    jobs = JobsRouter(work, storage=storage, prefix="/v1")
+    app = Starlette(routes=jobs.routes)
+    install(app)
+    async with jobs.lifespan_context(app), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app), base_url="http://test"
+    ) as c:
+        job = await c.post("/v1/jobs", json={"input": {"use": 0}}, headers=auth("k"))
+        job_id = job.json()["id"]
+        batch_id = (await c.post("/v1/batches", headers=auth("k"), json={
+            "items": [{"custom_id": "a", "input": {"use": 0}}]})).json()["id"]
+        await finished(c, f"/v1/jobs/{job_id}", "k")
+        await finished(c, f"/v1/batches/{batch_id}", "k")
+        for rec in (job_id, batch_id):
+            kind = "jobs" if rec == job_id else "batches"
+            for suffix in (":events", ":alive", ":results", ":cancel", ":x", "x"):
+                for method, path in (("GET", f"/v1/{kind}/{rec}{suffix}"),
+                                     ("GET", f"/v1/{kind}/{rec}{suffix}/events"),
+                                     ("DELETE", f"/v1/{kind}/{rec}{suffix}")):
+                    r = await c.request(method, path, headers=auth("k"))
+                    assert r.status_code == 404, (method, path, r.text)
+                    assert r.json()["error"]["code"] == "not_found"

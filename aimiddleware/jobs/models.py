@@ -42,6 +42,14 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_urlsafe(18)}"
 
 
+_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def is_id(random_part: str) -> bool:
+    """Whether ``random_part`` (an id less its prefix) is one :func:`new_id` could make."""
+    return len(random_part) == 24 and _ID_CHARS.issuperset(random_part)
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -38,7 +38,7 @@ from aimiddleware.jobs.http import (
     parse_body,
     typed_errors,
 )
-from aimiddleware.jobs.models import Batch, BatchCounts, Job, JobError, new_id
+from aimiddleware.jobs.models import Batch, BatchCounts, Job, JobError, is_id, new_id
 from aimiddleware.jobs.runner import JobFunction, JobRunner
 from aimiddleware.jobs.store import JobStore, make_store
 from aimiddleware.jobs.stream import JobEventsDialect, event_stream
@@ -181,7 +181,10 @@ class JobsRouter(Router):
         principal = self.principal_of(request)
         rec_id = request.path_params["id"]
         prefix = "job_" if kind is Job else "batch_"
-        raw = await self.store.get(principal, rec_id) if rec_id.startswith(prefix) else None
+        # Only an id this router could have issued reaches the store (an id with a ":"
+        # suffix would name another of the record's keys there).
+        ours = rec_id.startswith(prefix) and is_id(rec_id[len(prefix):])
+        raw = await self.store.get(principal, rec_id) if ours else None
         if raw is None:
             raise NotFound(f"No {kind.__name__.lower()} with id {rec_id!r}.")
         rec = await self._reap(kind.model_validate_json(raw))

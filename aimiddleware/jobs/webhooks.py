@@ -127,8 +127,12 @@ class CallbackPolicy:
 
     def check_syntax(self, url: str) -> str:
         """The host of an acceptable URL; raises ``InvalidRequest`` otherwise."""
-        parts = urlsplit(url)
-        host = (parts.hostname or "").lower()
+        try:
+            parts = urlsplit(url)
+            host = (parts.hostname or "").lower()
+            parts.port  # noqa: B018 (raises for a port that is not a number in 0-65535)
+        except ValueError as exc:  # a malformed IPv6 literal, a bad port
+            raise InvalidRequest("callback_url is not a valid URL.", param="callback_url") from exc
         if parts.scheme.lower() not in self.schemes or not host:
             raise InvalidRequest("callback_url must be an absolute URL with an allowed scheme.",
                                  param="callback_url")
@@ -153,10 +157,28 @@ class CallbackPolicy:
             ) from exc
         for info in infos:
             addr = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-            if not addr.is_global or addr.is_multicast:
+            if not _public(addr):
                 raise InvalidRequest(
                     "callback_url resolves to a private or reserved address.", param="callback_url"
                 )
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_V4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def _public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A global unicast address, and so is any IPv4 address it embeds (mapped, NAT64,
+    IPv4-compatible or 6to4: each can reach that IPv4 host)."""
+    if not addr.is_global or addr.is_multicast:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address):
+        embedded = addr.ipv4_mapped or addr.sixtofour
+        if embedded is None and (addr in _NAT64 or addr in _V4_COMPATIBLE):
+            embedded = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+        if embedded is not None:
+            return _public(embedded)
+    return True
 
 
 def _retry_after(value: str | None, now: float) -> float | None:
