@@ -26,6 +26,7 @@ import aimiddleware
 from aimiddleware import (
     ApiVersion,
     ApiVersions,
+    AuthenticationFailed,
     CancellationConfig,
     EventStreamResponse,
     IdempotencyConfig,
@@ -40,6 +41,7 @@ from aimiddleware import (
     VersioningConfig,
     current,
 )
+from aimiddleware.context import default_principal
 from aimiddleware.jobs import JobContext, JobsRouter
 from aimiddleware.testing import FakeModel
 from examples.settings import load_settings
@@ -200,9 +202,19 @@ def create_app(
         header="api-version",
         default="2026-06-01",
     )
+    async def authenticate(scope: Any) -> str:
+        """A known API key's principal, else the caller's address (the free tier); an API
+        key this app does not know is a 401, not a tenant of its own: made-up keys must not
+        each get a fresh quota."""
+        principal = default_principal(scope)
+        if principal.startswith("key_") and principal not in settings.tier_of:
+            raise AuthenticationFailed("Incorrect API key provided.")
+        return principal
+
     aimiddleware.install(
         app,
         StackConfig(
+            principal=authenticate,
             storage=store,
             versioning=VersioningConfig(
                 registry=settings.registry,

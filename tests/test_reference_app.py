@@ -39,6 +39,9 @@ output_estimate = 64
 [keys]
 "sk-demo-pro" = "pro"
 "sk-broke" = "broke"
+"sk-demo-free" = "free"
+"sk-demo-free-2" = "free"
+"sk-free-user" = "free"
 """
 
 
@@ -74,8 +77,29 @@ HI = [{"role": "user", "content": "Say hello to the reference app."}]
 def test_config_file_loads_and_keys_are_hashed() -> None:
     settings = load_settings(Path(__file__).resolve().parent.parent / "examples" / "config.toml")
     assert set(settings.tiers) == {"free", "pro"}
-    assert settings.tier_of == {principal_of_key("sk-demo-pro"): "pro"}
+    assert settings.tier_of == {
+        principal_of_key("sk-demo-pro"): "pro",
+        principal_of_key("sk-demo-free"): "free",
+        principal_of_key("sk-demo-free-2"): "free",
+    }
     assert "sk-demo-pro" not in json.dumps(list(settings.tier_of))
+
+
+def test_an_unknown_api_key_is_refused_not_given_a_quota(base_url: str) -> None:
+    # Each made-up key was a tenant of its own, with a fresh free-tier quota.
+    for key in ("sk-made-up-1", "sk-made-up-2"):
+        r = httpx.post(base_url + "/v1/chat/completions",
+                       headers={"authorization": f"Bearer {key}"},
+                       json={"model": "fake-chat", "messages": HI, "max_tokens": 5})
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "authentication"
+        assert key not in r.text
+    with pytest.raises(openai.AuthenticationError):
+        sdk(base_url, key="sk-made-up-3", max_retries=0).chat.completions.create(
+            model="fake-chat", messages=HI, max_tokens=5)
+    # Without a key: the free tier, by address.
+    r = httpx.get(base_url + "/v1/models")
+    assert r.status_code == 200
 
 
 def test_completion_through_the_openai_sdk(base_url: str) -> None:
@@ -138,7 +162,7 @@ def test_rate_limit_429_carries_the_headers(base_url: str) -> None:
     for _ in range(20):  # 3/second: the 4th in a second (allowing for a stalled machine)
         r = httpx.post(
             base_url + "/v1/chat/completions",
-            headers={"authorization": "Bearer sk-another-free-user"},
+            headers={"authorization": "Bearer sk-demo-free"},
             json={"model": "fake-chat", "messages": HI, "max_tokens": 5},
         )
         statuses.append(r.status_code)
@@ -251,7 +275,7 @@ def test_jobs_submit_and_poll(base_url: str) -> None:
 
         time.sleep(0.05)
     assert job["status"] == "completed" and len(job["result"]["summaries"]) == 2
-    assert httpx.get(job_url, headers={"authorization": "Bearer sk-other"}).status_code == 404
+    assert httpx.get(job_url, headers={"authorization": "Bearer sk-demo-free-2"}).status_code == 404
 
 
 def test_bad_input_is_typed(base_url: str) -> None:

@@ -92,9 +92,9 @@ def test_the_sdk_through_the_proxy(proxy_url: str) -> None:
 
 
 def test_an_upstream_refusal_is_the_streams_status(config: Path, upstream_url: str) -> None:
-    # The upstream does not know this key (its free tier: 3 requests a second). Its 429 used
-    # to reach a streaming client as a 200 and an error event, without the wait.
-    with live_server(proxy(config, upstream_url, key="sk-unknown-upstream")) as url:
+    # The proxy's key is a free one upstream (3 requests a second). Its 429 used to reach
+    # a streaming client as a 200 and an error event, without the wait.
+    with live_server(proxy(config, upstream_url, key="sk-free-user")) as url:
         body = {"model": "fake-chat", "messages": HI, "stream": True, "max_tokens": 4}
         statuses = []
         for _ in range(6):
