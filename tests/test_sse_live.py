@@ -17,6 +17,7 @@ from httpx_sse import aconnect_sse
 
 from aimiddleware import (
     AnthropicDialect,
+    CancellationConfig,
     EventStreamResponse,
     OpenAIChatDialect,
     ReplayBuffer,
@@ -222,3 +223,31 @@ async def test_send_timeout_abandons_a_client_that_stopped_reading() -> None:
     assert "closed_at" in record, "the stream was never abandoned"
     assert record["sent"] < 9_999
     assert record["ctx"].raw_finish_reason == "cancelled"
+
+
+async def test_a_stream_cut_by_its_timeout_tier_is_recorded_as_a_timeout() -> None:
+    # It was recorded as "cancelled", like a client that left: the usage history could not
+    # tell a server timeout from a disconnect.
+    contexts: list[Any] = []
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat() -> EventStreamResponse:
+        contexts.append(current())
+
+        async def tokens() -> AsyncIterator[str]:
+            for i in range(1000):
+                yield f"tok{i} "
+                await anyio.sleep(0.01)
+
+        return EventStreamResponse(tokens(), dialect=OpenAIChatDialect("m"))
+
+    install(app, cancellation=CancellationConfig(timeouts={"/v1/chat/completions": 0.3}))
+    async with (
+        serve(app) as url,
+        httpx.AsyncClient(base_url=url) as client,
+        aconnect_sse(client, "POST", "/v1/chat/completions", json={}) as source,
+    ):
+        data = [sse.data async for sse in source.aiter_sse()]
+    assert data[-1] == "[DONE]" and json.loads(data[-2])["error"]["code"] == "timeout"
+    assert contexts[0].raw_finish_reason == "timeout"

@@ -432,3 +432,12 @@ async def test_headers_go_out_before_a_slow_first_event_and_cost_is_priced() -> 
     rec = await steady(scenario)
     usage = json.loads(parse(rec.raw).events[1].data)
     assert usage["estimated_cost"] == "0.003000"
+
+
+def test_for_request_includes_usage_only_when_asked_with_true() -> None:
+    # A truthy non-boolean ("yes") turned the dialect's usage chunk on while the model
+    # source, reading `is True`, sent none: the stream ended in a chunk of another id.
+    for options, expected in (({"include_usage": True}, True), ({"include_usage": "yes"}, False),
+                              ({"include_usage": 1}, False), ({}, False), ("junk", False)):
+        body = {"model": "m", "stream_options": options}
+        assert OpenAIChatDialect.for_request(body).include_usage is expected, options

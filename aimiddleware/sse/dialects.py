@@ -145,7 +145,8 @@ class OpenAIChatDialect(Dialect):
         options = body.get("stream_options") or {}
         return cls(
             str(body.get("model") or "unknown"),
-            include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
+            # exactly true, as OpenAI and the model sources read it ("yes" is not true)
+            include_usage=isinstance(options, dict) and options.get("include_usage") is True,
             **kwargs,
         )
 

@@ -132,7 +132,7 @@ class StreamSender:
         finally:
             if not self.closed:
                 # Disconnect, send timeout or outer cancellation: record what we know.
-                self._record_context("cancelled")
+                self._record_context(self._cut_reason())
                 with cleanup_scope(resp.cleanup_timeout):
                     await self._close_source(source)
                     if self.timed_out:
@@ -237,6 +237,16 @@ class StreamSender:
 
     # -- end of stream -------------------------------------------------------------------
 
+    def _cut_reason(self) -> str:
+        """Why a stream was cut short: the client (gone, or not reading) is ``cancelled``; a
+        deadline that has passed (a timeout tier's) is ``timeout``; anything else (the
+        server stopping) ``cancelled``."""
+        if self.client_gone or self.timed_out or (self.ctx is not None and self.ctx.disconnected):
+            return "cancelled"
+        if anyio.current_effective_deadline() <= anyio.current_time():
+            return "timeout"
+        return "cancelled"
+
     def _take_result(self, item: StreamResult) -> None:
         if item.usage is not None:
             self.usage = item.usage
@@ -278,7 +288,7 @@ class StreamSender:
         if self.closed:
             logger.warning("%s raised after the event stream had ended; not sent", err.code)
             return
-        self.finish = "error"
+        self.finish = "timeout" if err.code == "timeout" else "error"  # (a timeout tier's)
         if self.ctx is not None:
             self.ctx.state[FAILED] = True
         summary = self._record_context("error")
