@@ -431,3 +431,18 @@ def test_polling_a_job_charges_the_caller_nothing(base_url: str) -> None:
     # to the caller's limits as they are made); the polls record nothing.
     assert after == {**before, "requests": before["requests"] + 1,
                      "unpriced_requests": before["unpriced_requests"] + 1}
+
+
+def test_an_idempotency_key_is_bound_to_the_api_version(base_url: str) -> None:
+    # The same key and body under another api-version replayed the first version's answer,
+    # labelled with the second version (and its Deprecation header).
+    headers = {"authorization": "Bearer sk-demo-pro", "idempotency-key": "versioned-1"}
+    body = {"model": "fake-chat", "messages": HI, "max_tokens": 5}
+    url = base_url + "/v1/chat/completions"
+    first = httpx.post(url, json=body, headers={**headers, "api-version": "2026-06-01"})
+    assert first.status_code == 200
+    again = httpx.post(url, json=body, headers={**headers, "api-version": "2026-06-01"})
+    assert again.headers["idempotent-replayed"] == "true"
+    other = httpx.post(url, json=body, headers={**headers, "api-version": "2025-01-01"})
+    assert other.status_code == 422
+    assert other.json()["error"]["code"] == "idempotency_key_reused"

@@ -116,7 +116,9 @@ class IdempotencyEngine:
                 return Begin(error=_missing(self.config.header))
             return PASS
         path = ctx.path
-        fingerprint = self.fingerprint(ctx.method, path, query_string, ctx.body)
+        fingerprint = self.fingerprint(
+            ctx.method, path, query_string, ctx.body, ctx.api_version or ""
+        )
         record_key = self.record_key(ctx.principal, ctx.method, path, key)
         owner = secrets.token_hex(16)
         deadline = time.monotonic() + (

@@ -37,7 +37,7 @@ def canonical_query(query_string: bytes) -> bytes:
 
 
 class Fingerprinter:
-    """``fingerprint(method, path, query_string, body) -> hex digest``."""
+    """``fingerprint(method, path, query_string, body, api_version="") -> hex digest``."""
 
     def __init__(self, secret: bytes | str | None = None) -> None:
         if secret is None:
@@ -48,17 +48,21 @@ class Fingerprinter:
             raise ValueError("the idempotency fingerprint secret must be at least 16 bytes")
         self._secret = secret
 
-    def __call__(self, method: str, path: str, query_string: bytes, body: bytes) -> str:
-        message = b"".join(
-            (
-                b"aimw-idem-v1",
-                _lp(method.upper().encode("ascii")),
-                _lp(path.encode("utf-8", "surrogateescape")),
-                _lp(canonical_query(query_string)),
-                _lp(hashlib.sha256(body).digest()),
-            )
-        )
-        return hmac.digest(self._secret, message, "sha256").hex()
+    def __call__(
+        self, method: str, path: str, query_string: bytes, body: bytes, api_version: str = ""
+    ) -> str:
+        """``api_version``: the version the request was resolved to (a header, not the
+        body, selects it, and another version may answer differently); empty: none."""
+        parts = [
+            b"aimw-idem-v1",
+            _lp(method.upper().encode("ascii")),
+            _lp(path.encode("utf-8", "surrogateescape")),
+            _lp(canonical_query(query_string)),
+            _lp(hashlib.sha256(body).digest()),
+        ]
+        if api_version:  # (appended only when set: other fingerprints are unchanged)
+            parts.append(_lp(b"api-version:" + api_version.encode("utf-8", "surrogateescape")))
+        return hmac.digest(self._secret, b"".join(parts), "sha256").hex()
 
     def __repr__(self) -> str:
         return "Fingerprinter(secret=***)"
