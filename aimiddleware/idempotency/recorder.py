@@ -8,12 +8,14 @@ response above ``max_record_bytes`` or one that never ends releases the key inst
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aimiddleware.context import current_or_none
+from aimiddleware.errors import StoreUnavailable
 from aimiddleware.idempotency.models import Completed
 from aimiddleware.idempotency.replay import STORED
 from aimiddleware.idempotency.store import StreamingStore
@@ -26,6 +28,42 @@ if TYPE_CHECKING:
 __all__ = ["Recording"]
 
 logger = logging.getLogger("aimiddleware.idempotency")
+
+_later: set[asyncio.Task[None]] = set()  # (a reference to each, until it ends)
+
+
+def _store_later(engine: IdempotencyEngine, lease: Lease, record: Completed) -> None:
+    """Complete ``lease`` with ``record`` in the background once the store answers again,
+    while the claim is still ours (asyncio; elsewhere the claim just lapses)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # (another event loop: trio)
+        return
+    task = loop.create_task(_complete_when_back(engine, lease, record))
+    _later.add(task)
+    task.add_done_callback(_later.discard)
+
+
+async def _complete_when_back(engine: IdempotencyEngine, lease: Lease, record: Completed) -> None:
+    deadline = time.monotonic() + engine.config.lease_seconds
+    delay = 0.1
+    while time.monotonic() < deadline:
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
+        try:
+            stored = await engine.store.complete(
+                lease.key, lease.owner, record, engine.config.retention_seconds
+            )
+        except StoreUnavailable:
+            continue
+        except Exception:
+            logger.warning("could not store an idempotent response", exc_info=True)
+            return
+        if stored:
+            logger.info("idempotent response stored after the store came back")
+        else:
+            logger.warning("idempotency lease expired before the store came back; not stored")
+        return
 
 
 def _ended_in_error() -> bool:
@@ -140,6 +178,13 @@ class Recording:
             stored = await self.engine.store.complete(
                 self.lease.key, self.lease.owner, record, self.engine.config.retention_seconds
             )
+        except StoreUnavailable:
+            # The client gets its answer now; the record follows when the store is back
+            # (else a retry would be a 409 until the claim lapses, then run again).
+            logger.warning("store unavailable: the idempotent response will be stored when it "
+                           "is back (until the key's lease ends)")
+            _store_later(self.engine, self.lease, record)
+            return
         except Exception:
             logger.warning("could not store an idempotent response", exc_info=True)
             return
