@@ -45,9 +45,10 @@ def new_id(prefix: str) -> str:
 _ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
-def is_id(random_part: str) -> bool:
-    """Whether ``random_part`` (an id less its prefix) is one :func:`new_id` could make."""
-    return len(random_part) == 24 and _ID_CHARS.issuperset(random_part)
+def is_id(rest: str) -> bool:
+    """Whether ``rest`` (an id less its prefix) is URL-safe base64 of a sane length, as
+    :func:`new_id` makes them: no ``:``, which would name another key in the store."""
+    return 0 < len(rest) <= 64 and _ID_CHARS.issuperset(rest)
 
 
 class _Frozen(BaseModel):
