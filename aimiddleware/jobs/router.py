@@ -181,8 +181,8 @@ class JobsRouter(Router):
         principal = self.principal_of(request)
         rec_id = request.path_params["id"]
         prefix = "job_" if kind is Job else "batch_"
-        # Only an id this router could have issued reaches the store (an id with a ":"
-        # suffix would name another of the record's keys there).
+        # Only an id shaped like ours reaches the store (an id with a ":" suffix would name
+        # another of the record's keys there).
         ours = rec_id.startswith(prefix) and is_id(rec_id[len(prefix):])
         raw = await self.store.get(principal, rec_id) if ours else None
         if raw is None:
@@ -193,8 +193,18 @@ class JobsRouter(Router):
         return rec
 
     async def _reap(self, rec: Job | Batch) -> Job | Batch:
-        """A record ``in_progress`` whose worker stopped renewing its lease: fail it, visibly."""
-        if rec.status != "in_progress" or await self.store.alive(rec.principal, rec.id):
+        """A record whose worker stopped renewing its lease: fail it, visibly. That is one
+        ``in_progress``, or without a task queue one still ``queued`` (the worker that took
+        it renews its lease while it waits for a slot) once a lease has passed since it was
+        created: its worker died, or the store failed under its first write."""
+        waited = (
+            rec.status == "queued"
+            and self.queue is None  # (queued in a task queue, no worker has it yet)
+            and time.time() - rec.created_at >= self.runner.lease
+        )
+        if not (rec.status == "in_progress" or waited) or await self.store.alive(
+            rec.principal, rec.id
+        ):
             return rec
         err = JobError(code="worker_lost", retryable=True,
                        message="The worker running this job stopped; submit it again.")
