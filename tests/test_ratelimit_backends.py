@@ -81,16 +81,30 @@ async def test_failure_before_the_model_is_refunded_in_full(storage: Storage) ->
             __import__("tests.ratelimit_helpers").ratelimit_helpers.principal_of("k1")) == 0
 
 
+CUT_BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 500}
+
+
+def _leasing_app(storage: Storage) -> tuple[RateLimiter, Any]:
+    limiter = RateLimiter(
+        Policy(requests="10/minute", tokens="10000/minute", concurrency=5), storage=storage
+    )
+    return limiter, make_app(limiter)
+
+
+async def _settled(limiter: RateLimiter, key: str) -> None:
+    """Wait until ``key`` holds no concurrency lease: its request was settled."""
+    with anyio.fail_after(10):
+        while await limiter.backend.in_flight(principal_of(key)):  # type: ignore[attr-defined]  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+
+
 async def test_stream_cut_off_after_its_head_is_charged(storage: Storage) -> None:
     """A client that reads a stream and leaves before its usage is charged like any 2xx that
     reports no usage (its whole reservation), not refunded: else leaving early would make
     every stream free, on every dimension (requests included)."""
-    limiter = RateLimiter(
-        Policy(requests="10/minute", tokens="10000/minute", concurrency=5), storage=storage
-    )
-    app = make_app(limiter)
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 500}
+    limiter, app = _leasing_app(storage)
+    body = CUT_BODY
     async with serve(app) as url, httpx.AsyncClient(base_url=url) as c:
         headers = {"authorization": "Bearer k1"}
         async with c.stream("POST", "/v1/chat/completions", json={**body, "stream": 300},
@@ -101,9 +115,7 @@ async def test_stream_cut_off_after_its_head_is_charged(storage: Storage) -> Non
                 lines += 1
                 if lines == 10:
                     break  # the client leaves mid-stream
-        with anyio.fail_after(10):  # the server sees the disconnect and settles
-            while await limiter.backend.in_flight(principal_of("k1")):  # type: ignore[attr-defined]  # noqa: ASYNC110
-                await anyio.sleep(0.02)
+        await _settled(limiter, "k1")  # the server sees the disconnect and settles
         # The same request answered in full, without usage, on another key.
         plain = await c.post("/v1/chat/completions", json=body,
                              headers={"authorization": "Bearer k2"})
@@ -117,12 +129,8 @@ async def test_client_leaving_before_the_head_is_charged(storage: Storage) -> No
     """A client that gives up while the model runs is charged (its reservation): refunding
     it would let a client call the model as often as it likes by leaving just before the
     answer. A failure of the server's (an exception, a status >= 400) is still refunded."""
-    limiter = RateLimiter(
-        Policy(requests="10/minute", tokens="10000/minute", concurrency=5), storage=storage
-    )
-    app = make_app(limiter)
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 500}
+    limiter, app = _leasing_app(storage)
+    body = CUT_BODY
     async with serve(app) as url, httpx.AsyncClient(base_url=url) as c:
         async with anyio.create_task_group() as tg:
             tg.start_soon(functools.partial(
@@ -134,9 +142,7 @@ async def test_client_leaving_before_the_head_is_charged(storage: Storage) -> No
                     await anyio.sleep(0.02)
             await anyio.sleep(0.1)
             tg.cancel_scope.cancel()  # the client gives up and closes its connection
-        with anyio.fail_after(10):  # the server sees the disconnect and settles
-            while await limiter.backend.in_flight(principal_of("k1")):  # type: ignore[attr-defined]  # noqa: ASYNC110
-                await anyio.sleep(0.02)
+        await _settled(limiter, "k1")  # the server sees the disconnect and settles
         plain = await c.post("/v1/chat/completions", json=body,
                              headers={"authorization": "Bearer k2"})
         assert plain.status_code == 200
