@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
 import httpx
 from fastapi import FastAPI
 from pydantic import BaseModel
@@ -11,7 +16,18 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import aimiddleware
-from aimiddleware import Policy, rate_limit
+from aimiddleware import (
+    EventStreamResponse,
+    OpenAIChatDialect,
+    Policy,
+    StreamResult,
+    Usage,
+    rate_limit,
+)
+from aimiddleware.ratelimit.backend import Hit
+from aimiddleware.storage import Storage
+from tests.live_server import serve
+from tests.ratelimit_helpers import principal_of
 
 
 class Item(BaseModel):
@@ -104,3 +120,44 @@ async def test_a_body_that_is_not_json_is_estimated_not_refused() -> None:
     assert up.status_code == 200 and up.headers["x-ratelimit-remaining-tokens"] != "100000"
     assert fm.status_code == 200 and "x-ratelimit-limit-tokens" in fm.headers
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"
+
+
+async def test_a_streaming_endpoint_is_settled_when_its_stream_ends(storage: Storage) -> None:
+    # The decorator settled when the endpoint returned its response object, before the
+    # stream was sent: the concurrency slot was free while the stream ran, and the stream's
+    # usage never replaced the reservation (the whole output estimate stayed charged).
+    gate = anyio.Event()
+
+    async def tokens() -> AsyncIterator[Any]:
+        yield "Hello"
+        await gate.wait()
+        yield StreamResult(usage=Usage(input_tokens=9, output_tokens=3), finish_reason="stop")
+
+    @rate_limit(Policy(tokens="10000/minute", concurrency=1), storage=storage)
+    async def chat(request: Request) -> EventStreamResponse:
+        return EventStreamResponse(tokens(), dialect=OpenAIChatDialect("m"))
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    aimiddleware.install(app)
+    limiter = chat.rate_limiter  # type: ignore[attr-defined]
+    body = {"model": "m", "max_tokens": 500, "messages": [{"role": "user", "content": "hi"}]}
+    auth = {"authorization": "Bearer k1"}
+    async with serve(app) as url, httpx.AsyncClient(base_url=url) as c:
+        async with c.stream("POST", "/v1/chat/completions", json=body, headers=auth) as first:
+            assert first.status_code == 200
+            async with c.stream("POST", "/v1/chat/completions", json=body,
+                                headers=auth) as busy:  # (the head is enough)
+                assert busy.status_code == 429
+                assert json.loads(await busy.aread())["dimension"] == "concurrency"
+            gate.set()
+            await first.aread()
+        with anyio.fail_after(10):  # (settled just after the last byte)
+            while await limiter.backend.in_flight(principal_of("k1")):  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        hits = [Hit(lim.field, lim.window * 1000, lim.amount, 0)
+                for lim in limiter.policies["default"].limits]
+        state = (await limiter.backend.peek(principal_of("k1"), hits))[0]
+        assert state.prev + state.curr == 12  # the stream's usage, not 500 + the prompt
+        again = await c.post("/v1/chat/completions", json=body, headers=auth)
+        assert again.status_code == 200
+        gate.set()

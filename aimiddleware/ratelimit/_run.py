@@ -12,7 +12,7 @@ from aimiddleware.context import RequestContext
 from aimiddleware.errors import AIError, StoreUnavailable
 from aimiddleware.ratelimit.limiter import Admission, RateLimiter
 
-__all__ = ["add_headers", "run_admitted", "run_request", "settle"]
+__all__ = ["add_headers", "run_admitted", "run_request", "send_then_settle", "settle"]
 
 logger = logging.getLogger("aimiddleware.ratelimit")
 
@@ -25,6 +25,7 @@ async def run_admitted(
     ctx: RequestContext,
     call: Callable[[], Awaitable[T]],
     is_failure: Callable[[T], bool],
+    hold: Callable[[T], bool] | None = None,
 ) -> T:
     """Await ``call()``; whatever happens (error, cancellation, disconnect), reconcile the
     reservation and release the concurrency lease under a shielded scope.
@@ -32,14 +33,19 @@ async def run_admitted(
     A call that raises is a failure (refunded in full) unless its response had already
     started with a success status (a stream the client leaves, or that a timeout or error
     cuts short, was partly delivered) or the client went away: those are charged their
-    usage, else their reservation."""
+    usage, else their reservation.
+
+    ``hold(result)`` True: the result is a response still to be sent (a stream); nothing is
+    settled here, the caller sends it with :func:`send_then_settle`."""
     failed = True
+    held = False
     try:
         if admission.lease is None or not limiter.refreshes:
             result = await call()
         else:
             result = await _with_refresh(limiter, admission, call)
         failed = is_failure(result)
+        held = not failed and hold is not None and hold(result)
         return result
     except AIError as err:
         failed = _failed(ctx)
@@ -49,6 +55,25 @@ async def run_admitted(
         failed = _failed(ctx)
         raise
     finally:
+        if not held and not limiter.settled(admission, ctx, failed=failed):
+            await settle(limiter, admission, ctx, failed)
+
+
+async def send_then_settle(
+    limiter: RateLimiter,
+    admission: Admission,
+    ctx: RequestContext,
+    send: Callable[[], Awaitable[None]],
+) -> None:
+    """Await ``send()`` (a response that :func:`run_admitted` held), keeping the lease alive,
+    then reconcile and release as ``run_admitted`` would have."""
+    try:
+        if admission.lease is None or not limiter.refreshes:
+            await send()
+        else:
+            await _with_refresh(limiter, admission, send)
+    finally:
+        failed = _failed(ctx)
         if not limiter.settled(admission, ctx, failed=failed):
             await settle(limiter, admission, ctx, failed)
 

@@ -16,13 +16,15 @@ from typing import Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from aimiddleware._asgi import get_header, is_async_callable
-from aimiddleware.context import current
-from aimiddleware.ratelimit._run import run_admitted
-from aimiddleware.ratelimit.limiter import RateLimiter
+from aimiddleware.context import RequestContext, current
+from aimiddleware.ratelimit._run import run_admitted, send_then_settle
+from aimiddleware.ratelimit.limiter import Admission, RateLimiter
 from aimiddleware.ratelimit.policy import Policy
+from aimiddleware.sse.response import EventStreamResponse
+from aimiddleware.types import Receive, Scope, Send
 
 __all__ = ["rate_limit"]
 
@@ -93,11 +95,13 @@ def rate_limit(
             def failure(result: Any) -> bool:
                 return isinstance(result, Response) and result.status_code >= 400
 
-            result = await run_admitted(lim, admission, ctx, call, failure)
+            result = await run_admitted(lim, admission, ctx, call, failure, hold=_streams)
             target = result if isinstance(result, Response) else response
             if target is not None:
                 for key, value in admission.headers:
                     target.headers[key] = value
+            if _streams(result) and result.status_code < 400:  # (held: settled once sent)
+                return _SettledWhenSent(result, lim, admission, ctx)
             return result
 
         wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
@@ -112,3 +116,32 @@ def _signature(func: Callable[..., Any]) -> inspect.Signature:
         return inspect.signature(func, eval_str=True)
     except (NameError, TypeError):
         return inspect.signature(func)
+
+
+def _streams(result: Any) -> bool:
+    """A response whose body (and usage) is produced while it is sent."""
+    return isinstance(result, (StreamingResponse, EventStreamResponse))
+
+
+class _SettledWhenSent(Response):
+    """Sends ``inner`` (a stream) holding the admission's lease, then settles it with the
+    stream's usage, as the middleware does at the end of a stream."""
+
+    def __init__(
+        self, inner: Response, limiter: RateLimiter, admission: Admission, ctx: RequestContext
+    ) -> None:
+        self.inner = inner
+        self.limiter = limiter
+        self.admission = admission
+        self.ctx = ctx
+        self.status_code = inner.status_code
+        self.raw_headers = inner.raw_headers
+        self.background = inner.background
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.background is not None and self.inner.background is None:
+            self.inner.background = self.background
+        inner = self.inner
+        await send_then_settle(
+            self.limiter, self.admission, self.ctx, lambda: inner(scope, receive, send)
+        )
