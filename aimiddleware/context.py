@@ -40,6 +40,7 @@ __all__ = [
     "key_principal",
     "new_request_id",
     "parse_traceparent",
+    "report_no_model_call",
     "report_usage",
     "valid_request_id",
 ]
@@ -288,6 +289,14 @@ def report_usage(
         ctx.model = model
     if model_version is not None:
         ctx.model_version = model_version
+
+
+def report_no_model_call(ctx: RequestContext) -> None:
+    """``ctx``'s request called no model (a replayed stream, a job submission): it used no
+    tokens, so a rate limiter replaces its token reservation with nothing, and the usage
+    layer takes no usage from what it sends (usage that was reported elsewhere)."""
+    ctx.usage = Usage()
+    ctx.state["usage_reported"] = True
 
 
 class RequestIdFilter(logging.Filter):

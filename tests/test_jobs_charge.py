@@ -75,6 +75,12 @@ async def test_job_and_batch_usage_is_charged_to_the_submitter(storage: Storage)
         ok = await c.post("/v1/chat/completions", json=body, headers=auth("k2"))
         assert ok.status_code == 200
 
+        # A submission that fails is refunded in full, its request included.
+        bad = await c.post("/v1/jobs", json={"inputs": {}}, headers=auth("k4"))  # (a typo)
+        assert bad.status_code == 400
+        assert await counters(limiter, "k4") == {"requests:60": 0, "tokens:86400": 0,
+                                                 "cost:86400": 0}
+
         # A batch's items are charged the same way.
         batch = await c.post("/v1/batches", headers=auth("k3"), json={
             "items": [{"custom_id": str(i), "input": {"use": 1}} for i in range(2)]})

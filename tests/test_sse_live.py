@@ -187,8 +187,9 @@ async def test_last_event_id_resume_delivers_every_event_exactly_once(storage: S
     assert len({i.rsplit(":", 1)[0] for i in ids}) == 1  # one stream id throughout
     # The model ran once: its usage is the first request's; the resume replayed it and
     # used nothing (it was counted, and charged by a limiter, a second time).
-    usage = [c.usage and (c.usage.input_tokens, c.usage.output_tokens) for c in contexts[:2]]
-    assert usage == [(5, total), (0, 0)]
+    # The same for the 404 (another tenant) and the 204 after the end.
+    usage = [c.usage and (c.usage.input_tokens, c.usage.output_tokens) for c in contexts]
+    assert usage == [(5, total), (0, 0), (0, 0), (0, 0)]
 
 
 async def test_send_timeout_abandons_a_client_that_stopped_reading() -> None:

@@ -11,10 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from aimiddleware.context import current_or_none
+from aimiddleware.context import current_or_none, report_no_model_call
 from aimiddleware.errors import AIError, InvalidRequest, render_problem
 from aimiddleware.jobs.models import BatchItem
-from aimiddleware.usage.models import Usage
 
 __all__ = ["SubmitBatch", "SubmitJob", "idempotency_key", "parse_body", "typed_errors"]
 
@@ -60,10 +59,11 @@ def typed_errors(
             # The usage in a job's JSON and events is the job's (recorded on the job): the
             # usage layer must not take it for this request's.
             ctx.state["usage_reported"] = True
-            if no_tokens:
-                ctx.usage = Usage()
         try:
-            return await fn(request)
+            response = await fn(request)
+            if no_tokens and ctx is not None and response.status_code < 400:
+                report_no_model_call(ctx)  # (a failed submission stays refunded in full)
+            return response
         except AIError as err:
             ctx = current_or_none()
             status, headers, body = render_problem(err, request_id=ctx.request_id if ctx else None)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from aimiddleware.cancellation import CANCEL_ON_DISCONNECT, cleanup_scope
-from aimiddleware.context import RequestContext
+from aimiddleware.context import RequestContext, report_no_model_call
 from aimiddleware.errors import AIError, problem_body
 from aimiddleware.sse.dialects import Dialect, StreamSummary
 from aimiddleware.sse.events import ServerSentEvent
@@ -96,12 +96,6 @@ class StreamSender:
                 return
             if resumed is not None and resumed is not True:
                 tail, source = True, resumed
-                if ctx is not None:
-                    # The model is not called again: the replayed events' usage was the first
-                    # request's. This one used nothing (else the usage layer would count the
-                    # replayed usage event again, or a limiter keep the whole reservation).
-                    ctx.usage = Usage()
-                    ctx.state["usage_reported"] = True
             else:
                 self.sid = resp.stream_id or resp.replay.new_stream_id()
                 self.producer = True
@@ -151,6 +145,10 @@ class StreamSender:
             return None
         sid, after = parsed
         self.sid = sid
+        if self.ctx is not None:
+            # Whatever the answer (a replay, a 204 after the end, a 404), the model is not
+            # called again: the replayed events' usage was the first request's.
+            report_no_model_call(self.ctx)
         state = await replay.state(self.principal, sid, after)
         if state == "gone":
             from aimiddleware._asgi import send_problem
