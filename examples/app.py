@@ -226,8 +226,11 @@ def create_app(
             ratelimit=limiter,
             # Routes that call no model take no quota (a 2xx that reports no usage keeps its
             # token reservation, see the README's limitations).
+            # Reading or cancelling a job or batch calls no model either: a caller whose job
+            # spent its budget can still read how it ended.
             ratelimit_exempt=("/v1/models*", "/v1/usage*", "/v1/feedback", "/v1/count_tokens",
-                              "/docs*", "/redoc*", "/openapi.json"),
+                              "/v1/jobs/*", "/v1/batches/*", "/docs*", "/redoc*",
+                              "/openapi.json"),
             usage=UsageConfig(prices=settings.prices, counter=counter),
             cancellation=CancellationConfig(
                 timeouts={"/v1/chat/completions": 120, "/v1/jobs*": None, "/v1/batches*": None},

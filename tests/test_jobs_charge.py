@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from aimiddleware import Policy, RateLimiter, Storage, install
+from aimiddleware import Policy, RateLimiter, Storage, Usage, install
 from aimiddleware.jobs import JobContext, JobsRouter
 from tests.ratelimit_helpers import PRICES, counters
 
@@ -21,6 +21,9 @@ async def work(ctx: JobContext, input: Any) -> Any:
     if input["use"]:  # (the same body size either way: the submissions reserve alike)
         await ctx.record_usage({"input_tokens": 400, "output_tokens": 300}, model="gpt-4o-mini")
         await ctx.record_usage({"input_tokens": 10, "output_tokens": 5}, cost="0.5")
+    for _ in range(input.get("big", 0)):
+        await ctx.partial("chunk")
+        await ctx.record_usage({"input_tokens": 1000, "output_tokens": 500})
     return {"ok": True}
 
 
@@ -114,3 +117,29 @@ async def test_ids_that_name_another_key_are_not_found(storage: Storage) -> None
                     r = await c.request(method, path, headers=auth("k"))
                     assert r.status_code == 404, (method, path, r.text)
                     assert r.json()["error"]["code"] == "not_found"
+
+
+async def test_a_job_stops_once_its_callers_budget_is_spent(storage: Storage) -> None:
+    # Charged after the fact, a running job went on spending whatever the caller's budget.
+    limiter = RateLimiter(Policy(tokens="2000/day"), storage=storage)
+    jobs = JobsRouter(work, storage=storage, limiter=limiter, prefix="/v1")
+    app = Starlette(routes=jobs.routes)
+    # (reading a job calls no model: over its budget, the caller can still read it)
+    install(app, ratelimit=limiter, ratelimit_exempt=("/v1/jobs/*",))
+    async with jobs.lifespan_context(app), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app), base_url="http://test"
+    ) as c:
+        job = await c.post("/v1/jobs", json={"input": {"use": 0, "big": 5}}, headers=auth("k"))
+        assert job.status_code == 202, job.text
+        done = await finished(c, f"/v1/jobs/{job.json()['id']}", "k")
+    assert done["status"] == "failed" and done["error"]["code"] == "quota_exceeded"
+    assert done["partial_output"] == ["chunk", "chunk"]  # stopped after the 2nd call (3000)
+    assert (await counters(limiter, "k"))["tokens:86400"] == 3000
+
+
+async def test_charging_never_raises() -> None:
+    def broken_tier(principal: str) -> str:
+        raise RuntimeError("tier service down")
+
+    limiter = RateLimiter(Policy(tokens="10/day"), tier=broken_tier)
+    assert await limiter.charge("p", Usage(input_tokens=50, output_tokens=5)) is False

@@ -28,8 +28,9 @@ from aimiddleware.usage.models import Usage
 __all__ = ["Charge", "JobContext", "JobLimitExceeded", "add_usage"]
 
 Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
-# (usage, cost or None, model or None): charges the job's owner (RateLimiter.charge)
-Charge = Callable[[Usage, Decimal | None, str | None], Awaitable[None]]
+# (usage, cost or None, model or None): charges the job's owner (RateLimiter.charge);
+# True when one of the owner's token or cost limits is spent
+Charge = Callable[[Usage, Decimal | None, str | None], Awaitable[bool]]
 
 
 class JobLimitExceeded(Exception):
@@ -92,7 +93,8 @@ class JobContext:
         """Add what a model call used; raises :class:`JobLimitExceeded` past ``max_cost``.
 
         With ``JobsRouter(limiter=...)`` the call is also charged to the job's owner's token
-        and cost limits: ``cost`` as given, else ``usage`` priced for ``model``."""
+        and cost limits (``cost`` as given, else ``usage`` priced for ``model``), and raises
+        :class:`JobLimitExceeded` (``quota_exceeded``) once one of them is spent."""
         u = None
         if usage is not None:
             u = usage if isinstance(usage, Usage) else Usage.model_validate(dict(usage))
@@ -101,12 +103,17 @@ class JobContext:
         if cost is not None:
             spent = Decimal(str(cost))
             self.cost += spent
+        spent_all = False
         if self._charge is not None and (u is not None or spent):
-            await self._charge(u or Usage(), spent, model)
+            spent_all = await self._charge(u or Usage(), spent, model)
         await self._emit("usage", {"usage": self.usage, "cost": self.cost, "steps": self.steps})
         if self.max_cost is not None and self.cost > self.max_cost:
             raise JobLimitExceeded(
                 "max_cost_exceeded", f"The job's cost exceeded its cap of {self.max_cost}."
+            )
+        if spent_all:
+            raise JobLimitExceeded(
+                "quota_exceeded", "The caller's token or cost budget is spent; the job stopped."
             )
 
     async def step(self) -> int:

@@ -52,7 +52,7 @@ def job_error(exc: BaseException) -> JobError:
 def failure(exc: Exception, what: str) -> JobError:
     """:func:`job_error`, with an unexpected exception (not a typed error) logged with its
     traceback and ``what`` failed (the body the client sees says only "internal")."""
-    if not isinstance(exc, AIError):
+    if not isinstance(exc, (AIError, JobLimitExceeded)):  # (those are outcomes, not bugs)
         logger.error("%s: the job function raised", what, exc_info=exc)
     return job_error(exc)
 
@@ -139,8 +139,8 @@ class JobRunner:
         if limiter is None:
             return None
 
-        async def charge(usage: Usage, cost: Decimal | None, model: str | None) -> None:
-            await limiter.charge(principal, usage, model=model, cost=cost)
+        async def charge(usage: Usage, cost: Decimal | None, model: str | None) -> bool:
+            return await limiter.charge(principal, usage, model=model, cost=cost)
 
         return charge
 

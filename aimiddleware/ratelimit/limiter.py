@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal, Union
 
+import anyio
 from starlette.concurrency import run_in_threadpool
 
 from aimiddleware._asgi import is_async_callable
@@ -591,34 +592,50 @@ class RateLimiter:
         *,
         model: str | None = None,
         cost: Decimal | None = None,
-    ) -> None:
+    ) -> bool:
         """Charge usage made outside a request to ``principal``'s token and cost limits: a
-        job's or a batch item's model calls (``JobsRouter(limiter=...)``).
+        job's or a batch item's model calls (``JobsRouter(limiter=...)``). True when one of
+        those limits is now spent (at or past its amount): stop spending (a job ends
+        ``quota_exceeded``).
 
         Nothing is admitted (the work is done), so a window may go past its limit; the
-        principal's next requests are then refused until it rolls. Requests and concurrency
-        are not charged. ``cost`` (in the price table's currency) is used as given, else
-        ``usage`` is priced for ``model``. A store outage is logged, not raised: the job
-        must not fail for its bookkeeping."""
-        res = self._resolve(await self.policy_for(principal), None, None, model)
-        units: int | None
-        if cost is not None:
-            units = math.ceil(Decimal(cost) * COST_SCALE)
-        else:
-            units = self.estimator.actual_cost(Estimate(model, 0, 0, cost_units=0), usage, model)
-        inp, out = usage.input_tokens, usage.output_tokens
-        by_code = (0, inp + out, inp, out, units or 0)
-        adjustments = [  # (a charge goes to the current window: no window number needed)
-            Adjustment(field, window_ms, 0, by_code[code])
-            for field, window_ms, _, code in res.rows
-            if by_code[code] > 0
-        ]
-        if not adjustments:
-            return
+        principal's next requests are then refused until it rolls. Requests, concurrency
+        and route-scoped limits are not charged; per-model limits only with ``model``.
+        ``cost`` (in the price table's currency) is used as given, else ``usage`` is
+        priced for ``model``. Never raises (logged): the caller's work must not fail for
+        its bookkeeping, and the charge is shielded from its cancellation."""
         try:
-            await self.backend.adjust(_key(principal), adjustments)
+            res = self._resolve(await self.policy_for(principal), None, None, model)
+            units: int | None
+            if cost is not None:
+                units = math.ceil(Decimal(cost) * COST_SCALE)
+            else:
+                units = self.estimator.actual_cost(
+                    Estimate(model, 0, 0, cost_units=0), usage, model
+                )
+            inp, out = usage.input_tokens, usage.output_tokens
+            by_code = (0, inp + out, inp, out, units or 0)
+            rows = [row for row in res.rows if row[3]]  # (all but requests)
+            adjustments = [  # (a charge goes to the current window: no window number needed)
+                Adjustment(field, window_ms, 0, by_code[code])
+                for field, window_ms, _, code in rows
+                if by_code[code] > 0
+            ]
+            if not adjustments:
+                return False
+            key = _key(principal)
+            with anyio.CancelScope(shield=True):
+                await self.backend.adjust(key, adjustments)
+                states = await self.backend.peek(key, [Hit(f, w, a, 0) for f, w, a, _ in rows])
+            return any(
+                _used(state, window) >= amount
+                for (_, window, amount, _), state in zip(rows, states, strict=True)
+            )
         except StoreUnavailable:
             logger.warning("%s store unavailable; usage of %s not charged", self.name, principal)
+        except Exception:
+            logger.exception("charging usage of %s failed", principal)
+        return False
 
     async def refresh(self, admission: Admission) -> None:
         if admission.lease is not None:
