@@ -197,7 +197,8 @@ async def test_callback_policy_blocks_ssrf() -> None:
                 "https://[::1/hook", "https://example.com:99999/hook", "https://example.com:x/",
                 # IPv6 addresses that embed a private IPv4 one (NAT64, IPv4-compatible, 6to4)
                 "https://[64:ff9b::7f00:1]/hook", "https://[::127.0.0.1]/hook",
-                "https://[2002:a00:8::]/hook", "https://[::ffff:10.0.0.8]/hook"):
+                "https://[2002:a00:8::]/hook", "https://[::ffff:10.0.0.8]/hook",
+                "https://[64:ff9b:1::7f00:1]/hook", "https://[::ffff:0:7f00:1]/hook"):
         with pytest.raises(InvalidRequest):
             await default.check(url)
     allow = CallbackPolicy(allow_hosts=[".example.com"], deny_hosts=["bad.example.com"])

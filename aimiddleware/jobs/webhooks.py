@@ -163,18 +163,23 @@ class CallbackPolicy:
                 )
 
 
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_V4_COMPATIBLE = ipaddress.ip_network("::/96")
+# IPv6 prefixes whose last 32 bits are an IPv4 address that the address reaches: NAT64
+# (RFC 6052), IPv4-compatible (deprecated), IPv4-translated (SIIT, RFC 6145).
+_EMBEDDING = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "::/96", "::ffff:0:0:0/96"))
+# Listed because older Pythons' is_global tables do not know them: local-use NAT64 (RFC 8215).
+_NOT_GLOBAL = (ipaddress.ip_network("64:ff9b:1::/48"),)
 
 
 def _public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """A global unicast address, and so is any IPv4 address it embeds (mapped, NAT64,
-    IPv4-compatible or 6to4: each can reach that IPv4 host)."""
+    IPv4-compatible, IPv4-translated or 6to4: each can reach that IPv4 host)."""
     if not addr.is_global or addr.is_multicast:
         return False
     if isinstance(addr, ipaddress.IPv6Address):
+        if any(addr in net for net in _NOT_GLOBAL):
+            return False
         embedded = addr.ipv4_mapped or addr.sixtofour
-        if embedded is None and (addr in _NAT64 or addr in _V4_COMPATIBLE):
+        if embedded is None and any(addr in net for net in _EMBEDDING):
             embedded = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
         if embedded is not None:
             return _public(embedded)
