@@ -107,6 +107,8 @@ CANCEL_ON_DISCONNECT = "cancel_on_disconnect"
 after the client leaves; the time limit still applies."""
 _CALLBACKS = "cancellation.callbacks"
 STATE_KEY = "cancellation"
+DEADLINE = "cancellation.deadline"
+"""``ctx.state`` key: when the request's time limit runs out (``anyio.current_time()``)."""
 
 
 def cleanup_scope(seconds: float = 5.0) -> anyio.CancelScope:
@@ -294,9 +296,12 @@ class CancellationMiddleware:
                 if scope_cls is None:
                     scope_cls = self._asyncio_scope_cls = type(anyio.CancelScope())
                 # (anyio's clock on asyncio is the loop's)
-                app_scope = (
-                    scope_cls() if limit is None else scope_cls(deadline=loop.time() + limit)
-                )
+                if limit is None:
+                    app_scope = scope_cls()
+                else:
+                    app_scope = scope_cls(deadline=loop.time() + limit)
+                    if ctx is not None:  # (so what it cut can tell a timeout from a cancel)
+                        ctx.state[DEADLINE] = app_scope.deadline
                 call = _Call(self, ctx, receive, pending, app_scope, loop, None)
             sweeper = None
             if self.watch_after:

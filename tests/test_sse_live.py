@@ -28,6 +28,7 @@ from aimiddleware import (
     install,
 )
 from aimiddleware.storage import Storage
+from aimiddleware.usage import MemoryLedger, UsageConfig
 from tests.live_server import serve
 
 
@@ -243,7 +244,9 @@ async def test_a_stream_cut_by_its_timeout_tier_is_recorded_as_a_timeout() -> No
 
         return EventStreamResponse(tokens(), dialect=OpenAIChatDialect("m"))
 
-    install(app, cancellation=CancellationConfig(timeouts={"/v1/chat/completions": 0.3}))
+    ledger = MemoryLedger()
+    install(app, cancellation=CancellationConfig(timeouts={"/v1/chat/completions": 0.3}),
+            usage=UsageConfig(ledger=ledger))
     async with (
         serve(app) as url,
         httpx.AsyncClient(base_url=url) as client,
@@ -252,3 +255,7 @@ async def test_a_stream_cut_by_its_timeout_tier_is_recorded_as_a_timeout() -> No
         data = [sse.data async for sse in source.aiter_sse()]
     assert data[-1] == "[DONE]" and json.loads(data[-2])["error"]["code"] == "timeout"
     assert contexts[0].raw_finish_reason == "timeout"
+    # The usage history too (recorded when the stream was cut, before its error event).
+    await ledger.flush()
+    found = await ledger.get_request(contexts[0].principal, contexts[0].request_id)
+    assert found is not None and found.record.raw_finish_reason == "timeout"

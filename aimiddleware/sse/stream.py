@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from aimiddleware.cancellation import CANCEL_ON_DISCONNECT, cleanup_scope
+from aimiddleware.cancellation import CANCEL_ON_DISCONNECT, DEADLINE, cleanup_scope
 from aimiddleware.context import RequestContext, report_no_model_call
 from aimiddleware.errors import AIError, problem_body
 from aimiddleware.sse.dialects import Dialect, StreamSummary
@@ -236,12 +236,14 @@ class StreamSender:
     # -- end of stream -------------------------------------------------------------------
 
     def _cut_reason(self) -> str:
-        """Why a stream was cut short: the client (gone, or not reading) is ``cancelled``; a
-        deadline that has passed (a timeout tier's) is ``timeout``; anything else (the
-        server stopping) ``cancelled``."""
-        if self.client_gone or self.timed_out or (self.ctx is not None and self.ctx.disconnected):
+        """Why a stream was cut short: the request's time limit (a timeout tier) run out is
+        ``timeout``; the client (gone, or not reading) or anything else (the server
+        stopping) ``cancelled``."""
+        ctx = self.ctx
+        if ctx is None or self.client_gone or self.timed_out or ctx.disconnected:
             return "cancelled"
-        if anyio.current_effective_deadline() <= anyio.current_time():
+        deadline = ctx.state.get(DEADLINE)
+        if deadline is not None and anyio.current_time() >= deadline:
             return "timeout"
         return "cancelled"
 
