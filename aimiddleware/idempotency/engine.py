@@ -136,7 +136,13 @@ class IdempotencyEngine:
                 return Begin(error=err)
             if isinstance(found, Claimed):
                 return Begin(lease=Lease(record_key, owner, fingerprint))
-            if found.fingerprint != fingerprint:
+            if found.fingerprint != fingerprint and not (
+                # a record written before fingerprints carried the API version (an upgrade,
+                # or an older worker during a rolling deploy): the same request
+                ctx.api_version
+                and found.fingerprint
+                == self.fingerprint(ctx.method, path, query_string, ctx.body)
+            ):
                 return Begin(error=IdempotencyKeyReused(param=self.config.header))
             if isinstance(found, Completed):
                 return Begin(replay=found)
