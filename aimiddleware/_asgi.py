@@ -7,10 +7,12 @@ import inspect
 from collections.abc import Iterable
 from typing import Any
 
-from aimiddleware.errors import DEFAULT_TYPE_BASE, AIError, render_problem
-from aimiddleware.types import Send
+from starlette.responses import Response
 
-__all__ = ["get_header", "is_async_callable", "send_json", "send_problem"]
+from aimiddleware.errors import DEFAULT_TYPE_BASE, AIError, render_problem
+from aimiddleware.types import Receive, Scope, Send
+
+__all__ = ["WrappedResponse", "get_header", "is_async_callable", "send_json", "send_problem"]
 
 
 def is_async_callable(obj: Any) -> bool:
@@ -48,3 +50,23 @@ async def send_json(
     raw.extend(headers)
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class WrappedResponse(Response):
+    """An endpoint's response, sent by :meth:`send_inner` (a decorator's way: recorded,
+    held under a lease...), with the inner one's status, headers and background tasks, so
+    a framework that adds to them (FastAPI's background tasks) reaches the inner one."""
+
+    def __init__(self, inner: Response) -> None:  # (no Response.__init__: nothing to render)
+        self.inner = inner
+        self.status_code = inner.status_code
+        self.raw_headers = inner.raw_headers
+        self.background = inner.background
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.background is not None and self.inner.background is None:
+            self.inner.background = self.background
+        await self.send_inner(scope, receive, send)
+
+    async def send_inner(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.inner(scope, receive, send)

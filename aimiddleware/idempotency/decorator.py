@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from aimiddleware._asgi import is_async_callable
+from aimiddleware._asgi import WrappedResponse, is_async_callable
 from aimiddleware.errors import DEFAULT_TYPE_BASE
 from aimiddleware.idempotency.config import IdempotencyConfig
 from aimiddleware.idempotency.engine import Begin, IdempotencyEngine, Lease, answer
@@ -184,19 +184,14 @@ class _Follow(Response):
         await self.engine.follow(self.key, self.live, send)
 
 
-class _Recorded(Response):
+class _Recorded(WrappedResponse):
     """Sends ``inner`` through the recorder, then runs its background tasks as usual."""
 
     def __init__(self, inner: Response, engine: IdempotencyEngine, lease: Lease) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.engine = engine
         self.lease = lease
-        self.status_code = inner.status_code
-        self.raw_headers = inner.raw_headers
-        self.background = inner.background
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.background is not None and self.inner.background is None:
-            self.inner.background = self.background
+    async def send_inner(self, scope: Scope, receive: Receive, send: Send) -> None:
         inner = self.inner
         await self.engine.run(self.lease, lambda rec: inner(scope, receive, rec), send)

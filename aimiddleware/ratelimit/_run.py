@@ -47,12 +47,10 @@ async def run_admitted(
         failed = is_failure(result)
         held = not failed and hold is not None and hold(result)
         return result
-    except AIError as err:
+    except BaseException as exc:  # (a cancellation too: judged by the response, if any)
         failed = _failed(ctx)
-        add_headers(err, admission)
-        raise
-    except BaseException:
-        failed = _failed(ctx)
+        if isinstance(exc, AIError):
+            add_headers(exc, admission)
         raise
     finally:
         if not held and not limiter.settled(admission, ctx, failed=failed):

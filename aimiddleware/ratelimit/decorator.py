@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from aimiddleware._asgi import get_header, is_async_callable
+from aimiddleware._asgi import WrappedResponse, get_header, is_async_callable
 from aimiddleware.context import RequestContext, current
 from aimiddleware.ratelimit._run import run_admitted, send_then_settle
 from aimiddleware.ratelimit.limiter import Admission, RateLimiter
@@ -123,24 +123,19 @@ def _streams(result: Any) -> bool:
     return isinstance(result, (StreamingResponse, EventStreamResponse))
 
 
-class _SettledWhenSent(Response):
+class _SettledWhenSent(WrappedResponse):
     """Sends ``inner`` (a stream) holding the admission's lease, then settles it with the
     stream's usage, as the middleware does at the end of a stream."""
 
     def __init__(
         self, inner: Response, limiter: RateLimiter, admission: Admission, ctx: RequestContext
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.limiter = limiter
         self.admission = admission
         self.ctx = ctx
-        self.status_code = inner.status_code
-        self.raw_headers = inner.raw_headers
-        self.background = inner.background
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.background is not None and self.inner.background is None:
-            self.inner.background = self.background
+    async def send_inner(self, scope: Scope, receive: Receive, send: Send) -> None:
         inner = self.inner
         await send_then_settle(
             self.limiter, self.admission, self.ctx, lambda: inner(scope, receive, send)
