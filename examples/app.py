@@ -44,6 +44,7 @@ from aimiddleware import (
 from aimiddleware.context import default_principal
 from aimiddleware.jobs import JobContext, JobsRouter
 from aimiddleware.testing import FakeModel
+from aimiddleware.usage import ledger_for
 from examples.settings import load_settings
 from examples.upstream import Upstream
 
@@ -127,7 +128,8 @@ def create_app(
             summaries.append(text)
             await ctx.partial(text)
             usage = Usage.from_openai_chat(out["usage"])
-            await ctx.record_usage(usage, cost=settings.prices.estimate(JOB_MODEL, usage))
+            await ctx.record_usage(usage, cost=settings.prices.estimate(JOB_MODEL, usage),
+                                   model=JOB_MODEL)
             await ctx.progress((i + 1) / len(documents))
         return {"summaries": summaries}
 
@@ -140,9 +142,11 @@ def create_app(
         counter=counter,
         storage=store,
     )
-    # The jobs' model calls are charged to the submitter's token and cost limits.
+    # The jobs' model calls are charged to the submitter's token and cost limits, and each
+    # finished job is a row of the caller's usage history (the usage layer's ledger).
+    ledger = ledger_for(store)
     jobs = JobsRouter(summarise_job, storage=store, max_steps=100, max_cost="5.00", prefix="/v1",
-                      input_model=SummariseInput, limiter=limiter)
+                      input_model=SummariseInput, limiter=limiter, ledger=ledger)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -231,7 +235,7 @@ def create_app(
             ratelimit_exempt=("/v1/models*", "/v1/usage*", "/v1/feedback", "/v1/count_tokens",
                               "/v1/jobs/*", "/v1/batches/*", "/docs*", "/redoc*",
                               "/openapi.json"),
-            usage=UsageConfig(prices=settings.prices, counter=counter),
+            usage=UsageConfig(prices=settings.prices, counter=counter, ledger=ledger),
             cancellation=CancellationConfig(
                 timeouts={"/v1/chat/completions": 120, "/v1/jobs*": None, "/v1/batches*": None},
                 default_timeout=30,

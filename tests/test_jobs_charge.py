@@ -3,6 +3,7 @@ a job's model calls are not a way around tokens/day or cost/day."""
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 import anyio
@@ -13,7 +14,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from aimiddleware import Policy, RateLimiter, Storage, Usage, install
+from aimiddleware.context import key_principal
 from aimiddleware.jobs import JobContext, JobsRouter
+from aimiddleware.usage import MemoryLedger, UsageConfig
 from tests.ratelimit_helpers import PRICES, counters
 
 
@@ -143,3 +146,32 @@ async def test_charging_never_raises() -> None:
 
     limiter = RateLimiter(Policy(tokens="10/day"), tier=broken_tier)
     assert await limiter.charge("p", Usage(input_tokens=50, output_tokens=5)) is False
+
+
+async def test_finished_jobs_and_batches_are_rows_of_the_usage_history(storage: Storage) -> None:
+    ledger = MemoryLedger()
+    jobs = JobsRouter(work, storage=storage, ledger=ledger, prefix="/v1")
+    app = Starlette(routes=jobs.routes)
+    install(app, usage=UsageConfig(ledger=ledger))
+    async with jobs.lifespan_context(app), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app), base_url="http://test"
+    ) as c:
+        job = (await c.post("/v1/jobs", json={"input": {"use": 1}}, headers=auth("k"))).json()
+        done = await finished(c, f"/v1/jobs/{job['id']}", "k")
+        batch = (await c.post("/v1/batches", headers=auth("k"), json={
+            "items": [{"custom_id": str(i), "input": {"use": 1}} for i in range(2)]})).json()
+        await finished(c, f"/v1/batches/{batch['id']}", "k")
+        idle = (await c.post("/v1/jobs", json={"input": {"use": 0}}, headers=auth("k"))).json()
+        await finished(c, f"/v1/jobs/{idle['id']}", "k")
+    principal = key_principal(b"k")
+    row = await ledger.get_request(principal, job["id"])
+    assert row is not None
+    assert (row.record.usage.input_tokens, row.record.usage.output_tokens) == (410, 305)
+    assert row.record.estimated_cost == Decimal(done["cost"]) == Decimal("0.5")
+    assert row.record.model == "gpt-4o-mini"  # (the last one named)
+    assert (row.record.finish_reason, row.record.raw_finish_reason) == ("stop", "completed")
+    rows = await ledger.get_request(principal, batch["id"])
+    assert rows is not None
+    assert (rows.record.usage.input_tokens, rows.record.usage.output_tokens) == (820, 610)
+    assert rows.record.estimated_cost == Decimal("1.0")
+    assert await ledger.get_request(principal, idle["id"]) is None  # (used nothing)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -426,11 +427,22 @@ def test_polling_a_job_charges_the_caller_nothing(base_url: str) -> None:
         poll = httpx.get(job_url, headers=auth)
         assert poll.json()["usage"]["total_tokens"] > 0  # the job's own usage, shown
         assert "x-usage-input-tokens" not in poll.headers
+    job = poll.json()
     after = httpx.get(base_url + "/v1/usage", headers=auth).json()["totals"]
-    # The submission is one request that used no tokens itself (its job's calls are charged
-    # to the caller's limits as they are made); the polls record nothing.
-    assert after == {**before, "requests": before["requests"] + 1,
-                     "unpriced_requests": before["unpriced_requests"] + 1}
+    # Two rows: the submission, a request that used no tokens itself, and the finished job
+    # with its usage and cost; the polls record nothing.
+    assert after == {
+        **before,
+        "requests": before["requests"] + 2,
+        "unpriced_requests": before["unpriced_requests"] + 1,
+        **{k: before[k] + job["usage"][k] for k in ("input_tokens", "output_tokens",
+                                                   "total_tokens")},
+        "estimated_cost": str(Decimal(before["estimated_cost"]) + Decimal(job["cost"])),
+    }
+    record = httpx.get(f"{base_url}/v1/usage/requests/{job['id']}", headers=auth).json()
+    assert record["record"]["model"] == "fake-chat-2026-06-01"
+    assert record["record"]["finish_reason"] == "stop"
+    assert record["record"]["raw_finish_reason"] == "completed"
 
 
 def test_an_idempotency_key_is_bound_to_the_api_version(base_url: str) -> None:

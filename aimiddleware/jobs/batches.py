@@ -57,6 +57,7 @@ class BatchExecution:
         self.done: set[str] = set()
         self._lock = anyio.Lock()
         self._stale = False  # the stored record lags the counts (written every SAVE_EVERY s)
+        self.model: str | None = None  # (the last one an item's record_usage named)
 
     async def _save(self, event: str, data: dict[str, Any]) -> None:
         store = self.runner.store
@@ -134,6 +135,7 @@ class BatchExecution:
                     update["usage"] = add_usage(self.batch.usage, ctx.usage)
                 if ctx is not None:
                     update["cost"] = self.batch.cost + ctx.cost
+                    self.model = ctx.model or self.model
                 self.batch = self.batch.model_copy(update=update)
                 self._stale = True  # (stored by _save_while_running, or when the batch ends)
                 await self.runner.store.append_event(
@@ -167,3 +169,4 @@ class BatchExecution:
                 update={"status": status, "finished_at": time.time(), "error": error}
             )
             await self._save(f"batch.{status}", self.batch.public())
+        await self.runner.record(self.batch, self.model)

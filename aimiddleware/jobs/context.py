@@ -72,6 +72,7 @@ class JobContext:
         self.steps = 0
         self.usage: Usage | None = None
         self.cost = Decimal(0)
+        self.model: str | None = None  # (the last one ``record_usage`` named)
 
     async def progress(self, value: float | None = None, message: str | None = None) -> None:
         """Report progress (0..1) and/or a short human-readable status message."""
@@ -95,6 +96,8 @@ class JobContext:
         With ``JobsRouter(limiter=...)`` the call is also charged to the job's owner's token
         and cost limits (``cost`` as given, else ``usage`` priced for ``model``), and raises
         :class:`JobLimitExceeded` (``quota_exceeded``) once one of them is spent."""
+        if model is not None:
+            self.model = model
         u = None
         if usage is not None:
             u = usage if isinstance(usage, Usage) else Usage.model_validate(dict(usage))

@@ -52,6 +52,7 @@ from aimiddleware.jobs.webhooks import (
 from aimiddleware.ratelimit.limiter import RateLimiter
 from aimiddleware.sse import EventStreamResponse
 from aimiddleware.storage import Storage
+from aimiddleware.usage.ledger import Ledger
 
 __all__ = ["JobsRouter"]
 
@@ -70,7 +71,9 @@ class JobsRouter(Router):
     ``limiter``: the app's :class:`~aimiddleware.RateLimiter`; what job functions report
     with ``ctx.record_usage`` is then charged to the submitter's token and cost limits
     (:meth:`~aimiddleware.RateLimiter.charge`), so jobs and batches are not a way around
-    them. Build it the same way in every process that runs jobs.
+    them. Build it the same way in every process that runs jobs. ``ledger``: the usage
+    layer's ledger; each finished job or batch that used something is then a row of the
+    caller's usage history, under its id (``finish_reason`` from its status).
     """
 
     def __init__(
@@ -99,6 +102,7 @@ class JobsRouter(Router):
         prefix: str = "",
         input_model: type[BaseModel] | None = None,
         limiter: RateLimiter | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
             raise ValueError("prefix must start with '/' and not end with it, e.g. '/v1'")
@@ -119,7 +123,7 @@ class JobsRouter(Router):
             fn, self.store, dispatcher=self.dispatcher, max_steps=max_steps, max_cost=max_cost,
             timeout=timeout, max_concurrent_jobs=max_concurrent_jobs,
             batch_concurrency=batch_concurrency, cancel_poll=cancel_poll,
-            shutdown_grace=shutdown_grace, lease=lease, limiter=limiter,
+            shutdown_grace=shutdown_grace, lease=lease, limiter=limiter, ledger=ledger,
         )
         self.queue = queue
         if queue is not None:

@@ -21,11 +21,13 @@ import anyio
 import anyio.abc
 
 from aimiddleware.errors import AIError, InternalError, StoreUnavailable
+from aimiddleware.finish_reason import normalize_finish_reason
 from aimiddleware.jobs.context import Charge, JobContext, JobLimitExceeded
 from aimiddleware.jobs.models import Batch, Job, JobError
 from aimiddleware.jobs.store import JobStore
 from aimiddleware.jobs.webhooks import WebhookDispatcher, webhook_payload
 from aimiddleware.ratelimit.limiter import RateLimiter
+from aimiddleware.usage.ledger import Ledger, UsageRecord
 from aimiddleware.usage.models import Usage
 
 __all__ = ["JobFunction", "JobRunner", "job_error"]
@@ -73,6 +75,7 @@ class JobRunner:
         shutdown_grace: float = 5.0,
         lease: float = 30.0,
         limiter: RateLimiter | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         if batch_concurrency < 1:
             raise ValueError("batch_concurrency must be >= 1")
@@ -90,6 +93,7 @@ class JobRunner:
         self.lease = lease
         self.shutdown_grace = shutdown_grace
         self.limiter = limiter
+        self.ledger = ledger
         self._tg: anyio.abc.TaskGroup | None = None
         self._limiter: anyio.CapacityLimiter | None = None
         self._scopes: dict[str, anyio.CancelScope] = {}
@@ -251,24 +255,49 @@ class JobRunner:
             with anyio.CancelScope(shield=True):
                 err = JobError(code="shutdown", retryable=True,
                                message="The server shut down before the job finished.")
-                await self._finish(state["job"], save, "failed", error=err)
+                await self._finish(state["job"], save, "failed", model=ctx.model, error=err)
             raise
         if outcome == "cancelled":
-            await self._finish(state["job"], save, "cancelled")
+            await self._finish(state["job"], save, "cancelled", model=ctx.model)
         elif outcome == "expired":
             err = JobError(code="job_expired", message="The job ran past its time limit.")
-            await self._finish(state["job"], save, "expired", error=err)
+            await self._finish(state["job"], save, "expired", model=ctx.model, error=err)
         else:
-            await self._finish(state["job"], save, result["status"],
+            await self._finish(state["job"], save, result["status"], model=ctx.model,
                                result=result.get("result"), error=result.get("error"))
 
     async def _finish(
-        self, job: Job, save: Callable[..., Awaitable[None]], status: str, **update: Any
+        self,
+        job: Job,
+        save: Callable[..., Awaitable[None]],
+        status: str,
+        *,
+        model: str | None,
+        **update: Any,
     ) -> None:
         final = job.model_copy(update={"status": status, "finished_at": time.time(), **update})
         await save(f"job.{status}", final.public(), status=status,
                    finished_at=final.finished_at, **update)
         await self.notify(final.callback_url, f"job.{status}", final.public())
+        await self.record(final, model)
+
+    async def record(self, rec: Job | Batch, model: str | None) -> None:
+        """A finished job's or batch's row in the usage history (``ledger``): its usage and
+        cost under its id, as a request's would be (only when it used something)."""
+        if self.ledger is None or (rec.usage is None and not rec.cost):
+            return
+        finished = rec.finished_at or time.time()
+        await self.ledger.record(UsageRecord(
+            principal=rec.principal,
+            request_id=rec.id,
+            model=model,
+            usage=rec.usage or Usage(),
+            estimated_cost=rec.cost,
+            finish_reason=normalize_finish_reason(rec.status).value,
+            raw_finish_reason=rec.status,
+            duration_ms=(finished - (rec.started_at or rec.created_at)) * 1000.0,
+            timestamp=finished,
+        ))
 
     async def notify(self, url: str | None, event: str, data: dict[str, Any]) -> None:
         if url and self.dispatcher is not None:

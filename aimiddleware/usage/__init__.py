@@ -30,6 +30,7 @@ __all__ = [
     "UsageSettings",
     "build_envelope",
     "envelope",
+    "ledger_for",
     "sampling_params",
 ]
 
@@ -49,6 +50,7 @@ _LAZY = {
     "UsageMiddleware": "middleware",
     "UsageAccounting": "accounting",
     "UsageSettings": "accounting",
+    "ledger_for": "accounting",
     "UsageRoutes": "routes",
 }
 
