@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from aimiddleware.types import Scope
 
 __all__ = [
+    "NO_MODEL_CALL",
     "SCOPE_KEY",
     "RequestContext",
     "RequestIdFilter",
@@ -291,11 +292,16 @@ def report_usage(
         ctx.model_version = model_version
 
 
+NO_MODEL_CALL = "no_model_call"
+"""``ctx.state`` key set by :func:`report_no_model_call`."""
+
+
 def report_no_model_call(ctx: RequestContext) -> None:
-    """``ctx``'s request called no model (a replayed stream, a job submission): it used no
-    tokens, so a rate limiter replaces its token reservation with nothing, and the usage
-    layer takes no usage from what it sends (usage that was reported elsewhere)."""
-    ctx.usage = Usage()
+    """``ctx``'s request called no model (a replayed stream, a job submission): a rate
+    limiter charges it one request and replaces its token and cost reservation with
+    nothing, and the usage layer takes no usage from what it sends (usage reported
+    elsewhere) and records no row for it."""
+    ctx.state[NO_MODEL_CALL] = True
     ctx.state["usage_reported"] = True
 
 

@@ -300,3 +300,18 @@ async def test_a_failing_lease_refresh_never_cuts_the_call_short() -> None:
     assert await run_admitted(limiter, admission, ctx, call, lambda _: False) == "done"
     assert backend.refreshed >= 2
     assert await backend.in_flight(admission.principal) == 0
+
+
+async def test_a_redirect_is_refunded(storage: Storage) -> None:
+    # A trailing-slash 307 calls no model but kept its whole reservation (the prompt plus
+    # max_tokens), and a client that followed it paid twice.
+    limiter, app = _leasing_app(storage)
+    async with client(app) as c:
+        r = await c.post("/v1/chat/completions/", json=CUT_BODY)
+        assert r.status_code == 307
+        assert await counters(limiter, "k1") == {"requests:60": 0, "tokens:60": 0}
+        followed = await c.post("/v1/chat/completions/", json=CUT_BODY, follow_redirects=True)
+        assert followed.status_code == 200
+    async with client(app, "k2") as c2:
+        assert (await c2.post("/v1/chat/completions", json=CUT_BODY)).status_code == 200
+    assert await counters(limiter, "k1") == await counters(limiter, "k2")  # charged once

@@ -429,12 +429,11 @@ def test_polling_a_job_charges_the_caller_nothing(base_url: str) -> None:
         assert "x-usage-input-tokens" not in poll.headers
     job = poll.json()
     after = httpx.get(base_url + "/v1/usage", headers=auth).json()["totals"]
-    # Two rows: the submission, a request that used no tokens itself, and the finished job
-    # with its usage and cost; the polls record nothing.
+    # One row: the finished job, with its usage and cost (the submission called no model:
+    # no row of its own, as the polls).
     assert after == {
         **before,
-        "requests": before["requests"] + 2,
-        "unpriced_requests": before["unpriced_requests"] + 1,
+        "requests": before["requests"] + 1,
         **{k: before[k] + job["usage"][k] for k in ("input_tokens", "output_tokens",
                                                    "total_tokens")},
         "estimated_cost": str(Decimal(before["estimated_cost"]) + Decimal(job["cost"])),

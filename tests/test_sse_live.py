@@ -27,6 +27,7 @@ from aimiddleware import (
     current,
     install,
 )
+from aimiddleware.context import NO_MODEL_CALL
 from aimiddleware.storage import Storage
 from aimiddleware.usage import MemoryLedger, UsageConfig
 from tests.live_server import serve
@@ -190,7 +191,8 @@ async def test_last_event_id_resume_delivers_every_event_exactly_once(storage: S
     # used nothing (it was counted, and charged by a limiter, a second time).
     # The same for the 404 (another tenant) and the 204 after the end.
     usage = [c.usage and (c.usage.input_tokens, c.usage.output_tokens) for c in contexts]
-    assert usage == [(5, total), (0, 0), (0, 0), (0, 0)]
+    assert usage == [(5, total), None, None, None]
+    assert [NO_MODEL_CALL in c.state for c in contexts] == [False, True, True, True]
 
 
 async def test_send_timeout_abandons_a_client_that_stopped_reading() -> None:

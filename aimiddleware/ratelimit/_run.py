@@ -84,7 +84,7 @@ async def run_request(
     *args: Any,
 ) -> None:
     """:func:`run_admitted` for an ASGI request, awaiting ``call(*args)``: a failure is a
-    response status outside 1xx-3xx (or none). Without a lease to keep alive, the same steps
+    response status outside 2xx (or none). Without a lease to keep alive, the same steps
     inline (cheaper)."""
     if admission.lease is not None and limiter.refreshes:
         await run_admitted(limiter, admission, ctx, lambda: call(*args), lambda _: _failed(ctx))
@@ -107,12 +107,13 @@ async def run_request(
 
 
 def _failed(ctx: RequestContext) -> bool:
-    """Refunded in full: a response with an error status, or none at all unless the client
-    went away while the app ran (a model call it chose to abandon is still a call)."""
+    """Refunded in full: a response that is not a success (an error, or a redirect such as
+    a trailing-slash 307, which calls no model), or none at all unless the client went
+    away while the app ran (a model call it chose to abandon is still a call)."""
     status = ctx.response_status
     if status is None:
         return not ctx.disconnected
-    return not 0 < status < 400
+    return not 200 <= status < 300
 
 
 def add_headers(err: AIError, admission: Admission) -> None:

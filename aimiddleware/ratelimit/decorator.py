@@ -92,15 +92,15 @@ def rate_limit(
                     return await func(*args, **kwargs)
                 return await run_in_threadpool(func, *args, **kwargs)
 
-            def failure(result: Any) -> bool:
-                return isinstance(result, Response) and result.status_code >= 400
+            def failure(result: Any) -> bool:  # (not a success: refunded, as the middleware)
+                return isinstance(result, Response) and not 200 <= result.status_code < 300
 
             result = await run_admitted(lim, admission, ctx, call, failure, hold=_streams)
             target = result if isinstance(result, Response) else response
             if target is not None:
                 for key, value in admission.headers:
                     target.headers[key] = value
-            if _streams(result) and result.status_code < 400:  # (held: settled once sent)
+            if _streams(result) and 200 <= result.status_code < 300:  # (held: settled when sent)
                 return _SettledWhenSent(result, lim, admission, ctx)
             return result
 

@@ -21,7 +21,7 @@ import anyio
 from starlette.concurrency import run_in_threadpool
 
 from aimiddleware._asgi import is_async_callable
-from aimiddleware.context import RequestContext
+from aimiddleware.context import NO_MODEL_CALL, RequestContext
 from aimiddleware.errors import InvalidRequest, StoreUnavailable
 from aimiddleware.ratelimit import refusal
 from aimiddleware.ratelimit.backend import Adjustment, Backend, Decision, Hit, WindowState
@@ -469,7 +469,10 @@ class RateLimiter:
     def settled(self, admission: Admission, ctx: RequestContext, *, failed: bool) -> bool:
         """True when :meth:`finish` has nothing to do (no lease, nothing to correct)."""
         return admission.decision is None or (
-            admission.lease is None and ctx.usage is None and not failed
+            admission.lease is None
+            and ctx.usage is None
+            and not failed
+            and NO_MODEL_CALL not in ctx.state
         )
 
     async def finish(self, admission: Admission, ctx: RequestContext, *, failed: bool) -> None:
@@ -519,12 +522,16 @@ class RateLimiter:
             if decision is None:
                 return
             usage = ctx.usage
-            if usage is None and not failed:  # nothing to correct
-                if admission.lease is not None:
-                    self._reconcile_now(admission.principal, (), (), (), (), (), admission.lease)  # type: ignore[misc]
-                return
-            if usage is None:
-                by_code: tuple[int, ...] = (0, 0, 0, 0, 0)
+            if usage is None and not failed:
+                if NO_MODEL_CALL not in ctx.state:  # nothing to correct
+                    if admission.lease is not None:
+                        self._reconcile_now(  # type: ignore[misc]
+                            admission.principal, (), (), (), (), (), admission.lease
+                        )
+                    return
+                by_code: tuple[int, ...] = _NO_MODEL_CALL_USED  # one request, nothing else
+            elif usage is None:
+                by_code = (0, 0, 0, 0, 0)
             else:
                 inp, out = usage.input_tokens, usage.output_tokens
                 cost = admission.estimate.cost_units
@@ -564,7 +571,9 @@ class RateLimiter:
         """What the request really used, by dimension code (None: nothing to correct)."""
         usage = ctx.usage
         if usage is None:
-            return (0, 0, 0, 0, 0) if failed else None
+            if failed:
+                return (0, 0, 0, 0, 0)
+            return _NO_MODEL_CALL_USED if NO_MODEL_CALL in ctx.state else None
         inp, out = usage.input_tokens, usage.output_tokens
         cost = self.estimator.actual_cost(admission.estimate, usage, ctx.model_version or ctx.model)
         return (1, inp + out, inp, out, cost or 0)
@@ -690,6 +699,7 @@ _IN_PROCESS_LEASE_MS = 10 * 365 * 86_400_000
 _new_tuple = tuple.__new__  # a NamedTuple from a tuple, without a Python-level __new__ call
 _new_object = object.__new__
 _DIM_CODE = {"requests": 0, "tokens": 1, "input_tokens": 2, "output_tokens": 3, "cost": 4}
+_NO_MODEL_CALL_USED = (1, 0, 0, 0, 0)  # by dimension code: one request, nothing else
 
 
 class _Resolved:
