@@ -3,6 +3,7 @@ a job's model calls are not a way around tokens/day or cost/day."""
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from typing import Any
 
@@ -38,7 +39,7 @@ async def finished(c: httpx.AsyncClient, path: str, key: str) -> dict[str, Any]:
     with anyio.fail_after(10):
         while True:
             body: dict[str, Any] = (await c.get(path, headers=auth(key))).json()
-            if body["status"] in ("completed", "failed", "ended"):
+            if body["status"] in ("completed", "failed", "cancelled", "expired"):
                 return body
             await anyio.sleep(0.02)
 
@@ -175,3 +176,70 @@ async def test_finished_jobs_and_batches_are_rows_of_the_usage_history(storage: 
     assert (rows.record.usage.input_tokens, rows.record.usage.output_tokens) == (820, 610)
     assert rows.record.estimated_cost == Decimal("1.0")
     assert await ledger.get_request(principal, idle["id"]) is None  # (used nothing)
+
+
+async def test_a_batch_stops_calling_the_model_once_the_budget_is_spent(
+    storage: Storage,
+) -> None:
+    # Each item found the budget spent only after its own call: a batch of 900 items went
+    # on calling (and charging) the model for every one, to 2.2x the caller's limit.
+    calls = 0
+
+    async def item(ctx: JobContext, input: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        await ctx.record_usage({"input_tokens": 1000, "output_tokens": 500})
+        return {"ok": True}
+
+    limiter = RateLimiter(Policy(tokens="2000/day"), storage=storage)
+    jobs = JobsRouter(item, storage=storage, limiter=limiter, prefix="/v1", batch_concurrency=1)
+    app = Starlette(routes=jobs.routes)
+    install(app, ratelimit=limiter, ratelimit_exempt=("/v1/batches/*",))
+    async with jobs.lifespan_context(app), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app), base_url="http://test"
+    ) as c:
+        batch = await c.post("/v1/batches", headers=auth("k"), json={
+            "items": [{"custom_id": str(i), "input": {}} for i in range(20)]})
+        assert batch.status_code == 202, batch.text
+        done = await finished(c, f"/v1/batches/{batch.json()['id']}", "k")
+        lines = (await c.get(f"/v1/batches/{batch.json()['id']}/results",
+                             headers=auth("k"))).text.splitlines()
+    assert calls == 2  # the second call spent the budget; no item after it called the model
+    assert done["counts"]["succeeded"] == 1 and done["counts"]["errored"] == 19
+    errors = {json.loads(line)["error"]["code"] for line in lines if '"errored"' in line}
+    assert errors == {"quota_exceeded"}
+    assert (await counters(limiter, "k"))["tokens:86400"] == 3000
+
+
+async def test_a_cancelled_batch_keeps_the_usage_of_its_unfinished_items(
+    storage: Storage,
+) -> None:
+    # Usage an item reported before the batch was cancelled was charged, yet missing from the
+    # batch record and the usage history.
+    reported = anyio.Event()
+
+    async def item(ctx: JobContext, input: Any) -> Any:
+        await ctx.record_usage({"input_tokens": 40, "output_tokens": 2}, cost="0.01", model="m")
+        reported.set()
+        await anyio.sleep(30)  # (cancelled here)
+        return {"ok": True}
+
+    ledger = MemoryLedger()
+    jobs = JobsRouter(item, storage=storage, ledger=ledger, prefix="/v1", batch_concurrency=2)
+    app = Starlette(routes=jobs.routes)
+    install(app)
+    async with jobs.lifespan_context(app), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app), base_url="http://test"
+    ) as c:
+        batch = (await c.post("/v1/batches", headers=auth("k"), json={
+            "items": [{"custom_id": str(i), "input": {}} for i in range(2)]})).json()
+        with anyio.fail_after(10):
+            await reported.wait()
+        await anyio.sleep(0.05)  # (both items have reported)
+        await c.delete(f"/v1/batches/{batch['id']}", headers=auth("k"))
+        done = await finished(c, f"/v1/batches/{batch['id']}", "k")
+    assert done["status"] == "cancelled" and done["counts"]["cancelled"] == 2
+    assert done["usage"]["input_tokens"] == 80 and Decimal(done["cost"]) == Decimal("0.02")
+    row = await ledger.get_request(key_principal(b"k"), batch["id"])
+    assert row is not None and row.record.usage.input_tokens == 80
+    assert row.record.raw_finish_reason == "cancelled"

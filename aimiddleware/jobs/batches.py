@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from aimiddleware.jobs.context import JobContext, add_usage
+from aimiddleware.jobs.context import JobContext, JobLimitExceeded, add_usage
 from aimiddleware.jobs.models import Batch, BatchCounts, BatchItem, BatchItemResult, JobError
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ class BatchExecution:
         self._lock = anyio.Lock()
         self._stale = False  # the stored record lags the counts (written every SAVE_EVERY s)
         self.model: str | None = None  # (the last one an item's record_usage named)
+        self.spent: JobError | None = None  # (an item found the caller's budget spent)
 
     async def _save(self, event: str, data: dict[str, Any]) -> None:
         store = self.runner.store
@@ -105,6 +106,11 @@ class BatchExecution:
 
     async def _item(self, limiter: anyio.CapacityLimiter, item: BatchItem) -> None:
         async with limiter:
+            if self.spent is not None:  # the caller's budget is spent: no more model calls
+                await self._record(BatchItemResult(
+                    custom_id=item.custom_id, type="errored", error=self.spent
+                ))
+                return
             ctx = JobContext(f"{self.batch.id}:{item.custom_id}", item.input, _ignore,
                              max_steps=self.runner.max_steps, max_cost=self.runner.max_cost,
                              charge=self.runner.charge_for(self.batch.principal))
@@ -116,7 +122,22 @@ class BatchExecution:
 
                 res = BatchItemResult(custom_id=item.custom_id, type="errored",
                                       error=failure(exc, ctx.id))
+                if isinstance(exc, JobLimitExceeded) and exc.code == "quota_exceeded":
+                    self.spent = res.error
+            except BaseException:  # cancelled (the batch's end marks the item): keep its usage
+                self._add_usage(ctx)
+                raise
             await self._record(res, ctx)
+
+    def _add_usage(self, ctx: JobContext) -> None:
+        """Add an item's usage and cost to the batch (in memory; written with the record).
+        No ``await``: nothing else changes the batch meanwhile."""
+        update: dict[str, Any] = {"cost": self.batch.cost + ctx.cost}
+        if ctx.usage is not None:
+            update["usage"] = add_usage(self.batch.usage, ctx.usage)
+        self.batch = self.batch.model_copy(update=update)
+        self.model = ctx.model or self.model
+        self._stale = True
 
     async def _record(self, res: BatchItemResult, ctx: JobContext | None = None) -> None:
         async with self._lock:
@@ -130,13 +151,9 @@ class BatchExecution:
                     self.batch.principal, self.batch.id, res.model_dump_json()
                 )
                 counts = counted(self.batch.counts, [res.type], self.batch.total, len(self.done))
-                update: dict[str, Any] = {"counts": counts}
-                if ctx is not None and ctx.usage is not None:
-                    update["usage"] = add_usage(self.batch.usage, ctx.usage)
                 if ctx is not None:
-                    update["cost"] = self.batch.cost + ctx.cost
-                    self.model = ctx.model or self.model
-                self.batch = self.batch.model_copy(update=update)
+                    self._add_usage(ctx)
+                self.batch = self.batch.model_copy(update={"counts": counts})
                 self._stale = True  # (stored by _save_while_running, or when the batch ends)
                 await self.runner.store.append_event(
                     self.batch.principal, self.batch.id, "batch.progress",
