@@ -259,10 +259,25 @@ class FakeModel:
             "usage": openai_usage(generation.usage),
         }
 
-    async def stream(self, request: Mapping[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """OpenAI ``chat.completion.chunk`` dicts; a final usage chunk if asked for."""
+    def stream(self, request: Mapping[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """OpenAI ``chat.completion.chunk`` dicts; a final usage chunk if asked for. Bad
+        input raises on the first iteration: behind a server that has sent its head by then,
+        prefer :meth:`open_stream`."""
+        return self._chunks(request, None)
+
+    async def open_stream(self, request: Mapping[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """:meth:`stream`, the request validated first: bad input raises here, before any
+        response is sent (a typed 4xx with its status, refunded by a rate limiter), not as
+        an error event after a 200."""
         await self.warm()
-        generation = self.generate(request)
+        return self._chunks(request, self.generate(request))
+
+    async def _chunks(
+        self, request: Mapping[str, Any], generation: Generation | None
+    ) -> AsyncIterator[dict[str, Any]]:
+        if generation is None:
+            await self.warm()
+            generation = self.generate(request)
         options = request.get("stream_options") or {}
         include_usage = isinstance(options, Mapping) and options.get("include_usage") is True
         head = self._envelope("chat.completion.chunk", request)

@@ -177,8 +177,8 @@ def create_app(
         if upstream is not None:
             return await upstream.chat(request)
         if body.stream:
-            return EventStreamResponse(
-                model.stream(request), dialect=OpenAIChatDialect.for_request(request)
+            return EventStreamResponse(  # (validated first: bad input is a 4xx, not a 200)
+                await model.open_stream(request), dialect=OpenAIChatDialect.for_request(request)
             )
         return await model.complete(request)
 

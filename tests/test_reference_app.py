@@ -457,3 +457,14 @@ def test_an_idempotency_key_is_bound_to_the_api_version(base_url: str) -> None:
     other = httpx.post(url, json=body, headers={**headers, "api-version": "2025-01-01"})
     assert other.status_code == 422
     assert other.json()["error"]["code"] == "idempotency_key_reused"
+
+
+def test_a_stream_the_model_rejects_is_a_4xx_not_a_200(base_url: str) -> None:
+    # The model validated the request inside the stream, after the 200 head: an error event,
+    # and the whole reservation charged for a call that never happened.
+    body = {"model": "fake-chat", "messages": HI, "stream": True, "max_tokens": 50, "n": 2}
+    r = httpx.post(base_url + "/v1/chat/completions", json=body,
+                   headers={"authorization": "Bearer sk-demo-pro"})
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["error"]["code"] == "validation_failed"
