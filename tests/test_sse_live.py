@@ -124,7 +124,11 @@ async def test_anthropic_sdk_streams_gets_usage_and_raises_on_error() -> None:
 
 
 def resumable_app(
-    buffer: ReplayBuffer, total: int, contexts: list[Any] | None = None
+    buffer: ReplayBuffer,
+    total: int,
+    contexts: list[Any] | None = None,
+    dialect: Any = None,
+    ledger: MemoryLedger | None = None,
 ) -> FastAPI:
     app = FastAPI()
 
@@ -139,9 +143,9 @@ def resumable_app(
                 await anyio.sleep(0.01)
             yield StreamResult(usage=Usage(input_tokens=5, output_tokens=total))
 
-        return EventStreamResponse(tokens(), replay=buffer, heartbeat=None)
+        return EventStreamResponse(tokens(), replay=buffer, heartbeat=None, dialect=dialect)
 
-    return install(app)  # type: ignore[no-any-return]
+    return install(app, usage=UsageConfig(ledger=ledger))  # type: ignore[no-any-return]
 
 
 async def read_events(
@@ -261,3 +265,20 @@ async def test_a_stream_cut_by_its_timeout_tier_is_recorded_as_a_timeout() -> No
     await ledger.flush()
     found = await ledger.get_request(contexts[0].principal, contexts[0].request_id)
     assert found is not None and found.record.raw_finish_reason == "timeout"
+
+
+async def test_a_resume_has_no_row_in_the_usage_history() -> None:
+    # A resume calls no model, yet the usage layer found the replayed chunks' finish reason
+    # (or the cut's) and recorded a 0-token row for it.
+    buffer, ledger, contexts = ReplayBuffer("memory://", ttl=30), MemoryLedger(), []
+    app = resumable_app(buffer, 20, contexts, dialect=OpenAIChatDialect("m"), ledger=ledger)
+    auth = {"authorization": "Bearer key-1"}
+    async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
+        first = await read_events(client, auth, stop_after=3)
+        await anyio.sleep(0.3)  # (the producer finishes meanwhile)
+        await read_events(client, {**auth, "last-event-id": first[-1][0]})
+        await read_events(client, {**auth, "last-event-id": first[-1][0]}, stop_after=2)
+    await anyio.sleep(0.1)
+    rows = [await ledger.get_request(c.principal, c.request_id) for c in contexts]
+    assert rows[0] is not None and rows[0].record.usage.output_tokens == 20
+    assert rows[1:] == [None, None]

@@ -111,6 +111,8 @@ class StreamSender:
                 await self._close_source(source)
             raise
         if self.scope.get("method") == "HEAD":
+            if ctx is not None:
+                report_no_model_call(ctx)  # (the source is closed unread)
             await self._close_source(source)
             await self.send({"type": "http.response.body", "body": b"", "more_body": False})
             self.closed = True

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
-from aimiddleware.context import RequestContext
+from aimiddleware.context import NO_MODEL_CALL, RequestContext
 from aimiddleware.finish_reason import _PLAIN_VALUES, FinishReason, finish_reason_value
 from aimiddleware.pricing import PriceTable
 from aimiddleware.storage import Storage
@@ -210,7 +210,10 @@ class UsageAccounting:
             self.settle(ctx)
             ledger = self.settings.ledger
             usage = ctx.usage
-            if ledger is None or (usage is None and ctx.raw_finish_reason is None):
+            if ledger is None or (
+                usage is None
+                and (ctx.raw_finish_reason is None or NO_MODEL_CALL in ctx.state)
+            ):  # (a request that called no model, a replayed stream, has no row of its own)
                 return None
             cost = ctx.estimated_cost
             memory = self._memory
