@@ -4,6 +4,8 @@ a job's model calls are not a way around tokens/day or cost/day."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any
 
@@ -17,6 +19,9 @@ from starlette.routing import Route
 from aimiddleware import Policy, RateLimiter, Storage, Usage, install
 from aimiddleware.context import key_principal
 from aimiddleware.jobs import JobContext, JobsRouter
+from aimiddleware.jobs.memory import MemoryJobStore
+from aimiddleware.ratelimit.memory import MemoryBackend
+from aimiddleware.ratelimit.redis import RedisBackend
 from aimiddleware.usage import MemoryLedger, UsageConfig
 from tests.ratelimit_helpers import PRICES, counters
 
@@ -42,6 +47,18 @@ async def finished(c: httpx.AsyncClient, path: str, key: str) -> dict[str, Any]:
             if body["status"] in ("completed", "failed", "cancelled", "expired"):
                 return body
             await anyio.sleep(0.02)
+
+
+@asynccontextmanager
+async def running(jobs: JobsRouter, **options: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """``jobs``' routes in an app with the stack (``options``: ``install()``'s), its runner
+    running, and a client to it."""
+    app = Starlette(routes=jobs.routes)
+    install(app, **options)
+    async with jobs.lifespan_context(app), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app), base_url="http://test"
+    ) as c:
+        yield c
 
 
 def auth(key: str) -> dict[str, str]:
@@ -101,11 +118,7 @@ async def test_ids_that_name_another_key_are_not_found(storage: Storage) -> None
     """A record's other keys in the store are its id plus a suffix (``:events``...): such
     an id is a 404 like any unknown one (on Redis it reached those keys: a 500)."""
     jobs = JobsRouter(work, storage=storage, prefix="/v1")
-    app = Starlette(routes=jobs.routes)
-    install(app)
-    async with jobs.lifespan_context(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app), base_url="http://test"
-    ) as c:
+    async with running(jobs) as c:
         job = await c.post("/v1/jobs", json={"input": {"use": 0}}, headers=auth("k"))
         job_id = job.json()["id"]
         batch_id = (await c.post("/v1/batches", headers=auth("k"), json={
@@ -127,12 +140,8 @@ async def test_a_job_stops_once_its_callers_budget_is_spent(storage: Storage) ->
     # Charged after the fact, a running job went on spending whatever the caller's budget.
     limiter = RateLimiter(Policy(tokens="2000/day"), storage=storage)
     jobs = JobsRouter(work, storage=storage, limiter=limiter, prefix="/v1")
-    app = Starlette(routes=jobs.routes)
     # (reading a job calls no model: over its budget, the caller can still read it)
-    install(app, ratelimit=limiter, ratelimit_exempt=("/v1/jobs/*",))
-    async with jobs.lifespan_context(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app), base_url="http://test"
-    ) as c:
+    async with running(jobs, ratelimit=limiter, ratelimit_exempt=("/v1/jobs/*",)) as c:
         job = await c.post("/v1/jobs", json={"input": {"use": 0, "big": 5}}, headers=auth("k"))
         assert job.status_code == 202, job.text
         done = await finished(c, f"/v1/jobs/{job.json()['id']}", "k")
@@ -152,11 +161,7 @@ async def test_charging_never_raises() -> None:
 async def test_finished_jobs_and_batches_are_rows_of_the_usage_history(storage: Storage) -> None:
     ledger = MemoryLedger()
     jobs = JobsRouter(work, storage=storage, ledger=ledger, prefix="/v1")
-    app = Starlette(routes=jobs.routes)
-    install(app, usage=UsageConfig(ledger=ledger))
-    async with jobs.lifespan_context(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app), base_url="http://test"
-    ) as c:
+    async with running(jobs, usage=UsageConfig(ledger=ledger)) as c:
         job = (await c.post("/v1/jobs", json={"input": {"use": 1}}, headers=auth("k"))).json()
         done = await finished(c, f"/v1/jobs/{job['id']}", "k")
         batch = (await c.post("/v1/batches", headers=auth("k"), json={
@@ -164,7 +169,12 @@ async def test_finished_jobs_and_batches_are_rows_of_the_usage_history(storage: 
         await finished(c, f"/v1/batches/{batch['id']}", "k")
         idle = (await c.post("/v1/jobs", json={"input": {"use": 0}}, headers=auth("k"))).json()
         await finished(c, f"/v1/jobs/{idle['id']}", "k")
+        unpriced = (await c.post("/v1/jobs", json={"input": {"use": 0, "big": 1}},
+                                 headers=auth("k"))).json()
+        await finished(c, f"/v1/jobs/{unpriced['id']}", "k")
     principal = key_principal(b"k")
+    free = await ledger.get_request(principal, unpriced["id"])  # usage, but no cost given
+    assert free is not None and free.record.estimated_cost is None  # (unpriced, not $0)
     row = await ledger.get_request(principal, job["id"])
     assert row is not None
     assert (row.record.usage.input_tokens, row.record.usage.output_tokens) == (410, 305)
@@ -193,11 +203,7 @@ async def test_a_batch_stops_calling_the_model_once_the_budget_is_spent(
 
     limiter = RateLimiter(Policy(tokens="2000/day"), storage=storage)
     jobs = JobsRouter(item, storage=storage, limiter=limiter, prefix="/v1", batch_concurrency=1)
-    app = Starlette(routes=jobs.routes)
-    install(app, ratelimit=limiter, ratelimit_exempt=("/v1/batches/*",))
-    async with jobs.lifespan_context(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app), base_url="http://test"
-    ) as c:
+    async with running(jobs, ratelimit=limiter, ratelimit_exempt=("/v1/batches/*",)) as c:
         batch = await c.post("/v1/batches", headers=auth("k"), json={
             "items": [{"custom_id": str(i), "input": {}} for i in range(20)]})
         assert batch.status_code == 202, batch.text
@@ -217,25 +223,24 @@ async def test_a_cancelled_batch_keeps_the_usage_of_its_unfinished_items(
     # Usage an item reported before the batch was cancelled was charged, yet missing from the
     # batch record and the usage history.
     reported = anyio.Event()
+    reports = 0
 
     async def item(ctx: JobContext, input: Any) -> Any:
+        nonlocal reports
         await ctx.record_usage({"input_tokens": 40, "output_tokens": 2}, cost="0.01", model="m")
-        reported.set()
+        reports += 1
+        if reports == 2:
+            reported.set()
         await anyio.sleep(30)  # (cancelled here)
         return {"ok": True}
 
     ledger = MemoryLedger()
     jobs = JobsRouter(item, storage=storage, ledger=ledger, prefix="/v1", batch_concurrency=2)
-    app = Starlette(routes=jobs.routes)
-    install(app)
-    async with jobs.lifespan_context(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app), base_url="http://test"
-    ) as c:
+    async with running(jobs) as c:
         batch = (await c.post("/v1/batches", headers=auth("k"), json={
             "items": [{"custom_id": str(i), "input": {}} for i in range(2)]})).json()
         with anyio.fail_after(10):
-            await reported.wait()
-        await anyio.sleep(0.05)  # (both items have reported)
+            await reported.wait()  # (both items have reported)
         await c.delete(f"/v1/batches/{batch['id']}", headers=auth("k"))
         done = await finished(c, f"/v1/batches/{batch['id']}", "k")
     assert done["status"] == "cancelled" and done["counts"]["cancelled"] == 2
@@ -243,3 +248,71 @@ async def test_a_cancelled_batch_keeps_the_usage_of_its_unfinished_items(
     row = await ledger.get_request(key_principal(b"k"), batch["id"])
     assert row is not None and row.record.usage.input_tokens == 80
     assert row.record.raw_finish_reason == "cancelled"
+
+
+class _SlowResults(MemoryJobStore):
+    """A store whose result writes take a while once ``slow`` is set (a busy Redis)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slow = anyio.Event()
+        self.writing = anyio.Event()
+
+    async def append_result(self, principal: str, rec_id: str, line: str) -> None:
+        if self.slow.is_set():
+            self.writing.set()
+            await anyio.sleep(0.5)
+        await super().append_result(principal, rec_id, line)
+
+
+async def test_an_item_finished_while_the_batch_is_cancelled_keeps_its_usage() -> None:
+    # An item that had finished (and been charged) waited for the batch's lock behind
+    # another item's result write; cancelled there, its usage never reached the batch.
+    store = _SlowResults()
+    second_done = anyio.Event()
+
+    async def item(ctx: JobContext, input: Any) -> Any:
+        if input["i"] == 1:
+            await store.writing.wait()  # the first item's result is being written
+        await ctx.record_usage({"input_tokens": 40, "output_tokens": 2}, cost="0.01")
+        if input["i"] == 0:
+            store.slow.set()
+        else:
+            second_done.set()
+        return {"ok": True}
+
+    jobs = JobsRouter(item, store=store, prefix="/v1", batch_concurrency=2, cancel_poll=0.01)
+    async with running(jobs) as c:
+        batch = (await c.post("/v1/batches", headers=auth("k"), json={
+            "items": [{"custom_id": str(i), "input": {"i": i}} for i in range(2)]})).json()
+        with anyio.fail_after(10):
+            await second_done.wait()
+        await c.delete(f"/v1/batches/{batch['id']}", headers=auth("k"))
+        done = await finished(c, f"/v1/batches/{batch['id']}", "k")
+    assert done["usage"]["input_tokens"] == 80 and Decimal(done["cost"]) == Decimal("0.02")
+
+
+async def test_a_spent_batch_goes_on_once_the_window_has_rolled(storage: Storage) -> None:
+    # Once spent, a batch refused every later item, even after a per-minute window rolled.
+    now = [1_000.0]
+    backend = (MemoryBackend(clock=lambda: now[0]) if storage.is_memory
+               else RedisBackend(storage, clock=lambda: now[0]))
+    limiter = RateLimiter(Policy(tokens="2000/minute"), backend=backend)
+    calls: list[int] = []
+
+    async def item(ctx: JobContext, input: Any) -> Any:
+        calls.append(input["i"])
+        try:
+            await ctx.record_usage({"input_tokens": 1000, "output_tokens": 500})
+        finally:
+            if input["i"] == 1:  # (it spent the minute: the next item starts two later)
+                now[0] += 130
+        return {"ok": True}
+
+    jobs = JobsRouter(item, storage=storage, limiter=limiter, prefix="/v1", batch_concurrency=1)
+    async with running(jobs) as c:
+        batch = (await c.post("/v1/batches", headers=auth("k"), json={
+            "items": [{"custom_id": str(i), "input": {"i": i}} for i in range(4)]})).json()
+        done = await finished(c, f"/v1/batches/{batch['id']}", "k")
+    assert calls == [0, 1, 2, 3]
+    assert done["counts"]["succeeded"] == 2 and done["counts"]["errored"] == 2

@@ -7,13 +7,12 @@ import time
 from typing import Any
 
 import anyio
-import httpx
-from starlette.applications import Starlette
 
-from aimiddleware import Storage, install
+from aimiddleware import Storage
 from aimiddleware.context import key_principal
 from aimiddleware.jobs import Job, JobContext, JobsRouter
 from aimiddleware.jobs.models import new_id
+from tests.test_jobs_charge import running
 
 AUTH = {"authorization": "Bearer k"}
 
@@ -28,12 +27,8 @@ async def test_a_queued_job_without_a_worker_is_reported_lost(storage: Storage) 
         return {"ok": True}
 
     jobs = JobsRouter(work, storage=storage, prefix="/v1", lease=0.5, max_concurrent_jobs=1)
-    app = Starlette(routes=jobs.routes)
-    install(app)
-    async with jobs.lifespan_context(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app), base_url="http://test"
-    ) as c:
-        running = (await c.post("/v1/jobs", json={"input": {}}, headers=AUTH)).json()["id"]
+    async with running(jobs) as c:
+        busy = (await c.post("/v1/jobs", json={"input": {}}, headers=AUTH)).json()["id"]
         waiting = (await c.post("/v1/jobs", json={"input": {}}, headers=AUTH)).json()["id"]
         await anyio.sleep(1.0)  # two leases: the waiting job's worker keeps renewing its own
         assert (await c.get(f"/v1/jobs/{waiting}", headers=AUTH)).json()["status"] == "queued"
@@ -50,7 +45,7 @@ async def test_a_queued_job_without_a_worker_is_reported_lost(storage: Storage) 
         assert cancelled.json()["status"] == "failed"  # (final: not left "cancelling")
 
         gate.set()
-        for job_id in (running, waiting):
+        for job_id in (busy, waiting):
             with anyio.fail_after(10):
                 while True:  # (polling, as a client does)
                     job = (await c.get(f"/v1/jobs/{job_id}", headers=AUTH)).json()

@@ -106,11 +106,13 @@ class BatchExecution:
 
     async def _item(self, limiter: anyio.CapacityLimiter, item: BatchItem) -> None:
         async with limiter:
-            if self.spent is not None:  # the caller's budget is spent: no more model calls
-                await self._record(BatchItemResult(
-                    custom_id=item.custom_id, type="errored", error=self.spent
-                ))
-                return
+            if self.spent is not None:  # an item found the caller's budget spent
+                if await self.runner.spent(self.batch.principal, self.model):
+                    await self._record(BatchItemResult(  # (no more model calls)
+                        custom_id=item.custom_id, type="errored", error=self.spent
+                    ))
+                    return
+                self.spent = None  # (its window has rolled)
             ctx = JobContext(f"{self.batch.id}:{item.custom_id}", item.input, _ignore,
                              max_steps=self.runner.max_steps, max_cost=self.runner.max_cost,
                              charge=self.runner.charge_for(self.batch.principal))
@@ -124,10 +126,9 @@ class BatchExecution:
                                       error=failure(exc, ctx.id))
                 if isinstance(exc, JobLimitExceeded) and exc.code == "quota_exceeded":
                     self.spent = res.error
-            except BaseException:  # cancelled (the batch's end marks the item): keep its usage
+            finally:  # before any await: a cancellation (the batch's end) cannot lose it
                 self._add_usage(ctx)
-                raise
-            await self._record(res, ctx)
+            await self._record(res)
 
     def _add_usage(self, ctx: JobContext) -> None:
         """Add an item's usage and cost to the batch (in memory; written with the record).
@@ -139,7 +140,7 @@ class BatchExecution:
         self.model = ctx.model or self.model
         self._stale = True
 
-    async def _record(self, res: BatchItemResult, ctx: JobContext | None = None) -> None:
+    async def _record(self, res: BatchItemResult) -> None:
         async with self._lock:
             if res.custom_id in self.done:
                 return
@@ -151,8 +152,6 @@ class BatchExecution:
                     self.batch.principal, self.batch.id, res.model_dump_json()
                 )
                 counts = counted(self.batch.counts, [res.type], self.batch.total, len(self.done))
-                if ctx is not None:
-                    self._add_usage(ctx)
                 self.batch = self.batch.model_copy(update={"counts": counts})
                 self._stale = True  # (stored by _save_while_running, or when the batch ends)
                 await self.runner.store.append_event(
@@ -185,5 +184,5 @@ class BatchExecution:
             self.batch = self.batch.model_copy(
                 update={"status": status, "finished_at": time.time(), "error": error}
             )
+            await self.runner.record(self.batch, self.model)  # (first, as a job's)
             await self._save(f"batch.{status}", self.batch.public())
-        await self.runner.record(self.batch, self.model)

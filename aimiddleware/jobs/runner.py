@@ -148,6 +148,10 @@ class JobRunner:
 
         return charge
 
+    async def spent(self, principal: str, model: str | None) -> bool:
+        """Whether ``principal``'s token or cost budget is spent now (False without a limiter)."""
+        return self.limiter is not None and await self.limiter.spent(principal, model=model)
+
     async def _execute(self, record: Job | Batch) -> None:
         try:
             if isinstance(record, Job):
@@ -276,28 +280,30 @@ class JobRunner:
         **update: Any,
     ) -> None:
         final = job.model_copy(update={"status": status, "finished_at": time.time(), **update})
+        await self.record(final, model)  # (first: a client that sees the end finds its row)
         await save(f"job.{status}", final.public(), status=status,
                    finished_at=final.finished_at, **update)
         await self.notify(final.callback_url, f"job.{status}", final.public())
-        await self.record(final, model)
 
     async def record(self, rec: Job | Batch, model: str | None) -> None:
         """A finished job's or batch's row in the usage history (``ledger``): its usage and
-        cost under its id, as a request's would be (only when it used something)."""
+        cost (unpriced when it reported none) under its id, as a request's would be; only
+        when it used something. Shielded: a shutdown must not lose it."""
         if self.ledger is None or (rec.usage is None and not rec.cost):
             return
         finished = rec.finished_at or time.time()
-        await self.ledger.record(UsageRecord(
-            principal=rec.principal,
-            request_id=rec.id,
-            model=model,
-            usage=rec.usage or Usage(),
-            estimated_cost=rec.cost,
-            finish_reason=normalize_finish_reason(rec.status).value,
-            raw_finish_reason=rec.status,
-            duration_ms=(finished - (rec.started_at or rec.created_at)) * 1000.0,
-            timestamp=finished,
-        ))
+        with anyio.CancelScope(shield=True):
+            await self.ledger.record(UsageRecord(
+                principal=rec.principal,
+                request_id=rec.id,
+                model=model,
+                usage=rec.usage or Usage(),
+                estimated_cost=rec.cost or None,
+                finish_reason=normalize_finish_reason(rec.status).value,
+                raw_finish_reason=rec.status,
+                duration_ms=(finished - (rec.started_at or rec.created_at)) * 1000.0,
+                timestamp=finished,
+            ))
 
     async def notify(self, url: str | None, event: str, data: dict[str, Any]) -> None:
         if url and self.dispatcher is not None:

@@ -12,7 +12,9 @@ from aimiddleware.context import RequestContext
 from aimiddleware.errors import AIError, StoreUnavailable
 from aimiddleware.ratelimit.limiter import Admission, RateLimiter
 
-__all__ = ["add_headers", "run_admitted", "run_request", "send_then_settle", "settle"]
+__all__ = [
+    "add_headers", "is_success", "run_admitted", "run_request", "send_then_settle", "settle",
+]
 
 logger = logging.getLogger("aimiddleware.ratelimit")
 
@@ -106,14 +108,19 @@ async def run_request(
             await _finish(limiter, admission, ctx, failed)
 
 
+def is_success(status: int) -> bool:
+    """A response the caller is charged for: a 2xx. An error or a redirect (such as a
+    trailing-slash 307, which calls no model) is refunded."""
+    return 200 <= status < 300
+
+
 def _failed(ctx: RequestContext) -> bool:
-    """Refunded in full: a response that is not a success (an error, or a redirect such as
-    a trailing-slash 307, which calls no model), or none at all unless the client went
-    away while the app ran (a model call it chose to abandon is still a call)."""
+    """Refunded in full: a response that is not a success, or none at all unless the client
+    went away while the app ran (a model call it chose to abandon is still a call)."""
     status = ctx.response_status
     if status is None:
         return not ctx.disconnected
-    return not 200 <= status < 300
+    return not is_success(status)
 
 
 def add_headers(err: AIError, admission: Admission) -> None:

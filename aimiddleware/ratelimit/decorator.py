@@ -20,7 +20,7 @@ from starlette.responses import Response, StreamingResponse
 
 from aimiddleware._asgi import WrappedResponse, get_header, is_async_callable
 from aimiddleware.context import RequestContext, current
-from aimiddleware.ratelimit._run import run_admitted, send_then_settle
+from aimiddleware.ratelimit._run import is_success, run_admitted, send_then_settle
 from aimiddleware.ratelimit.limiter import Admission, RateLimiter
 from aimiddleware.ratelimit.policy import Policy
 from aimiddleware.sse.response import EventStreamResponse
@@ -92,15 +92,15 @@ def rate_limit(
                     return await func(*args, **kwargs)
                 return await run_in_threadpool(func, *args, **kwargs)
 
-            def failure(result: Any) -> bool:  # (not a success: refunded, as the middleware)
-                return isinstance(result, Response) and not 200 <= result.status_code < 300
+            def failure(result: Any) -> bool:  # (refunded, as the middleware does)
+                return isinstance(result, Response) and not is_success(result.status_code)
 
             result = await run_admitted(lim, admission, ctx, call, failure, hold=_streams)
             target = result if isinstance(result, Response) else response
             if target is not None:
                 for key, value in admission.headers:
                     target.headers[key] = value
-            if _streams(result) and 200 <= result.status_code < 300:  # (held: settled when sent)
+            if _streams(result) and is_success(result.status_code):  # (held: settled when sent)
                 return _SettledWhenSent(result, lim, admission, ctx)
             return result
 

@@ -632,19 +632,34 @@ class RateLimiter:
             ]
             if not adjustments:
                 return False
-            key = _key(principal)
             with anyio.CancelScope(shield=True):
-                await self.backend.adjust(key, adjustments)
-                states = await self.backend.peek(key, [Hit(f, w, a, 0) for f, w, a, _ in rows])
-            return any(
-                _used(state, window) >= amount
-                for (_, window, amount, _), state in zip(rows, states, strict=True)
-            )
+                await self.backend.adjust(_key(principal), adjustments)
+                return await self._spent(principal, rows)
         except StoreUnavailable:
             logger.warning("%s store unavailable; usage of %s not charged", self.name, principal)
         except Exception:
             logger.exception("charging usage of %s failed", principal)
         return False
+
+    async def spent(self, principal: str, *, model: str | None = None) -> bool:
+        """Whether one of ``principal``'s token or cost limits is spent (at or past its
+        amount) now: work charged with :meth:`charge` should not start. False when the
+        store cannot tell (logged)."""
+        try:
+            res = self._resolve(await self.policy_for(principal), None, None, model)
+            return await self._spent(principal, [row for row in res.rows if row[3]])
+        except StoreUnavailable:
+            logger.warning("%s store unavailable; %s's budget not checked", self.name, principal)
+        except Exception:
+            logger.exception("checking the budget of %s failed", principal)
+        return False
+
+    async def _spent(self, principal: str, rows: Sequence[tuple[str, int, int, int]]) -> bool:
+        states = await self.backend.peek(_key(principal), [Hit(f, w, a, 0) for f, w, a, _ in rows])
+        return any(
+            _used(state, window) >= amount
+            for (_, window, amount, _), state in zip(rows, states, strict=True)
+        )
 
     async def refresh(self, admission: Admission) -> None:
         if admission.lease is not None:
