@@ -50,22 +50,22 @@ def typed_errors(
 ) -> Callable[[Request], Awaitable[Response]]:
     """Render typed errors here, so the router works with or without ErrorMiddleware.
 
-    ``no_tokens``: the request itself used no tokens (reported as such, so a rate limiter
-    replaces its reservation): the jobs' model calls are charged as they are made."""
+    ``no_tokens``: the request itself calls no model (:func:`report_no_model_call`: a rate
+    limiter charges it one request, or nothing if it fails): the jobs' model calls are
+    charged as they are made."""
 
     async def endpoint(request: Request) -> Response:
         ctx = current_or_none()
         if ctx is not None:
-            # The usage in a job's JSON and events is the job's (recorded on the job): the
-            # usage layer must not take it for this request's.
-            ctx.state["usage_reported"] = True
+            if no_tokens:
+                report_no_model_call(ctx)
+            else:
+                # The usage in a job's JSON and events is the job's (recorded on the job):
+                # the usage layer must not take it for this request's.
+                ctx.state["usage_reported"] = True
         try:
-            response = await fn(request)
-            if no_tokens and ctx is not None and response.status_code < 400:
-                report_no_model_call(ctx)  # (a failed submission stays refunded in full)
-            return response
+            return await fn(request)
         except AIError as err:
-            ctx = current_or_none()
             status, headers, body = render_problem(err, request_id=ctx.request_id if ctx else None)
             resp = Response(body, status_code=status)
             resp.raw_headers = headers

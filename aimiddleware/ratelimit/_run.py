@@ -65,17 +65,9 @@ async def send_then_settle(
     ctx: RequestContext,
     send: Callable[[], Awaitable[None]],
 ) -> None:
-    """Await ``send()`` (a response that :func:`run_admitted` held), keeping the lease alive,
-    then reconcile and release as ``run_admitted`` would have."""
-    try:
-        if admission.lease is None or not limiter.refreshes:
-            await send()
-        else:
-            await _with_refresh(limiter, admission, send)
-    finally:
-        failed = _failed(ctx)
-        if not limiter.settled(admission, ctx, failed=failed):
-            await settle(limiter, admission, ctx, failed)
+    """Await ``send()`` (a response that :func:`run_admitted` held) under the admission,
+    judged by the response as a request is."""
+    await run_admitted(limiter, admission, ctx, send, lambda _: _failed(ctx))
 
 
 async def run_request(

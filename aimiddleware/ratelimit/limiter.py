@@ -614,7 +614,7 @@ class RateLimiter:
         priced for ``model``. Never raises (logged): the caller's work must not fail for
         its bookkeeping, and the charge is shielded from its cancellation."""
         try:
-            res = self._resolve(await self.policy_for(principal), None, None, model)
+            rows = await self._budget_rows(principal, model)
             units: int | None
             if cost is not None:
                 units = math.ceil(Decimal(cost) * COST_SCALE)
@@ -624,7 +624,6 @@ class RateLimiter:
                 )
             inp, out = usage.input_tokens, usage.output_tokens
             by_code = (0, inp + out, inp, out, units or 0)
-            rows = [row for row in res.rows if row[3]]  # (all but requests)
             adjustments = [  # (a charge goes to the current window: no window number needed)
                 Adjustment(field, window_ms, 0, by_code[code])
                 for field, window_ms, _, code in rows
@@ -646,13 +645,19 @@ class RateLimiter:
         amount) now: work charged with :meth:`charge` should not start. False when the
         store cannot tell (logged)."""
         try:
-            res = self._resolve(await self.policy_for(principal), None, None, model)
-            return await self._spent(principal, [row for row in res.rows if row[3]])
+            return await self._spent(principal, await self._budget_rows(principal, model))
         except StoreUnavailable:
             logger.warning("%s store unavailable; %s's budget not checked", self.name, principal)
         except Exception:
             logger.exception("checking the budget of %s failed", principal)
         return False
+
+    async def _budget_rows(
+        self, principal: str, model: str | None
+    ) -> list[tuple[str, int, int, int]]:
+        """The storage rows of ``principal``'s token and cost limits (all but requests)."""
+        res = self._resolve(await self.policy_for(principal), None, None, model)
+        return [row for row in res.rows if row[3]]
 
     async def _spent(self, principal: str, rows: Sequence[tuple[str, int, int, int]]) -> bool:
         states = await self.backend.peek(_key(principal), [Hit(f, w, a, 0) for f, w, a, _ in rows])
