@@ -133,7 +133,6 @@ def create_app(
             await ctx.progress((i + 1) / len(documents))
         return {"summaries": summaries}
 
-
     limiter = RateLimiter(
         settings.tiers,
         default_tier="free",
@@ -206,6 +205,7 @@ def create_app(
         header="api-version",
         default="2026-06-01",
     )
+
     async def authenticate(scope: Any) -> str:
         """A known API key's principal, else the caller's address (the free tier); an API
         key this app does not know is a 401, not a tenant of its own: made-up keys must not
