@@ -57,6 +57,7 @@ class Storage:
         self.pool_timeout = pool_timeout
         self.cluster = scheme.endswith("+cluster")
         self._client = client
+        self._scripts: dict[str, Any] = {}
 
     @classmethod
     def coerce(cls, value: Storage | str | None) -> Storage:
@@ -79,6 +80,19 @@ class Storage:
             self._client = self._connect()
         return self._client  # type: ignore[no-any-return]
 
+    def script(self, text: str) -> Any:
+        """``text`` registered once on the shared client: one atomic round trip per call.
+
+        Used for every multi-key write rather than a ``MULTI`` pipeline: redis-py's asyncio
+        Cluster client runs each command queued on a transaction pipeline in a thread with an
+        event loop of its own (blocking this one), and maps the cluster on that loop when it
+        has not yet done so, which leaves the client unusable afterwards (redis-py 8.1).
+        """
+        script = self._scripts.get(text)
+        if script is None:
+            script = self._scripts[text] = self.redis.register_script(text)
+        return script
+
     def key(self, namespace: str, principal: str, *parts: str) -> str:
         """``prefix:namespace:{principal}:parts``: hash-tagged so a principal is one slot."""
         tail = ":".join(parts)
@@ -98,7 +112,7 @@ class Storage:
         timeout = self.socket_timeout
         if self.cluster:
             real = "rediss" if scheme.startswith("valkeys") else "redis"
-            return RedisCluster.from_url(
+            return _initializing(RedisCluster).from_url(
                 f"{real}://{rest}", socket_timeout=timeout, socket_connect_timeout=timeout
             )
         if scheme in ("valkey", "valkeys"):
@@ -118,11 +132,32 @@ class Storage:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+            self._scripts.clear()
 
     def __repr__(self) -> str:
         safe = urlsplit(self.url)
         host = safe.hostname or ""
         return f"Storage({safe.scheme}://{host}{':' + str(safe.port) if safe.port else ''})"
+
+
+def _initializing(cluster: type[Any]) -> type[Any]:
+    """redis-py's asyncio ``RedisCluster``, mapping the cluster before every command that needs it.
+
+    The asyncio client must be ``await initialize()``-d before use, and again after it closes
+    its nodes (a burst of MOVED replies during a resharding does that). Until then it routes a
+    keyed command such as ``EVALSHA`` to a random node: with many requests in flight, enough
+    ``MOVED`` replies come back for it to close every node, connections in use included, and
+    those requests fail inside the client (redis-py 8.1, found by the cluster tests).
+    ``initialize()`` is idempotent and takes a lock, so checking its flag first is enough.
+    """
+
+    class InitializingCluster(cluster):  # type: ignore[misc]
+        async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+            if self._initialize:
+                await self.initialize()
+            return await super().execute_command(*args, **kwargs)
+
+    return InitializingCluster
 
 
 @contextlib.asynccontextmanager
@@ -137,6 +172,8 @@ async def redis_errors(what: str) -> AsyncIterator[None]:
         yield
     except (
         rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, rexc.ReadOnlyError,
-        rexc.OutOfMemoryError, OSError,
-    ) as exc:  # down, slow, failing over (a read-only replica) or full: all a 503
+        rexc.OutOfMemoryError, rexc.ClusterError, rexc.TryAgainError, rexc.RedisClusterException,
+        OSError,
+    ) as exc:  # down, slow, failing over (a read-only replica, a cluster resharding) or full
+
         raise StoreUnavailable(f"The {what} store is unavailable.", retry_after=1) from exc

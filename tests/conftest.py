@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from aimiddleware.storage import Storage
-from tests.redis_server import RedisServer
+from tests.redis_server import ClusterServer, RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +16,21 @@ def redis_server() -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[ClusterServer]:
+    """One real three-node Redis Cluster for the whole run."""
+    cluster = ClusterServer().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: ClusterServer) -> str:
+    """The clean cluster's ``redis+cluster://`` URL."""
+    redis_cluster.flush()
+    return redis_cluster.url
+
+
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     """A clean database on the shared real server."""
@@ -23,13 +38,13 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def storage(request: pytest.FixtureRequest) -> AsyncIterator[Storage]:
-    """Runs a test body against every backend: in-process and a real Redis/Valkey."""
+    """Runs a test body against every backend: in-process, a real Redis/Valkey, a real Cluster."""
     if request.param == "memory":
         yield Storage("memory://")
         return
-    url = request.getfixturevalue("redis_url")
+    url = request.getfixturevalue("redis_url" if request.param == "redis" else "cluster_url")
     store = Storage(url)
     yield store
     await store.aclose()

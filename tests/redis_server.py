@@ -40,9 +40,10 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> RedisServer:
+    def start(self, timeout: float = 10.0, *extra: str) -> RedisServer:
         args = [
             server_binary(),
+            *extra,
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--save", "",
@@ -79,13 +80,64 @@ class RedisServer:
             self.proc = None
 
     def flush(self) -> None:
+        self.command("FLUSHALL")
+
+    def command(self, *args: str) -> bytes:
+        """One command in RESP, its whole reply's first read (enough for the short replies used)."""
+        wire = f"*{len(args)}\r\n" + "".join(f"${len(a)}\r\n{a}\r\n" for a in args)
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-            s.sendall(b"FLUSHALL\r\n")
-            s.recv(16)
+            s.sendall(wire.encode())
+            return s.recv(65536)
 
     def __del__(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class ClusterServer:
+    """A real Redis Cluster: three primaries on one host, the 16,384 slots split between them.
+
+    Built with CLUSTER ADDSLOTSRANGE and CLUSTER MEET, so no ``redis-cli --cluster`` is needed.
+    """
+
+    def __init__(self, nodes: int = 3) -> None:
+        self.servers = [RedisServer() for _ in range(nodes)]
+        self.bus_ports = [free_port() for _ in range(nodes)]
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.servers[0].port}"
+
+    def start(self, timeout: float = 20.0) -> ClusterServer:
+        for server, bus_port in zip(self.servers, self.bus_ports, strict=True):
+            server.start(
+                10.0,
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", f"{server.dir}/nodes.conf",
+                "--cluster-node-timeout", "5000",
+                "--cluster-port", str(bus_port),  # (port + 10,000 may be past 65,535)
+            )
+        slots, count = 16384, len(self.servers)
+        for i, server in enumerate(self.servers):
+            first_slot, last_slot = i * slots // count, (i + 1) * slots // count - 1
+            server.command("CLUSTER", "ADDSLOTSRANGE", str(first_slot), str(last_slot))
+        first = self.servers[0]
+        for server in self.servers[1:]:
+            server.command("CLUSTER", "MEET", "127.0.0.1", str(first.port), str(self.bus_ports[0]))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(b"cluster_state:ok" in s.command("CLUSTER", "INFO") for s in self.servers):
+                return self
+            time.sleep(0.05)
+        raise RuntimeError("the cluster did not reach cluster_state:ok")
+
+    def flush(self) -> None:
+        for server in self.servers:
+            server.flush()
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
 
 
 def project_root() -> Path:

@@ -1,8 +1,12 @@
+import asyncio
+from datetime import datetime, timezone
+
 import pytest
 
 from aimiddleware.errors import StoreUnavailable
 from aimiddleware.storage import Storage, redis_errors
-from tests.redis_server import RedisServer
+from aimiddleware.versioning import DeprecatedCall, DeprecationMonitor
+from tests.redis_server import ClusterServer, RedisServer
 
 
 def test_memory_is_default() -> None:
@@ -62,3 +66,43 @@ async def test_a_full_store_is_a_typed_503() -> None:
     finally:
         await s.aclose()
         server.stop()
+
+
+# -- Redis Cluster: a real three-node cluster ------------------------------------------------------
+
+
+async def test_a_fresh_cluster_client_routes_a_burst_of_first_commands(cluster_url: str) -> None:
+    """redis-py's asyncio cluster sends keyed commands to a random node until it has mapped the
+    cluster; enough MOVED replies and it closes the connections other requests are using."""
+    s = Storage(cluster_url)
+    count = s.script("return redis.call('INCR', KEYS[1])")
+    keys = [s.key("test", f"p{i % 40}", "n") for i in range(200)]  # 40 callers, 5 each
+    counted = await asyncio.gather(*(count(keys=[k]) for k in keys))
+    assert sorted(counted) == sorted(1 + i // 40 for i in range(200))
+    assert [int(await s.redis.get(k)) for k in keys[:40]] == [5] * 40
+    await s.aclose()
+
+
+async def test_a_cluster_client_whose_first_write_counts_a_deprecation_stays_usable(
+    cluster_url: str,
+) -> None:
+    """Writes are Lua scripts: a MULTI pipeline would have mapped the cluster on a thread's
+    event loop and left every connection bound to that loop."""
+    s = Storage(cluster_url)
+    monitor = DeprecationMonitor(s, ttl_seconds=60)
+    at = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    await monitor.record(DeprecatedCall("a", "model", "m-1", at, None, None, "req_1", at))
+    assert await monitor.counts("a") == {"model:m-1": 1}
+    assert 0 < await s.redis.ttl(s.key("deprecations", "a")) <= 60
+    await s.aclose()
+
+
+async def test_a_cluster_that_is_down_is_a_typed_503() -> None:
+    cluster = ClusterServer().start()
+    s = Storage(cluster.url, socket_timeout=0.5)
+    await s.redis.set(s.key("t", "a"), "1")
+    cluster.stop()
+    with pytest.raises(StoreUnavailable):
+        async with redis_errors("test"):
+            await s.redis.get(s.key("t", "a"))
+    await s.aclose()

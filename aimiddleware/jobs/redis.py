@@ -33,6 +33,25 @@ return out
 """
 
 
+# Append to a list or stream and renew its expiry, atomically (KEYS[1]; ARGV: ttl, value(s)).
+_XADD = """
+local id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[2], 'd', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return id
+"""
+_RPUSH = """
+redis.call('RPUSH', KEYS[1], ARGV[2])
+return redis.call('EXPIRE', KEYS[1], ARGV[1])
+"""
+# A delivery's data and its place in the due set (KEYS: due, data; ARGV: id, data, due time
+# or '' to leave the due set).
+_OUTBOX = """
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+if ARGV[3] == '' then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+return redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+"""
+
+
 class RedisJobStore:
     def __init__(self, storage: Storage, *, ttl: float = 7 * 86400) -> None:
         if ttl <= 0:
@@ -80,10 +99,8 @@ class RedisJobStore:
 
     async def append_event(self, principal: str, rec_id: str, event: str, data: str) -> str:
         key = self._key(principal, rec_id, "events")
-        async with redis_errors("job"), self._r.pipeline(transaction=True) as pipe:
-            pipe.xadd(key, {"e": event, "d": data})
-            pipe.expire(key, self.ttl)
-            event_id, _ = await pipe.execute()
+        async with redis_errors("job"):
+            event_id = await self.storage.script(_XADD)(keys=[key], args=[self.ttl, event, data])
         return str(event_id.decode() if isinstance(event_id, bytes) else event_id)
 
     async def read_events(
@@ -120,10 +137,8 @@ class RedisJobStore:
 
     async def append_result(self, principal: str, rec_id: str, line: str) -> None:
         key = self._key(principal, rec_id, "results")
-        async with redis_errors("job"), self._r.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, line)
-            pipe.expire(key, self.ttl)
-            await pipe.execute()
+        async with redis_errors("job"):
+            await self.storage.script(_RPUSH)(keys=[key], args=[self.ttl, line])
 
     async def results(self, principal: str, rec_id: str) -> list[str]:
         async with redis_errors("job"):
@@ -141,16 +156,15 @@ class RedisJobStore:
         return self.storage.key("jobs", "outbox", "data")
 
     async def outbox_put(self, delivery_id: str, data: str, next_at: float) -> None:
-        async with redis_errors("webhook outbox"), self._r.pipeline(transaction=True) as pipe:
-            pipe.hset(self._data_key, delivery_id, data)
-            pipe.zadd(self._due_key, {delivery_id: next_at})
-            await pipe.execute()
+        await self._outbox(delivery_id, data, repr(next_at))
 
     async def outbox_done(self, delivery_id: str, data: str) -> None:
-        async with redis_errors("webhook outbox"), self._r.pipeline(transaction=True) as pipe:
-            pipe.hset(self._data_key, delivery_id, data)
-            pipe.zrem(self._due_key, delivery_id)
-            await pipe.execute()
+        await self._outbox(delivery_id, data, "")
+
+    async def _outbox(self, delivery_id: str, data: str, due: str) -> None:
+        async with redis_errors("webhook outbox"):
+            keys = [self._due_key, self._data_key]
+            await self.storage.script(_OUTBOX)(keys=keys, args=[delivery_id, data, due])
 
     async def outbox_claim(self, now: float, lease: float, limit: int) -> list[str]:
         if self._claim is None:

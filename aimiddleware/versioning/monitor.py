@@ -28,6 +28,13 @@ logger = logging.getLogger("aimiddleware.versioning")
 
 _MAX_MEMORY_PRINCIPALS = 100_000  # callers whose counts memory:// keeps
 
+# One more call in a caller's hash (KEYS[1]; ARGV: field, ttl seconds or '' for none).
+_COUNT = """
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+if ARGV[2] ~= '' then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return n
+"""
+
 Kind = Literal["model", "api_version", "route"]
 
 
@@ -100,12 +107,10 @@ class DeprecationMonitor:
                 counts[field_name] = counts.get(field_name, 0) + 1
             else:
                 async with redis_errors("deprecation monitor"):
-                    key = self._key(call.principal)
-                    pipe = self.storage.redis.pipeline(transaction=True)
-                    pipe.hincrby(key, field_name, 1)
-                    if self.ttl_seconds is not None:
-                        pipe.expire(key, self.ttl_seconds)
-                    await pipe.execute()
+                    ttl = "" if self.ttl_seconds is None else self.ttl_seconds
+                    await self.storage.script(_COUNT)(
+                        keys=[self._key(call.principal)], args=[field_name, ttl]
+                    )
         except Exception:
             logger.warning("could not count a deprecated call", exc_info=True)
         if self.hook is not None:
