@@ -28,10 +28,12 @@ from starlette.routing import Route
 from aimiddleware import (
     IdempotencyConfig,
     IdempotencyMiddleware,
+    Policy,
     RequestContextMiddleware,
     Storage,
     idempotent,
     install,
+    rate_limit,
 )
 from aimiddleware.errors import Conflict, InvalidRequest
 from aimiddleware.idempotency import (
@@ -565,6 +567,44 @@ async def test_decorator_on_fastapi_endpoint_without_request_param(storage: Stor
     assert e1.json() == e2.json() == {"text": "abab", "run": 1}
     assert e2.headers["idempotent-replayed"] == "true"
     assert len(runs) == 3
+
+
+async def test_decorator_keeps_what_the_endpoint_set_on_fastapis_response(
+    storage: Storage,
+) -> None:
+    # With a key, the decorator rendered the result itself and dropped FastAPI's
+    # sub-response: the status, headers and cookies the endpoint set, and @rate_limit's
+    # headers under it, were missing from the first answer and from every replay.
+    app = FastAPI()
+
+    @app.post("/own")
+    @idempotent(storage=storage)
+    async def own(body: dict[str, Any], response: Response) -> dict[str, int]:
+        response.status_code = 201
+        response.headers["x-mine"] = "1"
+        response.set_cookie("c", "v")
+        return {"ok": 1}
+
+    @app.post("/stacked")
+    @idempotent(storage=storage)
+    @rate_limit(Policy(requests="30/minute"), storage=storage)
+    async def stacked(body: dict[str, Any]) -> dict[str, int]:
+        return {"ok": 1}
+
+    install(app)
+    async with client(app) as c:
+        for path in ("/own", "/stacked"):
+            plain = await c.post(path, json={})
+            first = await c.post(path, json={}, headers=KEY)
+            replay = await c.post(path, json={}, headers=KEY)
+            assert replay.headers["idempotent-replayed"] == "true"
+            for r in (first, replay):
+                assert r.status_code == plain.status_code and r.content == plain.content
+                if path == "/own":
+                    assert r.status_code == 201 and r.headers["x-mine"] == "1"
+                    assert r.headers["set-cookie"].startswith("c=v")
+                else:  # (the replay shows the headers of the answer it replays)
+                    assert r.headers["x-ratelimit-remaining-requests"] == "28"
 
 
 async def test_decorator_on_starlette_endpoint_releases_on_error(storage: Storage) -> None:

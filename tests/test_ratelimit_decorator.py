@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -161,3 +162,42 @@ async def test_a_streaming_endpoint_is_settled_when_its_stream_ends(storage: Sto
         again = await c.post("/v1/chat/completions", json=body, headers=auth)
         assert again.status_code == 200
         gate.set()
+
+
+class Completion(BaseModel):
+    usage: dict[str, int]
+
+
+async def test_a_json_endpoint_is_charged_the_usage_it_reports(storage: Storage) -> None:
+    # The decorator settled before the result was serialized, so the usage the JSON body
+    # reports never replaced the reservation: 6 tokens used, 1,005 charged.
+    usage = {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
+    policy = Policy(tokens="100000/minute", output_estimate=1000)
+    app = FastAPI()
+
+    @app.post("/dict")
+    @rate_limit(policy, storage=storage)
+    async def as_dict(body: dict[str, Any]) -> dict[str, Any]:
+        return {"choices": [{"index": 0, "finish_reason": "stop"}], "usage": usage}
+
+    @app.post("/model")
+    @rate_limit(policy, storage=storage)
+    def as_model(body: dict[str, Any]) -> Completion:  # (sync: run in the threadpool)
+        return Completion(usage=usage)
+
+    @app.post("/response")
+    @rate_limit(policy, storage=storage)
+    async def as_response(body: dict[str, Any]) -> JSONResponse:
+        return JSONResponse({"type": "message", "usage": {"input_tokens": 5, "output_tokens": 1}})
+
+    aimiddleware.install(app)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    async with _client(app) as c:
+        for path in ("/dict", "/model", "/response"):
+            remaining = []
+            for _ in range(3):
+                r = await c.post(path, json=body, headers={"authorization": "Bearer k1"})
+                assert r.status_code == 200, r.text
+                remaining.append(int(r.headers["x-ratelimit-remaining-tokens"]))
+            # (each head shows what the request before it was charged)
+            assert [a - b for a, b in itertools.pairwise(remaining)] == [6, 6], path

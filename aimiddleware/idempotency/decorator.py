@@ -35,6 +35,7 @@ __all__ = ["idempotent"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 _INJECTED = "aimw_idempotency_request"
+_SUB_RESPONSE = "aimw_idempotency_response"
 
 
 def idempotent(
@@ -60,6 +61,12 @@ def idempotent(
     def decorate(func: F) -> F:
         signature = _signature(func)
         request_param = _request_param(signature)
+        # FastAPI's sub-response: what the endpoint (or @rate_limit under this decorator)
+        # sets on a ``Response`` parameter, merged into the response FastAPI renders. The
+        # response rendered here must carry it too: FastAPI merges nothing into a Response.
+        own_response = next(
+            (n for n, p in signature.parameters.items() if p.annotation is Response), None
+        )
         is_async = is_async_callable(func)
 
         async def call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -69,6 +76,9 @@ def idempotent(
 
         @functools.wraps(func)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            sub: Response | None = kwargs.pop(_SUB_RESPONSE, None)
+            if own_response is not None:
+                sub = kwargs.get(own_response)
             if request_param is None:
                 request = kwargs.pop(_INJECTED)
             elif request_param in kwargs:
@@ -87,27 +97,31 @@ def idempotent(
                     return _Answer(begin, ctx.request_id, error_type_base)
                 result = await call(args, kwargs)
                 if begin.unstored:
-                    response = await _to_response(result, request)
+                    response = await _to_response(result, request, sub)
                     response.raw_headers.append(STORED)
                     return response
                 return result
             lease = begin.lease
             result = await engine.call_leased(lease, lambda: call(args, kwargs))
             try:
-                response = await _to_response(result, request)
+                response = await _to_response(result, request, sub)
             except Exception:
                 await engine.release(lease)
                 raise
             return _Recorded(response, engine, lease)
 
         params = list(signature.parameters.values())
-        if request_param is None:
-            extra = inspect.Parameter(_INJECTED, inspect.Parameter.KEYWORD_ONLY, annotation=Request)
-            at = next(
-                (i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD),
-                len(params),
-            )
-            params.insert(at, extra)
+        at = next(
+            (i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD),
+            len(params),
+        )
+        for hidden, kind, mine in (
+            (_INJECTED, Request, request_param), (_SUB_RESPONSE, Response, own_response)
+        ):
+            if mine is None:
+                params.insert(
+                    at, inspect.Parameter(hidden, inspect.Parameter.KEYWORD_ONLY, annotation=kind)
+                )
         # Annotations evaluated in the endpoint's module: FastAPI would otherwise resolve
         # string annotations (``from __future__ import annotations``) in this module.
         wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
@@ -134,10 +148,20 @@ def _request_param(signature: inspect.Signature) -> str | None:
     return None
 
 
-async def _to_response(result: Any, request: Request) -> Response:
-    """The endpoint's result as a Response, the way FastAPI would have rendered it."""
+async def _to_response(result: Any, request: Request, sub: Response | None) -> Response:
+    """The endpoint's result as a Response, the way FastAPI would have rendered it: with
+    the status code and headers (cookies...) set on FastAPI's sub-response ``sub``."""
     if isinstance(result, Response):
         return result
+    response = await _render(result, request, sub)
+    if sub is not None:
+        response.raw_headers.extend(sub.headers.raw)  # (FastAPI's own sub-response has no
+        # content-length; a Response passed by a Starlette caller is not a sub-response)
+    return response
+
+
+async def _render(result: Any, request: Request, sub: Response | None) -> Response:
+    status = sub.status_code if sub is not None and sub.status_code else None
     route = request.scope.get("route")
     if route is not None and hasattr(route, "response_field"):
         from fastapi.routing import serialize_response
@@ -153,11 +177,11 @@ async def _to_response(result: Any, request: Request) -> Response:
             exclude_none=route.response_model_exclude_none,
         )
         cls = getattr(route.response_class, "value", route.response_class)
-        response: Response = cls(content, status_code=route.status_code or 200)
+        response: Response = cls(content, status_code=status or route.status_code or 200)
         return response
     from fastapi.encoders import jsonable_encoder
 
-    return JSONResponse(jsonable_encoder(result))
+    return JSONResponse(jsonable_encoder(result), status_code=status or 200)
 
 
 class _Answer(Response):

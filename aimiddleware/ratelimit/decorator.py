@@ -14,6 +14,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -25,6 +26,7 @@ from aimiddleware.ratelimit.limiter import Admission, RateLimiter
 from aimiddleware.ratelimit.policy import Policy
 from aimiddleware.sse.response import EventStreamResponse
 from aimiddleware.types import Receive, Scope, Send
+from aimiddleware.usage.extract import from_response, parse_json
 
 __all__ = ["rate_limit"]
 
@@ -89,8 +91,12 @@ def rate_limit(
 
             async def call() -> Any:
                 if is_async:
-                    return await func(*args, **kwargs)
-                return await run_in_threadpool(func, *args, **kwargs)
+                    result = await func(*args, **kwargs)
+                else:
+                    result = await run_in_threadpool(func, *args, **kwargs)
+                if ctx.usage is None and not _streams(result):
+                    _take_usage(ctx, result)
+                return result
 
             def failure(result: Any) -> bool:  # (refunded, as the middleware does)
                 return isinstance(result, Response) and not is_success(result.status_code)
@@ -116,6 +122,22 @@ def _signature(func: Callable[..., Any]) -> inspect.Signature:
         return inspect.signature(func, eval_str=True)
     except (NameError, TypeError):
         return inspect.signature(func)
+
+
+def _take_usage(ctx: RequestContext, result: Any) -> None:
+    """The usage a JSON result reports (an OpenAI/Anthropic/Gemini ``usage``, an Envelope),
+    read before it is settled: it is serialized, and read by the usage layer, only after the
+    endpoint has returned, so the reservation would otherwise stand (as the middleware would
+    not let it: it settles after the response has been sent)."""
+    if isinstance(result, Response):
+        body = getattr(result, "body", None)  # (rendered at construction)
+        found = from_response(parse_json(body)) if isinstance(body, bytes) and body else None
+    elif isinstance(result, BaseModel):
+        found = from_response(result.model_dump(mode="json", by_alias=True))
+    else:
+        found = from_response(result)
+    if found is not None and found.usage is not None:
+        ctx.usage = found.usage
 
 
 def _streams(result: Any) -> bool:
