@@ -60,14 +60,41 @@ RATE_LIMIT_HEADERS = {
     "ratelimit-policy": {"description": "IETF RateLimit-Policy structured field.", **_STR},
     "ratelimit": {"description": "IETF RateLimit structured field.", **_STR},
 }
+USAGE_HEADERS = {
+    f"x-usage-{name}": {"description": description, **schema}
+    for name, description, schema in (
+        ("duration-ms", "Time spent, in milliseconds.", _STR),
+        ("input-tokens", "Input (prompt) tokens.", _INT),
+        ("output-tokens", "Output (completion) tokens.", _INT),
+        ("total-tokens", "Input plus output tokens.", _INT),
+        ("cached-input-tokens", "Input tokens read from the provider's cache.", _INT),
+        ("reasoning-tokens", "Output tokens spent on reasoning.", _INT),
+        ("estimated-cost", "Estimated cost, in the price table's currency.", _STR),
+        ("finish-reason", "Normalized finish reason (stop, length, ...).", _STR),
+    )
+}
+VERSION_HEADERS = {
+    "api-version": {"description": "The API version that served the request.", **_STR},
+    "x-model-version": {"description": "The model snapshot that served it.", **_STR},
+    "deprecation": {"description": "RFC 9745: when the version or model was deprecated.",
+                    **_STR},
+    "sunset": {"description": "RFC 8594: when it stops being served.", **_STR},
+}
+REPLAYED_HEADER = {
+    "idempotent-replayed": {"description": "`true` on a replayed answer.", **_STR},
+}
+# A bare token (what most SDKs send) or an RFC 8941 sf-string (the IETF draft's form); the
+# key itself is 1 to 255 printable ASCII characters either way.
+_KEY_PATTERN = r'^(?:[!#-\[\]-~]{1,255}|"(?:[ !#-\[\]-~]|\\["\\]){1,255}")$'
 IDEMPOTENCY_PARAMETER = {
     "name": "Idempotency-Key",
     "in": "header",
     "required": False,
     "description": "Makes a retry of this request safe: the first result is replayed "
     "(`Idempotent-Replayed: true`), a concurrent duplicate gets 409, a reused key with a "
-    "different body gets 422. At most 255 printable ASCII characters.",
-    "schema": {"type": "string", "maxLength": 257},
+    "different body gets 422. 1 to 255 printable ASCII characters: a bare token (no spaces, "
+    "quotes or backslashes) or a quoted string.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 512, "pattern": _KEY_PATTERN},
 }
 
 
@@ -86,32 +113,58 @@ def patch_openapi(
     *,
     rate_limit_headers: bool = True,
     idempotency_methods: Iterable[str] = ("post", "patch"),
+    rate_limit_exempt: Iterable[str] = (),
+    usage_headers: bool = False,
+    version_headers: bool = False,
 ) -> dict[str, Any]:
-    """Add the stack's errors, headers and parameters to every operation of ``schema``."""
+    """Add the stack's errors, headers and parameters to every operation of ``schema``.
+
+    ``rate_limit_exempt``: the paths (or ``"/prefix/*"``) the rate limiter skips, as given to
+    it: their operations get no rate-limit headers and no 429. ``usage_headers`` /
+    ``version_headers``: document the usage layer's ``x-usage-*`` headers and the
+    versioning layer's headers on success responses.
+    """
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components["Problem"] = PROBLEM_SCHEMA
     idem = {m.lower() for m in idempotency_methods}
-    for path_item in schema.get("paths", {}).values():
+    exempt = tuple(rate_limit_exempt)
+    success: dict[str, Any] = dict(REQUEST_ID_HEADER)
+    if usage_headers:
+        success.update(USAGE_HEADERS)
+    if version_headers:
+        success.update(VERSION_HEADERS)
+    for path, path_item in schema.get("paths", {}).items():
+        limited_path = rate_limit_headers and not _exempt(path, exempt)
         for method, op in path_item.items():
             if not isinstance(op, dict) or "responses" not in op:
                 continue
+            keyed = method.lower() in idem
             responses: dict[str, Any] = op["responses"]
             for code, response in responses.items():
                 if code.startswith("2"):
                     headers = response.setdefault("headers", {})
-                    headers.update(REQUEST_ID_HEADER)
-                    if rate_limit_headers:
+                    headers.update(success)
+                    if limited_path:
                         headers.update(RATE_LIMIT_HEADERS)
+                    if keyed:
+                        headers.update(REPLAYED_HEADER)
             if "422" in responses:
                 responses["422"] = _problem("Request validation failed.", REQUEST_ID_HEADER)
-            limited: dict[str, Any] = {**REQUEST_ID_HEADER, **RETRY_HEADERS}
-            if rate_limit_headers:
-                limited.update(RATE_LIMIT_HEADERS)
-            responses.setdefault("429", _problem("Rate limited or quota exceeded.", limited))
+            if limited_path:
+                limited = {**REQUEST_ID_HEADER, **RETRY_HEADERS, **RATE_LIMIT_HEADERS}
+                responses.setdefault("429", _problem("Rate limited or quota exceeded.", limited))
+            if keyed:
+                responses.setdefault("400", _problem(
+                    "Invalid request, such as a malformed Idempotency-Key.", REQUEST_ID_HEADER
+                ))
+                responses.setdefault("409", _problem(
+                    "A request with this Idempotency-Key is still in progress: retry later.",
+                    {**REQUEST_ID_HEADER, **RETRY_HEADERS},
+                ))
             responses.setdefault(
                 "default", _problem("Any other error, as problem+json.", REQUEST_ID_HEADER)
             )
-            if method.lower() in idem:
+            if keyed:
                 params = op.setdefault("parameters", [])
                 if not any(p.get("name", "").lower() == "idempotency-key" for p in params):
                     params.append(IDEMPOTENCY_PARAMETER)
@@ -119,6 +172,13 @@ def patch_openapi(
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
     return schema
+
+
+def _exempt(path: str, exempt: tuple[str, ...]) -> bool:
+    """``path`` (an OpenAPI path template) is one the rate limiter never limits."""
+    return any(
+        path.startswith(p[:-1]) if p.endswith("*") else path == p for p in exempt
+    )
 
 
 def document_stack(app: Any, **options: Any) -> None:

@@ -132,7 +132,12 @@ def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
         if hasattr(app, "openapi") and hasattr(app, "openapi_schema"):  # FastAPI
             methods = config.idempotency.methods if config.idempotency is not None else ()
             document_stack(
-                app, rate_limit_headers=config.ratelimit is not None, idempotency_methods=methods
+                app,
+                rate_limit_headers=config.ratelimit is not None,
+                idempotency_methods=methods,
+                rate_limit_exempt=tuple(config.ratelimit_exempt),
+                usage_headers=config.usage is not None,
+                version_headers=config.versioning is not None,
             )
         app.add_middleware(StackMiddleware, layers=layers)
         return app
