@@ -157,6 +157,18 @@ async def test_unknown_and_invalid_models() -> None:
     assert "x-model-version" not in no_model.headers
 
 
+async def test_a_method_without_a_body_is_routed_before_its_body_is_read_for_a_model() -> None:
+    # A GET (or TRACE) carrying {"model": "nope"} was a 404 "model does not exist" before the
+    # app could answer 405; only POST, PUT and PATCH name a model in their body.
+    async with client(build_app(FakeClock(at(NOW)))) as c:
+        wrong_method = await c.request("GET", "/chat", json={"model": "gpt-17"})
+        read = await c.request("GET", "/whoami", json={"model": "gpt-17"})
+        put = await c.request("PUT", "/chat", json={"model": "gpt-17"})
+    assert wrong_method.status_code == 405
+    assert read.status_code == 200 and read.json()["model"] is None
+    assert put.status_code == 404 and put.json()["error"]["param"] == "model"
+
+
 async def test_deprecated_calls_are_counted_per_principal_and_hooked(storage: Storage) -> None:
     seen: list[DeprecatedCall] = []
     monitor = DeprecationMonitor(storage, hook=seen.append)

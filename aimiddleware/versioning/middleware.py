@@ -46,6 +46,9 @@ class _Used:
     lifecycle: Lifecycle
 
 
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
 class VersioningMiddleware:
     """API versions and model pinning for every route of an app.
 
@@ -169,8 +172,11 @@ class VersioningMiddleware:
         await self.serve(scope, receive, send, ctx)
 
     def requested_model(self, scope: Scope, ctx: RequestContext) -> str | None:
-        """The model the request names: the JSON body field, else the model header."""
-        if self.model_field is not None:
+        """The model the request names: the JSON body field, else the model header.
+
+        Only a method that carries a body names one in it: a ``GET`` or ``TRACE`` with a
+        JSON body reaches the app, which answers what its routing says (a 405, a 404)."""
+        if self.model_field is not None and scope["method"] in _BODY_METHODS:
             data = ctx.json()
             if isinstance(data, dict) and self.model_field in data:
                 value: object = data[self.model_field]
