@@ -18,6 +18,7 @@ from aimiddleware import (
     envelope,
     idempotent,
     rate_limit,
+    register_exception_handlers,
 )
 
 
@@ -54,3 +55,4 @@ app = Starlette(
 )
 app.add_middleware(ErrorMiddleware)
 app.add_middleware(RequestContextMiddleware)
+register_exception_handlers(app)  # the router's own 404/405 as problem+json too

@@ -7,7 +7,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from aimiddleware import ErrorMiddleware, InvalidRequest, RequestContextMiddleware, current
+from aimiddleware import (
+    ErrorMiddleware,
+    InvalidRequest,
+    RequestContextMiddleware,
+    current,
+    register_exception_handlers,
+)
 
 
 async def classify(request: Request) -> JSONResponse:
@@ -23,3 +29,4 @@ async def classify(request: Request) -> JSONResponse:
 app = Starlette(routes=[Route("/classify", classify, methods=["POST"])])
 app.add_middleware(ErrorMiddleware)  # inner
 app.add_middleware(RequestContextMiddleware, max_body_size=64 * 1024)  # outermost
+register_exception_handlers(app)  # the router's own 404/405 as problem+json too

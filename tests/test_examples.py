@@ -32,6 +32,9 @@ def test_starlette_app_with_the_middleware_added_directly() -> None:
         assert r.status_code == 400 and "not valid JSON" in r.json()["detail"]
         r = httpx.post(url + "/classify", content=b"x" * 70_000)
         assert r.status_code == 413
+        for r, status in ((httpx.get(url + "/classify"), 405), (httpx.get(url + "/nope"), 404)):
+            assert r.status_code == status  # (the router's own answers, as problem+json)
+            assert r.headers["content-type"] == "application/problem+json"
 
 
 def test_decorators_on_a_plain_starlette_app() -> None:
@@ -51,6 +54,9 @@ def test_decorators_on_a_plain_starlette_app() -> None:
         env = httpx.post(url + "/answer", json={"question": "why?"}).json()
         assert env["finish_reason"] == "stop" and env["raw_finish_reason"] == "end_turn"
         assert env["usage"]["output_tokens"] == 4 and env["request_id"]
+        missing = httpx.post(url + "/nope", json={})
+        assert missing.status_code == 404
+        assert missing.headers["content-type"] == "application/problem+json"
         old = httpx.post(url + "/v1/classify", json={})
         assert (
             old.headers["deprecation"].startswith("@")
