@@ -13,7 +13,17 @@ middleware runs the operation at most once. What is retried, in order:
    ``quota_exceeded`` 429, a cost cap);
 2. otherwise a response whose status is in ``retry_statuses`` (408, 409, 429, 5xx incl. 529);
 3. connection errors and timeouts: always when the request never left (connect errors, pool
-   timeouts), else only for idempotent methods or requests carrying an Idempotency-Key.
+   timeouts), else only for idempotent methods or requests carrying an Idempotency-Key;
+4. under the same rule, key, backoff and budget: a response body lost mid-way (the connection
+   drops after the headers). So a body that is not a stream is read inside the retry loop,
+   before the transport returns: one with a known ``Content-Length`` up to
+   ``max_buffered_body`` (16 MiB; 0 turns this off), or a JSON body of unknown length, of which
+   only the first ``max_buffered_body`` bytes are covered (the rest streams on, not retried).
+   Callers read such a body whole anyway, unless they stream it.
+
+A stream is never buffered: ``text/event-stream``, or any non-JSON body of unknown length, is
+handed back as it arrives. A stream cut mid-body is the caller's to resume (``Last-Event-ID``,
+from a server that keeps a replay buffer): the transport has returned before the cut.
 
 The wait is ``retry-after-ms``, then ``Retry-After`` (seconds or an HTTP-date), else
 ``min(initial_delay * 2**n, max_delay)`` minus up to ``jitter`` of it. A server delay longer
@@ -21,6 +31,12 @@ than ``max_retry_after`` is not waited for: the response goes back to the caller
 openai-python 3 does), or with ``over_max_retry_after="cap"`` the wait is capped instead.
 Request bodies are replayed from memory; a streaming body (a generator) is sent once and
 never retried. The response of a failed attempt is closed before the next one.
+
+The key makes a resend safe only if the server honours it. Every POST and PATCH gets one and is
+then resent after a timeout or a lost response: against a server that ignores
+``Idempotency-Key``, that POST can run twice (up to ``max_retries + 1`` times). For such a
+server pass ``idempotency_methods=()``: a POST is then resent only if it never left, or on a
+retryable status (as openai-python does; a proxy's 502/504 can still hide a run).
 
 Requires ``httpx`` (the ``client`` extra).
 """
@@ -39,6 +55,7 @@ from typing import Any, Literal
 import anyio
 import httpx
 
+from aimiddleware._body_buffer import abuffer_body, buffer_body
 from aimiddleware.headers import parse_http_date
 
 __all__ = ["AsyncRetryTransport", "RetryPolicy", "RetryTransport"]
@@ -72,10 +89,13 @@ class RetryPolicy:
     random: Callable[[], float] = _random.random
     clock: Callable[[], float] = time.time
     key_factory: Callable[[], str] = field(default=_new_key)
+    max_buffered_body: int = 16 * 2**20
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_retries, int) or self.max_retries < 0:
             raise ValueError("max_retries must be a non-negative int")
+        if not isinstance(self.max_buffered_body, int) or self.max_buffered_body < 0:
+            raise ValueError("max_buffered_body must be a non-negative int")
         if self.initial_delay < 0 or self.max_delay < 0 or self.max_retry_after < 0:
             raise ValueError("delays must be non-negative")
         if not 0 <= self.jitter <= 1:
@@ -150,10 +170,30 @@ class RetryPolicy:
             return self.backoff(retries_done)
         if not isinstance(exc, _MAYBE_SENT):
             return None
-        safe = request.method.upper() in IDEMPOTENT_METHODS or (
-            self.idempotency_header in request.headers
+        return self.backoff(retries_done) if self.may_resend(request) else None
+
+    def may_resend(self, request: httpx.Request) -> bool:
+        """An idempotent method, or a key the server can replay by (if it honours keys)."""
+        return (
+            request.method.upper() in IDEMPOTENT_METHODS
+            or self.idempotency_header in request.headers
         )
-        return self.backoff(retries_done) if safe else None
+
+    def should_buffer(self, response: httpx.Response) -> bool:
+        """Whether to read this body inside the retry loop: a whole document, not a stream."""
+        if self.max_buffered_body == 0 or response.status_code < 200:
+            return False
+        if response.is_stream_consumed or response.is_closed:
+            return False
+        media: str = response.headers.get("content-type", "")
+        media = media.partition(";")[0].strip().lower()
+        if media == "text/event-stream":
+            return False
+        try:
+            length = int(response.headers["content-length"])
+        except (KeyError, ValueError):
+            return media == "application/json" or media.endswith("+json")
+        return length <= self.max_buffered_body
 
     # -- request preparation -----------------------------------------------------------------
 
@@ -186,7 +226,8 @@ def _policy(policy: RetryPolicy | None, options: dict[str, Any]) -> RetryPolicy:
 class RetryTransport(httpx.BaseTransport):
     """Sync retrying transport around ``transport`` (default ``httpx.HTTPTransport()``).
 
-    Pass a :class:`RetryPolicy`, or its fields as keyword arguments.
+    Pass a :class:`RetryPolicy`, or its fields as keyword arguments. A non-streamed body is
+    read before this returns (see the module docstring); a stream is returned as it arrives.
     """
 
     def __init__(
@@ -210,10 +251,11 @@ class RetryTransport(httpx.BaseTransport):
         elif kind == "once":
             return self._transport.handle_request(request)
         sleep = policy.sleep or time.sleep
+        resendable = policy.may_resend(request)
         retries = 0
         while True:
             try:
-                response = self._transport.handle_request(request)
+                response = self._send(request, resendable and retries < policy.max_retries)
             except Exception as exc:
                 delay = policy.error_delay(exc, request, retries)
                 if delay is None:
@@ -225,6 +267,17 @@ class RetryTransport(httpx.BaseTransport):
                 response.close()
             sleep(delay)
             retries += 1
+
+    def _send(self, request: httpx.Request, read_body: bool) -> httpx.Response:
+        """One attempt; with ``read_body``, a lost body fails it like a lost response."""
+        response = self._transport.handle_request(request)
+        if read_body and self.policy.should_buffer(response):
+            try:
+                buffer_body(response, self.policy.max_buffered_body)
+            except BaseException:
+                response.close()
+                raise
+        return response
 
     def close(self) -> None:
         self._transport.close()
@@ -256,10 +309,11 @@ class AsyncRetryTransport(httpx.AsyncBaseTransport):
             await request.aread()
         elif kind == "once":
             return await self._transport.handle_async_request(request)
+        resendable = policy.may_resend(request)
         retries = 0
         while True:
             try:
-                response = await self._transport.handle_async_request(request)
+                response = await self._send(request, resendable and retries < policy.max_retries)
             except Exception as exc:
                 delay = policy.error_delay(exc, request, retries)
                 if delay is None:
@@ -271,6 +325,17 @@ class AsyncRetryTransport(httpx.AsyncBaseTransport):
                 await response.aclose()
             await self._sleep(delay)
             retries += 1
+
+    async def _send(self, request: httpx.Request, read_body: bool) -> httpx.Response:
+        """One attempt; with ``read_body``, a lost body fails it like a lost response."""
+        response = await self._transport.handle_async_request(request)
+        if read_body and self.policy.should_buffer(response):
+            try:
+                await abuffer_body(response, self.policy.max_buffered_body)
+            except BaseException:
+                await response.aclose()
+                raise
+        return response
 
     async def _sleep(self, delay: float) -> None:
         if self.policy.sleep is None:

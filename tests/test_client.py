@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -402,6 +404,238 @@ async def test_async_sleep_hook_is_awaited(server: Server) -> None:
         response = await client.post(base + "/chat/completions", json={"messages": MESSAGES})
     assert response.status_code == 200 and slept == [1.0, 1.0]
     assert len(server.attempts(run)) == 3
+
+
+# -- a response body lost mid-way, from a raw socket server -------------------------------------
+
+COMPLETION = json.dumps(
+    {
+        "id": "c1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "fake",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "ok"},
+                "finish_reason": "stop",
+            }
+        ],
+    }
+).encode()
+
+
+@dataclass
+class Reply:
+    """One scripted answer; the last one given repeats."""
+
+    body: bytes = COMPLETION
+    content_type: str = "application/json"
+    chunked: bool = False
+    chunk: int = 1 << 16
+    cut: int | None = None  # bytes of the body sent before the connection goes
+    reset: bool = True  # the connection goes with a RST, else with a FIN
+    hold: threading.Event | None = None  # after the first chunk, wait for it (at most 5 s)
+
+
+@dataclass
+class RawServer:
+    url: str
+    replies: list[Reply] = field(default_factory=lambda: [Reply()])
+    keys: list[str | None] = field(default_factory=list)  # one per attempt
+    held: list[bool] = field(default_factory=list)  # whether each hold was released in time
+
+    def serve(self, listener: socket.socket, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(10)
+                self.answer(conn)
+
+    def answer(self, conn: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = [line.split(b":", 1) for line in head.split(b"\r\n")[1:]]
+        headers = {name.strip().lower().decode(): value.strip().decode() for name, value in lines}
+        while len(body) < int(headers.get("content-length", "0")):
+            body += conn.recv(65536)
+        self.keys.append(headers.get("idempotency-key"))
+        reply = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
+        sent = reply.body if reply.cut is None else reply.body[: reply.cut]
+        framing = (
+            "transfer-encoding: chunked" if reply.chunked else f"content-length: {len(reply.body)}"
+        )
+        conn.sendall(
+            f"HTTP/1.1 200 OK\r\ncontent-type: {reply.content_type}\r\n{framing}\r\n"
+            "connection: close\r\n\r\n".encode()
+        )
+        for start in range(0, len(sent), reply.chunk):
+            piece = sent[start : start + reply.chunk]
+            conn.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if reply.chunked else piece)
+            if start == 0 and reply.hold is not None:
+                self.held.append(reply.hold.wait(5))
+        if reply.cut is None:
+            conn.sendall(b"0\r\n\r\n" if reply.chunked else b"")
+        elif reply.reset:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+@pytest.fixture
+def raw_server() -> Iterator[RawServer]:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.05)
+    server = RawServer(f"http://127.0.0.1:{listener.getsockname()[1]}")
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(listener, stop), daemon=True)
+    thread.start()
+    yield server
+    stop.set()
+    thread.join(10)
+    listener.close()
+
+
+def test_sdk_sync_body_lost_mid_way_is_retried_with_the_same_key(raw_server: RawServer) -> None:
+    raw_server.replies = [Reply(cut=20), Reply()]  # headers and 20 bytes, then a reset
+    policy, sleeps = recorder_policy()
+    with sync_sdk(raw_server.url + "/v1", policy) as client:
+        completion = client.chat.completions.create(model="fake", messages=MESSAGES)
+    assert completion.choices[0].message.content == "ok"
+    keys = raw_server.keys
+    assert len(keys) == 2 and keys[0] and keys == [keys[0]] * 2
+    assert sleeps == [0.5]
+
+
+async def test_sdk_async_body_lost_twice_is_retried_with_backoff(raw_server: RawServer) -> None:
+    raw_server.replies = [Reply(cut=20), Reply(cut=20), Reply()]
+    policy, sleeps = recorder_policy()
+    async with async_sdk(raw_server.url + "/v1", policy) as client:
+        completion = await client.chat.completions.create(model="fake", messages=MESSAGES)
+    assert completion.choices[0].message.content == "ok"
+    keys = raw_server.keys
+    assert len(keys) == 3 and keys[0] and keys == [keys[0]] * 3
+    assert sleeps == [0.5, 1.0]
+
+
+def test_body_lost_every_time_spends_the_same_budget(raw_server: RawServer) -> None:
+    raw_server.replies = [Reply(cut=20)]
+    policy, sleeps = recorder_policy(max_retries=1)
+    with (
+        httpx.Client(transport=RetryTransport(policy=policy)) as client,
+        pytest.raises(httpx.ReadError),
+    ):
+        client.post(raw_server.url + "/v1/chat/completions", json={"messages": MESSAGES})
+    assert len(raw_server.keys) == 2 and sleeps == [0.5]
+
+
+async def test_body_lost_is_retried_only_where_a_resend_is_safe(raw_server: RawServer) -> None:
+    raw_server.replies = [Reply(cut=20), Reply(cut=20), Reply()]
+    policy, sleeps = recorder_policy(idempotency_methods=())
+    async with httpx.AsyncClient(transport=AsyncRetryTransport(policy=policy)) as client:
+        with pytest.raises(httpx.ReadError):  # a POST without a key: it may have run
+            await client.post(raw_server.url + "/v1/chat/completions", json={})
+        assert raw_server.keys == [None] and sleeps == []
+        response = await client.get(raw_server.url + "/v1/models")  # idempotent: resent
+    assert response.content == COMPLETION and len(raw_server.keys) == 3 and sleeps == [0.5]
+
+
+BIG = json.dumps({"data": "x" * 3000}).encode()
+
+
+def fetch(url: str, policy: RetryPolicy) -> bytes | None:
+    """The body, or ``None`` if the connection went before its end."""
+    with httpx.Client(transport=RetryTransport(policy=policy)) as client:
+        try:
+            return client.get(url).content
+        except httpx.RemoteProtocolError:
+            return None
+
+
+async def afetch(url: str, policy: RetryPolicy) -> bytes | None:
+    async with httpx.AsyncClient(transport=AsyncRetryTransport(policy=policy)) as client:
+        try:
+            return (await client.get(url)).content
+        except httpx.RemoteProtocolError:
+            return None
+
+
+@pytest.mark.parametrize(
+    ("reply", "attempts"),
+    [
+        pytest.param(Reply(BIG, chunked=True, chunk=100, cut=500), 2, id="chunked-cut-in-limit"),
+        pytest.param(Reply(BIG, chunked=True, chunk=100, cut=2000), 1, id="chunked-cut-past"),
+        pytest.param(Reply(BIG, chunked=True, chunk=100), 1, id="chunked-past-limit-whole"),
+        pytest.param(Reply(BIG, chunk=100, cut=500), 1, id="length-over-limit-not-read"),
+        pytest.param(Reply(BIG, "application/octet-stream", cut=500), 2, id="length-in-limit"),
+        pytest.param(Reply(BIG, "text/plain", chunked=True, cut=500), 1, id="unknown-not-json"),
+    ],
+)
+@pytest.mark.parametrize("sync", [True, False], ids=["sync", "async"])
+async def test_buffering_is_capped(
+    raw_server: RawServer, reply: Reply, attempts: int, sync: bool
+) -> None:
+    raw_server.replies = [dataclasses.replace(reply, reset=False), Reply(BIG)]
+    limit = 4000 if reply.content_type == "application/octet-stream" else 1000
+    policy, _ = recorder_policy(max_buffered_body=limit)
+    url = raw_server.url + "/v1/files"
+    content = await (anyio.to_thread.run_sync(fetch, url, policy) if sync else afetch(url, policy))
+    assert len(raw_server.keys) == attempts
+    assert content == (None if attempts == 1 and reply.cut else BIG)
+
+
+def test_sdk_event_stream_is_not_buffered_and_a_cut_is_the_callers(
+    raw_server: RawServer,
+) -> None:
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "fake"}
+    events = [
+        b"data: " + json.dumps({**chunk, "choices": [choice]}).encode() + b"\n\n"
+        for choice in [{"index": 0, "delta": {"content": word}} for word in ("a", "b", "c")]
+    ]
+    release = threading.Event()
+    raw_server.replies = [
+        Reply(
+            b"".join(events),
+            "text/event-stream",
+            chunked=True,
+            chunk=len(events[0]),
+            cut=len(events[0]) * 2,
+            hold=release,
+        )
+    ]
+    policy, sleeps = recorder_policy()
+    words = []
+    with (
+        sync_sdk(raw_server.url + "/v1", policy) as client,
+        pytest.raises(openai.APIConnectionError),
+    ):
+        stream = client.chat.completions.create(model="fake", messages=MESSAGES, stream=True)
+        for event in stream:  # the first event arrives while the server still holds the rest
+            release.set()
+            words.append(event.choices[0].delta.content)
+    assert raw_server.held == [True] and words[0] == "a"
+    assert len(raw_server.keys) == 1 and sleeps == []  # to resume is the caller's
+
+
+async def test_unknown_length_stream_is_not_buffered(raw_server: RawServer) -> None:
+    release = threading.Event()
+    lines = b'{"n": 1}\n{"n": 2}\n'
+    raw_server.replies = [Reply(lines, "application/x-ndjson", chunked=True, chunk=9, hold=release)]
+    policy, _ = recorder_policy()
+    async with (
+        httpx.AsyncClient(transport=AsyncRetryTransport(policy=policy)) as client,
+        client.stream("POST", raw_server.url + "/v1/jobs", json={}) as response,
+    ):
+        received = b""
+        async for part in response.aiter_raw():
+            release.set()
+            received += part
+    assert raw_server.held == [True] and received == lines
 
 
 # -- the pure policy -----------------------------------------------------------------------------
