@@ -4,14 +4,34 @@ Middleware is invisible to FastAPI's schema generation, so generated clients and
 checkers would not know about the problem+json errors, the rate-limit headers or the
 ``Idempotency-Key`` header. :func:`patch_openapi` adds them to a schema dict (pure);
 :func:`document_stack` makes a FastAPI app serve the patched document.
+
+Routes that are plain Starlette routes or answered by middleware (``UsageRoutes``,
+``JobsRouter``, the versioning layer's models and migration routes) are invisible too: each
+describes itself with an ``openapi_paths()`` fragment (``{"paths": ..., "components":
+...}``); :func:`merge_paths` merges one into a document (pure), :func:`add_paths` into a
+FastAPI app's (before ``install()``, so the stack's additions reach them too).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
 
-__all__ = ["PROBLEM_SCHEMA", "document_stack", "patch_openapi"]
+from pydantic import BaseModel
+
+__all__ = [
+    "PROBLEM_SCHEMA",
+    "add_paths",
+    "component_schemas",
+    "document_stack",
+    "fragment",
+    "json_body",
+    "json_response",
+    "merge_paths",
+    "patch_openapi",
+    "problem_response",
+    "ref",
+]
 
 PROBLEM_SCHEMA: dict[str, Any] = {
     "title": "Problem",
@@ -98,7 +118,19 @@ IDEMPOTENCY_PARAMETER = {
 }
 
 
-def _problem(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+# The API key, as the default principal rule reads it; optional (`{}`): a caller without
+# one is told apart by address.
+SECURITY_SCHEMES = {
+    "bearerAuth": {"type": "http", "scheme": "bearer", "description": "The API key."},
+    "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "x-api-key",
+                     "description": "The API key, instead of a bearer token."},
+}
+SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"apiKeyHeader": []}, {}]
+REF_TEMPLATE = "#/components/schemas/{model}"
+
+
+def problem_response(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An OpenAPI response object: a problem+json body (the ``Problem`` schema)."""
     response: dict[str, Any] = {
         "description": description,
         "content": {"application/problem+json": {"schema": _REF}},
@@ -116,14 +148,20 @@ def patch_openapi(
     rate_limit_exempt: Iterable[str] = (),
     usage_headers: bool = False,
     version_headers: bool = False,
+    auth: bool = False,
 ) -> dict[str, Any]:
     """Add the stack's errors, headers and parameters to every operation of ``schema``.
 
     ``rate_limit_exempt``: the paths (or ``"/prefix/*"``) the rate limiter skips, as given to
     it: their operations get no rate-limit headers and no 429. ``usage_headers`` /
     ``version_headers``: document the usage layer's ``x-usage-*`` headers and the
-    versioning layer's headers on success responses.
+    versioning layer's headers on success responses. ``auth``: document how the context
+    layer's default rule tells callers apart (an optional bearer token or ``x-api-key``;
+    without one, the caller's address) on every operation that declares no ``security``.
     """
+    if auth:
+        schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+        schemes.update(SECURITY_SCHEMES)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components["Problem"] = PROBLEM_SCHEMA
     idem = {m.lower() for m in idempotency_methods}
@@ -149,21 +187,27 @@ def patch_openapi(
                     if keyed:
                         headers.update(REPLAYED_HEADER)
             if "422" in responses:
-                responses["422"] = _problem("Request validation failed.", REQUEST_ID_HEADER)
+                responses["422"] = problem_response(
+                    "Request validation failed.", REQUEST_ID_HEADER
+                )
             if limited_path:
                 limited = {**REQUEST_ID_HEADER, **RETRY_HEADERS, **RATE_LIMIT_HEADERS}
-                responses.setdefault("429", _problem("Rate limited or quota exceeded.", limited))
+                responses.setdefault(
+                    "429", problem_response("Rate limited or quota exceeded.", limited)
+                )
             if keyed:
-                responses.setdefault("400", _problem(
+                responses.setdefault("400", problem_response(
                     "Invalid request, such as a malformed Idempotency-Key.", REQUEST_ID_HEADER
                 ))
-                responses.setdefault("409", _problem(
+                responses.setdefault("409", problem_response(
                     "A request with this Idempotency-Key is still in progress: retry later.",
                     {**REQUEST_ID_HEADER, **RETRY_HEADERS},
                 ))
             responses.setdefault(
-                "default", _problem("Any other error, as problem+json.", REQUEST_ID_HEADER)
+                "default", problem_response("Any other error, as problem+json.", REQUEST_ID_HEADER)
             )
+            if auth:
+                op.setdefault("security", SECURITY)
             if keyed:
                 params = op.setdefault("parameters", [])
                 if not any(p.get("name", "").lower() == "idempotency-key" for p in params):
@@ -181,13 +225,127 @@ def _exempt(path: str, exempt: tuple[str, ...]) -> bool:
     )
 
 
-def document_stack(app: Any, **options: Any) -> None:
-    """Make a FastAPI app's ``/openapi.json`` describe what the stack adds."""
+def document_stack(
+    app: Any, *, paths: Iterable[Mapping[str, Any]] = (), **options: Any
+) -> None:
+    """Make a FastAPI app's ``/openapi.json`` describe what the stack adds.
+
+    ``paths``: ``openapi_paths()`` fragments of routes the stack's layers answer (say the
+    versioning layer's), merged in first; ``options`` go to :func:`patch_openapi`.
+    """
+    original: Callable[[], dict[str, Any]] = app.openapi
+    fragments = list(paths)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = original()
+            for fragment in fragments:
+                schema = merge_paths(schema, fragment)
+            app.openapi_schema = patch_openapi(schema, **options)
+        return app.openapi_schema  # type: ignore[no-any-return]
+
+    app.openapi = openapi
+
+
+def add_paths(app: Any, *fragments: Mapping[str, Any]) -> None:
+    """Make a FastAPI app's ``/openapi.json`` document routes FastAPI cannot see.
+
+    ``fragments``: ``openapi_paths()`` results, e.g. of the app's ``UsageRoutes`` and
+    ``JobsRouter``. Call it before ``install()`` (or :func:`document_stack`), which then
+    adds the stack's errors, headers and ``Idempotency-Key`` to these operations too.
+    """
     original: Callable[[], dict[str, Any]] = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = patch_openapi(original(), **options)
+            schema = original()
+            for fragment in fragments:
+                schema = merge_paths(schema, fragment)
+            app.openapi_schema = schema
         return app.openapi_schema  # type: ignore[no-any-return]
 
     app.openapi = openapi
+
+
+def merge_paths(schema: dict[str, Any], fragment: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge an ``openapi_paths()`` fragment into ``schema`` (changed in place, returned).
+
+    An operation ``schema`` already has (the app documented it itself) is kept. A component
+    schema whose name ``schema`` already uses for a different schema (an app's own ``Job``
+    model, say) is merged as ``aimiddleware.<name>``, and the fragment's references follow.
+    """
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    renames: dict[str, str] = {}
+    theirs: Mapping[str, Any] = fragment.get("components", {}).get("schemas", {})
+    for name, component in theirs.items():
+        if name in components and components[name] != component:
+            renames[name] = f"aimiddleware.{name}"
+    if renames:
+        fragment = _renamed(fragment, {
+            REF_TEMPLATE.format(model=old): REF_TEMPLATE.format(model=new)
+            for old, new in renames.items()
+        })
+        theirs = fragment.get("components", {}).get("schemas", {})
+    for name, component in theirs.items():
+        components.setdefault(renames.get(name, name), component)
+    paths = schema.setdefault("paths", {})
+    for path, item in fragment.get("paths", {}).items():
+        merged = paths.setdefault(path, {})
+        for method, operation in item.items():
+            merged.setdefault(method, operation)
+    return schema
+
+
+def _renamed(value: Any, refs: Mapping[str, str]) -> Any:
+    """A deep copy of ``value`` whose ``$ref`` values found in ``refs`` are replaced."""
+    if isinstance(value, Mapping):
+        return {
+            k: refs.get(v, v) if k == "$ref" and isinstance(v, str) else _renamed(v, refs)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_renamed(v, refs) for v in value]
+    return value
+
+
+def component_schemas(
+    *models: type[BaseModel], mode: Literal["validation", "serialization"] = "validation"
+) -> dict[str, dict[str, Any]]:
+    """The component schemas of ``models`` (and the models they use), by name; refer to
+    one as ``{"$ref": "#/components/schemas/<Name>"}``. ``mode``: ``"validation"`` for
+    request bodies, ``"serialization"`` for responses."""
+    out: dict[str, dict[str, Any]] = {}
+    for model in models:
+        schema = model.model_json_schema(ref_template=REF_TEMPLATE, mode=mode)
+        out.update(schema.pop("$defs", {}))
+        out[model.__name__] = schema
+    return out
+
+
+def ref(name: str) -> dict[str, str]:
+    """A reference to the component schema ``name``."""
+    return {"$ref": REF_TEMPLATE.format(model=name)}
+
+
+def json_response(
+    description: str, schema: Mapping[str, Any], headers: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """An OpenAPI response object with an ``application/json`` body."""
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": dict(schema)}},
+    }
+    if headers:
+        response["headers"] = dict(headers)
+    return response
+
+
+def fragment(paths: dict[str, Any], schemas: dict[str, Any]) -> dict[str, Any]:
+    """An ``openapi_paths()`` result: ``paths`` and the component ``schemas`` they use (with
+    ``Problem``, which :func:`problem_response` refers to)."""
+    return {"paths": paths, "components": {"schemas": {**schemas, "Problem": PROBLEM_SCHEMA}}}
+
+
+def json_body(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """A required ``application/json`` request body."""
+    return {"required": True, "content": {"application/json": {"schema": dict(schema)}}}

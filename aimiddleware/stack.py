@@ -37,6 +37,7 @@ from aimiddleware.usage.config import UsageConfig
 from aimiddleware.usage.middleware import UsageMiddleware
 from aimiddleware.versioning.config import VersioningConfig
 from aimiddleware.versioning.middleware import VersioningMiddleware
+from aimiddleware.versioning.openapi import openapi_paths as versioning_paths
 
 __all__ = ["StackConfig", "install"]
 
@@ -131,8 +132,14 @@ def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
         register_exception_handlers(app, mapper=mapper, error_type_base=config.error_type_base)
         if hasattr(app, "openapi") and hasattr(app, "openapi_schema"):  # FastAPI
             methods = config.idempotency.methods if config.idempotency is not None else ()
+            versioning = config.versioning
             document_stack(
                 app,
+                # The routes the versioning layer answers itself (models list, migration).
+                paths=[versioning_paths(versioning.models_path, versioning.migration_path)]
+                if versioning is not None
+                else [],
+                auth=True,
                 rate_limit_headers=config.ratelimit is not None,
                 idempotency_methods=methods,
                 rate_limit_exempt=tuple(config.ratelimit_exempt),

@@ -6,8 +6,9 @@ Environment:
 - ``AIMW_STORAGE``: ``redis://host:6379/0`` (or ``valkey://``, ``redis+cluster://``) to share
   limits, idempotency records, usage and jobs between workers and hosts.
 - ``AIMW_IDEMPOTENCY_SECRET``: the fingerprint key; required with a shared storage.
-- ``AIMW_UPSTREAM_URL`` (+ ``AIMW_UPSTREAM_API_KEY``): proxy to a real OpenAI-compatible
-  server (vLLM, Ollama, a provider) instead of the local deterministic model.
+- ``AIMW_UPSTREAM_URL`` (+ ``AIMW_UPSTREAM_API_KEY``, ``AIMW_UPSTREAM_MAX_CONNECTIONS``): proxy
+  to a real OpenAI-compatible server (vLLM, Ollama, a provider) instead of the local
+  deterministic model.
 - ``AIMW_CONFIG``: another models/prices/tiers file than ``examples/config.toml``.
 """
 
@@ -43,6 +44,7 @@ from aimiddleware import (
 )
 from aimiddleware.context import default_principal
 from aimiddleware.jobs import JobContext, JobsRouter
+from aimiddleware.openapi import add_paths
 from aimiddleware.testing import FakeModel
 from aimiddleware.usage import ledger_for
 from examples.settings import load_settings
@@ -181,16 +183,18 @@ def create_app(
             )
         return await model.complete(request)
 
-    app.router.routes.extend(
-        UsageRoutes(
-            usage_path="/v1/usage",
-            count_tokens_path="/v1/count_tokens",
-            feedback_path="/v1/feedback",
-        ).routes
+    usage_routes = UsageRoutes(
+        usage_path="/v1/usage",
+        count_tokens_path="/v1/count_tokens",
+        feedback_path="/v1/feedback",
     )
+    app.router.routes.extend(usage_routes.routes)
     # The jobs routes join the app's own (a Mount("/v1") would also catch every other /v1/*
     # path that matches no route, turning 405s into 404s).
     app.router.routes.extend(jobs.routes)
+    # FastAPI documents only its own routes: these join /openapi.json too (before install(),
+    # which adds the stack's errors, headers and Idempotency-Key to them as well).
+    add_paths(app, usage_routes.openapi_paths(), jobs.openapi_paths())
 
     versions = ApiVersions(
         [

@@ -39,6 +39,7 @@ from aimiddleware.jobs.http import (
     typed_errors,
 )
 from aimiddleware.jobs.models import Batch, BatchCounts, Job, JobError, is_id, new_id
+from aimiddleware.jobs.openapi import openapi_paths
 from aimiddleware.jobs.runner import JobFunction, JobRunner
 from aimiddleware.jobs.store import JobStore, make_store
 from aimiddleware.jobs.stream import JobEventsDialect, event_stream
@@ -172,6 +173,12 @@ class JobsRouter(Router):
             if self._owns_storage and not self.storage.is_memory:
                 with anyio.CancelScope(shield=True):
                     await self.storage.aclose()
+
+    def openapi_paths(self, prefix: str = "") -> dict[str, Any]:
+        """The routes' OpenAPI path items and component schemas (pure); ``prefix``: where
+        the router is mounted (``""`` when its routes join the app's). Merge into a FastAPI
+        app's document with :func:`aimiddleware.openapi.add_paths`."""
+        return openapi_paths(prefix + self.prefix, self.input_model)
 
     # -- helpers ---------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from aimiddleware.pricing import PriceTable
 from aimiddleware.tokens import TokenCounter
 from aimiddleware.usage.ledger import Feedback, Ledger
 from aimiddleware.usage.models import Usage
+from aimiddleware.usage.openapi import openapi_paths
 
 __all__ = ["UsageRoutes"]
 
@@ -89,6 +90,7 @@ class UsageRoutes:
         self.ledger = ledger
         self.counter = counter
         self.prices = prices
+        self.paths = (usage_path, count_tokens_path, feedback_path)
         self.routes = [
             Route(usage_path, self._wrap(self.usage), methods=["GET"]),
             Route(usage_path.rstrip("/") + "/requests/{request_id}", self._wrap(self.request),
@@ -97,6 +99,14 @@ class UsageRoutes:
             Route(feedback_path, self._wrap(self.feedback), methods=["POST"]),
         ]
         self.router = Router(routes=self.routes)
+
+    def openapi_paths(self, prefix: str = "") -> dict[str, Any]:
+        """These routes' OpenAPI path items and the component schemas they use (pure).
+
+        ``prefix``: where they are mounted (``""`` when added to the app's own routes).
+        Merge into a FastAPI app's document with :func:`aimiddleware.openapi.add_paths`.
+        """
+        return openapi_paths(*(prefix + p for p in self.paths))
 
     def _wrap(self, fn: Endpoint) -> Endpoint:
         async def endpoint(request: Request) -> Response:
