@@ -12,7 +12,10 @@ from starlette.responses import Response
 from aimiddleware.errors import DEFAULT_TYPE_BASE, AIError, render_problem
 from aimiddleware.types import Receive, Scope, Send
 
-__all__ = ["WrappedResponse", "get_header", "is_async_callable", "send_json", "send_problem"]
+__all__ = [
+    "WrappedResponse", "get_header", "is_async_callable", "send_json", "send_problem",
+    "with_hidden_params",
+]
 
 
 def is_async_callable(obj: Any) -> bool:
@@ -21,6 +24,23 @@ def is_async_callable(obj: Any) -> bool:
     return inspect.iscoroutinefunction(obj) or (
         callable(obj) and inspect.iscoroutinefunction(type(obj).__call__)
     )
+
+
+def with_hidden_params(
+    signature: inspect.Signature, hidden: Iterable[tuple[str, type, str | None]]
+) -> inspect.Signature:
+    """``signature`` plus a keyword-only ``name: kind`` parameter (before any ``**kwargs``) for
+    each ``(name, kind, own)`` whose ``own`` (the endpoint's parameter of that kind) is
+    ``None``: FastAPI then injects the request or its sub-response for a decorator to pop."""
+    params = list(signature.parameters.values())
+    at = next(
+        (i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params)
+    )
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    for name, kind, own in hidden:
+        if own is None:
+            params.insert(at, inspect.Parameter(name, keyword, annotation=kind))
+    return signature.replace(parameters=params)
 
 
 def get_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:

@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from aimiddleware._asgi import WrappedResponse, is_async_callable
+from aimiddleware._asgi import WrappedResponse, is_async_callable, with_hidden_params
 from aimiddleware.errors import DEFAULT_TYPE_BASE
 from aimiddleware.idempotency.config import IdempotencyConfig
 from aimiddleware.idempotency.engine import Begin, IdempotencyEngine, Lease, answer
@@ -110,21 +110,12 @@ def idempotent(
                 raise
             return _Recorded(response, engine, lease)
 
-        params = list(signature.parameters.values())
-        at = next(
-            (i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD),
-            len(params),
-        )
-        for hidden, kind, mine in (
-            (_INJECTED, Request, request_param), (_SUB_RESPONSE, Response, own_response)
-        ):
-            if mine is None:
-                params.insert(
-                    at, inspect.Parameter(hidden, inspect.Parameter.KEYWORD_ONLY, annotation=kind)
-                )
         # Annotations evaluated in the endpoint's module: FastAPI would otherwise resolve
         # string annotations (``from __future__ import annotations``) in this module.
-        wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        wrapper.__signature__ = with_hidden_params(  # type: ignore[attr-defined]
+            signature,
+            [(_INJECTED, Request, request_param), (_SUB_RESPONSE, Response, own_response)],
+        )
         return wrapper  # type: ignore[return-value]
 
     return decorate

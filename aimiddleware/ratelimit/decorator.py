@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from aimiddleware._asgi import WrappedResponse, get_header, is_async_callable
+from aimiddleware._asgi import WrappedResponse, get_header, is_async_callable, with_hidden_params
 from aimiddleware.context import RequestContext, current
 from aimiddleware.ratelimit._run import is_success, run_admitted, send_then_settle
 from aimiddleware.ratelimit.limiter import Admission, RateLimiter
@@ -56,17 +56,6 @@ def rate_limit(
         params = list(sig.parameters.values())
         own = next((p.name for p in params if p.annotation is Response), None)
         own_request = next((p.name for p in params if p.annotation is Request), None)
-        at = next(
-            (i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD),
-            len(params),
-        )
-        for hidden, kind, mine in (
-            (_REQUEST_PARAM, Request, own_request), (_RESPONSE_PARAM, Response, own)
-        ):
-            if mine is None:
-                params.insert(
-                    at, inspect.Parameter(hidden, inspect.Parameter.KEYWORD_ONLY, annotation=kind)
-                )
         is_async = is_async_callable(func)
 
         @functools.wraps(func)
@@ -110,7 +99,9 @@ def rate_limit(
                 return _SettledWhenSent(result, lim, admission, ctx)
             return result
 
-        wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        wrapper.__signature__ = with_hidden_params(  # type: ignore[attr-defined]
+            sig, [(_REQUEST_PARAM, Request, own_request), (_RESPONSE_PARAM, Response, own)]
+        )
         wrapper.rate_limiter = lim  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
 
