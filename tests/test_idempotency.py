@@ -120,6 +120,11 @@ def test_config_validates_eagerly() -> None:
     with pytest.raises(TypeError):
         IdempotencyConfig(methods="POST")
     assert IdempotencyConfig(methods=["post"]).methods == frozenset({"POST"})
+    # A short secret failed first when Starlette built the middleware, on the first ASGI
+    # call: uvicorn took it for "lifespan unsupported" and answered every request a bare 500.
+    with pytest.raises(ValueError, match="16 bytes"):
+        IdempotencyConfig(secret="change-me")
+    assert IdempotencyConfig(secret="change-me-to-a-long-random-key").secret
 
 
 # -- stores: compare-and-set by owner ------------------------------------------------------------

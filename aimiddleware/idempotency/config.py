@@ -79,6 +79,12 @@ class IdempotencyConfig:
             raise ValueError("on_store_error must be 'closed' or 'open'")
         if self.max_record_bytes <= 0 or self.memory_max_bytes <= 0:
             raise ValueError("max_record_bytes and memory_max_bytes must be > 0")
+        # Checked here, not first when the middleware is built: Starlette builds it on the
+        # first ASGI call, uvicorn takes a failing lifespan for "lifespan unsupported", and
+        # every request would then be a bare 500.
+        secret = self.secret
+        if secret is not None and len(secret.encode() if isinstance(secret, str) else secret) < 16:
+            raise ValueError("secret must be at least 16 bytes (e.g. secrets.token_hex(16))")
 
     @property
     def heartbeat_interval(self) -> float:
