@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +15,20 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Mount, Route
 
 from aimiddleware.errors import InvalidRequest
-from aimiddleware.jobs import CallbackPolicy, JobContext, JobsRouter, WebhookSigner
+from aimiddleware.jobs import (
+    CallbackPolicy,
+    JobContext,
+    JobsRouter,
+    JobStore,
+    WebhookDispatcher,
+    WebhookSigner,
+    make_store,
+)
+from aimiddleware.storage import Storage
 from tests.jobs_servers import ProcessServer, ThreadServer
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -28,9 +37,10 @@ LOCAL = CallbackPolicy(schemes=["http"], allow_hosts=["127.0.0.1"])
 
 
 class Receiver:
-    """A real HTTP receiver that answers from a script of statuses (then 200)."""
+    """A real HTTP receiver that answers from a script of statuses (then 200). A ``"trickle"``
+    step answers 200 at once, then its body a byte every 0.25 s (50 s for all of it)."""
 
-    def __init__(self, script: list[int | tuple[int, dict[str, str]]]) -> None:
+    def __init__(self, script: list[int | tuple[int, dict[str, str]] | str]) -> None:
         self.script = list(script)
         self.received: list[tuple[dict[str, str], bytes, int]] = []
         self.lock = threading.Lock()
@@ -40,9 +50,19 @@ class Receiver:
         body = await request.body()
         with self.lock:
             step = self.script.pop(0) if self.script else 200
+            if step == "trickle":
+                self.received.append((dict(request.headers), body, 200))
+                return StreamingResponse(self.trickle(), headers={"content-length": "200"})
+            assert not isinstance(step, str)
             status, headers = step if isinstance(step, tuple) else (step, {})
             self.received.append((dict(request.headers), body, status))
         return Response(status_code=status, headers=headers)
+
+    @staticmethod
+    async def trickle() -> AsyncIterator[bytes]:
+        for _ in range(200):  # each byte well inside any per-read timeout (stops on disconnect)
+            yield b"x"
+            await anyio.sleep(0.25)
 
     def successes(self) -> list[tuple[dict[str, str], bytes, int]]:
         return [r for r in self.received if 200 <= r[2] < 300]
@@ -64,6 +84,28 @@ async def wait_for(pred: Any, timeout_s: float = 10) -> None:
     with anyio.fail_after(timeout_s):
         while not pred():  # noqa: ASYNC110 - polling a server in another thread
             await anyio.sleep(0.02)
+
+
+@pytest.fixture
+async def redis_store(redis_url: str) -> AsyncIterator[JobStore]:
+    """A job store on the real Valkey server, for tests that run a dispatcher directly."""
+    storage = Storage(redis_url)
+    yield make_store(storage)
+    await storage.aclose()
+
+
+async def settle(dispatcher: WebhookDispatcher, ids: list[str], timeout_s: float = 10) -> None:
+    """Runs ``dispatcher`` until every message in ``ids`` has succeeded or failed for good."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(dispatcher.run)
+        with anyio.fail_after(timeout_s):
+            for msg_id in ids:
+                while True:  # polling the store (a dispatcher has no event to wait on)
+                    d = await dispatcher.get(msg_id)
+                    if d is not None and d.state != "pending":
+                        break
+                    await anyio.sleep(0.02)
+        tg.cancel_scope.cancel()
 
 
 def test_signatures_verify_with_standardwebhooks_including_rotation() -> None:
@@ -207,6 +249,14 @@ async def test_callback_policy_blocks_ssrf() -> None:
         with pytest.raises(InvalidRequest):
             allow.check_syntax(url)
     await LOCAL.check("http://127.0.0.1:9/hook")  # explicitly permitted for tests
+    # A name that does not resolve: refused at submit; before an attempt, the lookup's own
+    # error (the dispatcher retries it), while a private address stays a refusal.
+    with pytest.raises(InvalidRequest, match="does not resolve"):
+        await default.check("https://hooks.invalid/x")
+    with pytest.raises(OSError):
+        await default.check_resolved("https://hooks.invalid/x")
+    with pytest.raises(InvalidRequest, match="private"):
+        await default.check_resolved("https://localhost/hook")
     with pytest.raises(ValueError):
         CallbackPolicy(schemes=["gopher"])
 
@@ -312,3 +362,61 @@ async def test_retry_after_is_honoured(receiver_factory: Any) -> None:
     assert delivery is not None and [a.status for a in delivery.attempts] == [429, 200]
     # the schedule said 0.05 s; the receiver asked for 1 s
     assert delivery.attempts[1].at - delivery.attempts[0].at >= 0.95
+
+
+async def test_a_trickling_receiver_is_cut_off_at_the_deadline_and_retried(
+    redis_store: JobStore, receiver_factory: Any
+) -> None:
+    """Headers at once, then a byte every 0.25 s: httpx's per-read timeout never trips, the
+    attempt's deadline does. Before it, the attempt ran for the whole body (50 s), outlived
+    its lease (so the message went out again beside it) and held its slot all along."""
+    slow, slow_srv = receiver_factory(["trickle"])
+    other, other_srv = receiver_factory([])
+    dispatcher = WebhookDispatcher(redis_store, WebhookSigner(SECRET), policy=LOCAL,
+                                   schedule=(0.3,), jitter=0, timeout=1.0, poll_interval=0.05,
+                                   concurrency=1)
+    slow_id = await dispatcher.enqueue(f"{slow_srv.url}/hook", '{"type":"job.completed"}')
+    other_id = await dispatcher.enqueue(f"{other_srv.url}/hook", '{"type":"job.completed"}')
+    started = time.monotonic()
+    await settle(dispatcher, [slow_id, other_id], timeout_s=8)
+    # The one slot came free at the deadline: the other receiver waited ~1 s, not 50.
+    assert len(other.successes()) == 1 and time.monotonic() - started < 8
+    delivery = await dispatcher.get(slow_id)
+    assert delivery is not None and delivery.state == "succeeded"
+    first, second = delivery.attempts
+    assert (first.status, first.error) == (None, "TimeoutError")  # a failed attempt...
+    assert 900 <= first.duration_ms < 3000  # ...ended by the deadline (timeout=1.0)
+    assert (second.status, second.error) == (200, None)  # ...and retried on the schedule
+    assert second.at - first.at >= 1.0 + 0.3 - 0.05
+    assert [h["webhook-id"] for h, _, _ in slow.received] == [slow_id, slow_id]  # two, in turn
+    await anyio.sleep(0.3)
+    assert len(slow.received) == 2
+
+
+async def test_a_name_that_does_not_resolve_is_retried_a_private_one_is_final(
+    redis_store: JobStore,
+) -> None:
+    """A lookup that fails may succeed later (a resolver timeout, SERVFAIL): retried on the
+    schedule like a network error. A name that resolves to a private address is refused for
+    good, as before: the SSRF guard is as strict at delivery as at submit."""
+    dispatcher = WebhookDispatcher(redis_store, WebhookSigner(SECRET),
+                                   policy=CallbackPolicy(schemes=["http"]),  # public only
+                                   schedule=(0.1, 0.1), jitter=0, poll_interval=0.05)
+    # .invalid never resolves (RFC 6761): here, a lookup that fails at every attempt.
+    unresolved = await dispatcher.enqueue("http://hooks.invalid/hook", '{"type":"x"}')
+    private = await dispatcher.enqueue("http://localhost/hook", '{"type":"x"}')
+    await settle(dispatcher, [unresolved, private])
+    delivery = await dispatcher.get(unresolved)
+    assert delivery is not None and delivery.state == "failed"  # once the schedule ran out
+    assert [(a.status, a.error) for a in delivery.attempts] == [(None, "gaierror")] * 3
+    refused = await dispatcher.get(private)
+    assert refused is not None and refused.state == "failed"
+    assert [(a.status, a.error) for a in refused.attempts] == [
+        (None, "callback_url resolves to a private or reserved address.")
+    ]
+
+
+async def test_dispatcher_rejects_a_timeout_that_is_no_deadline(redis_store: JobStore) -> None:
+    for timeout in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="timeout"):
+            WebhookDispatcher(redis_store, WebhookSigner(SECRET), timeout=timeout)

@@ -17,6 +17,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -145,16 +146,25 @@ class CallbackPolicy:
         return host
 
     async def check(self, url: str) -> None:
-        host = self.check_syntax(url)
-        if self.allow_private or (self.allow_hosts and self._match(host, self.allow_hosts)):
-            return
-        port = urlsplit(url).port or 443
+        """Raises ``InvalidRequest`` for a URL this policy refuses or whose host does not
+        resolve (at submit time the client hears of a mistyped name at once)."""
         try:
-            infos = await anyio.getaddrinfo(host, port)
+            await self.check_resolved(url)
         except OSError as exc:
             raise InvalidRequest(
                 "callback_url host does not resolve.", param="callback_url"
             ) from exc
+
+    async def check_resolved(self, url: str) -> None:
+        """As :meth:`check`, but a failed lookup raises its ``OSError`` unchanged: before a
+        delivery attempt a name that does not resolve now may resolve later (a resolver
+        timeout, SERVFAIL), so the dispatcher retries it like a network error. A refusal,
+        such as a name that resolves to a private address, is still ``InvalidRequest``."""
+        host = self.check_syntax(url)
+        if self.allow_private or (self.allow_hosts and self._match(host, self.allow_hosts)):
+            return
+        port = urlsplit(url).port or 443
+        infos = await anyio.getaddrinfo(host, port)
         for info in infos:
             addr = ipaddress.ip_address(str(info[4][0]).split("%")[0])
             if not _public(addr):
@@ -204,9 +214,10 @@ class WebhookDispatcher:
 
     ``schedule``: delays between attempts (injectable so tests run in seconds); the message
     fails for good once it is exhausted. ``jitter``: +/- fraction added to each delay.
-    ``concurrency``: deliveries in flight at once from this dispatcher. A claimed delivery
-    is leased for ``timeout`` + 30 s, after which a dispatcher that crashed mid-attempt
-    loses it to another.
+    ``concurrency``: deliveries in flight at once from this dispatcher. ``timeout``: the
+    deadline of a whole attempt, answer included (a failed attempt once it passes). A
+    claimed delivery is leased for ``timeout`` + 30 s, after which a dispatcher that
+    crashed mid-attempt loses it to another.
     """
 
     def __init__(
@@ -227,6 +238,8 @@ class WebhookDispatcher:
             raise ValueError("jitter must be in [0, 1)")
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if not 0 < timeout < math.inf:
+            raise ValueError("timeout must be a positive, finite number of seconds")
         self.concurrency = concurrency
         self.store = store
         self.signer = signer
@@ -251,6 +264,9 @@ class WebhookDispatcher:
     async def run(self) -> None:
         import httpx
 
+        # Each attempt ends by its deadline (``timeout``, see _attempt), so a lease 30 s longer
+        # (time to record the attempt) outlasts every live attempt: it runs out only for a
+        # dispatcher that died mid-attempt, whose message another one then sends.
         lease = self.timeout + 30.0
         inflight = [0]
 
@@ -298,16 +314,21 @@ class WebhookDispatcher:
         stop = False
         body = delivery.payload.encode()
         try:
-            await self.policy.check(delivery.url)
-            resp = await client.post(
-                delivery.url, content=body, headers=self.signer.headers(delivery.id, body)
-            )
+            # One deadline over the whole attempt (lookup, connect, send, every byte of the
+            # answer): httpx's timeouts are per read, so a receiver that trickles its body a
+            # byte at a time never trips them, would hold a slot for as long as it likes and
+            # outlive the lease (the message then sent again beside the open attempt).
+            with anyio.fail_after(self.timeout):
+                await self.policy.check_resolved(delivery.url)
+                resp = await client.post(
+                    delivery.url, content=body, headers=self.signer.headers(delivery.id, body)
+                )
             status = resp.status_code
             retry_after = _retry_after(resp.headers.get("retry-after"), self.clock())
             stop = status == 410 or resp.headers.get("webhook-delivery") == "abort-message"
-        except InvalidRequest as exc:
+        except InvalidRequest as exc:  # refused by the policy: final
             error, stop = exc.detail, True
-        except Exception as exc:  # network errors: retry
+        except Exception as exc:  # network errors, a lookup failure, the deadline: retry
             error = type(exc).__name__
         attempt = DeliveryAttempt(
             at=started, status=status, error=error, duration_ms=(self.clock() - started) * 1000
