@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -175,10 +176,19 @@ class CountingStore(MemoryJobStore):
     def __init__(self) -> None:
         super().__init__()
         self.puts = 0
+        self.result_writes = 0
 
     async def put(self, principal: str, rec_id: str, data: str) -> None:
         self.puts += 1
         await super().put(principal, rec_id, data)
+
+    async def append_result(self, principal: str, rec_id: str, line: str) -> None:
+        self.result_writes += 1
+        await super().append_result(principal, rec_id, line)
+
+    async def append_results(self, principal: str, rec_id: str, lines: Sequence[str]) -> None:
+        self.result_writes += 1
+        await super().append_results(principal, rec_id, lines)
 
 
 async def test_a_big_batch_writes_its_record_a_bounded_number_of_times() -> None:
@@ -202,12 +212,14 @@ async def test_a_big_batch_writes_its_record_a_bounded_number_of_times() -> None
             with anyio.fail_after(10):
                 while item.active < 8:  # noqa: ASYNC110 - set from the server thread
                     await anyio.sleep(0.02)
-            before = store.puts
+            before, results_before = store.puts, store.result_writes
             with anyio.fail_after(10):
                 cancelled = (await client.delete(f"/v1/batches/{batch_id}")).json()
             assert cancelled["status"] == "cancelled"
             assert cancelled["counts"]["cancelled"] == 5000
             assert store.puts - before <= 3  # the leftovers at once, then the final record
+            # ... their lines too: in bulk, not a round trip each (to a shared store)
+            assert store.result_writes - results_before == 1
             lines = (await client.get(f"/v1/batches/{batch_id}/results")).text.splitlines()
             assert len(lines) == 5000
 
@@ -338,8 +350,11 @@ async def test_a_batch_whose_worker_died_reports_the_items_it_finished(
                 await store.append_result("p", dead.id, line.model_dump_json())
             body = (await client.get(f"/v1/batches/{dead.id}")).json()
             assert body["status"] == "failed" and body["error"]["code"] == "worker_lost"
-            assert body["counts"] == {"processing": 1, "succeeded": 1, "errored": 1,
+            # (the item it had not finished: an errored line, never left "processing")
+            assert body["counts"] == {"processing": 0, "succeeded": 1, "errored": 2,
                                       "cancelled": 0, "expired": 0}
+            lines = (await client.get(f"/v1/batches/{dead.id}/results")).text.splitlines()
+            assert [json.loads(x)["custom_id"] for x in lines] == ["c0", "c1", "c2"]
             async with aconnect_sse(client, "GET", f"/v1/batches/{dead.id}/events") as es:
                 final = [json.loads(e.data) async for e in es.aiter_sse()][-1]
             assert final["counts"] == body["counts"]

@@ -1,20 +1,26 @@
 """The reaper: a record whose worker is gone is reported failed (worker_lost), a queued one
-included; one whose worker is alive, waiting for a slot, is left alone."""
+included, once however many read it at the same time, a batch with a result for every
+item; one whose worker is alive, waiting for a slot, is left alone."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 import anyio
+import httpx
+import pytest
+from starlette.applications import Starlette
 
 from aimiddleware import Storage
 from aimiddleware.context import key_principal
-from aimiddleware.jobs import Job, JobContext, JobsRouter
-from aimiddleware.jobs.models import new_id
+from aimiddleware.jobs import Batch, CallbackPolicy, Job, JobContext, JobsRouter
+from aimiddleware.jobs.models import BatchCounts, BatchItem, BatchItemResult, new_id
 from tests.test_jobs_charge import running
 
 AUTH = {"authorization": "Bearer k"}
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
 async def test_a_queued_job_without_a_worker_is_reported_lost(storage: Storage) -> None:
@@ -53,3 +59,87 @@ async def test_a_queued_job_without_a_worker_is_reported_lost(storage: Storage) 
                         break
                     await anyio.sleep(0.02)
 
+
+
+async def _never(ctx: JobContext, input: Any) -> Any:
+    raise AssertionError("not run here")
+
+
+async def test_many_readers_of_a_lost_job_report_it_once(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every reader that found the lease lapsed reaped the job itself: as many job.failed
+    # events and webhooks (each with its own webhook-id) as readers, each with its own
+    # finished_at, and a stream resumed at the first job.failed got another.
+    jobs = JobsRouter(
+        _never, storage=storage, prefix="/v1", principal=lambda request: "p", lease=0.5,
+        webhook_secrets=[SECRET],
+        callback_policy=CallbackPolicy(schemes=("http",), allow_hosts=["127.0.0.1"]),
+    )
+    alive = jobs.store.alive
+
+    async def slow_alive(principal: str, rec_id: str) -> bool:
+        # Every reader finds the lease lapsed before any has acted on it (as readers on
+        # other workers do), whatever the store's timing.
+        found = await alive(principal, rec_id)
+        await anyio.sleep(0.05)
+        return found
+
+    monkeypatch.setattr(jobs.store, "alive", slow_alive)
+    dead = Job(id=new_id("job"), principal="p", status="in_progress", input={},
+               callback_url="http://127.0.0.1:9/hook", fingerprint="f", started_at=time.time())
+    await jobs.store.put("p", dead.id, dead.stored())  # (its worker gone: no lease)
+    seen: list[dict[str, Any]] = []
+    streamed: list[str] = []
+    transport = httpx.ASGITransport(Starlette(routes=jobs.routes))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+
+        async def read(i: int) -> None:
+            if i % 4 == 3:  # (a stream reaps too)
+                streamed.append((await c.get(f"/v1/jobs/{dead.id}/events")).text)
+            else:
+                seen.append((await c.get(f"/v1/jobs/{dead.id}")).json())
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for i in range(24):
+                    tg.start_soon(read, i)
+
+        assert {(j["status"], j["error"]["code"]) for j in seen} == {("failed", "worker_lost")}
+        assert len({j["finished_at"] for j in seen}) == 1  # one final record
+        events = await jobs.store.read_events("p", dead.id, None, wait=0.1)
+        assert [e[1] for e in events] == ["job.failed"]
+        assert all(text.count("event: job.failed") == 1 for text in streamed)
+        resumed = await c.get(f"/v1/jobs/{dead.id}/events",
+                              headers={"last-event-id": events[0][0]})
+        assert resumed.status_code == 204
+    # One webhook: every delivery in the outbox, whenever due.
+    deliveries = await jobs.store.outbox_claim(time.time() + 86400, lease=30, limit=100)
+    assert len(deliveries) == 1
+
+
+async def test_a_lost_batch_has_a_result_for_every_item(storage: Storage) -> None:
+    # A batch whose worker died ended failed, but its unfinished items had no result line
+    # (clients matching by custom_id missed them) and its counts said they were processing.
+    jobs = JobsRouter(_never, storage=storage, prefix="/v1", principal=lambda request: "p")
+    n = 100_000
+    items = [BatchItem(custom_id=f"i{k}", input={}) for k in range(n)]
+    dead = Batch(id=new_id("batch"), principal="p", status="in_progress", items=items,
+                 total=n, counts=BatchCounts(processing=n), started_at=time.time())
+    await jobs.store.put("p", dead.id, dead.stored())
+    for k in range(32):
+        kind = "succeeded" if k % 4 else "errored"
+        line = BatchItemResult(custom_id=f"i{k}", type=kind)  # type: ignore[arg-type]
+        await jobs.store.append_result("p", dead.id, line.model_dump_json())
+    transport = httpx.ASGITransport(Starlette(routes=jobs.routes))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
+        body = (await c.get(f"/v1/batches/{dead.id}")).json()
+        assert body["status"] == "failed" and body["error"]["code"] == "worker_lost"
+        assert body["counts"] == {"processing": 0, "succeeded": 24, "errored": n - 24,
+                                  "cancelled": 0, "expired": 0}
+        lines = [json.loads(x) for x in
+                 (await c.get(f"/v1/batches/{dead.id}/results")).text.splitlines()]
+    assert sorted(x["custom_id"] for x in lines) == sorted(i.custom_id for i in items)
+    lost = [x for x in lines if x["custom_id"] == f"i{n - 1}"]
+    assert lost[0]["type"] == "errored" and lost[0]["error"]["code"] == "worker_lost"
+    assert lost[0]["error"]["retryable"] is True

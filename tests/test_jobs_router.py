@@ -498,3 +498,26 @@ async def test_the_runner_survives_a_store_outage(recorder: Recorder) -> None:
                 assert held_end["result"] == {"echo": None, "steps": 1}
     finally:
         store.stop()
+
+
+async def test_a_callback_is_refused_where_no_webhook_is_ever_sent(recorder: Recorder) -> None:
+    # Without webhook_secrets there is no dispatcher: a callback_url was accepted (202, and
+    # shown on the job), and nothing was ever sent or logged.
+    jobs = JobsRouter(recorder.fn, prefix="/v1")
+    app = Starlette(routes=jobs.routes, lifespan=jobs.lifespan_context)
+    hook = "https://hooks.example.com/done"
+    async with jobs.lifespan_context(app), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app), base_url="http://test"
+    ) as client:
+        for path, body in (
+            ("/v1/jobs", {"input": {"steps": 1}, "callback_url": hook}),
+            ("/v1/batches", {"items": [{"custom_id": "a", "input": {}}], "callback_url": hook}),
+        ):
+            r = await client.post(path, json=body)
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert error["code"] == "invalid_request" and error["param"] == "callback_url"
+            assert "not enabled" in error["message"]
+            del body["callback_url"]
+            assert (await client.post(path, json=body)).status_code == 202
+    assert recorder.calls == [{"steps": 1}, {}]  # (only the ones without a callback ran)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import anyio
+import pytest
 
 from aimiddleware.jobs import Job, make_store
 from aimiddleware.jobs.models import Delivery
@@ -87,6 +89,47 @@ async def test_outbox_claims_due_deliveries_with_a_lease(storage: Storage) -> No
     assert [Delivery.model_validate_json(c).id for c in again] == ["msg_later"]
     record = await store.outbox_get("msg_due")
     assert record is not None and Delivery.model_validate_json(record).state == "succeeded"
+
+
+async def test_finished_deliveries_expire_after_the_retention(storage: Storage) -> None:
+    # On Redis a finished delivery (its whole payload) stayed in the outbox hash for ever.
+    store = make_store(storage, ttl=1)
+    now = time.time()
+    pending = Delivery(id="msg_pending", url="https://x.example/h", payload="{}", next_at=now + 60)
+    await store.outbox_put(pending.id, pending.model_dump_json(), pending.next_at)
+    for delivery_id in ("msg_old", "msg_old_too"):
+        await store.outbox_done(delivery_id, "{}")
+    await anyio.sleep(1.2)
+    await store.outbox_done("msg_new", "{}")  # finishing one drops those past retention
+    assert await store.outbox_get("msg_old") is None
+    assert await store.outbox_get("msg_old_too") is None
+    assert await store.outbox_get("msg_new") == "{}"
+    assert await store.outbox_get(pending.id) is not None  # (not finished: kept)
+    await anyio.sleep(1.2)
+    assert await store.outbox_claim(time.time(), lease=30, limit=10) == []  # so does a claim
+    assert await store.outbox_get("msg_new") is None
+    assert await store.outbox_get(pending.id) is not None
+
+
+async def test_many_result_lines_are_appended_in_a_few_round_trips(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Cancelling a batch of 100,000 items wrote its leftover lines one round trip each.
+    store = make_store(storage)
+    await store.append_result("p", "batch_1", "first")
+    lines = [f'{{"custom_id":"i{n}","type":"cancelled"}}' for n in range(25_000)]
+    calls = []
+    script = storage.script
+
+    def counting(text: str) -> Any:
+        calls.append(text)
+        return script(text)
+
+    monkeypatch.setattr(storage, "script", counting)
+    await store.append_results("p", "batch_1", lines)
+    await store.append_results("p", "batch_1", [])
+    assert await store.results("p", "batch_1") == ["first", *lines]
+    assert len(calls) <= 30  # (none in memory)
 
 
 async def test_memory_store_forgets_records_after_ttl() -> None:

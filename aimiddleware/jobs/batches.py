@@ -4,7 +4,8 @@ Each item carries a ``custom_id``; its outcome is one JSON line ``{custom_id, ty
 error}`` with ``type`` in ``succeeded``, ``errored``, ``cancelled``, ``expired`` (order may
 differ from the request: match by ``custom_id``). One failing item never fails the batch:
 the batch ``completed`` and its ``counts`` say how many of each. Cancelling a batch (or its
-time limit) marks the items not yet finished ``cancelled`` (``expired``).
+time limit) marks the items not yet finished ``cancelled`` (``expired``); a batch whose
+worker died, ``errored`` (``worker_lost``). Either way every item has its line.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import anyio
 
 from aimiddleware.jobs.context import JobContext, JobLimitExceeded, add_usage
 from aimiddleware.jobs.models import Batch, BatchCounts, BatchItem, BatchItemResult, JobError
+from aimiddleware.jobs.store import JobStore
 
 if TYPE_CHECKING:
     from aimiddleware.jobs.runner import JobRunner
 
-__all__ = ["BatchExecution", "counted", "results_jsonl"]
+__all__ = ["BatchExecution", "counted", "fail_unfinished", "results_jsonl"]
 
 SAVE_EVERY = 0.2
 """Seconds between writes of a running batch's record (counts, usage); each finished item
@@ -42,6 +44,27 @@ def counted(counts: BatchCounts, kinds: Iterable[str], total: int, done: int) ->
 def results_jsonl(lines: list[str]) -> bytes:
     """The batch results file: one JSON object per line."""
     return "".join(line + "\n" for line in lines).encode()
+
+
+async def fail_unfinished(store: JobStore, batch: Batch, error: JobError) -> BatchCounts:
+    """A batch whose worker died: an ``errored`` line with ``error`` for each item that has
+    no result yet (written in bulk), and the counts of the whole results file."""
+    seen: set[str] = set()
+    kinds: list[str] = []
+    for line in await store.results(batch.principal, batch.id):
+        res = json.loads(line)
+        if res["custom_id"] not in seen:
+            seen.add(res["custom_id"])
+            kinds.append(res["type"])
+    left = [_line(item, "errored", error) for item in batch.items if item.custom_id not in seen]
+    await store.append_results(batch.principal, batch.id, left)
+    kinds += ["errored"] * len(left)
+    return counted(BatchCounts(), kinds, batch.total, len(kinds))
+
+
+def _line(item: BatchItem, kind: str, error: JobError) -> str:
+    res = BatchItemResult(custom_id=item.custom_id, type=kind, error=error)  # type: ignore[arg-type]
+    return res.model_dump_json()
 
 
 async def _ignore(kind: str, data: dict[str, Any]) -> None:
@@ -167,14 +190,11 @@ class BatchExecution:
             item_error = error or JobError(code="cancelled", message="The batch was cancelled.")
         async with self._lock:  # every unfinished item at once: one write of the record
             left = [item for item in self.batch.items if item.custom_id not in self.done]
-            for item in left:
-                self.done.add(item.custom_id)
-                res = BatchItemResult(
-                    custom_id=item.custom_id, type=leftover, error=item_error  # type: ignore[arg-type]
-                )
-                await self.runner.store.append_result(
-                    self.batch.principal, self.batch.id, res.model_dump_json()
-                )
+            self.done.update(item.custom_id for item in left)
+            await self.runner.store.append_results(  # (in bulk: a few round trips)
+                self.batch.principal, self.batch.id,
+                [_line(item, leftover, item_error) for item in left],
+            )
             if left:
                 counts = counted(self.batch.counts, [leftover] * len(left), self.batch.total,
                                  len(self.done))

@@ -1,7 +1,8 @@
 """In-process :class:`~aimiddleware.jobs.store.JobStore`: one worker, nothing to run.
 
 Records (with their events, flags, results and idempotency key) and finished webhook
-deliveries are dropped ``ttl`` seconds after creation, checked as new ones arrive.
+deliveries are dropped ``ttl`` seconds after creation (finish), checked as new ones arrive
+and as deliveries are claimed.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Sequence
 
 import anyio
 
@@ -30,6 +32,7 @@ class MemoryJobStore:
         self._records: dict[tuple[str, str], str] = {}
         self._events: dict[tuple[str, str], list[Event]] = {}
         self._cancel: set[tuple[str, str]] = set()
+        self._reaped: set[tuple[str, str]] = set()
         self._beats: dict[tuple[str, str], float] = {}
         self._results: dict[tuple[str, str], list[str]] = {}
         self._idem: dict[tuple[str, str], str] = {}
@@ -57,6 +60,7 @@ class MemoryJobStore:
             for table in (self._records, self._events, self._beats, self._results):
                 table.pop(key, None)
             self._cancel.discard(key)
+            self._reaped.discard(key)
             if idem_key is not None and self._idem.get((principal, idem_key)) == rec_id:
                 del self._idem[(principal, idem_key)]
         while self._done_expiry and self._done_expiry[0][0] <= now:
@@ -101,8 +105,17 @@ class MemoryJobStore:
     async def alive(self, principal: str, rec_id: str) -> bool:
         return self._beats.get((principal, rec_id), 0.0) > time.monotonic()
 
+    async def claim_reap(self, principal: str, rec_id: str) -> bool:
+        if (principal, rec_id) in self._reaped:
+            return False
+        self._reaped.add((principal, rec_id))
+        return True
+
     async def append_result(self, principal: str, rec_id: str, line: str) -> None:
         self._results.setdefault((principal, rec_id), []).append(line)
+
+    async def append_results(self, principal: str, rec_id: str, lines: Sequence[str]) -> None:
+        self._results.setdefault((principal, rec_id), []).extend(lines)
 
     async def results(self, principal: str, rec_id: str) -> list[str]:
         return list(self._results.get((principal, rec_id), []))
@@ -118,6 +131,7 @@ class MemoryJobStore:
         self._done_expiry.append((time.monotonic() + self.ttl, delivery_id))
 
     async def outbox_claim(self, now: float, lease: float, limit: int) -> list[str]:
+        self._prune()
         due = sorted((at, d) for d, at in self._due.items() if at <= now)[:limit]
         for _, delivery_id in due:
             self._due[delivery_id] = now + lease

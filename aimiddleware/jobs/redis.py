@@ -3,15 +3,20 @@
 Keys (hash-tagged per principal): ``jobs:{p}:<id>`` the record; ``…:<id>:events`` a
 stream (its entry ids are the SSE ids, so ``Last-Event-ID`` maps to ``XREAD``);
 ``…:<id>:cancel`` the cancel flag; ``…:<id>:alive`` the running worker's lease;
+``…:<id>:reaped`` the claim of the one reader reporting a lost worker;
 ``…:<id>:results`` batch result lines; ``…:idem:<sha256(key)>`` the idempotency map.
-The webhook outbox is ``jobs:{outbox}:due`` (a sorted set by due time) and
-``jobs:{outbox}:data`` (a hash of deliveries); claiming is one Lua script.
+The webhook outbox is ``jobs:{outbox}:due`` (a sorted set by due time),
+``jobs:{outbox}:data`` (a hash of deliveries) and ``jobs:{outbox}:done`` (finished ones by
+expiry time, dropped from the hash past it when deliveries are claimed or finished);
+claiming is one Lua script.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from aimiddleware.jobs.store import Event
@@ -21,7 +26,18 @@ __all__ = ["RedisJobStore"]
 
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}\Z")
 
-_CLAIM = """
+# Drop finished deliveries past their expiry, a bounded number per call (KEYS: due, data,
+# done; ARGV[4]: now). A delivery due again (put back in the outbox) is kept.
+_PRUNE = """
+local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[4], 'LIMIT', 0, 100)
+for _, id in ipairs(old) do
+  if not redis.call('ZSCORE', KEYS[1], id) then redis.call('HDEL', KEYS[2], id) end
+  redis.call('ZREM', KEYS[3], id)
+end
+"""
+
+# ARGV: now (the dispatcher's clock), lease end, limit, now (this host's clock).
+_CLAIM = _PRUNE + """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
 local out = {}
 for _, id in ipairs(ids) do
@@ -40,16 +56,23 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 return id
 """
 _RPUSH = """
-redis.call('RPUSH', KEYS[1], ARGV[2])
+redis.call('RPUSH', KEYS[1], unpack(ARGV, 2))
 return redis.call('EXPIRE', KEYS[1], ARGV[1])
 """
-# A delivery's data and its place in the due set (KEYS: due, data; ARGV: id, data, due time
-# or '' to leave the due set).
-_OUTBOX = """
+# A delivery's data and its place in the due set, or (finished) in the done set until its
+# expiry (KEYS: due, data, done; ARGV: id, data, due time or '' when finished, now, expiry).
+_OUTBOX = _PRUNE + """
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-if ARGV[3] == '' then return redis.call('ZREM', KEYS[1], ARGV[1]) end
-return redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+if ARGV[3] ~= '' then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  return redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
+return redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
 """
+# Result lines per round trip when appending many (a 100,000-item batch cancelled at once).
+_CHUNK_LINES = 1000
+_CHUNK_BYTES = 1 << 20
 
 
 class RedisJobStore:
@@ -58,7 +81,6 @@ class RedisJobStore:
             raise ValueError("ttl must be positive")
         self.storage = storage
         self.ttl = int(ttl)
-        self._claim: Any = None
 
     @property
     def _r(self) -> Any:
@@ -135,10 +157,19 @@ class RedisJobStore:
         async with redis_errors("job"):
             return bool(await self._r.exists(self._key(principal, rec_id, "alive")))
 
+    async def claim_reap(self, principal: str, rec_id: str) -> bool:
+        key = self._key(principal, rec_id, "reaped")
+        async with redis_errors("job"):
+            return bool(await self._r.set(key, b"1", nx=True, ex=self.ttl))
+
     async def append_result(self, principal: str, rec_id: str, line: str) -> None:
+        await self.append_results(principal, rec_id, [line])
+
+    async def append_results(self, principal: str, rec_id: str, lines: Sequence[str]) -> None:
         key = self._key(principal, rec_id, "results")
         async with redis_errors("job"):
-            await self.storage.script(_RPUSH)(keys=[key], args=[self.ttl, line])
+            for chunk in _chunks(lines):
+                await self.storage.script(_RPUSH)(keys=[key], args=[self.ttl, *chunk])
 
     async def results(self, principal: str, rec_id: str) -> list[str]:
         async with redis_errors("job"):
@@ -155,6 +186,10 @@ class RedisJobStore:
     def _data_key(self) -> str:
         return self.storage.key("jobs", "outbox", "data")
 
+    @property
+    def _done_key(self) -> str:
+        return self.storage.key("jobs", "outbox", "done")
+
     async def outbox_put(self, delivery_id: str, data: str, next_at: float) -> None:
         await self._outbox(delivery_id, data, repr(next_at))
 
@@ -162,19 +197,34 @@ class RedisJobStore:
         await self._outbox(delivery_id, data, "")
 
     async def _outbox(self, delivery_id: str, data: str, due: str) -> None:
+        now = time.time()
         async with redis_errors("webhook outbox"):
-            keys = [self._due_key, self._data_key]
-            await self.storage.script(_OUTBOX)(keys=keys, args=[delivery_id, data, due])
+            keys = [self._due_key, self._data_key, self._done_key]
+            args = [delivery_id, data, due, repr(now), repr(now + self.ttl)]
+            await self.storage.script(_OUTBOX)(keys=keys, args=args)
 
     async def outbox_claim(self, now: float, lease: float, limit: int) -> list[str]:
-        if self._claim is None:
-            self._claim = self._r.register_script(_CLAIM)
         async with redis_errors("webhook outbox"):
-            keys = [self._due_key, self._data_key]
-            raw = await self._claim(keys=keys, args=[now, now + lease, limit])
+            keys = [self._due_key, self._data_key, self._done_key]
+            args = [now, now + lease, limit, repr(time.time())]
+            raw = await self.storage.script(_CLAIM)(keys=keys, args=args)
         return [r.decode() for r in raw]
 
     async def outbox_get(self, delivery_id: str) -> str | None:
         async with redis_errors("webhook outbox"):
             raw = await self._r.hget(self._data_key, delivery_id)
         return raw.decode() if raw is not None else None
+
+
+def _chunks(lines: Sequence[str]) -> Iterator[list[str]]:
+    """``lines`` in runs of at most ``_CHUNK_LINES`` lines and about ``_CHUNK_BYTES``."""
+    chunk: list[str] = []
+    size = 0
+    for line in lines:
+        if chunk and (len(chunk) >= _CHUNK_LINES or size + len(line) > _CHUNK_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(line)
+        size += len(line)
+    if chunk:
+        yield chunk

@@ -30,7 +30,7 @@ from starlette.routing import Route, Router
 
 from aimiddleware.context import current_or_none, default_principal
 from aimiddleware.errors import IdempotencyKeyReused, InvalidRequest, NotFound
-from aimiddleware.jobs.batches import counted, results_jsonl
+from aimiddleware.jobs.batches import fail_unfinished, results_jsonl
 from aimiddleware.jobs.http import (
     SubmitBatch,
     SubmitJob,
@@ -60,6 +60,8 @@ __all__ = ["JobsRouter"]
 # How long an ended record's events are awaited on a resume before answering 204: the
 # record is stored as ended just before its final event is logged.
 _FINAL_EVENT_WAIT = 1.0
+# How long a reader that lost the claim to reap a record waits for the winner to store it.
+_REAP_WAIT = 5.0
 
 
 class JobsRouter(Router):
@@ -217,21 +219,36 @@ class JobsRouter(Router):
             rec.principal, rec.id
         ):
             return rec
+        if not await self.store.claim_reap(rec.principal, rec.id):
+            return await self._reaped(rec)  # another reader (of any worker) reports it
         err = JobError(code="worker_lost", retryable=True,
                        message="The worker running this job stopped; submit it again.")
         update: dict[str, Any] = {"status": "failed", "error": err, "finished_at": time.time()}
         if isinstance(rec, Batch):
             # A running batch's record is written at most every SAVE_EVERY s, each result at
-            # once: the counts are the results file's (usage and cost may lag that much).
-            lines = await self.store.results(rec.principal, rec.id)
-            kinds = (json.loads(line)["type"] for line in lines)
-            update["counts"] = counted(BatchCounts(), kinds, rec.total, len(lines))
+            # once: the counts are the results file's (usage and cost may lag that much),
+            # with an errored line for every item that has none (before the final record).
+            update["counts"] = await fail_unfinished(self.store, rec, err)
         final = rec.model_copy(update=update)
         await self.store.put(rec.principal, rec.id, final.stored())
         await self.store.append_event(rec.principal, rec.id, f"{rec.object}.failed",
                                       json.dumps(final.public()))
-        await self.runner.notify(final.callback_url, f"{rec.object}.failed", final.public())
+        await self.runner.notify(final)
         return final
+
+    async def _reaped(self, rec: Job | Batch) -> Job | Batch:
+        """The record as the reader that claimed its reaping stores it, once it has (up to
+        ``_REAP_WAIT`` s; else as it is now)."""
+        with anyio.move_on_after(_REAP_WAIT):
+            while True:
+                raw = await self.store.get(rec.principal, rec.id)
+                if raw is None:
+                    break
+                current = type(rec).model_validate_json(raw)
+                if current.terminal:
+                    return current
+                await anyio.sleep(0.05)
+        return rec
 
     async def _create(
         self, request: Request, record: Job | Batch, location: str
@@ -265,8 +282,7 @@ class JobsRouter(Router):
     async def submit_job(self, request: Request) -> Response:
         body, fingerprint = await parse_body(request, SubmitJob)
         self._check_input(body.input, "input")
-        if body.callback_url is not None:
-            await self.policy.check(body.callback_url)
+        await self._check_callback(body.callback_url)
         now = time.time()
         job = Job(
             id=new_id("job"), principal=self.principal_of(request), input=body.input,
@@ -274,6 +290,17 @@ class JobsRouter(Router):
             expires_at=now + self.timeout if self.timeout else None,
         )
         return await self._create(request, job, self._base(request, "jobs"))
+
+    async def _check_callback(self, url: str | None) -> None:
+        if url is None:
+            return
+        if self.dispatcher is None:  # (it would be accepted, shown, and never called)
+            raise InvalidRequest(
+                "Callbacks are not enabled on this server (it has no webhook secrets): "
+                "omit callback_url, and poll the job or stream its events.",
+                param="callback_url",
+            )
+        await self.policy.check(url)
 
     def _check_input(self, value: Any, param: str) -> None:
         if self.input_model is None:
@@ -333,8 +360,7 @@ class JobsRouter(Router):
             raise InvalidRequest("custom_id values must be unique in a batch.", param="items")
         for i, item in enumerate(body.items):
             self._check_input(item.input, f"items.{i}.input")
-        if body.callback_url is not None:
-            await self.policy.check(body.callback_url)
+        await self._check_callback(body.callback_url)
         now = time.time()
         batch = Batch(
             id=new_id("batch"), principal=self.principal_of(request), items=body.items,

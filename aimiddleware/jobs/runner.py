@@ -283,7 +283,7 @@ class JobRunner:
         await self.record(final, model)  # (first: a client that sees the end finds its row)
         await save(f"job.{status}", final.public(), status=status,
                    finished_at=final.finished_at, **update)
-        await self.notify(final.callback_url, f"job.{status}", final.public())
+        await self.notify(final)
 
     async def record(self, rec: Job | Batch, model: str | None) -> None:
         """A finished job's or batch's row in the usage history (``ledger``): its usage and
@@ -305,9 +305,22 @@ class JobRunner:
                 timestamp=finished,
             ))
 
-    async def notify(self, url: str | None, event: str, data: dict[str, Any]) -> None:
-        if url and self.dispatcher is not None:
-            await self.dispatcher.enqueue(url, webhook_payload(event, data))
+    async def notify(self, rec: Job | Batch) -> None:
+        """Send the webhook of a record that ended to its ``callback_url``, if it has one
+        (a batch of at most ``INLINE_RESULTS`` items carries its results: self-contained)."""
+        if not rec.callback_url:
+            return
+        if self.dispatcher is None:  # (refused at submission: a worker set up otherwise)
+            logger.warning("%s: no webhook_secrets in this worker: its callback is not sent",
+                           rec.id)
+            return
+        data = rec.public()
+        if isinstance(rec, Batch) and rec.total <= INLINE_RESULTS:
+            lines = await self.store.results(rec.principal, rec.id)
+            data["results"] = [json.loads(line) for line in lines]
+        await self.dispatcher.enqueue(
+            rec.callback_url, webhook_payload(f"{rec.object}.{rec.status}", data)
+        )
 
     async def _run_batch(self, batch: Batch) -> None:
         from aimiddleware.jobs.batches import BatchExecution
@@ -328,13 +341,7 @@ class JobRunner:
             await execution.finish("expired", "expired")
         else:
             await execution.finish("completed", "cancelled")
-        final = execution.batch
-        if final.callback_url and self.dispatcher is not None:
-            data = final.public()
-            if final.total <= INLINE_RESULTS:  # self-contained: no call back for the results
-                lines = await self.store.results(final.principal, final.id)
-                data["results"] = [json.loads(line) for line in lines]
-            await self.notify(final.callback_url, f"batch.{final.status}", data)
+        await self.notify(execution.batch)
 
 
 def _jsonable(value: Any) -> Any:

@@ -3,13 +3,15 @@
 A store keeps, per principal and record id (a job or a batch): the record as JSON, an
 append-only event log (the SSE stream replays and resumes from it), a cancel flag (so a
 ``DELETE`` served by any worker reaches the worker running the job), a liveness lease
-(so a job whose worker died is reported, not left running forever), batch result lines,
+(so a job whose worker died is reported, not left running forever) with a claim that lets
+exactly one reader report it, batch result lines,
 and the idempotency map ``(principal, key) -> id``. Webhook deliveries sit in an outbox
 that any dispatcher can claim with a lease, so a restart loses none.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from aimiddleware.storage import Storage
@@ -52,7 +54,14 @@ class JobStore(Protocol):
     async def alive(self, principal: str, rec_id: str) -> bool:
         """Whether a worker beat for the record within its last ``ttl``."""
 
+    async def claim_reap(self, principal: str, rec_id: str) -> bool:
+        """Whether this caller is the one to report the record's lost worker: True once per
+        record (atomically, across workers), False for every later caller."""
+
     async def append_result(self, principal: str, rec_id: str, line: str) -> None: ...
+
+    async def append_results(self, principal: str, rec_id: str, lines: Sequence[str]) -> None:
+        """Append many result lines in order, in a few round trips (not one per line)."""
 
     async def results(self, principal: str, rec_id: str) -> list[str]: ...
 
@@ -60,7 +69,8 @@ class JobStore(Protocol):
         """Add or update a delivery, due at ``next_at`` (unix seconds)."""
 
     async def outbox_done(self, delivery_id: str, data: str) -> None:
-        """Record a finished delivery (kept for history, no longer due)."""
+        """Record a finished delivery (kept for history, no longer due, dropped ``ttl`` s
+        later)."""
 
     async def outbox_claim(self, now: float, lease: float, limit: int) -> list[str]:
         """Due deliveries, each leased for ``lease`` s so no other dispatcher takes it."""
