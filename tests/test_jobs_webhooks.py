@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -18,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Mount, Route
 
-from aimiddleware.errors import InvalidRequest
+from aimiddleware.errors import InvalidRequest, UpstreamUnavailable
 from aimiddleware.jobs import (
     CallbackPolicy,
     JobContext,
@@ -228,6 +229,22 @@ async def test_cancellation_and_failure_are_notified(receiver_factory: Any) -> N
             await wait_for(lambda: rec.successes())
     payload = Webhook(SECRET).verify(rec.received[0][1], rec.received[0][0])
     assert payload["type"] == "job.cancelled"
+
+
+async def test_a_resolver_that_cannot_answer_now_is_a_retryable_503_at_submission(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Any failed lookup was a 400 "does not resolve": a resolver timeout or SERVFAIL refused
+    # a good callback for good. (The OS resolver is stood in for: this box's gives only
+    # EAI_NONAME; a name that does not exist is still the caller's mistake, a 400.)
+    async def try_again(host: str, port: int, **_: Any) -> Any:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(anyio, "getaddrinfo", try_again)
+    with pytest.raises(UpstreamUnavailable) as caught:
+        await CallbackPolicy().check("https://hooks.example.com/x")
+    assert caught.value.status == 503 and caught.value.retryable
+    assert caught.value.param == "callback_url"
 
 
 async def test_callback_policy_blocks_ssrf() -> None:

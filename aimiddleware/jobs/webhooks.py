@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import random
+import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
@@ -27,7 +28,7 @@ from urllib.parse import urlsplit
 
 import anyio
 
-from aimiddleware.errors import InvalidRequest, StoreUnavailable
+from aimiddleware.errors import InvalidRequest, StoreUnavailable, UpstreamUnavailable
 from aimiddleware.headers import parse_http_date
 from aimiddleware.jobs.models import Delivery, DeliveryAttempt, new_id
 from aimiddleware.jobs.store import JobStore
@@ -147,9 +148,19 @@ class CallbackPolicy:
 
     async def check(self, url: str) -> None:
         """Raises ``InvalidRequest`` for a URL this policy refuses or whose host does not
-        resolve (at submit time the client hears of a mistyped name at once)."""
+        resolve (at submit time the client hears of a mistyped name at once), and a retryable
+        ``UpstreamUnavailable`` (503) when the resolver could not answer for now."""
         try:
             await self.check_resolved(url)
+        except socket.gaierror as exc:
+            if exc.errno in _RESOLVER_TRANSIENT:
+                raise UpstreamUnavailable(
+                    "The callback_url host could not be resolved right now; retry.",
+                    param="callback_url", retry_after=1,
+                ) from exc
+            raise InvalidRequest(
+                "callback_url host does not resolve.", param="callback_url"
+            ) from exc
         except OSError as exc:
             raise InvalidRequest(
                 "callback_url host does not resolve.", param="callback_url"
@@ -172,6 +183,13 @@ class CallbackPolicy:
                     "callback_url resolves to a private or reserved address.", param="callback_url"
                 )
 
+
+# getaddrinfo's "try again" answers (a resolver timeout, SERVFAIL), as opposed to a name that
+# does not exist (EAI_NONAME), which is the caller's mistake.
+_RESOLVER_TRANSIENT = frozenset(
+    code for code in (getattr(socket, "EAI_AGAIN", None), getattr(socket, "EAI_FAIL", None))
+    if code is not None
+)
 
 # IPv6 prefixes whose last 32 bits are an IPv4 address that the address reaches: NAT64
 # (RFC 6052), IPv4-compatible (deprecated), IPv4-translated (SIIT, RFC 6145).
