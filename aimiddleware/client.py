@@ -18,7 +18,9 @@ middleware runs the operation at most once. What is retried, in order:
    drops after the headers). So a body that is not a stream is read inside the retry loop,
    before the transport returns: one with a known ``Content-Length`` up to
    ``max_buffered_body`` (16 MiB; 0 turns this off), or a JSON body of unknown length, of which
-   only the first ``max_buffered_body`` bytes are covered (the rest streams on, not retried).
+   only the first ``max_buffered_body`` bytes are covered (the rest streams on, not retried)
+   and only when the request did not ask for a stream (``"stream": true``, or a path such as
+   Gemini's ``streamGenerateContent``, which answers a JSON array chunk by chunk).
    Callers read such a body whole anyway, unless they stream it.
 
 A stream is never buffered: ``text/event-stream``, or any non-JSON body of unknown length, is
@@ -44,6 +46,7 @@ Requires ``httpx`` (the ``client`` extra).
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import random as _random
 import time
@@ -179,8 +182,9 @@ class RetryPolicy:
             or self.idempotency_header in request.headers
         )
 
-    def should_buffer(self, response: httpx.Response) -> bool:
-        """Whether to read this body inside the retry loop: a whole document, not a stream."""
+    def should_buffer(self, response: httpx.Response, request: httpx.Request) -> bool:
+        """Whether to read this body (the answer to ``request``) inside the retry loop: a
+        whole document, not a stream."""
         if self.max_buffered_body == 0 or response.status_code < 200:
             return False
         if response.is_stream_consumed or response.is_closed:
@@ -191,8 +195,9 @@ class RetryPolicy:
             return False
         try:
             length = int(response.headers["content-length"])
-        except (KeyError, ValueError):
-            return media == "application/json" or media.endswith("+json")
+        except (KeyError, ValueError):  # JSON of unknown length: a document, unless streamed
+            json_body = media == "application/json" or media.endswith("+json")
+            return json_body and not _asks_for_stream(request)
         return length <= self.max_buffered_body
 
     # -- request preparation -----------------------------------------------------------------
@@ -215,6 +220,25 @@ def _buffer_kind(request: httpx.Request) -> Literal["replayable", "buffer", "onc
     if type(stream).__name__ == "MultipartStream":
         return "buffer"
     return "once"  # a generator or iterator: it cannot be sent twice
+
+
+def _asks_for_stream(request: httpx.Request) -> bool:
+    """The request asks for its answer as it is generated: ``"stream": true`` in a JSON body
+    (OpenAI, Anthropic) or a streaming method in the path (Gemini's ``streamGenerateContent``
+    answers a JSON array chunk by chunk without ``alt=sse``)."""
+    if "stream" in request.url.path.lower():
+        return True
+    try:
+        body = request.content
+    except httpx.RequestNotRead:  # (a body sent as it is generated: never buffered here)
+        return False
+    if b'"stream"' not in body:
+        return False
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(parsed, dict) and parsed.get("stream") is True
 
 
 def _policy(policy: RetryPolicy | None, options: dict[str, Any]) -> RetryPolicy:
@@ -271,7 +295,7 @@ class RetryTransport(httpx.BaseTransport):
     def _send(self, request: httpx.Request, read_body: bool) -> httpx.Response:
         """One attempt; with ``read_body``, a lost body fails it like a lost response."""
         response = self._transport.handle_request(request)
-        if read_body and self.policy.should_buffer(response):
+        if read_body and self.policy.should_buffer(response, request):
             try:
                 buffer_body(response, self.policy.max_buffered_body)
             except BaseException:
@@ -329,7 +353,7 @@ class AsyncRetryTransport(httpx.AsyncBaseTransport):
     async def _send(self, request: httpx.Request, read_body: bool) -> httpx.Response:
         """One attempt; with ``read_body``, a lost body fails it like a lost response."""
         response = await self._transport.handle_async_request(request)
-        if read_body and self.policy.should_buffer(response):
+        if read_body and self.policy.should_buffer(response, request):
             try:
                 await abuffer_body(response, self.policy.max_buffered_body)
             except BaseException:

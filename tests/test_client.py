@@ -638,6 +638,33 @@ async def test_unknown_length_stream_is_not_buffered(raw_server: RawServer) -> N
     assert raw_server.held == [True] and received == lines
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        pytest.param("/v1beta/models/m:streamGenerateContent", {}, id="gemini-json-array"),
+        pytest.param("/v1/chat/completions", {"stream": True}, id="stream-true"),
+    ],
+)
+async def test_a_json_answer_to_a_request_for_a_stream_is_not_buffered(
+    raw_server: RawServer, path: str, body: dict[str, Any]
+) -> None:
+    # JSON of unknown length was read whole before the transport returned: Gemini's
+    # streamGenerateContent (a JSON array, chunk by chunk, without alt=sse) arrived at once.
+    release = threading.Event()
+    array = b'[{"n": 1},\n{"n": 2}]'
+    raw_server.replies = [Reply(array, "application/json", chunked=True, chunk=10, hold=release)]
+    policy, _ = recorder_policy()
+    async with (
+        httpx.AsyncClient(transport=AsyncRetryTransport(policy=policy)) as client,
+        client.stream("POST", raw_server.url + path, json=body) as response,
+    ):
+        received = b""
+        async for part in response.aiter_raw():
+            release.set()
+            received += part
+    assert raw_server.held == [True] and received == array
+
+
 # -- the pure policy -----------------------------------------------------------------------------
 
 
