@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from decimal import Decimal
@@ -30,7 +29,7 @@ from starlette.routing import Route, Router
 
 from aimiddleware.context import current_or_none, default_principal
 from aimiddleware.errors import IdempotencyKeyReused, InvalidRequest, NotFound
-from aimiddleware.jobs.batches import fail_unfinished, results_jsonl
+from aimiddleware.jobs.batches import results_jsonl
 from aimiddleware.jobs.http import (
     SubmitBatch,
     SubmitJob,
@@ -38,8 +37,9 @@ from aimiddleware.jobs.http import (
     parse_body,
     typed_errors,
 )
-from aimiddleware.jobs.models import Batch, BatchCounts, Job, JobError, is_id, new_id
+from aimiddleware.jobs.models import Batch, BatchCounts, Job, is_id, new_id
 from aimiddleware.jobs.openapi import openapi_paths
+from aimiddleware.jobs.reaper import Reaper
 from aimiddleware.jobs.runner import JobFunction, JobRunner
 from aimiddleware.jobs.store import JobStore, make_store
 from aimiddleware.jobs.stream import JobEventsDialect, event_stream
@@ -60,8 +60,6 @@ __all__ = ["JobsRouter"]
 # How long an ended record's events are awaited on a resume before answering 204: the
 # record is stored as ended just before its final event is logged.
 _FINAL_EVENT_WAIT = 1.0
-# How long a reader that lost the claim to reap a record waits for the winner to store it.
-_REAP_WAIT = 5.0
 
 
 class JobsRouter(Router):
@@ -156,6 +154,7 @@ class JobsRouter(Router):
                 prefix + "/batches/{id}/events", wrap(self.batch_events), methods=["GET"]
             ),
         ]
+        self.reap = Reaper(self.store, self.runner, queued=self.queue is None)
         super().__init__(routes=routes, lifespan=self._lifespan)
 
     @contextlib.asynccontextmanager
@@ -200,54 +199,9 @@ class JobsRouter(Router):
         raw = await self.store.get(principal, rec_id) if ours else None
         if raw is None:
             raise NotFound(f"No {kind.__name__.lower()} with id {rec_id!r}.")
-        rec = await self._reap(kind.model_validate_json(raw))
+        rec = await self.reap(kind.model_validate_json(raw))
         if not rec.terminal and await self.store.cancel_requested(principal, rec.id):
             rec = rec.model_copy(update={"status": "cancelling"})
-        return rec
-
-    async def _reap(self, rec: Job | Batch) -> Job | Batch:
-        """A record whose worker stopped renewing its lease: fail it, visibly. That is one
-        ``in_progress``, or without a task queue one still ``queued`` (the worker that took
-        it renews its lease while it waits for a slot) once a lease has passed since it was
-        created: its worker died, or the store failed under its first write."""
-        waited = (
-            rec.status == "queued"
-            and self.queue is None  # (queued in a task queue, no worker has it yet)
-            and time.time() - rec.created_at >= self.runner.lease
-        )
-        if not (rec.status == "in_progress" or waited) or await self.store.alive(
-            rec.principal, rec.id
-        ):
-            return rec
-        if not await self.store.claim_reap(rec.principal, rec.id):
-            return await self._reaped(rec)  # another reader (of any worker) reports it
-        err = JobError(code="worker_lost", retryable=True,
-                       message="The worker running this job stopped; submit it again.")
-        update: dict[str, Any] = {"status": "failed", "error": err, "finished_at": time.time()}
-        if isinstance(rec, Batch):
-            # A running batch's record is written at most every SAVE_EVERY s, each result at
-            # once: the counts are the results file's (usage and cost may lag that much),
-            # with an errored line for every item that has none (before the final record).
-            update["counts"] = await fail_unfinished(self.store, rec, err)
-        final = rec.model_copy(update=update)
-        await self.store.put(rec.principal, rec.id, final.stored())
-        await self.store.append_event(rec.principal, rec.id, f"{rec.object}.failed",
-                                      json.dumps(final.public()))
-        await self.runner.notify(final)
-        return final
-
-    async def _reaped(self, rec: Job | Batch) -> Job | Batch:
-        """The record as the reader that claimed its reaping stores it, once it has (up to
-        ``_REAP_WAIT`` s; else as it is now)."""
-        with anyio.move_on_after(_REAP_WAIT):
-            while True:
-                raw = await self.store.get(rec.principal, rec.id)
-                if raw is None:
-                    break
-                current = type(rec).model_validate_json(raw)
-                if current.terminal:
-                    return current
-                await anyio.sleep(0.05)
         return rec
 
     async def _create(
@@ -347,7 +301,7 @@ class JobsRouter(Router):
             # Resumed at or past the final event: 204 tells an EventSource not to reconnect.
             return Response(status_code=204)
         stream = event_stream(self.store, rec, last, heartbeat_interval=self.heartbeat_interval,
-                              reap=self._reap)
+                              reap=self.reap)
         # Quiet periods get job.heartbeat events (dispatched, unlike comment heartbeats).
         return EventStreamResponse(stream, dialect=JobEventsDialect(), heartbeat=None)
 
