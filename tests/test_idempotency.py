@@ -612,6 +612,32 @@ async def test_decorator_keeps_what_the_endpoint_set_on_fastapis_response(
                     assert r.headers["x-ratelimit-remaining-requests"] == "28"
 
 
+async def test_decorator_sends_no_body_with_a_204(storage: Storage) -> None:
+    # The result was rendered as "null" under a 204 (set on FastAPI's Response, or declared):
+    # uvicorn refused the body ("Too much data for declared Content-Length") and the
+    # replay reset the connection.
+    app = FastAPI()
+
+    @app.post("/set")
+    @idempotent(storage=storage)
+    async def set_on_response(response: Response) -> None:
+        response.status_code = 204
+
+    @app.post("/declared", status_code=204)
+    @idempotent(storage=storage)
+    async def declared() -> None:
+        return None
+
+    install(app)
+    async with serve(app) as url, httpx.AsyncClient(base_url=url) as c:  # (a real server)
+        for path in ("/set", "/declared"):
+            first = await c.post(path, headers=KEY)
+            replay = await c.post(path, headers=KEY)
+            assert (first.status_code, first.content) == (204, b"")
+            assert (replay.status_code, replay.content) == (204, b"")
+            assert replay.headers["idempotent-replayed"] == "true"
+
+
 async def test_decorator_on_starlette_endpoint_releases_on_error(storage: Storage) -> None:
     runs: list[int] = []
 

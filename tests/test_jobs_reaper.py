@@ -118,6 +118,40 @@ async def test_many_readers_of_a_lost_job_report_it_once(
     assert len(deliveries) == 1
 
 
+async def test_a_reaper_whose_writes_failed_is_taken_over_after_a_lease(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The claim to reap was held for the whole retention: once its winner's write failed (a
+    # store blip, a 503 for that reader), nobody reported the loss, and every later read
+    # waited 5 s for a report that never came.
+    from aimiddleware.errors import StoreUnavailable
+
+    jobs = JobsRouter(_never, storage=storage, prefix="/v1", principal=lambda r: "p",
+                      lease=0.5)
+    dead = Job(id=new_id("job"), principal="p", status="in_progress", input={},
+               fingerprint="f", started_at=time.time())
+    await jobs.store.put("p", dead.id, dead.stored())
+    put, blips = jobs.store.put, [1]
+
+    async def flaky_put(*args: Any) -> None:
+        if blips:
+            blips.pop()
+            raise StoreUnavailable("The job store is unavailable.", retry_after=1)
+        await put(*args)
+
+    monkeypatch.setattr(jobs.store, "put", flaky_put)
+    transport = httpx.ASGITransport(Starlette(routes=jobs.routes))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        assert (await c.get(f"/v1/jobs/{dead.id}")).status_code == 503
+        await anyio.sleep(0.6)  # (the failed reaper's claim lapses after a lease)
+        started = time.monotonic()
+        found = (await c.get(f"/v1/jobs/{dead.id}")).json()
+        assert time.monotonic() - started < 2
+    assert (found["status"], found["error"]["code"]) == ("failed", "worker_lost")
+    events = await jobs.store.read_events("p", dead.id, None, wait=0.1)
+    assert [e[1] for e in events] == ["job.failed"]
+
+
 async def test_a_lost_batch_has_a_result_for_every_item(storage: Storage) -> None:
     # A batch whose worker died ended failed, but its unfinished items had no result line
     # (clients matching by custom_id missed them) and its counts said they were processing.

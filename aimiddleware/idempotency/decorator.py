@@ -167,12 +167,22 @@ async def _render(result: Any, request: Request, sub: Response | None) -> Respon
             exclude_defaults=route.response_model_exclude_defaults,
             exclude_none=route.response_model_exclude_none,
         )
+        status = status or route.status_code or 200
+        if not _body_allowed(status):  # (a 204, 304, 1xx: as FastAPI renders it, no body)
+            return Response(status_code=status)
         cls = getattr(route.response_class, "value", route.response_class)
-        response: Response = cls(content, status_code=status or route.status_code or 200)
+        response: Response = cls(content, status_code=status)
         return response
     from fastapi.encoders import jsonable_encoder
 
+    if status is not None and not _body_allowed(status):
+        return Response(status_code=status)
     return JSONResponse(jsonable_encoder(result), status_code=status or 200)
+
+
+def _body_allowed(status: int) -> bool:
+    """RFC 9110: no content in a 1xx, 204 or 304 (a body there breaks the connection)."""
+    return status >= 200 and status not in (204, 304)
 
 
 class _Answer(Response):

@@ -32,7 +32,7 @@ class MemoryJobStore:
         self._records: dict[tuple[str, str], str] = {}
         self._events: dict[tuple[str, str], list[Event]] = {}
         self._cancel: set[tuple[str, str]] = set()
-        self._reaped: set[tuple[str, str]] = set()
+        self._reaped: dict[tuple[str, str], float] = {}  # claim -> its expiry (monotonic)
         self._beats: dict[tuple[str, str], float] = {}
         self._results: dict[tuple[str, str], list[str]] = {}
         self._idem: dict[tuple[str, str], str] = {}
@@ -60,7 +60,7 @@ class MemoryJobStore:
             for table in (self._records, self._events, self._beats, self._results):
                 table.pop(key, None)
             self._cancel.discard(key)
-            self._reaped.discard(key)
+            self._reaped.pop(key, None)
             if idem_key is not None and self._idem.get((principal, idem_key)) == rec_id:
                 del self._idem[(principal, idem_key)]
         while self._done_expiry and self._done_expiry[0][0] <= now:
@@ -105,10 +105,11 @@ class MemoryJobStore:
     async def alive(self, principal: str, rec_id: str) -> bool:
         return self._beats.get((principal, rec_id), 0.0) > time.monotonic()
 
-    async def claim_reap(self, principal: str, rec_id: str) -> bool:
-        if (principal, rec_id) in self._reaped:
+    async def claim_reap(self, principal: str, rec_id: str, ttl: float) -> bool:
+        now = time.monotonic()
+        if self._reaped.get((principal, rec_id), 0.0) > now:
             return False
-        self._reaped.add((principal, rec_id))
+        self._reaped[(principal, rec_id)] = now + ttl
         return True
 
     async def append_result(self, principal: str, rec_id: str, line: str) -> None:

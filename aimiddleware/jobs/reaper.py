@@ -48,8 +48,18 @@ class Reaper:
             rec.principal, rec.id
         ):
             return rec
-        if not await self.store.claim_reap(rec.principal, rec.id):
+        if not await self.store.claim_reap(rec.principal, rec.id, self.runner.lease):
             return await self._reaped(rec)  # another reader (of any worker) reports it
+        # Shielded: a reader that goes away (an event stream's client) finishes what it
+        # claimed. If a write fails, the claim lapses after a lease and a later reader
+        # reaps the record again (its final event is then written again too).
+        with anyio.CancelScope(shield=True):
+            raw = await self.store.get(rec.principal, rec.id)  # (as it is now: ended since?)
+            now = type(rec).model_validate_json(raw) if raw is not None else rec
+            final = now if now.terminal else await self._fail(now)
+        return final
+
+    async def _fail(self, rec: Job | Batch) -> Job | Batch:
         err = JobError(code="worker_lost", retryable=True,
                        message="The worker running this job stopped; submit it again.")
         update: dict[str, Any] = {"status": "failed", "error": err, "finished_at": time.time()}

@@ -157,10 +157,10 @@ class RedisJobStore:
         async with redis_errors("job"):
             return bool(await self._r.exists(self._key(principal, rec_id, "alive")))
 
-    async def claim_reap(self, principal: str, rec_id: str) -> bool:
+    async def claim_reap(self, principal: str, rec_id: str, ttl: float) -> bool:
         key = self._key(principal, rec_id, "reaped")
         async with redis_errors("job"):
-            return bool(await self._r.set(key, b"1", nx=True, ex=self.ttl))
+            return bool(await self._r.set(key, b"1", nx=True, px=max(1, int(ttl * 1000))))
 
     async def append_result(self, principal: str, rec_id: str, line: str) -> None:
         await self.append_results(principal, rec_id, [line])

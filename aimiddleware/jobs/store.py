@@ -54,9 +54,10 @@ class JobStore(Protocol):
     async def alive(self, principal: str, rec_id: str) -> bool:
         """Whether a worker beat for the record within its last ``ttl``."""
 
-    async def claim_reap(self, principal: str, rec_id: str) -> bool:
-        """Whether this caller is the one to report the record's lost worker: True once per
-        record (atomically, across workers), False for every later caller."""
+    async def claim_reap(self, principal: str, rec_id: str, ttl: float) -> bool:
+        """Whether this caller is the one to report the record's lost worker: True for one
+        caller (atomically, across workers) per ``ttl`` seconds, False for the others. The
+        claim lapses so that a reaper that failed half-way is taken over."""
 
     async def append_result(self, principal: str, rec_id: str, line: str) -> None: ...
 
