@@ -163,6 +163,32 @@ async def test_failed_writes_are_logged_and_retried(caplog: pytest.LogCaptureFix
         server.stop()
 
 
+async def test_requests_finishing_together_as_the_store_returns_lose_nothing() -> None:
+    # Each finishing request flushed the retry buffer at once: each wrote the oldest record
+    # and then each dropped one, so records never written were lost (15 given, 6 stored on a
+    # real cluster) and an emptied buffer's popleft raised out of a record() that never raises.
+    server = RedisServer().start()
+    store = Storage(server.url, socket_timeout=5)
+    led = RedisLedger(store, write_timeout=10.0)
+    led.retry_interval = 0.0
+    try:
+        server.stop()
+        for i in range(5):
+            await led.record(rec(rid=f"during-{i}"))
+        assert led.pending == 5
+        server.start()  # (empty: no persistence)
+        async with anyio.create_task_group() as tg:
+            for i in range(10):
+                tg.start_soon(led.record, rec(rid=f"after-{i}"))
+        await led.flush()
+        assert led.pending == 0
+        [row] = await led.query("alice")
+        assert row.requests == 15
+    finally:
+        await store.aclose()
+        server.stop()
+
+
 async def test_sqlite_is_durable_across_instances(tmp_path: Path) -> None:
     path = tmp_path / "u.db"
     first = SQLiteLedger(path)

@@ -308,6 +308,7 @@ class Ledger(abc.ABC):
         self.retry_interval = retry_interval
         self._pending: collections.deque[UsageRecord] = collections.deque(maxlen=max_pending)
         self._failed_at = 0.0
+        self._flushing = anyio.Lock()  # one flush at a time: the buffer drains in order
 
     @property
     def pending(self) -> int:
@@ -319,19 +320,26 @@ class Ledger(abc.ABC):
         if self._pending and time.monotonic() - self._failed_at < self.retry_interval:
             self._keep(rec)
             return
-        if self._pending and not await self.flush():
-            self._keep(rec)
+        if self._pending and (self._flushing.locked() or not await self.flush()):
+            self._keep(rec)  # (behind the others: a running flush writes it too, in order)
             return
         if not await self._try(rec):
             self._keep(rec)
 
     async def flush(self) -> bool:
-        """Retry pending writes in order; ``True`` when none is left."""
-        while self._pending:
-            if not await self._try(self._pending[0]):
-                return False
-            self._pending.popleft()
-        return True
+        """Retry pending writes in order; ``True`` when none is left.
+
+        One flush runs at a time: several requests finishing as the store came back each
+        wrote the oldest record and then each dropped one, records never written among them
+        (and an empty buffer's ``popleft`` raised)."""
+        async with self._flushing:
+            while self._pending:
+                rec = self._pending[0]
+                if not await self._try(rec):
+                    return False
+                if self._pending and self._pending[0] is rec:  # (not pushed out meanwhile)
+                    self._pending.popleft()
+            return True
 
     def _keep(self, rec: UsageRecord) -> None:
         if len(self._pending) == self._pending.maxlen:
