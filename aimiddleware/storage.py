@@ -112,8 +112,15 @@ class Storage:
         timeout = self.socket_timeout
         if self.cluster:
             real = "rediss" if scheme.startswith("valkeys") else "redis"
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+
+            # No retries of its own: redis-py's (3, each re-mapping the cluster, which
+            # connects to the node that stopped answering) held a call 22 s, not
+            # ``socket_timeout``; a 503 is retryable, and the caller's client retries it.
             return _initializing(RedisCluster).from_url(
-                f"{real}://{rest}", socket_timeout=timeout, socket_connect_timeout=timeout
+                f"{real}://{rest}", socket_timeout=timeout, socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 0),
             )
         if scheme in ("valkey", "valkeys"):
             scheme = "redis" if scheme == "valkey" else "rediss"
@@ -130,9 +137,12 @@ class Storage:
 
     async def aclose(self) -> None:
         if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+            client, self._client = self._client, None
             self._scripts.clear()
+            await client.aclose()
+            if self.cluster:  # (redis-py skips the nodes of a client flagged to map again)
+                await client.nodes_manager.aclose()
+                await client.nodes_manager.aclose("startup_nodes")
 
     def __repr__(self) -> str:
         safe = urlsplit(self.url)
@@ -172,8 +182,32 @@ async def redis_errors(what: str) -> AsyncIterator[None]:
         yield
     except (
         rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError, rexc.ReadOnlyError,
-        rexc.OutOfMemoryError, rexc.ClusterError, rexc.TryAgainError, rexc.RedisClusterException,
+        rexc.OutOfMemoryError, rexc.ClusterError, rexc.TryAgainError, rexc.SlotNotCoveredError,
         OSError,
     ) as exc:  # down, slow, failing over (a read-only replica, a cluster resharding) or full
-
         raise StoreUnavailable(f"The {what} store is unavailable.", retry_after=1) from exc
+    except rexc.RedisClusterException as exc:
+        # No node reachable, or the slots not covered: an outage. Anything else (keys of
+        # one command in different slots) is a bug to see, not a 503 to retry for ever.
+        if not isinstance(exc.__cause__, (rexc.ConnectionError, rexc.TimeoutError, OSError)) and (
+            "not covered" not in str(exc)
+        ):
+            raise
+        raise StoreUnavailable(f"The {what} store is unavailable.", retry_after=1) from exc
+    except AttributeError as exc:
+        # redis-py's asyncio cluster client closes connections that other requests are using
+        # when a node fails or comes back (8.1: a node's ``aclose`` on re-mapping), and those
+        # requests fail inside the client: ``'NoneType' object has no attribute 'writelines'``.
+        if not _raised_in_redis(exc):
+            raise
+        raise StoreUnavailable(f"The {what} store is unavailable.", retry_after=1) from exc
+
+
+def _raised_in_redis(exc: BaseException) -> bool:
+    """The innermost frame of ``exc``'s traceback is redis-py's."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return str(tb.tb_frame.f_globals.get("__name__", "")).startswith("redis.")

@@ -1,6 +1,10 @@
 import asyncio
+import os
+import signal
+import time
 from datetime import datetime, timezone
 
+import anyio
 import pytest
 
 from aimiddleware.errors import StoreUnavailable
@@ -94,6 +98,71 @@ async def test_a_cluster_client_whose_first_write_counts_a_deprecation_stays_usa
     await monitor.record(DeprecatedCall("a", "model", "m-1", at, None, None, "req_1", at))
     assert await monitor.counts("a") == {"model:m-1": 1}
     assert 0 < await s.redis.ttl(s.key("deprecations", "a")) <= 60
+    await s.aclose()
+
+
+async def test_a_cluster_node_that_stops_answering_is_a_typed_503_within_the_timeout() -> None:
+    """redis-py retried a call three times, each time mapping the cluster again (a connect
+    to the stopped node): 22 s with the 2 s timeout. Requests that other nodes serve go on,
+    and no failure escapes as anything but a 503 (redis-py closes connections that other
+    requests are using when a node fails or returns; those failed as an AttributeError, a
+    500), during the outage or after it."""
+    cluster = ClusterServer().start()
+    s = Storage(cluster.url, socket_timeout=0.5)
+    count = s.script("return redis.call('INCR', KEYS[1])")
+    await s.redis.ping()
+    victim = cluster.servers[2]
+    tags: dict[int, str] = {}
+    for i in range(10_000):
+        tags.setdefault(s.redis.get_node_from_key(f"{{t{i}}}").port, f"t{i}")
+    down, up = tags.pop(victim.port), list(tags.values())
+    outcomes: list[str] = []
+
+    async def caller(tag: str, stop: anyio.Event) -> None:
+        while not stop.is_set():
+            try:
+                async with redis_errors("test"):
+                    await count(keys=[f"{{{tag}}}"])
+                outcomes.append("ok")
+            except StoreUnavailable:
+                outcomes.append("503")
+            except Exception as exc:  # (any other is the failure under test)
+                outcomes.append(repr(exc))
+            await anyio.sleep(0.01)
+
+    try:
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            for i in range(24):
+                tg.start_soon(caller, down if i % 2 else up[i % len(up)], stop)
+            await anyio.sleep(0.5)
+            os.kill(victim.proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                async with redis_errors("test"):
+                    await count(keys=[f"{{{down}}}"])
+            given_up = time.monotonic() - started
+            await anyio.sleep(2)
+            os.kill(victim.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
+            await anyio.sleep(2)
+            stop.set()
+        assert given_up < 3  # (the 0.5 s timeout once, not a retry loop of re-mappings)
+        assert set(outcomes) <= {"ok", "503"}, {o for o in outcomes if o not in ("ok", "503")}
+        async with redis_errors("test"):  # (back without a restart)
+            assert await count(keys=[f"{{{down}}}"]) > 0
+    finally:
+        os.kill(victim.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
+        await s.aclose()
+        cluster.stop()
+
+
+async def test_keys_of_one_command_in_two_slots_are_a_bug_not_a_503(cluster_url: str) -> None:
+    s = Storage(cluster_url)
+    both = s.script("return redis.call('MSET', KEYS[1], 1, KEYS[2], 2)")
+    with pytest.raises(Exception, match="same key slot") as caught:
+        async with redis_errors("test"):
+            await both(keys=["{a}:1", "{b}:2"])
+    assert not isinstance(caught.value, StoreUnavailable)
     await s.aclose()
 
 
