@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -24,6 +25,39 @@ async def test_create_is_idempotent_per_principal(storage: Storage) -> None:
     assert (await store.create("p2", "job_c", b, "k"))[0] == "job_c"  # other principal
     assert await store.get("p2", "job_a") is None
     assert (await store.create("p1", "job_d", b, None))[0] == "job_d"
+
+
+async def test_concurrent_takeovers_of_an_expired_owners_key_make_one_job(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each creator that found the key's owner expired wrote its own record and then the key
+    # without NX: concurrent retries of one submission (on several workers) each started a
+    # job.
+    store = make_store(storage)
+    old = Job(id="job_old", principal="p", input=0).stored()
+    await store.create("p", "job_old", old, "k")
+    if storage.is_memory:
+        store._records.pop(("p", "job_old"))  # type: ignore[attr-defined]
+    else:
+        await storage.redis.delete(storage.key("jobs", "p", "job_old"))  # (expired)
+        get = storage.redis.get
+
+        async def slow_get(*args: Any, **kwargs: Any) -> Any:
+            found = await get(*args, **kwargs)  # (every creator reads before any writes,
+            await anyio.sleep(0.05)  # as creators on other workers may)
+            return found
+
+        monkeypatch.setattr(storage.redis, "get", slow_get)
+    records = {f"job_{i}": Job(id=f"job_{i}", principal="p", input=i).stored() for i in range(20)}
+    results = await asyncio.gather(
+        *(store.create("p", rec_id, data, "k") for rec_id, data in records.items())
+    )
+    owners = {owner for owner, _ in results}
+    assert len(owners) == 1, owners
+    [owner] = owners
+    assert all(raw == records[owner] for _, raw in results)
+    kept = [rec_id for rec_id in records if await store.get("p", rec_id) is not None]
+    assert kept == [owner]  # (the others' records never kept)
 
 
 async def test_event_log_resumes_after_an_id(storage: Storage) -> None:

@@ -49,6 +49,21 @@ return out
 """
 
 
+# A record under an idempotency key, or the key's owner if it still exists (KEYS: the new
+# record, the key; ARGV: data, ttl, id, the records' key prefix). One script: creators that
+# each found the owner expired each started a job when this was several commands. (The
+# owner's key is built here; it is in the same {principal} slot as both declared keys.)
+_CREATE = """
+local owner = redis.call('GET', KEYS[2])
+if owner then
+  local existing = redis.call('GET', ARGV[4] .. owner)
+  if existing then return {owner, existing} end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[2])
+return {ARGV[3], ARGV[1]}
+"""
+
 # Append to a list or stream and renew its expiry, atomically (KEYS[1]; ARGV: ttl, value(s)).
 _XADD = """
 local id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[2], 'd', ARGV[3])
@@ -93,22 +108,16 @@ class RedisJobStore:
         self, principal: str, rec_id: str, data: str, idem_key: str | None
     ) -> tuple[str, str]:
         async with redis_errors("job"):
-            await self._r.set(self._key(principal, rec_id), data, ex=self.ttl)
             if idem_key is None:
+                await self._r.set(self._key(principal, rec_id), data, ex=self.ttl)
                 return rec_id, data
             digest = hashlib.sha256(idem_key.encode()).hexdigest()[:40]
             idem = self.storage.key("jobs", principal, "idem", digest)
-            if await self._r.set(idem, rec_id, nx=True, ex=self.ttl):
-                return rec_id, data
-            # Lost the race (or a retry): this record was never started; hand back the owner.
-            await self._r.delete(self._key(principal, rec_id))
-            owner = (await self._r.get(idem)).decode()
-            existing = await self._r.get(self._key(principal, owner))
-            if existing is None:  # the owner expired: take the key over
-                await self._r.set(self._key(principal, rec_id), data, ex=self.ttl)
-                await self._r.set(idem, rec_id, ex=self.ttl)
-                return rec_id, data
-            return owner, existing.decode()
+            prefix = self.storage.key("jobs", principal) + ":"  # (+ an id: a record's key)
+            owner, stored = await self.storage.script(_CREATE)(
+                keys=[self._key(principal, rec_id), idem], args=[data, self.ttl, rec_id, prefix]
+            )
+        return _text(owner), _text(stored)
 
     async def get(self, principal: str, rec_id: str) -> str | None:
         async with redis_errors("job"):
@@ -228,3 +237,7 @@ def _chunks(lines: Sequence[str]) -> Iterator[list[str]]:
         size += len(line)
     if chunk:
         yield chunk
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
