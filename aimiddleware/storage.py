@@ -83,7 +83,7 @@ class Storage:
     def script(self, text: str) -> Any:
         """``text`` registered once on the shared client: one atomic round trip per call.
 
-        Used for every multi-key write rather than a ``MULTI`` pipeline: redis-py's asyncio
+        Used for multi-key writes rather than a ``MULTI`` pipeline: redis-py's asyncio
         Cluster client runs each command queued on a transaction pipeline in a thread with an
         event loop of its own (blocking this one), and maps the cluster on that loop when it
         has not yet done so, which leaves the client unusable afterwards (redis-py 8.1).
