@@ -187,11 +187,10 @@ async def redis_errors(what: str) -> AsyncIterator[None]:
     ) as exc:  # down, slow, failing over (a read-only replica, a cluster resharding) or full
         raise StoreUnavailable(f"The {what} store is unavailable.", retry_after=1) from exc
     except rexc.RedisClusterException as exc:
-        # No node reachable, or the slots not covered: an outage. Anything else (keys of
-        # one command in different slots) is a bug to see, not a 503 to retry for ever.
-        if not isinstance(exc.__cause__, (rexc.ConnectionError, rexc.TimeoutError, OSError)) and (
-            "not covered" not in str(exc)
-        ):
+        # No node reachable, the slots not covered, nodes that disagree on the slot map in a
+        # failover: an outage. A command whose keys are in different slots is a bug of ours
+        # to see, not a 503 to retry for ever.
+        if "same key slot" in str(exc):
             raise
         raise StoreUnavailable(f"The {what} store is unavailable.", retry_after=1) from exc
     except AttributeError as exc:

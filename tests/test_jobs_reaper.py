@@ -118,12 +118,14 @@ async def test_many_readers_of_a_lost_job_report_it_once(
     assert len(deliveries) == 1
 
 
+@pytest.mark.parametrize("failing", ["put", "append_event"])
 async def test_a_reaper_whose_writes_failed_is_taken_over_after_a_lease(
-    storage: Storage, monkeypatch: pytest.MonkeyPatch
+    storage: Storage, monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
     # The claim to reap was held for the whole retention: once its winner's write failed (a
     # store blip, a 503 for that reader), nobody reported the loss, and every later read
-    # waited 5 s for a report that never came.
+    # waited 5 s for a report that never came. With the record written first, a failed event
+    # write was never made good: the record was final, so nobody reaped it again.
     from aimiddleware.errors import StoreUnavailable
 
     jobs = JobsRouter(_never, storage=storage, prefix="/v1", principal=lambda r: "p",
@@ -131,15 +133,15 @@ async def test_a_reaper_whose_writes_failed_is_taken_over_after_a_lease(
     dead = Job(id=new_id("job"), principal="p", status="in_progress", input={},
                fingerprint="f", started_at=time.time())
     await jobs.store.put("p", dead.id, dead.stored())
-    put, blips = jobs.store.put, [1]
+    write, blips = getattr(jobs.store, failing), [1]
 
-    async def flaky_put(*args: Any) -> None:
+    async def flaky(*args: Any) -> Any:
         if blips:
             blips.pop()
             raise StoreUnavailable("The job store is unavailable.", retry_after=1)
-        await put(*args)
+        return await write(*args)
 
-    monkeypatch.setattr(jobs.store, "put", flaky_put)
+    monkeypatch.setattr(jobs.store, failing, flaky)
     transport = httpx.ASGITransport(Starlette(routes=jobs.routes))
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
         assert (await c.get(f"/v1/jobs/{dead.id}")).status_code == 503
@@ -149,7 +151,26 @@ async def test_a_reaper_whose_writes_failed_is_taken_over_after_a_lease(
         assert time.monotonic() - started < 2
     assert (found["status"], found["error"]["code"]) == ("failed", "worker_lost")
     events = await jobs.store.read_events("p", dead.id, None, wait=0.1)
-    assert [e[1] for e in events] == ["job.failed"]
+    assert {e[1] for e in events} == {"job.failed"}  # (twice if the first got that far)
+
+
+async def test_a_claim_left_by_the_previous_version_does_not_block_the_reaper(
+    redis_url: str,
+) -> None:
+    # The previous version held ":reaped" for the whole retention: a job whose reap had
+    # failed under it stayed in_progress after the upgrade.
+    storage = Storage(redis_url)
+    jobs = JobsRouter(_never, storage=storage, prefix="/v1", principal=lambda r: "p",
+                      lease=0.5)
+    dead = Job(id=new_id("job"), principal="p", status="in_progress", input={},
+               fingerprint="f", started_at=time.time())
+    await jobs.store.put("p", dead.id, dead.stored())
+    await storage.redis.set(storage.key("jobs", "p", dead.id, "reaped"), b"1", ex=7 * 86400)
+    transport = httpx.ASGITransport(Starlette(routes=jobs.routes))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        found = (await c.get(f"/v1/jobs/{dead.id}")).json()
+    assert (found["status"], found["error"]["code"]) == ("failed", "worker_lost")
+    await storage.aclose()
 
 
 async def test_a_lost_batch_has_a_result_for_every_item(storage: Storage) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator
 from datetime import date, datetime, timezone
 from decimal import Decimal
@@ -187,6 +188,59 @@ async def test_requests_finishing_together_as_the_store_returns_lose_nothing() -
     finally:
         await store.aclose()
         server.stop()
+
+
+async def test_a_full_store_keeps_the_record_for_a_retry() -> None:
+    # RedisLedger classified the client's errors by a list of its own: a full store (OOM),
+    # or a cluster that cannot be reached, was "a record this store can never take", and
+    # the record was dropped.
+    server = RedisServer().start()
+    store = Storage(server.url, socket_timeout=5)
+    led = RedisLedger(store, write_timeout=10.0)
+    led.retry_interval = 0.0
+    try:
+        await led.record(rec(rid="before"))
+        server.command("CONFIG", "SET", "maxmemory", "1")
+        await led.record(rec(rid="full"))
+        assert led.pending == 1  # kept, not dropped
+        server.command("CONFIG", "SET", "maxmemory", "0")
+        assert await led.flush()
+        [row] = await led.query("alice")
+        assert row.requests == 2
+    finally:
+        await store.aclose()
+        server.stop()
+
+
+def test_one_ledger_flushed_from_two_threads_with_loops_of_their_own() -> None:
+    # With an anyio.Lock, the waiter on the second thread's loop was never woken: its flush
+    # hung and the lock stayed taken for ever (every later record only queued).
+    class Slow(MemoryLedger):
+        does_io = True
+
+        async def _write(self, r: UsageRecord) -> None:
+            await anyio.sleep(0.2)  # (a write in flight on a slow store)
+            await super()._write(r)
+
+    led = Slow()
+    led._keep(rec(rid="waiting"))  # (an earlier write failed)
+    done: list[bool] = []
+
+    def flush_in_a_thread(delay: float) -> None:
+        async def go() -> None:
+            await anyio.sleep(delay)
+            done.append(await led.flush())
+
+        anyio.run(go)
+
+    threads = [
+        threading.Thread(target=flush_in_a_thread, args=(d,), daemon=True) for d in (0.0, 0.05)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert done == [True, True] and not led._flushing.locked() and led.pending == 0
 
 
 async def test_sqlite_is_durable_across_instances(tmp_path: Path) -> None:

@@ -166,6 +166,22 @@ async def test_keys_of_one_command_in_two_slots_are_a_bug_not_a_503(cluster_url:
     await s.aclose()
 
 
+@pytest.mark.parametrize(
+    "message",
+    [
+        "startup_nodes could not agree on a valid slots cache: a vs b on slot: 1",
+        "Redis Cluster cannot be connected. Please provide at least one reachable node",
+        "Cluster mode is not enabled on this node",
+    ],
+)
+async def test_a_cluster_that_cannot_be_mapped_is_a_503(message: str) -> None:
+    from redis.exceptions import RedisClusterException
+
+    with pytest.raises(StoreUnavailable):
+        async with redis_errors("test"):
+            raise RedisClusterException(message)
+
+
 async def test_a_cluster_that_is_down_is_a_typed_503() -> None:
     cluster = ClusterServer().start()
     s = Storage(cluster.url, socket_timeout=0.5)

@@ -55,7 +55,9 @@ class Reaper:
         # reaps the record again (its final event is then written again too).
         with anyio.CancelScope(shield=True):
             raw = await self.store.get(rec.principal, rec.id)  # (as it is now: ended since?)
-            now = type(rec).model_validate_json(raw) if raw is not None else rec
+            if raw is None:  # (expired meanwhile: not written back)
+                return rec
+            now = type(rec).model_validate_json(raw)
             final = now if now.terminal else await self._fail(now)
         return final
 
@@ -69,10 +71,12 @@ class Reaper:
             # with an errored line for every item that has none (before the final record).
             update["counts"] = await fail_unfinished(self.store, rec, err)
         final = rec.model_copy(update=update)
-        await self.store.put(rec.principal, rec.id, final.stored())
+        # The record last: once it is final no reader reaps it again, so a failure before it
+        # leaves the whole report to the next reaper (which may write the event twice).
         await self.store.append_event(rec.principal, rec.id, f"{rec.object}.failed",
                                       json.dumps(final.public()))
         await self.runner.notify(final)
+        await self.store.put(rec.principal, rec.id, final.stored())
         return final
 
     async def _reaped(self, rec: Job | Batch) -> Job | Batch:

@@ -167,7 +167,8 @@ class RedisJobStore:
             return bool(await self._r.exists(self._key(principal, rec_id, "alive")))
 
     async def claim_reap(self, principal: str, rec_id: str, ttl: float) -> bool:
-        key = self._key(principal, rec_id, "reaped")
+        # (":reaping", not ":reaped": the previous version held ":reaped" for the retention)
+        key = self._key(principal, rec_id, "reaping")
         async with redis_errors("job"):
             return bool(await self._r.set(key, b"1", nx=True, px=max(1, int(ttl * 1000))))
 

@@ -20,6 +20,7 @@ import functools
 import logging
 import operator
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -308,7 +309,10 @@ class Ledger(abc.ABC):
         self.retry_interval = retry_interval
         self._pending: collections.deque[UsageRecord] = collections.deque(maxlen=max_pending)
         self._failed_at = 0.0
-        self._flushing = anyio.Lock()  # one flush at a time: the buffer drains in order
+        # One flush at a time, the buffer drained in order. A thread lock taken without
+        # blocking: a Ledger may be shared by threads with event loops of their own (an
+        # anyio.Lock's waiter would then never be woken).
+        self._flushing = threading.Lock()
 
     @property
     def pending(self) -> int:
@@ -332,7 +336,10 @@ class Ledger(abc.ABC):
         One flush runs at a time: several requests finishing as the store came back each
         wrote the oldest record and then each dropped one, records never written among them
         (and an empty buffer's ``popleft`` raised)."""
-        async with self._flushing:
+        while not self._flushing.acquire(blocking=False):  # noqa: ASYNC110 - (another flush
+            # runs, maybe on another thread's loop: no event can wake this one)
+            await anyio.sleep(0.01)
+        try:
             while self._pending:
                 rec = self._pending[0]
                 if not await self._try(rec):
@@ -340,6 +347,8 @@ class Ledger(abc.ABC):
                 if self._pending and self._pending[0] is rec:  # (not pushed out meanwhile)
                     self._pending.popleft()
             return True
+        finally:
+            self._flushing.release()
 
     def _keep(self, rec: UsageRecord) -> None:
         if len(self._pending) == self._pending.maxlen:

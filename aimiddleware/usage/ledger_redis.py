@@ -103,7 +103,10 @@ class RedisLedger(Ledger):
             self._k(p, "agg", rec.day, rec.model_key),
             self._k(p, "index"),
         ]
-        await self._record_script(keys=keys, args=args)
+        # (redis_errors: every outage, a full store or a failing cluster included, is a
+        # StoreUnavailable, which the base class keeps for a retry rather than dropping)
+        async with redis_errors("usage"):
+            await self._record_script(keys=keys, args=args)
 
     async def query(
         self,
