@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import date, datetime, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -134,14 +135,24 @@ async def test_a_reused_request_id_is_still_counted(ledger: Ledger) -> None:
     assert (await ledger.query("alice"))[0].requests == 2
 
 
-async def test_failed_writes_are_logged_and_retried(caplog: pytest.LogCaptureFixture) -> None:
+@asynccontextmanager
+async def own_server_ledger() -> AsyncIterator[tuple[RedisServer, RedisLedger]]:
+    """A RedisLedger on a real server of its own, which the test may stop, restart or fill;
+    failed writes retried at once. A stopped server refuses at once: the writes that must
+    succeed get time enough for a stalled machine."""
     server = RedisServer().start()
-    # A stopped server refuses at once: the writes that must succeed (before the stop, after
-    # the restart) get time enough for a stalled machine.
     store = Storage(server.url, socket_timeout=5)
     led = RedisLedger(store, write_timeout=10.0)
     led.retry_interval = 0.0
     try:
+        yield server, led
+    finally:
+        await store.aclose()
+        server.stop()
+
+
+async def test_failed_writes_are_logged_and_retried(caplog: pytest.LogCaptureFixture) -> None:
+    async with own_server_ledger() as (server, led):
         await led.record(rec(rid="before"))
         assert len(await led.query("alice")) == 1
         server.stop()  # the restarted server starts empty (no persistence)
@@ -159,20 +170,13 @@ async def test_failed_writes_are_logged_and_retried(caplog: pytest.LogCaptureFix
         await led._write(rec(rid="x").model_copy(update={"record_id": "fixed"}))
         [row] = await led.query("alice")
         assert row.requests == 4  # a retried write that had landed is not counted twice
-    finally:
-        await store.aclose()
-        server.stop()
 
 
 async def test_requests_finishing_together_as_the_store_returns_lose_nothing() -> None:
     # Each finishing request flushed the retry buffer at once: each wrote the oldest record
     # and then each dropped one, so records never written were lost (15 given, 6 stored on a
     # real cluster) and an emptied buffer's popleft raised out of a record() that never raises.
-    server = RedisServer().start()
-    store = Storage(server.url, socket_timeout=5)
-    led = RedisLedger(store, write_timeout=10.0)
-    led.retry_interval = 0.0
-    try:
+    async with own_server_ledger() as (server, led):
         server.stop()
         for i in range(5):
             await led.record(rec(rid=f"during-{i}"))
@@ -185,20 +189,13 @@ async def test_requests_finishing_together_as_the_store_returns_lose_nothing() -
         assert led.pending == 0
         [row] = await led.query("alice")
         assert row.requests == 15
-    finally:
-        await store.aclose()
-        server.stop()
 
 
 async def test_a_full_store_keeps_the_record_for_a_retry() -> None:
     # RedisLedger classified the client's errors by a list of its own: a full store (OOM),
     # or a cluster that cannot be reached, was "a record this store can never take", and
     # the record was dropped.
-    server = RedisServer().start()
-    store = Storage(server.url, socket_timeout=5)
-    led = RedisLedger(store, write_timeout=10.0)
-    led.retry_interval = 0.0
-    try:
+    async with own_server_ledger() as (server, led):
         await led.record(rec(rid="before"))
         server.command("CONFIG", "SET", "maxmemory", "1")
         await led.record(rec(rid="full"))
@@ -207,9 +204,6 @@ async def test_a_full_store_keeps_the_record_for_a_retry() -> None:
         assert await led.flush()
         [row] = await led.query("alice")
         assert row.requests == 2
-    finally:
-        await store.aclose()
-        server.stop()
 
 
 def test_one_ledger_flushed_from_two_threads_with_loops_of_their_own() -> None:
