@@ -84,6 +84,7 @@ __all__ = [
     "error_headers",
     "problem_body",
     "render_problem",
+    "upstream_error",
 ]
 
 logger = logging.getLogger("aimiddleware")
@@ -505,12 +506,23 @@ def _upstream_status(exc: BaseException) -> AIError:
     extra = {"upstream_status": status}
     if isinstance(upstream_code, str):
         extra["upstream_code"] = upstream_code
+    return upstream_error(status, extra)
+
+
+def upstream_error(
+    status: int | None, extra: dict[str, Any], retry_after: float | None = None
+) -> AIError:
+    """The taxonomy's error for an upstream model provider's HTTP ``status``: its 429 a
+    retryable ``upstream_rate_limited``, 408/504 ``upstream_timeout``, 500/502/503/529
+    ``upstream_unavailable``, a rejected request (400/404/413/422) ``invalid_request``,
+    anything else ``upstream_error``. ``retry_after``: the upstream's wait, kept on the
+    retryable ones. ``extra`` is the body's extra members (never the upstream's message)."""
     if status == 429:
-        return UpstreamRateLimited(extra=extra)
+        return UpstreamRateLimited(extra=extra, retry_after=retry_after)
     if status in (408, 504):
-        return UpstreamTimeout(extra=extra)
+        return UpstreamTimeout(extra=extra, retry_after=retry_after)
     if status in (500, 502, 503, 529):
-        return UpstreamUnavailable(extra=extra)
+        return UpstreamUnavailable(extra=extra, retry_after=retry_after)
     if status in (400, 404, 413, 422):
         return InvalidRequest("The upstream model rejected the request.", extra=extra)
     return UpstreamError(extra=extra)

@@ -233,18 +233,8 @@ def document_stack(
     ``paths``: ``openapi_paths()`` fragments of routes the stack's layers answer (say the
     versioning layer's), merged in first; ``options`` go to :func:`patch_openapi`.
     """
-    original: Callable[[], dict[str, Any]] = app.openapi
     fragments = list(paths)
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = original()
-            for fragment in fragments:
-                schema = merge_paths(schema, fragment)
-            app.openapi_schema = patch_openapi(schema, **options)
-        return app.openapi_schema  # type: ignore[no-any-return]
-
-    app.openapi = openapi
+    _serve(app, lambda schema: patch_openapi(_merged(schema, fragments), **options))
 
 
 def add_paths(app: Any, *fragments: Mapping[str, Any]) -> None:
@@ -254,17 +244,25 @@ def add_paths(app: Any, *fragments: Mapping[str, Any]) -> None:
     ``JobsRouter``. Call it before ``install()`` (or :func:`document_stack`), which then
     adds the stack's errors, headers and ``Idempotency-Key`` to these operations too.
     """
+    _serve(app, lambda schema: _merged(schema, fragments))
+
+
+def _serve(app: Any, build: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """Make ``app.openapi()`` serve ``build`` of the document it served so far (built once)."""
     original: Callable[[], dict[str, Any]] = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = original()
-            for fragment in fragments:
-                schema = merge_paths(schema, fragment)
-            app.openapi_schema = schema
+            app.openapi_schema = build(original())
         return app.openapi_schema  # type: ignore[no-any-return]
 
     app.openapi = openapi
+
+
+def _merged(schema: dict[str, Any], fragments: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    for fragment in fragments:
+        schema = merge_paths(schema, fragment)
+    return schema
 
 
 def merge_paths(schema: dict[str, Any], fragment: Mapping[str, Any]) -> dict[str, Any]:

@@ -30,17 +30,14 @@ from aimiddleware import (
     AIError,
     EventStreamResponse,
     HTTPStatusError,
-    InvalidRequest,
     OpenAIChatDialect,
     StreamResult,
     UpstreamError,
-    UpstreamRateLimited,
-    UpstreamTimeout,
-    UpstreamUnavailable,
     Usage,
 )
 from aimiddleware.client import RetryPolicy
 from aimiddleware.context import current_or_none
+from aimiddleware.errors import upstream_error
 
 __all__ = ["Upstream"]
 
@@ -277,19 +274,11 @@ def _raise_for_status(response: httpx.Response) -> None:
 
 
 def _status_error(status: int, body: Any, wait: float | None) -> AIError:
-    """As aimiddleware.errors maps an SDK's status error (its private ``_upstream_status``,
-    which takes an exception and keeps any code), with the upstream's wait (read as the
-    retrying client reads it) kept on the retryable statuses; a 3xx is no answer either
-    (httpx follows no redirects: a misconfigured AIMW_UPSTREAM_URL)."""
+    """The library's mapping of an upstream status (:func:`aimiddleware.errors.upstream_error`),
+    with only well-known codes kept and the upstream's wait (read as the retrying client
+    reads it); a 3xx is no answer either (httpx follows no redirects: a misconfigured
+    AIMW_UPSTREAM_URL)."""
     extra = _extra(status, body)
-    if status == 429:
-        return UpstreamRateLimited(extra=extra, retry_after=wait)
-    if status in (408, 504):
-        return UpstreamTimeout(extra=extra, retry_after=wait)
-    if status in (500, 502, 503, 529):
-        return UpstreamUnavailable(extra=extra, retry_after=wait)
-    if status in (400, 404, 413, 422):
-        return InvalidRequest("The upstream model rejected the request.", extra=extra)
     if status in (401, 403):
         # The upstream refused our own key (AIMW_UPSTREAM_API_KEY): every retry fails the
         # same way until the server is fixed. Not the client's 401/403 (its credentials were
@@ -300,4 +289,4 @@ def _status_error(status: int, body: Any, wait: float | None) -> AIError:
         return HTTPStatusError(
             502, "The upstream model provider refused this server's credentials.", extra=extra
         )
-    return UpstreamError(extra=extra)
+    return upstream_error(status, extra, retry_after=wait)

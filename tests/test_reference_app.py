@@ -46,11 +46,16 @@ output_estimate = 64
 """
 
 
+def write_test_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference app's config.toml with the tests' tiers and keys."""
+    path = tmp_path_factory.mktemp("cfg") / "config.toml"
+    path.write_text(CONFIG.split("# Tiers.")[0] + TEST_TIERS)
+    return path
+
+
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    head = CONFIG.split("# Tiers.")[0]
-    path = tmp_path_factory.mktemp("cfg") / "config.toml"
-    path.write_text(head + TEST_TIERS)
+    path = write_test_config(tmp_path_factory)
     model = FakeModel("fake-chat", first_token_latency=0, inter_token_delay=0)
     with live_server(create_app(path, storage="memory://", model=model)) as url:
         yield url

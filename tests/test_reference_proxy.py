@@ -23,7 +23,7 @@ from examples.app import create_app
 from examples.upstream import Upstream
 from tests.live_server import live_server
 from tests.redis_server import free_port
-from tests.test_reference_app import CONFIG, TEST_TIERS
+from tests.test_reference_app import write_test_config
 
 HI = [{"role": "user", "content": "Tell me about rate limits"}]
 PRO = {"authorization": "Bearer sk-demo-pro"}
@@ -31,9 +31,7 @@ PRO = {"authorization": "Bearer sk-demo-pro"}
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "config.toml"
-    path.write_text(CONFIG.split("# Tiers.")[0] + TEST_TIERS)
-    return path
+    return write_test_config(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

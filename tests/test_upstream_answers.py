@@ -22,7 +22,7 @@ from starlette.routing import Route
 from examples.app import create_app
 from examples.upstream import Upstream
 from tests.live_server import live_server
-from tests.test_reference_app import CONFIG, TEST_TIERS
+from tests.test_reference_app import write_test_config
 
 SECRET = "sk-UPSTREAM-SECRET-42 at /srv/engine.py line 7"
 PROXY_KEY = "sk-proxy-key-SECRET-7"  # AIMW_UPSTREAM_API_KEY
@@ -92,9 +92,7 @@ async def chat(request: Request) -> Response:
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "config.toml"
-    path.write_text(CONFIG.split("# Tiers.")[0] + TEST_TIERS)
-    return path
+    return write_test_config(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -86,4 +86,3 @@ async def parse_body(request: Request, model: type[M]) -> tuple[M, str]:
     canonical = json.dumps(parsed.model_dump(mode="json"), sort_keys=True).encode()
     fingerprint = hashlib.sha256(request.url.path.encode() + b"\0" + canonical).hexdigest()
     return parsed, fingerprint
-

@@ -3,7 +3,7 @@
 Keys (hash-tagged per principal): ``jobs:{p}:<id>`` the record; ``…:<id>:events`` a
 stream (its entry ids are the SSE ids, so ``Last-Event-ID`` maps to ``XREAD``);
 ``…:<id>:cancel`` the cancel flag; ``…:<id>:alive`` the running worker's lease;
-``…:<id>:reaped`` the claim of the one reader reporting a lost worker;
+``…:<id>:reaping`` the claim (for a lease) of the one reader reporting a lost worker;
 ``…:<id>:results`` batch result lines; ``…:idem:<sha256(key)>`` the idempotency map.
 The webhook outbox is ``jobs:{outbox}:due`` (a sorted set by due time),
 ``jobs:{outbox}:data`` (a hash of deliveries) and ``jobs:{outbox}:done`` (finished ones by

@@ -152,16 +152,12 @@ class CallbackPolicy:
         ``UpstreamUnavailable`` (503) when the resolver could not answer for now."""
         try:
             await self.check_resolved(url)
-        except socket.gaierror as exc:
-            if exc.errno in _RESOLVER_TRANSIENT:
+        except OSError as exc:
+            if isinstance(exc, socket.gaierror) and exc.errno in _RESOLVER_TRANSIENT:
                 raise UpstreamUnavailable(
                     "The callback_url host could not be resolved right now; retry.",
                     param="callback_url", retry_after=1,
                 ) from exc
-            raise InvalidRequest(
-                "callback_url host does not resolve.", param="callback_url"
-            ) from exc
-        except OSError as exc:
             raise InvalidRequest(
                 "callback_url host does not resolve.", param="callback_url"
             ) from exc

@@ -14,7 +14,6 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from aimiddleware._asgi import send_json
 from aimiddleware.context import SCOPE_KEY, RequestContext
@@ -135,12 +134,6 @@ class VersioningMiddleware:
         if self.versions is not None:
             return self.versions.clock()
         return utc_now()
-
-    def openapi_paths(self) -> dict[str, Any]:
-        """The helper routes' OpenAPI path items (see :mod:`aimiddleware.versioning.openapi`)."""
-        from aimiddleware.versioning.openapi import openapi_paths
-
-        return openapi_paths(self.models_path, self.migration_path)
 
     async def deprecation_counts(self, principal: str) -> dict[str, int]:
         """Deprecated calls made by ``principal``, per ``kind:name``."""
