@@ -178,17 +178,21 @@ class CountingStore(MemoryJobStore):
         self.puts = 0
         self.result_writes = 0
 
-    async def put(self, principal: str, rec_id: str, data: str) -> None:
+    async def put(self, principal: str, rec_id: str, data: str, *, worker: bool = False) -> None:
         self.puts += 1
-        await super().put(principal, rec_id, data)
+        await super().put(principal, rec_id, data, worker=worker)
 
-    async def append_result(self, principal: str, rec_id: str, line: str) -> None:
+    async def append_result(
+        self, principal: str, rec_id: str, line: str, *, worker: bool = False
+    ) -> None:
         self.result_writes += 1
-        await super().append_result(principal, rec_id, line)
+        await super().append_result(principal, rec_id, line, worker=worker)
 
-    async def append_results(self, principal: str, rec_id: str, lines: Sequence[str]) -> None:
+    async def append_results(
+        self, principal: str, rec_id: str, lines: Sequence[str], *, worker: bool = False
+    ) -> None:
         self.result_writes += 1
-        await super().append_results(principal, rec_id, lines)
+        await super().append_results(principal, rec_id, lines, worker=worker)
 
 
 async def test_a_big_batch_writes_its_record_a_bounded_number_of_times() -> None:
@@ -248,14 +252,16 @@ class WireStore(MemoryJobStore):
         self.in_flight.set()
         await landed.wait()
 
-    async def put(self, principal: str, rec_id: str, data: str) -> None:
+    async def put(self, principal: str, rec_id: str, data: str, *, worker: bool = False) -> None:
         if not self.slow_put(data):
-            return await super().put(principal, rec_id, data)
+            return await super().put(principal, rec_id, data, worker=worker)
         await self._on_the_wire(lambda: self._records.__setitem__((principal, rec_id), data))
 
-    async def append_result(self, principal: str, rec_id: str, line: str) -> None:
+    async def append_result(
+        self, principal: str, rec_id: str, line: str, *, worker: bool = False
+    ) -> None:
         if not self.slow_result(line):
-            return await super().append_result(principal, rec_id, line)
+            return await super().append_result(principal, rec_id, line, worker=worker)
         await self._on_the_wire(
             lambda: self._results.setdefault((principal, rec_id), []).append(line))
 

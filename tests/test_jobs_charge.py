@@ -258,11 +258,13 @@ class _SlowResults(MemoryJobStore):
         self.slow = anyio.Event()
         self.writing = anyio.Event()
 
-    async def append_result(self, principal: str, rec_id: str, line: str) -> None:
+    async def append_result(
+        self, principal: str, rec_id: str, line: str, *, worker: bool = False
+    ) -> None:
         if self.slow.is_set():
             self.writing.set()
             await anyio.sleep(0.5)
-        await super().append_result(principal, rec_id, line)
+        await super().append_result(principal, rec_id, line, worker=worker)
 
 
 async def test_an_item_finished_while_the_batch_is_cancelled_keeps_its_usage() -> None:

@@ -15,8 +15,10 @@ from starlette.applications import Starlette
 
 from aimiddleware import Storage
 from aimiddleware.context import key_principal
+from aimiddleware.errors import StoreUnavailable
 from aimiddleware.jobs import Batch, CallbackPolicy, Job, JobContext, JobsRouter
 from aimiddleware.jobs.models import BatchCounts, BatchItem, BatchItemResult, new_id
+from aimiddleware.usage import MemoryLedger
 from tests.test_jobs_charge import running
 
 AUTH = {"authorization": "Bearer k"}
@@ -126,7 +128,6 @@ async def test_a_reaper_whose_writes_failed_is_taken_over_after_a_lease(
     # store blip, a 503 for that reader), nobody reported the loss, and every later read
     # waited 5 s for a report that never came. With the record written first, a failed event
     # write was never made good: the record was final, so nobody reaped it again.
-    from aimiddleware.errors import StoreUnavailable
 
     jobs = JobsRouter(_never, storage=storage, prefix="/v1", principal=lambda r: "p",
                       lease=0.5)
@@ -198,3 +199,105 @@ async def test_a_lost_batch_has_a_result_for_every_item(storage: Storage) -> Non
     lost = [x for x in lines if x["custom_id"] == f"i{n - 1}"]
     assert lost[0]["type"] == "errored" and lost[0]["error"]["code"] == "worker_lost"
     assert lost[0]["error"]["retryable"] is True
+
+
+class _CutOff:
+    """A worker's view of the store: while ``cut``, every call fails as an outage does (the
+    worker is alive but cannot reach the store; the readers can)."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.cut = False
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._store, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            if self.cut:
+                raise StoreUnavailable("The job store is unavailable.", retry_after=1)
+            return await method(*args, **kwargs)
+
+        return call
+
+
+async def _kinds(store: Any, rec_id: str) -> list[str]:
+    """The types of the events of ``p``'s record ``rec_id``, in order."""
+    return [e[1] for e in await store.read_events("p", rec_id, None, wait=0.05)]
+
+
+async def test_a_worker_cut_off_past_its_lease_writes_nothing_once_reaped(
+    storage: Storage, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A worker cut off from the store for longer than its lease is reported lost by the
+    # reaper; when it reached the store again it still wrote its progress, its result and a
+    # final record: a job the client was told had failed (and resubmitted) became completed.
+    gate = anyio.Event()
+
+    async def work(ctx: JobContext, input: Any) -> Any:
+        await ctx.record_usage({"input_tokens": 40, "output_tokens": 2}, model="m")
+        await gate.wait()
+        await ctx.progress(0.5, "half way")
+        return {"answer": 42}
+
+    ledger = MemoryLedger()
+    jobs = JobsRouter(work, storage=storage, prefix="/v1", principal=lambda r: "p",
+                      lease=0.5, cancel_poll=0.02, ledger=ledger)
+    view = jobs.runner.store = _CutOff(jobs.store)  # type: ignore[assignment]
+    async with running(jobs) as c:
+        job_id = (await c.post("/v1/jobs", json={"input": {}})).json()["id"]
+        with anyio.fail_after(10):  # (its usage written: nothing left to write during the cut)
+            while "job.usage" not in await _kinds(jobs.store, job_id):  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        view.cut = True
+        await anyio.sleep(0.6)  # (past the lease: no beat reached the store)
+        lost = (await c.get(f"/v1/jobs/{job_id}")).json()
+        assert (lost["status"], lost["error"]["code"]) == ("failed", "worker_lost")
+        view.cut = False
+        gate.set()
+        await anyio.sleep(0.5)  # (the worker reaches the store again, and the job goes on)
+        after = (await c.get(f"/v1/jobs/{job_id}")).json()
+    assert after == lost  # the record the client was told, unchanged
+    kinds = await _kinds(jobs.store, job_id)
+    assert kinds[-1] == "job.failed" and kinds.count("job.failed") == 1, kinds
+    assert "job.completed" not in kinds and "job.progress" not in kinds
+    assert any("reported lost" in r.getMessage() for r in caplog.records)
+    # What it used is still in the usage history, as a job that stopped (README).
+    row = await ledger.get_request("p", job_id)
+    assert row is not None and row.record.usage.input_tokens == 40
+    assert row.record.raw_finish_reason in ("cancelled", "failed")
+
+
+async def test_a_batch_cut_off_past_its_lease_has_one_result_per_item(storage: Storage) -> None:
+    # Its items finished after the reaper wrote "errored" lines for them got a second line.
+    gate = anyio.Event()
+
+    async def work(ctx: JobContext, input: Any) -> Any:
+        if input["n"] >= 2:
+            await gate.wait()
+        return {"n": input["n"]}
+
+    jobs = JobsRouter(work, storage=storage, prefix="/v1", principal=lambda r: "p",
+                      lease=0.5, cancel_poll=0.02, batch_concurrency=4)
+    view = jobs.runner.store = _CutOff(jobs.store)  # type: ignore[assignment]
+    items = [{"custom_id": f"i{n}", "input": {"n": n}} for n in range(6)]
+    async with running(jobs) as c:
+        batch_id = (await c.post("/v1/batches", json={"items": items})).json()["id"]
+        with anyio.fail_after(10):
+            while len(await jobs.store.results("p", batch_id)) < 2:  # noqa: ASYNC110 (the store)
+                await anyio.sleep(0.02)
+        await anyio.sleep(0.3)  # (its record written: nothing left to write during the cut)
+        view.cut = True
+        await anyio.sleep(0.6)
+        lost = (await c.get(f"/v1/batches/{batch_id}")).json()
+        assert (lost["status"], lost["error"]["code"]) == ("failed", "worker_lost")
+        view.cut = False
+        gate.set()
+        await anyio.sleep(0.5)
+        after = (await c.get(f"/v1/batches/{batch_id}")).json()
+        lines = [json.loads(x) for x in
+                 (await c.get(f"/v1/batches/{batch_id}/results")).text.splitlines()]
+    assert after == lost
+    assert sorted(x["custom_id"] for x in lines) == [f"i{n}" for n in range(6)]
+    assert {x["custom_id"]: x["type"] for x in lines} == {
+        **{f"i{n}": "succeeded" for n in range(2)}, **{f"i{n}": "errored" for n in range(2, 6)}
+    }

@@ -87,9 +87,10 @@ class BatchExecution:
         store = self.runner.store
         self._stale = False
         with anyio.CancelScope(shield=True):  # (see _put_if_stale)
-            await store.put(self.batch.principal, self.batch.id, self.batch.stored())
+            await store.put(self.batch.principal, self.batch.id, self.batch.stored(),
+                            worker=True)
             await store.append_event(self.batch.principal, self.batch.id, event,
-                                     json.dumps(data, default=str))
+                                     json.dumps(data, default=str), worker=True)
 
     async def start(self) -> None:
         async with self._lock:
@@ -124,7 +125,7 @@ class BatchExecution:
             # Finished, it is ordered before finish()'s writes, which wait for the lock.
             with anyio.CancelScope(shield=True):
                 await self.runner.store.put(
-                    self.batch.principal, self.batch.id, self.batch.stored()
+                    self.batch.principal, self.batch.id, self.batch.stored(), worker=True
                 )
 
     async def _item(self, limiter: anyio.CapacityLimiter, item: BatchItem) -> None:
@@ -172,14 +173,14 @@ class BatchExecution:
             with anyio.CancelScope(shield=True):
                 self.done.add(res.custom_id)
                 await self.runner.store.append_result(
-                    self.batch.principal, self.batch.id, res.model_dump_json()
+                    self.batch.principal, self.batch.id, res.model_dump_json(), worker=True
                 )
                 counts = counted(self.batch.counts, [res.type], self.batch.total, len(self.done))
                 self.batch = self.batch.model_copy(update={"counts": counts})
                 self._stale = True  # (stored by _save_while_running, or when the batch ends)
                 await self.runner.store.append_event(
                     self.batch.principal, self.batch.id, "batch.progress",
-                    json.dumps({"counts": counts.model_dump()}),
+                    json.dumps({"counts": counts.model_dump()}), worker=True,
                 )
 
     async def finish(self, status: str, leftover: str, error: JobError | None = None) -> None:
@@ -193,7 +194,7 @@ class BatchExecution:
             self.done.update(item.custom_id for item in left)
             await self.runner.store.append_results(  # (in bulk: a few round trips)
                 self.batch.principal, self.batch.id,
-                [_line(item, leftover, item_error) for item in left],
+                [_line(item, leftover, item_error) for item in left], worker=True,
             )
             if left:
                 counts = counted(self.batch.counts, [leftover] * len(left), self.batch.total,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import anyio
 
-from aimiddleware.jobs.store import Event
+from aimiddleware.jobs.store import Event, JobFenced
 
 __all__ = ["MemoryJobStore"]
 
@@ -33,6 +33,7 @@ class MemoryJobStore:
         self._events: dict[tuple[str, str], list[Event]] = {}
         self._cancel: set[tuple[str, str]] = set()
         self._reaped: dict[tuple[str, str], float] = {}  # claim -> its expiry (monotonic)
+        self._fenced: set[tuple[str, str]] = set()  # records a reaper reported lost
         self._beats: dict[tuple[str, str], float] = {}
         self._results: dict[tuple[str, str], list[str]] = {}
         self._idem: dict[tuple[str, str], str] = {}
@@ -60,6 +61,7 @@ class MemoryJobStore:
             for table in (self._records, self._events, self._beats, self._results):
                 table.pop(key, None)
             self._cancel.discard(key)
+            self._fenced.discard(key)
             self._reaped.pop(key, None)
             if idem_key is not None and self._idem.get((principal, idem_key)) == rec_id:
                 del self._idem[(principal, idem_key)]
@@ -71,10 +73,20 @@ class MemoryJobStore:
     async def get(self, principal: str, rec_id: str) -> str | None:
         return self._records.get((principal, rec_id))
 
-    async def put(self, principal: str, rec_id: str, data: str) -> None:
+    def _check(self, principal: str, rec_id: str, worker: bool) -> None:
+        if worker and (principal, rec_id) in self._fenced:
+            raise JobFenced(rec_id)
+
+    async def put(
+        self, principal: str, rec_id: str, data: str, *, worker: bool = False
+    ) -> None:
+        self._check(principal, rec_id, worker)
         self._records[(principal, rec_id)] = data
 
-    async def append_event(self, principal: str, rec_id: str, event: str, data: str) -> str:
+    async def append_event(
+        self, principal: str, rec_id: str, event: str, data: str, *, worker: bool = False
+    ) -> str:
+        self._check(principal, rec_id, worker)
         log = self._events.setdefault((principal, rec_id), [])
         event_id = str(len(log) + 1)
         log.append((event_id, event, data))
@@ -99,6 +111,9 @@ class MemoryJobStore:
     async def cancel_requested(self, principal: str, rec_id: str) -> bool:
         return (principal, rec_id) in self._cancel
 
+    async def should_stop(self, principal: str, rec_id: str) -> bool:
+        return (principal, rec_id) in self._cancel or (principal, rec_id) in self._fenced
+
     async def beat(self, principal: str, rec_id: str, ttl: float) -> None:
         self._beats[(principal, rec_id)] = time.monotonic() + ttl
 
@@ -110,12 +125,19 @@ class MemoryJobStore:
         if self._reaped.get((principal, rec_id), 0.0) > now:
             return False
         self._reaped[(principal, rec_id)] = now + ttl
+        self._fenced.add((principal, rec_id))
         return True
 
-    async def append_result(self, principal: str, rec_id: str, line: str) -> None:
+    async def append_result(
+        self, principal: str, rec_id: str, line: str, *, worker: bool = False
+    ) -> None:
+        self._check(principal, rec_id, worker)
         self._results.setdefault((principal, rec_id), []).append(line)
 
-    async def append_results(self, principal: str, rec_id: str, lines: Sequence[str]) -> None:
+    async def append_results(
+        self, principal: str, rec_id: str, lines: Sequence[str], *, worker: bool = False
+    ) -> None:
+        self._check(principal, rec_id, worker)
         self._results.setdefault((principal, rec_id), []).extend(lines)
 
     async def results(self, principal: str, rec_id: str) -> list[str]:

@@ -1,8 +1,9 @@
 """Reaping: a job or batch whose worker stopped renewing its lease is failed, visibly, once.
 
 Any reader of the record (a poll, an event stream, on any worker) may notice; one wins an
-atomic claim in the store and writes the final record, its event and its webhook, and the
-others return what it stored.
+atomic claim in the store (which fences the record: should the worker only have been cut off
+from the store, its writes are refused from then on) and writes the final record, its event
+and its webhook, and the others return what it stored.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ Keys (hash-tagged per principal): ``jobs:{p}:<id>`` the record; ``…:<id>:event
 stream (its entry ids are the SSE ids, so ``Last-Event-ID`` maps to ``XREAD``);
 ``…:<id>:cancel`` the cancel flag; ``…:<id>:alive`` the running worker's lease;
 ``…:<id>:reaping`` the claim (for a lease) of the one reader reporting a lost worker;
+``…:<id>:fenced`` set with it, for the retention: the lost worker's writes are refused;
 ``…:<id>:results`` batch result lines; ``…:idem:<sha256(key)>`` the idempotency map.
 The webhook outbox is ``jobs:{outbox}:due`` (a sorted set by due time),
 ``jobs:{outbox}:data`` (a hash of deliveries) and ``jobs:{outbox}:done`` (finished ones by
@@ -19,7 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from aimiddleware.jobs.store import Event
+from aimiddleware.jobs.store import Event, JobFenced
 from aimiddleware.storage import Storage, redis_errors
 
 __all__ = ["RedisJobStore"]
@@ -64,7 +65,11 @@ redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[2])
 return {ARGV[3], ARGV[1]}
 """
 
-# Append to a list or stream and renew its expiry, atomically (KEYS[1]; ARGV: ttl, value(s)).
+# Replace a record, append to a list or stream and renew its expiry, atomically (KEYS[1];
+# ARGV: ttl, value(s)). A worker's write runs them behind _FENCE (KEYS[2]: the fence).
+_SET = """
+return redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
+"""
 _XADD = """
 local id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[2], 'd', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[1])
@@ -73,6 +78,16 @@ return id
 _RPUSH = """
 redis.call('RPUSH', KEYS[1], unpack(ARGV, 2))
 return redis.call('EXPIRE', KEYS[1], ARGV[1])
+"""
+_FENCE = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return false end
+"""
+# The claim to reap a record (KEYS[1], for ARGV[1] ms) and, if won, its fence (KEYS[2], for
+# ARGV[2] s): one script, so that no reaper holds the claim of a record left unfenced.
+_CLAIM_REAP = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 0 end
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
+return 1
 """
 # A delivery's data and its place in the due set, or (finished) in the done set until its
 # expiry (KEYS: due, data, done; ARGV: id, data, due time or '' when finished, now, expiry).
@@ -124,15 +139,37 @@ class RedisJobStore:
             raw = await self._r.get(self._key(principal, rec_id))
         return raw.decode() if raw is not None else None
 
-    async def put(self, principal: str, rec_id: str, data: str) -> None:
+    async def _write(
+        self, script: str, principal: str, rec_id: str, key: str, args: list[Any], worker: bool
+    ) -> Any:
+        """Run a write ``script`` on ``key``; a ``worker``'s behind the record's fence."""
+        keys = [key]
+        if worker:
+            script = _FENCE + script
+            keys.append(self._key(principal, rec_id, "fenced"))
         async with redis_errors("job"):
-            await self._r.set(self._key(principal, rec_id), data, ex=self.ttl)
+            reply = await self.storage.script(script)(keys=keys, args=args)
+        if reply is None:  # (only _FENCE answers nil)
+            raise JobFenced(rec_id)
+        return reply
 
-    async def append_event(self, principal: str, rec_id: str, event: str, data: str) -> str:
+    async def put(
+        self, principal: str, rec_id: str, data: str, *, worker: bool = False
+    ) -> None:
+        if not worker:  # (one plain command)
+            async with redis_errors("job"):
+                await self._r.set(self._key(principal, rec_id), data, ex=self.ttl)
+            return
+        key = self._key(principal, rec_id)
+        await self._write(_SET, principal, rec_id, key, [self.ttl, data], worker)
+
+    async def append_event(
+        self, principal: str, rec_id: str, event: str, data: str, *, worker: bool = False
+    ) -> str:
         key = self._key(principal, rec_id, "events")
-        async with redis_errors("job"):
-            event_id = await self.storage.script(_XADD)(keys=[key], args=[self.ttl, event, data])
-        return str(event_id.decode() if isinstance(event_id, bytes) else event_id)
+        event_id = await self._write(_XADD, principal, rec_id, key, [self.ttl, event, data],
+                                     worker)
+        return _text(event_id)
 
     async def read_events(
         self, principal: str, rec_id: str, after: str | None, wait: float
@@ -158,6 +195,11 @@ class RedisJobStore:
         async with redis_errors("job"):
             return bool(await self._r.exists(self._key(principal, rec_id, "cancel")))
 
+    async def should_stop(self, principal: str, rec_id: str) -> bool:
+        keys = (self._key(principal, rec_id, "cancel"), self._key(principal, rec_id, "fenced"))
+        async with redis_errors("job"):
+            return bool(await self._r.exists(*keys))
+
     async def beat(self, principal: str, rec_id: str, ttl: float) -> None:
         async with redis_errors("job"):
             await self._r.set(self._key(principal, rec_id, "alive"), b"1", px=int(ttl * 1000))
@@ -168,18 +210,24 @@ class RedisJobStore:
 
     async def claim_reap(self, principal: str, rec_id: str, ttl: float) -> bool:
         # (":reaping", not ":reaped": the previous version held ":reaped" for the retention)
-        key = self._key(principal, rec_id, "reaping")
+        keys = [self._key(principal, rec_id, "reaping"), self._key(principal, rec_id, "fenced")]
         async with redis_errors("job"):
-            return bool(await self._r.set(key, b"1", nx=True, px=max(1, int(ttl * 1000))))
+            won = await self.storage.script(_CLAIM_REAP)(
+                keys=keys, args=[max(1, int(ttl * 1000)), self.ttl]
+            )
+        return bool(won)
 
-    async def append_result(self, principal: str, rec_id: str, line: str) -> None:
-        await self.append_results(principal, rec_id, [line])
+    async def append_result(
+        self, principal: str, rec_id: str, line: str, *, worker: bool = False
+    ) -> None:
+        await self.append_results(principal, rec_id, [line], worker=worker)
 
-    async def append_results(self, principal: str, rec_id: str, lines: Sequence[str]) -> None:
+    async def append_results(
+        self, principal: str, rec_id: str, lines: Sequence[str], *, worker: bool = False
+    ) -> None:
         key = self._key(principal, rec_id, "results")
-        async with redis_errors("job"):
-            for chunk in _chunks(lines):
-                await self.storage.script(_RPUSH)(keys=[key], args=[self.ttl, *chunk])
+        for chunk in _chunks(lines):
+            await self._write(_RPUSH, principal, rec_id, key, [self.ttl, *chunk], worker)
 
     async def results(self, principal: str, rec_id: str) -> list[str]:
         async with redis_errors("job"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
@@ -24,13 +25,16 @@ from aimiddleware.errors import AIError, InternalError, StoreUnavailable
 from aimiddleware.finish_reason import normalize_finish_reason
 from aimiddleware.jobs.context import Charge, JobContext, JobLimitExceeded
 from aimiddleware.jobs.models import Batch, Job, JobError
-from aimiddleware.jobs.store import JobStore
+from aimiddleware.jobs.store import JobFenced, JobStore
 from aimiddleware.jobs.webhooks import WebhookDispatcher, webhook_payload
 from aimiddleware.ratelimit.limiter import RateLimiter
 from aimiddleware.usage.ledger import Ledger, UsageRecord
 from aimiddleware.usage.models import Usage
 
 __all__ = ["JobFunction", "JobRunner", "job_error"]
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 logger = logging.getLogger("aimiddleware.jobs")
 
@@ -158,7 +162,11 @@ class JobRunner:
                 await self._run_job(record)
             else:
                 await self._run_batch(record)
-        except Exception:
+        except Exception as exc:
+            if _fenced(exc):  # (after a lease cut off from the store: nothing of it is kept)
+                logger.warning("%s: reported lost while it ran (its worker was cut off from "
+                               "the store past its lease); its results are dropped", record.id)
+                return
             # (the store failed under it: left to the reaper, which reports it failed and
             # retryable once its lease lapses; the runner goes on with the other records)
             logger.exception("%s: could not be run to its end", record.id)
@@ -194,7 +202,8 @@ class JobRunner:
         return "expired" if expired else "done"
 
     async def _watch_cancel(self, principal: str, rec_id: str, scope: anyio.CancelScope) -> None:
-        """Poll the store's cancel flag (a DELETE on any worker) and renew the liveness lease."""
+        """Poll the store's cancel flag (a DELETE on any worker) and fence (the record reported
+        lost: its writes are refused, so it stops too), and renew the liveness lease."""
         next_beat = 0.0
         while True:
             now = anyio.current_time()
@@ -202,7 +211,7 @@ class JobRunner:
                 if now >= next_beat:
                     await self.store.beat(principal, rec_id, self.lease)
                     next_beat = now + self.lease / 3
-                if await self.store.cancel_requested(principal, rec_id):
+                if await self.store.should_stop(principal, rec_id):
                     scope.cancel()
                     return
             except StoreUnavailable:  # an outage: the job runs on; asked again next poll
@@ -220,9 +229,11 @@ class JobRunner:
                 # Shielded: a write cancelled with the job may still be on the wire (a Redis
                 # command sent) and land after the final record, putting it back in_progress.
                 with anyio.CancelScope(shield=True):
-                    await self.store.put(job.principal, job.id, state["job"].stored())
+                    await self.store.put(job.principal, job.id, state["job"].stored(),
+                                         worker=True)
                     await self.store.append_event(
-                        job.principal, job.id, event, json.dumps(data, default=_jsonable)
+                        job.principal, job.id, event, json.dumps(data, default=_jsonable),
+                        worker=True,
                     )
 
         async def emit(kind: str, data: dict[str, Any]) -> None:
@@ -342,6 +353,13 @@ class JobRunner:
         else:
             await execution.finish("completed", "cancelled")
         await self.notify(execution.batch)
+
+
+def _fenced(exc: BaseException) -> bool:
+    """Whether ``exc`` is (or a task group's group holds) a write refused by the fence."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(JobFenced) is not None
+    return isinstance(exc, JobFenced)
 
 
 def _jsonable(value: Any) -> Any:

@@ -4,7 +4,8 @@ A store keeps, per principal and record id (a job or a batch): the record as JSO
 append-only event log (the SSE stream replays and resumes from it), a cancel flag (so a
 ``DELETE`` served by any worker reaches the worker running the job), a liveness lease
 (so a job whose worker died is reported, not left running forever) with a claim that lets
-exactly one reader report it, batch result lines,
+exactly one reader report it and a fence that refuses the lost worker's writes from then on
+(a worker cut off from the store past its lease is alive, and comes back), batch result lines,
 and the idempotency map ``(principal, key) -> id``. Webhook deliveries sit in an outbox
 that any dispatcher can claim with a lease, so a restart loses none.
 """
@@ -16,10 +17,15 @@ from typing import Protocol
 
 from aimiddleware.storage import Storage
 
-__all__ = ["Event", "JobStore", "make_store"]
+__all__ = ["Event", "JobFenced", "JobStore", "make_store"]
 
 Event = tuple[str, str, str]
 """(event id, event type, JSON data)."""
+
+
+class JobFenced(Exception):
+    """A write by the worker running a record that a reaper has since reported lost: the
+    record is no longer that worker's to write (its client was told it failed)."""
 
 
 class JobStore(Protocol):
@@ -34,9 +40,16 @@ class JobStore(Protocol):
 
     async def get(self, principal: str, rec_id: str) -> str | None: ...
 
-    async def put(self, principal: str, rec_id: str, data: str) -> None: ...
+    async def put(
+        self, principal: str, rec_id: str, data: str, *, worker: bool = False
+    ) -> None:
+        """Replace the record. ``worker``: a write by the worker running it, refused with
+        :class:`JobFenced` once :meth:`claim_reap` has fenced the record (as are the event
+        and result writes below)."""
 
-    async def append_event(self, principal: str, rec_id: str, event: str, data: str) -> str:
+    async def append_event(
+        self, principal: str, rec_id: str, event: str, data: str, *, worker: bool = False
+    ) -> str:
         """Append to the record's event log; returns the new event id."""
 
     async def read_events(
@@ -48,6 +61,10 @@ class JobStore(Protocol):
 
     async def cancel_requested(self, principal: str, rec_id: str) -> bool: ...
 
+    async def should_stop(self, principal: str, rec_id: str) -> bool:
+        """Whether the worker running the record is to stop: a cancel was requested or the
+        record is fenced (in one round trip: the worker polls this)."""
+
     async def beat(self, principal: str, rec_id: str, ttl: float) -> None:
         """The worker running the record is alive for ``ttl`` more seconds."""
 
@@ -57,11 +74,16 @@ class JobStore(Protocol):
     async def claim_reap(self, principal: str, rec_id: str, ttl: float) -> bool:
         """Whether this caller is the one to report the record's lost worker: True for one
         caller (atomically, across workers) per ``ttl`` seconds, False for the others. The
-        claim lapses so that a reaper that failed half-way is taken over."""
+        claim lapses so that a reaper that failed half-way is taken over. The winner also
+        fences the record, for its retention: the lost worker's writes are refused."""
 
-    async def append_result(self, principal: str, rec_id: str, line: str) -> None: ...
+    async def append_result(
+        self, principal: str, rec_id: str, line: str, *, worker: bool = False
+    ) -> None: ...
 
-    async def append_results(self, principal: str, rec_id: str, lines: Sequence[str]) -> None:
+    async def append_results(
+        self, principal: str, rec_id: str, lines: Sequence[str], *, worker: bool = False
+    ) -> None:
         """Append many result lines in order, in a few round trips (not one per line)."""
 
     async def results(self, principal: str, rec_id: str) -> list[str]: ...
