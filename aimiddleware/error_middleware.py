@@ -127,7 +127,8 @@ def register_exception_handlers(
     """Make a Starlette/FastAPI app's own handlers render the taxonomy.
 
     Starlette and FastAPI handle ``HTTPException`` (and FastAPI request validation errors)
-    inside the router, before any middleware sees them; this replaces those handlers.
+    inside the router, before any middleware sees them; this replaces the frameworks' default
+    handlers for them. A handler the app registered itself for one of them is kept.
     """
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
@@ -145,9 +146,18 @@ def register_exception_handlers(
         response.raw_headers = headers
         return response
 
-    app.add_exception_handler(HTTPException, handler)
     try:
+        from fastapi.exception_handlers import (
+            http_exception_handler,
+            request_validation_exception_handler,
+        )
         from fastapi.exceptions import RequestValidationError
     except ImportError:  # pragma: no cover - FastAPI is optional
-        return
-    app.add_exception_handler(RequestValidationError, handler)
+        pairs: list[tuple[type[Exception], Any]] = [(HTTPException, None)]
+    else:
+        pairs = [(HTTPException, http_exception_handler),
+                 (RequestValidationError, request_validation_exception_handler)]
+    own = getattr(app, "exception_handlers", {})
+    for cls, default in pairs:
+        if own.get(cls, default) is default:  # (none, or the framework's default)
+            app.add_exception_handler(cls, handler)

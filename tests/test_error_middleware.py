@@ -299,3 +299,32 @@ async def test_an_on_error_hook_that_raises_does_not_replace_the_answer(
         r = await client.get("/")
     assert r.status_code == 404 and r.json()["detail"] == "nothing here"
     assert any("on_error callback failed" in rec.message for rec in caplog.records)
+
+
+def test_the_apps_own_handlers_registered_before_install_are_kept() -> None:
+    # install() replaced them: an app's own 400 for validation errors became a 422.
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.responses import JSONResponse
+
+    app = FastAPI()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"mine": "invalid"}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"mine": "http"}, status_code=418)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: Chat) -> dict[str, Any]:
+        return {"ok": True}
+
+    aimiddleware.install(app)
+    with live_server(app) as url:
+        bad = httpx.post(url + "/v1/chat/completions", json={"model": "m", "max_tokens": "x"})
+        missing = httpx.get(url + "/nope")
+    assert (bad.status_code, bad.json()) == (400, {"mine": "invalid"})
+    assert (missing.status_code, missing.json()) == (418, {"mine": "http"})
+    assert bad.headers["x-request-id"]  # (the stack still runs around them)
