@@ -545,6 +545,10 @@ class _Call:
         self.reason = "disconnect"
         if ctx is not None:
             ctx.state[STATE_KEY] = {"reason": "disconnect", "at": time.perf_counter()}
+            # Named now, not after the app unwound: the usage layer settles on its way out
+            # (without a reason, an abandoned request that reported no usage had no row).
+            if ctx.raw_finish_reason is None:
+                ctx.raw_finish_reason = "cancelled"
         self.cancel_app()
 
     def cancel_app(self) -> None:

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import pytest
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -220,3 +221,64 @@ async def _disconnect_mid_write(fused: bool) -> tuple[int, list[tuple[int, int]]
     aggs = await ledger.query(principal_of("k"))
     assert delivered  # the disconnect reached the watcher mid-write
     return sent[0]["status"], [(a.requests, a.total_tokens) for a in aggs]
+
+
+@pytest.mark.parametrize(("cut", "reason"), [("disconnect", "cancelled"), ("timeout", "error")])
+async def test_a_non_streaming_request_cut_before_its_answer_has_its_row(
+    cut: str, reason: str
+) -> None:
+    """Abandoned by its client, or past its time limit: it was charged (the limiter kept its
+    reservation) but had no row in the usage history, fused or chained: the usage layer
+    settled before the cancellation layer named the reason. (A stream names its own.)"""
+    found = [await _cut(True, cut), await _cut(False, cut)]
+    assert found[0] == [(1, {reason: 1})]
+    assert found[0] == found[1]
+
+
+async def _cut(fused: bool, cut: str) -> list[tuple[int, dict[str, int]]]:
+    import anyio
+
+    from aimiddleware import CancellationConfig
+
+    async def slow(request: Request) -> Response:
+        await request.body()
+        await anyio.sleep(30)  # (the model call nobody waits for)
+        return JSONResponse({})
+
+    ledger = MemoryLedger()
+    cfg = config()
+    cfg.usage = UsageConfig(prices=cfg.usage.prices, ledger=ledger)  # type: ignore[union-attr]
+    cfg.cancellation = CancellationConfig(
+        watch_after=0, default_timeout=0.1 if cut == "timeout" else None
+    )
+    app = aimiddleware.install(Starlette(routes=[Route("/v1/chat", slow, methods=["POST"])]),
+                               cfg)
+    if not fused:
+        (stack,) = app.user_middleware
+        app.user_middleware.clear()
+        for cls, options in reversed(stack.kwargs["layers"]):
+            app.add_middleware(cls, **options)
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    gone = anyio.Event()
+    sent: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        if cut == "disconnect":
+            await anyio.sleep(0.1)  # the client goes before the answer
+        else:
+            await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            sent.append(message["status"])
+        elif not message.get("more_body"):
+            gone.set()
+
+    with anyio.fail_after(5):
+        await app(chat_scope(app=app), receive, send)
+    assert sent == ([] if cut == "disconnect" else [504])
+    return [(a.requests, a.finish_reasons) for a in await ledger.query(principal_of("k"))]

@@ -27,6 +27,7 @@ from typing import Any
 
 import anyio
 
+from aimiddleware.cancellation import DEADLINE
 from aimiddleware.context import SCOPE_KEY, RequestContext
 from aimiddleware.pricing import PriceTable
 from aimiddleware.storage import Storage
@@ -110,6 +111,15 @@ async def serve(app: ASGIApp, scope: Scope, receive: Receive, responder: Respond
         await app(scope, receive, responder.send)
         if responder.mode == "hold":  # (no coroutine for release() in the usual case)
             await responder.release()
+    except BaseException:
+        # Cut by its time limit before it reported anything: named here, as the cancellation
+        # layer names it only once this has unwound (without a reason, no row of its own).
+        deadline = ctx.state.get(DEADLINE)
+        if ctx.raw_finish_reason is None and deadline is not None and (
+            anyio.current_time() >= deadline
+        ):
+            ctx.raw_finish_reason = "timeout"
+        raise
     finally:
         write = acc.finish_nowait(ctx)  # the in-process ledger is written at once
         if write is not None:
