@@ -7,7 +7,9 @@ itself: a JSON body (OpenAI, Anthropic, Gemini shaped; up to ``max_json_body`` b
 parsed, and an event stream is scanned line by line as it passes (never buffered).
 
 A JSON response's ``http.response.start`` is held back until its body is complete (or past
-the bound) so that the headers can carry what the body says. Headers (prefix configurable):
+the bound) so that the headers can carry what the body says. A gzip or deflate body (from a
+compression middleware inside the stack) is read from a copy decoded up to the same bound,
+and sent compressed as it came. Headers (prefix configurable):
 
 - ``x-usage-duration-ms``: time from the request reaching the stack to the response head
 - ``x-usage-input-tokens``, ``x-usage-output-tokens``, ``x-usage-total-tokens``, and when
@@ -27,6 +29,7 @@ from typing import Any
 
 import anyio
 
+from aimiddleware._encoding import DECODABLE, Inflater, content_coding, decode
 from aimiddleware.cancellation import DEADLINE
 from aimiddleware.context import SCOPE_KEY, RequestContext
 from aimiddleware.pricing import PriceTable
@@ -148,7 +151,10 @@ class Responder:
     pass at once.
     """
 
-    __slots__ = ("_send", "acc", "chunks", "ctx", "head_send", "mode", "size", "start", "tail")
+    __slots__ = (
+        "_send", "acc", "chunks", "coding", "ctx", "head_send", "inflater", "mode", "size",
+        "start", "tail",
+    )
 
     def __init__(self, acc: UsageAccounting | None, ctx: RequestContext, send: Send) -> None:
         self.acc, self.ctx, self._send, self.head_send = acc, ctx, send, send
@@ -157,6 +163,8 @@ class Responder:
         self.chunks: list[bytes] = _NO_CHUNKS  # a list of its own once a body is split
         self.size = 0
         self.tail = b""
+        self.coding = b""  # the response's content coding (b"": identity)
+        self.inflater: Inflater | None = None  # decodes a compressed event stream
 
     async def send(self, message: Message) -> None:
         # One coroutine per message: the steps below are plain functions (none awaits).
@@ -213,11 +221,19 @@ class Responder:
                         bytes(value).split(b";", 1)[0].strip().lower())
             elif name == b"content-length" and length is None and value.isdigit():
                 length = int(value)
+            elif name == b"content-encoding":
+                # compressed by a middleware inside the stack (GZip added before install())
+                self.coding = content_coding(value)
         if ctype is None:
             ctype = b""
         if ctype == b"text/event-stream":
             self.ctx.streaming = True
             self.mode = "scan"
+            if self.coding:  # (GZipMiddleware leaves streams alone; another may not)
+                if self.coding in DECODABLE:
+                    self.inflater = Inflater(self.coding)
+                else:
+                    self.mode = "pass"  # br, zstd...: not read
             return [(mw._h_duration, b"%.1f" % self.ctx.elapsed_ms)]
         if (ctype == b"application/json" or ctype.endswith(b"+json")) and (
             length is None or length <= mw.max_json_body
@@ -246,7 +262,8 @@ class Responder:
             if type(body) is not bytes:
                 body = bytes(body)
             if len(body) <= limit:
-                self.acc.absorb(self.ctx, from_response(_parse_json(body)))
+                self.acc.absorb(self.ctx, from_response(
+                    _parse_json(body) if not self.coding else self._decoded(body)))
             return body
         if self.chunks is _NO_CHUNKS:
             self.chunks = []
@@ -255,8 +272,17 @@ class Responder:
         if more and self.size <= limit:
             return None
         if not more and self.size <= limit:
-            self.acc.absorb(self.ctx, from_response(_parse_json(b"".join(self.chunks))))
+            whole = b"".join(self.chunks)
+            self.acc.absorb(self.ctx, from_response(
+                _parse_json(whole) if not self.coding else self._decoded(whole)))
         return self._take_chunks()
+
+    def _decoded(self, body: bytes) -> Any:
+        """A compressed held body as JSON (``None`` if it cannot be read): a copy decoded up
+        to the same bound as the body held, so a compression bomb costs no more memory."""
+        assert self.acc is not None
+        raw = decode(body, self.coding, self.acc.max_json_body)
+        return None if raw is None else _parse_json(raw)
 
     def _take_chunks(self) -> bytes:
         chunks, self.chunks = self.chunks, _NO_CHUNKS
@@ -272,6 +298,15 @@ class Responder:
 
     def _scan(self, chunk: bytes, *, final: bool) -> None:
         """Read ``data:`` lines carrying usage as the stream passes; keep only a partial line."""
+        if self.inflater is None:
+            self._lines(chunk, final=final)
+            return
+        for piece in self.inflater.pieces(chunk):  # a compressed stream: a decoded copy
+            self._lines(piece, final=False)
+        if final:
+            self._lines(b"", final=True)
+
+    def _lines(self, chunk: bytes, *, final: bool) -> None:
         assert self.acc is not None
         data = self.tail + chunk
         lines = data.split(b"\n")

@@ -1,0 +1,76 @@
+"""Content codings: reading a gzip/deflate response body.
+
+The stack sits outside any compression middleware added before ``install()`` (Starlette's
+``GZipMiddleware``), so a response it holds (usage) or stores (idempotency) may be
+compressed. Only what the standard library reads is decoded: gzip and deflate (br, zstd
+are not).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+
+__all__ = ["DECODABLE", "STEP", "Inflater", "content_coding", "decode"]
+
+DECODABLE = frozenset({b"gzip", b"x-gzip", b"deflate"})
+STEP = 1 << 20  # the most a piece decoded at once may hold: a small body bombs no memory
+
+
+def content_coding(value: bytes) -> bytes:
+    """A ``Content-Encoding`` value as one lower-case coding (``b""``: identity). Several
+    codings stay joined (decoding them in turn is not supported)."""
+    codings = [c for c in (c.strip() for c in value.lower().split(b",")) if c != b"identity"]
+    return b", ".join(c for c in codings if c)
+
+
+def _wbits(coding: bytes, head: bytes) -> int:
+    if coding != b"deflate":
+        return 16 + zlib.MAX_WBITS  # gzip
+    # RFC 9110's deflate is the zlib format; some servers send raw deflate (no header)
+    if len(head) >= 2 and head[0] & 0x0F == 8 and (head[0] << 8 | head[1]) % 31 == 0:
+        return zlib.MAX_WBITS
+    return -zlib.MAX_WBITS
+
+
+def decode(body: bytes, coding: bytes, limit: int) -> bytes | None:
+    """``body`` decoded; ``None`` if its coding is not one we read, it is corrupt or cut
+    short, or it decodes to more than ``limit`` bytes (no more than that is ever decoded)."""
+    if coding not in DECODABLE:
+        return None
+    inflate = zlib.decompressobj(_wbits(coding, body))
+    try:
+        out = inflate.decompress(body, limit + 1)
+    except zlib.error:
+        return None
+    return out if inflate.eof and len(out) <= limit else None
+
+
+class Inflater:
+    """Decodes one gzip/deflate body message by message, in pieces of at most ``step``
+    bytes (memory stays bounded however much a message expands)."""
+
+    __slots__ = ("coding", "failed", "inflate", "step")
+
+    def __init__(self, coding: bytes, step: int = STEP) -> None:
+        self.coding = coding
+        self.step = max(step, 1)  # (0 would mean no bound to zlib)
+        self.inflate: zlib._Decompress | None = None
+        self.failed = False  # corrupt data: nothing more is decoded
+
+    def pieces(self, data: bytes) -> Iterator[bytes]:
+        """What the next body message ``data`` decodes to, piece by piece."""
+        if self.failed or not data:
+            return
+        if self.inflate is None:
+            self.inflate = zlib.decompressobj(_wbits(self.coding, data))
+        inflate = self.inflate
+        try:
+            while data:
+                out = inflate.decompress(data, self.step)
+                if out:
+                    yield out
+                data = inflate.unconsumed_tail
+        except zlib.error:
+            self.failed = True
+

@@ -1,0 +1,184 @@
+"""Usage read from compressed responses: a GZipMiddleware added before ``install()`` sits
+inside the stack, so the usage layer holds gzip bytes (httpx and the openai SDK ask for gzip
+by default). It reads a decoded copy and sends the compressed bytes unchanged."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware.gzip import GZipMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from aimiddleware import MemoryLedger, Policy, RateLimiter, StackConfig, Storage, UsageConfig
+from aimiddleware import install as install_stack
+from aimiddleware.context_middleware import RequestContextMiddleware
+from aimiddleware.usage.middleware import UsageMiddleware
+from tests.ratelimit_helpers import counters
+from tests.test_usage_middleware import STREAM_EVENTS, Recorder, scope_for, sse_lines
+
+COMPLETION = {
+    "id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o-mini",
+    "choices": [{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": "Rate limits bound what one caller may spend. " * 20}}],
+    "usage": {"prompt_tokens": 12, "completion_tokens": 25, "total_tokens": 37},
+}
+REQUEST = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def chat(request: Request) -> Response:
+    return JSONResponse(COMPLETION)  # (well over GZipMiddleware's 500-byte minimum)
+
+
+async def test_usage_of_a_gzip_response_is_read_and_charged_and_the_bytes_sent_unchanged(
+    storage: Storage,
+) -> None:
+    limiter = RateLimiter(Policy(requests="100/minute", tokens="100000/minute"), storage=storage)
+    ledger = MemoryLedger()
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    app.add_middleware(GZipMiddleware)
+    install_stack(app, StackConfig(storage=storage, ratelimit=limiter,
+                                   usage=UsageConfig(ledger=ledger)))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t",
+                                 headers={"authorization": "Bearer k1",
+                                          "accept-encoding": "gzip"}) as c, c.stream(
+        "POST", "/v1/chat/completions", json=REQUEST
+    ) as r:
+        raw = b"".join([part async for part in r.aiter_raw()])
+    assert r.status_code == 200 and r.headers["content-encoding"] == "gzip"
+    assert json.loads(gzip.decompress(raw)) == COMPLETION
+    assert int(r.headers["content-length"]) == len(raw)
+    assert (r.headers["x-usage-input-tokens"], r.headers["x-usage-output-tokens"]) == ("12", "25")
+    assert r.headers["x-usage-finish-reason"] == "stop"
+    # charged what the call used, not its reservation (the prompt plus 1024 estimated)
+    assert (await counters(limiter, "k1"))["tokens:60"] == 37
+    [(principal, _)] = ledger._requests
+    [row] = await ledger.query(principal)
+    assert (row.input_tokens, row.output_tokens) == (12, 25)
+
+
+async def sent_by(app: Any, **usage: Any) -> tuple[list[dict[str, Any]], MemoryLedger]:
+    """The messages the usage layer sends for ``app``, and its ledger."""
+    ledger = MemoryLedger()
+    rec = Recorder()
+    scope, receive = scope_for("/x", json.dumps(REQUEST).encode())
+    await RequestContextMiddleware(UsageMiddleware(app, ledger=ledger, **usage))(
+        scope, receive, rec)
+    return rec.messages, ledger
+
+
+def body_app(body: bytes, coding: bytes, parts: int = 1) -> Any:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), (b"content-encoding", coding)]})
+        step = -(-len(body) // parts)
+        for i in range(parts):
+            await send({"type": "http.response.body", "body": body[i * step:(i + 1) * step],
+                        "more_body": i < parts - 1})
+
+    return app
+
+
+def deflate(data: bytes, wbits: int) -> bytes:
+    packer = zlib.compressobj(wbits=wbits)
+    return packer.compress(data) + packer.flush()
+
+
+RAW = json.dumps(COMPLETION).encode()
+
+
+@pytest.mark.parametrize(("coding", "body"), [
+    (b"gzip", gzip.compress(RAW)),
+    (b"x-gzip", gzip.compress(RAW)),
+    (b"deflate", deflate(RAW, zlib.MAX_WBITS)),  # the zlib format, as RFC 9110 says
+    (b"deflate", deflate(RAW, -zlib.MAX_WBITS)),  # raw deflate, as some servers send it
+], ids=["gzip", "x-gzip", "deflate", "raw-deflate"])
+@pytest.mark.parametrize("parts", [1, 3])
+async def test_gzip_and_deflate_bodies_are_read_whole_or_in_parts(
+    coding: bytes, body: bytes, parts: int
+) -> None:
+    messages, ledger = await sent_by(body_app(body, coding, parts))
+    headers = dict(messages[0]["headers"])
+    assert headers[b"x-usage-total-tokens"] == b"37"
+    assert headers[b"content-encoding"] == coding
+    assert b"".join(m.get("body", b"") for m in messages[1:]) == body
+    assert len(ledger._requests) == 1
+
+
+@pytest.mark.parametrize(("coding", "body"), [
+    (b"br", b"\x1b\x00not really brotli"),  # not a coding the standard library reads
+    (b"gzip", gzip.compress(RAW)[:-20]),  # cut short
+    (b"gzip", b"not gzip at all"),
+    (b"gzip, gzip", gzip.compress(gzip.compress(RAW))),  # two codings: not decoded
+], ids=["br", "truncated", "corrupt", "two-codings"])
+async def test_other_codings_and_broken_bodies_pass_unread(coding: bytes, body: bytes) -> None:
+    messages, _ = await sent_by(body_app(body, coding))
+    assert messages[0]["status"] == 200
+    assert b"x-usage-total-tokens" not in dict(messages[0]["headers"])
+    assert b"".join(m.get("body", b"") for m in messages[1:]) == body
+
+
+async def test_a_body_that_decodes_past_the_bound_is_not_decoded_further() -> None:
+    # 20 KiB of gzip that decodes to 20 MiB: only max_json_body + 1 bytes are ever decoded
+    bomb = gzip.compress(b'{"usage": {"total_tokens": 1}, "pad": "' + b" " * (20 << 20) + b'"}')
+    assert len(bomb) < 64 << 10
+    messages, _ = await sent_by(body_app(bomb, b"gzip"), max_json_body=256 << 10)
+    assert b"x-usage-total-tokens" not in dict(messages[0]["headers"])
+    assert b"".join(m.get("body", b"") for m in messages[1:]) == bomb
+
+
+def gzip_stream(coding: bytes = b"gzip") -> Any:
+    """An event stream compressed as it goes (each event flushed), as a middleware that
+    compresses streams would send it."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream"), (b"content-encoding", coding)]})
+        packer = zlib.compressobj(wbits=31)
+        for line in sse_lines(STREAM_EVENTS):
+            await send({"type": "http.response.body", "more_body": True,
+                        "body": packer.compress(line) + packer.flush(zlib.Z_SYNC_FLUSH)})
+        await send({"type": "http.response.body", "body": packer.flush(), "more_body": False})
+
+    return app
+
+
+async def test_a_gzip_event_stream_is_read_from_a_decoded_copy() -> None:
+    messages, ledger = await sent_by(gzip_stream())
+    sent = b"".join(m.get("body", b"") for m in messages[1:])
+    assert gzip.decompress(sent) == b"".join(sse_lines(STREAM_EVENTS))
+    [row] = await ledger.query(next(iter(ledger._requests))[0])
+    assert (row.input_tokens, row.output_tokens, row.finish_reasons) == (12, 3, {"stop": 1})
+
+
+async def test_an_event_stream_in_a_coding_not_read_passes_unread() -> None:
+    messages, ledger = await sent_by(gzip_stream(b"br"))  # (labelled br: never decoded)
+    assert messages[0]["status"] == 200 and messages[-1]["more_body"] is False
+    assert len(ledger._requests) == 0  # no usage read: no row
+
+
+async def test_starlette_gzip_leaves_an_event_stream_alone_and_its_usage_is_read() -> None:
+    async def stream(request: Request) -> Response:
+        async def gen() -> AsyncIterator[bytes]:
+            for line in sse_lines(STREAM_EVENTS):
+                yield line
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    ledger = MemoryLedger()
+    app = Starlette(routes=[Route("/stream", stream, methods=["POST"])])
+    app.add_middleware(GZipMiddleware, minimum_size=1)
+    install_stack(app, usage=UsageConfig(ledger=ledger))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        r = await c.post("/stream", json=REQUEST, headers={"accept-encoding": "gzip"})
+    assert r.status_code == 200 and "content-encoding" not in r.headers
+    [row] = await ledger.query(next(iter(ledger._requests))[0])
+    assert (row.input_tokens, row.output_tokens) == (12, 3)
