@@ -1,4 +1,4 @@
-"""Content codings: reading a gzip/deflate response body.
+"""Content codings: reading a gzip/deflate response body, and what a request accepts.
 
 The stack sits outside any compression middleware added before ``install()`` (Starlette's
 ``GZipMiddleware``), so a response it holds (usage) or stores (idempotency) may be
@@ -9,9 +9,9 @@ are not).
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
-__all__ = ["DECODABLE", "STEP", "Inflater", "content_coding", "decode"]
+__all__ = ["DECODABLE", "STEP", "Inflater", "accepts", "content_coding", "decode"]
 
 DECODABLE = frozenset({b"gzip", b"x-gzip", b"deflate"})
 STEP = 1 << 20  # the most a piece decoded at once may hold: a small body bombs no memory
@@ -74,3 +74,38 @@ class Inflater:
         except zlib.error:
             self.failed = True
 
+
+def accepts(headers: Iterable[tuple[bytes, bytes]], coding: bytes) -> bool:
+    """Does a request with these headers accept a response in content ``coding``?
+
+    RFC 9110 12.5.3 (``q=0`` refuses, ``*`` stands for codings not named), except that a
+    request without ``Accept-Encoding`` accepts no coding: a compression middleware sends
+    such a request nothing compressed, so nor should a replay. A malformed ``q`` refuses.
+    """
+    named: float | None = None
+    star: float | None = None
+    aliases = (b"gzip", b"x-gzip") if coding in (b"gzip", b"x-gzip") else (coding,)
+    for name, value in headers:
+        if name.lower() != b"accept-encoding":
+            continue
+        for item in value.split(b","):
+            token, _, params = item.partition(b";")
+            token = token.strip().lower()
+            if token in aliases:
+                named = _q(params)
+            elif token == b"*":
+                star = _q(params)
+    q = named if named is not None else star
+    return q is not None and q > 0
+
+
+def _q(params: bytes) -> float:
+    for param in params.split(b";"):
+        name, _, value = param.partition(b"=")
+        if name.strip().lower() == b"q":
+            try:
+                q = float(value.strip())
+            except ValueError:
+                return 0.0
+            return q if 0 <= q <= 1 else 0.0
+    return 1.0

@@ -195,7 +195,7 @@ class _Answer(Response):
         self.type_base = type_base
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await answer(self.begin, send, self.request_id, self.type_base)
+        await answer(self.begin, send, self.request_id, self.type_base, scope["headers"])
 
 
 class _Follow(Response):
@@ -206,7 +206,7 @@ class _Follow(Response):
         self.live = live
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.engine.follow(self.key, self.live, send)
+        await self.engine.follow(self.key, self.live, send, scope["headers"])
 
 
 class _Recorded(WrappedResponse):

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -236,11 +236,15 @@ class IdempotencyEngine:
             logger.warning("idempotency lease lost while the request was running")
         return kept
 
-    async def follow(self, key: str, live: LiveStream, send: Send) -> None:
-        """Send another request's event stream from its start while it is going out."""
+    async def follow(
+        self, key: str, live: LiveStream, send: Send,
+        accept: Iterable[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        """Send another request's event stream from its start while it is going out
+        (``accept``: the request's headers, see :func:`replay`)."""
         if self.streaming is None:
             raise RuntimeError("follow() needs follow_streams=True")
-        await follow(self.streaming, key, live, send, self.config.poll_interval)
+        await follow(self.streaming, key, live, send, self.config.poll_interval, accept)
 
     async def release(self, lease: Lease) -> None:
         try:
@@ -261,10 +265,14 @@ def _in_flight() -> Conflict:
     )
 
 
-async def answer(begin: Begin, send: Send, request_id: str | None, type_base: str) -> None:
-    """Send the answer ``begin`` decided on (a replay or a typed error)."""
+async def answer(
+    begin: Begin, send: Send, request_id: str | None, type_base: str,
+    accept: Iterable[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """Send the answer ``begin`` decided on (a replay or a typed error). ``accept``: the
+    request's headers (a replay is decoded from a coding they do not accept)."""
     if begin.replay is not None:
-        await replay(begin.replay, send)
+        await replay(begin.replay, send, accept)
     elif begin.error is not None:
         await send_problem(send, begin.error, request_id, type_base=type_base)
 

@@ -81,9 +81,9 @@ class IdempotencyMiddleware:
                 begin.lease, lambda recording: self.app(scope, receive, recording), send
             )
         elif begin.follow is not None:
-            await self.engine.follow(*begin.follow, send)
+            await self.engine.follow(*begin.follow, send, scope["headers"])
         elif begin.replay is not None or begin.error is not None:
-            await answer(begin, send, ctx.request_id, self.type_base)
+            await answer(begin, send, ctx.request_id, self.type_base, scope["headers"])
         elif begin.unstored:
             await self.app(scope, receive, _mark_unstored(send))
         else:
