@@ -138,6 +138,17 @@ def key_principal(token: bytes) -> str:
     return found
 
 
+def duplicate_key() -> AIError:
+    """The 400 for a request with two ``Authorization`` (or ``x-api-key``) headers: which one
+    is the caller's? (A proxy in front may have checked the other.)"""
+    from aimiddleware.errors import InvalidRequest
+
+    return InvalidRequest(
+        "The request has more than one Authorization (or x-api-key) header.",
+        param="authorization",
+    )
+
+
 def default_principal(scope: Scope) -> str:
     """Who is calling, by default: a hash of the API key, else the client address.
 
@@ -146,15 +157,20 @@ def default_principal(scope: Scope) -> str:
     as trustworthy as the app's authentication: pass a ``principal`` callable that returns
     the authenticated tenant when keys are not validated before this layer.
     """
-    token: bytes | None = None
+    token = api_key = None
+    seen: list[bytes] = []
     for name, value in scope.get("headers", ()):
+        if name == b"authorization" or name == b"x-api-key":
+            if name in seen:
+                raise duplicate_key()
+            seen.append(name)
         if name == b"authorization":
             scheme, _, cred = value.partition(b" ")
             if scheme.lower() == b"bearer" and cred.strip():
                 token = cred.strip()
-                break
         elif name == b"x-api-key" and value.strip():
-            token = value.strip()
+            api_key = value.strip()
+    token = token if token is not None else api_key
     if token is not None:
         return key_principal(token)
     client = scope.get("client")

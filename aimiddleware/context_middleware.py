@@ -20,6 +20,7 @@ from aimiddleware.context import (
     _current,
     begin_context,
     default_principal,
+    duplicate_key,
     key_principal,
     new_request_id,
     valid_request_id,
@@ -34,6 +35,8 @@ from aimiddleware.errors import (
 from aimiddleware.types import ASGIApp, Message, PrincipalResolver, Receive, Scope, Send
 
 __all__ = ["RequestContextMiddleware", "replay_receive", "with_request_id"]
+
+DUPLICATE_KEY = b"\x00duplicate"  # (new_context's key for two of a key header: a 400)
 
 logger = logging.getLogger("aimiddleware")
 
@@ -112,8 +115,9 @@ class RequestContextMiddleware:
         one scan as :func:`~aimiddleware.context.default_principal` would find it)."""
         incoming_id = traceparent = tracestate = content_type = None
         content_length: int | None = None
-        bearer: bytes | None = None  # the first bearer token wins
-        api_key: bytes | None = None  # else the last x-api-key
+        bearer: bytes | None = None  # the bearer token wins
+        api_key: bytes | None = None  # else the x-api-key
+        auths = api_keys = 0  # more than one of either is a 400 (DUPLICATE_KEY)
         wanted, own = self._wanted, self.header
         for name, value in scope["headers"]:
             if name not in wanted:  # most headers: one set lookup
@@ -132,17 +136,19 @@ class RequestContextMiddleware:
                 else:  # (int() refuses over 4300 digits): at least 10**18 bytes, or padded
                     content_length = int(value.lstrip(b"0")[:19] or b"0")
             elif name == b"authorization":
-                if bearer is None:
-                    scheme, _, cred = value.partition(b" ")
-                    cred = cred.strip()
-                    if cred and scheme.lower() == b"bearer":
-                        bearer = cred
+                auths += 1
+                scheme, _, cred = value.partition(b" ")
+                cred = cred.strip()
+                if cred and scheme.lower() == b"bearer":
+                    bearer = cred
             elif name == b"traceparent":
                 traceparent = value.decode("latin-1")
             elif name == b"tracestate":
                 tracestate = value.decode("latin-1")
-            elif value.strip():  # x-api-key
-                api_key = value.strip()
+            else:  # x-api-key
+                api_keys += 1
+                if value.strip():
+                    api_key = value.strip()
         if incoming_id is not None and self.trust_request_id and valid_request_id(incoming_id):
             request_id = incoming_id
         else:
@@ -151,6 +157,8 @@ class RequestContextMiddleware:
             request_id, scope["method"], scope["path"], traceparent, tracestate, content_type
         )
         scope.setdefault("state", {})[SCOPE_KEY] = ctx
+        if auths > 1 or api_keys > 1:
+            return ctx, content_length, DUPLICATE_KEY
         return ctx, content_length, bearer if bearer is not None else api_key
 
     async def read_request(
@@ -167,6 +175,8 @@ class RequestContextMiddleware:
         try:
             if self.principal is not None:
                 ctx.principal = await self._resolve_principal(scope)
+            elif key is DUPLICATE_KEY:
+                raise duplicate_key()
             elif key is not None:
                 ctx.principal = key_principal(key)
             else:  # (what default_principal answers without a key, without the scan)
