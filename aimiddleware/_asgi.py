@@ -65,11 +65,14 @@ async def send_json(
     body: bytes,
     headers: Iterable[tuple[bytes, bytes]] = (),
     content_type: bytes = b"application/json",
+    *,
+    head: bool = False,
 ) -> None:
+    """``body`` as a whole response; ``head``: the answer to a ``HEAD`` (its headers only)."""
     raw = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
     raw.extend(headers)
     await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await send({"type": "http.response.body", "body": b"" if head else body, "more_body": False})
 
 
 class WrappedResponse(Response):

@@ -262,6 +262,21 @@ def test_models_count_tokens_usage_and_versions(base_url: str) -> None:
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "unsupported_api_version"
 
 
+def test_head_on_the_models_routes_answers_as_get_without_a_body(base_url: str) -> None:
+    # HEAD /v1/models was a 405 (Allow: GET) and HEAD /v1/models/{id} a 404, where every
+    # other GET route (Starlette's) answers HEAD.
+    auth = {"authorization": "Bearer sk-demo-pro"}
+    for path in ("/v1/models", "/v1/models/fake-chat-2026-06-01"):
+        get = httpx.get(base_url + path, headers=auth)
+        head = httpx.head(base_url + path, headers=auth)
+        assert (head.status_code, head.content) == (200, b"")
+        assert head.headers["content-length"] == str(len(get.content))
+    missing = httpx.head(base_url + "/v1/models/nope", headers=auth)
+    assert missing.status_code == 404
+    refused = httpx.delete(base_url + "/v1/models", headers=auth)
+    assert refused.status_code == 405 and refused.headers["allow"] == "GET, HEAD"
+
+
 def test_jobs_submit_and_poll(base_url: str) -> None:
     auth = {"authorization": "Bearer sk-demo-pro"}
     r = httpx.post(

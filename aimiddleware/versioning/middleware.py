@@ -47,6 +47,7 @@ class _Used:
 
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_READS = frozenset({"GET", "HEAD"})  # the models routes answer both (HEAD: headers only)
 
 
 class VersioningMiddleware:
@@ -156,8 +157,8 @@ class VersioningMiddleware:
             await run_migration_check(self, scope, ctx, send)
             return
         if self.is_helper_route(path, scope["method"]):  # (the models route: migration is above)
-            if scope["method"] != "GET":
-                raise MethodNotAllowed(headers=[("allow", "GET")])
+            if scope["method"] not in _READS:
+                raise MethodNotAllowed(headers=[("allow", "GET, HEAD")])
             if self.registry is not None:  # always true: checked in __init__
                 listed = self.registry.as_openai_list(self.clock())
                 if path != self.models_path:  # GET /models/{id}: one entry, as OpenAI's
@@ -167,7 +168,8 @@ class VersioningMiddleware:
                         raise NotFound(f"The model {model_id[:200]!r} does not exist.",
                                        param="model")
                     listed = found[0]
-                await send_json(send, 200, json.dumps(listed).encode())
+                await send_json(send, 200, json.dumps(listed).encode(),
+                                head=scope["method"] == "HEAD")
                 return
         await self.serve(scope, receive, send, ctx)
 
@@ -212,13 +214,13 @@ class VersioningMiddleware:
 
     def is_helper_route(self, path: str, method: str = "GET") -> bool:
         """Does this layer answer ``method path`` itself: the migration check, the models
-        list (any method: 405 but GET), or ``GET {models_path}/{id}`` (every GET under it is
-        a model id, which may hold '/'; other methods there are the app's)?"""
+        list (any method: 405 but GET and HEAD), or ``GET {models_path}/{id}`` (every GET or
+        HEAD under it is a model id, which may hold '/'; other methods there are the app's)?"""
         if path == self.migration_path:
             return True
         return self.models_path is not None and (
             path == self.models_path
-            or (method == "GET" and path.startswith(self._model_prefix))
+            or (method in _READS and path.startswith(self._model_prefix))
         )
 
     async def resolve(
