@@ -28,6 +28,7 @@
     │   └── UpstreamRateLimited     429  upstream_rate_limited    (retryable)
     ├── Overloaded                  503  overloaded               (retryable; 529 if configured)
     ├── StoreUnavailable            503  store_unavailable        (retryable; a store is down)
+    ├── NotConfigured               503  not_configured           (a deployment error)
     └── Timeout                     504  timeout                  (retryable; a timeout tier)
 
 One body serves RFC 9457 clients and OpenAI SDK clients at once: the problem members
@@ -64,6 +65,7 @@ __all__ = [
     "InvalidRequest",
     "MethodNotAllowed",
     "ModelRetired",
+    "NotConfigured",
     "NotFound",
     "OutputSchemaInvalid",
     "Overloaded",
@@ -350,6 +352,18 @@ class StoreUnavailable(AIError):
     title = "Backing store unavailable"
     default_status = 503
     default_detail = "A backing store is unavailable."
+
+
+class NotConfigured(AIError):
+    """What the route needs is not set up in this deployment (a job runner whose lifespan
+    never ran: a server without lifespan support); retrying cannot help."""
+
+    code = "not_configured"
+    title = "Service not configured"
+    default_status = 503
+    retryable = False
+    openai_type = "server_error"
+    default_detail = "This service is not configured to answer this request."
 
 
 class Timeout(AIError):

@@ -68,6 +68,7 @@ EXPECTED = {
     "UpstreamRateLimited": (429, "upstream_rate_limited", True, "rate_limit_error"),
     "Overloaded": (503, "overloaded", True, "overloaded_error"),
     "StoreUnavailable": (503, "store_unavailable", True, "server_error"),
+    "NotConfigured": (503, "not_configured", False, "server_error"),
     "Timeout": (504, "timeout", True, "timeout_error"),
 }
 

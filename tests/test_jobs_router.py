@@ -353,8 +353,11 @@ def test_runner_needs_lifespan(recorder: Recorder) -> None:
 
     with TestClient(app, raise_server_exceptions=False) as client:
         r = client.post("/v1/jobs", json={"input": {}})
-        assert r.status_code == 500  # a typed error, not a crash
-        assert r.json()["error"]["code"] == "internal"
+    # A typed error, not a crash; and a deployment error, not retried (a server without
+    # lifespan support, daphne, got a retryable 500 "internal" that SDKs retried).
+    assert r.status_code == 503 and r.headers["x-should-retry"] == "false"
+    assert r.json()["error"]["code"] == "not_configured" and r.json()["retryable"] is False
+    assert "lifespan" in r.json()["detail"]
 
 
 async def test_a_job_whose_worker_died_is_reported_failed(recorder: Recorder) -> None:
@@ -521,3 +524,4 @@ async def test_a_callback_is_refused_where_no_webhook_is_ever_sent(recorder: Rec
             del body["callback_url"]
             assert (await client.post(path, json=body)).status_code == 202
     assert recorder.calls == [{"steps": 1}, {}]  # (only the ones without a callback ran)
+

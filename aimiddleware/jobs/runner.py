@@ -21,7 +21,7 @@ from typing import Any, Literal
 import anyio
 import anyio.abc
 
-from aimiddleware.errors import AIError, InternalError, StoreUnavailable
+from aimiddleware.errors import AIError, NotConfigured, StoreUnavailable
 from aimiddleware.finish_reason import normalize_finish_reason
 from aimiddleware.jobs.context import Charge, JobContext, JobLimitExceeded
 from aimiddleware.jobs.models import Batch, Job, JobError
@@ -124,7 +124,10 @@ class JobRunner:
     def submit(self, record: Job | Batch) -> None:
         """Start a stored record now (in this process)."""
         if self._tg is None:  # a deployment error: JobsRouter.lifespan_context is not wired in
-            raise InternalError("The job runner is not running.")
+            raise NotConfigured(
+                "The job runner is not running: the app's lifespan did not start it (a server "
+                "without lifespan support, or JobsRouter.lifespan not wired in)."
+            )
         self._running += 1
         self._tg.start_soon(self._execute, record)
 
