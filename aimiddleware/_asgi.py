@@ -13,8 +13,8 @@ from aimiddleware.errors import DEFAULT_TYPE_BASE, AIError, render_problem
 from aimiddleware.types import Receive, Scope, Send
 
 __all__ = [
-    "WrappedResponse", "get_header", "is_async_callable", "send_json", "send_problem",
-    "with_hidden_params",
+    "WrappedResponse", "get_header", "is_async_callable", "route_path", "send_json",
+    "send_problem", "with_hidden_params",
 ]
 
 
@@ -41,6 +41,18 @@ def with_hidden_params(
         if own is None:
             params.insert(at, inspect.Parameter(name, keyword, annotation=kind))
     return signature.replace(parameters=params)
+
+
+def route_path(scope: Scope) -> str:
+    """The path the app's routes see: ``scope["path"]`` without the ``root_path`` (served
+    under ``uvicorn --root-path /api``, the path is ``/api/health``), as Starlette's router
+    strips it (``starlette._utils.get_route_path``). Configured paths match this one."""
+    path: str = scope["path"]
+    root = scope.get("root_path")
+    if not root or not path.startswith(root):
+        return path
+    rest = path[len(root):]
+    return rest if not rest or rest[0] == "/" else path  # ("/apix" is not under "/api")
 
 
 def get_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:

@@ -48,7 +48,7 @@ from weakref import WeakKeyDictionary
 import anyio
 import anyio.lowlevel
 
-from aimiddleware._asgi import is_async_callable
+from aimiddleware._asgi import is_async_callable, route_path
 from aimiddleware.context import SCOPE_KEY, RequestContext, current
 from aimiddleware.errors import Timeout
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
@@ -229,7 +229,7 @@ class CancellationMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        timeout = self.timeout_for(scope["path"])
+        timeout = self.timeout_for(route_path(scope))
         if timeout is None and not self.cancel_on_disconnect:
             await self.app(scope, receive, send)
             return

@@ -191,7 +191,7 @@ class RequestContext:
     request_id: str
     principal: str
     method: str
-    path: str
+    path: str  # as the app's routes see it: without the root path (``_asgi.route_path``)
     body: bytes = b""
     started: float = field(default_factory=time.perf_counter)
     started_at: float = field(default_factory=time.time)

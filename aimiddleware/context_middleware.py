@@ -13,7 +13,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from aimiddleware._asgi import is_async_callable, send_problem
+from aimiddleware._asgi import is_async_callable, route_path, send_problem
 from aimiddleware.context import (
     SCOPE_KEY,
     RequestContext,
@@ -154,7 +154,7 @@ class RequestContextMiddleware:
         else:
             request_id = new_request_id()
         ctx = begin_context(
-            request_id, scope["method"], scope["path"], traceparent, tracestate, content_type
+            request_id, scope["method"], route_path(scope), traceparent, tracestate, content_type
         )
         scope.setdefault("state", {})[SCOPE_KEY] = ctx
         if auths > 1 or api_keys > 1:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from aimiddleware._asgi import route_path
 from aimiddleware.cancellation import CancellationMiddleware
 from aimiddleware.context import RequestContext, _current
 from aimiddleware.context_middleware import (
@@ -91,7 +92,7 @@ class StackMiddleware:
                 return
             try:
                 cancellation = self.cancellation
-                timeout = cancellation.timeout_for(scope["path"]) if cancellation else None
+                timeout = cancellation.timeout_for(route_path(scope)) if cancellation else None
                 if cancellation is not None and (
                     timeout is not None or cancellation.cancel_on_disconnect
                 ):
@@ -178,7 +179,7 @@ class _Exchange(Responder):
         stack, ctx = self.stack, self.ctx
         versioning = stack.versioning
         if versioning is not None:
-            if versioning.is_helper_route(scope["path"], scope["method"]):
+            if versioning.is_helper_route(route_path(scope), scope["method"]):
                 self.acc = None
                 await versioning(scope, receive, send)
                 return
@@ -195,7 +196,7 @@ class _Exchange(Responder):
             await idempotency(scope, receive, send)
             return
         ratelimit = stack.ratelimit
-        if ratelimit is None or (ratelimit.has_exempt and ratelimit.is_exempt(scope["path"])):
+        if ratelimit is None or (ratelimit.has_exempt and ratelimit.is_exempt(route_path(scope))):
             if self.acc is None:
                 await stack.app(scope, receive, send)
             else:

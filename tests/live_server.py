@@ -38,15 +38,14 @@ def live_server(app: Any, **config: Any) -> Iterator[str]:
         thread.join(10)
 
 @asynccontextmanager
-async def serve(app: Any) -> AsyncIterator[str]:
+async def serve(app: Any, **config: Any) -> AsyncIterator[str]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app, lifespan="off", log_level="warning", ws="none", timeout_graceful_shutdown=1
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn.Config(
+        app, lifespan="off", log_level="warning", ws="none", timeout_graceful_shutdown=1, **config
+    ))
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     try:
         for _ in range(500):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from aimiddleware._asgi import get_header
+from aimiddleware._asgi import get_header, route_path
 from aimiddleware.context import SCOPE_KEY, RequestContext
 from aimiddleware.ratelimit._run import run_request
 from aimiddleware.ratelimit.headers import HEADER_NAMES
@@ -28,7 +28,8 @@ _OURS = {name.encode() for name in HEADER_NAMES}
 class RateLimitMiddleware:
     """Whole-app limits. Pass a :class:`RateLimiter`, or its options (``policies`` first).
 
-    ``exempt``: paths (or ``"/prefix/*"``) never limited, such as health checks.
+    ``exempt``: paths (or ``"/prefix/*"``) never limited, such as health checks; matched
+    as the app's routes are, without the root path.
     """
 
     def __init__(
@@ -59,7 +60,7 @@ class RateLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.is_exempt(scope["path"]):
+        if self.has_exempt and self.is_exempt(route_path(scope)):
             await self.app(scope, receive, send)
             return
         ctx: RequestContext | None = scope.get("state", {}).get(SCOPE_KEY)

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from aimiddleware._asgi import send_json
+from aimiddleware._asgi import route_path, send_json
 from aimiddleware.context import SCOPE_KEY, RequestContext
 from aimiddleware.errors import DEFAULT_TYPE_BASE, InvalidRequest, MethodNotAllowed, NotFound
 from aimiddleware.storage import Storage
@@ -147,7 +147,7 @@ class VersioningMiddleware:
         ctx: RequestContext | None = scope.get("state", {}).get(SCOPE_KEY)
         if ctx is None:
             raise RuntimeError("VersioningMiddleware needs RequestContextMiddleware outside it")
-        path = scope["path"]
+        path = route_path(scope)
         # (first: a migration_path under models_path is not a model id)
         if self.migration_path is not None and path == self.migration_path:
             if scope["method"] != "POST":
@@ -236,7 +236,7 @@ class VersioningMiddleware:
         resolved = self.resolve_now(scope, ctx)
         if resolved is None:  # a version pin to look up in the store
             assert self.versions is not None
-            local = self._local_path(scope)
+            local = route_path(scope)
             now = self.clock()
             rv = await self.versions.resolve(local, scope["headers"], ctx.principal, now)
             resolved = self._apply(scope, ctx, local, rv, now)
@@ -253,7 +253,7 @@ class VersioningMiddleware:
         versions = self.versions
         if versions is None:
             return self._apply(scope, ctx, scope["path"], None, None)
-        local = self._local_path(scope)
+        local = route_path(scope)
         rv = versions.pick(local, scope["headers"])
         if rv is None:  # the caller's pin decides: resolve() looks it up and checks it
             return None
@@ -263,12 +263,6 @@ class VersioningMiddleware:
         """Record the deprecated calls :meth:`resolve_now` found."""
         for call in deprecated:
             await self.monitor.record(call)
-
-    @staticmethod
-    def _local_path(scope: Scope) -> str:
-        root = scope.get("root_path") or ""
-        path: str = scope["path"]
-        return path[len(root):] if root and path.startswith(root) else path
 
     def _apply(
         self,
