@@ -20,7 +20,9 @@ Timeout tiers: ``timeouts`` maps path patterns (``fnmatch`` globs, first match w
 seconds, or ``None`` for no limit (jobs); ``default_timeout`` covers the rest. A request
 over its limit ends in :class:`~aimiddleware.errors.Timeout` (504), or, when an event
 stream has already started, an error event in the stream's dialect (through
-``ErrorMiddleware`` and the context's ``stream_error_writer``).
+``ErrorMiddleware`` and the context's ``stream_error_writer``). The limit bounds the
+response: once its last body message is sent, what the app still runs (Starlette's
+background tasks) is not cut off.
 
 Cleanup: awaits in ``finally`` blocks inside a cancelled scope are cancelled again (anyio
 cancellation is level-triggered). Release resources under :func:`cleanup_scope` (shielded,
@@ -35,6 +37,7 @@ import contextvars
 import fnmatch
 import itertools
 import logging
+import math
 import re
 import sys
 import time
@@ -270,7 +273,7 @@ class CancellationMiddleware:
             loop = get_running_loop()
         except RuntimeError:  # another anyio backend (trio): a task group, watching at once
             call = _Call(self, ctx, receive, pending, None, None, None)
-            if ctx is None:
+            if ctx is None or limit is not None:
                 send = call.wrap_send(send)
             if await call.serve_in_task_group(app, scope, send, limit):
                 return
@@ -314,7 +317,7 @@ class CancellationMiddleware:
                     sweeper.arm()
             else:
                 call.start_watcher()
-            if ctx is None:
+            if ctx is None or limit is not None:
                 send = call.wrap_send(send)
             try:  # (the app is called in this frame: one coroutine less per request)
                 if host is None:
@@ -437,7 +440,8 @@ class _Call:
         self.watch_done = False
         self.disconnected: anyio.Event | None = None  # created only if the app waits for it
         self.reason: str | None = None
-        # (send_server and response_done: set by wrap_send, without a context layer)
+        # (send_server and response_done: set by wrap_send, without a context layer or
+        # with a time limit)
 
     def _done(self) -> bool:
         """Has the app sent the whole response?"""
@@ -504,15 +508,22 @@ class _Call:
         return {"type": "http.disconnect"}
 
     def wrap_send(self, send: Send) -> Send:
-        """Without a context layer (nothing records the response's end): our own ``send``."""
+        """Our own ``send``, without a context layer (nothing records the response's end)
+        or with a time limit (lifted once the response is complete)."""
         self.send_server = send
         self.response_done = False
         return self.send
 
     async def send(self, message: Message) -> None:
-        """The app's ``send`` without a context layer: notes the end of the response."""
+        """The app's ``send``: notes the end of the response, which ends the time limit."""
         if message["type"] == "http.response.body" and not message.get("more_body", False):
             self.response_done = True
+            await self.send_server(message)
+            # The limit bounds producing the response: what the app runs after it (Starlette's
+            # background tasks, in the same call) must not be cut off unseen at the deadline.
+            if self.app_scope is not None:
+                self.app_scope.deadline = math.inf
+            return
         await self.send_server(message)
 
     async def _watch(self) -> None:

@@ -12,7 +12,12 @@ import anyio
 import httpx
 import pytest
 from anyio.abc import SocketStream
-from fastapi import FastAPI
+from fastapi import BackgroundTasks, FastAPI
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, StreamingResponse
+from starlette.routing import Route
 
 from aimiddleware import (
     CancellationConfig,
@@ -530,3 +535,116 @@ async def test_watch_after_zero_watches_from_the_start() -> None:
         await mw(scope, receive, send)
     assert cancelled == [True] and calls == ["receive", "receive"]
     assert mw._sweepers == {}  # no sweeper: the watcher started with the app
+
+
+def timed(app: Starlette, arrangement: str, seconds: float) -> Any:
+    """``app`` under a ``seconds`` default time limit: in install()'s stack, in the same
+    layers one middleware each, or under CancellationMiddleware alone (no context layer)."""
+    if arrangement == "alone":
+        return CancellationMiddleware(app, default_timeout=seconds)
+    install(app, cancellation=CancellationConfig(default_timeout=seconds))
+    if arrangement == "layers":
+        (stack,) = app.user_middleware
+        app.user_middleware.clear()
+        for cls, options in reversed(stack.kwargs["layers"]):
+            app.add_middleware(cls, **options)
+    return app
+
+
+ARRANGEMENTS = ["stack", "layers", "alone"]
+
+
+@pytest.mark.parametrize("arrangement", ARRANGEMENTS)
+async def test_a_background_task_longer_than_the_timeout_completes(arrangement: str) -> None:
+    record: dict[str, Any] = {}
+
+    async def work() -> None:
+        record["started"] = True
+        await anyio.sleep(0.3)  # past the 0.1 s limit, but the response is out
+        record["finished"] = True
+
+    async def quick(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok", background=BackgroundTask(work))
+
+    app = timed(Starlette(routes=[Route("/", quick)]), arrangement, 0.1)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t"
+    ) as client:
+        r = await client.get("/")  # (ASGITransport returns once the app call has)
+    assert r.status_code == 200 and r.text == "ok"
+    assert record == {"started": True, "finished": True}
+
+
+@pytest.mark.parametrize("arrangement", ARRANGEMENTS)
+async def test_a_response_unfinished_at_the_deadline_is_still_cut(arrangement: str) -> None:
+    record: dict[str, Any] = {}
+
+    async def stalls(request: Request) -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"first"
+            try:
+                await anyio.sleep(5)
+            except CANCELLED:
+                record["cancelled"] = True
+                raise
+            yield b"never"
+
+        return StreamingResponse(chunks())
+
+    async def slow(request: Request) -> PlainTextResponse:
+        await anyio.sleep(5)
+        return PlainTextResponse("never")
+
+    routes = [Route("/stalls", stalls), Route("/slow", slow)]
+    app = timed(Starlette(routes=routes), arrangement, 0.1)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        with anyio.fail_after(2):
+            stream = await client.get("/stalls")
+            head = await client.get("/slow")
+    assert stream.content == b"first" and record == {"cancelled": True}
+    if arrangement == "alone":  # (no error layer: the Timeout reaches the server)
+        assert head.status_code == 500
+    else:
+        assert head.status_code == 504 and head.json()["error"]["code"] == "timeout"
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_both_anyio_backends_lift_the_limit_once_the_response_is_sent(backend: str) -> None:
+    async def main() -> list[str]:
+        done: list[str] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+            await anyio.sleep(0.3)  # a background task, past the 0.1 s limit
+            done.append("background")
+
+        receive, send, _ = _server_after_body(disconnect_at_once=False)
+        scope = {"type": "http", "path": "/", "method": "POST", "headers": [], "state": {}}
+        with anyio.fail_after(2):
+            await CancellationMiddleware(app, default_timeout=0.1)(scope, receive, send)
+        return done
+
+    assert anyio.run(main, backend=backend) == ["background"]
+
+
+async def test_fastapi_background_tasks_outlive_the_default_timeout() -> None:
+    """The user trial's case, on uvicorn: a 200 at once, then a task longer than the limit."""
+    record: dict[str, Any] = {}
+    app = FastAPI()
+
+    async def work() -> None:
+        await anyio.sleep(0.4)
+        record["finished"] = time.perf_counter()
+
+    @app.post("/v1/feedback")
+    async def feedback(tasks: BackgroundTasks) -> dict[str, str]:
+        tasks.add_task(work)
+        return {"status": "accepted"}
+
+    install(app, cancellation=CancellationConfig(default_timeout=0.2))
+    async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
+        r = await client.post("/v1/feedback", json={})
+        assert r.status_code == 200 and r.json() == {"status": "accepted"}
+        await wait_for(record, "finished")
