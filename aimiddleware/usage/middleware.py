@@ -119,7 +119,7 @@ async def serve(app: ASGIApp, scope: Scope, receive: Receive, responder: Respond
         # layer names it only once this has unwound (without a reason, no row of its own).
         deadline = ctx.state.get(DEADLINE)
         if ctx.raw_finish_reason is None and deadline is not None and (
-            anyio.current_time() >= deadline
+            not ctx.response_complete and anyio.current_time() >= deadline
         ):
             ctx.raw_finish_reason = "timeout"
         raise
