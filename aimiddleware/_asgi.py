@@ -13,7 +13,7 @@ from aimiddleware.errors import DEFAULT_TYPE_BASE, AIError, render_problem
 from aimiddleware.types import Receive, Scope, Send
 
 __all__ = [
-    "WrappedResponse", "get_header", "is_async_callable", "route_path", "send_json",
+    "WrappedResponse", "get_header", "is_async_callable", "is_preflight", "route_path", "send_json",
     "send_problem", "with_hidden_params",
 ]
 
@@ -53,6 +53,15 @@ def route_path(scope: Scope) -> str:
         return path
     rest = path[len(root):]
     return rest if not rest or rest[0] == "/" else path  # ("/apix" is not under "/api")
+
+
+def is_preflight(scope: Scope) -> bool:
+    """A CORS preflight: ``OPTIONS`` with ``Access-Control-Request-Method`` (the Fetch
+    standard's). A browser sends it on its own, without credentials, before a cross-origin
+    request; a ``CORSMiddleware`` inside the stack answers it."""
+    return scope["method"] == "OPTIONS" and any(
+        name == b"access-control-request-method" for name, _ in scope["headers"]
+    )
 
 
 def get_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from aimiddleware._asgi import route_path
+from aimiddleware._asgi import is_preflight, route_path
 from aimiddleware.cancellation import CancellationMiddleware
 from aimiddleware.context import RequestContext, _current
 from aimiddleware.context_middleware import (
@@ -196,7 +196,11 @@ class _Exchange(Responder):
             await idempotency(scope, receive, send)
             return
         ratelimit = stack.ratelimit
-        if ratelimit is None or (ratelimit.has_exempt and ratelimit.is_exempt(route_path(scope))):
+        if (
+            ratelimit is None
+            or (ratelimit.has_exempt and ratelimit.is_exempt(route_path(scope)))
+            or (scope["method"] == "OPTIONS" and is_preflight(scope))
+        ):
             if self.acc is None:
                 await stack.app(scope, receive, send)
             else:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from aimiddleware._asgi import get_header, route_path
+from aimiddleware._asgi import get_header, is_preflight, route_path
 from aimiddleware.context import SCOPE_KEY, RequestContext
 from aimiddleware.ratelimit._run import run_request
 from aimiddleware.ratelimit.headers import HEADER_NAMES
@@ -60,7 +60,7 @@ class RateLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.has_exempt and self.is_exempt(route_path(scope)):
+        if (self.has_exempt and self.is_exempt(route_path(scope))) or is_preflight(scope):
             await self.app(scope, receive, send)
             return
         ctx: RequestContext | None = scope.get("state", {}).get(SCOPE_KEY)
