@@ -84,9 +84,12 @@ async def test_unknown_and_malformed_list_the_supported_versions() -> None:
     assert "not supported" in unknown.value.detail
     assert unknown.value.extra["supported_versions"] == ["2025-01-01", "2026-06-01"]
     assert unknown.value.status == 400 and unknown.value.param == "x-api-version"
-    with pytest.raises(UnsupportedApiVersion) as malformed:
-        await versions.resolve("/x", h(x_api_version="yesterday"), "p")
-    assert "malformed" in malformed.value.detail
+    assert "'2027-01-01'" in unknown.value.detail  # (a well-formed value is named)
+    for value in ("yesterday", "<script>", "2026-13-01"):
+        with pytest.raises(UnsupportedApiVersion) as malformed:
+            await versions.resolve("/x", h(x_api_version=value), "p")
+        assert "malformed" in malformed.value.detail
+        assert value not in malformed.value.detail  # (what the client sent is not echoed)
 
 
 async def test_path_prefix_is_stripped_and_unknown_prefix_rejected() -> None:

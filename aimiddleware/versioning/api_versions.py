@@ -182,10 +182,13 @@ class ApiVersions:
         return dict(self._versions)
 
     def _unsupported(self, value: str, where: str, param: str | None) -> UnsupportedApiVersion:
-        why = "is malformed" if not well_formed(value) else "is not supported"
-        shown = value if len(value) <= 64 and value.isprintable() else value[:64] + "..."
+        # (a malformed value is not echoed: whatever bytes a client sent stay out of the body)
+        if well_formed(value):
+            shown, why = f"{value!r} ", "is not supported"
+        else:
+            shown, why = "", "is malformed"
         return UnsupportedApiVersion(
-            f"The API version {shown!r} ({where}) {why}. "
+            f"The API version {shown}({where}) {why}. "
             f"Supported versions: {', '.join(self.supported)}.",
             param=param,
             extra={"supported_versions": self.supported},
