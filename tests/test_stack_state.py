@@ -82,6 +82,18 @@ PATHS = [
 ]  # fmt: skip
 
 
+def installed(routes: list[Any], cfg: Any, fused: bool) -> Any:
+    """``routes`` behind ``install(cfg)``: its one StackMiddleware (``fused``), or the same
+    layers added one by one (the chain)."""
+    app = aimiddleware.install(Starlette(routes=routes), cfg)
+    if not fused:
+        (stack,) = app.user_middleware
+        app.user_middleware.clear()
+        for cls, options in reversed(stack.kwargs["layers"]):
+            app.add_middleware(cls, **options)
+    return app
+
+
 def build(fused: bool) -> tuple[Any, Any, MemoryLedger]:
     ledger = MemoryLedger()
     cfg = config()
@@ -148,14 +160,7 @@ async def test_a_deadline_after_a_held_head_answers_as_the_chained_layers() -> N
         cfg = config()
         cfg.usage = UsageConfig(prices=cfg.usage.prices, ledger=ledger)  # type: ignore[union-attr]
         cfg.cancellation = CancellationConfig(timeouts={"/v1/held": 0.05})
-        app = aimiddleware.install(
-            Starlette(routes=[Route("/v1/held", HeldThenSlow()), *ROUTES]), cfg
-        )
-        if not fused:
-            (stack,) = app.user_middleware
-            app.user_middleware.clear()
-            for cls, options in reversed(stack.kwargs["layers"]):
-                app.add_middleware(cls, **options)
+        app = installed([Route("/v1/held", HeldThenSlow()), *ROUTES], cfg, fused)
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             r = await client.post("/v1/held", headers={"authorization": "Bearer k"}, **post())
@@ -194,12 +199,7 @@ async def _disconnect_mid_write(fused: bool) -> tuple[int, list[tuple[int, int]]
     cfg = config()
     cfg.usage = UsageConfig(prices=cfg.usage.prices, ledger=ledger)  # type: ignore[union-attr]
     cfg.cancellation = CancellationConfig(watch_after=0)
-    app = aimiddleware.install(Starlette(routes=ROUTES), cfg)
-    if not fused:
-        (stack,) = app.user_middleware
-        app.user_middleware.clear()
-        for cls, options in reversed(stack.kwargs["layers"]):
-            app.add_middleware(cls, **options)
+    app = installed(ROUTES, cfg, fused)
     body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
     scope = chat_scope(app=app)
     messages = [{"type": "http.request", "body": body, "more_body": False}]
@@ -251,13 +251,7 @@ async def _cut(fused: bool, cut: str) -> list[tuple[int, dict[str, int]]]:
     cfg.cancellation = CancellationConfig(
         watch_after=0, default_timeout=0.1 if cut == "timeout" else None
     )
-    app = aimiddleware.install(Starlette(routes=[Route("/v1/chat", slow, methods=["POST"])]),
-                               cfg)
-    if not fused:
-        (stack,) = app.user_middleware
-        app.user_middleware.clear()
-        for cls, options in reversed(stack.kwargs["layers"]):
-            app.add_middleware(cls, **options)
+    app = installed([Route("/v1/chat", slow, methods=["POST"])], cfg, fused)
     body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
     messages = [{"type": "http.request", "body": body, "more_body": False}]
     gone = anyio.Event()
