@@ -86,11 +86,15 @@ class BatchExecution:
     async def _save(self, event: str, data: dict[str, Any]) -> None:
         store = self.runner.store
         self._stale = False
-        with anyio.CancelScope(shield=True):  # (see _put_if_stale)
-            await store.put(self.batch.principal, self.batch.id, self.batch.stored(),
-                            worker=True)
-            await store.append_event(self.batch.principal, self.batch.id, event,
+        batch = self.batch
+
+        async def write() -> None:
+            await store.put(batch.principal, batch.id, batch.stored(), worker=True)
+            await store.append_event(batch.principal, batch.id, event,
                                      json.dumps(data, default=str), worker=True)
+
+        with anyio.CancelScope(shield=True):  # (see _put_if_stale)
+            await self.runner.persist(write)
 
     async def start(self) -> None:
         async with self._lock:

@@ -10,6 +10,7 @@ the retryable error ``shutdown`` (never silently lost).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import sys
@@ -232,12 +233,13 @@ class JobRunner:
                 # Shielded: a write cancelled with the job may still be on the wire (a Redis
                 # command sent) and land after the final record, putting it back in_progress.
                 with anyio.CancelScope(shield=True):
-                    await self.store.put(job.principal, job.id, state["job"].stored(),
-                                         worker=True)
-                    await self.store.append_event(
-                        job.principal, job.id, event, json.dumps(data, default=_jsonable),
-                        worker=True,
-                    )
+                    await self.persist(functools.partial(write, event, data))
+
+        async def write(event: str, data: dict[str, Any]) -> None:
+            await self.store.put(job.principal, job.id, state["job"].stored(), worker=True)
+            await self.store.append_event(
+                job.principal, job.id, event, json.dumps(data, default=_jsonable), worker=True
+            )
 
         async def emit(kind: str, data: dict[str, Any]) -> None:
             cur = state["job"]
@@ -298,6 +300,24 @@ class JobRunner:
         await save(f"job.{status}", final.public(), status=status,
                    finished_at=final.finished_at, **update)
         await self.notify(final)
+
+    async def persist(self, write: Callable[[], Awaitable[None]]) -> None:
+        """A worker's ``write`` to a record, tried again while the store is unavailable, for
+        up to half a lease (the liveness lease outlasts that): a job writing as the store
+        comes back (its first commands time out) neither fails on a progress write nor
+        loses its result to the reaper."""
+        give_up = anyio.current_time() + self.lease / 2
+        delay = 0.05
+        while True:
+            try:
+                await write()
+                return
+            except StoreUnavailable:
+                if anyio.current_time() + delay > give_up:
+                    raise
+                logger.warning("the job store is unavailable: a job's write is retried")
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     async def record(self, rec: Job | Batch, model: str | None) -> None:
         """A finished job's or batch's row in the usage history (``ledger``): its usage and
