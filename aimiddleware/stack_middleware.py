@@ -92,7 +92,7 @@ class StackMiddleware:
                 return
             try:
                 cancellation = self.cancellation
-                timeout = cancellation.timeout_for(route_path(scope)) if cancellation else None
+                timeout = cancellation.timeout_for(ctx.path) if cancellation else None
                 if cancellation is not None and (
                     timeout is not None or cancellation.cancel_on_disconnect
                 ):
@@ -179,7 +179,7 @@ class _Exchange(Responder):
         stack, ctx = self.stack, self.ctx
         versioning = stack.versioning
         if versioning is not None:
-            if versioning.is_helper_route(route_path(scope), scope["method"]):
+            if versioning.is_helper_route(ctx.path, scope["method"]):  # (the route path)
                 self.acc = None
                 await versioning(scope, receive, send)
                 return

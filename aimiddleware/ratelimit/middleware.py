@@ -60,7 +60,9 @@ class RateLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if (self.has_exempt and self.is_exempt(route_path(scope))) or is_preflight(scope):
+        if (self.has_exempt and self.is_exempt(route_path(scope))) or (
+            scope["method"] == "OPTIONS" and is_preflight(scope)
+        ):
             await self.app(scope, receive, send)
             return
         ctx: RequestContext | None = scope.get("state", {}).get(SCOPE_KEY)

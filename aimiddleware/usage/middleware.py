@@ -190,7 +190,14 @@ class Responder:
                 await self._send(message)
         else:
             if self.mode == "scan" and kind == "http.response.body":
-                self._scan(message.get("body", b""), final=not message.get("more_body", False))
+                chunk, final = message.get("body", b""), not message.get("more_body", False)
+                if self.inflater is None:
+                    self._scan(chunk, final=final)
+                else:  # a compressed stream: its lines read from a decoded copy
+                    for piece in self.inflater.pieces(chunk):
+                        self._scan(piece, final=False)
+                    if final:
+                        self._scan(b"", final=True)
             await self._send(message)
 
     async def send_start(self, message: Message, added: list[tuple[bytes, bytes]]) -> None:
@@ -262,8 +269,7 @@ class Responder:
             if type(body) is not bytes:
                 body = bytes(body)
             if len(body) <= limit:
-                self.acc.absorb(self.ctx, from_response(
-                    _parse_json(body) if not self.coding else self._decoded(body)))
+                self.acc.absorb(self.ctx, from_response(self._json(body)))
             return body
         if self.chunks is _NO_CHUNKS:
             self.chunks = []
@@ -272,14 +278,15 @@ class Responder:
         if more and self.size <= limit:
             return None
         if not more and self.size <= limit:
-            whole = b"".join(self.chunks)
-            self.acc.absorb(self.ctx, from_response(
-                _parse_json(whole) if not self.coding else self._decoded(whole)))
+            self.acc.absorb(self.ctx, from_response(self._json(b"".join(self.chunks))))
         return self._take_chunks()
 
-    def _decoded(self, body: bytes) -> Any:
-        """A compressed held body as JSON (``None`` if it cannot be read): a copy decoded up
-        to the same bound as the body held, so a compression bomb costs no more memory."""
+    def _json(self, body: bytes) -> Any:
+        """The held body as JSON (``None`` if it cannot be read). A compressed one is read
+        from a copy decoded up to the same bound as the body held, so a compression bomb
+        costs no more memory."""
+        if not self.coding:
+            return _parse_json(body)
         assert self.acc is not None
         raw = decode(body, self.coding, self.acc.max_json_body)
         return None if raw is None else _parse_json(raw)
@@ -298,15 +305,6 @@ class Responder:
 
     def _scan(self, chunk: bytes, *, final: bool) -> None:
         """Read ``data:`` lines carrying usage as the stream passes; keep only a partial line."""
-        if self.inflater is None:
-            self._lines(chunk, final=final)
-            return
-        for piece in self.inflater.pieces(chunk):  # a compressed stream: a decoded copy
-            self._lines(piece, final=False)
-        if final:
-            self._lines(b"", final=True)
-
-    def _lines(self, chunk: bytes, *, final: bool) -> None:
         assert self.acc is not None
         data = self.tail + chunk
         lines = data.split(b"\n")
