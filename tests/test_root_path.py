@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 import anyio
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 import aimiddleware
 from aimiddleware import (
@@ -139,3 +139,30 @@ async def test_uvicorn_root_path_keeps_exemptions_route_policies_and_timeouts(
     assert health == [200, 200, 200]
     assert chat == [200, 429]
     assert slow.status_code == 504
+
+
+async def test_a_migration_check_side_sees_the_root_path(storage: Storage) -> None:
+    # The check's sub-requests kept the scope's root_path but took a path without it, so
+    # the route saw /v1/echo under a root path of /api: its URLs (request.url,
+    # url_for) lost the prefix the client's requests have.
+    app = FastAPI()
+
+    @app.post("/v1/echo")
+    async def echo(request: Request) -> dict[str, str]:
+        return {"url": str(request.url.path), "route": request.url_for("echo").path}
+
+    registry = ModelRegistry()
+    registry.add_snapshot("m-2024")
+    aimiddleware.install(app, StackConfig(storage=storage, versioning=VersioningConfig(
+        registry=registry, migration_path="/v1/migration-check")))
+    transport = httpx.ASGITransport(app=app, root_path=ROOT)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t" + ROOT) as c:
+        direct = await c.post("/v1/echo", json={})
+        check = await c.post("/v1/migration-check", json={
+            "path": "/v1/echo", "body": {},
+            "baseline": {"model": "m-2024"}, "candidate": {"model": "m-2024"},
+        })
+    assert direct.json() == {"url": "/api/v1/echo", "route": "/api/v1/echo"}
+    assert check.status_code == 200, check.text
+    for side in ("baseline", "candidate"):
+        assert check.json()[side]["body"] == direct.json()

@@ -141,11 +141,12 @@ async def _run_side(
         body=raw_body,
         traceparent_header=ctx.trace.traceparent,
     )
+    full = scope.get("root_path", "") + path  # (an ASGI path includes the root path)
     sub_scope: Scope = {
         **scope,
         "method": req.method,
-        "path": path,
-        "raw_path": path.encode("utf-8"),
+        "path": full,
+        "raw_path": full.encode("utf-8"),
         "query_string": _latin1(query, "path"),
         "headers": headers,
         "state": {**scope.get("state", {}), SCOPE_KEY: sub},
