@@ -12,10 +12,12 @@ import httpx
 import pytest
 from httpx_sse import aconnect_sse
 from starlette.applications import Starlette
-from starlette.routing import Mount
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route
 
 from aimiddleware.errors import ContentFiltered
-from aimiddleware.jobs import JobContext, JobsRouter
+from aimiddleware.jobs import CallbackPolicy, JobContext, JobsRouter
 from aimiddleware.jobs.memory import MemoryJobStore
 from tests.jobs_servers import ThreadServer
 
@@ -366,3 +368,48 @@ async def test_a_batch_whose_worker_died_reports_the_items_it_finished(
             assert final["counts"] == body["counts"]
     if own is not None:
         await own.aclose()
+
+
+class TwiceStore(MemoryJobStore):
+    """Every result line lands twice, as one does when its write timed out on the wire,
+    reached the store all the same, and was tried again."""
+
+    async def append_result(
+        self, principal: str, rec_id: str, line: str, *, worker: bool = False
+    ) -> None:
+        await super().append_results(principal, rec_id, [line, line], worker=worker)
+
+    async def append_results(
+        self, principal: str, rec_id: str, lines: Sequence[str], *, worker: bool = False
+    ) -> None:
+        await super().append_results(principal, rec_id, [*lines, *lines], worker=worker)
+
+
+async def test_a_result_line_written_twice_is_read_once() -> None:
+    received: list[dict[str, Any]] = []
+
+    async def hook(request: Request) -> Response:
+        received.append(await request.json())
+        return Response(status_code=204)
+
+    item = Item()
+    jobs = JobsRouter(item.fn, store=TwiceStore(), webhook_secrets=["whsec_" + "A" * 32],
+                      callback_policy=CallbackPolicy(schemes=("http",), allow_private=True),
+                      webhook_poll_interval=0.05)
+    app = Starlette(routes=[Mount("/v1", jobs), Route("/hook", hook, methods=["POST"])],
+                    lifespan=jobs.lifespan_context)
+    with ThreadServer(app) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            items = [{"custom_id": f"req-{n}", "input": {"n": n}} for n in range(4)]
+            r = await client.post("/v1/batches", json={"items": items,
+                                                       "callback_url": f"{srv.url}/hook"})
+            batch_id = r.json()["id"]
+            assert (await wait_terminal(client, f"/v1/batches/{batch_id}"))["status"] == "completed"
+            lines = (await client.get(f"/v1/batches/{batch_id}/results")).text.splitlines()
+            with anyio.fail_after(10):
+                while not received:  # noqa: ASYNC110 - the dispatcher posts it
+                    await anyio.sleep(0.02)
+    ids = [i["custom_id"] for i in items]
+    assert sorted(json.loads(line)["custom_id"] for line in lines) == ids
+    results = received[0]["data"]["results"]  # the webhook's inline results
+    assert sorted(res["custom_id"] for res in results) == ids

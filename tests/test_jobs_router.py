@@ -503,6 +503,57 @@ async def test_the_runner_survives_a_store_outage(recorder: Recorder) -> None:
         store.stop()
 
 
+async def test_a_batch_whose_items_finish_during_a_store_outage_completes(
+    recorder: Recorder,
+) -> None:
+    # A batch's result lines were written once: items finishing while the store was paused
+    # raised out of the batch, which stayed in_progress until the reaper reported its worker
+    # lost (a lease later) though it was alive and every item had run. Each write is now
+    # tried again, and a line the store received twice (sent before a timeout, run when
+    # the server resumed) is read once.
+    import signal
+
+    from tests.redis_server import RedisServer
+
+    store = RedisServer().start()
+    try:
+        storage = Storage(store.url, socket_timeout=0.5)  # (ours to close: passed built)
+        jobs = JobsRouter(recorder.fn, storage=storage, cancel_poll=0.05)
+
+        @asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            async with jobs.lifespan_context(app):
+                yield
+            await storage.aclose()
+
+        app = Starlette(routes=[Mount("/v1", jobs)], lifespan=lifespan)
+        items = [{"custom_id": f"item-{i}", "input": {"steps": 1, "hold": True, "delay": 0}}
+                 for i in range(4)]
+        with ThreadServer(app) as srv:
+            async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
+                r = await client.post("/v1/batches", json={"items": items}, headers=A)
+                assert r.status_code == 202, r.text
+                batch_id = r.json()["id"]
+                await wait_status(client, f"/v1/batches/{batch_id}", {"in_progress"})
+                assert store.proc is not None
+                store.proc.send_signal(signal.SIGSTOP)
+                try:
+                    recorder.gate.set()  # (every item finishes while the store is paused)
+                    await anyio.sleep(1.5)
+                finally:
+                    store.proc.send_signal(signal.SIGCONT)
+                done = await wait_status(client, f"/v1/batches/{batch_id}",
+                                         {"completed", "failed"})
+                assert done["status"] == "completed", done
+                assert done["counts"]["succeeded"] == 4, done
+                res = await client.get(f"/v1/batches/{batch_id}/results", headers=A)
+                assert res.status_code == 200, res.text
+                ids = sorted(json.loads(line)["custom_id"] for line in res.text.splitlines())
+                assert ids == [item["custom_id"] for item in items]
+    finally:
+        store.stop()
+
+
 async def test_a_callback_is_refused_where_no_webhook_is_ever_sent(recorder: Recorder) -> None:
     # Without webhook_secrets there is no dispatcher: a callback_url was accepted (202, and
     # shown on the job), and nothing was ever sent or logged.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -24,7 +25,7 @@ from aimiddleware.jobs.store import JobStore
 if TYPE_CHECKING:
     from aimiddleware.jobs.runner import JobRunner
 
-__all__ = ["BatchExecution", "counted", "fail_unfinished", "results_jsonl"]
+__all__ = ["BatchExecution", "counted", "fail_unfinished", "first_results", "results_jsonl"]
 
 SAVE_EVERY = 0.2
 """Seconds between writes of a running batch's record (counts, usage); each finished item
@@ -46,16 +47,26 @@ def results_jsonl(lines: list[str]) -> bytes:
     return "".join(line + "\n" for line in lines).encode()
 
 
+async def first_results(store: JobStore, principal: str, rec_id: str) -> list[str]:
+    """A batch's result lines, the first for each item: a write tried again after a timeout
+    may have reached the store twice (sent before the timeout, run when the store came
+    back), and a reaper may have written lines for a worker it reported lost."""
+    seen: set[str] = set()
+    out = []
+    for line in await store.results(principal, rec_id):
+        custom_id = json.loads(line)["custom_id"]
+        if custom_id not in seen:
+            seen.add(custom_id)
+            out.append(line)
+    return out
+
+
 async def fail_unfinished(store: JobStore, batch: Batch, error: JobError) -> BatchCounts:
     """A batch whose worker died: an ``errored`` line with ``error`` for each item that has
     no result yet (written in bulk), and the counts of the whole results file."""
-    seen: set[str] = set()
-    kinds: list[str] = []
-    for line in await store.results(batch.principal, batch.id):
-        res = json.loads(line)
-        if res["custom_id"] not in seen:
-            seen.add(res["custom_id"])
-            kinds.append(res["type"])
+    found = [json.loads(line) for line in await first_results(store, batch.principal, batch.id)]
+    kinds = [res["type"] for res in found]
+    seen = {res["custom_id"] for res in found}
     left = [_line(item, "errored", error) for item in batch.items if item.custom_id not in seen]
     await store.append_results(batch.principal, batch.id, left)
     kinds += ["errored"] * len(left)
@@ -124,13 +135,14 @@ class BatchExecution:
     async def _put_if_stale(self) -> None:
         if self._stale:
             self._stale = False
+            batch = self.batch
+            write = partial(self.runner.store.put, batch.principal, batch.id, batch.stored(),
+                            worker=True)
             # Shielded: a write cancelled with the batch may still be on the wire (a Redis
             # command sent) and land after the final record, putting it back in_progress.
             # Finished, it is ordered before finish()'s writes, which wait for the lock.
             with anyio.CancelScope(shield=True):
-                await self.runner.store.put(
-                    self.batch.principal, self.batch.id, self.batch.stored(), worker=True
-                )
+                await self.runner.persist(write)
 
     async def _item(self, limiter: anyio.CapacityLimiter, item: BatchItem) -> None:
         async with limiter:
@@ -176,16 +188,17 @@ class BatchExecution:
             # cancelled as it finished), the item was neither counted nor marked leftover.
             with anyio.CancelScope(shield=True):
                 self.done.add(res.custom_id)
-                await self.runner.store.append_result(
-                    self.batch.principal, self.batch.id, res.model_dump_json(), worker=True
-                )
                 counts = counted(self.batch.counts, [res.type], self.batch.total, len(self.done))
                 self.batch = self.batch.model_copy(update={"counts": counts})
                 self._stale = True  # (stored by _save_while_running, or when the batch ends)
-                await self.runner.store.append_event(
-                    self.batch.principal, self.batch.id, "batch.progress",
+                store, principal, rec_id = self.runner.store, self.batch.principal, self.batch.id
+                await self.runner.persist(partial(  # (a line written twice is read once)
+                    store.append_result, principal, rec_id, res.model_dump_json(), worker=True
+                ))
+                await self.runner.persist(partial(
+                    store.append_event, principal, rec_id, "batch.progress",
                     json.dumps({"counts": counts.model_dump()}), worker=True,
-                )
+                ))
 
     async def finish(self, status: str, leftover: str, error: JobError | None = None) -> None:
         """Mark unfinished items ``leftover`` and the batch ``status`` (final event last)."""
@@ -196,10 +209,10 @@ class BatchExecution:
         async with self._lock:  # every unfinished item at once: one write of the record
             left = [item for item in self.batch.items if item.custom_id not in self.done]
             self.done.update(item.custom_id for item in left)
-            await self.runner.store.append_results(  # (in bulk: a few round trips)
-                self.batch.principal, self.batch.id,
+            await self.runner.persist(partial(  # (in bulk: a few round trips)
+                self.runner.store.append_results, self.batch.principal, self.batch.id,
                 [_line(item, leftover, item_error) for item in left], worker=True,
-            )
+            ))
             if left:
                 counts = counted(self.batch.counts, [leftover] * len(left), self.batch.total,
                                  len(self.done))

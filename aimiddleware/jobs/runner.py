@@ -24,6 +24,7 @@ import anyio.abc
 
 from aimiddleware.errors import AIError, NotConfigured, StoreUnavailable
 from aimiddleware.finish_reason import normalize_finish_reason
+from aimiddleware.jobs.batches import BatchExecution, first_results
 from aimiddleware.jobs.context import Charge, JobContext, JobLimitExceeded
 from aimiddleware.jobs.models import Batch, Job, JobError
 from aimiddleware.jobs.store import JobFenced, JobStore
@@ -301,7 +302,7 @@ class JobRunner:
                    finished_at=final.finished_at, **update)
         await self.notify(final)
 
-    async def persist(self, write: Callable[[], Awaitable[None]]) -> None:
+    async def persist(self, write: Callable[[], Awaitable[object]]) -> None:
         """A worker's ``write`` to a record, tried again while the store is unavailable, for
         up to half a lease (the liveness lease outlasts that): a job writing as the store
         comes back (its first commands time out) neither fails on a progress write nor
@@ -350,15 +351,13 @@ class JobRunner:
             return
         data = rec.public()
         if isinstance(rec, Batch) and rec.total <= INLINE_RESULTS:
-            lines = await self.store.results(rec.principal, rec.id)
+            lines = await first_results(self.store, rec.principal, rec.id)
             data["results"] = [json.loads(line) for line in lines]
         await self.dispatcher.enqueue(
             rec.callback_url, webhook_payload(f"{rec.object}.{rec.status}", data)
         )
 
     async def _run_batch(self, batch: Batch) -> None:
-        from aimiddleware.jobs.batches import BatchExecution
-
         execution = BatchExecution(self, batch)
         try:
             outcome = await self._guarded(batch.principal, batch.id, execution.run,
