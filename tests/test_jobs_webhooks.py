@@ -437,3 +437,15 @@ async def test_dispatcher_rejects_a_timeout_that_is_no_deadline(redis_store: Job
     for timeout in (0, -1, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="timeout"):
             WebhookDispatcher(redis_store, WebhookSigner(SECRET), timeout=timeout)
+
+
+async def test_the_router_takes_the_webhook_deadline() -> None:
+    # JobsRouter built its dispatcher with the 15 s default: no way to shorten or lengthen
+    # an attempt's deadline short of building the dispatcher by hand.
+    async def fn(ctx: JobContext, input: Any) -> Any:
+        return input
+
+    jobs = JobsRouter(fn, webhook_secrets=[SECRET], webhook_timeout=2.5)
+    assert jobs.dispatcher is not None and jobs.dispatcher.timeout == 2.5
+    with pytest.raises(ValueError, match="timeout"):
+        JobsRouter(fn, webhook_secrets=[SECRET], webhook_timeout=0)

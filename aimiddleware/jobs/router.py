@@ -87,6 +87,7 @@ class JobsRouter(Router):
         callback_policy: CallbackPolicy | None = None,
         webhook_schedule: Sequence[float] = DEFAULT_SCHEDULE,
         webhook_poll_interval: float = 0.25,
+        webhook_timeout: float = 15.0,
         max_steps: int | None = None,
         max_cost: Decimal | float | str | None = None,
         timeout: float | None = None,
@@ -116,7 +117,8 @@ class JobsRouter(Router):
         self.policy = callback_policy or CallbackPolicy()
         self.dispatcher = (
             WebhookDispatcher(self.store, WebhookSigner(webhook_secrets), policy=self.policy,
-                              schedule=webhook_schedule, poll_interval=webhook_poll_interval)
+                              schedule=webhook_schedule, poll_interval=webhook_poll_interval,
+                              timeout=webhook_timeout)
             if webhook_secrets
             else None
         )
