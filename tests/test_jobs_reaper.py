@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from decimal import Decimal
 from typing import Any
 
 import anyio
@@ -18,7 +19,7 @@ from aimiddleware.context import key_principal
 from aimiddleware.errors import StoreUnavailable
 from aimiddleware.jobs import Batch, CallbackPolicy, Job, JobContext, JobsRouter
 from aimiddleware.jobs.models import BatchCounts, BatchItem, BatchItemResult, new_id
-from aimiddleware.usage import MemoryLedger
+from aimiddleware.usage import MemoryLedger, Usage
 from tests.test_jobs_charge import running
 
 AUTH = {"authorization": "Bearer k"}
@@ -261,10 +262,13 @@ async def test_a_worker_cut_off_past_its_lease_writes_nothing_once_reaped(
     assert kinds[-1] == "job.failed" and kinds.count("job.failed") == 1, kinds
     assert "job.completed" not in kinds and "job.progress" not in kinds
     assert any("reported lost" in r.getMessage() for r in caplog.records)
-    # What it used is still in the usage history, as a job that stopped (README).
+    # What it used is in the usage history once: the reaper's row (the worker's own, on
+    # its way out, has the same id).
     row = await ledger.get_request("p", job_id)
     assert row is not None and row.record.usage.input_tokens == 40
-    assert row.record.raw_finish_reason in ("cancelled", "failed")
+    assert (row.record.model, row.record.raw_finish_reason) == ("m", "failed")
+    (day,) = await ledger.query("p")
+    assert (day.requests, day.input_tokens) == (1, 40)
 
 
 async def test_a_batch_cut_off_past_its_lease_has_one_result_per_item(storage: Storage) -> None:
@@ -301,3 +305,38 @@ async def test_a_batch_cut_off_past_its_lease_has_one_result_per_item(storage: S
     assert {x["custom_id"]: x["type"] for x in lines} == {
         **{f"i{n}": "succeeded" for n in range(2)}, **{f"i{n}": "errored" for n in range(2, 6)}
     }
+
+
+async def test_a_crashed_worker_s_job_and_batch_are_in_the_usage_history(
+    storage: Storage,
+) -> None:
+    # A job whose worker died (a crash, not a shutdown) was reported failed with no row in
+    # the usage history (ledger=), though its calls had been charged to the caller's limits:
+    # the row was written only by the worker, at the job's end.
+    ledger = MemoryLedger()
+    jobs = JobsRouter(_never, storage=storage, prefix="/v1", principal=lambda r: "p",
+                      ledger=ledger)
+    used = Usage(input_tokens=30, output_tokens=7, total_tokens=37)
+    started = time.time() - 5
+    dead_job = Job(id=new_id("job"), principal="p", status="in_progress", usage=used,
+                   cost=Decimal("0.25"), model="m-1", started_at=started)
+    dead_batch = Batch(id=new_id("batch"), principal="p", status="in_progress", usage=used,
+                       items=[BatchItem(custom_id="a", input={})], total=1,
+                       counts=BatchCounts(processing=1), model="m-1", started_at=started)
+    for rec in (dead_job, dead_batch):
+        await jobs.store.put("p", rec.id, rec.stored())
+    transport = httpx.ASGITransport(Starlette(routes=jobs.routes))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        for path in (f"/v1/jobs/{dead_job.id}", f"/v1/batches/{dead_batch.id}"):
+            body = (await c.get(path)).json()
+            assert (body["status"], body["error"]["code"]) == ("failed", "worker_lost")
+            assert "model" not in body  # (kept for the usage history, not shown)
+            await c.get(path)  # (read again: reported once, one row)
+    for rec, cost in ((dead_job, Decimal("0.25")), (dead_batch, None)):
+        row = await ledger.get_request("p", rec.id)
+        assert row is not None, rec.id
+        got = row.record
+        assert (got.model, got.usage, got.estimated_cost) == ("m-1", used, cost)
+        assert got.raw_finish_reason == "failed"
+    (day,) = await ledger.query("p")
+    assert (day.requests, day.input_tokens, day.model) == (2, 60, "m-1")

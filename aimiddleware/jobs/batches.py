@@ -173,11 +173,11 @@ class BatchExecution:
     def _add_usage(self, ctx: JobContext) -> None:
         """Add an item's usage and cost to the batch (in memory; written with the record).
         No ``await``: nothing else changes the batch meanwhile."""
-        update: dict[str, Any] = {"cost": self.batch.cost + ctx.cost}
+        self.model = ctx.model or self.model
+        update: dict[str, Any] = {"cost": self.batch.cost + ctx.cost, "model": self.model}
         if ctx.usage is not None:
             update["usage"] = add_usage(self.batch.usage, ctx.usage)
         self.batch = self.batch.model_copy(update=update)
-        self.model = ctx.model or self.model
         self._stale = True
 
     async def _record(self, res: BatchItemResult) -> None:

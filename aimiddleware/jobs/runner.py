@@ -251,7 +251,7 @@ class JobRunner:
                 await save("job.partial", {"index": len(out) - 1, **data}, partial_output=out)
             else:
                 await save("job.usage", data, usage=data["usage"], cost=data["cost"],
-                           steps=data["steps"])
+                           steps=data["steps"], model=ctx.model)
 
         ctx = JobContext(job.id, job.input, emit, max_steps=self.max_steps,
                          max_cost=self.max_cost, charge=self.charge_for(job.principal))
@@ -323,7 +323,9 @@ class JobRunner:
     async def record(self, rec: Job | Batch, model: str | None) -> None:
         """A finished job's or batch's row in the usage history (``ledger``): its usage and
         cost (unpriced when it reported none) under its id, as a request's would be; only
-        when it used something. Shielded: a shutdown must not lose it."""
+        when it used something. Shielded: a shutdown must not lose it. The row's id is the
+        record's, so it counts once when both a worker cut off past its lease and the
+        reaper that reported it lost write it."""
         if self.ledger is None or (rec.usage is None and not rec.cost):
             return
         finished = rec.finished_at or time.time()
@@ -338,6 +340,7 @@ class JobRunner:
                 raw_finish_reason=rec.status,
                 duration_ms=(finished - (rec.started_at or rec.created_at)) * 1000.0,
                 timestamp=finished,
+                record_id=rec.id,
             ))
 
     async def notify(self, rec: Job | Batch) -> None:

@@ -580,6 +580,11 @@ class MemoryLedger(Ledger):
         self._write_now(rec)
 
     def _write_now(self, rec: UsageRecord) -> None:
+        held = self._requests.get((rec.principal, rec.request_id))
+        if isinstance(held, RequestRecord):
+            held = held.record
+        if isinstance(held, UsageRecord) and held.record_id == rec.record_id:
+            return  # (written already: a job's row, by its worker and by a reaper)
         self._add(rec.principal, rec.day, rec.model, rec.usage, rec.estimated_cost, None,
                   rec.finish_reason)
         self._put((rec.principal, rec.request_id), rec)
