@@ -37,20 +37,23 @@ and an ``error: {type, code, message, param}`` object. ``error.type`` is the Ope
 category (``invalid_request_error``, ``rate_limit_error``, ``insufficient_quota``...) so
 existing client code keeps working; ``error.code`` is this taxonomy's stable name.
 
+The body and its headers are rendered by :func:`render_problem` (pure; its parts
+:func:`problem_body` and :func:`error_headers`), in ``aimiddleware._problem``.
+
 Foreign exceptions (Starlette/FastAPI, pydantic, httpx, the ``openai`` and ``anthropic``
 SDKs, timeouts) are mapped at the boundary by :class:`ExceptionMapper`, matched by class
-name so none of those packages is imported unless the app already uses it.
+name so none of those packages is imported unless the app already uses it; it lives in
+``aimiddleware._error_mapping``. This module re-exports both.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import math
-import re
-import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
+
+from aimiddleware._problem import DEFAULT_TYPE_BASE, error_headers, problem_body, render_problem
+from aimiddleware._problem import MAX_RETRY_AFTER as MAX_RETRY_AFTER
+from aimiddleware._problem import PROBLEM_JSON as PROBLEM_JSON
 
 __all__ = [
     "DEFAULT_TYPE_BASE",
@@ -88,15 +91,6 @@ __all__ = [
     "render_problem",
     "upstream_error",
 ]
-
-logger = logging.getLogger("aimiddleware")
-
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
-
-DEFAULT_TYPE_BASE = "urn:aimiddleware:error:"
-PROBLEM_JSON = b"application/problem+json"
-MAX_RETRY_AFTER = 60.0  # official SDKs ignore longer server delays (reference: errors, section 2)
 
 
 class AIError(Exception):
@@ -374,226 +368,9 @@ class Timeout(AIError):
     default_detail = "The request did not complete within its time limit."
 
 
-# -- rendering (pure) ---------------------------------------------------------------------------
-
-
-def problem_body(
-    err: AIError, *, request_id: str | None, type_base: str = DEFAULT_TYPE_BASE
-) -> dict[str, Any]:
-    """The JSON body: RFC 9457 members, extensions, and the OpenAI-compatible ``error``."""
-    body: dict[str, Any] = {
-        "type": type_base + err.code,
-        "title": err.title,
-        "status": err.status,
-        "detail": err.detail,
-    }
-    if request_id:
-        body["instance"] = f"urn:request:{request_id}"
-        body["request_id"] = request_id
-    body["retryable"] = err.retryable
-    for key, value in err.extra.items():
-        body.setdefault(key, value)
-    body["error"] = {
-        "type": err.openai_type,
-        "code": err.code,
-        "message": err.detail,
-        "param": err.param,
-    }
-    return body
-
-
-def error_headers(err: AIError) -> list[tuple[str, str]]:
-    """Retry signalling that real SDKs obey, then the error's own headers."""
-    headers: list[tuple[str, str]] = []
-    if err.retryable:
-        headers.append(("x-should-retry", "true"))
-        if err.retry_after is not None:
-            delay = min(max(err.retry_after, 0.0), MAX_RETRY_AFTER)
-            headers.append(("retry-after", str(max(1, math.ceil(delay)))))
-            headers.append(("retry-after-ms", str(max(1, math.ceil(delay * 1000)))))
-    else:
-        headers.append(("x-should-retry", "false"))
-    taken = {name for name, _ in headers}
-    headers.extend((k, v) for k, v in err.headers if k.lower() not in taken)
-    return headers
-
-
-def render_problem(
-    err: AIError, *, request_id: str | None, type_base: str = DEFAULT_TYPE_BASE
-) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """Status, raw ASGI headers and body bytes for ``err``."""
-    body = json.dumps(
-        problem_body(err, request_id=request_id, type_base=type_base),
-        separators=(",", ":"),
-        ensure_ascii=False,
-        default=str,
-    ).encode()
-    raw = [
-        (b"content-type", PROBLEM_JSON),
-        (b"content-length", str(len(body)).encode()),
-        (b"cache-control", b"no-store"),
-    ]
-    for name, value in error_headers(err):
-        if _BAD_HEADER.search(name) or _BAD_HEADER.search(value):
-            # (say an app's HTTPException header with non-Latin-1 text): the error still goes
-            # out, without the header it cannot carry
-            logger.warning("dropped an error header that is not a valid header: %r", name)
-            continue
-        raw.append((name.lower().encode("latin-1"), value.encode("latin-1")))
-    return err.status, raw, body
-
-
-_BAD_HEADER = re.compile(r"[^\x20-\x7e\x80-\xff\t]")  # outside Latin-1, or a control character
-
-
-# -- mapping foreign exceptions -----------------------------------------------------------------
-
-Mapper = Callable[[BaseException], "AIError | None"]
-
-_STATUS_CLASSES: dict[int, type[AIError]] = {
-    400: InvalidRequest,
-    401: AuthenticationFailed,
-    403: PermissionDenied,
-    404: NotFound,
-    405: MethodNotAllowed,
-    409: Conflict,
-    410: ModelRetired,
-    413: RequestTooLarge,
-    422: ValidationFailed,
-    429: RateLimited,
-    500: InternalError,
-    502: UpstreamError,
-    503: Overloaded,
-    504: Timeout,
-}
-
-
-def _from_http_exception(exc: BaseException) -> AIError:
-    status = int(getattr(exc, "status_code", 500))
-    detail = getattr(exc, "detail", None)
-    text = detail if isinstance(detail, str) else None
-    headers = list((getattr(exc, "headers", None) or {}).items())
-    cls = _STATUS_CLASSES.get(status)
-    if cls is None or status >= 500:
-        # A 5xx raised by app code says nothing safe to show; keep its status only.
-        if cls is None:
-            return HTTPStatusError(status, text if status < 500 else None, headers=headers)
-        return cls(headers=headers)
-    return cls(text, headers=headers)
-
-
-def _loc(error: Mapping[str, Any]) -> str:
-    """``("body", "messages", 0, "role")`` -> ``messages.0.role``."""
-    loc = list(error.get("loc", ()))
-    if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
-        loc = loc[1:]
-    return ".".join(str(p) for p in loc)
-
-
-def _from_validation_error(exc: BaseException) -> AIError:
-    errors_fn = getattr(exc, "errors", None)
-    items: list[Any] = list(errors_fn()) if callable(errors_fn) else []
-    if not items:
-        return ValidationFailed()
-    first = items[0]
-    param = _loc(first) or None
-    # Never echo ``input``: it can hold the prompt.
-    msg = str(first.get("msg", "invalid value"))
-    detail = f"{param}: {msg}" if param else msg
-    if len(items) > 1:
-        detail += f" (and {len(items) - 1} more)"
-    fields = [
-        {"param": _loc(e), "msg": str(e.get("msg", ""))}
-        for e in items[:20]
-    ]
-    return ValidationFailed(detail, param=param, extra={"invalid_params": fields})
-
-
-def _upstream_status(exc: BaseException) -> AIError:
-    status = getattr(exc, "status_code", None)
-    body = getattr(exc, "body", None)
-    upstream_code = None
-    if isinstance(body, Mapping):
-        inner = body.get("error", body)
-        if isinstance(inner, Mapping):
-            upstream_code = inner.get("code") or inner.get("type")
-    extra = {"upstream_status": status}
-    if isinstance(upstream_code, str):
-        extra["upstream_code"] = upstream_code
-    return upstream_error(status, extra)
-
-
-def upstream_error(
-    status: int | None, extra: dict[str, Any], retry_after: float | None = None
-) -> AIError:
-    """The taxonomy's error for an upstream model provider's HTTP ``status``: its 429 a
-    retryable ``upstream_rate_limited``, 408/504 ``upstream_timeout``, 500/502/503/529
-    ``upstream_unavailable``, a rejected request (400/404/413/422) ``invalid_request``,
-    anything else ``upstream_error``. ``retry_after``: the upstream's wait, kept on the
-    retryable ones. ``extra`` is the body's extra members (never the upstream's message)."""
-    if status == 429:
-        return UpstreamRateLimited(extra=extra, retry_after=retry_after)
-    if status in (408, 504):
-        return UpstreamTimeout(extra=extra, retry_after=retry_after)
-    if status in (500, 502, 503, 529):
-        return UpstreamUnavailable(extra=extra, retry_after=retry_after)
-    if status in (400, 404, 413, 422):
-        return InvalidRequest("The upstream model rejected the request.", extra=extra)
-    return UpstreamError(extra=extra)
-
-
-# (top-level package, class name) -> converter. Matched along the MRO, so subclasses map too.
-_BY_NAME: dict[tuple[str, str], Mapper] = {
-    ("starlette", "HTTPException"): _from_http_exception,
-    ("fastapi", "HTTPException"): _from_http_exception,
-    ("fastapi", "RequestValidationError"): _from_validation_error,
-    ("httpx", "TimeoutException"): lambda e: UpstreamTimeout(),
-    ("httpx", "TransportError"): lambda e: UpstreamUnavailable(),
-    ("openai", "APITimeoutError"): lambda e: UpstreamTimeout(),
-    ("openai", "APIConnectionError"): lambda e: UpstreamUnavailable(),
-    ("openai", "APIStatusError"): _upstream_status,
-    ("anthropic", "APITimeoutError"): lambda e: UpstreamTimeout(),
-    ("anthropic", "APIConnectionError"): lambda e: UpstreamUnavailable(),
-    ("anthropic", "APIStatusError"): _upstream_status,
-}
-
-
-class ExceptionMapper:
-    """Turns any exception into the most specific :class:`AIError`.
-
-    User mappings (``register``) win over the built-in ones; both are matched along the
-    exception's MRO, most specific class first. An exception nobody maps becomes
-    :class:`InternalError` carrying nothing of the original.
-    """
-
-    def __init__(self, mappings: Mapping[type[BaseException], Mapper] | None = None) -> None:
-        self._by_type: dict[type[BaseException], Mapper] = dict(mappings or {})
-
-    def register(self, exc_type: type[BaseException], mapper: Mapper) -> None:
-        self._by_type[exc_type] = mapper
-
-    def map(self, exc: BaseException) -> AIError:
-        exc = _unwrap_group(exc)
-        if isinstance(exc, AIError):
-            return exc
-        for cls in type(exc).__mro__:
-            user = self._by_type.get(cls)
-            if user is not None:
-                mapped = user(exc)
-                if mapped is not None:
-                    return mapped
-            builtin = _BY_NAME.get((cls.__module__.partition(".")[0], cls.__name__))
-            if builtin is not None:
-                mapped = builtin(exc)
-                if mapped is not None:
-                    return mapped
-        if isinstance(exc, TimeoutError):
-            return Timeout()
-        return InternalError()
-
-
-def _unwrap_group(exc: BaseException) -> BaseException:
-    """A task group that failed with one exception reports that exception."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
+# The mapping builds the classes above, so it is imported once they exist.
+from aimiddleware._error_mapping import (  # noqa: E402
+    ExceptionMapper,
+    upstream_error,
+)
+from aimiddleware._error_mapping import Mapper as Mapper  # noqa: E402
