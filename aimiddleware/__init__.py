@@ -71,7 +71,8 @@ from aimiddleware.storage import Storage
 from aimiddleware.tokens import TokenCount, TokenCounter
 from aimiddleware.usage.config import UsageConfig
 from aimiddleware.usage.envelope import Completion, envelope
-from aimiddleware.usage.ledger import Ledger, MemoryLedger
+from aimiddleware.usage.ledger import Ledger
+from aimiddleware.usage.ledger_memory import MemoryLedger
 from aimiddleware.usage.ledger_redis import RedisLedger
 from aimiddleware.usage.ledger_sqlite import SQLiteLedger
 from aimiddleware.usage.middleware import UsageMiddleware

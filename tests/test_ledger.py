@@ -365,7 +365,7 @@ async def test_a_record_the_store_cannot_take_does_not_block_the_others(
 async def test_memory_ledger_last_key_cache_keeps_lru_and_totals() -> None:
     """A run of writes to one aggregate skips its lookup: the bounds, the least recently
     used order (feedback and other keys in between) and every total stay as without it."""
-    from aimiddleware.usage.ledger import _pack
+    from aimiddleware.usage.ledger_memory import _pack
 
     usage = Usage.from_openai_chat({"prompt_tokens": 12, "completion_tokens": 1})
     assert type(_pack(usage)) is tuple and len(_pack(usage)) == 6  # the usual: 6 values

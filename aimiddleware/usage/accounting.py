@@ -18,8 +18,10 @@ from aimiddleware.pricing import PriceTable
 from aimiddleware.storage import Storage
 from aimiddleware.tokens import TokenCounter
 from aimiddleware.usage.extract import Extracted
-from aimiddleware.usage.ledger import Ledger, MemoryLedger, UsageRecord, _pack, _token_values
+from aimiddleware.usage.ledger import Ledger
+from aimiddleware.usage.ledger_memory import MemoryLedger, _pack, _token_values
 from aimiddleware.usage.models import _FIVE_SET, Usage
+from aimiddleware.usage.records import UsageRecord
 
 __all__ = ["DEFAULT_MAX_JSON_BODY", "STATE_KEY", "UsageAccounting", "UsageSettings", "ledger_for"]
 

@@ -13,9 +13,9 @@ from datetime import date
 from typing import Any
 
 from aimiddleware.storage import Storage, redis_errors
-from aimiddleware.usage.ledger import (
+from aimiddleware.usage.ledger import Ledger
+from aimiddleware.usage.records import (
     Feedback,
-    Ledger,
     RequestRecord,
     UsageAggregate,
     UsageRecord,

@@ -15,9 +15,9 @@ from typing import Any
 
 import anyio.to_thread
 
-from aimiddleware.usage.ledger import (
+from aimiddleware.usage.ledger import Ledger
+from aimiddleware.usage.records import (
     Feedback,
-    Ledger,
     RequestRecord,
     UsageAggregate,
     UsageRecord,

@@ -12,7 +12,7 @@ from aimiddleware.openapi import (
     problem_response,
     ref,
 )
-from aimiddleware.usage.ledger import TOKEN_FIELDS, Feedback, RequestRecord, UsageAggregate
+from aimiddleware.usage.records import TOKEN_FIELDS, Feedback, RequestRecord, UsageAggregate
 
 __all__ = ["openapi_paths"]
 

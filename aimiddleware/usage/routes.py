@@ -32,9 +32,10 @@ from aimiddleware.context import SCOPE_KEY, RequestContext, current_or_none, def
 from aimiddleware.errors import AIError, InvalidRequest, NotFound, ValidationFailed, render_problem
 from aimiddleware.pricing import PriceTable
 from aimiddleware.tokens import TokenCounter
-from aimiddleware.usage.ledger import Feedback, Ledger
+from aimiddleware.usage.ledger import Ledger
 from aimiddleware.usage.models import Usage
 from aimiddleware.usage.openapi import openapi_paths
+from aimiddleware.usage.records import Feedback
 
 __all__ = ["UsageRoutes"]
 
