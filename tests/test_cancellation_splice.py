@@ -13,7 +13,7 @@ import pytest
 from anyio._backends._asyncio import _task_states
 
 from aimiddleware import CancellationMiddleware, cleanup_scope
-from aimiddleware.cancellation import _CAN_SPLICE
+from aimiddleware._scope_splice import _CAN_SPLICE
 
 CANCELLED = asyncio.CancelledError
 

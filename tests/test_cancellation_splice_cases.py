@@ -15,7 +15,7 @@ import anyio.lowlevel
 import pytest
 from anyio._backends._asyncio import _task_states
 
-from aimiddleware import cancellation, cleanup_scope
+from aimiddleware import _scope_splice, cleanup_scope
 from tests.test_cancellation_splice import http_scope, leave_after, middleware, server
 
 CANCELLED = asyncio.CancelledError
@@ -284,8 +284,8 @@ def test_the_splice_guard_rejects_a_changed_anyio() -> None:
         __slots__ = ("_depth",)
 
     Grown.__slots__ = (*CancelScope.__slots__, "_depth")  # (the layout as one class)
-    assert cancellation._splice_supported(CancelScope, TaskState, _task_states)
-    assert not cancellation._splice_supported(Grown, TaskState, _task_states)
+    assert _scope_splice._splice_supported(CancelScope, TaskState, _task_states)
+    assert not _scope_splice._splice_supported(Grown, TaskState, _task_states)
 
 
 # A field-by-field comparison with anyio's own ``__enter__``: every slot of every scope
@@ -392,7 +392,7 @@ async def test_a_spliced_scope_is_indistinguishable_from_an_entered_one(
         for held in holders.values():
             await held["ready"].wait()
         spliced = holders["spliced"]
-        spliced["ours"] = cancellation._splice(*spliced["splice"])
+        spliced["ours"] = _scope_splice._splice(*spliced["splice"])
         at_splice = [_snapshot(h["task"], h["ours"], h["base"]) for h in holders.values()]
         assert at_splice[0] == at_splice[1]
         for held in holders.values():
