@@ -2,7 +2,15 @@
 
 Shared by :class:`~aimiddleware.ratelimit.middleware.RateLimitMiddleware` and the
 :func:`~aimiddleware.ratelimit.decorator.rate_limit` decorator. One admission is one
-backend call (one Lua script on Redis): every limit and the concurrency lease, all or none.
+backend call (one Lua script on Redis): every limit and the concurrency lease, all or none;
+what it reserved comes back as an :class:`~aimiddleware.ratelimit.admission.Admission`
+(re-exported here). The limiter also charges usage made outside a request (jobs) and fires
+spend alerts.
+
+One class on purpose: its steps share the resolved-limit cache, the in-process store's
+direct entry points and the lease state, and the two that run on every request
+(:meth:`RateLimiter.admit_now`, :meth:`RateLimiter.finish_now`) are written flat against
+them.
 """
 
 from __future__ import annotations
@@ -24,9 +32,10 @@ from aimiddleware._asgi import is_async_callable
 from aimiddleware.context import NO_MODEL_CALL, RequestContext
 from aimiddleware.errors import InvalidRequest, StoreUnavailable
 from aimiddleware.ratelimit import refusal
+from aimiddleware.ratelimit._resolved import _all_limits, _Resolved
+from aimiddleware.ratelimit.admission import Admission, _as_rows
 from aimiddleware.ratelimit.backend import Adjustment, Backend, Decision, Hit, WindowState
 from aimiddleware.ratelimit.estimate import Estimate, Estimator
-from aimiddleware.ratelimit.headers import HeaderPlan
 from aimiddleware.ratelimit.memory import MemoryBackend
 from aimiddleware.ratelimit.policy import COST_SCALE, Limit, Policy
 from aimiddleware.storage import Storage
@@ -52,69 +61,6 @@ class SpendAlert:
     used: Decimal
     limit: Decimal
     name: str
-
-
-class Admission:
-    """What one admitted (or refused) request reserved; ``decision`` None = admitted unchecked
-    (fail-open while the store is down). ``raw_headers``: the rate-limit headers as bytes;
-    ``headers``: the same as strings."""
-
-    __slots__ = (
-        "_codes", "_hits", "_reserved", "_rows", "concurrency", "decision", "estimate", "lease",
-        "limits", "principal", "raw_headers",
-    )
-
-    def __init__(
-        self,
-        principal: str,
-        limits: tuple[Limit, ...],
-        hits: tuple[Hit, ...],
-        estimate: Estimate,
-        decision: Decision | None,
-        lease: str | None,
-        concurrency: int,
-        raw_headers: list[tuple[bytes, bytes]],
-        codes: tuple[int, ...] | None = None,
-    ) -> None:
-        self.principal = principal
-        self.limits = limits
-        self._hits: tuple[Hit, ...] | None = hits
-        # Or each hit as (field, window ms, limit, i) with its cost _reserved[i]: the form
-        # admit_now keeps (it builds no Hit); None: computed from the hits when needed.
-        self._rows: Sequence[tuple[str, int, int, int]] | None = None
-        self._reserved: Sequence[int] = ()
-        self.estimate = estimate
-        self.decision = decision
-        self.lease = lease
-        self.concurrency = concurrency
-        self.raw_headers = raw_headers
-        # The dimension of each limit as an index into finish()'s usage tuple.
-        self._codes = codes if codes is not None else tuple(_DIM_CODE[x.dimension] for x in limits)
-
-    @property
-    def hits(self) -> tuple[Hit, ...]:
-        """What the request reserved on each limit."""
-        if self._hits is None:
-            reserved = self._reserved
-            rows = self._rows or ()
-            self._hits = tuple(Hit(f, w, lim, reserved[i]) for f, w, lim, i in rows)
-        return self._hits
-
-    def _as_rows(self) -> tuple[Sequence[tuple[str, int, int, int]], Sequence[int]]:
-        """(rows, their costs): the stored ones, or the hits' own."""
-        if self._rows is None:
-            return _as_rows(self.hits)
-        return self._rows, self._reserved
-
-    @property
-    def headers(self) -> list[tuple[str, str]]:
-        return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.raw_headers]
-
-    def __repr__(self) -> str:
-        return (
-            f"Admission(principal={self.principal!r}, hits={self.hits!r}, "
-            f"lease={self.lease!r}, decision={self.decision!r})"
-        )
 
 
 class RateLimiter:
@@ -718,52 +664,7 @@ _IN_PROCESS_LEASE_MS = 10 * 365 * 86_400_000
 
 _new_tuple = tuple.__new__  # a NamedTuple from a tuple, without a Python-level __new__ call
 _new_object = object.__new__
-_DIM_CODE = {"requests": 0, "tokens": 1, "input_tokens": 2, "output_tokens": 3, "cost": 4}
 _NO_MODEL_CALL_USED = (1, 0, 0, 0, 0)  # by dimension code: one request, nothing else
-
-
-class _Resolved:
-    """The limits of one (policy, route, extra, model), with what each request reuses: the
-    storage rows ``(field, window ms, amount, dimension code)``, the header plan, and twice
-    the longest window (how long the counters live)."""
-
-    __slots__ = (
-        "caps", "codes", "concurrency", "limits", "needs_body", "needs_cost", "plan", "rows",
-        "span",
-    )
-
-    def __init__(
-        self, limits: tuple[Limit, ...], concurrency: int, *, needs_body: bool, needs_cost: bool
-    ) -> None:
-        self.limits = limits
-        self.concurrency = concurrency
-        self.needs_body = needs_body
-        self.needs_cost = needs_cost
-        self.rows = tuple(
-            (lim.field, lim.window * 1000, lim.amount, _DIM_CODE[lim.dimension]) for lim in limits
-        )
-        self.codes = tuple(_DIM_CODE[lim.dimension] for lim in limits)
-        self.span = 2 * max([lim.window * 1000 for lim in limits], default=0)  # ms
-        # (dimension code, smallest limit of that dimension): a cost above it never fits
-        caps: dict[int, int] = {}
-        for _, _, amount, code in self.rows:
-            caps[code] = min(amount, caps.get(code, amount))
-        self.caps = tuple(caps.items())
-        self.plan = HeaderPlan(limits, concurrency)
-
-
-def _as_rows(
-    hits: Sequence[Hit],
-) -> tuple[list[tuple[str, int, int, int]], list[int]]:
-    """Hits as the memory store's rows (field, window ms, limit, i) and costs (by position)."""
-    return [(hit[0], hit[1], hit[2], i) for i, hit in enumerate(hits)], [hit[3] for hit in hits]
-
-
-def _all_limits(policy: Policy) -> list[Limit]:
-    out = list(policy.limits)
-    for sub in policy.models.values():
-        out.extend(sub.limits)
-    return out
 
 
 def _used(state: WindowState, window: int) -> float:
