@@ -10,14 +10,37 @@ Routes that are plain Starlette routes or answered by middleware (``UsageRoutes`
 describes itself with an ``openapi_paths()`` fragment (``{"paths": ..., "components":
 ...}``); :func:`merge_paths` merges one into a document (pure), :func:`add_paths` into a
 FastAPI app's (before ``install()``, so the stack's additions reach them too).
+
+The objects added (the ``Problem`` schema, the layers' headers, the ``Idempotency-Key``
+parameter) and the builders those fragments are written with (:func:`problem_response`,
+:func:`json_response`, :func:`fragment`...) are in ``aimiddleware._openapi_objects`` and
+re-exported here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel
+from aimiddleware._openapi_objects import IDEMPOTENCY_PARAMETER as IDEMPOTENCY_PARAMETER
+from aimiddleware._openapi_objects import (
+    PROBLEM_SCHEMA,
+    component_schemas,
+    fragment,
+    json_body,
+    json_response,
+    problem_response,
+    ref,
+)
+from aimiddleware._openapi_objects import RATE_LIMIT_HEADERS as RATE_LIMIT_HEADERS
+from aimiddleware._openapi_objects import REF_TEMPLATE as REF_TEMPLATE
+from aimiddleware._openapi_objects import REPLAYED_HEADER as REPLAYED_HEADER
+from aimiddleware._openapi_objects import REQUEST_ID_HEADER as REQUEST_ID_HEADER
+from aimiddleware._openapi_objects import RETRY_HEADERS as RETRY_HEADERS
+from aimiddleware._openapi_objects import SECURITY as SECURITY
+from aimiddleware._openapi_objects import SECURITY_SCHEMES as SECURITY_SCHEMES
+from aimiddleware._openapi_objects import USAGE_HEADERS as USAGE_HEADERS
+from aimiddleware._openapi_objects import VERSION_HEADERS as VERSION_HEADERS
 
 __all__ = [
     "PROBLEM_SCHEMA",
@@ -32,112 +55,6 @@ __all__ = [
     "problem_response",
     "ref",
 ]
-
-PROBLEM_SCHEMA: dict[str, Any] = {
-    "title": "Problem",
-    "description": "RFC 9457 problem details plus an OpenAI-compatible `error` object.",
-    "type": "object",
-    "required": ["type", "title", "status", "detail", "retryable", "error"],
-    "properties": {
-        "type": {"type": "string", "description": "Stable URI of the error type."},
-        "title": {"type": "string"},
-        "status": {"type": "integer"},
-        "detail": {"type": "string"},
-        "instance": {"type": "string"},
-        "request_id": {"type": "string"},
-        "retryable": {"type": "boolean"},
-        "error": {
-            "type": "object",
-            "required": ["type", "code", "message"],
-            "properties": {
-                "type": {"type": "string"},
-                "code": {"type": "string"},
-                "message": {"type": "string"},
-                "param": {"type": ["string", "null"]},
-            },
-        },
-    },
-    "additionalProperties": True,
-}
-
-_REF = {"$ref": "#/components/schemas/Problem"}
-_INT = {"schema": {"type": "integer"}}
-_STR = {"schema": {"type": "string"}}
-
-REQUEST_ID_HEADER = {"x-request-id": {"description": "The request id.", **_STR}}
-RETRY_HEADERS = {
-    "retry-after": {"description": "Seconds to wait before retrying.", **_INT},
-    "retry-after-ms": {"description": "Milliseconds to wait before retrying.", **_INT},
-    "x-should-retry": {"description": "Whether a retry can succeed.", **_STR},
-}
-RATE_LIMIT_HEADERS = {
-    "x-ratelimit-limit-requests": _INT,
-    "x-ratelimit-remaining-requests": _INT,
-    "x-ratelimit-reset-requests": {"description": "Go-style duration, e.g. 6m0s.", **_STR},
-    "x-ratelimit-limit-tokens": _INT,
-    "x-ratelimit-remaining-tokens": _INT,
-    "x-ratelimit-reset-tokens": {"description": "Go-style duration, e.g. 6m0s.", **_STR},
-    "ratelimit-policy": {"description": "IETF RateLimit-Policy structured field.", **_STR},
-    "ratelimit": {"description": "IETF RateLimit structured field.", **_STR},
-}
-USAGE_HEADERS = {
-    f"x-usage-{name}": {"description": description, **schema}
-    for name, description, schema in (
-        ("duration-ms", "Time spent, in milliseconds.", _STR),
-        ("input-tokens", "Input (prompt) tokens.", _INT),
-        ("output-tokens", "Output (completion) tokens.", _INT),
-        ("total-tokens", "Input plus output tokens.", _INT),
-        ("cached-input-tokens", "Input tokens read from the provider's cache.", _INT),
-        ("reasoning-tokens", "Output tokens spent on reasoning.", _INT),
-        ("estimated-cost", "Estimated cost, in the price table's currency.", _STR),
-        ("finish-reason", "Normalized finish reason (stop, length, ...).", _STR),
-    )
-}
-VERSION_HEADERS = {
-    "api-version": {"description": "The API version that served the request.", **_STR},
-    "x-model-version": {"description": "The model snapshot that served it.", **_STR},
-    "deprecation": {"description": "RFC 9745: when the version or model was deprecated.",
-                    **_STR},
-    "sunset": {"description": "RFC 8594: when it stops being served.", **_STR},
-}
-REPLAYED_HEADER = {
-    "idempotent-replayed": {"description": "`true` on a replayed answer.", **_STR},
-}
-# A bare token (what most SDKs send) or an RFC 8941 sf-string (the IETF draft's form); the
-# key itself is 1 to 255 printable ASCII characters either way.
-_KEY_PATTERN = r'^(?:[!#-\[\]-~]{1,255}|"(?:[ !#-\[\]-~]|\\["\\]){1,255}")$'
-IDEMPOTENCY_PARAMETER = {
-    "name": "Idempotency-Key",
-    "in": "header",
-    "required": False,
-    "description": "Makes a retry of this request safe: the first result is replayed "
-    "(`Idempotent-Replayed: true`), a concurrent duplicate gets 409, a reused key with a "
-    "different body gets 422. 1 to 255 printable ASCII characters: a bare token (no spaces, "
-    "quotes or backslashes) or a quoted string.",
-    "schema": {"type": "string", "minLength": 1, "maxLength": 512, "pattern": _KEY_PATTERN},
-}
-
-
-# The API key, as the default principal rule reads it; optional (`{}`): a caller without
-# one is told apart by address.
-SECURITY_SCHEMES = {
-    "bearerAuth": {"type": "http", "scheme": "bearer", "description": "The API key."},
-    "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "x-api-key",
-                     "description": "The API key, instead of a bearer token."},
-}
-SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"apiKeyHeader": []}, {}]
-REF_TEMPLATE = "#/components/schemas/{model}"
-
-
-def problem_response(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
-    """An OpenAPI response object: a problem+json body (the ``Problem`` schema)."""
-    response: dict[str, Any] = {
-        "description": description,
-        "content": {"application/problem+json": {"schema": _REF}},
-    }
-    if headers:
-        response["headers"] = headers
-    return response
 
 
 def patch_openapi(
@@ -260,8 +177,8 @@ def _serve(app: Any, build: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
 
 
 def _merged(schema: dict[str, Any], fragments: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    for fragment in fragments:
-        schema = merge_paths(schema, fragment)
+    for part in fragments:
+        schema = merge_paths(schema, part)
     return schema
 
 
@@ -304,46 +221,3 @@ def _renamed(value: Any, refs: Mapping[str, str]) -> Any:
     if isinstance(value, list):
         return [_renamed(v, refs) for v in value]
     return value
-
-
-def component_schemas(
-    *models: type[BaseModel], mode: Literal["validation", "serialization"] = "validation"
-) -> dict[str, dict[str, Any]]:
-    """The component schemas of ``models`` (and the models they use), by name; refer to
-    one as ``{"$ref": "#/components/schemas/<Name>"}``. ``mode``: ``"validation"`` for
-    request bodies, ``"serialization"`` for responses."""
-    out: dict[str, dict[str, Any]] = {}
-    for model in models:
-        schema = model.model_json_schema(ref_template=REF_TEMPLATE, mode=mode)
-        out.update(schema.pop("$defs", {}))
-        out[model.__name__] = schema
-    return out
-
-
-def ref(name: str) -> dict[str, str]:
-    """A reference to the component schema ``name``."""
-    return {"$ref": REF_TEMPLATE.format(model=name)}
-
-
-def json_response(
-    description: str, schema: Mapping[str, Any], headers: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    """An OpenAPI response object with an ``application/json`` body."""
-    response: dict[str, Any] = {
-        "description": description,
-        "content": {"application/json": {"schema": dict(schema)}},
-    }
-    if headers:
-        response["headers"] = dict(headers)
-    return response
-
-
-def fragment(paths: dict[str, Any], schemas: dict[str, Any]) -> dict[str, Any]:
-    """An ``openapi_paths()`` result: ``paths`` and the component ``schemas`` they use (with
-    ``Problem``, which :func:`problem_response` refers to)."""
-    return {"paths": paths, "components": {"schemas": {**schemas, "Problem": PROBLEM_SCHEMA}}}
-
-
-def json_body(schema: Mapping[str, Any]) -> dict[str, Any]:
-    """A required ``application/json`` request body."""
-    return {"required": True, "content": {"application/json": {"schema": dict(schema)}}}
