@@ -667,6 +667,32 @@ async def test_decorator_on_starlette_endpoint_releases_on_error(storage: Storag
     assert replay.headers["idempotent-replayed"] == "true" and len(runs) == 2
 
 
+async def test_decorator_under_the_middleware_on_one_store(storage: Storage) -> None:
+    # The README shows the middleware for the app "or" the decorator on one endpoint; with
+    # both on one store (say, the decorator to require the key on that endpoint), the
+    # decorator found the middleware's own lease for the same request and answered 409:
+    # every keyed request to the endpoint was a 409, retries included.
+    runs: list[int] = []
+    app = FastAPI()
+
+    @app.post("/both")
+    @idempotent(storage=storage, required=True)
+    async def both(body: dict[str, Any]) -> dict[str, int]:
+        runs.append(1)
+        return {"run": len(runs)}
+
+    install(app, storage=storage, idempotency=IdempotencyConfig())
+    async with client(app) as c:
+        first = await c.post("/both", json={"a": 1}, headers=KEY)
+        replay = await c.post("/both", json={"a": 1}, headers=KEY)
+        other = await c.post("/both", json={"a": 2}, headers=KEY)
+        missing = await c.post("/both", json={"a": 1})
+    assert first.status_code == 200 and first.json() == {"run": 1}
+    assert replay.content == first.content and replay.headers["idempotent-replayed"] == "true"
+    assert other.status_code == 422 and missing.status_code == 400
+    assert len(runs) == 1
+
+
 # -- following a live stream ---------------------------------------------------------------------
 
 

@@ -68,6 +68,11 @@ class Begin:
 
 PASS = Begin()
 
+# ``ctx.state`` key: the record key this request holds a lease on. A second layer on the same
+# request (the decorator under the middleware) passes through instead of finding that lease
+# and answering 409 (or 422, its secret being another) to every keyed request.
+CLAIMED = "idempotency.claimed"
+
 
 class IdempotencyEngine:
     def __init__(
@@ -120,6 +125,8 @@ class IdempotencyEngine:
             ctx.method, path, query_string, ctx.body, ctx.api_version or ""
         )
         record_key = self.record_key(ctx.principal, ctx.method, path, key)
+        if ctx.state.get(CLAIMED) == record_key:
+            return PASS  # an outer layer runs this request under its lease and records it
         owner = secrets.token_hex(16)
         deadline = time.monotonic() + (
             self.config.wait_seconds if self.config.on_conflict == "wait" else 0.0
@@ -135,6 +142,7 @@ class IdempotencyEngine:
                     return Begin(unstored=True)
                 return Begin(error=err)
             if isinstance(found, Claimed):
+                ctx.state[CLAIMED] = record_key
                 return Begin(lease=Lease(record_key, owner, fingerprint))
             if found.fingerprint != fingerprint and not (
                 # a record written before fingerprints carried the API version (an upgrade,
