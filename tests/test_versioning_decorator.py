@@ -129,3 +129,31 @@ def test_decoration_time_errors() -> None:
         deprecated()
     with pytest.raises(TypeError, match="not both"):
         deprecated(Lifecycle.of(deprecated="2026-01-01"), sunset="2026-07-01")
+
+
+async def test_a_retired_endpoint_without_the_stack_still_answers_410() -> None:
+    # With no error layer to render it, the retired endpoint's error was a bare 500 (the
+    # server's "Internal Server Error"), where the client must learn it is gone for good.
+    clock = FakeClock(at("2026-07-02"))
+
+    @deprecated(**POLICY, clock=clock)  # type: ignore[arg-type]
+    async def plain(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("called")
+
+    api = FastAPI()
+
+    @api.get("/doc")
+    @deprecated(**POLICY, clock=clock)  # type: ignore[arg-type]
+    async def doc() -> Doc:
+        return Doc(text="called")
+
+    for app, path in ((Starlette(routes=[Route("/plain", plain)]), "/plain"), (api, "/doc")):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://t") as c:
+            gone = await c.get(path)
+        assert gone.status_code == 410, (path, gone.text)
+        assert gone.headers["content-type"] == "application/problem+json"
+        body = gone.json()
+        assert body["error"]["code"] == "model_retired" and body["replacement"] == "/v2/summarize"
+        assert sf_date(gone.headers["deprecation"]) == at("2026-01-01")
+        assert parse_http_date(gone.headers["sunset"]) == at("2026-07-01")

@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from aimiddleware.context import current_or_none
+from aimiddleware.errors import render_problem
 from aimiddleware.versioning.lifecycle import (
     Clock,
     DateLike,
@@ -87,9 +88,15 @@ def deprecated(
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
             reply: Response | None = kwargs.pop(_PARAM, None)
             now = now_fn()
-            if lc.status(now) == "retired":
-                raise retired_error("route", route, lc, param=None)
             ctx = current_or_none()
+            if lc.status(now) == "retired":
+                err = retired_error("route", route, lc, param=None)
+                if ctx is None:  # no stack around the app to render it: the 410 is sent here
+                    status, raw, body = render_problem(err, request_id=None)
+                    gone = Response(body, status_code=status)
+                    gone.raw_headers = raw
+                    return gone
+                raise err
             if monitor is not None and ctx is not None:
                 await monitor.record(DeprecatedCall.of(ctx, "route", route, lc, now))
             if is_async:
