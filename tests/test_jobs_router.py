@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import anyio
@@ -19,6 +20,7 @@ from starlette.routing import Mount
 from aimiddleware import Storage, install
 from aimiddleware.jobs import Job, JobContext, JobsRouter
 from tests.jobs_servers import ThreadServer
+from tests.redis_server import RedisServer
 
 A = {"authorization": "Bearer key-of-tenant-a"}
 B = {"authorization": "Bearer key-of-tenant-b"}
@@ -456,20 +458,16 @@ async def test_a_job_write_on_the_wire_at_cancel_lands_before_the_final_one() ->
     assert final["status"] == "cancelled"
 
 
-async def test_the_runner_survives_a_store_outage(recorder: Recorder) -> None:
-    # A job's cancel watcher and the webhook dispatcher met the outage, their errors ended
-    # the runner's task group, and every later submission on that worker was a 500 ("The
-    # job runner is not running") until the process restarted. The store is paused (a hung
-    # server: every command times out), then resumed with its connections intact.
-    import signal
-
-    from tests.redis_server import RedisServer
-
+@asynccontextmanager
+async def pausable(
+    recorder: Recorder, **options: Any
+) -> AsyncIterator[tuple[RedisServer, httpx.AsyncClient]]:
+    """The jobs router on a Valkey of its own (which the test may pause: ``paused``) under
+    uvicorn, and a client of it; commands to the store time out after 0.5 s."""
     store = RedisServer().start()
     try:
         storage = Storage(store.url, socket_timeout=0.5)  # (ours to close: passed built)
-        jobs = JobsRouter(recorder.fn, storage=storage, webhook_secrets=["whsec_" + "A" * 32],
-                          cancel_poll=0.05, webhook_poll_interval=0.05)
+        jobs = JobsRouter(recorder.fn, storage=storage, cancel_poll=0.05, **options)
 
         @asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -480,27 +478,43 @@ async def test_the_runner_survives_a_store_outage(recorder: Recorder) -> None:
         app = Starlette(routes=[Mount("/v1", jobs)], lifespan=lifespan)
         with ThreadServer(app) as srv:
             async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
-                held = {"input": {"steps": 1, "hold": True}}
-                job_id = (await client.post("/v1/jobs", json=held, headers=A)).json()["id"]
-                await wait_status(client, f"/v1/jobs/{job_id}", {"in_progress"})
-                assert store.proc is not None
-                store.proc.send_signal(signal.SIGSTOP)
-                try:
-                    await anyio.sleep(1.5)  # (the watcher and the dispatcher time out meanwhile)
-                    down = await client.post("/v1/jobs", json={"input": {}}, headers=A)
-                    assert down.status_code == 503
-                    assert down.json()["error"]["code"] == "store_unavailable"
-                finally:
-                    store.proc.send_signal(signal.SIGCONT)
-                recorder.gate.set()
-                r = await client.post("/v1/jobs", json={"input": {"steps": 1}}, headers=A)
-                assert r.status_code == 202, r.text
-                done = await wait_status(client, f"/v1/jobs/{r.json()['id']}", {"completed"})
-                assert done["result"] == {"echo": None, "steps": 1}
-                held_end = await wait_status(client, f"/v1/jobs/{job_id}", {"completed"})
-                assert held_end["result"] == {"echo": None, "steps": 1}
+                yield store, client
     finally:
         store.stop()
+
+
+@contextmanager
+def paused(store: RedisServer) -> Iterator[None]:
+    """The store hung (SIGSTOP: every command times out), then resumed, connections intact."""
+    assert store.proc is not None
+    store.proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        store.proc.send_signal(signal.SIGCONT)
+
+
+async def test_the_runner_survives_a_store_outage(recorder: Recorder) -> None:
+    # A job's cancel watcher and the webhook dispatcher met the outage, their errors ended
+    # the runner's task group, and every later submission on that worker was a 500 ("The
+    # job runner is not running") until the process restarted.
+    async with pausable(recorder, webhook_secrets=["whsec_" + "A" * 32],
+                        webhook_poll_interval=0.05) as (store, client):
+        held = {"input": {"steps": 1, "hold": True}}
+        job_id = (await client.post("/v1/jobs", json=held, headers=A)).json()["id"]
+        await wait_status(client, f"/v1/jobs/{job_id}", {"in_progress"})
+        with paused(store):
+            await anyio.sleep(1.5)  # (the watcher and the dispatcher time out meanwhile)
+            down = await client.post("/v1/jobs", json={"input": {}}, headers=A)
+            assert down.status_code == 503
+            assert down.json()["error"]["code"] == "store_unavailable"
+        recorder.gate.set()
+        r = await client.post("/v1/jobs", json={"input": {"steps": 1}}, headers=A)
+        assert r.status_code == 202, r.text
+        done = await wait_status(client, f"/v1/jobs/{r.json()['id']}", {"completed"})
+        assert done["result"] == {"echo": None, "steps": 1}
+        held_end = await wait_status(client, f"/v1/jobs/{job_id}", {"completed"})
+        assert held_end["result"] == {"echo": None, "steps": 1}
 
 
 async def test_a_batch_whose_items_finish_during_a_store_outage_completes(
@@ -511,47 +525,23 @@ async def test_a_batch_whose_items_finish_during_a_store_outage_completes(
     # lost (a lease later) though it was alive and every item had run. Each write is now
     # tried again, and a line the store received twice (sent before a timeout, run when
     # the server resumed) is read once.
-    import signal
-
-    from tests.redis_server import RedisServer
-
-    store = RedisServer().start()
-    try:
-        storage = Storage(store.url, socket_timeout=0.5)  # (ours to close: passed built)
-        jobs = JobsRouter(recorder.fn, storage=storage, cancel_poll=0.05)
-
-        @asynccontextmanager
-        async def lifespan(app: Starlette) -> AsyncIterator[None]:
-            async with jobs.lifespan_context(app):
-                yield
-            await storage.aclose()
-
-        app = Starlette(routes=[Mount("/v1", jobs)], lifespan=lifespan)
-        items = [{"custom_id": f"item-{i}", "input": {"steps": 1, "hold": True, "delay": 0}}
-                 for i in range(4)]
-        with ThreadServer(app) as srv:
-            async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
-                r = await client.post("/v1/batches", json={"items": items}, headers=A)
-                assert r.status_code == 202, r.text
-                batch_id = r.json()["id"]
-                await wait_status(client, f"/v1/batches/{batch_id}", {"in_progress"})
-                assert store.proc is not None
-                store.proc.send_signal(signal.SIGSTOP)
-                try:
-                    recorder.gate.set()  # (every item finishes while the store is paused)
-                    await anyio.sleep(1.5)
-                finally:
-                    store.proc.send_signal(signal.SIGCONT)
-                done = await wait_status(client, f"/v1/batches/{batch_id}",
-                                         {"completed", "failed"})
-                assert done["status"] == "completed", done
-                assert done["counts"]["succeeded"] == 4, done
-                res = await client.get(f"/v1/batches/{batch_id}/results", headers=A)
-                assert res.status_code == 200, res.text
-                ids = sorted(json.loads(line)["custom_id"] for line in res.text.splitlines())
-                assert ids == [item["custom_id"] for item in items]
-    finally:
-        store.stop()
+    items = [{"custom_id": f"item-{i}", "input": {"steps": 1, "hold": True, "delay": 0}}
+             for i in range(4)]
+    async with pausable(recorder) as (store, client):
+        r = await client.post("/v1/batches", json={"items": items}, headers=A)
+        assert r.status_code == 202, r.text
+        batch_id = r.json()["id"]
+        await wait_status(client, f"/v1/batches/{batch_id}", {"in_progress"})
+        with paused(store):
+            recorder.gate.set()  # (every item finishes while the store is paused)
+            await anyio.sleep(1.5)
+        done = await wait_status(client, f"/v1/batches/{batch_id}", {"completed", "failed"})
+        assert done["status"] == "completed", done
+        assert done["counts"]["succeeded"] == 4, done
+        res = await client.get(f"/v1/batches/{batch_id}/results", headers=A)
+    assert res.status_code == 200, res.text
+    ids = sorted(json.loads(line)["custom_id"] for line in res.text.splitlines())
+    assert ids == [item["custom_id"] for item in items]
 
 
 async def test_a_callback_is_refused_where_no_webhook_is_ever_sent(recorder: Recorder) -> None:

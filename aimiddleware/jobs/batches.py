@@ -25,7 +25,7 @@ from aimiddleware.jobs.store import JobStore
 if TYPE_CHECKING:
     from aimiddleware.jobs.runner import JobRunner
 
-__all__ = ["BatchExecution", "counted", "fail_unfinished", "first_results", "results_jsonl"]
+__all__ = ["BatchExecution", "counted", "fail_unfinished", "result_lines", "results_jsonl"]
 
 SAVE_EVERY = 0.2
 """Seconds between writes of a running batch's record (counts, usage); each finished item
@@ -47,26 +47,23 @@ def results_jsonl(lines: list[str]) -> bytes:
     return "".join(line + "\n" for line in lines).encode()
 
 
-async def first_results(store: JobStore, principal: str, rec_id: str) -> list[str]:
-    """A batch's result lines, the first for each item: a write tried again after a timeout
-    may have reached the store twice (sent before the timeout, run when the store came
-    back), and a reaper may have written lines for a worker it reported lost."""
-    seen: set[str] = set()
-    out = []
-    for line in await store.results(principal, rec_id):
-        custom_id = json.loads(line)["custom_id"]
-        if custom_id not in seen:
-            seen.add(custom_id)
-            out.append(line)
-    return out
+async def result_lines(store: JobStore, principal: str, rec_id: str) -> list[str]:
+    """A batch's result lines, each once: a write tried again after a timeout may have
+    reached the store twice (sent before the timeout, run when the store came back), as the
+    same line. Compared as text, not parsed: 100,000 lines take ~15 ms so, ~170 ms parsed."""
+    return list(dict.fromkeys(await store.results(principal, rec_id)))
 
 
 async def fail_unfinished(store: JobStore, batch: Batch, error: JobError) -> BatchCounts:
     """A batch whose worker died: an ``errored`` line with ``error`` for each item that has
     no result yet (written in bulk), and the counts of the whole results file."""
-    found = [json.loads(line) for line in await first_results(store, batch.principal, batch.id)]
-    kinds = [res["type"] for res in found]
-    seen = {res["custom_id"] for res in found}
+    seen: set[str] = set()
+    kinds: list[str] = []
+    for line in await store.results(batch.principal, batch.id):
+        res = json.loads(line)
+        if res["custom_id"] not in seen:
+            seen.add(res["custom_id"])
+            kinds.append(res["type"])
     left = [_line(item, "errored", error) for item in batch.items if item.custom_id not in seen]
     await store.append_results(batch.principal, batch.id, left)
     kinds += ["errored"] * len(left)
@@ -173,11 +170,11 @@ class BatchExecution:
     def _add_usage(self, ctx: JobContext) -> None:
         """Add an item's usage and cost to the batch (in memory; written with the record).
         No ``await``: nothing else changes the batch meanwhile."""
-        self.model = ctx.model or self.model
-        update: dict[str, Any] = {"cost": self.batch.cost + ctx.cost, "model": self.model}
+        update: dict[str, Any] = {"cost": self.batch.cost + ctx.cost}
         if ctx.usage is not None:
             update["usage"] = add_usage(self.batch.usage, ctx.usage)
         self.batch = self.batch.model_copy(update=update)
+        self.model = ctx.model or self.model
         self._stale = True
 
     async def _record(self, res: BatchItemResult) -> None:

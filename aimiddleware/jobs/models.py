@@ -76,7 +76,6 @@ class _Record(_Frozen):
     error: JobError | None = None
     callback_url: str | None = None
     fingerprint: str = Field(default="", exclude=True)
-    model: str | None = Field(default=None, exclude=True)  # (the last record_usage named)
     created_at: float = Field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
@@ -98,7 +97,6 @@ class _Record(_Frozen):
         data = self.model_dump(mode="json")
         data["principal"] = self.principal
         data["fingerprint"] = self.fingerprint
-        data["model"] = self.model
         return data
 
 

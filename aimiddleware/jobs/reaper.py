@@ -72,9 +72,11 @@ class Reaper:
             # with an errored line for every item that has none (before the final record).
             update["counts"] = await fail_unfinished(self.store, rec, err)
         final = rec.model_copy(update=update)
-        # Its row in the usage history (ledger=): what it used, as its record last stored it
-        # (the worker's own row, should it come back, has the same id and counts once).
-        await self.runner.record(final, final.model)
+        # Its row in the usage history (ledger=): what it used, as its record last stored it,
+        # under no model (a record does not keep one: a field more would fail an older
+        # worker's reading of it); the worker's own row, should it come back, has the same
+        # id and counts once.
+        await self.runner.record(final, None)
         # The record last: once it is final no reader reaps it again, so a failure before it
         # leaves the whole report to the next reaper (which may write the event twice).
         await self.store.append_event(rec.principal, rec.id, f"{rec.object}.failed",

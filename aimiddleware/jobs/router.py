@@ -29,7 +29,7 @@ from starlette.routing import Route, Router
 
 from aimiddleware.context import current_or_none, default_principal
 from aimiddleware.errors import IdempotencyKeyReused, InvalidRequest, NotFound
-from aimiddleware.jobs.batches import first_results, results_jsonl
+from aimiddleware.jobs.batches import result_lines, results_jsonl
 from aimiddleware.jobs.http import (
     SubmitBatch,
     SubmitJob,
@@ -334,5 +334,5 @@ class JobsRouter(Router):
 
     async def batch_results(self, request: Request) -> Response:
         rec = await self._load(request, Batch)
-        lines = await first_results(self.store, rec.principal, rec.id)
+        lines = await result_lines(self.store, rec.principal, rec.id)
         return Response(results_jsonl(lines), media_type="application/jsonl")

@@ -24,7 +24,7 @@ import anyio.abc
 
 from aimiddleware.errors import AIError, NotConfigured, StoreUnavailable
 from aimiddleware.finish_reason import normalize_finish_reason
-from aimiddleware.jobs.batches import BatchExecution, first_results
+from aimiddleware.jobs.batches import BatchExecution, result_lines
 from aimiddleware.jobs.context import Charge, JobContext, JobLimitExceeded
 from aimiddleware.jobs.models import Batch, Job, JobError
 from aimiddleware.jobs.store import JobFenced, JobStore
@@ -251,7 +251,7 @@ class JobRunner:
                 await save("job.partial", {"index": len(out) - 1, **data}, partial_output=out)
             else:
                 await save("job.usage", data, usage=data["usage"], cost=data["cost"],
-                           steps=data["steps"], model=ctx.model)
+                           steps=data["steps"])
 
         ctx = JobContext(job.id, job.input, emit, max_steps=self.max_steps,
                          max_cost=self.max_cost, charge=self.charge_for(job.principal))
@@ -354,7 +354,7 @@ class JobRunner:
             return
         data = rec.public()
         if isinstance(rec, Batch) and rec.total <= INLINE_RESULTS:
-            lines = await first_results(self.store, rec.principal, rec.id)
+            lines = await result_lines(self.store, rec.principal, rec.id)
             data["results"] = [json.loads(line) for line in lines]
         await self.dispatcher.enqueue(
             rec.callback_url, webhook_payload(f"{rec.object}.{rec.status}", data)
