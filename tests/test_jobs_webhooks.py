@@ -231,6 +231,50 @@ async def test_cancellation_and_failure_are_notified(receiver_factory: Any) -> N
     assert payload["type"] == "job.cancelled"
 
 
+def held_jobs_app(storage: str) -> Starlette:
+    """A jobs app whose jobs and batch items run until cancelled (a shutdown ends them)."""
+
+    async def held(ctx: JobContext, input: Any) -> Any:
+        await anyio.sleep(60)
+
+    jobs = JobsRouter(held, storage=storage, webhook_secrets=SECRET, callback_policy=LOCAL,
+                      webhook_poll_interval=0.05, shutdown_grace=0.1)
+    return Starlette(routes=[Mount("/v1", jobs)], lifespan=jobs.lifespan_context)
+
+
+async def started(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> str:
+    """Submit ``body`` at ``path``; the new record's id once it is in progress."""
+    rec_id: str = (await client.post(path, json=body)).json()["id"]
+    with anyio.fail_after(10):
+        while (await client.get(f"{path}/{rec_id}")).json()["status"] != "in_progress":  # noqa: ASYNC110 - polling a server in another thread
+            await anyio.sleep(0.02)
+    return rec_id
+
+
+async def test_a_shutdown_sends_the_webhooks_of_the_job_and_the_batch_it_ended(
+    redis_url: str, receiver_factory: Any
+) -> None:
+    """A graceful stop ends a running batch ``failed``/``shutdown`` as it does a job: its
+    webhook goes out too (it went out for the job only)."""
+    rec, rsrv = receiver_factory([])
+    hook = f"{rsrv.url}/hook"
+    with ThreadServer(held_jobs_app(redis_url)) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            job = await started(client, "/v1/jobs", {"callback_url": hook})
+            batch = await started(client, "/v1/batches", {
+                "items": [{"custom_id": "a", "input": {}}], "callback_url": hook})
+    # Stopped; the next worker on the store sends whatever the first one left in the outbox.
+    with ThreadServer(held_jobs_app(redis_url)):
+        await wait_for(lambda: len(rec.successes()) >= 2)
+        await anyio.sleep(0.3)  # nothing else arrives
+    payloads = [Webhook(SECRET).verify(body, headers) for headers, body, _ in rec.successes()]
+    ended = {(p["type"], p["data"]["id"], p["data"]["error"]["code"]) for p in payloads}
+    assert ended == {("job.failed", job, "shutdown"), ("batch.failed", batch, "shutdown")}
+    assert len(payloads) == 2
+    batch_payload = next(p for p in payloads if p["type"] == "batch.failed")
+    assert [r["type"] for r in batch_payload["data"]["results"]] == ["cancelled"]
+
+
 async def test_a_resolver_that_cannot_answer_now_is_a_retryable_503_at_submission(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -370,6 +370,7 @@ class JobRunner:
                 await execution.finish("failed", "cancelled", JobError(
                     code="shutdown", retryable=True,
                     message="The server shut down before the batch finished."))
+                await self.notify(execution.batch)  # (as a job's _finish does)
             raise
         if outcome == "cancelled":
             await execution.finish("cancelled", "cancelled")
