@@ -275,6 +275,25 @@ async def test_a_shutdown_sends_the_webhooks_of_the_job_and_the_batch_it_ended(
     assert [r["type"] for r in batch_payload["data"]["results"]] == ["cancelled"]
 
 
+async def test_a_shutdown_delivers_its_own_last_webhooks_on_memory(
+    receiver_factory: Any,
+) -> None:
+    """On memory:// the outbox dies with the process: the webhooks of the jobs a graceful
+    stop ended are sent before it goes (the dispatcher was cancelled with the jobs, so they
+    were never sent)."""
+    rec, rsrv = receiver_factory([])
+    hook = f"{rsrv.url}/hook"
+    with ThreadServer(held_jobs_app("memory://")) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            job = await started(client, "/v1/jobs", {"callback_url": hook})
+            batch = await started(client, "/v1/batches", {
+                "items": [{"custom_id": "a", "input": {}}], "callback_url": hook})
+    # The server has stopped: whatever it sent has arrived.
+    payloads = [Webhook(SECRET).verify(body, headers) for headers, body, _ in rec.successes()]
+    assert sorted((p["type"], p["data"]["id"]) for p in payloads) == [
+        ("batch.failed", batch), ("job.failed", job)]
+
+
 async def test_a_resolver_that_cannot_answer_now_is_a_retryable_503_at_submission(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -110,18 +110,30 @@ class JobRunner:
         """Own the task group jobs (and the webhook dispatcher) run in."""
         if self.max_concurrent_jobs is not None:
             self._limiter = anyio.CapacityLimiter(self.max_concurrent_jobs)
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
+        try:
+            async with anyio.create_task_group() as delivering:
+                if self.dispatcher is not None:
+                    delivering.start_soon(self.dispatcher.run)
+                try:
+                    async with anyio.create_task_group() as tg:
+                        self._tg = tg
+                        try:
+                            yield self
+                        finally:
+                            self._tg = None
+                            with anyio.move_on_after(self.shutdown_grace, shield=True):
+                                while self._running:  # noqa: ASYNC110 - a counter, polled briefly at shutdown
+                                    await anyio.sleep(0.02)
+                            tg.cancel_scope.cancel()
+                finally:
+                    delivering.cancel_scope.cancel()
+        finally:
             if self.dispatcher is not None:
-                tg.start_soon(self.dispatcher.run)
-            try:
-                yield self
-            finally:
-                self._tg = None
+                # The jobs it ended just put their webhooks in the outbox: send what is due
+                # before the worker goes (a memory:// outbox dies with it; a shared one is
+                # sent by the next worker otherwise), for up to shutdown_grace.
                 with anyio.move_on_after(self.shutdown_grace, shield=True):
-                    while self._running:  # noqa: ASYNC110 - a counter, polled briefly at shutdown
-                        await anyio.sleep(0.02)
-                tg.cancel_scope.cancel()
+                    await self.dispatcher.run(until_idle=True)
 
     def submit(self, record: Job | Batch) -> None:
         """Start a stored record now (in this process)."""

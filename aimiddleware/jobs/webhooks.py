@@ -275,7 +275,9 @@ class WebhookDispatcher:
         raw = await self.store.outbox_get(delivery_id)
         return Delivery.model_validate_json(raw) if raw else None
 
-    async def run(self) -> None:
+    async def run(self, *, until_idle: bool = False) -> None:
+        """Deliver the outbox until cancelled; ``until_idle``: return once nothing is due
+        and nothing is in flight (a shutdown sending its own last messages)."""
         import httpx
 
         # Each attempt ends by its deadline (``timeout``, see _attempt), so a lease 30 s longer
@@ -310,6 +312,8 @@ class WebhookDispatcher:
                     inflight[0] += 1
                     tg.start_soon(deliver, client, Delivery.model_validate_json(raw))
                 if not claimed:
+                    if until_idle and not inflight[0]:
+                        return
                     await anyio.sleep(self.poll_interval)
 
     async def _deliver(self, client: Any, delivery: Delivery) -> None:
