@@ -5,6 +5,11 @@ rendered as ``application/problem+json``. After it has started, a status line ca
 change: an event stream gets the error in its own dialect (through the context's
 ``stream_error_writer``, set by the SSE layer); any other response is aborted (the server
 closes the connection) and the error is logged with the request id.
+
+A cancellation from outside the stack (the server giving up on the request: uvicorn past
+``--timeout-graceful-shutdown``) is answered the same way with a retryable ``overloaded``
+503 ("shutting down"), then re-raised: the client gets a typed answer, or an event stream
+its error event and end, instead of the server's bare 500 or a cut stream.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import anyio
+
 from aimiddleware._asgi import send_problem
 from aimiddleware.context import RequestContext, _current, current_or_none
 from aimiddleware.errors import (
@@ -22,6 +29,7 @@ from aimiddleware.errors import (
     ExceptionMapper,
     InvalidRequest,
     Mapper,
+    Overloaded,
     render_problem,
 )
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
@@ -29,6 +37,10 @@ from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
 __all__ = ["ErrorMiddleware", "register_exception_handlers"]
 
 logger = logging.getLogger("aimiddleware")
+
+
+_SHUTTING_DOWN = "The server is shutting down; retry the request."
+_CANCEL_ANSWER_TIMEOUT = 1.0
 
 
 class ErrorMiddleware:
@@ -72,6 +84,27 @@ class ErrorMiddleware:
             if ctx is not None:
                 started = ctx.response_status is not None
             await self.handle(exc, scope, ctx, send, started=started)
+        except anyio.get_cancelled_exc_class():
+            if ctx is not None:
+                started = ctx.response_status is not None
+            await self.answer_cancelled(scope, ctx, send, started=started)
+            raise
+
+    async def answer_cancelled(
+        self, scope: Scope, ctx: RequestContext | None, send: Send, *, started: bool
+    ) -> None:
+        """The request was cancelled from outside the stack (the stack's own cancellations,
+        a disconnect or a timeout tier, end inside it): the server is giving up on it, as
+        uvicorn does to what is still running past ``--timeout-graceful-shutdown``. Answer
+        a retryable 503, or end a started event stream with that error event; shielded and
+        bounded (the client may be gone). The caller re-raises the cancellation."""
+        if started and (ctx is None or ctx.stream_error_writer is None):
+            return  # (a started response of another kind can only be cut off)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_CANCEL_ANSWER_TIMEOUT):
+            try:
+                await self.handle(Overloaded(_SHUTTING_DOWN), scope, ctx, send, started=started)
+            except Exception:  # the connection is going away: nothing more to tell anyone
+                logger.debug("could not answer a cancelled request", exc_info=True)
 
     async def handle(
         self,

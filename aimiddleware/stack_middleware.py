@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import anyio
+
 from aimiddleware._asgi import is_preflight, route_path
 from aimiddleware.cancellation import CancellationMiddleware
 from aimiddleware.context import RequestContext, _current
@@ -104,6 +106,10 @@ class StackMiddleware:
             except Exception as exc:
                 started = ctx.response_status is not None
                 await self.errors.handle(exc, scope, ctx, exchange.outer, started=started)
+            except anyio.get_cancelled_exc_class():  # (the server's: see ErrorMiddleware)
+                started = ctx.response_status is not None
+                await self.errors.answer_cancelled(scope, ctx, exchange.outer, started=started)
+                raise
         finally:
             _current.reset(token)
             # The exchange sends bodies through its own bound method: break that cycle so

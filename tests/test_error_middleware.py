@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import anyio
 import httpx
 import openai
 import pytest
@@ -14,13 +17,13 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 import aimiddleware
 from aimiddleware import errors as E
 from aimiddleware.context import current
-from tests.live_server import live_server
+from tests.live_server import live_server, serve
 from tests.test_errors import all_error_classes, instantiate
 
 attempts: Counter[str] = Counter()
@@ -328,3 +331,63 @@ def test_the_apps_own_handlers_registered_before_install_are_kept() -> None:
     assert (bad.status_code, bad.json()) == (400, {"mine": "invalid"})
     assert (missing.status_code, missing.json()) == (418, {"mine": "http"})
     assert bad.headers["x-request-id"]  # (the stack still runs around them)
+
+
+def shutdown_app(form: str, started: list[str]) -> Starlette:
+    """A plain route and an event stream that run until something cancels them."""
+
+    async def slow(request: Request) -> JSONResponse:
+        started.append("slow")
+        await anyio.sleep(30)
+        return JSONResponse({})
+
+    async def stream(request: Request) -> aimiddleware.EventStreamResponse:
+        async def events() -> AsyncIterator[str]:
+            yield "first"
+            started.append("stream")
+            await anyio.sleep(30)
+            yield "never"
+
+        return aimiddleware.EventStreamResponse(events())
+
+    app = Starlette(routes=[Route("/slow", slow, methods=["POST"]), Route("/stream", stream)])
+    if form == "install":
+        aimiddleware.install(app)
+    else:  # the layers one by one (the last one added is the outermost)
+        app.add_middleware(aimiddleware.ErrorMiddleware)
+        app.add_middleware(aimiddleware.RequestContextMiddleware)
+    return app
+
+
+@pytest.mark.parametrize("form", ["install", "layers"])
+async def test_requests_the_server_cancels_at_shutdown_get_a_typed_end(form: str) -> None:
+    """uvicorn cancels what still runs past --timeout-graceful-shutdown (1 s here): a request
+    not yet answered got uvicorn's bare text/plain 500, an event stream was cut without an
+    end. Now: a retryable problem+json 503, and the stream's error event."""
+    started: list[str] = []
+    lines: list[str] = []
+
+    async def read(client: httpx.AsyncClient, url: str) -> None:
+        try:
+            async with client.stream("GET", url + "/stream") as r:
+                async for line in r.aiter_lines():
+                    lines.append(line)
+        except httpx.TransportError:
+            lines.append("<cut>")
+
+    async with httpx.AsyncClient(timeout=10) as client:
+        # (serve() shuts the server down first; the stream's reader ends with it)
+        async with anyio.create_task_group() as tg, serve(shutdown_app(form, started)) as url:
+            plain = asyncio.ensure_future(client.post(url + "/slow"))
+            tg.start_soon(read, client, url)
+            with anyio.fail_after(5):
+                while len(started) < 2:  # noqa: ASYNC110 - the server runs in this loop
+                    await anyio.sleep(0.01)
+        r = await plain
+    assert r.status_code == 503, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.headers["x-should-retry"] == "true" and r.headers["x-request-id"]
+    assert r.json()["error"]["code"] == "overloaded"
+    assert "event: error" in lines and "<cut>" not in lines
+    error = json.loads(next(x for x in lines if x.startswith("data:") and "overloaded" in x)[5:])
+    assert error["error"]["code"] == "overloaded" and error["retryable"] is True
