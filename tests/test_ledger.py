@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
+import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import date, datetime, timezone
@@ -255,6 +257,47 @@ async def test_memory_ledger_is_bounded() -> None:
     assert await led.get_request("alice", "r0") is None
     with pytest.raises(ValueError):
         MemoryLedger(max_aggregates=0)
+
+
+async def test_memory_ledger_query_reads_only_the_callers_aggregates() -> None:
+    """A tenant's ``/usage`` query reads that tenant's aggregates, not every tenant's: with
+    20,000 other principals held it allocates what its own rows need (the scan of all of
+    them copied 20,000 items, ~1.3 MB, and held the event loop while doing it)."""
+    led = MemoryLedger()
+    usage = Usage(input_tokens=1, output_tokens=1)
+    for i in range(20_000):
+        row = (f"p{i}", "r", "m", None, usage, None, "stop", "stop", 200, 1.0, ts("2026-03-01"))
+        assert led.record_values(row) is True  # type: ignore[arg-type]
+    await led.record(rec())
+    await led.query("alice")  # (anything built once, on the first query, is not counted)
+    tracemalloc.start()
+    try:
+        rows = await led.query("alice")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [(r.day, r.model, r.requests) for r in rows] == [("2026-03-01", "gpt-4o", 1)]
+    assert peak < 64 * 1024
+
+
+async def test_memory_ledger_index_follows_evictions() -> None:
+    """The per-principal index drops what the LRU bound evicts: after many principals it
+    holds exactly the kept aggregates, and an evicted principal has no entry left."""
+    led = MemoryLedger(max_aggregates=50, max_requests=10)
+    for i in range(5_000):
+        await led.record(rec(f"p{i % 700}", rid=f"r{i}", model=f"m{i % 3}"))
+    assert len(led._aggs) == 50
+    assert sum(map(len, led._mine.values())) == 50
+    assert len(led._mine) <= 50
+    assert {k for mine in led._mine.values() for k in mine} == set(led._aggs)
+    gc.collect()
+    assert not gc.is_tracked(led._mine)  # (tuples of text: no more work for a full collection)
+    kept = next(iter(led._aggs))
+    assert [r.model for r in await led.query(kept[0])] == sorted(
+        k[2] for k in led._aggs if k[0] == kept[0]
+    )
+    gone = next(f"p{i}" for i in range(700) if all(k[0] != f"p{i}" for k in led._aggs))
+    assert gone not in led._mine and await led.query(gone) == []
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
