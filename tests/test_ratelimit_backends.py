@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import itertools
 from decimal import Decimal
 from typing import Any
@@ -248,6 +249,27 @@ async def test_memory_backend_forgets_idle_principals_but_not_leases() -> None:
         await backend.acquire(f"q{i}", hits)
     assert len(backend) < 1001 + 400 - 1000 + 5
     assert await backend.in_flight("busy") == 1  # an entry holding a lease is kept
+
+
+def test_memory_backend_state_is_untracked_by_the_gc_once_idle() -> None:
+    """What an idle principal leaves behind is plain data the garbage collector stops
+    tracking: only its entry object stays tracked, so a full collection (a pause for every
+    request in flight) does not grow with several objects per principal seen in the window."""
+    backend = MemoryBackend(clock=lambda: 1_000.0)
+    hits = [Hit("requests:60", 60_000, 100, 1), Hit("tokens:60", 60_000, 10**6, 500),
+            Hit("tokens:86400", 86_400_000, 10**7, 500)]
+    for i in range(2_000):
+        backend.acquire_now(f"p{i}", hits)
+        backend.adjust_now(f"p{i}", [Adjustment("tokens:60", 60_000, 16, -380),
+                                     Adjustment("tokens:86400", 86_400_000, 0, -380)])
+        backend.acquire_now(f"p{i}", hits[:1])
+    gc.collect()
+    entries = list(backend._entries.values())
+    assert len(entries) == 2_000
+    states = [state for entry in entries for state in entry.counters.values()]
+    assert len(states) == 6_000
+    assert not any(map(gc.is_tracked, states))
+    assert not any(gc.is_tracked(entry.counters) for entry in entries)
 
 
 def test_memory_backend_keeps_its_lru_order_exact() -> None:

@@ -40,7 +40,7 @@ class _Entry:
     __slots__ = ("counters", "expires_ms", "lease_due", "leases", "marks")
 
     def __init__(self) -> None:
-        # field -> (index, prev, curr, elapsed | 0): immutable, so a WindowState is stored as is
+        # field -> (index, prev, curr, elapsed | 0): a plain tuple of ints (untracked by the gc)
         self.counters: dict[str, tuple[int, ...]] = {}
         self.leases: dict[str, int] = {}  # lease id -> expiry (ms)
         self.lease_due = _NEVER  # no lease expires before this (ms): no scan until then
@@ -211,8 +211,10 @@ class MemoryBackend:
                 for row, s in zip(rows, states, strict=True)
             ])
             return _new(Decision, (False, failed, refused, in_flight, now)), None
-        # counters[hit.field] = state for each, in order (C-level: no Python loop)
-        counters.update(zip(map(_field, rows), states))  # noqa: B905 (same length)
+        # counters[hit.field] = state for each, in order (C-level: no Python loop), kept as
+        # a plain tuple: the garbage collector untracks a tuple of ints (and then the dict of
+        # an idle principal), never a WindowState, so every full collection walked them all
+        counters.update(zip(map(_field, rows), map(tuple, states)))  # noqa: B905 (same length)
         if concurrency > 0 and lease is not None:
             expiry = entry.leases[lease] = now + lease_ttl_ms
             if expiry < entry.lease_due:
