@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import json
 import logging
 import socket
 import time
+import tracemalloc
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -186,6 +188,37 @@ def test_memory_store_is_bounded() -> None:
         assert anyio.run(store.complete, f"k{i}", "o", rec, 60)
     assert store._done.currsize <= 10_000
     assert len(store._done) < 100
+
+
+async def test_memory_store_bound_is_the_memory_it_holds() -> None:
+    """``memory_max_bytes`` bounds the memory the records take, not just their text: filled
+    with small answers (20 headers, a short body; or a stream of short chunks), the store
+    holds at most ~its bound (counting the text alone, it held ~4-7 times the bound)."""
+    bound = 2 * 1024 * 1024
+    for chunks in (0, 40):
+        store = MemoryIdempotencyStore(max_bytes=bound)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            for i in range(6_000):
+                key = f"aimw:idem:{{key_{i:032x}}}:{i:064x}"
+                await store.claim(key, "f" * 64, "owner", 60)
+                headers = tuple((f"x-header-{j}", f"value-{i}-{j}") for j in range(20))
+                body = b'{"id": %d, "choices": []}' % i
+                rec = Completed(
+                    status=200, headers=headers, body=None if chunks else body,
+                    chunks=tuple(b"data: %d\n\n" % j for j in range(chunks)) if chunks else None,
+                    fingerprint=f"{i:064x}",
+                )
+                assert await store.complete(key, "owner", rec, 60)
+                del rec
+            gc.collect()
+            held = tracemalloc.get_traced_memory()[0] - base
+        finally:
+            tracemalloc.stop()
+        assert 100 < len(store._done) < 6_000  # full: the bound evicted the oldest
+        assert held < 1.25 * bound, (chunks, held)
 
 
 # -- the middleware ------------------------------------------------------------------------------
