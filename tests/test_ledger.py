@@ -280,6 +280,32 @@ async def test_memory_ledger_query_reads_only_the_callers_aggregates() -> None:
     assert peak < 64 * 1024
 
 
+@pytest.mark.parametrize("fields", [
+    ("input_tokens", "output_tokens", "total_tokens"),  # what a stream's usage sets
+    ("input_tokens", "output_tokens"),
+    ("input_tokens", "output_tokens", "total_tokens", "cached_input_tokens"),
+])
+async def test_memory_ledger_rows_hold_plain_ints_for_any_token_fields(
+    fields: tuple[str, ...],
+) -> None:
+    """A kept request holds its usage as plain ints whatever token fields were set, so the
+    garbage collector stops tracking it (a Usage kept as is is three tracked objects per row,
+    walked by every full collection); read back, it is the same usage with the same fields."""
+    led = MemoryLedger()
+    usage = Usage(**{f: 7 if f != "total_tokens" else 14 for f in fields})
+    assert usage.model_fields_set not in ({"input_tokens", "output_tokens", "total_tokens",
+                                           "cached_input_tokens", "reasoning_tokens"}, set())
+    row = ("alice", "r1", "m", None, usage, None, "stop", "stop", 200, 1.0, ts("2026-03-01"))
+    assert led.record_values(row) is True  # type: ignore[arg-type]
+    gc.collect()
+    gc.collect()  # (a tuple in a tuple: the inner one is untracked first)
+    assert not gc.is_tracked(led._requests[("alice", "r1")])
+    got = await led.get_request("alice", "r1")
+    assert got is not None
+    assert got.record.usage == usage
+    assert got.record.usage.model_fields_set == usage.model_fields_set
+
+
 async def test_memory_ledger_index_follows_evictions() -> None:
     """The per-principal index drops what the LRU bound evicts: after many principals it
     holds exactly the kept aggregates, and an evicted principal has no entry left."""

@@ -41,7 +41,12 @@ RecordValues = tuple[
 
 # A stored row holds its Usage as plain ints: a tuple of atomic values is untracked by the
 # garbage collector, so 100k kept requests do not make every full collection walk them.
-_FIELD_SETS: tuple[frozenset[str], ...] = (frozenset(), _FIVE, _SIX)
+# Codes 0-2 as first written; then every other subset of TOKEN_FIELDS, by bit mask (a row
+# whose usage had three fields set, as a stream's has, kept a Usage: three tracked objects).
+_FIELD_SETS: tuple[frozenset[str], ...] = (frozenset(), _FIVE, _SIX, *(
+    frozenset(f for bit, f in enumerate(TOKEN_FIELDS) if mask >> bit & 1) for mask in range(64)
+))
+_CODES = {fields: code for code, fields in reversed(list(enumerate(_FIELD_SETS)))}  # lowest
 _token_values = operator.itemgetter(*TOKEN_FIELDS)  # of a Usage's __dict__, in C
 _tokens = operator.attrgetter(*TOKEN_FIELDS)  # of any Usage
 
@@ -49,12 +54,12 @@ _tokens = operator.attrgetter(*TOKEN_FIELDS)  # of any Usage
 def _pack(usage: Usage) -> tuple[int, ...] | Usage:
     """``usage`` as a row keeps it: its TOKEN_FIELDS values, then the code of its fields set
     unless that is the shared ``_FIVE_SET`` (the usual Usage: six values only, one C call);
-    a Usage set some other way, or not a Usage as such, is kept as it is."""
+    a Usage with a field set beyond TOKEN_FIELDS, or not a Usage as such, is kept as it is."""
     if type(usage) is Usage:
         fields = usage.__pydantic_fields_set__
         if fields is _FIVE_SET:
             return _token_values(usage.__dict__)  # type: ignore[no-any-return]
-        code = 1 if fields == _FIVE else 2 if fields == _SIX else None if fields else 0
+        code = _CODES.get(frozenset(fields))
         if code is not None:
             return (*_token_values(usage.__dict__), code)
     return usage
