@@ -272,23 +272,40 @@ def test_memory_backend_state_is_untracked_by_the_gc_once_idle() -> None:
     assert not any(gc.is_tracked(entry.counters) for entry in entries)
 
 
-def test_memory_backend_keeps_its_lru_order_exact() -> None:
-    """Every step moves its principal to the end of the eviction order (a step skips the move
-    only when that principal is already last)."""
-    backend = MemoryBackend(clock=lambda: 1_000.0)
-    hits = [Hit("requests:1", 1_000, 10, 1)]
-    a, b = "a" * 64, "b" * 64
-    for steps, last in (
-        ([(backend.acquire_now, a), (backend.acquire_now, b)], b),
-        ([(backend.adjust_now, a)], a),  # a after b
-        ([(backend.acquire_now, b), (backend.acquire_now, b)], b),
-        ([(backend.adjust_now, a), (backend.adjust_now, a)], a),
-    ):
-        for step, who in steps:
-            step(who, hits if step == backend.acquire_now else [])
-        assert list(backend._entries)[-1] == last
-    backend._evict(10**9, budget=1)  # the first (least recently used) goes first
-    assert list(backend._entries) == [a]
+def test_an_idle_daily_principal_does_not_keep_minute_only_ones() -> None:
+    """Tiers of different windows: an idle principal goes once its own windows have ended.
+    (In one LRU order an idle principal with a daily limit at its front kept every expired
+    minute-only principal behind it for two days.)"""
+    now = [1_000.0]
+    backend = MemoryBackend(clock=lambda: now[0])
+    daily = [Hit("tokens:86400", 86_400_000, 10**6, 1)]
+    minute = [Hit("requests:60", 60_000, 10, 1)]
+    backend.acquire_now("daily", daily)
+    for i in range(1_000):
+        backend.acquire_now(f"m{i}", minute)
+    assert len(backend) == 1_001
+    now[0] += 3_600  # an hour: every minute-only window has long ended
+    for _ in range(100):  # each step drops a bounded number (never a scan of all)
+        backend.acquire_now("active", minute)
+    assert set(backend._entries) == {"daily", "active"}
+    now[0] += 2 * 86_400 // 8 * 9  # kept two days after its last use, up to an eighth more
+    for _ in range(10):
+        backend.acquire_now("active", minute)
+    assert set(backend._entries) == {"active"}
+
+
+def test_an_expired_lease_does_not_keep_its_principal() -> None:
+    """A lease whose holder died (never released, past its TTL) holds nothing in flight: its
+    principal is dropped like any idle one; a live lease still keeps its principal."""
+    now = [1_000.0]
+    backend = MemoryBackend(clock=lambda: now[0])
+    minute = [Hit("requests:60", 60_000, 10, 1)]
+    backend.acquire_now("crashed", minute, "lost", 1, 30_000)
+    backend.acquire_now("running", minute, "held", 1, 10**9)
+    now[0] += 3_600
+    for _ in range(10):
+        backend.acquire_now("other", minute)
+    assert set(backend._entries) == {"running", "other"}
 
 
 async def test_a_failing_lease_refresh_never_cuts_the_call_short() -> None:

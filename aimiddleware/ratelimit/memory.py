@@ -2,14 +2,17 @@
 
 Cost per admission is independent of the number of principals and of the tokens already
 in the window: counters are sliding-window pairs (no entry per token), and idle principals
-are dropped lazily from the front of an LRU order (amortized O(1), no scan of all keys).
+are dropped lazily, a bounded number per call, from buckets of expiry times (no scan of all
+keys). Buckets, not one LRU order: with tiers of different windows (a daily limit beside
+minute-only ones) an idle daily principal at the front of an LRU order held every expired
+minute-only principal behind it for two days.
 Each method runs without an ``await`` inside, so it is atomic on the event loop.
 """
 
 from __future__ import annotations
 
+import heapq
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from math import floor
@@ -34,10 +37,11 @@ _cost = itemgetter(3)  # Hit.cost
 _NO_HEADS: dict[int, bytes] = {}  # (never written: no plan, no duration cache)
 _UNUSED: list[Any] = []  # (never appended to: without a plan no row renders)
 _NO_HEADERS = repeat(None)  # no limit renders headers in the admission pass
+_KEEP_LEASED_MS = 60_000  # an expired entry still holding leases: looked at again this late
 
 
 class _Entry:
-    __slots__ = ("counters", "expires_ms", "lease_due", "leases", "marks")
+    __slots__ = ("counters", "due", "expires_ms", "lease_due", "leases", "marks")
 
     def __init__(self) -> None:
         # field -> (index, prev, curr, elapsed | 0): a plain tuple of ints (untracked by the gc)
@@ -45,6 +49,7 @@ class _Entry:
         self.leases: dict[str, int] = {}  # lease id -> expiry (ms)
         self.lease_due = _NEVER  # no lease expires before this (ms): no scan until then
         self.expires_ms = 0
+        self.due = -1  # the end of the expiry bucket it is listed in (ms): >= expires_ms
         self.marks: dict[str, int] = {}  # alert tag -> expiry (ms)
 
 
@@ -60,9 +65,14 @@ class MemoryBackend:
 
     def __init__(self, *, clock: Callable[[], float] | None = None) -> None:
         self.clock = clock or time.time
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
-        self._evict_at = 0  # no eviction pass before this time (ms)
-        self._last: str | None = None  # the principal last moved to the end of the LRU order
+        self._entries: dict[str, _Entry] = {}
+        # Expiry buckets: bucket end (ms) -> principals listed there, and a heap of the ends.
+        # A principal is listed again only when its expiry passes its bucket's end, and a
+        # bucket is about a tenth of the entry's lifetime wide (a power of two ms, so ends
+        # align), so an active principal has ~10 listings pending, not one per request.
+        self._buckets: dict[int, list[str]] = {}
+        self._ends: list[int] = []
+        self._evict_at = _NEVER  # the first bucket's end: no eviction pass before it (ms)
 
     def _now(self) -> int:
         return int(self.clock() * 1000)
@@ -73,27 +83,47 @@ class MemoryBackend:
         entry = self._entries.get(principal)
         if entry is None:
             entry = self._entries[principal] = _Entry()
-        else:
-            self._entries.move_to_end(principal)
-        self._last = principal
+            entry.expires_ms = now  # (listed now, so one never given a window still goes)
+            self._list(principal, entry, 0)
         return entry
 
-    def _evict(self, now: int, budget: int = 4) -> None:
-        # Least recently used first; stop at the first live one (bounded work per call), and
-        # look again when it expires (at most a second later: the order changes meanwhile).
-        for _ in range(budget):
-            if not self._entries:
-                return
-            principal, entry = next(iter(self._entries.items()))
-            if entry.expires_ms > now:
-                self._evict_at = min(entry.expires_ms, now + 1000)
-                return
-            if entry.leases:  # requests still in flight: keep it, look again later
-                entry.expires_ms = now + 60_000
-                self._entries.move_to_end(principal)
-                self._last = principal
-                continue
-            del self._entries[principal]
+    def _list(self, principal: str, entry: _Entry, lifetime: int) -> None:
+        """List ``principal`` in the bucket of its ``expires_ms`` (``lifetime``: how long it
+        was extended by, which sets the bucket's width)."""
+        width = 1 << max(10, (lifetime // 8).bit_length() - 1)  # >= ~1 s, <= lifetime / 8
+        end = entry.due = (entry.expires_ms // width + 1) * width
+        names = self._buckets.get(end)
+        if names is None:
+            names = self._buckets[end] = []
+            heapq.heappush(self._ends, end)
+            if end < self._evict_at:
+                self._evict_at = end
+        names.append(principal)
+
+    def _evict(self, now: int, budget: int = 64) -> None:
+        # The buckets that have ended, a bounded number of names per call: a name is dropped
+        # if its entry is still listed there (else it was extended and listed later) and
+        # holds no live lease (an expired one, whose holder died, does not keep it).
+        buckets, ends, entries = self._buckets, self._ends, self._entries
+        while ends and ends[0] <= now:
+            end = ends[0]
+            names = buckets[end]
+            while names:
+                if budget <= 0:
+                    return  # (_evict_at stays passed: the next call goes on)
+                budget -= 1
+                principal = names.pop()
+                entry = entries.get(principal)
+                if entry is None or entry.due != end:
+                    continue
+                if any(exp > now for exp in entry.leases.values()):  # requests in flight:
+                    entry.expires_ms = now + _KEEP_LEASED_MS  # keep it, look again later
+                    self._list(principal, entry, _KEEP_LEASED_MS)
+                    continue
+                del entries[principal]
+            heapq.heappop(ends)
+            del buckets[end]
+        self._evict_at = ends[0] if ends else _NEVER
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -148,9 +178,6 @@ class MemoryBackend:
         entry = self._entries.get(principal)  # self._entry(principal, now), inlined
         if entry is None or now >= self._evict_at:
             entry = self._entry(principal, now)
-        elif principal is not self._last:  # (already last: nothing to move)
-            self._entries.move_to_end(principal)
-            self._last = principal
         counters = entry.counters
         states: list[WindowState] = []  # as they will be once charged
         failed = -1
@@ -205,6 +232,8 @@ class MemoryBackend:
                 failed = len(rows)
         if now + span > entry.expires_ms:
             entry.expires_ms = now + span
+            if now + span > entry.due:  # (past its bucket: listed again, seldom)
+                self._list(principal, entry, span)
         if failed >= 0:  # nothing charged: report the counters as they are
             refused = tuple([
                 _new(WindowState, (s[0], s[1], s[2] - costs[row[3]], s[3]))
@@ -271,9 +300,6 @@ class MemoryBackend:
         entry = self._entries.get(principal)  # self._entry(principal, now), inlined
         if entry is None or now >= self._evict_at:
             entry = self._entry(principal, now)
-        elif principal is not self._last:  # (already last: nothing to move)
-            self._entries.move_to_end(principal)
-            self._last = principal
         if release is not None:
             entry.leases.pop(release, None)
         counters = entry.counters
@@ -298,6 +324,8 @@ class MemoryBackend:
             counters[name] = (index, prev, curr, 0)
             if now + 2 * window > entry.expires_ms:
                 entry.expires_ms = now + 2 * window
+                if now + 2 * window > entry.due:
+                    self._list(principal, entry, 2 * window)
 
     async def refresh(self, principal: str, lease: str, ttl_ms: int) -> None:
         now = self._now()
@@ -314,7 +342,10 @@ class MemoryBackend:
         if tag in entry.marks:
             return False
         entry.marks[tag] = now + ttl_ms
-        entry.expires_ms = max(entry.expires_ms, now + ttl_ms)
+        if now + ttl_ms > entry.expires_ms:
+            entry.expires_ms = now + ttl_ms
+            if now + ttl_ms > entry.due:
+                self._list(principal, entry, ttl_ms)
         return True
 
     async def peek(self, principal: str, hits: Sequence[Hit]) -> tuple[WindowState, ...]:
