@@ -77,14 +77,17 @@ class MemoryBackend:
     def _now(self) -> int:
         return int(self.clock() * 1000)
 
-    def _entry(self, principal: str, now: int) -> _Entry:
+    def _entry(self, principal: str, now: int, lifetime: int = 0) -> _Entry:
+        """``principal``'s entry; a new one lives ``lifetime`` ms (listed at once, so one
+        never given a window still goes; a caller about to extend it says by how much, so
+        it is listed once)."""
         if now >= self._evict_at:
             self._evict(now)
         entry = self._entries.get(principal)
         if entry is None:
             entry = self._entries[principal] = _Entry()
-            entry.expires_ms = now  # (listed now, so one never given a window still goes)
-            self._list(principal, entry, 0)
+            entry.expires_ms = now + lifetime
+            self._list(principal, entry, lifetime)
         return entry
 
     def _list(self, principal: str, entry: _Entry, lifetime: int) -> None:
@@ -175,9 +178,9 @@ class MemoryBackend:
         the same pass over the counters when the plan allows it. ``span``: twice the longest
         window (ms)."""
         now = int(self.clock() * 1000)
-        entry = self._entries.get(principal)  # self._entry(principal, now), inlined
+        entry = self._entries.get(principal)  # self._entry(principal, now, span), inlined
         if entry is None or now >= self._evict_at:
-            entry = self._entry(principal, now)
+            entry = self._entry(principal, now, span)
         counters = entry.counters
         states: list[WindowState] = []  # as they will be once charged
         failed = -1
