@@ -68,8 +68,9 @@ class MemoryBackend:
         self._entries: dict[str, _Entry] = {}
         # Expiry buckets: bucket end (ms) -> principals listed there, and a heap of the ends.
         # A principal is listed again only when its expiry passes its bucket's end, and a
-        # bucket is about a tenth of the entry's lifetime wide (a power of two ms, so ends
-        # align), so an active principal has ~10 listings pending, not one per request.
+        # bucket is an eighth to a sixteenth of the entry's lifetime wide (a power of two
+        # ms, so ends align): an active principal has ~10 listings pending, not one per
+        # request.
         self._buckets: dict[int, list[str]] = {}
         self._ends: list[int] = []
         self._evict_at = _NEVER  # the first bucket's end: no eviction pass before it (ms)
