@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 from aimiddleware.usage.ledger import Ledger
-from aimiddleware.usage.models import _FIVE, _FIVE_SET, _SIX, Usage, trusted
+from aimiddleware.usage.models import _FIVE, _FIVE_SET, Usage, trusted
 from aimiddleware.usage.records import (
     NANOS,
     TOKEN_FIELDS,
@@ -41,12 +41,13 @@ RecordValues = tuple[
 
 # A stored row holds its Usage as plain ints: a tuple of atomic values is untracked by the
 # garbage collector, so 100k kept requests do not make every full collection walk them.
-# Codes 0-2 as first written; then every other subset of TOKEN_FIELDS, by bit mask (a row
-# whose usage had three fields set, as a stream's has, kept a Usage: three tracked objects).
-_FIELD_SETS: tuple[frozenset[str], ...] = (frozenset(), _FIVE, _SIX, *(
-    frozenset(f for bit, f in enumerate(TOKEN_FIELDS) if mask >> bit & 1) for mask in range(64)
-))
-_CODES = {fields: code for code, fields in reversed(list(enumerate(_FIELD_SETS)))}  # lowest
+# A row's code is its fields set as a bit mask over TOKEN_FIELDS: every subset has one (a
+# stream's usage, three fields set, kept a whole Usage: three tracked objects per row).
+_FIELD_SETS: tuple[frozenset[str], ...] = tuple(
+    frozenset(f for bit, f in enumerate(TOKEN_FIELDS) if mask >> bit & 1)
+    for mask in range(1 << len(TOKEN_FIELDS))
+)
+_CODES = {fields: code for code, fields in enumerate(_FIELD_SETS)}
 _token_values = operator.itemgetter(*TOKEN_FIELDS)  # of a Usage's __dict__, in C
 _tokens = operator.attrgetter(*TOKEN_FIELDS)  # of any Usage
 
