@@ -35,6 +35,7 @@ __all__ = [
     "RequestContext",
     "RequestIdFilter",
     "TraceContext",
+    "after_response",
     "current",
     "current_or_none",
     "default_principal",
@@ -43,6 +44,7 @@ __all__ = [
     "parse_traceparent",
     "report_no_model_call",
     "report_usage",
+    "run_after_response",
     "valid_request_id",
 ]
 
@@ -52,6 +54,7 @@ _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-
 _UNPARSED: Any = object()
 
 _current: ContextVar[RequestContext | None] = ContextVar("aimiddleware_context", default=None)
+logger = logging.getLogger("aimiddleware")
 
 
 def valid_request_id(value: str) -> bool:
@@ -207,6 +210,9 @@ class RequestContext:
     response_complete: bool = False
     disconnected: bool = False
     stream_error_writer: Callable[[AIError], Awaitable[None]] | None = None
+    after_response: list[Callable[[], Awaitable[None]]] | tuple[()] | None = None
+    """What runs once the request has ended (see :func:`after_response`); ``None``: no
+    context layer runs it."""
     state: dict[str, Any] = field(default_factory=dict)
     traceparent_header: str | None = field(default=None, repr=False)
     tracestate_header: str | None = field(default=None, repr=False)
@@ -268,7 +274,35 @@ def begin_context(
     ctx.traceparent_header = traceparent_header
     ctx.tracestate_header = tracestate_header
     ctx.content_type = content_type
+    ctx.after_response = ()  # (this layer runs them: none yet, nothing allocated)
     return ctx
+
+
+def after_response(ctx: RequestContext, hook: Callable[[], Awaitable[None]]) -> bool:
+    """Have ``hook()`` awaited once the request has ended: after its response was sent, or
+    after the error layer has rendered what the app raised (``ctx.response_status`` then
+    says how it ended), or after it was cancelled. True when the context layer that made
+    ``ctx`` will run it; False when none will (the caller does its work now).
+
+    A hook runs on the way out of the context layer, cancelled or not: one that does I/O
+    shields it. It never hides the response: an exception it raises is logged."""
+    hooks = ctx.after_response
+    if hooks is None:
+        return False
+    if not hooks:
+        ctx.after_response = hooks = []
+    hooks.append(hook)
+    return True
+
+
+async def run_after_response(ctx: RequestContext) -> None:
+    """Await the hooks given to :func:`after_response` (the context layers call it)."""
+    hooks, ctx.after_response = ctx.after_response or (), ()
+    for hook in hooks:
+        try:
+            await hook()
+        except Exception:
+            logger.exception("an after-response hook failed")
 
 
 def current_or_none() -> RequestContext | None:

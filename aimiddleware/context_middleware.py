@@ -23,6 +23,7 @@ from aimiddleware.context import (
     duplicate_key,
     key_principal,
     new_request_id,
+    run_after_response,
     valid_request_id,
 )
 from aimiddleware.errors import (
@@ -108,6 +109,8 @@ class RequestContextMiddleware:
             await self.app(scope, replay_receive(ctx, receive), send_with_id)
         finally:
             _current.reset(token)
+            if ctx.after_response:  # (usually none)
+                await run_after_response(ctx)
 
     def new_context(self, scope: Scope) -> tuple[RequestContext, int | None, bytes | None]:
         """The request's context (also at ``scope["state"]``), its declared Content-Length

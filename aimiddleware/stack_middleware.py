@@ -25,7 +25,7 @@ import anyio
 
 from aimiddleware._asgi import is_preflight, route_path
 from aimiddleware.cancellation import CancellationMiddleware
-from aimiddleware.context import RequestContext, _current
+from aimiddleware.context import RequestContext, _current, run_after_response
 from aimiddleware.context_middleware import (
     RequestContextMiddleware,
     replay_receive,
@@ -112,6 +112,8 @@ class StackMiddleware:
                 raise
         finally:
             _current.reset(token)
+            if ctx.after_response:  # (usually none)
+                await run_after_response(ctx)
             # The exchange sends bodies through its own bound method: break that cycle so
             # the request's objects are freed now, not by the cyclic garbage collector.
             exchange._send = exchange.raw_send

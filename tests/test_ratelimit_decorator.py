@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 import httpx
+import pytest
 from fastapi import FastAPI
 from pydantic import BaseModel
 from starlette.applications import Starlette
@@ -201,3 +202,42 @@ async def test_a_json_endpoint_is_charged_the_usage_it_reports(storage: Storage)
                 remaining.append(int(r.headers["x-ratelimit-remaining-tokens"]))
             # (each head shows what the request before it was charged)
             assert [a - b for a, b in itertools.pairwise(remaining)] == [6, 6], path
+
+
+class Answer(BaseModel):
+    text: str
+
+
+@pytest.mark.parametrize("arrangement", ["stack", "layers"])
+async def test_a_value_that_fails_response_validation_is_refunded(
+    storage: Storage, arrangement: str
+) -> None:
+    # The decorator settled when the endpoint returned, before FastAPI validated the value
+    # against response_model: a ResponseValidationError (a 500) was charged as a success, so
+    # two broken answers spent the caller's two requests and the good one was refused.
+    app = FastAPI()
+
+    @app.post("/answer", response_model=Answer)
+    @rate_limit(Policy(requests="2/minute", concurrency=1), storage=storage)
+    async def answer(body: dict[str, Any]) -> Any:
+        return {"text": body["text"]} if body.get("ok") else {"wrong": "shape"}
+
+    aimiddleware.install(app)
+    if arrangement == "layers":  # install()'s layers as one middleware each
+        (stack,) = app.user_middleware
+        app.user_middleware.clear()
+        for cls, options in reversed(stack.kwargs["layers"]):
+            app.add_middleware(cls, **options)
+    limiter = answer.rate_limiter  # type: ignore[attr-defined]
+    auth = {"authorization": "Bearer k1"}
+    async with serve(app) as url, httpx.AsyncClient(base_url=url) as c:
+        broken = [await c.post("/answer", json={"ok": False}, headers=auth) for _ in range(3)]
+        good = [await c.post("/answer", json={"ok": True, "text": t}, headers=auth)
+                for t in ("a", "b")]
+        refused = await c.post("/answer", json={"ok": True, "text": "c"}, headers=auth)
+    assert [r.status_code for r in broken] == [500, 500, 500]
+    assert all(r.json()["error"]["type"] == "server_error" for r in broken)
+    assert [r.status_code for r in good] == [200, 200], [r.text for r in good]
+    assert good[0].json() == {"text": "a"}
+    assert refused.status_code == 429 and refused.json()["dimension"] == "requests"
+    assert await limiter.backend.in_flight(principal_of("k1")) == 0  # every lease released

@@ -13,7 +13,8 @@ from aimiddleware.errors import AIError, StoreUnavailable
 from aimiddleware.ratelimit.limiter import Admission, RateLimiter
 
 __all__ = [
-    "add_headers", "is_success", "run_admitted", "run_request", "send_then_settle", "settle",
+    "add_headers", "failed_response", "is_success", "run_admitted", "run_request",
+    "send_then_settle", "settle",
 ]
 
 logger = logging.getLogger("aimiddleware.ratelimit")
@@ -50,7 +51,7 @@ async def run_admitted(
         held = not failed and hold is not None and hold(result)
         return result
     except BaseException as exc:  # (a cancellation too: judged by the response, if any)
-        failed = _failed(ctx)
+        failed = failed_response(ctx)
         if isinstance(exc, AIError):
             add_headers(exc, admission)
         raise
@@ -67,7 +68,7 @@ async def send_then_settle(
 ) -> None:
     """Await ``send()`` (a response that :func:`run_admitted` held) under the admission,
     judged by the response as a request is."""
-    await run_admitted(limiter, admission, ctx, send, lambda _: _failed(ctx))
+    await run_admitted(limiter, admission, ctx, send, lambda _: failed_response(ctx))
 
 
 async def run_request(
@@ -81,7 +82,9 @@ async def run_request(
     response status outside 2xx (or none). Without a lease to keep alive, the same steps
     inline (cheaper)."""
     if admission.lease is not None and limiter.refreshes:
-        await run_admitted(limiter, admission, ctx, lambda: call(*args), lambda _: _failed(ctx))
+        await run_admitted(
+            limiter, admission, ctx, lambda: call(*args), lambda _: failed_response(ctx)
+        )
         return
     try:
         await call(*args)
@@ -89,7 +92,7 @@ async def run_request(
         add_headers(err, admission)
         raise
     finally:
-        failed = _failed(ctx)  # (raised or not: judged by the response, as run_admitted does)
+        failed = failed_response(ctx)  # (raised or not: by the response, as in run_admitted)
         if limiter.finishes_now:  # the in-process store: a plain call that never raises
             limiter.finish_now(admission, ctx, failed)
         elif limiter.settled(admission, ctx, failed=failed):
@@ -106,7 +109,7 @@ def is_success(status: int) -> bool:
     return 200 <= status < 300
 
 
-def _failed(ctx: RequestContext) -> bool:
+def failed_response(ctx: RequestContext) -> bool:
     """Refunded in full: a response that is not a success, or none at all unless the client
     went away while the app ran (a model call it chose to abandon is still a call)."""
     status = ctx.response_status

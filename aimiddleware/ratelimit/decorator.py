@@ -20,8 +20,14 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from aimiddleware._asgi import WrappedResponse, get_header, is_async_callable, with_hidden_params
-from aimiddleware.context import RequestContext, current
-from aimiddleware.ratelimit._run import is_success, run_admitted, send_then_settle
+from aimiddleware.context import RequestContext, after_response, current
+from aimiddleware.ratelimit._run import (
+    failed_response,
+    is_success,
+    run_admitted,
+    send_then_settle,
+    settle,
+)
 from aimiddleware.ratelimit.limiter import Admission, RateLimiter
 from aimiddleware.ratelimit.policy import Policy
 from aimiddleware.sse.response import EventStreamResponse
@@ -90,7 +96,17 @@ def rate_limit(
             def failure(result: Any) -> bool:  # (refunded, as the middleware does)
                 return isinstance(result, Response) and not is_success(result.status_code)
 
-            result = await run_admitted(lim, admission, ctx, call, failure, hold=_streams)
+            def hold(result: Any) -> bool:
+                # A stream is settled once sent (below). A plain value is rendered by FastAPI
+                # after this returns, and may fail there (a ResponseValidationError is a
+                # 500): settled by the response it became, once the context layer has it.
+                if _streams(result):
+                    return True
+                return not isinstance(result, Response) and after_response(
+                    ctx, lambda: _settle_by_response(lim, admission, ctx)
+                )
+
+            result = await run_admitted(lim, admission, ctx, call, failure, hold=hold)
             target = result if isinstance(result, Response) else response
             if target is not None:
                 for key, value in admission.headers:
@@ -106,6 +122,13 @@ def rate_limit(
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+async def _settle_by_response(lim: RateLimiter, admission: Admission, ctx: RequestContext) -> None:
+    """Settle a plain value's admission by the response it became (refunded unless 2xx)."""
+    failed = failed_response(ctx)
+    if not lim.settled(admission, ctx, failed=failed):
+        await settle(lim, admission, ctx, failed)
 
 
 def _signature(func: Callable[..., Any]) -> inspect.Signature:
