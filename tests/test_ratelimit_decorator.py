@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 import aimiddleware
@@ -241,3 +241,35 @@ async def test_a_value_that_fails_response_validation_is_refunded(
     assert good[0].json() == {"text": "a"}
     assert refused.status_code == 429 and refused.json()["dimension"] == "requests"
     assert await limiter.backend.in_flight(principal_of("k1")) == 0  # every lease released
+
+
+async def test_a_stream_the_request_never_sends_gives_back_its_slot(storage: Storage) -> None:
+    # An endpoint that calls a decorated streaming one and answers with something else never
+    # sends the held stream: its admission was settled only when sent, so the concurrency
+    # slot stayed taken (on the in-process store for the life of the process).
+    async def tokens() -> AsyncIterator[str]:
+        yield "never produced"
+
+    @rate_limit(Policy(requests="100/minute", concurrency=1), storage=storage)
+    async def chat(request: Request) -> StreamingResponse:
+        return StreamingResponse(tokens(), media_type="text/plain")
+
+    async def preview(request: Request) -> JSONResponse:
+        await chat(request)  # (its stream is dropped: only a preview is answered)
+        return JSONResponse({"preview": True})
+
+    app = Starlette(routes=[Route("/preview", preview), Route("/chat", chat)])
+    aimiddleware.install(app)
+    limiter = chat.rate_limiter  # type: ignore[attr-defined]
+    auth = {"authorization": "Bearer k1"}
+    async with serve(app) as url, httpx.AsyncClient(base_url=url) as c:
+        first = await c.get("/preview", headers=auth)
+        second = await c.get("/preview", headers=auth)
+        streamed = await c.get("/chat", headers=auth)
+    assert first.status_code == 200 and second.status_code == 200, second.text
+    assert streamed.status_code == 200 and streamed.text == "never produced"
+    assert await limiter.backend.in_flight(principal_of("k1")) == 0
+    hits = [Hit(lim.field, lim.window * 1000, lim.amount, 0)
+            for lim in limiter.policies["default"].limits]
+    state = (await limiter.backend.peek(principal_of("k1"), hits))[0]
+    assert state.prev + state.curr == 1  # the two never sent were refunded; the stream counts

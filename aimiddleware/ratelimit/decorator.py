@@ -112,7 +112,9 @@ def rate_limit(
                 for key, value in admission.headers:
                     target.headers[key] = value
             if _streams(result) and is_success(result.status_code):  # (held: settled when sent)
-                return _SettledWhenSent(result, lim, admission, ctx)
+                held = _SettledWhenSent(result, lim, admission, ctx)
+                after_response(ctx, held.settle_unsent)  # (a stream never sent: settled then)
+                return held
             return result
 
         wrapper.__signature__ = with_hidden_params(  # type: ignore[attr-defined]
@@ -170,9 +172,19 @@ class _SettledWhenSent(WrappedResponse):
         self.limiter = limiter
         self.admission = admission
         self.ctx = ctx
+        self.sent = False
 
     async def send_inner(self, scope: Scope, receive: Receive, send: Send) -> None:
         inner = self.inner
+        self.sent = True
         await send_then_settle(
             self.limiter, self.admission, self.ctx, lambda: inner(scope, receive, send)
         )
+
+    async def settle_unsent(self) -> None:
+        """Settle a stream the request ended without sending (an endpoint that called the
+        decorated one and answered with something else): it never ran, so it is refunded in
+        full and its lease released. (On the in-process store a lease never expires: kept,
+        it would hold a concurrency slot for the life of the process.)"""
+        if not self.sent and not self.limiter.settled(self.admission, self.ctx, failed=True):
+            await settle(self.limiter, self.admission, self.ctx, True)
