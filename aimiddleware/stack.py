@@ -10,6 +10,9 @@ already cached. It is outside every stateful layer, so when it cancels the endpo
 own ``finally`` blocks run on the way out: rate limiting releases its concurrency lease and
 reconciles, idempotency releases its key, usage records the partial usage.
 
+On lifespan shutdown the stack waits (``shutdown_grace``) for what its layers still have in
+flight before the app's own shutdown runs (see :mod:`aimiddleware._shutdown`).
+
 A layer whose configuration is ``None`` is left out. Every layer is also usable alone with
 ``app.add_middleware``; ``install`` fixes the order, shares one :class:`Storage`, and adds
 the layers as one :class:`~aimiddleware.stack_middleware.StackMiddleware`, which runs their
@@ -62,6 +65,9 @@ class StackConfig:
     idempotency: IdempotencyConfig | None = None
     # On by default: a client that disconnects cancels the endpoint. Add timeout tiers here.
     cancellation: CancellationConfig | None = field(default_factory=CancellationConfig)
+    # On lifespan shutdown, before the app's own: seconds to wait, in all, for requests still
+    # unwinding, idempotency records and usage rows waiting for the store (then logged lost).
+    shutdown_grace: float = 5.0
 
 
 def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
@@ -75,6 +81,8 @@ def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
         config = StackConfig(**options)
     elif options:
         config = StackConfig(**{**config.__dict__, **options})
+    if config.shutdown_grace < 0:
+        raise ValueError("shutdown_grace must be >= 0")
     storage = Storage.coerce(config.storage)
     mapper = ExceptionMapper(config.exception_mappings)
 
@@ -146,6 +154,6 @@ def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
                 usage_headers=config.usage is not None,
                 version_headers=config.versioning is not None,
             )
-        app.add_middleware(StackMiddleware, layers=layers)
+        app.add_middleware(StackMiddleware, layers=layers, shutdown_grace=config.shutdown_grace)
         return app
-    return StackMiddleware(app, layers=layers)
+    return StackMiddleware(app, layers=layers, shutdown_grace=config.shutdown_grace)

@@ -11,6 +11,11 @@ Here one wrapper per request (a usage :class:`~aimiddleware.usage.middleware.Res
 adds every layer's response headers at once, in the order the chain would: the app's own
 (less any rate-limit header it set), usage, rate limit, versioning, request id.
 
+On lifespan shutdown the stack first finishes what its layers left in flight (requests
+still unwinding, idempotency records and usage rows waiting for the store), within
+``shutdown_grace`` seconds, before the app's own shutdown closes the store: see
+:class:`~aimiddleware._shutdown.Drain`.
+
 A request on a rarer path (an ``Idempotency-Key``, a versioning helper route) continues
 through the chained layers from that layer inward, so it behaves exactly as it would in
 the chain.
@@ -24,6 +29,7 @@ from typing import Any
 import anyio
 
 from aimiddleware._asgi import is_preflight, route_path
+from aimiddleware._shutdown import Drain
 from aimiddleware.cancellation import CancellationMiddleware
 from aimiddleware.context import RequestContext, _current, run_after_response
 from aimiddleware.context_middleware import (
@@ -48,9 +54,12 @@ RawHeaders = list[tuple[bytes, bytes]]
 
 class StackMiddleware:
     """``layers``: ``(middleware class, options)`` outermost first, as ``install()`` builds
-    them; the context and error layers are required, the others optional."""
+    them; the context and error layers are required, the others optional.
+    ``shutdown_grace``: seconds the lifespan shutdown waits for what is in flight."""
 
-    def __init__(self, app: ASGIApp, *, layers: Sequence[Layer]) -> None:
+    def __init__(
+        self, app: ASGIApp, *, layers: Sequence[Layer], shutdown_grace: float = 5.0
+    ) -> None:
         self.app = app
         self.layers = tuple(layers)
         chain = app
@@ -78,15 +87,24 @@ class StackMiddleware:
         if self.versioning is not None:
             ours.update(self.versioning._added_names)
         self._ours = frozenset(ours)
+        self.drain = Drain(
+            shutdown_grace,
+            self.idempotency.engine if self.idempotency is not None else None,
+            self.accounting.settings.ledger if self.accounting is not None else None,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # every layer passes these through
+            if scope["type"] == "lifespan":  # (the shutdown drains the stack first)
+                receive = self.drain.receive(receive)
             await self.app(scope, receive, send)
             return
         context = self.context
         ctx, content_length, key = context.new_context(scope)
         exchange = _Exchange(self, ctx, send)
         token = _current.set(ctx)
+        drain = self.drain
+        drain.active += 1
         try:
             if not await context.read_request(
                 ctx, scope, receive, exchange.outer, content_length, key
@@ -111,6 +129,7 @@ class StackMiddleware:
                 await self.errors.answer_cancelled(scope, ctx, exchange.outer, started=started)
                 raise
         finally:
+            drain.active -= 1
             _current.reset(token)
             if ctx.after_response:  # (usually none)
                 await run_after_response(ctx)

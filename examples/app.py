@@ -154,6 +154,9 @@ def create_app(
         await model.warm()
         async with jobs.lifespan_context(app):
             yield
+        # (install()'s stack flushed the ledger before this shutdown began; the jobs ended
+        # since wrote rows of their own)
+        await ledger.aclose()
         await store.aclose()
         if upstream is not None:
             await upstream.aclose()

@@ -32,6 +32,7 @@ from aimiddleware.errors import (
 from aimiddleware.idempotency.config import IdempotencyConfig
 from aimiddleware.idempotency.fingerprint import Fingerprinter
 from aimiddleware.idempotency.key import find_key
+from aimiddleware.idempotency.later import LaterWrites
 from aimiddleware.idempotency.memory import MemoryIdempotencyStore
 from aimiddleware.idempotency.models import Claimed, Completed, LiveStream
 from aimiddleware.idempotency.recorder import Recording
@@ -97,6 +98,8 @@ class IdempotencyEngine:
             self.streaming = store
         self.fingerprint = Fingerprinter(config.secret)
         self.header = config.header.lower().encode("latin-1")
+        # Records the store did not take when their response ended (written once it answers).
+        self.later = LaterWrites(self)
 
     def applies(self, method: str) -> bool:
         return method.upper() in self.config.methods

@@ -2,13 +2,14 @@
 
 The record is completed on the last body message, before that message is forwarded, so an
 answer whose client went away is still kept for the retry. A status that is not stored, a
-response above ``max_record_bytes`` or one that never ends releases the key instead. With
-``follow_streams``, an event stream is also published chunk by chunk for followers.
+response above ``max_record_bytes`` or one that never ends releases the key instead. A
+record the store does not take (it is down) is written later by the engine's
+:class:`~aimiddleware.idempotency.later.LaterWrites`. With ``follow_streams``, an event
+stream is also published chunk by chunk for followers.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -28,42 +29,6 @@ if TYPE_CHECKING:
 __all__ = ["Recording"]
 
 logger = logging.getLogger("aimiddleware.idempotency")
-
-_later: set[asyncio.Task[None]] = set()  # (a reference to each, until it ends)
-
-
-def _store_later(engine: IdempotencyEngine, lease: Lease, record: Completed) -> None:
-    """Complete ``lease`` with ``record`` in the background once the store answers again,
-    while the claim is still ours (asyncio; elsewhere the claim just lapses)."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:  # (another event loop: trio)
-        return
-    task = loop.create_task(_complete_when_back(engine, lease, record))
-    _later.add(task)
-    task.add_done_callback(_later.discard)
-
-
-async def _complete_when_back(engine: IdempotencyEngine, lease: Lease, record: Completed) -> None:
-    deadline = time.monotonic() + engine.config.lease_seconds
-    delay = 0.1
-    while time.monotonic() < deadline:
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 2.0)
-        try:
-            stored = await engine.store.complete(
-                lease.key, lease.owner, record, engine.config.retention_seconds
-            )
-        except StoreUnavailable:
-            continue
-        except Exception:
-            logger.warning("could not store an idempotent response", exc_info=True)
-            return
-        if stored:
-            logger.info("idempotent response stored after the store came back")
-        else:
-            logger.warning("idempotency lease expired before the store came back; not stored")
-        return
 
 
 def _ended_in_error() -> bool:
@@ -183,7 +148,7 @@ class Recording:
             # (else a retry would be a 409 until the claim lapses, then run again).
             logger.warning("store unavailable: the idempotent response will be stored when it "
                            "is back (until the key's lease ends)")
-            _store_later(self.engine, self.lease, record)
+            self.engine.later.add(self.lease, record)
             return
         except Exception:
             logger.warning("could not store an idempotent response", exc_info=True)
