@@ -129,10 +129,14 @@ class StackMiddleware:
                 await self.errors.answer_cancelled(scope, ctx, exchange.outer, started=started)
                 raise
         finally:
-            drain.active -= 1
             _current.reset(token)
-            if ctx.after_response:  # (usually none)
-                await run_after_response(ctx)
+            if ctx.after_response:  # (usually none; still in flight for the drain meanwhile)
+                try:
+                    await run_after_response(ctx)
+                finally:
+                    drain.active -= 1
+            else:
+                drain.active -= 1
             # The exchange sends bodies through its own bound method: break that cycle so
             # the request's objects are freed now, not by the cyclic garbage collector.
             exchange._send = exchange.raw_send
