@@ -177,8 +177,10 @@ def test_extract_stream_events() -> None:
     got_start = from_stream_event(start)
     assert got_start is not None and got_start.usage == Usage(
         input_tokens=30, output_tokens=1, cached_input_tokens=5)
+    assert got_start.provisional  # message_start's output_tokens is a placeholder
     got_delta = from_stream_event(delta)
     assert got_delta is not None and got_delta.raw_finish_reason == "tool_use"
+    assert not got_delta.provisional
     got_chunk = from_stream_event(chunk)
     assert got_chunk is not None and got_chunk.usage == Usage(input_tokens=9, output_tokens=3)
     assert from_stream_event({"choices": [{"delta": {"content": "x"}}]}) is None
@@ -277,7 +279,7 @@ def test_openai_chat_extraction_tolerates_odd_members() -> None:
     assert got.usage == Usage(input_tokens=0, output_tokens=0, total_tokens=0)
     assert (got.raw_finish_reason, got.provider, got.model_version) == (None, "openai", None)
     empty = from_response({**OPENAI_CHAT, "choices": [], "usage": None})
-    assert empty == (None, None, "openai", "gpt-4o-2024-08-06")
+    assert empty == (None, None, "openai", "gpt-4o-2024-08-06", False)
 
 
 def test_openai_chat_usage_shares_one_fields_set_like_a_validated_one() -> None:

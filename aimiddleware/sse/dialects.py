@@ -26,7 +26,7 @@ from decimal import Decimal
 from typing import Any
 
 from aimiddleware.sse.events import ServerSentEvent, encode_data, json_data
-from aimiddleware.usage.models import Usage
+from aimiddleware.usage.models import Usage, merge
 
 __all__ = [
     "AnthropicDialect",
@@ -234,6 +234,22 @@ _ANTHROPIC_ERRORS = {
 }
 
 
+# Normalized reasons as Anthropic's stop_reason (a stream whose endpoint gave none ends with
+# "stop"); Anthropic's own values pass as they are.
+_ANTHROPIC_STOP = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "content_filter": "refusal",
+}
+
+
+def _anthropic_stop_reason(reason: str | None) -> str:
+    if reason is None:
+        return "end_turn"
+    return _ANTHROPIC_STOP.get(reason, reason)
+
+
 class AnthropicDialect(Dialect):
     """Anthropic Messages streaming: named events whose ``event`` equals the JSON ``type``."""
 
@@ -248,6 +264,7 @@ class AnthropicDialect(Dialect):
         self._started = False
         self._block_open = False
         self._stopped = False
+        self._opening: Usage | None = None
 
     @staticmethod
     def _event(payload: dict[str, Any]) -> bytes:
@@ -284,15 +301,17 @@ class AnthropicDialect(Dialect):
             return None, None
         kind = item.get("type")
         if kind == "message_start":
+            # The opening usage (its output_tokens a placeholder) counts with message_delta:
+            # a stream cut before it has reported no usage.
             usage = (item.get("message") or {}).get("usage") or {}
             self.input_tokens = int(usage.get("input_tokens") or 0)
-            return Usage(input_tokens=self.input_tokens), None
+            self._opening = Usage.from_anthropic(usage)
+            return None, None
         if kind == "message_delta":
-            usage = item.get("usage") or {}
             finish = (item.get("delta") or {}).get("stop_reason")
-            out = Usage(input_tokens=self.input_tokens,
-                        output_tokens=int(usage.get("output_tokens") or 0))
-            return out, finish
+            # cumulative counts: cache reads and writes included, as in Usage.from_anthropic
+            closing = Usage.from_anthropic(item.get("usage") or {})
+            return merge(self._opening, closing), finish
         return None, None
 
     def end(self, summary: StreamSummary) -> list[bytes]:
@@ -304,7 +323,8 @@ class AnthropicDialect(Dialect):
         usage = summary.usage
         delta = {
             "type": "message_delta",
-            "delta": {"stop_reason": summary.finish_reason or "end_turn", "stop_sequence": None},
+            "delta": {"stop_reason": _anthropic_stop_reason(summary.finish_reason),
+                      "stop_sequence": None},
             "usage": {"output_tokens": usage.output_tokens if usage else 0},
         }
         frames.append(self._event(delta))

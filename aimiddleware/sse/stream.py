@@ -273,6 +273,10 @@ class StreamSender:
         if ctx is not None and self.dialect.model_output:
             if usage is not None:
                 ctx.usage = usage
+            else:
+                # No usage known: the counts the dialect's own end must still write (an
+                # Anthropic message_delta's output_tokens) are not usage for the stack.
+                ctx.state["usage_reported"] = True
             ctx.raw_finish_reason = finish
             if self.model is not None and ctx.model is None:
                 ctx.model = self.model

@@ -20,7 +20,7 @@ from aimiddleware.tokens import TokenCounter
 from aimiddleware.usage.extract import Extracted
 from aimiddleware.usage.ledger import Ledger
 from aimiddleware.usage.ledger_memory import MemoryLedger, _pack, _token_values
-from aimiddleware.usage.models import _FIVE_SET, Usage
+from aimiddleware.usage.models import _FIVE_SET, Usage, merge
 from aimiddleware.usage.records import UsageRecord
 
 __all__ = ["DEFAULT_MAX_JSON_BODY", "STATE_KEY", "UsageAccounting", "UsageSettings", "ledger_for"]
@@ -34,6 +34,8 @@ _NO_USAGE_PACKED = _pack(_NO_USAGE)
 # ctx.state key of the Quote settle() priced: its string and nanos serve headers and ledger
 # while it still is ctx.estimated_cost (an endpoint may set the cost itself)
 _QUOTE = "usage_quote"
+# ctx.state key: an Anthropic stream's message_start usage, until its message_delta
+_OPENING = "usage_opening"
 _PAIRS_MAX = 1024  # distinct cost texts whose header a UsageAccounting keeps
 
 
@@ -54,16 +56,6 @@ def ledger_for(storage: Storage | str | None) -> Ledger:
     from aimiddleware.usage.ledger_redis import RedisLedger
 
     return RedisLedger(storage)
-
-
-def merge(old: Usage | None, new: Usage | None) -> Usage | None:
-    """Field-wise max: streamed usage is cumulative (Anthropic start + delta, Gemini chunks)."""
-    if old is None or new is None:
-        return new or old
-    fields = {k: max(getattr(old, k), getattr(new, k)) for k in Usage.model_fields}
-    both = fields["input_tokens"] + fields["output_tokens"]
-    fields["total_tokens"] = max(fields["total_tokens"], both)
-    return Usage(**fields)
 
 
 class UsageAccounting:
@@ -119,14 +111,20 @@ class UsageAccounting:
         """Take what a response said, unless the endpoint already reported it."""
         if found is None:
             return
-        usage, raw, provider, version = found
+        usage, raw, provider, version, provisional = found
         state = ctx.state
         reported = state.get("usage_reported")
         if reported is None:
             reported = state["usage_reported"] = ctx.usage is not None
         if usage is not None and not reported:
-            old = ctx.usage
-            ctx.usage = usage if old is None else merge(old, usage)
+            if provisional:  # a stream's opening usage: held until its closing usage
+                state[_OPENING] = merge(state.get(_OPENING), usage)
+            else:
+                opening = state.pop(_OPENING, None)
+                if opening is not None:
+                    usage = merge(opening, usage)
+                old = ctx.usage
+                ctx.usage = usage if old is None else merge(old, usage)
         if raw is not None and (not reported or ctx.raw_finish_reason is None):
             ctx.raw_finish_reason = raw
         if provider and "usage_provider" not in state:

@@ -5,7 +5,9 @@ Responses (``object: "response"``), Anthropic Messages (``type: "message"``), Ge
 ``generateContent`` (``candidates`` / ``usageMetadata``), aimiddleware's own ``Envelope``, and
 any object with a recognizable ``usage`` member. Streaming chunks of the same providers
 (an OpenAI chunk with ``usage``, Anthropic ``message_start``/``message_delta``, Gemini
-chunks) are read by :func:`from_stream_event`.
+chunks) are read by :func:`from_stream_event`. An Anthropic ``message_start`` gives the
+stream's opening usage, whose ``output_tokens`` is a placeholder: it is marked
+``provisional`` and counts only with the ``message_delta`` that closes the stream.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ class Extracted(NamedTuple):
     raw_finish_reason: str | None = None
     provider: str | None = None
     model_version: str | None = None
+    #: The usage is a stream's opening figure (Anthropic ``message_start``), not yet what the
+    #: call used: it counts once the stream's closing usage arrives.
+    provisional: bool = False
 
 
 def _usage(value: Any, convert: Any = None) -> Usage | None:
@@ -105,6 +110,7 @@ def from_response(body: Any) -> Extracted | None:
             reason if type(reason) is str else _str(reason),
             "openai",
             model if type(model) is str else _str(model),
+            False,
         ))
     model = _str(body.get("model"))
     if obj == "response":
@@ -150,7 +156,7 @@ def from_stream_event(event: Any) -> Extracted | None:
     if kind == "message_start" and isinstance(event.get("message"), Mapping):
         msg = event["message"]
         usage = _usage(msg.get("usage"), Usage.from_anthropic)
-        return Extracted(usage, None, "anthropic", _str(msg.get("model")))
+        return Extracted(usage, None, "anthropic", _str(msg.get("model")), True)
     if kind == "message_delta":
         delta = event.get("delta")
         raw = _str(delta.get("stop_reason")) if isinstance(delta, Mapping) else None

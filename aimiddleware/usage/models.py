@@ -249,6 +249,16 @@ class Usage(BaseModel):
         raise ValueError("not a recognized usage object")
 
 
+def merge(old: Usage | None, new: Usage | None) -> Usage | None:
+    """Field-wise max: streamed usage is cumulative (Anthropic start + delta, Gemini chunks)."""
+    if old is None or new is None:
+        return new or old
+    fields = {k: max(getattr(old, k), getattr(new, k)) for k in Usage.model_fields}
+    both = fields["input_tokens"] + fields["output_tokens"]
+    fields["total_tokens"] = max(fields["total_tokens"], both)
+    return Usage(**fields)
+
+
 def sampling_params(body: Any) -> dict[str, Any] | None:
     """The reproducibility-shaping parameters a request set (``None`` if it set none)."""
     if not isinstance(body, Mapping):
