@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -111,18 +112,81 @@ async def test_outbox_claims_due_deliveries_with_a_lease(storage: Storage) -> No
     now = time.time()
     due = Delivery(id="msg_due", url="https://x.example/h", payload="{}", next_at=now - 1)
     later = Delivery(id="msg_later", url="https://x.example/h", payload="{}", next_at=now + 60)
-    await store.outbox_put(due.id, due.model_dump_json(), due.next_at)
-    await store.outbox_put(later.id, later.model_dump_json(), later.next_at)
-    claimed = await store.outbox_claim(now, lease=30, limit=10)
+    await store.outbox_put(due.id, due.model_dump_json(), due.next_at, "x.example:443")
+    await store.outbox_put(later.id, later.model_dump_json(), later.next_at, "x.example:443")
+    claimed = await store.outbox_claim(now, lease=30, limit=10, per_host=4)
     assert [Delivery.model_validate_json(c).id for c in claimed] == ["msg_due"]
-    assert await store.outbox_claim(now, lease=30, limit=10) == []  # leased to the first claim
-    assert len(await store.outbox_claim(now + 31, lease=30, limit=10)) == 1  # lease expired
+    # leased to the first claim, then its lease expired
+    assert await store.outbox_claim(now, lease=30, limit=10, per_host=4) == []
+    assert len(await store.outbox_claim(now + 31, lease=30, limit=10, per_host=4)) == 1
     done = due.model_copy(update={"state": "succeeded"})
     await store.outbox_done(due.id, done.model_dump_json())
-    again = await store.outbox_claim(now + 100, lease=30, limit=10)
+    again = await store.outbox_claim(now + 100, lease=30, limit=10, per_host=4)
     assert [Delivery.model_validate_json(c).id for c in again] == ["msg_later"]
     record = await store.outbox_get("msg_due")
     assert record is not None and Delivery.model_validate_json(record).state == "succeeded"
+
+
+async def test_a_saturated_host_takes_no_claim_from_the_others(storage: Storage) -> None:
+    """Deliveries were claimed oldest first whatever their host: with 16 slots and hundreds
+    of messages due for one receiver that never answers, every claim was that receiver's
+    and a message to any other waited behind all of them. A host with ``per_host`` leased
+    deliveries gets no more; its due ones stay as they are, and the others' are claimed."""
+    store = make_store(storage)
+    now = time.time()
+
+    def ids(claimed: list[str]) -> list[str]:
+        return [json.loads(c)["id"] for c in claimed]
+
+    for n in range(500):  # (due before the good one)
+        bad = Delivery(id=f"msg_bad{n}", url="https://bad.example/h", payload="{}",
+                       next_at=now - 10 + n / 1000)
+        await store.outbox_put(bad.id, bad.model_dump_json(), bad.next_at, "bad.example:443")
+    good = Delivery(id="msg_good", url="https://good.example/h", payload="{}", next_at=now - 1)
+    await store.outbox_put(good.id, good.model_dump_json(), good.next_at, "good.example:443")
+    claimed = ids(await store.outbox_claim(now, lease=30, limit=16, per_host=4))
+    assert sorted(claimed) == sorted(["msg_bad0", "msg_bad1", "msg_bad2", "msg_bad3", "msg_good"])
+    for _ in range(3):  # however often it is asked: the saturated host's due ones wait
+        assert await store.outbox_claim(now, lease=30, limit=16, per_host=4) == []
+    waiting = await store.outbox_get("msg_bad4")
+    assert waiting is not None and Delivery.model_validate_json(waiting).attempts == []
+    # An attempt that ends (rescheduled, or finished) frees its host's slot at once.
+    await store.outbox_put("msg_bad0", '{"id":"msg_bad0"}', now + 60, "bad.example:443")
+    assert ids(await store.outbox_claim(now, lease=30, limit=16, per_host=4)) == ["msg_bad4"]
+    await store.outbox_done("msg_bad1", '{"id":"msg_bad1"}')
+    assert ids(await store.outbox_claim(now, lease=30, limit=16, per_host=4)) == ["msg_bad5"]
+    # A new message to a saturated host waits too; one to another host does not.
+    await store.outbox_put("msg_bad_new", '{"id":"msg_bad_new"}', now - 20, "bad.example:443")
+    await store.outbox_put("msg_other", '{"id":"msg_other"}', now, "other.example:443")
+    assert ids(await store.outbox_claim(now, lease=30, limit=16, per_host=4)) == ["msg_other"]
+    # Leases that ended (their dispatcher died mid-attempt) hold no slot: the host's oldest
+    # due deliveries are claimed, no more than the cap (those leased are due again, later).
+    later = ids(await store.outbox_claim(now + 31, lease=30, limit=16, per_host=4))
+    assert sorted(later) == [
+        "msg_bad6", "msg_bad7", "msg_bad8", "msg_bad_new", "msg_good", "msg_other"]
+
+
+async def test_deliveries_left_in_the_earlier_due_set_are_still_sent(redis_url: str) -> None:
+    """Before hosts were capped, Redis kept one due set for every host; a delivery an
+    earlier version left there (a retry hours ahead) is claimed as before, and moves to its
+    host's queue once it is put back."""
+    storage = Storage(redis_url)
+    store = make_store(storage)
+    now = time.time()
+    old = Delivery(id="msg_old", url="https://x.example/h", payload="{}", next_at=now - 1)
+    r = storage.redis
+    await r.hset(storage.key("jobs", "outbox", "data"), old.id, old.model_dump_json())
+    await r.zadd(storage.key("jobs", "outbox", "due"), {old.id: old.next_at})
+    try:
+        claimed = await store.outbox_claim(now, lease=30, limit=16, per_host=4)
+        assert [Delivery.model_validate_json(c).id for c in claimed] == ["msg_old"]
+        assert await store.outbox_claim(now, lease=30, limit=16, per_host=4) == []  # leased
+        await store.outbox_put(old.id, old.model_dump_json(), now + 60, "x.example:443")
+        assert await r.zcard(storage.key("jobs", "outbox", "due")) == 0
+        again = await store.outbox_claim(now + 61, lease=30, limit=16, per_host=4)
+        assert [Delivery.model_validate_json(c).id for c in again] == ["msg_old"]
+    finally:
+        await storage.aclose()
 
 
 async def test_finished_deliveries_expire_after_the_retention(storage: Storage) -> None:
@@ -130,7 +194,8 @@ async def test_finished_deliveries_expire_after_the_retention(storage: Storage) 
     store = make_store(storage, ttl=1)
     now = time.time()
     pending = Delivery(id="msg_pending", url="https://x.example/h", payload="{}", next_at=now + 60)
-    await store.outbox_put(pending.id, pending.model_dump_json(), pending.next_at)
+    await store.outbox_put(pending.id, pending.model_dump_json(), pending.next_at,
+                           "x.example:443")
     for delivery_id in ("msg_old", "msg_old_too"):
         await store.outbox_done(delivery_id, "{}")
     await anyio.sleep(1.2)
@@ -140,7 +205,8 @@ async def test_finished_deliveries_expire_after_the_retention(storage: Storage) 
     assert await store.outbox_get("msg_new") == "{}"
     assert await store.outbox_get(pending.id) is not None  # (not finished: kept)
     await anyio.sleep(1.2)
-    assert await store.outbox_claim(time.time(), lease=30, limit=10) == []  # so does a claim
+    # so does a claim
+    assert await store.outbox_claim(time.time(), lease=30, limit=10, per_host=4) == []
     assert await store.outbox_get("msg_new") is None
     assert await store.outbox_get(pending.id) is not None
 

@@ -38,7 +38,9 @@ class MemoryJobStore:
         self._results: dict[tuple[str, str], list[str]] = {}
         self._idem: dict[tuple[str, str], str] = {}
         self._outbox: dict[str, str] = {}
-        self._due: dict[str, float] = {}
+        self._due: dict[str, float] = {}  # pending delivery -> due time (or its lease's end)
+        self._host: dict[str, str] = {}  # pending delivery -> its receiver's host
+        self._busy: dict[str, dict[str, float]] = {}  # host -> leased delivery -> lease end
 
     async def create(
         self, principal: str, rec_id: str, data: str, idem_key: str | None
@@ -143,22 +145,45 @@ class MemoryJobStore:
     async def results(self, principal: str, rec_id: str) -> list[str]:
         return list(self._results.get((principal, rec_id), []))
 
-    async def outbox_put(self, delivery_id: str, data: str, next_at: float) -> None:
+    async def outbox_put(self, delivery_id: str, data: str, next_at: float, host: str) -> None:
+        self._release(delivery_id)
         self._outbox[delivery_id] = data
         self._due[delivery_id] = next_at
+        self._host[delivery_id] = host
 
     async def outbox_done(self, delivery_id: str, data: str) -> None:
         self._prune()
+        self._release(delivery_id)
         self._outbox[delivery_id] = data
         self._due.pop(delivery_id, None)
+        self._host.pop(delivery_id, None)
         self._done_expiry.append((time.monotonic() + self.ttl, delivery_id))
 
-    async def outbox_claim(self, now: float, lease: float, limit: int) -> list[str]:
+    def _release(self, delivery_id: str) -> None:
+        """The attempt of ``delivery_id`` in flight, if any, is over: its host's slot frees."""
+        busy = self._busy.get(self._host.get(delivery_id, ""))
+        if busy is not None:
+            busy.pop(delivery_id, None)
+
+    async def outbox_claim(
+        self, now: float, lease: float, limit: int, per_host: int
+    ) -> list[str]:
         self._prune()
-        due = sorted((at, d) for d, at in self._due.items() if at <= now)[:limit]
-        for _, delivery_id in due:
-            self._due[delivery_id] = now + lease
-        return [self._outbox[d] for _, d in due]
+        for host, busy in list(self._busy.items()):  # leases that ended (a dispatcher died)
+            for delivery_id in [d for d, end in busy.items() if end <= now]:
+                del busy[delivery_id]
+            if not busy:
+                del self._busy[host]
+        claimed: list[str] = []
+        for _, delivery_id in sorted((at, d) for d, at in self._due.items() if at <= now):
+            if len(claimed) >= limit:
+                break
+            busy = self._busy.setdefault(self._host[delivery_id], {})
+            if len(busy) >= per_host:  # (its host is saturated: it stays due, untouched)
+                continue
+            busy[delivery_id] = self._due[delivery_id] = now + lease
+            claimed.append(self._outbox[delivery_id])
+        return claimed
 
     async def outbox_get(self, delivery_id: str) -> str | None:
         return self._outbox.get(delivery_id)

@@ -88,6 +88,8 @@ class JobsRouter(Router):
         webhook_schedule: Sequence[float] = DEFAULT_SCHEDULE,
         webhook_poll_interval: float = 0.25,
         webhook_timeout: float = 15.0,
+        webhook_concurrency: int = 16,
+        webhook_host_concurrency: int = 4,
         max_steps: int | None = None,
         max_cost: Decimal | float | str | None = None,
         timeout: float | None = None,
@@ -118,7 +120,8 @@ class JobsRouter(Router):
         self.dispatcher = (
             WebhookDispatcher(self.store, WebhookSigner(webhook_secrets), policy=self.policy,
                               schedule=webhook_schedule, poll_interval=webhook_poll_interval,
-                              timeout=webhook_timeout)
+                              timeout=webhook_timeout, concurrency=webhook_concurrency,
+                              host_concurrency=webhook_host_concurrency)
             if webhook_secrets
             else None
         )

@@ -7,7 +7,9 @@ append-only event log (the SSE stream replays and resumes from it), a cancel fla
 exactly one reader report it and a fence that refuses the lost worker's writes from then on
 (a worker cut off from the store past its lease is alive, and comes back), batch result lines,
 and the idempotency map ``(principal, key) -> id``. Webhook deliveries sit in an outbox
-that any dispatcher can claim with a lease, so a restart loses none.
+that any dispatcher can claim with a lease, so a restart loses none; each names its
+receiver's host, and a claim takes no more than a cap of attempts in flight per host (held
+by every dispatcher on the store together), so one slow receiver cannot take every slot.
 """
 
 from __future__ import annotations
@@ -88,15 +90,21 @@ class JobStore(Protocol):
 
     async def results(self, principal: str, rec_id: str) -> list[str]: ...
 
-    async def outbox_put(self, delivery_id: str, data: str, next_at: float) -> None:
-        """Add or update a delivery, due at ``next_at`` (unix seconds)."""
+    async def outbox_put(self, delivery_id: str, data: str, next_at: float, host: str) -> None:
+        """Add or update a delivery to ``host`` (its receiver's ``host:port``), due at
+        ``next_at`` (unix seconds); an attempt of it that was in flight is over."""
 
     async def outbox_done(self, delivery_id: str, data: str) -> None:
         """Record a finished delivery (kept for history, no longer due, dropped ``ttl`` s
-        later)."""
+        later); an attempt of it that was in flight is over."""
 
-    async def outbox_claim(self, now: float, lease: float, limit: int) -> list[str]:
-        """Due deliveries, each leased for ``lease`` s so no other dispatcher takes it."""
+    async def outbox_claim(
+        self, now: float, lease: float, limit: int, per_host: int
+    ) -> list[str]:
+        """Up to ``limit`` due deliveries, oldest host first, each leased for ``lease`` s so
+        no other dispatcher takes it. A host whose leased deliveries (attempts in flight,
+        until put back or done, or their lease ends) number ``per_host`` gets none: its due
+        ones wait, untouched, while the others' are claimed."""
 
     async def outbox_get(self, delivery_id: str) -> str | None: ...
 

@@ -4,9 +4,10 @@ Signing is pure: ``webhook-id``, ``webhook-timestamp`` and ``webhook-signature: 
 HMAC-SHA256 of "{id}.{timestamp}.{body}">``, one ``v1,`` entry per secret so a receiver
 keeps verifying while secrets rotate. Deliveries go to the store's outbox first; a
 :class:`WebhookDispatcher` (in the jobs lifespan, on any worker) claims due ones with a
-lease, POSTs them, records every attempt and reschedules failures with backoff and jitter
-(``Retry-After`` honoured, 410 or ``webhook-delivery: abort-message`` stop). A restart
-resumes from the outbox.
+lease, at most ``host_concurrency`` in flight per receiver host (so a receiver that hangs
+holds up only its own messages), POSTs them, records every attempt and reschedules
+failures with backoff and jitter (``Retry-After`` honoured, 410 or ``webhook-delivery:
+abort-message`` stop). A restart resumes from the outbox.
 """
 
 from __future__ import annotations
@@ -210,6 +211,21 @@ def _public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return True
 
 
+def _receiver_host(url: str) -> str:
+    """The receiver a delivery's attempts are capped per: ``host:port`` (the scheme's port
+    when none is given), lowercased; the URL as given when it has no host (the policy
+    refuses it at the attempt)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    except ValueError:
+        return url
+    if not parts.hostname:
+        return url
+    host = parts.hostname.lower()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
@@ -228,10 +244,14 @@ class WebhookDispatcher:
 
     ``schedule``: delays between attempts (injectable so tests run in seconds); the message
     fails for good once it is exhausted. ``jitter``: +/- fraction added to each delay.
-    ``concurrency``: deliveries in flight at once from this dispatcher. ``timeout``: the
+    ``concurrency``: deliveries in flight at once from this dispatcher. ``host_concurrency``:
+    attempts in flight at once to one receiver host (``host:port``), counted across every
+    dispatcher on the store: a host that is slow or never answers holds that many slots at
+    most, while the other hosts' messages go out beside it (its other due messages wait in
+    the outbox, no attempt made or counted, until an attempt of it ends). ``timeout``: the
     deadline of a whole attempt, answer included (a failed attempt once it passes). A
     claimed delivery is leased for ``timeout`` + 30 s, after which a dispatcher that
-    crashed mid-attempt loses it to another.
+    crashed mid-attempt loses it to another (and its host the slot).
     """
 
     def __init__(
@@ -246,15 +266,17 @@ class WebhookDispatcher:
         poll_interval: float = 0.25,
         max_retry_after: float = 86400.0,
         concurrency: int = 16,
+        host_concurrency: int = 4,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not 0 <= jitter < 1:
             raise ValueError("jitter must be in [0, 1)")
-        if concurrency < 1:
-            raise ValueError("concurrency must be >= 1")
+        if concurrency < 1 or host_concurrency < 1:
+            raise ValueError("concurrency and host_concurrency must be >= 1")
         if not 0 < timeout < math.inf:
             raise ValueError("timeout must be a positive, finite number of seconds")
         self.concurrency = concurrency
+        self.host_concurrency = host_concurrency
         self.store = store
         self.signer = signer
         self.policy = policy or CallbackPolicy()
@@ -268,7 +290,9 @@ class WebhookDispatcher:
     async def enqueue(self, url: str, payload: str) -> str:
         """Put a message in the outbox (due now); returns its ``webhook-id``."""
         delivery = Delivery(id=new_id("msg"), url=url, payload=payload, next_at=self.clock())
-        await self.store.outbox_put(delivery.id, delivery.model_dump_json(), delivery.next_at)
+        await self.store.outbox_put(
+            delivery.id, delivery.model_dump_json(), delivery.next_at, _receiver_host(url)
+        )
         return delivery.id
 
     async def get(self, delivery_id: str) -> Delivery | None:
@@ -301,14 +325,14 @@ class WebhookDispatcher:
             while True:
                 free = self.concurrency - inflight[0]
                 try:
-                    claimed = (
-                        await self.store.outbox_claim(self.clock(), lease, free) if free else []
-                    )
+                    claimed = await self.store.outbox_claim(
+                        self.clock(), lease, free, self.host_concurrency
+                    ) if free else []
                 except StoreUnavailable:  # an outage: deliveries wait in the store
                     logger.warning("webhook dispatcher: the job store is unavailable")
                     await anyio.sleep(max(self.poll_interval, 1.0))
                     continue
-                for raw in claimed:  # a slow receiver never holds up the others
+                for raw in claimed:  # a slow receiver holds host_concurrency slots at most
                     inflight[0] += 1
                     tg.start_soon(deliver, client, Delivery.model_validate_json(raw))
                 if not claimed:
@@ -321,7 +345,8 @@ class WebhookDispatcher:
             await self._attempt(client, delivery)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):  # shutting down: due again for whoever runs next
-                await self.store.outbox_put(delivery.id, delivery.model_dump_json(), self.clock())
+                await self.store.outbox_put(delivery.id, delivery.model_dump_json(),
+                                            self.clock(), _receiver_host(delivery.url))
             raise
 
     async def _attempt(self, client: Any, delivery: Delivery) -> None:
@@ -366,4 +391,6 @@ class WebhookDispatcher:
             delay = max(delay, min(retry_after, self.max_retry_after))
         next_at = self.clock() + delay
         pending = delivery.model_copy(update={"attempts": attempts, "next_at": next_at})
-        await self.store.outbox_put(delivery.id, pending.model_dump_json(), next_at)
+        await self.store.outbox_put(
+            delivery.id, pending.model_dump_json(), next_at, _receiver_host(delivery.url)
+        )
