@@ -7,6 +7,7 @@ and as deliveries are claimed.
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from collections import deque
@@ -40,6 +41,8 @@ class MemoryJobStore:
         self._outbox: dict[str, str] = {}
         self._due: dict[str, float] = {}  # pending delivery -> due time (or its lease's end)
         self._host: dict[str, str] = {}  # pending delivery -> its receiver's host
+        # host -> a heap of (due, delivery), an entry stale once _due says otherwise
+        self._queues: dict[str, list[tuple[float, str]]] = {}
         self._busy: dict[str, dict[str, float]] = {}  # host -> leased delivery -> lease end
 
     async def create(
@@ -148,8 +151,7 @@ class MemoryJobStore:
     async def outbox_put(self, delivery_id: str, data: str, next_at: float, host: str) -> None:
         self._release(delivery_id)
         self._outbox[delivery_id] = data
-        self._due[delivery_id] = next_at
-        self._host[delivery_id] = host
+        self._schedule(delivery_id, next_at, host)
 
     async def outbox_done(self, delivery_id: str, data: str) -> None:
         self._prune()
@@ -159,30 +161,53 @@ class MemoryJobStore:
         self._host.pop(delivery_id, None)
         self._done_expiry.append((time.monotonic() + self.ttl, delivery_id))
 
+    def _schedule(self, delivery_id: str, at: float, host: str) -> None:
+        self._due[delivery_id] = at
+        self._host[delivery_id] = host
+        heapq.heappush(self._queues.setdefault(host, []), (at, delivery_id))
+
     def _release(self, delivery_id: str) -> None:
         """The attempt of ``delivery_id`` in flight, if any, is over: its host's slot frees."""
         busy = self._busy.get(self._host.get(delivery_id, ""))
         if busy is not None:
             busy.pop(delivery_id, None)
 
+    def _first(self, host: str) -> float | None:
+        """When the host's first pending delivery is due (stale heap entries dropped)."""
+        queue = self._queues[host]
+        while queue and self._due.get(queue[0][1]) != queue[0][0]:
+            heapq.heappop(queue)
+        if not queue:
+            del self._queues[host]
+            return None
+        return queue[0][0]
+
     async def outbox_claim(
         self, now: float, lease: float, limit: int, per_host: int
     ) -> list[str]:
+        # Per host, as on Redis: a host at its cap costs one look, however many are due.
         self._prune()
         for host, busy in list(self._busy.items()):  # leases that ended (a dispatcher died)
             for delivery_id in [d for d, end in busy.items() if end <= now]:
                 del busy[delivery_id]
             if not busy:
                 del self._busy[host]
+        ready = []
+        for host in list(self._queues):
+            first = self._first(host)
+            if first is not None and first <= now and len(self._busy.get(host, ())) < per_host:
+                ready.append((first, host))
         claimed: list[str] = []
-        for _, delivery_id in sorted((at, d) for d, at in self._due.items() if at <= now):
-            if len(claimed) >= limit:
-                break
-            busy = self._busy.setdefault(self._host[delivery_id], {})
-            if len(busy) >= per_host:  # (its host is saturated: it stays due, untouched)
-                continue
-            busy[delivery_id] = self._due[delivery_id] = now + lease
-            claimed.append(self._outbox[delivery_id])
+        for _, host in sorted(ready):  # oldest due host first
+            busy = self._busy.setdefault(host, {})
+            while len(claimed) < limit and len(busy) < per_host:
+                first = self._first(host)
+                if first is None or first > now:
+                    break
+                delivery_id = self._queues[host][0][1]
+                busy[delivery_id] = now + lease
+                self._schedule(delivery_id, now + lease, host)  # (its due entry goes stale)
+                claimed.append(self._outbox[delivery_id])
         return claimed
 
     async def outbox_get(self, delivery_id: str) -> str | None:
