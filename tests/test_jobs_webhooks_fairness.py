@@ -31,7 +31,7 @@ from aimiddleware.jobs import (
     WebhookSigner,
     make_store,
 )
-from aimiddleware.jobs.webhooks import _receiver_host
+from aimiddleware.jobs.dispatcher import _receiver_host
 from aimiddleware.storage import Storage
 from tests.jobs_servers import ThreadServer
 

@@ -1,6 +1,7 @@
 """Async jobs, batches and signed webhooks: ``JobsRouter`` around one async job function."""
 
 from aimiddleware.jobs.context import JobContext, JobLimitExceeded
+from aimiddleware.jobs.dispatcher import DEFAULT_SCHEDULE, WebhookDispatcher
 from aimiddleware.jobs.models import (
     Batch,
     BatchCounts,
@@ -16,13 +17,7 @@ from aimiddleware.jobs.router import JobsRouter
 from aimiddleware.jobs.runner import JobFunction, JobRunner
 from aimiddleware.jobs.store import JobStore, make_store
 from aimiddleware.jobs.taskiq_queue import TaskiqQueue
-from aimiddleware.jobs.webhooks import (
-    DEFAULT_SCHEDULE,
-    CallbackPolicy,
-    WebhookDispatcher,
-    WebhookSigner,
-    webhook_payload,
-)
+from aimiddleware.jobs.webhooks import CallbackPolicy, WebhookSigner, webhook_payload
 
 __all__ = [
     "DEFAULT_SCHEDULE",

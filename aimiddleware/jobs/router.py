@@ -30,6 +30,7 @@ from starlette.routing import Route, Router
 from aimiddleware.context import current_or_none, default_principal
 from aimiddleware.errors import IdempotencyKeyReused, InvalidRequest, NotFound
 from aimiddleware.jobs.batches import result_lines, results_jsonl
+from aimiddleware.jobs.dispatcher import DEFAULT_SCHEDULE, WebhookDispatcher
 from aimiddleware.jobs.http import (
     SubmitBatch,
     SubmitJob,
@@ -44,12 +45,7 @@ from aimiddleware.jobs.runner import JobFunction, JobRunner
 from aimiddleware.jobs.store import JobStore, make_store
 from aimiddleware.jobs.stream import JobEventsDialect, event_stream
 from aimiddleware.jobs.taskiq_queue import TaskiqQueue
-from aimiddleware.jobs.webhooks import (
-    DEFAULT_SCHEDULE,
-    CallbackPolicy,
-    WebhookDispatcher,
-    WebhookSigner,
-)
+from aimiddleware.jobs.webhooks import CallbackPolicy, WebhookSigner
 from aimiddleware.ratelimit.limiter import RateLimiter
 from aimiddleware.sse import EventStreamResponse
 from aimiddleware.storage import Storage

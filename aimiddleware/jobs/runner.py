@@ -26,9 +26,10 @@ from aimiddleware.errors import AIError, NotConfigured, StoreUnavailable
 from aimiddleware.finish_reason import normalize_finish_reason
 from aimiddleware.jobs.batches import BatchExecution, result_lines
 from aimiddleware.jobs.context import Charge, JobContext, JobLimitExceeded
+from aimiddleware.jobs.dispatcher import WebhookDispatcher
 from aimiddleware.jobs.models import Batch, Job, JobError
 from aimiddleware.jobs.store import JobFenced, JobStore
-from aimiddleware.jobs.webhooks import WebhookDispatcher, webhook_payload
+from aimiddleware.jobs.webhooks import webhook_payload
 from aimiddleware.ratelimit.limiter import RateLimiter
 from aimiddleware.usage.ledger import Ledger, UsageRecord
 from aimiddleware.usage.models import Usage
