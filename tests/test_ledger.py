@@ -20,6 +20,7 @@ from aimiddleware.usage.ledger import Feedback, Ledger, MemoryLedger, UsageRecor
 from aimiddleware.usage.ledger_redis import RedisLedger
 from aimiddleware.usage.ledger_sqlite import SQLiteLedger
 from aimiddleware.usage.models import Usage
+from tests.gc_counts import tracked_per_entry
 from tests.redis_server import RedisServer
 
 
@@ -467,3 +468,22 @@ async def test_memory_ledger_last_key_cache_keeps_lru_and_totals() -> None:
         assert got.record.usage == want.record.usage == usage
         assert got.record.usage.model_fields_set == usage.model_fields_set
         assert got.feedback == want.feedback
+
+
+def test_memory_ledger_aggregates_are_untracked_by_the_gc() -> None:
+    """An aggregate's counters (and a request's row) are plain data the garbage collector
+    does not track: 100,000 aggregates add nothing to a full collection (they were a list
+    and its holder each: 200,000 objects, ~60 ms more per full collection, measured)."""
+
+    def fill(n: int) -> MemoryLedger:
+        led = MemoryLedger()
+        for i in range(n):
+            usage = Usage(input_tokens=20 + i % 50, output_tokens=100, total_tokens=120 + i % 50)
+            row = (f"p{i}", f"r{i}", "m", None, usage, Decimal("0.001"), "stop", "stop", 200,
+                   1.5, ts("2026-03-01"))
+            assert led.record_values(row)  # type: ignore[arg-type]
+        return led
+
+    assert tracked_per_entry(fill) < 0.01
+    led = fill(3)
+    assert [a.requests for a in anyio.run(led.query, "p1")] == [1]

@@ -84,38 +84,41 @@ def _record_from(row: tuple[Any, ...]) -> UsageRecord:
     )
 
 
-# The counter names of one (principal, day, model) in MemoryLedger, by list position.
+# The counter names of one (principal, day, model) in MemoryLedger, by key in its counters.
 _SLOTS = ("requests", *TOKEN_FIELDS, "cost_nanos", "unpriced", "feedback_count", "rating_sum")
 _REQUESTS, _COST, _UNPRICED, _FEEDBACK, _RATING = 0, 7, 8, 9, 10
 
+Counters = dict[int | str, int]
+"""One aggregate's counters in memory: ints keyed by their position in ``_SLOTS`` (a write
+adds to dict entries as it would to list slots), then the finish reasons' counts keyed by
+name, in first-seen order. A dict of ints with int and str keys is untracked by the
+garbage collector, so 100,000 aggregates add nothing to a full collection (a list and its
+holder were two tracked objects per aggregate)."""
 
-class _Counters:
-    """One aggregate's counters in memory: ints by position (a write adds to list slots
-    instead of keyed dict entries) and finish reasons in first-seen order."""
+_ZERO: Counters = dict.fromkeys(range(len(_SLOTS)), 0)
 
-    __slots__ = ("n", "reasons")
 
-    def __init__(self) -> None:
-        self.n = [0] * len(_SLOTS)
-        self.reasons: dict[str, int] = {}
+def _new_counters() -> Counters:
+    return _ZERO.copy()  # (a copy of an untracked dict is untracked)
 
-    def as_dict(self) -> dict[str, int]:
-        """The flat counters every backend stores (``fr:<reason>`` keys included)."""
-        out = dict(zip(_SLOTS, self.n, strict=True))
-        for reason, count in self.reasons.items():
+
+def _as_dict(c: Counters) -> dict[str, int]:
+    """The flat counters every backend stores (``fr:<reason>`` keys included)."""
+    out = {name: c[i] for i, name in enumerate(_SLOTS)}
+    for reason, count in c.items():
+        if type(reason) is str:
             out["fr:" + reason] = count
-        return out
+    return out
 
 
 def _count(
-    c: _Counters, usage: Usage | tuple[int, ...], cost: Decimal | None, cost_nanos: int | None,
+    n: Counters, usage: Usage | tuple[int, ...], cost: Decimal | None, cost_nanos: int | None,
     finish_reason: str | None,
 ) -> None:
-    """Add one request to counters ``c`` in place (what :func:`counters_for` gives).
+    """Add one request to counters ``n`` in place (what :func:`counters_for` gives).
     ``usage``: a Usage or packed (``_pack``); ``cost_nanos``: ``cost`` in 1e-9 units if known."""
     if type(usage) is not tuple:
         usage = _tokens(usage)
-    n = c.n
     n[0] += 1  # _SLOTS order
     n[1] += usage[0]
     n[2] += usage[1]
@@ -131,8 +134,7 @@ def _count(
     else:
         n[_COST] += int((cost * NANOS).to_integral_value()) if cost_nanos is None else cost_nanos
     reason = finish_reason or "unknown"
-    reasons = c.reasons
-    reasons[reason] = reasons.get(reason, 0) + 1
+    n[reason] = n.get(reason, 0) + 1
 
 
 class MemoryLedger(Ledger):
@@ -150,7 +152,7 @@ class MemoryLedger(Ledger):
             raise ValueError("max_aggregates and max_requests must be >= 1")
         self._max_aggregates = max_aggregates
         self._max_requests = max_requests
-        self._aggs: OrderedDict[tuple[str, str, str], _Counters] = OrderedDict()
+        self._aggs: OrderedDict[tuple[str, str, str], Counters] = OrderedDict()
         # principal -> its keys of _aggs: a query reads one tenant's aggregates, not every
         # tenant's (a scan of 100,000 held the event loop ~0.1 s per GET /usage). A tuple of
         # tuples of text, which the garbage collector stops tracking (a dict would not).
@@ -164,16 +166,16 @@ class MemoryLedger(Ledger):
         # the most recently used aggregate's key and counters: a write to the same key (the
         # usual run of requests) skips the lookup and the move to the end (it is there)
         self._last_key: tuple[str, str, str] | None = None
-        self._last_counters = _Counters()
+        self._last_counters = _new_counters()
 
-    def _counters(self, key: tuple[str, str, str]) -> _Counters:
+    def _counters(self, key: tuple[str, str, str]) -> Counters:
         """The counters of ``key``, created if missing, marked most recently used."""
         if key == self._last_key:
             return self._last_counters
         aggs = self._aggs
         counters = aggs.get(key)
         if counters is None:
-            counters = aggs[key] = _Counters()
+            counters = aggs[key] = _new_counters()
             mine = self._mine
             mine[key[0]] = (*mine.get(key[0], ()), key)  # (a new day or model: seldom)
             if len(aggs) > self._max_aggregates:
@@ -295,7 +297,7 @@ class MemoryLedger(Ledger):
         lo, hi = _day_range(start, end)
         aggs = self._aggs
         found = [
-            aggregate_from_counters(key[1], key[2], aggs[key].as_dict())
+            aggregate_from_counters(key[1], key[2], _as_dict(aggs[key]))
             for key in self._mine.get(principal, ())
             if lo <= key[1] <= hi and (model is None or key[2] == model)
         ]
@@ -319,7 +321,7 @@ class MemoryLedger(Ledger):
         if found is None:
             return False
         rec = found.record
-        n = self._counters((principal, rec.day, rec.model_key)).n
+        n = self._counters((principal, rec.day, rec.model_key))
         if found.feedback is None:
             n[_FEEDBACK] += 1
         old = found.feedback.rating if found.feedback is not None else 0
