@@ -48,6 +48,7 @@ from aimiddleware.idempotency import (
     RedisIdempotencyStore,
     parse_key,
 )
+from tests.gc_counts import tracked_per_entry
 from tests.idempotency_app import build
 from tests.stalls import in_time, steady
 
@@ -186,7 +187,7 @@ def test_memory_store_is_bounded() -> None:
         rec = Completed(status=200, headers=(), body=b"x" * 1000, fingerprint="fp",
                         stored_at=time.time())
         assert anyio.run(store.complete, f"k{i}", "o", rec, 60)
-    assert store._done.currsize <= 10_000
+    assert store._bytes <= 10_000
     assert len(store._done) < 100
 
 
@@ -219,6 +220,57 @@ async def test_memory_store_bound_is_the_memory_it_holds() -> None:
             tracemalloc.stop()
         assert 100 < len(store._done) < 6_000  # full: the bound evicted the oldest
         assert held < 1.25 * bound, (chunks, held)
+
+
+def test_memory_store_records_are_untracked_by_the_gc() -> None:
+    """A completed record is held as plain data the garbage collector does not track: at
+    the default 64 MiB of small chat answers (~12,000) a full collection walks nothing more
+    (held as models they were 4 tracked objects each, ~30 ms more per full collection);
+    read back, a record is the one stored, with the same fields set."""
+    headers = (("content-type", "application/json"), ("x-request-id", "req_1"))
+
+    def record(i: int) -> Completed:
+        if i % 2:
+            return Completed(status=200, headers=headers, body=b'{"id": %d}' % i,
+                             fingerprint=f"{i:064x}")
+        return Completed(status=200, headers=headers, fingerprint=f"{i:064x}",
+                         chunks=tuple(b"data: %d\n\n" % j for j in range(5)))
+
+    def fill(n: int) -> MemoryIdempotencyStore:
+        store = MemoryIdempotencyStore()
+        for i in range(n):
+            anyio.run(store.claim, f"k{i}", "fp", "o", 60)
+            assert anyio.run(store.complete, f"k{i}", "o", record(i), 600)
+        return store
+
+    assert tracked_per_entry(fill) < 0.01
+    store = fill(2)
+    for i in range(2):
+        got = anyio.run(store.claim, f"k{i}", "fp", "x", 60)
+        assert got == record(i).model_copy(update={"stored_at": got.stored_at})  # type: ignore[union-attr]
+        assert got.model_fields_set == record(i).model_fields_set
+
+
+def test_memory_store_expires_records_whatever_their_order() -> None:
+    """A record kept longer does not keep shorter ones behind it: each goes (and frees its
+    bytes) once its own retention has passed, as the next record is stored."""
+    store = MemoryIdempotencyStore()
+
+    def put(key: str, retention: float) -> None:
+        anyio.run(store.claim, key, "fp", "o", 60)
+        rec = Completed(status=200, headers=(), body=b"x" * 100, fingerprint="fp")
+        assert anyio.run(store.complete, key, "o", rec, retention)
+
+    put("long", 3600)
+    for i in range(10):
+        put(f"short{i}", 0.05)
+    assert len(store._done) == 11
+    time.sleep(0.1)
+    put("new", 3600)
+    assert list(store._done) == ["long", "new"]
+    assert store._bytes == 2 * Completed(status=200, headers=(), body=b"x" * 100,
+                                         fingerprint="fp").size
+    assert isinstance(anyio.run(store.claim, "short1", "fp", "o2", 60), Claimed)
 
 
 # -- the middleware ------------------------------------------------------------------------------

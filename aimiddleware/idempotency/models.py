@@ -26,9 +26,10 @@ class InFlight(BaseModel):
 
 
 # What the memory store holds for a record beyond its text (CPython 3.11, measured with
-# tracemalloc): the model, its dict and field set, the key and the LRU's entries for it; a
-# (name, value) header pair as a tuple of two str; a chunk as a bytes object in a tuple.
-_RECORD_OVERHEAD = 1700
+# tracemalloc): the tuple of its values, the key, the LRU's and the expiry heap's entries for
+# it (held as a model, it was ~1,700); a (name, value) header pair as a tuple of two str; a
+# chunk as a bytes object in a tuple.
+_RECORD_OVERHEAD = 640
 _HEADER_OVERHEAD = 165
 _CHUNK_OVERHEAD = 45
 
