@@ -282,3 +282,23 @@ async def test_a_resume_has_no_row_in_the_usage_history() -> None:
     rows = [await ledger.get_request(c.principal, c.request_id) for c in contexts]
     assert rows[0] is not None and rows[0].record.usage.output_tokens == 20
     assert rows[1:] == [None, None]
+
+
+async def test_a_resume_of_a_stream_evicted_by_max_bytes_is_a_404() -> None:
+    """In memory the buffer keeps at most ``max_bytes``: newer streams push the least
+    recently used out whole, and a resume of one pushed out is a 404 (not a stream with a
+    gap), while the newest still resume."""
+    buffer = ReplayBuffer("memory://", ttl=30, max_bytes=12_000)
+    auth = {"authorization": "Bearer key-1"}
+    async with serve(resumable_app(buffer, 10)) as url, httpx.AsyncClient(base_url=url) as client:
+        first = await read_events(client, auth)
+        assert len(first) == 12
+        assert await read_events(client, {**auth, "last-event-id": first[2][0]}) == first[3:]
+        for _ in range(4):
+            last = await read_events(client, auth)
+        assert 1 < len(buffer._mem) < 5 and buffer._mem.bytes <= 12_000
+        gone = await client.post("/v1/stream", json={},
+                                 headers={**auth, "last-event-id": first[2][0]})
+        assert gone.status_code == 404
+        assert gone.json()["error"]["code"] == "not_found"
+        assert await read_events(client, {**auth, "last-event-id": last[2][0]}) == last[3:]

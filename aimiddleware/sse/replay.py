@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Literal
 
 import anyio
 
+from aimiddleware.sse._replay_memory import DEFAULT_MAX_BYTES, MemoryStreams, MemStream
 from aimiddleware.storage import Storage, redis_errors
 
 __all__ = ["ReplayBuffer", "parse_event_id"]
@@ -34,16 +33,15 @@ def parse_event_id(value: str) -> tuple[str, int] | None:
     return sid, int(seq)
 
 
-@dataclass
-class _MemStream:
-    frames: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
-    done: bool = False
-    expires: float = 0.0
-    changed: anyio.Event | None = None
-
-
 class ReplayBuffer:
-    """Keeps the last ``max_events`` frames of each stream for ``ttl`` seconds."""
+    """Keeps the last ``max_events`` frames of each stream for ``ttl`` seconds.
+
+    In memory, at most ``max_streams`` streams and ``max_bytes`` of process memory (the
+    frames and the objects around them, measured) are kept: past either bound the least
+    recently used streams go whole, first (a stream larger than ``max_bytes`` by itself
+    keeps its newest frames). A resume of a stream no longer kept is answered 404.
+    On Redis, each stream is trimmed to ``max_events`` and expires after ``ttl``.
+    """
 
     def __init__(
         self,
@@ -52,16 +50,22 @@ class ReplayBuffer:
         max_events: int = 10_000,
         ttl: float = 600.0,
         max_streams: int = 10_000,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         if max_events < 1 or max_streams < 1:
             raise ValueError("max_events and max_streams must be >= 1")
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
         if not ttl > 0:
             raise ValueError("ttl must be > 0 seconds")
         self.storage = Storage.coerce(storage)
         self.max_events = max_events
         self.ttl = ttl
         self.max_streams = max_streams
-        self._mem: OrderedDict[tuple[str, str], _MemStream] = OrderedDict()
+        self.max_bytes = max_bytes
+        self._mem = MemoryStreams(
+            max_events=max_events, max_streams=max_streams, max_bytes=max_bytes, ttl=ttl
+        )
 
     @staticmethod
     def new_stream_id() -> str:
@@ -70,27 +74,8 @@ class ReplayBuffer:
     def _key(self, principal: str, sid: str) -> str:
         return self.storage.key(_NAMESPACE, principal, sid)
 
-    # -- memory --------------------------------------------------------------------------
-
-    def _mem_get(self, principal: str, sid: str, create: bool = False) -> _MemStream | None:
-        now = time.monotonic()
-        while self._mem:  # drop expired streams, oldest first
-            oldest = next(iter(self._mem.values()))
-            if oldest.expires > now:
-                break
-            self._mem.popitem(last=False)
-        stream = self._mem.get((principal, sid))
-        if stream is None and create:
-            stream = self._mem[(principal, sid)] = _MemStream()
-            while len(self._mem) > self.max_streams:
-                self._mem.popitem(last=False)
-        if stream is not None:
-            stream.expires = now + self.ttl
-            self._mem.move_to_end((principal, sid))
-        return stream
-
     @staticmethod
-    def _wake(stream: _MemStream) -> None:
+    def _wake(stream: MemStream) -> None:
         if stream.changed is not None:
             stream.changed.set()
             stream.changed = None
@@ -99,11 +84,9 @@ class ReplayBuffer:
 
     async def append(self, principal: str, sid: str, seq: int, frame: bytes) -> None:
         if self.storage.is_memory:
-            stream = self._mem_get(principal, sid, create=True)
+            stream = self._mem.get(principal, sid, create=True)
             assert stream is not None
-            stream.frames[seq] = frame
-            while len(stream.frames) > self.max_events:
-                stream.frames.popitem(last=False)
+            self._mem.append(stream, seq, frame)
             self._wake(stream)
             return
         key = self._key(principal, sid)
@@ -116,7 +99,7 @@ class ReplayBuffer:
     async def finish(self, principal: str, sid: str) -> None:
         """Mark the stream complete (its end frames were appended before)."""
         if self.storage.is_memory:
-            stream = self._mem_get(principal, sid, create=True)
+            stream = self._mem.get(principal, sid, create=True)
             assert stream is not None
             stream.done = True
             self._wake(stream)
@@ -145,12 +128,13 @@ class ReplayBuffer:
     ) -> tuple[list[tuple[int, bytes]], bool, int | None]:
         """Frames after ``after``, whether it ended, the oldest kept seq (None: no stream)."""
         if self.storage.is_memory:
-            stream = self._mem_get(principal, sid)
+            stream = self._mem.get(principal, sid)
             if stream is None:
                 return [], False, None
-            first = next(iter(stream.frames), after + 1)
-            out = [(s, f) for s, f in stream.frames.items() if s > after]
-            return (out[:count] if count else out), stream.done, first
+            first = stream.oldest()
+            if first is None:
+                first = after + 1
+            return stream.after(after, count or None), stream.done, first
         key = self._key(principal, sid)
         async with redis_errors("event replay"):
             pipe = self.storage.redis.pipeline(transaction=False)
@@ -168,11 +152,19 @@ class ReplayBuffer:
     async def follow(
         self, principal: str, sid: str, after: int, *, idle_timeout: float = 60.0
     ) -> AsyncIterator[bytes]:
-        """Frames after ``after``, then live ones, until the stream ends (or stays idle)."""
+        """Frames after ``after``, then live ones, until the stream ends (or stays idle).
+
+        Raises ``NotFound`` if the stream stops being kept meanwhile (evicted, or its frames
+        after the last one given trimmed): the rest cannot be given without a gap.
+        """
         last = after
         idle_since = time.monotonic()
         while True:
-            frames, done, _ = await self._read(principal, sid, last)
+            frames, done, first = await self._read(principal, sid, last)
+            if first is None or first > last + 1:
+                from aimiddleware.errors import NotFound
+
+                raise NotFound("The resumed stream is no longer kept.")
             for seq, frame in frames:
                 last = seq
                 yield frame
@@ -189,7 +181,7 @@ class ReplayBuffer:
 
     async def _wait(self, principal: str, sid: str, after: int) -> None:
         if self.storage.is_memory:
-            stream = self._mem_get(principal, sid)
+            stream = self._mem.get(principal, sid)
             if stream is None:
                 return
             if stream.changed is None:
