@@ -38,8 +38,6 @@ _FIELD_SETS = tuple(
     frozenset(f for bit, f in enumerate(_FIELDS) if mask >> bit & 1)
     for mask in range(1 << len(_FIELDS))
 )
-
-
 _MASKS = {fields: mask for mask, fields in enumerate(_FIELD_SETS)}
 
 
