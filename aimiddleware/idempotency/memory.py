@@ -22,8 +22,8 @@ import threading
 import time
 from collections import OrderedDict
 
+from aimiddleware._trusted import field_masks, trusted
 from aimiddleware.idempotency.models import Claimed, Completed, InFlight, LiveStream, Outcome
-from aimiddleware.usage.models import trusted
 
 __all__ = ["MemoryIdempotencyStore"]
 
@@ -34,11 +34,7 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 _Row = tuple[float, int, int, int, tuple[tuple[str, str], ...], bytes | None,
              tuple[bytes, ...] | None, str, float]
 _FIELDS = ("status", "headers", "body", "chunks", "fingerprint", "stored_at")
-_FIELD_SETS = tuple(
-    frozenset(f for bit, f in enumerate(_FIELDS) if mask >> bit & 1)
-    for mask in range(1 << len(_FIELDS))
-)
-_MASKS = {fields: mask for mask, fields in enumerate(_FIELD_SETS)}
+_FIELD_SETS, _MASKS = field_masks(_FIELDS)
 
 
 def _row(record: Completed, expires_at: float, size: int) -> _Row:

@@ -14,8 +14,9 @@ from datetime import date
 from decimal import Decimal
 from typing import Any
 
+from aimiddleware._trusted import field_masks, trusted
 from aimiddleware.usage.ledger import Ledger
-from aimiddleware.usage.models import _FIVE, _FIVE_SET, Usage, trusted
+from aimiddleware.usage.models import _FIVE, _FIVE_SET, Usage
 from aimiddleware.usage.records import (
     NANOS,
     TOKEN_FIELDS,
@@ -43,11 +44,7 @@ RecordValues = tuple[
 # garbage collector, so 100k kept requests do not make every full collection walk them.
 # A row's code is its fields set as a bit mask over TOKEN_FIELDS: every subset has one (a
 # stream's usage, three fields set, kept a whole Usage: three tracked objects per row).
-_FIELD_SETS: tuple[frozenset[str], ...] = tuple(
-    frozenset(f for bit, f in enumerate(TOKEN_FIELDS) if mask >> bit & 1)
-    for mask in range(1 << len(TOKEN_FIELDS))
-)
-_CODES = {fields: code for code, fields in enumerate(_FIELD_SETS)}
+_FIELD_SETS, _CODES = field_masks(TOKEN_FIELDS)
 _token_values = operator.itemgetter(*TOKEN_FIELDS)  # of a Usage's __dict__, in C
 _tokens = operator.attrgetter(*TOKEN_FIELDS)  # of any Usage
 

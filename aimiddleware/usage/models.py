@@ -15,21 +15,26 @@ explicit:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, model_validator
 
+from aimiddleware._trusted import (
+    new_model,
+    set_dict,
+    set_extra,
+    set_fields_set,
+    set_private,
+    trusted,
+)
 from aimiddleware.finish_reason import FinishReason
 
 __all__ = ["SAMPLING_PARAMS", "Envelope", "Usage", "sampling_params"]
 
 #: Request parameters echoed in ``Envelope.sampling`` when the request set them.
 SAMPLING_PARAMS = ("seed", "temperature", "top_p", "top_k")
-
-_M = TypeVar("_M", bound=BaseModel)
-
 
 def _int(data: Mapping[str, Any] | None, *keys: str) -> int:
     """The first present key as a non-negative int (nulls and junk count as 0)."""
@@ -54,41 +59,6 @@ def _int1(data: Mapping[str, Any] | None, key: str) -> int:
 def _sub(data: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
     value = data.get(key)
     return value if isinstance(value, Mapping) else None
-
-
-_set = object.__setattr__
-_new = object.__new__
-
-
-def _slot_setter(name: str) -> Callable[[Any, Any], None]:
-    """BaseModel's slot ``name`` set through its descriptor: cheaper than object.__setattr__'s
-    lookup (object.__setattr__ itself should a pydantic release drop the slot)."""
-    slot = BaseModel.__dict__.get(name)
-    if slot is not None and hasattr(slot, "__set__"):
-        return slot.__set__  # type: ignore[no-any-return]
-    return lambda obj, value: _set(obj, name, value)
-
-
-_set_dict = _slot_setter("__dict__")
-_set_fields_set = _slot_setter("__pydantic_fields_set__")
-_set_extra = _slot_setter("__pydantic_extra__")
-_set_private = _slot_setter("__pydantic_private__")
-
-
-def trusted(cls: type[_M], values: dict[str, Any], fields_set: frozenset[str]) -> _M:
-    """An instance of the pydantic model ``cls`` from ``values`` that are already valid.
-
-    What ``model_construct`` does, without its per-call field walk: ``values`` must hold
-    every field of ``cls`` with a value of its type (the caller guarantees it), and
-    ``fields_set`` is what validation would have reported as explicitly set. No validators
-    run: use it only on the per-request path, for values built from checked ints/strings.
-    """
-    obj = _new(cls)
-    _set_dict(obj, values)
-    _set_fields_set(obj, set(fields_set))
-    _set_extra(obj, None)
-    _set_private(obj, None)
-    return obj
 
 
 _FIVE = frozenset(
@@ -171,8 +141,8 @@ class Usage(BaseModel):
         details = get("completion_tokens_details")
         reasoning = _int1(details, "reasoning_tokens") if details else 0
         # trusted(cls, values, _FIVE), inline, the fields set shared (per response)
-        obj = _new(cls)
-        _set_dict(obj, {
+        obj = new_model(cls)
+        set_dict(obj, {
             "input_tokens": inp,
             "output_tokens": out,
             "total_tokens": total or inp + out,
@@ -182,9 +152,9 @@ class Usage(BaseModel):
         })
         # (shared only by Usage itself: a subclass may be mutable, and pydantic adds an
         # assigned field's name to the instance's set in place)
-        _set_fields_set(obj, _FIVE_SET if cls is Usage else set(_FIVE))
-        _set_extra(obj, None)
-        _set_private(obj, None)
+        set_fields_set(obj, _FIVE_SET if cls is Usage else set(_FIVE))
+        set_extra(obj, None)
+        set_private(obj, None)
         return obj
 
     @classmethod

@@ -20,7 +20,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from aimiddleware.usage.models import Usage, trusted
+from aimiddleware._trusted import trusted
+from aimiddleware.usage.models import Usage
 
 __all__ = [
     "Feedback",
