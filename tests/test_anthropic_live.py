@@ -23,6 +23,7 @@ from aimiddleware import (
     PriceTable,
     RateLimiter,
     StackConfig,
+    StreamResult,
     TokenCounter,
     Usage,
     UsageConfig,
@@ -44,7 +45,9 @@ START_USAGE = {"input_tokens": 25, "cache_creation_input_tokens": 0,
                "cache_read_input_tokens": 100, "output_tokens": 1}
 
 
-def native_events(slow: bool, *, final: bool = True) -> list[dict[str, Any]]:
+def native_events(slow: bool, *, empty: bool = False) -> list[dict[str, Any]]:
+    """A whole Messages stream; ``empty``: the model wrote nothing (closing output 0)."""
+    words = [] if empty else WORDS
     events: list[dict[str, Any]] = [
         {"type": "message_start", "message": {
             "id": "msg_1", "type": "message", "role": "assistant", "content": [],
@@ -52,11 +55,11 @@ def native_events(slow: bool, *, final: bool = True) -> list[dict[str, Any]]:
         {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
     ]
     events += [{"type": "content_block_delta", "index": 0,
-                "delta": {"type": "text_delta", "text": w}} for w in WORDS]
+                "delta": {"type": "text_delta", "text": w}} for w in words]
     events += [
         {"type": "content_block_stop", "index": 0},
         {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-         "usage": {"output_tokens": len(WORDS)}},
+         "usage": {"output_tokens": len(words)}},
         {"type": "message_stop"},
     ]
     return events
@@ -70,10 +73,11 @@ def messages_app(contexts: list[Any], ledger: MemoryLedger) -> FastAPI:
     async def proxy() -> StreamingResponse:
         """Forwards an upstream's event stream as bytes (the usage layer reads it)."""
         contexts.append(current())
-        slow = "slow" in json.dumps(current().json())
+        text = json.dumps(current().json())
+        slow, empty = "slow" in text, "empty" in text
 
         async def upstream() -> AsyncIterator[bytes]:
-            for event in native_events(slow):
+            for event in native_events(slow, empty=empty):
                 if slow and event["type"] == "content_block_delta":
                     await anyio.sleep(0.05)
                 yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
@@ -92,7 +96,13 @@ def messages_app(contexts: list[Any], ledger: MemoryLedger) -> FastAPI:
                 for word in WORDS[:3]:
                     yield word
                 return
-            for event in native_events(slow):
+            if "sequence" in text:  # the output ended on a stop sequence the endpoint names
+                for word in WORDS[:3]:
+                    yield word
+                yield StreamResult(usage=Usage(input_tokens=9, output_tokens=4),
+                                   finish_reason="stop", stop_sequence="###")
+                return
+            for event in native_events(slow, empty="empty" in text):
                 if slow and event["type"] == "content_block_delta":
                     await anyio.sleep(0.05)
                 yield event
@@ -202,6 +212,48 @@ async def test_anthropic_stream_usage_counts_cache_reads_through_the_sdk(path: s
         assert await wait_until(lambda: ctx.finish_reason == "stop")
         assert ctx.usage == expected and ctx.raw_finish_reason == "end_turn"
         assert ctx.estimated_cost == PRICES.estimate(MODEL, expected)
+
+
+@pytest.mark.parametrize("path", ["/proxy/v1/messages", "/dialect/v1/messages"])
+async def test_a_closing_output_of_zero_is_not_the_opening_placeholder(path: str) -> None:
+    """message_start's output_tokens (1) is a placeholder, not a lower bound: a stream whose
+    message_delta says 0 output tokens used 0, and is priced and counted so."""
+    contexts: list[Any] = []
+    async with serve(messages_app(contexts, MemoryLedger())) as url:
+        client = anthropic.AsyncAnthropic(base_url=url + path.removesuffix("/v1/messages"),
+                                          api_key="sk-empty", max_retries=0)
+        async with client.messages.stream(
+            model=MODEL, max_tokens=100, messages=[{"role": "user", "content": "empty"}]
+        ) as stream:
+            final = await stream.get_final_message()
+        await client.close()
+        assert final.usage.output_tokens == 0
+        assert [block.text for block in final.content if block.type == "text"] == [""]
+        ctx = contexts[0]
+        assert await wait_until(lambda: ctx.finish_reason == "stop")
+        expected = Usage.from_anthropic({**START_USAGE, "output_tokens": 0})
+        assert ctx.usage == expected
+        assert (ctx.usage.output_tokens, ctx.usage.total_tokens) == (0, 125)
+        assert ctx.estimated_cost == PRICES.estimate(MODEL, expected)
+
+
+async def test_a_dialect_stream_names_the_stop_sequence_it_ended_on() -> None:
+    contexts: list[Any] = []
+    async with serve(messages_app(contexts, MemoryLedger())) as url:
+        client = anthropic.AsyncAnthropic(base_url=url + "/dialect", api_key="sk-seq",
+                                          max_retries=0)
+        async with client.messages.stream(
+            model=MODEL, max_tokens=100, stop_sequences=["###"],
+            messages=[{"role": "user", "content": "sequence"}],
+        ) as stream:
+            text = "".join([t async for t in stream.text_stream])
+            final = await stream.get_final_message()
+        await client.close()
+        assert text == "".join(WORDS[:3])
+        assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "###")
+        assert final.usage.output_tokens == 4
+        ctx = contexts[0]
+        assert await wait_until(lambda: ctx.finish_reason == "stop")
 
 
 async def test_an_anthropic_dialect_stream_without_usage_reports_none() -> None:

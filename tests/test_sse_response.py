@@ -26,6 +26,7 @@ from aimiddleware.sse import (
     OpenAIChatDialect,
     ServerSentEvent,
     StreamResult,
+    StreamSummary,
 )
 from tests.sse_spec import parse
 from tests.stalls import steady
@@ -441,3 +442,23 @@ def test_for_request_includes_usage_only_when_asked_with_true() -> None:
                               ({"include_usage": 1}, False), ({}, False), ("junk", False)):
         body = {"model": "m", "stream_options": options}
         assert OpenAIChatDialect.for_request(body).include_usage is expected, options
+
+
+@pytest.mark.parametrize(
+    ("finish", "sequence", "delta"),
+    [
+        ("stop", "###", {"stop_reason": "stop_sequence", "stop_sequence": "###"}),
+        (None, "###", {"stop_reason": "stop_sequence", "stop_sequence": "###"}),
+        ("stop_sequence", "###", {"stop_reason": "stop_sequence", "stop_sequence": "###"}),
+        ("length", "###", {"stop_reason": "max_tokens", "stop_sequence": None}),
+        ("stop", None, {"stop_reason": "end_turn", "stop_sequence": None}),
+    ],
+)
+def test_anthropic_end_names_a_stop_sequence_only_when_the_output_ended_on_it(
+    finish: str | None, sequence: str | None, delta: dict[str, Any]
+) -> None:
+    summary = StreamSummary(usage=None, finish_reason=finish, duration_ms=1.0,
+                            request_id=None, stop_sequence=sequence)
+    frames = AnthropicDialect().end(summary)
+    events = [json.loads(f.decode().split("data: ", 1)[1]) for f in frames]
+    assert [e["delta"] for e in events if e["type"] == "message_delta"] == [delta]

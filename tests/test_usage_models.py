@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from aimiddleware.finish_reason import FinishReason
 from aimiddleware.usage.extract import from_response, from_stream_event
-from aimiddleware.usage.models import Envelope, Usage, sampling_params
+from aimiddleware.usage.models import Envelope, Usage, closed, sampling_params
 
 # OpenAI Chat Completions (platform.openai.com/docs/api-reference/chat/object)
 OPENAI_CHAT: dict[str, Any] = {
@@ -305,3 +305,20 @@ def test_openai_chat_usage_shares_one_fields_set_like_a_validated_one() -> None:
     assert a.model_copy().model_fields_set is not _FIVE_SET
     assert _FIVE_SET == _FIVE and a.model_fields_set == _FIVE  # untouched
     assert pickle.loads(pickle.dumps(a)) == a
+
+
+def test_a_streams_closing_usage_takes_the_output_side_from_the_closing_figure() -> None:
+    opening = Usage.from_anthropic(
+        {"input_tokens": 25, "cache_read_input_tokens": 100, "output_tokens": 1}
+    )
+    # The closing message_delta of the older API carries only output_tokens.
+    assert closed(opening, Usage.from_anthropic({"output_tokens": 0})) == Usage(
+        input_tokens=125, output_tokens=0, total_tokens=125, cached_input_tokens=100
+    )
+    # The newer one repeats the input counts; thinking tokens come from the closing figure.
+    closing = Usage.from_anthropic({
+        "input_tokens": 25, "cache_read_input_tokens": 100, "output_tokens": 40,
+        "output_tokens_details": {"thinking_tokens": 30},
+    })
+    assert closed(opening, closing) == closing
+    assert closed(None, closing) is closing

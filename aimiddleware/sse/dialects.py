@@ -26,7 +26,7 @@ from decimal import Decimal
 from typing import Any
 
 from aimiddleware.sse.events import ServerSentEvent, encode_data, json_data
-from aimiddleware.usage.models import Usage, merge
+from aimiddleware.usage.models import Usage, closed
 
 __all__ = [
     "AnthropicDialect",
@@ -47,6 +47,8 @@ class StreamSummary:
     request_id: str | None
     model: str | None = None
     estimated_cost: Decimal | None = None
+    #: The stop sequence that ended the output, if the endpoint reported one.
+    stop_sequence: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -244,10 +246,15 @@ _ANTHROPIC_STOP = {
 }
 
 
-def _anthropic_stop_reason(reason: str | None) -> str:
-    if reason is None:
-        return "end_turn"
-    return _ANTHROPIC_STOP.get(reason, reason)
+def _anthropic_stop(summary: StreamSummary) -> dict[str, str | None]:
+    """``message_delta``'s ``delta``: ``stop_sequence`` is named exactly when the output
+    ended on one, and then the ``stop_reason`` is ``"stop_sequence"``."""
+    reason = summary.finish_reason
+    stop = "end_turn" if reason is None else _ANTHROPIC_STOP.get(reason, reason)
+    sequence = summary.stop_sequence
+    if sequence is not None and stop in ("end_turn", "stop_sequence"):
+        return {"stop_reason": "stop_sequence", "stop_sequence": sequence}
+    return {"stop_reason": stop, "stop_sequence": None}
 
 
 class AnthropicDialect(Dialect):
@@ -311,7 +318,7 @@ class AnthropicDialect(Dialect):
             finish = (item.get("delta") or {}).get("stop_reason")
             # cumulative counts: cache reads and writes included, as in Usage.from_anthropic
             closing = Usage.from_anthropic(item.get("usage") or {})
-            return merge(self._opening, closing), finish
+            return closed(self._opening, closing), finish
         return None, None
 
     def end(self, summary: StreamSummary) -> list[bytes]:
@@ -323,8 +330,7 @@ class AnthropicDialect(Dialect):
         usage = summary.usage
         delta = {
             "type": "message_delta",
-            "delta": {"stop_reason": _anthropic_stop_reason(summary.finish_reason),
-                      "stop_sequence": None},
+            "delta": _anthropic_stop(summary),
             "usage": {"output_tokens": usage.output_tokens if usage else 0},
         }
         frames.append(self._event(delta))

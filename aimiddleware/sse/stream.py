@@ -45,11 +45,16 @@ Pricer = Callable[[str | None, Usage], Decimal | None]
 
 @dataclass(frozen=True)
 class StreamResult:
-    """Yield this (usually last) to report usage / finish_reason / model; it is not sent."""
+    """Yield this (usually last) to report usage / finish_reason / model; it is not sent.
+
+    ``stop_sequence``: the stop sequence that ended the output, for dialects whose end
+    names it (Anthropic's ``message_delta``, whose ``stop_reason`` is then ``stop_sequence``).
+    """
 
     usage: Usage | None = None
     finish_reason: str | None = None
     model: str | None = None
+    stop_sequence: str | None = None
 
 
 class StreamSender:
@@ -71,6 +76,7 @@ class StreamSender:
         self.timed_out = False
         self.usage: Usage | None = None
         self.finish: str | None = None
+        self.stop_sequence: str | None = None
         self.model = resp.model
         self.seq = 0
         self.started = time.perf_counter() if ctx is None else ctx.started
@@ -256,6 +262,8 @@ class StreamSender:
             self.finish = item.finish_reason
         if item.model is not None:
             self.model = item.model
+        if item.stop_sequence is not None:
+            self.stop_sequence = item.stop_sequence
 
     def _record_context(self, default: str) -> StreamSummary:
         ctx = self.ctx
@@ -287,6 +295,7 @@ class StreamSender:
             request_id=ctx.request_id if ctx is not None else None,
             model=self.model,
             estimated_cost=cost,
+            stop_sequence=self.stop_sequence,
         )
 
     async def write_error(self, err: AIError) -> None:

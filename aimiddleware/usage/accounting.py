@@ -20,7 +20,7 @@ from aimiddleware.tokens import TokenCounter
 from aimiddleware.usage.extract import Extracted
 from aimiddleware.usage.ledger import Ledger
 from aimiddleware.usage.ledger_memory import MemoryLedger, _pack, _token_values
-from aimiddleware.usage.models import _FIVE_SET, Usage, merge
+from aimiddleware.usage.models import _FIVE_SET, Usage, closed, merge
 from aimiddleware.usage.records import UsageRecord
 
 __all__ = ["DEFAULT_MAX_JSON_BODY", "STATE_KEY", "UsageAccounting", "UsageSettings", "ledger_for"]
@@ -122,7 +122,7 @@ class UsageAccounting:
             else:
                 opening = state.pop(_OPENING, None)
                 if opening is not None:
-                    usage = merge(opening, usage)
+                    usage = closed(opening, usage)
                 old = ctx.usage
                 ctx.usage = usage if old is None else merge(old, usage)
         if raw is not None and (not reported or ctx.raw_finish_reason is None):

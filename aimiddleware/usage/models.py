@@ -229,6 +229,29 @@ def merge(old: Usage | None, new: Usage | None) -> Usage | None:
     return Usage(**fields)
 
 
+def closed(opening: Usage | None, closing: Usage) -> Usage:
+    """A stream's closing usage completed by its opening one (Anthropic ``message_start``).
+
+    The opening ``output_tokens`` is a placeholder (``1``), so the output side (output and
+    reasoning tokens) is the closing figure alone, even ``0``; the input side is the larger
+    of the two, as a ``message_delta`` may or may not repeat the input counts.
+    """
+    if opening is None:
+        return closing
+    inp = max(opening.input_tokens, closing.input_tokens)
+    out = closing.output_tokens
+    return Usage(
+        input_tokens=inp,
+        output_tokens=out,
+        total_tokens=inp + out,
+        cached_input_tokens=max(opening.cached_input_tokens, closing.cached_input_tokens),
+        cache_creation_input_tokens=max(
+            opening.cache_creation_input_tokens, closing.cache_creation_input_tokens
+        ),
+        reasoning_tokens=closing.reasoning_tokens,
+    )
+
+
 def sampling_params(body: Any) -> dict[str, Any] | None:
     """The reproducibility-shaping parameters a request set (``None`` if it set none)."""
     if not isinstance(body, Mapping):
