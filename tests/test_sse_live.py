@@ -302,3 +302,50 @@ async def test_a_resume_of_a_stream_evicted_by_max_bytes_is_a_404() -> None:
         assert gone.status_code == 404
         assert gone.json()["error"]["code"] == "not_found"
         assert await read_events(client, {**auth, "last-event-id": last[2][0]}) == last[3:]
+
+
+async def test_send_timeout_keeps_a_resumable_producer_running() -> None:
+    # A client that stops reading (a network drop: no FIN) was abandoned by cancelling the
+    # whole response, the producer with it: the replay never got its end, and a reconnect
+    # with Last-Event-ID waited for events that never came, then got a timeout error. With
+    # replay=, the producer runs to its end, as it does when the client closes.
+    record: dict[str, Any] = {}
+    buffer = ReplayBuffer("memory://", ttl=30)
+    total = 400
+    app = FastAPI()
+
+    @app.get("/v1/flood")
+    async def flood() -> EventStreamResponse:
+        async def events() -> AsyncIterator[Any]:
+            chunk = "x" * 65536
+            for i in range(total):  # far more than the socket buffers hold
+                record["sent"] = i
+                yield chunk
+            yield StreamResult(usage=Usage(input_tokens=1, output_tokens=total))
+            record["finished"] = True
+
+        return EventStreamResponse(
+            events(), send_timeout=0.3, heartbeat=None, replay=buffer, stream_id="flood",
+            resume_idle_timeout=1.0,
+        )
+
+    async with serve(install(app)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        async with await anyio.connect_tcp(host, int(port)) as stalled:
+            await stalled.send(b"GET /v1/flood HTTP/1.1\r\nhost: x\r\n\r\n")
+            # never read: the server's writes fill the buffers and its send blocks
+            for _ in range(500):
+                if "finished" in record:
+                    break
+                await anyio.sleep(0.02)
+            assert record.get("finished"), f"the producer stopped at event {record.get('sent')}"
+            async with (
+                httpx.AsyncClient(base_url=url) as client,
+                aconnect_sse(client, "GET", "/v1/flood",
+                             headers={"last-event-id": f"flood:{total - 2}"}) as source,
+            ):
+                events = [(sse.id, sse.event) async for sse in source.aiter_sse()]
+    assert events == [
+        (f"flood:{total - 1}", "delta"), (f"flood:{total}", "delta"),
+        (f"flood:{total + 1}", "usage"), (f"flood:{total + 2}", "done"),
+    ]

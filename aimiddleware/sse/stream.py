@@ -81,6 +81,7 @@ class StreamSender:
         self.seq = 0
         self.started = time.perf_counter() if ctx is None else ctx.started
         self.tg_scope: anyio.CancelScope | None = None
+        self.send_scope: anyio.CancelScope | None = None  # a producer's send in progress
         self.principal = ctx.principal if ctx is not None else "anonymous"
         self.producer = False
         self.sid = ""
@@ -219,7 +220,13 @@ class StreamSender:
                 self.last = time.monotonic()
                 self.sending = True
                 try:
-                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                    if replay is None:
+                        await send({"type": "http.response.body", "body": data, "more_body": True})
+                    else:  # a producer: a send timeout ends this send, not the stream
+                        with anyio.CancelScope() as self.send_scope:
+                            await send(
+                                {"type": "http.response.body", "body": data, "more_body": True}
+                            )
                 except OSError:  # ASGI >= 2.4 servers report a closed connection this way
                     self._client_left()
                     if replay is None:
@@ -323,6 +330,8 @@ class StreamSender:
         if self.hb_done is not None:
             await self.hb_done.wait()
         self.closed = True
+        if self.timed_out:  # (a producer that ran on): the client stopped reading long ago
+            return
         self.sending = True
         limit = self.resp.send_timeout
         # Also bounded outside the timer task (an error written after the stream's own end).
@@ -404,5 +413,9 @@ class StreamSender:
     def _abandon(self) -> None:
         self.timed_out = True
         self.client_gone = True
+        if self.producer:  # with replay= the producer runs to its end: only the send goes
+            if self.send_scope is not None:
+                self.send_scope.cancel()
+            return
         if self.tg_scope is not None:
             self.tg_scope.cancel()
