@@ -349,3 +349,16 @@ async def test_send_timeout_keeps_a_resumable_producer_running() -> None:
         (f"flood:{total - 1}", "delta"), (f"flood:{total}", "delta"),
         (f"flood:{total + 1}", "usage"), (f"flood:{total + 2}", "done"),
     ]
+
+
+async def test_a_last_event_id_with_non_ascii_digits_starts_a_fresh_stream() -> None:
+    # "s:²" passed the id's digit check (str.isdigit) and then failed int(): a 500 for an
+    # id this package never writes, which is a fresh request like any other foreign id.
+    buffer = ReplayBuffer("memory://", ttl=30)
+    async with serve(resumable_app(buffer, 3)) as url, httpx.AsyncClient(base_url=url) as client:
+        for odd in ("s:\u00b2", "s:\u2460"):
+            response = await client.post(
+                "/v1/stream", json={}, headers={"last-event-id": odd.encode()}
+            )
+            assert response.status_code == 200
+            assert response.text.endswith("event: done\ndata: [DONE]\n\n")

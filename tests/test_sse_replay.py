@@ -21,6 +21,10 @@ def test_parse_event_id() -> None:
     assert parse_event_id("a:b:3") == ("a:b", 3)
     for bad in ("", "abc", ":1", "abc:", "abc:x", "abc:-1", "a:" + "9" * 30):
         assert parse_event_id(bad) is None
+    # Digits to str.isdigit() but not ASCII: int() refused some ("²": a ValueError, a 500
+    # for the request that sent it) and read others ("٣" as 3); no id written here has them.
+    for bad in ("abc:\u00b2", "abc:\u2460", "abc:\u0663", "abc:\uff11"):
+        assert parse_event_id(bad) is None
 
 
 async def test_append_read_follow_and_scoping(storage: Storage) -> None:

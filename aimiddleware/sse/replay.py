@@ -28,7 +28,10 @@ _NAMESPACE = "sse"
 def parse_event_id(value: str) -> tuple[str, int] | None:
     """``"<stream>:<seq>"`` -> ``(stream, seq)``; ``None`` for ids this module did not write."""
     sid, sep, seq = value.strip().rpartition(":")
-    if not sep or not sid or not seq.isdigit() or len(seq) > 18 or len(sid) > 128:
+    # (ASCII digits only: str.isdigit() also takes "²", which int() refuses)
+    if not sep or not sid or not seq.isascii() or not seq.isdigit():
+        return None
+    if len(seq) > 18 or len(sid) > 128:
         return None
     return sid, int(seq)
 
