@@ -14,9 +14,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from aimiddleware import DeprecationMonitor, Lifecycle, deprecated, install
+from aimiddleware import DeprecationMonitor, Lifecycle, VersioningConfig, deprecated, install
 from aimiddleware.headers import parse_http_date
 from aimiddleware.storage import Storage
+from tests.live_server import serve
 from tests.versioning_app import NEW, OLD, FakeClock, at, make_registry
 
 POLICY = dict(
@@ -157,3 +158,40 @@ async def test_a_retired_endpoint_without_the_stack_still_answers_410() -> None:
         assert body["error"]["code"] == "model_retired" and body["replacement"] == "/v2/summarize"
         assert sf_date(gone.headers["deprecation"]) == at("2026-01-01")
         assert parse_http_date(gone.headers["sunset"]) == at("2026-07-01")
+
+
+async def test_a_deprecated_route_serving_a_deprecated_model_announces_the_earliest_dates() -> None:
+    # The route's own Deprecation and Sunset (from @deprecated) were kept and the model's
+    # dropped: a route sunset in 2027 serving a model retired (410) on 2026-07-01 told the
+    # client "Sunset: 2027", though its calls fail half a year sooner. As for a model and
+    # an API version together, each header is now the earliest of the two.
+    clock = FakeClock(at("2026-03-01"))
+    app = FastAPI()
+
+    @app.post("/later")
+    @deprecated(deprecated="2026-02-01", sunset="2027-01-01", clock=clock)
+    async def later() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    @app.post("/sooner")
+    @deprecated(deprecated="2025-06-01", sunset="2026-05-01", clock=clock)
+    async def sooner() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    install(app, versioning=VersioningConfig(registry=make_registry(clock)))
+    async with serve(app) as url, httpx.AsyncClient(base_url=url) as c:
+        later_old = await c.post("/later", json={"model": OLD})
+        later_new = await c.post("/later", json={"model": NEW})
+        sooner_old = await c.post("/sooner", json={"model": OLD})
+    # the model (deprecated 2026-01-01, sunset 2026-07-01) is the earlier of both
+    assert later_old.headers.get_list("deprecation") == [later_old.headers["deprecation"]]
+    assert sf_date(later_old.headers["deprecation"]) == at("2026-01-01")
+    assert later_old.headers.get_list("sunset") == [later_old.headers["sunset"]]
+    assert parse_http_date(later_old.headers["sunset"]) == at("2026-07-01")
+    # an active model: the route's own dates
+    assert sf_date(later_new.headers["deprecation"]) == at("2026-02-01")
+    assert parse_http_date(later_new.headers["sunset"]) == at("2027-01-01")
+    # the route is the earlier of both
+    assert sf_date(sooner_old.headers["deprecation"]) == at("2025-06-01")
+    assert parse_http_date(sooner_old.headers["sunset"]) == at("2026-05-01")
+    assert sooner_old.links["sunset"]["url"] == "https://docs.example/sunset-policy"

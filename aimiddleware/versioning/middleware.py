@@ -18,6 +18,7 @@ from datetime import datetime
 from aimiddleware._asgi import route_path, send_json
 from aimiddleware.context import SCOPE_KEY, RequestContext
 from aimiddleware.errors import DEFAULT_TYPE_BASE, InvalidRequest, MethodNotAllowed, NotFound
+from aimiddleware.headers import parse_http_date
 from aimiddleware.storage import Storage
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
 from aimiddleware.versioning.api_versions import ApiVersions, ResolvedVersion
@@ -324,7 +325,8 @@ class VersioningMiddleware:
         self, headers: Iterable[tuple[bytes, bytes]], raw: tuple[tuple[bytes, bytes], ...]
     ) -> list[tuple[bytes, bytes]]:
         """``headers`` (a response's) with ``raw`` added; one the endpoint set itself (say a
-        ``@deprecated`` route) is kept, except ``link`` and ``vary``, which add up."""
+        ``@deprecated`` route) is kept, except ``link`` and ``vary``, which add up, and a
+        ``Deprecation`` or ``Sunset`` later than ours, which gives way to the earlier date."""
         out = list(headers)
         added = self._added_names
         for key, _ in out:
@@ -406,13 +408,43 @@ def _version_infos(versions: ApiVersions | None) -> dict[str, _VersionInfo]:
 def _merge(
     headers: list[tuple[bytes, bytes]], raw: tuple[tuple[bytes, bytes], ...]
 ) -> list[tuple[bytes, bytes]]:
-    """Add ``raw`` to ``headers`` unless the endpoint set one already (``link``/``vary`` add)."""
-    present = {k.lower() for k, _ in headers}
+    """Add ``raw`` to ``headers`` unless the endpoint set one already (``link``/``vary`` add);
+    of two ``Deprecation`` or ``Sunset`` dates (a ``@deprecated`` route serving a deprecated
+    model), the earlier one, as :func:`merge_headers` does for a model and a version."""
+    present: dict[bytes, int] = {}
+    for i, (k, _) in enumerate(headers):
+        present.setdefault(k.lower(), i)
     for key, value in raw:
         if key in present and key not in (b"link", b"vary"):
-            continue  # the endpoint (say a @deprecated route) already set it
+            i = present[key]  # the endpoint (say a @deprecated route) already set it
+            if key in _DATE_HEADERS and _earlier(key, value, headers[i][1]):
+                headers[i] = (headers[i][0], value)
+            continue
         headers.append((key, value))
     return headers
+
+
+_DATE_HEADERS = (b"deprecation", b"sunset")
+
+
+def _moment(key: bytes, value: bytes) -> float | None:
+    """A ``Deprecation`` (sf-date ``@<seconds>``) or ``Sunset`` (HTTP-date) in Unix seconds."""
+    text = value.decode("latin-1").strip()
+    if key == b"deprecation":
+        digits = text[1:].removeprefix("-")
+        if text[:1] != "@" or not digits.isascii() or not digits.isdigit():
+            return None
+        return float(text[1:])
+    try:
+        return parse_http_date(text).timestamp()
+    except ValueError:
+        return None
+
+
+def _earlier(key: bytes, ours: bytes, theirs: bytes) -> bool:
+    """Is our date earlier than the one the endpoint set? (Not if theirs is unreadable.)"""
+    mine, other = _moment(key, ours), _moment(key, theirs)
+    return mine is not None and other is not None and mine < other
 
 
 def _with_path(scope: Scope, root: str, prefix: str, rest: str) -> Scope:
