@@ -114,7 +114,8 @@ class RetryPolicy:
 
     def backoff(self, retries_done: int) -> float:
         """Exponential backoff with jitter for retry number ``retries_done + 1``."""
-        base = min(self.initial_delay * 2.0**retries_done, self.max_delay)
+        # (the exponent capped: 2.0 ** 1024 overflows, and 2 ** 1000 is past any max_delay)
+        base = min(self.initial_delay * 2.0 ** min(retries_done, 1000), self.max_delay)
         return base * (1.0 - self.jitter * self.random())
 
     def server_delay(self, headers: httpx.Headers) -> float | None:

@@ -681,6 +681,14 @@ def test_backoff_is_exponential_capped_and_jittered() -> None:
     assert none.backoff(1) == 1.0
 
 
+def test_backoff_stays_capped_after_a_thousand_retries() -> None:
+    # 2.0 ** 1024 is an OverflowError: a policy meant to retry for a long time (say
+    # max_retries=5000, max_delay=30) raised it from its 1025th retry instead of waiting.
+    policy = RetryPolicy(max_retries=5000, max_delay=30.0, random=lambda: 0.0)
+    assert [policy.backoff(n) for n in (1023, 1024, 4999)] == [30.0, 30.0, 30.0]
+    assert RetryPolicy(initial_delay=0.0).backoff(2000) == 0.0
+
+
 def test_server_delay_parsing() -> None:
     policy = RetryPolicy(clock=lambda: 1_000_000.0)
     headers = httpx.Headers
