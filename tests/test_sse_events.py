@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from httpx_sse import connect_sse
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aimiddleware.sse import ServerSentEvent, encode_comment, encode_data, split_lines
+from aimiddleware.sse import (
+    ServerSentEvent,
+    encode_comment,
+    encode_data,
+    json_data,
+    split_lines,
+)
 from tests.sse_spec import Dispatched, parse
 
 TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
@@ -133,3 +141,28 @@ def test_httpx_sse_recovers_what_was_sent(events: list[ServerSentEvent], cut: in
         got = [(s.event, s.data, s.id, s.retry) for s in source.iter_sse()]
     want, _ = expected(events)
     assert [(g[0], g[1], g[2]) for g in got] == [(w.type, w.data, w.last_event_id) for w in want]
+
+
+SURROGATES = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
+
+
+@settings(max_examples=300)
+@given(st.text(alphabet=st.one_of(SURROGATES, st.characters(max_codepoint=0x10FFFF))))
+def test_json_data_is_valid_utf8_json_for_any_text(text: str) -> None:
+    # Lone surrogates (an emoji's halves split across deltas) could not be encoded: they
+    # go out escaped, and decode back to the very same code points.
+    # (as UTF-16: a high and a low half side by side decode as the character they make)
+    def utf16(value: str) -> str:
+        return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+
+    data = json_data([text])
+    assert [utf16(t) for t in json.loads(data.encode("utf-8"))] == [utf16(text)]
+    assert "\n" not in data and "\r" not in data
+
+
+def test_json_data_escapes_only_surrogates() -> None:
+    assert json_data("é😀\ud83d") == '"é😀\\ud83d"'
+    assert json_data("\\\udcaf") == '"\\\\\\udcaf"'
+    assert json_data({"\ud83d": "\ude00"}) == '{"\\ud83d":"\\ude00"}'
+    assert json.loads(json_data("\ud83d") + "\n") == "\ud83d"
+    assert json.loads(json_data(["\ud83d\ude00"])) == ["😀"]  # halves together: one

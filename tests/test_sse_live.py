@@ -362,3 +362,34 @@ async def test_a_last_event_id_with_non_ascii_digits_starts_a_fresh_stream() -> 
             )
             assert response.status_code == 200
             assert response.text.endswith("event: done\ndata: [DONE]\n\n")
+
+
+async def test_split_and_lone_surrogates_in_deltas_reach_the_openai_sdk() -> None:
+    # Some OpenAI-compatible upstreams send an emoji's two UTF-16 halves in two deltas
+    # ("\ud83d", then "\ude00"), or a lone one; a proxy's json.loads keeps them as lone
+    # surrogates, which UTF-8 cannot encode: the first one ended the stream with an
+    # internal error event. JSON can carry them escaped (\ud83d), as the upstream did.
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat() -> EventStreamResponse:
+        body = current().json()
+
+        async def tokens() -> AsyncIterator[Any]:
+            for delta in ("Hi ", "\ud83d", "\ude00", " and \udcaf"):
+                yield delta
+            yield StreamResult(usage=Usage(input_tokens=2, output_tokens=4), finish_reason="stop")
+
+        return EventStreamResponse(tokens(), dialect=OpenAIChatDialect.for_request(body))
+
+    async with serve(install(app)) as url:
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="sk-test", max_retries=0)
+        stream = await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+        await client.close()
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Hi \ud83d\ude00 and \udcaf"  # every half, as sent
+    assert text.encode("utf-16", "surrogatepass").decode("utf-16", "replace") == "Hi 😀 and \ufffd"
+    assert chunks[-1].choices[0].finish_reason == "stop"

@@ -17,6 +17,7 @@ the bytes this module writes:
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,11 +65,24 @@ def encode_data(data: str, event: str | None = None, id: str | None = None) -> b
 
 
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogate(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
 
 
 def json_data(value: Any) -> str:
-    """Compact JSON for a ``data`` field (one line: JSON strings escape their newlines)."""
-    return _JSON.encode(value)
+    """Compact JSON for a ``data`` field (one line: JSON strings escape their newlines).
+
+    A lone surrogate (half of an emoji split across two deltas by an upstream, as some
+    OpenAI-compatible ones do) is written escaped (``\\ud83d``), as JSON carries it: UTF-8
+    has no encoding for it, and the frame could not be sent.
+    """
+    text = _JSON.encode(value)
+    if text.isascii() or not _SURROGATE.search(text):
+        return text
+    return _SURROGATE.sub(_escape_surrogate, text)  # (only inside JSON strings)
 
 
 @dataclass(frozen=True, slots=True)
