@@ -19,6 +19,7 @@ from aimiddleware import (
     AnthropicDialect,
     CancellationConfig,
     EventStreamResponse,
+    IdempotencyConfig,
     OpenAIChatDialect,
     ReplayBuffer,
     StreamResult,
@@ -393,3 +394,43 @@ async def test_split_and_lone_surrogates_in_deltas_reach_the_openai_sdk() -> Non
     assert text == "Hi \ud83d\ude00 and \udcaf"  # every half, as sent
     assert text.encode("utf-16", "surrogatepass").decode("utf-16", "replace") == "Hi 😀 and \ufffd"
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+async def test_a_resumable_stream_its_client_left_is_not_stored_with_a_hole() -> None:
+    # With replay=, the producer runs on after the client leaves, but the frames made
+    # meanwhile go to the replay buffer only, not down the send chain; its end still went
+    # out, so the idempotency layer stored the frames seen before the drop, then the end:
+    # a retry with the same Idempotency-Key was replayed an answer with a hole in it that
+    # ended as if whole. It must get the whole answer, or run again.
+    total = 30
+    produced: list[str] = []
+    buffer = ReplayBuffer("memory://", ttl=30)
+    app = FastAPI()
+
+    @app.post("/v1/stream")
+    async def stream() -> EventStreamResponse:
+        async def tokens() -> AsyncIterator[Any]:
+            try:
+                for i in range(total):
+                    yield f"tok{i}"
+                    await anyio.sleep(0.01)
+                yield StreamResult(usage=Usage(input_tokens=5, output_tokens=total))
+            finally:
+                produced.append("end")
+
+        return EventStreamResponse(tokens(), replay=buffer, heartbeat=None)
+
+    install(app, idempotency=IdempotencyConfig())
+    headers = {"authorization": "Bearer key-1", "idempotency-key": "once-1"}
+    async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
+        first = await read_events(client, headers, stop_after=3)
+        for _ in range(250):  # the producer runs to its end meanwhile
+            if produced:
+                break
+            await anyio.sleep(0.02)
+        await anyio.sleep(0.1)  # (its end frames, after the iterator)
+        retry = await read_events(client, headers)
+    assert len(first) == 3 and produced == ["end"]
+    deltas = [json.loads(d)["text"] for _, kind, d in retry if kind == "delta"]
+    assert deltas == [f"tok{i}" for i in range(total)]
+    assert [kind for _, kind, _ in retry][-2:] == ["usage", "done"]

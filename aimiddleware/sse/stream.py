@@ -213,7 +213,12 @@ class StreamSender:
                     data = frame(item)
                 if replay is not None:
                     data = await self._store(data)
-                if self.client_gone:
+                    # A producer whose client left still sends every frame down the chain
+                    # (the server drops them): the idempotency layer records the whole
+                    # answer, never one with a hole. Not to a client that stopped reading.
+                    if self.timed_out:
+                        continue
+                elif self.client_gone:
                     continue
                 if self.hb_done is not None:
                     await self.hb_done.wait()
