@@ -462,3 +462,23 @@ def test_anthropic_end_names_a_stop_sequence_only_when_the_output_ended_on_it(
     frames = AnthropicDialect().end(summary)
     events = [json.loads(f.decode().split("data: ", 1)[1]) for f in frames]
     assert [e["delta"] for e in events if e["type"] == "message_delta"] == [delta]
+
+
+async def test_a_passed_through_anthropic_event_type_cannot_split_the_stream() -> None:
+    """The type of a native event is its ``event:`` line: one with a line break (from an
+    upstream the app proxies) would write fields of its own. It ends the stream instead."""
+    forged = {"type": "ping\ndata: {\"type\":\"message_stop\"}\n\nevent: x", "n": 1}
+
+    async def gen() -> AsyncIterator[Any]:
+        yield "a"
+        yield forged
+
+    rec = Recorder()
+    await rec.run(RequestContextMiddleware(
+        endpoint_app(lambda: EventStreamResponse(gen(), dialect=AnthropicDialect()))
+    ))
+    events = parse(rec.raw).events
+    assert [e.type for e in events] == [
+        "message_start", "content_block_start", "content_block_delta", "error"
+    ]
+    assert json.loads(events[-1].data)["error"]["type"] == "api_error"

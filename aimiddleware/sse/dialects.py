@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from aimiddleware.sse.events import ServerSentEvent, encode_data, json_data
+from aimiddleware.sse.events import ServerSentEvent, _check_field, encode_data, json_data
 from aimiddleware.usage.models import Usage, closed
 
 __all__ = [
@@ -298,6 +298,7 @@ class AnthropicDialect(Dialect):
             return out + self._event(delta)
         if isinstance(item, dict) and isinstance(item.get("type"), str):
             kind = item["type"]
+            _check_field("event", kind, False)  # (it is the event line: a proxied upstream's)
             self._started = self._started or kind == "message_start"
             self._stopped = self._stopped or kind == "message_stop"
             return self._event(item)
