@@ -17,6 +17,7 @@ from aimiddleware.sse import (
     json_data,
     split_lines,
 )
+from aimiddleware.sse.events import without_ids
 from tests.sse_spec import Dispatched, parse
 
 TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
@@ -166,3 +167,18 @@ def test_json_data_escapes_only_surrogates() -> None:
     assert json_data({"\ud83d": "\ude00"}) == '{"\\ud83d":"\\ude00"}'
     assert json.loads(json_data("\ud83d") + "\n") == "\ud83d"
     assert json.loads(json_data(["\ud83d\ude00"])) == ["😀"]  # halves together: one
+
+
+@pytest.mark.parametrize(
+    ("frame", "expected"),
+    [
+        (b"id: 7\ndata: x\n\n", b"data: x\n\n"),
+        (b'data: {"id": 1}\nid\n\n', b'data: {"id": 1}\n\n'),  # a bare "id" line too
+        (b"event: a\r\nid: 9\r\ndata: y\r\n\r\n", b"event: a\r\ndata: y\r\n\r\n"),
+        (b"data: a\rid: 3\rdata: b\r\r", b"data: a\rdata: b\r\r"),
+        (b"idx: 1\ndata: z\n\n", b"idx: 1\ndata: z\n\n"),  # another field
+        (b"data: id: 1\n\n", b"data: id: 1\n\n"),  # in a value
+    ],
+)
+def test_without_ids_drops_only_id_field_lines(frame: bytes, expected: bytes) -> None:
+    assert without_ids(frame) == expected

@@ -22,6 +22,7 @@ from aimiddleware import (
     IdempotencyConfig,
     OpenAIChatDialect,
     ReplayBuffer,
+    ServerSentEvent,
     StreamResult,
     UpstreamUnavailable,
     Usage,
@@ -130,6 +131,7 @@ def resumable_app(
     contexts: list[Any] | None = None,
     dialect: Any = None,
     ledger: MemoryLedger | None = None,
+    own_ids: bool = False,
 ) -> FastAPI:
     app = FastAPI()
 
@@ -140,7 +142,7 @@ def resumable_app(
 
         async def tokens() -> AsyncIterator[Any]:
             for i in range(total):
-                yield f"tok{i}"
+                yield ServerSentEvent(f"tok{i}", "tok", id=f"mine-{i}") if own_ids else f"tok{i}"
                 await anyio.sleep(0.01)
             yield StreamResult(usage=Usage(input_tokens=5, output_tokens=total))
 
@@ -266,6 +268,21 @@ async def test_a_stream_cut_by_its_timeout_tier_is_recorded_as_a_timeout() -> No
     await ledger.flush()
     found = await ledger.get_request(contexts[0].principal, contexts[0].request_id)
     assert found is not None and found.record.raw_finish_reason == "timeout"
+
+
+async def test_events_with_ids_of_their_own_still_resume() -> None:
+    """A resumable stream numbers its events: an item's own id would have replaced the
+    number, and a resume from it found no such event (a fresh run of the model)."""
+    buffer = ReplayBuffer(Storage("memory://"), max_events=100, ttl=30)
+    auth = {"authorization": "Bearer key-1"}
+    contexts: list[Any] = []
+    async with serve(resumable_app(buffer, 10, contexts, own_ids=True)) as url, \
+            httpx.AsyncClient(base_url=url) as client:
+        first = await read_events(client, auth, stop_after=4)
+        rest = await read_events(client, {**auth, "last-event-id": first[-1][0]})
+    assert [data for _, _, data in first + rest][:10] == [f"tok{i}" for i in range(10)]
+    assert [int(i.rsplit(":", 1)[1]) for i, _, _ in first + rest] == list(range(1, 13))
+    assert [NO_MODEL_CALL in c.state for c in contexts] == [False, True]
 
 
 async def test_a_resume_has_no_row_in_the_usage_history() -> None:

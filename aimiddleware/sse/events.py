@@ -27,6 +27,7 @@ __all__ = [
     "encode_data",
     "json_data",
     "split_lines",
+    "without_ids",
 ]
 
 
@@ -62,6 +63,17 @@ def encode_data(data: str, event: str | None = None, id: str | None = None) -> b
         body = "".join(f"data: {line}\n" for line in split_lines(data))
         return f"{head}{body}\n".encode()
     return f"{head}data: {data}\n\n".encode()
+
+
+# An ``id`` field line: "id", or "id:" and a value, to its line end (CRLF, LF or CR).
+_ID_LINE = re.compile(rb"(?m)(?:^|(?<=\r))id(?::[^\r\n]*)?(?:\r\n|\r|\n|\Z)")
+
+
+def without_ids(frame: bytes) -> bytes:
+    """``frame`` without its ``id`` field lines (a resumable stream numbers its events)."""
+    if frame.startswith(b"id") or b"\nid" in frame or b"\rid" in frame:
+        return _ID_LINE.sub(b"", frame)
+    return frame
 
 
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)

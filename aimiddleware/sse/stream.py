@@ -22,7 +22,7 @@ from aimiddleware.cancellation import CANCEL_ON_DISCONNECT, DEADLINE, cleanup_sc
 from aimiddleware.context import RequestContext, report_no_model_call
 from aimiddleware.errors import AIError, problem_body
 from aimiddleware.sse.dialects import Dialect, StreamSummary
-from aimiddleware.sse.events import ServerSentEvent
+from aimiddleware.sse.events import ServerSentEvent, without_ids
 from aimiddleware.sse.replay import parse_event_id
 from aimiddleware.types import Receive, Scope, Send
 from aimiddleware.usage.models import Usage
@@ -350,7 +350,8 @@ class StreamSender:
         replay = self.resp.replay
         assert replay is not None
         self.seq += 1
-        data = f"id: {self.sid}:{self.seq}\n".encode() + data
+        # (an id of the item's own would replace ours: a resume from it would find nothing)
+        data = f"id: {self.sid}:{self.seq}\n".encode() + without_ids(data)
         await replay.append(self.principal, self.sid, self.seq, data)
         return data
 
