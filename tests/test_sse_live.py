@@ -451,3 +451,52 @@ async def test_a_resumable_stream_its_client_left_is_not_stored_with_a_hole() ->
     deltas = [json.loads(d)["text"] for _, kind, d in retry if kind == "delta"]
     assert deltas == [f"tok{i}" for i in range(total)]
     assert [kind for _, kind, _ in retry][-2:] == ["usage", "done"]
+
+
+def keyed_resumable_app(total: int, delay: float, follow: bool) -> FastAPI:
+    app = FastAPI()
+    buffer = ReplayBuffer("memory://", ttl=30)
+
+    @app.post("/v1/stream")
+    async def stream() -> EventStreamResponse:
+        async def tokens() -> AsyncIterator[Any]:
+            for i in range(total):
+                yield f"tok{i}"
+                await anyio.sleep(delay)
+            yield StreamResult(usage=Usage(input_tokens=5, output_tokens=total))
+
+        return EventStreamResponse(tokens(), replay=buffer, heartbeat=None)
+
+    install(app, idempotency=IdempotencyConfig(follow_streams=follow))
+    return app
+
+
+@pytest.mark.parametrize("follow", [False, True], ids=["stored", "still-going-out"])
+async def test_a_keyed_reconnect_with_last_event_id_gets_only_the_events_it_missed(
+    follow: bool,
+) -> None:
+    """A reconnecting SSE client sends the request again, Idempotency-Key included, with
+    Last-Event-ID: the idempotency layer answers it, and sent the stream from its start, so
+    the client appended every event it had a second time."""
+    total = 30
+    headers = {"authorization": "Bearer key-1", "idempotency-key": "resume-1"}
+    app = keyed_resumable_app(total, 0.02 if follow else 0.0, follow)
+    async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
+        first = await read_events(client, headers, stop_after=5)
+        if not follow:
+            await anyio.sleep(0.5)  # the producer ends and the answer is stored
+        rest = await read_events(client, {**headers, "last-event-id": first[-1][0]})
+        events = first + rest
+        assert [int(i.rsplit(":", 1)[1]) for i, _, _ in events] == list(
+            range(1, len(events) + 1)
+        )
+        deltas = [json.loads(d)["text"] for _, kind, d in events if kind == "delta"]
+        assert deltas == [f"tok{i}" for i in range(total)]
+        assert [kind for _, kind, _ in events][-2:] == ["usage", "done"]
+        # After the end: nothing more, and a 204 stops an EventSource reconnecting
+        done = await client.post("/v1/stream", json={},
+                                 headers={**headers, "last-event-id": events[-1][0]})
+        assert done.status_code == 204 and done.headers["idempotent-replayed"] == "true"
+        # An id this stream never carried: the whole stream, as before
+        whole = await read_events(client, {**headers, "last-event-id": "other:3"})
+        assert whole == events

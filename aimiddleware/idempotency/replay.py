@@ -7,13 +7,19 @@ coding, when it is gzip or deflate: a replay never sends such a client bytes it 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import anyio
 
 from aimiddleware._encoding import DECODABLE, Inflater, accepts, content_coding
 from aimiddleware.errors import Conflict
 from aimiddleware.idempotency.models import Completed, InFlight, LiveStream
+from aimiddleware.idempotency.resume import (
+    After,
+    after_event,
+    is_plain_event_stream,
+    last_event_id,
+)
 from aimiddleware.idempotency.store import StreamingStore
 from aimiddleware.types import Send
 
@@ -33,6 +39,20 @@ async def replay(record: Completed, send: Send, accept: Accept = None) -> None:
     they are encoded in."""
     headers, inflater = _for_client(record.headers, accept)
     headers.append(REPLAYED)
+    last = last_event_id(accept)
+    if last is not None and record.chunks is not None and is_plain_event_stream(headers):
+        rest = after_event(record.chunks, last)
+        if rest is not None:  # a reconnecting SSE client: the events it has not seen
+            if rest:
+                await send({"type": "http.response.start", "status": record.status,
+                            "headers": headers})
+                await _send_chunks(rest, None, send)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            else:  # it saw the end: 204, as a resumable stream answers (EventSource stops)
+                await send({"type": "http.response.start", "status": 204,
+                            "headers": [REPLAYED]})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
     if record.chunks is None and inflater is not None:
         if await _send_decoded(record.status, headers, record.body or b"", inflater, send):
             return
@@ -54,16 +74,22 @@ async def follow(
     headers, inflater = _for_client(live.headers, accept)
     await send({"type": "http.response.start", "status": live.status,
                 "headers": [*headers, REPLAYED]})
+    last = last_event_id(accept)
+    # A reconnecting SSE client: the events after the one it saw last (all of them if the
+    # stream never carries that id: what was held back goes out at its end).
+    after = After(last) if last is not None and is_plain_event_stream(headers) else None
     offset = 0
     current: LiveStream | InFlight | Completed | None = live
     while True:
         if isinstance(current, LiveStream):
-            await _send_chunks(current.chunks, inflater, send)
+            await _send_chunks(_cut(after, current.chunks), inflater, send)
             offset += len(current.chunks)
             if not current.chunks:
                 await anyio.sleep(poll_interval)
         elif isinstance(current, Completed) and current.chunks is not None:
-            await _send_chunks(current.chunks[offset:], inflater, send)
+            if after is not None and not after.found:  # never carried: the whole stream
+                after, offset = None, 0
+            await _send_chunks(_cut(after, current.chunks[offset:]), inflater, send)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         else:  # released or taken over: the stream being followed broke off
@@ -73,6 +99,10 @@ async def follow(
                 retry_after=1,
             )
         current = await store.stream_read(key, offset)
+
+
+def _cut(after: After | None, chunks: Sequence[bytes]) -> Iterable[bytes]:
+    return chunks if after is None else [piece for piece in map(after.feed, chunks) if piece]
 
 
 def _for_client(
