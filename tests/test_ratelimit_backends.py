@@ -318,7 +318,8 @@ async def test_a_failing_lease_refresh_never_cuts_the_call_short() -> None:
         shared = True  # as a shared store: the limiter refreshes leases
         refreshed = 0
 
-        async def refresh(self, principal: str, lease: str, ttl_ms: int) -> None:
+        async def refresh(self, principal: str, lease: str, ttl_ms: int, *,
+                          concurrent: bool = True, held: bool = False) -> None:
             self.refreshed += 1
             raise RuntimeError("OOM command not allowed when used memory > 'maxmemory'")
 

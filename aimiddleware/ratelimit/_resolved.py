@@ -15,12 +15,12 @@ _DIM_CODE = {"requests": 0, "tokens": 1, "input_tokens": 2, "output_tokens": 3, 
 
 class _Resolved:
     """The limits of one (policy, route, extra, model), with what each request reuses: the
-    storage rows ``(field, window ms, amount, dimension code)``, the header plan, and twice
-    the longest window (how long the counters live)."""
+    storage rows ``(field, window ms, amount, dimension code)``, the header plan, twice
+    the longest window (how long the counters live), and which limits a lease holds."""
 
     __slots__ = (
-        "caps", "codes", "concurrency", "limits", "needs_body", "needs_cost", "plan", "rows",
-        "span",
+        "caps", "codes", "concurrency", "held", "limits", "needs_body", "needs_cost", "plan",
+        "rows", "span",
     )
 
     def __init__(
@@ -34,6 +34,9 @@ class _Resolved:
             (lim.field, lim.window * 1000, lim.amount, _DIM_CODE[lim.dimension]) for lim in limits
         )
         self.codes = tuple(_DIM_CODE[lim.dimension] for lim in limits)
+        # What a shared store holds under a lease, refunded if the worker dies (Backend's
+        # held): every limit but requests (a request that ran is a request); "" for none.
+        self.held = "".join("1" if code else "0" for code in self.codes) if any(self.codes) else ""
         self.span = 2 * max([lim.window * 1000 for lim in limits], default=0)  # ms
         # (dimension code, smallest limit of that dimension): a cost above it never fits
         caps: dict[int, int] = {}

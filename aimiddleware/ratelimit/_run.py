@@ -156,10 +156,10 @@ async def _with_refresh(
             try:
                 await limiter.refresh(admission)
             except StoreUnavailable:
-                logger.warning("could not refresh a concurrency lease: store unavailable")
+                logger.warning("could not refresh a rate-limit lease: store unavailable")
             except Exception:  # (a store error that is not an outage: out of memory, read
                 # only...) bookkeeping must never cut the call short
-                logger.exception("could not refresh a concurrency lease")
+                logger.exception("could not refresh a rate-limit lease")
 
     box: dict[str, Any] = {}
     async with anyio.create_task_group() as tg:

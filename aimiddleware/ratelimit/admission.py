@@ -1,7 +1,8 @@
 """``Admission``: what one request reserved on its limits, handed back by ``RateLimiter.admit``.
 
 It carries the principal, the limits and what each was charged (its hits), the estimate
-they came from, the store's decision, the concurrency lease and the rate-limit headers;
+they came from, the store's decision, the lease (concurrency, and on a shared store the
+reservation it holds) and the rate-limit headers;
 ``RateLimiter.finish`` reads it back to replace the reservation by the real usage. The
 limiter's fast path fills it without building a :class:`~aimiddleware.ratelimit.backend.Hit`
 (its rows and their costs, ``_rows`` and ``_reserved``); :attr:`Admission.hits` builds them
@@ -26,8 +27,8 @@ class Admission:
     ``headers``: the same as strings."""
 
     __slots__ = (
-        "_codes", "_hits", "_reserved", "_rows", "concurrency", "decision", "estimate", "lease",
-        "limits", "principal", "raw_headers",
+        "_codes", "_hits", "_reserved", "_rows", "concurrency", "decision", "estimate", "held",
+        "lease", "limits", "principal", "raw_headers",
     )
 
     def __init__(
@@ -41,6 +42,7 @@ class Admission:
         concurrency: int,
         raw_headers: list[tuple[bytes, bytes]],
         codes: tuple[int, ...] | None = None,
+        held: str = "",
     ) -> None:
         self.principal = principal
         self.limits = limits
@@ -53,6 +55,9 @@ class Admission:
         self.decision = decision
         self.lease = lease
         self.concurrency = concurrency
+        # Which limits' reservations the lease holds in a shared store (the Backend's held):
+        # refunded by the store if the lease expires, "" for none.
+        self.held = held
         self.raw_headers = raw_headers
         # The dimension of each limit as an index into finish()'s usage tuple.
         self._codes = codes if codes is not None else tuple(_DIM_CODE[x.dimension] for x in limits)

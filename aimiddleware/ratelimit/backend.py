@@ -41,12 +41,15 @@ class Hit(NamedTuple):
 
 class Adjustment(NamedTuple):
     """Correct a reservation made in fixed window number ``window`` (``now // window_ms``):
-    negative refunds, positive charges."""
+    negative refunds, positive charges. ``held``: what the released lease held on this limit
+    (a shared store): if its reservation was already refunded (the lease expired), it is
+    charged back on top of ``delta``."""
 
     field: str
     window_ms: int
     window: int
     delta: int
+    held: int = 0
 
 
 class WindowState(NamedTuple):
@@ -70,7 +73,14 @@ class Decision(NamedTuple):
 
 
 class Backend(Protocol):
-    """Where counters and leases live. Every method is one atomic step (one round trip)."""
+    """Where counters and leases live. Every method is one atomic step (one round trip).
+
+    ``held`` (acquire): ``""``, or one ``"0"``/``"1"`` per hit; ``"1"``: the hit's cost is
+    held under ``lease`` (given even without a concurrency limit), refunded from its window
+    by a later step once the lease expires unrefreshed (its holder died), unless released
+    first. A shared store needs it; in-process state dies with its holders, so the memory
+    backend ignores it. ``refresh`` keeps a lease alive: ``concurrent`` for a concurrency
+    lease, ``held`` for a held reservation (not revived once refunded)."""
 
     async def acquire(
         self,
@@ -80,13 +90,22 @@ class Backend(Protocol):
         lease: str | None = None,
         concurrency: int = 0,
         lease_ttl_ms: int = 0,
+        held: str = "",
     ) -> Decision: ...
 
     async def adjust(
         self, principal: str, adjustments: Sequence[Adjustment], *, release: str | None = None
     ) -> None: ...
 
-    async def refresh(self, principal: str, lease: str, ttl_ms: int) -> None: ...
+    async def refresh(
+        self,
+        principal: str,
+        lease: str,
+        ttl_ms: int,
+        *,
+        concurrent: bool = True,
+        held: bool = False,
+    ) -> None: ...
 
     async def mark_once(self, principal: str, tag: str, ttl_ms: int) -> bool: ...
 

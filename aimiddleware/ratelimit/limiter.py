@@ -301,6 +301,7 @@ class RateLimiter:
         admission.decision = decision
         admission.lease = lease
         admission.concurrency = concurrency
+        admission.held = ""  # (in-process: nothing to hold)
         admission.raw_headers = headers
         admission._codes = res.codes
         ctx.state["ratelimit"] = admission
@@ -346,7 +347,12 @@ class RateLimiter:
                 res = self._resolve(policy, route, extra, estimate.model)
         limits, concurrency = res.limits, res.concurrency
         hits = self._hits(res, estimate)
-        lease = f"{self._lease_prefix}{next(self._lease_ids)}" if concurrency else None
+        # A shared store holds what the request reserves under its lease (refunded if the
+        # worker dies before finish): a lease then, even without a concurrency limit.
+        held = res.held
+        if held and not (self.refreshes and any(h[3] for h, c in zip(hits, res.codes) if c)):  # noqa: B905
+            held = ""
+        lease = f"{self._lease_prefix}{next(self._lease_ids)}" if concurrency or held else None
         headers = None
         try:
             if self._acquire_rendered is not None:
@@ -362,6 +368,7 @@ class RateLimiter:
                     lease=lease,
                     concurrency=concurrency,
                     lease_ttl_ms=self._lease_ttl_ms,
+                    held=held,
                 )
         except StoreUnavailable as exc:
             if not self.fail_open:
@@ -386,6 +393,7 @@ class RateLimiter:
             concurrency,
             res.plan.render(decision.states, decision.in_flight) if headers is None else headers,
             res.codes,
+            held,
         )
         ctx.state["ratelimit"] = admission
         if self.alert_fractions:
@@ -526,18 +534,23 @@ class RateLimiter:
 
     def _adjustments(
         self, admission: Admission, ctx: RequestContext, failed: bool
-    ) -> list[tuple[str, int, int, int]]:
-        """Adjustment's fields per limit whose reservation differs from the real usage."""
-        adjustments: list[tuple[str, int, int, int]] = []
+    ) -> list[tuple[str, int, int, int, int]]:
+        """Adjustment's fields per limit whose reservation differs from the real usage, or
+        that the lease held (charged back if the store refunded it meanwhile)."""
+        adjustments: list[tuple[str, int, int, int, int]] = []
         by_code = self._used(admission, ctx, failed)
-        if by_code is None:
+        held = admission.held
+        if by_code is None and not held:
             return adjustments
         assert admission.decision is not None
         # (no strict=: a keyword makes the call slower; the three have the same length)
-        for hit, state, code in zip(admission.hits, admission.decision.states, admission._codes):  # noqa: B905
-            delta = by_code[code] - hit[3]  # hit.cost
-            if delta:  # usage equal to the reservation: nothing to correct
-                adjustments.append((hit[0], hit[1], state[0], delta))
+        rows = zip(admission.hits, admission.decision.states, admission._codes)  # noqa: B905
+        for i, (hit, state, code) in enumerate(rows):
+            cost = hit[3]  # hit.cost
+            delta = 0 if by_code is None else by_code[code] - cost
+            back = cost if held and held[i] == "1" else 0
+            if delta or back:  # usage equal to the reservation, not held: nothing to do
+                adjustments.append((hit[0], hit[1], state[0], delta, back))
         return adjustments
 
     async def charge(
@@ -614,7 +627,13 @@ class RateLimiter:
 
     async def refresh(self, admission: Admission) -> None:
         if admission.lease is not None:
-            await self.backend.refresh(admission.principal, admission.lease, self.lease_ttl_ms)
+            await self.backend.refresh(
+                admission.principal,
+                admission.lease,
+                self.lease_ttl_ms,
+                concurrent=admission.concurrency > 0,
+                held=bool(admission.held),
+            )
 
     # -- spend alerts -----------------------------------------------------------------------
 

@@ -140,6 +140,7 @@ class MemoryBackend:
         lease: str | None = None,
         concurrency: int = 0,
         lease_ttl_ms: int = 0,
+        held: str = "",  # (in-process: nothing outlives its holder, nothing is held)
     ) -> Decision:
         return self.acquire_now(principal, hits, lease, concurrency, lease_ttl_ms)
 
@@ -273,7 +274,7 @@ class MemoryBackend:
     def adjust_now(
         self,
         principal: str,
-        adjustments: Sequence[tuple[str, int, int, int]],  # Adjustment or the same plain tuple
+        adjustments: Sequence[tuple[str, int, int, int, int]],  # Adjustment or the same tuple
         release: str | None = None,
     ) -> None:
         # Each adjustment as a reconcile_now row: nothing reserved, its delta used.
@@ -331,7 +332,17 @@ class MemoryBackend:
                 if now + 2 * window > entry.due:
                     self._list(principal, entry, 2 * window)
 
-    async def refresh(self, principal: str, lease: str, ttl_ms: int) -> None:
+    async def refresh(
+        self,
+        principal: str,
+        lease: str,
+        ttl_ms: int,
+        *,
+        concurrent: bool = True,
+        held: bool = False,
+    ) -> None:
+        if not concurrent:  # (held reservations: none in-process)
+            return
         now = self._now()
         entry = self._entry(principal, now)
         expiry = entry.leases[lease] = now + ttl_ms

@@ -1,7 +1,9 @@
 """Redis/Valkey backend: one Lua script per admission, whatever the number of limits.
 
-The counters of a principal live in one hash and its leases in one sorted set, both keyed
-with ``{principal}`` hash tags (:meth:`Storage.key`), so a script touches one cluster slot.
+The counters of a principal live in one hash, its concurrency leases in one sorted set, and
+the reservations held under leases (what a request reserved, refunded if its worker dies:
+``held.lua``) in a sorted set of expiries and a hash of amounts; all four are keyed with
+``{principal}`` hash tags (:meth:`Storage.key`), so a script touches one cluster slot.
 Scripts go through redis-py's ``register_script`` (EVALSHA, reloaded after ``NOSCRIPT``, as
 after a server restart). Time comes from the server (``TIME``) unless a ``clock`` is given,
 so workers on hosts with skewed clocks still share windows.
@@ -18,8 +20,11 @@ from aimiddleware.storage import Storage, redis_errors
 
 __all__ = ["RedisBackend"]
 
-def _script(name: str) -> str:
-    return files("aimiddleware.ratelimit").joinpath(name).read_text()
+def _script(name: str, *, held: bool = True) -> str:
+    """A script's text; ``held``: after held.lua's refund function (the scripts that read
+    the counters refund expired reservations first)."""
+    text = files("aimiddleware.ratelimit").joinpath(name).read_text()
+    return _script("held.lua", held=False) + text if held else text
 
 
 class RedisBackend:
@@ -45,10 +50,17 @@ class RedisBackend:
         self._acquire: Any = None
         self._adjust: Any = None
         self._refresh: Any = None
+        self._peek: Any = None
 
     def _keys(self, principal: str) -> list[str]:
-        key = self.storage.key
-        return [key(self.namespace, principal), key(self.namespace, principal, "leases")]
+        """Counters, concurrency leases, held leases (expiries), what they hold."""
+        key, ns = self.storage.key, self.namespace
+        return [
+            key(ns, principal),
+            key(ns, principal, "leases"),
+            key(ns, principal, "held"),
+            key(ns, principal, "held", "amounts"),
+        ]
 
     def _now_arg(self) -> str:
         return "" if self.clock is None else str(int(self.clock() * 1000))
@@ -75,8 +87,11 @@ class RedisBackend:
         lease: str | None = None,
         concurrency: int = 0,
         lease_ttl_ms: int = 0,
+        held: str = "",
     ) -> Decision:
-        args: list[Any] = [self._now_arg(), lease or "", concurrency, lease_ttl_ms, len(hits)]
+        args: list[Any] = [
+            self._now_arg(), lease or "", concurrency, lease_ttl_ms, len(hits), held
+        ]
         for hit in hits:
             args.extend((hit.field, hit.window_ms, hit.limit, hit.cost))
         script, _ = self._scripts()
@@ -96,17 +111,25 @@ class RedisBackend:
             return
         args: list[Any] = [self._now_arg(), release or "", len(adjustments)]
         for adj in adjustments:
-            args.extend((adj.field, adj.window_ms, adj.window, adj.delta))
+            args.extend(adj)  # (field, window_ms, window, delta, held)
         _, script = self._scripts()
         async with redis_errors("rate limit"):
             await script(keys=self._keys(principal), args=args)
 
-    async def refresh(self, principal: str, lease: str, ttl_ms: int) -> None:
+    async def refresh(
+        self,
+        principal: str,
+        lease: str,
+        ttl_ms: int,
+        *,
+        concurrent: bool = True,
+        held: bool = False,
+    ) -> None:
         if self._refresh is None:
-            self._refresh = self.storage.redis.register_script(_script("refresh.lua"))
+            self._refresh = self.storage.redis.register_script(_script("refresh.lua", held=False))
         async with redis_errors("rate limit"):
-            args = [self._now_arg(), lease, ttl_ms]
-            await self._refresh(keys=self._keys(principal)[1:], args=args)
+            args = [self._now_arg(), lease, ttl_ms, "1" if concurrent else "", "1" if held else ""]
+            await self._refresh(keys=self._keys(principal)[1:3], args=args)
 
     async def mark_once(self, principal: str, tag: str, ttl_ms: int) -> bool:
         key = self.storage.key(self.namespace, principal, "alert", tag)
@@ -114,11 +137,13 @@ class RedisBackend:
             return bool(await self.storage.redis.set(key, b"1", nx=True, px=ttl_ms))
 
     async def peek(self, principal: str, hits: Sequence[Hit]) -> tuple[WindowState, ...]:
-        client = self.storage.redis
+        """The counters now, after refunding expired held reservations (one round trip)."""
+        if self._peek is None:
+            self._peek = self.storage.redis.register_script(_script("peek.lua"))
         async with redis_errors("rate limit"):
-            now = await self._server_now()
-            fields = [h.field for h in hits]
-            raw = await client.hmget(self._keys(principal)[0], fields) if hits else []
+            args = [self._now_arg(), *(h.field for h in hits)]
+            now, *raw = await self._peek(keys=self._keys(principal), args=args)
+        now = int(now)
         out = []
         for hit, value in zip(hits, raw, strict=False):
             index = now // hit.window_ms

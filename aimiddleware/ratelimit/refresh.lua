@@ -1,11 +1,17 @@
--- Keep a concurrency lease alive (re-adding it if it had expired meanwhile).
--- KEYS[1]: leases sorted set. ARGV: now_ms ('' = server clock), lease id, ttl ms.
+-- Keep a lease alive: a concurrency lease (re-added if it had expired meanwhile) and/or a
+-- held reservation's (see held.lua; only if still held: one already refunded stays so).
+-- KEYS[1]: leases sorted set; KEYS[2]: held leases sorted set.
+-- ARGV: now_ms ('' = server clock), lease id, ttl ms, concurrency ('1' = a concurrency
+-- lease), held ('1' = a held reservation).
 local now = tonumber(ARGV[1])
 if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local ttl = tonumber(ARGV[3])
-redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
-if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+if ARGV[4] == '1' then
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
+  if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+end
+if ARGV[5] == '1' then redis.call('ZADD', KEYS[2], 'XX', now + ttl, ARGV[2]) end
 return 1
