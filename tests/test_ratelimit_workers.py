@@ -160,6 +160,51 @@ async def test_sigkilled_worker_leases_come_back_within_ttl(redis_url: str) -> N
                     await task
 
 
+async def test_sigkilled_worker_reservations_come_back_within_ttl(redis_url: str) -> None:
+    """Streams that held a day's tokens when their worker was SIGKILLed: once their leases
+    lapse, the next admission of the principal (on another worker) refunds them."""
+    ttl = 3.0
+    env = env_for(redis_url, {"tokens": "2000/day"}, AIMW_RL_LEASE_TTL=str(ttl))
+    with workers(2, env) as procs:
+        (url_a, proc_a), (url_b, _) = procs
+        async with httpx.AsyncClient(timeout=60) as client:
+            headers = {"authorization": "Bearer k-held"}
+            long = {"model": "gpt-4o", "max_tokens": 600, "stream": 60}
+            streams = []
+            for _ in range(3):  # 3 x ~610 tokens held: no room for a fourth
+                req = client.build_request("POST", url_a + "/v1/chat/completions", json=long,
+                                           headers=headers)
+                resp = await client.send(req, stream=True)
+                assert resp.status_code == 200
+                chunks = resp.aiter_raw()  # (kept: collected, it would close the stream)
+                await chunks.__anext__()  # mid-stream
+                streams.append((resp, chunks))
+            quick = {"model": "gpt-4o", "max_tokens": 600}
+            r = await client.post(url_b + "/v1/chat/completions", json=quick, headers=headers)
+            assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"
+            await asyncio.sleep(2 * ttl)
+            r = await client.post(url_b + "/v1/chat/completions", json=quick, headers=headers)
+            assert r.status_code == 429  # the streams' leases were refreshed: still held
+            principal = "key_" + hashlib.sha256(b"k-held").hexdigest()[:32]
+            store = redis_sync.Redis.from_url(redis_url)
+            assert store.zcard(f"aimw:rl:{{{principal}}}:held") == 3  # all still streaming
+            proc_a.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            while True:
+                r = await client.post(url_b + "/v1/chat/completions", json=quick, headers=headers)
+                if r.status_code == 200:
+                    break
+                assert r.status_code == 429
+                assert time.monotonic() - killed < ttl + 2.0
+                await asyncio.sleep(0.05)
+            for resp, _ in streams:
+                await resp.aclose()
+    raw = store.hget(f"aimw:rl:{{{principal}}}", "tokens:86400")
+    assert raw is not None
+    assert int(raw.split()[2]) == r.json()["input"] + r.json()["output"]  # only the last one
+    assert store.zcard(f"aimw:rl:{{{principal}}}:held") == 0
+
+
 async def test_redis_stopped_mid_run_fail_closed_and_fail_open() -> None:
     server = RedisServer().start()
     try:
