@@ -297,7 +297,8 @@ async def redis_round_trips(quick: bool) -> tuple[str, dict[str, Any]]:
         items = [parse(f"{BIG}/second"), parse(f"{BIG}/minute"), parse(f"{BIG}/day")]
 
         async def ours() -> None:
-            await backend.acquire("p", hits, lease="x", concurrency=10**6, lease_ttl_ms=30_000)
+            await backend.acquire("p", hits, lease="x", concurrency=10**6, lease_ttl_ms=30_000,
+                                  held="011")  # (tokens and cost held under the lease)
 
         async def theirs() -> None:
             for item in items:

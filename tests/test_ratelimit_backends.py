@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import httpx
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -340,6 +341,54 @@ async def test_a_failing_lease_refresh_never_cuts_the_call_short() -> None:
     assert await run_admitted(limiter, admission, ctx, call, lambda _: False) == "done"
     assert backend.refreshed >= 2
     assert await backend.in_flight(admission.principal) == 0
+
+
+@pytest.mark.parametrize("backend_name", ["asyncio", "trio"])
+def test_a_lease_is_refreshed_only_while_a_long_call_runs(backend_name: str) -> None:
+    """A quick call starts no refresher (on asyncio: a timer, no task); a long one is
+    refreshed every third of the TTL until it ends, or is cancelled; on both backends."""
+    from aimiddleware.context import RequestContext
+    from aimiddleware.ratelimit._run import run_admitted
+
+    class Counting(MemoryBackend):
+        shared = True  # as a shared store: the limiter refreshes leases
+        refreshed = 0
+
+        async def refresh(self, principal: str, lease: str, ttl_ms: int, *,
+                          concurrent: bool = True, held: bool = False) -> None:
+            self.refreshed += 1
+            await super().refresh(principal, lease, ttl_ms, concurrent=concurrent, held=held)
+
+    async def main() -> list[int]:
+        backend = Counting()
+        limiter = RateLimiter(Policy(requests="10/minute", concurrency=3), backend=backend,
+                              lease_ttl=0.3)  # refreshed every 0.1 s
+        seen = []
+        for seconds in (0.0, 0.45):
+            ctx = RequestContext(request_id="r", principal="p", method="POST", path="/")
+            admission = await limiter.admit(ctx)
+
+            async def call(seconds: float = seconds) -> None:
+                await anyio.sleep(seconds)
+
+            await run_admitted(limiter, admission, ctx, call, lambda _: False)
+            seen.append(backend.refreshed)
+            await anyio.sleep(0.25)  # nothing refreshes a lease released
+            assert backend.refreshed == seen[-1]
+        ctx = RequestContext(request_id="r", principal="p", method="POST", path="/")
+        admission = await limiter.admit(ctx)
+        with anyio.move_on_after(0.25):  # a call cancelled mid-way stops its refresher too
+            await run_admitted(limiter, admission, ctx, lambda: anyio.sleep(10), lambda _: False)
+        seen.append(backend.refreshed)
+        await anyio.sleep(0.25)
+        assert backend.refreshed == seen[-1]
+        assert await backend.in_flight("p") == 0
+        return seen
+
+    quick, long, cancelled = anyio.run(main, backend=backend_name)
+    assert quick == 0
+    assert 3 <= long <= 4  # at 0.1, 0.2, 0.3, 0.4 s (a late timer may miss the last one)
+    assert 1 <= cancelled - long <= 2
 
 
 async def test_a_redirect_is_refunded(storage: Storage) -> None:
