@@ -76,7 +76,7 @@ class RedisBackend:
         if self._acquire is None:
             client = self.storage.redis
             self._acquire = client.register_script(_script("acquire.lua"))
-            self._adjust = client.register_script(_script("adjust.lua"))
+            self._adjust = client.register_script(_script("adjust.lua", held=False))
         return self._acquire, self._adjust
 
     async def acquire(
