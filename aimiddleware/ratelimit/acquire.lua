@@ -6,11 +6,7 @@
 --       held under the lease, refunded if the lease expires), then n x (field, window_ms,
 --       limit, cost).
 -- Returns {allowed, failed, now, in_flight, n x (index, prev, curr, elapsed)}.
-local now = tonumber(ARGV[1])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+local now = now_ms()
 refund_expired(now)
 local conc = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[4])
@@ -29,18 +25,7 @@ for i = 1, n do
   local lim = tonumber(ARGV[b + 3])
   local cost = tonumber(ARGV[b + 4])
   local idx = math.floor(now / w)
-  local sidx, prev, curr = nil, 0, 0
-  if raw[i] then
-    local a, p, c = string.match(raw[i], '^(%-?%d+) (%d+) (%d+)$')
-    sidx, prev, curr = tonumber(a), tonumber(p), tonumber(c)
-  end
-  if sidx == idx - 1 then
-    prev = curr
-    curr = 0
-  elseif sidx ~= idx then
-    prev = 0
-    curr = 0
-  end
+  local prev, curr = rolled(raw[i], idx)
   local elapsed = now - idx * w
   states[i] = {idx, prev, curr, elapsed}
   if failed < 0 and prev * (w - elapsed) / w + curr + cost > lim then failed = i - 1 end

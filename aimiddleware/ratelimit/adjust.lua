@@ -7,11 +7,7 @@
 --       window. held: what the lease held on that limit; if the lease's reservation was
 --       already refunded (it expired: a late refresh), it is charged back on top of delta,
 --       so the request ends charged its usage, once.
-local now = tonumber(ARGV[1])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+local now = now_ms()
 local refunded = false
 if ARGV[2] ~= '' then
   redis.call('ZREM', KEYS[2], ARGV[2])
@@ -29,25 +25,11 @@ for i = 1, n do
   if refunded then delta = delta + tonumber(ARGV[b + 5]) end
   if delta ~= 0 then
     local idx = math.floor(now / w)
-    local sidx, prev, curr = nil, 0, 0
-    local raw = redis.call('HGET', KEYS[1], f)
-    if raw then
-      local a, p, c = string.match(raw, '^(%-?%d+) (%d+) (%d+)$')
-      sidx, prev, curr = tonumber(a), tonumber(p), tonumber(c)
-    end
-    if sidx == idx - 1 then
-      prev = curr
-      curr = 0
-    elseif sidx ~= idx then
-      prev = 0
-      curr = 0
-    end
+    local prev, curr = rolled(redis.call('HGET', KEYS[1], f), idx)
     if delta > 0 then
       curr = curr + delta
-    elseif ridx == idx then
-      curr = math.max(0, curr + delta)
-    elseif ridx == idx - 1 then
-      prev = math.max(0, prev + delta)
+    else
+      prev, curr = given_back(prev, curr, idx, ridx, -delta)
     end
     redis.call('HSET', KEYS[1], f, string.format('%d %d %d', idx, prev, curr))
     if 2 * w > longest then longest = 2 * w end

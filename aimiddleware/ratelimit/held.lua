@@ -5,7 +5,7 @@
 -- A request's lease is refreshed while it runs and deleted when it finishes (adjust.lua);
 -- one whose worker died (SIGKILL, out of memory) expires, and the next script that reads the
 -- counters refunds what it reserved from the window it went to, if that one is still counted
--- (adjust.lua's rule for a refund), then deletes it. Scripts are atomic: refunded once.
+-- (given_back, as adjust.lua refunds), then deletes it. Scripts are atomic: refunded once.
 local function refund_expired(now)
   local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 64)
   if #gone == 0 then return end
@@ -22,20 +22,8 @@ local function refund_expired(now)
       local idx = math.floor(now / w)
       local raw = redis.call('HGET', KEYS[1], f)
       if raw and (ridx == idx or ridx == idx - 1) then
-        local a, p, c = string.match(raw, '^(%-?%d+) (%d+) (%d+)$')
-        local sidx, prev, curr = tonumber(a), tonumber(p), tonumber(c)
-        if sidx == idx - 1 then
-          prev = curr
-          curr = 0
-        elseif sidx ~= idx then
-          prev = 0
-          curr = 0
-        end
-        if ridx == idx then
-          curr = math.max(0, curr - amount)
-        else
-          prev = math.max(0, prev - amount)
-        end
+        local prev, curr = rolled(raw, idx)
+        prev, curr = given_back(prev, curr, idx, ridx, amount)
         redis.call('HSET', KEYS[1], f, string.format('%d %d %d', idx, prev, curr))
       end
     end

@@ -1,11 +1,7 @@
 -- A principal's counters as of now, after refunding expired held leases (held.lua).
 -- KEYS: as acquire.lua. ARGV: now_ms ('' = server clock), then the fields to read.
 -- Returns {now, the value of each field (nil: never used)}.
-local now = tonumber(ARGV[1])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+local now = now_ms()
 refund_expired(now)
 local out = {now}
 if #ARGV > 1 then

@@ -21,10 +21,12 @@ from aimiddleware.storage import Storage, redis_errors
 __all__ = ["RedisBackend"]
 
 def _script(name: str, *, held: bool = True) -> str:
-    """A script's text; ``held``: after held.lua's refund function (the scripts that read
-    the counters refund expired reservations first)."""
-    text = files("aimiddleware.ratelimit").joinpath(name).read_text()
-    return _script("held.lua", held=False) + text if held else text
+    """A script's text after window.lua's functions (the clock, a counter's window state);
+    ``held``: after held.lua's refund function too (the scripts that read the counters
+    refund expired reservations first)."""
+    source = files("aimiddleware.ratelimit")
+    parts = ["window.lua", "held.lua", name] if held else ["window.lua", name]
+    return "\n".join(source.joinpath(part).read_text() for part in parts)
 
 
 class RedisBackend:

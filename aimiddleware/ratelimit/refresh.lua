@@ -3,11 +3,7 @@
 -- KEYS[1]: leases sorted set; KEYS[2]: held leases sorted set.
 -- ARGV: now_ms ('' = server clock), lease id, ttl ms, concurrency ('1' = a concurrency
 -- lease), held ('1' = a held reservation).
-local now = tonumber(ARGV[1])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+local now = now_ms()
 local ttl = tonumber(ARGV[3])
 if ARGV[4] == '1' then
   redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
