@@ -566,3 +566,22 @@ async def test_a_callback_is_refused_where_no_webhook_is_ever_sent(recorder: Rec
             assert (await client.post(path, json=body)).status_code == 202
     assert recorder.calls == [{"steps": 1}, {}]  # (only the ones without a callback ran)
 
+
+
+async def test_a_resume_id_redis_cannot_parse_replays_from_the_start(
+    recorder: Recorder, redis_url: str
+) -> None:
+    # A Last-Event-ID (or ?after=) shaped like a stream id but past 64 bits, or written in
+    # non-ASCII digits, reached XREAD, whose "Invalid stream ID" error was a 500.
+    app, _ = make_app(recorder, storage=redis_url)
+    with ThreadServer(app) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            r = await client.post("/v1/jobs", json={"input": {"steps": 1, "delay": 0}},
+                                  headers=A)
+            events = f"/v1/jobs/{r.json()['id']}/events"
+            await wait_status(client, events.removesuffix("/events"), {"completed"})
+            for resume in ({"headers": {**A, "last-event-id": "99999999999999999999-0"}},
+                           {"headers": A, "params": {"after": "\u0661-\u0661"}}):
+                got = await client.get(events, **resume)  # type: ignore[arg-type]
+                assert got.status_code == 200, got.text
+                assert "event: job.completed" in got.text

@@ -22,7 +22,8 @@ from aimiddleware.storage import Storage, redis_errors
 
 __all__ = ["RedisJobStore"]
 
-_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}\Z")
+_STREAM_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}\Z")  # (ASCII: \d takes any script's digits)
+_ID_MAX = 2**64 - 1  # each part of a stream id is an unsigned 64-bit number
 
 # A record under an idempotency key, or the key's owner if it still exists (KEYS: the new
 # record, the key; ARGV: data, ttl, id, the records' key prefix). One script: creators that
@@ -138,7 +139,7 @@ class RedisJobStore(RedisOutbox):
         self, principal: str, rec_id: str, after: str | None, wait: float
     ) -> list[Event]:
         key = self._key(principal, rec_id, "events")
-        last = after if after is not None and _STREAM_ID.match(after) else "0-0"
+        last = after if after is not None and _stream_id(after) else "0-0"
         # Stay well under the client's socket timeout: the caller loops.
         block = max(1, int(min(wait, self.storage.socket_timeout / 2) * 1000))
         async with redis_errors("job"):
@@ -213,3 +214,10 @@ def _chunks(lines: Sequence[str]) -> Iterator[list[str]]:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _stream_id(value: str) -> bool:
+    """Whether ``value`` is an id XREAD takes (another would be its error, not a replay)."""
+    return bool(_STREAM_ID.match(value)) and all(
+        int(part) <= _ID_MAX for part in value.split("-")
+    )
