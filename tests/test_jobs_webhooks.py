@@ -512,3 +512,22 @@ async def test_the_router_takes_the_webhook_deadline() -> None:
     assert jobs.dispatcher is not None and jobs.dispatcher.timeout == 2.5
     with pytest.raises(ValueError, match="timeout"):
         JobsRouter(fn, webhook_secrets=[SECRET], webhook_timeout=0)
+
+
+def test_a_denied_host_is_denied_however_it_is_spelled() -> None:
+    # The lists were matched against the URL's host as written, while the resolver and
+    # httpx read "bad.example.com." (a fully qualified name) and "bad。example。com"
+    # (ideographic full stops, IDNA label separators) as bad.example.com: a denied
+    # receiver was reached by writing its name so.
+    deny = CallbackPolicy(deny_hosts=["bad.example.com", ".internal.example", "bäd.example",
+                                      ".ünternal.example"])
+    for url in ("https://bad.example.com./x", "https://bad\u3002example\u3002com/x",
+                "https://BAD.example.com\uff0e/x", "https://db.internal.example./x",
+                "https://xn--bd-via.example/x", "https://b\u00e4d.example./x",
+                "https://db.xn--nternal-m2a.example/x"):
+        with pytest.raises(InvalidRequest):
+            deny.check_syntax(url)
+    assert deny.check_syntax("https://good.example.com./x")
+    allow = CallbackPolicy(allow_hosts=["hooks.example.com."])
+    assert allow.check_syntax("https://hooks.example.com/x")
+    assert allow.check_syntax("https://hooks\u3002example.com./x")

@@ -10,6 +10,7 @@ accepted, at submission and before every attempt. The outbox dispatcher that sen
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -100,8 +101,8 @@ class CallbackPolicy:
         self.schemes = frozenset(s.lower() for s in schemes)
         if not self.schemes <= {"http", "https"}:
             raise ValueError("callback schemes must be http and/or https")
-        self.allow_hosts = None if allow_hosts is None else [h.lower() for h in allow_hosts]
-        self.deny_hosts = [h.lower() for h in deny_hosts]
+        self.allow_hosts = None if allow_hosts is None else [_host(h) for h in allow_hosts]
+        self.deny_hosts = [_host(h) for h in deny_hosts]
         self.allow_private = allow_private
 
     @staticmethod
@@ -112,7 +113,7 @@ class CallbackPolicy:
         """The host of an acceptable URL; raises ``InvalidRequest`` otherwise."""
         try:
             parts = urlsplit(url)
-            host = (parts.hostname or "").lower()
+            host = _host(parts.hostname or "")
             parts.port  # noqa: B018 (raises for a port that is not a number in 0-65535)
         except ValueError as exc:  # a malformed IPv6 literal, a bad port
             raise InvalidRequest("callback_url is not a valid URL.", param="callback_url") from exc
@@ -159,6 +160,18 @@ class CallbackPolicy:
                 raise InvalidRequest(
                     "callback_url resolves to a private or reserved address.", param="callback_url"
                 )
+
+
+def _host(name: str) -> str:
+    """A host name as the resolver and httpx read it: lowercase ASCII (IDNA: ``。`` and the
+    other full stops separate labels, Unicode labels are punycode), no root ``.``; a name
+    IDNA cannot encode stays as given (the lookup refuses it). A leading ``.`` (a pattern
+    of subdomains) is kept."""
+    if name.startswith("."):
+        return "." + _host(name[1:])
+    with contextlib.suppress(UnicodeError):
+        name = name.encode("idna").decode("ascii")
+    return name.lower().rstrip(".")
 
 
 # getaddrinfo's "try again" answers (a resolver timeout, SERVFAIL), as opposed to a name that
