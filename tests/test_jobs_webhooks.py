@@ -39,11 +39,13 @@ LOCAL = CallbackPolicy(schemes=["http"], allow_hosts=["127.0.0.1"])
 
 class Receiver:
     """A real HTTP receiver that answers from a script of statuses (then 200). A ``"trickle"``
-    step answers 200 at once, then its body a byte every 0.25 s (50 s for all of it)."""
+    step answers 200 at once, then its body a byte every 0.25 s (50 s for all of it); a
+    ``"flood"`` step, 200 and a body of a megabyte every 10 ms."""
 
     def __init__(self, script: list[int | tuple[int, dict[str, str]] | str]) -> None:
         self.script = list(script)
         self.received: list[tuple[dict[str, str], bytes, int]] = []
+        self.flooded = 0
         self.lock = threading.Lock()
         self.app = Starlette(routes=[Route("/hook", self.hook, methods=["POST"])])
 
@@ -54,6 +56,9 @@ class Receiver:
             if step == "trickle":
                 self.received.append((dict(request.headers), body, 200))
                 return StreamingResponse(self.trickle(), headers={"content-length": "200"})
+            if step == "flood":
+                self.received.append((dict(request.headers), body, 200))
+                return StreamingResponse(self.flood())
             assert not isinstance(step, str)
             status, headers = step if isinstance(step, tuple) else (step, {})
             self.received.append((dict(request.headers), body, status))
@@ -64,6 +69,14 @@ class Receiver:
         for _ in range(200):  # each byte well inside any per-read timeout (stops on disconnect)
             yield b"x"
             await anyio.sleep(0.25)
+
+    async def flood(self) -> AsyncIterator[bytes]:
+        """A megabyte every 10 ms (a gigabyte in all), counted in ``flooded`` as sent."""
+        chunk = b"x" * 1_000_000
+        for _ in range(1000):
+            self.flooded += 1
+            yield chunk
+            await anyio.sleep(0.01)
 
     def successes(self) -> list[tuple[dict[str, str], bytes, int]]:
         return [r for r in self.received if 200 <= r[2] < 300]
@@ -531,3 +544,24 @@ def test_a_denied_host_is_denied_however_it_is_spelled() -> None:
     allow = CallbackPolicy(allow_hosts=["hooks.example.com."])
     assert allow.check_syntax("https://hooks.example.com/x")
     assert allow.check_syntax("https://hooks\u3002example.com./x")
+
+
+async def test_a_receiver_answering_an_endless_body_is_not_read_to_its_end(
+    redis_store: JobStore, receiver_factory: Any
+) -> None:
+    """The answer's body was read whole into memory: a receiver (any caller's callback_url)
+    answering 200 with a body of a megabyte every 10 ms held ~100 MB per attempt in flight
+    per second (the deadline cut it, and its 200 counted as a failed attempt). Now a
+    little of it is read, the rest dropped with the connection: the 200 is the answer."""
+    flood, srv = receiver_factory(["flood"])
+    dispatcher = WebhookDispatcher(redis_store, WebhookSigner(SECRET), policy=LOCAL,
+                                   schedule=(0.1,), jitter=0, timeout=3.0, poll_interval=0.05)
+    msg_id = await dispatcher.enqueue(f"{srv.url}/hook", '{"type":"job.completed"}')
+    await settle(dispatcher, [msg_id])
+    delivery = await dispatcher.get(msg_id)
+    assert delivery is not None and delivery.state == "succeeded"
+    assert [(a.status, a.error) for a in delivery.attempts] == [(200, None)]
+    assert delivery.attempts[0].duration_ms < 1500
+    await anyio.sleep(0.3)  # (the receiver stops once it sees the connection gone)
+    assert flood.flooded < 50
+    assert len(flood.received) == 1

@@ -49,6 +49,21 @@ def _receiver_host(url: str) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+# The most of an answer's body read (and dropped): a receiver's body means nothing here,
+# and read whole, one that answered an endless body held memory until the deadline.
+_ANSWER_LIMIT = 64 * 1024
+
+
+async def _drain(resp: Any) -> None:
+    """Read up to ``_ANSWER_LIMIT`` bytes of the answer's body; the rest goes with the
+    connection (closed, not pooled, when the stream closes unread)."""
+    read = 0
+    async for chunk in resp.aiter_raw():
+        read += len(chunk)
+        if read >= _ANSWER_LIMIT:
+            return
+
+
 def _retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
@@ -186,9 +201,11 @@ class WebhookDispatcher:
             # outlive the lease (the message then sent again beside the open attempt).
             with anyio.fail_after(self.timeout):
                 await self.policy.check_resolved(delivery.url)
-                resp = await client.post(
-                    delivery.url, content=body, headers=self.signer.headers(delivery.id, body)
-                )
+                async with client.stream(
+                    "POST", delivery.url, content=body,
+                    headers=self.signer.headers(delivery.id, body),
+                ) as resp:
+                    await _drain(resp)
             status = resp.status_code
             retry_after = _retry_after(resp.headers.get("retry-after"), self.clock())
             stop = status == 410 or resp.headers.get("webhook-delivery") == "abort-message"
