@@ -585,3 +585,45 @@ async def test_a_resume_id_redis_cannot_parse_replays_from_the_start(
                 got = await client.get(events, **resume)  # type: ignore[arg-type]
                 assert got.status_code == 200, got.text
                 assert "event: job.completed" in got.text
+
+
+class NotJSON:
+    """What a job function may return by mistake: no JSON form."""
+
+
+async def returns_what_it_is_told(ctx: JobContext, input: Any) -> Any:
+    value = {"object": NotJSON(), "bytes": b"\xff\xfe", "set": {1, 2}}[input["kind"]]
+    if input.get("partial"):
+        await ctx.partial(value)
+    return value
+
+
+async def test_a_result_with_no_json_form_fails_the_job_not_hangs_it() -> None:
+    # The result (or a partial output) was stored as JSON only when the job ended: one
+    # with no JSON form (an object, bytes that are not UTF-8) raised there, and the job
+    # stayed in_progress, its stream open, until its lease ran out and it was "lost".
+    jobs = JobsRouter(returns_what_it_is_told, lease=60)
+    app = Starlette(routes=[Mount("/v1", jobs)], lifespan=jobs.lifespan_context)
+    with ThreadServer(app) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            for input in ({"kind": "object"}, {"kind": "bytes"},
+                          {"kind": "object", "partial": True}):
+                r = await client.post("/v1/jobs", json={"input": input}, headers=A)
+                done = await wait_status(client, f"/v1/jobs/{r.json()['id']}",
+                                         {"completed", "failed"})
+                assert done["status"] == "failed", input
+                assert done["error"]["code"] == "internal"
+            r = await client.post("/v1/jobs", json={"input": {"kind": "set"}}, headers=A)
+            done = await wait_status(client, f"/v1/jobs/{r.json()['id']}", {"completed"})
+            assert done["result"] == [1, 2]  # (what has a JSON form keeps working)
+            r = await client.post("/v1/batches", headers=A, json={"items": [
+                {"custom_id": "a", "input": {"kind": "object"}},
+                {"custom_id": "b", "input": {"kind": "set"}}]})
+            batch = await wait_status(client, f"/v1/batches/{r.json()['id']}",
+                                      {"completed", "failed"})
+            assert batch["status"] == "completed"
+            assert batch["counts"]["errored"] == 1 and batch["counts"]["succeeded"] == 1
+            lines = (await client.get(f"/v1/batches/{batch['id']}/results", headers=A)).text
+            results = {x["custom_id"]: x for x in map(json.loads, lines.splitlines())}
+            assert results["a"]["error"]["code"] == "internal"
+            assert results["b"]["output"] == [1, 2]

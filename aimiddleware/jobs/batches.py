@@ -17,6 +17,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from pydantic_core import to_jsonable_python
 
 from aimiddleware.jobs.context import JobContext, JobLimitExceeded, add_usage
 from aimiddleware.jobs.models import Batch, BatchCounts, BatchItem, BatchItemResult, JobError
@@ -154,7 +155,7 @@ class BatchExecution:
                              max_steps=self.runner.max_steps, max_cost=self.runner.max_cost,
                              charge=self.runner.charge_for(self.batch.principal))
             try:
-                output = await self.runner.fn(ctx, item.input)
+                output = to_jsonable_python(await self.runner.fn(ctx, item.input))  # (a job's)
                 res = BatchItemResult(custom_id=item.custom_id, type="succeeded", output=output)
             except Exception as exc:
                 from aimiddleware.jobs.runner import failure

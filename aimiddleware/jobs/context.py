@@ -23,6 +23,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
 from typing import Any
 
+from pydantic_core import to_jsonable_python
+
 from aimiddleware.usage.models import Usage
 
 __all__ = ["Charge", "JobContext", "JobLimitExceeded", "add_usage"]
@@ -81,8 +83,8 @@ class JobContext:
         await self._emit("progress", {"progress": value, "message": message})
 
     async def partial(self, output: Any) -> None:
-        """Append a piece of partial output (any JSON value)."""
-        await self._emit("partial", {"output": output})
+        """Append a piece of partial output (any JSON value: ``ValueError`` otherwise)."""
+        await self._emit("partial", {"output": to_jsonable_python(output)})
 
     async def record_usage(
         self,

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import anyio
 import anyio.abc
+from pydantic_core import to_jsonable_python
 
 from aimiddleware.errors import AIError, NotConfigured, StoreUnavailable
 from aimiddleware.finish_reason import normalize_finish_reason
@@ -278,7 +279,9 @@ class JobRunner:
 
         async def body() -> None:
             try:
-                result["result"] = await self.fn(ctx, job.input)
+                # As JSON now: a value with none (an object, bytes not UTF-8) fails the job
+                # here, not the final write (which left it in_progress until it was "lost").
+                result["result"] = to_jsonable_python(await self.fn(ctx, job.input))
                 result["status"] = "completed"
             except Exception as exc:
                 result["status"], result["error"] = "failed", failure(exc, job.id)
