@@ -593,6 +593,8 @@ class NotJSON:
 
 async def returns_what_it_is_told(ctx: JobContext, input: Any) -> Any:
     value = {"object": NotJSON(), "bytes": b"\xff\xfe", "set": {1, 2}}[input["kind"]]
+    if input.get("message"):
+        await ctx.progress(0.5, message=value)
     if input.get("partial"):
         await ctx.partial(value)
     return value
@@ -607,7 +609,8 @@ async def test_a_result_with_no_json_form_fails_the_job_not_hangs_it() -> None:
     with ThreadServer(app) as srv:
         async with httpx.AsyncClient(base_url=srv.url) as client:
             for input in ({"kind": "object"}, {"kind": "bytes"},
-                          {"kind": "object", "partial": True}):
+                          {"kind": "object", "partial": True},
+                          {"kind": "object", "message": True}):
                 r = await client.post("/v1/jobs", json={"input": input}, headers=A)
                 done = await wait_status(client, f"/v1/jobs/{r.json()['id']}",
                                          {"completed", "failed"})

@@ -80,6 +80,8 @@ class JobContext:
         """Report progress (0..1) and/or a short human-readable status message."""
         if value is not None and not 0.0 <= value <= 1.0:
             raise ValueError("progress must be between 0 and 1")
+        if message is not None and not isinstance(message, str):  # (stored as JSON text)
+            raise TypeError("progress message must be a str")
         await self._emit("progress", {"progress": value, "message": message})
 
     async def partial(self, output: Any) -> None:
