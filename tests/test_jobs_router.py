@@ -630,3 +630,26 @@ async def test_a_result_with_no_json_form_fails_the_job_not_hangs_it() -> None:
             results = {x["custom_id"]: x for x in map(json.loads, lines.splitlines())}
             assert results["a"]["error"]["code"] == "internal"
             assert results["b"]["output"] == [1, 2]
+
+
+async def records_the_cost_it_is_told(ctx: JobContext, input: Any) -> Any:
+    await ctx.record_usage({"input_tokens": 1}, cost=input["cost"])
+    return "done"
+
+
+async def test_a_cost_that_is_no_amount_fails_the_job_and_leaves_it_readable() -> None:
+    # record_usage took cost="NaN" or "Infinity" (Decimal parses them): the job's record
+    # was stored with it, and every GET of the job was then a 500 (the record no longer
+    # validates: a cost must be finite) for as long as it was kept.
+    jobs = JobsRouter(records_the_cost_it_is_told)
+    app = Starlette(routes=[Mount("/v1", jobs)], lifespan=jobs.lifespan_context)
+    with ThreadServer(app) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            for cost in ("NaN", "Infinity", "-Infinity", "-1"):
+                r = await client.post("/v1/jobs", json={"input": {"cost": cost}}, headers=A)
+                done = await wait_status(client, f"/v1/jobs/{r.json()['id']}",
+                                         {"completed", "failed"})
+                assert done["status"] == "failed" and done["cost"] == "0", cost
+            r = await client.post("/v1/jobs", json={"input": {"cost": "0.25"}}, headers=A)
+            done = await wait_status(client, f"/v1/jobs/{r.json()['id']}", {"completed"})
+            assert done["cost"] == "0.25"

@@ -100,15 +100,16 @@ class JobContext:
         With ``JobsRouter(limiter=...)`` the call is also charged to the job's owner's token
         and cost limits (``cost`` as given, else ``usage`` priced for ``model``), and raises
         :class:`JobLimitExceeded` (``quota_exceeded``) once one of them is spent."""
+        spent = None if cost is None else Decimal(str(cost))
+        if spent is not None and (not spent.is_finite() or spent < 0):
+            raise ValueError("cost must be a finite amount >= 0")  # (NaN: a record none reads)
         if model is not None:
             self.model = model
         u = None
         if usage is not None:
             u = usage if isinstance(usage, Usage) else Usage.model_validate(dict(usage))
             self.usage = add_usage(self.usage, u)
-        spent = None
-        if cost is not None:
-            spent = Decimal(str(cost))
+        if spent is not None:
             self.cost += spent
         spent_all = False
         if self._charge is not None and (u is not None or spent):
