@@ -77,3 +77,58 @@ async def test_jobs_run_on_the_taskiq_worker(
             cancelled = (await client.delete(f"/v1/jobs/{job_id}", headers=KEY)).json()
             assert cancelled["status"] == "cancelled"
             assert (tmp_path / f"{job_id}.cancelled").read_text() == ran_in  # it stopped there
+
+
+async def test_a_job_the_queue_did_not_take_fails_visibly_and_the_submit_is_a_503(
+    redis_url: str,
+) -> None:
+    # The record was stored, then handed to the broker; when the broker was down the
+    # submission was a 500 and the record stayed queued for its whole retention (no worker
+    # would ever take it, and a queued record on a task queue is not the reaper's to judge),
+    # a retry with the same Idempotency-Key answering 202 for that job that never ran.
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+    from taskiq_redis import RedisStreamBroker
+
+    from aimiddleware import install
+    from aimiddleware.jobs import JobsRouter, TaskiqQueue
+    from tests.jobs_servers import ThreadServer
+    from tests.redis_server import RedisServer
+
+    async def never_run(ctx: object, input: object) -> None:
+        raise AssertionError("no worker runs it")
+
+    broker_server = RedisServer().start()
+    try:
+        broker = RedisStreamBroker(broker_server.url, consumer_id="0")
+        jobs = JobsRouter(never_run, storage=redis_url, queue=TaskiqQueue(broker))
+        app = Starlette(routes=[Mount("/v1", jobs)], lifespan=jobs.lifespan_context)
+        install(app)
+        with ThreadServer(app) as srv:
+            broker_server.stop()  # (the broker goes down after the app started)
+            async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
+                headers = {**KEY, "idempotency-key": "submit-once"}
+                r = await client.post("/v1/jobs", json={"input": {"steps": 1}}, headers=headers)
+                assert r.status_code == 503, r.text
+                assert r.json()["error"]["code"] == "store_unavailable"
+                assert r.headers["retry-after"] == "1"
+                again = await client.post("/v1/jobs", json={"input": {"steps": 1}},
+                                          headers=headers)
+                assert again.status_code == 202
+                job = (await client.get(again.headers["location"], headers=KEY)).json()
+                assert job["status"] == "failed"
+                assert job["error"]["code"] == "queue_unavailable" and job["error"]["retryable"]
+                async with aconnect_sse(client, "GET", again.headers["location"] + "/events",
+                                        headers=KEY) as es:
+                    seen = [sse.event async for sse in es.aiter_sse()]
+                assert seen[-1] == "job.failed"  # (a stream of it ends)
+                batch_body = {"items": [{"custom_id": "a", "input": {}}]}
+                r = await client.post("/v1/batches", json=batch_body, headers=headers)
+                assert r.status_code == 503
+                again = await client.post("/v1/batches", json=batch_body, headers=headers)
+                batch = (await client.get(again.headers["location"], headers=KEY)).json()
+                assert batch["status"] == "failed" and batch["counts"]["errored"] == 1
+                lines = await client.get(again.headers["location"] + "/results", headers=KEY)
+                assert '"queue_unavailable"' in lines.text
+    finally:
+        broker_server.stop()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from decimal import Decimal
@@ -28,8 +29,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
 from aimiddleware.context import current_or_none, default_principal
-from aimiddleware.errors import IdempotencyKeyReused, InvalidRequest, NotFound
-from aimiddleware.jobs.batches import result_lines, results_jsonl
+from aimiddleware.errors import IdempotencyKeyReused, InvalidRequest, NotFound, StoreUnavailable
+from aimiddleware.jobs.batches import fail_unfinished, result_lines, results_jsonl
 from aimiddleware.jobs.dispatcher import DEFAULT_SCHEDULE, WebhookDispatcher
 from aimiddleware.jobs.http import (
     SubmitBatch,
@@ -38,7 +39,7 @@ from aimiddleware.jobs.http import (
     parse_body,
     typed_errors,
 )
-from aimiddleware.jobs.models import Batch, BatchCounts, Job, is_id, new_id
+from aimiddleware.jobs.models import Batch, BatchCounts, Job, JobError, is_id, new_id
 from aimiddleware.jobs.openapi import openapi_paths
 from aimiddleware.jobs.reaper import Reaper
 from aimiddleware.jobs.runner import JobFunction, JobRunner
@@ -222,11 +223,31 @@ class JobsRouter(Router):
                 headers={"location": f"{location}/{existing.id}", "idempotent-replayed": "true"},
             )
         if self.queue is not None:
-            await self.queue.submit(record)
+            try:
+                await self.queue.submit(record)
+            except Exception as exc:  # (the broker is down: no worker will ever take it)
+                with anyio.CancelScope(shield=True):
+                    await self._not_queued(record)
+                raise StoreUnavailable("The job queue is unavailable; retry.",
+                                       retry_after=1) from exc
         else:
             self.runner.submit(record)
         return JSONResponse({"id": record.id, "status": record.status, "object": record.object},
                             status_code=202, headers={"location": f"{location}/{record.id}"})
+
+    async def _not_queued(self, record: Job | Batch) -> None:
+        """A stored record its task queue did not take: failed (retryable), as a worker
+        would end it, rather than queued for its retention (a retry under its
+        Idempotency-Key answers with it)."""
+        err = JobError(code="queue_unavailable", retryable=True,
+                       message="The job could not be queued; submit it again.")
+        update: dict[str, Any] = {"status": "failed", "error": err, "finished_at": time.time()}
+        if isinstance(record, Batch):
+            update["counts"] = await fail_unfinished(self.store, record, err)
+        final = record.model_copy(update=update)
+        await self.store.append_event(final.principal, final.id, f"{final.object}.failed",
+                                      json.dumps(final.public()))
+        await self.store.put(final.principal, final.id, final.stored())
 
     def _base(self, request: Request, what: str) -> str:
         root = request.scope.get("root_path", "")
