@@ -11,6 +11,7 @@ __all__ = [
     "go_duration",
     "http_date",
     "parse_http_date",
+    "parse_sf_date",
     "sf_date",
     "sf_string",
 ]
@@ -29,6 +30,15 @@ def sf_date(moment: datetime | float) -> str:
     """An RFC 9651 Date item (``@<unix-seconds>``), as RFC 9745 ``Deprecation`` wants."""
     ts = moment.timestamp() if isinstance(moment, datetime) else moment
     return f"@{math.floor(ts)}"
+
+
+def parse_sf_date(value: str) -> int:
+    """An RFC 9651 Date item (``@<integer>``) in Unix seconds; ``ValueError`` otherwise."""
+    text = value.strip()
+    digits = text[1:].removeprefix("-")
+    if text[:1] != "@" or not digits.isascii() or not digits.isdigit():
+        raise ValueError(f"not an sf-date: {value!r}")
+    return int(text[1:])
 
 
 def http_date(moment: datetime | float) -> str:

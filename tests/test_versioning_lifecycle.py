@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aimiddleware.headers import parse_http_date
+from aimiddleware.headers import parse_http_date, parse_sf_date, sf_date
 from aimiddleware.versioning import Lifecycle, merge_headers
 from aimiddleware.versioning.lifecycle import as_utc
 
@@ -123,3 +123,16 @@ def test_names_and_versions_with_a_trailing_newline_are_refused() -> None:
         ModelRegistry().add_snapshot("model-1\n")
     with pytest.raises(ValueError):
         sf_string("policy\n")
+
+
+@settings(max_examples=50)
+@given(st.integers(min_value=-(10**9), max_value=10**11))  # (datetime's range)
+def test_parse_sf_date_reads_what_an_sfv_parser_reads(seconds: int) -> None:
+    written = sf_date(seconds)
+    assert parse_sf_date(written) == seconds == int(_sf_date(written).timestamp())
+
+
+@pytest.mark.parametrize("value", ["", "@", "1700000000", "@1.5", "@²", "@ 17", "Tue, 1 Jan"])
+def test_parse_sf_date_refuses_what_is_no_date_item(value: str) -> None:
+    with pytest.raises(ValueError):
+        parse_sf_date(value)

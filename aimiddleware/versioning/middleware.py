@@ -18,7 +18,7 @@ from datetime import datetime
 from aimiddleware._asgi import route_path, send_json
 from aimiddleware.context import SCOPE_KEY, RequestContext
 from aimiddleware.errors import DEFAULT_TYPE_BASE, InvalidRequest, MethodNotAllowed, NotFound
-from aimiddleware.headers import parse_http_date
+from aimiddleware.headers import parse_http_date, parse_sf_date
 from aimiddleware.storage import Storage
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
 from aimiddleware.versioning.api_versions import ApiVersions, ResolvedVersion
@@ -429,14 +429,9 @@ _DATE_HEADERS = (b"deprecation", b"sunset")
 
 def _moment(key: bytes, value: bytes) -> float | None:
     """A ``Deprecation`` (sf-date ``@<seconds>``) or ``Sunset`` (HTTP-date) in Unix seconds."""
-    text = value.decode("latin-1").strip()
-    if key == b"deprecation":
-        digits = text[1:].removeprefix("-")
-        if text[:1] != "@" or not digits.isascii() or not digits.isdigit():
-            return None
-        return float(text[1:])
+    text = value.decode("latin-1")
     try:
-        return parse_http_date(text).timestamp()
+        return parse_sf_date(text) if key == b"deprecation" else parse_http_date(text).timestamp()
     except ValueError:
         return None
 
