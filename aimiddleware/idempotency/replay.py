@@ -14,12 +14,7 @@ import anyio
 from aimiddleware._encoding import DECODABLE, Inflater, accepts, content_coding
 from aimiddleware.errors import Conflict
 from aimiddleware.idempotency.models import Completed, InFlight, LiveStream
-from aimiddleware.idempotency.resume import (
-    After,
-    after_event,
-    is_plain_event_stream,
-    last_event_id,
-)
+from aimiddleware.idempotency.resume import After, after_event, as_sent, last_event_id
 from aimiddleware.idempotency.store import StreamingStore
 from aimiddleware.types import Send
 
@@ -39,28 +34,24 @@ async def replay(record: Completed, send: Send, accept: Accept = None) -> None:
     they are encoded in."""
     headers, inflater = _for_client(record.headers, accept)
     headers.append(REPLAYED)
+    chunks = record.chunks
     last = last_event_id(accept)
-    if last is not None and record.chunks is not None and is_plain_event_stream(headers):
-        rest = after_event(record.chunks, last)
-        if rest is not None:  # a reconnecting SSE client: the events it has not seen
-            if rest:
-                await send({"type": "http.response.start", "status": record.status,
-                            "headers": headers})
-                await _send_chunks(rest, None, send)
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            else:  # it saw the end: 204, as a resumable stream answers (EventSource stops)
-                await send({"type": "http.response.start", "status": 204,
-                            "headers": [REPLAYED]})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+    if last is not None and chunks is not None and as_sent(record.headers):
+        rest = after_event(chunks, last)  # a reconnecting SSE client: what it has not seen
+        if rest == []:  # it saw the end: 204, as a resumable stream answers (EventSource stops)
+            await send({"type": "http.response.start", "status": 204, "headers": [REPLAYED]})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
-    if record.chunks is None and inflater is not None:
+        if rest is not None:
+            chunks = tuple(rest)
+    if chunks is None and inflater is not None:
         if await _send_decoded(record.status, headers, record.body or b"", inflater, send):
             return
         headers, inflater = _for_client(record.headers, None)  # corrupt: as it was stored
         headers.append(REPLAYED)
     await send({"type": "http.response.start", "status": record.status, "headers": headers})
-    if record.chunks is not None:
-        await _send_chunks(record.chunks, inflater, send)
+    if chunks is not None:
+        await _send_chunks(chunks, inflater, send)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     else:
         await send({"type": "http.response.body", "body": record.body or b"", "more_body": False})
@@ -77,7 +68,7 @@ async def follow(
     last = last_event_id(accept)
     # A reconnecting SSE client: the events after the one it saw last (all of them if the
     # stream never carries that id: what was held back goes out at its end).
-    after = After(last) if last is not None and is_plain_event_stream(headers) else None
+    after = After(last) if last is not None and as_sent(live.headers) else None
     offset = 0
     current: LiveStream | InFlight | Completed | None = live
     while True:

@@ -8,8 +8,8 @@ drops the stored bytes up to the end of the event that carried that id (a resuma
 ``EventStreamResponse`` numbers its events, so it is found); an id the stream never carried
 drops nothing, as before.
 
-Only a stream stored as it went out (``text/event-stream``, no ``Content-Encoding``) is cut:
-compressed bytes are sent whole.
+Only a stream stored as it went out (no ``Content-Encoding``) is cut: compressed bytes are
+sent whole. (A record keeps chunks only for ``text/event-stream``.)
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["After", "after_event", "is_plain_event_stream", "last_event_id"]
+from aimiddleware._asgi import get_header
+from aimiddleware._encoding import content_coding
+
+__all__ = ["After", "after_event", "as_sent", "last_event_id"]
 
 # The end of an event: two line endings in a row (CRLF, LF or CR; a CR before an LF is
 # the CRLF, not an ending of its own).
@@ -67,21 +70,15 @@ def after_event(chunks: Iterable[bytes], last_id: bytes) -> list[bytes] | None:
 
 def last_event_id(headers: Iterable[tuple[bytes, bytes]] | None) -> bytes | None:
     """The request's ``Last-Event-ID`` (``None``: none, or empty)."""
-    if headers is None:
+    value = None if headers is None else get_header(headers, b"last-event-id")
+    if value is None:
         return None
-    for name, value in headers:
-        if name.lower() == b"last-event-id":
-            return value.strip() or None
-    return None
+    return value.strip() or None
 
 
-def is_plain_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
-    """An event stream stored as it went out (not compressed)."""
-    stream = False
-    for name, value in headers:
-        name = name.lower()
-        if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
-            return False
-        if name == b"content-type":
-            stream = value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
-    return stream
+def as_sent(stored: Iterable[tuple[str, str]]) -> bool:
+    """A stored stream whose bytes are the events as they went out (no content coding)."""
+    return not any(
+        name.lower() == "content-encoding" and content_coding(value.encode("latin-1"))
+        for name, value in stored
+    )
