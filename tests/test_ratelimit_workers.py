@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 import pytest
@@ -116,6 +117,22 @@ async def test_token_budget_never_exceeded_with_varied_sizes(redis_url: str) -> 
     assert int(raw.split()[2]) == total  # the shared counter holds exactly what was admitted
 
 
+async def admitted_within(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str],
+    seconds: float,
+) -> httpx.Response:
+    """Send ``body`` until it is admitted: 429s only, and within ``seconds`` (from a SIGKILL:
+    the TTL, a refresh apart, and slack for a busy box)."""
+    since = time.monotonic()
+    while True:
+        r = await client.post(url + "/v1/chat/completions", json=body, headers=headers)
+        if r.status_code == 200:
+            return r
+        assert r.status_code == 429
+        assert time.monotonic() - since < seconds
+        await asyncio.sleep(0.05)
+
+
 async def test_sigkilled_worker_leases_come_back_within_ttl(redis_url: str) -> None:
     ttl = 3.0  # refreshed every ttl/3: leaves room for a loaded CI box to be late
     env = env_for(redis_url, {"concurrency": 3}, AIMW_RL_LEASE_TTL=str(ttl))
@@ -147,14 +164,7 @@ async def test_sigkilled_worker_leases_come_back_within_ttl(redis_url: str) -> N
             r = await client.post(url_b + "/v1/chat/completions", json=quick, headers=headers)
             assert r.status_code == 429  # leases were refreshed while the requests ran
             proc_a.send_signal(signal.SIGKILL)
-            killed = time.monotonic()
-            while True:
-                r = await client.post(url_b + "/v1/chat/completions", json=quick, headers=headers)
-                if r.status_code == 200:
-                    break
-                assert r.status_code == 429
-                assert time.monotonic() - killed < ttl + 4.0  # (a refresh apart, a busy box)
-                await asyncio.sleep(0.05)
+            r = await admitted_within(client, url_b, quick, headers, ttl + 4.0)
             for task in hold:
                 with pytest.raises(httpx.HTTPError):
                     await task
@@ -189,14 +199,7 @@ async def test_sigkilled_worker_reservations_come_back_within_ttl(redis_url: str
             store = redis_sync.Redis.from_url(redis_url)
             assert store.zcard(f"aimw:rl:{{{principal}}}:held") == 3  # all still streaming
             proc_a.send_signal(signal.SIGKILL)
-            killed = time.monotonic()
-            while True:
-                r = await client.post(url_b + "/v1/chat/completions", json=quick, headers=headers)
-                if r.status_code == 200:
-                    break
-                assert r.status_code == 429
-                assert time.monotonic() - killed < ttl + 4.0  # (a refresh apart, a busy box)
-                await asyncio.sleep(0.05)
+            r = await admitted_within(client, url_b, quick, headers, ttl + 4.0)
             used = r.json()["input"] + r.json()["output"]
             # The three leases lapse a refresh apart: the first refund can make room. Once
             # all have lapsed, the next admission refunds the rest.
