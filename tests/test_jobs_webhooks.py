@@ -283,7 +283,10 @@ async def test_a_shutdown_sends_the_webhooks_of_the_job_and_the_batch_it_ended(
     payloads = [Webhook(SECRET).verify(body, headers) for headers, body, _ in rec.successes()]
     ended = {(p["type"], p["data"]["id"], p["data"]["error"]["code"]) for p in payloads}
     assert ended == {("job.failed", job, "shutdown"), ("batch.failed", batch, "shutdown")}
-    assert len(payloads) == 2
+    # Two messages. (Delivery is at least once: one the first worker sends as its 0.1 s grace
+    # runs out, before it can record it, is sent again by the next under the same webhook-id,
+    # for the receiver to drop. A loaded full run once received the job's message twice.)
+    assert len({headers["webhook-id"] for headers, _, _ in rec.successes()}) == 2
     batch_payload = next(p for p in payloads if p["type"] == "batch.failed")
     assert [r["type"] for r in batch_payload["data"]["results"]] == ["cancelled"]
 
