@@ -74,7 +74,8 @@ def render_problem(
         separators=(",", ":"),
         ensure_ascii=False,
         default=str,
-    ).encode()
+    ).encode("utf-8", "backslashreplace")  # a lone surrogate (JSON strings may carry one,
+    # UTF-8 cannot) goes out as its JSON escape, \ud83d, as ensure_ascii would write it
     raw = [
         (b"content-type", PROBLEM_JSON),
         (b"content-length", str(len(body)).encode()),

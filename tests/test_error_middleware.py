@@ -53,6 +53,10 @@ def build_app() -> FastAPI:
             raise RuntimeError("db password=hunter2 while handling 'my secret prompt'")
         if kind == "http":
             raise HTTPException(404, "no such model")
+        if kind == "echo-model":  # an app naming the model it was sent, as many do
+            raise E.NotFound(f"The model {body.model} does not exist.", param="model")
+        if kind == "http-echo-model":
+            raise HTTPException(404, f"The model {body.model} does not exist.")
         if kind.startswith("class:"):
             cls = next(c for c in all_error_classes() if c.__name__ == kind[6:])
             raise instantiate(cls)
@@ -173,6 +177,26 @@ def test_fastapi_validation_error_renders_in_the_taxonomy(base_url: str) -> None
         headers={"content-type": "application/json"},
     )
     assert r.status_code == 422 and r.json()["error"]["code"] == "validation_failed"
+
+
+@pytest.mark.parametrize("kind", ["echo-model", "http-echo-model"])
+def test_an_error_detail_with_a_lone_surrogate_is_still_its_typed_problem(
+    base_url: str, kind: str
+) -> None:
+    # JSON lets a string carry half a surrogate pair ("\ud83d"); UTF-8 cannot. An error
+    # whose detail names such a value was a bare text/plain 500 (an AIError) or an
+    # `internal` 500 (an HTTPException) instead of its 404.
+    r = httpx.post(
+        base_url + "/v1/chat/completions",
+        content=b'{"model": "gpt-\\ud83d", "messages": []}',
+        headers={"content-type": "application/json", "x-raise": kind},
+    )
+    assert r.status_code == 404
+    assert r.headers["content-type"] == "application/problem+json"
+    body = r.json()
+    assert body["error"]["code"] == "not_found"
+    assert body["detail"] == "The model gpt-\ud83d does not exist."
+    assert body["error"]["message"] == body["detail"]
 
 
 def test_unknown_route_and_method(base_url: str) -> None:
