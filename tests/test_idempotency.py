@@ -387,6 +387,24 @@ async def test_same_key_different_request_is_422(storage: Storage) -> None:
     assert same.status_code == 201 and counts["chat"] == 1
 
 
+async def test_same_key_with_another_undecodable_query_value_is_422(storage: Storage) -> None:
+    # Two percent-escapes that are not UTF-8 (%FF, %FE) are two different requests: they
+    # were both read as U+FFFD, so the second was answered with the first one's replay.
+    app, counts = build(storage)
+    async with client(app) as c:
+        first = await c.post("/chat?x=%FF", content=b'{"a":1}', headers=KEY)
+        other = await c.post("/chat?x=%FE", content=b'{"a":1}', headers=KEY)
+        same = await c.post("/chat?x=%FF", content=b'{"a":1}', headers=KEY)
+    assert first.status_code == 201
+    assert other.status_code == 422
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+    assert same.status_code == 201 and same.headers["idempotent-replayed"] == "true"
+    assert counts["chat"] == 1
+    fp = Fingerprinter(b"s" * 32)
+    assert fp("POST", "/a", b"x=%C3%A9", b"") == fp("POST", "/a", "x=é".encode(), b"")
+    assert fp("POST", "/a", b"x=a+b", b"") == fp("POST", "/a", b"x=a%20b", b"")
+
+
 async def test_invalid_key_is_400_and_missing_required_key_is_400() -> None:
     app, counts = build("memory://", required=True)
     async with client(app) as c:

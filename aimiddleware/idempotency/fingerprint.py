@@ -26,13 +26,16 @@ def _lp(part: bytes) -> bytes:
 
 
 def canonical_query(query_string: bytes) -> bytes:
-    """The query as length-prefixed, sorted (name, value) pairs; order does not matter."""
+    """The query as length-prefixed, sorted (name, value) pairs; order does not matter.
+
+    Percent-escapes are decoded to the bytes they name (latin-1 both ways: one character a
+    byte), so escapes that are not UTF-8 (``%FF``, ``%FE``) stay distinct, and a UTF-8 one
+    gives the same bytes as before."""
     if not query_string:
         return b""
-    pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+    pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
     return b"".join(
-        _lp(name.encode("utf-8", "surrogateescape")) + _lp(value.encode("utf-8", "surrogateescape"))
-        for name, value in sorted(pairs)
+        _lp(name.encode("latin-1")) + _lp(value.encode("latin-1")) for name, value in sorted(pairs)
     )
 
 
