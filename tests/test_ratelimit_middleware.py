@@ -182,6 +182,31 @@ async def test_tiers_overrides_per_model_and_per_route_policies() -> None:
         assert (await c.post(CHAT, json=BODY)).status_code == 429
 
 
+async def test_a_route_policys_per_model_limit_counts_that_model_alone(storage: Storage) -> None:
+    # The route's per-model limit was scoped to the route only, so it shared the route
+    # limit's counter (one field): gpt-4o was refused once other models used 1 request of
+    # the route, and RateLimit-Policy named two members alike.
+    limiter = RateLimiter(
+        Policy(requests="100/minute"),
+        routes={"/v1/*": Policy(requests="10/minute",
+                                models={"gpt-4o": Policy(requests="1/minute")})},
+        storage=storage,
+    )
+    async with client(make_app(limiter)) as c:
+        for _ in range(3):
+            assert (await c.post(CHAT, json=BODY)).status_code == 200
+        first = await c.post(CHAT, json={**BODY, "model": "gpt-4o"})
+        assert first.status_code == 200
+        names = [item for item, _ in parse_list(first.headers["ratelimit-policy"])]
+        assert len(names) == len(set(names)) == 3
+        second = await c.post(CHAT, json={**BODY, "model": "gpt-4o"})
+        assert second.status_code == 429
+        assert "for model gpt-4o" in second.json()["detail"]
+        (violated,) = second.json()["violated-policies"]
+        assert violated.startswith("route-") and "gpt-4o" in violated
+        assert (await c.post(CHAT, json=BODY)).status_code == 200  # the route: 5 of 10
+
+
 async def test_spend_alerts_fire_once_per_window(storage: Storage) -> None:
     seen: list[SpendAlert] = []
 

@@ -223,7 +223,11 @@ class RateLimiter:
         concurrency = policy.concurrency or 0
         if route is not None:
             scope = f"route:{route[0]}"
-            limits.extend(lim.scoped(scope) for lim in route[1].limits_for(model))
+            # (a per-model limit of the route keeps its model: route:<path>|model:<name>)
+            limits.extend(
+                lim.scoped(f"{scope}|{lim.scope}" if lim.scope else scope)
+                for lim in route[1].limits_for(model)
+            )
         if extra is not None:
             limits.extend(extra.limits_for(model))
             concurrency = concurrency or (extra.concurrency or 0)

@@ -47,7 +47,8 @@ class Limit:
 
     ``amount`` is an integer in the dimension's unit (cost: nano-units, see ``COST_SCALE``).
     ``scope`` is ``""`` for the principal's global limits, ``"model:<name>"`` or
-    ``"route:<name>"`` for scoped ones; it is part of the storage field, the amount is not
+    ``"route:<name>"`` for scoped ones (``"route:<name>|model:<name>"`` for a route
+    policy's per-model limit); it is part of the storage field, the amount is not
     (so raising a principal's tier keeps what they already used in the window).
     """
 

@@ -87,7 +87,9 @@ def refused(
         "retry_after_ms": wait_ms,
         "violated-policies": [lim.name],
     }
-    where = f" for model {lim.scope[6:]}" if lim.scope.startswith("model:") else ""
+    scope = lim.scope  # model:<name>, or route:<path>|model:<name> (a route's per-model limit)
+    model = scope[6:] if scope.startswith("model:") else scope.partition("|model:")[2]
+    where = f" for model {model}" if model else ""
     text = (
         f"{_unit(lim).capitalize()} limit of {lim.display_amount} per {lim.window_name}"
         f"{where} exceeded: this request needs {_display(lim, hit.cost)}, {left} remain."
