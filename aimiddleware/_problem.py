@@ -54,7 +54,7 @@ def error_headers(err: AIError) -> list[tuple[str, str]]:
     headers: list[tuple[str, str]] = []
     if err.retryable:
         headers.append(("x-should-retry", "true"))
-        if err.retry_after is not None:
+        if err.retry_after is not None and not math.isnan(err.retry_after):  # (NaN: no wait)
             delay = min(max(err.retry_after, 0.0), MAX_RETRY_AFTER)
             headers.append(("retry-after", str(max(1, math.ceil(delay)))))
             headers.append(("retry-after-ms", str(max(1, math.ceil(delay * 1000)))))

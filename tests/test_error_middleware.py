@@ -55,6 +55,8 @@ def build_app() -> FastAPI:
             raise HTTPException(404, "no such model")
         if kind == "echo-model":  # an app naming the model it was sent, as many do
             raise E.NotFound(f"The model {body.model} does not exist.", param="model")
+        if kind == "nan-wait":  # a wait read from somewhere with float(), say "nan"
+            raise E.Overloaded(retry_after=float("nan"))
         if kind == "http-echo-model":
             raise HTTPException(404, f"The model {body.model} does not exist.")
         if kind.startswith("class:"):
@@ -197,6 +199,16 @@ def test_an_error_detail_with_a_lone_surrogate_is_still_its_typed_problem(
     assert body["error"]["code"] == "not_found"
     assert body["detail"] == "The model gpt-\ud83d does not exist."
     assert body["error"]["message"] == body["detail"]
+
+
+def test_a_retry_after_that_is_not_a_number_still_renders_the_error(base_url: str) -> None:
+    # math.ceil(nan) raised while rendering: a bare text/plain 500 instead of the 503.
+    r = httpx.post(base_url + "/v1/chat/completions", json={"model": "m"},
+                   headers={"x-raise": "nan-wait"})
+    assert r.status_code == 503
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["error"]["code"] == "overloaded"
+    assert r.headers["x-should-retry"] == "true" and "retry-after" not in r.headers
 
 
 def test_unknown_route_and_method(base_url: str) -> None:
