@@ -39,7 +39,8 @@ from aimiddleware.context_middleware import (
 )
 from aimiddleware.error_middleware import ErrorMiddleware
 from aimiddleware.idempotency.middleware import IdempotencyMiddleware
-from aimiddleware.ratelimit._run import run_request
+from aimiddleware.ratelimit._run import failed_response, run_request, settle_once
+from aimiddleware.ratelimit.admission import Admission
 from aimiddleware.ratelimit.headers import HEADER_NAMES
 from aimiddleware.ratelimit.middleware import RateLimitMiddleware, with_headers
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
@@ -166,7 +167,9 @@ class _Exchange(Responder):
     :meth:`outer`, which does what the context layer's wrapper does (status, completion).
     """
 
-    __slots__ = ("rate_headers", "raw_send", "request_id", "stack", "version_headers")
+    __slots__ = (
+        "admission", "rate_headers", "raw_send", "request_id", "stack", "version_headers",
+    )
 
     def __init__(self, stack: StackMiddleware, ctx: RequestContext, send: Send) -> None:
         Responder.__init__(self, stack.accounting, ctx, self.outer)  # (no super object)
@@ -174,6 +177,7 @@ class _Exchange(Responder):
         self.raw_send = self.head_send = send  # heads go out directly (see head)
         self.request_id = (stack.context.header, ctx.request_id.encode("latin-1"))
         self.rate_headers: RawHeaders | None = None
+        self.admission: Admission | None = None  # (rate limited: settled once sent whole)
         self.version_headers: tuple[tuple[bytes, bytes], ...] = ()
 
     async def outer(self, message: Message) -> None:
@@ -184,6 +188,19 @@ class _Exchange(Responder):
             message = {**message, "headers": headers}
         elif kind == "http.response.body" and not message.get("more_body"):
             self.ctx.response_complete = True
+            await self.raw_send(message)
+            # Sent whole: the rate limiter settles now, not once the app returns (after
+            # the background tasks it may run: see run_request).
+            admission = self.admission
+            if admission is not None and not admission.done:
+                limiter = self.stack.ratelimit.limiter  # type: ignore[union-attr]
+                failed = failed_response(self.ctx)
+                if limiter.finishes_now:  # (in-process: a plain call, the usual case)
+                    admission.done = True
+                    limiter.finish_now(admission, self.ctx, failed)
+                else:
+                    await settle_once(limiter, admission, self.ctx, failed)
+            return
         await self.raw_send(message)
 
     def head(self, message: Message, added: RawHeaders) -> Message:
@@ -243,6 +260,7 @@ class _Exchange(Responder):
         if admission is None:
             admission = await limiter.admit(ctx, content_type=content_type)
         self.rate_headers = admission.raw_headers
+        self.admission = admission
         if self.acc is None:
             await run_request(limiter, admission, ctx, stack.app, scope, receive, send)
         else:

@@ -346,9 +346,10 @@ async def test_a_failing_lease_refresh_never_cuts_the_call_short() -> None:
 @pytest.mark.parametrize("backend_name", ["asyncio", "trio"])
 def test_a_lease_is_refreshed_only_while_a_long_call_runs(backend_name: str) -> None:
     """A quick call starts no refresher (on asyncio: a timer, no task); a long one is
-    refreshed every third of the TTL until it ends, or is cancelled; on both backends."""
+    refreshed every third of the TTL until it ends, is cancelled, or is settled because its
+    response went out whole; on both backends."""
     from aimiddleware.context import RequestContext
-    from aimiddleware.ratelimit._run import run_admitted
+    from aimiddleware.ratelimit._run import run_admitted, settle_once
 
     class Counting(MemoryBackend):
         shared = True  # as a shared store: the limiter refreshes leases
@@ -383,12 +384,28 @@ def test_a_lease_is_refreshed_only_while_a_long_call_runs(backend_name: str) -> 
         await anyio.sleep(0.25)
         assert backend.refreshed == seen[-1]
         assert await backend.in_flight("p") == 0
+        # A call whose response went out whole mid-way (then runs on: background tasks) is
+        # settled then: its refresher stops, its slot is free while it still runs.
+        ctx = RequestContext(request_id="r", principal="p", method="POST", path="/")
+        admission = await limiter.admit(ctx)
+
+        async def sent_then_more() -> None:
+            await anyio.sleep(0.25)
+            await settle_once(limiter, admission, ctx, False)
+            seen.append(backend.refreshed)
+            assert await backend.in_flight("p") == 0
+            await anyio.sleep(0.45)
+            assert backend.refreshed == seen[-1]
+            assert await backend.in_flight("p") == 0
+
+        await run_admitted(limiter, admission, ctx, sent_then_more, lambda _: False)
         return seen
 
-    quick, long, cancelled = anyio.run(main, backend=backend_name)
+    quick, long, cancelled, sent = anyio.run(main, backend=backend_name)
     assert quick == 0
     assert 3 <= long <= 4  # at 0.1, 0.2, 0.3, 0.4 s (a late timer may miss the last one)
     assert 1 <= cancelled - long <= 2
+    assert 1 <= sent - cancelled <= 2  # (at 0.1 and 0.2 s, then none)
 
 
 async def test_a_redirect_is_refunded(storage: Storage) -> None:

@@ -12,10 +12,11 @@ import anyio
 from aimiddleware.context import RequestContext
 from aimiddleware.errors import AIError, StoreUnavailable
 from aimiddleware.ratelimit.limiter import Admission, RateLimiter
+from aimiddleware.types import Message
 
 __all__ = [
-    "add_headers", "failed_response", "is_success", "run_admitted", "run_request",
-    "send_then_settle", "settle",
+    "add_headers", "failed_response", "is_last_body", "is_success", "run_admitted",
+    "run_request", "send_then_settle", "settle", "settle_once",
 ]
 
 logger = logging.getLogger("aimiddleware.ratelimit")
@@ -40,7 +41,10 @@ async def run_admitted(
     usage, else their reservation.
 
     ``hold(result)`` True: the result is a response still to be sent (a stream); nothing is
-    settled here, the caller sends it with :func:`send_then_settle`."""
+    settled here, the caller sends it with :func:`send_then_settle`.
+
+    A send wrapper that sees the response's last body go out settles then
+    (:func:`settle_once`), before the call returns: see :func:`run_request`."""
     failed = True
     held = False
     try:
@@ -57,8 +61,8 @@ async def run_admitted(
             add_headers(exc, admission)
         raise
     finally:
-        if not held and not limiter.settled(admission, ctx, failed=failed):
-            await settle(limiter, admission, ctx, failed)
+        if not held:
+            await settle_once(limiter, admission, ctx, failed)
 
 
 async def send_then_settle(
@@ -81,7 +85,13 @@ async def run_request(
 ) -> None:
     """:func:`run_admitted` for an ASGI request, awaiting ``call(*args)``: a failure is a
     response status outside 2xx (or none). Without a lease to keep alive, the same steps
-    inline (cheaper)."""
+    inline (cheaper).
+
+    The caller's send wrapper settles as soon as the response's last body message has gone
+    out (:func:`is_last_body`, then :func:`settle_once`): an app may go on after its
+    response (FastAPI runs its ``BackgroundTasks`` before it returns), and the request's
+    concurrency slot and reservation must not wait for that. What the call then does is
+    not charged; ``finally`` settles a request whose response never went out whole."""
     if admission.lease is not None and limiter.refreshes:
         await run_admitted(
             limiter, admission, ctx, lambda: call(*args), lambda _: failed_response(ctx)
@@ -94,14 +104,36 @@ async def run_request(
         raise
     finally:
         failed = failed_response(ctx)  # (raised or not: by the response, as in run_admitted)
-        if limiter.finishes_now:  # the in-process store: a plain call that never raises
-            limiter.finish_now(admission, ctx, failed)
-        elif limiter.settled(admission, ctx, failed=failed):
+        if admission.done:  # (settled when the response went out)
             pass
-        elif limiter.refreshes:  # a shared store: shielded I/O
-            await settle(limiter, admission, ctx, failed)
-        else:  # in-process: completes without a checkpoint, so it cannot be interrupted
-            await _finish(limiter, admission, ctx, failed)
+        elif limiter.finishes_now:  # the in-process store: a plain call that never raises
+            admission.done = True
+            limiter.finish_now(admission, ctx, failed)
+        else:
+            await settle_once(limiter, admission, ctx, failed)
+
+
+def is_last_body(message: Message) -> bool:
+    """The message that completes a response: after it is sent, settle (``settle_once``)."""
+    return message["type"] == "http.response.body" and not message.get("more_body", False)
+
+
+async def settle_once(
+    limiter: RateLimiter, admission: Admission, ctx: RequestContext, failed: bool
+) -> None:
+    """Stop the lease refresher, then reconcile and release, unless that already happened:
+    the response's end and the call's ``finally`` both call it, the first one settles."""
+    if admission.done:
+        return
+    admission.done = True
+    stop = admission.stop_refresh
+    if stop is not None:  # (before the release: a refresh in flight would re-add the lease)
+        admission.stop_refresh = None
+        await stop()
+    if limiter.finishes_now:
+        limiter.finish_now(admission, ctx, failed)
+    elif not limiter.settled(admission, ctx, failed=failed):
+        await settle(limiter, admission, ctx, failed)
 
 
 def is_success(status: int) -> bool:
@@ -164,15 +196,21 @@ async def _with_refresh(
     def start() -> None:  # (in a copy of the request's context, as call_later runs it)
         started.append(loop.create_task(_refresher(limiter, admission, interval)))
 
-    timer = loop.call_later(interval, start)
-    try:
-        return await call()
-    finally:
+    async def stop() -> None:
         timer.cancel()
         if started:
             started[0].cancel()
             with anyio.CancelScope(shield=True):  # (also when the call was cancelled)
                 await asyncio.wait(started)
+
+    timer = loop.call_later(interval, start)
+    admission.stop_refresh = stop  # (settle_once stops it when the response went out)
+    try:
+        return await call()
+    finally:
+        if admission.stop_refresh is stop:
+            admission.stop_refresh = None
+            await stop()
 
 
 async def _refresher(limiter: RateLimiter, admission: Admission, interval: float) -> None:
@@ -191,18 +229,31 @@ async def _refresher(limiter: RateLimiter, admission: Admission, interval: float
 async def _in_task_group(
     limiter: RateLimiter, admission: Admission, call: Callable[[], Awaitable[T]], interval: float
 ) -> T:
+    scope = anyio.CancelScope()
+    stopped = anyio.Event()
+
     async def refresher() -> None:
-        await anyio.sleep(interval)
-        await _refresher(limiter, admission, interval)
+        with scope:
+            await anyio.sleep(interval)
+            await _refresher(limiter, admission, interval)
+        stopped.set()
+
+    async def stop() -> None:
+        scope.cancel()
+        with anyio.CancelScope(shield=True):
+            await stopped.wait()
 
     box: dict[str, Any] = {}
     async with anyio.create_task_group() as tg:
         tg.start_soon(refresher)
+        admission.stop_refresh = stop  # (settle_once stops it when the response went out)
         try:
             box["result"] = await call()
         except Exception as exc:  # re-raised bare below, not inside an ExceptionGroup
             box["error"] = exc
         finally:
+            if admission.stop_refresh is stop:
+                admission.stop_refresh = None
             tg.cancel_scope.cancel()
     if "error" in box:
         raise box["error"]

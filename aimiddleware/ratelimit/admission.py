@@ -11,7 +11,7 @@ when read.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from aimiddleware.ratelimit._resolved import _DIM_CODE
 from aimiddleware.ratelimit.backend import Decision, Hit
@@ -27,8 +27,8 @@ class Admission:
     ``headers``: the same as strings."""
 
     __slots__ = (
-        "_codes", "_hits", "_reserved", "_rows", "concurrency", "decision", "estimate", "held",
-        "lease", "limits", "principal", "raw_headers",
+        "_codes", "_hits", "_reserved", "_rows", "concurrency", "decision", "done", "estimate",
+        "held", "lease", "limits", "principal", "raw_headers", "stop_refresh",
     )
 
     def __init__(
@@ -59,6 +59,12 @@ class Admission:
         # refunded by the store if the lease expires, "" for none.
         self.held = held
         self.raw_headers = raw_headers
+        # Settled (reconciled and released), or settling: it never is twice. Set once the
+        # response has gone out whole, or when the call returns (whichever is first).
+        self.done = False
+        # Stops the task keeping the lease alive (awaited before the lease is released, so
+        # a refresh in flight cannot add it back); None: no refresher running.
+        self.stop_refresh: Callable[[], Awaitable[None]] | None = None
         # The dimension of each limit as an index into finish()'s usage tuple.
         self._codes = codes if codes is not None else tuple(_DIM_CODE[x.dimension] for x in limits)
 

@@ -306,6 +306,8 @@ class RateLimiter:
         admission.lease = lease
         admission.concurrency = concurrency
         admission.held = ""  # (in-process: nothing to hold)
+        admission.done = False
+        admission.stop_refresh = None
         admission.raw_headers = headers
         admission._codes = res.codes
         ctx.state["ratelimit"] = admission

@@ -3,8 +3,9 @@
 Sits inside Idempotency and outside Usage (``install()`` puts it there). Reads the body the
 context layer already read (``ctx.json()``), reserves requests, tokens, cost and a
 concurrency lease in one backend step, adds the rate-limit headers to every response it
-lets through (replacing any the app set, so none is duplicated), and after the app returns
-(stream finished, error, cancellation or disconnect) reconciles with ``ctx.usage``.
+lets through (replacing any the app set, so none is duplicated), and reconciles with
+``ctx.usage`` once the response has gone out whole, or else when the app returns (error,
+cancellation or disconnect).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from aimiddleware._asgi import get_header, is_preflight, route_path
 from aimiddleware.context import SCOPE_KEY, RequestContext
-from aimiddleware.ratelimit._run import run_request
+from aimiddleware.ratelimit._run import failed_response, is_last_body, run_request, settle_once
 from aimiddleware.ratelimit.headers import HEADER_NAMES
 from aimiddleware.ratelimit.limiter import RateLimiter
 from aimiddleware.ratelimit.policy import Policy
@@ -83,6 +84,8 @@ class RateLimitMiddleware:
                     headers = with_headers(message.get("headers", ()), extra)
                     message = {**message, "headers": headers}
             await send(message)
+            if is_last_body(message):  # sent whole: settle now, not after background tasks
+                await settle_once(limiter, admission, ctx, failed_response(ctx))
 
         await run_request(limiter, admission, ctx, self.app, scope, receive, send_with_headers)
 

@@ -1,0 +1,87 @@
+"""A response sent whole settles its rate-limit admission then, not when the app returns.
+
+FastAPI (and Starlette's ``BackgroundTasks``) run background tasks after the response's
+last body message and before the app returns: the request's concurrency slot and its
+reservation must not wait for them (LiteLLM's "held during deferred logging" fault).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from fastapi import BackgroundTasks, FastAPI
+
+import aimiddleware
+from aimiddleware import (
+    ErrorMiddleware,
+    Policy,
+    RateLimiter,
+    RateLimitMiddleware,
+    RequestContextMiddleware,
+    report_usage,
+)
+from aimiddleware.storage import Storage
+from tests.live_server import serve
+from tests.ratelimit_helpers import counters, principal_of
+
+CHAT = "/v1/chat/completions"
+BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 500}
+
+
+def app_with_background_work(limiter: RateLimiter, chained: bool, done: anyio.Event) -> Any:
+    """Each response starts a background task that runs until ``done`` is set."""
+    app = FastAPI()
+
+    @app.post(CHAT)
+    async def chat(tasks: BackgroundTasks) -> dict[str, Any]:
+        tasks.add_task(done.wait)  # (deferred logging, a webhook, a cache write...)
+        await anyio.sleep(0.25)  # long enough for a shared store's lease refresher to start
+        report_usage({"input_tokens": 8, "output_tokens": 2}, model="gpt-4o-mini")
+        return {"ok": True}
+
+    if chained:
+        return RequestContextMiddleware(ErrorMiddleware(RateLimitMiddleware(app, limiter=limiter)))
+    aimiddleware.install(app, ratelimit=limiter)
+    return app
+
+
+@pytest.mark.parametrize("chained", [False, True], ids=["install", "chained"])
+async def test_background_tasks_hold_neither_the_slot_nor_the_reservation(
+    storage: Storage, chained: bool
+) -> None:
+    # lease_ttl 0.3 s: a shared store's lease is refreshed every 0.1 s while the call runs
+    limiter = RateLimiter(
+        Policy(requests="100/minute", tokens="100000/minute", concurrency=1),
+        storage=storage, lease_ttl=0.3,
+    )
+    done = anyio.Event()
+    app = app_with_background_work(limiter, chained, done)
+    principal = principal_of("k1")
+
+    async def slot_freed() -> None:  # (the release follows the body by one store call)
+        with anyio.fail_after(2):
+            while await limiter.backend.in_flight(principal):  # type: ignore[attr-defined]
+                await anyio.sleep(0.01)
+
+    async with serve(app) as url, httpx.AsyncClient(
+        base_url=url, headers={"authorization": "Bearer k1"}
+    ) as c:
+        try:
+            first = await c.post(CHAT, json=BODY)
+            assert first.status_code == 200
+            # Its background task still runs: the slot is free, the tokens reconciled.
+            await slot_freed()
+            assert (await counters(limiter, "k1"))["tokens:60"] == 10
+            # Past several refresh intervals: a refresher left running would have put
+            # the released lease back.
+            await anyio.sleep(0.45)
+            assert await limiter.backend.in_flight(principal) == 0  # type: ignore[attr-defined]
+            second = await c.post(CHAT, json=BODY)
+            assert second.status_code == 200, second.text
+            await slot_freed()
+            assert (await counters(limiter, "k1"))["tokens:60"] == 20
+        finally:
+            done.set()
