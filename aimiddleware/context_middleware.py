@@ -145,9 +145,13 @@ class RequestContextMiddleware:
                 if cred and scheme.lower() == b"bearer":
                     bearer = cred
             elif name == b"traceparent":
-                traceparent = value.decode("latin-1")
+                # W3C Trace Context: two traceparent fields make it invalid (a new trace)
+                traceparent = "" if traceparent is not None else value.decode("latin-1")
             elif name == b"tracestate":
-                tracestate = value.decode("latin-1")
+                # several fields are one list, joined with commas (RFC 9110 section 5.3)
+                state = value.decode("latin-1").strip()
+                if state:
+                    tracestate = f"{tracestate},{state}" if tracestate else state
             else:  # x-api-key
                 api_keys += 1
                 if value.strip():

@@ -43,6 +43,7 @@ async def echo(request: Request) -> JSONResponse:
             "trace_id": ctx.trace.trace_id,
             "parent_id": ctx.trace.parent_id,
             "traceparent": ctx.trace.traceparent,
+            "tracestate": ctx.trace.tracestate,
             "body_len": len(body),
             "same_body": body == ctx.body,
         }
@@ -152,6 +153,32 @@ async def test_traceparent_through_the_middleware() -> None:
         r = await c.get("/", headers={"traceparent": TRACE})
     assert r.json()["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
     assert r.json()["parent_id"] == "00f067aa0ba902b7"
+
+
+async def test_tracestate_fields_are_joined_as_one_list() -> None:
+    # RFC 9110 5.3 list rule, as W3C Trace Context asks: several fields, one list in order
+    headers = [("traceparent", TRACE), ("tracestate", "a=1,b=2"), ("tracestate", " "),
+               ("tracestate", "c=3")]
+    async with client(make_app()) as c:
+        r = await c.get("/", headers=headers)
+    assert r.json()["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert r.json()["tracestate"] == "a=1,b=2,c=3"
+
+
+OTHER_TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@pytest.mark.parametrize("second", [TRACE, OTHER_TRACE])
+async def test_two_traceparent_fields_start_a_new_trace(second: str) -> None:
+    # W3C Trace Context: more than one traceparent is an invalid one; neither is trusted,
+    # and tracestate goes with it
+    headers = [("traceparent", TRACE), ("traceparent", second), ("tracestate", "a=1")]
+    async with client(make_app()) as c:
+        r = await c.get("/", headers=headers)
+    body = r.json()
+    assert body["parent_id"] is None and body["tracestate"] is None
+    assert body["trace_id"] not in (TRACE.split("-")[1], second.split("-")[1])
+    assert len(body["trace_id"]) == 32
 
 
 def _scope(headers: list[tuple[bytes, bytes]], client: Any = ("10.0.0.1", 1234)) -> dict[str, Any]:
