@@ -13,6 +13,7 @@ from aimiddleware.errors import NotFound
 from aimiddleware.sse import ReplayBuffer, parse_event_id
 from aimiddleware.storage import Storage
 from tests.gc_counts import tracked_per_entry
+from tests.resp_split import split_after
 from tests.stalls import in_time, steady
 
 
@@ -170,3 +171,54 @@ async def test_a_follower_of_an_evicted_stream_ends_with_not_found() -> None:
             if len(got) == 2:
                 await buf.append("p", "other", 1, b"x")  # evicts "s"
     assert got == [frame("s", 2), frame("s", 3)]
+
+
+async def test_a_read_split_by_a_trim_never_hides_a_gap(redis_url: str) -> None:
+    """The producer's appends can trim the frames a resume asked for while the resume reads
+    them. The read was three pipelined commands: a trim between the first (the oldest frame
+    kept: 1, so no gap) and the second (the frames after 0: already 7 and 8) served 7 and 8
+    as if they followed 0. The read is one script now; the trim lands before or after it,
+    and the follower gets frames 1.. in order, then ``NotFound`` for the rest."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    writer = ReplayBuffer(redis_url, max_events=3, ttl=30)
+    for seq in (1, 2, 3):
+        await writer.append("p", "s", seq, b"f%d" % seq)
+
+    async def trim() -> None:
+        for seq in range(4, 9):
+            await writer.append("p", "s", seq, b"f%d" % seq)
+        await writer.finish("p", "s")
+
+    got: list[bytes] = []
+    async with split_after(port, frozenset({b"XRANGE", b"EVALSHA", b"EVAL"}), trim) as proxy:
+        reader = ReplayBuffer(f"redis://127.0.0.1:{proxy}/0", max_events=3, ttl=30)
+        try:
+            with anyio.fail_after(10), pytest.raises(NotFound):
+                async for f in reader.follow("p", "s", 0, idle_timeout=5):
+                    got.append(f)
+        finally:
+            await reader.storage.aclose()
+    await writer.storage.aclose()
+    assert got == [b"f%d" % seq for seq in range(1, len(got) + 1)]
+
+
+async def test_a_resume_past_a_trim_is_gone_and_a_follower_stops(storage: Storage) -> None:
+    """The contract the atomic read keeps: a resume point whose next frames were trimmed is
+    ``gone`` and a follower of it ends with ``NotFound`` having served nothing; one whose
+    next frame is the oldest kept replays from there to the end."""
+    buf = ReplayBuffer(storage, max_events=4, ttl=30)
+    for seq in range(1, 9):
+        await buf.append("p", "s", seq, b"f%d" % seq)
+    # (kept: 5 to 8 in memory; 6 to 8 on Redis, whose end marker takes one of the places)
+    await buf.finish("p", "s")
+    assert await buf.state("p", "s", 3) == "gone"
+    got: list[bytes] = []
+    with anyio.fail_after(5), pytest.raises(NotFound):
+        async for f in buf.follow("p", "s", 3, idle_timeout=5):
+            got.append(f)
+    assert got == []
+    assert await buf.state("p", "s", 5) == "available"
+    with anyio.fail_after(5):
+        got = [f async for f in buf.follow("p", "s", 5, idle_timeout=5)]
+    assert got == [b"f6", b"f7", b"f8"]
+    assert await buf.state("p", "s", 8) == "complete"

@@ -23,6 +23,19 @@ __all__ = ["ReplayBuffer", "parse_event_id"]
 
 State = Literal["gone", "complete", "available"]
 _NAMESPACE = "sse"
+# The oldest entry, the entries after ARGV[1] (at most ARGV[2], if set) and the newest: one
+# atomic read of a stream. (Entries come back as [id, [field, value]]: one field each.)
+_READ = """
+local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+local entries
+if ARGV[2] == '' then
+  entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+')
+else
+  entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
+end
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+return {oldest, entries, newest}
+"""
 
 
 def parse_event_id(value: str) -> tuple[str, int] | None:
@@ -140,16 +153,18 @@ class ReplayBuffer:
             return stream.after(after, count or None), stream.done, first
         key = self._key(principal, sid)
         async with redis_errors("event replay"):
-            pipe = self.storage.redis.pipeline(transaction=False)
-            pipe.xrange(key, "-", "+", count=1)
-            pipe.xrange(key, f"({after}-1", "+", count=count)
-            pipe.xrevrange(key, "+", "-", count=1)
-            oldest, entries, newest = await pipe.execute()
+            # One script, not three pipelined reads: a trim between them (frames appended
+            # by the producer) would pair an old "oldest kept" with newer frames, a gap
+            # that no one would see. (One key: one slot on a Cluster.)
+            read = self.storage.script(_READ)
+            oldest, entries, newest = await read(
+                keys=[key], args=[f"({after}-1", "" if count is None else count]
+            )
         if not oldest:
             return [], False, None
-        first = int(oldest[0][0].split(b"-")[0]) if b"f" in oldest[0][1] else after + 1
-        done = bool(newest) and b"done" in newest[0][1]
-        out = [(int(i.split(b"-")[0]), e[b"f"]) for i, e in entries if b"f" in e]
+        first = int(oldest[0][0].split(b"-")[0]) if oldest[0][1][0] == b"f" else after + 1
+        done = bool(newest) and newest[0][1][0] == b"done"
+        out = [(int(i.split(b"-")[0]), e[1]) for i, e in entries if e[0] == b"f"]
         return out, done, first
 
     async def follow(
