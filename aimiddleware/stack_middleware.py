@@ -237,7 +237,7 @@ class _Exchange(Responder):
             else:
                 scope, self.version_headers, deprecated = resolved
                 if deprecated:
-                    await versioning.record(deprecated)
+                    await versioning.record(ctx, deprecated)
         idempotency = stack.idempotency
         if idempotency is not None and idempotency.applies(scope):
             self.acc = None  # the chained layers from here on add their own headers

@@ -1,12 +1,23 @@
 from __future__ import annotations
 
-import pytest
+import signal
 
+import anyio
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from aimiddleware import VersioningConfig, deprecated, install
+from aimiddleware.context import key_principal
 from aimiddleware.errors import StoreUnavailable
 from aimiddleware.storage import Storage
 from aimiddleware.versioning import DeprecatedCall, DeprecationMonitor
+from tests.live_server import serve
 from tests.redis_server import RedisServer
-from tests.versioning_app import OLD, at
+from tests.versioning_app import OLD, FakeClock, at, make_registry
 
 
 def call(principal: str, kind: str = "model", name: str = OLD) -> DeprecatedCall:
@@ -71,3 +82,60 @@ async def test_memory_counts_are_bounded(monkeypatch: pytest.MonkeyPatch) -> Non
         await monitor.record(call(principal))
     assert await monitor.counts("a") == {}  # the least recent caller went first
     assert await monitor.counts("c") == {f"model:{OLD}": 1}
+
+
+async def counted(monitor: DeprecationMonitor, principal: str, field: str, n: int) -> None:
+    """Wait until ``principal`` has ``n`` calls of ``field`` (counted after the response)."""
+    with anyio.fail_after(10):
+        while True:
+            if (await monitor.counts(principal)).get(field) == n:
+                return
+            await anyio.sleep(0.02)
+
+
+@pytest.mark.parametrize("route", ["/model", "/route"])
+@pytest.mark.parametrize("outage", ["hung", "dead"])
+async def test_a_store_outage_never_holds_a_deprecated_call_back(route: str, outage: str) -> None:
+    """Counting is telemetry: it runs once the response is out. It ran before the endpoint,
+    so a hung store (stopped with SIGSTOP: every command waits for the socket timeout, 30 s
+    here) held each call to a deprecated model or route back that long. A dead store
+    (killed) answers at once: the call is served the same, its count lost and logged."""
+    store = RedisServer().start()
+    assert store.proc is not None
+    storage = Storage(store.url, socket_timeout=30)
+    monitor = DeprecationMonitor(storage)
+    clock = FakeClock(at("2026-03-01"))  # both deprecated, neither retired
+
+    async def answer(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    old_route = deprecated(deprecated="2026-01-01", sunset="2026-07-01", monitor=monitor,
+                           clock=clock, name="old")(answer)
+    app = Starlette(routes=[Route("/model", answer, methods=["POST"]),
+                            Route("/route", old_route, methods=["POST"])])
+    install(app, storage=storage,
+            versioning=VersioningConfig(registry=make_registry(clock), monitor=monitor))
+    field = f"model:{OLD}" if route == "/model" else "route:old"
+    try:
+        async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=60) as c:
+            body = {"model": OLD} if route == "/model" else {}
+            r = await c.post(route, json=body, headers={"authorization": "Bearer k"})
+            assert r.status_code == 200 and "deprecation" in r.headers
+            principal = key_principal(b"k")
+            await counted(monitor, principal, field, 1)
+            if outage == "hung":
+                store.proc.send_signal(signal.SIGSTOP)
+            else:
+                store.stop()
+            with anyio.fail_after(10):  # (a third of the socket timeout)
+                r = await c.post(route, json=body, headers={"authorization": "Bearer k"})
+            assert r.status_code == 200 and r.json() == {"ok": True}
+            assert "deprecation" in r.headers
+            if outage == "hung":  # the count waited, and lands when the store is back
+                store.proc.send_signal(signal.SIGCONT)
+                await counted(monitor, principal, field, 2)
+    finally:
+        if store.proc is not None:
+            store.proc.send_signal(signal.SIGCONT)
+        await storage.aclose()
+        store.stop()

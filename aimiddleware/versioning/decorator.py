@@ -98,7 +98,7 @@ def deprecated(
                     return gone
                 raise err
             if monitor is not None and ctx is not None:
-                await monitor.record(DeprecatedCall.of(ctx, "route", route, lc, now))
+                await monitor.record_later(ctx, (DeprecatedCall.of(ctx, "route", route, lc, now),))
             if is_async:
                 result = await fn(*args, **kwargs)
             else:

@@ -243,7 +243,7 @@ class VersioningMiddleware:
             resolved = self._apply(scope, ctx, local, rv, now)
         scope, raw, deprecated = resolved
         if deprecated:
-            await self.record(deprecated)
+            await self.record(ctx, deprecated)
         return scope, raw
 
     def resolve_now(
@@ -260,10 +260,10 @@ class VersioningMiddleware:
             return None
         return self._apply(scope, ctx, local, rv, None)
 
-    async def record(self, deprecated: tuple[DeprecatedCall, ...]) -> None:
-        """Record the deprecated calls :meth:`resolve_now` found."""
-        for call in deprecated:
-            await self.monitor.record(call)
+    async def record(self, ctx: RequestContext, deprecated: tuple[DeprecatedCall, ...]) -> None:
+        """Record the deprecated calls :meth:`resolve_now` found (once the request has ended:
+        :meth:`DeprecationMonitor.record_later`)."""
+        await self.monitor.record_later(ctx, deprecated)
 
     def _apply(
         self,

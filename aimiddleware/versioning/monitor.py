@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
+import anyio
 from cachetools import LRUCache
 from starlette.concurrency import run_in_threadpool
 
 from aimiddleware._asgi import is_async_callable
-from aimiddleware.context import RequestContext
+from aimiddleware.context import RequestContext, after_response
 from aimiddleware.storage import Storage, redis_errors
 from aimiddleware.versioning.lifecycle import Lifecycle
 
@@ -121,6 +122,19 @@ class DeprecationMonitor:
                     await run_in_threadpool(self.hook, call)
             except Exception:
                 logger.exception("deprecation hook failed")
+
+    async def record_later(self, ctx: RequestContext, calls: tuple[DeprecatedCall, ...]) -> None:
+        """:meth:`record` ``calls`` once ``ctx``'s request has ended (now, if no context layer
+        will run it): counting is telemetry, and a slow or dead store must not hold the
+        endpoint back. A cancelled request is counted too."""
+
+        async def count() -> None:
+            with anyio.CancelScope(shield=True):  # (bounded by the store's socket timeout)
+                for call in calls:
+                    await self.record(call)
+
+        if not after_response(ctx, count):
+            await count()
 
     async def counts(self, principal: str) -> dict[str, int]:
         """``{"model:my-model-2025-01-01": 3, "api_version:v1": 1, ...}`` for one caller."""
