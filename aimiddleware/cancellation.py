@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import re
+import threading
 from asyncio import current_task, get_running_loop
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -142,22 +143,26 @@ class CancellationMiddleware:
         self._timeout_cache: dict[str, float | None] = {}  # path -> tier (bounded)
         self._asyncio_scope_cls: type[anyio.CancelScope] | None = None
         self._sweepers: dict[asyncio.AbstractEventLoop, _Sweeper] = {}  # one per loop
+        self._sweepers_lock = threading.Lock()  # (for loops in several threads)
         self._last_sweeper: _Sweeper | None = None  # the last one used (one loop: always)
 
     def _sweeper(self, loop: asyncio.AbstractEventLoop) -> _Sweeper:
-        sweeper = self._sweepers.get(loop)
-        if sweeper is None:
-            if len(self._sweepers) > 8:  # loops closed with requests in flight (tests)
-                for old in [lp for lp in self._sweepers if lp.is_closed()]:
-                    del self._sweepers[old]
-            sweeper = self._sweepers[loop] = _Sweeper(loop, self.watch_after, self)
+        # (locked: loops in other threads add, drop and walk the dict meanwhile)
+        with self._sweepers_lock:
+            sweeper = self._sweepers.get(loop)
+            if sweeper is None:
+                if len(self._sweepers) > 8:  # loops closed with requests in flight (tests)
+                    for old in [lp for lp in self._sweepers if lp.is_closed()]:
+                        del self._sweepers[old]
+                sweeper = self._sweepers[loop] = _Sweeper(loop, self.watch_after, self)
         self._last_sweeper = sweeper
         return sweeper
 
     def _retire(self, sweeper: _Sweeper) -> None:
         """Forget an idle sweeper (and so its loop, which may be closed next)."""
-        if self._sweepers.get(sweeper.loop) is sweeper:
-            del self._sweepers[sweeper.loop]
+        with self._sweepers_lock:
+            if self._sweepers.get(sweeper.loop) is sweeper:
+                del self._sweepers[sweeper.loop]
         if self._last_sweeper is sweeper:
             self._last_sweeper = None
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+import threading
 import time
 from typing import Any
 
@@ -124,3 +126,57 @@ async def test_receive_after_the_app_returned_reports_a_disconnect() -> None:
         await mw(http_scope(), receive, send)
         assert await kept[0]() == {"type": "http.disconnect"}  # at once, no watcher
     assert sent == ["http.response.start", "http.response.body"]
+
+
+def test_one_middleware_on_many_event_loops_in_threads() -> None:
+    """One middleware shared by event loops in several threads (sync tests, an app under
+    several loops). A loop that ends with a request in flight leaves its sweeper behind;
+    past 8, the next new loop drops those of closed loops. That was done with no lock:
+    a thread walking the dict while another added to it failed the request with
+    ``RuntimeError: dictionary changed size during iteration`` (seen in about 5 runs of 6),
+    and two threads dropping the same closed loop could with a ``KeyError``."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    mw = CancellationMiddleware(app, watch_after=0.05)
+    failures: list[BaseException] = []
+
+    async def request() -> None:
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Any) -> None:
+            pass
+
+        await mw(http_scope(), receive, send)  # (the loop closes before the sweeper's tick)
+
+    def worker() -> None:
+        try:
+            for _ in range(300):
+                asyncio.run(request())  # a new loop each time: a new entry, then pruning
+        except BaseException as exc:  # (reported below)
+            failures.append(exc)
+
+    # Nine loops kept open with their sweepers (a request ran on each; the loop stopped
+    # before the sweeper's tick): past 8, every new loop walks the dict, keeping these.
+    idle = [asyncio.new_event_loop() for _ in range(9)]
+    for loop in idle:
+        loop.run_until_complete(request())
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch as often as they can: races show at once
+    try:
+        threads = [threading.Thread(target=worker) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+        for loop in idle:
+            loop.close()
+    assert not any(t.is_alive() for t in threads)
+    assert failures == []
+    assert len(mw._sweepers) <= len(idle) + len(threads) + 1  # closed loops are dropped
