@@ -1,9 +1,10 @@
 """One storage URL for all state: ``memory://`` (embedded default) or Redis/Valkey.
 
 ``Storage("memory://")`` keeps everything in-process. ``redis://``, ``rediss://``,
-``valkey://``, ``valkeys://``, ``unix://`` and ``redis+cluster://host:port`` (Redis Cluster)
-share one redis-py asyncio client, created on first use, between every layer. Every feature
-hashes its keys per principal (``{principal}`` tags) so one operation touches one slot.
+``valkey://``, ``valkeys://``, ``unix://`` and ``redis+cluster://host:port`` (Redis Cluster;
+``rediss+cluster://`` over TLS) share one redis-py asyncio client, created on first use,
+between every layer. Every feature hashes its keys per principal (``{principal}`` tags) so one
+operation touches one slot.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Storage", "redis_errors"]
 
-_REDIS_SCHEMES = {"redis", "rediss", "valkey", "valkeys", "unix", "redis+cluster", "valkey+cluster"}
+_REDIS_SCHEMES = {"redis", "rediss", "valkey", "valkeys", "unix"}
+_CLUSTER_SCHEMES = {"redis+cluster", "rediss+cluster", "valkey+cluster", "valkeys+cluster"}
 
 
 class Storage:
@@ -39,12 +41,12 @@ class Storage:
         scheme = urlsplit(url).scheme.lower()
         if scheme == "memory":
             self.kind: Literal["memory", "redis"] = "memory"
-        elif scheme in _REDIS_SCHEMES:
+        elif scheme in _REDIS_SCHEMES or scheme in _CLUSTER_SCHEMES:
             self.kind = "redis"
         else:
             raise ValueError(
                 f"unsupported storage URL scheme {scheme!r}: use memory://, redis://, rediss://, "
-                "valkey://, unix:// or redis+cluster://"
+                "valkey://, unix://, redis+cluster:// or rediss+cluster://"
             )
         if not key_prefix or "{" in key_prefix or "}" in key_prefix:
             raise ValueError("key_prefix must be non-empty and contain no braces")
@@ -111,7 +113,7 @@ class Storage:
         scheme = scheme.lower()
         timeout = self.socket_timeout
         if self.cluster:
-            real = "rediss" if scheme.startswith("valkeys") else "redis"
+            real = "rediss" if scheme.startswith(("rediss", "valkeys")) else "redis"
             from redis.asyncio.retry import Retry
             from redis.backoff import NoBackoff
 

@@ -26,6 +26,29 @@ def test_unknown_scheme_is_a_clear_error(url: str) -> None:
         Storage(url)
 
 
+@pytest.mark.parametrize(
+    ("url", "tls"),
+    [
+        ("redis+cluster://127.0.0.1:7000", False),
+        ("valkey+cluster://127.0.0.1:7000", False),
+        ("rediss+cluster://127.0.0.1:7000", True),
+        ("valkeys+cluster://127.0.0.1:7000", True),
+    ],
+)
+async def test_a_cluster_url_over_tls_builds_a_tls_cluster_client(url: str, tls: bool) -> None:
+    """A managed cluster that takes only TLS was out of reach: no URL gave a TLS cluster client
+    (``rediss+cluster://`` was an unsupported scheme). No connection is made here."""
+    from redis.asyncio.cluster import RedisCluster
+    from redis.asyncio.connection import SSLConnection
+
+    s = Storage(url)
+    assert s.cluster
+    client = s.redis
+    assert isinstance(client, RedisCluster)
+    assert (client.connection_kwargs.get("connection_class") is SSLConnection) is tls
+    await s.aclose()
+
+
 def test_keys_are_hash_tagged_per_principal() -> None:
     s = Storage("memory://", key_prefix="p")
     assert s.key("rl", "key_abc", "tokens") == "p:rl:{key_abc}:tokens"
