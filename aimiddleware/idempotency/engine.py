@@ -49,6 +49,11 @@ T = TypeVar("T")
 logger = logging.getLogger("aimiddleware.idempotency")
 
 
+def _never() -> bool:
+    """A heartbeat's ``done`` when nothing ends the lease before the call does."""
+    return False
+
+
 @dataclass(frozen=True)
 class Lease:
     key: str
@@ -179,7 +184,8 @@ class IdempotencyEngine:
         """Run ``call(recording_send)`` under ``lease``; release it unless completed."""
         recording = Recording(self, lease, send)
         try:
-            await self._with_heartbeat(lease, lambda: call(recording.send))
+            # (the record completed, the app may still run: background tasks; nothing to renew)
+            await self._with_heartbeat(lease, lambda: call(recording.send), lambda: recording.done)
         finally:
             if not recording.done:
                 with anyio.CancelScope(shield=True):
@@ -194,8 +200,11 @@ class IdempotencyEngine:
                 await self.release(lease)
             raise
 
-    async def _with_heartbeat(self, lease: Lease, call: Callable[[], Awaitable[T]]) -> T:
-        """``await call()`` while the lease is kept alive.
+    async def _with_heartbeat(
+        self, lease: Lease, call: Callable[[], Awaitable[T]], done: Callable[[], bool] = _never
+    ) -> T:
+        """``await call()`` while the lease is kept alive, until ``done()`` (the record is
+        completed: no lease is left to keep).
 
         Nothing runs for a request that ends within one heartbeat interval (the lease then
         has two thirds of its life left, by default): on asyncio a timer is armed and, only
@@ -204,18 +213,20 @@ class IdempotencyEngine:
         """
         loop = _asyncio_loop()
         if loop is None:
-            return await self._with_heartbeat_task(lease, call)
-        keeper = _LazyHeartbeat(self, lease, loop)
+            return await self._with_heartbeat_task(lease, call, done)
+        keeper = _LazyHeartbeat(self, lease, loop, done)
         try:
             return await call()
         finally:
             await keeper.stop()
 
-    async def _with_heartbeat_task(self, lease: Lease, call: Callable[[], Awaitable[T]]) -> T:
+    async def _with_heartbeat_task(
+        self, lease: Lease, call: Callable[[], Awaitable[T]], done: Callable[[], bool]
+    ) -> T:
         error: Exception | None = None
         result: T | None = None
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._heartbeat, lease)
+            tg.start_soon(self._heartbeat, lease, done)
             try:
                 result = await call()
             except Exception as exc:
@@ -226,14 +237,17 @@ class IdempotencyEngine:
             raise error
         return result  # type: ignore[return-value]
 
-    async def _heartbeat(self, lease: Lease, *, wait_first: bool = True) -> None:
-        """Extend the lease every ``heartbeat_interval`` while the request runs."""
+    async def _heartbeat(
+        self, lease: Lease, done: Callable[[], bool], *, wait_first: bool = True
+    ) -> None:
+        """Extend the lease every ``heartbeat_interval`` while the request runs, until
+        ``done()``."""
         interval = self.config.heartbeat_interval
-        if not wait_first and not await self._beat(lease):
+        if not wait_first and (done() or not await self._beat(lease)):
             return
         while True:
             await anyio.sleep(interval)
-            if not await self._beat(lease):
+            if done() or not await self._beat(lease):
                 return
 
     async def _beat(self, lease: Lease) -> bool:
@@ -306,13 +320,15 @@ class _LazyHeartbeat:
     renewal ever outlives the request.
     """
 
-    __slots__ = ("engine", "lease", "loop", "task", "timer")
+    __slots__ = ("done", "engine", "lease", "loop", "task", "timer")
 
     def __init__(
-        self, engine: IdempotencyEngine, lease: Lease, loop: asyncio.AbstractEventLoop
+        self, engine: IdempotencyEngine, lease: Lease, loop: asyncio.AbstractEventLoop,
+        done: Callable[[], bool],
     ) -> None:
         self.engine = engine
         self.lease = lease
+        self.done = done
         self.loop = loop
         self.task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = loop.call_later(
@@ -321,7 +337,9 @@ class _LazyHeartbeat:
 
     def _fire(self) -> None:
         self.timer = None
-        self.task = self.loop.create_task(self.engine._heartbeat(self.lease, wait_first=False))
+        self.task = self.loop.create_task(
+            self.engine._heartbeat(self.lease, self.done, wait_first=False)
+        )
 
     async def stop(self) -> None:
         if self.timer is not None:

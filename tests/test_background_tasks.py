@@ -1,12 +1,14 @@
-"""A response sent whole settles its rate-limit admission then, not when the app returns.
+"""What the layers do once a response is out while the app still runs its background tasks.
 
 FastAPI (and Starlette's ``BackgroundTasks``) run background tasks after the response's
-last body message and before the app returns: the request's concurrency slot and its
-reservation must not wait for them (LiteLLM's "held during deferred logging" fault).
+last body message and before the app returns. A rate-limited request's concurrency slot and
+reservation must not wait for them (LiteLLM's "held during deferred logging" fault), and an
+idempotency record completed by that response has no lease left to renew.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import anyio
@@ -17,6 +19,7 @@ from fastapi import BackgroundTasks, FastAPI
 import aimiddleware
 from aimiddleware import (
     ErrorMiddleware,
+    IdempotencyConfig,
     Policy,
     RateLimiter,
     RateLimitMiddleware,
@@ -63,7 +66,7 @@ async def test_background_tasks_hold_neither_the_slot_nor_the_reservation(
 
     async def slot_freed() -> None:  # (the release follows the body by one store call)
         with anyio.fail_after(2):
-            while await limiter.backend.in_flight(principal):  # type: ignore[attr-defined]
+            while await limiter.backend.in_flight(principal):  # type: ignore[attr-defined]  # noqa: ASYNC110
                 await anyio.sleep(0.01)
 
     async with serve(app) as url, httpx.AsyncClient(
@@ -85,3 +88,30 @@ async def test_background_tasks_hold_neither_the_slot_nor_the_reservation(
             assert (await counters(limiter, "k1"))["tokens:60"] == 20
         finally:
             done.set()
+
+
+async def test_a_completed_idempotency_record_is_not_renewed_during_background_tasks(
+    storage: Storage, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The heartbeat renewed the lease every interval until the app returned: once the
+    # record was completed, its first beat found no lease and warned "lease lost while the
+    # request was running" about a request that had succeeded.
+    app = FastAPI()
+    runs: list[str] = []
+
+    @app.post(CHAT)
+    async def chat(tasks: BackgroundTasks) -> dict[str, Any]:
+        runs.append("run")
+        tasks.add_task(anyio.sleep, 0.5)  # five heartbeat intervals after the response
+        return {"ok": True}
+
+    aimiddleware.install(app, storage=storage, idempotency=IdempotencyConfig(
+        lease_seconds=0.6, heartbeat_seconds=0.1))
+    headers = {"authorization": "Bearer k1", "idempotency-key": "k-bg"}
+    caplog.set_level(logging.WARNING, logger="aimiddleware.idempotency")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        first = await c.post(CHAT, json=BODY, headers=headers)
+        again = await c.post(CHAT, json=BODY, headers=headers)
+    assert first.status_code == again.status_code == 200
+    assert again.headers["idempotent-replayed"] == "true" and runs == ["run"]
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("aimiddleware")] == []
