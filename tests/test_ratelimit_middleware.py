@@ -182,6 +182,25 @@ async def test_tiers_overrides_per_model_and_per_route_policies() -> None:
         assert (await c.post(CHAT, json=BODY)).status_code == 429
 
 
+async def test_long_model_ids_sharing_a_prefix_name_their_limits_apart() -> None:
+    # Limit names were cut at 48 characters: two Bedrock profiles (one prefix of 61) got
+    # one name, so RateLimit-Policy listed two members alike and a refusal named either.
+    arn = "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic."
+    sonnet, haiku = arn + "claude-3-5-sonnet-20241022-v2:0", arn + "claude-3-5-haiku-20241022-v1:0"
+    limiter = RateLimiter(Policy(requests="10/minute", models={
+        sonnet: Policy(requests="1/minute"), haiku: Policy(requests="2/minute")}))
+    async with client(make_app(limiter)) as c:
+        assert (await c.post(CHAT, json={**BODY, "model": sonnet})).status_code == 200
+        refused = await c.post(CHAT, json={**BODY, "model": sonnet})
+        other = await c.post(CHAT, json={**BODY, "model": haiku})
+    assert refused.status_code == 429 and other.status_code == 200
+    (violated,) = refused.json()["violated-policies"]
+    assert violated in [name for name, _ in parse_list(refused.headers["ratelimit-policy"])]
+    assert violated.startswith("model-arn_aws_bedrock_") and len(violated) <= 70
+    haiku_names = {lim.name for lim in limiter.policies["default"].limits_for(haiku)}
+    assert violated not in haiku_names and len(haiku_names) == 2  # (requests-1m, its own)
+
+
 async def test_a_route_policys_per_model_limit_counts_that_model_alone(storage: Storage) -> None:
     # The route's per-model limit was scoped to the route only, so it shared the route
     # limit's counter (one field): gpt-4o was refused once other models used 1 request of

@@ -11,6 +11,7 @@ for that model.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ COST_SCALE = Decimal(1_000_000_000)
 
 _AMOUNT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(/|per\b)", re.IGNORECASE)
 _MAX_WINDOW = 86_400 * 366
+_NAME_CUT = 48  # (characters of a scope's value kept in a limit's name)
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,10 @@ class Limit:
         if not self.scope:
             return base
         kind, _, value = self.scope.partition(":")
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", value)[:48]
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", value)
+        if len(safe) > _NAME_CUT:  # (long model ids share prefixes: the cut keeps a digest)
+            digest = hashlib.sha256(value.encode()).hexdigest()[:7]
+            safe = f"{safe[:_NAME_CUT - 8]}-{digest}"
         return f"{kind}-{safe}-{base}"
 
     @cached_property
