@@ -227,6 +227,31 @@ async def test_streams_pass_through_unbuffered_and_are_recorded_at_the_end() -> 
     assert row.estimated_cost == (12 * Decimal("2.5") + 3 * 10) / 1_000_000
 
 
+@pytest.mark.parametrize("ending", [b"\r\n", b"\r"], ids=["crlf", "cr"])
+async def test_a_stream_with_cr_line_endings_is_read_for_usage(ending: bytes) -> None:
+    # SSE lines may end in CRLF, LF or a lone CR; the scan split on LF only, so a CR-only
+    # stream was one endless line: its usage was never read. Cut every 7 bytes, so some
+    # CRLF pairs are split across chunks too.
+    ledger = MemoryLedger()
+    body = b"".join(sse_lines(STREAM_EVENTS)).replace(b"\n", ending)
+    chunks = [body[i:i + 7] for i in range(0, len(body), 7)]
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        for chunk in chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    rec = Recorder()
+    mw = RequestContextMiddleware(UsageMiddleware(app, prices=PRICES, ledger=ledger))
+    scope, receive = scope_for("/stream", b'{"model": "gpt-4o"}')
+    await mw(scope, receive, rec)
+    assert b"".join(m.get("body", b"") for m in rec.messages) == body  # passed as it came
+    [row] = await ledger.query(next(iter(ledger._requests))[0])
+    assert (row.input_tokens, row.output_tokens, row.finish_reasons) == (12, 3, {"stop": 1})
+
+
 async def test_json_in_chunks_is_held_once_and_replayed_intact() -> None:
     ledger = MemoryLedger()
     rec = Recorder()

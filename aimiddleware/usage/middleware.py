@@ -307,6 +307,8 @@ class Responder:
         """Read ``data:`` lines carrying usage as the stream passes; keep only a partial line."""
         assert self.acc is not None
         data = self.tail + chunk
+        if b"\r" in data:  # CRLF or a lone CR ends a line too (the SSE spec's three endings)
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         lines = data.split(b"\n")
         self.tail = b"" if final else lines.pop()
         if len(self.tail) > self.acc.max_json_body:
