@@ -34,7 +34,7 @@ CHAT = "/v1/chat/completions"
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 500}
 
 
-def app_with_background_work(limiter: RateLimiter, chained: bool, done: anyio.Event) -> Any:
+def app_with_background_work(limiter: RateLimiter, mode: str, done: anyio.Event) -> Any:
     """Each response starts a background task that runs until ``done`` is set."""
     app = FastAPI()
 
@@ -45,15 +45,19 @@ def app_with_background_work(limiter: RateLimiter, chained: bool, done: anyio.Ev
         report_usage({"input_tokens": 8, "output_tokens": 2}, model="gpt-4o-mini")
         return {"ok": True}
 
-    if chained:
+    if mode == "chained":
         return RequestContextMiddleware(ErrorMiddleware(RateLimitMiddleware(app, limiter=limiter)))
-    aimiddleware.install(app, ratelimit=limiter)
+    # ("keyed": a request with an Idempotency-Key leaves the fused stack for the chained
+    # layers from idempotency inward)
+    aimiddleware.install(
+        app, ratelimit=limiter, idempotency=IdempotencyConfig() if mode == "keyed" else None
+    )
     return app
 
 
-@pytest.mark.parametrize("chained", [False, True], ids=["install", "chained"])
+@pytest.mark.parametrize("mode", ["install", "keyed", "chained"])
 async def test_background_tasks_hold_neither_the_slot_nor_the_reservation(
-    storage: Storage, chained: bool
+    storage: Storage, mode: str
 ) -> None:
     # lease_ttl 0.3 s: a shared store's lease is refreshed every 0.1 s while the call runs
     limiter = RateLimiter(
@@ -61,7 +65,7 @@ async def test_background_tasks_hold_neither_the_slot_nor_the_reservation(
         storage=storage, lease_ttl=0.3,
     )
     done = anyio.Event()
-    app = app_with_background_work(limiter, chained, done)
+    app = app_with_background_work(limiter, mode, done)
     principal = principal_of("k1")
 
     async def slot_freed() -> None:  # (the release follows the body by one store call)
@@ -73,7 +77,7 @@ async def test_background_tasks_hold_neither_the_slot_nor_the_reservation(
         base_url=url, headers={"authorization": "Bearer k1"}
     ) as c:
         try:
-            first = await c.post(CHAT, json=BODY)
+            first = await c.post(CHAT, json=BODY, headers={"idempotency-key": "a"})
             assert first.status_code == 200
             # Its background task still runs: the slot is free, the tokens reconciled.
             await slot_freed()
@@ -82,7 +86,7 @@ async def test_background_tasks_hold_neither_the_slot_nor_the_reservation(
             # the released lease back.
             await anyio.sleep(0.45)
             assert await limiter.backend.in_flight(principal) == 0  # type: ignore[attr-defined]
-            second = await c.post(CHAT, json=BODY)
+            second = await c.post(CHAT, json=BODY, headers={"idempotency-key": "b"})
             assert second.status_code == 200, second.text
             await slot_freed()
             assert (await counters(limiter, "k1"))["tokens:60"] == 20
