@@ -91,6 +91,19 @@ def make_app(ledger: MemoryLedger, **usage: Any) -> Any:
     return install(app, StackConfig(usage=UsageConfig(prices=PRICES, ledger=ledger, **usage)))
 
 
+def event_stream_app(chunks: list[bytes]) -> Any:
+    """An ASGI app sending ``chunks`` as one event stream, one body message each."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        for chunk in chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return app
+
+
 @pytest.fixture
 def ledger() -> MemoryLedger:
     return MemoryLedger()
@@ -234,15 +247,7 @@ async def test_a_stream_with_cr_line_endings_is_read_for_usage(ending: bytes) ->
     # CRLF pairs are split across chunks too.
     ledger = MemoryLedger()
     body = b"".join(sse_lines(STREAM_EVENTS)).replace(b"\n", ending)
-    chunks = [body[i:i + 7] for i in range(0, len(body), 7)]
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream")]})
-        for chunk in chunks:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
+    app = event_stream_app([body[i:i + 7] for i in range(0, len(body), 7)])
     rec = Recorder()
     mw = RequestContextMiddleware(UsageMiddleware(app, prices=PRICES, ledger=ledger))
     scope, receive = scope_for("/stream", b'{"model": "gpt-4o"}')
@@ -592,14 +597,7 @@ async def test_a_stream_event_nested_too_deep_is_skipped_not_a_failure() -> None
     rec = Recorder()
     deep = b"data: " + b'{"usage":' * 50_000 + b"1" + b"}" * 50_000 + b"\n\n"
     lines = [deep, *sse_lines(STREAM_EVENTS)]
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream")]})
-        for line in lines:
-            await send({"type": "http.response.body", "body": line, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
+    app = event_stream_app(lines)
     mw = RequestContextMiddleware(UsageMiddleware(app, ledger=ledger))
     scope, receive = scope_for("/stream", b'{"model": "gpt-4o"}')
     await mw(scope, receive, rec)
