@@ -24,6 +24,9 @@ _TEXT_KEYS = ("text", "input_text", "output_text")
 _IMAGE_TYPES = {"image", "image_url", "input_image", "file", "document"}
 _IMAGE_KEYS = ("image_url", "inline_data", "inlineData", "fileData", "file_data")
 _SCALARS = (int, float, bool, type(None))
+#: Content blocks nested in content blocks deeper than this are refused (TypeError): no API
+#: nests them so, and each level costs two Python frames (past ~450, a RecursionError).
+MAX_DEPTH = 32
 #: Role names whose token counts a Plan precomputes (each saves one encode per message).
 ROLES = ("system", "developer", "user", "assistant", "tool", "function", "model")
 
@@ -146,13 +149,14 @@ def chat_tokens(messages: list[Any], plan: Plan) -> tuple[int, bool]:
 class Tally:
     """Accumulates tokens (``count`` encodes or estimates one text) and an ``exact`` flag."""
 
-    __slots__ = ("count", "exact", "func_init", "tokens")
+    __slots__ = ("count", "depth", "exact", "func_init", "tokens")
 
     def __init__(self, count: Callable[[str], int], *, exact: bool, o200k: bool) -> None:
         self.count = count
         self.exact = exact
         self.tokens = 0
         self.func_init = 7 if o200k else 10
+        self.depth = 0
 
     def text(self, text: str) -> int:
         n = self.count(text)
@@ -178,6 +182,16 @@ class Tally:
         else:
             self.approx(str(value))
 
+    def nested(self, value: Any) -> None:
+        """:meth:`value` of a block's inner content, one level deeper (bounded)."""
+        if self.depth >= MAX_DEPTH:
+            raise TypeError(f"content blocks nested more than {MAX_DEPTH} deep")
+        self.depth += 1
+        try:
+            self.value(value)
+        finally:
+            self.depth -= 1
+
     def part(self, part: Any) -> None:
         if isinstance(part, str):
             self.text(part)
@@ -194,15 +208,15 @@ class Tally:
             self.exact = False
             self.tokens += IMAGE_TOKENS
         elif kind == "tool_result" or "functionResponse" in part:
-            self.value(part.get("content", part.get("functionResponse")))
+            self.nested(part.get("content", part.get("functionResponse")))
         elif kind in ("tool_use", "function_call") or "functionCall" in part:
             call = part.get("functionCall", part)
             args = call.get("input", call.get("args", call.get("arguments")))
             self.approx({"name": call.get("name"), "arguments": args})
         elif kind == "function_call_output":
-            self.value(part.get("output"))
+            self.nested(part.get("output"))
         elif "content" in part:
-            self.value(part.get("content"))
+            self.nested(part.get("content"))
         else:
             self.approx(part)
 

@@ -169,3 +169,19 @@ async def test_a_body_nested_too_deep_is_a_400_not_a_500(ledger: Ledger) -> None
         count = await c.post("/v1/chat/count_tokens", content=deep, headers=ALICE)
     for r in (feedback, count):
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
+
+
+async def test_content_blocks_nested_deep_are_a_400_not_a_500(ledger: Ledger) -> None:
+    # 600 levels parse (json.loads allows ~1000) but cost the counter two frames a level.
+    n = 600
+    deep = '{"content":' * n + '"x"' + "}" * n
+    body = '{"model":"gpt-4o","messages":[{"role":"user","content":' + deep + "}]}"
+    async with client(starlette_app(ledger)) as c:
+        r = await c.post("/v1/chat/count_tokens", content=body, headers=ALICE)
+        shallow = await c.post("/v1/chat/count_tokens", headers=ALICE, json={
+            "model": "gpt-4o",
+            "messages": [{"role": "user", "content": [{"content": [{"content": "x"}]}]}],
+        })
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
+    assert "nested" in r.json()["error"]["message"]
+    assert shallow.status_code == 200 and shallow.json()["input_tokens"] == 3 + 1 + 1 + 3
