@@ -482,3 +482,57 @@ async def test_a_passed_through_anthropic_event_type_cannot_split_the_stream() -
         "message_start", "content_block_start", "content_block_delta", "error"
     ]
     assert json.loads(events[-1].data)["error"]["type"] == "api_error"
+
+
+async def test_a_heartbeat_on_a_closed_connection_means_the_client_left() -> None:
+    # ASGI >= 2.4 servers raise OSError from send on a closed connection; an event's send
+    # said "the client left", a heartbeat's escaped the task group as an ExceptionGroup (a
+    # logged 500) and the context never learned the client was gone.
+    state: dict[str, Any] = {}
+
+    class Closing(Recorder):
+        async def send(self, message: dict[str, Any]) -> None:
+            if message.get("body") == b": ping\n\n":
+                raise OSError("connection closed")
+            await super().send(message)
+
+    async def gen() -> AsyncIterator[str]:
+        try:
+            yield "first"
+            await anyio.sleep(30)  # silent: a heartbeat is due
+            yield "never"
+        finally:
+            state["closed"] = True
+
+    async def handler(request: Request) -> EventStreamResponse:
+        state["ctx"] = current()
+        return EventStreamResponse(gen(), heartbeat=0.05)
+
+    rec = Closing()
+    app = RequestContextMiddleware(Starlette(routes=[Route("/", handler)]))
+    with anyio.fail_after(5):
+        await rec.run(app)
+    assert state["closed"] and state["ctx"].disconnected
+    assert state["ctx"].raw_finish_reason == "cancelled"
+    assert [e.data for e in parse(rec.raw).events] == ['{"text":"first"}']
+
+
+async def test_the_end_on_a_closed_connection_means_the_client_left() -> None:
+    # The client left as the last frames ([DONE]) went out: the OSError of that send
+    # escaped the stream (a logged 500 after the 200) instead of meaning "the client left".
+    state: dict[str, Any] = {}
+
+    class Closing(Recorder):
+        async def send(self, message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                raise OSError("connection closed")
+            await super().send(message)
+
+    async def handler(request: Request) -> EventStreamResponse:
+        state["ctx"] = current()
+        return EventStreamResponse(iter(["a", "b"]))
+
+    rec = Closing()
+    await rec.run(RequestContextMiddleware(Starlette(routes=[Route("/", handler)])))
+    assert state["ctx"].disconnected
+    assert [e.data for e in parse(rec.raw).events] == ['{"text":"a"}', '{"text":"b"}']

@@ -341,9 +341,12 @@ class StreamSender:
         limit = self.resp.send_timeout
         # Also bounded outside the timer task (an error written after the stream's own end).
         with anyio.move_on_after(limit if limit is not None else float("inf")):
-            await self.send(
-                {"type": "http.response.body", "body": b"".join(frames), "more_body": False}
-            )
+            try:
+                await self.send(
+                    {"type": "http.response.body", "body": b"".join(frames), "more_body": False}
+                )
+            except OSError:  # the client left as its end went out (ASGI >= 2.4)
+                self._client_left()
         self.sending = False
 
     async def _store(self, data: bytes) -> bytes:
@@ -412,6 +415,10 @@ class StreamSender:
                 await self.send({"type": "http.response.body", "body": beat, "more_body": True})
             if scope.cancelled_caught:
                 self._abandon()
+        except OSError:  # the connection closed (ASGI >= 2.4): as an http.disconnect
+            self._client_left()
+            if not self.producer and self.tg_scope is not None:
+                self.tg_scope.cancel()
         finally:
             self.hb_done = None
             done.set()
