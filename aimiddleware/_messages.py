@@ -69,6 +69,11 @@ def text_size(obj: Any, stop: int) -> int:
     return total
 
 
+def _token_ids(value: Any) -> bool:
+    """A list of token ids (a legacy completions prompt may be one, or a list of them)."""
+    return isinstance(value, list) and all(type(i) is int and i >= 0 for i in value)
+
+
 class Plan:
     """How one model's texts are counted, resolved once per model by the TokenCounter.
 
@@ -319,9 +324,13 @@ class Tally:
             ]
         elif "prompt" in body:  # legacy completions: no chat overhead
             prompt = body["prompt"]
+            if _token_ids(prompt):  # one prompt of token ids
+                prompt = [prompt]
             for item in prompt if isinstance(prompt, list) else [prompt]:
                 if isinstance(item, str):
                     self.text(item)
+                elif _token_ids(item):  # already tokens: one each
+                    self.tokens += len(item)
                 else:
                     self.approx(item)
             return

@@ -343,3 +343,19 @@ def test_estimate_is_4_ascii_chars_or_1_other_char_per_token(text: str) -> None:
 
     ascii_chars = sum(1 for ch in text if ch < "\x80")
     assert estimate(text) == -(-ascii_chars // 4) + (len(text) - ascii_chars)
+
+
+def test_a_legacy_prompt_of_token_ids_counts_its_ids(counter: TokenCounter) -> None:
+    # Completions take "an array of tokens, or array of token arrays": the prompt IS that
+    # many tokens. Each id was counted as the text of its digits, and called inexact.
+    enc = counter.encoding("cl100k_base")
+    ids = enc.encode_ordinary("Say this is a test, <|endoftext|> 100257")
+    model = "gpt-3.5-turbo-instruct"
+    one = counter.count_request({"model": model, "prompt": [100257, 9906, 1917]})
+    many = counter.count_request({"model": model, "prompt": [ids, [100257], []]})
+    mixed = counter.count_request({"model": model, "prompt": ["Hi there", [9906, 1917]]})
+    assert one == TokenCount(3, True, "cl100k_base")
+    assert many == TokenCount(len(ids) + 1, True, "cl100k_base")
+    assert mixed == TokenCount(2 + 2, True, "cl100k_base")
+    odd = counter.count_request({"model": model, "prompt": [[1.5, "x"]]})  # not token ids
+    assert odd.exact is False
