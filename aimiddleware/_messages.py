@@ -24,6 +24,7 @@ _TEXT_KEYS = ("text", "input_text", "output_text")
 _IMAGE_TYPES = {"image", "image_url", "input_image", "file", "document"}
 _IMAGE_KEYS = ("image_url", "inline_data", "inlineData", "fileData", "file_data")
 _SCALARS = (int, float, bool, type(None))
+_ITEM_ENVELOPE = frozenset(("type", "id", "status"))  # of a Responses message item
 #: Content blocks nested in content blocks deeper than this are refused (TypeError): no API
 #: nests them so, and each level costs two Python frames (past ~450, a RecursionError).
 MAX_DEPTH = 32
@@ -72,6 +73,13 @@ def text_size(obj: Any, stop: int) -> int:
 def _token_ids(value: Any) -> bool:
     """A list of token ids (a legacy completions prompt may be one, or a list of them)."""
     return isinstance(value, list) and all(type(i) is int and i >= 0 for i in value)
+
+
+def _input_item(item: Any) -> Any:
+    """A Responses message item as the chat message it is (no ``type``/``id``/``status``)."""
+    if isinstance(item, Mapping) and "role" in item and not _ITEM_ENVELOPE.isdisjoint(item):
+        return {k: v for k, v in item.items() if k not in _ITEM_ENVELOPE}
+    return item
 
 
 class Plan:
@@ -310,7 +318,7 @@ class Tally:
             if isinstance(inp, str):
                 messages.append({"role": "user", "content": inp})
             else:
-                messages.extend(as_list(inp))
+                messages.extend(_input_item(item) for item in as_list(inp))
         elif isinstance(body.get("contents"), list):
             for content in body["contents"]:
                 if isinstance(content, Mapping):

@@ -359,3 +359,18 @@ def test_a_legacy_prompt_of_token_ids_counts_its_ids(counter: TokenCounter) -> N
     assert mixed == TokenCount(2 + 2, True, "cl100k_base")
     odd = counter.count_request({"model": model, "prompt": [[1.5, "x"]]})  # not token ids
     assert odd.exact is False
+
+
+def test_responses_message_items_count_as_their_chat_messages(counter: TokenCounter) -> None:
+    # A Responses message item's "type", "id" and "status" are the item's envelope, not
+    # text the model reads: an assistant output item sent back (as a conversation does
+    # each turn) cost ~34 tokens more than the same chat message, still called exact.
+    chat = counter.count_request({"model": "gpt-4o", "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}]})
+    items = counter.count_request({"model": "gpt-4o", "input": [
+        {"type": "message", "role": "user", "content": "hi"},
+        {"type": "message", "id": "msg_68af2c1e8b3c81a2b5e4d7f9c0a1b2c3", "status": "completed",
+         "role": "assistant",
+         "content": [{"type": "output_text", "text": "Hello!", "annotations": []}]},
+    ]})
+    assert chat.exact and items == chat
