@@ -536,3 +536,25 @@ async def test_the_end_on_a_closed_connection_means_the_client_left() -> None:
     await rec.run(RequestContextMiddleware(Starlette(routes=[Route("/", handler)])))
     assert state["ctx"].disconnected
     assert [e.data for e in parse(rec.raw).events] == ['{"text":"a"}', '{"text":"b"}']
+
+
+async def test_a_slow_end_after_a_silence_is_not_taken_for_a_blocked_send() -> None:
+    # The end's send did not restart the send-timeout clock: after a silent source (no
+    # heartbeat) the watchdog measured it from the last event, long before, and cut the
+    # usage event and [DONE] of a client that was reading (its send took 0.8 s of 1 s).
+    class SlowEnd(Recorder):
+        async def send(self, message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                await anyio.sleep(0.8)
+            await super().send(message)
+
+    async def gen() -> AsyncIterator[Any]:
+        yield "a"
+        await anyio.sleep(1.5)  # the watchdog wakes at ~1 s and ~2 s
+        yield Usage(input_tokens=1, output_tokens=1)
+
+    rec = SlowEnd()
+    with anyio.fail_after(5):
+        await rec.run(endpoint_app(lambda: EventStreamResponse(gen(), send_timeout=1.0)))
+    assert rec.messages[-1]["more_body"] is False
+    assert rec.raw.endswith(b"data: [DONE]\n\n")

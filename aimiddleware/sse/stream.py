@@ -337,6 +337,7 @@ class StreamSender:
         self.closed = True
         if self.timed_out:  # (a producer that ran on): the client stopped reading long ago
             return
+        self.last = time.monotonic()  # (the watchdog measures this send from now)
         self.sending = True
         limit = self.resp.send_timeout
         # Also bounded outside the timer task (an error written after the stream's own end).
