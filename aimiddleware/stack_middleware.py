@@ -39,7 +39,7 @@ from aimiddleware.context_middleware import (
 )
 from aimiddleware.error_middleware import ErrorMiddleware
 from aimiddleware.idempotency.middleware import IdempotencyMiddleware
-from aimiddleware.ratelimit._run import failed_response, run_request, settle_once
+from aimiddleware.ratelimit._run import failed_response, run_request, settle_once, settled_now
 from aimiddleware.ratelimit.admission import Admission
 from aimiddleware.ratelimit.headers import HEADER_NAMES
 from aimiddleware.ratelimit.middleware import RateLimitMiddleware, with_headers
@@ -195,10 +195,7 @@ class _Exchange(Responder):
             if admission is not None and not admission.done:
                 limiter = self.stack.ratelimit.limiter  # type: ignore[union-attr]
                 failed = failed_response(self.ctx)
-                if limiter.finishes_now:  # (in-process: a plain call, the usual case)
-                    admission.done = True
-                    limiter.finish_now(admission, self.ctx, failed)
-                else:
+                if not settled_now(limiter, admission, self.ctx, failed):
                     await settle_once(limiter, admission, self.ctx, failed)
             return
         await self.raw_send(message)

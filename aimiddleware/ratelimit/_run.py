@@ -16,7 +16,7 @@ from aimiddleware.types import Message
 
 __all__ = [
     "add_headers", "failed_response", "is_last_body", "is_success", "run_admitted",
-    "run_request", "send_then_settle", "settle", "settle_once",
+    "run_request", "send_then_settle", "settle", "settle_once", "settled_now",
 ]
 
 logger = logging.getLogger("aimiddleware.ratelimit")
@@ -104,12 +104,7 @@ async def run_request(
         raise
     finally:
         failed = failed_response(ctx)  # (raised or not: by the response, as in run_admitted)
-        if admission.done:  # (settled when the response went out)
-            pass
-        elif limiter.finishes_now:  # the in-process store: a plain call that never raises
-            admission.done = True
-            limiter.finish_now(admission, ctx, failed)
-        else:
+        if not settled_now(limiter, admission, ctx, failed):
             await settle_once(limiter, admission, ctx, failed)
 
 
@@ -118,21 +113,34 @@ def is_last_body(message: Message) -> bool:
     return message["type"] == "http.response.body" and not message.get("more_body", False)
 
 
+def settled_now(
+    limiter: RateLimiter, admission: Admission, ctx: RequestContext, failed: bool
+) -> bool:
+    """:func:`settle_once` without a coroutine where none is needed: True when the admission
+    is settled on return (it already was, or the in-process store settled it in a plain
+    call that never raises); False: await :func:`settle_once`. Every request passes here."""
+    if admission.done:
+        return True
+    if not limiter.finishes_now:
+        return False
+    admission.done = True  # (in-process: no lease refresher to stop)
+    limiter.finish_now(admission, ctx, failed)
+    return True
+
+
 async def settle_once(
     limiter: RateLimiter, admission: Admission, ctx: RequestContext, failed: bool
 ) -> None:
     """Stop the lease refresher, then reconcile and release, unless that already happened:
     the response's end and the call's ``finally`` both call it, the first one settles."""
-    if admission.done:
+    if settled_now(limiter, admission, ctx, failed):
         return
     admission.done = True
     stop = admission.stop_refresh
     if stop is not None:  # (before the release: a refresh in flight would re-add the lease)
         admission.stop_refresh = None
         await stop()
-    if limiter.finishes_now:
-        limiter.finish_now(admission, ctx, failed)
-    elif not limiter.settled(admission, ctx, failed=failed):
+    if not limiter.settled(admission, ctx, failed=failed):
         await settle(limiter, admission, ctx, failed)
 
 
