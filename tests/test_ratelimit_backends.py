@@ -309,22 +309,34 @@ def test_an_expired_lease_does_not_keep_its_principal() -> None:
     assert set(backend._entries) == {"running", "other"}
 
 
+class Refreshing(MemoryBackend):
+    """The in-process store posing as a shared one (the limiter then refreshes leases),
+    counting its refreshes; with ``fail``, each refresh raises it instead."""
+
+    shared = True
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        super().__init__()
+        self.fail = fail
+        self.refreshed = 0
+
+    async def refresh(self, principal: str, lease: str, ttl_ms: int, *,
+                      concurrent: bool = True, held: bool = False) -> None:
+        self.refreshed += 1
+        if self.fail is not None:
+            raise self.fail
+        await super().refresh(principal, lease, ttl_ms, concurrent=concurrent, held=held)
+
+
 async def test_a_failing_lease_refresh_never_cuts_the_call_short() -> None:
     """A store error while refreshing a lease (not an outage: e.g. Redis out of memory) is
     logged; the call completes and its lease is released."""
     from aimiddleware.context import RequestContext
     from aimiddleware.ratelimit._run import run_admitted
 
-    class Flaky(MemoryBackend):
-        shared = True  # as a shared store: the limiter refreshes leases
-        refreshed = 0
-
-        async def refresh(self, principal: str, lease: str, ttl_ms: int, *,
-                          concurrent: bool = True, held: bool = False) -> None:
-            self.refreshed += 1
-            raise RuntimeError("OOM command not allowed when used memory > 'maxmemory'")
-
-    backend = Flaky()
+    backend = Refreshing(
+        fail=RuntimeError("OOM command not allowed when used memory > 'maxmemory'")
+    )
     limiter = RateLimiter(
         Policy(requests="10/minute", concurrency=1), backend=backend, lease_ttl=0.06
     )
@@ -351,17 +363,8 @@ def test_a_lease_is_refreshed_only_while_a_long_call_runs(backend_name: str) -> 
     from aimiddleware.context import RequestContext
     from aimiddleware.ratelimit._run import run_admitted, settle_once
 
-    class Counting(MemoryBackend):
-        shared = True  # as a shared store: the limiter refreshes leases
-        refreshed = 0
-
-        async def refresh(self, principal: str, lease: str, ttl_ms: int, *,
-                          concurrent: bool = True, held: bool = False) -> None:
-            self.refreshed += 1
-            await super().refresh(principal, lease, ttl_ms, concurrent=concurrent, held=held)
-
     async def main() -> list[int]:
-        backend = Counting()
+        backend = Refreshing()
         limiter = RateLimiter(Policy(requests="10/minute", concurrency=3), backend=backend,
                               lease_ttl=0.3)  # refreshed every 0.1 s
         seen = []
