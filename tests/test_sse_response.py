@@ -558,3 +558,37 @@ async def test_a_slow_end_after_a_silence_is_not_taken_for_a_blocked_send() -> N
         await rec.run(endpoint_app(lambda: EventStreamResponse(gen(), send_timeout=1.0)))
     assert rec.messages[-1]["more_body"] is False
     assert rec.raw.endswith(b"data: [DONE]\n\n")
+
+
+@pytest.mark.parametrize(
+    ("dialect", "item"),
+    [
+        (OpenAIChatDialect("gpt-x"),
+         {"choices": [], "usage": {"prompt_tokens": "many", "completion_tokens": -3}}),
+        (OpenAIChatDialect("gpt-x"),
+         {"choices": [], "usage": {"prompt_tokens": 5, "prompt_tokens_details": "cached"}}),
+        (AnthropicDialect(), {"type": "message_start", "message": "hello"}),
+        (AnthropicDialect(),
+         {"type": "message_start", "message": {"usage": {"input_tokens": "four"}}}),
+        (OpenAIChatDialect("gpt-x"), {"choices": 5, "usage": {"prompt_tokens": 3}}),
+        (AnthropicDialect(), {"type": "message_delta", "delta": "done", "usage": [1]}),
+        (AnthropicDialect(),
+         {"type": "message_delta", "delta": {"stop_reason": {"why": 1}}, "usage": "some"}),
+    ],
+)
+async def test_junk_usage_in_a_passed_through_item_is_read_as_zero_not_a_crash(
+    dialect: Any, item: dict[str, Any]
+) -> None:
+    # A proxied upstream's chunk is the app's input: usage with a string, a negative or a
+    # non-object where a count or an object belongs is read as Usage's converters read it
+    # (junk counts as 0), and the stream goes on to its end, not to an error event.
+    async def items() -> AsyncIterator[dict[str, Any]]:
+        yield item
+        yield {"type": "message_stop"} if isinstance(dialect, AnthropicDialect) else {
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+
+    rec = Recorder()
+    await rec.run(endpoint_app(lambda: EventStreamResponse(items(), dialect=dialect)))
+    events = parse(rec.raw).events
+    assert b"error" not in rec.raw, rec.raw
+    assert events[-1].data == "[DONE]" or events[-1].type == "message_stop"

@@ -192,16 +192,10 @@ class OpenAIChatDialect(Dialect):
         raw = item.get("usage")
         if isinstance(raw, dict):
             self._usage_sent = True
-            details = raw.get("prompt_tokens_details") or {}
-            out_details = raw.get("completion_tokens_details") or {}
-            usage = Usage(
-                input_tokens=int(raw.get("prompt_tokens") or 0),
-                output_tokens=int(raw.get("completion_tokens") or 0),
-                cached_input_tokens=int(details.get("cached_tokens") or 0),
-                reasoning_tokens=int(out_details.get("reasoning_tokens") or 0),
-            )
+            usage = Usage.from_openai_chat(raw)  # (junk counts as 0, as in any response)
         finish = None
-        for choice in item.get("choices") or ():
+        choices = item.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
             if isinstance(choice, dict) and choice.get("finish_reason"):
                 finish = str(choice["finish_reason"])
                 self._finished = True
@@ -311,14 +305,20 @@ class AnthropicDialect(Dialect):
         if kind == "message_start":
             # The opening usage (its output_tokens a placeholder) counts with message_delta:
             # a stream cut before it has reported no usage.
-            usage = (item.get("message") or {}).get("usage") or {}
-            self.input_tokens = int(usage.get("input_tokens") or 0)
-            self._opening = Usage.from_anthropic(usage)
+            message = item.get("message")
+            usage = message.get("usage") if isinstance(message, dict) else None
+            if not isinstance(usage, dict):
+                usage = {}
+            self._opening = Usage.from_anthropic(usage)  # (junk counts as 0)
             return None, None
         if kind == "message_delta":
-            finish = (item.get("delta") or {}).get("stop_reason")
+            delta = item.get("delta")
+            finish = delta.get("stop_reason") if isinstance(delta, dict) else None
+            if not isinstance(finish, str):
+                finish = None
             # cumulative counts: cache reads and writes included, as in Usage.from_anthropic
-            closing = Usage.from_anthropic(item.get("usage") or {})
+            usage = item.get("usage")
+            closing = Usage.from_anthropic(usage if isinstance(usage, dict) else {})
             return closed(self._opening, closing), finish
         return None, None
 
