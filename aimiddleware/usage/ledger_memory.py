@@ -8,6 +8,7 @@ usage layer writes through :meth:`MemoryLedger.record_values` (no await, no reco
 
 from __future__ import annotations
 
+import gc
 import operator
 from collections import OrderedDict
 from datetime import date
@@ -72,8 +73,16 @@ def _unpack(value: tuple[int, ...] | Usage) -> Usage:
     return trusted(Usage, dict(zip(TOKEN_FIELDS, tokens, strict=True)), _FIELD_SETS[code])
 
 
+# CPython 3.13 made Decimal a type the garbage collector tracks: a row holding its cost as a
+# Decimal would be tracked too (two objects per kept request). There the row keeps the cost
+# as its text (exact: Decimal(str(d)) == d, same digits), turned back when the row is read.
+_DECIMAL_UNTRACKED = not gc.is_tracked(Decimal(1))
+
+
 def _record_from(row: tuple[Any, ...]) -> UsageRecord:
     principal, request_id, model, version, usage, cost, reason, raw, status, ms, ts = row
+    if type(cost) is str:
+        cost = Decimal(cost)
     return UsageRecord.of(
         principal=principal, request_id=request_id, model=model, model_version=version,
         usage=_unpack(usage), estimated_cost=cost, finish_reason=reason, raw_finish_reason=raw,
@@ -250,7 +259,8 @@ class MemoryLedger(Ledger):
             reqs = self._requests
             size = len(reqs)
             key2 = (principal, request_id)
-            reqs[key2] = row
+            reqs[key2] = row if _DECIMAL_UNTRACKED or cost is None else (
+                *row[:5], str(cost), *row[6:])
             if len(reqs) == size:  # replaced: now the most recent
                 reqs.move_to_end(key2)
             elif size >= self._max_requests:
