@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -56,8 +57,10 @@ def fastapi_app(ledger: Ledger) -> Any:
 
 
 @pytest.fixture(params=["memory", "sqlite"])
-def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Ledger:
-    return MemoryLedger() if request.param == "memory" else SQLiteLedger(tmp_path / "u.db")
+async def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Ledger]:
+    led = MemoryLedger() if request.param == "memory" else SQLiteLedger(tmp_path / "u.db")
+    yield led
+    await led.aclose()  # (Python 3.13 warns of a SQLite connection left to the collector)
 
 
 def client(app: Any) -> httpx.AsyncClient:
