@@ -255,7 +255,7 @@ class PriceTable:
             if sys.version_info >= (3, 11):
                 import tomllib
             else:  # pragma: no cover
-                import tomli as tomllib  # type: ignore[import-not-found]
+                import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
             with path.open("rb") as f:
                 return cls.from_dict(tomllib.load(f))
         return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
