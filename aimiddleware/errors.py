@@ -272,6 +272,8 @@ class HTTPStatusError(AIError):
     def __init__(self, status: int, detail: str | None = None, **kwargs: Any) -> None:
         self._status = status
         super().__init__(detail if detail is not None else f"HTTP {status}", **kwargs)
+        if status >= 500:  # the server's fault, as OpenAI's error.type says it
+            self.openai_type = "server_error"  # type: ignore[misc]
 
     @property
     def status(self) -> int:

@@ -293,3 +293,13 @@ def test_an_error_header_that_cannot_be_a_header_is_dropped_not_a_crash() -> Non
     assert status == 400
     assert (b"x-note", "café".encode("latin-1")) in headers  # Latin-1 is a valid header
     assert not {b"x-snow", b"x-split"} & {name for name, _ in headers}
+
+
+@pytest.mark.parametrize(("status", "kind"), [(404, "invalid_request_error"),
+                                              (502, "server_error"), (500, "server_error")])
+def test_a_foreign_http_error_is_typed_by_its_status(status: int, kind: str) -> None:
+    # OpenAI's error.type tells the caller whose fault it is: a 5xx is the server's, never
+    # an invalid request (the reference app's 502 for an upstream refusing our key was one).
+    err = E.HTTPStatusError(status)
+    assert err.openai_type == kind and err.retryable is False
+    assert E.HTTPStatusError.openai_type == "invalid_request_error"  # (the class unchanged)

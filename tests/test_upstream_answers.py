@@ -263,6 +263,7 @@ def test_an_upstream_refusing_our_key_is_not_retried(proxy_url: str, status: int
     assert response.status_code == 502  # (not the client's 401/403: its key was fine)
     assert response.headers["x-should-retry"] == "false"
     assert response.json()["retryable"] is False and response.json()["upstream_status"] == status
+    assert response.json()["error"]["type"] == "server_error"  # (ours, not the caller's)
     assert_nothing_leaked(response.text)
     assert PROXY_KEY not in response.text
 
