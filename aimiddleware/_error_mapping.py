@@ -8,7 +8,6 @@ packages is imported unless the app already uses it; an exception nobody maps be
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,9 +32,6 @@ from aimiddleware.errors import (
     UpstreamUnavailable,
     ValidationFailed,
 )
-
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 Mapper = Callable[[BaseException], "AIError | None"]
 

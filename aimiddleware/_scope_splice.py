@@ -5,15 +5,14 @@ costs ~6 µs per request in the stack): it notes the task, the task's scope and 
 count when the app starts, and only if the app must be cancelled does :func:`_splice` build
 the scope that ``with`` would have entered then. This writes anyio's private asyncio state,
 so it is used only with the exact layout it was written against, checked at import
-(:func:`_splice_supported`); with any other anyio, or on Python 3.10, ``_CAN_SPLICE`` is
-false and a scope is entered per request instead.
+(:func:`_splice_supported`); with any other anyio ``_CAN_SPLICE`` is false and a scope is
+entered per request instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import sys
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -33,8 +32,7 @@ _STATE_SLOTS = frozenset({"__weakref__", "cancel_scope", "parent_id"})
 def _splice_supported(scope_cls: type, state_cls: type, states: object) -> bool:
     """Can a scope of ``scope_cls`` be spliced in (see :func:`_splice`)?"""
     return (
-        sys.version_info >= (3, 11)  # (Task.cancelling)
-        and frozenset(getattr(scope_cls, "__slots__", ())) == _SCOPE_SLOTS
+        frozenset(getattr(scope_cls, "__slots__", ())) == _SCOPE_SLOTS
         and frozenset(getattr(state_cls, "__slots__", ())) == _STATE_SLOTS
         and isinstance(states, WeakKeyDictionary)
     )

@@ -245,7 +245,7 @@ class CancellationMiddleware:
                 # one is spliced in, as if entered now, only if the app must be cancelled.
                 state = _task_states.get(host)
                 base = state.cancel_scope if state is not None else None
-                cancelling = host.cancelling()  # type: ignore[attr-defined]
+                cancelling = host.cancelling()
                 splice = (host, base, cancelling, next(_splice_order))
                 call = _Call(self, ctx, receive, pending, None, loop, splice)
             else:

@@ -20,7 +20,7 @@ from enum import Enum
 __all__ = ["PROVIDERS", "FinishReason", "finish_reason_value", "normalize_finish_reason"]
 
 
-class FinishReason(str, Enum):
+class FinishReason(str, Enum):  # noqa: UP042 (StrEnum would change str(member))
     """The normalized reason; a ``str`` so it serializes as its value."""
 
     STOP = "stop"

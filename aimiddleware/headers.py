@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 
 __all__ = [
@@ -44,10 +44,10 @@ def parse_sf_date(value: str) -> int:
 def http_date(moment: datetime | float) -> str:
     """An IMF-fixdate (RFC 9110 5.6.7), for example ``Sun, 30 Jun 2024 23:59:59 GMT``."""
     if not isinstance(moment, datetime):
-        moment = datetime.fromtimestamp(moment, tz=timezone.utc)
+        moment = datetime.fromtimestamp(moment, tz=UTC)
     elif moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return format_datetime(moment.astimezone(timezone.utc).replace(microsecond=0), usegmt=True)
+        moment = moment.replace(tzinfo=UTC)
+    return format_datetime(moment.astimezone(UTC).replace(microsecond=0), usegmt=True)
 
 
 def parse_http_date(value: str) -> datetime:
@@ -55,8 +55,8 @@ def parse_http_date(value: str) -> datetime:
     try:
         parsed = parsedate_to_datetime(value)
         if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=timezone.utc)
-        return parsed.astimezone(timezone.utc)
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
     except (TypeError, ValueError, OverflowError) as exc:  # (past year 9999 once in UTC)
         raise ValueError(f"not an HTTP-date: {value!r}") from exc
 

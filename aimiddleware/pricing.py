@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -252,10 +251,8 @@ class PriceTable:
         """A JSON or TOML file (by suffix ``.toml``; anything else is read as JSON)."""
         path = Path(path)
         if path.suffix.lower() == ".toml":
-            if sys.version_info >= (3, 11):
-                import tomllib
-            else:  # pragma: no cover
-                import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+            import tomllib
+
             with path.open("rb") as f:
                 return cls.from_dict(tomllib.load(f))
         return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))

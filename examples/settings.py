@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aimiddleware import ModelRegistry, Policy, PriceTable
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = ["Settings", "load_settings", "principal_of_key"]
 

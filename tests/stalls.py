@@ -17,16 +17,12 @@ attempt that fails on an undisturbed machine fails the test at once.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import anyio
 from anyio.abc import TaskStatus
-
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 T = TypeVar("T")
 

@@ -1,7 +1,7 @@
 """The asyncio fast path enters no cancel scope per request: one is spliced in only when
 the app must be cancelled. Every scenario runs each way (``spliced``: no time limit;
 ``entered``: a time limit, so a scope from the start; ``fallback``: no limit, but no
-splicing, as on Python 3.10) and must behave the same."""
+splicing, as with another anyio layout) and must behave the same."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ def mode(request: pytest.FixtureRequest) -> str:
 
 def middleware(app: Any, mode: str) -> CancellationMiddleware:
     limit = 30 if mode == "entered" else None  # a limit: a scope entered with the app
-    # fallback: splicing turned off (a scope entered per request without a limit, as on
-    # Python 3.10 or another anyio layout)
+    # fallback: splicing turned off (a scope entered per request without a limit, as with
+    # another anyio layout)
     return CancellationMiddleware(
         app, default_timeout=limit, watch_after=0.01, splice_scopes=mode != "fallback"
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -151,9 +150,7 @@ mapper = ExceptionMapper()
 
 
 def _group(excs: list[Exception]) -> Exception:
-    import builtins
-
-    return getattr(builtins, "ExceptionGroup")("g", excs)  # noqa: B009  (3.11+ builtin)
+    return ExceptionGroup("g", excs)
 
 
 @pytest.mark.parametrize(
@@ -168,7 +165,7 @@ def _group(excs: list[Exception]) -> Exception:
         (httpx.ReadTimeout("slow"), E.UpstreamTimeout, 504),
         (httpx.ConnectError("refused"), E.UpstreamUnavailable, 503),
         (TimeoutError(), E.Timeout, 504),
-        (asyncio.TimeoutError(), E.Timeout, 504),
+        (TimeoutError(), E.Timeout, 504),
         (KeyError("x"), E.InternalError, 500),
         (_group([TimeoutError()]), E.Timeout, 504),
     ],

@@ -8,7 +8,7 @@ import threading
 import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from tests.redis_server import RedisServer
 
 
 def ts(day: str, hour: int = 12) -> float:
-    when = datetime.fromisoformat(f"{day}T{hour:02d}:00:00").replace(tzinfo=timezone.utc)
+    when = datetime.fromisoformat(f"{day}T{hour:02d}:00:00").replace(tzinfo=UTC)
     return when.timestamp()
 
 
@@ -366,7 +366,7 @@ def test_utc_day_matches_datetime() -> None:
     from aimiddleware.usage.ledger import utc_day
 
     for t in (0.0, 86399.5, 86400.0, -1.0, 1_767_225_599.25, 1_767_225_600.0, 4_102_444_800.0):
-        want = datetime.fromtimestamp(t, tz=timezone.utc).date().isoformat()
+        want = datetime.fromtimestamp(t, tz=UTC).date().isoformat()
         assert utc_day(t) == want
 
 

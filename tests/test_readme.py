@@ -17,7 +17,7 @@ import inspect
 import json
 import re
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -458,11 +458,11 @@ async def test_streaming_and_timeout_blocks() -> None:
 
 async def test_versioning_block_answers_as_shown() -> None:
     namespace = run(section_block("<!-- section: versioning -->"))
-    now = [datetime(2026, 3, 1, tzinfo=timezone.utc)]
+    now = [datetime(2026, 3, 1, tzinfo=UTC)]
     namespace["registry"].clock = namespace["versions"].clock = lambda: now[0]
     async with client(namespace["app"]) as c:
         old = await c.post("/summarize", json={"model": "summarizer-2025-01-15"})
-        now[0] = datetime(2026, 7, 1, tzinfo=timezone.utc)
+        now[0] = datetime(2026, 7, 1, tzinfo=UTC)
         gone = await c.post("/summarize", json={"model": "summarizer-2025-01-15"})
         future = await c.post("/summarize", json={}, headers={"api-version": "2027-01-01"})
     assert old.headers["x-model-version"] == "summarizer-2025-01-15"

@@ -2,7 +2,7 @@ import asyncio
 import os
 import signal
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import anyio
 import pytest
@@ -117,7 +117,7 @@ async def test_a_cluster_client_whose_first_write_counts_a_deprecation_stays_usa
     event loop and left every connection bound to that loop."""
     s = Storage(cluster_url)
     monitor = DeprecationMonitor(s, ttl_seconds=60)
-    at = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    at = datetime(2026, 1, 1, tzinfo=UTC)
     await monitor.record(DeprecatedCall("a", "model", "m-1", at, None, None, "req_1", at))
     assert await monitor.counts("a") == {"model:m-1": 1}
     assert 0 < await s.redis.ttl(s.key("deprecations", "a")) <= 60

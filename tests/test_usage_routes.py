@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -76,7 +76,7 @@ async def test_usage_never_shows_another_principals_usage(ledger: Ledger) -> Non
         alice = (await c.get("/usage", headers=ALICE)).json()
         bob = (await c.get("/usage", headers=BOB)).json()
         carol = (await c.get("/usage", headers={"authorization": "Bearer carol"})).json()
-    today = datetime.now(timezone.utc).date().isoformat()
+    today = datetime.now(UTC).date().isoformat()
     [row] = alice["data"]
     assert (row["day"], row["model"], row["requests"]) == (today, "gpt-4o", 2)
     assert row["input_tokens"] == 30 and alice["totals"]["input_tokens"] == 30

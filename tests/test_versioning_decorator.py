@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import http_sfv
@@ -33,7 +33,7 @@ def sf_date(value: str) -> datetime:
     item = http_sfv.Item()
     item.parse(value.encode())
     assert isinstance(item.value, datetime)
-    return item.value.replace(tzinfo=timezone.utc)
+    return item.value.replace(tzinfo=UTC)
 
 
 class Doc(BaseModel):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import httpx
 
@@ -10,7 +10,7 @@ from examples import versioning as example
 
 
 async def test_readme_example() -> None:
-    now = [datetime(2026, 3, 1, tzinfo=timezone.utc)]
+    now = [datetime(2026, 3, 1, tzinfo=UTC)]
     example.registry.clock = lambda: now[0]
     example.versions.clock = lambda: now[0]
     transport = httpx.ASGITransport(app=example.app)
@@ -20,7 +20,7 @@ async def test_readme_example() -> None:
         v2 = await c.post("/summarize", json={"model": "summarizer"})
         old = await c.post("/summarize", json={"model": "summarizer-2025-01-15"})
         models = await c.get("/v1/models")
-        now[0] = datetime(2026, 7, 1, tzinfo=timezone.utc)
+        now[0] = datetime(2026, 7, 1, tzinfo=UTC)
         gone = await c.post("/summarize", json={"model": "summarizer-2025-01-15"})
     assert v1.json() == {"summary": "summary by summarizer-2026-06-01"}
     assert v1.headers["deprecation"] == "@1769904000"  # the 2025-01-01 API version

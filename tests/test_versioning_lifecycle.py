@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import http_sfv
 import pytest
@@ -16,7 +16,7 @@ def _sf_date(value: str) -> datetime:
     item = http_sfv.Item()
     item.parse(value.encode())
     assert isinstance(item.value, datetime)
-    return item.value.replace(tzinfo=timezone.utc)
+    return item.value.replace(tzinfo=UTC)
 
 
 def test_rfc_9745_example_round_trips() -> None:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import http_sfv
@@ -46,7 +46,7 @@ def sf_date(value: str) -> datetime:
     item = http_sfv.Item()
     item.parse(value.encode())
     assert isinstance(item.value, datetime)
-    return item.value.replace(tzinfo=timezone.utc)
+    return item.value.replace(tzinfo=UTC)
 
 
 async def test_alias_is_resolved_and_echoed_without_deprecation() -> None:

@@ -96,7 +96,7 @@ class LaterWrites:
             with contextlib.suppress(asyncio.TimeoutError):  # (the delay passed unhurried)
                 await asyncio.wait_for(hurry.wait(), delay)
 
-    async def drain(self, timeout: float) -> int:
+    async def drain(self, timeout: float) -> int:  # noqa: ASYNC109 (a budget, not a cancel)
         """Try every waiting write now and wait up to ``timeout`` s for them; return how many
         were not stored. Those still running are cancelled: their keys are not released
         (each stays claimed until its lease lapses)."""

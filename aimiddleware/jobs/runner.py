@@ -13,7 +13,6 @@ import contextlib
 import functools
 import json
 import logging
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
@@ -36,9 +35,6 @@ from aimiddleware.usage.ledger import Ledger, UsageRecord
 from aimiddleware.usage.models import Usage
 
 __all__ = ["JobFunction", "JobRunner", "job_error"]
-
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 logger = logging.getLogger("aimiddleware.jobs")
 

@@ -18,7 +18,7 @@ import json
 import socket
 import time
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -75,7 +75,7 @@ class WebhookSigner:
 
 def webhook_payload(event_type: str, data: dict[str, Any]) -> str:
     """A self-contained payload ``{type, timestamp, data}``: the receiver needs no further call."""
-    ts = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    ts = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     return json.dumps({"type": event_type, "timestamp": ts, "data": data}, separators=(",", ":"))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any, Literal
 
 from aimiddleware.errors import ModelRetired
@@ -35,7 +35,7 @@ _LINK_TARGET = re.compile(r"^[^\s<>\"]+$")
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def as_utc(value: DateLike) -> datetime:
@@ -47,10 +47,10 @@ def as_utc(value: DateLike) -> datetime:
             raise ValueError(f"not an ISO 8601 date: {value!r}") from exc
     if isinstance(value, datetime):
         if value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc)
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
     if isinstance(value, date):
-        return datetime(value.year, value.month, value.day, tzinfo=timezone.utc)
+        return datetime(value.year, value.month, value.day, tzinfo=UTC)
     raise TypeError(f"expected a datetime, date or ISO string, got {type(value).__name__}")
 
 
