@@ -14,7 +14,6 @@ explicit:
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Mapping
 from decimal import Decimal
@@ -32,35 +31,18 @@ from aimiddleware._trusted import (
 )
 from aimiddleware.finish_reason import FinishReason
 
-__all__ = ["MAX_REPORTED_TOKENS", "SAMPLING_PARAMS", "Envelope", "Usage", "sampling_params"]
-
-logger = logging.getLogger("aimiddleware.usage")
+__all__ = ["SAMPLING_PARAMS", "Envelope", "Usage", "sampling_params"]
 
 #: Request parameters echoed in ``Envelope.sampling`` when the request set them.
 SAMPLING_PARAMS = ("seed", "temperature", "top_p", "top_k")
 
-#: The largest count read from a provider's usage object: a billion tokens, a hundred times
-#: the longest context window. A larger one (an upstream's bug) is read as this, so every
-#: store holds what it is charged: Redis counters are 64-bit, and the limiter's scripts count
-#: in Lua's doubles, exact below 2**53, which a billion tokens priced at $1,000 per million
-#: (in nano-units) stays under. One request charged it still exhausts any real limit.
-MAX_REPORTED_TOKENS = 1_000_000_000
-
-
 def _int(data: Mapping[str, Any] | None, *keys: str) -> int:
-    """The first present key as an int in ``[0, MAX_REPORTED_TOKENS]`` (nulls and junk count
-    as 0, a larger count as the maximum)."""
+    """The first present key as a non-negative int (nulls and junk count as 0)."""
     if not isinstance(data, Mapping):
         return 0
     for key in keys:
         value = data.get(key)
         if isinstance(value, int) and not isinstance(value, bool):
-            if value > MAX_REPORTED_TOKENS:
-                logger.warning(
-                    "a usage %s of more than %d tokens was read as %d",
-                    key, MAX_REPORTED_TOKENS, MAX_REPORTED_TOKENS,
-                )
-                return MAX_REPORTED_TOKENS
             return max(value, 0)
     return 0
 
@@ -69,8 +51,8 @@ def _int1(data: Mapping[str, Any] | None, key: str) -> int:
     """:func:`_int` of one key, always a plain ``int`` (fast for the usual plain int)."""
     if type(data) is dict:
         value = data.get(key)
-        if type(value) is int and 0 <= value <= MAX_REPORTED_TOKENS:
-            return value
+        if type(value) is int:
+            return value if value > 0 else 0
     return int(_int(data, key))
 
 
@@ -143,16 +125,16 @@ class Usage(BaseModel):
     @classmethod
     def from_openai_chat(cls, usage: Mapping[str, Any]) -> Usage:
         """``prompt_tokens`` / ``completion_tokens`` with their ``*_details`` subsets."""
-        # per response: plain ints in range are taken as they are, anything else via _int1
+        # per response: plain non-negative ints are taken as they are, anything else via _int1
         get = usage.get
         inp = get("prompt_tokens")
-        if type(inp) is not int or not 0 <= inp <= MAX_REPORTED_TOKENS:
+        if type(inp) is not int or inp < 0:
             inp = _int1(usage, "prompt_tokens")
         out = get("completion_tokens")
-        if type(out) is not int or not 0 <= out <= MAX_REPORTED_TOKENS:
+        if type(out) is not int or out < 0:
             out = _int1(usage, "completion_tokens")
         total = get("total_tokens")
-        if type(total) is not int or not 0 <= total <= MAX_REPORTED_TOKENS:
+        if type(total) is not int or total < 0:
             total = _int1(usage, "total_tokens")
         details = get("prompt_tokens_details")
         cached = _int1(details, "cached_tokens") if details else 0
