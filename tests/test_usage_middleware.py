@@ -502,6 +502,27 @@ async def test_accounting_errors_never_fail_the_response(
     assert any("usage accounting failed" in rec.message for rec in caplog.records)
 
 
+@pytest.mark.parametrize("body", [
+    b'{"id": "a", "usage": {"reasoning_tokens": 1, "input_tokens": [1]}}',
+    b'{"id": "a", "usage": {"cached_input_tokens": 1, "output_tokens": 1e400}}',
+    b'{"object": "envelope", "usage": {"input_tokens": {"n": 1}}}',
+], ids=["list", "inf", "envelope"])
+async def test_a_json_answer_with_a_non_number_count_passes_unread(body: bytes) -> None:
+    """The usage layer's read of such a body raised out of its send: a 500 instead of the
+    app's 200."""
+
+    async def endpoint(request: Request) -> Response:
+        return Response(body, media_type="application/json")
+
+    ledger = MemoryLedger()
+    app = install(Starlette(routes=[Route("/a", endpoint, methods=["POST"])]),
+                  StackConfig(usage=UsageConfig(prices=PRICES, ledger=ledger)))
+    async with client(app) as c:
+        r = await c.post("/a", json={"model": "gpt-4o"})
+    assert r.status_code == 200 and r.content == body
+    assert "x-usage-input-tokens" not in r.headers
+
+
 async def test_unknown_messages_while_holding_release_the_head_first() -> None:
     rec = Recorder()
 

@@ -134,6 +134,22 @@ def test_from_any_rejects_and_tolerates_junk() -> None:
     assert u == Usage()
 
 
+@pytest.mark.parametrize("junk", [[1], {"n": 1}, float("inf")], ids=["list", "object", "inf"])
+def test_a_usage_with_a_non_number_count_is_no_usage_not_a_crash(junk: Any) -> None:
+    """The before-validator summed input and output with int(): a list, an object or an
+    infinity (JSON 1e400) raised TypeError / OverflowError, which pydantic does not turn into
+    a ValidationError, so extraction of such an answer failed instead of finding no usage."""
+    for usage in ({"reasoning_tokens": 1, "input_tokens": junk},
+                  {"cached_input_tokens": 1, "output_tokens": junk}):
+        with pytest.raises(ValidationError):
+            Usage.model_validate(usage)
+        with pytest.raises(ValueError):
+            Usage.from_any(usage)
+        assert from_response({"id": "x", "usage": usage}) is None
+        assert from_response({"object": "envelope", "usage": usage}) == (
+            (None, None, None, None, False))
+
+
 def test_usage_is_frozen() -> None:
     with pytest.raises(ValidationError):
         Usage(input_tokens=1).input_tokens = 2  # type: ignore[misc]

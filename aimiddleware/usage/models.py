@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from contextlib import suppress
 from decimal import Decimal
 from typing import Any
 
@@ -93,9 +94,11 @@ class Usage(BaseModel):
     def _fill_total(cls, data: object) -> object:
         if isinstance(data, dict) and not data.get("total_tokens"):
             data = dict(data)
-            data["total_tokens"] = int(data.get("input_tokens") or 0) + int(
-                data.get("output_tokens") or 0
-            )
+            with suppress(TypeError, OverflowError):  # ([1], {"n": 1}, inf: the fields
+                # refuse them; pydantic would not turn these errors into a ValidationError)
+                data["total_tokens"] = int(data.get("input_tokens") or 0) + int(
+                    data.get("output_tokens") or 0
+                )
         return data
 
     # -- converters -----------------------------------------------------------------------
