@@ -30,6 +30,7 @@ from aimiddleware import (
     AIError,
     EventStreamResponse,
     HTTPStatusError,
+    InvalidRequest,
     OpenAIChatDialect,
     StreamResult,
     UpstreamError,
@@ -91,8 +92,10 @@ class Upstream:
 
     async def chat(self, request: dict[str, Any]) -> Any:
         headers = _request_id_header()
+        headers["content-type"] = "application/json"
         if not request.get("stream"):
-            response = await self.client.post("/chat/completions", json=request, headers=headers)
+            response = await self.client.post("/chat/completions", content=_json_body(request),
+                                              headers=headers)
             _raise_for_status(response)
             return _completion(response)
         # The upstream's head is awaited before ours is sent, so its refusal (a 429, a
@@ -102,8 +105,8 @@ class Upstream:
         options = request.get("stream_options")
         wanted = isinstance(options, dict) and options.get("include_usage") is True
         upstream = {**request, "stream_options": _with_usage(options)}
-        built = self.client.build_request("POST", "/chat/completions", json=upstream,
-                                          headers=headers)
+        built = self.client.build_request("POST", "/chat/completions",
+                                          content=_json_body(upstream), headers=headers)
         response = await self.client.send(built, stream=True)
         if not response.is_success or not _is_event_stream(response):
             try:
@@ -194,6 +197,21 @@ def _request_id_header() -> dict[str, str]:
     upstream's logs can be matched with ours."""
     ctx = current_or_none()
     return {"x-request-id": ctx.request_id} if ctx is not None else {}
+
+
+def _json_body(request: dict[str, Any]) -> bytes:
+    """The upstream request as JSON, written as httpx's ``json=`` would, except for what
+    the client's JSON could carry and ours could not. A lone surrogate (half an emoji: JSON
+    escapes it, UTF-8 has no bytes for it) goes as its escape, ``\\ud83d``, as the client
+    sent it. NaN and infinities (Python's JSON reads ``NaN``, ``Infinity`` and ``1e400``;
+    JSON has no such numbers) are the client's ``400``."""
+    try:
+        text = json.dumps(request, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        raise InvalidRequest(
+            "The request body holds a number JSON cannot carry (NaN, Infinity or out of range)."
+        ) from None
+    return text.encode("utf-8", "backslashreplace")
 
 
 def _with_usage(options: Any) -> dict[str, Any]:

@@ -289,3 +289,37 @@ def test_the_clients_stream_options_are_merged(proxy_url: str) -> None:
     assert SEEN[-1]["body"]["stream_options"] == {"include_usage": True,
                                                   "continuous_usage_stats": True}
     assert all("usage" not in e for e in events[:-1])  # (still not sent: not asked for)
+
+
+# -- 7. a client body JSON reads but UTF-8 JSON cannot carry ---------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_lone_surrogate_goes_upstream_as_the_clients_escape(proxy_url: str,
+                                                              stream: bool) -> None:
+    # (was: a 500: httpx's json= encodes to UTF-8, which has no bytes for half an emoji)
+    SEEN.clear()
+    head = f'{{"model": "fake-chat", "stream": {json.dumps(stream)}, '
+    raw = (head + '"messages": [{"role": "user", "content": "half \\ud83d"}], '
+           '"user": "\\udc00"}').encode()
+    r = httpx.post(proxy_url + "/v1/chat/completions", content=raw,
+                   headers={**PRO, "content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    body = SEEN[-1]["body"]
+    assert body["messages"][0]["content"] == "half \ud83d" and body["user"] == "\udc00"
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-1e400"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_number_json_cannot_carry_is_the_clients_400(proxy_url: str, number: str,
+                                                       stream: bool) -> None:
+    # (was: a 500: httpx's json= refuses NaN and infinities, which Python's JSON reads)
+    SEEN.clear()
+    head = f'{{"model": "fake-chat", "stream": {json.dumps(stream)}, '
+    raw = head + '"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1": '
+    raw += number + "}}"
+    r = httpx.post(proxy_url + "/v1/chat/completions", content=raw.encode(),
+                   headers={**PRO, "content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["error"]["code"] == "invalid_request" and SEEN == []
