@@ -76,6 +76,9 @@ async def chat(request: Request) -> Response:
                         headers={"location": "https://elsewhere.invalid/v1/chat/completions"})
     if scenario == "error_200":
         return JSONResponse({"error": {"message": f"loading: {SECRET}", "type": "server_error"}})
+    if scenario == "huge_usage":  # a figure past 2**63
+        return JSONResponse({**COMPLETION, "usage": {"prompt_tokens": 10**19,
+                                                     "completion_tokens": 1}})
     if scenario == "json_for_stream" or not body.get("stream"):
         return JSONResponse(COMPLETION)
     rest = STREAMS[scenario]
@@ -323,3 +326,18 @@ def test_a_number_json_cannot_carry_is_the_clients_400(proxy_url: str, number: s
     assert r.status_code == 400, r.text
     assert r.headers["content-type"] == "application/problem+json"
     assert r.json()["error"]["code"] == "invalid_request" and SEEN == []
+
+
+# -- 8. a usage figure no call can have ------------------------------------------------------
+
+
+def test_an_upstream_usage_figure_past_any_context_is_not_charged(proxy_url: str) -> None:
+    # (was: charged whole: on memory the tenant's 200,000 tokens a minute were gone, its next
+    # request a 429; on Redis the counter wrapped to -2**63, no limit left for the window)
+    free = {"authorization": "Bearer sk-demo-free-2"}
+    r = post(proxy_url, headers=free, scenario="huge_usage", max_tokens=5)
+    assert r.status_code == 200 and r.headers["x-usage-input-tokens"] == "0"
+    assert r.headers["x-usage-output-tokens"] == "1"
+    again = post(proxy_url, headers=free, max_tokens=5)
+    assert again.status_code == 200, again.text
+    assert int(again.headers["x-ratelimit-remaining-tokens"]) > 199_000

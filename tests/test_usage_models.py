@@ -150,6 +150,28 @@ def test_a_usage_with_a_non_number_count_is_no_usage_not_a_crash(junk: Any) -> N
             (None, None, None, None, False))
 
 
+def test_a_token_figure_past_max_tokens_is_junk() -> None:
+    """An upstream's 10**19 was taken as is: past 2**63 it wrapped the Redis limiter's
+    counters negative, and on memory it charged the tenant out for the day."""
+    from aimiddleware.usage.models import MAX_TOKENS
+
+    huge = 10**19
+    assert Usage.from_openai_chat({"prompt_tokens": huge, "completion_tokens": 2,
+                                   "total_tokens": huge + 2}) == Usage(output_tokens=2)
+    assert Usage.from_openai_responses({"input_tokens": 3, "output_tokens": huge}) == Usage(
+        input_tokens=3)
+    assert Usage.from_anthropic({"input_tokens": huge, "output_tokens": 2,
+                                 "cache_read_input_tokens": huge}) == Usage(output_tokens=2)
+    assert Usage.from_gemini({"promptTokenCount": huge, "candidatesTokenCount": 2}) == Usage(
+        output_tokens=2)
+    assert Usage.from_any({"inputTokens": huge, "outputTokens": 2}) == Usage(output_tokens=2)
+    with pytest.raises(ValueError):
+        Usage.from_any({"input_tokens": huge, "reasoning_tokens": 1})
+    assert from_response({"choices": [], "usage": {"prompt_tokens": huge}}).usage == Usage()
+    # the bound itself is still a figure
+    assert Usage.from_openai_chat({"prompt_tokens": MAX_TOKENS}).input_tokens == MAX_TOKENS
+
+
 def test_usage_is_frozen() -> None:
     with pytest.raises(ValidationError):
         Usage(input_tokens=1).input_tokens = 2  # type: ignore[misc]

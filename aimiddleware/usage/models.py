@@ -37,14 +37,21 @@ __all__ = ["SAMPLING_PARAMS", "Envelope", "Usage", "sampling_params"]
 #: Request parameters echoed in ``Envelope.sampling`` when the request set them.
 SAMPLING_PARAMS = ("seed", "temperature", "top_p", "top_k")
 
+#: The largest token figure a provider's usage object is believed for (~4.3 billion, far
+#: past any model's context). A larger one is junk, read as 0 like a negative number or a
+#: string: from an upstream, 10**19 tokens wrapped the Redis limiter's counters to -2**63
+#: (no limit left for the window) and locked a tenant out on memory for the day.
+MAX_TOKENS = 2**32 - 1
+
+
 def _int(data: Mapping[str, Any] | None, *keys: str) -> int:
-    """The first present key as a non-negative int (nulls and junk count as 0)."""
+    """The first present key as an int of 0..MAX_TOKENS (nulls and junk count as 0)."""
     if not isinstance(data, Mapping):
         return 0
     for key in keys:
         value = data.get(key)
         if isinstance(value, int) and not isinstance(value, bool):
-            return max(value, 0)
+            return value if 0 < value <= MAX_TOKENS else 0
     return 0
 
 
@@ -53,7 +60,7 @@ def _int1(data: Mapping[str, Any] | None, key: str) -> int:
     if type(data) is dict:
         value = data.get(key)
         if type(value) is int:
-            return value if value > 0 else 0
+            return value if 0 < value <= MAX_TOKENS else 0
     return int(_int(data, key))
 
 
@@ -131,13 +138,13 @@ class Usage(BaseModel):
         # per response: plain non-negative ints are taken as they are, anything else via _int1
         get = usage.get
         inp = get("prompt_tokens")
-        if type(inp) is not int or inp < 0:
+        if type(inp) is not int or not 0 <= inp <= MAX_TOKENS:
             inp = _int1(usage, "prompt_tokens")
         out = get("completion_tokens")
-        if type(out) is not int or out < 0:
+        if type(out) is not int or not 0 <= out <= MAX_TOKENS:
             out = _int1(usage, "completion_tokens")
         total = get("total_tokens")
-        if type(total) is not int or total < 0:
+        if type(total) is not int or not 0 <= total <= MAX_TOKENS:
             total = _int1(usage, "total_tokens")
         details = get("prompt_tokens_details")
         cached = _int1(details, "cached_tokens") if details else 0
@@ -208,7 +215,10 @@ class Usage(BaseModel):
         if keys & {"input_tokens_details", "output_tokens_details"}:
             return cls.from_openai_responses(usage)
         if "cached_input_tokens" in keys or "reasoning_tokens" in keys:
-            return cls.model_validate({k: v for k, v in usage.items() if k in cls.model_fields})
+            fields = {k: v for k, v in usage.items() if k in cls.model_fields}
+            if any(type(v) is int and v > MAX_TOKENS for v in fields.values()):
+                raise ValueError("a token count past MAX_TOKENS")  # (as junk is, here)
+            return cls.model_validate(fields)
         if "input_tokens" in keys or "output_tokens" in keys:
             return cls.from_openai_responses(usage)  # Anthropic without cache reads reads the same
         if "inputTokens" in keys or "outputTokens" in keys:  # Bedrock Converse
