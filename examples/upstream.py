@@ -25,6 +25,8 @@ from collections.abc import AsyncGenerator, Awaitable
 from typing import Any
 
 import httpx
+from pydantic_core import PydanticSerializationError, to_json
+from starlette.responses import Response
 
 from aimiddleware import (
     AIError,
@@ -97,7 +99,7 @@ class Upstream:
             response = await self.client.post("/chat/completions", content=_json_body(request),
                                               headers=headers)
             _raise_for_status(response)
-            return _completion(response)
+            return _answer(_completion(response))
         # The upstream's head is awaited before ours is sent, so its refusal (a 429, a
         # rejected request, the upstream down, an answer that is no stream) is the client's
         # status, not an error event after a 200. The usage chunk is always asked for (the
@@ -197,6 +199,22 @@ def _request_id_header() -> dict[str, str]:
     upstream's logs can be matched with ours."""
     ctx = current_or_none()
     return {"x-request-id": ctx.request_id} if ctx is not None else {}
+
+
+def _answer(body: dict[str, Any]) -> Response:
+    """The completion as FastAPI would write it (NaN and infinities as ``null``), except
+    that a lone surrogate (half an emoji, which some upstreams send: JSON escapes it, UTF-8
+    has no bytes for it), on which FastAPI's serializer fails, goes as its escape,
+    ``\\ud83d``, as it does in a stream's events. One that also holds NaN is no JSON answer."""
+    try:
+        return Response(to_json(body, inf_nan_mode="null"), media_type="application/json")
+    except PydanticSerializationError:
+        pass
+    try:
+        text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        raise UpstreamError("The upstream model provider's answer is not JSON.") from None
+    return Response(text.encode("utf-8", "backslashreplace"), media_type="application/json")
 
 
 def _json_body(request: dict[str, Any]) -> bytes:

@@ -5,7 +5,9 @@ answer or a typed error that carries none of the upstream's text."""
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -76,6 +78,13 @@ async def chat(request: Request) -> Response:
                         headers={"location": "https://elsewhere.invalid/v1/chat/completions"})
     if scenario == "error_200":
         return JSONResponse({"error": {"message": f"loading: {SECRET}", "type": "server_error"}})
+    if scenario == "lone_surrogate":  # half an emoji, escaped as JSON allows
+        answer = copy.deepcopy(COMPLETION)
+        answer["choices"][0]["message"]["content"] = "half \ud83d"
+        return Response(json.dumps(answer).encode(), media_type="application/json")
+    if scenario == "lone_surrogate_nan":
+        return Response(json.dumps({**COMPLETION, "model": "\udc00", "x": math.nan}).encode(),
+                        media_type="application/json")
     if scenario == "huge_usage":  # a figure past 2**63
         return JSONResponse({**COMPLETION, "usage": {"prompt_tokens": 10**19,
                                                      "completion_tokens": 1}})
@@ -341,3 +350,18 @@ def test_an_upstream_usage_figure_past_any_context_is_not_charged(proxy_url: str
     again = post(proxy_url, headers=free, max_tokens=5)
     assert again.status_code == 200, again.text
     assert int(again.headers["x-ratelimit-remaining-tokens"]) > 199_000
+
+
+# -- 9. a JSON answer FastAPI's serializer cannot write --------------------------------------
+
+
+def test_a_lone_surrogate_in_a_json_answer_goes_out_escaped(proxy_url: str) -> None:
+    # (was: a 500, PydanticSerializationError: UTF-8 has no bytes for half an emoji; a
+    # stream's events already carried it escaped)
+    r = post(proxy_url, scenario="lone_surrogate")
+    assert r.status_code == 200, r.text
+    assert b'"content":"half \\ud83d"' in r.content
+    assert r.json()["choices"][0]["message"]["content"] == "half \ud83d"
+    assert r.headers["x-usage-total-tokens"] == "4"
+    # with a NaN too it is no JSON answer: the retryable 502
+    assert_typed_502(post(proxy_url, scenario="lone_surrogate_nan"))
