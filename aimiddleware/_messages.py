@@ -213,6 +213,8 @@ class Tally:
             self.approx(part)
             return
         kind = part.get("type")
+        if type(kind) is not str:  # ([1], {}: unhashable, no type of any API)
+            kind = None
         for key in _TEXT_KEYS:
             if isinstance(part.get(key), str):
                 self.text(part[key])
@@ -224,8 +226,11 @@ class Tally:
             self.nested(part.get("content", part.get("functionResponse")))
         elif kind in ("tool_use", "function_call") or "functionCall" in part:
             call = part.get("functionCall", part)
-            args = call.get("input", call.get("args", call.get("arguments")))
-            self.approx({"name": call.get("name"), "arguments": args})
+            if isinstance(call, Mapping):
+                args = call.get("input", call.get("args", call.get("arguments")))
+                self.approx({"name": call.get("name"), "arguments": args})
+            else:  # (a functionCall that is no object)
+                self.approx(call)
         elif kind == "function_call_output":
             self.nested(part.get("output"))
         elif "content" in part:

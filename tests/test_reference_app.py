@@ -497,3 +497,20 @@ def test_a_stream_the_model_rejects_is_a_4xx_not_a_200(base_url: str) -> None:
     assert r.status_code == 422, r.text
     assert r.headers["content-type"] == "application/problem+json"
     assert r.json()["error"]["code"] == "validation_failed"
+
+
+def test_a_content_block_with_members_of_the_wrong_type_is_counted_not_a_500(
+    base_url: str,
+) -> None:
+    # (was: a 500 from the chat route, whose model counts the prompt: the tally looked a
+    # block's type up in a set (TypeError: unhashable) and called .get on its functionCall
+    # (AttributeError, also a 500 from count_tokens, which refuses only a TypeError))
+    auth = {"authorization": "Bearer sk-demo-pro"}
+    for block in ({"type": [1], "text": "hi"}, {"type": {"a": 1}}, {"functionCall": [1]},
+                  {"functionCall": "f"}, {"type": "tool_use", "functionCall": None}):
+        body = {"model": "fake-chat", "messages": [{"role": "user", "content": [block]}],
+                "max_tokens": 3}
+        for path in ("/v1/chat/completions", "/v1/count_tokens"):
+            r = httpx.post(base_url + path, json=body, headers=auth)
+            assert r.status_code == 200, (block, path, r.text)
+        assert r.json()["input_tokens"] > 0

@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import tiktoken
 import tiktoken.load
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from aimiddleware import _vocab
 from aimiddleware.tokens import TokenCount, TokenCounter, VocabularyError
@@ -374,3 +376,36 @@ def test_responses_message_items_count_as_their_chat_messages(counter: TokenCoun
          "content": [{"type": "output_text", "text": "Hello!", "annotations": []}]},
     ]})
     assert chat.exact and items == chat
+
+
+_BLOCK_KEYS = ["type", "text", "image_url", "inline_data", "functionCall", "functionResponse",
+               "content", "output", "input", "args", "arguments", "name", "role", "parts"]
+_BLOCK_TYPES = ["text", "image_url", "tool_result", "tool_use", "function_call",
+                "function_call_output", "thinking"]
+_json = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=4),
+              st.sampled_from(_BLOCK_TYPES)),
+    lambda kids: st.one_of(st.lists(kids, max_size=3),
+                           st.dictionaries(st.sampled_from(_BLOCK_KEYS), kids, max_size=4)),
+    max_leaves=10,
+)
+_COUNTER = TokenCounter()  # (one for every example: a counter loads its vocabulary once)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(blocks=st.lists(_json, max_size=3), model=st.sampled_from(["gpt-4o", "claude-3"]))
+def test_content_blocks_of_any_json_count_or_are_a_shape_error(blocks: list[Any],
+                                                               model: str) -> None:
+    """A block's members of the wrong JSON type (a type that is a list, a functionCall that
+    is a string) raised TypeError: unhashable and AttributeError, a 500 on a model route.
+    Whatever JSON a client sends as content, the count is a number or the TypeError the
+    routes answer as a 400."""
+    for body in ({"model": model, "messages": [{"role": "user", "content": blocks}]},
+                 {"model": model, "messages": blocks}, {"model": model, "input": blocks}):
+        try:
+            found = _COUNTER.count_request(body)
+        except TypeError as exc:
+            assert "must be" in str(exc) or "nested" in str(exc), exc
+        else:
+            assert found.tokens >= 0
