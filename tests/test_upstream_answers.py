@@ -57,6 +57,10 @@ STREAMS = {
     "error_event": None,  # {"error": {"type": <the request's error_type>, ...}}
     "truncated": [chunk(" answer")],
     "finish_without_done": [chunk(finish="stop")],
+    "junk_usage": [chunk(finish="stop"), json.dumps({**USAGE, "usage": {
+        "prompt_tokens": "three", "completion_tokens": 1}}), "[DONE]"],
+    "huge_stream_usage": [chunk(finish="stop"), json.dumps({**USAGE, "usage": {
+        "prompt_tokens": 10**19, "completion_tokens": 1}}), "[DONE]"],
 }
 
 
@@ -365,3 +369,18 @@ def test_a_lone_surrogate_in_a_json_answer_goes_out_escaped(proxy_url: str) -> N
     assert r.headers["x-usage-total-tokens"] == "4"
     # with a NaN too it is no JSON answer: the retryable 502
     assert_typed_502(post(proxy_url, scenario="lone_surrogate_nan"))
+
+
+@pytest.mark.parametrize("scenario", ["junk_usage", "huge_stream_usage"])
+def test_a_streams_usage_chunk_with_junk_counts_reads_them_as_0(proxy_url: str,
+                                                                scenario: str) -> None:
+    # (was: the stream dialect read the chunk with int() and Usage(): "three" ended a whole
+    # answer with an error event; 10**19 was charged, past the bound JSON answers keep)
+    r, events = stream(proxy_url, scenario=scenario, stream_options={"include_usage": True})
+    assert r.status_code == 200 and events[-1] == "[DONE]"
+    assert not any("error" in e for e in events[:-1]), events
+    rid = r.headers["x-request-id"]
+    assert recorded_finish(proxy_url, rid) == "stop"
+    row = httpx.get(f"{proxy_url}/v1/usage/requests/{rid}", headers=PRO).json()
+    assert row["record"]["usage"]["input_tokens"] == 0
+    assert row["record"]["usage"]["output_tokens"] == 1
