@@ -428,6 +428,34 @@ async def test_install_uses_the_shared_storage_for_the_ledger(storage: Any) -> N
         "claude-sonnet-4-5", 40, {"stop": 1})
 
 
+async def test_an_absurd_reported_usage_is_junk_on_every_store(storage: Any) -> None:
+    # An upstream's bug: 10**30 prompt tokens. Read as junk (0, past MAX_TOKENS), every
+    # store agrees: the caller is charged its 5 output tokens, its next call admitted, and
+    # the ledger keeps the row. Before, memory spent the caller's limits for the window and
+    # the day, while on Redis and Cluster the limiter's Lua wrote the count back with %d
+    # (-2**63: the window read as empty) and the ledger dropped the row.
+    from aimiddleware import Policy, UsageRoutes
+
+    absurd = {**OPENAI_CHAT, "model": "gpt-4o", "usage": {
+        "prompt_tokens": 10**30, "completion_tokens": 5, "total_tokens": 10**30 + 5}}
+    app = Starlette(routes=[Route("/v1/chat/completions", json_route(absurd), methods=["POST"]),
+                            *UsageRoutes().routes])
+    limits = Policy(requests="100/minute", tokens="100000/minute", cost="1000/day")
+    install(app, StackConfig(storage=storage, ratelimit=limits, ratelimit_exempt=["/usage"],
+                             usage=UsageConfig(prices=PRICES)))
+    auth = {"authorization": "Bearer k-absurd"}
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    async with client(app) as c:
+        first = await c.post("/v1/chat/completions", json=body, headers=auth)
+        second = await c.post("/v1/chat/completions", json=body, headers=auth)
+        history = await c.get("/usage", headers=auth)
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert first.headers["x-usage-input-tokens"] == "0"
+    assert int(second.headers["x-ratelimit-remaining-tokens"]) > 90_000
+    [row] = history.json()["data"]
+    assert (row["requests"], row["input_tokens"], row["output_tokens"]) == (2, 0, 10)
+
+
 async def test_a_held_json_head_is_released_if_the_app_sends_no_final_body() -> None:
     rec = Recorder()
 
