@@ -424,3 +424,22 @@ async def test_a_redirect_is_refunded(storage: Storage) -> None:
     async with client(app, "k2") as c2:
         assert (await c2.post("/v1/chat/completions", json=CUT_BODY)).status_code == 200
     assert await counters(limiter, "k1") == await counters(limiter, "k2")  # charged once
+
+
+async def test_a_charge_past_what_a_counter_can_hold_still_refuses_every_later_request(
+    storage: Storage,
+) -> None:
+    # An app reporting 10**19 tokens (report_usage takes what it is given). On a shared
+    # store the script counts in Lua doubles and writes with %d, which wraps past 2**63 to
+    # -2**63: the counter read as empty, the window open again. A counter now stops at
+    # 2**53 (exact in a double, past any limit), so each store refuses what follows.
+    now = [1_000.0]
+    backend = (MemoryBackend(clock=lambda: now[0]) if storage.is_memory
+               else RedisBackend(storage, clock=lambda: now[0]))
+    hits = [Hit("tokens:60", 60_000, 100_000, 10)]
+    first = await backend.acquire("p", hits)
+    assert first.allowed
+    await backend.adjust("p", [Adjustment("tokens:60", 60_000, first.states[0].window, 10**19)])
+    await backend.adjust("p", [Adjustment("tokens:60", 60_000, first.states[0].window, 10**19)])
+    later = await backend.acquire("p", hits)
+    assert not later.allowed and later.states[0].curr >= 2**53

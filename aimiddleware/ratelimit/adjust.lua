@@ -27,7 +27,9 @@ for i = 1, n do
     local idx = math.floor(now / w)
     local prev, curr = rolled(redis.call('HGET', KEYS[1], f), idx)
     if delta > 0 then
-      curr = curr + delta
+      -- (at most 2^53, exact in a double and past any limit: %d wraps past 2^63 to -2^63,
+      -- which would read as an empty window)
+      curr = math.min(curr + delta, 9007199254740992)
     else
       prev, curr = given_back(prev, curr, idx, ridx, -delta)
     end
