@@ -14,7 +14,9 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["Plan", "Tally", "as_list", "chat_tokens", "estimate", "text_size"]
+__all__ = [
+    "Plan", "Tally", "as_list", "chat_tokens", "embeddings_input", "estimate", "text_size",
+]
 
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
@@ -25,6 +27,7 @@ _IMAGE_TYPES = {"image", "image_url", "input_image", "file", "document"}
 _IMAGE_KEYS = ("image_url", "inline_data", "inlineData", "fileData", "file_data")
 _SCALARS = (int, float, bool, type(None))
 _ITEM_ENVELOPE = frozenset(("type", "id", "status"))  # of a Responses message item
+_EMBEDDINGS_KEYS = ("encoding_format", "dimensions")  # of an embeddings body, no other shape
 #: Content blocks nested in content blocks deeper than this are refused (TypeError): no API
 #: nests them so, and each level costs two Python frames (past ~450, a RecursionError).
 MAX_DEPTH = 32
@@ -73,6 +76,25 @@ def text_size(obj: Any, stop: int) -> int:
 def _token_ids(value: Any) -> bool:
     """A list of token ids (a legacy completions prompt may be one, or a list of them)."""
     return isinstance(value, list) and all(type(i) is int and i >= 0 for i in value)
+
+
+def embeddings_input(body: Mapping[str, Any]) -> list[Any] | None:
+    """The inputs of an OpenAI embeddings body (texts and token-id lists), else ``None``.
+
+    An ``input`` list of strings or token ids is one (a Responses ``input`` list holds
+    objects); a single string only beside ``encoding_format`` or ``dimensions`` (the
+    official ``openai`` SDK always sends ``encoding_format``): alone it may be Responses.
+    """
+    inp = body.get("input")
+    if isinstance(inp, str):
+        return [inp] if any(key in body for key in _EMBEDDINGS_KEYS) else None
+    if not isinstance(inp, list) or not inp:
+        return None
+    if _token_ids(inp):  # one input of token ids
+        return [inp]
+    if all(isinstance(item, str) or _token_ids(item) for item in inp):
+        return inp
+    return None
 
 
 def _input_item(item: Any) -> Any:
@@ -302,6 +324,15 @@ class Tally:
     # -- request shapes -----------------------------------------------------------------
 
     def request(self, body: Mapping[str, Any]) -> None:
+        if "input" in body and "messages" not in body:
+            inputs = embeddings_input(body)
+            if inputs is not None:  # embeddings: the texts alone, no chat overhead
+                for item in inputs:
+                    if isinstance(item, str):
+                        self.text(item)
+                    else:  # already tokens: one each
+                        self.tokens += len(item)
+                return
         tools = body.get("tools") or body.get("functions") or []
         tools = tools if isinstance(tools, list) else [tools]
         messages: list[Any] = []

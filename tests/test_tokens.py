@@ -409,3 +409,33 @@ def test_content_blocks_of_any_json_count_or_are_a_shape_error(blocks: list[Any]
             assert "must be" in str(exc) or "nested" in str(exc), exc
         else:
             assert found.tokens >= 0
+
+
+def test_an_embeddings_body_counts_its_inputs_alone(counter: TokenCounter) -> None:
+    # OpenAI's embeddings bill the inputs' tokens and nothing else. The body was counted as
+    # Responses input (3 a text, 3 priming): "hello world" gave 9 (the API says 2) and was
+    # called exact; token ids counted as the text of their digits, called inexact.
+    m = "text-embedding-3-small"
+    enc = counter.encoding("cl100k_base")
+    assert enc is not None
+    texts = ["hello world", "The quick brown fox", "item 7"]
+    want = sum(len(enc.encode_ordinary(t)) for t in texts)
+    assert want == 9
+    exact = "cl100k_base"
+    assert counter.count_request({"model": m, "input": texts}) == TokenCount(want, True, exact)
+    sdk = {"model": m, "input": "hello world", "encoding_format": "base64"}  # as the SDK sends
+    assert counter.count_request(sdk) == TokenCount(2, True, exact)
+    dims = {"model": m, "input": "hello world", "dimensions": 256}
+    assert counter.count_request(dims) == TokenCount(2, True, exact)
+    ids = counter.count_request({"model": m, "input": [9906, 1917, 100257]})
+    id_lists = counter.count_request({"model": m, "input": [[9906, 1917], [100257], "hi"]})
+    assert ids == TokenCount(3, True, exact) and id_lists == TokenCount(4, True, exact)
+    # A bare string stays Responses input (the body alone does not tell them apart), and so
+    # do Responses items (objects)
+    bare = counter.count_request({"model": "gpt-4o", "input": "Hi there"})
+    chat = counter.count_request({"model": "gpt-4o", "messages": [
+        {"role": "user", "content": "Hi there"}]})
+    assert bare == chat
+    items = counter.count_request({"model": "gpt-4o", "input": [
+        {"role": "user", "content": "Hi there"}]})
+    assert items == chat
