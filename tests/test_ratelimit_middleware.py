@@ -156,6 +156,24 @@ async def test_output_estimate_used_without_max_tokens_and_input_counted() -> No
     assert 50 <= used1 - 300 <= 70  # the prompt was tokenized (o200k_base), not guessed
 
 
+async def test_an_embeddings_request_reserves_no_output_tokens() -> None:
+    # An embeddings call generates nothing, but (it has no max_tokens) each reserved the
+    # 1,024-token output estimate: under 1000/minute every one was refused as larger than
+    # the window, and in front of a real model 20 concurrent batches of 48 tokens under
+    # 8,000/minute were held back ~97 s by each other's reservations.
+    limiter = RateLimiter(Policy(tokens="1000/minute"))
+    body = {"model": "text-embedding-3-small", "input": ["hello world", "item 7"],
+            "encoding_format": "base64"}  # as the openai SDK sends it
+    async with client(make_app(limiter)) as c:  # (the limiter does not look at the path)
+        r = await c.post(CHAT, json=body)
+        chat = await c.post(CHAT, json={"model": "gpt-4o-mini", "messages": [
+            {"role": "user", "content": "hi"}]})
+    assert r.status_code == 200
+    assert 1000 - int(r.headers["x-ratelimit-remaining-tokens"]) == 2 + 3  # the inputs alone
+    assert chat.status_code == 429  # a chat body without max_tokens still reserves 1024
+    assert chat.json()["error"]["code"] == "quota_exceeded"
+
+
 async def test_tiers_overrides_per_model_and_per_route_policies() -> None:
     async def overrides(principal: str) -> Policy | str | None:
         return Policy(requests="1/minute") if principal == principal_of("vip-low") else None

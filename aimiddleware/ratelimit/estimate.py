@@ -3,8 +3,8 @@
 Input tokens are counted with the :class:`~aimiddleware.tokens.TokenCounter` for the
 requested model; output tokens are the request's own cap (``max_tokens``,
 ``max_completion_tokens``, ``max_output_tokens``) or a configured estimate (per tier via
-``Policy.output_estimate``, per model, or a default); the cost is priced with the
-:class:`~aimiddleware.pricing.PriceTable`.
+``Policy.output_estimate``, per model, or a default), none for an embeddings body; the
+cost is priced with the :class:`~aimiddleware.pricing.PriceTable`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
+from aimiddleware._messages import embeddings_input
 from aimiddleware.context import RequestContext
 from aimiddleware.errors import InvalidRequest
 from aimiddleware.pricing import ModelPrice, PriceTable
@@ -289,7 +290,9 @@ class Estimator:
                 output = value
                 break
         if output is None:
-            if policy.output_estimate is not None:
+            if "input" in body and embeddings_input(body) is not None:
+                output = 0  # an embeddings request generates no tokens
+            elif policy.output_estimate is not None:
                 output = policy.output_estimate
             else:
                 output = self.default_output(model)
