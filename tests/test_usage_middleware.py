@@ -33,6 +33,7 @@ from aimiddleware import (
     report_usage,
 )
 from aimiddleware.context_middleware import RequestContextMiddleware
+from tests.ratelimit_helpers import principal_of
 from tests.redis_server import free_port
 from tests.test_usage_models import ANTHROPIC, GEMINI, OPENAI_CHAT
 
@@ -280,26 +281,82 @@ async def test_json_in_chunks_is_held_once_and_replayed_intact() -> None:
     assert headers[b"x-usage-total-tokens"] == b"1163"
 
 
-async def test_json_over_the_bound_passes_through_without_parsing() -> None:
+@pytest.mark.parametrize("nested", [False, True])
+async def test_json_over_the_bound_passes_through_with_its_usage_read_from_its_end(
+    nested: bool,
+) -> None:
+    # The body is not parsed; its top-level usage is read from its last bytes (here
+    # followed by service_tier and system_fingerprint, as OpenAI sends it). A usage nested
+    # in another member is not the answer's: not read.
     ledger = MemoryLedger()
     rec = Recorder()
     big = copy.deepcopy(OPENAI_CHAT)
     big["choices"][0]["message"]["content"] = "x" * 5000
+    if nested:
+        big["extra"] = {"usage": big.pop("usage")}
     raw = json.dumps(big).encode()
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": raw[:3000], "more_body": True})
-        await send({"type": "http.response.body", "body": raw[3000:], "more_body": False})
+        await send({"type": "http.response.body", "body": raw[3000:4500], "more_body": True})
+        await send({"type": "http.response.body", "body": raw[4500:], "more_body": False})
 
     mw = RequestContextMiddleware(UsageMiddleware(app, ledger=ledger, max_json_body=1000))
     scope, receive = scope_for("/x")
     await mw(scope, receive, rec)
     assert [m["type"] for m in rec.messages].count("http.response.start") == 1
     assert b"".join(m.get("body", b"") for m in rec.messages) == raw
-    assert b"x-usage-total-tokens" not in dict(rec.messages[0]["headers"])
-    assert len(ledger._requests) == 0
+    assert b"x-usage-total-tokens" not in dict(rec.messages[0]["headers"])  # (sent before)
+    if nested:
+        assert len(ledger._requests) == 0
+    else:
+        [row] = await ledger.query(next(iter(ledger._requests))[0])
+        assert (row.input_tokens, row.output_tokens, row.cached_input_tokens) == (1117, 46, 1024)
+
+
+async def test_a_large_embeddings_answer_is_counted_charged_and_recorded() -> None:
+    # An embeddings answer ends with its usage, but past max_json_body (1 MiB: ~130 inputs
+    # of 384 floats, ~16 of text-embedding-3-large's 3,072) it was not read: no usage
+    # headers, no row in the ledger (the call missing from /usage and its cost), and the
+    # limits charged the reservation instead of the usage.
+    from aimiddleware import Policy, RateLimiter
+    from tests.ratelimit_helpers import counters
+
+    ledger = MemoryLedger()
+    limiter = RateLimiter(Policy(tokens="100000/minute"))
+    app = FastAPI()
+    vector = [-0.03447725623846054] * 384  # (a float as all-MiniLM-L6-v2 gives them)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(q: dict[str, Any]) -> dict[str, Any]:
+        data = [{"object": "embedding", "index": i, "embedding": vector}
+                for i in range(len(q["input"]))]
+        usage = {"prompt_tokens": 1234, "total_tokens": 1234}
+        return {"object": "list", "data": data, "model": q["model"], "usage": usage}
+
+    async def one_message(scope: Any, receive: Any, send: Any) -> None:  # no content-length
+        raw = json.dumps({"object": "list", "data": [{"embedding": vector}] * 200,
+                          "model": "text-embedding-3-small",
+                          "usage": {"prompt_tokens": 77, "total_tokens": 77}}).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": raw})
+
+    app.mount("/raw", one_message)
+    install(app, StackConfig(ratelimit=limiter, usage=UsageConfig(prices=PRICES, ledger=ledger)))
+    body = {"model": "text-embedding-3-small", "input": ["hello world"] * 200,
+            "encoding_format": "float"}
+    async with client(app) as c:
+        r = await c.post("/v1/embeddings", json=body, headers={"authorization": "Bearer k"})
+        assert r.status_code == 200 and len(r.content) > 1024 * 1024
+        assert (await counters(limiter, "k")) == {"tokens:60": 1234}  # not the 400 reserved
+        raw = await c.post("/raw/", json=body, headers={"authorization": "Bearer k2"})
+    [row] = await ledger.query(principal_of("k"))
+    assert (row.requests, row.input_tokens, row.output_tokens) == (1, 1234, 0)
+    assert raw.headers["x-usage-input-tokens"] == "77"  # held whole: headers too
+    assert (await counters(limiter, "k2")) == {"tokens:60": 77}
 
 
 class Answer(BaseModel):

@@ -20,7 +20,13 @@ from pydantic_core import from_json
 
 from aimiddleware.usage.models import Usage
 
-__all__ = ["Extracted", "from_response", "from_stream_event", "parse_json"]
+__all__ = [
+    "TAIL_BYTES", "Extracted", "from_response", "from_stream_event", "from_tail", "parse_json",
+]
+
+#: The last bytes of a JSON body too large to parse that :func:`from_tail` reads.
+TAIL_BYTES = 4096
+_DECODER = json.JSONDecoder()
 
 
 def parse_json(raw: bytes) -> Any:
@@ -146,6 +152,34 @@ def from_response(body: Any) -> Extracted | None:
     if usage is None:
         return None
     return Extracted(usage, _str(body.get("finish_reason")), None, model)
+
+
+def from_tail(tail: bytes) -> Extracted | None:
+    """The usage of a JSON body too large to parse, from its last bytes ``tail``.
+
+    Read when the last ``"usage"`` key there is a member of the top-level object, as in
+    OpenAI's embeddings (its last member), chat and Responses answers: what follows its
+    object, given an opening brace, must read as one JSON object (one level closed, nothing
+    after), which no key nested deeper passes. ``None`` otherwise.
+    """
+    at = tail.rfind(b'"usage"')
+    if at < 0:
+        return None
+    try:
+        rest = tail[at + 7:].decode().lstrip()
+        if not rest.startswith(":"):
+            return None
+        rest = rest[1:].lstrip()
+        if not rest.startswith("{"):
+            return None
+        usage, end = _DECODER.raw_decode(rest)
+        after = rest[end:].lstrip()
+        if not isinstance(_DECODER.decode("{" + after.removeprefix(",")), dict):
+            return None
+    except (ValueError, RecursionError):  # (UnicodeDecodeError included)
+        return None
+    found = _usage(usage)
+    return None if found is None else Extracted(found)
 
 
 def from_stream_event(event: Any) -> Extracted | None:

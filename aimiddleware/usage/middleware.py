@@ -7,7 +7,9 @@ itself: a JSON body (OpenAI, Anthropic, Gemini shaped; up to ``max_json_body`` b
 parsed, and an event stream is scanned line by line as it passes (never buffered).
 
 A JSON response's ``http.response.start`` is held back until its body is complete (or past
-the bound) so that the headers can carry what the body says. A gzip or deflate body (from a
+the bound) so that the headers can carry what the body says; a body past the bound has its
+usage read from its last bytes (a top-level ``usage``, as OpenAI's embeddings end with: see
+:func:`~aimiddleware.usage.extract.from_tail`). A gzip or deflate body (from a
 compression middleware inside the stack) is read from a copy decoded up to the same bound,
 and sent compressed as it came. Headers (prefix configurable):
 
@@ -43,7 +45,13 @@ from aimiddleware.usage.accounting import (
     UsageSettings,
     ledger_for,
 )
-from aimiddleware.usage.extract import from_response, from_stream_event, parse_json
+from aimiddleware.usage.extract import (
+    TAIL_BYTES,
+    from_response,
+    from_stream_event,
+    from_tail,
+    parse_json,
+)
 from aimiddleware.usage.ledger import Ledger
 
 __all__ = [
@@ -158,7 +166,7 @@ class Responder:
 
     def __init__(self, acc: UsageAccounting | None, ctx: RequestContext, send: Send) -> None:
         self.acc, self.ctx, self._send, self.head_send = acc, ctx, send, send
-        self.mode = "start"  # start -> hold | scan | pass
+        self.mode = "start"  # start -> hold | scan | pass; hold -> tail (a body past the bound)
         self.start: Message | None = None
         self.chunks: list[bytes] = _NO_CHUNKS  # a list of its own once a body is split
         self.size = 0
@@ -198,6 +206,8 @@ class Responder:
                         self._scan(piece, final=False)
                     if final:
                         self._scan(b"", final=True)
+            elif self.mode == "tail" and kind == "http.response.body":
+                self._keep_tail(message.get("body", b""), not message.get("more_body", False))
             await self._send(message)
 
     async def send_start(self, message: Message, added: list[tuple[bytes, bytes]]) -> None:
@@ -242,12 +252,14 @@ class Responder:
                 else:
                     self.mode = "pass"  # br, zstd...: not read
             return [(mw._h_duration, b"%.1f" % self.ctx.elapsed_ms)]
-        if (ctype == b"application/json" or ctype.endswith(b"+json")) and (
-            length is None or length <= mw.max_json_body
-        ) and mw.max_json_body > 0:
-            self.mode, self.start = "hold", message
-            return None
-        self.mode = "pass"
+        if (ctype == b"application/json" or ctype.endswith(b"+json")) and mw.max_json_body > 0:
+            if length is None or length <= mw.max_json_body:
+                self.mode, self.start = "hold", message
+                return None
+            # declared past the bound: passed at once, its usage read from its last bytes
+            self.mode = "pass" if self.coding else "tail"
+        else:
+            self.mode = "pass"
         mw.settle(self.ctx)
         return mw.headers(self.ctx)
 
@@ -270,6 +282,8 @@ class Responder:
                 body = bytes(body)
             if len(body) <= limit:
                 self.acc.absorb(self.ctx, from_response(self._json(body)))
+            elif not self.coding:  # too large to parse: its usage read from its end
+                self.acc.absorb(self.ctx, from_tail(body[-TAIL_BYTES:]))
             return body
         if self.chunks is _NO_CHUNKS:
             self.chunks = []
@@ -279,7 +293,23 @@ class Responder:
             return None
         if not more and self.size <= limit:
             self.acc.absorb(self.ctx, from_response(self._json(b"".join(self.chunks))))
-        return self._take_chunks()
+            return self._take_chunks()
+        body = self._take_chunks()
+        if not self.coding:  # too large to parse: its usage read from its end, once sent
+            self._keep_tail(body, not more)
+        return body
+
+    def _keep_tail(self, chunk: bytes, final: bool) -> None:
+        """Keep a JSON body's last bytes as it passes (mode ``tail`` until its end); at the
+        end, read its usage from them."""
+        assert self.acc is not None
+        if len(chunk) >= TAIL_BYTES:
+            self.tail = bytes(chunk[-TAIL_BYTES:])
+        else:
+            self.tail = (self.tail + chunk)[-TAIL_BYTES:]
+        if final:
+            self.acc.absorb(self.ctx, from_tail(self.tail))
+            self.tail, self.mode = b"", "pass"
 
     def _json(self, body: bytes) -> Any:
         """The held body as JSON (``None`` if it cannot be read). A compressed one is read
@@ -300,7 +330,8 @@ class Responder:
         mw = self.acc
         assert mw is not None
         mw.settle(self.ctx)
-        start, self.start, self.mode = self.start, None, "pass"
+        # (a body past the bound goes on being read for its last bytes: _keep_tail)
+        start, self.start, self.mode = self.start, None, "tail" if self.tail else "pass"
         return start, mw.headers(self.ctx)
 
     def _scan(self, chunk: bytes, *, final: bool) -> None:
