@@ -174,6 +174,30 @@ async def test_an_embeddings_request_reserves_no_output_tokens() -> None:
     assert chat.json()["error"]["code"] == "quota_exceeded"
 
 
+async def test_route_and_model_policies_set_their_output_estimate() -> None:
+    # Policy(output_estimate=...) on a route or a model was accepted and ignored: a request
+    # without max_tokens reserved the tier's estimate (here the limiter's 1,024) anyway.
+    from aimiddleware import TokenCounter
+
+    def body(model: str) -> dict[str, Any]:
+        return {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+
+    async def reserved(limiter: RateLimiter, model: str) -> int:
+        async with client(make_app(limiter), key=f"k-{model}") as c:  # (a fresh window)
+            r = await c.post(CHAT, json=body(model))
+        assert r.status_code == 200
+        prompt = TokenCounter().count_request(body(model)).tokens
+        return 100000 - int(r.headers["x-ratelimit-remaining-tokens"]) - prompt
+
+    tier = Policy(tokens="100000/minute", models={"gpt-4o-mini": Policy(output_estimate=20)})
+    by_model = RateLimiter(tier)
+    by_route = RateLimiter(tier, routes={"/v1/chat/*": Policy(output_estimate=10)})
+    assert await reserved(by_model, "gpt-4o-mini") == 20  # the model's
+    assert await reserved(by_model, "gpt-4o") == 1024  # no estimate of its own
+    assert await reserved(by_route, "gpt-4o-mini") == 10  # the route's, before the tier's
+    assert await reserved(by_route, "gpt-4o") == 10
+
+
 async def test_tiers_overrides_per_model_and_per_route_policies() -> None:
     async def overrides(principal: str) -> Policy | str | None:
         return Policy(requests="1/minute") if principal == principal_of("vip-low") else None

@@ -135,6 +135,18 @@ def _is_json(content_type: bytes | None) -> bool:
     return media in (b"application/json", b"") or media.endswith(b"+json")
 
 
+def _output_estimate(policies: tuple[Policy, ...], model: str | None) -> int | None:
+    """The ``output_estimate`` of the most specific of ``policies`` (most specific first)
+    that sets one: a policy's per-model policy before the policy itself."""
+    for pol in policies:
+        sub = pol.models.get(model) if pol.models and model is not None else None
+        if sub is not None and sub.output_estimate is not None:
+            return sub.output_estimate
+        if pol.output_estimate is not None:
+            return pol.output_estimate
+    return None
+
+
 class Estimator:
     """``counter``: a TokenCounter (default: a new one); ``prices``: a PriceTable or None."""
 
@@ -177,8 +189,9 @@ class Estimator:
         needs_body: bool,
         needs_cost: bool,
         content_type: bytes | None = None,
+        specific: tuple[Policy, ...] = (),
     ) -> Estimate:
-        found = self.estimate_now(ctx, policy, needs_body, needs_cost, content_type)
+        found = self.estimate_now(ctx, policy, needs_body, needs_cost, content_type, specific)
         if found is not None:
             return found
         # The body must be counted off the event loop (or its model's vocabulary loaded).
@@ -188,7 +201,7 @@ class Estimator:
             model = body["model"]
         served = ctx.model_version or model
         input_tokens = await self._count(ctx, body, served)
-        return self._complete(body, policy, model, served, input_tokens, needs_cost)
+        return self._complete(body, policy, model, served, input_tokens, needs_cost, specific)
 
     def estimate_now(
         self,
@@ -197,8 +210,12 @@ class Estimator:
         needs_body: bool,
         needs_cost: bool,
         content_type: bytes | None = None,
+        specific: tuple[Policy, ...] = (),
     ) -> Estimate | None:
         """:meth:`estimate` when it needs no ``await`` (the common case), else ``None``.
+
+        ``policy``: the caller's (its tier's); ``specific``: the other policies that apply
+        (the route's), most specific first, whose ``output_estimate`` comes before its.
 
         Runs on every request: written flat (no helper calls on the common path)."""
         if not needs_body:
@@ -233,7 +250,9 @@ class Estimator:
         # The first of OUTPUT_CAP_FIELDS that holds a count (_complete, for the common case).
         output = body.get("max_tokens")
         if type(output) is not int or output < 0:
-            return self._complete(body, policy, model, served, input_tokens, needs_cost)
+            return self._complete(
+                body, policy, model, served, input_tokens, needs_cost, specific
+            )
         cost = None
         if needs_cost:
             # The price table never changes, so a model's integer price, once built, holds.
@@ -282,6 +301,7 @@ class Estimator:
         served: str | None,
         input_tokens: int,
         needs_cost: bool,
+        specific: tuple[Policy, ...] = (),
     ) -> Estimate:
         output = None
         for name in OUTPUT_CAP_FIELDS:
@@ -292,10 +312,12 @@ class Estimator:
         if output is None:
             if "input" in body and embeddings_input(body) is not None:
                 output = 0  # an embeddings request generates no tokens
-            elif policy.output_estimate is not None:
-                output = policy.output_estimate
             else:
-                output = self.default_output(model)
+                output = policy.output_estimate
+                if specific or policy.models:
+                    output = _output_estimate((*specific, policy), model)
+                if output is None:
+                    output = self.default_output(model)
         cost = self.price_units(served, input_tokens, output) if needs_cost else None
         return Estimate(model, input_tokens, output, None, cost_units=cost)
 

@@ -336,7 +336,12 @@ class RateLimiter:
         if res is None:
             res = self._resolve(policy, route, extra, model)
         estimator = self.estimator
-        estimate = estimator.estimate_now(ctx, policy, res.needs_body, res.needs_cost, content_type)
+        # (their output_estimate before the caller's policy's: the most specific first)
+        specific: tuple[Policy, ...] = () if route is None and extra is None else tuple(
+            p for p in (extra, route[1] if route else None) if p is not None)
+        estimate = estimator.estimate_now(
+            ctx, policy, res.needs_body, res.needs_cost, content_type, specific
+        )
         if estimate is None:  # the body must be counted off the event loop
             estimate = await estimator.estimate(
                 ctx,
@@ -344,6 +349,7 @@ class RateLimiter:
                 needs_body=res.needs_body,
                 needs_cost=res.needs_cost,
                 content_type=content_type,
+                specific=specific,
             )
         if estimate.model != model:
             res = None

@@ -156,7 +156,9 @@ class Policy:
 
     ``concurrency``: at most this many requests in flight for the principal.
     ``output_estimate``: output tokens to reserve when the request sets no ``max_tokens``
-    (``None`` = the limiter's default). ``models``: extra limits per model name.
+    (``None`` = the limiter's default); a per-model or per-route policy's replaces it for
+    that model or path (a route's first, then a model's, then its policy's own).
+    ``models``: extra limits per model name.
     """
 
     requests: str | Iterable[str] | None = None
