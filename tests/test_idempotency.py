@@ -601,6 +601,22 @@ async def test_oversized_response_passes_through_marked_not_stored() -> None:
     assert stream.text == stream2.text and counts["stream"] == 2  # streamed past the cap
 
 
+async def test_a_response_of_more_than_half_the_bound_is_stored() -> None:
+    # The declared Content-Length was counted, then each body chunk again: a response of
+    # more than half of max_record_bytes was not stored, nor marked so (in front of a real
+    # embeddings model, an answer of 629 KB ran the model again on each retry).
+    app, counts = build("memory://", max_record_bytes=1000)
+    async with client(app) as c:
+        first = await c.post("/chat", content=b"x" * 600, headers=KEY)
+        again = await c.post("/chat", content=b"x" * 600, headers=KEY)
+        ran = counts["chat"]
+        over = await c.post("/chat", content=b"x" * 1000, headers={"Idempotency-Key": "o"})
+    assert 600 < len(first.content) < 1000 and "idempotent-stored" not in first.headers
+    assert ran == 1 and again.headers["idempotent-replayed"] == "true"
+    assert again.content == first.content
+    assert over.headers["idempotent-stored"] == "false"  # past the bound: marked
+
+
 # -- store down ----------------------------------------------------------------------------------
 
 

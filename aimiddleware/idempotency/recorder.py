@@ -103,9 +103,9 @@ class Recording:
             elif key == b"content-type" and content_type is None:
                 content_type = value
             headers.append((key.decode("latin-1"), value.decode("latin-1")))
-        if length is not None and length.isdigit():
-            size += int(length)
-        if size > engine.config.max_record_bytes:
+        # the body declared: refused now if too large (its chunks are added as they pass)
+        declared = int(length) if length is not None and length.isdigit() else 0
+        if size + declared > engine.config.max_record_bytes:
             await self._drop()
             return {**message, "headers": [*raw, STORED]}
         self.stream = content_type is not None and (
