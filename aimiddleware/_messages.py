@@ -86,6 +86,8 @@ def embeddings_input(body: Mapping[str, Any]) -> list[Any] | None:
     official ``openai`` SDK always sends ``encoding_format``): alone it may be Responses.
     """
     inp = body.get("input")
+    if "messages" in body:  # (a chat body's input is not what the model reads)
+        return None
     if isinstance(inp, str):
         return [inp] if any(key in body for key in _EMBEDDINGS_KEYS) else None
     if not isinstance(inp, list) or not inp:
@@ -324,7 +326,7 @@ class Tally:
     # -- request shapes -----------------------------------------------------------------
 
     def request(self, body: Mapping[str, Any]) -> None:
-        if "input" in body and "messages" not in body:
+        if "input" in body:
             inputs = embeddings_input(body)
             if inputs is not None:  # embeddings: the texts alone, no chat overhead
                 for item in inputs:
