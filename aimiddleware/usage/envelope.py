@@ -38,7 +38,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Completion(BaseModel):
     """What a model call produced, before it is wrapped."""
 
-    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True, protected_namespaces=())
 
     output: Any = None
     usage: Usage | None = None

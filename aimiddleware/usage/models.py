@@ -290,7 +290,7 @@ class Envelope(BaseModel):
     ``estimated_cost`` serializes as a decimal string (no float rounding).
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 
     id: str
     object: str = "envelope"

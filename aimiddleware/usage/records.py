@@ -67,7 +67,7 @@ def new_record_id() -> str:
 class UsageRecord(BaseModel):
     """One finished request, as the usage layer records it."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, protected_namespaces=())
 
     principal: str
     request_id: str
