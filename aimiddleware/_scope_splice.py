@@ -44,9 +44,17 @@ try:  # anyio's asyncio scope internals, for a scope spliced in only when needed
     from anyio._backends._asyncio import _task_states as _task_states
 except ImportError:  # another anyio: enter a scope per request
     _CAN_SPLICE = False
+    _SWALLOWS_NATIVE_CANCEL = False
     _task_states = WeakKeyDictionary()  # (an empty stand-in: nothing is spliced)
 else:
     _CAN_SPLICE = _splice_supported(_AsyncioScope, _TaskState, _task_states)
+    # anyio before 4.16 (whose scope has no ``_cancelling_at_enter``) lets a cancelled scope
+    # swallow a ``Task.cancel()`` from outside (a server shutting down) that lands meanwhile:
+    # folded into the scope's own CancelledError, or during the app's shielded cleanup. The
+    # entered scope's exit is then checked against the task's count (``Task.cancelling``).
+    _SWALLOWS_NATIVE_CANCEL = sys.version_info >= (3, 11) and "_cancelling_at_enter" not in (
+        getattr(_AsyncioScope, "__slots__", ())
+    )
 
     class _SplicedScope(_AsyncioScope):
         """A spliced scope, with the order its request started in (nested layers)."""

@@ -54,7 +54,12 @@ from aimiddleware._cancel_watch import (
     cleanup_scope,
 )
 from aimiddleware._cancel_watch import STATE_KEY as STATE_KEY
-from aimiddleware._scope_splice import _CAN_SPLICE, _splice_order, _task_states
+from aimiddleware._scope_splice import (
+    _CAN_SPLICE,
+    _SWALLOWS_NATIVE_CANCEL,
+    _splice_order,
+    _task_states,
+)
 from aimiddleware.context import SCOPE_KEY, RequestContext, current
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -240,6 +245,7 @@ class CancellationMiddleware:
             # request measured ~12 µs (a task group ~35 µs), paid by every request; a
             # timer per request ~2 µs; the sweeper's dict entry ~0.1 µs.
             host = current_task() if limit is None and self.splice_scopes else None
+            native: Any = None  # (the task whose own cancellation an old anyio may swallow)
             if host is not None:
                 # No cancel scope entered (anyio's costs ~6 µs per request in the stack):
                 # one is spliced in, as if entered now, only if the app must be cancelled.
@@ -262,6 +268,9 @@ class CancellationMiddleware:
                     if ctx is not None:  # (so what it cut can tell a timeout from a cancel)
                         ctx.state[DEADLINE] = app_scope.deadline
                 call = _Call(self, ctx, receive, pending, app_scope, loop, None)
+                if _SWALLOWS_NATIVE_CANCEL:
+                    native = current_task()
+                    at_enter = native.cancelling()
             sweeper = None
             if self.watch_after:
                 # Inlined (no method calls): the one loop is the last one's.
@@ -280,6 +289,8 @@ class CancellationMiddleware:
                     with app_scope:
                         await app(scope, call.receive, send)
                         return  # the app returned: only the ``finally`` below is left
+                    if native is not None and native.cancelling() > at_enter:
+                        raise asyncio.CancelledError  # the task's own, swallowed with ours
                 else:
                     try:
                         await app(scope, call.receive, send)
