@@ -52,8 +52,8 @@ else:
     # swallow a ``Task.cancel()`` from outside (a server shutting down) that lands meanwhile:
     # folded into the scope's own CancelledError, or during the app's shielded cleanup. The
     # entered scope's exit is then checked against the task's count (``Task.cancelling``).
-    _SWALLOWS_NATIVE_CANCEL = sys.version_info >= (3, 11) and "_cancelling_at_enter" not in (
-        getattr(_AsyncioScope, "__slots__", ())
+    _SWALLOWS_NATIVE_CANCEL = "_cancelling_at_enter" not in getattr(
+        _AsyncioScope, "__slots__", ()
     )
 
     class _SplicedScope(_AsyncioScope):
