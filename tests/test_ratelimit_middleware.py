@@ -198,6 +198,31 @@ async def test_route_and_model_policies_set_their_output_estimate() -> None:
     assert await reserved(by_route, "gpt-4o") == 10
 
 
+async def test_a_route_or_model_estimate_is_not_dodged_by_an_embeddings_shaped_body() -> None:
+    # The embeddings rule reads the body alone, which the client writes: a Responses body
+    # with encoding_format beside its input (a server that ignores unknown fields runs it)
+    # reserved no output even where the operator set the route's or the model's estimate.
+    from aimiddleware import TokenCounter
+
+    body = {"model": "gpt-4o-mini", "input": "write a long essay", "encoding_format": "float"}
+    prompt = TokenCounter().count_request(body).tokens
+
+    async def reserved(limiter: RateLimiter, key: str) -> int:
+        async with client(make_app(limiter), key=key) as c:  # (a fresh window)
+            r = await c.post(CHAT, json=body)
+        assert r.status_code == 200
+        return 100000 - int(r.headers["x-ratelimit-remaining-tokens"]) - prompt
+
+    by_route = RateLimiter(Policy(tokens="100000/minute"),
+                           routes={"/v1/chat/*": Policy(output_estimate=300)})
+    by_model = RateLimiter(Policy(tokens="100000/minute",
+                                  models={"gpt-4o-mini": Policy(output_estimate=20)}))
+    by_tier = RateLimiter(Policy(tokens="100000/minute", output_estimate=500))
+    assert await reserved(by_route, "k-route") == 300  # (was 0)
+    assert await reserved(by_model, "k-model") == 20  # (was 0)
+    assert await reserved(by_tier, "k-tier") == 0  # a tier's blanket estimate: still none
+
+
 async def test_tiers_overrides_per_model_and_per_route_policies() -> None:
     async def overrides(principal: str) -> Policy | str | None:
         return Policy(requests="1/minute") if principal == principal_of("vip-low") else None

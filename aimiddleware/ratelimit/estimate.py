@@ -147,6 +147,12 @@ def _output_estimate(policies: tuple[Policy, ...], model: str | None) -> int | N
     return None
 
 
+def _model_estimate(policy: Policy, model: str | None) -> int | None:
+    """The ``output_estimate`` of ``policy``'s per-model policy for ``model``, if it sets one."""
+    sub = policy.models.get(model) if policy.models and model is not None else None
+    return None if sub is None else sub.output_estimate
+
+
 class Estimator:
     """``counter``: a TokenCounter (default: a new one); ``prices``: a PriceTable or None."""
 
@@ -310,13 +316,19 @@ class Estimator:
                 output = value
                 break
         if output is None:
-            if "input" in body and embeddings_input(body) is not None:
-                output = 0  # an embeddings request generates no tokens
-            else:
-                output = policy.output_estimate
-                if specific or policy.models:
-                    output = _output_estimate((*specific, policy), model)
-                if output is None:
+            # A route's or a model's own estimate first, even for an embeddings body: that
+            # rule reads the body alone, which a client writes (a Responses body with an
+            # encoding_format beside its input is one to it)
+            if specific:
+                output = _output_estimate(specific, model)
+            if output is None and policy.models:
+                output = _model_estimate(policy, model)
+            if output is None:
+                if "input" in body and embeddings_input(body) is not None:
+                    output = 0  # an embeddings request generates no tokens
+                elif policy.output_estimate is not None:
+                    output = policy.output_estimate
+                else:
                     output = self.default_output(model)
         cost = self.price_units(served, input_tokens, output) if needs_cost else None
         return Estimate(model, input_tokens, output, None, cost_units=cost)

@@ -157,7 +157,8 @@ class Policy:
     ``concurrency``: at most this many requests in flight for the principal.
     ``output_estimate``: output tokens to reserve when the request sets no ``max_tokens``
     (``None`` = the limiter's default); a per-model or per-route policy's replaces it for
-    that model or path (a route's first, then a model's, then its policy's own).
+    that model or path (a route's first, then a model's, then its policy's own). An
+    embeddings body reserves none, unless a route's or a model's policy sets one.
     ``models``: extra limits per model name.
     """
 
