@@ -360,3 +360,22 @@ def test_a_streams_closing_usage_takes_the_output_side_from_the_closing_figure()
     })
     assert closed(opening, closing) == closing
     assert closed(None, closing) is closing
+
+
+@pytest.mark.parametrize(
+    ("tail", "read"),
+    [
+        (b'[1.5, 2.5]}], "usage": {"prompt_tokens": 7, "total_tokens": 7}}', True),
+        (b'[1.5]}], "usage" :\n {"prompt_tokens": 7, "total_tokens": 7}\n}\n', True),
+        # a key that only ends in "usage" (an escaped quote before it): not the member
+        (b'[1.5]}], "x\\"usage": {"prompt_tokens": 7, "total_tokens": 7}}', False),
+        (b'[1.5]}], "my_usage": {"prompt_tokens": 7}, "n": 1}', False),
+    ],
+)
+def test_usage_read_from_the_tail_of_a_body_only_for_the_usage_member(
+    tail: bytes, read: bool
+) -> None:
+    from aimiddleware.usage.extract import from_tail
+
+    found = from_tail(tail)
+    assert (found is not None and found.usage == Usage(input_tokens=7)) is read

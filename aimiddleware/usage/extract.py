@@ -163,7 +163,7 @@ def from_tail(tail: bytes) -> Extracted | None:
     after), which no key nested deeper passes. ``None`` otherwise.
     """
     at = tail.rfind(b'"usage"')
-    if at < 0:
+    if at < 0 or tail[:at].rstrip()[-1:] not in (b",", b"{"):  # (not a key ending so: x\"usage)
         return None
     try:
         rest = tail[at + 7:].decode().lstrip()
