@@ -323,17 +323,24 @@ class Tally:
                     self.text(f"{key}:{prop.get('type', '')}:{pdesc}")
         self.tokens += 12  # func_end
 
+    def inputs(self, items: list[Any]) -> None:
+        """Model inputs with no chat overhead (embeddings, a legacy prompt): each a text, a
+        list of token ids (one token each), or else estimated from its JSON."""
+        for item in items:
+            if isinstance(item, str):
+                self.text(item)
+            elif _token_ids(item):
+                self.tokens += len(item)
+            else:
+                self.approx(item)
+
     # -- request shapes -----------------------------------------------------------------
 
     def request(self, body: Mapping[str, Any]) -> None:
         if "input" in body:
             inputs = embeddings_input(body)
             if inputs is not None:  # embeddings: the texts alone, no chat overhead
-                for item in inputs:
-                    if isinstance(item, str):
-                        self.text(item)
-                    else:  # already tokens: one each
-                        self.tokens += len(item)
+                self.inputs(inputs)
                 return
         tools = body.get("tools") or body.get("functions") or []
         tools = tools if isinstance(tools, list) else [tools]
@@ -372,12 +379,6 @@ class Tally:
             prompt = body["prompt"]
             if _token_ids(prompt):  # one prompt of token ids
                 prompt = [prompt]
-            for item in prompt if isinstance(prompt, list) else [prompt]:
-                if isinstance(item, str):
-                    self.text(item)
-                elif _token_ids(item):  # already tokens: one each
-                    self.tokens += len(item)
-                else:
-                    self.approx(item)
+            self.inputs(prompt if isinstance(prompt, list) else [prompt])
             return
         self.chat(messages, tools)

@@ -135,22 +135,22 @@ def _is_json(content_type: bytes | None) -> bool:
     return media in (b"application/json", b"") or media.endswith(b"+json")
 
 
-def _output_estimate(policies: tuple[Policy, ...], model: str | None) -> int | None:
-    """The ``output_estimate`` of the most specific of ``policies`` (most specific first)
-    that sets one: a policy's per-model policy before the policy itself."""
-    for pol in policies:
-        sub = pol.models.get(model) if pol.models and model is not None else None
-        if sub is not None and sub.output_estimate is not None:
-            return sub.output_estimate
-        if pol.output_estimate is not None:
-            return pol.output_estimate
-    return None
-
-
 def _model_estimate(policy: Policy, model: str | None) -> int | None:
     """The ``output_estimate`` of ``policy``'s per-model policy for ``model``, if it sets one."""
     sub = policy.models.get(model) if policy.models and model is not None else None
     return None if sub is None else sub.output_estimate
+
+
+def _output_estimate(policies: tuple[Policy, ...], model: str | None) -> int | None:
+    """The ``output_estimate`` of the most specific of ``policies`` (most specific first)
+    that sets one: a policy's per-model policy before the policy itself."""
+    for pol in policies:
+        found = _model_estimate(pol, model)
+        if found is None:
+            found = pol.output_estimate
+        if found is not None:
+            return found
+    return None
 
 
 class Estimator:
