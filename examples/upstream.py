@@ -211,10 +211,9 @@ def _answer(body: dict[str, Any]) -> Response:
     except PydanticSerializationError:
         pass
     try:
-        text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return Response(_dumps(body), media_type="application/json")
     except ValueError:
         raise UpstreamError("The upstream model provider's answer is not JSON.") from None
-    return Response(text.encode("utf-8", "backslashreplace"), media_type="application/json")
 
 
 def _json_body(request: dict[str, Any]) -> bytes:
@@ -224,11 +223,17 @@ def _json_body(request: dict[str, Any]) -> bytes:
     sent it. NaN and infinities (Python's JSON reads ``NaN``, ``Infinity`` and ``1e400``;
     JSON has no such numbers) are the client's ``400``."""
     try:
-        text = json.dumps(request, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return _dumps(request)
     except ValueError:
         raise InvalidRequest(
             "The request body holds a number JSON cannot carry (NaN, Infinity or out of range)."
         ) from None
+
+
+def _dumps(value: Any) -> bytes:
+    """``value`` as compact JSON in UTF-8, a lone surrogate written as its escape
+    (``\\ud83d``); ``ValueError`` for NaN or an infinity, which JSON has no number for."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     return text.encode("utf-8", "backslashreplace")
 
 
