@@ -40,7 +40,7 @@ import anyio.to_thread
 
 from aimiddleware._fake_plan import Plan, make_plan
 from aimiddleware.context import current_or_none, report_usage
-from aimiddleware.errors import UpstreamUnavailable
+from aimiddleware.errors import InvalidRequest, UpstreamUnavailable
 from aimiddleware.tokens import TokenCounter
 from aimiddleware.usage.models import Usage
 
@@ -229,7 +229,10 @@ class FakeModel:
             rng_for=_rng_for,
         )
         body = {k: request[k] for k in ("messages", "tools", "functions") if k in request}
-        input_tokens = self.counter.count_request(body, self.name).tokens
+        try:
+            input_tokens = self.counter.count_request(body, self.name).tokens
+        except TypeError as exc:  # a shape the counter refuses (as count_tokens answers it)
+            raise InvalidRequest(f"Unsupported request shape: {exc}") from None
         return Generation(self, plan, input_tokens)
 
     async def complete(self, request: Mapping[str, Any]) -> dict[str, Any]:

@@ -514,3 +514,22 @@ def test_a_content_block_with_members_of_the_wrong_type_is_counted_not_a_500(
             r = httpx.post(base_url + path, json=body, headers=auth)
             assert r.status_code == 200, (block, path, r.text)
         assert r.json()["input_tokens"] > 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_content_nested_past_the_bound_is_a_400_on_the_chat_route_too(
+    base_url: str, stream: bool
+) -> None:
+    # count_tokens refused it (a 400) but the chat route's model counts the prompt too, and
+    # the counter's TypeError was a 500 there.
+    block: dict[str, object] = {"type": "tool_result", "content": "x"}
+    for _ in range(60):
+        block = {"type": "tool_result", "content": [block]}
+    body = {"model": "fake-chat", "messages": [{"role": "user", "content": [block]}],
+            "max_tokens": 3, "stream": stream}
+    auth = {"authorization": "Bearer sk-demo-pro"}
+    for path in ("/v1/chat/completions", "/v1/count_tokens"):
+        r = httpx.post(base_url + path, json=body, headers=auth)
+        assert r.status_code == 400, (path, r.text)
+        assert r.headers["content-type"] == "application/problem+json"
+        assert "nested more than 32 deep" in r.json()["detail"]
