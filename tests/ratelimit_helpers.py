@@ -36,6 +36,12 @@ def make_app(limiter: RateLimiter) -> FastAPI:
             return EventStreamResponse(_deltas(int(body["stream"])), dialect=OpenAIChatDialect())
         return {"ok": True}
 
+    @app.post("/v1/embeddings")
+    @app.post("/api/embed")
+    async def embed(request: Request) -> Any:
+        await request.body()
+        return {"ok": True}
+
     @app.get("/ping")
     async def ping() -> JSONResponse:
         # An app that sets its own rate-limit header: the layer must not duplicate it.

@@ -174,6 +174,31 @@ async def test_an_embeddings_request_reserves_no_output_tokens() -> None:
     assert chat.json()["error"]["code"] == "quota_exceeded"
 
 
+async def test_a_bare_string_on_an_embeddings_route_is_counted_and_reserved_as_embeddings(
+) -> None:
+    # curl's embeddings body (a bare string, no encoding_format) has a Responses body's
+    # shape: it was counted with chat overhead and reserved the 1,024-token output
+    # estimate, so under 1000/minute every one was refused as "can never be admitted".
+    # Its route says what it is: OpenAI's /v1/embeddings, Ollama's /api/embed.
+    from aimiddleware import TokenCounter
+
+    text = "hello world"
+    exact = TokenCounter().count_text(text, "text-embedding-3-small").tokens
+    body = {"model": "text-embedding-3-small", "input": text}
+    limiter = RateLimiter(Policy(tokens="1000/minute"))
+    app = make_app(limiter)
+    for path in ("/v1/embeddings", "/api/embed"):
+        async with client(app, key=path) as c:  # (a fresh window each)
+            r = await c.post(path, json=body)
+        assert r.status_code == 200, (path, r.text)
+        assert r.headers["x-ratelimit-remaining-tokens"] == str(1000 - exact), path
+    async with client(app) as c:
+        # the same body elsewhere is still a Responses request: its input plus 1,024
+        responses = await c.post(CHAT, json=body)
+    assert responses.status_code == 429
+    assert responses.json()["error"]["code"] == "quota_exceeded"
+
+
 async def test_route_and_model_policies_set_their_output_estimate() -> None:
     # Policy(output_estimate=...) on a route or a model was accepted and ignored: a request
     # without max_tokens reserved the tier's estimate (here the limiter's 1,024) anyway.

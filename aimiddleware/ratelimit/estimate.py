@@ -29,6 +29,21 @@ logger = logging.getLogger("aimiddleware.ratelimit")
 
 OUTPUT_CAP_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 _UNSET: Any = object()
+# The last path segment of a route serving embeddings: OpenAI's /v1/embeddings (vLLM,
+# LiteLLM, Ollama's OpenAI API alike), Ollama's own /api/embed.
+_EMBEDDINGS_ROUTES = frozenset(("embeddings", "embed"))
+
+
+def _as_routed(body: dict[str, Any], path: str) -> dict[str, Any]:
+    """``body`` (whose ``input`` is a string) as its route reads it.
+
+    On an embeddings route a bare-string ``input`` is one text to embed, which the body
+    alone does not say (a Responses body has the same shape, so the token count takes it
+    for one): it becomes the one-item list it means, which the count and the output
+    estimate read as embeddings (a list of strings is no Responses input)."""
+    if "messages" not in body and path.rstrip("/").rpartition("/")[2] in _EMBEDDINGS_ROUTES:
+        return {**body, "input": [body["input"]]}
+    return body
 
 
 class Estimate:
@@ -202,6 +217,8 @@ class Estimator:
             return found
         # The body must be counted off the event loop (or its model's vocabulary loaded).
         body = self._body(ctx, content_type)
+        if type(body.get("input")) is str:
+            body = _as_routed(body, ctx.path)
         model = ctx.model
         if model is None and isinstance(body.get("model"), str):
             model = body["model"]
@@ -237,6 +254,8 @@ class Estimator:
             if is_json:
                 body = self._body(ctx, content_type)  # raises InvalidRequest
             return None  # not JSON: estimated from the body size by estimate()
+        if type(body.get("input")) is str:  # (an embeddings route's bare string?)
+            body = _as_routed(body, ctx.path)
         model = ctx.model
         if model is None and isinstance(body.get("model"), str):
             model = body["model"]
@@ -283,7 +302,7 @@ class Estimator:
             self._json_types[content_type] = is_json
         return is_json
 
-    def _body(self, ctx: RequestContext, content_type: bytes | None) -> Mapping[str, Any]:
+    def _body(self, ctx: RequestContext, content_type: bytes | None) -> dict[str, Any]:
         """The JSON object body ({} for a body that is not JSON); InvalidRequest if not one."""
         is_json = self._json_types.get(content_type)
         if is_json is None:
