@@ -140,6 +140,22 @@ async def test_values_that_cannot_be_headers_are_a_422_not_a_500() -> None:
             assert r.json()["error"]["code"] == "validation_failed"
 
 
+async def test_a_header_name_that_is_not_a_token_is_a_422() -> None:
+    # RFC 9110 5.1: a field name is a token. A name with a space (or a colon, a tab) was
+    # passed to the app in-process as it was, a header no server would have let through.
+    app = build_app(FakeClock(at("2026-03-01")))
+    sides = {"baseline": {"model": NEW}, "candidate": {"model": NEW}}
+    async with client(app) as c:
+        for name in ("x note", "x:note", "x\tnote", " x-note", "x-note ", ""):
+            r = await c.post(PATH, json={"path": "/chat", "headers": {name: "1"}, **sides})
+            assert r.status_code == 422, (name, r.text)
+            problem = r.json()
+            assert problem["error"]["code"] == "validation_failed"
+            assert problem["error"]["param"] == "headers"
+        ok = await c.post(PATH, json={"path": "/chat", "headers": {"X-Note_1.~": "1"}, **sides})
+    assert ok.status_code == 200, ok.text
+
+
 async def test_a_side_answering_json_nested_too_deep_is_shown_as_text() -> None:
     from starlette.requests import Request
     from starlette.responses import Response

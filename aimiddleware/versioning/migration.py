@@ -15,6 +15,7 @@ finish_reason and output. Sides run one after the other, never in parallel.
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -46,6 +47,8 @@ _DROP = {
     b"expect",
 }
 _FORBIDDEN_OVERRIDES = {"authorization", "x-api-key", "cookie", "host", "content-length"}
+# RFC 9110 5.1: a field name is a token (no space, colon, control or non-ASCII character)
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 class MigrationSide(BaseModel):
@@ -85,7 +88,9 @@ async def run_migration_check(
     if mw.is_helper_route(target, req.method):
         raise ValidationFailed("The migration check cannot target a helper route.", param="path")
     for name in req.headers:
-        if name.lower() in _FORBIDDEN_OVERRIDES or not name.isascii() or not name:
+        if not _TOKEN.fullmatch(name):
+            raise ValidationFailed(f"{name!r} is not a header name.", param="headers")
+        if name.lower() in _FORBIDDEN_OVERRIDES:
             raise ValidationFailed(f"Header {name!r} cannot be overridden.", param="headers")
     sides = {}
     for label, side in (("baseline", req.baseline), ("candidate", req.candidate)):
