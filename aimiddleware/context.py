@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic_core import from_json
 
-from aimiddleware.usage.models import Usage
+from aimiddleware.usage.models import Usage, believed
 
 if TYPE_CHECKING:
     from aimiddleware.errors import AIError
@@ -328,12 +328,14 @@ def report_usage(
 ) -> None:
     """Tell the stack what the model call used; call it from the endpoint.
 
-    ``usage`` is a :class:`Usage` or a mapping of its fields. ``finish_reason`` is the raw
+    ``usage`` is a :class:`Usage` or a mapping of its fields; a count past ``MAX_TOKENS``
+    (2**32 - 1) is junk, read as 0 as in a provider's usage. ``finish_reason`` is the raw
     provider value: the usage layer normalizes it and keeps the raw one.
     """
     ctx = current()
     if usage is not None:
-        ctx.usage = usage if isinstance(usage, Usage) else Usage.model_validate(dict(usage))
+        ctx.usage = believed(
+            usage if isinstance(usage, Usage) else Usage.model_validate(dict(usage)))
     if finish_reason is not None:
         ctx.raw_finish_reason = finish_reason
     if model is not None and ctx.model is None:

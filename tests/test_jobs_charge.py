@@ -318,3 +318,29 @@ async def test_a_spent_batch_goes_on_once_the_window_has_rolled(storage: Storage
         done = await finished(c, f"/v1/batches/{batch['id']}", "k")
     assert calls == [0, 1, 2, 3]
     assert done["counts"]["succeeded"] == 2 and done["counts"]["errored"] == 2
+
+
+async def test_a_jobs_absurd_usage_is_junk_on_every_store(storage: Storage) -> None:
+    # A job step reporting 10**19 input tokens (its upstream's figures, or a bug) was
+    # charged as given: the caller's budget spent at once (the job failed, quota_exceeded)
+    # and the row kept 10**19 tokens on memory, dropped on Redis. Now junk, as a
+    # provider's figure is: read as 0, the job charged and recorded its 5 output tokens.
+    from aimiddleware.usage.accounting import ledger_for
+
+    async def absurd(ctx: JobContext, input: Any) -> Any:
+        await ctx.record_usage({"input_tokens": 10**19, "output_tokens": 5}, model="gpt-4o-mini")
+        return {"ok": True}
+
+    limiter = RateLimiter(Policy(tokens="2000/day"), storage=storage, prices=PRICES)
+    ledger = ledger_for(storage)
+    jobs = JobsRouter(absurd, storage=storage, limiter=limiter, ledger=ledger, prefix="/v1")
+    async with running(jobs, ratelimit=limiter, ratelimit_exempt=("/v1/jobs/*",),
+                       usage=UsageConfig(ledger=ledger)) as c:
+        job = (await c.post("/v1/jobs", json={"input": {}}, headers=auth("k"))).json()
+        done = await finished(c, f"/v1/jobs/{job['id']}", "k")
+    assert done["status"] == "completed", done
+    assert (done["usage"]["input_tokens"], done["usage"]["output_tokens"]) == (0, 5)
+    assert (await counters(limiter, "k"))["tokens:86400"] == 5
+    row = await ledger.get_request(key_principal(b"k"), job["id"])
+    assert row is not None
+    assert (row.record.usage.input_tokens, row.record.usage.output_tokens) == (0, 5)

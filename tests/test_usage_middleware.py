@@ -513,6 +513,66 @@ async def test_an_absurd_reported_usage_is_junk_on_every_store(storage: Any) -> 
     assert (row["requests"], row["input_tokens"], row["output_tokens"]) == (2, 0, 10)
 
 
+async def test_an_apps_own_absurd_usage_is_junk_on_every_store(storage: Any) -> None:
+    # An app's own figures past MAX_TOKENS (10**19 input tokens: its upstream's figures
+    # copied, or its bug) were taken as given: memory spent the caller's limits (its next
+    # call a 429) and kept a row of 10**19 tokens, Redis and Cluster refused it too but
+    # dropped the row ('value is not an integer or out of range', cost_nanos past 2**63).
+    # Now junk on every store, as a provider's: read as 0, each of the five ways an app
+    # reports usage charges its 5 output tokens, the next call is admitted, rows are kept.
+    from aimiddleware import EventStreamResponse, Policy, StreamResult, UsageRoutes
+
+    absurd = Usage(input_tokens=10**19, output_tokens=5)
+
+    async def reported(request: Request) -> Response:
+        report_usage(absurd)
+        return PlainTextResponse("ok")
+
+    async def mapping(request: Request) -> Response:
+        report_usage({"input_tokens": 10**19, "output_tokens": 5, "total_tokens": 10**19 + 5})
+        return PlainTextResponse("ok")
+
+    @envelope(response=True)
+    async def enveloped(request: Request) -> Completion:
+        return Completion(output="hi", usage=absurd, finish_reason="stop")
+
+    async def body(request: Request) -> Response:  # an envelope passed on as JSON
+        return JSONResponse({"object": "envelope", "id": "env_1", "output": "hi",
+                             "usage": {"input_tokens": 10**19, "output_tokens": 5}})
+
+    async def streamed(request: Request) -> Response:
+        async def events() -> AsyncIterator[Any]:
+            yield {"data": "hi"}
+            yield StreamResult(usage=absurd, finish_reason="stop")
+
+        return EventStreamResponse(events())
+
+    paths = {"/reported": reported, "/mapping": mapping, "/envelope": enveloped,
+             "/body": body, "/stream": streamed}
+    app = Starlette(routes=[*(Route(p, e, methods=["POST"]) for p, e in paths.items()),
+                            *UsageRoutes().routes])
+    limits = Policy(requests="100/minute", tokens="100000/minute", cost="1000/day")
+    install(app, StackConfig(storage=storage, ratelimit=limits, ratelimit_exempt=["/usage"],
+                             usage=UsageConfig(prices=PRICES)))
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    async with client(app) as c:
+        for path in paths:
+            auth = {"authorization": f"Bearer k-absurd{path.replace('/', '-')}"}
+            first = await c.post(path, json=body, headers=auth)
+            second = await c.post(path, json=body, headers=auth)
+            assert (first.status_code, second.status_code) == (200, 200), path
+            if path != "/stream":  # (a stream's head goes out before its usage)
+                assert first.headers["x-usage-input-tokens"] == "0", path
+                assert first.headers["x-usage-total-tokens"] == "5", path
+            assert int(second.headers["x-ratelimit-remaining-tokens"]) > 90_000, path
+            history = await c.get("/usage", headers=auth)
+            [row] = history.json()["data"]
+            assert (row["requests"], row["input_tokens"], row["output_tokens"]) == (2, 0, 10), (
+                path)
+        sent = await c.post("/envelope", json=body, headers={"authorization": "Bearer k-env"})
+    assert sent.json()["usage"]["input_tokens"] == 0
+
+
 async def test_a_held_json_head_is_released_if_the_app_sends_no_final_body() -> None:
     rec = Recorder()
 

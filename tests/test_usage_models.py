@@ -172,6 +172,19 @@ def test_a_token_figure_past_max_tokens_is_junk() -> None:
     assert Usage.from_openai_chat({"prompt_tokens": MAX_TOKENS}).input_tokens == MAX_TOKENS
 
 
+def test_an_apps_own_figure_past_max_tokens_is_read_as_junk_too() -> None:
+    from aimiddleware.usage.models import MAX_TOKENS, believed
+
+    usage = Usage(input_tokens=MAX_TOKENS, output_tokens=MAX_TOKENS)  # the bound: believed
+    assert believed(usage) is usage
+    assert believed(Usage(input_tokens=10**19, output_tokens=5, reasoning_tokens=2)) == Usage(
+        output_tokens=5, reasoning_tokens=2)
+    assert believed(Usage(input_tokens=3, output_tokens=2, total_tokens=10**19)) == Usage(
+        input_tokens=3, output_tokens=2)
+    # a Usage itself still holds any sum (a batch's, a month's)
+    assert Usage(input_tokens=10**19).input_tokens == 10**19
+
+
 def test_usage_is_frozen() -> None:
     with pytest.raises(ValidationError):
         Usage(input_tokens=1).input_tokens = 2  # type: ignore[misc]

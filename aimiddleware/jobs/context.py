@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic_core import to_jsonable_python
 
-from aimiddleware.usage.models import Usage
+from aimiddleware.usage.models import Usage, believed
 
 __all__ = ["Charge", "JobContext", "JobLimitExceeded", "add_usage"]
 
@@ -107,7 +107,7 @@ class JobContext:
             self.model = model
         u = None
         if usage is not None:
-            u = usage if isinstance(usage, Usage) else Usage.model_validate(dict(usage))
+            u = believed(usage if isinstance(usage, Usage) else Usage.model_validate(dict(usage)))
             self.usage = add_usage(self.usage, u)
         if spent is not None:
             self.cost += spent

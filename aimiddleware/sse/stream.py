@@ -25,7 +25,7 @@ from aimiddleware.sse.dialects import Dialect, StreamSummary
 from aimiddleware.sse.events import ServerSentEvent, without_ids
 from aimiddleware.sse.replay import parse_event_id
 from aimiddleware.types import Receive, Scope, Send
-from aimiddleware.usage.models import Usage
+from aimiddleware.usage.models import Usage, believed
 
 if TYPE_CHECKING:
     from aimiddleware.sse.response import EventStreamResponse
@@ -198,7 +198,7 @@ class StreamSender:
                 elif isinstance(item, ServerSentEvent):
                     data = item.encode()
                 elif isinstance(item, Usage):
-                    self.usage = item
+                    self.usage = believed(item)
                     continue
                 elif isinstance(item, StreamResult):
                     self._take_result(item)
@@ -269,7 +269,7 @@ class StreamSender:
 
     def _take_result(self, item: StreamResult) -> None:
         if item.usage is not None:
-            self.usage = item.usage
+            self.usage = believed(item.usage)
         if item.finish_reason is not None:
             self.finish = item.finish_reason
         if item.model is not None:

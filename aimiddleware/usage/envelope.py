@@ -28,7 +28,7 @@ from aimiddleware.context import RequestContext, current_or_none
 from aimiddleware.finish_reason import normalize_finish_reason
 from aimiddleware.pricing import PriceTable
 from aimiddleware.usage.extract import from_response
-from aimiddleware.usage.models import Envelope, Usage, sampling_params
+from aimiddleware.usage.models import Envelope, Usage, believed, sampling_params
 
 __all__ = ["Completion", "build_envelope", "envelope"]
 
@@ -115,6 +115,8 @@ def build_envelope(
 ) -> Envelope:
     """The envelope for ``value``; with ``ctx``, usage is also reported to the stack."""
     comp = as_completion(value)
+    if comp.usage is not None:  # (the app's own Usage: a count past MAX_TOKENS is junk)
+        comp = comp.model_copy(update={"usage": believed(comp.usage)})
     parsed, error = comp.parsed, comp.parsing_error
     if schema is not None and parsed is None and error is None:
         parsed, error = _validate(schema, comp.output)

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from pydantic_core import from_json
 
-from aimiddleware.usage.models import Usage
+from aimiddleware.usage.models import Usage, believed
 
 __all__ = [
     "TAIL_BYTES", "Extracted", "from_response", "from_stream_event", "from_tail", "parse_json",
@@ -73,6 +73,10 @@ def _usage(value: Any, convert: Any = None) -> Usage | None:
         return None
 
 
+def _envelope_usage(value: Any) -> Usage:
+    return believed(Usage.model_validate(value))  # (a count past MAX_TOKENS is junk)
+
+
 def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -98,7 +102,7 @@ def from_response(body: Any) -> Extracted | None:
     obj = body.get("object")
     if obj == "envelope":
         return Extracted(
-            _usage(body.get("usage"), Usage.model_validate),
+            _usage(body.get("usage"), _envelope_usage),
             _str(body.get("raw_finish_reason")) or _str(body.get("finish_reason")),
             None,
             _str(body.get("model_version")),

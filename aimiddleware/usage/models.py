@@ -32,7 +32,7 @@ from aimiddleware._trusted import (
 )
 from aimiddleware.finish_reason import FinishReason
 
-__all__ = ["SAMPLING_PARAMS", "Envelope", "Usage", "sampling_params"]
+__all__ = ["SAMPLING_PARAMS", "Envelope", "Usage", "believed", "sampling_params"]
 
 #: Request parameters echoed in ``Envelope.sampling`` when the request set them.
 SAMPLING_PARAMS = ("seed", "temperature", "top_p", "top_k")
@@ -230,6 +230,24 @@ class Usage(BaseModel):
                 cache_creation_input_tokens=_int(usage, "cacheWriteInputTokens"),
             )
         raise ValueError("not a recognized usage object")
+
+
+def believed(usage: Usage) -> Usage:
+    """An app's own per-call ``usage`` as the stack takes it (``report_usage``, an
+    ``@envelope`` completion or body, a stream's ``Usage``, a job step): a count past
+    MAX_TOKENS is junk, read as 0 as in a provider's usage (a junk total: input + output).
+    ``usage`` itself when every count is believed. (A Usage's own validation takes any
+    non-negative int: it also holds sums, a batch's or a month's.)"""
+    values = {name: getattr(usage, name) for name in Usage.model_fields}
+    if max(values.values()) <= MAX_TOKENS:
+        return usage
+    fixed = {name: 0 for name, value in values.items() if value > MAX_TOKENS}
+    if "total_tokens" in fixed:
+        fixed["total_tokens"] = (fixed.get("input_tokens", values["input_tokens"])
+                                 + fixed.get("output_tokens", values["output_tokens"]))
+        if fixed == {"total_tokens": values["total_tokens"]}:
+            return usage  # (the total of two believed figures)
+    return usage.model_copy(update=fixed)
 
 
 def merge(old: Usage | None, new: Usage | None) -> Usage | None:
