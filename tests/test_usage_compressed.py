@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 import zlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -182,3 +183,91 @@ async def test_starlette_gzip_leaves_an_event_stream_alone_and_its_usage_is_read
     assert r.status_code == 200 and "content-encoding" not in r.headers
     [row] = await ledger.query(next(iter(ledger._requests))[0])
     assert (row.input_tokens, row.output_tokens) == (12, 3)
+
+
+def embeddings_answer(n: int, tokens: int) -> dict[str, Any]:
+    """An OpenAI embeddings answer of ``n`` vectors of 384 floats (~8.5 KB each in JSON,
+    about 2.4x smaller gzipped, as real embeddings are), its usage at its end."""
+    rng = random.Random(n)
+    data = [{"object": "embedding", "index": i,
+             "embedding": [round(rng.gauss(0, 0.05), 17) for _ in range(384)]}
+            for i in range(n)]
+    return {"object": "list", "data": data, "model": "text-embedding-3-small",
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+async def test_a_gzip_json_answer_past_the_bound_has_its_usage_read_from_its_decoded_end(
+    storage: Storage,
+) -> None:
+    # Past max_json_body (1 MiB) a JSON answer's usage is read from its last bytes, but a
+    # gzip one (GZipMiddleware inside the stack, or an upstream's gzip passed on) got none:
+    # no ledger row, the limits charged the reservation. Its last decoded bytes are now kept
+    # as it passes (never the whole body): held whole (700 KB of gzip, 1.7 MB decoded),
+    # streamed past the bound while held (no length), or declared past it (a length).
+    limiter = RateLimiter(Policy(requests="100/minute", tokens="100000/minute"), storage=storage)
+    ledger = MemoryLedger()
+    answer = embeddings_answer(200, 1234)
+    raw = json.dumps(answer).encode()
+    assert len(raw) > 1 << 20 and len(gzip.compress(raw)) < 1 << 20  # (held whole)
+    big = json.dumps(embeddings_answer(300, 77)).encode()
+    packed = gzip.compress(big, 1)
+    assert len(packed) > 1 << 20  # (past the bound compressed too)
+
+    async def embeddings(request: Request) -> Response:
+        return JSONResponse(answer)
+
+    async def streamed(request: Request) -> Response:  # gzipped as it goes, no length
+        async def parts() -> AsyncIterator[bytes]:
+            for i in range(0, len(big), 64 << 10):
+                yield big[i:i + (64 << 10)]
+
+        return StreamingResponse(parts(), media_type="application/json")
+
+    async def passed_on(scope: Any, receive: Any, send: Any) -> None:  # an upstream's gzip
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), (b"content-encoding", b"gzip"),
+            (b"content-length", str(len(packed)).encode())]})
+        for i in range(0, len(packed), 100_000):
+            await send({"type": "http.response.body", "body": packed[i:i + 100_000],
+                        "more_body": i + 100_000 < len(packed)})
+
+    app = Starlette(routes=[Route("/v1/embeddings", embeddings, methods=["POST"]),
+                            Route("/v1/streamed", streamed, methods=["POST"])])
+    app.mount("/raw", passed_on)
+    app.add_middleware(GZipMiddleware)  # (leaves the upstream's gzip as it is)
+    install_stack(app, StackConfig(storage=storage, ratelimit=limiter,
+                                   usage=UsageConfig(ledger=ledger, max_json_body=1 << 20)))
+    body = {"model": "text-embedding-3-small", "input": ["hello world"] * 200,
+            "max_tokens": 400}  # (a reservation to tell from the usage)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t",
+                                 headers={"accept-encoding": "gzip"}) as c:
+        for key, path, used in (("k1", "/v1/embeddings", 1234), ("k2", "/v1/streamed", 77),
+                                ("k3", "/raw/", 77)):
+            r = await c.post(path, json=body, headers={"authorization": f"Bearer {key}"})
+            assert r.status_code == 200 and r.headers["content-encoding"] == "gzip", path
+            assert r.json()["usage"]["prompt_tokens"] == used  # (httpx decodes it)
+            assert (await counters(limiter, key))["tokens:60"] == used, path
+            if path == "/v1/embeddings":  # held whole before its head went out: headers too
+                assert r.headers["x-usage-input-tokens"] == "1234"
+    rows = [(await ledger.query(principal))[0] for principal, _ in ledger._requests]
+    assert sorted(row.input_tokens for row in rows) == [77, 77, 1234]
+
+
+@pytest.mark.parametrize("parts", [1, 4])
+async def test_a_body_read_to_its_end_is_decoded_to_a_bounded_size(parts: int) -> None:
+    # Read for its last bytes, a gzip body is decoded to its end, but to at most 64x the
+    # larger of max_json_body and its compressed size: a bomb (20 KiB of gzip decoding to
+    # 20 MiB, its usage at its end) is given up on, a body within that read.
+    def padded(size: int) -> bytes:
+        usage = b'"usage": {"prompt_tokens": 5, "total_tokens": 5}'
+        return gzip.compress(b'{"pad": "' + b" " * size + b'", ' + usage + b"}")
+
+    bomb = padded(20 << 20)
+    assert len(bomb) < 64 << 10
+    messages, ledger = await sent_by(body_app(bomb, b"gzip", parts), max_json_body=256 << 10)
+    assert b"".join(m.get("body", b"") for m in messages[1:]) == bomb
+    assert len(ledger._requests) == 0  # given up at 16 MiB: no usage
+    messages, ledger = await sent_by(body_app(padded(15 << 20), b"gzip", parts),
+                                     max_json_body=256 << 10)
+    [row] = await ledger.query(next(iter(ledger._requests))[0])
+    assert row.total_tokens == 5

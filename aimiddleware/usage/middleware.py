@@ -11,7 +11,9 @@ the bound) so that the headers can carry what the body says; a body past the bou
 usage read from its last bytes (a top-level ``usage``, as OpenAI's embeddings end with: see
 :func:`~aimiddleware.usage.extract.from_tail`). A gzip or deflate body (from a
 compression middleware inside the stack) is read from a copy decoded up to the same bound,
-and sent compressed as it came. Headers (prefix configurable):
+past it from its last decoded bytes (decoded as it passes, to at most 64x the larger of
+the bound and its compressed size), and sent compressed as it came. Headers (prefix
+configurable):
 
 - ``x-usage-duration-ms``: time from the request reaching the stack to the response head
 - ``x-usage-input-tokens``, ``x-usage-output-tokens``, ``x-usage-total-tokens``, and when
@@ -31,7 +33,7 @@ from typing import Any
 
 import anyio
 
-from aimiddleware._encoding import DECODABLE, Inflater, content_coding, decode
+from aimiddleware._encoding import DECODABLE, Inflater, TailInflater, content_coding, decode
 from aimiddleware.cancellation import DEADLINE
 from aimiddleware.context import SCOPE_KEY, RequestContext
 from aimiddleware.pricing import PriceTable
@@ -172,7 +174,8 @@ class Responder:
         self.size = 0
         self.tail = b""
         self.coding = b""  # the response's content coding (b"": identity)
-        self.inflater: Inflater | None = None  # decodes a compressed event stream
+        # decodes a compressed event stream, or a compressed JSON body past the bound
+        self.inflater: Inflater | None = None
 
     async def send(self, message: Message) -> None:
         # One coroutine per message: the steps below are plain functions (none awaits).
@@ -257,7 +260,7 @@ class Responder:
                 self.mode, self.start = "hold", message
                 return None
             # declared past the bound: passed at once, its usage read from its last bytes
-            self.mode = "pass" if self.coding else "tail"
+            self.mode = "tail" if not self.coding or self.coding in DECODABLE else "pass"
         else:
             self.mode = "pass"
         mw.settle(self.ctx)
@@ -280,10 +283,12 @@ class Responder:
         if not more and not self.chunks:  # the usual case: the whole body in one message
             if type(body) is not bytes:
                 body = bytes(body)
-            if len(body) <= limit:
-                self.acc.absorb(self.ctx, from_response(self._json(body)))
-            elif not self.coding:  # too large to parse: its usage read from its end
-                self.acc.absorb(self.ctx, from_tail(body[-TAIL_BYTES:]))
+            if len(body) > limit:  # too large to parse: its usage read from its end
+                self._keep_tail(body, True)
+            elif not self.coding:
+                self.acc.absorb(self.ctx, from_response(_parse_json(body)))
+            else:
+                self._read_coded(body)
             return body
         if self.chunks is _NO_CHUNKS:
             self.chunks = []
@@ -291,35 +296,54 @@ class Responder:
         self.size += len(body)
         if more and self.size <= limit:
             return None
-        if not more and self.size <= limit:
-            self.acc.absorb(self.ctx, from_response(self._json(b"".join(self.chunks))))
-            return self._take_chunks()
         body = self._take_chunks()
-        if not self.coding:  # too large to parse: its usage read from its end, once sent
+        if more or self.size > limit:  # too large to parse: its usage read from its end
             self._keep_tail(body, not more)
+        elif not self.coding:
+            self.acc.absorb(self.ctx, from_response(_parse_json(body)))
+        else:
+            self._read_coded(body)
         return body
 
     def _keep_tail(self, chunk: bytes, final: bool) -> None:
         """Keep a JSON body's last bytes as it passes (mode ``tail`` until its end); at the
-        end, read its usage from them."""
+        end, read its usage from them. A compressed body's last bytes are those of a copy
+        decoded as it passes (:class:`TailInflater`: bounded memory and work)."""
         assert self.acc is not None
+        self.mode = "pass" if final else "tail"
+        if self.coding:
+            reader = self.inflater
+            if reader is None:
+                if self.coding not in DECODABLE:
+                    return  # br, zstd...: not read
+                reader = self.inflater = TailInflater(
+                    self.coding, TAIL_BYTES, self.acc.max_json_body)
+            assert isinstance(reader, TailInflater)
+            reader.feed(chunk)
+            if final:
+                tail = reader.result()
+                if tail:
+                    self.acc.absorb(self.ctx, from_tail(tail))
+                self.inflater = None
+            return
         if len(chunk) >= TAIL_BYTES:
             self.tail = bytes(chunk[-TAIL_BYTES:])
         else:
             self.tail = (self.tail + chunk)[-TAIL_BYTES:]
         if final:
             self.acc.absorb(self.ctx, from_tail(self.tail))
-            self.tail, self.mode = b"", "pass"
+            self.tail = b""
 
-    def _json(self, body: bytes) -> Any:
-        """The held body as JSON (``None`` if it cannot be read). A compressed one is read
-        from a copy decoded up to the same bound as the body held, so a compression bomb
-        costs no more memory."""
-        if not self.coding:
-            return _parse_json(body)
+    def _read_coded(self, body: bytes) -> None:
+        """Read the usage of a whole compressed body held (within the bound): from a copy
+        decoded up to the same bound, so a compression bomb costs no more memory; one that
+        decodes past it, from its last decoded bytes."""
         assert self.acc is not None
         raw = decode(body, self.coding, self.acc.max_json_body)
-        return None if raw is None else _parse_json(raw)
+        if raw is not None:
+            self.acc.absorb(self.ctx, from_response(_parse_json(raw)))
+        elif self.coding in DECODABLE:  # past the bound (or corrupt: then nothing read)
+            self._keep_tail(body, True)
 
     def _take_chunks(self) -> bytes:
         chunks, self.chunks = self.chunks, _NO_CHUNKS
@@ -330,8 +354,9 @@ class Responder:
         mw = self.acc
         assert mw is not None
         mw.settle(self.ctx)
-        # (a body past the bound goes on being read for its last bytes: _keep_tail)
-        start, self.start, self.mode = self.start, None, "tail" if self.tail else "pass"
+        start, self.start = self.start, None
+        if self.mode == "hold":  # (a body past the bound goes on in mode tail: _keep_tail)
+            self.mode = "pass"
         return start, mw.headers(self.ctx)
 
     def _scan(self, chunk: bytes, *, final: bool) -> None:
