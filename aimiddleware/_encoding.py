@@ -83,20 +83,21 @@ class Inflater:
 
 
 class TailInflater(Inflater):
-    """The last ``keep`` bytes a gzip/deflate body decodes to, fed message by message.
+    """The first and last ``keep`` bytes a gzip/deflate body decodes to, fed message by
+    message.
 
-    Memory stays bounded (pieces of at most ``step``, only the last ``keep`` bytes kept),
-    and so does the work: past :data:`EXPANSION` times the larger of ``floor`` and the
-    bytes fed, it gives up (a decompression bomb is decoded no further).
+    Memory stays bounded (pieces of at most ``step``, only ``keep`` bytes at each end
+    kept), and so does the work: past :data:`EXPANSION` times the larger of ``floor`` and
+    the bytes fed, it gives up (a decompression bomb is decoded no further).
     """
 
-    __slots__ = ("decoded", "fed", "floor", "keep", "tail")
+    __slots__ = ("decoded", "fed", "floor", "head", "keep", "tail")
 
     def __init__(self, coding: bytes, keep: int, floor: int, step: int = STEP) -> None:
         super().__init__(coding, step)
         self.keep, self.floor = keep, floor
         self.fed = self.decoded = 0
-        self.tail = b""
+        self.head = self.tail = b""
 
     def feed(self, data: bytes) -> None:
         """Decode the next body message ``data``, keeping the last bytes."""
@@ -111,6 +112,8 @@ class TailInflater(Inflater):
                 self.failed = True  # (a bomb, or past what is read: nothing more decoded)
                 self.tail = b""
                 return
+            if len(self.head) < keep:
+                self.head = (self.head + piece)[:keep]
             self.tail = piece[-keep:] if len(piece) >= keep else (self.tail + piece)[-keep:]
 
     def result(self) -> bytes | None:

@@ -251,6 +251,30 @@ async def test_a_gzip_json_answer_past_the_bound_has_its_usage_read_from_its_dec
                 assert r.headers["x-usage-input-tokens"] == "1234"
     rows = [(await ledger.query(principal))[0] for principal, _ in ledger._requests]
     assert sorted(row.input_tokens for row in rows) == [77, 77, 1234]
+    # the served model too, from the end of the decoded copy (an embeddings answer's)
+    found = [await ledger.get_request(*key) for key in list(ledger._requests)]
+    assert {row.record.model_version for row in found if row} == {"text-embedding-3-small"}
+
+
+async def test_a_large_gzip_chat_answer_names_its_served_model_from_its_decoded_head() -> None:
+    ledger = MemoryLedger()
+    answer = {**COMPLETION, "model": "gpt-4o-mini-2024-07-18"}
+    answer["choices"] = [{**COMPLETION["choices"][0], "message": {  # type: ignore[index]
+        "role": "assistant", "content": "x" * (2 << 20)}}]  # (~1,000x smaller gzipped)
+
+    async def chat(request: Request) -> Response:
+        return JSONResponse(answer)
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    app.add_middleware(GZipMiddleware)
+    install_stack(app, StackConfig(usage=UsageConfig(ledger=ledger)))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t",
+                                 headers={"accept-encoding": "gzip"}) as c:
+        r = await c.post("/v1/chat/completions", json=REQUEST)
+    assert r.headers["content-encoding"] == "gzip" and r.headers["x-usage-total-tokens"] == "37"
+    found = await ledger.get_request(*next(iter(ledger._requests)))
+    assert found is not None and found.record.model_version == "gpt-4o-mini-2024-07-18"
+    assert found.record.finish_reason is None  # (inside choices: not read, not guessed)
 
 
 @pytest.mark.parametrize("parts", [1, 4])

@@ -485,6 +485,46 @@ async def test_install_uses_the_shared_storage_for_the_ledger(storage: Any) -> N
         "claude-sonnet-4-5", 40, {"stop": 1})
 
 
+async def test_a_large_answer_names_its_served_model_and_no_finish_reason() -> None:
+    # Read from its last 4 KiB, a large answer's usage came without the model that served
+    # it (a chat answer names it at its head, an embeddings answer just before its usage):
+    # the row had no model_version, and a request naming no model was neither priced nor
+    # filed under a model. Its top-level model is now read from its first bytes and from
+    # its last; its finish reason, inside choices, stays unknown rather than guessed.
+    ledger = MemoryLedger()
+    long_chat = copy.deepcopy(OPENAI_CHAT)
+    long_chat["choices"][0]["message"]["content"] = "x" * (1 << 20)
+    nested = {"id": "chatcmpl-2", "meta": {"model": "gpt-4o-2024-08-06"}, **long_chat}
+    del nested["model"]
+    embeddings = {"object": "list", "data": [{"embedding": [0.01] * 384}] * 600,
+                  "model": "text-embedding-3-small",
+                  "usage": {"prompt_tokens": 77, "total_tokens": 77}}
+    app = FastAPI()
+    for path, answer in (("/chat", long_chat), ("/nested", nested), ("/embed", embeddings)):
+        app.add_api_route(path, json_route(answer), methods=["POST"])
+    install(app, StackConfig(usage=UsageConfig(prices=PRICES, ledger=ledger)))
+    rows: dict[str, Any] = {}
+    async with client(app) as c:
+        for path in ("/chat", "/nested", "/embed"):
+            r = await c.post(path, json={"messages": [{"role": "user", "content": "hi"}]},
+                             headers={"authorization": "Bearer k"})  # (no model asked for)
+            assert r.status_code == 200 and len(r.content) > 1 << 20
+            assert "x-usage-finish-reason" not in r.headers
+            found = await ledger.get_request(principal_of("k"), r.headers["x-request-id"])
+            assert found is not None
+            rows[path] = found.record
+    chat = rows["/chat"]
+    assert (chat.model_version, chat.usage.input_tokens) == ("gpt-4o-2024-08-06", 1117)
+    assert chat.estimated_cost is not None  # (priced by the served model)
+    assert (chat.finish_reason, chat.raw_finish_reason) == (None, None)
+    assert rows["/nested"].model_version is None  # (a model nested deeper is not the answer's)
+    assert (rows["/embed"].model_version, rows["/embed"].usage.input_tokens) == (
+        "text-embedding-3-small", 77)
+    [aggregate] = [a for a in await ledger.query(principal_of("k"))
+                   if a.model == "unknown"]  # (filed as the request named it: none)
+    assert aggregate.finish_reasons == {"unknown": 3}
+
+
 async def test_an_absurd_reported_usage_is_junk_on_every_store(storage: Any) -> None:
     # An upstream's bug: 10**30 prompt tokens. Read as junk (0, past MAX_TOKENS), every
     # store agrees: the caller is charged its 5 output tokens, its next call admitted, and

@@ -392,3 +392,32 @@ def test_usage_read_from_the_tail_of_a_body_only_for_the_usage_member(
 
     found = from_tail(tail)
     assert (found is not None and found.usage == Usage(input_tokens=7)) is read
+
+
+def test_the_served_model_of_a_large_body_is_read_from_its_head_and_tail() -> None:
+    from aimiddleware.usage.extract import from_head, from_tail
+
+    for body in (OPENAI_CHAT, OPENAI_RESPONSE, ANTHROPIC):
+        raw = json.dumps(body, indent=2).encode()
+        found = from_head(raw[:300])
+        assert found is not None and found.model_version == body["model"]
+        assert found.usage is None and found.raw_finish_reason is None
+    for head in (
+        b'{"id": "a", "meta": {"model": "evil"}, "data": [',  # nested: not the answer's
+        b'{"data": [1, 2, 3',  # the member before it cut: not reached
+        b'[{"model": "evil"}]',  # not an object
+        b'{"id": "a" "model": "m"}',  # not JSON
+        b'{"model": 5}',
+        b'{"id": "\xff", "model": "m"}',  # not UTF-8
+        b"",
+    ):
+        assert from_head(head) is None, head
+    cut = '{"id": "caf\u00e9", "model": "m\u00e9"}'.encode()[:-3]  # a character cut short
+    assert from_head(cut) is None
+    assert from_head('{"id": "caf\u00e9", "model": "m\u00e9"}'.encode()).model_version == "m\u00e9"
+    tail = b'5]}], "model": "text-embedding-3-small", "usage": {"prompt_tokens": 7}}'
+    found = from_tail(tail)
+    assert found is not None and found.model_version == "text-embedding-3-small"
+    nested = b'"model": "evil"}], "usage": {"prompt_tokens": 7}}'
+    found = from_tail(nested)
+    assert found is not None and found.model_version is None

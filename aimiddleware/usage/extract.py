@@ -12,7 +12,9 @@ stream's opening usage, whose ``output_tokens`` is a placeholder: it is marked
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -21,12 +23,16 @@ from pydantic_core import from_json
 from aimiddleware.usage.models import Usage, believed
 
 __all__ = [
-    "TAIL_BYTES", "Extracted", "from_response", "from_stream_event", "from_tail", "parse_json",
+    "HEAD_BYTES", "TAIL_BYTES", "Extracted", "from_head", "from_response", "from_stream_event",
+    "from_tail", "parse_json",
 ]
 
 #: The last bytes of a JSON body too large to parse that :func:`from_tail` reads.
 TAIL_BYTES = 4096
+#: The first bytes of such a body that :func:`from_head` reads.
+HEAD_BYTES = 4096
 _DECODER = json.JSONDecoder()
+_SPACE = re.compile(r"[ \t\n\r]*")
 
 
 def parse_json(raw: bytes) -> Any:
@@ -162,28 +168,72 @@ def from_tail(tail: bytes) -> Extracted | None:
     """The usage of a JSON body too large to parse, from its last bytes ``tail``.
 
     Read when the last ``"usage"`` key there is a member of the top-level object, as in
-    OpenAI's embeddings (its last member), chat and Responses answers: what follows its
-    object, given an opening brace, must read as one JSON object (one level closed, nothing
-    after), which no key nested deeper passes. ``None`` otherwise.
+    OpenAI's embeddings (its last member), chat and Responses answers: what follows it,
+    given an opening brace, must read as one JSON object (one level closed, nothing after),
+    which no key nested deeper passes. ``None`` otherwise. A top-level ``model`` there (an
+    embeddings answer's, just before its usage) is read the same way.
     """
-    at = tail.rfind(b'"usage"')
+    usage = _usage(_tail_member(tail, b'"usage"'))
+    if usage is None:
+        return None
+    model = _tail_member(tail, b'"model"')
+    return Extracted(usage, None, None, model if isinstance(model, str) else None)
+
+
+def _tail_member(tail: bytes, key: bytes) -> Any:
+    """The value of the last ``key`` (quoted) in ``tail`` if that is a member of the
+    top-level object (see :func:`from_tail`); ``None`` otherwise."""
+    at = tail.rfind(key)
     if at < 0 or tail[:at].rstrip()[-1:] not in (b",", b"{"):  # (not a key ending so: x\"usage)
         return None
     try:
-        rest = tail[at + 7:].decode().lstrip()
-        if not rest.startswith(":"):
-            return None
-        rest = rest[1:].lstrip()
-        if not rest.startswith("{"):
-            return None
-        usage, end = _DECODER.raw_decode(rest)
-        after = rest[end:].lstrip()
-        if not isinstance(_DECODER.decode("{" + after.removeprefix(",")), dict):
-            return None
+        members = _DECODER.decode("{" + tail[at:].decode())
     except (ValueError, RecursionError):  # (UnicodeDecodeError included)
         return None
-    found = _usage(usage)
-    return None if found is None else Extracted(found)
+    return members.get(key[1:-1].decode()) if isinstance(members, dict) else None
+
+
+def from_head(head: bytes) -> Extracted | None:
+    """The served model of a JSON body too large to parse, from its first bytes ``head``.
+
+    A top-level ``model`` string, as OpenAI's chat and Responses answers and Anthropic's
+    name it near their start: the top-level members are read one by one from the opening
+    brace (a key nested deeper is inside a member's value, never taken), up to ``model`` or
+    the first member not there whole. ``None`` otherwise. (Usage and finish reason are not
+    read here: a finish reason inside ``choices`` is out of reach.)
+    """
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)  # (a cut last character
+    except UnicodeDecodeError:  # kept back; other encodings are not read)
+        return None
+    i = _skip(text, 0)
+    if text[i:i + 1] != "{":
+        return None
+    i += 1
+    try:
+        while True:
+            i = _skip(text, i)
+            if text[i:i + 1] != '"':
+                return None
+            key, i = _DECODER.raw_decode(text, i)
+            i = _skip(text, i)
+            if text[i:i + 1] != ":":
+                return None
+            value, i = _DECODER.raw_decode(text, _skip(text, i + 1))
+            if key == "model":
+                return Extracted(None, None, None, value) if isinstance(value, str) else None
+            i = _skip(text, i)
+            if text[i:i + 1] != ",":
+                return None
+            i += 1
+    except (ValueError, RecursionError):  # (a member cut by the end of the head)
+        return None
+
+
+def _skip(text: str, i: int) -> int:
+    """Past the JSON whitespace at ``i``."""
+    found = _SPACE.match(text, i)
+    return i if found is None else found.end()
 
 
 def from_stream_event(event: Any) -> Extracted | None:

@@ -9,7 +9,8 @@ parsed, and an event stream is scanned line by line as it passes (never buffered
 A JSON response's ``http.response.start`` is held back until its body is complete (or past
 the bound) so that the headers can carry what the body says; a body past the bound has its
 usage read from its last bytes (a top-level ``usage``, as OpenAI's embeddings end with: see
-:func:`~aimiddleware.usage.extract.from_tail`). A gzip or deflate body (from a
+:func:`~aimiddleware.usage.extract.from_tail`), its served model from its first or last
+bytes (:func:`~aimiddleware.usage.extract.from_head`). A gzip or deflate body (from a
 compression middleware inside the stack) is read from a copy decoded up to the same bound,
 past it from its last decoded bytes (decoded as it passes, to at most 64x the larger of
 the bound and its compressed size), and sent compressed as it came. Headers (prefix
@@ -48,7 +49,9 @@ from aimiddleware.usage.accounting import (
     ledger_for,
 )
 from aimiddleware.usage.extract import (
+    HEAD_BYTES,
     TAIL_BYTES,
+    from_head,
     from_response,
     from_stream_event,
     from_tail,
@@ -307,8 +310,9 @@ class Responder:
 
     def _keep_tail(self, chunk: bytes, final: bool) -> None:
         """Keep a JSON body's last bytes as it passes (mode ``tail`` until its end); at the
-        end, read its usage from them. A compressed body's last bytes are those of a copy
-        decoded as it passes (:class:`TailInflater`: bounded memory and work)."""
+        end, read its usage from them. Its served model is read from its first bytes. A
+        compressed body's are those of a copy decoded as it passes (:class:`TailInflater`:
+        bounded memory and work)."""
         assert self.acc is not None
         self.mode = "pass" if final else "tail"
         if self.coding:
@@ -323,9 +327,12 @@ class Responder:
             if final:
                 tail = reader.result()
                 if tail:
+                    self.acc.absorb(self.ctx, from_head(reader.head))
                     self.acc.absorb(self.ctx, from_tail(tail))
                 self.inflater = None
             return
+        if not self.tail and chunk:  # the body's first bytes
+            self.acc.absorb(self.ctx, from_head(bytes(chunk[:HEAD_BYTES])))
         if len(chunk) >= TAIL_BYTES:
             self.tail = bytes(chunk[-TAIL_BYTES:])
         else:
