@@ -181,6 +181,9 @@ def test_an_apps_own_figure_past_max_tokens_is_read_as_junk_too() -> None:
         output_tokens=5, reasoning_tokens=2)
     assert believed(Usage(input_tokens=3, output_tokens=2, total_tokens=10**19)) == Usage(
         input_tokens=3, output_tokens=2)
+    for name in Usage.model_fields:  # every count, each alone (the fast check names them)
+        junk = Usage(**{name: 10**19})
+        assert getattr(believed(junk), name) == 0, name
     # a Usage itself still holds any sum (a batch's, a month's)
     assert Usage(input_tokens=10**19).input_tokens == 10**19
 

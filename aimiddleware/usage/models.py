@@ -238,9 +238,12 @@ def believed(usage: Usage) -> Usage:
     MAX_TOKENS is junk, read as 0 as in a provider's usage (a junk total: input + output).
     ``usage`` itself when every count is believed. (A Usage's own validation takes any
     non-negative int: it also holds sums, a batch's or a month's.)"""
-    values = {name: getattr(usage, name) for name in Usage.model_fields}
-    if max(values.values()) <= MAX_TOKENS:
+    if max(  # (the usual case, without building anything)
+        usage.input_tokens, usage.output_tokens, usage.total_tokens,
+        usage.cached_input_tokens, usage.cache_creation_input_tokens, usage.reasoning_tokens,
+    ) <= MAX_TOKENS:
         return usage
+    values = {name: getattr(usage, name) for name in Usage.model_fields}
     fixed = {name: 0 for name, value in values.items() if value > MAX_TOKENS}
     if "total_tokens" in fixed:
         fixed["total_tokens"] = (fixed.get("input_tokens", values["input_tokens"])
