@@ -1,23 +1,36 @@
 """Reading a response body inside a retry loop, up to a limit (the retrying client's).
 
 Past the limit, the part read so far goes back in front of the rest, which streams on.
+The response is httpx's or httpx2's; what goes back in is a stream of its own module.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 import httpx
+
+from aimiddleware._httpx_modules import (
+    ASYNC_STREAMS,
+    SYNC_STREAMS,
+    AsyncByteStream2,
+    Response,
+    SyncByteStream2,
+    httpx2,
+)
+
+if TYPE_CHECKING:
+    _SyncStream = httpx.SyncByteStream | httpx2.SyncByteStream
+    _AsyncStream = httpx.AsyncByteStream | httpx2.AsyncByteStream
 
 __all__ = ["abuffer_body", "buffer_body"]
 
 
-class _Rest(httpx.SyncByteStream):
+class _Rest(httpx.SyncByteStream, SyncByteStream2):
     """The chunks read so far, then the rest of ``stream`` as it arrives."""
 
-    def __init__(
-        self, head: list[bytes], rest: Iterator[bytes], stream: httpx.SyncByteStream
-    ) -> None:
+    def __init__(self, head: list[bytes], rest: Iterator[bytes], stream: _SyncStream) -> None:
         self._head, self._rest, self._stream = head, rest, stream
 
     def __iter__(self) -> Iterator[bytes]:
@@ -28,11 +41,11 @@ class _Rest(httpx.SyncByteStream):
         self._stream.close()
 
 
-class _AsyncRest(httpx.AsyncByteStream):
+class _AsyncRest(httpx.AsyncByteStream, AsyncByteStream2):
     """The chunks read so far, then the rest of ``stream`` as it arrives."""
 
     def __init__(
-        self, head: list[bytes], rest: AsyncIterator[bytes], stream: httpx.AsyncByteStream
+        self, head: list[bytes], rest: AsyncIterator[bytes], stream: _AsyncStream
     ) -> None:
         self._head, self._rest, self._stream = head, rest, stream
 
@@ -46,10 +59,17 @@ class _AsyncRest(httpx.AsyncByteStream):
         await self._stream.aclose()
 
 
-def buffer_body(response: httpx.Response, limit: int) -> None:
+def _whole(response: Response, body: bytes) -> None:
+    if isinstance(response, httpx.Response):
+        response.stream = httpx.ByteStream(body)
+    else:
+        response.stream = httpx2.ByteStream(body)
+
+
+def buffer_body(response: Response, limit: int) -> None:
     """Read the raw body into memory, up to ``limit`` bytes; past it, keep streaming."""
     stream = response.stream
-    if not isinstance(stream, httpx.SyncByteStream):
+    if not isinstance(stream, SYNC_STREAMS):
         return
     head: list[bytes] = []
     size = 0
@@ -61,13 +81,13 @@ def buffer_body(response: httpx.Response, limit: int) -> None:
             response.stream = _Rest(head, rest, stream)
             return
     stream.close()
-    response.stream = httpx.ByteStream(b"".join(head))
+    _whole(response, b"".join(head))
 
 
-async def abuffer_body(response: httpx.Response, limit: int) -> None:
+async def abuffer_body(response: Response, limit: int) -> None:
     """Read the raw body into memory, up to ``limit`` bytes; past it, keep streaming."""
     stream = response.stream
-    if not isinstance(stream, httpx.AsyncByteStream):
+    if not isinstance(stream, ASYNC_STREAMS):
         return
     head: list[bytes] = []
     size = 0
@@ -79,4 +99,4 @@ async def abuffer_body(response: httpx.Response, limit: int) -> None:
             response.stream = _AsyncRest(head, rest, stream)
             return
     await stream.aclose()
-    response.stream = httpx.ByteStream(b"".join(head))
+    _whole(response, b"".join(head))

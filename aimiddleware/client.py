@@ -2,8 +2,13 @@
 
 ::
 
-    client = httpx.Client(transport=RetryTransport())
+    client = httpx2.Client(transport=RetryTransport())
     openai.OpenAI(http_client=client, max_retries=0)          # or AsyncRetryTransport + AsyncOpenAI
+
+The transports serve clients of ``httpx2`` (the HTTP client the official SDKs are built on)
+and of legacy ``httpx`` alike: each is a transport of both modules, its default inner
+transport is made from the module of the client's request (so the response is the type that
+client expects), and both modules' errors and streams are read the same way.
 
 Per logical request it adds an ``Idempotency-Key`` (POST and PATCH by default, unless the
 caller set one) and sends the same key on every attempt, so a server with idempotency
@@ -40,7 +45,8 @@ then resent after a timeout or a lost response: against a server that ignores
 server pass ``idempotency_methods=()``: a POST is then resent only if it never left, or on a
 retryable status (as openai-python does; a proxy's 502/504 can still hide a run).
 
-Requires ``httpx`` (the ``client`` extra).
+Requires ``httpx`` (the ``client`` extra); ``httpx2`` is used when it is installed (the
+openai and anthropic SDKs install it).
 """
 
 from __future__ import annotations
@@ -49,26 +55,36 @@ import inspect
 import json
 import math
 import random as _random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import anyio
 import httpx
 
 from aimiddleware._body_buffer import abuffer_body, buffer_body
+from aimiddleware._httpx_modules import (
+    BYTE_STREAMS,
+    MAYBE_SENT,
+    MODULES,
+    NOT_SENT,
+    REQUEST_NOT_READ,
+    AsyncBaseTransport2,
+    BaseTransport2,
+    Headers,
+    Request,
+    Response,
+    httpx2,
+)
 from aimiddleware.headers import parse_http_date
 
 __all__ = ["AsyncRetryTransport", "RetryPolicy", "RetryTransport"]
 
 # RFC 9110 9.2.2: repeating these has the same effect as sending them once.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-# The request never reached the server: safe to resend whatever the method.
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-# The request may have reached the server.
-_MAYBE_SENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 
 
 def _new_key() -> str:
@@ -118,7 +134,7 @@ class RetryPolicy:
         base = min(self.initial_delay * 2.0 ** min(retries_done, 1000), self.max_delay)
         return base * (1.0 - self.jitter * self.random())
 
-    def server_delay(self, headers: httpx.Headers) -> float | None:
+    def server_delay(self, headers: Headers) -> float | None:
         """The delay the server asked for, in seconds, or ``None`` if it gave none usable."""
         raw_ms = headers.get("retry-after-ms")
         if raw_ms is not None:
@@ -142,7 +158,7 @@ class RetryPolicy:
             return max(seconds, 0.0)
         return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
-    def should_retry_response(self, response: httpx.Response) -> bool:
+    def should_retry_response(self, response: Response) -> bool:
         """``x-should-retry`` wins; otherwise the status set. Only error statuses qualify."""
         if response.status_code < 400:
             return False
@@ -153,7 +169,7 @@ class RetryPolicy:
             return False
         return response.status_code in self.retry_statuses
 
-    def response_delay(self, response: httpx.Response, retries_done: int) -> float | None:
+    def response_delay(self, response: Response, retries_done: int) -> float | None:
         """Seconds to wait before retrying after ``response``; ``None``: do not retry."""
         if retries_done >= self.max_retries or not self.should_retry_response(response):
             return None
@@ -165,25 +181,25 @@ class RetryPolicy:
         return delay
 
     def error_delay(
-        self, exc: Exception, request: httpx.Request, retries_done: int
+        self, exc: Exception, request: Request, retries_done: int
     ) -> float | None:
         """Seconds to wait before retrying after a transport error; ``None``: re-raise."""
         if retries_done >= self.max_retries:
             return None
-        if isinstance(exc, _NOT_SENT):
+        if isinstance(exc, NOT_SENT):
             return self.backoff(retries_done)
-        if not isinstance(exc, _MAYBE_SENT):
+        if not isinstance(exc, MAYBE_SENT):
             return None
         return self.backoff(retries_done) if self.may_resend(request) else None
 
-    def may_resend(self, request: httpx.Request) -> bool:
+    def may_resend(self, request: Request) -> bool:
         """An idempotent method, or a key the server can replay by (if it honours keys)."""
         return (
             request.method.upper() in IDEMPOTENT_METHODS
             or self.idempotency_header in request.headers
         )
 
-    def should_buffer(self, response: httpx.Response, request: httpx.Request) -> bool:
+    def should_buffer(self, response: Response, request: Request) -> bool:
         """Whether to read this body (the answer to ``request``) inside the retry loop: a
         whole document, not a stream."""
         if self.max_buffered_body == 0 or response.status_code < 200:
@@ -203,7 +219,7 @@ class RetryPolicy:
 
     # -- request preparation -----------------------------------------------------------------
 
-    def add_idempotency_key(self, request: httpx.Request) -> None:
+    def add_idempotency_key(self, request: Request) -> None:
         """Give a POST/PATCH its key once per logical request, unless the caller set one."""
         if (
             request.method.upper() in self.idempotency_methods
@@ -212,10 +228,10 @@ class RetryPolicy:
             request.headers[self.idempotency_header] = self.key_factory()
 
 
-def _buffer_kind(request: httpx.Request) -> Literal["replayable", "buffer", "once"]:
+def _buffer_kind(request: Request) -> Literal["replayable", "buffer", "once"]:
     """How to make the body replayable: already bytes, read it once, or not at all."""
     stream = request.stream
-    if isinstance(stream, httpx.ByteStream):
+    if isinstance(stream, BYTE_STREAMS):
         return "replayable"
     # Multipart bodies are built from bytes or seekable files: finite, so read them once.
     if type(stream).__name__ == "MultipartStream":
@@ -223,7 +239,7 @@ def _buffer_kind(request: httpx.Request) -> Literal["replayable", "buffer", "onc
     return "once"  # a generator or iterator: it cannot be sent twice
 
 
-def _asks_for_stream(request: httpx.Request) -> bool:
+def _asks_for_stream(request: Request) -> bool:
     """The request asks for its answer as it is generated: ``"stream": true`` in a JSON body
     (OpenAI, Anthropic) or a streaming method in the path (Gemini's ``streamGenerateContent``
     answers a JSON array chunk by chunk without ``alt=sse``)."""
@@ -231,7 +247,7 @@ def _asks_for_stream(request: httpx.Request) -> bool:
         return True
     try:
         body = request.content
-    except httpx.RequestNotRead:  # (a body sent as it is generated: never buffered here)
+    except REQUEST_NOT_READ:  # (a body sent as it is generated: never buffered here)
         return False
     if b'"stream"' not in body:
         return False
@@ -248,8 +264,52 @@ def _policy(policy: RetryPolicy | None, options: dict[str, Any]) -> RetryPolicy:
     return policy if policy is not None else RetryPolicy(**options)
 
 
-class RetryTransport(httpx.BaseTransport):
-    """Sync retrying transport around ``transport`` (default ``httpx.HTTPTransport()``).
+class _Inner:
+    """Where each attempt goes out: the transport given, used as is, or by default an
+    ``HTTPTransport`` / ``AsyncHTTPTransport`` of the request's own module (httpx or httpx2),
+    made on its first request, so that the response is of the type its client expects."""
+
+    def __init__(self, given: Any, *, sync: bool) -> None:
+        self._kind = "BaseTransport" if sync else "AsyncBaseTransport"
+        self._default = "HTTPTransport" if sync else "AsyncHTTPTransport"
+        bases = {module.__name__: getattr(module, self._kind) for module in MODULES}
+        # the modules whose requests the given transport takes
+        self._serves = {name for name, base in bases.items() if isinstance(given, base)}
+        if given is not None and not self._serves:
+            names = " or ".join(f"{name}.{self._kind}" for name in bases)
+            raise TypeError(f"transport must be an {names}")
+        self._given = given
+        self._made: dict[str, Any] = {}
+        self._lock = threading.Lock()  # (a sync client's first requests may come at once)
+
+    def for_request(self, request: Request) -> Any:
+        module = httpx2 if httpx2 is not None and isinstance(request, httpx2.Request) else httpx
+        name = module.__name__
+        if self._given is not None:
+            if name not in self._serves:
+                raise TypeError(
+                    f"this retrying transport wraps {type(self._given).__name__}, a transport "
+                    f"of {' and '.join(sorted(self._serves))}, which cannot send an {name} "
+                    f"client's request: wrap an {name}.{self._kind} (or none: the default "
+                    "follows the client)"
+                )
+            return self._given
+        made = self._made.get(name)
+        if made is None:
+            with self._lock:
+                made = self._made.get(name)
+                if made is None:
+                    made = self._made[name] = getattr(module, self._default)()
+        return made
+
+    def opened(self) -> list[Any]:
+        """The transports to close."""
+        return [self._given] if self._given is not None else list(self._made.values())
+
+
+class RetryTransport(httpx.BaseTransport, BaseTransport2):
+    """Sync retrying transport around ``transport`` (default: an ``HTTPTransport()`` of the
+    client's module, httpx2's or httpx's).
 
     Pass a :class:`RetryPolicy`, or its fields as keyword arguments. A non-streamed body is
     read before this returns (see the module docstring); a stream is returned as it arrives.
@@ -257,30 +317,36 @@ class RetryTransport(httpx.BaseTransport):
 
     def __init__(
         self,
-        transport: httpx.BaseTransport | None = None,
+        transport: httpx.BaseTransport | httpx2.BaseTransport | None = None,
         *,
         policy: RetryPolicy | None = None,
         **options: Any,
     ) -> None:
-        if transport is not None and not isinstance(transport, httpx.BaseTransport):
-            raise TypeError("transport must be an httpx.BaseTransport")
+        self._inner = _Inner(transport, sync=True)
         self.policy = _policy(policy, options)
-        self._transport = transport if transport is not None else httpx.HTTPTransport()
 
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
+    @overload
+    def handle_request(self, request: httpx.Request) -> httpx.Response: ...
+    @overload
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response: ...
+    def handle_request(self, request: Request) -> Response:
         policy = self.policy
+        transport = self._inner.for_request(request)
         policy.add_idempotency_key(request)
         kind = _buffer_kind(request)
         if kind == "buffer":
             request.read()
         elif kind == "once":
-            return self._transport.handle_request(request)
+            once: Response = transport.handle_request(request)
+            return once
         sleep = policy.sleep or time.sleep
         resendable = policy.may_resend(request)
         retries = 0
         while True:
             try:
-                response = self._send(request, resendable and retries < policy.max_retries)
+                response = self._send(
+                    transport, request, resendable and retries < policy.max_retries
+                )
             except Exception as exc:
                 delay = policy.error_delay(exc, request, retries)
                 if delay is None:
@@ -293,9 +359,9 @@ class RetryTransport(httpx.BaseTransport):
             sleep(delay)
             retries += 1
 
-    def _send(self, request: httpx.Request, read_body: bool) -> httpx.Response:
+    def _send(self, transport: Any, request: Request, read_body: bool) -> Response:
         """One attempt; with ``read_body``, a lost body fails it like a lost response."""
-        response = self._transport.handle_request(request)
+        response: Response = transport.handle_request(request)
         if read_body and self.policy.should_buffer(response, request):
             try:
                 buffer_body(response, self.policy.max_buffered_body)
@@ -305,40 +371,48 @@ class RetryTransport(httpx.BaseTransport):
         return response
 
     def close(self) -> None:
-        self._transport.close()
+        for transport in self._inner.opened():
+            transport.close()
 
 
-class AsyncRetryTransport(httpx.AsyncBaseTransport):
-    """Async retrying transport around ``transport`` (default ``httpx.AsyncHTTPTransport()``).
+class AsyncRetryTransport(httpx.AsyncBaseTransport, AsyncBaseTransport2):
+    """Async retrying transport around ``transport`` (default: an ``AsyncHTTPTransport()`` of
+    the client's module, httpx2's or httpx's).
 
     The waits are cancellable. An injected ``sleep`` may be sync or async.
     """
 
     def __init__(
         self,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx.AsyncBaseTransport | httpx2.AsyncBaseTransport | None = None,
         *,
         policy: RetryPolicy | None = None,
         **options: Any,
     ) -> None:
-        if transport is not None and not isinstance(transport, httpx.AsyncBaseTransport):
-            raise TypeError("transport must be an httpx.AsyncBaseTransport")
+        self._inner = _Inner(transport, sync=False)
         self.policy = _policy(policy, options)
-        self._transport = transport if transport is not None else httpx.AsyncHTTPTransport()
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    @overload
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response: ...
+    @overload
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response: ...
+    async def handle_async_request(self, request: Request) -> Response:
         policy = self.policy
+        transport = self._inner.for_request(request)
         policy.add_idempotency_key(request)
         kind = _buffer_kind(request)
         if kind == "buffer":
             await request.aread()
         elif kind == "once":
-            return await self._transport.handle_async_request(request)
+            once: Response = await transport.handle_async_request(request)
+            return once
         resendable = policy.may_resend(request)
         retries = 0
         while True:
             try:
-                response = await self._send(request, resendable and retries < policy.max_retries)
+                response = await self._send(
+                    transport, request, resendable and retries < policy.max_retries
+                )
             except Exception as exc:
                 delay = policy.error_delay(exc, request, retries)
                 if delay is None:
@@ -351,9 +425,9 @@ class AsyncRetryTransport(httpx.AsyncBaseTransport):
             await self._sleep(delay)
             retries += 1
 
-    async def _send(self, request: httpx.Request, read_body: bool) -> httpx.Response:
+    async def _send(self, transport: Any, request: Request, read_body: bool) -> Response:
         """One attempt; with ``read_body``, a lost body fails it like a lost response."""
-        response = await self._transport.handle_async_request(request)
+        response: Response = await transport.handle_async_request(request)
         if read_body and self.policy.should_buffer(response, request):
             try:
                 await abuffer_body(response, self.policy.max_buffered_body)
@@ -371,4 +445,5 @@ class AsyncRetryTransport(httpx.AsyncBaseTransport):
             await result
 
     async def aclose(self) -> None:
-        await self._transport.aclose()
+        for transport in self._inner.opened():
+            await transport.aclose()

@@ -5,15 +5,19 @@ import hashlib
 import json
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import anyio
 import httpx
+import httpx2
 import openai
 import pytest
 import uvicorn
@@ -35,6 +39,10 @@ from aimiddleware.headers import http_date
 from aimiddleware.testing import FakeModel
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hello"}]
+
+# A behaviour runs in a client of each module: httpx2 (the official SDKs' own since openai 3
+# and anthropic 2: their http_client= is an httpx2 client) and legacy httpx.
+HTTP = pytest.mark.parametrize("http", [httpx2, httpx], ids=["httpx2", "httpx"])
 
 
 # -- a real server that fails on purpose and counts attempts ------------------------------------
@@ -136,23 +144,26 @@ def recorder_policy(**options: Any) -> tuple[RetryPolicy, list[float]]:
     return RetryPolicy(sleep=sleeps.append, random=lambda: 0.0, **options), sleeps
 
 
-def sync_sdk(base_url: str, policy: RetryPolicy) -> openai.OpenAI:
-    http = httpx.Client(transport=RetryTransport(policy=policy))
-    return openai.OpenAI(base_url=base_url, api_key="sk-test", http_client=http, max_retries=0)
+def sync_sdk(base_url: str, policy: RetryPolicy, http: ModuleType) -> openai.OpenAI:
+    client = http.Client(transport=RetryTransport(policy=policy))
+    return openai.OpenAI(base_url=base_url, api_key="sk-test", http_client=client, max_retries=0)
 
 
-def async_sdk(base_url: str, policy: RetryPolicy) -> openai.AsyncOpenAI:
-    http = httpx.AsyncClient(transport=AsyncRetryTransport(policy=policy))
-    return openai.AsyncOpenAI(base_url=base_url, api_key="sk-test", http_client=http, max_retries=0)
+def async_sdk(base_url: str, policy: RetryPolicy, http: ModuleType) -> openai.AsyncOpenAI:
+    client = http.AsyncClient(transport=AsyncRetryTransport(policy=policy))
+    return openai.AsyncOpenAI(
+        base_url=base_url, api_key="sk-test", http_client=client, max_retries=0
+    )
 
 
 # -- the official SDK through the transport ----------------------------------------------------
 
 
-def test_sdk_sync_retries_rate_limit_twice_then_succeeds(server: Server) -> None:
+@HTTP
+def test_sdk_sync_retries_rate_limit_twice_then_succeeds(server: Server, http: ModuleType) -> None:
     run, base = server.base("flaky")
     policy, sleeps = recorder_policy()
-    with sync_sdk(base, policy) as client:
+    with sync_sdk(base, policy, http) as client:
         completion = client.chat.completions.create(model="fake", messages=MESSAGES)
     assert completion.choices[0].message.content
     attempts = server.attempts(run)
@@ -161,10 +172,13 @@ def test_sdk_sync_retries_rate_limit_twice_then_succeeds(server: Server) -> None
     assert sleeps == [1.0, 1.0]  # retry-after-ms: 1000, honoured, not the 0.5 s backoff
 
 
-async def test_sdk_async_retries_rate_limit_twice_then_succeeds(server: Server) -> None:
+@HTTP
+async def test_sdk_async_retries_rate_limit_twice_then_succeeds(
+    server: Server, http: ModuleType
+) -> None:
     run, base = server.base("flaky")
     policy, sleeps = recorder_policy()
-    async with async_sdk(base, policy) as client:
+    async with async_sdk(base, policy, http) as client:
         completion = await client.chat.completions.create(model="fake", messages=MESSAGES)
     assert completion.usage is not None and completion.usage.completion_tokens > 0
     attempts = server.attempts(run)
@@ -172,10 +186,11 @@ async def test_sdk_async_retries_rate_limit_twice_then_succeeds(server: Server) 
     assert sleeps == [1.0, 1.0]
 
 
-async def test_sdk_async_stream_after_retries(server: Server) -> None:
+@HTTP
+async def test_sdk_async_stream_after_retries(server: Server, http: ModuleType) -> None:
     run, base = server.base("flaky")
     policy, sleeps = recorder_policy()
-    async with async_sdk(base, policy) as client:
+    async with async_sdk(base, policy, http) as client:
         stream = await client.chat.completions.create(
             model="fake", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
         )
@@ -185,20 +200,22 @@ async def test_sdk_async_stream_after_retries(server: Server) -> None:
     assert len(server.attempts(run)) == 3 and sleeps == [1.0, 1.0]
 
 
-def test_sdk_sync_quota_exceeded_is_not_retried(server: Server) -> None:
+@HTTP
+def test_sdk_sync_quota_exceeded_is_not_retried(server: Server, http: ModuleType) -> None:
     run, base = server.base("quota")
     policy, sleeps = recorder_policy()
-    with sync_sdk(base, policy) as client, pytest.raises(openai.RateLimitError) as info:
+    with sync_sdk(base, policy, http) as client, pytest.raises(openai.RateLimitError) as info:
         client.chat.completions.create(model="fake", messages=MESSAGES)
     assert info.value.response.headers["x-should-retry"] == "false"
     assert info.value.code == "quota_exceeded"
     assert len(server.attempts(run)) == 1 and sleeps == []
 
 
-async def test_sdk_async_quota_exceeded_is_not_retried(server: Server) -> None:
+@HTTP
+async def test_sdk_async_quota_exceeded_is_not_retried(server: Server, http: ModuleType) -> None:
     run, base = server.base("quota")
     policy, sleeps = recorder_policy()
-    async with async_sdk(base, policy) as client:
+    async with async_sdk(base, policy, http) as client:
         with pytest.raises(openai.RateLimitError) as info:
             await client.chat.completions.create(model="fake", messages=MESSAGES)
     assert info.value.response.headers["x-should-retry"] == "false"
@@ -206,39 +223,43 @@ async def test_sdk_async_quota_exceeded_is_not_retried(server: Server) -> None:
     assert len(server.attempts(run)) == 1 and sleeps == []
 
 
-def test_sdk_caller_idempotency_key_is_reused(server: Server) -> None:
+@HTTP
+def test_sdk_caller_idempotency_key_is_reused(server: Server, http: ModuleType) -> None:
     run, base = server.base("flaky")
     policy, _ = recorder_policy()
-    with sync_sdk(base, policy) as client:
+    with sync_sdk(base, policy, http) as client:
         client.chat.completions.create(
             model="fake", messages=MESSAGES, extra_headers={"Idempotency-Key": "mine-1"}
         )
     assert [a.key for a in server.attempts(run)] == ["mine-1"] * 3
 
 
-def test_sdk_529_retried_with_backoff(server: Server) -> None:
+@HTTP
+def test_sdk_529_retried_with_backoff(server: Server, http: ModuleType) -> None:
     run, base = server.base("overloaded")
     policy, sleeps = recorder_policy()
-    with sync_sdk(base, policy) as client:
+    with sync_sdk(base, policy, http) as client:
         client.chat.completions.create(model="fake", messages=MESSAGES)
     assert len(server.attempts(run)) == 2
     assert sleeps == [0.5]  # no Retry-After: initial delay (random=0: no jitter taken off)
 
 
-async def test_sdk_gives_up_after_max_retries(server: Server) -> None:
+@HTTP
+async def test_sdk_gives_up_after_max_retries(server: Server, http: ModuleType) -> None:
     run, base = server.base("down")
     policy, sleeps = recorder_policy(max_retries=3)
-    async with async_sdk(base, policy) as client:
+    async with async_sdk(base, policy, http) as client:
         with pytest.raises(openai.InternalServerError):
             await client.chat.completions.create(model="fake", messages=MESSAGES)
     assert len(server.attempts(run)) == 4
     assert sleeps == [0.5, 1.0, 2.0]
 
 
-def test_sdk_invalid_request_is_not_retried(server: Server) -> None:
+@HTTP
+def test_sdk_invalid_request_is_not_retried(server: Server, http: ModuleType) -> None:
     run, base = server.base("invalid")
     policy, sleeps = recorder_policy()
-    with sync_sdk(base, policy) as client, pytest.raises(openai.BadRequestError):
+    with sync_sdk(base, policy, http) as client, pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="fake", messages=MESSAGES)
     assert len(server.attempts(run)) == 1 and sleeps == []
 
@@ -246,39 +267,44 @@ def test_sdk_invalid_request_is_not_retried(server: Server) -> None:
 # -- transport details over real HTTP -----------------------------------------------------------
 
 
-def test_retry_after_longer_than_max_is_not_waited_for(server: Server) -> None:
+@HTTP
+def test_retry_after_longer_than_max_is_not_waited_for(server: Server, http: ModuleType) -> None:
     run, base = server.base("longwait")
     policy, sleeps = recorder_policy()
-    with httpx.Client(transport=RetryTransport(policy=policy)) as client:
+    with http.Client(transport=RetryTransport(policy=policy)) as client:
         response = client.post(base + "/chat/completions", json={"messages": MESSAGES})
     assert response.status_code == 429 and len(server.attempts(run)) == 1 and sleeps == []
     capped, sleeps2 = recorder_policy(over_max_retry_after="cap", max_retries=1)
-    with httpx.Client(transport=RetryTransport(policy=capped)) as client:
+    with http.Client(transport=RetryTransport(policy=capped)) as client:
         client.post(base + "/chat/completions", json={"messages": MESSAGES})
     assert sleeps2 == [60.0]
 
 
-def test_http_date_retry_after_over_the_wire(server: Server) -> None:
+@HTTP
+def test_http_date_retry_after_over_the_wire(server: Server, http: ModuleType) -> None:
     run, base = server.base("dated")
     policy, sleeps = recorder_policy()
-    with httpx.Client(transport=RetryTransport(policy=policy)) as client:
+    with http.Client(transport=RetryTransport(policy=policy)) as client:
         response = client.post(base + "/chat/completions", json={"messages": MESSAGES})
     assert response.status_code == 200 and len(server.attempts(run)) == 2
     assert len(sleeps) == 1 and 25 <= sleeps[0] <= 30
 
 
-def test_body_is_replayed_identically_and_failed_responses_closed(server: Server) -> None:
-    seen: list[httpx.Response] = []
+@HTTP
+def test_body_is_replayed_identically_and_failed_responses_closed(
+    server: Server, http: ModuleType
+) -> None:
+    seen: list[Any] = []
 
-    class Spy(httpx.HTTPTransport):
-        def handle_request(self, request: httpx.Request) -> httpx.Response:
+    class Spy(http.HTTPTransport):
+        def handle_request(self, request: Any) -> Any:
             response = super().handle_request(request)
             seen.append(response)
             return response
 
     run, base = server.base("flaky")
     policy, _ = recorder_policy()
-    with httpx.Client(transport=RetryTransport(Spy(), policy=policy)) as client:
+    with http.Client(transport=RetryTransport(Spy(), policy=policy)) as client:
         response = client.post(base + "/chat/completions", json={"messages": MESSAGES})
         assert response.status_code == 200
         attempts = server.attempts(run)
@@ -286,10 +312,11 @@ def test_body_is_replayed_identically_and_failed_responses_closed(server: Server
         assert [r.is_closed for r in seen] == [True, True, True]  # the last one was read
 
 
-def test_multipart_body_is_buffered_and_replayed(server: Server) -> None:
+@HTTP
+def test_multipart_body_is_buffered_and_replayed(server: Server, http: ModuleType) -> None:
     run, base = server.base("flaky")
     policy, _ = recorder_policy()
-    with httpx.Client(transport=RetryTransport(policy=policy)) as client:
+    with http.Client(transport=RetryTransport(policy=policy)) as client:
         response = client.post(
             base + "/chat/completions", files={"file": ("a.txt", b"x" * 1000)}, data={"p": "1"}
         )
@@ -298,7 +325,8 @@ def test_multipart_body_is_buffered_and_replayed(server: Server) -> None:
     assert len(attempts) == 3 and len({a.body_sha for a in attempts}) == 1
 
 
-async def test_streaming_request_body_is_never_retried(server: Server) -> None:
+@HTTP
+async def test_streaming_request_body_is_never_retried(server: Server, http: ModuleType) -> None:
     run, base = server.base("flaky")
     policy, sleeps = recorder_policy()
 
@@ -306,7 +334,7 @@ async def test_streaming_request_body_is_never_retried(server: Server) -> None:
         yield b'{"messages": '
         yield json.dumps(MESSAGES).encode() + b"}"
 
-    async with httpx.AsyncClient(transport=AsyncRetryTransport(policy=policy)) as client:
+    async with http.AsyncClient(transport=AsyncRetryTransport(policy=policy)) as client:
         response = await client.post(base + "/chat/completions", content=body())
     assert response.status_code == 429 and response.headers["x-should-retry"] == "true"
     attempts = server.attempts(run)
@@ -317,43 +345,53 @@ async def test_streaming_request_body_is_never_retried(server: Server) -> None:
 # the client hangs up): the client's 0.2 s read timeout fires, even if the machine stalls.
 # A retry is answered at once, but gets 10 s (set below the retrying transport), so that a
 # stalled machine cannot time it out too; connecting is never the short part.
-SHORT_READ = httpx.Timeout(10, read=0.2)
+def short_read(http: ModuleType) -> Any:
+    return http.Timeout(10, read=0.2)
 
 
-class PatientRetries(httpx.HTTPTransport):
-    attempts = 0
+def patient_retries(http: ModuleType) -> Any:
+    class PatientRetries(http.HTTPTransport):
+        attempts = 0
 
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        self.attempts += 1
-        if self.attempts > 1:
-            request.extensions["timeout"] = httpx.Timeout(10).as_dict()
-        return super().handle_request(request)
+        def handle_request(self, request: Any) -> Any:
+            self.attempts += 1
+            if self.attempts > 1:
+                request.extensions["timeout"] = http.Timeout(10).as_dict()
+            return super().handle_request(request)
 
-
-class AsyncPatientRetries(httpx.AsyncHTTPTransport):
-    attempts = 0
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.attempts += 1
-        if self.attempts > 1:
-            request.extensions["timeout"] = httpx.Timeout(10).as_dict()
-        return await super().handle_async_request(request)
+    return PatientRetries()
 
 
-def test_read_timeout_retried_only_with_idempotency_key_sync(server: Server) -> None:
+def async_patient_retries(http: ModuleType) -> Any:
+    class AsyncPatientRetries(http.AsyncHTTPTransport):
+        attempts = 0
+
+        async def handle_async_request(self, request: Any) -> Any:
+            self.attempts += 1
+            if self.attempts > 1:
+                request.extensions["timeout"] = http.Timeout(10).as_dict()
+            return await super().handle_async_request(request)
+
+    return AsyncPatientRetries()
+
+
+@HTTP
+def test_read_timeout_retried_only_with_idempotency_key_sync(
+    server: Server, http: ModuleType
+) -> None:
     policy, sleeps = recorder_policy()
     no_key, no_key_sleeps = recorder_policy(idempotency_methods=())
     run, base = server.base("slow")
     run2, base2 = server.base("slow")
-    transport = RetryTransport(PatientRetries(), policy=policy)
-    with httpx.Client(transport=transport, timeout=SHORT_READ) as client:
+    transport = RetryTransport(patient_retries(http), policy=policy)
+    with http.Client(transport=transport, timeout=short_read(http)) as client:
         assert (
             client.post(base + "/chat/completions", json={"messages": MESSAGES}).status_code == 200
         )
     with (
-        httpx.Client(transport=RetryTransport(PatientRetries(), policy=no_key),
-                     timeout=SHORT_READ) as client,
-        pytest.raises(httpx.ReadTimeout),
+        http.Client(transport=RetryTransport(patient_retries(http), policy=no_key),
+                    timeout=short_read(http)) as client,
+        pytest.raises(http.ReadTimeout),
     ):
         client.post(base2 + "/chat/completions", json={"messages": MESSAGES})
     assert len(server.attempts(run)) == 2 and len(sleeps) == 1
@@ -361,37 +399,42 @@ def test_read_timeout_retried_only_with_idempotency_key_sync(server: Server) -> 
     assert server.attempts(run2)[0].key is None
 
 
-async def test_read_timeout_retried_only_with_idempotency_key_async(server: Server) -> None:
+@HTTP
+async def test_read_timeout_retried_only_with_idempotency_key_async(
+    server: Server, http: ModuleType
+) -> None:
     policy, sleeps = recorder_policy()
     no_key, no_key_sleeps = recorder_policy(idempotency_methods=())
     run, base = server.base("slow")
     run2, base2 = server.base("slow")
-    transport = AsyncRetryTransport(AsyncPatientRetries(), policy=policy)
-    async with httpx.AsyncClient(transport=transport, timeout=SHORT_READ) as client:
+    transport = AsyncRetryTransport(async_patient_retries(http), policy=policy)
+    async with http.AsyncClient(transport=transport, timeout=short_read(http)) as client:
         assert (
             await client.post(base + "/chat/completions", json={"messages": MESSAGES})
         ).status_code == 200
-    transport = AsyncRetryTransport(AsyncPatientRetries(), policy=no_key)
-    async with httpx.AsyncClient(transport=transport, timeout=SHORT_READ) as client:
-        with pytest.raises(httpx.ReadTimeout):
+    transport = AsyncRetryTransport(async_patient_retries(http), policy=no_key)
+    async with http.AsyncClient(transport=transport, timeout=short_read(http)) as client:
+        with pytest.raises(http.ReadTimeout):
             await client.post(base2 + "/chat/completions", json={"messages": MESSAGES})
     assert len(server.attempts(run)) == 2 and len(sleeps) == 1
     assert len(server.attempts(run2)) == 1 and no_key_sleeps == []
     assert server.attempts(run2)[0].key is None
 
 
-async def test_connection_refused_is_retried_for_any_method() -> None:
+@HTTP
+async def test_connection_refused_is_retried_for_any_method(http: ModuleType) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # closed once we leave: nothing listens there
     policy, sleeps = recorder_policy(idempotency_methods=())
-    async with httpx.AsyncClient(transport=AsyncRetryTransport(policy=policy)) as client:
-        with pytest.raises(httpx.ConnectError):
+    async with http.AsyncClient(transport=AsyncRetryTransport(policy=policy)) as client:
+        with pytest.raises(http.ConnectError):
             await client.post(f"http://127.0.0.1:{port}/x", json={})
     assert sleeps == [0.5, 1.0]
 
 
-async def test_async_sleep_hook_is_awaited(server: Server) -> None:
+@HTTP
+async def test_async_sleep_hook_is_awaited(server: Server, http: ModuleType) -> None:
     slept: list[float] = []
 
     async def sleep(seconds: float) -> None:
@@ -400,7 +443,7 @@ async def test_async_sleep_hook_is_awaited(server: Server) -> None:
 
     run, base = server.base("flaky")
     policy = RetryPolicy(sleep=sleep)
-    async with httpx.AsyncClient(transport=AsyncRetryTransport(policy=policy)) as client:
+    async with http.AsyncClient(transport=AsyncRetryTransport(policy=policy)) as client:
         response = await client.post(base + "/chat/completions", json={"messages": MESSAGES})
     assert response.status_code == 200 and slept == [1.0, 1.0]
     assert len(server.attempts(run)) == 3
@@ -501,10 +544,13 @@ def raw_server() -> Iterator[RawServer]:
     listener.close()
 
 
-def test_sdk_sync_body_lost_mid_way_is_retried_with_the_same_key(raw_server: RawServer) -> None:
+@HTTP
+def test_sdk_sync_body_lost_mid_way_is_retried_with_the_same_key(
+    raw_server: RawServer, http: ModuleType
+) -> None:
     raw_server.replies = [Reply(cut=20), Reply()]  # headers and 20 bytes, then a reset
     policy, sleeps = recorder_policy()
-    with sync_sdk(raw_server.url + "/v1", policy) as client:
+    with sync_sdk(raw_server.url + "/v1", policy, http) as client:
         completion = client.chat.completions.create(model="fake", messages=MESSAGES)
     assert completion.choices[0].message.content == "ok"
     keys = raw_server.keys
@@ -512,10 +558,13 @@ def test_sdk_sync_body_lost_mid_way_is_retried_with_the_same_key(raw_server: Raw
     assert sleeps == [0.5]
 
 
-async def test_sdk_async_body_lost_twice_is_retried_with_backoff(raw_server: RawServer) -> None:
+@HTTP
+async def test_sdk_async_body_lost_twice_is_retried_with_backoff(
+    raw_server: RawServer, http: ModuleType
+) -> None:
     raw_server.replies = [Reply(cut=20), Reply(cut=20), Reply()]
     policy, sleeps = recorder_policy()
-    async with async_sdk(raw_server.url + "/v1", policy) as client:
+    async with async_sdk(raw_server.url + "/v1", policy, http) as client:
         completion = await client.chat.completions.create(model="fake", messages=MESSAGES)
     assert completion.choices[0].message.content == "ok"
     keys = raw_server.keys
@@ -523,22 +572,28 @@ async def test_sdk_async_body_lost_twice_is_retried_with_backoff(raw_server: Raw
     assert sleeps == [0.5, 1.0]
 
 
-def test_body_lost_every_time_spends_the_same_budget(raw_server: RawServer) -> None:
+@HTTP
+def test_body_lost_every_time_spends_the_same_budget(
+    raw_server: RawServer, http: ModuleType
+) -> None:
     raw_server.replies = [Reply(cut=20)]
     policy, sleeps = recorder_policy(max_retries=1)
     with (
-        httpx.Client(transport=RetryTransport(policy=policy)) as client,
-        pytest.raises(httpx.ReadError),
+        http.Client(transport=RetryTransport(policy=policy)) as client,
+        pytest.raises(http.ReadError),
     ):
         client.post(raw_server.url + "/v1/chat/completions", json={"messages": MESSAGES})
     assert len(raw_server.keys) == 2 and sleeps == [0.5]
 
 
-async def test_body_lost_is_retried_only_where_a_resend_is_safe(raw_server: RawServer) -> None:
+@HTTP
+async def test_body_lost_is_retried_only_where_a_resend_is_safe(
+    raw_server: RawServer, http: ModuleType
+) -> None:
     raw_server.replies = [Reply(cut=20), Reply(cut=20), Reply()]
     policy, sleeps = recorder_policy(idempotency_methods=())
-    async with httpx.AsyncClient(transport=AsyncRetryTransport(policy=policy)) as client:
-        with pytest.raises(httpx.ReadError):  # a POST without a key: it may have run
+    async with http.AsyncClient(transport=AsyncRetryTransport(policy=policy)) as client:
+        with pytest.raises(http.ReadError):  # a POST without a key: it may have run
             await client.post(raw_server.url + "/v1/chat/completions", json={})
         assert raw_server.keys == [None] and sleeps == []
         response = await client.get(raw_server.url + "/v1/models")  # idempotent: resent
@@ -548,21 +603,23 @@ async def test_body_lost_is_retried_only_where_a_resend_is_safe(raw_server: RawS
 BIG = json.dumps({"data": "x" * 3000}).encode()
 
 
-def fetch(url: str, policy: RetryPolicy) -> bytes | None:
+def fetch(url: str, policy: RetryPolicy, http: ModuleType) -> bytes | None:
     """The body, or ``None`` if the connection went before its end."""
-    with httpx.Client(transport=RetryTransport(policy=policy)) as client:
+    with http.Client(transport=RetryTransport(policy=policy)) as client:
         try:
-            return client.get(url).content
-        except httpx.RemoteProtocolError:
+            content: bytes = client.get(url).content
+        except http.RemoteProtocolError:
             return None
+        return content
 
 
-async def afetch(url: str, policy: RetryPolicy) -> bytes | None:
-    async with httpx.AsyncClient(transport=AsyncRetryTransport(policy=policy)) as client:
+async def afetch(url: str, policy: RetryPolicy, http: ModuleType) -> bytes | None:
+    async with http.AsyncClient(transport=AsyncRetryTransport(policy=policy)) as client:
         try:
-            return (await client.get(url)).content
-        except httpx.RemoteProtocolError:
+            content: bytes = (await client.get(url)).content
+        except http.RemoteProtocolError:
             return None
+        return content
 
 
 @pytest.mark.parametrize(
@@ -577,20 +634,24 @@ async def afetch(url: str, policy: RetryPolicy) -> bytes | None:
     ],
 )
 @pytest.mark.parametrize("sync", [True, False], ids=["sync", "async"])
+@HTTP
 async def test_buffering_is_capped(
-    raw_server: RawServer, reply: Reply, attempts: int, sync: bool
+    raw_server: RawServer, reply: Reply, attempts: int, sync: bool, http: ModuleType
 ) -> None:
     raw_server.replies = [dataclasses.replace(reply, reset=False), Reply(BIG)]
     limit = 4000 if reply.content_type == "application/octet-stream" else 1000
     policy, _ = recorder_policy(max_buffered_body=limit)
     url = raw_server.url + "/v1/files"
-    content = await (anyio.to_thread.run_sync(fetch, url, policy) if sync else afetch(url, policy))
+    content = await (
+        anyio.to_thread.run_sync(fetch, url, policy, http) if sync else afetch(url, policy, http)
+    )
     assert len(raw_server.keys) == attempts
     assert content == (None if attempts == 1 and reply.cut else BIG)
 
 
+@HTTP
 def test_sdk_event_stream_is_not_buffered_and_a_cut_is_the_callers(
-    raw_server: RawServer,
+    raw_server: RawServer, http: ModuleType
 ) -> None:
     chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "fake"}
     events = [
@@ -611,7 +672,7 @@ def test_sdk_event_stream_is_not_buffered_and_a_cut_is_the_callers(
     policy, sleeps = recorder_policy()
     words = []
     with (
-        sync_sdk(raw_server.url + "/v1", policy) as client,
+        sync_sdk(raw_server.url + "/v1", policy, http) as client,
         pytest.raises(openai.APIConnectionError),
     ):
         stream = client.chat.completions.create(model="fake", messages=MESSAGES, stream=True)
@@ -622,13 +683,16 @@ def test_sdk_event_stream_is_not_buffered_and_a_cut_is_the_callers(
     assert len(raw_server.keys) == 1 and sleeps == []  # to resume is the caller's
 
 
-async def test_unknown_length_stream_is_not_buffered(raw_server: RawServer) -> None:
+@HTTP
+async def test_unknown_length_stream_is_not_buffered(
+    raw_server: RawServer, http: ModuleType
+) -> None:
     release = threading.Event()
     lines = b'{"n": 1}\n{"n": 2}\n'
     raw_server.replies = [Reply(lines, "application/x-ndjson", chunked=True, chunk=9, hold=release)]
     policy, _ = recorder_policy()
     async with (
-        httpx.AsyncClient(transport=AsyncRetryTransport(policy=policy)) as client,
+        http.AsyncClient(transport=AsyncRetryTransport(policy=policy)) as client,
         client.stream("POST", raw_server.url + "/v1/jobs", json={}) as response,
     ):
         received = b""
@@ -645,8 +709,9 @@ async def test_unknown_length_stream_is_not_buffered(raw_server: RawServer) -> N
         pytest.param("/v1/chat/completions", {"stream": True}, id="stream-true"),
     ],
 )
+@HTTP
 async def test_a_json_answer_to_a_request_for_a_stream_is_not_buffered(
-    raw_server: RawServer, path: str, body: dict[str, Any]
+    raw_server: RawServer, path: str, body: dict[str, Any], http: ModuleType
 ) -> None:
     # JSON of unknown length was read whole before the transport returned: Gemini's
     # streamGenerateContent (a JSON array, chunk by chunk, without alt=sse) arrived at once.
@@ -655,7 +720,7 @@ async def test_a_json_answer_to_a_request_for_a_stream_is_not_buffered(
     raw_server.replies = [Reply(array, "application/json", chunked=True, chunk=10, hold=release)]
     policy, _ = recorder_policy()
     async with (
-        httpx.AsyncClient(transport=AsyncRetryTransport(policy=policy)) as client,
+        http.AsyncClient(transport=AsyncRetryTransport(policy=policy)) as client,
         client.stream("POST", raw_server.url + path, json=body) as response,
     ):
         received = b""
@@ -668,8 +733,8 @@ async def test_a_json_answer_to_a_request_for_a_stream_is_not_buffered(
 # -- the pure policy -----------------------------------------------------------------------------
 
 
-def response(status: int, **headers: str) -> httpx.Response:
-    return httpx.Response(status, headers={k.replace("_", "-"): v for k, v in headers.items()})
+def response(status: int, http: ModuleType = httpx, **headers: str) -> Any:
+    return http.Response(status, headers={k.replace("_", "-"): v for k, v in headers.items()})
 
 
 def test_backoff_is_exponential_capped_and_jittered() -> None:
@@ -689,9 +754,10 @@ def test_backoff_stays_capped_after_a_thousand_retries() -> None:
     assert RetryPolicy(initial_delay=0.0).backoff(2000) == 0.0
 
 
-def test_server_delay_parsing() -> None:
+@HTTP
+def test_server_delay_parsing(http: ModuleType) -> None:
     policy = RetryPolicy(clock=lambda: 1_000_000.0)
-    headers = httpx.Headers
+    headers = http.Headers
     assert policy.server_delay(headers({"retry-after-ms": "250", "retry-after": "9"})) == 0.25
     assert policy.server_delay(headers({"retry-after-ms": "junk", "retry-after": "2.5"})) == 2.5
     assert policy.server_delay(headers({"retry-after": http_date(1_000_007.0)})) == 7.0
@@ -704,16 +770,17 @@ def test_server_delay_parsing() -> None:
     assert policy.server_delay(headers({})) is None
 
 
-def test_should_retry_signal_wins_over_status() -> None:
+@HTTP
+def test_should_retry_signal_wins_over_status(http: ModuleType) -> None:
     policy = RetryPolicy()
-    assert policy.should_retry_response(response(400, x_should_retry="true"))
-    assert not policy.should_retry_response(response(503, x_should_retry="false"))
-    assert not policy.should_retry_response(response(429, x_should_retry="false"))
-    assert not policy.should_retry_response(response(200, x_should_retry="true"))
+    assert policy.should_retry_response(response(400, http, x_should_retry="true"))
+    assert not policy.should_retry_response(response(503, http, x_should_retry="false"))
+    assert not policy.should_retry_response(response(429, http, x_should_retry="false"))
+    assert not policy.should_retry_response(response(200, http, x_should_retry="true"))
     for status in (408, 409, 429, 500, 502, 503, 504, 529):
-        assert policy.should_retry_response(response(status))
+        assert policy.should_retry_response(response(status, http))
     for status in (400, 401, 403, 404, 410, 413, 422, 501):
-        assert not policy.should_retry_response(response(status))
+        assert not policy.should_retry_response(response(status, http))
 
 
 def test_response_delay_limits() -> None:
@@ -726,37 +793,41 @@ def test_response_delay_limits() -> None:
     assert policy.response_delay(response(503), 1) == 1.0
 
 
-def test_error_delay_depends_on_method_and_key() -> None:
+@HTTP
+def test_error_delay_depends_on_method_and_key(http: ModuleType) -> None:
     policy = RetryPolicy(random=lambda: 0.0)
-    post = httpx.Request("POST", "http://x/")
-    keyed = httpx.Request("POST", "http://x/", headers={"Idempotency-Key": "k"})
-    get = httpx.Request("GET", "http://x/")
-    assert policy.error_delay(httpx.ConnectError("refused"), post, 0) == 0.5
-    assert policy.error_delay(httpx.PoolTimeout("pool"), post, 0) == 0.5
-    assert policy.error_delay(httpx.ReadTimeout("slow"), post, 0) is None
-    assert policy.error_delay(httpx.RemoteProtocolError("eof"), post, 0) is None
-    assert policy.error_delay(httpx.ReadTimeout("slow"), keyed, 1) == 1.0
-    assert policy.error_delay(httpx.ReadError("reset"), get, 0) == 0.5
-    assert policy.error_delay(httpx.LocalProtocolError("bad"), get, 0) is None
+    post = http.Request("POST", "http://x/")
+    keyed = http.Request("POST", "http://x/", headers={"Idempotency-Key": "k"})
+    get = http.Request("GET", "http://x/")
+    assert policy.error_delay(http.ConnectError("refused"), post, 0) == 0.5
+    assert policy.error_delay(http.ConnectTimeout("connect"), post, 0) == 0.5
+    assert policy.error_delay(http.PoolTimeout("pool"), post, 0) == 0.5
+    assert policy.error_delay(http.ReadTimeout("slow"), post, 0) is None
+    assert policy.error_delay(http.RemoteProtocolError("eof"), post, 0) is None
+    assert policy.error_delay(http.ReadTimeout("slow"), keyed, 1) == 1.0
+    assert policy.error_delay(http.WriteError("reset"), keyed, 0) == 0.5
+    assert policy.error_delay(http.ReadError("reset"), get, 0) == 0.5
+    assert policy.error_delay(http.LocalProtocolError("bad"), get, 0) is None
     assert policy.error_delay(ValueError("app bug"), get, 0) is None
-    assert policy.error_delay(httpx.ConnectError("refused"), get, 2) is None
+    assert policy.error_delay(http.ConnectError("refused"), get, 2) is None
 
 
-def test_idempotency_key_added_once_and_only_where_configured() -> None:
+@HTTP
+def test_idempotency_key_added_once_and_only_where_configured(http: ModuleType) -> None:
     keys = iter(["k1", "k2"])
     policy = RetryPolicy(key_factory=lambda: next(keys))
-    post = httpx.Request("POST", "http://x/")
+    post = http.Request("POST", "http://x/")
     policy.add_idempotency_key(post)
     policy.add_idempotency_key(post)
     assert post.headers.get_list("idempotency-key") == ["k1"]
-    patch = httpx.Request("PATCH", "http://x/", headers={"idempotency-key": "mine"})
+    patch = http.Request("PATCH", "http://x/", headers={"idempotency-key": "mine"})
     policy.add_idempotency_key(patch)
     assert patch.headers["Idempotency-Key"] == "mine"
-    get = httpx.Request("GET", "http://x/")
+    get = http.Request("GET", "http://x/")
     policy.add_idempotency_key(get)
     assert "idempotency-key" not in get.headers
     default = RetryPolicy()
-    put = httpx.Request("post", "http://x/")
+    put = http.Request("post", "http://x/")
     default.add_idempotency_key(put)
     assert uuid.UUID(put.headers["idempotency-key"])
 
@@ -775,11 +846,84 @@ def test_policy_is_validated(options: dict[str, Any]) -> None:
         RetryPolicy(**options)
 
 
-def test_transport_arguments_are_validated() -> None:
+@HTTP
+def test_transport_arguments_are_validated(http: ModuleType) -> None:
     with pytest.raises(TypeError):
         RetryTransport(policy=RetryPolicy(), max_retries=1)
-    with pytest.raises(TypeError):
-        RetryTransport(httpx.AsyncHTTPTransport())  # type: ignore[arg-type]
-    with pytest.raises(TypeError):
-        AsyncRetryTransport(httpx.HTTPTransport())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="BaseTransport"):
+        RetryTransport(http.AsyncHTTPTransport())
+    with pytest.raises(TypeError, match="AsyncBaseTransport"):
+        AsyncRetryTransport(http.HTTPTransport())
     assert RetryTransport(max_retries=5).policy.max_retries == 5
+    RetryTransport(http.HTTPTransport()).close()
+    RetryTransport(RetryTransport(http.HTTPTransport())).close()
+
+
+# -- one transport for both modules --------------------------------------------------------------
+
+
+async def test_the_default_inner_transport_follows_each_client(server: Server) -> None:
+    # Its default was an httpx.AsyncHTTPTransport, which an httpx2 client's request failed
+    # (an AssertionError: httpx2's ByteStream is no httpx stream). Now each request goes out
+    # on a transport of its own client's module, and comes back as that module's response.
+    run, base = server.base("flaky")
+    policy, sleeps = recorder_policy()
+    transport = AsyncRetryTransport(policy=policy)
+    for http in (httpx2, httpx, httpx2):
+        client = http.AsyncClient(transport=transport)
+        response = await client.post(base + "/chat/completions", json={"messages": MESSAGES})
+        assert isinstance(response, http.Response) and response.status_code == 200
+    await transport.aclose()
+    assert len(server.attempts(run)) == 3 + 2 and sleeps == [1.0, 1.0]  # (flaky: 2 then 200s)
+
+
+@pytest.mark.parametrize(
+    ("client_module", "inner_module"), [(httpx2, httpx), (httpx, httpx2)], ids=["h2-h", "h-h2"]
+)
+async def test_an_inner_transport_of_the_other_module_is_refused(
+    server: Server, client_module: ModuleType, inner_module: ModuleType
+) -> None:
+    run, base = server.base("flaky")
+    sync = RetryTransport(inner_module.HTTPTransport())
+    with (
+        client_module.Client(transport=sync) as client,
+        pytest.raises(TypeError, match=f"cannot send an {client_module.__name__} client's"),
+    ):
+        client.post(base + "/chat/completions", json={"messages": MESSAGES})
+    transport = AsyncRetryTransport(inner_module.AsyncHTTPTransport())
+    async with client_module.AsyncClient(transport=transport) as client:
+        with pytest.raises(TypeError, match=f"wrap an {client_module.__name__}.AsyncBase"):
+            await client.post(base + "/chat/completions", json={"messages": MESSAGES})
+    assert server.attempts(run) == []  # refused before anything was sent
+
+
+@pytest.mark.parametrize(
+    "preamble",
+    [
+        pytest.param("sys.modules['httpx2'] = None  # (not installed)", id="httpx-alone"),
+        pytest.param("import httpx2; httpx2.alias_httpx()", id="httpx-aliased-to-httpx2"),
+    ],
+)
+def test_the_transports_with_one_httpx_module(server: Server, preamble: str) -> None:
+    # httpx2 is optional (the client extra is httpx); and after httpx2.alias_httpx() both
+    # names are one module, of which the transports must not take the same base twice.
+    run, base = server.base("flaky")
+    script = f"""
+import sys
+{preamble}
+import httpx
+from aimiddleware.client import AsyncRetryTransport, RetryPolicy, RetryTransport
+assert httpx.__name__ == sys.argv[1] and RetryTransport.__mro__[1] is httpx.BaseTransport
+assert AsyncRetryTransport.__mro__[1] is httpx.AsyncBaseTransport
+policy = RetryPolicy(sleep=lambda seconds: None)
+with httpx.Client(transport=RetryTransport(policy=policy)) as client:
+    response = client.post(sys.argv[2], json={{"messages": {MESSAGES!r}}})
+print(type(response).__module__.partition(".")[0], response.status_code)
+"""
+    module = "httpx" if "None" in preamble else "httpx2"
+    found = subprocess.run(
+        [sys.executable, "-c", script, module, base + "/chat/completions"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert found.stdout.split() == [module, "200"], found.stderr
+    assert len(server.attempts(run)) == 3

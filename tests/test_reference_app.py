@@ -3,18 +3,24 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
+import anyio
 import httpx
+import httpx2
 import openai
 import pytest
 from httpx_sse import connect_sse
 
+from aimiddleware.client import AsyncRetryTransport, RetryTransport
 from aimiddleware.testing import FakeModel
 from examples.app import create_app
 from examples.settings import load_settings, principal_of_key
@@ -44,6 +50,7 @@ output_estimate = 64
 "sk-demo-free" = "free"
 "sk-demo-free-2" = "free"
 "sk-free-user" = "free"
+"sk-free-retrying" = "free"
 """
 
 
@@ -533,3 +540,107 @@ def test_content_nested_past_the_bound_is_a_400_on_the_chat_route_too(
         assert r.status_code == 400, (path, r.text)
         assert r.headers["content-type"] == "application/problem+json"
         assert "nested more than 32 deep" in r.json()["detail"]
+
+
+# -- the SDK with the retrying client (aimiddleware.client) as its transport ----------------------
+# In the SDK's own kind of client, httpx2 (openai 3's http_client= is one), and in legacy httpx.
+
+
+
+def retrying_sdk(
+    base_url: str, key: str, http: ModuleType, sync: bool, seen: list[int]
+) -> openai.OpenAI | openai.AsyncOpenAI:
+    """The SDK on ``http``'s client around the retrying transport, ``seen`` each attempt's
+    status (SDK retries off: one retry layer)."""
+    if sync:
+
+        class Spy(http.HTTPTransport):
+            def handle_request(self, request: Any) -> Any:
+                response = super().handle_request(request)
+                seen.append(response.status_code)
+                return response
+
+        client = http.Client(transport=RetryTransport(Spy(), max_retries=3))
+        return openai.OpenAI(base_url=base_url + "/v1", api_key=key, http_client=client,
+                             max_retries=0)
+
+    class AsyncSpy(http.AsyncHTTPTransport):
+        async def handle_async_request(self, request: Any) -> Any:
+            response = await super().handle_async_request(request)
+            seen.append(response.status_code)
+            return response
+
+    aclient = http.AsyncClient(transport=AsyncRetryTransport(AsyncSpy(), max_retries=3))
+    return openai.AsyncOpenAI(base_url=base_url + "/v1", api_key=key, http_client=aclient,
+                              max_retries=0)
+
+
+class Chat:
+    """One SDK client, sync (called in a thread) or async, and the statuses it was sent."""
+
+    def __init__(self, base_url: str, key: str, http: ModuleType, sync: bool) -> None:
+        self.seen: list[int] = []
+        self.client = retrying_sdk(base_url, key, http, sync, self.seen)
+
+    async def create(self, **body: Any) -> Any:
+        """A chat completion; a stream's chunks, all of them."""
+        body = {"model": "fake-chat", "messages": HI, "max_tokens": 5, **body}
+        client = self.client
+        if isinstance(client, openai.AsyncOpenAI):
+            answer = await client.chat.completions.create(**body)
+            return [chunk async for chunk in answer] if body.get("stream") else answer
+        answer = await anyio.to_thread.run_sync(functools.partial(
+            client.chat.completions.create, **body))
+        return await anyio.to_thread.run_sync(list, answer) if body.get("stream") else answer
+
+    async def __aenter__(self) -> Chat:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if isinstance(self.client, openai.AsyncOpenAI):
+            await self.client.close()
+        else:
+            self.client.close()
+
+
+@pytest.fixture(
+    params=[(httpx2, True), (httpx2, False), (httpx, True), (httpx, False)],
+    ids=["httpx2-sync", "httpx2-async", "httpx-sync", "httpx-async"],
+)
+def chat_as(base_url: str, request: pytest.FixtureRequest) -> Callable[[str], Chat]:
+    """A :class:`Chat` for an API key, on each module's client, sync and async."""
+    return functools.partial(Chat, base_url, http=request.param[0], sync=request.param[1])
+
+
+async def test_the_retrying_client_completes_and_streams_through_the_sdk(
+    chat_as: Callable[[str], Chat],
+) -> None:
+    async with chat_as("sk-demo-pro") as chat:
+        out = await chat.create(max_tokens=12)
+        chunks = await chat.create(stream=True, stream_options={"include_usage": True})
+    assert out.choices[0].message.content and out.usage.completion_tokens > 0
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert chat.seen == [200, 200]
+
+
+async def test_the_retrying_client_retries_a_rate_limit_through_the_sdk(
+    chat_as: Callable[[str], Chat],
+) -> None:
+    async with chat_as("sk-free-retrying") as chat:
+        # the 4th in the same second is refused (3/second): the transport waits Retry-After
+        # and sends it again (ten calls at most, for a machine that stalls between calls)
+        for _ in range(10):
+            out = await chat.create()
+            if 429 in chat.seen:
+                break
+    assert 429 in chat.seen and chat.seen[-1] == 200 and out.choices[0].message.content
+
+
+async def test_the_retrying_client_does_not_retry_a_spent_quota_through_the_sdk(
+    chat_as: Callable[[str], Chat],
+) -> None:
+    async with chat_as("sk-broke") as chat:
+        with pytest.raises(openai.RateLimitError) as info:
+            await chat.create()
+    assert info.value.code == "quota_exceeded" and chat.seen == [429]
