@@ -42,6 +42,10 @@ CANCEL_ON_DISCONNECT = "cancel_on_disconnect"
 after the client leaves; the time limit still applies."""
 _CALLBACKS = "cancellation.callbacks"
 STATE_KEY = "cancellation"
+LIMIT_SCOPE = "cancellation.scope"
+"""``ctx.state`` key: the scope that bounds a request with a time limit, for a send wrapper
+other than this layer's own (``install()``'s stack) to lift the limit once the response has
+been sent whole (its deadline set to ``math.inf``, as :meth:`_Call.send` does)."""
 
 
 def cleanup_scope(seconds: float = 5.0) -> anyio.CancelScope:
@@ -172,6 +176,8 @@ class _Call:
         self.app_scope = app_scope = anyio.CancelScope()
         if limit is not None:
             app_scope.deadline = anyio.current_time() + limit
+            if self.ctx is not None:
+                self.ctx.state[LIMIT_SCOPE] = app_scope
         returned = False
         error: Exception | None = None
         async with anyio.create_task_group() as tg:

@@ -49,6 +49,7 @@ from aimiddleware._asgi import route_path
 from aimiddleware._cancel_watch import (
     _CALLBACKS,
     CANCEL_ON_DISCONNECT,
+    LIMIT_SCOPE,
     _Call,
     _Sweeper,
     cleanup_scope,
@@ -267,6 +268,7 @@ class CancellationMiddleware:
                     app_scope = scope_cls(deadline=loop.time() + limit)
                     if ctx is not None:  # (so what it cut can tell a timeout from a cancel)
                         ctx.state[DEADLINE] = app_scope.deadline
+                        ctx.state[LIMIT_SCOPE] = app_scope  # (lifted once the response is out)
                 call = _Call(self, ctx, receive, pending, app_scope, loop, None)
                 if _SWALLOWS_NATIVE_CANCEL:
                     native = current_task()

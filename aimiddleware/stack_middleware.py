@@ -23,12 +23,14 @@ the chain.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import anyio
 
 from aimiddleware._asgi import is_preflight, route_path
+from aimiddleware._cancel_watch import LIMIT_SCOPE
 from aimiddleware._shutdown import Drain
 from aimiddleware.cancellation import CancellationMiddleware
 from aimiddleware.context import RequestContext, _current, run_after_response
@@ -189,6 +191,11 @@ class _Exchange(Responder):
         elif kind == "http.response.body" and not message.get("more_body"):
             self.ctx.response_complete = True
             await self.raw_send(message)
+            # The time limit bounds the response, not what the app runs after it (the
+            # cancellation layer's own send wrapper, which lifts it, is not on this path).
+            limited = self.ctx.state.get(LIMIT_SCOPE)
+            if limited is not None:
+                limited.deadline = math.inf
             # Sent whole: the rate limiter settles now, not once the app returns (after
             # the background tasks it may run: see run_request).
             admission = self.admission

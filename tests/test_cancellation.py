@@ -24,6 +24,7 @@ from aimiddleware import (
     CancellationMiddleware,
     EventStreamResponse,
     Usage,
+    UsageConfig,
     cleanup_scope,
     current,
     install,
@@ -629,8 +630,11 @@ def test_both_anyio_backends_lift_the_limit_once_the_response_is_sent(backend: s
     assert anyio.run(main, backend=backend) == ["background"]
 
 
-async def test_fastapi_background_tasks_outlive_the_default_timeout() -> None:
-    """The user trial's case, on uvicorn: a 200 at once, then a task longer than the limit."""
+@pytest.mark.parametrize("usage", [False, True])
+async def test_fastapi_background_tasks_outlive_the_default_timeout(usage: bool) -> None:
+    """The user trial's case, on uvicorn: a 200 at once, then a task longer than the limit.
+    With the usage layer the stack sends through a wrapper of its own, not the cancellation
+    layer's: the limit was not lifted and the task was cancelled at the deadline."""
     record: dict[str, Any] = {}
     app = FastAPI()
 
@@ -643,7 +647,8 @@ async def test_fastapi_background_tasks_outlive_the_default_timeout() -> None:
         tasks.add_task(work)
         return {"status": "accepted"}
 
-    install(app, cancellation=CancellationConfig(default_timeout=0.2))
+    install(app, cancellation=CancellationConfig(default_timeout=0.2),
+            usage=UsageConfig() if usage else None)
     async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
         r = await client.post("/v1/feedback", json={})
         assert r.status_code == 200 and r.json() == {"status": "accepted"}
