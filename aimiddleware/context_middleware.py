@@ -35,7 +35,10 @@ from aimiddleware.errors import (
 )
 from aimiddleware.types import ASGIApp, Message, PrincipalResolver, Receive, Scope, Send
 
-__all__ = ["RequestContextMiddleware", "replay_receive", "with_request_id"]
+__all__ = [
+    "CLIENT_CLOSED", "RequestContextMiddleware", "end_abandoned", "replay_receive",
+    "with_request_id",
+]
 
 DUPLICATE_KEY = b"\x00duplicate"  # (new_context's key for two of a key header: a 400)
 
@@ -103,10 +106,10 @@ class RequestContextMiddleware:
 
         token = _current.set(ctx)
         try:
-            if not await self.read_request(ctx, scope, receive, send_with_id, content_length,
-                                           key):
-                return
-            await self.app(scope, replay_receive(ctx, receive), send_with_id)
+            if await self.read_request(ctx, scope, receive, send_with_id, content_length, key):
+                await self.app(scope, replay_receive(ctx, receive), send_with_id)
+            if ctx.disconnected and ctx.response_status is None:
+                await end_abandoned(send, rid_header)
         finally:
             _current.reset(token)
             if ctx.after_response:  # (usually none)
@@ -258,6 +261,28 @@ def with_request_id(
             return out
     out.append(request_id)
     return out
+
+
+CLIENT_CLOSED = 499
+"""The status of a request whose client left before any response (nginx's "client closed
+request"): see :func:`end_abandoned`."""
+
+
+async def end_abandoned(send: Send, request_id: tuple[bytes, bytes]) -> None:
+    """End a request whose client left before its response started (the app cancelled, or
+    the body cut off) with an empty 499: the server drops it, but a middleware outside the
+    stack sees the request end with a response. (Starlette's ``BaseHTTPMiddleware``, an
+    ``@app.middleware("http")`` function added after ``install()``, raises "No response
+    returned." without one: a traceback and a 500 in the server log.) ``ctx`` is not
+    touched: no response was sent to anyone."""
+    try:
+        await send({
+            "type": "http.response.start", "status": CLIENT_CLOSED,
+            "headers": [request_id, (b"content-length", b"0")],
+        })
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except Exception:  # (a server may refuse to send to a client that is gone: OSError)
+        logger.debug("could not end a request whose client left", exc_info=True)
 
 
 def replay_receive(ctx: RequestContext, receive: Receive) -> Receive:

@@ -36,6 +36,7 @@ from aimiddleware.cancellation import CancellationMiddleware
 from aimiddleware.context import RequestContext, _current, run_after_response
 from aimiddleware.context_middleware import (
     RequestContextMiddleware,
+    end_abandoned,
     replay_receive,
     with_request_id,
 )
@@ -112,6 +113,8 @@ class StackMiddleware:
             if not await context.read_request(
                 ctx, scope, receive, exchange.outer, content_length, key
             ):
+                if ctx.disconnected:  # (the client left while sending its body)
+                    await end_abandoned(send, exchange.request_id)
                 return
             try:
                 cancellation = self.cancellation
@@ -131,6 +134,8 @@ class StackMiddleware:
                 started = ctx.response_status is not None
                 await self.errors.answer_cancelled(scope, ctx, exchange.outer, started=started)
                 raise
+            if ctx.disconnected and ctx.response_status is None:  # (cancelled: client gone)
+                await end_abandoned(send, exchange.request_id)
         finally:
             _current.reset(token)
             if ctx.after_response:  # (usually none; still in flight for the drain meanwhile)
