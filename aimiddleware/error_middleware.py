@@ -38,6 +38,12 @@ __all__ = ["ErrorMiddleware", "register_exception_handlers"]
 
 logger = logging.getLogger("aimiddleware")
 
+ERROR_SEND = "errors.send"
+"""``ctx.state`` key: this layer's own ``send``, set as it has a started event stream write
+its error event. A writer whose own ``send`` ended with the app sends through it instead: a
+``BaseHTTPMiddleware`` (an ``@app.middleware("http")`` function) between the stream and the
+stack relays through a memory stream that is closed once the app is cancelled."""
+
 
 _SHUTTING_DOWN = "The server is shutting down; retry the request."
 _CANCEL_ANSWER_TIMEOUT = 1.0
@@ -144,6 +150,7 @@ class ErrorMiddleware:
         if not started:
             await send_problem(send, err, request_id, type_base=self.type_base)
         elif ctx is not None and ctx.stream_error_writer is not None:
+            ctx.state[ERROR_SEND] = send
             await ctx.stream_error_writer(err)
         else:
             logger.error(

@@ -20,6 +20,7 @@ import anyio
 
 from aimiddleware.cancellation import CANCEL_ON_DISCONNECT, DEADLINE, cleanup_scope
 from aimiddleware.context import RequestContext, report_no_model_call
+from aimiddleware.error_middleware import ERROR_SEND
 from aimiddleware.errors import AIError, problem_body
 from aimiddleware.sse.dialects import Dialect, StreamSummary
 from aimiddleware.sse.events import ServerSentEvent, without_ids
@@ -341,11 +342,18 @@ class StreamSender:
         self.sending = True
         limit = self.resp.send_timeout
         # Also bounded outside the timer task (an error written after the stream's own end).
+        message = {"type": "http.response.body", "body": b"".join(frames), "more_body": False}
         with anyio.move_on_after(limit if limit is not None else float("inf")):
             try:
-                await self.send(
-                    {"type": "http.response.body", "body": b"".join(frames), "more_body": False}
-                )
+                try:
+                    await self.send(message)
+                except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                    # An error event written after the app ended, through a middleware that
+                    # ended with it (a BaseHTTPMiddleware's memory stream): the error layer's.
+                    fallback = self.ctx.state.get(ERROR_SEND) if self.ctx is not None else None
+                    if fallback is None:
+                        raise
+                    await fallback(message)
             except OSError:  # the client left as its end went out (ASGI >= 2.4)
                 self._client_left()
         self.sending = False
