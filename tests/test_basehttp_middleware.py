@@ -5,6 +5,7 @@ wraps in a task group behind a memory stream; real uvicorn, real clients."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -13,24 +14,34 @@ from typing import Any
 
 import anyio
 import httpx
+import openai
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, Header, HTTPException, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.middleware.gzip import GZipMiddleware
+from fastapi.responses import JSONResponse, StreamingResponse
 from httpx_sse import aconnect_sse
+from openai.types.chat import ChatCompletionChunk
 from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from aimiddleware import (
     CancellationConfig,
     EventStreamResponse,
+    IdempotencyConfig,
+    ModelRegistry,
     OpenAIChatDialect,
     Policy,
     RateLimiter,
     StackConfig,
     UsageConfig,
+    VersioningConfig,
     install,
 )
 from aimiddleware.stack_middleware import StackMiddleware
+from aimiddleware.testing import FakeModel
 from tests.live_server import serve
-from tests.ratelimit_helpers import principal_of
+from tests.ratelimit_helpers import counters, principal_of
 
 AUTH = {"authorization": "Bearer k1"}
 
@@ -161,4 +172,182 @@ async def test_a_time_limit_ends_a_stream_with_its_error_event_through_the_middl
             data = [event.data async for event in source.aiter_sse()]
     assert 5 < len(data) < 20 and data[-1] == "[DONE]"
     assert json.loads(data[-2])["error"]["code"] == "timeout"
+    assert not errors, [r.getMessage() for r in errors]
+
+
+class AppError(Exception):
+    """An app's own error, answered by its own exception handler."""
+
+
+def untidy_app(order: str, model: FakeModel, limiter: RateLimiter) -> FastAPI:
+    """A typical FastAPI app: logging and timing functions, CORS, GZip, TrustedHost, its own
+    exception handlers, a router with a prefix and an auth dependency, a mounted sub-app, a
+    plain StreamingResponse and an EventStreamResponse, BackgroundTasks; the stack installed
+    with the ``@app.middleware("http")`` functions defined ``before`` it or ``after``."""
+    app = FastAPI()
+
+    def http_functions() -> None:
+        @app.middleware("http")
+        async def timing(request: Request, call_next: Any) -> Any:
+            response = await call_next(request)
+            response.headers["x-process-time"] = "0.001"
+            return response
+
+        @app.middleware("http")
+        async def log_body(request: Request, call_next: Any) -> Any:
+            if request.method == "POST":
+                await request.body()  # (the body read in the function, then replayed)
+            return await call_next(request)
+
+    async def api_key(authorization: str | None = Header(default=None)) -> None:
+        if authorization != "Bearer k1":
+            raise HTTPException(401, "bad key", headers={"WWW-Authenticate": "Bearer"})
+
+    router = APIRouter(prefix="/v1", dependencies=[Depends(api_key)])
+    done: list[str] = []
+    app.state.background = done
+
+    @router.post("/chat/completions")
+    async def chat(body: dict[str, Any], tasks: BackgroundTasks) -> Any:
+        tasks.add_task(done.append, "logged")
+        if not body.get("stream"):
+            return await model.complete(body)
+        chunks = await model.open_stream(body)
+
+        async def sse() -> AsyncIterator[str]:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    @router.post("/responses")
+    async def responses(body: dict[str, Any]) -> EventStreamResponse:
+        return EventStreamResponse(
+            await model.open_stream(body), dialect=OpenAIChatDialect.for_request(body)
+        )
+
+    @router.post("/boom")
+    async def boom() -> None:
+        raise AppError
+
+    app.include_router(router)
+    sub = FastAPI()
+
+    @sub.get("/ping")
+    async def ping() -> dict[str, bool]:
+        return {"pong": True}
+
+    app.mount("/sub", sub)
+
+    @app.exception_handler(AppError)
+    async def app_error(request: Request, exc: AppError) -> JSONResponse:
+        return JSONResponse({"error": "the app's own"}, status_code=418)
+
+    app.add_middleware(GZipMiddleware, minimum_size=200)
+    app.add_middleware(CORSMiddleware, allow_origins=["https://app.example"])
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1"])
+    if order == "before":
+        http_functions()
+    registry = ModelRegistry()
+    registry.add_snapshot("gpt-4o-mini-2024-07-18")
+    registry.alias("gpt-4o-mini", "gpt-4o-mini-2024-07-18")
+    install(app, StackConfig(
+        ratelimit=limiter, usage=UsageConfig(), idempotency=IdempotencyConfig(),
+        cancellation=CancellationConfig(timeouts={"/v1/*": 10}),
+        versioning=VersioningConfig(registry=registry),
+    ))
+    if order == "after":
+        http_functions()
+    return app
+
+
+async def slot_freed(limiter: RateLimiter, key: str) -> None:
+    """Wait (up to 3 s) until the caller with API key ``key`` holds no concurrency slot."""
+    with anyio.fail_after(3):
+        while await limiter.backend.in_flight(principal_of(key)):  # type: ignore[attr-defined]  # noqa: ASYNC110
+            await anyio.sleep(0.005)
+
+
+def chat_body(**extra: Any) -> dict[str, Any]:
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 20, **extra}
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+async def test_an_untidy_fastapi_app_in_either_order(
+    caplog: pytest.LogCaptureFixture, order: str
+) -> None:
+    model = FakeModel("gpt-4o-mini", first_token_latency=0, inter_token_delay=0.01,
+                      length=(20, 20))
+    await model.warm()
+    limiter = RateLimiter(Policy(requests="100/minute", tokens="10000/minute", concurrency=1))
+    app = untidy_app(order, model, limiter)
+    with server_errors(caplog) as errors:
+        async with serve(app) as url, httpx.AsyncClient(base_url=url, headers=AUTH) as c:
+            # a JSON completion: usage and every layer's headers, once each
+            r = await c.post("/v1/chat/completions", json=chat_body())
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 20
+            names = [k for k, _ in r.headers.multi_items()]
+            for name in ("x-request-id", "x-ratelimit-remaining-tokens", "ratelimit",
+                         "x-usage-total-tokens", "x-model-version", "x-process-time"):
+                assert names.count(name) == 1, name
+            # a plain stream and an EventStreamResponse, through the official SDK
+            sdk = openai.AsyncOpenAI(base_url=url + "/v1", api_key="k1", max_retries=0)
+            for path in ("/chat/completions", "/responses"):
+                stream = await sdk.post(
+                    path, body=chat_body(stream=True, stream_options={"include_usage": True}),
+                    cast_to=ChatCompletionChunk, stream=True,
+                    stream_cls=openai.AsyncStream[ChatCompletionChunk],
+                )
+                chunks = [chunk async for chunk in stream]
+                assert chunks[-1].usage is not None
+                assert chunks[-1].usage.completion_tokens == 20
+            # the dependency's 401 is typed and not charged; the app's own error is its own
+            before = await counters(limiter, "k2")
+            r = await c.post("/v1/chat/completions", json=chat_body(),
+                             headers={"authorization": "Bearer k2"})
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            assert r.headers["content-type"] == "application/problem+json"
+            await slot_freed(limiter, "k2")  # (outside, the function sends the answer first)
+            assert await counters(limiter, "k2") == before
+            r = await c.post("/v1/boom")
+            assert (r.status_code, r.json()) == (418, {"error": "the app's own"})
+            assert (await c.get("/sub/ping")).json() == {"pong": True}
+            # idempotency: a retry and three concurrent duplicates, one model call each
+            runs = model.stats.requests
+            key = {"idempotency-key": "order-42"}
+            first = await c.post("/v1/chat/completions", json=chat_body(), headers=key)
+            again = await c.post("/v1/chat/completions", json=chat_body(), headers=key)
+            assert again.headers["idempotent-replayed"] == "true"
+            assert again.content == first.content
+            dupes = await asyncio.gather(*[
+                c.post("/v1/responses", json=chat_body(stream=True),
+                       headers={"idempotency-key": "order-43"}) for _ in range(3)
+            ])
+            assert sorted(d.status_code for d in dupes) == [200, 409, 409]
+            assert model.stats.requests == runs + 2
+            # a client that leaves mid-stream: the model stops, what streamed is charged,
+            # the slot is free
+            used = await counters(limiter, "k1")
+            generated = model.stats.tokens_generated
+            async with c.stream("POST", "/v1/chat/completions",
+                                json=chat_body(stream=True, max_tokens=500)) as s:
+                async for line in s.aiter_lines():
+                    if line.startswith("data:") and "content" in line and '""' not in line:
+                        break
+            await slot_freed(limiter, "k1")
+            streamed = model.stats.tokens_generated - generated
+            assert model.stats.cancelled == 1 and 0 < streamed < 20
+            charged = (await counters(limiter, "k1"))["tokens:60"] - used["tokens:60"]
+            assert charged == 8 + streamed  # (the prompt's 8 and what streamed)
+            # bad input: typed 4xx answers
+            r = await c.post("/v1/chat/completions", content=b"{not json",
+                             headers={"content-type": "application/json"})
+            assert (r.status_code, r.headers["content-type"]) == (400, "application/problem+json")
+            r = await c.post("/v1/chat/completions", json=chat_body(),
+                             headers={"idempotency-key": "x" * 300})
+            assert r.status_code == 400
+        # (the JSON answers and the whole stream: not the one its client left)
+        assert app.state.background == ["logged"] * 3
     assert not errors, [r.getMessage() for r in errors]
