@@ -10,6 +10,7 @@ import anyio
 import http_sfv
 import httpx
 import pytest
+from starlette.responses import StreamingResponse
 
 from aimiddleware import Policy, RateLimiter, SpendAlert
 from aimiddleware.context import SCOPE_KEY
@@ -413,7 +414,6 @@ def test_configuration_is_validated_eagerly() -> None:
 
 async def test_stream_is_reconciled_with_usage_reported_at_its_end() -> None:
     from fastapi import FastAPI
-    from fastapi.responses import StreamingResponse
 
     import aimiddleware
     from aimiddleware import report_usage
