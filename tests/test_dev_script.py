@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 FLOOR = "3.99"
 
@@ -28,24 +30,25 @@ def project(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def run_dev(where: Path) -> subprocess.CompletedProcess[str]:
+def run_dev(where: Path, command: str = "test") -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHON": sys.executable}
     return subprocess.run(
-        ["bash", str(where / "dev"), "test"], cwd=where, env=env, capture_output=True,
+        ["bash", str(where / "dev"), command], cwd=where, env=env, capture_output=True,
         text=True, timeout=300, check=False,
     )
 
 
+@pytest.mark.parametrize(("command", "venv"), [("test", ".venv"), ("test-lowest", ".venv-lowest")])
 def test_an_interpreter_below_the_floor_is_refused_before_a_venv_is_made(
-    tmp_path: Path,
+    tmp_path: Path, command: str, venv: str
 ) -> None:
     where = project(tmp_path)
-    done = run_dev(where)
+    done = run_dev(where, command)
     mine = f"{sys.version_info[0]}.{sys.version_info[1]}"
     assert done.returncode == 2
     assert f"is Python {mine}; aimiddleware needs Python >= {FLOOR}" in done.stderr
-    assert "PYTHON=" in done.stderr
-    assert not (where / ".venv").exists()  # nothing left to trip the next run
+    assert f"PYTHON=python3.13 ./dev {command}" in done.stderr
+    assert not (where / venv).exists()  # nothing left to trip the next run
 
 
 def test_a_venv_below_the_floor_is_refused_with_how_to_remove_it(tmp_path: Path) -> None:
