@@ -271,10 +271,10 @@ request"): see :func:`end_abandoned`."""
 async def end_abandoned(send: Send, request_id: tuple[bytes, bytes]) -> None:
     """End a request whose client left before its response started (the app cancelled, or
     the body cut off) with an empty 499: the server drops it, but a middleware outside the
-    stack sees the request end with a response. (Starlette's ``BaseHTTPMiddleware``, an
-    ``@app.middleware("http")`` function added after ``install()``, raises "No response
-    returned." without one: a traceback and a 500 in the server log.) ``ctx`` is not
-    touched: no response was sent to anyone."""
+    stack sees the request end with a response. (An app's ``@app.middleware("http")``
+    function added after ``install()`` raises "No response returned." without one: a
+    traceback and a 500 in the server log.) ``ctx`` is not touched: no response was sent to
+    anyone."""
     try:
         await send({
             "type": "http.response.start", "status": CLIENT_CLOSED,

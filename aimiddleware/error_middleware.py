@@ -40,9 +40,9 @@ logger = logging.getLogger("aimiddleware")
 
 ERROR_SEND = "errors.send"
 """``ctx.state`` key: this layer's own ``send``, set as it has a started event stream write
-its error event. A writer whose own ``send`` ended with the app sends through it instead: a
-``BaseHTTPMiddleware`` (an ``@app.middleware("http")`` function) between the stream and the
-stack relays through a memory stream that is closed once the app is cancelled."""
+its error event. A writer whose own ``send`` ended with the app sends through it instead: an
+app's ``@app.middleware("http")`` function between the stream and the stack relays through a
+memory stream that is closed once the app is cancelled."""
 
 
 _SHUTTING_DOWN = "The server is shutting down; retry the request."

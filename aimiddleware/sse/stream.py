@@ -348,8 +348,9 @@ class StreamSender:
                 try:
                     await self.send(message)
                 except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                    # An error event written after the app ended, through a middleware that
-                    # ended with it (a BaseHTTPMiddleware's memory stream): the error layer's.
+                    # An error event written after the app ended, through an app-side
+                    # middleware that relays by a memory stream closed with the app (an
+                    # @app.middleware("http") function): sent by the error layer's send.
                     fallback = self.ctx.state.get(ERROR_SEND) if self.ctx is not None else None
                     if fallback is None:
                         raise
