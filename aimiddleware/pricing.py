@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -251,8 +252,6 @@ class PriceTable:
         """A JSON or TOML file (by suffix ``.toml``; anything else is read as JSON)."""
         path = Path(path)
         if path.suffix.lower() == ".toml":
-            import tomllib
-
             with path.open("rb") as f:
                 return cls.from_dict(tomllib.load(f))
         return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
