@@ -108,14 +108,18 @@ class ClusterServer:
     def url(self) -> str:
         return f"redis+cluster://127.0.0.1:{self.servers[0].port}"
 
-    def start(self, timeout: float = 20.0) -> ClusterServer:
-        for server, bus_port in zip(self.servers, self.bus_ports, strict=True):
+    def start(self, timeout: float = 20.0, announce: list[int] | None = None) -> ClusterServer:
+        """``announce``: the port each node gives clients in CLUSTER SLOTS/SHARDS and MOVED
+        (``cluster-announce-port``), for nodes behind a proxy (``tests/tls_proxy.py``)."""
+        ports = announce or [0] * len(self.servers)  # (0: its own port)
+        for server, bus_port, port in zip(self.servers, self.bus_ports, ports, strict=True):
             server.start(
                 10.0,
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", f"{server.dir}/nodes.conf",
                 "--cluster-node-timeout", "5000",
                 "--cluster-port", str(bus_port),  # (port + 10,000 may be past 65,535)
+                "--cluster-announce-port", str(port),
             )
         slots, count = 16384, len(self.servers)
         for i, server in enumerate(self.servers):
