@@ -10,6 +10,7 @@ operation touches one slot.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 __all__ = ["Storage", "redis_errors"]
+
+logger = logging.getLogger("aimiddleware.storage")
 
 _REDIS_SCHEMES = {"redis", "rediss", "valkey", "valkeys", "unix"}
 _CLUSTER_SCHEMES = {"redis+cluster", "rediss+cluster", "valkey+cluster", "valkeys+cluster"}
@@ -187,21 +190,35 @@ async def redis_errors(what: str) -> AsyncIterator[None]:
         rexc.OutOfMemoryError, rexc.ClusterError, rexc.TryAgainError, rexc.SlotNotCoveredError,
         OSError,
     ) as exc:  # down, slow, failing over (a read-only replica, a cluster resharding) or full
-        raise StoreUnavailable(f"The {what} store is unavailable.", retry_after=1) from exc
+        raise _unavailable(what, exc) from exc
     except rexc.RedisClusterException as exc:
         # No node reachable, the slots not covered, nodes that disagree on the slot map in a
         # failover: an outage. A command whose keys are in different slots is a bug of ours
         # to see, not a 503 to retry for ever.
         if "same key slot" in str(exc):
             raise
-        raise StoreUnavailable(f"The {what} store is unavailable.", retry_after=1) from exc
+        raise _unavailable(what, exc) from exc
     except AttributeError as exc:
         # redis-py's asyncio cluster client closes connections that other requests are using
         # when a node fails or comes back (8.1: a node's ``aclose`` on re-mapping), and those
         # requests fail inside the client: ``'NoneType' object has no attribute 'writelines'``.
         if not _raised_in_redis(exc):
             raise
-        raise StoreUnavailable(f"The {what} store is unavailable.", retry_after=1) from exc
+        raise _unavailable(what, exc) from exc
+
+
+def _unavailable(what: str, exc: BaseException) -> StoreUnavailable:
+    """The 503 for ``exc``, logged with its cause. The client is told which store failed,
+    never why (its address, its certificate); the server's log says: a CA that does not sign
+    the store's certificate, a refused password, a timeout. One line, no traceback."""
+    why = f"{type(exc).__name__}: {exc}"
+    root = exc
+    while (inner := root.__cause__ or root.__context__) is not None:
+        root = inner
+    if root is not exc and str(root) not in why:  # (redis-py 5.0 drops an SSL error's text)
+        why += f" ({type(root).__name__}: {root})"
+    logger.warning("the %s store is unavailable: %s", what, why)
+    return StoreUnavailable(f"The {what} store is unavailable.", retry_after=1)
 
 
 def _raised_in_redis(exc: BaseException) -> bool:

@@ -10,6 +10,7 @@ httpx as a user runs it, the CA given in the storage URL as redis-py reads it.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -160,12 +161,15 @@ async def test_the_stores_run_over_tls_with_a_private_ca(
 
 @pytest.mark.parametrize("mistake", ["wrong-ca", "system-ca", "plain-port"])
 async def test_a_tls_store_the_client_cannot_trust_is_a_typed_503(
-    tls: tuple[str, list[TLSProxy]], tls_ca: PrivateCA, mistake: str
+    tls: tuple[str, list[TLSProxy]], tls_ca: PrivateCA, mistake: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The CA of another deployment, or none (the system's, which does not know a private
     CA): every request is a typed, retryable 503 at once, not a 500. A ``rediss://`` URL
     naming the server's plain port waits for a handshake that never comes: the 503 then
-    comes after the socket timeout, not later."""
+    comes after the socket timeout, not later. The client is told which store failed; the
+    server's log says why."""
+    caplog.set_level(logging.WARNING, logger="aimiddleware")
     url, proxies = tls
     if mistake == "wrong-ca":
         url = with_query(url, ssl_ca_certs=PrivateCA().ca_file)
@@ -190,6 +194,10 @@ async def test_a_tls_store_the_client_cannot_trust_is_a_typed_503(
     assert r.headers["retry-after"] == "1" and r.headers["x-should-retry"] == "true"
     assert "certificate" not in r.text and "127.0.0.1" not in r.text  # (no store details)
     assert not calls
+    why = "Timeout connecting" if mistake == "plain-port" else "certificate verify failed"
+    logged = [rec.getMessage() for rec in caplog.records if rec.name.startswith("aimiddleware")]
+    assert len(logged) == 1, logged
+    assert logged[0].startswith("the idempotency store is unavailable: ") and why in logged[0]
     if mistake == "plain-port":
         assert timeout * 0.9 < took < timeout + 1.0
     else:
