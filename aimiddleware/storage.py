@@ -63,6 +63,8 @@ class Storage:
         self.cluster = scheme.endswith("+cluster")
         self._client = client
         self._scripts: dict[str, Any] = {}
+        if self.kind == "redis" and client is None:
+            self._check_url()
 
     @classmethod
     def coerce(cls, value: Storage | str | None) -> Storage:
@@ -103,6 +105,23 @@ class Storage:
         tail = ":".join(parts)
         base = f"{self.key_prefix}:{namespace}:{{{principal}}}"
         return f"{base}:{tail}" if tail else base
+
+    def _check_url(self) -> None:
+        """Build what :meth:`_connect` builds, a connection of the pool too, and drop them:
+        nothing connects. A URL redis-py refuses (an option its client does not take, such as
+        ``ssl_ca_path`` on a cluster URL or a misspelt ``ssl_ca_cert``, a value it cannot
+        read, a database on a cluster) is a ``ValueError`` at startup, where it failed every
+        request with a 500 once the client was built on first use."""
+        try:
+            import redis  # noqa: F401
+        except ImportError:  # pragma: no cover - (the first use says what to install)
+            return
+        try:
+            client = self._connect()
+            if not self.cluster:
+                client.connection_pool.make_connection()
+        except Exception as exc:  # (no I/O here: whatever fails is the URL's)
+            raise ValueError(f"redis-py does not take this storage URL: {exc}") from exc
 
     def _connect(self) -> Any:
         try:

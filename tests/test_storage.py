@@ -49,6 +49,40 @@ async def test_a_cluster_url_over_tls_builds_a_tls_cluster_client(url: str, tls:
     await s.aclose()
 
 
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        ("rediss+cluster://127.0.0.1:7000?ssl_ca_path=/etc/ssl/certs", "ssl_ca_path"),
+        ("rediss://127.0.0.1:6379/0?ssl_ca_cert=/ca.pem", "ssl_ca_cert"),  # (misspelt)
+        ("redis://127.0.0.1:6379/0?ssl_ca_certs=/ca.pem", "ssl_ca_certs"),  # (not TLS)
+        ("redis://127.0.0.1:6379/0?socket_timeout=soon", "socket_timeout"),
+        ("redis+cluster://127.0.0.1:7000/1", "db"),
+    ],
+)
+def test_a_url_redis_py_refuses_is_an_error_at_startup(url: str, named: str) -> None:
+    """redis-py's client was built on first use: an option it does not take (the cluster
+    client takes fewer TLS options than a single node's), a value it cannot read or a
+    database on a cluster failed every request with a 500 (an exception inside redis-py).
+    Nothing connects here."""
+    from starlette.applications import Starlette
+
+    from aimiddleware import install
+
+    with pytest.raises(ValueError, match=f"redis-py does not take .*{named}"):
+        Storage(url)
+    with pytest.raises(ValueError, match=named):
+        install(Starlette(), storage=url)
+
+
+@pytest.mark.parametrize("scheme", ["rediss", "rediss+cluster", "valkeys", "valkeys+cluster"])
+def test_the_tls_options_of_a_url_are_taken(scheme: str) -> None:
+    """What a managed service's private CA and client certificate need, on every TLS scheme
+    (``tests/test_storage_tls.py`` connects with them)."""
+    options = ("ssl_ca_certs=/ca.pem&ssl_certfile=/c.pem&ssl_keyfile=/c.key"
+               "&ssl_cert_reqs=required&ssl_check_hostname=true")
+    assert Storage(f"{scheme}://127.0.0.1:6379?{options}").kind == "redis"
+
+
 def test_keys_are_hash_tagged_per_principal() -> None:
     s = Storage("memory://", key_prefix="p")
     assert s.key("rl", "key_abc", "tokens") == "p:rl:{key_abc}:tokens"
