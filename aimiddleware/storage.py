@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
@@ -226,17 +228,35 @@ async def redis_errors(what: str) -> AsyncIterator[None]:
         raise _unavailable(what, exc) from exc
 
 
+# Failures logged lately, by (store, reason): when each was last logged, and how many were
+# not since. An outage fails every request the same way: one line per reason per
+# ``_LOG_EVERY`` seconds, not one per request. (Bounded: the reasons name a store's address.)
+_LOG_EVERY = 5.0
+_logged: dict[tuple[str, str], tuple[float, int]] = {}
+
+
 def _unavailable(what: str, exc: BaseException) -> StoreUnavailable:
     """The 503 for ``exc``, logged with its cause. The client is told which store failed,
     never why (its address, its certificate); the server's log says: a CA that does not sign
-    the store's certificate, a refused password, a timeout. One line, no traceback."""
+    the store's certificate, a refused password, a timeout. One line, no traceback, and the
+    same failure again within ``_LOG_EVERY`` seconds is counted, not logged."""
     why = f"{type(exc).__name__}: {exc}"
-    root = exc
-    while (inner := root.__cause__ or root.__context__) is not None:
+    root, seen = exc, {id(exc)}
+    while (inner := root.__cause__ or root.__context__) is not None and id(inner) not in seen:
         root = inner
+        seen.add(id(root))
     if root is not exc and str(root) not in why:  # (redis-py 5.0 drops an SSL error's text)
         why += f" ({type(root).__name__}: {root})"
-    logger.warning("the %s store is unavailable: %s", what, why)
+    now = time.monotonic()
+    last, quiet = _logged.get((what, why), (-math.inf, 0))
+    if now - last < _LOG_EVERY:
+        _logged[what, why] = (last, quiet + 1)
+    else:
+        if len(_logged) >= 256:
+            _logged.clear()
+        _logged[what, why] = (now, 0)
+        more = f" ({quiet} more since the last such line)" if quiet else ""
+        logger.warning("the %s store is unavailable: %s%s", what, why, more)
     return StoreUnavailable(f"The {what} store is unavailable.", retry_after=1)
 
 

@@ -4,8 +4,17 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+import aimiddleware.storage
 from aimiddleware.storage import Storage
 from tests.redis_server import ClusterServer, RedisServer
+
+
+@pytest.fixture(autouse=True)
+def _store_failures_logged_afresh() -> Iterator[None]:
+    """Each test sees the store-failure log as a new process does: a failure logged by an
+    earlier test is not counted as a repeat (``storage._unavailable`` throttles repeats)."""
+    aimiddleware.storage._logged.clear()
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -248,3 +248,43 @@ async def test_a_cluster_that_is_down_is_a_typed_503() -> None:
         async with redis_errors("test"):
             await s.redis.get(s.key("t", "a"))
     await s.aclose()
+
+
+def test_a_store_failure_is_logged_once_per_reason_while_it_lasts(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outage fails every request alike: the reason is logged once, and the same failure
+    again within ``_LOG_EVERY`` seconds is counted, then reported with the next line. Another
+    reason (or store) has its own line at once."""
+    import logging
+
+    from aimiddleware import storage
+
+    caplog.set_level(logging.WARNING, logger="aimiddleware.storage")
+    down = ConnectionRefusedError(111, "Connection refused")
+    for _ in range(3):
+        err = storage._unavailable("idempotency", down)
+        assert err.status == 503 and "refused" not in str(err.detail)  # (the client: no reason)
+    storage._unavailable("rate limit", down)
+    storage._unavailable("idempotency", TimeoutError("Timeout reading from 127.0.0.1:6379"))
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "the idempotency store is unavailable: ConnectionRefusedError: "
+        "[Errno 111] Connection refused",
+        "the rate limit store is unavailable: ConnectionRefusedError: "
+        "[Errno 111] Connection refused",
+        "the idempotency store is unavailable: TimeoutError: "
+        "Timeout reading from 127.0.0.1:6379",
+    ]
+    monkeypatch.setattr(storage, "_LOG_EVERY", 0.0)  # (the window has passed)
+    storage._unavailable("idempotency", down)
+    assert caplog.records[-1].getMessage().endswith(
+        "Connection refused (2 more since the last such line)")
+
+
+def test_a_cycle_of_causes_does_not_hang_the_failure_log() -> None:
+    from aimiddleware import storage
+
+    a, b = OSError("a"), OSError("b")
+    a.__cause__, b.__cause__ = b, a
+    assert storage._unavailable("usage", a).status == 503
