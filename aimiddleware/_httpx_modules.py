@@ -10,9 +10,11 @@ installed, or is httpx itself, after ``httpx2.alias_httpx()``). httpx2 stays opt
 
 from __future__ import annotations
 
-from types import ModuleType
+import ssl
+from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, TypeAlias
 
+import anyio
 import httpx
 
 if TYPE_CHECKING:
@@ -44,6 +46,7 @@ __all__ = [
     "NOT_SENT",
     "REQUEST_NOT_READ",
     "SYNC_STREAMS",
+    "UNMAPPED",
     "AsyncBaseTransport2",
     "AsyncByteStream2",
     "BaseTransport2",
@@ -51,7 +54,9 @@ __all__ = [
     "Request",
     "Response",
     "SyncByteStream2",
+    "certificate_failure",
     "httpx2",
+    "mapped",
 ]
 
 Request: TypeAlias = "httpx.Request | httpx2.Request"
@@ -79,3 +84,67 @@ SYNC_STREAMS: tuple[type[httpx.SyncByteStream | httpx2.SyncByteStream], ...] = t
 ASYNC_STREAMS: tuple[type[httpx.AsyncByteStream | httpx2.AsyncByteStream], ...] = tuple(
     m.AsyncByteStream for m in MODULES
 )
+
+
+# What a TLS connection's failure can surface as below httpx's mapping, on an asyncio event
+# loop: an ``ssl.SSLError`` from a read after the handshake (a record the client cannot
+# decrypt, an alert), ``anyio.EndOfStream`` from a write after the peer left without
+# close_notify (httpcore 1.0.9, httpcore2 before 2.14), and from the handshake itself on
+# httpcore before 1.0.6 (ssl.SSLError, EndOfStream, BrokenResourceError).
+UNMAPPED: tuple[type[Exception], ...] = (
+    ssl.SSLError,
+    anyio.EndOfStream,
+    anyio.BrokenResourceError,
+)
+
+# The function a TLS handshake runs in: httpcore's and httpcore2's backends, and ssl's.
+_HANDSHAKE = frozenset({"start_tls", "do_handshake"})
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling, innermost last."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _frames(traceback: TracebackType | None) -> set[str]:
+    names: set[str] = set()
+    while traceback is not None:
+        names.add(traceback.tb_frame.f_code.co_name)
+        traceback = traceback.tb_next
+    return names
+
+
+def mapped(exc: Exception, request: Request) -> Exception:
+    """For an error httpx left unmapped (one of ``UNMAPPED``), the request's module's own:
+    ``ConnectError`` if it came from the TLS handshake or is a certificate failure (nothing
+    was sent), else ``ReadError`` (the request may have reached the server)."""
+    module = httpx2 if httpx2 is not None and isinstance(request, httpx2.Request) else httpx
+    chain = _chain(exc)
+    handshake = certificate_failure(exc) or any(
+        _HANDSHAKE & _frames(error.__traceback__) for error in chain
+    )
+    kind = module.ConnectError if handshake else module.ReadError
+    message = next((str(error) for error in chain if str(error)), type(exc).__name__)
+    error: Exception = kind(message, request=request)
+    error.__cause__ = exc  # (before it is raised: the retry decision reads the chain)
+    return error
+
+
+def certificate_failure(exc: BaseException) -> bool:
+    """A TLS certificate refused: the server's by this client (``SSLCertVerificationError``:
+    untrusted, expired, another host's) or this client's by the server (its alert: a
+    certificate required, bad, unknown, expired, from an unknown CA). Permanent until
+    someone changes a certificate or its trust: never worth a retry."""
+    for error in _chain(exc):
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return True
+        if isinstance(error, ssl.SSLError):
+            reason = error.reason or ""
+            if "CERTIFICATE" in reason or reason.endswith("UNKNOWN_CA"):
+                return True
+    return False

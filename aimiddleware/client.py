@@ -17,8 +17,13 @@ middleware runs the operation at most once. What is retried, in order:
 1. a response whose ``x-should-retry`` is ``true`` (``false`` is never retried: a
    ``quota_exceeded`` 429, a cost cap);
 2. otherwise a response whose status is in ``retry_statuses`` (408, 409, 429, 5xx incl. 529);
-3. connection errors and timeouts: always when the request never left (connect errors, pool
-   timeouts), else only for idempotent methods or requests carrying an Idempotency-Key;
+3. connection errors and timeouts: always when the request never left (connect errors, a
+   TLS handshake that failed or was cut, pool timeouts), else only for idempotent methods or
+   requests carrying an Idempotency-Key; never a certificate refused (the server's, untrusted
+   or another host's, or this client's by the server): it fails the same way until someone
+   changes it. A TLS failure httpx lets through unmapped (an ``ssl.SSLError`` or anyio
+   stream error, on asyncio) is raised as the client's module's ``ConnectError`` (from the
+   handshake) or ``ReadError`` (after it) and retried as those are;
 4. under the same rule, key, backoff and budget: a response body lost mid-way (the connection
    drops after the headers). So a body that is not a stream is read inside the retry loop,
    before the transport returns: one with a known ``Content-Length`` up to
@@ -72,12 +77,15 @@ from aimiddleware._httpx_modules import (
     MODULES,
     NOT_SENT,
     REQUEST_NOT_READ,
+    UNMAPPED,
     AsyncBaseTransport2,
     BaseTransport2,
     Headers,
     Request,
     Response,
+    certificate_failure,
     httpx2,
+    mapped,
 )
 from aimiddleware.headers import parse_http_date
 
@@ -184,7 +192,7 @@ class RetryPolicy:
         self, exc: Exception, request: Request, retries_done: int
     ) -> float | None:
         """Seconds to wait before retrying after a transport error; ``None``: re-raise."""
-        if retries_done >= self.max_retries:
+        if retries_done >= self.max_retries or certificate_failure(exc):
             return None
         if isinstance(exc, NOT_SENT):
             return self.backoff(retries_done)
@@ -337,8 +345,7 @@ class RetryTransport(httpx.BaseTransport, BaseTransport2):
         if kind == "buffer":
             request.read()
         elif kind == "once":
-            once: Response = transport.handle_request(request)
-            return once
+            return self._send(transport, request, False)
         sleep = policy.sleep or time.sleep
         resendable = policy.may_resend(request)
         retries = 0
@@ -361,13 +368,16 @@ class RetryTransport(httpx.BaseTransport, BaseTransport2):
 
     def _send(self, transport: Any, request: Request, read_body: bool) -> Response:
         """One attempt; with ``read_body``, a lost body fails it like a lost response."""
-        response: Response = transport.handle_request(request)
-        if read_body and self.policy.should_buffer(response, request):
-            try:
-                buffer_body(response, self.policy.max_buffered_body)
-            except BaseException:
-                response.close()
-                raise
+        try:
+            response: Response = transport.handle_request(request)
+            if read_body and self.policy.should_buffer(response, request):
+                try:
+                    buffer_body(response, self.policy.max_buffered_body)
+                except BaseException:
+                    response.close()
+                    raise
+        except UNMAPPED as exc:  # (a TLS failure httpx let through: its module's error)
+            raise mapped(exc, request) from exc
         return response
 
     def close(self) -> None:
@@ -404,8 +414,7 @@ class AsyncRetryTransport(httpx.AsyncBaseTransport, AsyncBaseTransport2):
         if kind == "buffer":
             await request.aread()
         elif kind == "once":
-            once: Response = await transport.handle_async_request(request)
-            return once
+            return await self._send(transport, request, False)
         resendable = policy.may_resend(request)
         retries = 0
         while True:
@@ -427,13 +436,16 @@ class AsyncRetryTransport(httpx.AsyncBaseTransport, AsyncBaseTransport2):
 
     async def _send(self, transport: Any, request: Request, read_body: bool) -> Response:
         """One attempt; with ``read_body``, a lost body fails it like a lost response."""
-        response: Response = await transport.handle_async_request(request)
-        if read_body and self.policy.should_buffer(response, request):
-            try:
-                await abuffer_body(response, self.policy.max_buffered_body)
-            except BaseException:
-                await response.aclose()
-                raise
+        try:
+            response: Response = await transport.handle_async_request(request)
+            if read_body and self.policy.should_buffer(response, request):
+                try:
+                    await abuffer_body(response, self.policy.max_buffered_body)
+                except BaseException:
+                    await response.aclose()
+                    raise
+        except UNMAPPED as exc:  # (a TLS failure httpx let through: its module's error)
+            raise mapped(exc, request) from exc
         return response
 
     async def _sleep(self, delay: float) -> None:

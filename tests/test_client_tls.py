@@ -1,0 +1,337 @@
+"""The retrying client over TLS: a real local TLS server (a trustme CA) that fails on purpose.
+
+A handshake cut is retried whatever the method (nothing was sent); a TLS failure after the
+request was sent is retried only where a resend is safe, as a lost response is; a certificate
+refused, by either side, is never retried. On asyncio, httpx and httpx2 let some of these
+through as a bare ``ssl.SSLError`` (and older httpcore as anyio's stream errors): the
+transport raises them as the client's module's own errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import anyio
+import httpx
+import httpx2
+import openai
+import pytest
+import trustme
+from anyio.streams.tls import TLSStream
+
+from aimiddleware._httpx_modules import mapped
+from aimiddleware.client import AsyncRetryTransport, RetryPolicy, RetryTransport
+
+HTTP = pytest.mark.parametrize("http", [httpx2, httpx], ids=["httpx2", "httpx"])
+SYNC = pytest.mark.parametrize("sync", [True, False], ids=["sync", "async"])
+
+COMPLETION = json.dumps(
+    {
+        "id": "c1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "fake",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "ok"},
+                "finish_reason": "stop",
+            }
+        ],
+    }
+).encode()
+ANSWER = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+    b"connection: close\r\n\r\n" % len(COMPLETION)
+)
+# An application-data record no key decrypts: what a peer gone wrong (a middlebox, a
+# corrupted stream) puts on the wire; the client's TLS layer fails on it (bad record MAC).
+BAD_RECORD = bytes([23, 3, 3, 0, 32]) + bytes(32)
+
+
+@dataclass
+class TLSServer:
+    """One connection at a time, each answered by the next behaviour (the last repeats):
+
+    - ``serve``: the handshake, the request read, a 200 JSON answer;
+    - ``cut-handshake``: the ClientHello read, half the server's first flight sent, closed;
+    - ``bad-record``: the request read, then a record the client cannot decrypt;
+    - ``bad-record-in-body``: the request read, the headers and 20 bytes of the body, then
+      that record;
+    - ``require-client-cert``: a handshake that asks for a client certificate (the client
+      has none: TLS 1.3 has the server refuse it after the client's side is done).
+    """
+
+    ca: trustme.CA
+    port: int = 0
+    script: list[str] = field(default_factory=lambda: ["serve"])
+    connections: int = 0
+    keys: list[str | None] = field(default_factory=list)  # one per request read
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def context(self, *, require_client_cert: bool = False) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.ca.issue_cert("127.0.0.1").configure_cert(context)
+        if require_client_cert:
+            context.verify_mode = ssl.CERT_REQUIRED
+            self.ca.configure_trust(context)
+        return context
+
+    def serve(self, listener: socket.socket, stop: threading.Event) -> None:
+        contexts = {False: self.context(), True: self.context(require_client_cert=True)}
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            behaviour = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+            with conn:
+                conn.settimeout(10)
+                with contextlib.suppress(OSError):  # (ssl.SSLError: a failure on purpose)
+                    self.answer(conn, behaviour, contexts[behaviour == "require-client-cert"])
+
+    def answer(self, conn: socket.socket, behaviour: str, context: ssl.SSLContext) -> None:
+        if behaviour == "cut-handshake":
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls_object = context.wrap_bio(incoming, outgoing, server_side=True)
+            incoming.write(conn.recv(65536))
+            with pytest.raises(ssl.SSLWantReadError):
+                tls_object.do_handshake()
+            flight = outgoing.read()
+            conn.sendall(flight[: len(flight) // 2])
+            return
+        if behaviour == "require-client-cert":
+            tls = context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+            try:
+                with pytest.raises(ssl.SSLError, match="PEER_DID_NOT_RETURN_A_CERTIFICATE"):
+                    tls.do_handshake()
+                raw = socket.socket(fileno=tls.detach())
+            finally:
+                tls.close()
+            with raw:
+                raw.settimeout(10)  # (the descriptor is non-blocking: conn's timeout)
+                while raw.recv(65536):  # what the client sent, until it leaves (no reset)
+                    pass
+            return
+        with context.wrap_socket(conn, server_side=True) as tls:
+            self.read_request(tls)
+            if behaviour == "serve":
+                tls.sendall(ANSWER + COMPLETION)
+                return
+            if behaviour == "bad-record-in-body":
+                tls.sendall(ANSWER + COMPLETION[:20])
+            with socket.socket(fileno=tls.detach()) as raw:  # the connection, below TLS
+                raw.settimeout(10)
+                raw.sendall(BAD_RECORD)
+
+    def read_request(self, tls: ssl.SSLSocket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += tls.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = [line.split(b":", 1) for line in head.split(b"\r\n")[1:]]
+        headers = {name.strip().lower().decode(): value.strip().decode() for name, value in lines}
+        while len(body) < int(headers.get("content-length", "0")):
+            body += tls.recv(65536)
+        self.keys.append(headers.get("idempotency-key"))
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_server(ca: trustme.CA) -> Iterator[TLSServer]:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.05)
+    server = TLSServer(ca, listener.getsockname()[1])
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(listener, stop), daemon=True)
+    thread.start()
+    yield server
+    stop.set()
+    thread.join(10)
+    listener.close()
+
+
+def trusting(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+def recorder_policy(**options: Any) -> tuple[RetryPolicy, list[float]]:
+    sleeps: list[float] = []
+    return RetryPolicy(sleep=sleeps.append, random=lambda: 0.0, **options), sleeps
+
+
+def post(
+    http: ModuleType, sync: bool, url: str, policy: RetryPolicy, verify: Any
+) -> Any:
+    """POST a chat body through the retrying transport (its inner one checks ``verify``):
+    the response, or the exception raised."""
+
+    def send() -> Any:
+        transport = RetryTransport(http.HTTPTransport(verify=verify), policy=policy)
+        with http.Client(transport=transport) as client:
+            try:
+                return client.post(url + "/v1/chat/completions", json={"messages": []})
+            except Exception as exc:
+                return exc
+
+    async def asend() -> Any:
+        transport = AsyncRetryTransport(http.AsyncHTTPTransport(verify=verify), policy=policy)
+        async with http.AsyncClient(transport=transport) as client:
+            try:
+                return await client.post(url + "/v1/chat/completions", json={"messages": []})
+            except Exception as exc:
+                return exc
+
+    return anyio.run(anyio.to_thread.run_sync, send) if sync else anyio.run(asend)
+
+
+@HTTP
+@SYNC
+def test_a_handshake_cut_once_is_retried_for_any_method(
+    tls_server: TLSServer, ca: trustme.CA, http: ModuleType, sync: bool
+) -> None:
+    tls_server.script = ["cut-handshake", "serve"]
+    policy, sleeps = recorder_policy(idempotency_methods=())  # a POST without a key
+    response = post(http, sync, tls_server.url, policy, trusting(ca))
+    assert isinstance(response, http.Response) and response.content == COMPLETION
+    assert tls_server.connections == 2 and tls_server.keys == [None] and sleeps == [0.5]
+
+
+@pytest.mark.parametrize("refusal", ["untrusted", "another-host"])
+@HTTP
+@SYNC
+def test_a_server_certificate_the_client_refuses_is_not_retried(
+    tls_server: TLSServer, ca: trustme.CA, http: ModuleType, sync: bool, refusal: str
+) -> None:
+    policy, sleeps = recorder_policy()
+    if refusal == "untrusted":  # the system's trust store: the test CA is not in it
+        verify: Any = True
+        url = tls_server.url
+    else:  # the CA trusted, but the certificate names 127.0.0.1, not localhost
+        verify, url = trusting(ca), f"https://localhost:{tls_server.port}"
+    error = post(http, sync, url, policy, verify)
+    assert isinstance(error, http.ConnectError)
+    assert "CERTIFICATE_VERIFY_FAILED" in str(error)
+    assert tls_server.connections == 1 and tls_server.keys == [] and sleeps == []
+
+
+@HTTP
+@SYNC
+def test_a_client_certificate_the_server_refuses_is_not_retried(
+    tls_server: TLSServer, ca: trustme.CA, http: ModuleType, sync: bool
+) -> None:
+    tls_server.script = ["require-client-cert"]
+    policy, sleeps = recorder_policy()  # the POST has a key: a lost answer would be resent
+    error = post(http, sync, tls_server.url, policy, trusting(ca))
+    # (TLS 1.3: the client's side of the handshake is done when the server refuses, so the
+    # refusal comes as the answer is read; httpx maps it to a ReadError in a sync client)
+    assert isinstance(error, http.NetworkError), repr(error)
+    assert "CERTIFICATE_REQUIRED" in str(error)
+    assert tls_server.connections == 1 and sleeps == []
+
+
+@HTTP
+@SYNC
+def test_a_tls_failure_after_the_request_is_retried_only_where_a_resend_is_safe(
+    tls_server: TLSServer, ca: trustme.CA, http: ModuleType, sync: bool
+) -> None:
+    tls_server.script = ["bad-record", "serve"]
+    policy, sleeps = recorder_policy()
+    response = post(http, sync, tls_server.url, policy, trusting(ca))
+    assert isinstance(response, http.Response) and response.content == COMPLETION
+    keys = tls_server.keys
+    assert len(keys) == 2 and keys[0] and keys == [keys[0]] * 2 and sleeps == [0.5]
+
+    tls_server.script, tls_server.keys = ["bad-record", "serve"], []
+    policy, sleeps = recorder_policy(idempotency_methods=())  # no key: it may have run
+    error = post(http, sync, tls_server.url, policy, trusting(ca))
+    assert isinstance(error, http.ReadError), repr(error)
+    assert "DECRYPTION_FAILED_OR_BAD_RECORD_MAC" in str(error)
+    assert tls_server.keys == [None] and sleeps == []
+
+
+@HTTP
+@SYNC
+def test_a_tls_failure_in_a_buffered_body_is_retried_with_the_same_key(
+    tls_server: TLSServer, ca: trustme.CA, http: ModuleType, sync: bool
+) -> None:
+    tls_server.script = ["bad-record-in-body", "serve"]
+    policy, sleeps = recorder_policy()
+    response = post(http, sync, tls_server.url, policy, trusting(ca))
+    assert isinstance(response, http.Response) and response.content == COMPLETION
+    keys = tls_server.keys
+    assert len(keys) == 2 and keys[0] and keys == [keys[0]] * 2 and sleeps == [0.5]
+
+
+@HTTP
+async def test_the_sdk_gets_its_answer_after_a_tls_failure(
+    tls_server: TLSServer, ca: trustme.CA, http: ModuleType
+) -> None:
+    tls_server.script = ["bad-record", "serve"]
+    policy, sleeps = recorder_policy()
+    transport = AsyncRetryTransport(http.AsyncHTTPTransport(verify=trusting(ca)), policy=policy)
+    async with openai.AsyncOpenAI(
+        base_url=tls_server.url + "/v1",
+        api_key="sk-test",
+        http_client=http.AsyncClient(transport=transport),
+        max_retries=0,
+    ) as client:
+        completion = await client.chat.completions.create(model="fake", messages=[])
+    assert completion.choices[0].message.content == "ok"
+    assert len(tls_server.keys) == 2 and sleeps == [0.5]
+
+
+# httpcore before 1.0.6 (within httpx's own range) let a failed handshake through as it
+# came: ssl.SSLError, anyio.EndOfStream, anyio.BrokenResourceError. Here the handshake
+# runs through anyio's TLSStream as that httpcore ran it, and its bare error is classified.
+
+
+@HTTP
+async def test_a_bare_handshake_error_is_a_connect_error(
+    tls_server: TLSServer, ca: trustme.CA, http: ModuleType
+) -> None:
+    request = http.Request("POST", tls_server.url + "/v1/chat/completions")
+    policy, _ = recorder_policy(idempotency_methods=())
+
+    tls_server.script = ["cut-handshake"]
+    async with await anyio.connect_tcp("127.0.0.1", tls_server.port) as tcp:
+        with pytest.raises(anyio.EndOfStream) as cut:
+            await TLSStream.wrap(
+                tcp, hostname="127.0.0.1", ssl_context=trusting(ca), standard_compatible=False
+            )
+    error = mapped(cut.value, request)
+    assert isinstance(error, http.ConnectError) and error.__cause__ is cut.value
+    assert policy.error_delay(error, request, 0) == 0.5  # nothing was sent: retried
+
+    tls_server.script = ["serve"]
+    async with await anyio.connect_tcp("127.0.0.1", tls_server.port) as tcp:
+        with pytest.raises(ssl.SSLCertVerificationError) as refused:
+            await TLSStream.wrap(
+                tcp,
+                hostname="127.0.0.1",
+                ssl_context=ssl.create_default_context(),  # the system's trust: not the CA's
+                standard_compatible=False,
+            )
+    error = mapped(refused.value, request)
+    assert isinstance(error, http.ConnectError)
+    assert policy.error_delay(error, request, 0) is None  # a certificate refused: never
