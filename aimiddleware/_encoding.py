@@ -41,26 +41,41 @@ def _wbits(coding: bytes, head: bytes) -> int:
 
 
 def decode(body: bytes, coding: bytes, limit: int) -> bytes | None:
-    """``body`` decoded; ``None`` if its coding is not one we read, it is corrupt or cut
-    short, or it decodes to more than ``limit`` bytes (no more than that is ever decoded)."""
+    """``body`` decoded (every member of a gzip body); ``None`` if its coding is not one we
+    read, it is corrupt or cut short, or it decodes to more than ``limit`` bytes (no more
+    than that is ever decoded)."""
     if coding not in DECODABLE:
         return None
-    inflate = zlib.decompressobj(_wbits(coding, body))
-    try:
-        out = inflate.decompress(body, limit + 1)
-    except zlib.error:
-        return None
-    return out if inflate.eof and len(out) <= limit else None
+    inflater = Inflater(coding, limit + 1)
+    out: list[bytes] = []
+    size = 0
+    for piece in inflater.pieces(body):
+        size += len(piece)
+        if size > limit:
+            return None
+        out.append(piece)
+    inflate = inflater.inflate
+    if inflater.members:
+        whole = inflater.ended()
+    else:  # (deflate: one stream, and whatever follows it is not read)
+        whole = not inflater.failed and inflate is not None and inflate.eof
+    return b"".join(out) if whole else None
 
 
 class Inflater:
     """Decodes one gzip/deflate body message by message, in pieces of at most ``step``
-    bytes (memory stays bounded however much a message expands)."""
+    bytes (memory stays bounded however much a message expands).
 
-    __slots__ = ("coding", "failed", "inflate", "step")
+    A gzip body may be several members one after the other (RFC 1952 2.2: what
+    ``cat a.gz b.gz`` makes, and some servers send): each is decoded in turn, zero bytes
+    between them skipped (as gzip(1) does). Deflate is one stream.
+    """
+
+    __slots__ = ("coding", "failed", "inflate", "members", "step")
 
     def __init__(self, coding: bytes, step: int = STEP) -> None:
         self.coding = coding
+        self.members = coding != b"deflate"
         self.step = max(step, 1)  # (0 would mean no bound to zlib)
         self.inflate: zlib._Decompress | None = None
         self.failed = False  # corrupt data: nothing more is decoded
@@ -74,12 +89,29 @@ class Inflater:
         inflate = self.inflate
         try:
             while data:
+                if inflate.eof and self.members:  # a member ended: the next one, if any
+                    data = data.lstrip(b"\0")
+                    if not data:
+                        return
+                    inflate = self.inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
                 out = inflate.decompress(data, self.step)
                 if out:
                     yield out
-                data = inflate.unconsumed_tail
+                if inflate.eof and self.members:
+                    data = inflate.unused_data  # (the rest of this message)
+                else:
+                    data = inflate.unconsumed_tail
         except zlib.error:
             self.failed = True
+
+    def ended(self) -> bool:
+        """Whether what was fed decoded whole: to its end (its last gzip member's), with
+        nothing after it but zero bytes after gzip, nothing corrupt."""
+        inflate = self.inflate
+        if self.failed or inflate is None or not inflate.eof:
+            return False
+        rest = inflate.unused_data
+        return not rest or (self.members and not rest.strip(b"\0"))
 
 
 class TailInflater(Inflater):
@@ -119,10 +151,7 @@ class TailInflater(Inflater):
     def result(self) -> bytes | None:
         """The body's last decoded bytes; ``None`` unless it decoded whole: to its end, with
         nothing after it, not corrupt, not given up on."""
-        inflate = self.inflate
-        if self.failed or inflate is None or not inflate.eof or inflate.unused_data:
-            return None
-        return self.tail
+        return self.tail if self.ended() else None
 
 
 def accepts(headers: Iterable[tuple[bytes, bytes]], coding: bytes) -> bool:

@@ -160,3 +160,28 @@ async def test_a_follower_of_a_live_gzip_stream_gets_it_decoded_unless_it_accept
         assert b"content-encoding" in names and body == b"".join(chunks)
     else:
         assert b"content-encoding" not in names and body == b"".join(EVENTS)
+
+
+async def test_a_gzip_answer_of_several_members_is_replayed_decoded_whole() -> None:
+    # A stored gzip body of two members (RFC 1952 2.2: an upstream's gzip passed on, made
+    # by `cat a.gz b.gz`) was decoded to its first member for a retry that does not accept
+    # gzip: the replay ended half-way through the JSON.
+    raw = json.dumps(ANSWER).encode()
+    packed = gzip.compress(raw[:300]) + gzip.compress(raw[300:])
+    runs: list[str] = []
+
+    async def upstream(scope: Any, receive: Any, send: Any) -> None:
+        runs.append("chat")
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), (b"content-encoding", b"gzip")]})
+        await send({"type": "http.response.body", "body": packed})
+
+    app = Starlette()
+    app.mount("/chat", upstream)
+    install(app, StackConfig(storage=Storage("memory://"), idempotency=IdempotencyConfig()))
+    async with client(app) as c:
+        _, stored = await post(c, "/chat/", "gzip")
+        retry, decoded = await post(c, "/chat/", "identity")
+    assert stored == packed and runs == ["chat"]
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert "content-encoding" not in retry.headers and json.loads(decoded) == ANSWER

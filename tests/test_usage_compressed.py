@@ -295,3 +295,90 @@ async def test_a_body_read_to_its_end_is_decoded_to_a_bounded_size(parts: int) -
                                      max_json_body=256 << 10)
     [row] = await ledger.query(next(iter(ledger._requests))[0])
     assert row.total_tokens == 5
+
+
+def members(raw: bytes, count: int) -> bytes:
+    """``raw`` gzipped as ``count`` members one after the other (RFC 1952 2.2), as
+    ``cat a.gz b.gz`` makes, or a server that compresses each write on its own."""
+    step = -(-len(raw) // count)
+    return b"".join(gzip.compress(raw[i:i + step]) for i in range(0, len(raw), step))
+
+
+@pytest.mark.parametrize("past", [False, True], ids=["within-the-bound", "past-the-bound"])
+async def test_a_gzip_answer_of_several_members_has_its_usage_read(past: bool) -> None:
+    # Decoding stopped at a gzip body's first member: past max_json_body its end (and usage)
+    # was never reached, within it the first member alone was no JSON; no usage either way.
+    ledger = MemoryLedger()
+    raw = json.dumps(embeddings_answer(200 if past else 2, 1234)).encode()
+    packed = members(raw, 3)
+    assert (len(raw) > 1 << 20) is past and gzip.decompress(packed) == raw
+
+    async def passed_on(scope: Any, receive: Any, send: Any) -> None:  # an upstream's gzip
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), (b"content-encoding", b"gzip"),
+            (b"content-length", str(len(packed)).encode())]})
+        for i in range(0, len(packed), 100_000):
+            await send({"type": "http.response.body", "body": packed[i:i + 100_000],
+                        "more_body": i + 100_000 < len(packed)})
+
+    app = Starlette()
+    app.mount("/v1/embeddings", passed_on)
+    install_stack(app, StackConfig(usage=UsageConfig(ledger=ledger, max_json_body=1 << 20)))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t",
+                                 headers={"accept-encoding": "gzip"}) as c, c.stream(
+        "POST", "/v1/embeddings/", json={"model": "text-embedding-3-small", "input": "hi"}
+    ) as r:
+        sent = b"".join([part async for part in r.aiter_raw()])
+    assert r.status_code == 200 and sent == packed  # (passed on as it came)
+    if not past:  # held whole before its head went out: its headers say so too
+        assert r.headers["x-usage-input-tokens"] == "1234"
+    [found] = [await ledger.get_request(*key) for key in list(ledger._requests)]
+    assert found is not None and found.record.usage.input_tokens == 1234
+    assert found.record.model_version == "text-embedding-3-small"
+
+
+@pytest.mark.parametrize("parts", [1, 4])
+async def test_a_gzip_bomb_split_into_members_is_still_given_up_on(parts: int) -> None:
+    # The bound on the work is the body's, not a member's: a bomb spread over members
+    # (20 KiB decoding to 20 MiB, its usage in its last member) is read no further.
+    def padded(size: int) -> bytes:
+        usage = b'"usage": {"prompt_tokens": 5, "total_tokens": 5}'
+        return (gzip.compress(b'{"pad": "') + gzip.compress(b" " * size)
+                + gzip.compress(b'", ' + usage + b"}"))
+
+    bomb = padded(20 << 20)
+    assert len(bomb) < 64 << 10
+    messages, ledger = await sent_by(body_app(bomb, b"gzip", parts), max_json_body=256 << 10)
+    assert b"".join(m.get("body", b"") for m in messages[1:]) == bomb
+    assert len(ledger._requests) == 0  # given up at 16 MiB: no usage
+    messages, ledger = await sent_by(body_app(padded(15 << 20), b"gzip", parts),
+                                     max_json_body=256 << 10)
+    [row] = await ledger.query(next(iter(ledger._requests))[0])
+    assert row.total_tokens == 5
+
+
+@pytest.mark.parametrize(("body", "read"), [
+    (members(RAW, 2) + b"\0\0\0", True),  # zero bytes after the last member, as gzip(1)
+    (members(RAW, 2) + b"not gzip", False),  # anything else after it: not whole
+], ids=["zero-padded", "then-junk"])
+async def test_what_follows_the_last_gzip_member(body: bytes, read: bool) -> None:
+    messages, _ = await sent_by(body_app(body, b"gzip", 3))
+    assert (b"x-usage-total-tokens" in dict(messages[0]["headers"])) is read
+    assert b"".join(m.get("body", b"") for m in messages[1:]) == body
+
+
+async def test_a_gzip_event_stream_of_one_member_per_event_is_read_to_its_end() -> None:
+    # A server that compresses each event as its own gzip member: the usage comes last.
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream"), (b"content-encoding", b"gzip")]})
+        for line in sse_lines(STREAM_EVENTS):
+            await send({"type": "http.response.body", "body": gzip.compress(line),
+                        "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    messages, ledger = await sent_by(app)
+    sent = b"".join(m.get("body", b"") for m in messages[1:])
+    assert gzip.decompress(sent) == b"".join(sse_lines(STREAM_EVENTS))
+    [row] = await ledger.query(next(iter(ledger._requests))[0])
+    assert (row.input_tokens, row.output_tokens, row.finish_reasons) == (12, 3, {"stop": 1})
