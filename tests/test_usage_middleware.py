@@ -525,6 +525,43 @@ async def test_a_large_answer_names_its_served_model_and_no_finish_reason() -> N
     assert aggregate.finish_reasons == {"unknown": 3}
 
 
+@pytest.mark.parametrize("declared", [True, False], ids=["length-declared", "no-length"])
+async def test_a_large_answer_sent_in_small_pieces_names_its_served_model(
+    declared: bool,
+) -> None:
+    # The served model of a large answer was read from its first non-empty body message
+    # alone: an app (or an upstream passed on) whose first message is "{" and the rest in
+    # pieces had none read (from_head saw a member cut short). Its first 4 KiB are now
+    # gathered across messages. (Without a length the body is held in pieces, then read
+    # from their join: that held before too.)
+    ledger = MemoryLedger()
+    long_chat = copy.deepcopy(OPENAI_CHAT)
+    long_chat["choices"][0]["message"]["content"] = "x" * (1 << 20)
+    raw = json.dumps(long_chat).encode()
+    assert raw.startswith(b'{"id"') and raw.index(b'"model"') < 200
+
+    async def pieces() -> AsyncIterator[bytes]:
+        yield raw[:1]
+        for i in range(1, 8191, 5):  # the first 8 KiB five bytes at a time
+            yield raw[i:i + 5]
+        yield raw[8191:]
+
+    async def chat(request: Request) -> Response:
+        headers = {"content-length": str(len(raw))} if declared else {}
+        return StreamingResponse(pieces(), media_type="application/json", headers=headers)
+
+    app = Starlette(routes=[Route("/chat", chat, methods=["POST"])])
+    install(app, StackConfig(usage=UsageConfig(prices=PRICES, ledger=ledger)))
+    async with client(app) as c:
+        r = await c.post("/chat", json={"messages": [{"role": "user", "content": "hi"}]},
+                         headers={"authorization": "Bearer k"})  # (no model asked for)
+    assert r.status_code == 200 and r.content == raw
+    found = await ledger.get_request(principal_of("k"), r.headers["x-request-id"])
+    assert found is not None and found.record.usage.input_tokens == 1117
+    assert found.record.model_version == "gpt-4o-2024-08-06"
+    assert found.record.estimated_cost is not None  # (priced by the served model)
+
+
 async def test_an_absurd_reported_usage_is_junk_on_every_store(storage: Any) -> None:
     # An upstream's bug: 10**30 prompt tokens. Read as junk (0, past MAX_TOKENS), every
     # store agrees: the caller is charged its 5 output tokens, its next call admitted, and

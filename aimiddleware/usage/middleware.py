@@ -59,6 +59,9 @@ from aimiddleware.usage.extract import (
 )
 from aimiddleware.usage.ledger import Ledger
 
+# (_keep_tail reads the head from the tail: all of the body while it is shorter than both)
+assert TAIL_BYTES >= HEAD_BYTES
+
 __all__ = [
     "DEFAULT_MAX_JSON_BODY",
     "Responder",
@@ -310,7 +313,8 @@ class Responder:
 
     def _keep_tail(self, chunk: bytes, final: bool) -> None:
         """Keep a JSON body's last bytes as it passes (mode ``tail`` until its end); at the
-        end, read its usage from them. Its served model is read from its first bytes. A
+        end, read its usage from them. Its served model is read from its first 4 KiB, as
+        many messages as they take (a first message may be ``{`` alone). A
         compressed body's are those of a copy decoded as it passes (:class:`TailInflater`:
         bounded memory and work)."""
         assert self.acc is not None
@@ -331,8 +335,10 @@ class Responder:
                     self.acc.absorb(self.ctx, from_tail(tail))
                 self.inflater = None
             return
-        if not self.tail and chunk:  # the body's first bytes
-            self.acc.absorb(self.ctx, from_head(bytes(chunk[:HEAD_BYTES])))
+        if len(self.tail) < HEAD_BYTES:  # the head not read yet: the tail is all so far
+            head = self.tail + bytes(chunk[:HEAD_BYTES - len(self.tail)])
+            if len(head) >= HEAD_BYTES or final:  # (a first message may be a byte or two)
+                self.acc.absorb(self.ctx, from_head(head))
         if len(chunk) >= TAIL_BYTES:
             self.tail = bytes(chunk[-TAIL_BYTES:])
         else:
