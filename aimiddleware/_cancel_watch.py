@@ -29,6 +29,7 @@ import anyio.lowlevel
 from aimiddleware._asgi import is_async_callable
 from aimiddleware._scope_splice import _splice
 from aimiddleware.context import RequestContext
+from aimiddleware.context_middleware import end_abandoned
 from aimiddleware.errors import Timeout
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -112,6 +113,7 @@ class _Call:
         "receive_server",
         "response_done",
         "send_server",
+        "sent",
         "watch_done",
         "watcher",
     )
@@ -141,8 +143,8 @@ class _Call:
         self.watch_done = False
         self.disconnected: anyio.Event | None = None  # created only if the app waits for it
         self.reason: str | None = None
-        # (send_server and response_done: set by wrap_send, without a context layer or
-        # with a time limit)
+        # (send_server, sent and response_done: set by wrap_send, without a context layer
+        # or with a time limit)
 
     def _done(self) -> bool:
         """Has the app sent the whole response?"""
@@ -214,6 +216,7 @@ class _Call:
         """Our own ``send``, without a context layer (nothing records the response's end)
         or with a time limit (lifted once the response is complete)."""
         self.send_server = send
+        self.sent = False
         self.response_done = False
         return self.send
 
@@ -227,6 +230,7 @@ class _Call:
             if self.app_scope is not None:
                 self.app_scope.deadline = math.inf
             return
+        self.sent = True
         await self.send_server(message)
 
     async def _watch(self) -> None:
@@ -279,10 +283,18 @@ class _Call:
             self.app_scope.cancel()
 
     async def after_cancel(self, limit: float | None) -> None:
-        """The app was cancelled (a disconnect or its deadline): clean up, then a 504."""
+        """The app was cancelled (a disconnect or its deadline): clean up, then a 504, or
+        without a context layer, for a client gone before any response, an empty 499."""
         if self.reason is None:
             self.reason = "timeout"
         await self._run_callbacks()
+        if self.ctx is None and self.reason == "disconnect":
+            # Alone, nothing outside ends the request (the context layer would): without
+            # a response an app's @app.middleware("http") function around this layer raises
+            # "No response returned." (a traceback and a 500 in the server log).
+            if not self.sent and not self.response_done:
+                await end_abandoned(self.send_server, None)
+            return
         if self.reason == "timeout" and not self._done():
             raise Timeout(
                 f"The request did not complete within {limit:g} s.",

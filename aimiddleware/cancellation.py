@@ -62,6 +62,7 @@ from aimiddleware._scope_splice import (
     _task_states,
 )
 from aimiddleware.context import SCOPE_KEY, RequestContext, current
+from aimiddleware.context_middleware import end_abandoned
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
@@ -204,8 +205,10 @@ class CancellationMiddleware:
         while True:  # the body (a replay of the context layer's cache when it is outside)
             message = await receive()
             if message["type"] == "http.disconnect":
-                if ctx is not None:
+                if ctx is not None:  # (the context layer outside ends the request)
                     ctx.disconnected = True
+                else:  # alone: nobody else will (see end_abandoned)
+                    await end_abandoned(send, None)
                 return
             pending.append(message)
             if message["type"] != "http.request" or not message.get("more_body", False):

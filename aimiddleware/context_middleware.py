@@ -268,17 +268,19 @@ CLIENT_CLOSED = 499
 request"): see :func:`end_abandoned`."""
 
 
-async def end_abandoned(send: Send, request_id: tuple[bytes, bytes]) -> None:
+async def end_abandoned(send: Send, request_id: tuple[bytes, bytes] | None) -> None:
     """End a request whose client left before its response started (the app cancelled, or
     the body cut off) with an empty 499: the server drops it, but a middleware outside the
     stack sees the request end with a response. (An app's ``@app.middleware("http")``
     function added after ``install()`` raises "No response returned." without one: a
     traceback and a 500 in the server log.) ``ctx`` is not touched: no response was sent to
-    anyone."""
+    anyone. ``request_id``: the header to send, ``None`` without the context layer (the
+    cancellation layer used alone)."""
+    length = (b"content-length", b"0")
     try:
         await send({
             "type": "http.response.start", "status": CLIENT_CLOSED,
-            "headers": [request_id, (b"content-length", b"0")],
+            "headers": [length] if request_id is None else [request_id, length],
         })
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     except Exception:  # (a server may refuse to send to a client that is gone: OSError)

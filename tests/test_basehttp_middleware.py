@@ -27,6 +27,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from aimiddleware import (
     CancellationConfig,
+    CancellationMiddleware,
     EventStreamResponse,
     IdempotencyConfig,
     ModelRegistry,
@@ -127,6 +128,60 @@ async def test_a_client_gone_before_the_answer_ends_in_a_response_outside(
             # the slot is free: the next request is admitted
             assert not await limiter.backend.in_flight(principal_of("k1"))  # type: ignore[attr-defined]
     assert seen == [499, 499]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"splice_scopes": False}, {"default_timeout": 10}, {"watch_after": 0}],
+    ids=["spliced", "scoped", "time-limited", "watched-at-once"],
+)
+async def test_the_cancellation_layer_alone_ends_a_request_whose_client_left(
+    caplog: pytest.LogCaptureFixture, options: dict[str, Any]
+) -> None:
+    """``CancellationMiddleware`` used on its own (no context layer, not through
+    ``install()``) with an ``@app.middleware("http")`` function around it: a client that
+    left before the answer (the endpoint cancelled, or its body cut off) got no response
+    from the layer, and BaseHTTPMiddleware raised "No response returned." (a traceback and
+    a 500 in the server log for each). It now ends such a request with the empty 499 the
+    context layer sends (end_abandoned)."""
+    seen: list[int] = []
+    logged = [anyio.Event(), anyio.Event()]
+    cancelled = anyio.Event()
+    app = FastAPI()
+
+    @app.post("/v1/chat")
+    async def chat() -> dict[str, Any]:
+        try:
+            await anyio.sleep(10)  # a slow model call
+        finally:
+            cancelled.set()
+        return {}
+
+    @app.post("/v1/quick")
+    async def quick(body: dict[str, Any]) -> dict[str, Any]:
+        return body
+
+    app.add_middleware(CancellationMiddleware, **options)
+
+    @app.middleware("http")
+    async def access_log(request: Request, call_next: Any) -> Any:
+        response = await call_next(request)
+        seen.append(response.status_code)
+        if len(seen) <= len(logged):
+            logged[len(seen) - 1].set()
+        return response
+
+    with server_errors(caplog) as errors:
+        async with serve(app) as url:
+            for i, head_only in enumerate((False, True)):
+                await post_and_leave(url, head_only=head_only)
+                with anyio.fail_after(3):
+                    await logged[i].wait()
+            assert cancelled.is_set()
+            async with httpx.AsyncClient(base_url=url) as c:  # a client that stays
+                r = await c.post("/v1/quick", json={"a": 1})
+            assert (r.status_code, r.json()) == (200, {"a": 1})
+    assert seen == [499, 499, 200]
     assert not errors, [r.getMessage() for r in errors]
 
 

@@ -278,7 +278,10 @@ def test_install_places_cancellation_just_inside_errors() -> None:
 
 
 async def test_disconnect_before_the_body_is_read_never_calls_the_app() -> None:
+    """Alone (no context layer outside to do it), the layer ends the request with the
+    empty 499 of a client gone (see test_basehttp_middleware)."""
     called = []
+    sent: list[Any] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         called.append(scope)
@@ -287,11 +290,13 @@ async def test_disconnect_before_the_body_is_read_never_calls_the_app() -> None:
         return {"type": "http.disconnect"}
 
     async def send(message: Any) -> None:
-        raise AssertionError("nothing to send")
+        sent.append(message)
 
     scope = {"type": "http", "path": "/", "method": "POST", "headers": [], "state": {}}
     await CancellationMiddleware(app)(scope, receive, send)
     assert called == []
+    assert [m.get("status") for m in sent] == [499, None]
+    assert sent[0]["headers"] == [(b"content-length", b"0")]
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
@@ -333,7 +338,7 @@ def test_both_anyio_backends_cancel_on_disconnect_and_finish_cleanly(backend: st
                 return {"type": "http.disconnect"}
 
             async def send(message: dict[str, Any]) -> None:
-                seen.setdefault("sent", []).append(message["type"])
+                seen.setdefault("sent", []).append(message.get("status", message["type"]))
                 if message["type"] == "http.response.body":
                     response_done.set()
 
@@ -353,7 +358,8 @@ def test_both_anyio_backends_cancel_on_disconnect_and_finish_cleanly(backend: st
 
     seen = anyio.run(main, backend=backend)
     assert seen["cancelled"] is True
-    assert seen["sent"] == ["http.response.start", "http.response.body"]
+    # the client gone, nothing sent: the empty 499 (alone, no context layer does it)
+    assert seen["sent"] == [499, "http.response.body", 200, "http.response.body"]
 
 
 async def test_a_completed_request_is_not_marked_disconnected() -> None:
@@ -420,7 +426,8 @@ async def test_a_disconnect_during_the_grace_period_is_seen_when_the_watcher_sta
     with anyio.fail_after(2):
         await CancellationMiddleware(slow, watch_after=0.02)(scope, receive, send)
     assert seen["cancelled"] - t0 >= 0.015  # not before the grace period ended
-    assert calls == ["receive", "receive"]  # body, then the watcher's disconnect
+    # body, then the watcher's disconnect; then (alone) the empty 499 of a client gone
+    assert calls == ["receive", "receive", "http.response.start", "http.response.body"]
 
 
 async def test_an_app_waiting_on_receive_starts_the_watcher_at_once() -> None:
@@ -534,7 +541,8 @@ async def test_watch_after_zero_watches_from_the_start() -> None:
     mw = CancellationMiddleware(slow, watch_after=0)
     with anyio.fail_after(2):
         await mw(scope, receive, send)
-    assert cancelled == [True] and calls == ["receive", "receive"]
+    assert cancelled == [True]
+    assert calls == ["receive", "receive", "http.response.start", "http.response.body"]
     assert mw._sweepers == {}  # no sweeper: the watcher started with the app
 
 
