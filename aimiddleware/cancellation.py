@@ -22,9 +22,11 @@ Timeout tiers: ``timeouts`` maps path patterns (``fnmatch`` globs, first match w
 seconds, or ``None`` for no limit (jobs); ``default_timeout`` covers the rest. A request
 over its limit ends in :class:`~aimiddleware.errors.Timeout` (504), or, when an event
 stream has already started, an error event in the stream's dialect (through
-``ErrorMiddleware`` and the context's ``stream_error_writer``). The limit bounds the
-response: once its last body message is sent, what the app still runs (Starlette's
-background tasks) is not cut off.
+``ErrorMiddleware`` and the context's ``stream_error_writer``; an event stream not made by
+``EventStreamResponse`` gets one only if what it sent ends at an event boundary, else it
+is aborted: see ``aimiddleware._stream_cut``). The limit bounds the response: once its
+last body message is sent, what the app still runs (Starlette's background tasks) is not
+cut off.
 
 Cleanup: awaits in ``finally`` blocks inside a cancelled scope are cancelled again (anyio
 cancellation is level-triggered). Release resources under :func:`cleanup_scope` (shielded,
@@ -61,6 +63,7 @@ from aimiddleware._scope_splice import (
     _splice_order,
     _task_states,
 )
+from aimiddleware._stream_cut import SENT, SentWatch
 from aimiddleware.context import SCOPE_KEY, RequestContext, current
 from aimiddleware.context_middleware import end_abandoned
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
@@ -213,6 +216,8 @@ class CancellationMiddleware:
             pending.append(message)
             if message["type"] != "http.request" or not message.get("more_body", False):
                 break
+        if timeout is not None and ctx is not None:  # (what goes out: see _stream_cut)
+            send = ctx.state[SENT] = SentWatch(send)
         await self.serve(self.app, scope, receive, send, ctx, timeout, pending)
 
     async def serve(

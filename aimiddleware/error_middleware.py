@@ -3,8 +3,9 @@
 Before the response has started, the mapped :class:`~aimiddleware.errors.AIError` is
 rendered as ``application/problem+json``. After it has started, a status line can no longer
 change: an event stream gets the error in its own dialect (through the context's
-``stream_error_writer``, set by the SSE layer); any other response is aborted (the server
-closes the connection) and the error is logged with the request id.
+``stream_error_writer``, set by the SSE layer, or by the cancellation layer for another
+event stream its time limit cut at an event boundary); any other response is aborted (the
+server closes the connection) and the error is logged with the request id.
 
 A cancellation from outside the stack (the server giving up on the request: uvicorn past
 ``--timeout-graceful-shutdown``) is answered the same way with a retryable ``overloaded``

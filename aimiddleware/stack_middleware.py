@@ -32,6 +32,7 @@ import anyio
 from aimiddleware._asgi import is_preflight, route_path
 from aimiddleware._cancel_watch import LIMIT_SCOPE
 from aimiddleware._shutdown import Drain
+from aimiddleware._stream_cut import SENT, SentWatch
 from aimiddleware.cancellation import CancellationMiddleware
 from aimiddleware.context import RequestContext, _current, run_after_response
 from aimiddleware.context_middleware import (
@@ -119,12 +120,16 @@ class StackMiddleware:
             try:
                 cancellation = self.cancellation
                 timeout = cancellation.timeout_for(ctx.path) if cancellation else None
-                if cancellation is not None and (
-                    timeout is not None or cancellation.cancel_on_disconnect
-                ):
+                if timeout is not None and cancellation is not None:
+                    # What goes out is watched: a foreign event stream cut by the limit
+                    # may end with an error event (see _stream_cut). Heads and bodies.
+                    watch = ctx.state[SENT] = SentWatch(send)
+                    exchange.raw_send = exchange.head_send = watch
                     await cancellation.serve(
                         exchange.run, scope, receive, exchange.send, ctx, timeout
                     )
+                elif cancellation is not None and cancellation.cancel_on_disconnect:
+                    await cancellation.serve(exchange.run, scope, receive, exchange.send, ctx, None)
                 else:
                     await exchange.run(scope, replay_receive(ctx, receive), exchange.send)
             except Exception as exc:
