@@ -10,7 +10,6 @@ transport raises them as the client's module's own errors.
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import ssl
 import threading
@@ -29,25 +28,11 @@ from anyio.streams.tls import TLSStream
 
 from aimiddleware._httpx_modules import mapped
 from aimiddleware.client import AsyncRetryTransport, RetryPolicy, RetryTransport
+from tests.test_client import COMPLETION  # (the same answer as the plain-socket tests)
 
 HTTP = pytest.mark.parametrize("http", [httpx2, httpx], ids=["httpx2", "httpx"])
 SYNC = pytest.mark.parametrize("sync", [True, False], ids=["sync", "async"])
 
-COMPLETION = json.dumps(
-    {
-        "id": "c1",
-        "object": "chat.completion",
-        "created": 1,
-        "model": "fake",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "ok"},
-                "finish_reason": "stop",
-            }
-        ],
-    }
-).encode()
 ANSWER = (
     b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
     b"connection: close\r\n\r\n" % len(COMPLETION)
