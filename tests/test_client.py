@@ -451,6 +451,19 @@ async def test_async_sleep_hook_is_awaited(server: Server, http: ModuleType) -> 
 
 # -- a response body lost mid-way, from a raw socket server -------------------------------------
 
+def read_request(conn: socket.socket) -> dict[str, str]:
+    """Read one HTTP/1.1 request from ``conn`` (a plain or TLS socket); its headers."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = [line.split(b":", 1) for line in head.split(b"\r\n")[1:]]
+    headers = {name.strip().lower().decode(): value.strip().decode() for name, value in lines}
+    while len(body) < int(headers.get("content-length", "0")):
+        body += conn.recv(65536)
+    return headers
+
+
 COMPLETION = json.dumps(
     {
         "id": "c1",
@@ -499,15 +512,7 @@ class RawServer:
                 self.answer(conn)
 
     def answer(self, conn: socket.socket) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += conn.recv(65536)
-        head, _, body = data.partition(b"\r\n\r\n")
-        lines = [line.split(b":", 1) for line in head.split(b"\r\n")[1:]]
-        headers = {name.strip().lower().decode(): value.strip().decode() for name, value in lines}
-        while len(body) < int(headers.get("content-length", "0")):
-            body += conn.recv(65536)
-        self.keys.append(headers.get("idempotency-key"))
+        self.keys.append(read_request(conn).get("idempotency-key"))
         reply = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
         sent = reply.body if reply.cut is None else reply.body[: reply.cut]
         framing = (

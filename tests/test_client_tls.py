@@ -28,7 +28,10 @@ from anyio.streams.tls import TLSStream
 
 from aimiddleware._httpx_modules import mapped
 from aimiddleware.client import AsyncRetryTransport, RetryPolicy, RetryTransport
-from tests.test_client import COMPLETION  # (the same answer as the plain-socket tests)
+from tests.test_client import (  # (the same answer as the plain-socket tests)
+    COMPLETION,
+    read_request,
+)
 
 HTTP = pytest.mark.parametrize("http", [httpx2, httpx], ids=["httpx2", "httpx"])
 SYNC = pytest.mark.parametrize("sync", [True, False], ids=["sync", "async"])
@@ -122,15 +125,7 @@ class TLSServer:
                 raw.sendall(BAD_RECORD)
 
     def read_request(self, tls: ssl.SSLSocket) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += tls.recv(65536)
-        head, _, body = data.partition(b"\r\n\r\n")
-        lines = [line.split(b":", 1) for line in head.split(b"\r\n")[1:]]
-        headers = {name.strip().lower().decode(): value.strip().decode() for name, value in lines}
-        while len(body) < int(headers.get("content-length", "0")):
-            body += tls.recv(65536)
-        self.keys.append(headers.get("idempotency-key"))
+        self.keys.append(read_request(tls).get("idempotency-key"))
 
 
 @pytest.fixture(scope="module")
