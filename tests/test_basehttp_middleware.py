@@ -84,6 +84,32 @@ async def post_and_leave(url: str, head_only: bool = False) -> None:
     await stream.aclose()
 
 
+def slow_chat_app() -> tuple[FastAPI, anyio.Event]:
+    """A FastAPI app whose ``POST /v1/chat`` is a slow model call, and the event set once
+    that call is cancelled."""
+    cancelled = anyio.Event()
+    app = FastAPI()
+
+    @app.post("/v1/chat")
+    async def chat() -> dict[str, Any]:
+        try:
+            await anyio.sleep(10)  # a slow model call
+        finally:
+            cancelled.set()
+        return {}
+
+    return app, cancelled
+
+
+async def leave_twice(url: str, logged: list[anyio.Event]) -> None:
+    """A client that leaves after its body, then one that leaves halfway through it; each
+    waits (up to 3 s) for the app's access log to see its request end."""
+    for i, head_only in enumerate((False, True)):
+        await post_and_leave(url, head_only=head_only)
+        with anyio.fail_after(3):
+            await logged[i].wait()
+
+
 @pytest.mark.parametrize("form", ["stack", "layers"])
 async def test_a_client_gone_before_the_answer_ends_in_a_response_outside(
     caplog: pytest.LogCaptureFixture, form: str
@@ -95,16 +121,7 @@ async def test_a_client_gone_before_the_answer_ends_in_a_response_outside(
     function's code after ``call_next`` never ran."""
     seen: list[int] = []
     logged = [anyio.Event(), anyio.Event()]
-    cancelled = anyio.Event()
-    app = FastAPI()
-
-    @app.post("/v1/chat")
-    async def chat() -> dict[str, Any]:
-        try:
-            await anyio.sleep(10)  # a slow model call
-        finally:
-            cancelled.set()
-        return {}
+    app, cancelled = slow_chat_app()
 
     limiter = RateLimiter(Policy(requests="100/minute", tokens="10000/minute", concurrency=1))
     install(app, StackConfig(ratelimit=limiter, usage=UsageConfig()))
@@ -120,10 +137,7 @@ async def test_a_client_gone_before_the_answer_ends_in_a_response_outside(
 
     with server_errors(caplog) as errors:
         async with serve(app) as url:
-            for i, head_only in enumerate((False, True)):
-                await post_and_leave(url, head_only=head_only)
-                with anyio.fail_after(3):
-                    await logged[i].wait()
+            await leave_twice(url, logged)
             assert cancelled.is_set()
             # the slot is free: the next request is admitted
             assert not await limiter.backend.in_flight(principal_of("k1"))  # type: ignore[attr-defined]
@@ -146,16 +160,7 @@ async def test_the_cancellation_layer_alone_ends_a_request_whose_client_left(
     context layer sends (end_abandoned)."""
     seen: list[int] = []
     logged = [anyio.Event(), anyio.Event()]
-    cancelled = anyio.Event()
-    app = FastAPI()
-
-    @app.post("/v1/chat")
-    async def chat() -> dict[str, Any]:
-        try:
-            await anyio.sleep(10)  # a slow model call
-        finally:
-            cancelled.set()
-        return {}
+    app, cancelled = slow_chat_app()
 
     @app.post("/v1/quick")
     async def quick(body: dict[str, Any]) -> dict[str, Any]:
@@ -173,10 +178,7 @@ async def test_the_cancellation_layer_alone_ends_a_request_whose_client_left(
 
     with server_errors(caplog) as errors:
         async with serve(app) as url:
-            for i, head_only in enumerate((False, True)):
-                await post_and_leave(url, head_only=head_only)
-                with anyio.fail_after(3):
-                    await logged[i].wait()
+            await leave_twice(url, logged)
             assert cancelled.is_set()
             async with httpx.AsyncClient(base_url=url) as c:  # a client that stays
                 r = await c.post("/v1/quick", json={"a": 1})
