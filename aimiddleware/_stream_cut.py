@@ -10,11 +10,12 @@ then dispatched every event it got, and ``event: error`` whose data is the probl
 raise on it) is one more whole event, not glued to half of one. Otherwise, or if the
 stream is compressed, has a declared length or trailers, the abort stays.
 
-:class:`SentWatch` is the ``send`` of a time-limited request (only those: ``install()``'s
-stack and the cancellation layer put it outermost), keeping the response head and the last
-bytes sent; the cancellation layer asks it for a writer when the deadline cuts a response
-that has started (:meth:`SentWatch.writer`), and the error layer calls that writer as it
-calls an ``EventStreamResponse``'s.
+What was sent is watched for time-limited requests only: by :class:`SentWatch`, the
+outermost ``send`` the cancellation layer puts on such a request, or by ``install()``'s
+stack itself, which sends every head and body through its one wrapper and notes them there
+(no wrapper more per message). Either is ``ctx.state[SENT]``: the cancellation layer asks
+it for a writer when the deadline cuts a response that has started (:func:`error_writer`),
+and the error layer calls that writer as it calls an ``EventStreamResponse``'s.
 """
 
 from __future__ import annotations
@@ -34,9 +35,17 @@ from aimiddleware.types import Message, Send
 logger = logging.getLogger("aimiddleware")
 
 SENT = "cancellation.sent"
-"""``ctx.state`` key: the request's :class:`SentWatch` (time-limited requests only)."""
+"""``ctx.state`` key: what watches the request's response (time-limited requests only), a
+:class:`SentWatch` or ``install()``'s stack: its ``writer(ctx, seconds)``."""
 
-_START = b"\n\n"  # (nothing sent yet: as after a blank line)
+START = b"\n\n"  # (the last bytes of a stream that sent nothing yet: as after a blank line)
+
+
+def last_bytes(tail: bytes, body: bytes) -> bytes:
+    """The last (up to 3) bytes sent, ``tail`` before and ``body`` now."""
+    if len(body) >= 3:
+        return bytes(body[-3:])
+    return (tail + bytes(body))[-3:] if body else tail
 
 
 def at_event_boundary(tail: bytes) -> bool:
@@ -80,52 +89,55 @@ class SentWatch:
     def __init__(self, send: Send) -> None:
         self.send = send
         self.head: Message | None = None
-        self.tail = _START
+        self.tail = START
 
     async def __call__(self, message: Message) -> None:
         await self.send(message)
         kind = message["type"]
         if kind == "http.response.body":
-            body = message.get("body", b"")
-            if len(body) >= 3:
-                self.tail = bytes(body[-3:])
-            elif body:
-                self.tail = (self.tail + bytes(body))[-3:]
+            self.tail = last_bytes(self.tail, message.get("body", b""))
         elif kind == "http.response.start":
             self.head = message
 
     def writer(
         self, ctx: RequestContext, seconds: float
     ) -> Callable[[AIError], Awaitable[None]] | None:
-        """The ``stream_error_writer`` for a response cut by its deadline, if it is a plain
-        event stream that ends at an event boundary (``None``: it can only be aborted).
-        ``seconds``: how long writing the error event may take."""
-        head = self.head
-        if (
-            head is None
-            or ctx.method == "HEAD"
-            or not is_plain_event_stream(head)
-            or not at_event_boundary(self.tail)
-        ):
-            return None
+        """:func:`error_writer` of what went out through this ``send``."""
+        return error_writer(self.head, self.tail, self.send, ctx, seconds)
 
-        async def write_error(err: AIError) -> None:
-            # (imported here: the sse package imports the cancellation layer)
-            from aimiddleware.sse.events import encode_data, json_data
 
-            frame = encode_data(json_data(problem_body(err, request_id=ctx.request_id)), "error")
-            send = ctx.state.get(ERROR_SEND) or self.send
-            with anyio.move_on_after(seconds) as scope:
-                try:
-                    await send({"type": "http.response.body", "body": frame, "more_body": False})
-                except OSError:  # the client left meanwhile (ASGI >= 2.4): nobody to tell
-                    ctx.disconnected = True
-                    return
-            if scope.cancelled_caught:  # a client that stopped reading: the abort after all
-                logger.error(
-                    "%s: the event stream's error event could not be sent in %gs; closing "
-                    "the connection [request_id=%s]", err.code, seconds, ctx.request_id,
-                )
-                raise err
+def error_writer(
+    head: Message | None, tail: bytes, send: Send, ctx: RequestContext, seconds: float
+) -> Callable[[AIError], Awaitable[None]] | None:
+    """The ``stream_error_writer`` for a response cut by its deadline, whose ``head`` and
+    last bytes ``tail`` were sent through ``send``, if it is a plain event stream that ends
+    at an event boundary (``None``: it can only be aborted). ``seconds``: how long writing
+    the error event may take."""
+    if (
+        head is None
+        or ctx.method == "HEAD"
+        or not is_plain_event_stream(head)
+        or not at_event_boundary(tail)
+    ):
+        return None
 
-        return write_error
+    async def write_error(err: AIError) -> None:
+        # (imported here: the sse package imports the cancellation layer)
+        from aimiddleware.sse.events import encode_data, json_data
+
+        frame = encode_data(json_data(problem_body(err, request_id=ctx.request_id)), "error")
+        out = ctx.state.get(ERROR_SEND) or send
+        with anyio.move_on_after(seconds) as scope:
+            try:
+                await out({"type": "http.response.body", "body": frame, "more_body": False})
+            except OSError:  # the client left meanwhile (ASGI >= 2.4): nobody to tell
+                ctx.disconnected = True
+                return
+        if scope.cancelled_caught:  # a client that stopped reading: the abort after all
+            logger.error(
+                "%s: the event stream's error event could not be sent in %gs; closing "
+                "the connection [request_id=%s]", err.code, seconds, ctx.request_id,
+            )
+            raise err
+
+    return write_error

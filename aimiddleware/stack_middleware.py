@@ -24,7 +24,7 @@ the chain.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import anyio
@@ -32,7 +32,7 @@ import anyio
 from aimiddleware._asgi import is_preflight, route_path
 from aimiddleware._cancel_watch import LIMIT_SCOPE
 from aimiddleware._shutdown import Drain
-from aimiddleware._stream_cut import SENT, SentWatch
+from aimiddleware._stream_cut import SENT, START, error_writer, last_bytes
 from aimiddleware.cancellation import CancellationMiddleware
 from aimiddleware.context import RequestContext, _current, run_after_response
 from aimiddleware.context_middleware import (
@@ -42,6 +42,7 @@ from aimiddleware.context_middleware import (
     with_request_id,
 )
 from aimiddleware.error_middleware import ErrorMiddleware
+from aimiddleware.errors import AIError
 from aimiddleware.idempotency.middleware import IdempotencyMiddleware
 from aimiddleware.ratelimit._run import failed_response, run_request, settle_once, settled_now
 from aimiddleware.ratelimit.admission import Admission
@@ -122,9 +123,9 @@ class StackMiddleware:
                 timeout = cancellation.timeout_for(ctx.path) if cancellation else None
                 if timeout is not None and cancellation is not None:
                     # What goes out is watched: a foreign event stream cut by the limit
-                    # may end with an error event (see _stream_cut). Heads and bodies.
-                    watch = ctx.state[SENT] = SentWatch(send)
-                    exchange.raw_send = exchange.head_send = watch
+                    # may end with an error event (see _stream_cut and _Exchange.writer).
+                    exchange.sent_tail = START
+                    ctx.state[SENT] = exchange
                     await cancellation.serve(
                         exchange.run, scope, receive, exchange.send, ctx, timeout
                     )
@@ -180,7 +181,8 @@ class _Exchange(Responder):
     """
 
     __slots__ = (
-        "admission", "rate_headers", "raw_send", "request_id", "stack", "version_headers",
+        "admission", "rate_headers", "raw_send", "request_id", "sent_head", "sent_tail", "stack",
+        "version_headers",
     )
 
     def __init__(self, stack: StackMiddleware, ctx: RequestContext, send: Send) -> None:
@@ -191,6 +193,9 @@ class _Exchange(Responder):
         self.rate_headers: RawHeaders | None = None
         self.admission: Admission | None = None  # (rate limited: settled once sent whole)
         self.version_headers: tuple[tuple[bytes, bytes], ...] = ()
+        # What went out, noted under a time limit only (sent_tail None: not watched)
+        self.sent_head: Message | None = None
+        self.sent_tail: bytes | None = None
 
     async def outer(self, message: Message) -> None:
         kind = message["type"]
@@ -216,6 +221,19 @@ class _Exchange(Responder):
                     await settle_once(limiter, admission, self.ctx, failed)
             return
         await self.raw_send(message)
+        if self.sent_tail is not None:  # watched (a time limit): what went out, for writer
+            if kind == "http.response.body":
+                self.sent_tail = last_bytes(self.sent_tail, message.get("body", b""))
+            elif kind == "http.response.start":
+                self.sent_head = message
+
+    def writer(
+        self, ctx: RequestContext, seconds: float
+    ) -> Callable[[AIError], Awaitable[None]] | None:
+        """``ctx.state[SENT]`` of a time-limited request: :func:`~aimiddleware._stream_cut.
+        error_writer` of what went out (every head and body passes here, or through
+        :meth:`head`: no wrapper more per message)."""
+        return error_writer(self.sent_head, self.sent_tail or START, self.raw_send, ctx, seconds)
 
     def head(self, message: Message, added: RawHeaders) -> Message:
         headers = message.get("headers", ())
@@ -234,7 +252,10 @@ class _Exchange(Responder):
                 out += self.version_headers
             out.append(self.request_id)
         self.ctx.response_status = message["status"]
-        return {**message, "headers": out}
+        head = {**message, "headers": out}
+        if self.sent_tail is not None:  # watched: the head (sent next by head_send)
+            self.sent_head = head
+        return head
 
     async def run(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Versioning, idempotency, rate limiting and usage around the app."""
