@@ -48,7 +48,7 @@ def _decimal(value: Any, what: str) -> Decimal:
         raise ValueError(f"{what}: not a number: {value!r}") from exc
     if not dec.is_finite() or dec < 0:
         raise ValueError(f"{what}: a price must be a finite number >= 0")
-    return dec
+    return dec.copy_abs()  # (-0 is 0: else a free model's costs read "-0.0")
 
 
 class Quote(NamedTuple):

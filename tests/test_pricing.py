@@ -59,6 +59,18 @@ def test_unknown_model_is_unpriced_not_zero() -> None:
     assert "mystery-model" not in TABLE and "fast" in TABLE
 
 
+@pytest.mark.parametrize("zero", [Decimal("-0"), "-0.0", -0.0])
+def test_a_negative_zero_price_is_zero(zero: Any) -> None:
+    """A free model priced ``-0`` costs ``0``, never ``-0`` (in the envelope and headers)."""
+    price = ModelPrice.coerce({"input": zero, "output": zero})
+    usage = Usage(input_tokens=10, output_tokens=3)
+    for cost in (price.cost(usage), price.quote(usage).cost,
+                 PriceTable({"free": price}).estimate("free", usage)):
+        assert cost == 0 and not cost.is_signed(), cost
+    text = price.quote(usage).text
+    assert text == format(price.cost(usage), "f") and text in ("0", "0.0"), text
+
+
 def test_aliases_provider_prefix_and_snapshot_dates() -> None:
     gpt4o = TABLE.price("gpt-4o")
     assert TABLE.price("fast") is gpt4o
