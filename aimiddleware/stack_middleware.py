@@ -46,8 +46,8 @@ from aimiddleware.errors import AIError
 from aimiddleware.idempotency.middleware import IdempotencyMiddleware
 from aimiddleware.ratelimit._run import failed_response, run_request, settle_once, settled_now
 from aimiddleware.ratelimit.admission import Admission
-from aimiddleware.ratelimit.headers import HEADER_NAMES
-from aimiddleware.ratelimit.middleware import RateLimitMiddleware, with_headers
+from aimiddleware.ratelimit.headers import HEADER_NAMES, merge_rate_headers
+from aimiddleware.ratelimit.middleware import RateLimitMiddleware
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
 from aimiddleware.usage.middleware import Responder, UsageMiddleware, serve
 from aimiddleware.versioning.middleware import VersioningMiddleware
@@ -166,7 +166,7 @@ class StackMiddleware:
         """A head whose app headers name one of ours: each layer's rule, innermost first."""
         out = [*headers, *usage]
         if ratelimit:
-            out = with_headers(out, ratelimit)
+            out = merge_rate_headers(out, ratelimit)
         if versioning and self.versioning is not None:
             out = self.versioning.add_headers(out, versioning)
         return with_request_id(out, request_id)

@@ -30,6 +30,7 @@ from aimiddleware.ratelimit.backend import Hit
 from aimiddleware.storage import Storage
 from tests.live_server import serve
 from tests.ratelimit_helpers import principal_of
+from tests.test_ratelimit_middleware import check_headers, parse_list
 
 
 class Item(BaseModel):
@@ -273,3 +274,130 @@ async def test_a_stream_the_request_never_sends_gives_back_its_slot(storage: Sto
             for lim in limiter.policies["default"].limits]
     state = (await limiter.backend.peek(principal_of("k1"), hits))[0]
     assert state.prev + state.curr == 1  # the two never sent were refunded; the stream counts
+
+
+def _completion() -> dict[str, Any]:
+    return {
+        "id": "c1", "object": "chat.completion", "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": "hi"}}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10},
+    }
+
+
+@pytest.mark.parametrize("chain", ["install", "hand-built"])
+async def test_under_the_middleware_the_headers_tell_the_limit_that_binds_first(
+    chain: str,
+) -> None:
+    """``@rate_limit`` on an endpoint (3 requests a minute, 2 at once) under whole-app limits
+    (100 requests, 10,000 tokens a minute): each response tells the limit that binds first.
+    The middleware's headers replaced the decorator's, so a client was told 99 requests
+    remained until the 429 came after 3; the 429 mixed the two sides' lists."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    @rate_limit(Policy(requests="3/minute", concurrency=2))
+    async def chat(body: dict[str, Any]) -> dict[str, Any]:
+        return _completion()
+
+    whole = Policy(requests="100/minute", tokens="10000/minute")
+    if chain == "install":
+        aimiddleware.install(app, ratelimit=whole)
+    else:  # the layers added one by one (the last added is the outermost)
+        from aimiddleware import ErrorMiddleware, RateLimitMiddleware, RequestContextMiddleware
+
+        app.add_middleware(RateLimitMiddleware, policies=whole)
+        app.add_middleware(ErrorMiddleware)
+        app.add_middleware(RequestContextMiddleware)
+    auth = {"authorization": "Bearer k1"}
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    async with serve(app) as url, httpx.AsyncClient(base_url=url) as c:
+        rs = [await c.post("/v1/chat/completions", json=body, headers=auth) for _ in range(4)]
+    assert [r.status_code for r in rs] == [200, 200, 200, 429], rs[-1].text
+    for r in rs:
+        check_headers(r)  # each once; the IETF fields parse (http-sfv)
+        assert r.headers["x-ratelimit-limit-requests"] == "3"
+        assert r.headers["x-ratelimit-limit-tokens"] == "10000"  # (the middleware's alone)
+        policy = dict(parse_list(r.headers["ratelimit-policy"]))
+        assert policy == {
+            "requests-1m": {"q": 3, "qu": "requests", "w": 60},
+            "tokens-1m": {"q": 10000, "w": 60},
+            "concurrency": {"q": 2, "qu": "concurrent-requests"},
+        }, r.headers["ratelimit-policy"]
+    left = [r.headers["x-ratelimit-remaining-requests"] for r in rs]
+    assert left == ["2", "1", "0", "0"]
+    state = [dict(parse_list(r.headers["ratelimit"])) for r in rs]
+    assert [s["requests-1m"]["r"] for s in state] == [2, 1, 0, 0]
+    assert all(s["tokens-1m"]["r"] < 10000 and "concurrency" in s for s in state)
+    refused = rs[-1]
+    assert refused.json()["dimension"] == "requests"
+    assert state[-1]["requests-1m"]["t"] == int(refused.headers["retry-after"])
+
+
+@pytest.mark.parametrize(
+    "theirs",
+    [
+        # the app set one header of a dimension: not a limiter's; ours stand
+        [(b"x-ratelimit-limit-requests", b"999")],
+        # a triple with more remaining than ours, or an equal count: ours
+        [(b"x-ratelimit-limit-requests", b"500"), (b"x-ratelimit-remaining-requests", b"400"),
+         (b"x-ratelimit-reset-requests", b"1s")],
+        [(b"X-RateLimit-Limit-Requests", b"9"), (b"x-ratelimit-remaining-requests", b"7"),
+         (b"x-ratelimit-reset-requests", b"1s")],
+        # unreadable values (a remaining that is not a count, a list that is not one): ours
+        [(b"x-ratelimit-limit-requests", b"9"), (b"x-ratelimit-remaining-requests", b"-1"),
+         (b"x-ratelimit-reset-requests", b"1s"), (b"ratelimit", b"requests;r=0"),
+         (b"ratelimit-policy", b"\"a\";q=1, ")],
+    ],
+)
+def test_merged_headers_keep_ours_unless_theirs_bind_first(
+    theirs: list[tuple[bytes, bytes]],
+) -> None:
+    from aimiddleware.ratelimit.headers import merge_rate_headers
+
+    ours = [
+        (b"x-ratelimit-limit-requests", b"10"), (b"x-ratelimit-remaining-requests", b"7"),
+        (b"x-ratelimit-reset-requests", b"6s"),
+        (b"ratelimit-policy", b'"requests-1m";q=10;qu="requests";w=60'),
+        (b"ratelimit", b'"requests-1m";r=7;t=6'),
+    ]
+    app = [(b"content-type", b"application/json")]
+    assert merge_rate_headers([*app, *theirs], ours) == [*app, *ours]
+
+
+def test_merged_headers_take_each_dimension_and_member_from_the_tighter_side() -> None:
+    from aimiddleware.ratelimit.headers import merge_rate_headers
+
+    ours = [
+        (b"x-ratelimit-limit-requests", b"100"), (b"x-ratelimit-remaining-requests", b"90"),
+        (b"x-ratelimit-reset-requests", b"6s"),
+        (b"x-ratelimit-limit-tokens", b"1000"), (b"x-ratelimit-remaining-tokens", b"10"),
+        (b"x-ratelimit-reset-tokens", b"50s"),
+        (b"ratelimit-policy", b'"requests-1m";q=100;qu="requests";w=60, "tokens-1m";q=1000;w=60'),
+        (b"ratelimit", b'"requests-1m";r=90;t=6, "tokens-1m";r=10;t=50'),
+    ]
+    theirs = [
+        (b"x-ratelimit-limit-requests", b"5"), (b"x-ratelimit-remaining-requests", b"4"),
+        (b"x-ratelimit-reset-requests", b"12s"),
+        (b"x-ratelimit-limit-tokens", b"9000"), (b"x-ratelimit-remaining-tokens", b"8000"),
+        (b"x-ratelimit-reset-tokens", b"1s"),
+        (b"ratelimit-policy",
+         b'"requests-1m";q=5;qu="requests";w=60, "tokens-1m";q=9000;w=60, '
+         b'"requests-1d";q=50;w=86400'),
+        (b"ratelimit", b'"requests-1m";r=4;t=12, "tokens-1m";r=8000;t=1, "requests-1d";r=40;t=9'),
+        (b"retry-after", b"3"),
+    ]
+    out = merge_rate_headers(theirs, ours)
+    assert out == [
+        (b"retry-after", b"3"),  # (not a rate-limit header: kept as it was)
+        (b"x-ratelimit-limit-requests", b"5"), (b"x-ratelimit-remaining-requests", b"4"),
+        (b"x-ratelimit-reset-requests", b"12s"),
+        (b"x-ratelimit-limit-tokens", b"1000"), (b"x-ratelimit-remaining-tokens", b"10"),
+        (b"x-ratelimit-reset-tokens", b"50s"),
+        (b"ratelimit-policy",
+         b'"requests-1m";q=5;qu="requests";w=60, "tokens-1m";q=1000;w=60, '
+         b'"requests-1d";q=50;w=86400'),
+        (b"ratelimit", b'"requests-1m";r=4;t=12, "tokens-1m";r=10;t=50, "requests-1d";r=40;t=9'),
+    ]
+    # with nothing of theirs, ours are appended as they are
+    assert merge_rate_headers([(b"a", b"1")], ours) == [(b"a", b"1"), *ours]

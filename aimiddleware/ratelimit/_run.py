@@ -11,6 +11,7 @@ import anyio
 
 from aimiddleware.context import RequestContext
 from aimiddleware.errors import AIError, StoreUnavailable
+from aimiddleware.ratelimit.headers import merge_rate_headers
 from aimiddleware.ratelimit.limiter import Admission, RateLimiter
 from aimiddleware.types import Message
 
@@ -160,10 +161,14 @@ def failed_response(ctx: RequestContext) -> bool:
 
 
 def add_headers(err: AIError, admission: Admission) -> None:
-    """Give an error raised under an admission the admission's rate-limit headers."""
+    """Give an error raised under an admission the admission's rate-limit headers, merged
+    with any it carries (an inner limiter's refusal: :func:`merge_rate_headers`)."""
     if admission.raw_headers:
-        taken = {k for k, _ in err.headers}
-        err.headers.extend(h for h in admission.headers if h[0] not in taken)
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in err.headers]
+        err.headers[:] = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in merge_rate_headers(raw, admission.raw_headers)
+        ]
 
 
 async def settle(

@@ -16,14 +16,17 @@ bytes; :func:`rate_limit_headers` is the general form (refusals).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from math import floor
 from typing import Any
 
 from aimiddleware.ratelimit.backend import WindowState, remaining
 from aimiddleware.ratelimit.policy import Limit
 
-__all__ = ["HEADER_NAMES", "HeaderPlan", "go_ms", "rate_limit_headers", "reset_ms"]
+__all__ = [
+    "HEADER_NAMES", "HeaderPlan", "go_ms", "merge_rate_headers", "rate_limit_headers", "reset_ms",
+]
 
 HEADER_NAMES = frozenset(
     {
@@ -113,6 +116,97 @@ def rate_limit_headers(
         out.append(("ratelimit-policy", ", ".join(policy)))
         out.append(("ratelimit", ", ".join(state_items)))
     return out
+
+
+RawHeaders = list[tuple[bytes, bytes]]
+_RAW_NAMES = frozenset(name.encode() for name in HEADER_NAMES)
+_TRIPLES = tuple(
+    (b"x-ratelimit-limit-" + dim, b"x-ratelimit-remaining-" + dim, b"x-ratelimit-reset-" + dim)
+    for dim in (b"requests", b"tokens")
+)
+# A member of an RFC 8941 List whose items are strings: '"name"' and its parameters (here
+# tokens, integers and plain strings, no commas: those this module writes)
+_MEMBER = re.compile(rb'[ \t]*("(?:[^"\\]|\\.)*")([^,"]*(?:"[^"]*"[^,"]*)*?)[ \t]*(?:,|\Z)')
+_R = re.compile(rb";r=([0-9]+)")
+
+
+def _members(value: bytes | None) -> dict[bytes, bytes] | None:
+    """A ``RateLimit`` or ``RateLimit-Policy`` value as ``{name: member}``, in order (``{}``
+    for none); None if it is not a list of named members."""
+    out: dict[bytes, bytes] = {}
+    if value is None:
+        return out
+    pos, end = 0, len(value)
+    while pos < end:
+        m = _MEMBER.match(value, pos)
+        if m is None or m.end() == pos:
+            return None
+        out.setdefault(m[1], m[1] + m[2].rstrip())
+        pos = m.end()
+    return out
+
+
+def _left(value: bytes | None) -> int | None:
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def _r(member: bytes) -> bytes | None:
+    m = _R.search(member)
+    return m[1] if m is not None else None
+
+
+def _fewer(theirs: bytes | None, ours: bytes | None) -> bool:
+    """Whether a remaining count ``theirs`` is below ``ours`` (an unreadable one never is)."""
+    mine, other = _left(ours), _left(theirs)
+    return other is not None and (mine is None or other < mine)
+
+
+def merge_rate_headers(
+    headers: Iterable[tuple[bytes, bytes]], ours: Sequence[tuple[bytes, bytes]]
+) -> RawHeaders:
+    """A response's ``headers`` with our rate-limit headers ``ours`` added.
+
+    Where the response already carries rate-limit headers (a limiter inside ours: the
+    ``@rate_limit`` decorator on an endpoint under the middleware), the client is told of
+    whichever limit binds first, as one limiter tells of its own limits: per OpenAI
+    dimension the three headers of the side with fewer remaining, and per IETF member name
+    the member (and its policy) with fewer remaining; members of one side only are kept.
+    A value this cannot read is replaced by ours."""
+    kept: RawHeaders = []
+    theirs: dict[bytes, bytes] = {}
+    for name, value in headers:
+        low = name.lower()
+        if low in _RAW_NAMES:
+            theirs[low] = value
+        else:
+            kept.append((name, value))
+    if not theirs:
+        return [*kept, *ours]
+    mine = dict(ours)
+    for names in _TRIPLES:
+        pick = [mine.get(name) for name in names]
+        other = [theirs.get(name) for name in names]
+        if None not in other and (None in pick or _fewer(other[1], pick[1])):
+            pick = other
+        if None not in pick:
+            kept += [(n, v) for n, v in zip(names, pick, strict=True) if v is not None]
+    policy = _members(mine.get(b"ratelimit-policy")) or {}
+    state = _members(mine.get(b"ratelimit")) or {}
+    their_policy = _members(theirs.get(b"ratelimit-policy"))
+    their_state = _members(theirs.get(b"ratelimit"))
+    if their_policy is not None and their_state is not None:
+        for name, member in their_state.items():
+            if name not in state or _fewer(_r(member), _r(state[name])):
+                state[name] = member
+                if name in their_policy:
+                    policy[name] = their_policy[name]
+        for name, member in their_policy.items():
+            policy.setdefault(name, member)
+    if policy:
+        kept.append((b"ratelimit-policy", b", ".join(policy.values())))
+    if state:
+        kept.append((b"ratelimit", b", ".join(state.values())))
+    return kept
 
 
 class HeaderPlan:

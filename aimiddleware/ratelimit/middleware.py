@@ -10,20 +10,18 @@ cancellation or disconnect).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from aimiddleware._asgi import get_header, is_preflight, route_path
 from aimiddleware.context import SCOPE_KEY, RequestContext
 from aimiddleware.ratelimit._run import failed_response, is_last_body, run_request, settle_once
-from aimiddleware.ratelimit.headers import HEADER_NAMES
+from aimiddleware.ratelimit.headers import merge_rate_headers
 from aimiddleware.ratelimit.limiter import RateLimiter
 from aimiddleware.ratelimit.policy import Policy
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["RateLimitMiddleware", "with_headers"]
-
-_OURS = {name.encode() for name in HEADER_NAMES}
+__all__ = ["RateLimitMiddleware"]
 
 
 class RateLimitMiddleware:
@@ -81,7 +79,7 @@ class RateLimitMiddleware:
             if not started and message["type"] == "http.response.start":
                 started = True
                 if extra:
-                    headers = with_headers(message.get("headers", ()), extra)
+                    headers = merge_rate_headers(message.get("headers", ()), extra)
                     message = {**message, "headers": headers}
             await send(message)
             if is_last_body(message):  # sent whole: settle now, not after background tasks
@@ -89,9 +87,3 @@ class RateLimitMiddleware:
 
         await run_request(limiter, admission, ctx, self.app, scope, receive, send_with_headers)
 
-
-def with_headers(
-    headers: Iterable[tuple[bytes, bytes]], ours: list[tuple[bytes, bytes]]
-) -> list[tuple[bytes, bytes]]:
-    """A response's ``headers`` with our rate-limit headers instead of any it set itself."""
-    return [h for h in headers if h[0].lower() not in _OURS] + ours
