@@ -14,35 +14,19 @@ import asyncio
 import json
 
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from aimiddleware import TokenCounter
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
 from benchmarks.floor_app import floor as _floor
 from benchmarks.stack_apps import bare as _bare
-from benchmarks.stack_apps import chat, routes
+from benchmarks.stack_apps import chat, routes, slowapi_app
 from benchmarks.stack_apps import full as _full
 
 PATH = "/v1/chat/completions"
 
 
 def _slowapi() -> Starlette:
-    from slowapi import Limiter, _rate_limit_exceeded_handler
-    from slowapi.errors import RateLimitExceeded
-    from slowapi.util import get_remote_address
-
-    limiter = Limiter(key_func=get_remote_address, storage_uri="memory://")
-
-    @limiter.limit("100000000/minute")
-    async def limited(request: Request) -> JSONResponse:
-        return await chat(request)
-
-    app = Starlette(routes=[Route(PATH, limited, methods=["POST"])])
-    app.state.limiter = limiter
-    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
-    return app
+    return slowapi_app(PATH, chat, "POST")
 
 
 def _headers_only() -> ASGIApp:

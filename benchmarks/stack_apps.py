@@ -52,8 +52,38 @@ async def chat(request: Request) -> JSONResponse:
     )
 
 
+async def item(request: Request) -> JSONResponse:
+    """A plain JSON route (no model, no usage): what the stack costs an app's other routes."""
+    return JSONResponse({"id": 1, "object": "item", "name": "widget", "tags": ["a", "b"]})
+
+
+PLAIN_PATH = "/v1/items/1"
+
+
 def routes() -> list[Route]:
-    return [Route("/v1/chat/completions", chat, methods=["POST"])]
+    return [
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route(PLAIN_PATH, item, methods=["GET"]),
+    ]
+
+
+def slowapi_app(path: str, endpoint: Any, method: str) -> Starlette:
+    """``endpoint`` at ``path`` behind slowapi's decorator with one generous limit (by client
+    address, in memory), as its documentation sets it up."""
+    from slowapi import Limiter, _rate_limit_exceeded_handler
+    from slowapi.errors import RateLimitExceeded
+    from slowapi.util import get_remote_address
+
+    limiter = Limiter(key_func=get_remote_address, storage_uri="memory://")
+
+    @limiter.limit("100000000/minute")
+    async def limited(request: Request) -> JSONResponse:
+        return await endpoint(request)  # type: ignore[no-any-return]
+
+    app = Starlette(routes=[Route(path, limited, methods=[method])])
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
+    return app
 
 
 def bare() -> Starlette:
