@@ -6,6 +6,7 @@ wraps in a task group behind a memory stream; real uvicorn, real clients."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -411,3 +412,124 @@ async def test_an_untidy_fastapi_app_in_either_order(
         # (the JSON answers and the whole stream: not the one its client left)
         assert app.state.background == ["logged"] * 3
     assert not errors, [r.getMessage() for r in errors]
+
+
+def keyed_stream_app(route: str, cut: str) -> tuple[FastAPI, list[str]]:
+    """``POST /v1/chat/completions``, a 20-event stream (a Starlette ``StreamingResponse``,
+    or an ``EventStreamResponse``) behind an ``@app.middleware("http")`` function inside the
+    stack, with idempotency; its first call slow (50 ms an event), the others at once.
+    ``cut``: how the first call's stream is cut (see the test). Returns the app and the
+    handler's calls."""
+    app = FastAPI()
+    calls: list[str] = []
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: dict[str, Any]) -> Any:
+        calls.append("call")
+        delay = 0.05 if len(calls) == 1 else 0.0
+
+        async def tokens() -> AsyncIterator[str]:
+            for i in range(20):
+                await anyio.sleep(delay)
+                yield f"t{i} "
+
+        if route == "events":
+            return EventStreamResponse(tokens(), dialect=OpenAIChatDialect.for_request(body))
+
+        async def sse() -> AsyncIterator[str]:
+            async for token in tokens():
+                yield f"data: {json.dumps({'content': token})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    @app.middleware("http")
+    async def timing(request: Request, call_next: Any) -> Any:
+        response = await call_next(request)
+        response.headers["x-process-time"] = "0.1"
+        return response
+
+    cancellation = {
+        "left-uncancelled": CancellationConfig(cancel_on_disconnect=False),
+        "left-no-cancellation-layer": None,
+        "left": CancellationConfig(),
+        "time-limit": CancellationConfig(timeouts={"/v1/*": 0.3}),
+    }[cut]
+    install(app, StackConfig(idempotency=IdempotencyConfig(), usage=UsageConfig(),
+                             cancellation=cancellation))
+    return app, calls
+
+
+@pytest.mark.parametrize("form", ["stack", "layers"])
+@pytest.mark.parametrize("route", ["streaming-response", "events"])
+@pytest.mark.parametrize(
+    "cut", ["left-uncancelled", "left-no-cancellation-layer", "left", "time-limit"]
+)
+async def test_a_cut_stream_through_the_middleware_is_not_replayed(
+    caplog: pytest.LogCaptureFixture, form: str, route: str, cut: str
+) -> None:
+    """An ``@app.middleware("http")`` function inside the stack relays the endpoint's body
+    and ends it with a clean last message however the endpoint stopped. A client that left
+    a keyed stream midway where the endpoint is not cancelled for it (cancel_on_disconnect
+    off, or no cancellation layer: the endpoint's response sees the disconnect and returns)
+    had its stream ended that way, and the idempotency layer stored it as the answer: the
+    retry with the same Idempotency-Key got 3 events and no end, Idempotent-Replayed, the
+    handler not run again. A cut end of a body of undeclared length (the client gone, or
+    the time limit's scope cancelled) now releases the key: the retry runs the handler and
+    gets the whole stream. (A client that left with cancel_on_disconnect on, and the time
+    limit, cancel the function with the endpoint: no end is sent, and none was stored.)"""
+    app, calls = keyed_stream_app(route, cut)
+    if form == "layers":
+        split_stack(app)
+    headers = {**AUTH, "idempotency-key": "order-7"}
+    body = chat_body(stream=True)
+    async with serve(app) as url, httpx.AsyncClient(base_url=url, headers=headers) as c:
+        events: list[str] = []
+        async with aconnect_sse(c, "POST", "/v1/chat/completions", json=body) as source:
+            assert source.response.headers["x-process-time"] == "0.1"
+            with contextlib.suppress(httpx.RemoteProtocolError):  # (a time limit mid-event)
+                async for event in source.aiter_sse():
+                    events.append(event.data)
+                    if cut.startswith("left") and len(events) == 3:
+                        break  # the client leaves
+        assert len(events) < 15 and not any("t19" in data for data in events)  # cut
+        await anyio.sleep(0.5)  # (the first call is over; its stream ended or was cut)
+        async with aconnect_sse(c, "POST", "/v1/chat/completions", json=body) as source:
+            assert "idempotent-replayed" not in source.response.headers
+            data = [event.data async for event in source.aiter_sse()]
+        assert calls == ["call", "call"]
+        assert data[-1] == "[DONE]" and len(data) >= 21
+        # the whole answer is the one kept: a third try replays it
+        async with aconnect_sse(c, "POST", "/v1/chat/completions", json=body) as source:
+            assert source.response.headers["idempotent-replayed"] == "true"
+            assert [event.data async for event in source.aiter_sse()] == data
+    assert calls == ["call", "call"]
+
+
+async def test_a_whole_answer_of_declared_length_whose_client_left_is_still_kept() -> None:
+    """The other side of the rule above: a JSON answer (its Content-Length declared and
+    filled) that the endpoint finished after its client left (cancel_on_disconnect off) is
+    whole, and is kept for the retry, as before."""
+    app = FastAPI()
+    calls: list[int] = []
+
+    @app.post("/v1/chat")
+    async def chat() -> dict[str, Any]:
+        calls.append(1)
+        await anyio.sleep(0.3)
+        return {"answer": "whole", "n": len(calls)}
+
+    @app.middleware("http")
+    async def timing(request: Request, call_next: Any) -> Any:
+        return await call_next(request)
+
+    install(app, StackConfig(idempotency=IdempotencyConfig(),
+                             cancellation=CancellationConfig(cancel_on_disconnect=False)))
+    headers = {**AUTH, "idempotency-key": "order-8"}
+    async with serve(app) as url, httpx.AsyncClient(base_url=url, headers=headers) as c:
+        with pytest.raises(httpx.ReadTimeout):
+            await c.post("/v1/chat", json={}, timeout=0.1)  # the client leaves
+        await anyio.sleep(0.5)
+        r = await c.post("/v1/chat", json={})
+    assert r.headers["idempotent-replayed"] == "true"
+    assert (r.json(), calls) == ({"answer": "whole", "n": 1}, [1])

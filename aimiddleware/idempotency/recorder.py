@@ -2,7 +2,10 @@
 
 The record is completed on the last body message, before that message is forwarded, so an
 answer whose client went away is still kept for the retry. A status that is not stored, a
-response above ``max_record_bytes`` or one that never ends releases the key instead. A
+response above ``max_record_bytes`` or one that never ends releases the key instead, and so
+does an end that may not be the answer's (see :func:`_cut`): a body of undeclared length
+ended after its client left or its time limit cut it, as an ``@app.middleware("http")``
+function between the stack and the endpoint ends the body it relays whatever stopped it. A
 record the store does not take (it is down) is written later by the engine's
 :class:`~aimiddleware.idempotency.later.LaterWrites`. With ``follow_streams``, an event
 stream is also published chunk by chunk for followers.
@@ -15,7 +18,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from aimiddleware.context import current_or_none
+from aimiddleware._cancel_watch import LIMIT_SCOPE
+from aimiddleware.context import RequestContext, current_or_none
 from aimiddleware.errors import StoreUnavailable
 from aimiddleware.idempotency.models import Completed
 from aimiddleware.idempotency.replay import STORED
@@ -31,19 +35,33 @@ __all__ = ["Recording"]
 logger = logging.getLogger("aimiddleware.idempotency")
 
 
-def _ended_in_error() -> bool:
-    """Whether this request's event stream ended with an error event (``EventStreamResponse``
-    says so in the request context): a retry must run again, not replay the error."""
-    ctx = current_or_none()
-    return ctx is not None and ctx.state.get(FAILED) is True
+def _cut(ctx: RequestContext | None, stream: bool, whole: bool) -> bool:
+    """Is the end of this response (an event ``stream`` or not; ``whole``: a declared length
+    its body filled) one a retry must not replay?
+
+    An event stream that ended with an error event (``EventStreamResponse`` says so in the
+    request context); or a body of undeclared length that ended after its client left or
+    its time limit cut it: an end the app sent after the cut, or that something between the
+    stack and the endpoint sent for it (an ``@app.middleware("http")`` function ends the
+    body it relays, cleanly, when the endpoint stops on a disconnect), not the answer's."""
+    if ctx is None:
+        return False
+    if stream and ctx.state.get(FAILED) is True:
+        return True
+    if whole:
+        return False
+    if ctx.disconnected:
+        return True
+    limit = ctx.state.get(LIMIT_SCOPE)  # (a time limit: its scope, cancelled at the deadline)
+    return limit is not None and limit.cancel_called
 
 
 class Recording:
     """The ``send`` wrapper: forwards every message at once and records it on the side."""
 
     __slots__ = (
-        "chunks", "done", "downstream", "engine", "headers", "lease", "publish", "recording",
-        "size", "status", "stream",
+        "chunks", "declared", "done", "downstream", "engine", "headers", "lease", "publish",
+        "recording", "size", "status", "stream",
     )
 
     def __init__(self, engine: IdempotencyEngine, lease: Lease, send: Send) -> None:
@@ -57,6 +75,7 @@ class Recording:
         self.stream = False
         self.chunks: list[bytes] = []
         self.size = 0
+        self.declared = -1  # what size is once a body of declared length is whole (-1: none)
         self.publish: StreamingStore | None = None  # set while followers may be reading
 
     async def send(self, message: Message) -> None:
@@ -75,8 +94,8 @@ class Recording:
                         if self.publish is not None:
                             await self._publish(self.publish.stream_append, body)
                 if self.recording and not message.get("more_body", False):
-                    if self.stream and _ended_in_error():
-                        await self._drop()  # a stream that failed after its 200: not stored
+                    if _cut(current_or_none(), self.stream, self.size == self.declared):
+                        await self._drop()  # failed or cut after its head: not stored
                     else:
                         await self._complete()
             elif kind == "http.response.start":
@@ -114,6 +133,8 @@ class Recording:
         self.status = status
         self.headers = tuple(headers)
         self.size = size
+        if length is not None and length.isdigit():
+            self.declared = size + declared  # (what size reaches once the body is whole)
         if self.stream and engine.streaming is not None:
             self.publish = engine.streaming
             await self._publish(self.publish.stream_start, status, self.headers)
