@@ -202,6 +202,9 @@ class RequestContext:
     model_version: str | None = None
     api_version: str | None = None
     usage: Usage | None = None
+    """What the model call used, once known. For reading: an endpoint reports it with
+    :func:`report_usage` (which reads a junk count as 0 and takes a mapping), not by
+    assigning it; a direct assignment is charged and recorded as given, unchecked."""
     raw_finish_reason: str | None = None
     finish_reason: str | None = None
     estimated_cost: Decimal | None = None
