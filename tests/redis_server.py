@@ -12,6 +12,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 
@@ -35,6 +36,10 @@ class RedisServer:
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.dir = tempfile.mkdtemp(prefix="aimw-redis-")
+        # (kept across stop() and start(): a restarted cluster node reads its nodes.conf;
+        # removed once the server is collected, or at exit at the latest, where __del__ may
+        # never run or find shutil gone)
+        weakref.finalize(self, shutil.rmtree, self.dir, ignore_errors=True)
 
     @property
     def url(self) -> str:
@@ -91,7 +96,6 @@ class RedisServer:
 
     def __del__(self) -> None:
         self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class ClusterServer:

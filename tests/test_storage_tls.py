@@ -47,8 +47,9 @@ ANSWER = {"id": "c1", "object": "chat.completion", "model": "gpt-4o-mini",
 
 
 @pytest.fixture(scope="session")
-def tls_ca() -> PrivateCA:
-    return PrivateCA()
+def tls_ca() -> Iterator[PrivateCA]:
+    with PrivateCA() as ca:
+        yield ca
 
 
 @pytest.fixture(scope="session")
@@ -171,8 +172,9 @@ async def test_a_tls_store_the_client_cannot_trust_is_a_typed_503(
     server's log says why."""
     caplog.set_level(logging.WARNING, logger="aimiddleware")
     url, proxies = tls
-    if mistake == "wrong-ca":
-        url = with_query(url, ssl_ca_certs=PrivateCA().ca_file)
+    other = PrivateCA() if mistake == "wrong-ca" else None  # (another deployment's)
+    if other is not None:
+        url = with_query(url, ssl_ca_certs=other.ca_file)
     elif mistake == "plain-port":
         plain = url.replace(f":{proxies[0].port}", f":{proxies[0].backend_port}")
         url = with_query(plain, ssl_ca_certs=tls_ca.ca_file)
@@ -187,6 +189,8 @@ async def test_a_tls_store_the_client_cannot_trust_is_a_typed_503(
             took = time.monotonic() - started
     finally:
         await storage.aclose()
+        if other is not None:
+            other.close()
     assert r.status_code == 503, r.text
     assert r.headers["content-type"] == "application/problem+json"
     body = r.json()

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import ssl
 import tempfile
 import threading
+import weakref
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,11 +28,15 @@ T = TypeVar("T")
 
 
 class PrivateCA:
-    """A CA, its PEM file, a server certificate for 127.0.0.1 and a client certificate."""
+    """A CA, its PEM file, a server certificate for 127.0.0.1 and a client certificate.
+
+    Its files (a client's private key among them) are in a temporary directory, removed by
+    :meth:`close` (or ``with``), else once the CA is collected, or at exit at the latest."""
 
     def __init__(self) -> None:
         self.ca = trustme.CA(organization_name="aimiddleware test CA")
         self.dir = Path(tempfile.mkdtemp(prefix="aimw-tls-"))
+        self._remove = weakref.finalize(self, shutil.rmtree, self.dir, ignore_errors=True)
         self.ca_file = self.dir / "ca.pem"
         self.ca.cert_pem.write_to_path(str(self.ca_file))
         self.server = self.ca.issue_cert("127.0.0.1", "localhost")
@@ -38,6 +44,16 @@ class PrivateCA:
         self.client_cert, self.client_key = self.dir / "client.pem", self.dir / "client.key"
         client.cert_chain_pems[0].write_to_path(str(self.client_cert))
         client.private_key_pem.write_to_path(str(self.client_key))
+
+    def close(self) -> None:
+        """Remove the files (the in-memory CA still signs)."""
+        self._remove()
+
+    def __enter__(self) -> PrivateCA:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def server_context(self) -> ssl.SSLContext:
         """Server side; a client certificate is asked for and, if one comes, checked."""
