@@ -57,6 +57,7 @@ __all__ = [
     "certificate_failure",
     "httpx2",
     "mapped",
+    "not_tls",
 ]
 
 Request: TypeAlias = "httpx.Request | httpx2.Request"
@@ -146,5 +147,38 @@ def certificate_failure(exc: BaseException) -> bool:
         if isinstance(error, ssl.SSLError):
             reason = error.reason or ""
             if "CERTIFICATE" in reason or reason.endswith("UNKNOWN_CA"):
+                return True
+    return False
+
+
+# What OpenSSL says when the peer's first bytes are not a TLS record (a plain-HTTP port, or
+# another protocol's): WRONG_VERSION_NUMBER from OpenSSL 1.1 to 3.1, UNKNOWN_PROTOCOL before,
+# RECORD_LAYER_FAILURE from 3.2 (pushed last, over the record layer's own reason, and where
+# Python's table of reasons lacks it, in the message alone: "[SSL] record layer failure");
+# HTTP_REQUEST and HTTPS_PROXY_REQUEST where the peer sent an HTTP request instead.
+_NOT_TLS = frozenset(
+    {
+        "WRONG_VERSION_NUMBER",
+        "UNKNOWN_PROTOCOL",
+        "RECORD_LAYER_FAILURE",
+        "HTTP_REQUEST",
+        "HTTPS_PROXY_REQUEST",
+    }
+)
+_NOT_TLS_WORDS = ("wrong version number", "unknown protocol", "record layer failure")
+
+
+def not_tls(exc: BaseException) -> bool:
+    """The TLS handshake of ``exc`` (a connect error) failed because the peer does not speak
+    TLS: an ``https://`` URL at a plain-HTTP port, or another protocol's. A configuration
+    error, failing the same way until someone changes the URL: never worth a retry. A
+    handshake the peer cut (an EOF) is not one of these."""
+    for error in _chain(exc):
+        if isinstance(error, ssl.SSLError) and not isinstance(error, ssl.SSLEOFError):
+            reason = getattr(error, "reason", None)  # (None: a reason Python has no name for)
+            if reason is not None:
+                if reason in _NOT_TLS:
+                    return True
+            elif any(words in str(error).lower() for words in _NOT_TLS_WORDS):
                 return True
     return False

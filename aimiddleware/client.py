@@ -20,10 +20,12 @@ middleware runs the operation at most once. What is retried, in order:
 3. connection errors and timeouts: always when the request never left (connect errors, a
    TLS handshake that failed or was cut, pool timeouts), else only for idempotent methods or
    requests carrying an Idempotency-Key; never a certificate refused (the server's, untrusted
-   or another host's, or this client's by the server): it fails the same way until someone
-   changes it. A TLS failure httpx lets through unmapped (an ``ssl.SSLError`` or anyio
-   stream error, on asyncio) is raised as the client's module's ``ConnectError`` (from the
-   handshake) or ``ReadError`` (after it) and retried as those are;
+   or another host's, or this client's by the server), nor a handshake with a peer that does
+   not speak TLS (an ``https://`` URL at a plain-HTTP port: OpenSSL's "wrong version
+   number"): each fails the same way until someone changes it. A TLS failure httpx lets
+   through unmapped (an ``ssl.SSLError`` or anyio stream error, on asyncio) is raised as the
+   client's module's ``ConnectError`` (from the handshake) or ``ReadError`` (after it) and
+   retried as those are;
 4. under the same rule, key, backoff and budget: a response body lost mid-way (the connection
    drops after the headers). So a body that is not a stream is read inside the retry loop,
    before the transport returns: one with a known ``Content-Length`` up to
@@ -86,6 +88,7 @@ from aimiddleware._httpx_modules import (
     certificate_failure,
     httpx2,
     mapped,
+    not_tls,
 )
 from aimiddleware.headers import parse_http_date
 
@@ -194,8 +197,8 @@ class RetryPolicy:
         """Seconds to wait before retrying after a transport error; ``None``: re-raise."""
         if retries_done >= self.max_retries or certificate_failure(exc):
             return None
-        if isinstance(exc, NOT_SENT):
-            return self.backoff(retries_done)
+        if isinstance(exc, NOT_SENT):  # (a peer that does not speak TLS: a wrong URL)
+            return None if not_tls(exc) else self.backoff(retries_done)
         if not isinstance(exc, MAYBE_SENT):
             return None
         return self.backoff(retries_done) if self.may_resend(request) else None

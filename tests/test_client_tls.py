@@ -25,9 +25,11 @@ import openai
 import pytest
 import trustme
 from anyio.streams.tls import TLSStream
+from starlette.applications import Starlette
 
 from aimiddleware._httpx_modules import mapped
 from aimiddleware.client import AsyncRetryTransport, RetryPolicy, RetryTransport
+from tests.live_server import live_server
 from tests.test_client import (  # (the same answer as the plain-socket tests)
     COMPLETION,
     read_request,
@@ -51,6 +53,7 @@ class TLSServer:
 
     - ``serve``: the handshake, the request read, a 200 JSON answer;
     - ``cut-handshake``: the ClientHello read, half the server's first flight sent, closed;
+    - ``close``: the ClientHello read, closed with nothing sent (EOF in the handshake);
     - ``bad-record``: the request read, then a record the client cannot decrypt;
     - ``bad-record-in-body``: the request read, the headers and 20 bytes of the body, then
       that record;
@@ -91,6 +94,9 @@ class TLSServer:
                     self.answer(conn, behaviour, contexts[behaviour == "require-client-cert"])
 
     def answer(self, conn: socket.socket, behaviour: str, context: ssl.SSLContext) -> None:
+        if behaviour == "close":
+            conn.recv(65536)
+            return
         if behaviour == "cut-handshake":
             incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
             tls_object = context.wrap_bio(incoming, outgoing, server_side=True)
@@ -185,12 +191,13 @@ def post(
     return anyio.run(anyio.to_thread.run_sync, send) if sync else anyio.run(asend)
 
 
+@pytest.mark.parametrize("cut", ["cut-handshake", "close"])
 @HTTP
 @SYNC
 def test_a_handshake_cut_once_is_retried_for_any_method(
-    tls_server: TLSServer, ca: trustme.CA, http: ModuleType, sync: bool
+    tls_server: TLSServer, ca: trustme.CA, http: ModuleType, sync: bool, cut: str
 ) -> None:
-    tls_server.script = ["cut-handshake", "serve"]
+    tls_server.script = [cut, "serve"]
     policy, sleeps = recorder_policy(idempotency_methods=())  # a POST without a key
     response = post(http, sync, tls_server.url, policy, trusting(ca))
     assert isinstance(response, http.Response) and response.content == COMPLETION
@@ -213,6 +220,68 @@ def test_a_server_certificate_the_client_refuses_is_not_retried(
     assert isinstance(error, http.ConnectError)
     assert "CERTIFICATE_VERIFY_FAILED" in str(error)
     assert tls_server.connections == 1 and tls_server.keys == [] and sleeps == []
+
+
+@pytest.fixture(scope="module")
+def plain_http() -> Iterator[str]:
+    """A real plain-HTTP server (uvicorn): its port, for an ``https://`` URL to it."""
+    with live_server(Starlette()) as url:
+        yield url
+
+
+@HTTP
+@SYNC
+def test_an_https_url_at_a_plain_http_port_is_not_retried(
+    plain_http: str, http: ModuleType, sync: bool
+) -> None:
+    policy, sleeps = recorder_policy()
+    error = post(http, sync, plain_http.replace("http://", "https://"), policy, True)
+    # (uvicorn answers the ClientHello with a plain 400: not a TLS record. OpenSSL 3.2 and
+    # later say "record layer failure" over "wrong version number")
+    assert isinstance(error, http.ConnectError), repr(error)
+    assert "WRONG_VERSION_NUMBER" in str(error) or "record layer failure" in str(error)
+    assert sleeps == []  # at once, as a refused certificate: a resend fails the same way
+
+
+@HTTP
+async def test_a_bare_handshake_error_from_a_plain_http_port_is_not_retried(
+    plain_http: str, http: ModuleType
+) -> None:
+    # (as httpcore before 1.0.6 let it through: ssl.SSLError from anyio's handshake)
+    request = http.Request("POST", plain_http.replace("http://", "https://") + "/x")
+    port = int(plain_http.rsplit(":", 1)[1])
+    async with await anyio.connect_tcp("127.0.0.1", port) as tcp:
+        with pytest.raises(ssl.SSLError) as wrong:
+            await TLSStream.wrap(tcp, hostname="127.0.0.1", standard_compatible=False)
+    error = mapped(wrong.value, request)
+    assert isinstance(error, http.ConnectError) and error.__cause__ is wrong.value
+    policy, _ = recorder_policy()
+    assert policy.error_delay(error, request, 0) is None
+
+
+# (as CPython's _ssl builds them: the reason set, None where its table has no name for it)
+OTHER_WORDS = [
+    ("[SSL: UNKNOWN_PROTOCOL] unknown protocol", "UNKNOWN_PROTOCOL", None),  # OpenSSL < 1.1
+    ("[SSL: RECORD_LAYER_FAILURE] record layer failure", "RECORD_LAYER_FAILURE", None),  # 3.2+
+    ("[SSL] record layer failure (_ssl.c:1006)", None, None),  # 3.2+, the reason unnamed
+    ("[SSL: UNEXPECTED_EOF_WHILE_READING] EOF occurred", "UNEXPECTED_EOF_WHILE_READING", 0.5),
+    ("[SSL: BAD_LENGTH] bad length", "BAD_LENGTH", 0.5),
+]
+
+
+@pytest.mark.parametrize(("message", "reason", "delay"), OTHER_WORDS)
+@HTTP
+def test_openssl_s_other_words_for_a_peer_not_speaking_tls(
+    http: ModuleType, message: str, reason: str | None, delay: float | None
+) -> None:
+    request = http.Request("POST", "https://127.0.0.1:1/x")
+    kind = ssl.SSLEOFError if "EOF" in message else ssl.SSLError
+    tls_error = kind(1, message)
+    tls_error.reason = reason  # type: ignore[misc]
+    error = http.ConnectError(message, request=request)
+    error.__cause__ = tls_error
+    policy, _ = recorder_policy()
+    assert policy.error_delay(error, request, 0) == delay  # an EOF is a cut: retried
 
 
 @HTTP
