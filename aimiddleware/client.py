@@ -25,7 +25,8 @@ middleware runs the operation at most once. What is retried, in order:
    number"): each fails the same way until someone changes it. A TLS failure httpx lets
    through unmapped (an ``ssl.SSLError`` or anyio stream error, on asyncio) is raised as the
    client's module's ``ConnectError`` (from the handshake) or ``ReadError`` (after it) and
-   retried as those are;
+   retried as those are (in a stream handed back, raised as the ``ReadError`` while the
+   caller reads it);
 4. under the same rule, key, backoff and budget: a response body lost mid-way (the connection
    drops after the headers). So a body that is not a stream is read inside the retry loop,
    before the transport returns: one with a known ``Content-Length`` up to
@@ -65,7 +66,7 @@ import random as _random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
@@ -81,6 +82,7 @@ from aimiddleware._httpx_modules import (
     REQUEST_NOT_READ,
     UNMAPPED,
     AsyncBaseTransport2,
+    AsyncByteStream2,
     BaseTransport2,
     Headers,
     Request,
@@ -388,6 +390,25 @@ class RetryTransport(httpx.BaseTransport, BaseTransport2):
             transport.close()
 
 
+class _AsyncMapped(httpx.AsyncByteStream, AsyncByteStream2):
+    """A body handed back as it arrives, whose TLS failures httpx lets through unmapped on
+    asyncio (a bare ``ssl.SSLError`` while the caller reads) come as the client's module's
+    ``ReadError``, the error a caller (and the SDKs) handle for a connection lost mid-body."""
+
+    def __init__(self, stream: Any, request: Request) -> None:
+        self._stream, self._request = stream, request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._stream:
+                yield chunk
+        except UNMAPPED as exc:
+            raise mapped(exc, self._request) from exc
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
 class AsyncRetryTransport(httpx.AsyncBaseTransport, AsyncBaseTransport2):
     """Async retrying transport around ``transport`` (default: an ``AsyncHTTPTransport()`` of
     the client's module, httpx2's or httpx's).
@@ -449,6 +470,8 @@ class AsyncRetryTransport(httpx.AsyncBaseTransport, AsyncBaseTransport2):
                     raise
         except UNMAPPED as exc:  # (a TLS failure httpx let through: its module's error)
             raise mapped(exc, request) from exc
+        if not isinstance(response.stream, BYTE_STREAMS):  # (read by the caller, later)
+            response.stream = _AsyncMapped(response.stream, request)
         return response
 
     async def _sleep(self, delay: float) -> None:

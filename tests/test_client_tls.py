@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,6 +43,12 @@ ANSWER = (
     b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
     b"connection: close\r\n\r\n" % len(COMPLETION)
 )
+STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+)
+EVENT = b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"fake",' + (
+    b'"choices":[{"index":0,"delta":{"content":"ok"},"finish_reason":null}]}\n\n'
+)
 # An application-data record no key decrypts: what a peer gone wrong (a middlebox, a
 # corrupted stream) puts on the wire; the client's TLS layer fails on it (bad record MAC).
 BAD_RECORD = bytes([23, 3, 3, 0, 32]) + bytes(32)
@@ -58,7 +65,11 @@ class TLSServer:
     - ``bad-record-in-body``: the request read, the headers and 20 bytes of the body, then
       that record;
     - ``require-client-cert``: a handshake that asks for a client certificate (the client
-      has none: TLS 1.3 has the server refuse it after the client's side is done).
+      has none: TLS 1.3 has the server refuse it after the client's side is done);
+    - ``stream-then-bad-record`` / ``stream-then-cut`` / ``stream-then-reset``: the request
+      read, an event stream's head and first event, then (once the client has read that
+      event: ``first_event_read``) that record, or the connection closed below TLS (no
+      close_notify), or reset (what an aborted transport sends).
     """
 
     ca: trustme.CA
@@ -66,6 +77,7 @@ class TLSServer:
     script: list[str] = field(default_factory=lambda: ["serve"])
     connections: int = 0
     keys: list[str | None] = field(default_factory=list)  # one per request read
+    first_event_read: threading.Event = field(default_factory=threading.Event)
 
     @property
     def url(self) -> str:
@@ -126,9 +138,15 @@ class TLSServer:
                 return
             if behaviour == "bad-record-in-body":
                 tls.sendall(ANSWER + COMPLETION[:20])
+            if behaviour.startswith("stream-then-"):
+                tls.sendall(STREAM_HEAD + b"%x\r\n%s\r\n" % (len(EVENT), EVENT))
+                self.first_event_read.wait(10)  # (a reset drops what the client has not read)
             with socket.socket(fileno=tls.detach()) as raw:  # the connection, below TLS
                 raw.settimeout(10)
-                raw.sendall(BAD_RECORD)
+                if behaviour == "stream-then-reset":
+                    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                elif behaviour != "stream-then-cut":
+                    raw.sendall(BAD_RECORD)
 
     def read_request(self, tls: ssl.SSLSocket) -> None:
         self.keys.append(read_request(tls).get("idempotency-key"))
@@ -348,6 +366,86 @@ async def test_the_sdk_gets_its_answer_after_a_tls_failure(
         completion = await client.chat.completions.create(model="fake", messages=[])
     assert completion.choices[0].message.content == "ok"
     assert len(tls_server.keys) == 2 and sleeps == [0.5]
+
+
+def stream(server: TLSServer, http: ModuleType, sync: bool, verify: Any) -> tuple[bytes, Any]:
+    """POST for a stream through the retrying transport and read it as it comes: what
+    arrived, and the exception that ended it (None: none)."""
+    body = {"messages": [], "stream": True}
+    url = server.url
+    received = bytearray()
+
+    def read() -> Any:
+        transport = RetryTransport(http.HTTPTransport(verify=verify))
+        with http.Client(transport=transport) as client:
+            try:
+                with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
+                    for chunk in response.iter_bytes():
+                        received.extend(chunk)
+                        server.first_event_read.set()
+            except Exception as exc:
+                return exc
+        return None
+
+    async def aread() -> Any:
+        transport = AsyncRetryTransport(http.AsyncHTTPTransport(verify=verify))
+        async with http.AsyncClient(transport=transport) as client:
+            try:
+                async with client.stream(
+                    "POST", url + "/v1/chat/completions", json=body
+                ) as response:
+                    async for chunk in response.aiter_bytes():
+                        received.extend(chunk)
+                        server.first_event_read.set()
+            except Exception as exc:
+                return exc
+        return None
+
+    error = anyio.run(anyio.to_thread.run_sync, read) if sync else anyio.run(aread)
+    return bytes(received), error
+
+
+@pytest.mark.parametrize(
+    ("cut", "kind"),
+    [
+        ("stream-then-bad-record", "ReadError"),  # (a bare ssl.SSLError on asyncio before)
+        ("stream-then-cut", "RemoteProtocolError"),  # (h11: incomplete chunked read)
+        ("stream-then-reset", "TransportError"),  # (sync: RemoteProtocolError)
+    ],
+)
+@HTTP
+@SYNC
+def test_a_tls_failure_in_a_stream_handed_back_is_the_clients_own_error(
+    tls_server: TLSServer, ca: trustme.CA, http: ModuleType, sync: bool, cut: str, kind: str
+) -> None:
+    tls_server.script = [cut]
+    received, error = stream(tls_server, http, sync, trusting(ca))
+    assert received == EVENT  # (the transport returned at the head: the cut is the caller's)
+    assert isinstance(error, getattr(http, kind)), repr(error)
+    if cut == "stream-then-bad-record":
+        assert "DECRYPTION_FAILED_OR_BAD_RECORD_MAC" in str(error)
+    assert tls_server.connections == 1
+
+
+@HTTP
+async def test_the_sdk_gets_a_connection_error_for_a_tls_failure_mid_stream(
+    tls_server: TLSServer, ca: trustme.CA, http: ModuleType
+) -> None:
+    tls_server.script = ["stream-then-bad-record"]
+    transport = AsyncRetryTransport(http.AsyncHTTPTransport(verify=trusting(ca)))
+    contents = []
+    async with openai.AsyncOpenAI(
+        base_url=tls_server.url + "/v1",
+        api_key="sk-test",
+        http_client=http.AsyncClient(transport=transport),
+        max_retries=0,
+    ) as client:
+        events = await client.chat.completions.create(model="fake", messages=[], stream=True)
+        with pytest.raises(openai.APIConnectionError) as lost:
+            async for event in events:
+                contents.append(event.choices[0].delta.content)
+                tls_server.first_event_read.set()
+    assert contents == ["ok"] and isinstance(lost.value.__cause__, http.ReadError)
 
 
 # httpcore before 1.0.6 (within httpx's own range) let a failed handshake through as it
