@@ -1,21 +1,25 @@
-"""A foreign event stream cut by its time limit: ended with an error event where it can be.
+"""A foreign event stream cut by its time limit, its iterator raising or the server
+cancelling it: ended with an error event where it can be.
 
-An :class:`~aimiddleware.sse.response.EventStreamResponse` cut by a timeout tier writes its
-own error event. Any other ``text/event-stream`` response (Starlette's ``StreamingResponse``,
+An :class:`~aimiddleware.sse.response.EventStreamResponse` cut so writes its own error
+event. Any other ``text/event-stream`` response (Starlette's ``StreamingResponse``,
 sse-starlette's ``EventSourceResponse``, an upstream's stream passed on) could only be
 aborted: the connection dropped mid-body. It can end with an error event instead when what
 it sent so far ends at an event boundary (a blank line, or nothing yet): an SSE parser has
 then dispatched every event it got, and ``event: error`` whose data is the problem body
 (which carries the OpenAI-compatible ``error`` object: the ``openai`` and ``anthropic`` SDKs
 raise on it) is one more whole event, not glued to half of one. Otherwise, or if the
-stream is compressed, has a declared length or trailers, the abort stays.
+stream is compressed, has a declared length or trailers, or has ended, the abort stays.
 
-What was sent is watched for time-limited requests only: by :class:`SentWatch`, the
-outermost ``send`` the cancellation layer puts on such a request, or by ``install()``'s
-stack itself, which sends every head and body through its one wrapper and notes them there
-(no wrapper more per message). Either is ``ctx.state[SENT]``: the cancellation layer asks
-it for a writer when the deadline cuts a response that has started (:func:`error_writer`),
-and the error layer calls that writer as it calls an ``EventStreamResponse``'s.
+What was sent is watched for time-limited requests: by :class:`SentWatch`, the outermost
+``send`` the cancellation layer puts on such a request, or by ``install()``'s stack itself,
+which sends every head and body through its one wrapper and notes them there (no wrapper
+more per message); and from its head for a foreign event stream the usage layer sees start
+(its ``watch_stream``: the stack's wrapper, or a ``SentWatch`` on the chained layer's send),
+never for another response. Either is ``ctx.state[SENT]``: the cancellation layer asks it
+for a writer when the deadline cuts a response that has started (:func:`error_writer`), the
+error layer when an exception or the server's cancellation ends one, and calls that writer
+as it calls an ``EventStreamResponse``'s.
 """
 
 from __future__ import annotations
@@ -111,10 +115,11 @@ def error_writer(
 ) -> Callable[[AIError], Awaitable[None]] | None:
     """The ``stream_error_writer`` for a response cut by its deadline, whose ``head`` and
     last bytes ``tail`` were sent through ``send``, if it is a plain event stream that ends
-    at an event boundary (``None``: it can only be aborted). ``seconds``: how long writing
-    the error event may take."""
+    at an event boundary and has not ended (``None``: it can only be aborted). ``seconds``:
+    how long writing the error event may take."""
     if (
         head is None
+        or ctx.response_complete  # (ended already: an app's http function inside the stack)
         or ctx.method == "HEAD"
         or not is_plain_event_stream(head)
         or not at_event_boundary(tail)

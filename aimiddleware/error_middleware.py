@@ -3,9 +3,9 @@
 Before the response has started, the mapped :class:`~aimiddleware.errors.AIError` is
 rendered as ``application/problem+json``. After it has started, a status line can no longer
 change: an event stream gets the error in its own dialect (through the context's
-``stream_error_writer``, set by the SSE layer, or by the cancellation layer for another
-event stream its time limit cut at an event boundary); any other response is aborted (the
-server closes the connection) and the error is logged with the request id.
+``stream_error_writer``, set by the SSE layer, or for another event stream that was
+watched and ends at an event boundary: see ``aimiddleware._stream_cut``); any other response
+is aborted (the server closes the connection) and the error is logged with the request id.
 
 A cancellation from outside the stack (the server giving up on the request: uvicorn past
 ``--timeout-graceful-shutdown``) is answered the same way with a retryable ``overloaded``
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -48,6 +48,23 @@ memory stream that is closed once the app is cancelled."""
 
 _SHUTTING_DOWN = "The server is shutting down; retry the request."
 _CANCEL_ANSWER_TIMEOUT = 1.0
+_STREAM_ERROR_TIMEOUT = 5.0  # (s) a foreign event stream's error event (cleanup_timeout's)
+
+
+def _stream_writer(
+    ctx: RequestContext, seconds: float
+) -> Callable[[AIError], Awaitable[None]] | None:
+    """The started event stream's error writer: an ``EventStreamResponse``'s, else, for
+    another event stream whose output was watched (``ctx.state[SENT]``: under a time limit,
+    or by the usage layer once it saw the stream start), one that ends it with an error event
+    if what it sent ends at an event boundary (see ``aimiddleware._stream_cut``)."""
+    if ctx.stream_error_writer is None:
+        from aimiddleware._stream_cut import SENT  # (it imports this module)
+
+        watch = ctx.state.get(SENT)
+        if watch is not None:
+            ctx.stream_error_writer = watch.writer(ctx, seconds)
+    return ctx.stream_error_writer
 
 
 class ErrorMiddleware:
@@ -105,7 +122,7 @@ class ErrorMiddleware:
         uvicorn does to what is still running past ``--timeout-graceful-shutdown``. Answer
         a retryable 503, or end a started event stream with that error event; shielded and
         bounded (the client may be gone). The caller re-raises the cancellation."""
-        if started and (ctx is None or ctx.stream_error_writer is None):
+        if started and (ctx is None or _stream_writer(ctx, _CANCEL_ANSWER_TIMEOUT) is None):
             return  # (a started response of another kind can only be cut off)
         with anyio.CancelScope(shield=True), anyio.move_on_after(_CANCEL_ANSWER_TIMEOUT):
             try:
@@ -150,9 +167,9 @@ class ErrorMiddleware:
                 logger.exception("on_error callback failed [request_id=%s]", request_id)
         if not started:
             await send_problem(send, err, request_id, type_base=self.type_base)
-        elif ctx is not None and ctx.stream_error_writer is not None:
+        elif ctx is not None and (writer := _stream_writer(ctx, _STREAM_ERROR_TIMEOUT)):
             ctx.state[ERROR_SEND] = send
-            await ctx.stream_error_writer(err)
+            await writer(err)
         else:
             logger.error(
                 "%s after the response started; closing the connection [request_id=%s]",

@@ -227,12 +227,19 @@ class _Exchange(Responder):
             elif kind == "http.response.start":
                 self.sent_head = message
 
+    def watch_stream(self) -> None:
+        """A foreign event stream starts: noted from here by :meth:`outer` and :meth:`head`
+        (already, under a time limit)."""
+        if self.sent_tail is None:
+            self.sent_tail = START
+            self.ctx.state[SENT] = self
+
     def writer(
         self, ctx: RequestContext, seconds: float
     ) -> Callable[[AIError], Awaitable[None]] | None:
-        """``ctx.state[SENT]`` of a time-limited request: :func:`~aimiddleware._stream_cut.
-        error_writer` of what went out (every head and body passes here, or through
-        :meth:`head`: no wrapper more per message)."""
+        """``ctx.state[SENT]`` of a time-limited request or a foreign event stream:
+        :func:`~aimiddleware._stream_cut.error_writer` of what went out (every head and body
+        passes here, or through :meth:`head`: no wrapper more per message)."""
         return error_writer(self.sent_head, self.sent_tail or START, self.raw_send, ctx, seconds)
 
     def head(self, message: Message, added: RawHeaders) -> Message:

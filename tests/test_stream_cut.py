@@ -18,8 +18,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from httpx_sse import aconnect_sse
 
-from aimiddleware import CancellationConfig, UsageConfig, install
+from aimiddleware import CancellationConfig, IdempotencyConfig, UsageConfig, install
 from aimiddleware._stream_cut import SentWatch, at_event_boundary, is_plain_event_stream
+from aimiddleware.errors import UpstreamUnavailable
 from tests.live_server import serve
 from tests.test_basehttp_middleware import server_errors, split_stack
 
@@ -213,3 +214,173 @@ async def test_a_foreign_event_stream_cut_mid_event_is_still_aborted(
     assert events == [("message", json.dumps(chunk(0)))]
     assert any("closing the connection" in r.getMessage() for r in errors)
     assert all(r.levelno == logging.ERROR for r in errors)
+
+
+def failing_app(ending: str) -> FastAPI:
+    """A chat route streaming 5 whole events with Starlette's StreamingResponse, then
+    ``raise``: its iterator raises (an upstream lost: UpstreamUnavailable), or ``hang``:
+    waits until the server cancels it (uvicorn, past its graceful-shutdown timeout)."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat() -> StreamingResponse:
+        async def events() -> AsyncIterator[str]:
+            for i in range(5):
+                yield f"data: {json.dumps(chunk(i))}\n\n"
+            if ending == "raise":
+                raise UpstreamUnavailable("The model server went away.")
+            await anyio.sleep(30)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+# (form, usage, a time limit, an Idempotency-Key: the chained layers from idempotency in)
+FAILURE_CASES = [
+    ("stack", True, False, False),
+    ("stack", True, True, False),
+    ("stack", False, True, False),
+    ("stack", True, False, True),
+    ("layers", True, False, False),
+    ("layers", False, True, False),
+]
+
+
+def install_failing(ending: str, form: str, usage: bool, timed: bool) -> FastAPI:
+    app = failing_app(ending)
+    install(
+        app,
+        cancellation=CancellationConfig(timeouts={"/v1/*": 30} if timed else {}),
+        usage=UsageConfig() if usage else None,
+        idempotency=IdempotencyConfig(secret="stream-cut-test-secret-0123456789"),
+    )
+    if form == "layers":
+        split_stack(app)
+    return app
+
+
+def sse_events(lines: list[str]) -> list[tuple[str, str]]:
+    """The events of an SSE body read as lines (``event``, ``data``), as a parser makes them."""
+    events, kind, data = [], "message", None
+    for line in lines:
+        if not line:
+            if data is not None:
+                events.append((kind, data))
+            kind, data = "message", None
+        elif line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: "):
+            data = line[6:]
+    return events
+
+
+@pytest.mark.parametrize(("form", "usage", "timed", "key"), FAILURE_CASES)
+async def test_a_foreign_event_stream_whose_iterator_raises_ends_with_an_error_event(
+    caplog: pytest.LogCaptureFixture, form: str, usage: bool, timed: bool, key: bool
+) -> None:
+    """The iterator of a StreamingResponse of text/event-stream raising once it has sent
+    whole events was aborted (the error layer logged 'after the response started; closing
+    the connection', uvicorn a traceback; httpx: incomplete chunked read; the openai SDK:
+    APIConnectionError), where an EventStreamResponse's ends with its error event. Now it
+    ends with ``event: error``, the problem body of what was raised, and a clean end."""
+    app = install_failing("raise", form, usage, timed)
+    headers = {"idempotency-key": "k-1"} if key else {}
+    with server_errors(caplog) as errors:
+        async with serve(app) as url, httpx.AsyncClient(base_url=url) as c:
+            async with aconnect_sse(
+                c, "POST", "/v1/chat/completions", json=BODY, headers=headers
+            ) as source:
+                request_id = source.response.headers["x-request-id"]
+                events = [(e.event, e.data) async for e in source.aiter_sse()]
+            received = []
+            async with openai.AsyncOpenAI(
+                base_url=url + "/v1", api_key="k", max_retries=0
+            ) as sdk:
+                stream = await sdk.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                    stream=True,
+                )
+                with pytest.raises(openai.APIError, match="model server went away"):
+                    async for item in stream:
+                        received.append(item.choices[0].delta.content)
+    *data, (kind, error) = events
+    assert kind == "error"
+    assert data == [("message", json.dumps(chunk(i))) for i in range(5)]
+    problem = json.loads(error)
+    assert (problem["status"], problem["error"]["code"]) == (503, "upstream_unavailable")
+    assert problem["request_id"] == request_id and problem["retryable"] is True
+    assert received == [f"t{i} " for i in range(5)]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+@pytest.mark.parametrize(("form", "usage", "timed", "key"), FAILURE_CASES)
+async def test_a_foreign_event_stream_the_server_cancels_ends_with_an_error_event(
+    form: str, usage: bool, timed: bool, key: bool
+) -> None:
+    """uvicorn cancels what still runs past --timeout-graceful-shutdown (1 s here): such a
+    stream was cut without an end, where an EventStreamResponse's ends with the retryable
+    503 'shutting down' error event. Now it does too, after its whole events."""
+    app = install_failing("hang", form, usage, timed)
+    headers = {"idempotency-key": "k-1"} if key else {}
+    lines: list[str] = []
+
+    async def read(client: httpx.AsyncClient, url: str) -> None:
+        try:
+            async with client.stream(
+                "POST", url + "/v1/chat/completions", json=BODY, headers=headers
+            ) as r:
+                async for line in r.aiter_lines():
+                    lines.append(line)
+        except httpx.TransportError:
+            lines.append("<cut>")
+
+    # (serve() shuts the server down first; the stream's reader ends with it)
+    async with (
+        httpx.AsyncClient(timeout=10) as client,
+        anyio.create_task_group() as tg,
+        serve(app) as url,
+    ):
+        tg.start_soon(read, client, url)
+        with anyio.fail_after(5):
+            while lines.count("") < 5:  # noqa: ASYNC110 - the server runs in this loop
+                await anyio.sleep(0.01)
+    assert "<cut>" not in lines, lines
+    *data, (kind, error) = sse_events(lines)
+    assert data == [("message", json.dumps(chunk(i))) for i in range(5)]
+    problem = json.loads(error)
+    assert kind == "error" and problem["error"]["code"] == "overloaded"
+    assert problem["status"] == 503 and problem["retryable"] is True
+
+
+@pytest.mark.parametrize("http_function", ["after", "before"])
+async def test_a_raising_foreign_stream_through_an_http_function(
+    caplog: pytest.LogCaptureFixture, http_function: str
+) -> None:
+    """An ``@app.middleware("http")`` function outside the stack relays the error event;
+    inside it, BaseHTTPMiddleware has ended the body cleanly before the exception reaches
+    the stack (see the README's limitation), so nothing more is written after that end
+    (uvicorn would refuse it: 'Unexpected ASGI message'): logged as before."""
+    app = failing_app("raise")
+    if http_function == "before":
+        add_timing(app)
+    install(app, usage=UsageConfig())
+    if http_function == "after":
+        add_timing(app)
+    with server_errors(caplog) as errors:
+        async with (
+            serve(app) as url,
+            httpx.AsyncClient(base_url=url) as c,
+            aconnect_sse(c, "POST", "/v1/chat/completions", json=BODY) as source,
+        ):
+            assert source.response.headers["x-process-time"] == "0.1"
+            events = [(e.event, e.data) async for e in source.aiter_sse()]
+    data = [("message", json.dumps(chunk(i))) for i in range(5)]
+    if http_function == "after":
+        assert events[:5] == data and events[5][0] == "error" and len(events) == 6
+        assert json.loads(events[5][1])["error"]["code"] == "upstream_unavailable"
+        assert not errors, [r.getMessage() for r in errors]
+    else:
+        assert events == data
+        assert any("closing the connection" in r.getMessage() for r in errors)
+        assert not any("Unexpected ASGI message" in str(r.exc_info) for r in errors)

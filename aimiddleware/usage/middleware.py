@@ -35,6 +35,7 @@ from typing import Any
 import anyio
 
 from aimiddleware._encoding import DECODABLE, Inflater, TailInflater, content_coding, decode
+from aimiddleware._stream_cut import SENT, SentWatch
 from aimiddleware.cancellation import DEADLINE
 from aimiddleware.context import SCOPE_KEY, RequestContext
 from aimiddleware.pricing import PriceTable
@@ -229,6 +230,16 @@ class Responder:
         A plain function (the head is sent by the caller: no coroutine per head)."""
         return {**message, "headers": [*message.get("headers", ()), *added]}
 
+    def watch_stream(self) -> None:
+        """A foreign event stream starts: what goes out is watched from here (unless it
+        already is, under a time limit), so that an error once it has started (its iterator
+        raising, the server cancelling it) can end it with an error event where it is at an
+        event boundary (see ``aimiddleware._stream_cut``). Event streams only: nothing
+        more for any other response."""
+        state = self.ctx.state
+        if SENT not in state:
+            self._send = self.head_send = state[SENT] = SentWatch(self._send)
+
     def _on_start(self, message: Message) -> list[tuple[bytes, bytes]] | None:
         """The headers to add to this head now; ``None``: the head is held."""
         mw = self.acc
@@ -255,6 +266,8 @@ class Responder:
         if ctype == b"text/event-stream":
             self.ctx.streaming = True
             self.mode = "scan"
+            if self.ctx.stream_error_writer is None:  # not an EventStreamResponse's
+                self.watch_stream()
             if self.coding:  # (GZipMiddleware leaves streams alone; another may not)
                 if self.coding in DECODABLE:
                     self.inflater = Inflater(self.coding)
