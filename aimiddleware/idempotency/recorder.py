@@ -24,7 +24,7 @@ from aimiddleware.errors import StoreUnavailable
 from aimiddleware.idempotency.models import Completed
 from aimiddleware.idempotency.replay import STORED
 from aimiddleware.idempotency.store import StreamingStore
-from aimiddleware.sse.stream import FAILED
+from aimiddleware.sse.stream import COMPLETED, FAILED
 from aimiddleware.types import Message, Send
 
 if TYPE_CHECKING:
@@ -43,12 +43,14 @@ def _cut(ctx: RequestContext | None, stream: bool, whole: bool) -> bool:
     request context); or a body of undeclared length that ended after its client left or
     its time limit cut it: an end the app sent after the cut, or that something between the
     stack and the endpoint sent for it (an ``@app.middleware("http")`` function ends the
-    body it relays, cleanly, when the endpoint stops on a disconnect), not the answer's."""
+    body it relays, cleanly, when the endpoint stops on a disconnect), not the answer's;
+    unless an ``EventStreamResponse`` says it ran its course (a resumable one's producer
+    runs on after its client left, every frame sent down the chain)."""
     if ctx is None:
         return False
     if stream and ctx.state.get(FAILED) is True:
         return True
-    if whole:
+    if whole or ctx.state.get(COMPLETED) is True:  # (an EventStreamResponse that ran its course)
         return False
     if ctx.disconnected:
         return True

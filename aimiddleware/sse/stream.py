@@ -246,13 +246,16 @@ class StreamSender:
             return
         if self.client_gone and not self.producer:
             return  # nobody to tell; run() records the partial usage
+        if self.ctx is not None:
+            # Ended normally: idempotency may store it, also a producer's whose client left
+            # (every frame went down the chain). Set before the end goes out, as the
+            # recording decides on that message.
+            self.ctx.state[COMPLETED] = True
         if tail:
             await self._finish([])
         else:
             summary = self._record_context("stop")
             await self._finish(self.dialect.end(summary))
-        if self.ctx is not None:
-            self.ctx.state[COMPLETED] = True  # ended normally: idempotency may store it
 
     # -- end of stream -------------------------------------------------------------------
 
