@@ -350,6 +350,16 @@ def test_a_tls_failure_in_a_buffered_body_is_retried_with_the_same_key(
     assert len(keys) == 2 and keys[0] and keys == [keys[0]] * 2 and sleeps == [0.5]
 
 
+def sdk_over(server: TLSServer, http: ModuleType, transport: Any) -> openai.AsyncOpenAI:
+    """The openai SDK (its own retries off) on ``server`` through ``transport``."""
+    return openai.AsyncOpenAI(
+        base_url=server.url + "/v1",
+        api_key="sk-test",
+        http_client=http.AsyncClient(transport=transport),
+        max_retries=0,
+    )
+
+
 @HTTP
 async def test_the_sdk_gets_its_answer_after_a_tls_failure(
     tls_server: TLSServer, ca: trustme.CA, http: ModuleType
@@ -357,12 +367,7 @@ async def test_the_sdk_gets_its_answer_after_a_tls_failure(
     tls_server.script = ["bad-record", "serve"]
     policy, sleeps = recorder_policy()
     transport = AsyncRetryTransport(http.AsyncHTTPTransport(verify=trusting(ca)), policy=policy)
-    async with openai.AsyncOpenAI(
-        base_url=tls_server.url + "/v1",
-        api_key="sk-test",
-        http_client=http.AsyncClient(transport=transport),
-        max_retries=0,
-    ) as client:
+    async with sdk_over(tls_server, http, transport) as client:
         completion = await client.chat.completions.create(model="fake", messages=[])
     assert completion.choices[0].message.content == "ok"
     assert len(tls_server.keys) == 2 and sleeps == [0.5]
@@ -434,12 +439,7 @@ async def test_the_sdk_gets_a_connection_error_for_a_tls_failure_mid_stream(
     tls_server.script = ["stream-then-bad-record"]
     transport = AsyncRetryTransport(http.AsyncHTTPTransport(verify=trusting(ca)))
     contents = []
-    async with openai.AsyncOpenAI(
-        base_url=tls_server.url + "/v1",
-        api_key="sk-test",
-        http_client=http.AsyncClient(transport=transport),
-        max_retries=0,
-    ) as client:
+    async with sdk_over(tls_server, http, transport) as client:
         events = await client.chat.completions.create(model="fake", messages=[], stream=True)
         with pytest.raises(openai.APIConnectionError) as lost:
             async for event in events:

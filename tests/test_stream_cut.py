@@ -135,6 +135,28 @@ BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
         "stream": True}
 
 
+async def read_twice(
+    url: str, headers: dict[str, str], sdk_error: str
+) -> tuple[httpx.Headers, list[tuple[str, str]], list[str | None]]:
+    """The chat stream read by httpx-sse (the head, every event as (event, data)), then by
+    the openai SDK, which must raise an ``APIError`` matching ``sdk_error`` after the
+    contents it returns."""
+    async with (
+        httpx.AsyncClient(base_url=url) as c,
+        aconnect_sse(c, "POST", "/v1/chat/completions", json=BODY, headers=headers) as source,
+    ):
+        events = [(e.event, e.data) async for e in source.aiter_sse()]
+    received = []
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="k", max_retries=0) as sdk:
+        stream = await sdk.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True,
+        )
+        with pytest.raises(openai.APIError, match=sdk_error):
+            async for item in stream:
+                received.append(item.choices[0].delta.content)
+    return source.response.headers, events, received
+
+
 @pytest.mark.parametrize(
     ("form", "usage", "framing", "http_function"),
     [
@@ -166,23 +188,13 @@ async def test_a_foreign_event_stream_cut_by_its_time_limit_ends_with_an_error_e
     if http_function == "after":
         add_timing(app)
     with server_errors(caplog) as errors:
-        async with serve(app) as url, httpx.AsyncClient(base_url=url) as c:
-            async with aconnect_sse(c, "POST", "/v1/chat/completions", json=BODY) as source:
-                request_id = source.response.headers["x-request-id"]
-                if http_function is not None:
-                    assert source.response.headers["x-process-time"] == "0.1"
-                events = [(e.event, e.data) async for e in source.aiter_sse()]
-            received = []
-            async with openai.AsyncOpenAI(
-                base_url=url + "/v1", api_key="k", max_retries=0
-            ) as sdk:
-                stream = await sdk.chat.completions.create(
-                    model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
-                    stream=True,
-                )
-                with pytest.raises(openai.APIError, match=r"did not complete within 0\.3 s"):
-                    async for item in stream:
-                        received.append(item.choices[0].delta.content)
+        async with serve(app) as url:
+            head, events, received = await read_twice(
+                url, {}, r"did not complete within 0\.3 s"
+            )
+    request_id = head["x-request-id"]
+    if http_function is not None:
+        assert head["x-process-time"] == "0.1"
     *data, (kind, error) = events
     assert kind == "error"
     assert 5 < len(data) < 20
@@ -287,23 +299,9 @@ async def test_a_foreign_event_stream_whose_iterator_raises_ends_with_an_error_e
     app = install_failing("raise", form, usage, timed)
     headers = {"idempotency-key": "k-1"} if key else {}
     with server_errors(caplog) as errors:
-        async with serve(app) as url, httpx.AsyncClient(base_url=url) as c:
-            async with aconnect_sse(
-                c, "POST", "/v1/chat/completions", json=BODY, headers=headers
-            ) as source:
-                request_id = source.response.headers["x-request-id"]
-                events = [(e.event, e.data) async for e in source.aiter_sse()]
-            received = []
-            async with openai.AsyncOpenAI(
-                base_url=url + "/v1", api_key="k", max_retries=0
-            ) as sdk:
-                stream = await sdk.chat.completions.create(
-                    model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
-                    stream=True,
-                )
-                with pytest.raises(openai.APIError, match="model server went away"):
-                    async for item in stream:
-                        received.append(item.choices[0].delta.content)
+        async with serve(app) as url:
+            head, events, received = await read_twice(url, headers, "model server went away")
+    request_id = head["x-request-id"]
     *data, (kind, error) = events
     assert kind == "error"
     assert data == [("message", json.dumps(chunk(i))) for i in range(5)]
