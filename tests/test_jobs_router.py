@@ -331,6 +331,46 @@ async def test_timeout_expires_the_job(recorder: Recorder) -> None:
             assert body["error"]["code"] == "job_expired"
 
 
+async def blocking_call(ctx: JobContext, input: Any) -> Any:
+    """A job whose model call runs in a thread (a blocking SDK): cancelling it does not stop
+    the call, so the job holds its max_concurrent_jobs slot for the call's whole length."""
+    await anyio.to_thread.run_sync(time.sleep, float(input["seconds"]))
+    return {"slept": input["seconds"]}
+
+
+async def test_a_job_is_expired_at_the_expires_at_it_shows() -> None:
+    # A job's expires_at is its submission plus timeout, but the deadline was counted from
+    # when it started: one waiting for a max_concurrent_jobs slot ran (and completed) past
+    # the expires_at its client was shown, and one a task-queue worker took late ran at all.
+    jobs = JobsRouter(blocking_call, timeout=0.4, max_concurrent_jobs=1)
+    app = Starlette(routes=[Mount("/v1", jobs)], lifespan=jobs.lifespan_context)
+    with ThreadServer(app) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            holder = (await client.post("/v1/jobs", json={"input": {"seconds": 1.2}},
+                                        headers=A)).json()["id"]
+            waiter = (await client.post("/v1/jobs", json={"input": {"seconds": 0.01}},
+                                        headers=A)).json()["id"]
+            body = await wait_status(client, f"/v1/jobs/{waiter}", {"completed", "expired"})
+            assert body["status"] == "expired" and body["error"]["code"] == "job_expired"
+            assert body["started_at"] is None and body["result"] is None
+            assert body["finished_at"] < body["expires_at"] + 0.3  # (not at 1.2 s)
+            # (the holder's thread ran on past its deadline: it ends when the call returns)
+            await wait_status(client, f"/v1/jobs/{holder}", {"completed", "expired"})
+    # A record taken after its expires_at (a task queue's worker, late): expired, not run.
+    ran: list[Any] = []
+
+    async def record_call(ctx: JobContext, input: Any) -> Any:
+        ran.append(input)
+
+    late = JobsRouter(record_call, timeout=60)
+    job = Job(id="job_taken_late", principal="p", input={}, created_at=time.time() - 61,
+              expires_at=time.time() - 1)
+    await late.store.create("p", job.id, job.stored(), None)
+    await late.runner.execute(job)
+    raw = await late.store.get("p", job.id)
+    assert raw is not None and json.loads(raw)["status"] == "expired" and ran == []
+
+
 async def test_shutdown_marks_unfinished_jobs(recorder: Recorder) -> None:
     app, jobs = make_app(recorder, shutdown_grace=0.1)
     srv = ThreadServer(app)

@@ -188,11 +188,20 @@ class JobRunner:
         finally:
             self._running -= 1
 
+    def _time_left(self, rec: Job | Batch) -> float | None:
+        """Seconds until ``rec``'s deadline: the ``expires_at`` its client was shown (counted
+        from its submission, so a wait for a worker or a ``max_concurrent_jobs`` slot counts),
+        else ``timeout`` from now; ``None`` without either."""
+        if rec.expires_at is not None:
+            return rec.expires_at - time.time()
+        return self.timeout
+
     async def _guarded(
-        self, principal: str, rec_id: str, body: Callable[[], Awaitable[None]],
+        self, rec: Job | Batch, body: Callable[[], Awaitable[None]],
         on_start: Callable[[], Awaitable[None]],
     ) -> Outcome:
-        """Run ``body`` under a cancel scope watched by the store's cancel flag and timeout."""
+        """Run ``body`` under a cancel scope watched by the store's cancel flag and deadline."""
+        principal, rec_id = rec.principal, rec.id
         scope = anyio.CancelScope()
         self._scopes[rec_id] = scope
         expired = False
@@ -201,14 +210,17 @@ class JobRunner:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._watch_cancel, principal, rec_id, scope)
                     limiter = self._limiter or contextlib.nullcontext()
-                    async with limiter:
-                        await self.store.beat(principal, rec_id, self.lease)  # before in_progress
-                        await on_start()
-                        try:
-                            with anyio.fail_after(self.timeout):
+                    left = self._time_left(rec)
+                    try:
+                        if left is not None and left <= 0:  # (taken after its deadline)
+                            raise TimeoutError
+                        with anyio.fail_after(left):  # (the slot's wait included)
+                            async with limiter:  # (beat: before in_progress)
+                                await self.store.beat(principal, rec_id, self.lease)
+                                await on_start()
                                 await body()
-                        except TimeoutError:
-                            expired = True
+                    except TimeoutError:
+                        expired = True
                     tg.cancel_scope.cancel()
         finally:
             self._scopes.pop(rec_id, None)
@@ -283,7 +295,7 @@ class JobRunner:
                 result["status"], result["error"] = "failed", failure(exc, job.id)
 
         try:
-            outcome = await self._guarded(job.principal, job.id, body, start)
+            outcome = await self._guarded(job, body, start)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 err = JobError(code="shutdown", retryable=True,
@@ -375,8 +387,7 @@ class JobRunner:
     async def _run_batch(self, batch: Batch) -> None:
         execution = BatchExecution(self, batch)
         try:
-            outcome = await self._guarded(batch.principal, batch.id, execution.run,
-                                          execution.start)
+            outcome = await self._guarded(batch, execution.run, execution.start)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 await execution.finish("failed", "cancelled", JobError(
