@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 from httpx_sse import aconnect_sse
@@ -369,6 +370,30 @@ async def test_a_job_is_expired_at_the_expires_at_it_shows() -> None:
     await late.runner.execute(job)
     raw = await late.store.get("p", job.id)
     assert raw is not None and json.loads(raw)["status"] == "expired" and ran == []
+
+
+async def test_the_routers_principal_resolver_is_read_as_the_stacks(recorder: Recorder) -> None:
+    # principal= took only a sync callable returning a str: the stack's kind of resolver
+    # (async, or None for "the default rule") made every job route a 500.
+    async def tenant(request: Any) -> str | None:
+        await anyio.lowlevel.checkpoint()
+        return dict(request["headers"]).get(b"x-tenant", b"").decode() or None
+
+    jobs = JobsRouter(recorder.fn, principal=tenant)
+    app = Starlette(routes=[Mount("/v1", jobs)], lifespan=jobs.lifespan_context)
+    with ThreadServer(app) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            t1, t2 = {"x-tenant": "t1"}, {"x-tenant": "t2"}
+            r = await client.post("/v1/jobs", json={"input": {"steps": 1}}, headers=t1)
+            assert r.status_code == 202
+            await wait_status(client, r.headers["location"], {"completed"}, headers=t1)
+            assert (await client.get(r.headers["location"], headers=t2)).status_code == 404
+            # None: the default principal (the API key's here), as under the stack
+            r = await client.post("/v1/jobs", json={"input": {"steps": 1}}, headers=A)
+            assert r.status_code == 202
+            await wait_status(client, r.headers["location"], {"completed"})
+            assert (await client.get(r.headers["location"], headers=B)).status_code == 404
+            assert (await client.get(r.headers["location"], headers=t1)).status_code == 404
 
 
 async def test_shutdown_marks_unfinished_jobs(recorder: Recorder) -> None:

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -62,6 +63,10 @@ _FINAL_EVENT_WAIT = 1.0
 class JobsRouter(Router):
     """Mount it anywhere; pass ``lifespan=router.lifespan_context`` to the app (it runs jobs).
 
+    ``principal``: who is calling, as the stack's ``principal=`` resolver (sync or async,
+    given the request, a mapping of its scope; ``None``: the stack's principal, else the
+    default rule); without it, the stack's or the default.
+
     ``input_model``: a pydantic model every job's (and batch item's) ``input`` must validate
     against at submission, so bad input is a typed 400 then, not a job that fails later.
     The function receives the input as sent.
@@ -96,7 +101,7 @@ class JobsRouter(Router):
         cancel_wait: float = 5.0,
         cancel_poll: float = 0.1,
         shutdown_grace: float = 5.0,
-        principal: Callable[[Request], str] | None = None,
+        principal: Callable[[Request], str | Awaitable[str | None] | None] | None = None,
         lease: float = 30.0,
         retention: float = 7 * 86400,
         queue: TaskiqQueue | None = None,
@@ -185,14 +190,20 @@ class JobsRouter(Router):
 
     # -- helpers ---------------------------------------------------------------------
 
-    def principal_of(self, request: Request) -> str:
+    async def principal_of(self, request: Request) -> str:
+        """The caller's principal: ``principal=``'s answer, as the stack's resolver is read
+        (sync or async; ``None``: the default rule), else the stack's, else the default."""
         if self._principal is not None:
-            return self._principal(request)
+            found = self._principal(request)
+            if inspect.isawaitable(found):
+                found = await found
+            if found is not None:
+                return str(found)
         ctx = current_or_none()
         return ctx.principal if ctx is not None else default_principal(request.scope)
 
     async def _load(self, request: Request, kind: type[Job] | type[Batch]) -> Job | Batch:
-        principal = self.principal_of(request)
+        principal = await self.principal_of(request)
         rec_id = request.path_params["id"]
         prefix = "job_" if kind is Job else "batch_"
         # Only an id shaped like ours reaches the store (an id with a ":" suffix would name
@@ -261,7 +272,7 @@ class JobsRouter(Router):
         await self._check_callback(body.callback_url)
         now = time.time()
         job = Job(
-            id=new_id("job"), principal=self.principal_of(request), input=body.input,
+            id=new_id("job"), principal=await self.principal_of(request), input=body.input,
             callback_url=body.callback_url, fingerprint=fingerprint, created_at=now,
             expires_at=now + self.timeout if self.timeout else None,
         )
@@ -339,7 +350,7 @@ class JobsRouter(Router):
         await self._check_callback(body.callback_url)
         now = time.time()
         batch = Batch(
-            id=new_id("batch"), principal=self.principal_of(request), items=body.items,
+            id=new_id("batch"), principal=await self.principal_of(request), items=body.items,
             total=len(body.items), counts=BatchCounts(processing=len(body.items)),
             callback_url=body.callback_url, fingerprint=fingerprint, created_at=now,
             expires_at=now + self.timeout if self.timeout else None,
