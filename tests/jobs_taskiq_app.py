@@ -21,6 +21,8 @@ REDIS = os.environ["AIMW_JOBS_REDIS"]
 
 async def work(ctx: JobContext, input: Any) -> Any:
     (MARKERS / f"{ctx.id}.ran-in").write_text(str(os.getpid()))
+    with (MARKERS / f"{ctx.id}.runs").open("a") as runs:  # (one line per run of the job)
+        runs.write(f"{os.getpid()}\n")
     try:
         for i in range(int(input["steps"])):
             await ctx.partial(i)
@@ -35,7 +37,9 @@ async def health(request: Request) -> PlainTextResponse:
     return PlainTextResponse(str(os.getpid()))
 
 
-broker = RedisStreamBroker(REDIS, consumer_id="0")
+# A message unacknowledged this long is handed out again (taskiq-redis: 10 minutes).
+IDLE_MS = int(os.environ.get("AIMW_TASKIQ_IDLE_MS", "600000"))
+broker = RedisStreamBroker(REDIS, consumer_id="0", idle_timeout=IDLE_MS)
 jobs = JobsRouter(work, storage=REDIS, queue=TaskiqQueue(broker))
 app = Starlette(routes=[Route("/health", health), Mount("/v1", jobs)],
                 lifespan=jobs.lifespan_context)

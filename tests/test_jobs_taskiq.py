@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import anyio
@@ -27,21 +28,31 @@ def env(redis_url: str, tmp_path: Path) -> dict[str, str]:
 
 @pytest.fixture
 def worker(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    with taskiq_worker(env) as proc:
+        yield proc
+
+
+@contextmanager
+def taskiq_worker(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """``taskiq worker`` for tests.jobs_taskiq_app (one process, in a group of its own)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "taskiq", "worker", "tests.jobs_taskiq_app:broker",
          "--workers", "1", "--log-level", "WARNING", "--shutdown-timeout", "2",
          "--wait-tasks-timeout", "1"],
         env={**os.environ, **env}, cwd=ROOT, start_new_session=True,
     )
-    yield proc
-    # taskiq's supervisor waits on its children's blocking reads for a long time after
-    # SIGTERM; the test owns this process group, so end it briskly.
-    os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(3)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
+        yield proc
+    finally:
+        # taskiq's supervisor waits on its children's blocking reads for a long time after
+        # SIGTERM; the test owns this process group, so end it briskly (unless it killed it).
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(3)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
 
 
 async def status_of(client: httpx.AsyncClient, url: str) -> str:
@@ -77,6 +88,49 @@ async def test_jobs_run_on_the_taskiq_worker(
             cancelled = (await client.delete(f"/v1/jobs/{job_id}", headers=KEY)).json()
             assert cancelled["status"] == "cancelled"
             assert (tmp_path / f"{job_id}.cancelled").read_text() == ran_in  # it stopped there
+
+
+async def test_a_message_handed_out_again_does_not_run_its_job_again(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    # taskiq-redis hands a message unacknowledged for its idle timeout to a worker again
+    # (XAUTOCLAIM), also while its task still runs: the redelivered message found the record
+    # in_progress, not ended, and ran the job a second time beside the first (two model
+    # calls, two writers of one record); a crashed worker's job likewise ran again, where
+    # the README says it is reported lost, never re-run.
+    env = {**env, "AIMW_TASKIQ_IDLE_MS": "300"}
+    with taskiq_worker(env) as first, ProcessServer("tests.jobs_taskiq_app:app", env) as web:
+        async with httpx.AsyncClient(base_url=web.url, timeout=10) as client:
+            long = (await client.post("/v1/jobs", json={"input": {"steps": 15}},
+                                      headers=KEY)).json()["id"]
+            with anyio.fail_after(15):
+                while await status_of(client, f"/v1/jobs/{long}") != "in_progress":  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+            await anyio.sleep(0.5)  # (past the idle timeout: the next read claims it back)
+            short = (await client.post("/v1/jobs", json={"input": {"steps": 1}},
+                                       headers=KEY)).json()["id"]
+            with anyio.fail_after(15):
+                while await status_of(client, f"/v1/jobs/{long}") != "completed":  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+            assert await status_of(client, f"/v1/jobs/{short}") == "completed"
+            assert len((tmp_path / f"{long}.runs").read_text().split()) == 1
+            # A worker killed mid-job; the next worker is handed its message again.
+            lost = (await client.post("/v1/jobs", json={"input": {"steps": 300}},
+                                      headers=KEY)).json()["id"]
+            with anyio.fail_after(15):
+                while await status_of(client, f"/v1/jobs/{lost}") != "in_progress":  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(5)
+            with taskiq_worker(env):
+                await anyio.sleep(0.5)
+                nudge = (await client.post("/v1/jobs", json={"input": {"steps": 1}},
+                                           headers=KEY)).json()["id"]
+                with anyio.fail_after(15):
+                    while await status_of(client, f"/v1/jobs/{nudge}") != "completed":  # noqa: ASYNC110
+                        await anyio.sleep(0.05)
+                await anyio.sleep(0.5)
+            assert len((tmp_path / f"{lost}.runs").read_text().split()) == 1
 
 
 async def test_a_job_the_queue_did_not_take_fails_visibly_and_the_submit_is_a_503(

@@ -72,6 +72,10 @@ class TaskiqQueue:
         record: Job | Batch = (
             Job.model_validate_json(raw) if kind == "job" else Batch.model_validate_json(raw)
         )
-        if record.terminal:  # a redelivered message for a job that already ended
+        if record.status != "queued" or await self._runner.store.alive(principal, rec_id):
+            # A message handed out again (at-least-once: taskiq-redis gives one back once
+            # it has gone unacknowledged for its idle timeout, also while its task runs):
+            # the record ended, runs on a live worker (its lease), or was started by a worker
+            # since lost, which its readers report (never run twice).
             return
         await self._runner.execute(record)
