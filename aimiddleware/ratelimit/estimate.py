@@ -105,9 +105,6 @@ class Estimate:
             return self.cost_units or 0
         raise ValueError(f"unknown dimension {dimension!r}")
 
-    def zero(self) -> Estimate:
-        return Estimate(self.model, 0, 0, None, 0, cost_units=0)
-
 
 _new_object = object.__new__
 
@@ -124,6 +121,7 @@ class _IntPrice:
         self.input, self.cached_input, self.cache_creation, self.output, self.reasoning = rates
 
     def plain(self, input_tokens: int, output_tokens: int) -> int:
+        """The cost of plain input and output tokens, rounded up."""
         return -(-(input_tokens * self.input + output_tokens * self.output) // self.den)
 
     def usage(self, usage: Usage) -> int:
@@ -392,8 +390,8 @@ class Estimator:
         if self._prices is _UNSET or model is None:
             return None
         fast = self._int_price(model)
-        if fast is not None:  # fast.plain(), inlined
-            return -(-(input_tokens * fast.input + output_tokens * fast.output) // fast.den)
+        if fast is not None:
+            return fast.plain(input_tokens, output_tokens)
         cost = self.price(model, input_tokens, output_tokens)
         return None if cost is None else (math.ceil(cost * COST_SCALE) if cost else 0)
 
@@ -406,13 +404,6 @@ class Estimator:
             return None
         cost: Decimal = price.cost(Usage(input_tokens=input_tokens, output_tokens=output_tokens))
         return cost
-
-    def actual(self, reserved: Estimate, usage: Usage, model: str | None) -> Estimate:
-        cost = self.actual_cost(reserved, usage, model)
-        return Estimate(
-            model or reserved.model, usage.input_tokens, usage.output_tokens, None,
-            cost_units=cost,
-        )
 
     def actual_cost(self, reserved: Estimate, usage: Usage, model: str | None) -> int | None:
         """The real cost in nano-units (the reserved one when the model has no price)."""

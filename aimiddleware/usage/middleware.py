@@ -220,10 +220,6 @@ class Responder:
                 self._keep_tail(message.get("body", b""), not message.get("more_body", False))
             await self._send(message)
 
-    async def send_start(self, message: Message, added: list[tuple[bytes, bytes]]) -> None:
-        """Send a response head with the usage headers ``added``."""
-        await self.head_send(self.head(message, added))
-
     def head(self, message: Message, added: list[tuple[bytes, bytes]]) -> Message:
         """The response head to send: ``message`` with the usage headers ``added``.
 
