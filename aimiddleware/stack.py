@@ -33,6 +33,7 @@ from aimiddleware.idempotency.config import IdempotencyConfig
 from aimiddleware.idempotency.middleware import IdempotencyMiddleware
 from aimiddleware.openapi import document_stack
 from aimiddleware.ratelimit import Policy, RateLimiter, RateLimitMiddleware
+from aimiddleware.ratelimit.middleware import exempt_paths
 from aimiddleware.stack_middleware import StackMiddleware
 from aimiddleware.storage import Storage
 from aimiddleware.types import PrincipalResolver
@@ -83,6 +84,7 @@ def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
         config = StackConfig(**{**config.__dict__, **options})
     if config.shutdown_grace < 0:
         raise ValueError("shutdown_grace must be >= 0")
+    exempt = exempt_paths(config.ratelimit_exempt)
     storage = Storage.coerce(config.storage)
     mapper = ExceptionMapper(config.exception_mappings)
 
@@ -131,7 +133,7 @@ def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
                 prices=usage.prices if usage is not None else None,
             )
         layers.append(
-            (RateLimitMiddleware, {"limiter": limiter, "exempt": tuple(config.ratelimit_exempt)})
+            (RateLimitMiddleware, {"limiter": limiter, "exempt": exempt})
         )
     if config.usage is not None:  # innermost: right before the app
         layers.append((UsageMiddleware, config.usage.middleware_options(storage)))
@@ -150,7 +152,7 @@ def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
                 auth=True,
                 rate_limit_headers=config.ratelimit is not None,
                 idempotency_methods=methods,
-                rate_limit_exempt=tuple(config.ratelimit_exempt),
+                rate_limit_exempt=exempt,
                 usage_headers=config.usage is not None,
                 version_headers=config.versioning is not None,
             )

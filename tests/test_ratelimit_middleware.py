@@ -504,3 +504,23 @@ async def test_exempt_paths_and_non_http_scopes_pass_through() -> None:
 
     await limited_app({"type": "lifespan"}, no_receive, no_send)
     assert calls[-1] == "lifespan"
+
+
+def test_exempt_paths_given_as_one_string_or_without_a_slash_are_refused() -> None:
+    # A bare str was taken for its characters: "/health" exempted "/" (and "h", "e"...)
+    # and left /health limited, silently.
+    from fastapi import FastAPI
+
+    from aimiddleware import RateLimitMiddleware, install
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("not called")
+
+    policy = Policy(requests="1/minute")
+    with pytest.raises(TypeError, match=r"\('/health',\)"):
+        install(FastAPI(), ratelimit=policy, ratelimit_exempt="/health")
+    with pytest.raises(TypeError, match="sequence of paths"):
+        RateLimitMiddleware(inner, policy, exempt="/health")
+    with pytest.raises(ValueError, match="must start with '/', got 'health'"):
+        install(FastAPI(), ratelimit=policy, ratelimit_exempt=("health",))
+    install(FastAPI(), ratelimit=policy, ratelimit_exempt=["/health", "/static/*"])

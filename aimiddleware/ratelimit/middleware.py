@@ -21,7 +21,19 @@ from aimiddleware.ratelimit.limiter import RateLimiter
 from aimiddleware.ratelimit.policy import Policy
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["RateLimitMiddleware"]
+__all__ = ["RateLimitMiddleware", "exempt_paths"]
+
+
+def exempt_paths(paths: Sequence[str]) -> tuple[str, ...]:
+    """``paths`` checked as exempt paths: each a str starting with ``/`` (or ``*``). A bare str
+    is refused: taken for its characters, it would exempt ``/`` and limit the path meant."""
+    if isinstance(paths, str):
+        raise TypeError(f"exempt paths must be a sequence of paths, e.g. ({paths!r},)")
+    found = tuple(paths)
+    for path in found:
+        if not isinstance(path, str) or not path.startswith(("/", "*")):
+            raise ValueError(f"an exempt path must start with '/', got {path!r}")
+    return found
 
 
 class RateLimitMiddleware:
@@ -46,6 +58,7 @@ class RateLimitMiddleware:
             limiter = RateLimiter(policies, **options)
         elif policies is not None or options:
             raise TypeError("pass either a limiter or its options, not both")
+        exempt = exempt_paths(exempt)
         self.app = app
         self.limiter = limiter
         self.exact = frozenset(p for p in exempt if not p.endswith("*"))
