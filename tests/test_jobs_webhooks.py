@@ -549,6 +549,22 @@ def test_a_denied_host_is_denied_however_it_is_spelled() -> None:
     assert allow.check_syntax("https://hooks\u3002example.com./x")
 
 
+def test_a_policy_given_one_host_as_a_str_is_refused() -> None:
+    # A bare str was taken for its letters: deny_hosts="bad.example.com" denied the hosts
+    # "b", "a", "d", "." ... and so let bad.example.com through, silently.
+    with pytest.raises(TypeError, match=r"\['bad.example.com'\]"):
+        CallbackPolicy(deny_hosts="bad.example.com")
+    with pytest.raises(TypeError, match="allow_hosts must be a collection"):
+        CallbackPolicy(allow_hosts="hooks.example.com")
+    with pytest.raises(TypeError, match="schemes must be a collection"):
+        CallbackPolicy(schemes="https")
+    with pytest.raises(ValueError, match="deny_hosts must hold non-empty names"):
+        CallbackPolicy(deny_hosts=["bad.example.com", "."])
+    deny = CallbackPolicy(deny_hosts=("bad.example.com",), schemes=("https",))
+    with pytest.raises(InvalidRequest):
+        deny.check_syntax("https://bad.example.com/x")
+
+
 async def test_a_receiver_answering_an_endless_body_is_not_read_to_its_end(
     redis_store: JobStore, receiver_factory: Any
 ) -> None:

@@ -98,11 +98,13 @@ class CallbackPolicy:
         deny_hosts: Iterable[str] = (),
         allow_private: bool = False,
     ) -> None:
-        self.schemes = frozenset(s.lower() for s in schemes)
+        self.schemes = frozenset(s.lower() for s in _names("schemes", schemes))
         if not self.schemes <= {"http", "https"}:
             raise ValueError("callback schemes must be http and/or https")
-        self.allow_hosts = None if allow_hosts is None else [_host(h) for h in allow_hosts]
-        self.deny_hosts = [_host(h) for h in deny_hosts]
+        self.allow_hosts = (
+            None if allow_hosts is None else [_host(h) for h in _names("allow_hosts", allow_hosts)]
+        )
+        self.deny_hosts = [_host(h) for h in _names("deny_hosts", deny_hosts)]
         self.allow_private = allow_private
 
     @staticmethod
@@ -160,6 +162,17 @@ class CallbackPolicy:
                 raise InvalidRequest(
                     "callback_url resolves to a private or reserved address.", param="callback_url"
                 )
+
+
+def _names(option: str, names: Iterable[str]) -> list[str]:
+    """``names`` as a list of non-empty strs. A bare str is refused: taken for its letters,
+    ``deny_hosts="bad.example.com"`` would deny no host at all."""
+    if isinstance(names, str):
+        raise TypeError(f"{option} must be a collection of names, e.g. [{names!r}]")
+    found = list(names)
+    if not all(isinstance(n, str) and n.strip(".") for n in found):
+        raise ValueError(f"{option} must hold non-empty names, got {found!r}")
+    return found
 
 
 def _host(name: str) -> str:
