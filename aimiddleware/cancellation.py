@@ -107,6 +107,11 @@ class CancellationConfig:
     watch_after: float = DEFAULT_WATCH_AFTER
     splice_scopes: bool = True
 
+    def __post_init__(self) -> None:
+        # Checked here, not first when the middleware is built: Starlette builds it on the
+        # first ASGI call, where a failing lifespan is taken for "lifespan unsupported".
+        _tiers(self.timeouts, self.default_timeout, self.cleanup_timeout, self.watch_after)
+
 
 class CancellationMiddleware:
     """Cancel the endpoint when the client disconnects; enforce per-route time limits.
@@ -134,17 +139,8 @@ class CancellationMiddleware:
         watch_after: float = DEFAULT_WATCH_AFTER,
         splice_scopes: bool = True,
     ) -> None:
-        pairs = list(timeouts.items()) if isinstance(timeouts, Mapping) else list(timeouts)
-        self.tiers: list[tuple[re.Pattern[str], float | None]] = []
-        for pattern, seconds in pairs:
-            if not isinstance(pattern, str) or not pattern.startswith(("/", "*")):
-                raise ValueError(f"timeout pattern must be a path glob, got {pattern!r}")
-            self.tiers.append((re.compile(fnmatch.translate(pattern)), _seconds(seconds)))
-        self.default_timeout = _seconds(default_timeout)
-        if not cleanup_timeout > 0:
-            raise ValueError("cleanup_timeout must be > 0 seconds")
-        if isinstance(watch_after, bool) or not 0 <= watch_after <= _MAX_WATCH_AFTER:
-            raise ValueError(f"watch_after must be between 0 and {_MAX_WATCH_AFTER} seconds")
+        self.tiers = _tiers(timeouts, default_timeout, cleanup_timeout, watch_after)
+        self.default_timeout = default_timeout
         self.app = app
         self.cancel_on_disconnect = cancel_on_disconnect
         self.cleanup_timeout = cleanup_timeout
@@ -321,6 +317,25 @@ class CancellationMiddleware:
                 if call.watcher is not None:
                     await call.stop_watcher()
         await call.after_cancel(limit)
+
+
+def _tiers(
+    timeouts: TimeoutTiers, default_timeout: float | None, cleanup_timeout: float,
+    watch_after: float,
+) -> list[tuple[re.Pattern[str], float | None]]:
+    """The timeout tiers compiled, once the options are checked (ValueError)."""
+    pairs = list(timeouts.items()) if isinstance(timeouts, Mapping) else list(timeouts)
+    tiers: list[tuple[re.Pattern[str], float | None]] = []
+    for pattern, seconds in pairs:
+        if not isinstance(pattern, str) or not pattern.startswith(("/", "*")):
+            raise ValueError(f"timeout pattern must be a path glob, got {pattern!r}")
+        tiers.append((re.compile(fnmatch.translate(pattern)), _seconds(seconds)))
+    _seconds(default_timeout)
+    if not cleanup_timeout > 0:
+        raise ValueError("cleanup_timeout must be > 0 seconds")
+    if isinstance(watch_after, bool) or not 0 <= watch_after <= _MAX_WATCH_AFTER:
+        raise ValueError(f"watch_after must be between 0 and {_MAX_WATCH_AFTER} seconds")
+    return tiers
 
 
 def _seconds(value: float | None) -> float | None:

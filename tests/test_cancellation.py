@@ -465,6 +465,21 @@ def test_watch_after_is_validated_and_tiers_are_cached_per_path() -> None:
     assert 0 < len(mw._timeout_cache) <= 1024
 
 
+async def test_a_bad_cancellation_config_is_refused_when_it_is_made() -> None:
+    # It was checked only when Starlette built the middleware, on the app's first ASGI call:
+    # install() took it, and every request of the app then failed (a bare 500 under uvicorn).
+    for bad in ({"v1/chat": 5}, {"/v1/*": 0}):
+        with pytest.raises(ValueError, match="timeout"):
+            CancellationConfig(timeouts=bad)
+    for options in ({"default_timeout": -1}, {"cleanup_timeout": 0}, {"watch_after": 1.0}):
+        with pytest.raises(ValueError):
+            CancellationConfig(**options)
+    app = FastAPI()
+    install(app, cancellation=CancellationConfig(timeouts={"/v1/*": 2}, default_timeout=3))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        assert (await c.get("/nowhere")).status_code == 404
+
+
 async def test_many_requests_in_flight_share_one_sweeper() -> None:
     """Slow requests whose clients left are all cancelled; fast ones never start a watcher."""
     cancelled: list[int] = []
