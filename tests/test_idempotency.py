@@ -131,6 +131,16 @@ def test_config_validates_eagerly() -> None:
     assert IdempotencyConfig(secret="change-me-to-a-long-random-key").secret
 
 
+def test_unstored_statuses_must_be_status_codes() -> None:
+    # "429" was taken for its characters and 429 (a str set never matches a status) was
+    # then stored and replayed to every retry; 429 alone failed with "'int' object is not
+    # iterable".
+    for bad in ("429", 429, ["429"], [429, 1000]):
+        with pytest.raises(TypeError, match="unstored_statuses must be a collection"):
+            IdempotencyConfig(unstored_statuses=bad)  # type: ignore[arg-type]
+    assert IdempotencyConfig(unstored_statuses=[429, 409]).unstored_statuses == {429, 409}
+
+
 # -- stores: compare-and-set by owner ------------------------------------------------------------
 
 

@@ -61,7 +61,12 @@ class IdempotencyConfig:
         if isinstance(self.methods, str) or not all(isinstance(m, str) for m in self.methods):
             raise TypeError("methods must be a collection of method names")
         object.__setattr__(self, "methods", frozenset(m.upper() for m in self.methods))
-        object.__setattr__(self, "unstored_statuses", frozenset(self.unstored_statuses))
+        statuses = self.unstored_statuses
+        if isinstance(statuses, (str, int)) or not all(
+            type(c) is int and 100 <= c <= 599 for c in statuses
+        ):
+            raise TypeError("unstored_statuses must be a collection of HTTP status codes (ints)")
+        object.__setattr__(self, "unstored_statuses", frozenset(statuses))
         if not self.header or self.header.strip() != self.header:
             raise ValueError("header must be a header name")
         for name in ("lease_seconds", "retention_seconds", "poll_interval"):
