@@ -412,6 +412,36 @@ def test_configuration_is_validated_eagerly() -> None:
         ("requests", 10, 1), ("requests", 1000, 86400), ("cost", 2_500_000_000, 86400)]
 
 
+
+def test_an_option_of_the_wrong_kind_says_what_it_takes() -> None:
+    # A number where a limit string is meant failed with "'int' object is not iterable"; an
+    # output_estimate of "100" with "'<' not supported"; models="gpt-4o" with an
+    # AttributeError; alert_fractions=0.5 with "'float' object is not iterable".
+    for dim, bad in (("requests", 5), ("tokens", 1000.0), ("cost", [2.5]), ("requests", b"5/s")):
+        with pytest.raises(TypeError, match=f"^{dim} takes a limit string such as '"):
+            Policy(**{dim: bad})
+    for option, bad in (("output_estimate", "100"), ("output_estimate", 1.5),
+                        ("concurrency", "5")):
+        with pytest.raises(ValueError, match=f"^{option} must be .*got {bad!r}"):
+            Policy(**{option: bad})
+    with pytest.raises(TypeError, match=r"^models takes a mapping of model name to Policy"):
+        Policy(models="gpt-4o")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="must map a model name to a Policy"):
+        Policy(models={"gpt-4o": "30000/minute"})  # type: ignore[dict-item]
+    for fractions in (0.5, "0.5"):
+        with pytest.raises(TypeError, match=r"^alert_fractions takes a sequence .*\(0.5, 0.9\)"):
+            RateLimiter(Policy(cost="1/day"), prices=PRICES, alert_fractions=fractions,
+                        on_alert=print)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="alert_fractions must be in"):
+        RateLimiter(Policy(cost="1/day"), prices=PRICES, alert_fractions=("0.5",),
+                    on_alert=print)  # type: ignore[arg-type]
+    p = Policy(requests=["5/minute", "100/day"], output_estimate=0)
+    assert p.requests == ("5/minute", "100/day") and len(p.limits) == 2
+    limiter = RateLimiter(Policy(cost="1/day"), prices=PRICES, alert_fractions=[0.9, 0.5],
+                          on_alert=print)
+    assert limiter.alert_fractions == (0.5, 0.9)
+
+
 async def test_stream_is_reconciled_with_usage_reported_at_its_end() -> None:
     from fastapi import FastAPI
 

@@ -20,7 +20,7 @@ import itertools
 import logging
 import math
 import secrets
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal, Union
@@ -105,8 +105,17 @@ class RateLimiter:
                 raise ValueError(f"routes[{pattern!r}] must map a path to a Policy")
         if lease_ttl <= 0:
             raise ValueError("lease_ttl must be positive")
-        if any(not 0 < f <= 1 for f in alert_fractions):
-            raise ValueError("alert_fractions must be in (0, 1]")
+        if isinstance(alert_fractions, (str, bytes)) or not isinstance(alert_fractions, Iterable):
+            raise TypeError(
+                "alert_fractions takes a sequence of fractions of a cost limit, such as "
+                f"(0.5, 0.9), got {alert_fractions!r}"
+            )
+        alert_fractions = tuple(alert_fractions)
+        if any(
+            isinstance(f, bool) or not isinstance(f, (int, float, Decimal)) or not 0 < f <= 1
+            for f in alert_fractions
+        ):
+            raise ValueError(f"alert_fractions must be in (0, 1], got {alert_fractions!r}")
         if alert_fractions and on_alert is None:
             raise ValueError("alert_fractions need an on_alert callback")
         if on_unpriced not in ("allow", "reject"):

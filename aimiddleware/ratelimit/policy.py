@@ -109,7 +109,7 @@ def parse_limits(dimension: Dimension, spec: str | Iterable[str]) -> tuple[Limit
     """Parse ``"60/minute;1000/day"`` (or a list of such strings) for one dimension."""
     if dimension not in DIMENSIONS:
         raise ValueError(f"unknown dimension {dimension!r}; expected one of {DIMENSIONS}")
-    texts = [spec] if isinstance(spec, str) else list(spec)
+    texts = _texts(dimension, spec)
     out: list[Limit] = []
     for text in texts:
         for part in re.split(r"[,;|]", text):
@@ -121,6 +121,21 @@ def parse_limits(dimension: Dimension, spec: str | Iterable[str]) -> tuple[Limit
     if len(set(windows)) != len(windows):
         raise ValueError(f"two {dimension} limits share a window in {spec!r}")
     return tuple(out)
+
+
+def _texts(dimension: Dimension, spec: object) -> tuple[str, ...]:
+    """``spec`` as limit strings; a TypeError naming the option for anything else (a number
+    was iterated, and failed with "'int' object is not iterable")."""
+    if isinstance(spec, str):
+        return (spec,)
+    texts = tuple(spec) if isinstance(spec, Iterable) and not isinstance(spec, bytes) else None
+    if texts is None or not all(isinstance(text, str) for text in texts):
+        example = "'2.50/day'" if dimension == "cost" else "'60/minute'"
+        raise TypeError(
+            f"{dimension} takes a limit string such as {example} (or a list of them), "
+            f"got {spec!r}"
+        )
+    return texts
 
 
 def _parse_one(dimension: Dimension, text: str) -> Limit:
@@ -178,19 +193,29 @@ class Policy:
             spec = getattr(self, dim)
             if spec is not None:
                 if not isinstance(spec, str):
-                    spec = tuple(spec)
+                    spec = _texts(dim, spec)
                     object.__setattr__(self, dim, spec)
                 parsed.extend(parse_limits(dim, spec))
         if self.concurrency is not None and (
             isinstance(self.concurrency, bool) or not isinstance(self.concurrency, int)
             or self.concurrency < 1
         ):
-            raise ValueError("concurrency must be a positive integer or None")
-        if self.output_estimate is not None and self.output_estimate < 0:
-            raise ValueError("output_estimate must be >= 0")
+            raise ValueError(f"concurrency must be a positive integer or None, "
+                             f"got {self.concurrency!r}")
+        if self.output_estimate is not None and (
+            isinstance(self.output_estimate, bool) or not isinstance(self.output_estimate, int)
+            or self.output_estimate < 0
+        ):
+            raise ValueError(f"output_estimate must be a number of tokens >= 0 or None, "
+                             f"got {self.output_estimate!r}")
+        if not isinstance(self.models, Mapping):
+            raise TypeError(
+                "models takes a mapping of model name to Policy, such as "
+                f"{{'gpt-4o': Policy(tokens='30000/minute')}}, got {self.models!r}"
+            )
         for name, sub in self.models.items():
-            if not isinstance(sub, Policy):
-                raise TypeError(f"models[{name!r}] must be a Policy")
+            if not isinstance(name, str) or not isinstance(sub, Policy):
+                raise TypeError(f"models[{name!r}] must map a model name to a Policy")
             if sub.models:
                 raise ValueError("a per-model policy cannot have models of its own")
         object.__setattr__(self, "models", dict(self.models))
