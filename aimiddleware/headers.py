@@ -80,3 +80,17 @@ def go_duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m{secs}s"
     return f"{secs}s"
+
+
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+
+
+def header_name(option: str, value: object) -> str:
+    """``value`` checked as an HTTP header name (an RFC 9110 token), lower-cased; a
+    TypeError or ValueError naming ``option`` otherwise (configuration, not requests)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{option} must be a header name such as 'x-model', got {value!r}")
+    if not _TOKEN.match(value):
+        raise ValueError(f"{option} must be a header name (letters, digits, '-'...), "
+                         f"got {value!r}")
+    return value.lower()

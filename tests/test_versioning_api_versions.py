@@ -48,6 +48,27 @@ def test_configuration_is_validated() -> None:
         ApiVersions(["v1"], header=None)
 
 
+def test_one_version_given_as_a_str_or_a_bad_header_is_refused() -> None:
+    # ApiVersions("2026-06-01") iterated the str: "API version '2' is malformed".
+    with pytest.raises(TypeError, match=r"versions takes a list of versions, such as \['2026"):
+        ApiVersions("2026-06-01")
+    with pytest.raises(TypeError, match=r"such as \['v1'\]"):
+        ApiVersions(ApiVersion("v1"))  # type: ignore[arg-type]
+    # A header name with a space or a colon was taken, and never matched a request's header.
+    for bad in ("api version", "api-version:", ""):
+        with pytest.raises(ValueError, match=r"^header must be a header name"):
+            ApiVersions(["v1"], header=bad)
+    with pytest.raises(ValueError, match=r"^echo_header must be a header name"):
+        ApiVersions(["v1"], echo_header="x version")
+    # path_prefix="/v1" was taken for True; True with no v<n> version could never match.
+    with pytest.raises(TypeError, match=r"^path_prefix is True"):
+        ApiVersions(["v1"], path_prefix="/v1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="path_prefix=True needs a path-style version"):
+        ApiVersions(["2026-06-01"], path_prefix=True)
+    ok = ApiVersions(("2026-06-01", "v1"), header="Api-Version", path_prefix=True)
+    assert ok.header == ok.echo_header == "api-version" and ok.supported == ["2026-06-01", "v1"]
+
+
 async def test_header_then_pin_then_default() -> None:
     clock = FakeClock(at("2026-03-01"))
     versions = make_versions(clock, pins={"tenant-old": "2025-01-01"})

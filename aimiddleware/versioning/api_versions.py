@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from aimiddleware._asgi import is_async_callable
 from aimiddleware.errors import InvalidRequest, UnsupportedApiVersion
+from aimiddleware.headers import header_name
 from aimiddleware.versioning.lifecycle import (
     Clock,
     DateLike,
@@ -136,6 +137,10 @@ class ApiVersions:
         echo_header: str | None = None,
         clock: Clock | None = None,
     ) -> None:
+        if isinstance(versions, (str, ApiVersion)):  # (a str was taken for its characters)
+            shown = versions if isinstance(versions, str) else versions.name
+            raise TypeError(f"versions takes a list of versions, such as [{shown!r}], "
+                            f"got {versions!r}")
         self._versions: dict[str, ApiVersion] = {}
         for v in versions:
             version = v if isinstance(v, ApiVersion) else ApiVersion(v)
@@ -151,11 +156,15 @@ class ApiVersions:
         self.default = default if default is not None else list(self._versions)[-1]
         if self.default not in self._versions:
             raise ValueError(f"default API version {self.default!r} is not a supported version")
-        if header is not None and (not header or header.strip() != header):
-            raise ValueError("header must be a header name or None")
+        self.header = header_name("header", header) if header is not None else None
+        if not isinstance(path_prefix, bool):  # ("/v1" was taken for True)
+            raise TypeError("path_prefix is True (read the version from /v1/...) or False, "
+                            f"got {path_prefix!r}")
         if header is None and not path_prefix:
             raise ValueError("choose a header, a path prefix, or both")
-        self.header = header.lower() if header else None
+        if path_prefix and not any(path_style(name) for name in self._versions):
+            raise ValueError("path_prefix=True needs a path-style version (v1, v2.1) "
+                             "among the versions")
         self._header_bytes = self.header.encode("latin-1") if self.header else None
         self.path_prefix = path_prefix
         self.strip_prefix = strip_prefix
@@ -167,7 +176,9 @@ class ApiVersions:
             raise TypeError("pins must be a mapping or a callable (principal) -> version")
         self.pins = pins
         self._pins_async = pins is not None and is_async_callable(pins)
-        self.echo_header = (echo_header or self.header or "api-version").lower()
+        if echo_header is not None:
+            echo_header = header_name("echo_header", echo_header)
+        self.echo_header = echo_header or self.header or "api-version"
         self.clock: Clock = clock or utc_now
         # Resolutions are immutable: build the header and default ones once.
         self._by_header = {n: ResolvedVersion(v, "header") for n, v in self._versions.items()}
