@@ -90,7 +90,12 @@ def header_name(option: str, value: object) -> str:
     TypeError or ValueError naming ``option`` otherwise (configuration, not requests)."""
     if not isinstance(value, str):
         raise TypeError(f"{option} must be a header name such as 'x-model', got {value!r}")
-    if not _TOKEN.match(value):
+    if not is_header_name(value):
         raise ValueError(f"{option} must be a header name (letters, digits, '-'...), "
                          f"got {value!r}")
     return value.lower()
+
+
+def is_header_name(value: str) -> bool:
+    """Whether ``value`` is an HTTP header name (an RFC 9110 token)."""
+    return bool(_TOKEN.match(value))

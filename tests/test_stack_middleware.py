@@ -318,3 +318,29 @@ async def test_fused_in_process_path_records_a_cancelled_request_in_an_io_ledger
     assert sent[0]["status"] == 200 and headers[b"x-usage-total-tokens"] == b"10"
     (agg,) = await ledger.query(next(iter(ledger._requests))[0])
     assert agg.requests == 1 and agg.total_tokens == 10 and agg.model == "m"
+
+
+def test_bad_usage_and_versioning_configs_are_refused_when_they_are_made() -> None:
+    # They were checked only when Starlette built the layers, on the app's first ASGI call:
+    # install() took them, and the app's lifespan or every request then failed.
+    from aimiddleware.usage import UsageConfig
+    from aimiddleware.versioning import ApiVersions, ModelRegistry, VersioningConfig
+
+    for options in ({"max_json_body": -1}, {"header_prefix": "x usage-"},
+                    {"header_prefix": "x-usage:"}):
+        with pytest.raises(ValueError, match=next(iter(options))):
+            UsageConfig(**options)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"PriceTable \(a dict: PriceTable.from_dict"):
+        UsageConfig(prices={"gpt-4o": {"input": 1}})  # type: ignore[arg-type]
+    versions = ApiVersions(["v1"])
+    for options in ({}, {"versions": versions, "models_path": "v1/models"},
+                    {"registry": ModelRegistry(), "model_field": None, "model_header": None},
+                    {"versions": versions, "migration_path": "migrate"}):
+        with pytest.raises(ValueError):
+            VersioningConfig(**options)  # type: ignore[arg-type]
+    for option in ("model_header", "model_echo_header", "model_version_header"):
+        with pytest.raises(ValueError, match=f"^{option} must be a header name"):
+            VersioningConfig(registry=ModelRegistry(), **{option: "x model"})
+    app = Starlette()
+    aimiddleware.install(app, usage=UsageConfig(max_json_body=0),
+                         versioning=VersioningConfig(versions=versions))

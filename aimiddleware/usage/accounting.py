@@ -14,6 +14,7 @@ from typing import Any
 
 from aimiddleware.context import NO_MODEL_CALL, RequestContext
 from aimiddleware.finish_reason import _PLAIN_VALUES, FinishReason, finish_reason_value
+from aimiddleware.headers import is_header_name
 from aimiddleware.pricing import PriceTable
 from aimiddleware.storage import Storage
 from aimiddleware.tokens import TokenCounter
@@ -58,6 +59,26 @@ def ledger_for(storage: Storage | str | None) -> Ledger:
     return RedisLedger(storage)
 
 
+def check_options(
+    prices: object, ledger: object, max_json_body: object, header_prefix: object
+) -> None:
+    """The usage layer's options checked (TypeError / ValueError), by the layer and by
+    ``UsageConfig`` when it is made (Starlette builds the layer on the app's first call)."""
+    if prices is not None and not isinstance(prices, PriceTable):
+        raise TypeError(f"prices must be a PriceTable (a dict: PriceTable.from_dict(...)), "
+                        f"got {type(prices).__name__}")
+    if ledger is not None and not isinstance(ledger, Ledger):
+        raise TypeError("ledger must be a Ledger")
+    if isinstance(max_json_body, bool) or not isinstance(max_json_body, int) or max_json_body < 0:
+        raise ValueError(f"max_json_body must be a number of bytes >= 0, got {max_json_body!r}")
+    if (
+        not isinstance(header_prefix, str) or header_prefix.lower() != header_prefix
+        or not is_header_name(header_prefix)
+    ):
+        raise ValueError(f"header_prefix must be a lower-case header name prefix, such as "
+                         f"'x-usage-', got {header_prefix!r}")
+
+
 class UsageAccounting:
     """``ledger=None`` derives one from ``storage``; ``record=False`` skips it.
 
@@ -77,14 +98,7 @@ class UsageAccounting:
         max_json_body: int = DEFAULT_MAX_JSON_BODY,
         header_prefix: str = "x-usage-",
     ) -> None:
-        if prices is not None and not isinstance(prices, PriceTable):
-            raise TypeError("prices must be a PriceTable")
-        if ledger is not None and not isinstance(ledger, Ledger):
-            raise TypeError("ledger must be a Ledger")
-        if max_json_body < 0:
-            raise ValueError("max_json_body must be >= 0")
-        if not header_prefix or header_prefix.lower() != header_prefix or " " in header_prefix:
-            raise ValueError("header_prefix must be a lower-case header name prefix")
+        check_options(prices, ledger, max_json_body, header_prefix)
         if record and ledger is None:
             ledger = ledger_for(storage)
         self.settings = UsageSettings(prices, counter or TokenCounter(), ledger if record else None)

@@ -8,6 +8,7 @@ from typing import Any
 from aimiddleware.pricing import PriceTable
 from aimiddleware.storage import Storage
 from aimiddleware.tokens import TokenCounter
+from aimiddleware.usage.accounting import check_options
 from aimiddleware.usage.ledger import Ledger
 
 __all__ = ["UsageConfig"]
@@ -24,6 +25,11 @@ class UsageConfig:
     record: bool = True
     max_json_body: int = 1024 * 1024
     header_prefix: str = "x-usage-"
+
+    def __post_init__(self) -> None:
+        # Checked here, not first when the layer is built: Starlette builds it on the first
+        # ASGI call, where a failing lifespan is taken for "lifespan unsupported".
+        check_options(self.prices, self.ledger, self.max_json_body, self.header_prefix)
 
     def middleware_options(self, storage: Storage) -> dict[str, Any]:
         return {

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from aimiddleware.headers import header_name
 from aimiddleware.storage import Storage
 from aimiddleware.versioning.api_versions import ApiVersions
 from aimiddleware.versioning.lifecycle import Clock
+from aimiddleware.versioning.middleware import check_options
 from aimiddleware.versioning.monitor import DeprecationHook, DeprecationMonitor
 from aimiddleware.versioning.registry import ModelRegistry
 
@@ -34,6 +36,15 @@ class VersioningConfig:
     models_path: str | None = None
     migration_path: str | None = None
     clock: Clock | None = None
+
+    def __post_init__(self) -> None:
+        # Checked here, not first when the layer is built: Starlette builds it on the first
+        # ASGI call, where a failing lifespan is taken for "lifespan unsupported".
+        check_options(self.versions, self.registry, self.model_field, self.model_header,
+                      self.models_path, self.migration_path)
+        for option in ("model_echo_header", "model_version_header"):
+            if getattr(self, option) is not None:
+                header_name(option, getattr(self, option))
 
     def options(self, storage: Storage | None = None) -> dict[str, Any]:
         """Keyword arguments for the middleware; ``storage`` backs the default monitor."""

@@ -18,7 +18,7 @@ from datetime import datetime
 from aimiddleware._asgi import route_path, send_json
 from aimiddleware.context import SCOPE_KEY, RequestContext
 from aimiddleware.errors import DEFAULT_TYPE_BASE, InvalidRequest, MethodNotAllowed, NotFound
-from aimiddleware.headers import parse_http_date, parse_sf_date
+from aimiddleware.headers import header_name, parse_http_date, parse_sf_date
 from aimiddleware.storage import Storage
 from aimiddleware.types import ASGIApp, Message, Receive, Scope, Send
 from aimiddleware.versioning.api_versions import ApiVersions, ResolvedVersion
@@ -82,26 +82,10 @@ class VersioningMiddleware:
         clock: Clock | None = None,
         error_type_base: str = DEFAULT_TYPE_BASE,
     ) -> None:
-        if versions is not None and not isinstance(versions, ApiVersions):
-            raise TypeError("versions must be an ApiVersions")
-        if registry is not None and not isinstance(registry, ModelRegistry):
-            raise TypeError("registry must be a ModelRegistry")
-        if versions is None and registry is None:
-            raise ValueError("VersioningMiddleware needs versions, a registry, or both")
-        if registry is not None and model_field is None and model_header is None:
-            raise ValueError("a registry needs model_field or model_header to find the model")
+        check_options(versions, registry, model_field, model_header, models_path,
+                      migration_path)
         if monitor is not None and (storage is not None or on_deprecated is not None):
             raise ValueError("pass either monitor, or storage/on_deprecated, not both")
-        for name, path in (("models_path", models_path), ("migration_path", migration_path)):
-            if path is not None and not path.startswith("/"):
-                raise ValueError(f"{name} must start with '/'")
-        if models_path is not None and not models_path.strip("/"):
-            raise ValueError("models_path must name a path, e.g. '/v1/models' (every GET "
-                             "under it is a model id)")
-        if models_path is not None and models_path == migration_path:
-            raise ValueError("models_path and migration_path must differ")
-        if models_path is not None and registry is None:
-            raise ValueError("models_path needs a registry")
         self.app = app
         self.versions = versions
         self.registry = registry
@@ -451,3 +435,31 @@ def _with_path(scope: Scope, root: str, prefix: str, rest: str) -> Scope:
         new["raw_path"] = root.encode("utf-8") + (raw[len(head):] or b"/")
     new["path"] = root + rest
     return new
+
+
+def check_options(
+    versions: object, registry: object, model_field: object, model_header: object,
+    models_path: str | None, migration_path: str | None,
+) -> None:
+    """The layer's options checked (TypeError / ValueError), by the layer and by
+    ``VersioningConfig`` when it is made (Starlette builds the layer on the first call)."""
+    if versions is not None and not isinstance(versions, ApiVersions):
+        raise TypeError("versions must be an ApiVersions")
+    if registry is not None and not isinstance(registry, ModelRegistry):
+        raise TypeError("registry must be a ModelRegistry")
+    if versions is None and registry is None:
+        raise ValueError("VersioningMiddleware needs versions, a registry, or both")
+    if registry is not None and model_field is None and model_header is None:
+        raise ValueError("a registry needs model_field or model_header to find the model")
+    for name, path in (("models_path", models_path), ("migration_path", migration_path)):
+        if path is not None and (not isinstance(path, str) or not path.startswith("/")):
+            raise ValueError(f"{name} must start with '/' (a path), got {path!r}")
+    if models_path is not None and not models_path.strip("/"):
+        raise ValueError("models_path must name a path, e.g. '/v1/models' (every GET "
+                         "under it is a model id)")
+    if models_path is not None and models_path == migration_path:
+        raise ValueError("models_path and migration_path must differ")
+    if models_path is not None and registry is None:
+        raise ValueError("models_path needs a registry")
+    if model_header is not None:
+        header_name("model_header", model_header)
