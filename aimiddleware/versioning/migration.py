@@ -15,7 +15,6 @@ finish_reason and output. Sides run one after the other, never in parallel.
 from __future__ import annotations
 
 import json
-import re
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -24,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from aimiddleware._asgi import send_json
 from aimiddleware.context import SCOPE_KEY, RequestContext, _reset_current, _set_current
 from aimiddleware.errors import AIError, ExceptionMapper, ValidationFailed, render_problem
+from aimiddleware.headers import is_header_name
 from aimiddleware.types import Message, Scope
 from aimiddleware.versioning.api_versions import path_style
 from aimiddleware.versioning.diff import (
@@ -47,8 +47,6 @@ _DROP = {
     b"expect",
 }
 _FORBIDDEN_OVERRIDES = {"authorization", "x-api-key", "cookie", "host", "content-length"}
-# RFC 9110 5.1: a field name is a token (no space, colon, control or non-ASCII character)
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 class MigrationSide(BaseModel):
@@ -88,7 +86,7 @@ async def run_migration_check(
     if mw.is_helper_route(target, req.method):
         raise ValidationFailed("The migration check cannot target a helper route.", param="path")
     for name in req.headers:
-        if not _TOKEN.fullmatch(name):
+        if not is_header_name(name):  # (RFC 9110: a token; no space, colon or control)
             raise ValidationFailed(f"{name!r} is not a header name.", param="headers")
         if name.lower() in _FORBIDDEN_OVERRIDES:
             raise ValidationFailed(f"Header {name!r} cannot be overridden.", param="headers")
