@@ -54,6 +54,9 @@ EVENT = b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":
 BAD_RECORD = bytes([23, 3, 3, 0, 32]) + bytes(32)
 
 
+OPENAI_MAJOR = int(openai.__version__.split(".")[0])
+
+
 @dataclass
 class TLSServer:
     """One connection at a time, each answered by the next behaviour (the last repeats):
@@ -441,11 +444,16 @@ async def test_the_sdk_gets_a_connection_error_for_a_tls_failure_mid_stream(
     contents = []
     async with sdk_over(tls_server, http, transport) as client:
         events = await client.chat.completions.create(model="fake", messages=[], stream=True)
-        with pytest.raises(openai.APIConnectionError) as lost:
+        with pytest.raises((openai.APIConnectionError, http.ReadError)) as lost:
             async for event in events:
                 contents.append(event.choices[0].delta.content)
                 tls_server.first_event_read.set()
-    assert contents == ["ok"] and isinstance(lost.value.__cause__, http.ReadError)
+    assert contents == ["ok"]
+    if OPENAI_MAJOR >= 3:  # (the SDK wraps an error while reading a stream)
+        assert isinstance(lost.value, openai.APIConnectionError)
+        assert isinstance(lost.value.__cause__, http.ReadError)
+    else:  # (openai 2, on the lowest pins: the transport's error reaches the caller as is)
+        assert isinstance(lost.value, http.ReadError)
 
 
 # httpcore before 1.0.6 (within httpx's own range) let a failed handshake through as it
