@@ -33,6 +33,7 @@ from aimiddleware.errors import (
     InvalidRequest,
     RequestTooLarge,
 )
+from aimiddleware.headers import header_name
 from aimiddleware.types import ASGIApp, Message, PrincipalResolver, Receive, Scope, Send
 
 __all__ = [
@@ -49,6 +50,23 @@ DEFAULT_MAX_BODY = 8 * 1024 * 1024
 
 class _Disconnected(Exception):
     pass
+
+
+def check_options(
+    max_body_size: object, request_id_header: object, principal: object
+) -> bytes:
+    """The context layer's options checked (TypeError / ValueError), by the layer and by
+    ``install()`` (Starlette builds the layer on the app's first call); the request-id
+    header's name as the layer matches it."""
+    if max_body_size is not None and (
+        isinstance(max_body_size, bool) or not isinstance(max_body_size, int)
+        or max_body_size < 0
+    ):
+        raise ValueError(f"max_body_size must be a number of bytes >= 0 or None, "
+                         f"got {max_body_size!r}")
+    if principal is not None and not callable(principal):
+        raise TypeError("principal must be a callable (scope) -> str | None")
+    return header_name("request_id_header", request_id_header).encode("latin-1")
 
 
 class RequestContextMiddleware:
@@ -70,15 +88,9 @@ class RequestContextMiddleware:
         principal: PrincipalResolver | None = None,
         error_type_base: str = DEFAULT_TYPE_BASE,
     ) -> None:
-        if max_body_size is not None and max_body_size < 0:
-            raise ValueError("max_body_size must be >= 0 or None")
-        if not request_id_header or request_id_header.strip() != request_id_header:
-            raise ValueError("request_id_header must be a header name")
-        if principal is not None and not callable(principal):
-            raise TypeError("principal must be a callable (scope) -> str | None")
         self.app = app
         self.max_body_size = max_body_size
-        self.header = request_id_header.lower().encode("latin-1")
+        self.header = check_options(max_body_size, request_id_header, principal)
         self._wanted = frozenset(
             (self.header, b"content-length", b"content-type", b"traceparent", b"tracestate",
              b"authorization", b"x-api-key")

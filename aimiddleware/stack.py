@@ -26,7 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aimiddleware.cancellation import CancellationConfig, CancellationMiddleware
-from aimiddleware.context_middleware import DEFAULT_MAX_BODY, RequestContextMiddleware
+from aimiddleware.context_middleware import (
+    DEFAULT_MAX_BODY,
+    RequestContextMiddleware,
+    check_options,
+)
 from aimiddleware.error_middleware import ErrorMiddleware, register_exception_handlers
 from aimiddleware.errors import DEFAULT_TYPE_BASE, ExceptionMapper, Mapper
 from aimiddleware.idempotency.config import IdempotencyConfig
@@ -84,6 +88,8 @@ def install(app: Any, config: StackConfig | None = None, **options: Any) -> Any:
         config = StackConfig(**{**config.__dict__, **options})
     if config.shutdown_grace < 0:
         raise ValueError("shutdown_grace must be >= 0")
+    # (checked now: Starlette builds the layers on the app's first call)
+    check_options(config.max_body_size, config.request_id_header, config.principal)
     exempt = exempt_paths(config.ratelimit_exempt)
     storage = Storage.coerce(config.storage)
     mapper = ExceptionMapper(config.exception_mappings)

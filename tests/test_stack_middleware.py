@@ -344,3 +344,27 @@ def test_bad_usage_and_versioning_configs_are_refused_when_they_are_made() -> No
     app = Starlette()
     aimiddleware.install(app, usage=UsageConfig(max_json_body=0),
                          versioning=VersioningConfig(versions=versions))
+
+
+async def test_bad_context_options_are_refused_by_install() -> None:
+    """``max_body_size``, ``request_id_header`` and ``principal`` were checked only when
+    Starlette built the stack on the app's first ASGI call (a header name with a space was
+    never refused: such a request-id header could not be matched nor sent)."""
+    for options, error in (
+        ({"max_body_size": -1}, ValueError), ({"max_body_size": "1MB"}, ValueError),
+        ({"max_body_size": True}, ValueError), ({"request_id_header": "x request id"}, ValueError),
+        ({"request_id_header": "x-request-id:"}, ValueError),
+        ({"request_id_header": b"x-request-id"}, TypeError), ({"principal": "k"}, TypeError),
+    ):
+        with pytest.raises(error, match=next(iter(options))):
+            aimiddleware.install(Starlette(), **options)
+
+    async def hello(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    app = aimiddleware.install(
+        Starlette(routes=[Route("/", hello)]), request_id_header="X-Correlation-ID"
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        sent = await c.get("/", headers={"x-correlation-id": "req-from-client-1"})
+    assert sent.headers["x-correlation-id"] == "req-from-client-1"
