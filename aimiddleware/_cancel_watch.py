@@ -28,7 +28,7 @@ import anyio.lowlevel
 
 from aimiddleware._asgi import is_async_callable
 from aimiddleware._scope_splice import _splice
-from aimiddleware._stream_cut import SENT, SentWatch
+from aimiddleware._stream_cut import stream_writer
 from aimiddleware.context import RequestContext
 from aimiddleware.context_middleware import end_abandoned
 from aimiddleware.errors import Timeout
@@ -297,12 +297,11 @@ class _Call:
                 await end_abandoned(self.send_server, None)
             return
         if self.reason == "timeout" and not self._done():
-            ctx = self.ctx
-            if ctx is not None and ctx.stream_error_writer is None and SENT in ctx.state:
+            if self.ctx is not None:
                 # A started event stream not our own: ended by an error event if what it
-                # sent so far ends at an event boundary, else aborted (see _stream_cut).
-                watch: SentWatch = ctx.state[SENT]
-                ctx.stream_error_writer = watch.writer(ctx, self.mw.cleanup_timeout)
+                # sent so far ends at an event boundary, else aborted (see _stream_cut);
+                # set here to write within this layer's cleanup_timeout.
+                stream_writer(self.ctx, self.mw.cleanup_timeout)
             raise Timeout(
                 f"The request did not complete within {limit:g} s.",
                 extra={"timeout_seconds": limit},

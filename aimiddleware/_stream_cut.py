@@ -39,8 +39,9 @@ from aimiddleware.types import Message, Send
 logger = logging.getLogger("aimiddleware")
 
 SENT = "cancellation.sent"
-"""``ctx.state`` key: what watches the request's response (time-limited requests only), a
-:class:`SentWatch` or ``install()``'s stack: its ``writer(ctx, seconds)``."""
+"""``ctx.state`` key: what watches the request's response (a time-limited request, or a
+foreign event stream the usage layer saw start), a :class:`SentWatch` or ``install()``'s
+stack: its ``writer(ctx, seconds)``."""
 
 START = b"\n\n"  # (the last bytes of a stream that sent nothing yet: as after a blank line)
 
@@ -108,6 +109,19 @@ class SentWatch:
     ) -> Callable[[AIError], Awaitable[None]] | None:
         """:func:`error_writer` of what went out through this ``send``."""
         return error_writer(self.head, self.tail, self.send, ctx, seconds)
+
+
+def stream_writer(
+    ctx: RequestContext, seconds: float
+) -> Callable[[AIError], Awaitable[None]] | None:
+    """The started event stream's error writer: an ``EventStreamResponse``'s, else, for a
+    watched one (``ctx.state[SENT]``), set now from what it sent (:func:`error_writer`;
+    ``seconds``: how long writing may take); ``None``: it can only be aborted."""
+    if ctx.stream_error_writer is None:
+        watch = ctx.state.get(SENT)
+        if watch is not None:
+            ctx.stream_error_writer = watch.writer(ctx, seconds)
+    return ctx.stream_error_writer
 
 
 def error_writer(

@@ -54,17 +54,11 @@ _STREAM_ERROR_TIMEOUT = 5.0  # (s) a foreign event stream's error event (cleanup
 def _stream_writer(
     ctx: RequestContext, seconds: float
 ) -> Callable[[AIError], Awaitable[None]] | None:
-    """The started event stream's error writer: an ``EventStreamResponse``'s, else, for
-    another event stream whose output was watched (``ctx.state[SENT]``: under a time limit,
-    or by the usage layer once it saw the stream start), one that ends it with an error event
-    if what it sent ends at an event boundary (see ``aimiddleware._stream_cut``)."""
-    if ctx.stream_error_writer is None:
-        from aimiddleware._stream_cut import SENT  # (it imports this module)
+    """:func:`aimiddleware._stream_cut.stream_writer` (imported here: it imports this
+    module)."""
+    from aimiddleware._stream_cut import stream_writer
 
-        watch = ctx.state.get(SENT)
-        if watch is not None:
-            ctx.stream_error_writer = watch.writer(ctx, seconds)
-    return ctx.stream_error_writer
+    return stream_writer(ctx, seconds)
 
 
 class ErrorMiddleware:
