@@ -4,7 +4,10 @@ clients) or in the test's own event loop (``serve``, for async clients)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -59,3 +62,17 @@ async def serve(app: Any, **config: Any) -> AsyncIterator[str]:
         server.should_exit = True
         await asyncio.wait_for(task, 10)
         sock.close()
+
+
+def end_process_group(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """End the process group ``proc`` leads (started with ``start_new_session=True``):
+    SIGTERM, then SIGKILL if it has not exited within ``grace`` seconds."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    except ProcessLookupError:  # (already gone)
+        pass

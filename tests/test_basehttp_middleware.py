@@ -102,6 +102,19 @@ def slow_chat_app() -> tuple[FastAPI, anyio.Event]:
     return app, cancelled
 
 
+def add_access_log(app: Any, seen: list[int], logged: list[anyio.Event]) -> None:
+    """An ``@app.middleware("http")`` function noting each status in ``seen`` and setting the
+    ``logged`` event of its turn (the first ``len(logged)`` requests)."""
+
+    @app.middleware("http")
+    async def access_log(request: Request, call_next: Any) -> Any:
+        response = await call_next(request)
+        seen.append(response.status_code)
+        if len(seen) <= len(logged):
+            logged[len(seen) - 1].set()
+        return response
+
+
 async def leave_twice(url: str, logged: list[anyio.Event]) -> None:
     """A client that leaves after its body, then one that leaves halfway through it; each
     waits (up to 3 s) for the app's access log to see its request end."""
@@ -129,12 +142,7 @@ async def test_a_client_gone_before_the_answer_ends_in_a_response_outside(
     if form == "layers":
         split_stack(app)
 
-    @app.middleware("http")
-    async def access_log(request: Request, call_next: Any) -> Any:
-        response = await call_next(request)
-        seen.append(response.status_code)
-        logged[len(seen) - 1].set()
-        return response
+    add_access_log(app, seen, logged)
 
     with server_errors(caplog) as errors:
         async with serve(app) as url:
@@ -169,13 +177,7 @@ async def test_the_cancellation_layer_alone_ends_a_request_whose_client_left(
 
     app.add_middleware(CancellationMiddleware, **options)
 
-    @app.middleware("http")
-    async def access_log(request: Request, call_next: Any) -> Any:
-        response = await call_next(request)
-        seen.append(response.status_code)
-        if len(seen) <= len(logged):
-            logged[len(seen) - 1].set()
-        return response
+    add_access_log(app, seen, logged)
 
     with server_errors(caplog) as errors:
         async with serve(app) as url:

@@ -14,6 +14,7 @@ from contextlib import contextmanager, suppress
 import httpx
 import redis
 
+from tests.live_server import end_process_group
 from tests.redis_server import free_port, project_root
 
 KEY = {"Idempotency-Key": "b1f2c3d4-0000-4000-8000-000000000001"}
@@ -45,12 +46,7 @@ def uvicorn_server(redis_url: str, workers: int, lease: float = 60.0) -> Iterato
         yield base, proc
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+            end_process_group(proc, 15)
 
 
 def count(redis_url: str, name: str) -> int:

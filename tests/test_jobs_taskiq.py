@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
@@ -16,6 +16,7 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from tests.jobs_servers import ProcessServer
+from tests.live_server import end_process_group
 
 KEY = {"authorization": "Bearer taskiq-tenant"}
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,13 +47,7 @@ def taskiq_worker(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
     finally:
         # taskiq's supervisor waits on its children's blocking reads for a long time after
         # SIGTERM; the test owns this process group, so end it briskly (unless it killed it).
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(3)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        end_process_group(proc, 3)
 
 
 async def status_of(client: httpx.AsyncClient, url: str) -> str:
