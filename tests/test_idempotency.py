@@ -141,6 +141,16 @@ def test_unstored_statuses_must_be_status_codes() -> None:
     assert IdempotencyConfig(unstored_statuses=[429, 409]).unstored_statuses == {429, 409}
 
 
+def test_the_key_header_must_be_a_header_name() -> None:
+    # Only an empty name or one with spaces at its ends was refused: "idem key" or
+    # "idempotency-key:" were taken, a header no client can send (every keyed request then
+    # went undeduplicated, or was a 400 with required=True).
+    for bad in ("idem key", "idempotency-key:", "x\tkey", ""):
+        with pytest.raises(ValueError, match=r"^header must be a header name"):
+            IdempotencyConfig(header=bad)
+    assert IdempotencyConfig(header="X-Request-Key").header == "X-Request-Key"
+
+
 # -- stores: compare-and-set by owner ------------------------------------------------------------
 
 

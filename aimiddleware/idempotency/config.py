@@ -6,6 +6,8 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Literal
 
+from aimiddleware.headers import header_name
+
 __all__ = ["DEFAULT_UNSTORED_STATUSES", "IdempotencyConfig"]
 
 # Answers that depend on the moment rather than the request: a retry must run again.
@@ -67,8 +69,7 @@ class IdempotencyConfig:
         ):
             raise TypeError("unstored_statuses must be a collection of HTTP status codes (ints)")
         object.__setattr__(self, "unstored_statuses", frozenset(statuses))
-        if not self.header or self.header.strip() != self.header:
-            raise ValueError("header must be a header name")
+        header_name("header", self.header)  # (an RFC 9110 token; kept as given, for messages)
         for name in ("lease_seconds", "retention_seconds", "poll_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
