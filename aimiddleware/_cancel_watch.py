@@ -102,6 +102,7 @@ class _Call:
 
     __slots__ = (
         "__weakref__",
+        "answers",
         "app_scope",
         "context",
         "ctx",
@@ -144,8 +145,9 @@ class _Call:
         self.watch_done = False
         self.disconnected: anyio.Event | None = None  # created only if the app waits for it
         self.reason: str | None = None
-        # (send_server, sent and response_done: set by wrap_send, without a context layer
-        # or with a time limit)
+        self.answers = ctx is None  # ends a request whose client left (see wrap_send)
+        # (send_server, sent and response_done: set by wrap_send, without a context layer,
+        # with a time limit, or chained)
 
     def _done(self) -> bool:
         """Has the app sent the whole response?"""
@@ -213,10 +215,14 @@ class _Call:
             await self.disconnected.wait()
         return {"type": "http.disconnect"}
 
-    def wrap_send(self, send: Send) -> Send:
-        """Our own ``send``, without a context layer (nothing records the response's end)
-        or with a time limit (lifted once the response is complete)."""
+    def wrap_send(self, send: Send, answers: bool = False) -> Send:
+        """Our own ``send``, without a context layer (nothing records the response's end),
+        with a time limit (lifted once the response is complete), or chained (``answers``:
+        a request whose client left is ended here, not by the context layer, since an
+        ``@app.middleware`` function between the two needs a response from us)."""
         self.send_server = send
+        if answers:
+            self.answers = True
         self.sent = False
         self.response_done = False
         return self.send
@@ -289,10 +295,12 @@ class _Call:
         if self.reason is None:
             self.reason = "timeout"
         await self._run_callbacks()
-        if self.ctx is None and self.reason == "disconnect":
-            # Alone, nothing outside ends the request (the context layer would): without
-            # a response an app's @app.middleware("http") function around this layer raises
-            # "No response returned." (a traceback and a 500 in the server log).
+        if self.answers and self.reason == "disconnect":
+            # Alone or chained, what is right outside may not be the context layer, which
+            # would end the request: without a response an app's @app.middleware("http")
+            # function around this layer raises "No response returned." (a traceback and a
+            # 500 in the server log). The context layer sends no second one (its send
+            # notes this one's status).
             if not self.sent and not self.response_done:
                 await end_abandoned(self.send_server, None)
             return

@@ -204,17 +204,18 @@ class CancellationMiddleware:
         while True:  # the body (a replay of the context layer's cache when it is outside)
             message = await receive()
             if message["type"] == "http.disconnect":
-                if ctx is not None:  # (the context layer outside ends the request)
+                if ctx is not None:
                     ctx.disconnected = True
-                else:  # alone: nobody else will (see end_abandoned)
-                    await end_abandoned(send, None)
+                # Ended here, with or without the context layer outside (see
+                # _Call.wrap_send): a middleware function between them needs a response.
+                await end_abandoned(send, None)
                 return
             pending.append(message)
             if message["type"] != "http.request" or not message.get("more_body", False):
                 break
         if timeout is not None and ctx is not None:  # (what goes out: see _stream_cut)
             send = ctx.state[SENT] = SentWatch(send)
-        await self.serve(self.app, scope, receive, send, ctx, timeout, pending)
+        await self.serve(self.app, scope, receive, send, ctx, timeout, pending, answer=True)
 
     async def serve(
         self,
@@ -225,9 +226,12 @@ class CancellationMiddleware:
         ctx: RequestContext | None,
         limit: float | None,
         pending: list[Message] | None = None,
+        answer: bool = False,
     ) -> None:
         """Call ``app`` under watch (``limit``: seconds or None), its body already read:
-        ``pending``, else ``ctx.body``.
+        ``pending``, else ``ctx.body``. ``answer``: a request whose client left before any
+        response is ended here with an empty 499 (as without a context layer), not left to
+        the context layer outside (``StackMiddleware``, which is that layer, does not ask).
 
         ``receive`` is the server's, from here on this layer's alone. (``StackMiddleware``
         calls this directly, the context layer's body in hand.)
@@ -239,8 +243,8 @@ class CancellationMiddleware:
             loop = get_running_loop()
         except RuntimeError:  # another anyio backend (trio): a task group, watching at once
             call = _Call(self, ctx, receive, pending, None, None, None)
-            if ctx is None or limit is not None:
-                send = call.wrap_send(send)
+            if ctx is None or limit is not None or answer:
+                send = call.wrap_send(send, answer)
             if await call.serve_in_task_group(app, scope, send, limit):
                 return
         else:
@@ -288,8 +292,8 @@ class CancellationMiddleware:
                     sweeper.arm()
             else:
                 call.start_watcher()
-            if ctx is None or limit is not None:
-                send = call.wrap_send(send)
+            if ctx is None or limit is not None or answer:
+                send = call.wrap_send(send, answer)
             try:  # (the app is called in this frame: one coroutine less per request)
                 if host is None:
                     with app_scope:

@@ -35,6 +35,7 @@ from aimiddleware import (
     OpenAIChatDialect,
     Policy,
     RateLimiter,
+    RequestContextMiddleware,
     StackConfig,
     UsageConfig,
     VersioningConfig,
@@ -187,6 +188,46 @@ async def test_the_cancellation_layer_alone_ends_a_request_whose_client_left(
                 r = await c.post("/v1/quick", json={"a": 1})
             assert (r.status_code, r.json()) == (200, {"a": 1})
     assert seen == [499, 499, 200]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+@pytest.mark.parametrize("options", [{}, {"default_timeout": 10}], ids=["untimed", "timed"])
+async def test_a_middleware_function_between_the_context_and_cancellation_layers(
+    caplog: pytest.LogCaptureFixture, options: dict[str, Any]
+) -> None:
+    """A chain built by hand: ``RequestContextMiddleware`` outside, an
+    ``@app.middleware("http")`` function, then ``CancellationMiddleware``. When a client left
+    before the answer, the cancellation layer cancelled the endpoint and returned without a
+    response, leaving the 499 to the context layer; the function between them got nothing,
+    and BaseHTTPMiddleware raised "No response returned." (a traceback and a 500 in the log,
+    and its code after ``call_next`` never ran). The layer now ends such a request itself,
+    with the same empty 499, once, whichever layer is outside it. (A client that leaves
+    halfway through its body is ended by the context layer, which reads it, before the
+    function is called.)"""
+    seen: list[int] = []
+    logged = [anyio.Event()]
+    app, cancelled = slow_chat_app()
+
+    @app.post("/v1/quick")
+    async def quick(body: dict[str, Any]) -> dict[str, Any]:
+        return body
+
+    app.add_middleware(CancellationMiddleware, **options)
+    add_access_log(app, seen, logged)
+    app.add_middleware(RequestContextMiddleware)
+
+    with server_errors(caplog) as errors:
+        async with serve(app) as url:
+            await post_and_leave(url)
+            with anyio.fail_after(3):
+                await logged[0].wait()
+            assert cancelled.is_set()
+            await post_and_leave(url, head_only=True)
+            async with httpx.AsyncClient(base_url=url) as c:  # a client that stays
+                r = await c.post("/v1/quick", json={"a": 1})
+            assert (r.status_code, r.json()) == (200, {"a": 1})
+            assert r.headers["x-request-id"]
+    assert seen == [499, 200]
     assert not errors, [r.getMessage() for r in errors]
 
 
