@@ -152,7 +152,7 @@ async def test_heartbeat_during_long_step(server: ThreadServer, recorder: Record
         assert seen.index("job.heartbeat") < seen.index("job.completed") == len(seen) - 1
 
 
-async def test_a_resume_at_or_past_the_final_event_ends_at_once(
+async def test_a_resume_at_the_final_event_ends_at_once(
     server: ThreadServer, recorder: Recorder
 ) -> None:
     # An EventSource reconnects with the last id it saw: after the final event that must
@@ -166,9 +166,8 @@ async def test_a_resume_at_or_past_the_final_event_ends_at_once(
             log = [sse async for sse in es.aiter_sse()]
         assert log[-1].event == "job.completed"
         with anyio.fail_after(5):
-            for last in (log[-1].id, str(int(log[-1].id) + 1000)):
-                resumed = await client.get(events, headers={**A, "last-event-id": last})
-                assert resumed.status_code == 204 and resumed.content == b""
+            resumed = await client.get(events, headers={**A, "last-event-id": log[-1].id})
+            assert resumed.status_code == 204 and resumed.content == b""
             after = await client.get(events + f"?after={log[-1].id}", headers=A)
             assert after.status_code == 204
             # before the final event: the rest is replayed, ending with it
@@ -179,23 +178,51 @@ async def test_a_resume_at_or_past_the_final_event_ends_at_once(
         assert [(e.id, e.event) for e in rest] == [(e.id, e.event) for e in log[-2:]]
 
 
-async def test_a_stream_resumed_past_a_running_jobs_log_ends_when_the_job_does(
-    server: ThreadServer, recorder: Recorder
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_a_resume_past_the_end_of_the_log_replays_it_from_the_start(
+    recorder: Recorder, store: str, request: pytest.FixtureRequest
 ) -> None:
-    async with httpx.AsyncClient(base_url=server.url) as client:
-        r = await client.post("/v1/jobs", json={"input": {"steps": 1, "hold": True}}, headers=A)
-        job_id = r.json()["id"]
-        await wait_status(client, f"/v1/jobs/{job_id}", {"in_progress"})
-        seen: list[str] = []
-        with anyio.fail_after(10):
-            async with aconnect_sse(client, "GET", f"/v1/jobs/{job_id}/events",
-                                    headers={**A, "last-event-id": "1000"}) as es:
-                async for sse in es.aiter_sse():
-                    seen.append(sse.event)
-                    recorder.gate.set()  # (a heartbeat came: let the job finish)
-        # nothing logged after id 1000 but heartbeats; the stream closed once the job ended
-        assert seen and set(seen) == {"job.heartbeat"}
-        assert (await client.get(f"/v1/jobs/{job_id}", headers=A)).json()["status"] == "completed"
+    # A Last-Event-ID past a job's last event (another job's, mistyped, from a log since
+    # lost) is none this log sent: it waited for an event after it, so a running job's
+    # stream showed only heartbeats until the job ended (an ended one was a 204). It now
+    # replays from the start, as a malformed id does.
+    storage = "memory://" if store == "memory" else request.getfixturevalue("redis_url")
+    app, _ = make_app(recorder, storage=storage)
+    past = "1000" if store == "memory" else f"{int(time.time() + 3600) * 1000}-0"
+    with ThreadServer(app) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as client:
+            r = await client.post("/v1/jobs", json={"input": {"steps": 2, "hold": True}},
+                                  headers=A)
+            job = r.headers["location"]
+            await wait_status(client, job, {"in_progress"})  # (its status event is logged)
+            seen: list[Any] = []
+            try:
+                with anyio.fail_after(10):
+                    async with aconnect_sse(client, "GET", job + "/events",
+                                            headers={**A, "last-event-id": past}) as es:
+                        async for sse in es.aiter_sse():
+                            seen.append(sse)
+                            if len(seen) == 1:
+                                assert sse.event == "job.status"  # not a heartbeat
+                                recorder.gate.set()
+            finally:
+                recorder.gate.set()
+            assert (await client.get(job, headers=A)).json()["status"] == "completed"
+            async with aconnect_sse(client, "GET", job + "/events", headers=A) as es:
+                log = [(e.id, e.event) async for e in es.aiter_sse()]
+            assert log[-1][1] == "job.completed"
+            assert [(e.id, e.event) for e in seen if e.event != "job.heartbeat"] == log
+            # ended: the same id replays the whole log, the final event's own id is a 204
+            for resume in ({"headers": {**A, "last-event-id": past}},
+                           {"headers": A, "params": {"after": past}}):
+                got = await client.get(job + "/events", **resume)  # type: ignore[arg-type]
+                assert got.status_code == 200, got.text
+                assert [ln for ln in got.text.splitlines() if ln.startswith("id:")] == [
+                    f"id: {i}" for i, _ in log
+                ]
+            done = await client.get(job + "/events", headers={**A, "last-event-id": log[-1][0]})
+            assert done.status_code == 204
+
 
 async def test_cancel_mid_run_is_observed_and_idempotent(
     server: ThreadServer, recorder: Recorder

@@ -73,6 +73,12 @@ async def test_event_log_resumes_after_an_id(storage: Storage) -> None:
     assert await store.read_events("other", "job_x", None, wait=0.05) == []
     # an unknown or malformed Last-Event-ID replays from the start, never errors
     assert len(await store.read_events("p", "job_x", "garbage\n", wait=0.05)) == 5
+    # a resume point: an id of the log (or between two of its ids), else None (the start)
+    assert [await store.resume_point("p", "job_x", i) for i in ids] == ids
+    past = "6" if storage.is_memory else f"{int(ids[-1].split('-')[0]) + 1}-0"
+    for unknown in ("garbage\n", past, "99999999999999999999-0", "0"):
+        assert await store.resume_point("p", "job_x", unknown) is None, unknown
+    assert await store.resume_point("p", "job_y", ids[0]) is None  # (an empty log)
 
     got: list[tuple[str, str, str]] = []
     # One blocking read that outlasts the append below by far, so that a stalled machine

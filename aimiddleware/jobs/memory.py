@@ -110,6 +110,10 @@ class MemoryJobStore:
                 return []
             await anyio.sleep(self.poll_interval)
 
+    async def resume_point(self, principal: str, rec_id: str, after: str) -> str | None:
+        n = _position(after)
+        return after if 0 < n <= len(self._events.get((principal, rec_id), ())) else None
+
     async def request_cancel(self, principal: str, rec_id: str) -> None:
         self._cancel.add((principal, rec_id))
 

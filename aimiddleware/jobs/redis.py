@@ -151,6 +151,15 @@ class RedisJobStore(RedisOutbox):
                 events.append((eid, fields[b"e"].decode(), fields[b"d"].decode()))
         return events
 
+    async def resume_point(self, principal: str, rec_id: str, after: str) -> str | None:
+        if not _stream_id(after):
+            return None
+        async with redis_errors("job"):
+            newest = await self._r.xrevrange(self._key(principal, rec_id, "events"), count=1)
+        if not newest or _id_key(after) > _id_key(_text(newest[0][0])):
+            return None
+        return after
+
     async def request_cancel(self, principal: str, rec_id: str) -> None:
         async with redis_errors("job"):
             await self._r.set(self._key(principal, rec_id, "cancel"), b"1", ex=self.ttl)
@@ -221,3 +230,8 @@ def _stream_id(value: str) -> bool:
     return bool(_STREAM_ID.match(value)) and all(
         int(part) <= _ID_MAX for part in value.split("-")
     )
+
+
+def _id_key(value: str) -> tuple[int, ...]:
+    """A stream id (``_stream_id``) as the (ms, seq) pair Redis orders it by."""
+    return tuple(int(part) for part in value.split("-"))

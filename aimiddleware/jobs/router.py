@@ -328,10 +328,12 @@ class JobsRouter(Router):
     async def _events(self, request: Request, kind: type[Job] | type[Batch]) -> Response:
         rec = await self._load(request, kind)
         last = request.headers.get("last-event-id") or request.query_params.get("after")
+        if last is not None:  # (one this log has no place for replays from the start)
+            last = await self.store.resume_point(rec.principal, rec.id, last)
         if rec.terminal and not await self.store.read_events(
             rec.principal, rec.id, last, wait=_FINAL_EVENT_WAIT
         ):
-            # Resumed at or past the final event: 204 tells an EventSource not to reconnect.
+            # Resumed at the final event: 204 tells an EventSource not to reconnect.
             return Response(status_code=204)
         stream = event_stream(self.store, rec, last, heartbeat_interval=self.heartbeat_interval,
                               reap=self.reap)

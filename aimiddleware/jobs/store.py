@@ -59,6 +59,12 @@ class JobStore(Protocol):
     ) -> list[Event]:
         """Events after ``after`` (all when None), waiting up to ``wait`` s for the first."""
 
+    async def resume_point(self, principal: str, rec_id: str, after: str) -> str | None:
+        """``after`` if it is a place in the record's event log, else None (replay from the
+        start): a malformed id, or one past the last event logged, which this log never
+        sent (another job's, mistyped, or from a log since lost) and whose wait for an
+        event after it would show the client nothing until the record ends."""
+
     async def request_cancel(self, principal: str, rec_id: str) -> None: ...
 
     async def cancel_requested(self, principal: str, rec_id: str) -> bool: ...

@@ -48,7 +48,7 @@ async def event_stream(
     After ``heartbeat_interval`` s without events a ``<kind>.heartbeat`` event (no id, so
     resuming is unaffected) tells the client the job is still working; ``reap`` turns a
     job whose worker died into a final event. A record that has ended with nothing logged
-    after ``last`` (a client resuming at or past the final event) ends the stream.
+    after ``last`` (a client resuming at the final event) ends the stream.
     """
     prefix = rec.object
     ended = rec.terminal  # its final event is logged (or about to be: read once more)
