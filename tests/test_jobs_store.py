@@ -61,6 +61,25 @@ async def test_concurrent_takeovers_of_an_expired_owners_key_make_one_job(
     assert kept == [owner]  # (the others' records never kept)
 
 
+async def test_one_caller_claims_the_run_of_a_queued_record(storage: Storage) -> None:
+    # The claim a task queue's delivery takes before running a record: one of many callers
+    # at once, only while the record is as it read it and no worker holds the lease.
+    store = make_store(storage)
+    raw = Job(id="job_q", principal="p", input={}).stored()
+    await store.create("p", "job_q", raw, None)
+    won = await asyncio.gather(*(store.claim_run("p", "job_q", raw, 0.3) for _ in range(8)))
+    assert sorted(won) == [False] * 7 + [True]
+    assert await store.alive("p", "job_q")  # (the winner holds the lease)
+    await anyio.sleep(0.4)  # (the winner died before starting it: its lease lapses)
+    assert await store.claim_run("p", "job_q", raw, 0.3)
+    await anyio.sleep(0.4)
+    started = Job(id="job_q", principal="p", input={}, status="in_progress").stored()
+    await store.put("p", "job_q", started)
+    assert not await store.claim_run("p", "job_q", raw, 0.3)  # (no longer as it was read)
+    assert not await store.claim_run("p", "job_none", raw, 0.3)  # (no such record)
+    assert not await store.claim_run("other", "job_q", raw, 0.3)
+
+
 async def test_event_log_resumes_after_an_id(storage: Storage) -> None:
     store = make_store(storage)
     ids = [await store.append_event("p", "job_x", "job.partial", f'{{"i":{i}}}')

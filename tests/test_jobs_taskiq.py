@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -181,3 +182,66 @@ async def test_a_job_the_queue_did_not_take_fails_visibly_and_the_submit_is_a_50
                 assert '"queue_unavailable"' in lines.text
     finally:
         broker_server.stop()
+
+
+async def test_one_message_delivered_twice_at_once_runs_its_job_once(redis_url: str) -> None:
+    # Each delivery read the record, saw it queued with no live lease, and ran it: two
+    # deliveries of one message within milliseconds (a broker handing it out again, a
+    # redelivery racing the first) both called the model. The run is now claimed in the
+    # store, atomically, before it starts.
+    from taskiq_redis import RedisStreamBroker
+
+    from aimiddleware.jobs import Job, JobContext, JobsRouter, TaskiqQueue
+
+    calls: list[str] = []
+
+    async def model(ctx: JobContext, input: object) -> dict[str, int]:
+        calls.append(ctx.id)
+        await anyio.sleep(0.05)
+        return {"calls": len(calls)}
+
+    queue = TaskiqQueue(RedisStreamBroker(redis_url, consumer_id="0"))
+    jobs = JobsRouter(model, storage=redis_url, queue=queue, lease=1.0)
+    deliver = queue._task.original_func  # what a taskiq worker calls for each delivery
+
+    async def submitted(rec_id: str) -> str:
+        raw = Job(id=rec_id, principal="p", input={}, created_at=time.time()).stored()
+        await jobs.store.create("p", rec_id, raw, None)
+        return raw
+
+    def runs(rec_id: str) -> int:
+        return calls.count(rec_id)
+
+    try:
+        await submitted("job_twice")
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(deliver, "job", "p", "job_twice")
+        assert runs("job_twice") == 1
+        raw = await jobs.store.get("p", "job_twice")
+        assert raw is not None and Job.model_validate_json(raw).status == "completed"
+        events = await jobs.store.read_events("p", "job_twice", None, wait=0)
+        assert [e[1] for e in events] == ["job.status", "job.completed"]
+        await deliver("job", "p", "job_twice")  # (ended: handed out again, not run)
+        assert runs("job_twice") == 1
+
+        # A worker that claimed a job and died before starting it: while its lease holds,
+        # a delivery leaves the job to it; once the lease lapses the next one runs it, once.
+        raw = await submitted("job_orphan")
+        assert await jobs.store.claim_run("p", "job_orphan", raw, 0.3)
+        assert not await jobs.store.claim_run("p", "job_orphan", raw, 0.3)
+        await deliver("job", "p", "job_orphan")
+        assert runs("job_orphan") == 0
+        await anyio.sleep(0.4)
+        async with anyio.create_task_group() as tg:
+            for _ in range(2):
+                tg.start_soon(deliver, "job", "p", "job_orphan")
+        assert runs("job_orphan") == 1
+        # A worker lost mid-run (in_progress, its lease lapsed): reported lost, never re-run.
+        lost = Job(id="job_lost", principal="p", input={}, status="in_progress",
+                   created_at=time.time(), started_at=time.time())
+        await jobs.store.create("p", "job_lost", lost.stored(), None)
+        await deliver("job", "p", "job_lost")
+        assert runs("job_lost") == 0
+    finally:
+        await jobs.storage.aclose()

@@ -129,6 +129,13 @@ class MemoryJobStore:
     async def alive(self, principal: str, rec_id: str) -> bool:
         return self._beats.get((principal, rec_id), 0.0) > time.monotonic()
 
+    async def claim_run(self, principal: str, rec_id: str, data: str, ttl: float) -> bool:
+        key, now = (principal, rec_id), time.monotonic()
+        if self._records.get(key) != data or self._beats.get(key, 0.0) > now:
+            return False
+        self._beats[key] = now + ttl
+        return True
+
     async def claim_reap(self, principal: str, rec_id: str, ttl: float) -> bool:
         now = time.monotonic()
         if self._reaped.get((principal, rec_id), 0.0) > now:

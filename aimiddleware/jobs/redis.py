@@ -2,7 +2,8 @@
 
 Keys (hash-tagged per principal): ``jobs:{p}:<id>`` the record; ``…:<id>:events`` a
 stream (its entry ids are the SSE ids, so ``Last-Event-ID`` maps to ``XREAD``);
-``…:<id>:cancel`` the cancel flag; ``…:<id>:alive`` the running worker's lease;
+``…:<id>:cancel`` the cancel flag; ``…:<id>:alive`` the running worker's lease (on a task
+queue taken with the claim to run the record);
 ``…:<id>:reaping`` the claim (for a lease) of the one reader reporting a lost worker;
 ``…:<id>:fenced`` set with it, for the retention: the lost worker's writes are refused;
 ``…:<id>:results`` batch result lines; ``…:idem:<sha256(key)>`` the idempotency map.
@@ -62,6 +63,15 @@ if redis.call('EXISTS', KEYS[2]) == 1 then return false end
 _CLAIM_REAP = """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 0 end
 redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
+return 1
+"""
+# The run of a record (KEYS[1]) taken, while it is still the one read (ARGV[1]: its SHA-1)
+# and no worker holds its lease (KEYS[2], then held for ARGV[2] ms): one script, so that two
+# deliveries of one message cannot both see it queued and unleased.
+_CLAIM_RUN = """
+local current = redis.call('GET', KEYS[1])
+if not current or redis.sha1hex(current) ~= ARGV[1] then return 0 end
+if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[2]) then return 0 end
 return 1
 """
 # Result lines per round trip when appending many (a 100,000-item batch cancelled at once).
@@ -180,6 +190,15 @@ class RedisJobStore(RedisOutbox):
     async def alive(self, principal: str, rec_id: str) -> bool:
         async with redis_errors("job"):
             return bool(await self._r.exists(self._key(principal, rec_id, "alive")))
+
+    async def claim_run(self, principal: str, rec_id: str, data: str, ttl: float) -> bool:
+        keys = [self._key(principal, rec_id), self._key(principal, rec_id, "alive")]
+        digest = hashlib.sha1(data.encode(), usedforsecurity=False).hexdigest()
+        async with redis_errors("job"):
+            won = await self.storage.script(_CLAIM_RUN)(
+                keys=keys, args=[digest, max(1, int(ttl * 1000))]
+            )
+        return bool(won)
 
     async def claim_reap(self, principal: str, rec_id: str, ttl: float) -> bool:
         # (":reaping", not ":reaped": the previous version held ":reaped" for the retention)

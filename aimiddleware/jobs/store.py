@@ -79,6 +79,12 @@ class JobStore(Protocol):
     async def alive(self, principal: str, rec_id: str) -> bool:
         """Whether a worker beat for the record within its last ``ttl``."""
 
+    async def claim_run(self, principal: str, rec_id: str, data: str, ttl: float) -> bool:
+        """Whether this caller is the one to run the record: True for one caller (atomically,
+        across workers) while the record is still ``data`` (as the caller read it, queued)
+        and no worker holds its lease, which the winner then holds for ``ttl`` s (renewed by
+        :meth:`beat` as it runs). A task queue's message delivered twice at once runs once."""
+
     async def claim_reap(self, principal: str, rec_id: str, ttl: float) -> bool:
         """Whether this caller is the one to report the record's lost worker: True for one
         caller (atomically, across workers) per ``ttl`` seconds, False for the others. The

@@ -72,10 +72,13 @@ class TaskiqQueue:
         record: Job | Batch = (
             Job.model_validate_json(raw) if kind == "job" else Batch.model_validate_json(raw)
         )
-        if record.status != "queued" or await self._runner.store.alive(principal, rec_id):
+        if record.status != "queued" or not await self._runner.store.claim_run(
+            principal, rec_id, raw, self._runner.lease
+        ):
             # A message handed out again (at-least-once: taskiq-redis gives one back once
-            # it has gone unacknowledged for its idle timeout, also while its task runs):
-            # the record ended, runs on a live worker (its lease), or was started by a worker
-            # since lost, which its readers report (never run twice).
+            # it has gone unacknowledged for its idle timeout, also while its task runs) or
+            # delivered twice at once: the record ended, runs on a live worker (its lease,
+            # taken with the claim, atomically), or was started by a worker since lost,
+            # which its readers report (never run twice).
             return
         await self._runner.execute(record)
