@@ -58,6 +58,7 @@ __all__ = [
     "httpx2",
     "mapped",
     "not_tls",
+    "tls_mismatch",
 ]
 
 Request: TypeAlias = "httpx.Request | httpx2.Request"
@@ -122,11 +123,12 @@ def _frames(traceback: TracebackType | None) -> set[str]:
 
 def mapped(exc: Exception, request: Request) -> Exception:
     """For an error httpx left unmapped (one of ``UNMAPPED``), the request's module's own:
-    ``ConnectError`` if it came from the TLS handshake or is a certificate failure (nothing
-    was sent), else ``ReadError`` (the request may have reached the server)."""
+    ``ConnectError`` if it came from the TLS handshake, is a certificate failure or a
+    version or cipher the peers do not share (nothing was sent), else ``ReadError`` (the
+    request may have reached the server)."""
     module = httpx2 if httpx2 is not None and isinstance(request, httpx2.Request) else httpx
     chain = _chain(exc)
-    handshake = certificate_failure(exc) or any(
+    handshake = certificate_failure(exc) or tls_mismatch(exc) or any(
         _HANDSHAKE & _frames(error.__traceback__) for error in chain
     )
     kind = module.ConnectError if handshake else module.ReadError
@@ -148,6 +150,37 @@ def certificate_failure(exc: BaseException) -> bool:
             reason = error.reason or ""
             if "CERTIFICATE" in reason or reason.endswith("UNKNOWN_CA"):
                 return True
+    return False
+
+
+# What OpenSSL says when the two sides' TLS settings have nothing in common: no protocol
+# version both take (a server that speaks only TLS 1.3 to a client capped at 1.2, or the
+# reverse: the peer's alert, TLSV1_ALERT_PROTOCOL_VERSION, or this side's own
+# UNSUPPORTED_PROTOCOL; NO_PROTOCOLS_AVAILABLE, a context whose range is empty), or no cipher
+# both take (NO_SHARED_CIPHER where the server says it, SSLV3_ALERT_HANDSHAKE_FAILURE, the
+# alert it then sends; NO_CIPHERS_AVAILABLE, a context left with none;
+# TLSV1_ALERT_INSUFFICIENT_SECURITY, a server that wants stronger ciphers than offered).
+_MISMATCH = frozenset(
+    {
+        "TLSV1_ALERT_PROTOCOL_VERSION",
+        "UNSUPPORTED_PROTOCOL",
+        "NO_PROTOCOLS_AVAILABLE",
+        "NO_SHARED_CIPHER",
+        "SSLV3_ALERT_HANDSHAKE_FAILURE",
+        "NO_CIPHERS_AVAILABLE",
+        "TLSV1_ALERT_INSUFFICIENT_SECURITY",
+    }
+)
+
+
+def tls_mismatch(exc: BaseException) -> bool:
+    """A TLS handshake refused because the two sides share no protocol version or no cipher
+    (each side's ``SSLContext``: its minimum/maximum version, its ciphers). A configuration
+    error, failing the same way until someone changes a context: never worth a retry, as a
+    certificate refused is not. A handshake cut or reset is not one of these."""
+    for error in _chain(exc):
+        if isinstance(error, ssl.SSLError) and getattr(error, "reason", None) in _MISMATCH:
+            return True
     return False
 
 

@@ -20,9 +20,11 @@ middleware runs the operation at most once. What is retried, in order:
 3. connection errors and timeouts: always when the request never left (connect errors, a
    TLS handshake that failed or was cut, pool timeouts), else only for idempotent methods or
    requests carrying an Idempotency-Key; never a certificate refused (the server's, untrusted
-   or another host's, or this client's by the server), nor a handshake with a peer that does
-   not speak TLS (an ``https://`` URL at a plain-HTTP port: OpenSSL's "wrong version
-   number"): each fails the same way until someone changes it. A TLS failure httpx lets
+   or another host's, or this client's by the server), nor a handshake whose two sides share
+   no TLS version or no cipher (a server that takes only TLS 1.3, a client capped at 1.2:
+   "protocol version", "no shared cipher", "handshake failure"), nor a handshake with a peer
+   that does not speak TLS (an ``https://`` URL at a plain-HTTP port: OpenSSL's "wrong
+   version number"): each fails the same way until someone changes it. A TLS failure httpx lets
    through unmapped (an ``ssl.SSLError`` or anyio stream error, on asyncio) is raised as the
    client's module's ``ConnectError`` (from the handshake) or ``ReadError`` (after it) and
    retried as those are (in a stream handed back, raised as the ``ReadError`` while the
@@ -91,6 +93,7 @@ from aimiddleware._httpx_modules import (
     httpx2,
     mapped,
     not_tls,
+    tls_mismatch,
 )
 from aimiddleware.headers import parse_http_date
 
@@ -197,7 +200,7 @@ class RetryPolicy:
         self, exc: Exception, request: Request, retries_done: int
     ) -> float | None:
         """Seconds to wait before retrying after a transport error; ``None``: re-raise."""
-        if retries_done >= self.max_retries or certificate_failure(exc):
+        if retries_done >= self.max_retries or certificate_failure(exc) or tls_mismatch(exc):
             return None
         if isinstance(exc, NOT_SENT):  # (a peer that does not speak TLS: a wrong URL)
             return None if not_tls(exc) else self.backoff(retries_done)

@@ -9,7 +9,6 @@ transport raises them as the client's module's own errors.
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import ssl
 import struct
@@ -69,6 +68,10 @@ class TLSServer:
       that record;
     - ``require-client-cert``: a handshake that asks for a client certificate (the client
       has none: TLS 1.3 has the server refuse it after the client's side is done);
+    - ``tls1.3-only`` / ``tls1.2-at-most`` / ``one-cipher``: a server context that takes
+      only TLS 1.3, at most TLS 1.2, or only TLS 1.2's ECDHE-RSA-AES128-GCM-SHA256 (the
+      handshake fails against a client context that does not meet it);
+    - ``reset-handshake``: the ClientHello read, the connection reset (RST, below TLS);
     - ``stream-then-bad-record`` / ``stream-then-cut`` / ``stream-then-reset``: the request
       read, an event stream's head and first event, then (once the client has read that
       event: ``first_event_read``) that record, or the connection closed below TLS (no
@@ -80,22 +83,30 @@ class TLSServer:
     script: list[str] = field(default_factory=lambda: ["serve"])
     connections: int = 0
     keys: list[str | None] = field(default_factory=list)  # one per request read
+    refusals: list[str] = field(default_factory=list)  # the server's own TLS errors' reasons
     first_event_read: threading.Event = field(default_factory=threading.Event)
 
     @property
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
 
-    def context(self, *, require_client_cert: bool = False) -> ssl.SSLContext:
+    def context(self, behaviour: str = "serve") -> ssl.SSLContext:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.ca.issue_cert("127.0.0.1").configure_cert(context)
-        if require_client_cert:
+        if behaviour == "require-client-cert":
             context.verify_mode = ssl.CERT_REQUIRED
             self.ca.configure_trust(context)
+        elif behaviour == "tls1.3-only":
+            context.minimum_version = ssl.TLSVersion.TLSv1_3
+        elif behaviour in ("tls1.2-at-most", "one-cipher"):
+            context.maximum_version = ssl.TLSVersion.TLSv1_2
+            if behaviour == "one-cipher":
+                context.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")
         return context
 
     def serve(self, listener: socket.socket, stop: threading.Event) -> None:
-        contexts = {False: self.context(), True: self.context(require_client_cert=True)}
+        special = ("require-client-cert", "tls1.3-only", "tls1.2-at-most", "one-cipher")
+        contexts = {name: self.context(name) for name in ("serve", *special)}
         while not stop.is_set():
             try:
                 conn, _ = listener.accept()
@@ -105,12 +116,20 @@ class TLSServer:
             behaviour = self.script.pop(0) if len(self.script) > 1 else self.script[0]
             with conn:
                 conn.settimeout(10)
-                with contextlib.suppress(OSError):  # (ssl.SSLError: a failure on purpose)
-                    self.answer(conn, behaviour, contexts[behaviour == "require-client-cert"])
+                try:
+                    self.answer(conn, behaviour, contexts.get(behaviour, contexts["serve"]))
+                except ssl.SSLError as exc:  # (a failure on purpose)
+                    self.refusals.append(exc.reason or str(exc))
+                except OSError:
+                    pass
 
     def answer(self, conn: socket.socket, behaviour: str, context: ssl.SSLContext) -> None:
         if behaviour == "close":
             conn.recv(65536)
+            return
+        if behaviour == "reset-handshake":
+            conn.recv(65536)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             return
         if behaviour == "cut-handshake":
             incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -241,6 +260,59 @@ def test_a_server_certificate_the_client_refuses_is_not_retried(
     assert isinstance(error, http.ConnectError)
     assert "CERTIFICATE_VERIFY_FAILED" in str(error)
     assert tls_server.connections == 1 and tls_server.keys == [] and sleeps == []
+
+
+# A client context and a server context with nothing in common: the handshake fails the same
+# way on every attempt, so the client raises at once (one connection, no wait), as for a
+# certificate refused. What each side's OpenSSL says (3.0 to 3.5): the client, the server's
+# alert (TLSV1_ALERT_PROTOCOL_VERSION, SSLV3_ALERT_HANDSHAKE_FAILURE); the server, its reason.
+MISMATCHES = [
+    ("tls1.3-only", "TLSv1_2", None, "TLSV1_ALERT_PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL"),
+    ("tls1.2-at-most", None, "TLSv1_3", "TLSV1_ALERT_PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL"),
+    ("one-cipher", "TLSv1_2", None, "SSLV3_ALERT_HANDSHAKE_FAILURE", "NO_SHARED_CIPHER"),
+]
+
+
+@pytest.mark.parametrize(("server", "at_most", "at_least", "seen", "server_saw"), MISMATCHES)
+@HTTP
+@SYNC
+def test_a_tls_version_or_cipher_the_peers_do_not_share_is_not_retried(
+    tls_server: TLSServer,
+    ca: trustme.CA,
+    http: ModuleType,
+    sync: bool,
+    server: str,
+    at_most: str | None,
+    at_least: str | None,
+    seen: str,
+    server_saw: str,
+) -> None:
+    tls_server.script = [server, "serve"]  # (a second attempt would be answered)
+    client = trusting(ca)
+    if at_most is not None:
+        client.maximum_version = ssl.TLSVersion[at_most]
+    if at_least is not None:
+        client.minimum_version = ssl.TLSVersion[at_least]
+    if server == "one-cipher":
+        client.set_ciphers("ECDHE-RSA-CHACHA20-POLY1305")
+    policy, sleeps = recorder_policy(idempotency_methods=())  # (a handshake: always resendable)
+    error = post(http, sync, tls_server.url, policy, client)
+    assert isinstance(error, http.ConnectError), repr(error)
+    assert seen in str(error)
+    assert tls_server.connections == 1 and sleeps == [] and tls_server.keys == []
+    assert tls_server.refusals == [server_saw]
+
+
+@HTTP
+@SYNC
+def test_a_connection_reset_in_the_handshake_is_still_retried(
+    tls_server: TLSServer, ca: trustme.CA, http: ModuleType, sync: bool
+) -> None:
+    tls_server.script = ["reset-handshake", "serve"]
+    policy, sleeps = recorder_policy(idempotency_methods=())
+    response = post(http, sync, tls_server.url, policy, trusting(ca))
+    assert isinstance(response, http.Response) and response.content == COMPLETION
+    assert tls_server.connections == 2 and tls_server.keys == [None] and sleeps == [0.5]
 
 
 @pytest.fixture(scope="module")
