@@ -442,6 +442,36 @@ def test_an_option_of_the_wrong_kind_says_what_it_takes() -> None:
     assert limiter.alert_fractions == (0.5, 0.9)
 
 
+def test_limits_whose_header_names_would_clash_are_refused() -> None:
+    # A scope's value keeps letters, digits, '.', '_' and '-' in a limit's name: "a/b" and
+    # "a:b" are one name in RateLimit-Policy, RateLimit and violated-policies, while their
+    # counters (the storage field keeps the value) stay apart. Both were accepted.
+    a_slash, a_colon = (Policy(tokens="5/minute").limits[0].scoped(f"model:{m}")
+                        for m in ("a/b", "a:b"))
+    assert a_slash.name == a_colon.name and a_slash.field != a_colon.field
+    with pytest.raises(ValueError, match=r"^models 'a/b' and 'a:b' would both name their "
+                                         r"limits 'model-a_b-tokens-1m'"):
+        Policy(tokens="1000/minute", models={"a/b": Policy(tokens="5/minute"),
+                                             "a:b": Policy(tokens="9/minute")})
+    with pytest.raises(ValueError, match=r"^routes '/v1/a/b' and '/v1/a_b' would both name "
+                                         r"their limits 'route-_v1_a_b-requests-1m'"):
+        RateLimiter(Policy(requests="9/minute"), routes={"/v1/a/b": Policy(requests="1/minute"),
+                                                         "/v1/a_b": Policy(requests="2/minute")})
+    # (a route's per-model limit is named for route:<path>|model:<name>)
+    with pytest.raises(ValueError, match=r"^routes '/v1/x' and '/v1/x\|model:m' would both"):
+        RateLimiter(Policy(requests="9/minute"), routes={
+            "/v1/x": Policy(models={"m": Policy(requests="1/minute")}),
+            "/v1/x|model:m": Policy(requests="2/minute"),
+        })
+    # Names that differ are kept: another window, '.' (kept as is), a long id cut to a digest
+    Policy(models={"a/b": Policy(tokens="5/minute"), "a:b": Policy(tokens="5/hour"),
+                   "a.b": Policy(tokens="5/minute"),
+                   "x" * 50 + "/": Policy(tokens="5/minute"),
+                   "x" * 50 + ":": Policy(tokens="5/minute")})
+    RateLimiter(Policy(requests="9/minute"), routes={"/v1/a/b": Policy(requests="1/minute"),
+                                                     "/v1/a.b": Policy(requests="2/minute")})
+
+
 async def test_stream_is_reconciled_with_usage_reported_at_its_end() -> None:
     from fastapi import FastAPI
 

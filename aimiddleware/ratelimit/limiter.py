@@ -20,7 +20,7 @@ import itertools
 import logging
 import math
 import secrets
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal, Union
@@ -37,7 +37,7 @@ from aimiddleware.ratelimit.admission import Admission, _as_rows
 from aimiddleware.ratelimit.backend import Adjustment, Backend, Decision, Hit, WindowState
 from aimiddleware.ratelimit.estimate import Estimate, Estimator
 from aimiddleware.ratelimit.memory import MemoryBackend
-from aimiddleware.ratelimit.policy import COST_SCALE, Limit, Policy
+from aimiddleware.ratelimit.policy import COST_SCALE, Limit, Policy, check_header_names
 from aimiddleware.storage import Storage
 from aimiddleware.usage.models import Usage
 
@@ -61,6 +61,20 @@ class SpendAlert:
     used: Decimal
     limit: Decimal
     name: str
+
+
+def _route_limits(routes: Mapping[str, Policy]) -> Iterator[tuple[str, list[Limit]]]:
+    """Each route's limits as ``_resolve`` scopes them: its own (``route:<path>``) and its
+    models' (``route:<path>|model:<name>``)."""
+    for pattern, pol in routes.items():
+        scope = f"route:{pattern}"
+        own = [lim.scoped(scope) for lim in pol.limits]
+        own.extend(
+            lim.scoped(f"{scope}|model:{model}")
+            for model, sub in pol.models.items()
+            for lim in sub.limits
+        )
+        yield pattern, own
 
 
 class RateLimiter:
@@ -103,6 +117,7 @@ class RateLimiter:
         for pattern, pol in (routes or {}).items():
             if not isinstance(pol, Policy) or not pattern.startswith("/"):
                 raise ValueError(f"routes[{pattern!r}] must map a path to a Policy")
+        check_header_names("routes", _route_limits(routes or {}))
         if lease_ttl <= 0:
             raise ValueError("lease_ttl must be positive")
         if isinstance(alert_fractions, (str, bytes)) or not isinstance(alert_fractions, Iterable):

@@ -29,6 +29,7 @@ __all__ = [
     "Dimension",
     "Limit",
     "Policy",
+    "check_header_names",
     "parse_limits",
 ]
 
@@ -96,6 +97,27 @@ class Limit:
 
     def scoped(self, scope: str) -> Limit:
         return Limit(self.dimension, self.amount, self.window, scope, self.text)
+
+
+def check_header_names(option: str, scoped: Iterable[tuple[str, Iterable[Limit]]]) -> None:
+    """Refuse two of ``option``'s values (model names, route paths) whose limits would carry
+    the same name in the headers (``RateLimit-Policy``, ``RateLimit``) and in a refusal's
+    ``violated-policies``: ``Limit.name`` keeps a scope's letters, digits, ``.``, ``_`` and
+    ``-`` and makes each other character ``_``, so ``a/b`` and ``a:b`` (or ``/v1/a/b`` and
+    ``/v1/a_b``) are one name. Their counters stay apart (the storage field keeps the value
+    as given), but a client could not tell which limit a header or a refusal means.
+    ``scoped``: each value with its limits, already scoped."""
+    seen: dict[str, str] = {}
+    for value, limits in scoped:
+        for lim in limits:
+            first = seen.setdefault(lim.name, value)
+            if first != value:
+                raise ValueError(
+                    f"{option} {first!r} and {value!r} would both name their limits "
+                    f"{lim.name!r} in the rate-limit headers (a name keeps letters, digits, "
+                    "'.', '_' and '-'; each other character becomes '_'): a client could not "
+                    "tell them apart"
+                )
 
 
 def window_label(seconds: int) -> str:
@@ -218,6 +240,11 @@ class Policy:
                 raise TypeError(f"models[{name!r}] must map a model name to a Policy")
             if sub.models:
                 raise ValueError("a per-model policy cannot have models of its own")
+        check_header_names(
+            "models",
+            ((name, [lim.scoped(f"model:{name}") for lim in sub.limits])
+             for name, sub in self.models.items()),
+        )
         object.__setattr__(self, "models", dict(self.models))
         object.__setattr__(self, "limits", tuple(parsed))
 
