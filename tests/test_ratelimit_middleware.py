@@ -432,6 +432,15 @@ def test_an_option_of_the_wrong_kind_says_what_it_takes() -> None:
         with pytest.raises(TypeError, match=r"^alert_fractions takes a sequence .*\(0.5, 0.9\)"):
             RateLimiter(Policy(cost="1/day"), prices=PRICES, alert_fractions=fractions,
                         on_alert=print)  # type: ignore[arg-type]
+    # routes as a list (or one path) failed with "'list' object has no attribute 'items'",
+    # a key that is not a str with "'int' object has no attribute 'startswith'".
+    for routes in ([("/v1/embeddings", Policy(tokens="9/minute"))], "/v1/embeddings"):
+        with pytest.raises(TypeError, match=r"^routes takes a mapping of path .* such as "
+                                            r"\{'/v1/embeddings': Policy\(tokens="):
+            RateLimiter(Policy(requests="5/minute"), routes=routes)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^routes\[1\] must map a path to a Policy"):
+        RateLimiter(Policy(requests="5/minute"),
+                    routes={1: Policy(requests="1/minute")})  # type: ignore[dict-item]
     with pytest.raises(ValueError, match="alert_fractions must be in"):
         RateLimiter(Policy(cost="1/day"), prices=PRICES, alert_fractions=("0.5",),
                     on_alert=print)  # type: ignore[arg-type]

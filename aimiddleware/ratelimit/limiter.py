@@ -114,8 +114,17 @@ class RateLimiter:
             raise TypeError("policies must be a Policy or a non-empty {tier: Policy} mapping")
         if default_tier not in policies:
             raise ValueError(f"default_tier {default_tier!r} is not among the policies")
+        if routes is not None and not isinstance(routes, Mapping):  # (an AttributeError)
+            raise TypeError(
+                "routes takes a mapping of path (or '/prefix*') to Policy, such as "
+                f"{{'/v1/embeddings': Policy(tokens='1000000/minute')}}, got {routes!r}"
+            )
         for pattern, pol in (routes or {}).items():
-            if not isinstance(pol, Policy) or not pattern.startswith("/"):
+            if (
+                not isinstance(pol, Policy)
+                or not isinstance(pattern, str)
+                or not pattern.startswith("/")
+            ):
                 raise ValueError(f"routes[{pattern!r}] must map a path to a Policy")
         check_header_names("routes", _route_limits(routes or {}))
         if lease_ttl <= 0:
