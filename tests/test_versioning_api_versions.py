@@ -69,6 +69,18 @@ def test_one_version_given_as_a_str_or_a_bad_header_is_refused() -> None:
     assert ok.header == ok.echo_header == "api-version" and ok.supported == ["2026-06-01", "v1"]
 
 
+async def test_strip_prefix_must_be_a_bool() -> None:
+    # strip_prefix took any value for its truth: "no" or "/v1" stripped the prefix, and
+    # None (meant as "the default") kept it.
+    for bad in ("no", "/v1", None, 0):
+        with pytest.raises(TypeError, match=r"^strip_prefix is True \(the app sees /chat"):
+            ApiVersions(["v1"], path_prefix=True, strip_prefix=bad)  # type: ignore[arg-type]
+    for strip, seen in ((True, "/chat"), (False, None)):
+        versions = ApiVersions(["v1"], path_prefix=True, strip_prefix=strip)
+        resolved = await versions.resolve("/v1/chat", [], "tenant")
+        assert (resolved.name, resolved.source, resolved.path) == ("v1", "path", seen)
+
+
 async def test_header_then_pin_then_default() -> None:
     clock = FakeClock(at("2026-03-01"))
     versions = make_versions(clock, pins={"tenant-old": "2025-01-01"})

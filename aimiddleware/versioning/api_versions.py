@@ -166,6 +166,9 @@ class ApiVersions:
             raise ValueError("path_prefix=True needs a path-style version (v1, v2.1) "
                              "among the versions")
         self._header_bytes = self.header.encode("latin-1") if self.header else None
+        if not isinstance(strip_prefix, bool):  # ("no" or "/v1" was taken for True)
+            raise TypeError("strip_prefix is True (the app sees /chat for /v1/chat) or False "
+                            f"(it sees /v1/chat), got {strip_prefix!r}")
         self.path_prefix = path_prefix
         self.strip_prefix = strip_prefix
         if isinstance(pins, Mapping):
