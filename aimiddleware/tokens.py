@@ -15,6 +15,7 @@ message, 1 per ``name``, 3 for reply priming, and its published tools formula.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import sys
@@ -64,8 +65,9 @@ class TokenCounter:
     estimated (about 4 ASCII characters per token, 1 per other character), ``exact=False``.
     ``vocab_files``: encoding name -> ``.tiktoken`` file (plain or gzip) used instead of the
     bundled copy; it is SHA-256 verified the same way.
-    ``offload_threshold``: characters above which :meth:`acount_request` and
-    :meth:`acount_text` run in a worker thread rather than on the event loop.
+    ``offload_threshold``: characters above which :meth:`acount_request`,
+    :meth:`acount_messages` and :meth:`acount_text` run in a worker thread rather than on
+    the event loop.
     ``cache_size``: counts of texts of at least ``cache_min_chars`` characters are kept in an
     LRU cache keyed by a BLAKE2b digest of the text (never the text itself), so the history
     a chat client re-sends every turn is encoded once; ``0`` disables it. See the benchmark.
@@ -280,6 +282,21 @@ class TokenCounter:
         if len(text) > self.offload_threshold or not self._ready(model):
             return await anyio.to_thread.run_sync(self.count_text, text, model)
         return self.count_text(text, model)
+
+    async def acount_messages(
+        self,
+        messages: Any,
+        model: str | None = None,
+        *,
+        tools: Any = None,
+    ) -> TokenCount:
+        """:meth:`count_messages`, in a worker thread for long messages and tools (past
+        ``offload_threshold`` characters) or a cold vocabulary."""
+        size = _messages.text_size((messages, tools), self.offload_threshold + 1)
+        if size > self.offload_threshold or not self._ready(model):
+            count = functools.partial(self.count_messages, messages, model, tools=tools)
+            return await anyio.to_thread.run_sync(count)
+        return self.count_messages(messages, model, tools=tools)
 
     async def acount_request(
         self, body: Mapping[str, Any], model: str | None = None

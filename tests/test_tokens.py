@@ -319,6 +319,38 @@ async def test_async_count_offloads_above_threshold() -> None:
     assert (await c.acount_text("hello world", "gpt-4o")).tokens == 2
 
 
+async def test_async_count_messages_offloads_above_threshold_or_cold() -> None:
+    seen: list[int] = []
+
+    class Spy(TokenCounter):
+        def count_messages(
+            self, messages: Any, model: str | None = None, *, tools: Any = None
+        ) -> TokenCount:
+            seen.append(threading.get_ident())
+            return super().count_messages(messages, model, tools=tools)
+
+    c = Spy(offload_threshold=1000)
+    c.preload("o200k_base")
+    small = [{"role": "user", "content": "hi"}]
+    big = [{"role": "user", "content": " ".join(["word"] * 2000)}]
+    tools = [{"type": "function", "function": {"name": "f", "description": "x " * 600}}]
+    loop_thread = threading.get_ident()
+    assert await c.acount_messages(small, "gpt-4o") == c.count_messages(small, "gpt-4o")
+    assert (await c.acount_messages(big, "gpt-4o")).tokens == 3 + 1 + 2000 + 3
+    with_tools = await c.acount_messages(small, "gpt-4o", tools=tools)  # (the tools' size)
+    assert with_tools == c.count_messages(small, "gpt-4o", tools=tools)
+    assert with_tools.tokens > c.count_messages(small, "gpt-4o").tokens
+    # small: inline; big, and small with long tools: a worker thread (sync calls: inline)
+    assert [t == loop_thread for t in seen] == [True, True, False, False, True, True]
+    # a vocabulary not loaded yet is loaded off the loop, whatever the size
+    cold = Spy(offload_threshold=1000)
+    seen.clear()
+    assert (await cold.acount_messages(small, "gpt-4o")).exact
+    assert seen[0] != loop_thread
+    with pytest.raises(TypeError, match="messages and tools must be lists"):
+        await c.acount_messages("hi", "gpt-4o")
+
+
 def test_encodings_are_cached_per_instance() -> None:
     a, b = TokenCounter(), TokenCounter()
     ea = a.encoding("cl100k_base")
