@@ -441,6 +441,18 @@ def test_an_option_of_the_wrong_kind_says_what_it_takes() -> None:
     with pytest.raises(ValueError, match=r"^routes\[1\] must map a path to a Policy"):
         RateLimiter(Policy(requests="5/minute"),
                     routes={1: Policy(requests="1/minute")})  # type: ignore[dict-item]
+    # tier or overrides neither a mapping nor a callable was called on each request: every
+    # request a 500 ("the first argument must be callable").
+    tiers = {"default": Policy(requests="5/minute"), "pro": Policy(requests="9/minute")}
+    with pytest.raises(TypeError, match=r"^tier takes a mapping of principal to tier name, "
+                                        r"such as \{'sk-1': 'pro'\}.*default_tier='pro'"):
+        RateLimiter(tiers, tier="pro")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^tier takes a mapping .*got \['pro'\]$"):
+        RateLimiter(tiers, tier=["pro"])  # type: ignore[arg-type]
+    for bad in ("pro", Policy(requests="1/minute")):
+        with pytest.raises(TypeError, match=r"^overrides takes a mapping of principal to Policy"):
+            RateLimiter(tiers, overrides=bad)  # type: ignore[arg-type]
+    RateLimiter(tiers, tier={"sk-1": "pro"}.get, overrides={"sk-2": "pro"})
     with pytest.raises(ValueError, match="alert_fractions must be in"):
         RateLimiter(Policy(cost="1/day"), prices=PRICES, alert_fractions=("0.5",),
                     on_alert=print)  # type: ignore[arg-type]

@@ -114,6 +114,20 @@ class RateLimiter:
             raise TypeError("policies must be a Policy or a non-empty {tier: Policy} mapping")
         if default_tier not in policies:
             raise ValueError(f"default_tier {default_tier!r} is not among the policies")
+        # (a str, a list or a Policy was called on each request: every request a 500)
+        if tier is not None and not isinstance(tier, Mapping) and not callable(tier):
+            everyone = f" (one tier for everyone: default_tier={tier!r})" if isinstance(
+                tier, str) else ""
+            raise TypeError(
+                "tier takes a mapping of principal to tier name, such as {'sk-1': 'pro'}, or "
+                f"a callable (principal) -> tier name or None{everyone}, got {tier!r}"
+            )
+        if overrides is not None and not isinstance(overrides, Mapping) and not callable(overrides):
+            raise TypeError(
+                "overrides takes a mapping of principal to Policy or tier name, such as "
+                "{'sk-1': Policy(requests='600/minute')}, or a callable (principal) -> "
+                f"Policy, tier name or None, got {overrides!r}"
+            )
         if routes is not None and not isinstance(routes, Mapping):  # (an AttributeError)
             raise TypeError(
                 "routes takes a mapping of path (or '/prefix*') to Policy, such as "
