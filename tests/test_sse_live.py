@@ -202,6 +202,51 @@ async def test_last_event_id_resume_delivers_every_event_exactly_once(storage: S
     assert [NO_MODEL_CALL in c.state for c in contexts] == [False, True, True, True]
 
 
+async def test_a_resume_past_the_newest_event_is_a_404(storage: Storage) -> None:
+    """A Last-Event-ID whose number is past the newest event of a running stream (only a
+    hand-edited or corrupted one: the stream's random part matched) waited for an event
+    after it, showing none of those before, until the stream ended (an empty 200) or
+    ``resume_idle_timeout`` passed. It is an id the stream never sent: a 404, as an unknown
+    one, while the stream runs and after its end; the newest event's id still follows."""
+    buffer = ReplayBuffer(storage, max_events=100, ttl=30)
+    release = anyio.Event()
+    app = FastAPI()
+
+    @app.post("/v1/stream")
+    async def stream() -> EventStreamResponse:
+        async def tokens() -> AsyncIterator[Any]:
+            for i in range(3):
+                yield f"tok{i}"
+            await release.wait()  # the stream keeps running until the test lets it end
+            yield "tok3"
+            yield StreamResult(usage=Usage(input_tokens=5, output_tokens=4))
+
+        return EventStreamResponse(tokens(), replay=buffer, heartbeat=None,
+                                   resume_idle_timeout=1.0)
+
+    auth = {"authorization": "Bearer key-1"}
+    async with serve(install(app)) as url, httpx.AsyncClient(base_url=url) as client:
+        first = await read_events(client, auth, stop_after=3)
+        sid, seq = first[-1][0].rsplit(":", 1)
+        for ahead in (f"{sid}:{int(seq) + 1}", f"{sid}:{int(seq) + 50}"):
+            with anyio.fail_after(5):
+                async with aconnect_sse(client, "POST", "/v1/stream", json={},
+                                        headers={**auth, "last-event-id": ahead}) as source:
+                    assert source.response.status_code == 404
+                    body = json.loads(await source.response.aread())
+            assert body["error"]["code"] == "not_found"
+        release.set()  # the newest event's own id follows the live stream to its end
+        rest = await read_events(client, {**auth, "last-event-id": first[-1][0]})
+        assert [json.loads(d)["text"] for _, e, d in rest if e == "delta"] == ["tok3"]
+        assert [e for _, e, _ in rest][-2:] == ["usage", "done"]
+        ended = await client.post("/v1/stream", json={},
+                                  headers={**auth, "last-event-id": rest[-1][0]})
+        assert ended.status_code == 204
+        past = await client.post("/v1/stream", json={},
+                                 headers={**auth, "last-event-id": f"{sid}:{int(seq) + 50}"})
+        assert past.status_code == 404
+
+
 async def test_send_timeout_abandons_a_client_that_stopped_reading() -> None:
     record: dict[str, Any] = {}
     app = FastAPI()

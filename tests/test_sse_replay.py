@@ -117,7 +117,7 @@ async def test_memory_buffer_holds_at_most_max_bytes() -> None:
         expected = "complete" if s >= 300 - kept else "gone"
         assert await buf.state(principal, sid, 200) == expected, s
         if expected == "complete":
-            frames, done, first = await buf._read(principal, sid, 0)
+            frames, done, first, _ = await buf._read(principal, sid, 0)
             assert [seq for seq, _ in frames] == list(range(1, 201)) and done and first == 1
 
 
@@ -130,7 +130,7 @@ async def test_a_stream_larger_than_max_bytes_keeps_its_newest_frames() -> None:
     assert await buf.state("p", "old", 0) == "gone"  # evicted whole first
     assert await buf.state("p", "big", 10) == "gone"  # its oldest frames were dropped
     assert await buf.state("p", "big", 1990) == "available"
-    frames, _, first = await buf._read("p", "big", 0)
+    frames, _, first, _ = await buf._read("p", "big", 0)
     assert [seq for seq, _ in frames] == list(range(first or 0, 2001))
     assert 500 < len(frames) < 2000
 
@@ -222,3 +222,20 @@ async def test_a_resume_past_a_trim_is_gone_and_a_follower_stops(storage: Storag
         got = [f async for f in buf.follow("p", "s", 5, idle_timeout=5)]
     assert got == [b"f6", b"f7", b"f8"]
     assert await buf.state("p", "s", 8) == "complete"
+
+
+async def test_an_id_past_the_newest_frame_is_gone(storage: Storage) -> None:
+    """An id whose number is past the newest frame is none the stream sent (hand-edited or
+    corrupted): ``gone``, as an unknown one, while the stream runs and once it ended (its
+    newest frame's own id stays ``complete``), including a number past Redis's end marker."""
+    buf = ReplayBuffer(storage, max_events=4, ttl=30)
+    for seq in range(1, 7):
+        await buf.append("p", "s", seq, b"f%d" % seq)
+    assert await buf.state("p", "s", 6) == "available"  # running: waits for the 7th
+    assert await buf.state("p", "s", 7) == "gone"
+    assert await buf.state("p", "s", 10**17) == "gone"
+    await buf.finish("p", "s")
+    assert await buf.state("p", "s", 5) == "available"
+    assert await buf.state("p", "s", 6) == "complete"
+    assert await buf.state("p", "s", 7) == "gone"
+    assert await buf.state("p", "s", 10**17) == "gone"

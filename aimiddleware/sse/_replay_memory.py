@@ -62,6 +62,11 @@ class MemStream:
             return None
         return self.first if self.dense else next(iter(self.frames))
 
+    def newest(self) -> int | None:
+        if not self.frames:
+            return None
+        return self.last if self.dense else next(reversed(self.frames))
+
     def drop_oldest(self) -> int:
         """Drop the oldest frame (there is one); the bytes it held."""
         if self.dense:

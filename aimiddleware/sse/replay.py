@@ -23,8 +23,9 @@ __all__ = ["ReplayBuffer", "parse_event_id"]
 
 State = Literal["gone", "complete", "available"]
 _NAMESPACE = "sse"
-# The oldest entry, the entries after ARGV[1] (at most ARGV[2], if set) and the newest: one
-# atomic read of a stream. (Entries come back as [id, [field, value]]: one field each.)
+# The oldest entry, the entries after ARGV[1] (at most ARGV[2], if set) and the newest two
+# (the end marker, if any, and the newest frame): one atomic read of a stream. (Entries come
+# back as [id, [field, value]]: one field each.)
 _READ = """
 local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
 local entries
@@ -33,7 +34,7 @@ if ARGV[2] == '' then
 else
   entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
 end
-local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 2)
 return {oldest, entries, newest}
 """
 
@@ -128,12 +129,15 @@ class ReplayBuffer:
             await pipe.execute()
 
     async def state(self, principal: str, sid: str, after: int) -> State:
-        """``gone`` (unknown, expired, or events after ``after`` dropped), ``complete``
-        (ended and nothing after ``after``), else ``available``."""
-        frames, done, first = await self._read(principal, sid, after, count=1)
-        if first is None:
+        """``gone`` (unknown, expired, events after ``after`` dropped, or ``after`` past the
+        newest frame: an id the stream never sent), ``complete`` (ended and nothing after
+        ``after``), else ``available``."""
+        frames, done, first, newest = await self._read(principal, sid, after, count=1)
+        if first is None or first > after + 1:
             return "gone"
-        if first > after + 1:
+        if newest is not None and after > newest:
+            # A hand-edited or corrupted id (the random part matched): followed, it would
+            # wait for a frame after it, showing none of those before, until the end.
             return "gone"
         if done and not frames:
             return "complete"
@@ -141,16 +145,17 @@ class ReplayBuffer:
 
     async def _read(
         self, principal: str, sid: str, after: int, count: int | None = None
-    ) -> tuple[list[tuple[int, bytes]], bool, int | None]:
-        """Frames after ``after``, whether it ended, the oldest kept seq (None: no stream)."""
+    ) -> tuple[list[tuple[int, bytes]], bool, int | None, int | None]:
+        """Frames after ``after``, whether it ended, the oldest kept seq (None: no stream)
+        and the newest (None: no frame)."""
         if self.storage.is_memory:
             stream = self._mem.get(principal, sid)
             if stream is None:
-                return [], False, None
+                return [], False, None, None
             first = stream.oldest()
             if first is None:
                 first = after + 1
-            return stream.after(after, count or None), stream.done, first
+            return stream.after(after, count or None), stream.done, first, stream.newest()
         key = self._key(principal, sid)
         async with redis_errors("event replay"):
             # One script, not three pipelined reads: a trim between them (frames appended
@@ -161,11 +166,12 @@ class ReplayBuffer:
                 keys=[key], args=[f"({after}-1", "" if count is None else count]
             )
         if not oldest:
-            return [], False, None
+            return [], False, None, None
         first = int(oldest[0][0].split(b"-")[0]) if oldest[0][1][0] == b"f" else after + 1
         done = bool(newest) and newest[0][1][0] == b"done"
+        last = next((int(i.split(b"-")[0]) for i, e in newest if e[0] == b"f"), None)
         out = [(int(i.split(b"-")[0]), e[1]) for i, e in entries if e[0] == b"f"]
-        return out, done, first
+        return out, done, first, last
 
     async def follow(
         self, principal: str, sid: str, after: int, *, idle_timeout: float = 60.0
@@ -178,7 +184,7 @@ class ReplayBuffer:
         last = after
         idle_since = time.monotonic()
         while True:
-            frames, done, first = await self._read(principal, sid, last)
+            frames, done, first, _ = await self._read(principal, sid, last)
             if first is None or first > last + 1:
                 from aimiddleware.errors import NotFound
 
