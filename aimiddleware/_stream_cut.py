@@ -14,9 +14,13 @@ stream is compressed, has a declared length or trailers, or has ended, the abort
 What was sent is watched for time-limited requests: by :class:`SentWatch`, the outermost
 ``send`` the cancellation layer puts on such a request, or by ``install()``'s stack itself,
 which sends every head and body through its one wrapper and notes them there (no wrapper
-more per message); and from its head for a foreign event stream the usage layer sees start
-(its ``watch_stream``: the stack's wrapper, or a ``SentWatch`` on the chained layer's send),
-never for another response. Either is ``ctx.state[SENT]``: the cancellation layer asks it
+more per message); and from its head for any foreign event stream, never for another
+response: by the usage layer's ``watch_stream`` (the stack's wrapper, or a ``SentWatch`` on
+the chained layer's send), which reads the head's media type anyway; without a usage layer,
+by the stack's wrapper as it adds the layers' headers, or in the chained layers by a
+``SentWatch`` the context layer puts on its send as it adds the request id (each asks
+:func:`says_event_stream` only of a head no one watches yet, not an ``EventStreamResponse``'s).
+Either is ``ctx.state[SENT]``: the cancellation layer asks it
 for a writer when the deadline cuts a response that has started (:func:`error_writer`), the
 error layer when an exception or the server's cancellation ends one, and calls that writer
 as it calls an ``EventStreamResponse``'s.
@@ -25,7 +29,7 @@ as it calls an ``EventStreamResponse``'s.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import anyio
 
@@ -65,6 +69,16 @@ def at_event_boundary(tail: bytes) -> bool:
     else:
         return False
     return before == b"\n" or before == b"\r"
+
+
+def says_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Does a response head with these ``headers`` have the media type ``text/event-stream``?
+    (Whether more can be added to it is :func:`is_plain_event_stream`'s, asked once it is
+    cut.) Its first ``content-type`` decides; no other header is lowered or parsed."""
+    for name, value in headers:
+        if name == b"content-type" or (len(name) == 12 and name.lower() == b"content-type"):
+            return bytes(value).split(b";", 1)[0].strip().lower() == b"text/event-stream"
+    return False
 
 
 def is_plain_event_stream(head: Message) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from aimiddleware._asgi import is_async_callable, route_path, send_problem
+from aimiddleware._stream_cut import SENT, SentWatch, says_event_stream
 from aimiddleware.context import (
     SCOPE_KEY,
     RequestContext,
@@ -35,6 +36,7 @@ from aimiddleware.errors import (
 )
 from aimiddleware.headers import header_name
 from aimiddleware.types import ASGIApp, Message, PrincipalResolver, Receive, Scope, Send
+from aimiddleware.usage.accounting import STATE_KEY as USAGE
 
 __all__ = [
     "CLIENT_CLOSED", "RequestContextMiddleware", "end_abandoned", "replay_receive",
@@ -106,15 +108,27 @@ class RequestContextMiddleware:
             return
         ctx, content_length, key = self.new_context(scope)
         rid_header = (self.header, ctx.request_id.encode("latin-1"))
+        out = send
 
         async def send_with_id(message: Message) -> None:
+            nonlocal out
             if message["type"] == "http.response.start":
                 ctx.response_status = message["status"]
                 headers = with_request_id(message.get("headers", ()), rid_header)
                 message = {**message, "headers": headers}
+                state = ctx.state
+                if (
+                    ctx.stream_error_writer is None  # (not an EventStreamResponse's)
+                    and SENT not in state  # (not watched already: a time limit)
+                    and USAGE not in state  # (the usage layer read this head's media type)
+                    and says_event_stream(headers)
+                ):
+                    # A foreign event stream: what goes out is watched, so that an error
+                    # once it started can end it with an error event (see _stream_cut).
+                    out = ctx.state[SENT] = SentWatch(send)
             elif message["type"] == "http.response.body" and not message.get("more_body"):
                 ctx.response_complete = True
-            await send(message)
+            await out(message)
 
         token = _current.set(ctx)
         try:

@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from httpx_sse import aconnect_sse
 
-from aimiddleware import CancellationConfig, IdempotencyConfig, UsageConfig, install
+from aimiddleware import CancellationConfig, IdempotencyConfig, Policy, UsageConfig, install
 from aimiddleware._stream_cut import SentWatch, at_event_boundary, is_plain_event_stream
 from aimiddleware.errors import UpstreamUnavailable
 from tests.live_server import serve
@@ -254,8 +254,12 @@ FAILURE_CASES = [
     ("stack", True, True, False),
     ("stack", False, True, False),
     ("stack", True, False, True),
+    ("stack", False, False, False),
+    ("stack", False, False, True),
     ("layers", True, False, False),
     ("layers", False, True, False),
+    ("layers", False, False, False),
+    ("layers", False, False, True),
 ]
 
 
@@ -308,6 +312,31 @@ async def test_a_foreign_event_stream_whose_iterator_raises_ends_with_an_error_e
     problem = json.loads(error)
     assert (problem["status"], problem["error"]["code"]) == (503, "upstream_unavailable")
     assert problem["request_id"] == request_id and problem["retryable"] is True
+    assert received == [f"t{i} " for i in range(5)]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+@pytest.mark.parametrize("form", ["stack", "layers"])
+async def test_a_raising_foreign_stream_with_only_a_rate_limit_ends_with_an_error_event(
+    caplog: pytest.LogCaptureFixture, form: str
+) -> None:
+    """install() with only a rate limit (no usage layer, no time limit): the raising
+    StreamingResponse was aborted (httpx-sse: RemoteProtocolError; the openai SDK:
+    APIConnectionError), as it is watched only by the usage layer or a time limit. Now it
+    ends with its error event as with them, after the rate-limit headers."""
+    app = failing_app("raise")
+    install(app, ratelimit=Policy(requests="100/minute"))
+    if form == "layers":
+        split_stack(app)
+    with server_errors(caplog) as errors:
+        async with serve(app) as url:
+            head, events, received = await read_twice(url, {}, "model server went away")
+    assert head["x-ratelimit-limit-requests"] == "100" and "x-usage-duration-ms" not in head
+    *data, (kind, error) = events
+    assert data == [("message", json.dumps(chunk(i))) for i in range(5)]
+    problem = json.loads(error)
+    assert kind == "error" and problem["error"]["code"] == "upstream_unavailable"
+    assert problem["request_id"] == head["x-request-id"]
     assert received == [f"t{i} " for i in range(5)]
     assert not errors, [r.getMessage() for r in errors]
 

@@ -35,7 +35,7 @@ from typing import Any
 import anyio
 
 from aimiddleware._encoding import DECODABLE, Inflater, TailInflater, content_coding, decode
-from aimiddleware._stream_cut import SENT, SentWatch
+from aimiddleware._stream_cut import SENT, SentWatch, says_event_stream
 from aimiddleware.cancellation import DEADLINE
 from aimiddleware.context import SCOPE_KEY, RequestContext
 from aimiddleware.pricing import PriceTable
@@ -239,8 +239,15 @@ class Responder:
     def _on_start(self, message: Message) -> list[tuple[bytes, bytes]] | None:
         """The headers to add to this head now; ``None``: the head is held."""
         mw = self.acc
-        if mw is None:
+        if mw is None:  # (install()'s stack without a usage layer, or past its idempotency)
             self.mode = "pass"
+            ctx = self.ctx
+            if (
+                ctx.stream_error_writer is None  # (not an EventStreamResponse's)
+                and SENT not in ctx.state  # (not watched already: a time limit, a usage layer)
+                and says_event_stream(message.get("headers", ()))
+            ):
+                self.watch_stream()
             return []
         # the media type (lower-case, no parameters) and the content-length of the head
         ctype: bytes | None = None
