@@ -605,3 +605,24 @@ def test_exempt_paths_given_as_one_string_or_without_a_slash_are_refused() -> No
     with pytest.raises(ValueError, match="must start with '/', got 'health'"):
         install(FastAPI(), ratelimit=policy, ratelimit_exempt=("health",))
     install(FastAPI(), ratelimit=policy, ratelimit_exempt=["/health", "/static/*"])
+
+
+async def test_admit_takes_no_extra_policy() -> None:
+    """``RateLimiter.admit(ctx, extra=Policy)`` was undocumented and no layer passed it:
+    given, the extra policy's unscoped limits took the main policy's names and storage
+    fields (one response carried two ``requests-1m`` members; a counter shared by both was
+    charged twice). Removed: scope a route's limits with ``routes=``; ``admit`` takes the
+    context (and the body's content type) only."""
+    from aimiddleware.context import RequestContext
+
+    limiter = RateLimiter(Policy(requests="10/minute"))
+    ctx = RequestContext(request_id="r", principal="p", method="POST", path="/v1/chat")
+    for call in (
+        lambda: limiter.admit(ctx, extra=Policy(requests="5/minute")),  # type: ignore[call-arg]
+        lambda: limiter.admit(ctx, Policy(requests="5/minute")),  # type: ignore[misc]
+    ):
+        with pytest.raises(TypeError):
+            await call()
+    admission = await limiter.admit(ctx, content_type=b"application/json")
+    policy = dict(admission.raw_headers)[b"ratelimit-policy"]
+    assert policy.count(b'"requests-1m"') == 1

@@ -1,4 +1,4 @@
-"""The limits that apply to one (policy, route, extra policy, model), resolved once.
+"""The limits that apply to one (policy, route, model), resolved once.
 
 ``RateLimiter`` caches one :class:`_Resolved` per combination it has seen: the limits, the
 concurrency, whether the body must be counted or priced, and what every request reuses
@@ -14,7 +14,7 @@ _DIM_CODE = {"requests": 0, "tokens": 1, "input_tokens": 2, "output_tokens": 3, 
 
 
 class _Resolved:
-    """The limits of one (policy, route, extra, model), with what each request reuses: the
+    """The limits of one (policy, route, model), with what each request reuses: the
     storage rows ``(field, window ms, amount, dimension code)``, the header plan, twice
     the longest window (how long the counters live), and which limits a lease holds."""
 

@@ -199,8 +199,8 @@ class RateLimiter:
         self._lease_prefix = secrets.token_hex(6) + "-"
         self._lease_ids = itertools.count()
         self._default_policy = self.policies[default_tier]
-        self._plain: dict[str | None, _Resolved] = {}  # default policy, no route, no extra
-        self._resolved: dict[tuple[Policy, str | None, str | None, Policy | None], _Resolved] = {}
+        self._plain: dict[str | None, _Resolved] = {}  # default policy, no route
+        self._resolved: dict[tuple[Policy, str | None, str | None], _Resolved] = {}
         self.alert_fractions = tuple(sorted(alert_fractions))
         self.on_alert = on_alert
         self.name = name
@@ -256,16 +256,15 @@ class RateLimiter:
         self,
         policy: Policy,
         route: tuple[str, Policy] | None,
-        extra: Policy | None,
         model: str | None,
     ) -> _Resolved:
-        """The limits of (policy, route, extra policy, model), computed once and cached."""
+        """The limits of (policy, route, model), computed once and cached."""
         # Keyed by the objects (held here, so an id is never reused by another policy).
-        key = (policy, route[0] if route else None, model, extra)
+        key = (policy, route[0] if route else None, model)
         found = self._resolved.get(key)
         if found is not None:
             return found
-        pols = [p for p in (policy, route[1] if route else None, extra) if p is not None]
+        pols = [p for p in (policy, route[1] if route else None) if p is not None]
         limits = list(policy.limits_for(model))
         concurrency = policy.concurrency or 0
         if route is not None:
@@ -275,9 +274,6 @@ class RateLimiter:
                 lim.scoped(f"{scope}|{lim.scope}" if lim.scope else scope)
                 for lim in route[1].limits_for(model)
             )
-        if extra is not None:
-            limits.extend(extra.limits_for(model))
-            concurrency = concurrency or (extra.concurrency or 0)
         found = _Resolved(
             tuple(limits),
             concurrency,
@@ -286,7 +282,7 @@ class RateLimiter:
         )
         if len(self._resolved) < 10_000:  # bounded: models come from request bodies
             self._resolved[key] = found
-            if route is None and extra is None and policy is self._default_policy:
+            if route is None and policy is self._default_policy:
                 self._plain[model] = found
         return found
 
@@ -309,9 +305,9 @@ class RateLimiter:
                 if policy is None:  # unknown: admit() warns, then uses the default tier
                     return None
         if policy is self._default_policy:
-            res = self._plain.get(model) or self._resolve(policy, None, None, model)
+            res = self._plain.get(model) or self._resolve(policy, None, model)
         else:
-            res = self._resolve(policy, None, None, model)
+            res = self._resolve(policy, None, model)
         estimate = self.estimator.estimate_now(
             ctx, policy, res.needs_body, res.needs_cost, content_type
         )
@@ -320,7 +316,7 @@ class RateLimiter:
         if estimate.model != model:
             res = (
                 self._plain.get(estimate.model) if policy is self._default_policy else None
-            ) or self._resolve(policy, None, None, estimate.model)
+            ) or self._resolve(policy, None, estimate.model)
         if res.needs_cost and estimate.cost_units is None and self.on_unpriced == "reject":
             return None  # admit() raises the refusal
         inp, out = estimate.input_tokens, estimate.output_tokens
@@ -361,10 +357,10 @@ class RateLimiter:
         return admission
 
     async def admit(
-        self, ctx: RequestContext, extra: Policy | None = None, *, content_type: bytes | None = None
+        self, ctx: RequestContext, *, content_type: bytes | None = None
     ) -> Admission:
         """Reserve the request on every limit at once, or raise the typed refusal."""
-        if extra is None and self._sync:
+        if self._sync:
             found = self.admit_now(ctx, content_type)
             if found is not None:
                 return found
@@ -378,14 +374,13 @@ class RateLimiter:
         route = self.route_policy(ctx.path) if self.routes else None
         model = ctx.model
         res = None
-        if route is None and extra is None and policy is self._default_policy:
+        if route is None and policy is self._default_policy:
             res = self._plain.get(model)
         if res is None:
-            res = self._resolve(policy, route, extra, model)
+            res = self._resolve(policy, route, model)
         estimator = self.estimator
-        # (their output_estimate before the caller's policy's: the most specific first)
-        specific: tuple[Policy, ...] = () if route is None and extra is None else tuple(
-            p for p in (extra, route[1] if route else None) if p is not None)
+        # (the route's output_estimate before the caller's policy's: the most specific first)
+        specific: tuple[Policy, ...] = () if route is None else (route[1],)
         estimate = estimator.estimate_now(
             ctx, policy, res.needs_body, res.needs_cost, content_type, specific
         )
@@ -400,10 +395,10 @@ class RateLimiter:
             )
         if estimate.model != model:
             res = None
-            if route is None and extra is None and policy is self._default_policy:
+            if route is None and policy is self._default_policy:
                 res = self._plain.get(estimate.model)
             if res is None:
-                res = self._resolve(policy, route, extra, estimate.model)
+                res = self._resolve(policy, route, estimate.model)
         limits, concurrency = res.limits, res.concurrency
         hits = self._hits(res, estimate)
         # A shared store holds what the request reserves under its lease (refunded if the
@@ -674,7 +669,7 @@ class RateLimiter:
         self, principal: str, model: str | None
     ) -> list[tuple[str, int, int, int]]:
         """The storage rows of ``principal``'s token and cost limits (all but requests)."""
-        res = self._resolve(await self.policy_for(principal), None, None, model)
+        res = self._resolve(await self.policy_for(principal), None, model)
         return [row for row in res.rows if row[3]]
 
     async def _spent(self, principal: str, rows: Sequence[tuple[str, int, int, int]]) -> bool:
