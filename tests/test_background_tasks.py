@@ -119,3 +119,66 @@ async def test_a_completed_idempotency_record_is_not_renewed_during_background_t
     assert first.status_code == again.status_code == 200
     assert again.headers["idempotent-replayed"] == "true" and runs == ["run"]
     assert [r.getMessage() for r in caplog.records if r.name.startswith("aimiddleware")] == []
+
+
+@pytest.mark.parametrize("route", ["streaming-response", "events"])
+async def test_a_foreign_streams_record_is_written_once_its_background_tasks_end(
+    storage: Storage, caplog: pytest.LogCaptureFixture, route: str
+) -> None:
+    """A keyed stream of undeclared length is stored once the app returns, so an exception
+    raised after its last message (as an ``@app.middleware("http")`` function re-raises
+    the endpoint's iterator's) releases the key (tests/test_basehttp_middleware.py): a
+    ``StreamingResponse`` whose background task still runs is in flight meanwhile, a retry
+    gets the retryable 409 (the lease kept alive past its 0.6 s), then the replay. An
+    ``EventStreamResponse`` that ran its course says so, and is stored at its end, as
+    before: a retry at once is the replay."""
+    from fastapi.responses import StreamingResponse
+
+    from aimiddleware import EventStreamResponse, OpenAIChatDialect
+
+    app = FastAPI()
+    runs: list[str] = []
+    done = anyio.Event()
+
+    @app.post(CHAT)
+    async def chat(body: dict[str, Any], tasks: BackgroundTasks) -> Any:
+        runs.append("run")
+        tasks.add_task(done.wait)
+
+        async def tokens() -> Any:
+            for i in range(3):
+                yield f"t{i} "
+
+        if route == "events":
+            return EventStreamResponse(tokens(), dialect=OpenAIChatDialect.for_request(body))
+
+        async def sse() -> Any:
+            async for token in tokens():
+                yield f"data: {token}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    aimiddleware.install(app, storage=storage, idempotency=IdempotencyConfig(
+        lease_seconds=0.6, heartbeat_seconds=0.1))
+    headers = {"authorization": "Bearer k1", "idempotency-key": "k-stream"}
+    caplog.set_level(logging.WARNING, logger="aimiddleware.idempotency")
+    async with serve(app) as url, httpx.AsyncClient(base_url=url, headers=headers) as c:
+        first = await c.post(CHAT, json=BODY)
+        assert first.status_code == 200 and "[DONE]" in first.text
+        await anyio.sleep(1.0)  # the background task still runs, past the lease's 0.6 s
+        again = await c.post(CHAT, json=BODY)
+        if route == "events":
+            assert again.headers["idempotent-replayed"] == "true"
+        else:
+            assert again.status_code == 409 and again.json()["error"]["code"] == "conflict"
+            done.set()
+            with anyio.fail_after(3):
+                while again.status_code == 409:
+                    await anyio.sleep(0.05)
+                    again = await c.post(CHAT, json=BODY)
+            assert again.headers["idempotent-replayed"] == "true"
+        assert again.content == first.content
+        done.set()
+    assert runs == ["run"]
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("aimiddleware")] == []

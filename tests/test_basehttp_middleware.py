@@ -576,3 +576,74 @@ async def test_a_whole_answer_of_declared_length_whose_client_left_is_still_kept
         r = await c.post("/v1/chat", json={})
     assert r.headers["idempotent-replayed"] == "true"
     assert (r.json(), calls) == ({"answer": "whole", "n": 1}, [1])
+
+
+class ModelError(Exception):
+    """A model call that fails after some of its answer streamed."""
+
+
+@pytest.mark.parametrize("form", ["stack", "layers"])
+@pytest.mark.parametrize("route", ["streaming-response", "events"])
+async def test_a_stream_whose_iterator_raises_through_the_middleware_is_not_replayed(
+    form: str, route: str
+) -> None:
+    """The endpoint's iterator raises after 3 events (a model error) behind an
+    ``@app.middleware("http")`` function inside the stack. BaseHTTPMiddleware catches the
+    exception in the task that runs the endpoint, ends the body it relays with a clean last
+    message, and re-raises the exception only after that: the idempotency layer took the
+    clean end for the answer's and stored the 3 events, so a retry with the same
+    Idempotency-Key got them replayed (Idempotent-Replayed, no [DONE], the handler not run
+    again). The record of a body of undeclared length is now completed once the app
+    returns, and the exception releases the key: the retry runs the handler and gets the
+    whole stream, a third try replays it. (An EventStreamResponse ends a failed stream with
+    its error event, which was never stored: held before, tested here too.)"""
+    app = FastAPI()
+    calls: list[str] = []
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: dict[str, Any]) -> Any:
+        calls.append("call")
+        fails = len(calls) == 1
+
+        async def tokens() -> AsyncIterator[str]:
+            for i in range(20):
+                if fails and i == 3:
+                    raise ModelError("the model failed midway")
+                yield f"t{i} "
+
+        if route == "events":
+            return EventStreamResponse(tokens(), dialect=OpenAIChatDialect.for_request(body))
+
+        async def sse() -> AsyncIterator[str]:
+            async for token in tokens():
+                yield f"data: {json.dumps({'content': token})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    @app.middleware("http")
+    async def timing(request: Request, call_next: Any) -> Any:
+        response = await call_next(request)
+        response.headers["x-process-time"] = "0.1"
+        return response
+
+    install(app, StackConfig(idempotency=IdempotencyConfig(), usage=UsageConfig()))
+    if form == "layers":
+        split_stack(app)
+    headers = {**AUTH, "idempotency-key": "order-9"}
+    body = chat_body(stream=True)
+    async with serve(app) as url, httpx.AsyncClient(base_url=url, headers=headers) as c:
+        async with aconnect_sse(c, "POST", "/v1/chat/completions", json=body) as source:
+            assert source.response.headers["x-process-time"] == "0.1"
+            first = [event.data async for event in source.aiter_sse()]
+        assert "t3 " not in "".join(first) and "t2 " in "".join(first)  # cut at the error
+        async with aconnect_sse(c, "POST", "/v1/chat/completions", json=body) as source:
+            assert "idempotent-replayed" not in source.response.headers
+            data = [event.data async for event in source.aiter_sse()]
+        assert calls == ["call", "call"]
+        assert data[-1] == "[DONE]" and "t19 " in "".join(data)
+        # the whole answer is the one kept: a third try replays it
+        async with aconnect_sse(c, "POST", "/v1/chat/completions", json=body) as source:
+            assert source.response.headers["idempotent-replayed"] == "true"
+            assert [event.data async for event in source.aiter_sse()] == data
+    assert calls == ["call", "call"]

@@ -3,8 +3,9 @@
 ``begin`` looks the key up and decides: pass through, answer (replay or a typed error), or
 run under a fresh lease. ``run`` then calls the app with a recording ``send`` while a
 heartbeat extends the lease; the recording completes the record on the last body message
-(before forwarding it, so an answer the client never received is still kept for its retry)
-or releases the key when the response is not storable, too large, or never ended.
+(before forwarding it, so an answer the client never received is still kept for its retry;
+a stream's once the app returned without raising) or releases the key when the response is
+not storable, too large, never ended or was cut.
 """
 
 from __future__ import annotations
@@ -186,6 +187,7 @@ class IdempotencyEngine:
         try:
             # (the record completed, the app may still run: background tasks; nothing to renew)
             await self._with_heartbeat(lease, lambda: call(recording.send), lambda: recording.done)
+            await recording.returned()
         finally:
             if not recording.done:
                 with anyio.CancelScope(shield=True):

@@ -1,7 +1,10 @@
 """The recording ``send``: forwards every message at once and records it on the side.
 
 The record is completed on the last body message, before that message is forwarded, so an
-answer whose client went away is still kept for the retry. A status that is not stored, a
+answer whose client went away is still kept for the retry; for a body of undeclared length
+(a stream, but an ``EventStreamResponse``'s that ran its course), once that message is
+forwarded and the app has returned (see :meth:`Recording._end`: an exception after it
+releases the key). A status that is not stored, a
 response above ``max_record_bytes`` or one that never ends releases the key instead, and so
 does an end that may not be the answer's (see :func:`_cut`): a body of undeclared length
 ended after its client left or its time limit cut it, as an ``@app.middleware("http")``
@@ -17,6 +20,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
+
+import anyio
 
 from aimiddleware._cancel_watch import LIMIT_SCOPE
 from aimiddleware.context import RequestContext, current_or_none
@@ -58,12 +63,18 @@ def _cut(ctx: RequestContext | None, stream: bool, whole: bool) -> bool:
     return limit is not None and limit.cancel_called
 
 
+def _ran_its_course(ctx: RequestContext | None) -> bool:
+    """Did an ``EventStreamResponse`` say its stream ended normally (its end is the
+    answer's, whatever the app does after it)?"""
+    return ctx is not None and ctx.state.get(COMPLETED) is True
+
+
 class Recording:
     """The ``send`` wrapper: forwards every message at once and records it on the side."""
 
     __slots__ = (
-        "chunks", "declared", "done", "downstream", "engine", "headers", "lease", "publish",
-        "recording", "size", "status", "stream",
+        "chunks", "declared", "done", "downstream", "ended", "engine", "headers", "lease",
+        "publish", "recording", "size", "status", "stream",
     )
 
     def __init__(self, engine: IdempotencyEngine, lease: Lease, send: Send) -> None:
@@ -72,6 +83,7 @@ class Recording:
         self.downstream = send
         self.recording = True  # still a candidate for storing
         self.done = False  # completed or released
+        self.ended = False  # a body of undeclared length ended, to be kept once the app returns
         self.status = 0
         self.headers: tuple[tuple[str, str], ...] = ()
         self.stream = False
@@ -96,8 +108,12 @@ class Recording:
                         if self.publish is not None:
                             await self._publish(self.publish.stream_append, body)
                 if self.recording and not message.get("more_body", False):
-                    if _cut(current_or_none(), self.stream, self.size == self.declared):
+                    ctx = current_or_none()
+                    if _cut(ctx, self.stream, self.size == self.declared):
                         await self._drop()  # failed or cut after its head: not stored
+                    elif self.declared < 0 and not _ran_its_course(ctx):
+                        await self._end(message)  # kept once the app returns (see _end)
+                        return
                     else:
                         await self._complete()
             elif kind == "http.response.start":
@@ -141,6 +157,27 @@ class Recording:
             self.publish = engine.streaming
             await self._publish(self.publish.stream_start, status, self.headers)
         return message
+
+    async def _end(self, message: Message) -> None:
+        """Forward the last message of a body of undeclared length (but an
+        ``EventStreamResponse``'s that ran its course), whose record is completed only once
+        the app returns (:meth:`returned`): an ``@app.middleware("http")`` function between
+        the stack and the endpoint ends the body it relays cleanly when the endpoint's
+        iterator raises, and re-raises the exception only then (the key is then released,
+        by :meth:`close`). Should forwarding fail (the client left), it is kept at once, as
+        an answer whose client went away is."""
+        self.ended = True
+        try:
+            await self.downstream(message)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.returned()
+            raise
+
+    async def returned(self) -> None:
+        """The app returned: a body held back by :meth:`_end` is the answer; store it."""
+        if self.ended and not self.done:
+            await self._complete()
 
     async def _publish(self, method: Callable[..., Awaitable[bool]], *args: object) -> None:
         try:
