@@ -291,6 +291,53 @@ async def test_a_shutdown_sends_the_webhooks_of_the_job_and_the_batch_it_ended(
     assert [r["type"] for r in batch_payload["data"]["results"]] == ["cancelled"]
 
 
+@pytest.mark.parametrize("stop", ["while-the-claim-answers", "before-the-attempt"])
+async def test_a_message_a_stopping_dispatcher_claimed_is_sent_by_the_next_one_at_once(
+    storage: Storage, receiver_factory: Any, stop: str
+) -> None:
+    """The order the test above met once, pinned: a dispatcher is stopped (its shutdown
+    grace runs out) once the store has leased it a message, and before it attempts it:
+    ``while-the-claim-answers``, the stop lands while the claim's answer is on the way (the
+    store leased the message, the dispatcher never learns of it); ``before-the-attempt``,
+    right after the claim returned. The first left the message leased for the attempt's
+    timeout + 30 s (here 60 s): the next dispatcher could only send it then. Now the claim
+    is shielded, so the dispatcher gets its answer, and a delivery it claimed is handed
+    back due now by its task, which the stop cancels before the attempt (the second order:
+    held before): the next dispatcher sends it at once, in one attempt. (A claim on
+    memory:// never waits: the hook makes it.)"""
+    store = make_store(storage)
+    rec, srv = receiver_factory([])
+    first = WebhookDispatcher(store, WebhookSigner(SECRET), policy=LOCAL, timeout=30,
+                              poll_interval=0.05)
+    msg_id = await first.enqueue(f"{srv.url}/hook", '{"type":"job.completed"}')
+    claim = store.outbox_claim
+
+    with anyio.fail_after(5), anyio.CancelScope() as stopping:
+
+        async def claim_then_stop(*args: Any) -> list[str]:
+            claimed = await claim(*args)
+            if claimed:  # the store leased the message: the dispatcher is stopped now
+                stopping.cancel()
+                if stop == "while-the-claim-answers":
+                    await anyio.lowlevel.checkpoint()  # (the stop reaches it first)
+            return claimed
+
+        store.outbox_claim = claim_then_stop  # type: ignore[method-assign]
+        await first.run()
+    del store.outbox_claim  # (the store's own again)
+    assert stopping.cancelled_caught and rec.received == []  # stopped, never attempted
+
+    started = time.monotonic()
+    second = WebhookDispatcher(store, WebhookSigner(SECRET), policy=LOCAL, poll_interval=0.05)
+    with anyio.fail_after(5):
+        await second.run(until_idle=True)  # (returns at once if nothing is due)
+    assert [h["webhook-id"] for h, _, _ in rec.successes()] == [msg_id]
+    assert time.monotonic() - started < 2
+    delivery = await second.get(msg_id)
+    assert delivery is not None and delivery.state == "succeeded"
+    assert [a.status for a in delivery.attempts] == [200]
+
+
 async def test_a_shutdown_delivers_its_own_last_webhooks_on_memory(
     receiver_factory: Any,
 ) -> None:

@@ -163,9 +163,13 @@ class WebhookDispatcher:
             while True:
                 free = self.concurrency - inflight[0]
                 try:
-                    claimed = await self.store.outbox_claim(
-                        self.clock(), lease, free, self.host_concurrency
-                    ) if free else []
+                    # Shielded: messages the store leased are not lost to a stop (a cancel)
+                    # while its answer is on the way, leased until their lease ran out; once
+                    # claimed, a stop hands each back due now (see _deliver).
+                    with anyio.CancelScope(shield=True):
+                        claimed = await self.store.outbox_claim(
+                            self.clock(), lease, free, self.host_concurrency
+                        ) if free else []
                 except StoreUnavailable:  # an outage: deliveries wait in the store
                     logger.warning("webhook dispatcher: the job store is unavailable")
                     await anyio.sleep(max(self.poll_interval, 1.0))
