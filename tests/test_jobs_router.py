@@ -745,3 +745,25 @@ async def test_a_cost_that_is_no_amount_fails_the_job_and_leaves_it_readable() -
             r = await client.post("/v1/jobs", json={"input": {"cost": "0.25"}}, headers=A)
             done = await wait_status(client, f"/v1/jobs/{r.json()['id']}", {"completed"})
             assert done["cost"] == "0.25"
+
+
+async def test_a_long_id_is_not_echoed_whole(server: ThreadServer) -> None:
+    """The 404 for an unknown id repeated it whole, in its detail and its error message: a
+    10 KB id came back as a 20 KB body. It now repeats the id's first 64 characters and
+    "..."; a short id is shown as it is."""
+    long = "job_" + "x" * 10_000
+    async with httpx.AsyncClient(base_url=server.url, headers=A) as client:
+        for method, path in [
+            ("GET", f"/v1/jobs/{long}"), ("DELETE", f"/v1/jobs/{long}"),
+            ("GET", f"/v1/jobs/{long}/events"), ("GET", f"/v1/batches/{long}"),
+            ("DELETE", f"/v1/batches/{long}"), ("GET", f"/v1/batches/{long}/results"),
+            ("GET", f"/v1/batches/{long}/events"),
+        ]:
+            r = await client.request(method, path)
+            assert r.status_code == 404, (method, path)
+            assert r.json()["error"]["code"] == "not_found"
+            assert len(r.content) < 1000, (method, path, len(r.content))
+            kind = "batch" if "batches" in path else "job"
+            assert r.json()["detail"] == f"No {kind} with id '{long[:64]}...'."
+        r = await client.get("/v1/jobs/job_doesnotexist")
+        assert r.json()["detail"] == "No job with id 'job_doesnotexist'."

@@ -38,6 +38,7 @@ from aimiddleware.jobs.http import (
     SubmitJob,
     idempotency_key,
     parse_body,
+    shown,
     typed_errors,
 )
 from aimiddleware.jobs.models import Batch, BatchCounts, Job, JobError, is_id, new_id
@@ -211,7 +212,7 @@ class JobsRouter(Router):
         ours = rec_id.startswith(prefix) and is_id(rec_id[len(prefix):])
         raw = await self.store.get(principal, rec_id) if ours else None
         if raw is None:
-            raise NotFound(f"No {kind.__name__.lower()} with id {rec_id!r}.")
+            raise NotFound(f"No {kind.__name__.lower()} with id {shown(rec_id)!r}.")
         rec = await self.reap(kind.model_validate_json(raw))
         if not rec.terminal and await self.store.cancel_requested(principal, rec.id):
             rec = rec.model_copy(update={"status": "cancelling"})
