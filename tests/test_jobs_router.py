@@ -767,3 +767,35 @@ async def test_a_long_id_is_not_echoed_whole(server: ThreadServer) -> None:
             assert r.json()["detail"] == f"No {kind} with id '{long[:64]}...'."
         r = await client.get("/v1/jobs/job_doesnotexist")
         assert r.json()["detail"] == "No job with id 'job_doesnotexist'."
+
+
+async def test_a_long_field_name_is_not_echoed_whole(recorder: Recorder) -> None:
+    """A 400 for a body field the API does not take (the submission's and a batch item's
+    models forbid extras, as may the app's input_model) named it whole in its param: a
+    field named with 10 KB came back in a 10 KB body. The param now shows its first 64
+    characters and "..."; a short one is as before."""
+    from pydantic import BaseModel, ConfigDict
+
+    class Question(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        text: str = ""
+
+    app, _ = make_app(recorder, input_model=Question)
+    long = "f" * 10_000
+    with ThreadServer(app) as srv:
+        async with httpx.AsyncClient(base_url=srv.url, headers=A) as client:
+            for path, body, param in [
+                ("/v1/jobs", {long: 1}, long),
+                ("/v1/jobs", {"input": {long: 1}}, f"input.{long}"),
+                ("/v1/batches", {"items": [{"custom_id": "a", "input": {}, long: 1}]},
+                 f"items.0.{long}"),
+                ("/v1/batches", {"items": [{"custom_id": "a", "input": {long: 1}}]},
+                 f"items.0.input.{long}"),
+            ]:
+                r = await client.post(path, json=body)
+                assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
+                assert len(r.content) < 1000, (path, param[:20], len(r.content))
+                assert r.json()["error"]["param"] == param[:64] + "..."
+            r = await client.post("/v1/jobs", json={"inptu": 1})
+            assert r.json()["error"]["param"] == "inptu"
+    assert recorder.calls == []

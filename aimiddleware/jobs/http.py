@@ -89,7 +89,7 @@ async def parse_body(request: Request, model: type[M]) -> tuple[M, str]:
         parsed = model.model_validate_json(raw or b"{}")
     except ValidationError as exc:
         first = exc.errors()[0]
-        param = ".".join(str(p) for p in first.get("loc", ())) or None
+        param = shown(".".join(str(p) for p in first.get("loc", ()))) or None  # (a key sent)
         raise InvalidRequest(f"Invalid request body: {first.get('msg')}.", param=param) from exc
     canonical = json.dumps(parsed.model_dump(mode="json"), sort_keys=True).encode()
     fingerprint = hashlib.sha256(request.url.path.encode() + b"\0" + canonical).hexdigest()

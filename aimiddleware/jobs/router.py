@@ -297,7 +297,7 @@ class JobsRouter(Router):
             self.input_model.model_validate(value)
         except ValidationError as exc:
             first = exc.errors()[0]
-            where = ".".join([param, *(str(p) for p in first.get("loc", ()))])
+            where = shown(".".join([param, *(str(p) for p in first.get("loc", ()))]))
             raise InvalidRequest(f"Invalid job input: {first.get('msg')}.", param=where) from exc
 
     async def get_job(self, request: Request) -> Response:
