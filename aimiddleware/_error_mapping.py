@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from aimiddleware._problem import shown
 from aimiddleware.errors import (
     AIError,
     AuthenticationFailed,
@@ -68,11 +69,12 @@ def _from_http_exception(exc: BaseException) -> AIError:
 
 
 def _loc(error: Mapping[str, Any]) -> str:
-    """``("body", "messages", 0, "role")`` -> ``messages.0.role``."""
+    """``("body", "messages", 0, "role")`` -> ``messages.0.role`` (cut as :func:`shown`:
+    a dict's keys are the client's)."""
     loc = list(error.get("loc", ()))
     if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
         loc = loc[1:]
-    return ".".join(str(p) for p in loc)
+    return shown(".".join(str(p) for p in loc))
 
 
 def _from_validation_error(exc: BaseException) -> AIError:

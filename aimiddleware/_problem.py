@@ -22,6 +22,13 @@ logger = logging.getLogger("aimiddleware")
 DEFAULT_TYPE_BASE = "urn:aimiddleware:error:"
 PROBLEM_JSON = b"application/problem+json"
 MAX_RETRY_AFTER = 60.0  # official SDKs ignore longer server delays (reference: errors, section 2)
+SHOWN = 64  # the most of a client's string (an id, a field name) an error message repeats
+
+
+def shown(text: str) -> str:
+    """``text`` from the client as an error message repeats it: its first ``SHOWN``
+    characters and "..." when longer (an id or a key of any length is not echoed whole)."""
+    return text if len(text) <= SHOWN else text[:SHOWN] + "..."
 
 
 def problem_body(

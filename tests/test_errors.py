@@ -300,3 +300,50 @@ def test_a_foreign_http_error_is_typed_by_its_status(status: int, kind: str) -> 
     err = E.HTTPStatusError(status)
     assert err.openai_type == kind and err.retryable is False
     assert E.HTTPStatusError.openai_type == "invalid_request_error"  # (the class unchanged)
+
+
+async def test_a_clients_key_is_not_echoed_whole_in_a_validation_error() -> None:
+    """A validation error named the place it failed as the client spelled it: a dict's
+    key, a field a model forbids, a header name. FastAPI's errors (the error layer's
+    mapping), the feedback route and the migration check repeated such a key whole, in
+    the param, the detail and each invalid_params entry: 20 keys of 10 KB came back as a
+    232 KB body, one as 10-20 KB. Each now shows a key's first 64 characters and "..."."""
+    from fastapi import FastAPI
+
+    from aimiddleware import MemoryLedger, StackConfig, UsageConfig, UsageRoutes, install
+    from tests.live_server import serve
+    from tests.versioning_app import NEW, FakeClock, at, build_app
+
+    app = FastAPI()
+
+    @app.post("/v1/scores")
+    async def scores(body: dict[str, int]) -> dict[str, int]:
+        return body
+
+    app.router.routes.extend(UsageRoutes().routes)
+    install(app, StackConfig(usage=UsageConfig(ledger=MemoryLedger())))
+    versioned = build_app(FakeClock(at("2026-03-01")))
+    long = "k" * 10_000
+    sides = {"baseline": {"model": NEW}, "candidate": {"model": NEW}}
+    check = "/_versioning/migration-check"
+    async with (
+        serve(app) as url, serve(versioned) as versioned_url,
+        httpx.AsyncClient(headers={"authorization": "Bearer sk-team"}) as client,
+    ):
+        for where, body, param in [
+            (f"{url}/v1/scores", {f"{long}{i}": "x" for i in range(20)}, long),
+            (f"{url}/feedback", {"request_id": "req_1", "rating": 1, long: 1}, long),
+            (f"{versioned_url}{check}", {"path": "/chat", long: 1, **sides}, long),
+            (f"{versioned_url}{check}", {"path": "/chat", "headers": {long + " x": "1"}, **sides},
+             "headers"),
+        ]:
+            r = await client.post(where, json=body)
+            assert r.status_code == 422, (where, r.status_code)
+            problem = r.json()
+            assert problem["error"]["code"] == "validation_failed"
+            assert len(r.content) < 4000, (where, len(r.content))
+            assert problem["error"]["param"] == (param if param == "headers" else
+                                                 param[:64] + "...")
+            assert long[:65] not in r.text
+        r = await client.post(f"{url}/v1/scores", json={"a": "x"})  # a short key: as before
+        assert r.json()["error"]["param"] == "a"

@@ -11,21 +11,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from aimiddleware._problem import shown
 from aimiddleware.context import current_or_none, report_no_model_call
 from aimiddleware.errors import AIError, InvalidRequest, render_problem
 from aimiddleware.jobs.models import BatchItem
 
-__all__ = ["SubmitBatch", "SubmitJob", "idempotency_key", "parse_body", "shown", "typed_errors"]
+__all__ = ["SubmitBatch", "SubmitJob", "idempotency_key", "parse_body", "typed_errors"]
 
 M = TypeVar("M", bound=BaseModel)
-
-SHOWN = 64  # the most of a client's string (an id, a field name) an error message repeats
-
-
-def shown(text: str) -> str:
-    """``text`` from the client as an error message repeats it: its first ``SHOWN``
-    characters and "..." when longer (an id of any length is not echoed whole)."""
-    return text if len(text) <= SHOWN else text[:SHOWN] + "..."
 
 
 class SubmitJob(BaseModel):

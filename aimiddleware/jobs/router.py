@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
+from aimiddleware._problem import shown
 from aimiddleware.context import current_or_none, default_principal
 from aimiddleware.errors import IdempotencyKeyReused, InvalidRequest, NotFound, StoreUnavailable
 from aimiddleware.jobs.batches import fail_unfinished, result_lines, results_jsonl
@@ -38,7 +39,6 @@ from aimiddleware.jobs.http import (
     SubmitJob,
     idempotency_key,
     parse_body,
-    shown,
     typed_errors,
 )
 from aimiddleware.jobs.models import Batch, BatchCounts, Job, JobError, is_id, new_id

@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
+from aimiddleware._problem import shown
 from aimiddleware.context import SCOPE_KEY, RequestContext, current_or_none, default_principal
 from aimiddleware.errors import AIError, InvalidRequest, NotFound, ValidationFailed, render_problem
 from aimiddleware.pricing import PriceTable
@@ -218,7 +219,7 @@ class UsageRoutes:
             fb = Feedback.model_validate(body)
         except ValidationError as exc:
             first = exc.errors(include_input=False, include_url=False)[0]
-            param = ".".join(str(p) for p in first["loc"]) or None
+            param = shown(".".join(str(p) for p in first["loc"])) or None  # (a key sent)
             raise ValidationFailed(f"Invalid feedback: {first['msg']}", param=param) from None
         if not await self._ledger(request).add_feedback(_principal(request), fb):
             raise NotFound("No such request in your usage history.", param="request_id")

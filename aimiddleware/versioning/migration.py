@@ -21,6 +21,7 @@ import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from aimiddleware._asgi import send_json
+from aimiddleware._problem import shown
 from aimiddleware.context import SCOPE_KEY, RequestContext, _reset_current, _set_current
 from aimiddleware.errors import AIError, ExceptionMapper, ValidationFailed, render_problem
 from aimiddleware.headers import is_header_name
@@ -80,14 +81,14 @@ async def run_migration_check(
         req = MigrationRequest.model_validate(ctx.json())
     except ValidationError as exc:
         first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"]) or None
+        loc = shown(".".join(str(p) for p in first["loc"])) or None  # (a key sent)
         raise ValidationFailed(f"Invalid migration check: {first['msg']}.", param=loc) from None
     target = req.path.split("?", 1)[0]
     if mw.is_helper_route(target, req.method):
         raise ValidationFailed("The migration check cannot target a helper route.", param="path")
     for name in req.headers:
         if not is_header_name(name):  # (RFC 9110: a token; no space, colon or control)
-            raise ValidationFailed(f"{name!r} is not a header name.", param="headers")
+            raise ValidationFailed(f"{shown(name)!r} is not a header name.", param="headers")
         if name.lower() in _FORBIDDEN_OVERRIDES:
             raise ValidationFailed(f"Header {name!r} cannot be overridden.", param="headers")
     sides = {}
