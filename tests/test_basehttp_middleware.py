@@ -647,3 +647,51 @@ async def test_a_stream_whose_iterator_raises_through_the_middleware_is_not_repl
             assert source.response.headers["idempotent-replayed"] == "true"
             assert [event.data async for event in source.aiter_sse()] == data
     assert calls == ["call", "call"]
+
+
+@pytest.mark.parametrize("form", ["stack", "layers"])
+async def test_a_body_cut_short_of_its_content_length_is_not_replayed(form: str) -> None:
+    """The same through the function for a body of declared length (a download passed on
+    with its upstream's Content-Length) whose iterator raises midway: the function's clean
+    end came after 20 of its 50 bytes, the recording completed the record on it, and every
+    retry with the same Idempotency-Key got the 20 bytes under ``content-length: 50``, a
+    broken answer (httpx: "peer closed connection without sending complete message body"),
+    the handler never run again. A body that ends short of its declared length now
+    releases the key: the retry runs the handler and gets the 50 bytes, a third try
+    replays them."""
+    app = FastAPI()
+    calls: list[str] = []
+
+    @app.post("/v1/files/report")
+    async def report() -> StreamingResponse:
+        calls.append("call")
+        fails = len(calls) == 1
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for i in range(5):
+                if fails and i == 2:
+                    raise ModelError("the upstream failed midway")
+                yield b"0123456789"
+
+        return StreamingResponse(chunks(), media_type="application/octet-stream",
+                                 headers={"content-length": "50"})
+
+    @app.middleware("http")
+    async def timing(request: Request, call_next: Any) -> Any:
+        response = await call_next(request)
+        response.headers["x-process-time"] = "0.1"
+        return response
+
+    install(app, StackConfig(idempotency=IdempotencyConfig()))
+    if form == "layers":
+        split_stack(app)
+    headers = {**AUTH, "idempotency-key": "order-10"}
+    async with serve(app) as url, httpx.AsyncClient(base_url=url, headers=headers) as c:
+        with pytest.raises(httpx.RemoteProtocolError, match="received 20 bytes, expected 50"):
+            await c.post("/v1/files/report")
+        r = await c.post("/v1/files/report")
+        assert "idempotent-replayed" not in r.headers
+        assert r.content == b"0123456789" * 5 and calls == ["call", "call"]
+        r = await c.post("/v1/files/report")
+        assert r.headers["idempotent-replayed"] == "true" and r.content == b"0123456789" * 5
+    assert calls == ["call", "call"]

@@ -109,7 +109,9 @@ class Recording:
                             await self._publish(self.publish.stream_append, body)
                 if self.recording and not message.get("more_body", False):
                     ctx = current_or_none()
-                    if _cut(ctx, self.stream, self.size == self.declared):
+                    if self.size < self.declared and self._has_body(ctx):
+                        await self._drop()  # short of its Content-Length: not the answer
+                    elif _cut(ctx, self.stream, self.size == self.declared):
                         await self._drop()  # failed or cut after its head: not stored
                     elif self.declared < 0 and not _ran_its_course(ctx):
                         await self._end(message)  # kept once the app returns (see _end)
@@ -157,6 +159,13 @@ class Recording:
             self.publish = engine.streaming
             await self._publish(self.publish.stream_start, status, self.headers)
         return message
+
+    def _has_body(self, ctx: RequestContext | None) -> bool:
+        """Must the body fill the Content-Length declared? (Not a 304's, nor a HEAD's: the
+        length is the representation's.) One that ends short is cut: an
+        ``@app.middleware("http")`` function ends the body it relays cleanly when the
+        endpoint's iterator raises, and a replay of it would fail every retry."""
+        return self.status != 304 and (ctx is None or ctx.method != "HEAD")
 
     async def _end(self, message: Message) -> None:
         """Forward the last message of a body of undeclared length (but an
