@@ -299,8 +299,8 @@ class _Call:
             # Alone or chained, what is right outside may not be the context layer, which
             # would end the request: without a response an app's @app.middleware("http")
             # function around this layer raises "No response returned." (a traceback and a
-            # 500 in the server log). The context layer sends no second one (its send
-            # notes this one's status).
+            # 500 in the server log). The context layer sends no second one, and takes
+            # this one for none (its send notes that it went out, not its status).
             if not self.sent and not self.response_done:
                 await end_abandoned(self.send_server, None)
             return

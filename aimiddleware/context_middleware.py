@@ -109,11 +109,19 @@ class RequestContextMiddleware:
         ctx, content_length, key = self.new_context(scope)
         rid_header = (self.header, ctx.request_id.encode("latin-1"))
         out = send
+        abandoned = False  # the empty 499 of a client gone went out (see below)
 
         async def send_with_id(message: Message) -> None:
-            nonlocal out
+            nonlocal out, abandoned
             if message["type"] == "http.response.start":
-                ctx.response_status = message["status"]
+                if message["status"] == CLIENT_CLOSED and ctx.disconnected:
+                    # end_abandoned's, from the cancellation layer inside (it ends such a
+                    # request itself): no response to anyone, so ctx is not touched (the
+                    # after-response hooks, a settlement by the response, see no status,
+                    # as under install()'s stack), and none is sent a second time below.
+                    abandoned = True
+                else:
+                    ctx.response_status = message["status"]
                 headers = with_request_id(message.get("headers", ()), rid_header)
                 message = {**message, "headers": headers}
                 state = ctx.state
@@ -127,14 +135,14 @@ class RequestContextMiddleware:
                     # once it started can end it with an error event (see _stream_cut).
                     out = ctx.state[SENT] = SentWatch(send)
             elif message["type"] == "http.response.body" and not message.get("more_body"):
-                ctx.response_complete = True
+                ctx.response_complete = not abandoned
             await out(message)
 
         token = _current.set(ctx)
         try:
             if await self.read_request(ctx, scope, receive, send_with_id, content_length, key):
                 await self.app(scope, replay_receive(ctx, receive), send_with_id)
-            if ctx.disconnected and ctx.response_status is None:
+            if ctx.disconnected and ctx.response_status is None and not abandoned:
                 await end_abandoned(send, rid_header)
         finally:
             _current.reset(token)

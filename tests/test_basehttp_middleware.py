@@ -40,7 +40,9 @@ from aimiddleware import (
     UsageConfig,
     VersioningConfig,
     install,
+    rate_limit,
 )
+from aimiddleware.context import RequestContext, after_response, current
 from aimiddleware.stack_middleware import StackMiddleware
 from aimiddleware.testing import FakeModel
 from tests.live_server import serve
@@ -695,3 +697,62 @@ async def test_a_body_cut_short_of_its_content_length_is_not_replayed(form: str)
         r = await c.post("/v1/files/report")
         assert r.headers["idempotent-replayed"] == "true" and r.content == b"0123456789" * 5
     assert calls == ["call", "call"]
+
+
+@pytest.mark.parametrize("form", ["stack", "layers"])
+async def test_a_call_whose_client_left_before_its_head_is_charged_in_both_forms(
+    caplog: pytest.LogCaptureFixture, form: str
+) -> None:
+    """A ``@rate_limit`` endpoint returned its value (the model was called), then the client
+    left while an ``@app.middleware("http")`` function inside the stack still held the
+    response: the request is cancelled and ended with the empty 499 of a client gone, which
+    is no response to anyone: ``ctx.response_status`` stays None for the after-response
+    hooks, and the decorator's settlement by the response charges the call (a client gone
+    with no response: ``failed_response``). Chained, the context layer took the cancellation
+    layer's own 499 for the response, so the call was refunded in full there."""
+    returned, ended = anyio.Event(), anyio.Event()
+    seen: list[int | None] = []
+    app = FastAPI()
+
+    @app.post("/v1/chat")
+    @rate_limit(Policy(requests="1/minute"))
+    async def chat() -> dict[str, Any]:
+        returned.set()  # (the model was called)
+        return {"ok": True}
+
+    contexts: list[RequestContext] = []
+
+    async def note_end() -> None:  # (after the decorator's hook: registered after it)
+        seen.append(contexts[0].response_status)
+        ended.set()
+
+    @app.middleware("http")  # inside the stack: added before install()
+    async def audit(request: Request, call_next: Any) -> Any:
+        contexts.append(current())
+        response = await call_next(request)
+        try:
+            await anyio.sleep(10)  # (writing an audit row, say)
+        finally:
+            after_response(contexts[0], note_end)
+        return response
+
+    install(app)
+    if form == "layers":
+        split_stack(app)
+    with server_errors(caplog) as errors:
+        async with serve(app) as url:
+            host, port = url.removeprefix("http://").split(":")
+            body = b'{"model": "gpt-4o-mini"}'
+            stream = await anyio.connect_tcp(host, int(port))
+            await stream.send(
+                b"POST /v1/chat HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                b"authorization: Bearer k1\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+            )
+            with anyio.fail_after(5):
+                await returned.wait()
+            await stream.aclose()
+            with anyio.fail_after(5):
+                await ended.wait()
+    assert seen == [None]
+    assert await counters(chat.rate_limiter, "k1") == {"requests:60": 1}  # type: ignore[attr-defined]
+    assert not errors, [r.getMessage() for r in errors]
