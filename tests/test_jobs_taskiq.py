@@ -227,12 +227,16 @@ async def test_one_message_delivered_twice_at_once_runs_its_job_once(redis_url: 
 
         # A worker that claimed a job and died before starting it: while its lease holds,
         # a delivery leaves the job to it; once the lease lapses the next one runs it, once.
+        # (a lease long enough for a loaded box, then waited out, not slept past)
         raw = await submitted("job_orphan")
-        assert await jobs.store.claim_run("p", "job_orphan", raw, 0.3)
-        assert not await jobs.store.claim_run("p", "job_orphan", raw, 0.3)
+        assert await jobs.store.claim_run("p", "job_orphan", raw, 2.0)
+        assert not await jobs.store.claim_run("p", "job_orphan", raw, 2.0)
         await deliver("job", "p", "job_orphan")
         assert runs("job_orphan") == 0
-        await anyio.sleep(0.4)
+        for _ in range(200):  # (at most 10 s)
+            if not await jobs.store.alive("p", "job_orphan"):
+                break
+            await anyio.sleep(0.05)
         async with anyio.create_task_group() as tg:
             for _ in range(2):
                 tg.start_soon(deliver, "job", "p", "job_orphan")
