@@ -7,7 +7,7 @@ median requests/s is reported with its ratio to bare Starlette. Needs ``wrk`` on
 Under two servers: uvicorn as ``pip install uvicorn`` gives it (h11 and asyncio), and as
 ``uvicorn[standard]`` (what ``fastapi[standard]`` installs, so most FastAPI deployments) gives
 it (httptools and uvloop). The second's server costs less per request, so the same middleware
-is a larger share of each: slowapi keeps ~0.75x of bare Starlette under the first and ~0.58x
+is a larger share of each: slowapi keeps ~0.74x of bare Starlette under the first and ~0.55x
 under the second, which is the issue's anchor ("slowapi: 0.56x").
 """
 
