@@ -254,11 +254,7 @@ async def test_a_time_limit_ends_a_stream_with_its_error_event_through_the_middl
 
         return EventStreamResponse(tokens(), dialect=OpenAIChatDialect.for_request(body))
 
-    @app.middleware("http")
-    async def timing(request: Request, call_next: Any) -> Any:
-        response = await call_next(request)
-        response.headers["x-process-time"] = "0.1"
-        return response
+    add_timing(app)
 
     install(app, cancellation=CancellationConfig(timeouts={"/v1/*": 0.3}), usage=UsageConfig())
     if form == "layers":
@@ -459,22 +455,56 @@ async def test_an_untidy_fastapi_app_in_either_order(
     assert not errors, [r.getMessage() for r in errors]
 
 
+async def run_again_then_replayed(
+    c: httpx.AsyncClient, body: dict[str, Any], calls: list[str]
+) -> None:
+    """After a first call whose stream was cut: the retry with the same key runs the handler
+    again and gets the whole stream, and that whole answer is the one kept (a third try
+    replays it)."""
+    async with aconnect_sse(c, "POST", "/v1/chat/completions", json=body) as source:
+        assert "idempotent-replayed" not in source.response.headers
+        data = [event.data async for event in source.aiter_sse()]
+    assert calls == ["call", "call"]
+    assert data[-1] == "[DONE]" and len(data) >= 21 and "t19 " in "".join(data)
+    async with aconnect_sse(c, "POST", "/v1/chat/completions", json=body) as source:
+        assert source.response.headers["idempotent-replayed"] == "true"
+        assert [event.data async for event in source.aiter_sse()] == data
+
+
+def add_timing(app: FastAPI) -> None:
+    """An ``@app.middleware("http")`` function (defined before install(): inside the stack)
+    that adds a header to each response."""
+
+    @app.middleware("http")
+    async def timing(request: Request, call_next: Any) -> Any:
+        response = await call_next(request)
+        response.headers["x-process-time"] = "0.1"
+        return response
+
+
+class ModelError(Exception):
+    """A model call that fails after some of its answer streamed."""
+
+
 def keyed_stream_app(route: str, cut: str) -> tuple[FastAPI, list[str]]:
     """``POST /v1/chat/completions``, a 20-event stream (a Starlette ``StreamingResponse``,
     or an ``EventStreamResponse``) behind an ``@app.middleware("http")`` function inside the
     stack, with idempotency; its first call slow (50 ms an event), the others at once.
-    ``cut``: how the first call's stream is cut (see the test). Returns the app and the
-    handler's calls."""
+    ``cut``: how the first call's stream is cut (see the tests; ``raises``: its iterator
+    raises after 3 events, at once). Returns the app and the handler's calls."""
     app = FastAPI()
     calls: list[str] = []
 
     @app.post("/v1/chat/completions")
     async def chat(body: dict[str, Any]) -> Any:
         calls.append("call")
-        delay = 0.05 if len(calls) == 1 else 0.0
+        first = len(calls) == 1
+        delay = 0.05 if first and cut != "raises" else 0.0
 
         async def tokens() -> AsyncIterator[str]:
             for i in range(20):
+                if first and cut == "raises" and i == 3:
+                    raise ModelError("the model failed midway")
                 await anyio.sleep(delay)
                 yield f"t{i} "
 
@@ -488,17 +518,14 @@ def keyed_stream_app(route: str, cut: str) -> tuple[FastAPI, list[str]]:
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
-    @app.middleware("http")
-    async def timing(request: Request, call_next: Any) -> Any:
-        response = await call_next(request)
-        response.headers["x-process-time"] = "0.1"
-        return response
+    add_timing(app)
 
     cancellation = {
         "left-uncancelled": CancellationConfig(cancel_on_disconnect=False),
         "left-no-cancellation-layer": None,
         "left": CancellationConfig(),
         "time-limit": CancellationConfig(timeouts={"/v1/*": 0.3}),
+        "raises": CancellationConfig(),
     }[cut]
     install(app, StackConfig(idempotency=IdempotencyConfig(), usage=UsageConfig(),
                              cancellation=cancellation))
@@ -539,15 +566,7 @@ async def test_a_cut_stream_through_the_middleware_is_not_replayed(
                         break  # the client leaves
         assert len(events) < 15 and not any("t19" in data for data in events)  # cut
         await anyio.sleep(0.5)  # (the first call is over; its stream ended or was cut)
-        async with aconnect_sse(c, "POST", "/v1/chat/completions", json=body) as source:
-            assert "idempotent-replayed" not in source.response.headers
-            data = [event.data async for event in source.aiter_sse()]
-        assert calls == ["call", "call"]
-        assert data[-1] == "[DONE]" and len(data) >= 21
-        # the whole answer is the one kept: a third try replays it
-        async with aconnect_sse(c, "POST", "/v1/chat/completions", json=body) as source:
-            assert source.response.headers["idempotent-replayed"] == "true"
-            assert [event.data async for event in source.aiter_sse()] == data
+        await run_again_then_replayed(c, body, calls)
     assert calls == ["call", "call"]
 
 
@@ -580,10 +599,6 @@ async def test_a_whole_answer_of_declared_length_whose_client_left_is_still_kept
     assert (r.json(), calls) == ({"answer": "whole", "n": 1}, [1])
 
 
-class ModelError(Exception):
-    """A model call that fails after some of its answer streamed."""
-
-
 @pytest.mark.parametrize("form", ["stack", "layers"])
 @pytest.mark.parametrize("route", ["streaming-response", "events"])
 async def test_a_stream_whose_iterator_raises_through_the_middleware_is_not_replayed(
@@ -599,37 +614,7 @@ async def test_a_stream_whose_iterator_raises_through_the_middleware_is_not_repl
     returns, and the exception releases the key: the retry runs the handler and gets the
     whole stream, a third try replays it. (An EventStreamResponse ends a failed stream with
     its error event, which was never stored: held before, tested here too.)"""
-    app = FastAPI()
-    calls: list[str] = []
-
-    @app.post("/v1/chat/completions")
-    async def chat(body: dict[str, Any]) -> Any:
-        calls.append("call")
-        fails = len(calls) == 1
-
-        async def tokens() -> AsyncIterator[str]:
-            for i in range(20):
-                if fails and i == 3:
-                    raise ModelError("the model failed midway")
-                yield f"t{i} "
-
-        if route == "events":
-            return EventStreamResponse(tokens(), dialect=OpenAIChatDialect.for_request(body))
-
-        async def sse() -> AsyncIterator[str]:
-            async for token in tokens():
-                yield f"data: {json.dumps({'content': token})}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(sse(), media_type="text/event-stream")
-
-    @app.middleware("http")
-    async def timing(request: Request, call_next: Any) -> Any:
-        response = await call_next(request)
-        response.headers["x-process-time"] = "0.1"
-        return response
-
-    install(app, StackConfig(idempotency=IdempotencyConfig(), usage=UsageConfig()))
+    app, calls = keyed_stream_app(route, "raises")
     if form == "layers":
         split_stack(app)
     headers = {**AUTH, "idempotency-key": "order-9"}
@@ -639,15 +624,7 @@ async def test_a_stream_whose_iterator_raises_through_the_middleware_is_not_repl
             assert source.response.headers["x-process-time"] == "0.1"
             first = [event.data async for event in source.aiter_sse()]
         assert "t3 " not in "".join(first) and "t2 " in "".join(first)  # cut at the error
-        async with aconnect_sse(c, "POST", "/v1/chat/completions", json=body) as source:
-            assert "idempotent-replayed" not in source.response.headers
-            data = [event.data async for event in source.aiter_sse()]
-        assert calls == ["call", "call"]
-        assert data[-1] == "[DONE]" and "t19 " in "".join(data)
-        # the whole answer is the one kept: a third try replays it
-        async with aconnect_sse(c, "POST", "/v1/chat/completions", json=body) as source:
-            assert source.response.headers["idempotent-replayed"] == "true"
-            assert [event.data async for event in source.aiter_sse()] == data
+        await run_again_then_replayed(c, body, calls)
     assert calls == ["call", "call"]
 
 
@@ -678,11 +655,7 @@ async def test_a_body_cut_short_of_its_content_length_is_not_replayed(form: str)
         return StreamingResponse(chunks(), media_type="application/octet-stream",
                                  headers={"content-length": "50"})
 
-    @app.middleware("http")
-    async def timing(request: Request, call_next: Any) -> Any:
-        response = await call_next(request)
-        response.headers["x-process-time"] = "0.1"
-        return response
+    add_timing(app)
 
     install(app, StackConfig(idempotency=IdempotencyConfig()))
     if form == "layers":
